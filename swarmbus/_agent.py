@@ -1,0 +1,287 @@
+"""The agent runtime: an ``Agent`` with decorated handlers, served on a bus.
+
+Event handlers run on durable JetStream consumers (one per handler), so events that
+arrive while an agent is down or reconnecting are handled when it is back, and
+several processes running the same agent id share the work. Request handlers answer
+capability requests on core NATS queue groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+
+from swarmbus import _subjects as subjects
+from swarmbus._bus import Bus
+from swarmbus._errors import SwarmbusError
+from swarmbus._messages import (
+    ActionCompletedMessage,
+    ActionMessage,
+    Body,
+    DecisionMessage,
+    Envelope,
+    FindingMessage,
+    FindingReportedMessage,
+    Message,
+    ProposalMessage,
+    RequestMessage,
+    ResponseMessage,
+    TaskAssignedMessage,
+    TaskCompletedMessage,
+    TaskCreatedMessage,
+    TaskFailedMessage,
+    VoteMessage,
+)
+
+log = logging.getLogger("swarmbus.agent")
+
+M = TypeVar("M", bound=Envelope)
+EventHandler = Callable[[M], Awaitable[None]]
+RequestHandler = Callable[[RequestMessage], Awaitable[Mapping[str, Any]]]
+
+TASK_EVENTS = (TaskCreatedMessage, TaskAssignedMessage, TaskCompletedMessage, TaskFailedMessage)
+ACTION_EVENTS = (
+    ActionMessage,
+    ProposalMessage,
+    VoteMessage,
+    DecisionMessage,
+    ActionCompletedMessage,
+)
+
+
+@dataclass(frozen=True)
+class _EventRoute:
+    name: str
+    filters: tuple[str, ...]
+    handler: Callable[[Any], Awaitable[None]]
+
+
+@dataclass
+class Agent:
+    """An async worker with an identity, capabilities and expertise.
+
+    Args:
+        id: the agent id (``ops/deploy-validator``); it is the publisher token in
+            every subject this agent sends on.
+        capabilities: request capabilities it answers (also added by ``on_request``).
+        expertise: category -> weight in [0, 1], used by confidence aggregation.
+        max_concurrency: handlers of this agent running at once.
+    """
+
+    id: str
+    capabilities: set[str] = field(default_factory=set)
+    expertise: dict[str, float] = field(default_factory=dict)
+    max_concurrency: int = 16
+    _events: list[_EventRoute] = field(default_factory=list, init=False, repr=False)
+    _requests: dict[str, RequestHandler] = field(default_factory=dict, init=False, repr=False)
+    _bus: Bus | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        subjects.validate_agent_id(self.id)
+        self.capabilities = set(self.capabilities)
+        for capability in self.capabilities:
+            subjects.validate_name("capability", capability)
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+
+    # --- handler registration ------------------------------------------------------
+
+    def on_event(
+        self,
+        domain: str,
+        event: str = "*",
+        *,
+        types: Iterable[type[Envelope]] | None = None,
+        session: str = "*",
+        ignore_own: bool = True,
+        name: str | None = None,
+    ) -> Callable[[EventHandler[M]], EventHandler[M]]:
+        """Handle events on ``agent.<domain>.<event>.<session>.*``.
+
+        Args:
+            types: only these message types reach the handler (others are acked).
+            session: one session id, or ``*`` for all.
+            ignore_own: skip events this agent published itself.
+            name: the durable consumer's name suffix (default: the function name);
+                keep it stable across restarts to resume where the agent stopped.
+        """
+        if session != "*":
+            subjects.validate_session_id(session)
+
+        def register(fn: EventHandler[M]) -> EventHandler[M]:
+            route_name = subjects.validate_name("handler name", name or fn.__name__)
+            if any(r.name == route_name for r in self._events):
+                raise ValueError(f"{self.id} already has a handler named {route_name!r}")
+            fn.__swarmbus_types__ = tuple(types) if types else None  # type: ignore[attr-defined]
+            fn.__swarmbus_ignore_own__ = ignore_own  # type: ignore[attr-defined]
+            self._events.append(
+                _EventRoute(route_name, (subjects.event_filter(domain, event, session),), fn)
+            )
+            return fn
+
+        return register
+
+    def on_finding(
+        self, *, session: str = "*", ignore_own: bool = True
+    ) -> Callable[[EventHandler[FindingMessage]], EventHandler[FindingMessage]]:
+        """Handle findings (``agent.finding.reported``) of one or every session."""
+        return self.on_event(
+            "finding", "reported", types=(FindingMessage,), session=session, ignore_own=ignore_own
+        )
+
+    def on_finding_reported(
+        self, *, session: str = "*", ignore_own: bool = True
+    ) -> Callable[[EventHandler[FindingReportedMessage]], EventHandler[FindingReportedMessage]]:
+        """Handle the blackboard's ``finding.reported`` lifecycle events."""
+        return self.on_event(
+            "finding",
+            "reported",
+            types=(FindingReportedMessage,),
+            session=session,
+            ignore_own=ignore_own,
+        )
+
+    def on_task(
+        self, event: str = "*", *, session: str = "*", ignore_own: bool = True
+    ) -> Callable[[EventHandler[Message]], EventHandler[Message]]:
+        """Handle task lifecycle events (``agent.task.<event>``)."""
+        return self.on_event(
+            "task", event, types=TASK_EVENTS, session=session, ignore_own=ignore_own
+        )
+
+    def on_action(
+        self, event: str = "*", *, session: str = "*", ignore_own: bool = True
+    ) -> Callable[[EventHandler[Message]], EventHandler[Message]]:
+        """Handle actions, proposals, votes and decisions (``agent.action.<event>``)."""
+        return self.on_event(
+            "action", event, types=ACTION_EVENTS, session=session, ignore_own=ignore_own
+        )
+
+    def on_request(self, capability: str) -> Callable[[RequestHandler], RequestHandler]:
+        """Answer requests for ``capability``; the handler returns the result object.
+
+        A raising handler yields a ``failure`` response carrying the error.
+        """
+        subjects.validate_name("capability", capability)
+
+        def register(fn: RequestHandler) -> RequestHandler:
+            self._requests[capability] = fn
+            self.capabilities.add(capability)
+            return fn
+
+        return register
+
+    # --- acting --------------------------------------------------------------------
+
+    @property
+    def bus(self) -> Bus:
+        """The bus this agent is served on."""
+        if self._bus is None:
+            raise SwarmbusError(
+                f"agent {self.id} is not running: use `async with agent.serve(bus)`"
+            )
+        return self._bus
+
+    async def publish(self, body: Body, *, session: str, id: str | None = None) -> Message:
+        """Publish ``body`` as this agent in ``session``."""
+        return await self.bus.publish(body, agent=self.id, session=session, id=id)
+
+    async def request(
+        self,
+        capability: str,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        session: str,
+        to: str = subjects.ANY,
+        timeout: float | None = None,
+    ) -> ResponseMessage:
+        """Ask an agent with ``capability`` (``to`` one agent id, or ``any``)."""
+        return await self.bus.request(
+            capability, parameters, agent=self.id, session=session, to=to, timeout=timeout
+        )
+
+    # --- serving -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def serve(self, bus: Bus, *, drain_timeout: float = 30.0) -> AsyncIterator[Agent]:
+        """Run this agent's handlers on ``bus`` until the block exits, then drain.
+
+        Handlers are subscribed before the block starts. On exit no new message is
+        taken, in-flight handlers finish (up to ``drain_timeout``) and are acked;
+        anything not acked is redelivered to the next instance.
+        """
+        if self._bus is not None:
+            raise SwarmbusError(f"agent {self.id} is already running")
+        self._bus = bus
+        limiter = anyio.Semaphore(self.max_concurrency)
+        stop = anyio.Event()
+        prefix = subjects.safe_token(self.id)
+        try:
+            async with anyio.create_task_group() as tg:
+                for route in self._events:
+                    await tg.start(
+                        _consume, bus, f"{prefix}-{route.name}", route, self.id, limiter, stop
+                    )
+                subs = []
+                for capability, handler in self._requests.items():
+                    subs += await bus.serve_requests(
+                        capability, handler, agent=self.id, limiter=limiter, task_group=tg
+                    )
+                try:
+                    yield self
+                finally:
+                    for sub in subs:
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                    stop.set()
+                    tg.cancel_scope.deadline = anyio.current_time() + drain_timeout
+        finally:
+            self._bus = None
+
+
+async def _consume(
+    bus: Bus,
+    durable: str,
+    route: _EventRoute,
+    agent: str,
+    limiter: anyio.Semaphore,
+    stop: anyio.Event,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    await bus.consume(
+        durable,
+        route.filters,
+        route.handler,
+        receiver=agent,
+        limiter=limiter,
+        stop=stop,
+        task_status=task_status,
+    )
+
+
+async def run(*agents: Agent, bus: Bus, until: anyio.Event | None = None) -> None:
+    """Serve ``agents`` on ``bus`` until SIGINT/SIGTERM (or ``until``), then drain."""
+    stop = until or anyio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        for agent in agents:
+            await stack.enter_async_context(agent.serve(bus))
+        async with anyio.create_task_group() as tg:
+
+            async def watch_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("received %s: draining", signal.Signals(signum).name)
+                        stop.set()
+                        return
+
+            tg.start_soon(watch_signals)
+            await stop.wait()
+            tg.cancel_scope.cancel()

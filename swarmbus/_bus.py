@@ -1,0 +1,698 @@
+"""The bus: one NATS connection, typed publish/subscribe, requests, durable consumers.
+
+This is the transport boundary: nats-py types and exceptions stay in here and in the
+other private modules that use ``Bus.nc`` / ``Bus.js``; callers see swarmbus types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final, Self
+
+import anyio
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from swarmbus import _subjects as subjects
+from swarmbus._config import Settings
+from swarmbus._errors import (
+    ConnectionError,
+    InvalidMessageError,
+    NoResponderError,
+    PermissionDeniedError,
+    PublishError,
+    RequestTimeoutError,
+    SwarmbusError,
+)
+from swarmbus._messages import (
+    Body,
+    ErrorOccurred,
+    Message,
+    Request,
+    RequestMessage,
+    Response,
+    ResponseMessage,
+    decode,
+    encode,
+    envelope_for,
+    event_of,
+    validate_body,
+)
+from swarmbus._server import check_version
+from swarmbus._telemetry import consumer_span, producer_span
+
+log = logging.getLogger("swarmbus")
+
+EVENTS_STREAM: Final = "SWARMBUS_EVENTS"
+DEAD_LETTER_STREAM: Final = "SWARMBUS_DEAD"
+MSG_ID_HEADER: Final = "Nats-Msg-Id"
+REASON_HEADER: Final = "Swarmbus-Reason"
+CODE_HEADER: Final = "Swarmbus-Code"
+ORIGINAL_SUBJECT_HEADER: Final = "Swarmbus-Original-Subject"
+DEAD_LETTER_MAX_AGE: Final = 30 * 24 * 3600.0
+_STREAM_IN_USE: Final = 10058
+
+Handler = Callable[[Message], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A received message with its transport facts."""
+
+    message: Message
+    subject: str
+    headers: Mapping[str, str]
+
+
+class Bus:
+    """A connection to NATS speaking the swarmbus wire contract.
+
+    Use ``async with await Bus.connect(...) as bus`` or ``async with Bus.open(...)``.
+    """
+
+    def __init__(self, nc: NatsClient, settings: Settings) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout)
+        self.settings = settings
+        self.max_message_bytes = settings.max_message_bytes
+        self.reconnected = asyncio.Event()
+
+    # --- lifecycle --------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls, settings: Settings | None = None, *, provision: bool = True, **overrides: Any
+    ) -> Bus:
+        """Connect to ``settings.url`` (default: ``NATS_URL``) and provision streams.
+
+        Raises:
+            ConnectionError: no server answered.
+            ServerVersionError: the server is older than 2.11.
+        """
+        settings = settings or Settings.from_env(**overrides)
+        if overrides and settings is not None:
+            settings = settings.model_copy(update=overrides)
+        if not settings.servers:
+            raise ConnectionError(
+                "no NATS URL: set NATS_URL or pass url=... (or use swarmbus.embedded())"
+            )
+        bus_ref: list[Bus] = []
+
+        async def on_reconnect() -> None:
+            if bus_ref:
+                bus_ref[0].reconnected.set()
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats: %s", exc)
+
+        options: dict[str, Any] = {
+            "servers": settings.servers,
+            "name": settings.name,
+            "connect_timeout": settings.connect_timeout,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "reconnected_cb": on_reconnect,
+            "error_cb": on_error,
+            "user": settings.user,
+            "password": settings.password,
+            "token": settings.token,
+            "user_credentials": settings.creds_file,
+            "nkeys_seed": settings.nkey_seed_file,
+        }
+        if settings.inbox_prefix:
+            options["inbox_prefix"] = settings.inbox_prefix
+        if settings.tls_ca_file or settings.tls_cert_file:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=settings.tls_ca_file)
+            if settings.tls_cert_file:
+                ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+            options["tls"] = ctx
+        try:
+            nc = await nats.connect(**{k: v for k, v in options.items() if v is not None})
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            raise ConnectionError(f"cannot connect to {settings.url}: {exc}") from exc
+        bus = cls(nc, settings)
+        bus_ref.append(bus)
+        try:
+            check_version(nc._server_info.get("version", "0.0.0"))
+            if not nc._server_info.get("jetstream"):
+                raise ConnectionError(f"{settings.url} has JetStream disabled; swarmbus needs it")
+            if provision:
+                await bus.ensure_streams()
+        except BaseException:
+            await nc.close()
+            raise
+        return bus
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, settings: Settings | None = None, **overrides: Any) -> AsyncIterator[Bus]:
+        """``async with Bus.open() as bus``: connect, then drain and close on exit."""
+        bus = await cls.connect(settings, **overrides)
+        try:
+            yield bus
+        finally:
+            await bus.close()
+
+    async def close(self) -> None:
+        """Flush and close the connection (pending publishes are sent first)."""
+        if self.nc.is_closed:
+            return
+        with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+            await self.nc.drain()
+        await self.nc.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def server_version(self) -> str:
+        """Version of the server this bus is connected to."""
+        return str(self.nc._server_info.get("version", ""))
+
+    # --- streams ----------------------------------------------------------------
+
+    def _storage(self) -> StorageType:
+        return StorageType.FILE if self.settings.storage == "file" else StorageType.MEMORY
+
+    async def ensure_stream(self, config: StreamConfig) -> None:
+        """Create a stream, or update it to ``config`` if it exists (idempotent)."""
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _STREAM_IN_USE:
+                raise SwarmbusError(f"cannot create stream {config.name}: {exc}") from exc
+            try:
+                await self.js.update_stream(config)
+            except nats.js.errors.APIError as upd:
+                raise SwarmbusError(
+                    f"stream {config.name} exists with an incompatible config: {upd.description}"
+                ) from upd
+        except nats.js.errors.APIError as exc:
+            raise _translate(exc, f"cannot create stream {config.name}") from exc
+
+    async def ensure_streams(self) -> None:
+        """Provision the event stream (every ``agent.>`` event) and the dead-letter stream."""
+        await self.ensure_stream(
+            StreamConfig(
+                name=EVENTS_STREAM,
+                subjects=[subjects.EVENTS_WILDCARD],
+                storage=self._storage(),
+                num_replicas=self.settings.replicas,
+                max_age=self.settings.event_max_age,
+                max_msg_size=self.settings.max_message_bytes * 2,
+                duplicate_window=120.0,
+                discard=DiscardPolicy.OLD,
+            )
+        )
+        await self.ensure_stream(
+            StreamConfig(
+                name=DEAD_LETTER_STREAM,
+                subjects=[subjects.DEAD_LETTER_WILDCARD],
+                storage=self._storage(),
+                num_replicas=self.settings.replicas,
+                max_age=DEAD_LETTER_MAX_AGE,
+                duplicate_window=120.0,
+            )
+        )
+
+    # --- publish ------------------------------------------------------------------
+
+    async def publish(
+        self,
+        body: Body,
+        *,
+        agent: str,
+        session: str,
+        id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Message:
+        """Publish ``body`` as ``agent`` in ``session``; returns the sent envelope.
+
+        The event is stored in the event stream before this returns (JetStream ack),
+        and de-duplicated by envelope id within the stream's duplicate window.
+
+        Raises:
+            InvalidIdentifierError, InvalidMessageError: before anything is sent.
+            PublishError / PermissionDeniedError: the server did not store it.
+        """
+        validate_body(body)
+        message = envelope_for(body, agent=agent, session=session, id=id)
+        await self.publish_message(message, headers=headers)
+        return message
+
+    async def publish_message(
+        self, message: Message, *, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Publish an already-built event envelope on its contract subject."""
+        event = event_of(message)
+        if event is None:
+            raise InvalidMessageError(
+                "wrong_subject", f"{message.type} messages are sent with request(), not published"
+            )
+        subject = subjects.event_subject(*event, message.source.session, message.source.agent)
+        data = encode(message)
+        if len(data) > self.max_message_bytes:
+            raise InvalidMessageError(
+                "too_large", f"message is {len(data)} bytes, limit is {self.max_message_bytes}"
+            )
+        hdrs = {MSG_ID_HEADER: message.id, **(headers or {})}
+        attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": message.source.agent}
+        with producer_span(subject, message.id, attrs, hdrs):
+            try:
+                await self.js.publish(subject, data, headers=hdrs)
+            except nats.js.errors.APIError as exc:
+                raise _translate(exc, f"publish to {subject} failed") from exc
+            except nats.errors.NoRespondersError as exc:
+                raise PublishError(f"no stream stores {subject}") from exc
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise _transport_error(exc, f"publish to {subject}") from exc
+
+    # --- receive ------------------------------------------------------------------
+
+    def accept(self, subject: str, data: bytes) -> Message:
+        """Decode ``data`` received on ``subject`` and check it against the subject.
+
+        Raises:
+            InvalidMessageError: with ``code`` saying why (CONTRACT "Bad input").
+        """
+        message = decode(data, max_bytes=self.max_message_bytes)
+        source = message.source
+        event = subjects.parse_event_subject(subject)
+        if event is not None:
+            domain, name, session, agent = event
+            if (session, agent) != (source.session, source.agent):
+                raise InvalidMessageError(
+                    "source_mismatch",
+                    f"source {source.agent}@{source.session} does not match subject {subject}",
+                )
+            if event_of(message) != (domain, name):
+                raise InvalidMessageError(
+                    "wrong_subject", f"a {message.type} message does not belong on {subject}"
+                )
+            return message
+        request = subjects.parse_request_subject(subject)
+        if request is not None:
+            _, _, session, agent = request
+            if (session, agent) != (source.session, source.agent):
+                raise InvalidMessageError(
+                    "source_mismatch",
+                    f"source {source.agent}@{source.session} does not match subject {subject}",
+                )
+            if not isinstance(message, RequestMessage):
+                raise InvalidMessageError("wrong_subject", f"expected a request on {subject}")
+        return message
+
+    async def reject(
+        self,
+        *,
+        subject: str,
+        data: bytes,
+        code: str,
+        reason: str,
+        receiver: str,
+        dedupe_key: str | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        """Dead-letter ``data`` and publish ``agent.error.occurred`` saying why.
+
+        Never raises: a failure to report is logged, so a worker keeps running.
+        """
+        session = _session_of(subject)
+        reason = " ".join(reason.split())[:1000]
+        headers = {
+            REASON_HEADER: reason,
+            CODE_HEADER: code,
+            ORIGINAL_SUBJECT_HEADER: subject,
+        }
+        if dedupe_key:
+            headers[MSG_ID_HEADER] = f"dead:{dedupe_key}:{receiver}"
+        stored = False
+        try:
+            await self.js.publish(
+                subjects.dead_letter_subject(session, receiver), data, headers=headers
+            )
+            stored = True
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.error("could not dead-letter a message from %s: %s", subject, exc)
+        try:
+            await self.publish(
+                ErrorOccurred(
+                    code=code,
+                    reason=reason,
+                    subject=subject,
+                    message_id=message_id,
+                    dead_letter=stored,
+                ),
+                agent=receiver,
+                session=session,
+                id=f"error:{dedupe_key}:{receiver}" if dedupe_key else None,
+            )
+        except SwarmbusError as exc:
+            log.error("could not report a rejected message from %s: %s", subject, exc)
+
+    async def subscribe(
+        self,
+        subject: str,
+        handler: Handler,
+        *,
+        receiver: str,
+        queue: str | None = None,
+    ) -> NatsSubscription:
+        """Live (core NATS) subscription with typed dispatch; bad input is rejected.
+
+        Nothing published while not subscribed is seen; use ``consume`` for that.
+        """
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                message = self.accept(msg.subject, msg.data)
+            except InvalidMessageError as exc:
+                await self.reject(
+                    subject=msg.subject,
+                    data=msg.data,
+                    code=exc.code,
+                    reason=exc.reason,
+                    receiver=receiver,
+                )
+                return
+            await self._dispatch(handler, message, msg, receiver)
+
+        try:
+            return await self.nc.subscribe(subject, queue=queue or "", cb=on_msg)
+        except nats.errors.Error as exc:
+            raise _transport_error(exc, f"subscribe to {subject}") from exc
+
+    async def _dispatch(self, handler: Handler, message: Message, msg: Msg, receiver: str) -> bool:
+        """Run a handler inside a CONSUMER span; a raising handler is reported, not fatal."""
+        attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": receiver}
+        try:
+            with consumer_span(msg.subject, message.id, attrs, msg.headers):
+                await handler(message)
+        except Exception as exc:
+            log.exception("handler for %s failed", msg.subject)
+            await self.reject(
+                subject=msg.subject,
+                data=msg.data,
+                code="handler_error",
+                reason=f"{type(exc).__name__}: {exc}",
+                receiver=receiver,
+                dedupe_key=message.id,
+                message_id=message.id,
+            )
+            return False
+        return True
+
+    async def consume(
+        self,
+        durable: str,
+        filter_subjects: Sequence[str],
+        handler: Handler,
+        *,
+        receiver: str,
+        limiter: anyio.Semaphore,
+        stop: anyio.Event,
+        deliver_new: bool = True,
+        ack_wait: float = 30.0,
+        max_deliver: int = 5,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run a durable pull consumer until ``stop`` is set, then finish in-flight work.
+
+        Each message is acked after its handler returns (at-least-once): a worker that
+        dies mid-handler has the message redelivered after ``ack_wait``.
+        """
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subjects=list(filter_subjects),
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+            max_ack_pending=1000,
+            deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
+        )
+        try:
+            await self.js.add_consumer(EVENTS_STREAM, config)
+            psub = await self.js.pull_subscribe_bind(durable, EVENTS_STREAM)
+        except nats.js.errors.APIError as exc:
+            raise _translate(exc, f"cannot create consumer {durable}") from exc
+        task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                while not stop.is_set():
+                    free = max(limiter.value, 1)
+                    try:
+                        batch = await psub.fetch(min(free, 256), timeout=0.5)
+                    except (TimeoutError, nats.errors.TimeoutError):
+                        continue
+                    except nats.errors.Error as exc:
+                        if stop.is_set():
+                            break
+                        log.warning("consumer %s: %s; retrying", durable, exc)
+                        await _wait_reconnect(self, stop)
+                        continue
+                    for msg in batch:
+                        await limiter.acquire()
+                        tg.start_soon(self._handle_durable, handler, msg, receiver, limiter)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await psub.unsubscribe()
+
+    async def _handle_durable(
+        self, handler: Handler, msg: Msg, receiver: str, limiter: anyio.Semaphore
+    ) -> None:
+        try:
+            try:
+                message = self.accept(msg.subject, msg.data)
+            except InvalidMessageError as exc:
+                seq = msg.metadata.sequence.stream if msg.reply else None
+                await self.reject(
+                    subject=msg.subject,
+                    data=msg.data,
+                    code=exc.code,
+                    reason=exc.reason,
+                    receiver=receiver,
+                    dedupe_key=f"seq{seq}" if seq else None,
+                )
+            else:
+                if _wants(handler, message, receiver):
+                    await self._dispatch(handler, message, msg, receiver)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.ack()
+        finally:
+            limiter.release()
+
+    # --- request / response ---------------------------------------------------------
+
+    async def request(
+        self,
+        capability: str,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        agent: str,
+        session: str,
+        to: str = subjects.ANY,
+        timeout: float | None = None,
+    ) -> ResponseMessage:
+        """Ask one agent (``to``) or any agent with ``capability``; returns its response.
+
+        Raises:
+            NoResponderError: nobody listens for that capability/target.
+            RequestTimeoutError: a responder exists but did not answer in time.
+            InvalidMessageError: the answer is not a valid response.
+        """
+        body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
+        validate_body(body)
+        message = envelope_for(body, agent=agent, session=session)
+        subject = subjects.request_subject(capability, to, session, agent)
+        timeout = timeout or self.settings.request_timeout
+        headers = {MSG_ID_HEADER: message.id}
+        attrs = {
+            "swarmbus.session": session,
+            "swarmbus.agent": agent,
+            "swarmbus.capability": capability,
+        }
+        with producer_span(subject, message.id, attrs, headers):
+            try:
+                reply = await self.nc.request(
+                    subject, encode(message), timeout=timeout, headers=headers
+                )
+            except nats.errors.NoRespondersError as exc:
+                raise NoResponderError(capability, to) from exc
+            except (TimeoutError, nats.errors.TimeoutError) as exc:
+                raise RequestTimeoutError(capability, to, timeout) from exc
+            except nats.errors.Error as exc:
+                raise _transport_error(exc, f"request {capability}") from exc
+        response = decode(reply.data, max_bytes=self.max_message_bytes)
+        if not isinstance(response, ResponseMessage):
+            raise InvalidMessageError("wrong_subject", f"expected a response, got {response.type}")
+        return response
+
+    async def serve_requests(
+        self,
+        capability: str,
+        handler: Callable[[RequestMessage], Awaitable[Mapping[str, Any]]],
+        *,
+        agent: str,
+        limiter: anyio.Semaphore,
+        task_group: anyio.abc.TaskGroup,
+    ) -> list[NatsSubscription]:
+        """Answer ``capability`` requests addressed to ``agent`` or to ``any``."""
+        subjects.validate_name("capability", capability)
+
+        async def respond(msg: Msg, request: RequestMessage) -> None:
+            async with limiter:
+                attrs = {"swarmbus.session": request.source.session, "swarmbus.agent": agent}
+                try:
+                    with consumer_span(msg.subject, request.id, attrs, msg.headers):
+                        result = await handler(request)
+                    response = Response(
+                        request_id=request.id, status="success", result=dict(result)
+                    )
+                except Exception as exc:
+                    log.exception("request handler %s failed", capability)
+                    response = Response(
+                        request_id=request.id,
+                        status="failure",
+                        result={"error": f"{type(exc).__name__}: {exc}"},
+                    )
+                    await self.reject(
+                        subject=msg.subject,
+                        data=msg.data,
+                        code="handler_error",
+                        reason=str(response.result["error"]),
+                        receiver=agent,
+                        dedupe_key=request.id,
+                        message_id=request.id,
+                    )
+                if msg.reply:
+                    reply = envelope_for(response, agent=agent, session=request.source.session)
+                    with contextlib.suppress(nats.errors.Error):
+                        await self.nc.publish(
+                            msg.reply, encode(reply), headers={MSG_ID_HEADER: reply.id}
+                        )
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                message = self.accept(msg.subject, msg.data)
+                assert isinstance(message, RequestMessage)
+            except InvalidMessageError as exc:
+                await self.reject(
+                    subject=msg.subject,
+                    data=msg.data,
+                    code=exc.code,
+                    reason=exc.reason,
+                    receiver=agent,
+                )
+                return
+            task_group.start_soon(respond, msg, message)
+
+        subs = []
+        for target, queue in (
+            (subjects.ANY, f"swarmbus.cap.{capability}"),
+            (agent, f"swarmbus.agent.{subjects.safe_token(agent)}"),
+        ):
+            subs.append(
+                await self.nc.subscribe(
+                    subjects.request_filter(capability, target), queue=queue, cb=on_msg
+                )
+            )
+        return subs
+
+
+def _wants(handler: Handler, message: Message, receiver: str) -> bool:
+    accepts: tuple[type, ...] | None = getattr(handler, "__swarmbus_types__", None)
+    if accepts is not None and not isinstance(message, accepts):
+        return False
+    return not (
+        getattr(handler, "__swarmbus_ignore_own__", False) and message.source.agent == receiver
+    )
+
+
+async def _wait_reconnect(bus: Bus, stop: anyio.Event) -> None:
+    """Back off until the connection is back (or we are told to stop)."""
+    bus.reconnected.clear()
+    with anyio.move_on_after(2.0):
+        while not stop.is_set() and not bus.nc.is_connected:
+            await bus.reconnected.wait()
+
+
+def _session_of(subject: str) -> str:
+    parsed = subjects.parse_event_subject(subject) or subjects.parse_request_subject(subject)
+    if parsed:
+        session = parsed[2]
+        with contextlib.suppress(SwarmbusError):
+            return subjects.validate_session_id(session)
+    return subjects.UNKNOWN
+
+
+def _translate(exc: nats.js.errors.APIError, what: str) -> SwarmbusError:
+    description = exc.description or str(exc)
+    if exc.code == 403 or "permission" in description.lower():
+        return PermissionDeniedError(f"{what}: {description}")
+    return PublishError(f"{what}: {description}")
+
+
+def _transport_error(exc: BaseException, what: str) -> SwarmbusError:
+    text = str(exc) or type(exc).__name__
+    if "permission" in text.lower() or "authorization" in text.lower():
+        return PermissionDeniedError(f"{what}: {text}")
+    if isinstance(exc, (nats.errors.TimeoutError, asyncio.TimeoutError)):
+        return PublishError(f"{what}: timed out")
+    return ConnectionError(f"{what}: {text}")
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    settings: Settings | None = None,
+    *,
+    data_dir: str | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Bus]:
+    """Connect to the configured NATS server, or start an embedded one.
+
+    With ``NATS_URL`` (or ``url=``) set, swarmbus uses that server and starts nothing.
+    Otherwise it starts nats-server with JetStream in ``data_dir`` (default: the
+    user's data dir) on a free loopback port, and stops it on exit.
+    """
+    from swarmbus._server import NatsServer
+
+    settings = settings or Settings.from_env(**overrides)
+    if settings.servers:
+        async with Bus.open(settings) as bus:
+            yield bus
+        return
+    server = NatsServer(data_dir)
+    await anyio.to_thread.run_sync(server.start)
+    try:
+        async with Bus.open(settings.model_copy(update={"url": server.url})) as bus:
+            yield bus
+    finally:
+        await anyio.to_thread.run_sync(server.stop)

@@ -1,0 +1,100 @@
+"""The ``swarmbus`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import anyio
+
+from swarmbus._errors import SwarmbusError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from swarmbus._server import NatsServer
+
+    server = NatsServer(args.data_dir, port=args.port, sync_interval=args.sync_interval)
+    server.start()
+    print(f"nats-server {server.url} (pid {server.pid}, data {server.data_dir})", flush=True)
+    print(f"export NATS_URL={server.url}", flush=True)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop()
+    return 0
+
+
+def _cmd_schemas(args: argparse.Namespace) -> int:
+    from swarmbus import _schemas
+
+    out = Path(args.out)
+    if args.check:
+        stale = _schemas.stale(out)
+        if stale:
+            print(f"stale schemas in {out}: {', '.join(stale)} (run `swarmbus schemas`)")
+            return 1
+        print(f"schemas in {out} are up to date")
+        return 0
+    for path in _schemas.write(out):
+        print(path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from swarmbus._demo import run_demo
+
+    return anyio.run(run_demo, args.data_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="swarmbus", description="Agent coordination on NATS.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("server", help="run an embedded nats-server with JetStream")
+    p.add_argument("--data-dir", default=None, help="JetStream store (default: user data dir)")
+    p.add_argument("--port", type=int, default=4222, help="client port (0 = any free port)")
+    p.add_argument("--sync-interval", default=None, help='fsync interval, e.g. "always"')
+    p.set_defaults(func=_cmd_server)
+
+    p = sub.add_parser("schemas", help="write (or --check) the JSON Schema files")
+    p.add_argument("--out", default="schemas", help="directory (default: schemas)")
+    p.add_argument("--check", action="store_true", help="fail if the files are stale")
+    p.set_defaults(func=_cmd_schemas)
+
+    p = sub.add_parser("demo", help="run the incident demo on an embedded server")
+    p.add_argument("--data-dir", default=None, help="JetStream store (default: a temp dir)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``swarmbus`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if getattr(args, "port", None) == 0:
+        args.port = None
+    func: Command = args.func
+    try:
+        return func(args)
+    except SwarmbusError as exc:
+        print(f"swarmbus: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Connection and storage settings (pydantic), read from arguments or the environment."""
+
+from __future__ import annotations
+
+import os
+from typing import Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from swarmbus._messages import DEFAULT_MAX_MESSAGE_BYTES
+
+ENV_PREFIX: Final = "SWARMBUS_"
+
+
+class Settings(BaseModel):
+    """How swarmbus connects to NATS and provisions JetStream.
+
+    Every field can be set from the environment: ``NATS_URL`` for ``url`` and
+    ``SWARMBUS_<FIELD>`` (upper case) for the rest, e.g. ``SWARMBUS_REPLICAS=3``.
+    Durable defaults: file storage; use 3 replicas on a cluster.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str | None = Field(None, description="NATS URL(s), comma separated; None = embedded")
+    name: str | None = Field(None, description="connection name shown by the server")
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    nkey_seed_file: str | None = Field(None, description="file holding an nkey seed")
+    creds_file: str | None = Field(None, description="NATS .creds file (JWT + seed)")
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    inbox_prefix: str | None = Field(
+        None, description="private reply inbox prefix, e.g. _INBOX_ops_deploy-validator"
+    )
+    replicas: int = Field(1, ge=1, le=5, description="replicas of swarmbus streams and buckets")
+    storage: Literal["file", "memory"] = "file"
+    event_max_age: float = Field(
+        7 * 24 * 3600.0, gt=0, description="seconds the event stream keeps events"
+    )
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0, le=8 * 1024 * 1024)
+    request_timeout: float = Field(5.0, gt=0)
+    connect_timeout: float = Field(5.0, gt=0)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from ``NATS_URL`` / ``SWARMBUS_*`` variables, then ``overrides``."""
+        values: dict[str, object] = {}
+        if os.environ.get("NATS_URL"):
+            values["url"] = os.environ["NATS_URL"]
+        for field in cls.model_fields:
+            env = os.environ.get(ENV_PREFIX + field.upper())
+            if env is not None and field != "url":
+                values[field] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)
+
+    @property
+    def servers(self) -> list[str]:
+        """The server URLs to try."""
+        return [u.strip() for u in (self.url or "").split(",") if u.strip()]

@@ -1,0 +1,172 @@
+"""The swarmbus error tree.
+
+Every error swarmbus raises derives from ``SwarmbusError``; nats-py exceptions never
+leak out of the transport layer (they are chained with ``raise ... from``)::
+
+    SwarmbusError
+    ├── InvalidIdentifierError (ValueError)
+    ├── InvalidMessageError (ValueError)
+    ├── MessageTooLargeError (InvalidMessageError)
+    ├── ServerError
+    │   ├── ServerBinaryNotFoundError (FileNotFoundError)
+    │   ├── ServerStartError
+    │   └── ServerVersionError
+    ├── ConnectionError
+    ├── PublishError
+    ├── NoResponderError
+    ├── RequestTimeoutError (TimeoutError)
+    ├── RemoteError
+    ├── NotFoundError (KeyError)
+    ├── ConflictError
+    ├── InvalidTransitionError (ValueError)
+    └── PermissionDeniedError (PermissionError)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConflictError",
+    "ConnectionError",
+    "InvalidIdentifierError",
+    "InvalidMessageError",
+    "InvalidTransitionError",
+    "MessageTooLargeError",
+    "NoResponderError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "PublishError",
+    "RemoteError",
+    "RequestTimeoutError",
+    "ServerBinaryNotFoundError",
+    "ServerError",
+    "ServerStartError",
+    "ServerVersionError",
+    "SwarmbusError",
+]
+
+import builtins
+
+
+class SwarmbusError(Exception):
+    """Root of every error swarmbus raises."""
+
+
+class InvalidIdentifierError(SwarmbusError, ValueError):
+    """An agent id, session id, capability or similar name breaks the contract."""
+
+    def __init__(self, kind: str, value: object, rule: str) -> None:
+        self.kind = kind
+        self.value = value
+        self.rule = rule
+        super().__init__(f"invalid {kind} {value!r}: {rule}")
+
+
+class InvalidMessageError(SwarmbusError, ValueError):
+    """Bytes or a value that is not a valid swarmbus message.
+
+    ``code`` is a short machine-readable reason (``not_json``, ``not_envelope``,
+    ``schema``, ``too_large``, ``source_mismatch``, ``wrong_subject``).
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code}: {reason}")
+
+
+class MessageTooLargeError(InvalidMessageError):
+    """A message exceeds the configured size limit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__("too_large", f"message is {size} bytes, limit is {limit}")
+
+
+class ServerError(SwarmbusError):
+    """The NATS server could not be found, started or used."""
+
+
+class ServerBinaryNotFoundError(ServerError, FileNotFoundError):
+    """No nats-server binary was found in any of the places swarmbus looks."""
+
+
+class ServerStartError(ServerError):
+    """nats-server exited or did not become ready."""
+
+
+class ServerVersionError(ServerError):
+    """The server is too old for swarmbus (per-message TTL needs 2.11)."""
+
+    def __init__(self, version: str, minimum: str) -> None:
+        self.version = version
+        self.minimum = minimum
+        super().__init__(f"nats-server {version} is too old: swarmbus needs {minimum} or newer")
+
+
+class ConnectionError(SwarmbusError, builtins.ConnectionError):
+    """Could not connect to NATS, or the connection is closed."""
+
+
+class PublishError(SwarmbusError):
+    """The server did not accept (or acknowledge) a publish."""
+
+
+class NoResponderError(SwarmbusError):
+    """A request found no agent listening for that capability/target."""
+
+    def __init__(self, capability: str, to: str) -> None:
+        self.capability = capability
+        self.to = to
+        super().__init__(f"no agent answers capability {capability!r} (to={to!r})")
+
+
+class RequestTimeoutError(SwarmbusError, TimeoutError):
+    """A responder exists but did not answer in time."""
+
+    def __init__(self, capability: str, to: str, timeout: float) -> None:
+        self.capability = capability
+        self.to = to
+        self.timeout = timeout
+        super().__init__(f"request for {capability!r} (to={to!r}) timed out after {timeout:g}s")
+
+
+class RemoteError(SwarmbusError):
+    """The remote side answered with an error."""
+
+
+class NotFoundError(SwarmbusError, KeyError):
+    """A named thing (session, task, proposal, key) does not exist."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        self.kind = kind
+        self.name = name
+        super().__init__(f"{kind} {name!r} not found")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ConflictError(SwarmbusError):
+    """A compare-and-set lost: someone else changed the value first."""
+
+    def __init__(self, key: str, expected_revision: int | None, detail: str = "") -> None:
+        self.key = key
+        self.expected_revision = expected_revision
+        msg = f"conflict on {key!r} (expected revision {expected_revision})"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class InvalidTransitionError(SwarmbusError, ValueError):
+    """A status change that the state machine does not allow."""
+
+    def __init__(self, kind: str, name: str, current: str, requested: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.current = current
+        self.requested = requested
+        super().__init__(f"{kind} {name!r}: cannot go from {current!r} to {requested!r}")
+
+
+class PermissionDeniedError(SwarmbusError, PermissionError):
+    """The server or a swarmbus rule refused an operation for this identity."""

@@ -1,0 +1,490 @@
+"""Wire messages: msgspec Structs for the envelope and every body the seed names.
+
+An envelope is one JSON object whose ``type`` names the key holding its body
+(CONTRACT.md). Each message type is its own Struct, tagged on ``type``, and all of
+them form the ``Message`` union that one module-level decoder dispatches on.
+
+Evolution rule (msgspec schema evolution): new fields get defaults, fields are never
+reordered, renamed or retyped, and unknown fields are ignored on decode, so older
+and newer swarmbus versions read each other's messages.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Final, Literal, TypeAlias
+
+import msgspec
+
+from swarmbus._errors import InvalidMessageError, MessageTooLargeError
+from swarmbus._subjects import (
+    AGENT_ID_PATTERN,
+    MAX_ID_LENGTH,
+    SESSION_ID_PATTERN,
+    validate_agent_id,
+    validate_session_id,
+)
+
+CONTRACT_VERSION: Final = 1
+DEFAULT_MAX_MESSAGE_BYTES: Final = 1024 * 1024
+
+AgentId = Annotated[str, msgspec.Meta(pattern=AGENT_ID_PATTERN, max_length=MAX_ID_LENGTH)]
+SessionId = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN, max_length=MAX_ID_LENGTH)]
+Target = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=AGENT_ID_PATTERN,
+        max_length=MAX_ID_LENGTH,
+        description='An agent id, or "any" for whichever agent has the capability.',
+    ),
+]
+Name = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN, max_length=MAX_ID_LENGTH)]
+Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+MessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+Json = dict[str, Any]
+
+
+class _Body(msgspec.Struct, kw_only=True, frozen=True):
+    """Base of every body; kw_only so fields can be added with defaults."""
+
+
+# --- the seed's four message kinds -------------------------------------------
+
+
+class Evidence(_Body, frozen=True):
+    """One piece of evidence behind a finding (the seed's shape)."""
+
+    source: str
+    query: str = ""
+    result: str = ""
+
+
+class Finding(_Body, frozen=True):
+    """Something an agent observed, suspects or concluded."""
+
+    category: Literal["observation", "hypothesis", "conclusion"]
+    content: str
+    confidence: Confidence
+    evidence: list[Evidence] = []
+
+
+class Action(_Body, frozen=True):
+    """An action an agent wants to take (or took)."""
+
+    type: Literal["query", "modify", "notify", "escalate"]
+    target: str
+    parameters: Json = {}
+    requires_approval: bool = False
+
+
+class Request(_Body, frozen=True):
+    """A request routed by capability to one agent or to ``any``."""
+
+    to: Target
+    capability: Name
+    parameters: Json = {}
+
+
+class Response(_Body, frozen=True):
+    """The answer to a request; ``request_id`` is the request envelope's id."""
+
+    request_id: MessageId
+    status: Literal["success", "failure"]
+    result: Json = {}
+
+
+# --- lifecycle events ----------------------------------------------------------
+
+
+class SessionStarted(_Body, frozen=True):
+    session_id: SessionId
+    initiator: AgentId
+    context: Json = {}
+
+
+class SessionCompleted(_Body, frozen=True):
+    session_id: SessionId
+    outcome: Json = {}
+
+
+class TaskCreated(_Body, frozen=True):
+    task_id: MessageId
+    type: str
+    parameters: Json = {}
+    priority: Annotated[int, msgspec.Meta(ge=1, le=10)] = 5
+    requires_approval: bool = False
+
+
+class TaskAssigned(_Body, frozen=True):
+    task_id: MessageId
+    agent_id: AgentId
+
+
+class TaskCompleted(_Body, frozen=True):
+    task_id: MessageId
+    result: Json = {}
+
+
+class TaskFailed(_Body, frozen=True):
+    task_id: MessageId
+    error: str
+    attempts: int = 0
+    dead: bool = False
+
+
+class FindingReported(_Body, frozen=True):
+    finding_id: MessageId
+    agent_id: AgentId
+    category: str
+    content: Any
+
+
+class HypothesisProposed(_Body, frozen=True):
+    hypothesis_id: MessageId
+    agent_id: AgentId
+    description: str
+    confidence: Confidence
+
+
+class HypothesisValidated(_Body, frozen=True):
+    hypothesis_id: MessageId
+    validated_by: AgentId
+    result: bool
+    evidence: Any = None
+
+
+class ActionCompleted(_Body, frozen=True):
+    action_id: MessageId
+    status: str = "completed"
+    result: Json = {}
+
+
+# --- consensus -------------------------------------------------------------------
+
+
+class Proposal(_Body, frozen=True):
+    """A proposed action put to a vote (the seed's consensus block).
+
+    ``timeout`` is in seconds; an empty ``voters`` means the session's members.
+    """
+
+    proposal_id: MessageId
+    action: str
+    target: str = ""
+    parameters: Json = {}
+    quorum: Literal["majority", "unanimous", "threshold"] = "majority"
+    threshold: Confidence | None = None
+    timeout: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    voters: list[AgentId] = []
+
+
+class Vote(_Body, frozen=True):
+    """One agent's vote; the voter is the envelope's source agent."""
+
+    proposal_id: MessageId
+    vote: Literal["yes", "no", "abstain"]
+    confidence: Confidence | None = None
+    reason: str = ""
+
+
+class Decision(_Body, frozen=True):
+    """The outcome of a proposal (the seed's ``result``)."""
+
+    proposal_id: MessageId
+    decision: str
+    outcome: Literal["approved", "rejected", "no_quorum"]
+    votes_for: int
+    votes_against: int
+    abstentions: int
+
+
+class ErrorOccurred(_Body, frozen=True):
+    """Something went wrong, e.g. a message was rejected (CONTRACT "Bad input")."""
+
+    code: str
+    reason: str
+    subject: str = ""
+    message_id: str | None = None
+    dead_letter: bool = False
+
+
+Body: TypeAlias = (
+    Finding
+    | Action
+    | Request
+    | Response
+    | SessionStarted
+    | SessionCompleted
+    | TaskCreated
+    | TaskAssigned
+    | TaskCompleted
+    | TaskFailed
+    | FindingReported
+    | HypothesisProposed
+    | HypothesisValidated
+    | ActionCompleted
+    | Proposal
+    | Vote
+    | Decision
+    | ErrorOccurred
+)
+
+
+# --- the envelope ------------------------------------------------------------------
+
+
+class Source(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """Who sent a message, in which session."""
+
+    agent: AgentId
+    session: SessionId
+
+
+class Envelope(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
+    """Fields every message shares; ``type`` (the tag) names the body key."""
+
+    body_field: ClassVar[str]
+    id: MessageId
+    timestamp: Timestamp
+    source: Source
+
+    @property
+    def body(self) -> Body:
+        """The message's body, whatever its type."""
+        value: Body = getattr(self, self.body_field)
+        return value
+
+    @property
+    def type(self) -> str:
+        """The ``type`` tag on the wire."""
+        tag = self.__struct_config__.tag
+        assert isinstance(tag, str)
+        return tag
+
+
+class FindingMessage(Envelope, tag="finding", frozen=True):
+    body_field = "finding"
+    finding: Finding
+
+
+class ActionMessage(Envelope, tag="action", frozen=True):
+    body_field = "action"
+    action: Action
+
+
+class RequestMessage(Envelope, tag="request", frozen=True):
+    body_field = "request"
+    request: Request
+
+
+class ResponseMessage(Envelope, tag="response", frozen=True):
+    body_field = "response"
+    response: Response
+
+
+class SessionStartedMessage(Envelope, tag="session.started", frozen=True):
+    body_field = "session_started"
+    session_started: SessionStarted = msgspec.field(name="session.started")
+
+
+class SessionCompletedMessage(Envelope, tag="session.completed", frozen=True):
+    body_field = "session_completed"
+    session_completed: SessionCompleted = msgspec.field(name="session.completed")
+
+
+class TaskCreatedMessage(Envelope, tag="task.created", frozen=True):
+    body_field = "task_created"
+    task_created: TaskCreated = msgspec.field(name="task.created")
+
+
+class TaskAssignedMessage(Envelope, tag="task.assigned", frozen=True):
+    body_field = "task_assigned"
+    task_assigned: TaskAssigned = msgspec.field(name="task.assigned")
+
+
+class TaskCompletedMessage(Envelope, tag="task.completed", frozen=True):
+    body_field = "task_completed"
+    task_completed: TaskCompleted = msgspec.field(name="task.completed")
+
+
+class TaskFailedMessage(Envelope, tag="task.failed", frozen=True):
+    body_field = "task_failed"
+    task_failed: TaskFailed = msgspec.field(name="task.failed")
+
+
+class FindingReportedMessage(Envelope, tag="finding.reported", frozen=True):
+    body_field = "finding_reported"
+    finding_reported: FindingReported = msgspec.field(name="finding.reported")
+
+
+class HypothesisProposedMessage(Envelope, tag="hypothesis.proposed", frozen=True):
+    body_field = "hypothesis_proposed"
+    hypothesis_proposed: HypothesisProposed = msgspec.field(name="hypothesis.proposed")
+
+
+class HypothesisValidatedMessage(Envelope, tag="hypothesis.validated", frozen=True):
+    body_field = "hypothesis_validated"
+    hypothesis_validated: HypothesisValidated = msgspec.field(name="hypothesis.validated")
+
+
+class ActionCompletedMessage(Envelope, tag="action.completed", frozen=True):
+    body_field = "action_completed"
+    action_completed: ActionCompleted = msgspec.field(name="action.completed")
+
+
+class ProposalMessage(Envelope, tag="proposal", frozen=True):
+    body_field = "proposal"
+    proposal: Proposal
+
+
+class VoteMessage(Envelope, tag="vote", frozen=True):
+    body_field = "vote"
+    vote: Vote
+
+
+class DecisionMessage(Envelope, tag="decision", frozen=True):
+    body_field = "decision"
+    decision: Decision
+
+
+class ErrorOccurredMessage(Envelope, tag="error.occurred", frozen=True):
+    body_field = "error_occurred"
+    error_occurred: ErrorOccurred = msgspec.field(name="error.occurred")
+
+
+Message: TypeAlias = (
+    FindingMessage
+    | ActionMessage
+    | RequestMessage
+    | ResponseMessage
+    | SessionStartedMessage
+    | SessionCompletedMessage
+    | TaskCreatedMessage
+    | TaskAssignedMessage
+    | TaskCompletedMessage
+    | TaskFailedMessage
+    | FindingReportedMessage
+    | HypothesisProposedMessage
+    | HypothesisValidatedMessage
+    | ActionCompletedMessage
+    | ProposalMessage
+    | VoteMessage
+    | DecisionMessage
+    | ErrorOccurredMessage
+)
+
+MESSAGE_TYPES: Final[tuple[type[Envelope], ...]] = Message.__args__
+
+#: body class -> (envelope class, event (domain, event) or None for request/response)
+_ROUTES: Final[dict[type[_Body], tuple[type[Envelope], tuple[str, str] | None]]] = {
+    Finding: (FindingMessage, ("finding", "reported")),
+    Action: (ActionMessage, ("action", "proposed")),
+    Request: (RequestMessage, None),
+    Response: (ResponseMessage, None),
+    SessionStarted: (SessionStartedMessage, ("session", "started")),
+    SessionCompleted: (SessionCompletedMessage, ("session", "completed")),
+    TaskCreated: (TaskCreatedMessage, ("task", "created")),
+    TaskAssigned: (TaskAssignedMessage, ("task", "assigned")),
+    TaskCompleted: (TaskCompletedMessage, ("task", "completed")),
+    TaskFailed: (TaskFailedMessage, ("task", "failed")),
+    FindingReported: (FindingReportedMessage, ("finding", "reported")),
+    HypothesisProposed: (HypothesisProposedMessage, ("hypothesis", "proposed")),
+    HypothesisValidated: (HypothesisValidatedMessage, ("hypothesis", "validated")),
+    ActionCompleted: (ActionCompletedMessage, ("action", "completed")),
+    Proposal: (ProposalMessage, ("action", "proposed")),
+    Vote: (VoteMessage, ("action", "voted")),
+    Decision: (DecisionMessage, ("action", "decided")),
+    ErrorOccurred: (ErrorOccurredMessage, ("error", "occurred")),
+}
+
+#: envelope class -> the (domain, event) it travels on
+EVENT_OF: Final[dict[type[Envelope], tuple[str, str] | None]] = {
+    env: event for env, event in _ROUTES.values()
+}
+
+
+def new_id() -> str:
+    """A fresh message id (UUID4 string)."""
+    return str(uuid.uuid4())
+
+
+def now() -> datetime:
+    """The current time, UTC, as swarmbus timestamps it."""
+    return datetime.now(UTC)
+
+
+def envelope_for(
+    body: Body,
+    *,
+    agent: str,
+    session: str,
+    id: str | None = None,
+    timestamp: datetime | None = None,
+) -> Message:
+    """Wrap ``body`` in the envelope of its type, validating the identifiers."""
+    try:
+        cls = _ROUTES[type(body)][0]
+    except KeyError:
+        raise TypeError(f"{type(body).__name__} is not a swarmbus message body") from None
+    source = Source(agent=validate_agent_id(agent), session=validate_session_id(session))
+    fields = {
+        "id": id or new_id(),
+        "timestamp": timestamp or now(),
+        "source": source,
+        cls.body_field: body,
+    }
+    envelope: Message = cls(**fields)  # type: ignore[arg-type,assignment]
+    return envelope
+
+
+def event_of(message: Envelope) -> tuple[str, str] | None:
+    """The (domain, event) subject tokens a message is published on."""
+    return EVENT_OF[type(message)]
+
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[Message] = msgspec.json.Decoder(Message)
+_json_decoder = msgspec.json.Decoder()
+
+
+def encode(message: Envelope) -> bytes:
+    """Encode a message as the contract's JSON."""
+    return _encoder.encode(message)
+
+
+def validate_body(body: Body) -> None:
+    """Check a body built in Python against its wire constraints.
+
+    msgspec checks constraints only on decode, so a round trip catches e.g. a
+    confidence of 1.7 before it is sent.
+    """
+    try:
+        msgspec.json.decode(_encoder.encode(body), type=type(body))
+    except msgspec.ValidationError as exc:
+        raise InvalidMessageError("schema", f"{type(body).__name__}: {exc}") from None
+
+
+def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Decode and validate bytes as a message, or raise InvalidMessageError with a code."""
+    if len(data) > max_bytes:
+        raise MessageTooLargeError(len(data), max_bytes)
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _classify(data, exc) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidMessageError("not_json", str(exc)) from None
+
+
+def _classify(data: bytes, exc: msgspec.ValidationError) -> InvalidMessageError:
+    try:
+        raw = _json_decoder.decode(data)
+    except msgspec.DecodeError:
+        return InvalidMessageError("not_json", str(exc))
+    if not isinstance(raw, dict) or not {"id", "timestamp", "source", "type"} <= raw.keys():
+        return InvalidMessageError(
+            "not_envelope", "expected an object with id, timestamp, source and type"
+        )
+    return InvalidMessageError("schema", str(exc))

@@ -1,0 +1,65 @@
+"""JSON Schema for the wire contract, generated from the message Structs.
+
+``schemas/envelope.schema.json`` accepts any message (a union tagged on ``type``);
+``schemas/<type>.schema.json`` accepts one message type. External services validate
+against these; ``swarmbus schemas --check`` fails when they are stale.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from swarmbus._messages import CONTRACT_VERSION, MESSAGE_TYPES, Message
+
+SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
+BASE_ID: Final = "https://swarmbus.dev/schemas/v{version}/"
+
+
+def _document(schema: dict[str, Any], name: str, title: str) -> dict[str, Any]:
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "$id": BASE_ID.format(version=CONTRACT_VERSION) + name,
+        "title": title,
+        **schema,
+    }
+
+
+def generate() -> dict[str, str]:
+    """File name -> JSON text of every schema file."""
+    files = {
+        "envelope.schema.json": _document(
+            msgspec.json.schema(Message), "envelope.schema.json", "swarmbus message (any type)"
+        )
+    }
+    for cls in MESSAGE_TYPES:
+        tag = cls.__struct_config__.tag
+        name = f"{tag}.schema.json"
+        files[name] = _document(msgspec.json.schema(cls), name, f"swarmbus {tag} message")
+    return {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in files.items()}
+
+
+def write(directory: Path) -> list[Path]:
+    """Write every schema file into ``directory``; returns the paths written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in generate().items():
+        path = directory / name
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
+def stale(directory: Path) -> list[str]:
+    """Names of schema files that are missing, different or extra in ``directory``."""
+    expected = generate()
+    out = [
+        n
+        for n, t in expected.items()
+        if not (directory / n).is_file() or (directory / n).read_text() != t
+    ]
+    extra = [p.name for p in directory.glob("*.schema.json") if p.name not in expected]
+    return sorted(out + extra)

@@ -1,0 +1,130 @@
+"""Identifiers and NATS subjects: the only module that builds or parses a subject.
+
+Events (CONTRACT.md)::
+
+    agent.<domain>.<event>.<session>.<agent>
+
+where ``<agent>`` is the publisher, so a NATS publish permission on
+``agent.*.*.*.<agent id>`` binds a user to one identity.
+
+Requests are routed by capability outside ``agent.>`` (the event stream captures
+``agent.>`` and would answer a request with a JetStream ack)::
+
+    swarmbus.request.<capability>.<target>.<session>.<requester>
+
+``<target>`` is an agent id or ``any`` (one agent of a queue group answers).
+Dead letters: ``swarmbus.dead.<session>.<receiver>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Final
+
+from swarmbus._errors import InvalidIdentifierError
+
+MAX_ID_LENGTH: Final = 128
+TOKEN_PATTERN: Final = r"[A-Za-z0-9_-]+"
+SESSION_ID_PATTERN: Final = rf"^{TOKEN_PATTERN}$"
+AGENT_ID_PATTERN: Final = rf"^{TOKEN_PATTERN}(/{TOKEN_PATTERN})*$"
+ANY: Final = "any"
+
+EVENT_ROOT: Final = "agent"
+EVENTS_WILDCARD: Final = "agent.>"
+REQUEST_ROOT: Final = "swarmbus.request"
+DEAD_LETTER_ROOT: Final = "swarmbus.dead"
+DEAD_LETTER_WILDCARD: Final = "swarmbus.dead.>"
+UNKNOWN: Final = "unknown"
+
+_session_re = re.compile(SESSION_ID_PATTERN)
+_agent_re = re.compile(AGENT_ID_PATTERN)
+
+
+def _check(kind: str, value: object, regex: re.Pattern[str], rule: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidIdentifierError(kind, value, "must be a string")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidIdentifierError(kind, value, f"longer than {MAX_ID_LENGTH} characters")
+    if not regex.match(value):
+        raise InvalidIdentifierError(kind, value, rule)
+    return value
+
+
+def validate_agent_id(value: object) -> str:
+    """Return ``value`` if it is a contract agent id, else raise InvalidIdentifierError."""
+    return _check("agent id", value, _agent_re, "use tokens of [A-Za-z0-9_-] joined by '/'")
+
+
+def validate_session_id(value: object) -> str:
+    """Return ``value`` if it is a contract session id, else raise InvalidIdentifierError."""
+    return _check("session id", value, _session_re, "use one token of [A-Za-z0-9_-]")
+
+
+def validate_name(kind: str, value: object) -> str:
+    """Validate a capability, task type or other single-token name."""
+    return _check(kind, value, _session_re, "use one token of [A-Za-z0-9_-]")
+
+
+def event_subject(domain: str, event: str, session: str, agent: str) -> str:
+    """``agent.<domain>.<event>.<session>.<agent>`` with both ids validated."""
+    validate_session_id(session)
+    validate_agent_id(agent)
+    return f"{EVENT_ROOT}.{domain}.{event}.{session}.{agent}"
+
+
+def event_filter(domain: str = "*", event: str = "*", session: str = "*", agent: str = "*") -> str:
+    """A subscription filter over events; ``*`` for any token."""
+    return f"{EVENT_ROOT}.{domain}.{event}.{session}.{agent}"
+
+
+def session_filter(session: str) -> str:
+    """Every event of one session."""
+    return event_filter(session=validate_session_id(session))
+
+
+def parse_event_subject(subject: str) -> tuple[str, str, str, str] | None:
+    """Split an event subject into (domain, event, session, agent), or None if malformed."""
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[0] != EVENT_ROOT:
+        return None
+    return parts[1], parts[2], parts[3], parts[4]
+
+
+def request_subject(capability: str, target: str, session: str, requester: str) -> str:
+    """Subject of a capability request to ``target`` (an agent id or ``any``)."""
+    validate_name("capability", capability)
+    if target != ANY:
+        validate_agent_id(target)
+    validate_session_id(session)
+    validate_agent_id(requester)
+    return f"{REQUEST_ROOT}.{capability}.{target}.{session}.{requester}"
+
+
+def request_filter(capability: str, target: str) -> str:
+    """What a responder subscribes to for ``capability`` addressed to ``target``."""
+    return f"{REQUEST_ROOT}.{capability}.{target}.*.*"
+
+
+def parse_request_subject(subject: str) -> tuple[str, str, str, str] | None:
+    """Split a request subject into (capability, target, session, requester)."""
+    parts = subject.split(".")
+    if len(parts) != 6 or f"{parts[0]}.{parts[1]}" != REQUEST_ROOT:
+        return None
+    return parts[2], parts[3], parts[4], parts[5]
+
+
+def dead_letter_subject(session: str | None, receiver: str) -> str:
+    """Where a rejected message's original bytes are kept."""
+    return f"{DEAD_LETTER_ROOT}.{session or UNKNOWN}.{receiver}"
+
+
+def safe_token(value: str) -> str:
+    """Map any string to a name usable as a consumer, bucket key or stream token.
+
+    Keeps readable characters and appends a short hash so distinct inputs never
+    collide (``ops/deploy-validator`` -> ``ops_deploy-validator-1a2b3c4d``).
+    """
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", value)[:64]
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    return f"{readable}-{digest}"
