@@ -22,11 +22,13 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     StorageType,
     StreamConfig,
 )
@@ -242,6 +244,46 @@ class Bus:
                 duplicate_window=120.0,
             )
         )
+
+    async def key_value(
+        self,
+        bucket: str,
+        *,
+        history: int = 1,
+        ttl: float | None = None,
+        max_value_size: int | None = None,
+        limit_marker_ttl: float | None = None,
+        description: str = "",
+    ) -> KeyValue:
+        """Open a KV bucket, creating it with swarmbus's replicas/storage if missing.
+
+        Idempotent and safe when several processes race to create the same bucket.
+        Per-key TTLs are always allowed (nats-server >= 2.11).
+        """
+        try:
+            return await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            pass
+        except nats.js.errors.APIError as exc:
+            raise _translate(exc, f"cannot open bucket {bucket}") from exc
+        config = KeyValueConfig(
+            bucket=bucket,
+            description=description or None,
+            history=history,
+            ttl=ttl,
+            max_value_size=max_value_size,
+            storage=self._storage(),
+            replicas=self.settings.replicas,
+            limit_marker_ttl=limit_marker_ttl,
+        )
+        try:
+            return await self.js.create_key_value(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _STREAM_IN_USE:
+                raise _translate(exc, f"cannot create bucket {bucket}") from exc
+            return await self.js.key_value(bucket)
+        except nats.js.errors.APIError as exc:
+            raise _translate(exc, f"cannot create bucket {bucket}") from exc
 
     # --- publish ------------------------------------------------------------------
 
