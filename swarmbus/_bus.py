@@ -22,7 +22,6 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -32,6 +31,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
 from swarmbus._config import Settings
