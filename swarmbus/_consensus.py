@@ -12,7 +12,7 @@ once closed, the decision. Every change is a compare-and-set on that record, so:
   ``Nats-Msg-Id``, which the event stream de-duplicates);
 - the decision is reproducible: ``tally()`` of the recorded ``votes`` gives it again.
 
-Voting rules (``tally`` and ``decide`` are pure functions):
+Voting rules (pure functions: ``final_outcome``, ``early_outcome``, ``tally_outcome``):
 
 - The electorate is fixed when the proposal is recorded: the named ``voters``, or
   else the session's members (agents that called ``Consensus.join``).
@@ -167,7 +167,7 @@ def early_outcome(quorum: Quorum, threshold: float | None, tally: Tally) -> Outc
     return extremes.pop() if len(extremes) == 1 else None
 
 
-def decide(
+def tally_outcome(
     quorum: Quorum, threshold: float | None, tally: Tally, *, closed: bool
 ) -> Outcome | None:
     """The outcome now: final if ``closed`` (deadline passed), else only if certain."""
@@ -230,7 +230,7 @@ def decision_of(record: ProposalRecord, *, closed: bool, at: datetime) -> Decisi
     """The decision the record's votes give now, or None while it can still change."""
     proposal = record.proposal
     tally = record.tally()
-    outcome = decide(proposal.quorum, proposal.threshold, tally, closed=closed)
+    outcome = tally_outcome(proposal.quorum, proposal.threshold, tally, closed=closed)
     if outcome is None:
         return None
     return Decision(
