@@ -229,7 +229,6 @@ class Bus:
                 storage=self._storage(),
                 num_replicas=self.settings.replicas,
                 max_age=self.settings.event_max_age,
-                max_msg_size=self.settings.max_message_bytes * 2,
                 duplicate_window=120.0,
                 discard=DiscardPolicy.OLD,
             )
@@ -509,19 +508,23 @@ class Bus:
         try:
             async with anyio.create_task_group() as tg:
                 while not stop.is_set():
-                    free = max(limiter.value, 1)
+                    # Hold a slot before fetching: never take messages we cannot start.
+                    await limiter.acquire()
                     try:
-                        batch = await psub.fetch(min(free, 256), timeout=0.5)
+                        batch = await psub.fetch(min(1 + limiter.value, 256), timeout=0.5)
                     except (TimeoutError, nats.errors.TimeoutError):
+                        limiter.release()
                         continue
                     except nats.errors.Error as exc:
+                        limiter.release()
                         if stop.is_set():
                             break
                         log.warning("consumer %s: %s; retrying", durable, exc)
                         await _wait_reconnect(self, stop)
                         continue
-                    for msg in batch:
-                        await limiter.acquire()
+                    for i, msg in enumerate(batch):
+                        if i:
+                            await limiter.acquire()
                         tg.start_soon(self._handle_durable, handler, msg, receiver, limiter)
         finally:
             with contextlib.suppress(nats.errors.Error):
