@@ -54,6 +54,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return anyio.run(run_demo, args.data_dir)
 
 
+def _cmd_consensus(args: argparse.Namespace) -> int:
+    from swarmbus._bus import Bus
+    from swarmbus._consensus import ConsensusService
+
+    async def serve() -> int:
+        async with (
+            Bus.open() as bus,
+            ConsensusService(bus, bucket=args.bucket, session=args.session, agent=args.agent),
+        ):
+            print(f"consensus service ready (bucket {args.bucket}, session {args.session})")
+            sys.stdout.flush()
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    return 0
+        return 0
+
+    return anyio.run(serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="swarmbus", description="Agent coordination on NATS.")
@@ -74,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the incident demo on an embedded server")
     p.add_argument("--data-dir", default=None, help="JetStream store (default: a temp dir)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("consensus", help="run the consensus service against NATS_URL")
+    p.add_argument("--bucket", default="SWARMBUS_CONSENSUS", help="proposals KV bucket")
+    p.add_argument("--session", default="*", help="ingest events of one session (* = all)")
+    p.add_argument("--agent", default="swarmbus/consensus", help="agent id decisions come from")
+    p.set_defaults(func=_cmd_consensus)
     return parser
 
 
