@@ -70,7 +70,7 @@ def _cmd_consensus(args: argparse.Namespace) -> int:
                     return 0
         return 0
 
-    return anyio.run(serve)
+    return anyio.run(serve, backend_options={"use_uvloop": args.uvloop})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", default="SWARMBUS_CONSENSUS", help="proposals KV bucket")
     p.add_argument("--session", default="*", help="ingest events of one session (* = all)")
     p.add_argument("--agent", default="swarmbus/consensus", help="agent id decisions come from")
+    p.add_argument("--uvloop", action="store_true", help="run on uvloop (swarmbus[uvloop])")
     p.set_defaults(func=_cmd_consensus)
     return parser
 

@@ -503,6 +503,10 @@ class ConsensusService:
         self._limiter = anyio.Semaphore(max_concurrency)
         self._timers: list[tuple[float, int, str, _Timer]] = []
         self._open: set[str] = set()
+        # Envelope ids of proposals/votes already in a record (seen by the watch), so
+        # ingesting a Python client's own event costs no KV read.
+        self._recorded: dict[str, set[str]] = {}
+        self._recorded_ids: set[str] = set()
         self._seq = itertools.count()
         self._wake = anyio.Event()
         self._stop = anyio.Event()
@@ -559,6 +563,7 @@ class ConsensusService:
 
     def _on_record(self, key: str, record: ProposalRecord, revision: int) -> None:
         assert self._tg is not None
+        self._remember(key, record)
         if record.decision is None:
             deadline = record.deadline.timestamp()
             if key not in self._open:
@@ -570,6 +575,16 @@ class ConsensusService:
             self._open.discard(key)
             if not record.published:
                 self._schedule(time.time() + self.republish_after, key, "retry")
+
+    def _remember(self, key: str, record: ProposalRecord) -> None:
+        ids = self._recorded.setdefault(key, set())
+        if record.published:
+            self._recorded_ids -= ids
+            del self._recorded[key]
+            return
+        ids.add(record.message_id)
+        ids.update(b.message_id for b in record.votes if b.message_id)
+        self._recorded_ids |= ids
 
     def _schedule(self, when: float, key: str, kind: _Timer) -> None:
         heapq.heappush(self._timers, (when, next(self._seq), key, kind))
@@ -661,6 +676,8 @@ class ConsensusService:
         kv = self._kv
         assert kv is not None
         source = message.source
+        if message.id in self._recorded_ids:
+            return
         if isinstance(message, ProposalMessage):
             await _record_proposal(
                 kv,
