@@ -63,9 +63,9 @@ def _cmd_consensus(args: argparse.Namespace) -> int:
             Bus.open() as bus,
             ConsensusService(bus, bucket=args.bucket, session=args.session, agent=args.agent),
         ):
-            print(f"consensus service ready (bucket {args.bucket}, session {args.session})")
-            sys.stdout.flush()
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                print(f"consensus service ready (bucket {args.bucket}, session {args.session})")
+                sys.stdout.flush()
                 async for _ in signals:
                     return 0
         return 0

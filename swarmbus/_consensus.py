@@ -91,7 +91,6 @@ MEMBER_PREFIX: Final = "m."
 
 Outcome: TypeAlias = Literal["approved", "rejected", "no_quorum"]
 Quorum: TypeAlias = Literal["majority", "unanimous", "threshold"]
-_Timer: TypeAlias = Literal["deadline", "retry"]
 
 
 # --- tallying (pure) ------------------------------------------------------------------
@@ -501,8 +500,10 @@ class ConsensusService:
         self.republish_after = republish_after
         self.decided = 0  # decisions this replica committed (won the CAS for)
         self._limiter = anyio.Semaphore(max_concurrency)
-        self._timers: list[tuple[float, int, str, _Timer]] = []
-        self._open: set[str] = set()
+        self._timers: list[tuple[float, int, str]] = []  # (when, seq, key): settle key then
+        self._open: set[str] = set()  # undecided proposals (per the watch)
+        self._unpublished: set[str] = set()  # decided, not yet marked published
+        self._mine: set[str] = set()  # decided by this replica, being published
         # Envelope ids of proposals/votes already in a record (seen by the watch), so
         # ingesting a Python client's own event costs no KV read.
         self._recorded: dict[str, set[str]] = {}
@@ -568,13 +569,18 @@ class ConsensusService:
             deadline = record.deadline.timestamp()
             if key not in self._open:
                 self._open.add(key)
-                self._schedule(deadline, key, "deadline")
+                self._schedule(deadline, key)
             if decision_of(record, closed=time.time() >= deadline, at=now()) is not None:
                 self._tg.start_soon(self._settle, key, record, revision)
         else:
             self._open.discard(key)
-            if not record.published:
-                self._schedule(time.time() + self.republish_after, key, "retry")
+            if record.published:
+                self._unpublished.discard(key)
+                self._mine.discard(key)
+            elif key not in self._unpublished:
+                self._unpublished.add(key)
+                if key not in self._mine:  # its decider may have died before publishing
+                    self._schedule(time.time() + self.republish_after, key)
 
     def _remember(self, key: str, record: ProposalRecord) -> None:
         ids = self._recorded.setdefault(key, set())
@@ -586,8 +592,8 @@ class ConsensusService:
         ids.update(b.message_id for b in record.votes if b.message_id)
         self._recorded_ids |= ids
 
-    def _schedule(self, when: float, key: str, kind: _Timer) -> None:
-        heapq.heappush(self._timers, (when, next(self._seq), key, kind))
+    def _schedule(self, when: float, key: str) -> None:
+        heapq.heappush(self._timers, (when, next(self._seq), key))
         self._wake.set()
 
     async def _timer_loop(self) -> None:
@@ -595,8 +601,8 @@ class ConsensusService:
         while True:
             current = time.time()
             while self._timers and self._timers[0][0] <= current:
-                _, _, key, kind = heapq.heappop(self._timers)
-                if kind == "retry" or key in self._open:
+                _, _, key = heapq.heappop(self._timers)
+                if key in self._open or key in self._unpublished:
                     self._tg.start_soon(self._settle, key, None, None)
             delay = self._timers[0][0] - current if self._timers else math.inf
             with anyio.move_on_after(delay):
@@ -614,7 +620,7 @@ class ConsensusService:
                 await self._settle_once(kv, key, record, revision)
             except (SwarmbusError, nats.errors.Error) as exc:
                 log.warning("consensus: settling %s failed (%s); will retry", key, exc)
-                self._schedule(time.time() + self.republish_after, key, "retry")
+                self._schedule(time.time() + self.republish_after, key)
 
     async def _settle_once(
         self, kv: KeyValue, key: str, record: ProposalRecord | None, revision: int | None
@@ -641,6 +647,7 @@ class ConsensusService:
                 record = revision = None  # a vote or another replica got in first
                 continue
             self.decided += 1
+            self._mine.add(key)
             await self._publish(kv, key, decided, revision)
             return
 

@@ -499,3 +499,22 @@ async def test_200_proposals_5_voters_two_replicas_one_killed(
     )
     assert sum((info.state.subjects or {}).values()) == n
     assert set(seen.values()) == {1}
+
+
+def test_cli_service_stops_cleanly_on_sigterm(nats_url: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NATS_URL": nats_url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarmbus._cli", "consensus", "--session", "S-cli"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "ready" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
