@@ -409,6 +409,9 @@ class Consensus:
     async def vote(self, vote: Vote, *, agent: str) -> ProposalRecord:
         """Cast ``agent``'s vote (in the proposal's session) and publish it.
 
+        The vote counts once its compare-and-set on the record succeeds; a
+        ``PublishError`` from the vote event after that does not undo it.
+
         Raises:
             NotFoundError: no such proposal.
             ProposalClosedError: decided already, or past its deadline.
