@@ -123,13 +123,14 @@ class Bus:
                 bus_ref[0].reconnected.set()
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats: %s", exc)
+            log.log(logging.DEBUG if isinstance(exc, OSError) else logging.WARNING, "nats: %s", exc)
 
         options: dict[str, Any] = {
             "servers": settings.servers,
             "name": settings.name,
             "connect_timeout": settings.connect_timeout,
-            "max_reconnect_attempts": -1,
+            # Fail fast on the first connect; reconnect forever once connected.
+            "max_reconnect_attempts": 2,
             "reconnect_time_wait": 0.5,
             "reconnected_cb": on_reconnect,
             "error_cb": on_error,
@@ -152,6 +153,7 @@ class Bus:
             nc = await nats.connect(**{k: v for k, v in options.items() if v is not None})
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot connect to {settings.url}: {exc}") from exc
+        nc.options["max_reconnect_attempts"] = -1
         bus = cls(nc, settings)
         bus_ref.append(bus)
         try:
@@ -521,6 +523,9 @@ class Bus:
                             break
                         log.warning("consumer %s: %s; retrying", durable, exc)
                         await _wait_reconnect(self, stop)
+                        continue
+                    if not batch:
+                        limiter.release()
                         continue
                     for i, msg in enumerate(batch):
                         if i:
