@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 from nats.js.api import DeliverPolicy
 
@@ -36,7 +37,17 @@ from swarmbus import (
     decode,
     tally_outcome,
 )
-from swarmbus._consensus import Outcome, Quorum, early_outcome, final_outcome
+from swarmbus._consensus import (
+    Outcome,
+    Quorum,
+    _read,
+    decision_message_id,
+    decision_of,
+    early_outcome,
+    final_outcome,
+    proposal_key,
+)
+from swarmbus._messages import now
 
 ROOT = Path(__file__).resolve().parents[1]
 VOTERS = [f"ops/voter-{i}" for i in range(5)]
@@ -518,3 +529,45 @@ def test_cli_service_stops_cleanly_on_sigterm(nats_url: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.fault
+async def test_a_decision_recorded_but_never_published_is_published_once(
+    bus: Bus, consensus: Consensus, bucket: str, session_id: str
+) -> None:
+    """A replica that died between its CAS and its publish: the others publish for it."""
+    await _propose(consensus, session_id, "orphan", timeout=60)
+    await _cast(consensus, "orphan", "yes", "yes", "yes")
+    record, revision = await _read(consensus.kv, "orphan")
+    decision = decision_of(record, closed=False, at=now())
+    assert decision is not None
+    orphan = msgspec.structs.replace(record, decision=decision)
+    await consensus.kv.update(proposal_key("orphan"), msgspec.json.encode(orphan), last=revision)
+
+    events: list[DecisionMessage] = []
+    got = anyio.Event()
+
+    async def on_msg(message: Message) -> None:
+        assert isinstance(message, DecisionMessage)
+        events.append(message)
+        got.set()
+
+    await bus.subscribe(f"agent.action.decided.{session_id}.>", on_msg, receiver="test/obs")
+    async with (
+        ConsensusService(bus, bucket=bucket, session=session_id, republish_after=0.2) as one,
+        ConsensusService(bus, bucket=bucket, session=session_id, republish_after=0.2) as two,
+    ):
+        with anyio.fail_after(5):
+            await got.wait()
+            watcher = await consensus.kv.watch(proposal_key("orphan"))
+            async for entry in watcher:
+                if entry is not None and msgspec.json.decode(entry.value)["published"]:
+                    break
+            await watcher.stop()  # type: ignore[no-untyped-call]
+    assert one.decided + two.decided == 0
+    assert events[0].decision == decision
+    assert events[0].id == decision_message_id("orphan")
+    info = await bus.js.stream_info(
+        "SWARMBUS_EVENTS", subjects_filter=f"agent.action.decided.{session_id}.>"
+    )
+    assert sum((info.state.subjects or {}).values()) == 1
