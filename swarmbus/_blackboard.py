@@ -221,6 +221,16 @@ class BoardChange:
     operation: Literal["put", "delete", "purge"]
     value: Record | None
 
+    def to_dict(self) -> Json:
+        """The change as plain data (for JSON/YAML output)."""
+        return {
+            "revision": self.revision,
+            "kind": self.kind,
+            "id": getattr(self.value, "id", self.item_id),
+            "operation": self.operation,
+            "value": msgspec.to_builtins(self.value),
+        }
+
 
 @dataclass(frozen=True)
 class Snapshot:
