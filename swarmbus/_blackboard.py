@@ -64,6 +64,7 @@ from swarmbus._messages import (
     Message,
     SessionCompleted,
     SessionStarted,
+    envelope_for,
     new_id,
     now,
     validate_body,
@@ -583,7 +584,8 @@ class Blackboard:
             evidence=list(finding.evidence),
         )
         stored = await self._record_finding(record)
-        await self.bus.publish(finding, agent=agent, session=self.session, id=stored.id)
+        event = envelope_for(finding, agent=agent, session=self.session, id=stored.id)
+        await self.bus.publish_message(event)
         return stored
 
     async def _record_finding(self, record: FindingRecord) -> FindingRecord:
@@ -786,22 +788,29 @@ class Blackboard:
 
     async def snapshot(self) -> Snapshot:
         """The whole board of this session, read in one pass over the KV stream."""
+        msgs = await _read_last(self.bus, self._stream, self._subject)
         items: dict[str, dict[str, Any]] = {"finding": {}, "hypothesis": {}, "action": {}}
         single: dict[str, Any] = {}
-        revision = 0
-        for msg in await _read_last(self.bus, self._stream, self._subject):
-            change = self._change(msg)
-            if change is None:
+        start = len(self._subject) - 1
+        for msg in msgs:  # tight loop: a snapshot may hold tens of thousands of keys
+            if msg.headers and _operation(msg) != "put":
+                continue  # the key's last entry is a delete/purge marker: it is gone
+            kind, _, token = msg.subject[start:].partition(".")
+            decoder = _DECODERS.get(kind)
+            if decoder is None:
                 continue
-            revision = max(revision, change.revision)
-            table = items.get(change.kind)
+            try:
+                value = decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                continue  # not a board value (written by something else): skip it
+            table = items.get(kind)
             if table is None:
-                single[change.kind] = change.value
-            elif change.value is not None:
-                table[change.item_id or ""] = change.value
+                single[kind] = value
+            else:
+                table[token] = value
         return Snapshot(
             session_id=self.session,
-            revision=revision,
+            revision=msgs[-1].metadata.sequence.stream if msgs else 0,
             session=single.get("session"),
             context=single.get("context"),
             findings=tuple(items["finding"].values()),
@@ -983,13 +992,13 @@ class Blackboard:
         return subjects.safe_token(f"board:{self.session}:{what}:{item_id}")
 
     def _encode(self, key: str, record: Record) -> bytes:
-        data = _encoder.encode(record)
+        """Encode a value; inputs were validated where the record was built."""
+        try:
+            data = _encoder.encode(record)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise InvalidMessageError("schema", f"{key}: {exc}") from None
         if len(data) > self.max_value_bytes:
             raise ValueTooLargeError(key, len(data), self.max_value_bytes)
-        try:
-            _DECODERS[_kind_of(record)].decode(data)
-        except msgspec.ValidationError as exc:
-            raise InvalidMessageError("schema", f"{type(record).__name__}: {exc}") from None
         return data
 
     async def _create(self, key: str, record: Record) -> int:
@@ -1052,13 +1061,6 @@ class Blackboard:
                 continue
             return new
         raise ConflictError(key, None, f"still contended after {CAS_ATTEMPTS} attempts")
-
-
-def _kind_of(record: Record) -> str:
-    for kind, cls in _RECORD_TYPES.items():
-        if isinstance(record, cls):
-            return kind
-    raise TypeError(type(record).__name__)
 
 
 def _kv_error(exc: BaseException, what: str) -> SwarmbusError:
