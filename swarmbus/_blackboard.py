@@ -268,9 +268,9 @@ class Snapshot:
     def apply(self, change: BoardChange) -> Snapshot:
         """The snapshot after ``change`` (changes must be applied in revision order)."""
         items: dict[str, dict[str, Any]] = {
-            "finding": {f.id: f for f in self.findings},
-            "hypothesis": {h.id: h for h in self.hypotheses},
-            "action": {a.id: a for a in self.actions_taken},
+            "finding": {item_token(f.id): f for f in self.findings},
+            "hypothesis": {item_token(h.id): h for h in self.hypotheses},
+            "action": {item_token(a.id): a for a in self.actions_taken},
         }
         session, context = self.session, self.context
         value = change.value
@@ -283,7 +283,7 @@ class Snapshot:
             if value is None:
                 table.pop(change.item_id or "", None)
             else:
-                table[getattr(value, "id")] = value  # noqa: B009 - any item record
+                table[change.item_id or ""] = value
         return Snapshot(
             session_id=self.session_id,
             revision=max(self.revision, change.revision),
