@@ -41,7 +41,16 @@ Target = Annotated[
 ]
 Name = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN, max_length=MAX_ID_LENGTH)]
 Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+Timestamp = Annotated[
+    datetime,
+    msgspec.Meta(
+        tz=True,
+        description="RFC 3339 with a zone, UTC (Z) when swarmbus writes it",
+        extra_json_schema={
+            "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|z|[+-]\d\d:\d\d)$"
+        },
+    ),
+]
 MessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
 Json = dict[str, Any]
 
