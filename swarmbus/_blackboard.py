@@ -584,7 +584,20 @@ class Blackboard:
             evidence=list(finding.evidence),
         )
         stored = await self._record_finding(record)
-        event = envelope_for(finding, agent=agent, session=self.session, id=stored.id)
+        if stored is not record:  # already on the board: re-announce what the board holds
+            finding = Finding(
+                category=stored.category,  # type: ignore[arg-type]
+                content=stored.content,
+                confidence=stored.confidence,
+                evidence=stored.evidence,
+            )
+        event = envelope_for(
+            finding,
+            agent=stored.agent,
+            session=self.session,
+            id=stored.id,
+            timestamp=stored.timestamp,
+        )
         await self.bus.publish_message(event)
         return stored
 

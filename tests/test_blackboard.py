@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import anyio
+import anyio.streams.text
 import msgspec
 import nats
 import pytest
@@ -404,6 +405,36 @@ async def test_cli_board_prints_the_snapshot(
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["context"] == {"task": "t"}
     assert [f["content"] for f in printed["findings"]] == ["cli"]
+
+
+async def test_cli_board_watch_follows_changes(nats_url: str, board: Blackboard) -> None:
+    await board.start("ops/lead", {"task": "t"})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NATS_URL": nats_url}
+    argv = [sys.executable, "-m", "swarmbus._cli", "board", board.session, "--watch"]
+    process = await anyio.open_process([*argv, "--bucket", board.bucket], env=env)
+    assert process.stdout is not None
+    lines = anyio.streams.text.TextReceiveStream(process.stdout)
+    buffer = ""
+
+    async def next_line() -> dict[str, object]:
+        nonlocal buffer
+        while "\n" not in buffer:
+            buffer += await lines.receive()
+        line, buffer = buffer.split("\n", 1)
+        parsed: dict[str, object] = json.loads(line)
+        return parsed
+
+    try:
+        with anyio.fail_after(15):
+            snapshot = await next_line()
+            assert snapshot["context"] == {"task": "t"}
+            added = await board.append_finding(finding("live"), agent="ops/a")
+            change = await next_line()
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        await process.wait()
+    assert change["kind"] == "finding"
+    assert change["id"] == added.id
 
 
 # --- external publishers and retention ------------------------------------------------------
