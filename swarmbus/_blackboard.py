@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import re
@@ -69,6 +70,8 @@ from swarmbus._messages import (
     now,
     validate_body,
 )
+
+log = logging.getLogger("swarmbus.blackboard")
 
 DEFAULT_BUCKET: Final = "SWARMBUS_BOARD"
 DEFAULT_HISTORY: Final = 10
@@ -887,8 +890,7 @@ class Blackboard:
     @staticmethod
     async def sessions(bus: Bus, *, bucket: str = DEFAULT_BUCKET) -> list[SessionRecord]:
         """Every session on the board (active and completed), oldest first."""
-        kv = await _open_bucket(bus, bucket, DEFAULT_HISTORY)
-        del kv
+        await _open_bucket(bus, bucket, DEFAULT_HISTORY)  # the stream must exist to read it
         found: list[SessionRecord] = []
         stream, subject = f"{_KV_STREAM_PREFIX}{bucket}", f"{_KV_SUBJECT_PREFIX}.{bucket}.*.session"
         for msg in await _read_last(bus, stream, subject):
@@ -941,18 +943,12 @@ class Blackboard:
         the durable) per deployment. With ``retention``, it also runs
         ``purge_completed`` every ``retention_interval`` seconds.
         """
-        boards: dict[str, Blackboard] = {}
         kv = await _open_bucket(bus, bucket, DEFAULT_HISTORY)
 
         async def handle(message: Message) -> None:
             if not isinstance(message, FindingMessage):
                 return
-            session = message.source.session
-            board = boards.get(session)
-            if board is None:
-                board = boards[session] = Blackboard(
-                    bus, session, kv, bucket, DEFAULT_MAX_VALUE_BYTES
-                )
+            board = Blackboard(bus, message.source.session, kv, bucket, DEFAULT_MAX_VALUE_BYTES)
             f = message.finding
             await board._record_finding(
                 FindingRecord(
@@ -969,7 +965,10 @@ class Blackboard:
         async def retain(stop: anyio.Event) -> None:
             assert retention is not None
             while not stop.is_set():
-                await Blackboard.purge_completed(bus, retention, bucket=bucket)
+                try:
+                    await Blackboard.purge_completed(bus, retention, bucket=bucket)
+                except SwarmbusError as exc:  # retry next interval; keep recording
+                    log.warning("blackboard retention on %s failed: %s", bucket, exc)
                 with anyio.move_on_after(retention_interval):
                     await stop.wait()
 
