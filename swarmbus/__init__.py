@@ -1,6 +1,18 @@
 """swarmbus: many agents working on one problem, coordinated through NATS."""
 
 from swarmbus._agent import Agent, run
+from swarmbus._blackboard import (
+    ActionRecord,
+    Blackboard,
+    BoardChange,
+    ConfidenceUpdate,
+    ContextRecord,
+    FindingRecord,
+    HypothesisRecord,
+    SessionRecord,
+    Snapshot,
+    StatusChange,
+)
 from swarmbus._bus import Bus, connect
 from swarmbus._confidence import Opinion, Pooling, aggregate_confidence
 from swarmbus._config import Settings
@@ -27,6 +39,7 @@ from swarmbus._errors import (
     ServerStartError,
     ServerVersionError,
     SwarmbusError,
+    ValueTooLargeError,
 )
 from swarmbus._messages import (
     Action,
@@ -83,14 +96,19 @@ __all__ = [
     "ActionCompleted",
     "ActionCompletedMessage",
     "ActionMessage",
+    "ActionRecord",
     "Agent",
     "AlreadyVotedError",
     "Ballot",
+    "Blackboard",
+    "BoardChange",
     "Bus",
+    "ConfidenceUpdate",
     "ConflictError",
     "ConnectionError",
     "Consensus",
     "ConsensusService",
+    "ContextRecord",
     "Decision",
     "DecisionMessage",
     "DecisionTimeoutError",
@@ -100,10 +118,12 @@ __all__ = [
     "Evidence",
     "Finding",
     "FindingMessage",
+    "FindingRecord",
     "FindingReported",
     "FindingReportedMessage",
     "HypothesisProposed",
     "HypothesisProposedMessage",
+    "HypothesisRecord",
     "HypothesisValidated",
     "HypothesisValidatedMessage",
     "InvalidIdentifierError",
@@ -136,10 +156,13 @@ __all__ = [
     "ServerVersionError",
     "SessionCompleted",
     "SessionCompletedMessage",
+    "SessionRecord",
     "SessionStarted",
     "SessionStartedMessage",
     "Settings",
+    "Snapshot",
     "Source",
+    "StatusChange",
     "SwarmbusError",
     "Tally",
     "TaskAssigned",
@@ -150,9 +173,9 @@ __all__ = [
     "TaskCreatedMessage",
     "TaskFailed",
     "TaskFailedMessage",
+    "ValueTooLargeError",
     "Vote",
     "VoteMessage",
-    "__version__",
     "aggregate_confidence",
     "connect",
     "decode",
@@ -162,4 +185,5 @@ __all__ = [
     "tally_outcome",
     "validate_agent_id",
     "validate_session_id",
+    "__version__",
 ]
