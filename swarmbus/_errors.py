@@ -19,7 +19,10 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
     ├── NotFoundError (KeyError)
     ├── ConflictError
     ├── InvalidTransitionError (ValueError)
-    └── PermissionDeniedError (PermissionError)
+    ├── PermissionDeniedError (PermissionError)
+    ├── InvalidTTLError (ValueError)
+    ├── LockLostError
+    └── LockTimeoutError (TimeoutError)
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ __all__ = [
     "ConnectionError",
     "InvalidIdentifierError",
     "InvalidMessageError",
+    "InvalidTTLError",
     "InvalidTransitionError",
+    "LockLostError",
+    "LockTimeoutError",
     "MessageTooLargeError",
     "NoResponderError",
     "NotFoundError",
@@ -170,3 +176,37 @@ class InvalidTransitionError(SwarmbusError, ValueError):
 
 class PermissionDeniedError(SwarmbusError, PermissionError):
     """The server or a swarmbus rule refused an operation for this identity."""
+
+
+class InvalidTTLError(SwarmbusError, ValueError):
+    """A TTL that the server cannot apply (per-key TTLs are whole seconds, at least 1)."""
+
+    def __init__(self, ttl: object) -> None:
+        self.ttl = ttl
+        super().__init__(f"invalid TTL {ttl!r}: use a finite number of seconds > 0")
+
+
+class LockLostError(SwarmbusError):
+    """The lock is not (or no longer) held by this holder: released, expired or taken.
+
+    ``token`` is the fencing token of the lost lease (None if it was never acquired).
+    """
+
+    def __init__(self, resource: str, owner: str, token: int | None) -> None:
+        self.resource = resource
+        self.owner = owner
+        self.token = token
+        if token is None:
+            super().__init__(f"{owner} does not hold the lock on {resource!r}")
+        else:
+            super().__init__(f"{owner} lost the lock on {resource!r} (token {token})")
+
+
+class LockTimeoutError(SwarmbusError, TimeoutError):
+    """A lock was not acquired within the timeout."""
+
+    def __init__(self, resource: str, owner: str, timeout: float | None) -> None:
+        self.resource = resource
+        self.owner = owner
+        self.timeout = timeout
+        super().__init__(f"{owner} did not get the lock on {resource!r} within {timeout}s")
