@@ -18,7 +18,7 @@ import contextlib
 import math
 import re
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -28,6 +28,10 @@ import anyio
 import msgspec
 import nats.errors
 import nats.js.errors
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
@@ -120,17 +124,85 @@ def _nats_errors(what: str) -> Iterator[None]:
         raise _transport_error(exc, what) from exc
 
 
-_buckets: weakref.WeakKeyDictionary[Bus, dict[str, KeyValue]] = weakref.WeakKeyDictionary()
+class _Bucket:
+    """A locks bucket as one bus sees it: opened once, one watch for all local waiters.
+
+    The watch is an ordered consumer on the whole bucket with in-memory state that
+    delivers only new writes. It is created on the first wait and kept for the life of
+    the connection (a consumer per wait would cost a round trip, ~10 ms when
+    file-backed). Local waiters for a key queue in FIFO order and only the head is told
+    when the key is freed, so a release costs one compare-and-set per process instead
+    of one per waiter, and waiters in one process are served in arrival order.
+    """
+
+    def __init__(self, js: JetStreamContext, name: str) -> None:
+        self.js = js
+        self.name = name
+        self.kv: KeyValue | None = None
+        self._guard = anyio.Lock()
+        self._sub: JetStreamContext.PushSubscription | None = None
+        self._queues: dict[str, list[MemoryObjectSendStream[int | None]]] = {}
+
+    def queued(self, key: str) -> bool:
+        """Whether local waiters are queued for ``key`` (a newcomer goes behind them)."""
+        return bool(self._queues.get(key))
+
+    @contextlib.asynccontextmanager
+    async def waiting(self, key: str) -> AsyncIterator[MemoryObjectReceiveStream[int | None]]:
+        """Queue for ``key``; at the head, receive what to try next.
+
+        An int is the revision of a write that freed the key (compare-and-set on it);
+        None means "read the key": the state before this waiter became head is unknown.
+        Leaving without the lock passes a None to the next waiter.
+        """
+        async with self._guard:
+            if self._sub is None:
+                with _nats_errors(f"cannot watch bucket {self.name}"):
+                    self._sub = await self.js.subscribe(
+                        subjects.kv_subject(self.name, ">"),
+                        stream=f"KV_{self.name}",
+                        cb=self._on_msg,
+                        ordered_consumer=True,
+                        deliver_policy=DeliverPolicy.NEW,
+                        inactive_threshold=WATCH_INACTIVE_THRESHOLD,
+                        config=ConsumerConfig(mem_storage=True),
+                    )
+        send, receive = anyio.create_memory_object_stream[int | None](math.inf)
+        queue = self._queues.setdefault(key, [])
+        queue.append(send)
+        if len(queue) == 1:
+            send.send_nowait(None)
+        acquired = False
+        try:
+            with receive:
+                yield receive
+            acquired = True
+        finally:
+            head = queue[0] is send
+            queue.remove(send)
+            send.close()
+            if not queue:
+                del self._queues[key]
+            elif head and not acquired:
+                queue[0].send_nowait(None)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        queue = self._queues.get(msg.subject.removeprefix(subjects.kv_subject(self.name, "")))
+        if queue and _is_tombstone(msg.headers):
+            queue[0].send_nowait(msg.metadata.sequence.stream)
 
 
-async def _bucket(bus: Bus, bucket: str) -> KeyValue:
+_buckets: weakref.WeakKeyDictionary[Bus, dict[str, _Bucket]] = weakref.WeakKeyDictionary()
+
+
+async def _bucket(bus: Bus, name: str) -> _Bucket:
     """The locks bucket, created once per bus with expiry markers enabled."""
-    opened = _buckets.setdefault(bus, {})
-    if bucket not in opened:
-        opened[bucket] = await bus.key_value(
-            bucket, history=1, limit_marker_ttl=MARKER_TTL, description="swarmbus locks"
+    bucket = _buckets.setdefault(bus, {}).setdefault(name, _Bucket(bus.js, name))
+    if bucket.kv is None:
+        bucket.kv = await bus.key_value(
+            name, history=1, limit_marker_ttl=MARKER_TTL, description="swarmbus locks"
         )
-    return opened[bucket]
+    return bucket
 
 
 def _is_tombstone(headers: Mapping[str, str] | None) -> bool:
@@ -244,7 +316,10 @@ class Lock:
         if self._lease is not None:
             raise InvalidTransitionError("lock", self.resource, "held", "acquired")
         seconds = self.ttl if ttl is None else whole_seconds(ttl)
-        lease = await self._attempt(seconds)
+        bucket = await _bucket(self.bus, self.bucket)
+        lease = None
+        if not bucket.queued(self._key):  # else: behind the local waiters
+            lease = await self._attempt(seconds, self._released_at)
         if lease is not None or timeout == 0:
             return lease
         with anyio.move_on_after(timeout):
@@ -336,9 +411,11 @@ class Lock:
         self._lease = Lease(self.resource, self.owner, self._revision, ttl)
         return self._lease
 
-    async def _attempt(self, ttl: int) -> Lease | None:
-        """Try without waiting: None only after seeing a live lock on the key."""
-        expected = self._released_at
+    async def _attempt(self, ttl: int, expected: int | None = None) -> Lease | None:
+        """Try without waiting: None only after seeing a live lock on the key.
+
+        ``expected`` is a revision believed to be a tombstone (else the key is read first).
+        """
         while True:
             if expected is None:
                 last = await self._last()
@@ -363,33 +440,20 @@ class Lock:
         return msg.seq or 0, _is_tombstone(msg.headers)
 
     async def _wait(self, ttl: int) -> Lease:
-        """Wait on a KV watch of the key; try each time it is released or expires."""
-        kv = await _bucket(self.bus, self.bucket)
-        with _nats_errors(f"cannot watch lock on {self.resource!r}"):
-            watcher = await kv.watch(self._key, inactive_threshold=WATCH_INACTIVE_THRESHOLD)
-        try:
-            seen = False
+        """Wait in this process's queue for the key; try each time it is freed."""
+        bucket = await _bucket(self.bus, self.bucket)
+        async with bucket.waiting(self._key) as updates:
             while True:
-                with _nats_errors(f"cannot watch lock on {self.resource!r}"):
-                    entry = await watcher.__anext__()  # type: ignore[no-untyped-call]
-                if entry is None:  # caught up with the stream
-                    if seen:
-                        continue
-                    expected = 0
+                revision = await updates.receive()
+                if revision is None:
+                    lease = await self._attempt(ttl)
                 else:
-                    seen = True
-                    if entry.operation is None:  # a live lock
-                        continue
-                    expected = entry.revision
-                try:
-                    return await self._create(ttl, expected)
-                except _Conflict as conflict:
-                    if conflict.actual:  # someone else won: the watch will show it
-                        continue
-                # The key emptied in between (no watch event announces that): re-read.
-                lease = await self._attempt(ttl)
+                    try:
+                        return await self._create(ttl, revision)
+                    except _Conflict as conflict:
+                        if conflict.actual:  # someone else won: wait for their release
+                            continue
+                        # The key emptied in between (no watch event says so): read it.
+                        lease = await self._attempt(ttl)
                 if lease is not None:
                     return lease
-        finally:
-            with anyio.CancelScope(shield=True):
-                await watcher.stop()  # type: ignore[no-untyped-call]
