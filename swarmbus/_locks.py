@@ -148,12 +148,15 @@ class _Bucket:
         return bool(self._queues.get(key))
 
     @contextlib.asynccontextmanager
-    async def waiting(self, key: str) -> AsyncIterator[MemoryObjectReceiveStream[int | None]]:
+    async def waiting(
+        self, key: str, hint: int | None
+    ) -> AsyncIterator[MemoryObjectReceiveStream[int | None]]:
         """Queue for ``key``; at the head, receive what to try next.
 
         An int is the revision of a write that freed the key (compare-and-set on it);
         None means "read the key": the state before this waiter became head is unknown.
-        Leaving without the lock passes a None to the next waiter.
+        A waiter that finds the queue empty starts with ``hint`` (a revision it knows
+        freed the key, or None). Leaving without the lock passes a None to the next one.
         """
         async with self._guard:
             if self._sub is None:
@@ -171,7 +174,7 @@ class _Bucket:
         queue = self._queues.setdefault(key, [])
         queue.append(send)
         if len(queue) == 1:
-            send.send_nowait(None)
+            send.send_nowait(hint)
         acquired = False
         try:
             with receive:
@@ -317,13 +320,12 @@ class Lock:
             raise InvalidTransitionError("lock", self.resource, "held", "acquired")
         seconds = self.ttl if ttl is None else whole_seconds(ttl)
         bucket = await _bucket(self.bus, self.bucket)
-        lease = None
-        if not bucket.queued(self._key):  # else: behind the local waiters
-            lease = await self._attempt(seconds, self._released_at)
-        if lease is not None or timeout == 0:
-            return lease
+        if timeout == 0:
+            if bucket.queued(self._key):  # local waiters are first in line
+                return None
+            return await self._attempt(seconds, self._released_at)
         with anyio.move_on_after(timeout):
-            return await self._wait(seconds)
+            return await self._wait(bucket, seconds)
         return None
 
     async def refresh(self, *, ttl: float | None = None) -> Lease:
@@ -412,10 +414,12 @@ class Lock:
         return self._lease
 
     async def _attempt(self, ttl: int, expected: int | None = None) -> Lease | None:
-        """Try without waiting: None only after seeing a live lock on the key.
+        """One try without waiting; None if the key is held or another writer won.
 
-        ``expected`` is a revision believed to be a tombstone (else the key is read first).
+        ``expected`` is a revision believed to free the key (else the key is read). A
+        waiter does not need more: every later write reaches it through the watch.
         """
+        read = expected is None
         while True:
             if expected is None:
                 last = await self._last()
@@ -425,8 +429,12 @@ class Lock:
             try:
                 return await self._create(ttl, expected)
             except _Conflict as conflict:
-                # 0: the key emptied (its marker's TTL ran out); else read it again.
-                expected = 0 if conflict.actual == 0 else None
+                if conflict.actual == 0:  # the key emptied: no watch event says so
+                    expected = 0
+                elif read and conflict.actual is not None:
+                    return None  # written after our read: someone else was faster
+                else:
+                    expected, read = None, True
 
     async def _last(self) -> tuple[int, bool] | None:
         """(revision, is a tombstone) of the key's last entry, from the stream leader."""
@@ -439,10 +447,9 @@ class Lock:
                 return None
         return msg.seq or 0, _is_tombstone(msg.headers)
 
-    async def _wait(self, ttl: int) -> Lease:
-        """Wait in this process's queue for the key; try each time it is freed."""
-        bucket = await _bucket(self.bus, self.bucket)
-        async with bucket.waiting(self._key) as updates:
+    async def _wait(self, bucket: _Bucket, ttl: int) -> Lease:
+        """Queue behind this connection's waiters for the key; try each time it is freed."""
+        async with bucket.waiting(self._key, self._released_at) as updates:
             while True:
                 revision = await updates.receive()
                 if revision is None:
@@ -453,7 +460,6 @@ class Lock:
                     except _Conflict as conflict:
                         if conflict.actual:  # someone else won: wait for their release
                             continue
-                        # The key emptied in between (no watch event says so): read it.
-                        lease = await self._attempt(ttl)
+                        lease = await self._attempt(ttl, conflict.actual)
                 if lease is not None:
                     return lease
