@@ -11,16 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from swarmbus import Bus, Lock, NatsServer  # noqa: E402
+from swarmbus import Bus, Lock, NatsServer
 
 RESOURCE = "file:/src/main.py"
 TTL = 30
@@ -78,6 +74,7 @@ async def run(args: argparse.Namespace) -> None:
                 for _ in range(args.contenders)
             ]
             bus = buses[0]
+            version = bus.server_version
             rows = []
 
             kv = await bus.key_value("RAW", history=1, limit_marker_ttl=60)
@@ -119,7 +116,7 @@ async def run(args: argparse.Namespace) -> None:
                     )
                 )
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-    print(f"nats-server {server.version if hasattr(server, 'version') else ''}, loop: {loop}")
+    print(f"nats-server {version}, event loop: {loop}")
     print("| benchmark | rate | p50 | p99 |")
     print("| --- | --- | --- | --- |")
     print("\n".join(rows))
