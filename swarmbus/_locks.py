@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -32,7 +31,6 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus, _translate, _transport_error
@@ -135,10 +133,9 @@ class _Bucket:
     of one per waiter, and waiters in one process are served in arrival order.
     """
 
-    def __init__(self, js: JetStreamContext, name: str) -> None:
-        self.js = js
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.kv: KeyValue | None = None
+        self.provisioned = False
         self._guard = anyio.Lock()
         self._sub: JetStreamContext.PushSubscription | None = None
         self._queues: dict[str, list[MemoryObjectSendStream[int | None]]] = {}
@@ -149,7 +146,7 @@ class _Bucket:
 
     @contextlib.asynccontextmanager
     async def waiting(
-        self, key: str, hint: int | None
+        self, js: JetStreamContext, key: str, hint: int | None
     ) -> AsyncIterator[MemoryObjectReceiveStream[int | None]]:
         """Queue for ``key``; at the head, receive what to try next.
 
@@ -161,7 +158,7 @@ class _Bucket:
         async with self._guard:
             if self._sub is None:
                 with _nats_errors(f"cannot watch bucket {self.name}"):
-                    self._sub = await self.js.subscribe(
+                    self._sub = await js.subscribe(
                         subjects.kv_subject(self.name, ">"),
                         stream=f"KV_{self.name}",
                         cb=self._on_msg,
@@ -195,16 +192,23 @@ class _Bucket:
             queue[0].send_nowait(msg.metadata.sequence.stream)
 
 
-_buckets: weakref.WeakKeyDictionary[Bus, dict[str, _Bucket]] = weakref.WeakKeyDictionary()
+# Per connection; entries of closed connections are dropped when a new one comes.
+_buckets: dict[Bus, dict[str, _Bucket]] = {}
 
 
 async def _bucket(bus: Bus, name: str) -> _Bucket:
     """The locks bucket, created once per bus with expiry markers enabled."""
-    bucket = _buckets.setdefault(bus, {}).setdefault(name, _Bucket(bus.js, name))
-    if bucket.kv is None:
-        bucket.kv = await bus.key_value(
+    buckets = _buckets.get(bus)
+    if buckets is None:
+        for closed in [b for b in _buckets if b.nc.is_closed]:
+            del _buckets[closed]
+        buckets = _buckets[bus] = {}
+    bucket = buckets.setdefault(name, _Bucket(name))
+    if not bucket.provisioned:
+        await bus.key_value(
             name, history=1, limit_marker_ttl=MARKER_TTL, description="swarmbus locks"
         )
+        bucket.provisioned = True
     return bucket
 
 
@@ -449,7 +453,7 @@ class Lock:
 
     async def _wait(self, bucket: _Bucket, ttl: int) -> Lease:
         """Queue behind this connection's waiters for the key; try each time it is freed."""
-        async with bucket.waiting(self._key, self._released_at) as updates:
+        async with bucket.waiting(self.bus.js, self._key, self._released_at) as updates:
             while True:
                 revision = await updates.receive()
                 if revision is None:

@@ -38,9 +38,8 @@ def bucket(unique: str) -> str:
 
 
 async def _kv(bus: Bus, bucket: str) -> KeyValue:
-    kv = (await _bucket(bus, bucket)).kv
-    assert kv is not None
-    return kv
+    await _bucket(bus, bucket)  # creates it the way Lock does
+    return await bus.js.key_value(bucket)
 
 
 async def _stored_headers(bus: Bus, bucket: str, key: str) -> dict[str, str]:
