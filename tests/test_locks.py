@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
+import signal
+import sys
+import textwrap
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
 import nats.js.errors
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 from nats.js.kv import KeyValue
 
 from swarmbus import (
@@ -30,6 +37,7 @@ from swarmbus._locks import MARKER_REASON, TTL_HEADER, _bucket, whole_seconds
 from swarmbus._subjects import MAX_RESOURCE_BYTES, kv_subject, lock_key, resource_of_lock_key
 
 RESOURCE = "file:/src/main.py"
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 @pytest.fixture
@@ -277,6 +285,43 @@ async def test_context_exit_reports_a_lost_lock(bus: Bus, bucket: str) -> None:
     with pytest.raises(LockLostError):
         async with Lock(bus, RESOURCE, "ops/slow", ttl=1, bucket=bucket) as lease:
             await _wait_for_expiry(kv, lock_key(RESOURCE), lease.token)
+
+
+_HOLDER_SCRIPT = textwrap.dedent(
+    """
+    import sys, anyio
+    from swarmbus import Bus, Lock
+
+    async def main(url, bucket, resource):
+        async with Bus.open(url=url) as bus:
+            lease = await Lock(bus, resource, "ops/doomed", bucket=bucket).acquire(ttl=1)
+            print(lease.token, flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main, *sys.argv[1:])
+    """
+)
+
+
+@pytest.mark.fault
+async def test_a_killed_holders_lock_expires(bus: Bus, bucket: str, nats_url: str) -> None:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    cmd = [sys.executable, "-c", _HOLDER_SCRIPT, nats_url, bucket, RESOURCE]
+    async with await anyio.open_process(cmd, env=env, stderr=None) as proc:
+        try:
+            assert proc.stdout is not None
+            with anyio.fail_after(20):
+                line = await BufferedByteReceiveStream(proc.stdout).receive_until(b"\n", 100)
+            token = int(line)
+            waiter = Lock(bus, RESOURCE, "ops/survivor", bucket=bucket)
+            assert await waiter.acquire() is None
+            os.kill(proc.pid, signal.SIGKILL)
+            lease = await waiter.acquire(timeout=15)
+            assert lease is not None
+            assert lease.token > token
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
 
 
 # --- safety ------------------------------------------------------------------------
