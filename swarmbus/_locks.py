@@ -313,11 +313,13 @@ class Lock:
     async def acquire(
         self, *, timeout: float | None = 0.0, ttl: float | None = None
     ) -> Lease | None:
-        """Take the lock; returns the lease, or None if someone else holds it.
+        """Take the lock; returns the lease, or None if it was not acquired.
 
         Args:
-            timeout: 0 tries once; otherwise waits up to ``timeout`` seconds (None:
-                forever) for the holder's release or expiry, woken by a KV watch.
+            timeout: 0 tries once: None if the lock is held, another writer just won
+                it, or waiters on this connection are queued for it. Otherwise waits
+                up to ``timeout`` seconds (None: forever) for a release or expiry,
+                woken by a KV watch; waiters on one connection are served in order.
             ttl: lease length in seconds (rounded up to whole seconds); default ``self.ttl``.
         """
         if self._lease is not None:
