@@ -15,6 +15,7 @@ from a holder whose lease has already passed to someone else.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -35,12 +36,15 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus, _translate, _transport_error
 from swarmbus._errors import (
+    InvalidIdentifierError,
     InvalidMessageError,
     InvalidTransitionError,
     InvalidTTLError,
     LockLostError,
     LockTimeoutError,
 )
+
+log = logging.getLogger("swarmbus.locks")
 
 LOCKS_BUCKET: Final = "SWARMBUS_LOCKS"
 DEFAULT_TTL: Final = 30
@@ -262,7 +266,10 @@ async def held_locks(bus: Bus, *, bucket: str = LOCKS_BUCKET) -> list[Holder]:
             async for entry in watcher:
                 if entry is None:
                     break
-                holders.append(_holder(entry.key, entry.value, entry.revision, entry.created))
+                try:
+                    holders.append(_holder(entry.key, entry.value, entry.revision, entry.created))
+                except (InvalidIdentifierError, InvalidMessageError) as exc:
+                    log.warning("skipping %s in %s: %s", entry.key, bucket, exc)
         finally:
             with anyio.CancelScope(shield=True):
                 await watcher.stop()  # type: ignore[no-untyped-call]

@@ -155,11 +155,15 @@ def lock_key(resource: object) -> str:
 
 
 def resource_of_lock_key(key: str) -> str:
-    """Invert ``lock_key``."""
+    """Invert ``lock_key`` (strictly: only keys that ``lock_key`` produces)."""
     try:
-        return base64.urlsafe_b64decode(key + "=" * (-len(key) % 4)).decode()
+        data = base64.b64decode(key + "=" * (-len(key) % 4), altchars=b"-_", validate=True)
+        resource = data.decode()
     except (binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidIdentifierError("lock key", key, "not a base64url UTF-8 string") from exc
+    if lock_key(resource) != key:
+        raise InvalidIdentifierError("lock key", key, "not a canonical lock key")
+    return resource
 
 
 def kv_subject(bucket: str, key: str) -> str:

@@ -85,6 +85,12 @@ def test_lock_key_is_injective_where_safe_token_like_mappings_collide() -> None:
     assert len({lock_key(n) for n in names}) == len(names)
 
 
+@pytest.mark.parametrize("key", ["not-a.lock", "a+b", "YQ==", "YR", "_w"])
+def test_only_canonical_lock_keys_map_back(key: str) -> None:
+    with pytest.raises(InvalidIdentifierError):
+        resource_of_lock_key(key)
+
+
 @pytest.mark.parametrize("bad", ["", "x" * (MAX_RESOURCE_BYTES + 1), "\ud800", None, 42])
 def test_lock_key_refuses_bad_resources(bad: object) -> None:
     with pytest.raises(InvalidIdentifierError):
@@ -142,6 +148,7 @@ async def test_acquire_release_and_holder_lookup(bus: Bus, bucket: str) -> None:
 async def test_locks_on_different_resources_are_independent(bus: Bus, bucket: str) -> None:
     a = await Lock(bus, "a.b", "ops/a", bucket=bucket).acquire()
     b = await Lock(bus, "a_b", "ops/b", bucket=bucket).acquire()
+    await (await _kv(bus, bucket)).put("not-a.lock", b"junk")  # skipped by the listing
     assert a is not None
     assert b is not None
     assert [h.resource for h in await held_locks(bus, bucket=bucket)] == ["a.b", "a_b"]
