@@ -123,13 +123,14 @@ class Bus:
                 bus_ref[0].reconnected.set()
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats: %s", exc)
+            log.log(logging.DEBUG if isinstance(exc, OSError) else logging.WARNING, "nats: %s", exc)
 
         options: dict[str, Any] = {
             "servers": settings.servers,
             "name": settings.name,
             "connect_timeout": settings.connect_timeout,
-            "max_reconnect_attempts": -1,
+            # Fail fast on the first connect; reconnect forever once connected.
+            "max_reconnect_attempts": 2,
             "reconnect_time_wait": 0.5,
             "reconnected_cb": on_reconnect,
             "error_cb": on_error,
@@ -152,6 +153,7 @@ class Bus:
             nc = await nats.connect(**{k: v for k, v in options.items() if v is not None})
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot connect to {settings.url}: {exc}") from exc
+        nc.options["max_reconnect_attempts"] = -1
         bus = cls(nc, settings)
         bus_ref.append(bus)
         try:
@@ -229,7 +231,6 @@ class Bus:
                 storage=self._storage(),
                 num_replicas=self.settings.replicas,
                 max_age=self.settings.event_max_age,
-                max_msg_size=self.settings.max_message_bytes * 2,
                 duplicate_window=120.0,
                 discard=DiscardPolicy.OLD,
             )
@@ -509,19 +510,26 @@ class Bus:
         try:
             async with anyio.create_task_group() as tg:
                 while not stop.is_set():
-                    free = max(limiter.value, 1)
+                    # Hold a slot before fetching: never take messages we cannot start.
+                    await limiter.acquire()
                     try:
-                        batch = await psub.fetch(min(free, 256), timeout=0.5)
+                        batch = await psub.fetch(min(1 + limiter.value, 256), timeout=0.5)
                     except (TimeoutError, nats.errors.TimeoutError):
+                        limiter.release()
                         continue
                     except nats.errors.Error as exc:
+                        limiter.release()
                         if stop.is_set():
                             break
                         log.warning("consumer %s: %s; retrying", durable, exc)
                         await _wait_reconnect(self, stop)
                         continue
-                    for msg in batch:
-                        await limiter.acquire()
+                    if not batch:
+                        limiter.release()
+                        continue
+                    for i, msg in enumerate(batch):
+                        if i:
+                            await limiter.acquire()
                         tg.start_soon(self._handle_durable, handler, msg, receiver, limiter)
         finally:
             with contextlib.suppress(nats.errors.Error):

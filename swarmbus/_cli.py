@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -54,6 +55,52 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return anyio.run(run_demo, args.data_dir)
 
 
+def _cmd_board(args: argparse.Namespace) -> int:
+    from swarmbus._blackboard import Blackboard
+    from swarmbus._bus import Bus
+    from swarmbus._config import Settings
+
+    def show(data: object, *, document: bool) -> None:
+        if args.format == "yaml":
+            import yaml
+
+            text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+            print(f"---\n{text}" if document else text, end="", flush=True)
+        else:
+            print(json.dumps(data, indent=None if document else 2), flush=True)
+
+    async def run() -> int:
+        async with Bus.open(Settings.from_env()) as bus:
+            board = await Blackboard.open(bus, args.session, bucket=args.bucket)
+            if not args.watch:
+                show((await board.snapshot()).to_dict(), document=False)
+                return 0
+            async for item in board.watch():
+                show(item.to_dict(), document=True)
+        return 0
+
+    return anyio.run(run)
+
+
+def _cmd_consensus(args: argparse.Namespace) -> int:
+    from swarmbus._bus import Bus
+    from swarmbus._consensus import ConsensusService
+
+    async def serve() -> int:
+        async with (
+            Bus.open() as bus,
+            ConsensusService(bus, bucket=args.bucket, session=args.session, agent=args.agent),
+        ):
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                print(f"consensus service ready (bucket {args.bucket}, session {args.session})")
+                sys.stdout.flush()
+                async for _ in signals:
+                    return 0
+        return 0
+
+    return anyio.run(serve, backend_options={"use_uvloop": args.uvloop})
+
+
 def _cmd_locks(args: argparse.Namespace) -> int:
     from swarmbus._bus import Bus
     from swarmbus._locks import held_locks
@@ -89,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the incident demo on an embedded server")
     p.add_argument("--data-dir", default=None, help="JetStream store (default: a temp dir)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("board", help="print a session's blackboard (NATS_URL); --watch follows it")
+    p.add_argument("session", help="session id, e.g. INC-1234")
+    p.add_argument("--watch", action="store_true", help="then print every change as it happens")
+    p.add_argument("--format", choices=("json", "yaml"), default="json")
+    p.add_argument("--bucket", default="SWARMBUS_BOARD", help="KV bucket of the blackboard")
+    p.set_defaults(func=_cmd_board)
+
+    p = sub.add_parser("consensus", help="run the consensus service against NATS_URL")
+    p.add_argument("--bucket", default="SWARMBUS_CONSENSUS", help="proposals KV bucket")
+    p.add_argument("--session", default="*", help="ingest events of one session (* = all)")
+    p.add_argument("--agent", default="swarmbus/consensus", help="agent id decisions come from")
+    p.add_argument("--uvloop", action="store_true", help="run on uvloop (swarmbus[uvloop])")
+    p.set_defaults(func=_cmd_consensus)
 
     p = sub.add_parser("locks", help="list held locks (server from NATS_URL)")
     p.add_argument("--bucket", default="SWARMBUS_LOCKS", help="locks bucket (default: %(default)s)")

@@ -7,6 +7,7 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
     ├── InvalidIdentifierError (ValueError)
     ├── InvalidMessageError (ValueError)
     ├── MessageTooLargeError (InvalidMessageError)
+    │   └── ValueTooLargeError
     ├── ServerError
     │   ├── ServerBinaryNotFoundError (FileNotFoundError)
     │   ├── ServerStartError
@@ -18,8 +19,12 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
     ├── RemoteError
     ├── NotFoundError (KeyError)
     ├── ConflictError
+    │   └── AlreadyVotedError
     ├── InvalidTransitionError (ValueError)
     ├── PermissionDeniedError (PermissionError)
+    │   └── NotEligibleError
+    ├── ProposalClosedError
+    ├── DecisionTimeoutError (TimeoutError)
     ├── InvalidTTLError (ValueError)
     ├── LockLostError
     └── LockTimeoutError (TimeoutError)
@@ -28,8 +33,10 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyVotedError",
     "ConflictError",
     "ConnectionError",
+    "DecisionTimeoutError",
     "InvalidIdentifierError",
     "InvalidMessageError",
     "InvalidTTLError",
@@ -38,8 +45,10 @@ __all__ = [
     "LockTimeoutError",
     "MessageTooLargeError",
     "NoResponderError",
+    "NotEligibleError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ProposalClosedError",
     "PublishError",
     "RemoteError",
     "RequestTimeoutError",
@@ -48,6 +57,7 @@ __all__ = [
     "ServerStartError",
     "ServerVersionError",
     "SwarmbusError",
+    "ValueTooLargeError",
 ]
 
 import builtins
@@ -87,6 +97,16 @@ class MessageTooLargeError(InvalidMessageError):
         self.size = size
         self.limit = limit
         super().__init__("too_large", f"message is {size} bytes, limit is {limit}")
+
+
+class ValueTooLargeError(MessageTooLargeError):
+    """A value to store (e.g. a blackboard entry) exceeds its size limit."""
+
+    def __init__(self, key: str, size: int, limit: int) -> None:
+        super().__init__(size, limit)
+        self.key = key
+        self.reason = f"value for {key!r} is {size} bytes, limit is {limit}"
+        self.args = (f"too_large: {self.reason}",)
 
 
 class ServerError(SwarmbusError):
@@ -176,6 +196,43 @@ class InvalidTransitionError(SwarmbusError, ValueError):
 
 class PermissionDeniedError(SwarmbusError, PermissionError):
     """The server or a swarmbus rule refused an operation for this identity."""
+
+
+class AlreadyVotedError(ConflictError):
+    """An agent voted a second time on a proposal (votes are final)."""
+
+    def __init__(self, proposal_id: str, agent: str) -> None:
+        self.proposal_id = proposal_id
+        self.agent = agent
+        super().__init__(proposal_id, None, f"{agent} already voted; votes are final")
+
+
+class NotEligibleError(PermissionDeniedError):
+    """An agent outside a proposal's electorate tried to vote."""
+
+    def __init__(self, proposal_id: str, agent: str) -> None:
+        self.proposal_id = proposal_id
+        self.agent = agent
+        super().__init__(f"{agent} may not vote on proposal {proposal_id!r}")
+
+
+class ProposalClosedError(SwarmbusError):
+    """A vote arrived after the proposal was decided or its timeout passed."""
+
+    def __init__(self, proposal_id: str, outcome: str | None) -> None:
+        self.proposal_id = proposal_id
+        self.outcome = outcome
+        state = f"decided ({outcome})" if outcome else "past its timeout"
+        super().__init__(f"proposal {proposal_id!r} is closed: {state}")
+
+
+class DecisionTimeoutError(SwarmbusError, TimeoutError):
+    """No decision on a proposal arrived within the wait's timeout."""
+
+    def __init__(self, proposal_id: str, timeout: float) -> None:
+        self.proposal_id = proposal_id
+        self.timeout = timeout
+        super().__init__(f"no decision on proposal {proposal_id!r} within {timeout:g}s")
 
 
 class InvalidTTLError(SwarmbusError, ValueError):

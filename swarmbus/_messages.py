@@ -41,7 +41,16 @@ Target = Annotated[
 ]
 Name = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN, max_length=MAX_ID_LENGTH)]
 Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+Timestamp = Annotated[
+    datetime,
+    msgspec.Meta(
+        tz=True,
+        description="RFC 3339 with a zone, UTC (Z) when swarmbus writes it",
+        extra_json_schema={
+            "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|z|[+-]\d\d:\d\d)$"
+        },
+    ),
+]
 MessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
 Json = dict[str, Any]
 
@@ -189,8 +198,24 @@ class Vote(_Body, frozen=True):
     reason: str = ""
 
 
+class Ballot(_Body, frozen=True):
+    """A recorded vote inside a decision: who voted what, when, in which envelope."""
+
+    voter: AgentId
+    vote: Literal["yes", "no", "abstain"]
+    confidence: Confidence | None = None
+    reason: str = ""
+    cast_at: Timestamp | None = None
+    message_id: MessageId | None = None
+
+
 class Decision(_Body, frozen=True):
-    """The outcome of a proposal (the seed's ``result``)."""
+    """The outcome of a proposal (the seed's ``result``).
+
+    ``decision`` is the proposal's action when approved, else the outcome. The
+    fields after ``abstentions`` make the tally reproducible: the electorate size
+    and every vote counted.
+    """
 
     proposal_id: MessageId
     decision: str
@@ -198,6 +223,10 @@ class Decision(_Body, frozen=True):
     votes_for: int
     votes_against: int
     abstentions: int
+    eligible: int = 0
+    closed_by: Literal["early", "timeout"] = "early"
+    decided_at: Timestamp | None = None
+    votes: list[Ballot] = []
 
 
 class ErrorOccurred(_Body, frozen=True):

@@ -1,4 +1,4 @@
-"""Fixtures: a real nats-server per session (per xdist worker), fresh clusters for fault tests."""
+"""Fixtures: a real nats-server per session (per xdist worker), fresh clusters for faults."""
 
 from __future__ import annotations
 

@@ -1,0 +1,413 @@
+"""Bus and agent runtime on a real nats-server: typed delivery, bad input, requests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+import swarmbus
+from swarmbus import Agent, Bus, Finding, FindingMessage, RequestMessage
+from swarmbus._bus import CODE_HEADER, DEAD_LETTER_STREAM, ORIGINAL_SUBJECT_HEADER
+
+WAIT = 10
+
+
+@pytest.fixture
+async def raw(nats_url: str) -> AsyncIterator[NatsClient]:
+    """A plain nats-py client, as an external service in any language would use."""
+    nc = await nats.connect(nats_url)
+    yield nc
+    await nc.close()
+
+
+def finding_json(session: str, agent: str, **overrides: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "id": f"ext-{session}-{overrides.pop('n', 0)}",
+        "timestamp": "2025-01-02T10:30:00Z",
+        "source": {"agent": agent, "session": session},
+        "type": "finding",
+        "finding": {
+            "category": "observation",
+            "content": "deployment v1.2.3 at 10:15 UTC",
+            "confidence": 0.8,
+            "evidence": [{"source": "prometheus", "query": "rate(errors[5m])", "result": "0.05"}],
+        },
+    }
+    message.update(overrides)
+    return message
+
+
+async def collect(
+    nc: NatsClient, subject: str
+) -> tuple[anyio.abc.ObjectReceiveStream[Msg], Callable[[], Awaitable[None]]]:
+    send, receive = anyio.create_memory_object_stream[Msg](100)
+
+    async def cb(msg: Msg) -> None:
+        await send.send(msg)
+
+    sub = await nc.subscribe(subject, cb=cb)
+    await nc.flush()
+    return receive, sub.unsubscribe
+
+
+async def test_external_publisher_finding_reaches_typed_handler(
+    bus: Bus, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    received: list[FindingMessage] = []
+    got = anyio.Event()
+    agent = Agent(f"test/reader-{unique}")
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        received.append(message)
+        got.set()
+
+    async with agent.serve(bus):
+        # An external service: plain JSON on the contract subject, JetStream publish.
+        js = raw.jetstream()
+        await js.publish(
+            f"agent.finding.reported.{session_id}.ext/publisher",
+            json.dumps(finding_json(session_id, "ext/publisher")).encode(),
+        )
+        with anyio.fail_after(WAIT):
+            await got.wait()
+    assert len(received) == 1
+    assert isinstance(received[0].finding, Finding)
+    assert received[0].finding.evidence[0].source == "prometheus"
+    assert received[0].source.agent == "ext/publisher"
+
+
+BAD_INPUTS: dict[str, tuple[Callable[[str], tuple[str, bytes]], str]] = {
+    "not json": (lambda s: (f"agent.finding.reported.{s}.ext/x", b"\xff not json"), "not_json"),
+    "not an envelope": (
+        lambda s: (f"agent.finding.reported.{s}.ext/x", b'{"hello": "world"}'),
+        "not_envelope",
+    ),
+    "schema invalid": (
+        lambda s: (
+            f"agent.finding.reported.{s}.ext/x",
+            json.dumps(
+                finding_json(
+                    s,
+                    "ext/x",
+                    finding={"category": "observation", "content": "x", "confidence": 1.7},
+                )
+            ).encode(),
+        ),
+        "schema",
+    ),
+    "source mismatch": (
+        lambda s: (
+            f"agent.finding.reported.{s}.ext/x",
+            json.dumps(finding_json(s, "ext/impostor")).encode(),
+        ),
+        "source_mismatch",
+    ),
+    "wrong subject": (
+        lambda s: (
+            f"agent.finding.reported.{s}.ext/x",
+            json.dumps(
+                {
+                    **finding_json(s, "ext/x"),
+                    "type": "vote",
+                    "vote": {"proposal_id": "p", "vote": "yes"},
+                }
+            ).encode(),
+        ),
+        "wrong_subject",
+    ),
+    "over size": (
+        lambda s: (
+            f"agent.finding.reported.{s}.ext/x",
+            json.dumps(finding_json(s, "ext/x", padding="x" * 5000)).encode(),
+        ),
+        "too_large",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+async def test_bad_input_is_reported_dead_lettered_and_worker_keeps_running(
+    nats_url: str, raw: NatsClient, session_id: str, unique: str, kind: str
+) -> None:
+    make, code = BAD_INPUTS[kind]
+    agent = Agent(f"test/guard-{unique}")
+    good = anyio.Event()
+    handled: list[str] = []
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        handled.append(message.id)
+        good.set()
+
+    errors, stop_errors = await collect(raw, f"agent.error.occurred.{session_id}.{agent.id}")
+    js = raw.jetstream()
+    async with Bus.open(url=nats_url, max_message_bytes=4096) as bus, agent.serve(bus):
+        subject, data = make(session_id)
+        await js.publish(subject, data)
+        with anyio.fail_after(WAIT):
+            error_msg = await errors.receive()
+        error = swarmbus.decode(error_msg.data)
+        assert isinstance(error, swarmbus.ErrorOccurredMessage)
+        assert error.error_occurred.code == code
+        assert error.error_occurred.subject == subject
+        assert error.error_occurred.dead_letter
+        assert error.error_occurred.reason
+
+        dead = await js.get_last_msg(DEAD_LETTER_STREAM, f"swarmbus.dead.{session_id}.{agent.id}")
+        assert dead.data == data
+        assert dead.headers is not None
+        assert dead.headers[CODE_HEADER] == code
+        assert dead.headers[ORIGINAL_SUBJECT_HEADER] == subject
+
+        # The worker is still alive and handles the next good message.
+        await js.publish(subject, json.dumps(finding_json(session_id, "ext/x", n=1)).encode())
+        with anyio.fail_after(WAIT):
+            await good.wait()
+    await stop_errors()
+    assert handled == [f"ext-{session_id}-1"]
+
+
+async def test_handler_exception_is_reported_and_next_message_handled(
+    bus: Bus, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    agent = Agent(f"test/flaky-{unique}")
+    seen: list[str] = []
+    second = anyio.Event()
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        seen.append(message.finding.content)
+        if message.finding.content == "boom":
+            raise RuntimeError("handler bug")
+        second.set()
+
+    errors, stop_errors = await collect(raw, f"agent.error.occurred.{session_id}.{agent.id}")
+    async with agent.serve(bus):
+        for content in ("boom", "fine"):
+            await bus.publish(
+                Finding(category="observation", content=content, confidence=0.5),
+                agent="test/publisher",
+                session=session_id,
+            )
+        with anyio.fail_after(WAIT):
+            error_msg = await errors.receive()
+            await second.wait()
+    await stop_errors()
+    error = swarmbus.decode(error_msg.data)
+    assert isinstance(error, swarmbus.ErrorOccurredMessage)
+    assert error.error_occurred.code == "handler_error"
+    assert "handler bug" in error.error_occurred.reason
+    assert seen == ["boom", "fine"]
+
+
+async def test_publish_refuses_bad_input_before_sending(bus: Bus, session_id: str) -> None:
+    with pytest.raises(swarmbus.InvalidIdentifierError):
+        await bus.publish(
+            Finding(category="observation", content="x", confidence=0.5),
+            agent="not an agent",
+            session=session_id,
+        )
+    with pytest.raises(swarmbus.InvalidIdentifierError):
+        await bus.publish(
+            Finding(category="observation", content="x", confidence=0.5),
+            agent="ops/a",
+            session="bad.session",
+        )
+    with pytest.raises(swarmbus.InvalidMessageError):
+        await bus.publish(
+            Finding(category="observation", content="x", confidence=1.5),
+            agent="ops/a",
+            session=session_id,
+        )
+
+
+async def test_request_any_and_to_one_agent(bus: Bus, session_id: str, unique: str) -> None:
+    a = Agent(f"test/a-{unique}")
+    b = Agent(f"test/b-{unique}")
+    asker = Agent(f"test/asker-{unique}")
+    for agent in (a, b):
+
+        def make(agent: Agent) -> Callable[[RequestMessage], Awaitable[dict[str, Any]]]:
+            async def check(request: RequestMessage) -> dict[str, Any]:
+                return {"by": agent.id, "echo": request.request.parameters}
+
+            return check
+
+        agent.on_request(f"check_{unique}")(make(agent))
+
+    async with a.serve(bus), b.serve(bus), asker.serve(bus):
+        response = await asker.request(f"check_{unique}", {"x": 1}, session=session_id)
+        assert response.response.status == "success"
+        assert response.response.result["by"] in {a.id, b.id}
+        assert response.response.result["echo"] == {"x": 1}
+        for target in (a, b):
+            for _ in range(3):
+                response = await asker.request(f"check_{unique}", session=session_id, to=target.id)
+                assert response.response.result["by"] == target.id
+                assert response.source.agent == target.id
+
+
+async def test_request_no_responder_and_timeout_are_distinct(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    slow = Agent(f"test/slow-{unique}")
+    release = anyio.Event()
+
+    @slow.on_request(f"slow_{unique}")
+    async def handle(request: RequestMessage) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    with pytest.raises(swarmbus.NoResponderError):
+        await bus.request(f"nobody_{unique}", agent="test/asker", session=session_id)
+    async with slow.serve(bus):
+        with pytest.raises(swarmbus.RequestTimeoutError):
+            await bus.request(f"slow_{unique}", agent="test/asker", session=session_id, timeout=0.3)
+        release.set()
+
+
+async def test_failing_request_handler_answers_failure(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    agent = Agent(f"test/broken-{unique}")
+
+    @agent.on_request(f"broken_{unique}")
+    async def handle(request: RequestMessage) -> dict[str, Any]:
+        raise ValueError("cannot do that")
+
+    async with agent.serve(bus):
+        response = await bus.request(f"broken_{unique}", agent="test/asker", session=session_id)
+    assert response.response.status == "failure"
+    assert "cannot do that" in response.response.result["error"]
+
+
+async def test_two_instances_of_one_agent_share_the_work(
+    nats_url: str, session_id: str, unique: str
+) -> None:
+    agent_id = f"test/worker-{unique}"
+    handled: list[str] = []
+    all_done = anyio.Event()
+    total = 30
+
+    def instance() -> Agent:
+        agent = Agent(agent_id)
+
+        @agent.on_finding(session=session_id)
+        async def on_finding(message: FindingMessage) -> None:
+            handled.append(message.id)
+            if len(handled) >= total:
+                all_done.set()
+
+        return agent
+
+    async with (
+        Bus.open(url=nats_url) as bus1,
+        Bus.open(url=nats_url) as bus2,
+        instance().serve(bus1),
+        instance().serve(bus2),
+    ):
+        sent = [
+            (
+                await bus1.publish(
+                    Finding(category="observation", content=str(i), confidence=0.5),
+                    agent="test/publisher",
+                    session=session_id,
+                )
+            ).id
+            for i in range(total)
+        ]
+        with anyio.fail_after(WAIT):
+            await all_done.wait()
+    assert sorted(handled) == sorted(sent)
+
+
+async def test_concurrency_limit_holds(bus: Bus, session_id: str, unique: str) -> None:
+    agent = Agent(f"test/limited-{unique}", max_concurrency=2)
+    release = anyio.Event()
+    started = 0
+    two_started = anyio.Event()
+    done: list[str] = []
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        nonlocal started
+        started += 1
+        if started == 2:
+            two_started.set()
+        await release.wait()
+        done.append(message.id)
+
+    async with agent.serve(bus):
+        for i in range(6):
+            await bus.publish(
+                Finding(category="observation", content=str(i), confidence=0.5),
+                agent="test/publisher",
+                session=session_id,
+            )
+        with anyio.fail_after(WAIT):
+            await two_started.wait()
+        # The consumer holds a slot before it fetches: with both slots busy nothing
+        # more has been delivered, so the server still has 4 undelivered messages.
+        durable = next(
+            c.name
+            for c in await bus.js.consumers_info("SWARMBUS_EVENTS")
+            if c.name.startswith(swarmbus._subjects.safe_token(agent.id))
+        )
+        info = await bus.js.consumer_info("SWARMBUS_EVENTS", durable)
+        assert info.num_ack_pending == 2
+        assert info.num_pending == 4
+        assert started == 2
+        release.set()
+        with anyio.fail_after(WAIT):
+            while len(done) < 6:
+                await anyio.wait_all_tasks_blocked()
+    assert len(done) == 6
+
+
+async def test_drain_lets_in_flight_handler_finish_and_acks(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    agent = Agent(f"test/drainer-{unique}")
+    entered = anyio.Event()
+    release = anyio.Event()
+    finished: list[str] = []
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        entered.set()
+        await release.wait()
+        finished.append(message.id)
+
+    async with anyio.create_task_group() as tg:
+        stopped = anyio.Event()
+
+        async def serve() -> None:
+            async with agent.serve(bus):
+                await stopped.wait()
+
+        tg.start_soon(serve)
+        with anyio.fail_after(WAIT):
+            while agent._bus is None:
+                await anyio.wait_all_tasks_blocked()
+        sent = await bus.publish(
+            Finding(category="observation", content="slow", confidence=0.5),
+            agent="test/publisher",
+            session=session_id,
+        )
+        with anyio.fail_after(WAIT):
+            await entered.wait()
+        stopped.set()  # begin draining while the handler is in flight
+        release.set()
+    assert finished == [sent.id]
+    durable = f"{swarmbus._subjects.safe_token(agent.id)}-on_finding"
+    info = await bus.js.consumer_info("SWARMBUS_EVENTS", durable)
+    assert info.num_ack_pending == 0
+    assert info.num_redelivered == 0

@@ -1,0 +1,204 @@
+"""Embedded server launcher: binary lookup, readiness, errors, NATS_URL, reconnects."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+import swarmbus
+from swarmbus import Agent, Bus, Finding, FindingMessage, NatsServer
+from swarmbus._server import BINARY_ENV, check_version, find_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_binary_found_next_to_python_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(BINARY_ENV, raising=False)
+    assert find_binary().name == "nats-server"
+
+
+def test_env_variable_wins_and_must_be_executable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(BINARY_ENV, str(tmp_path / "missing"))
+    with pytest.raises(swarmbus.ServerBinaryNotFoundError, match=BINARY_ENV):
+        find_binary()
+    monkeypatch.setenv(BINARY_ENV, str(find_binary.__globals__["shutil"].which("true")))
+    assert find_binary().name == "true"
+
+
+def test_missing_binary_error_names_all_three_places(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(BINARY_ENV, raising=False)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(swarmbus.ServerBinaryNotFoundError) as info:
+        find_binary()
+    message = str(info.value)
+    assert BINARY_ENV in message
+    assert str(tmp_path) in message
+    assert "PATH" in message
+
+
+def test_old_servers_are_refused() -> None:
+    with pytest.raises(swarmbus.ServerVersionError, match=r"2\.9\.10"):
+        check_version("2.9.10")
+    check_version("2.11.0")
+    check_version("2.15.1")
+
+
+def test_busy_port_is_a_clear_error(nats_server: NatsServer, tmp_path: Path) -> None:
+    with pytest.raises(swarmbus.ServerStartError, match="port busy"):
+        NatsServer(tmp_path, port=nats_server.port).start()
+
+
+def test_cli_busy_port_is_one_line(nats_server: NatsServer, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "swarmbus._cli", "server"),
+            *("--data-dir", str(tmp_path), "--port", str(nats_server.port)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "port busy" in result.stderr
+
+
+async def test_connect_uses_nats_url_and_starts_nothing(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NATS_URL", nats_server.url)
+
+    def no_server(*args: object, **kwargs: object) -> None:
+        raise AssertionError("must not start a server when NATS_URL is set")
+
+    monkeypatch.setattr(NatsServer, "start", no_server)
+    async with swarmbus.connect() as bus:
+        assert bus.nc.connected_url is not None
+        assert bus.nc.connected_url.port == nats_server.port
+
+
+async def test_connect_without_url_starts_and_stops_an_embedded_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("NATS_URL", raising=False)
+    async with swarmbus.connect(data_dir=str(tmp_path)) as bus:
+        assert bus.server_version
+        port = bus.nc.connected_url.port if bus.nc.connected_url else None
+    assert (tmp_path / "jetstream").is_dir()
+    with pytest.raises(swarmbus.ConnectionError):
+        await Bus.connect(url=f"nats://127.0.0.1:{port}", connect_timeout=1)
+
+
+async def test_agents_reconnect_and_keep_handling_after_server_restart(
+    fresh_server: NatsServer, session_id: str, unique: str
+) -> None:
+    agent = Agent(f"test/survivor-{unique}")
+    got: list[str] = []
+    events = {name: anyio.Event() for name in ("before", "after")}
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        got.append(message.finding.content)
+        events[message.finding.content].set()
+
+    async with Bus.open(url=fresh_server.url) as bus, agent.serve(bus):
+        await bus.publish(
+            Finding(category="observation", content="before", confidence=0.5),
+            agent="test/publisher",
+            session=session_id,
+        )
+        with anyio.fail_after(10):
+            await events["before"].wait()
+        bus.reconnected.clear()
+        fresh_server.kill()
+        await anyio.to_thread.run_sync(fresh_server.start)
+        with anyio.fail_after(20):
+            await bus.reconnected.wait()
+        await bus.publish(
+            Finding(category="observation", content="after", confidence=0.5),
+            agent="test/publisher",
+            session=session_id,
+        )
+        with anyio.fail_after(20):
+            await events["after"].wait()
+    assert got == ["before", "after"]
+
+
+SIGTERM_APP = """
+import sys, anyio, swarmbus
+from swarmbus import Agent, Bus
+
+agent = Agent(sys.argv[2])
+
+@agent.on_finding(session=sys.argv[3])
+async def on_finding(message):
+    print("started", flush=True)
+    await anyio.sleep(1.0)  # simulated work that must finish during the drain
+    print("finished", message.id, flush=True)
+
+async def main():
+    async with Bus.open(url=sys.argv[1]) as bus:
+        await swarmbus.run(agent, bus=bus)
+    print("exited", flush=True)
+
+anyio.run(main)
+"""
+
+
+async def test_sigterm_drains_in_flight_handlers(
+    bus: Bus, nats_url: str, session_id: str, unique: str
+) -> None:
+    agent_id = f"test/sigterm-{unique}"
+    durable = f"{swarmbus._subjects.safe_token(agent_id)}-on_finding"
+    created = anyio.Event()
+
+    async def on_created(msg: object) -> None:
+        created.set()
+
+    advisory = await bus.nc.subscribe(
+        f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.SWARMBUS_EVENTS.{durable}", cb=on_created
+    )
+    proc = await anyio.open_process(
+        [sys.executable, "-c", SIGTERM_APP, nats_url, agent_id, session_id],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        with anyio.fail_after(20):
+            await created.wait()
+        await advisory.unsubscribe()
+        sent = await bus.publish(
+            Finding(category="observation", content="work", confidence=0.5),
+            agent="test/publisher",
+            session=session_id,
+        )
+        assert proc.stdout is not None
+        output = ""
+        with anyio.fail_after(20):
+            async for chunk in proc.stdout:
+                output += chunk.decode()
+                if "started" in output:
+                    break
+            proc.terminate()  # SIGTERM while the handler is in flight
+            async for chunk in proc.stdout:
+                output += chunk.decode()
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert f"finished {sent.id}" in output
+    assert output.index("finished") < output.index("exited")
+    info = await bus.js.consumer_info("SWARMBUS_EVENTS", durable)
+    assert info.num_ack_pending == 0
+    assert info.num_redelivered == 0
