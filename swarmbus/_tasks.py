@@ -279,7 +279,7 @@ class TaskQueue:
             type=type,
             priority=priority,
             target=target,
-            context=dict(context or {}),
+            context={} if context is None else context,
             timeout=timeout,
             requires_approval=requires_approval,
             max_attempts=max_attempts,
@@ -666,7 +666,11 @@ class TaskQueue:
             try:
                 await self.bus.js.add_consumer(TASKS_STREAM, config)
             except nats.js.errors.APIError as exc:
-                raise PublishError(f"cannot create consumer {durable}: {exc}") from exc
+                # A claimer with other options (ack_wait) created it first: share it.
+                try:
+                    await self.bus.js.consumer_info(TASKS_STREAM, durable)
+                except nats.js.errors.APIError:
+                    raise PublishError(f"cannot create consumer {durable}: {exc}") from exc
             puller = self._pullers[key] = _Puller(self.bus, durable, self._inbox)
         return puller
 
