@@ -58,6 +58,8 @@ MAX_PRIORITY: Final = 10
 STATUSES: Final = ("pending", "assigned", "running", "completed", "failed")
 TERMINAL: Final = frozenset({"completed", "failed"})
 _NO_MESSAGES: Final = frozenset({"404", "408", "409"})
+EXPECTED_LAST_HEADER: Final = "Nats-Expected-Last-Subject-Sequence"
+REVISION_HEADER: Final = "Swarmbus-Task-Revision"
 #: A dispatch message whose record never appeared (its creator died mid-create) is
 #: dropped after this long.
 ORPHAN_AFTER: Final = 30.0
@@ -150,6 +152,7 @@ class Claim:
         self.task = task
         self.revision = revision
         self._msg = msg
+        self._lock = anyio.Lock()
         self.finished = False
 
     @property
@@ -292,22 +295,24 @@ class TaskQueue:
         subjects.validate_agent_id(agent)
         tasks = [self._build(spec, agent) for spec in specs]
         js = self.bus.js
-        futures = []
         try:
-            for task in tasks:
-                data = _encoder.encode(task)
-                # The record first (create-once), then the dispatch message; a claimer
-                # that sees the message before the record waits for it (_settle).
-                futures.append(
-                    await js.publish_async(
-                        subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
-                        data,
-                        headers={"Nats-Expected-Last-Subject-Sequence": "0"},
-                    )
+            # Records first (create-once), pipelined; then the dispatch messages, which
+            # carry the record and its revision so a claimer can CAS without a read.
+            stored = [
+                await js.publish_async(
+                    subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
+                    _encoder.encode(task),
+                    headers={EXPECTED_LAST_HEADER: "0"},
                 )
-                if task.approval == "none":
-                    futures.append(await self._dispatch_async(task))
-            for future in futures:
+                for task in tasks
+            ]
+            revisions = [(await future).seq for future in stored]
+            offered = [
+                await self._dispatch_async(task, revision)
+                for task, revision in zip(tasks, revisions, strict=True)
+                if task.approval == "none"
+            ]
+            for future in offered:
                 await future
         except (TimeoutError, nats.errors.Error) as exc:
             raise PublishError(f"cannot store tasks of session {self.session}: {exc}") from exc
@@ -367,11 +372,11 @@ class TaskQueue:
             created_at=_now(),
         )
 
-    async def _dispatch_async(self, task: Task) -> Any:
+    async def _dispatch_async(self, task: Task, revision: int) -> Any:
         return await self.bus.js.publish_async(
             subjects.task_subject(self.session, task.type, task.priority),
-            task.id.encode(),
-            headers={MSG_ID_HEADER: f"task:{task.id}:dispatch"},
+            _encoder.encode(task),
+            headers={MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)},
         )
 
     async def get(self, task_id: str) -> Task:
@@ -436,14 +441,15 @@ class TaskQueue:
             task, revision = await self._read(task_id)
             if task.approval == "approved":
                 if task.status == "pending":
-                    await self._redispatch(task)
+                    await self._redispatch(task, revision)
                 return task
             if task.approval != "required" or task.status != "pending":
                 raise InvalidTransitionError("task", task_id, _state(task), "approved")
             approved = msgspec.structs.replace(task, approval="approved", approved_by=by)
-            if await self._cas(approved, revision) is None:
+            new_revision = await self._cas(approved, revision)
+            if new_revision is None:
                 continue
-            await self._redispatch(approved)
+            await self._redispatch(approved, new_revision)
             return approved
 
     async def reject(self, task_id: str, *, by: str, reason: str = "rejected") -> Task:
@@ -473,9 +479,9 @@ class TaskQueue:
             )
             return rejected
 
-    async def _redispatch(self, task: Task) -> None:
+    async def _redispatch(self, task: Task, revision: int) -> None:
         try:
-            await (await self._dispatch_async(task))
+            await (await self._dispatch_async(task, revision))
         except (TimeoutError, nats.errors.Error) as exc:
             raise PublishError(f"cannot offer task {task.id}: {exc}") from exc
 
@@ -579,10 +585,23 @@ class TaskQueue:
 
     async def _settle(self, msg: Msg, agent: str) -> Claim | None:
         """Decide what one dispatch message means now; claim its task if possible."""
-        task_id = msg.data.decode()
+        try:
+            hint: Task | None = _decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            log.error("dropping a malformed dispatch message on %s", msg.subject)
+            await _quietly(msg.term())
+            return None
+        assert hint is not None
+        task_id = hint.id
+        headers = msg.headers or {}
+        first = msg.metadata.num_delivered == 1 and REVISION_HEADER in headers
         for _ in range(5):
             try:
-                task, revision = await self._read(task_id)
+                if first:
+                    # First delivery: trust the record it carries; the CAS checks it.
+                    task, revision, first = hint, int(headers[REVISION_HEADER]), False
+                else:
+                    task, revision = await self._read(task_id)
             except NotFoundError:
                 if _age(msg) > ORPHAN_AFTER:
                     await _quietly(msg.term())
@@ -688,22 +707,30 @@ class TaskQueue:
         except (TimeoutError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot update task {task.id}: {exc}") from exc
 
-    async def _transition(self, claim: Claim, new: Task, requested: str) -> int:
-        if claim.finished:
-            raise InvalidTransitionError("task", claim.task.id, claim.task.status, requested)
-        revision = await self._cas(new, claim.revision)
-        if revision is None:
-            current, _ = await self._read(claim.task.id)
-            raise TaskClaimLostError(claim.task.id, claim.attempt, current.attempts, current.status)
-        claim.task, claim.revision = new, revision
-        return revision
+    async def _transition(
+        self, claim: Claim, change: Callable[[Task], Task], requested: str
+    ) -> Task:
+        """CAS ``change(task)`` at the claim's revision; one transition at a time."""
+        async with claim._lock:
+            if claim.finished:
+                raise InvalidTransitionError("task", claim.task.id, claim.task.status, requested)
+            new = change(claim.task)
+            revision = await self._cas(new, claim.revision)
+            if revision is None:
+                current, _ = await self._read(claim.task.id)
+                raise TaskClaimLostError(
+                    claim.task.id, claim.attempt, current.attempts, current.status
+                )
+            claim.task, claim.revision = new, revision
+            claim.finished = new.status != "running"
+            return new
 
     async def _heartbeat(self, claim: Claim) -> None:
-        task = claim.task
-        new = msgspec.structs.replace(
-            task, status="running", lease_until=_after(task.constraints.timeout)
-        )
-        await self._transition(claim, new, "running")
+        def running(task: Task) -> Task:
+            lease = _after(task.constraints.timeout)
+            return msgspec.structs.replace(task, status="running", lease_until=lease)
+
+        await self._transition(claim, running, "running")
         await _quietly(claim._msg.in_progress())
 
     async def _complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task:
@@ -712,48 +739,47 @@ class TaskQueue:
             _encoder.encode(result_dict)
         except (msgspec.ValidationError, TypeError) as exc:
             raise InvalidTaskError("result", str(exc)) from None
-        new = msgspec.structs.replace(
-            claim.task,
-            status="completed",
-            result=result_dict,
-            error=None,
-            completed_at=_now(),
-            lease_until=None,
-        )
-        await self._transition(claim, new, "completed")
-        claim.finished = True
+
+        def completed(task: Task) -> Task:
+            return msgspec.structs.replace(
+                task,
+                status="completed",
+                result=result_dict,
+                error=None,
+                completed_at=_now(),
+                lease_until=None,
+            )
+
+        new = await self._transition(claim, completed, "completed")
         await _quietly(claim._msg.ack())
-        agent = claim.task.assigned_to or subjects.UNKNOWN
-        await self._events(
-            [(TaskCompleted(task_id=new.id, result=result_dict), agent, f"task:{new.id}:completed")]
-        )
+        agent = new.assigned_to or subjects.UNKNOWN
+        event = TaskCompleted(task_id=new.id, result=result_dict)
+        await self._events([(event, agent, f"task:{new.id}:completed")])
         return new
 
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
-        task = claim.task
-        dead = retry and task.attempts >= task.max_attempts
-        if retry and not dead:
-            new = msgspec.structs.replace(task, status="pending", error=error, lease_until=None)
-        else:
-            new = msgspec.structs.replace(
-                task, status="failed", error=error, dead=dead, completed_at=_now(), lease_until=None
+        def failed(task: Task) -> Task:
+            if retry and task.attempts < task.max_attempts:
+                return msgspec.structs.replace(
+                    task, status="pending", error=error, lease_until=None
+                )
+            return msgspec.structs.replace(
+                task,
+                status="failed",
+                error=error,
+                dead=retry,
+                completed_at=_now(),
+                lease_until=None,
             )
-        await self._transition(claim, new, new.status)
-        claim.finished = True
+
+        new = await self._transition(claim, failed, "failed")
         if new.status == "pending":
-            await _quietly(claim._msg.nak(delay=min(2.0**task.attempts * 0.1, 30.0)))
+            await _quietly(claim._msg.nak(delay=min(2.0**new.attempts * 0.1, 30.0)))
         else:
             await _quietly(claim._msg.ack())
-        agent = task.assigned_to or subjects.UNKNOWN
-        await self._events(
-            [
-                (
-                    TaskFailed(task_id=task.id, error=error, attempts=task.attempts, dead=dead),
-                    agent,
-                    f"task:{task.id}:failed:{task.attempts}",
-                )
-            ]
-        )
+        agent = new.assigned_to or subjects.UNKNOWN
+        event = TaskFailed(task_id=new.id, error=error, attempts=new.attempts, dead=new.dead)
+        await self._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
         return new
 
     # --- worker loop -------------------------------------------------------------------
@@ -770,48 +796,68 @@ class TaskQueue:
         """Claim and run tasks until ``stop`` is set, then finish the claimed ones.
 
         ``handler(task)`` returns the result; if it raises, the task is failed with
-        ``retry=True``. Long handlers are heartbeated every third of the timeout.
+        ``retry=True``. Every claim is heartbeated each third of min(timeout, ack_wait).
+        Claims are made in batches (up to half the free slots at once) so a busy worker
+        does not fall back to one round trip per task.
         """
-        limiter = anyio.Semaphore(concurrency)
+        active: dict[Claim, float] = {}
+        freed = anyio.Event()
+
+        async def run(claim: Claim) -> None:
+            nonlocal freed
+            try:
+                try:
+                    result = await handler(claim.task)
+                except Exception as exc:  # noqa: BLE001 - any handler error fails the task
+                    log.warning("task %s failed: %s", claim.task.id, exc)
+                    await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
+                else:
+                    await claim.complete(result)
+            except (TaskClaimLostError, InvalidTransitionError) as exc:
+                log.warning("%s", exc)
+            finally:
+                del active[claim]
+                freed.set()
+
+        async def beat(claim: Claim) -> None:
+            with contextlib.suppress(SwarmbusError):
+                await claim.heartbeat()
+
+        async def heartbeats(tg: anyio.abc.TaskGroup) -> None:
+            while True:
+                await anyio.sleep(self.ack_wait / 6)
+                now = time.monotonic()
+                for claim, last in list(active.items()):
+                    if now - last >= min(claim.task.constraints.timeout, self.ack_wait) / 3:
+                        active[claim] = now
+                        tg.start_soon(beat, claim)
+
         async with anyio.create_task_group() as tg:
+            tg.start_soon(heartbeats, tg)
             while not stop.is_set():
-                free = max(limiter.value, 1)
+                deadline = time.monotonic() + 0.02
+                while concurrency - len(active) < max(concurrency // 2, 1):
+                    freed = anyio.Event()
+                    wait = deadline - time.monotonic() if len(active) < concurrency else 1.0
+                    with anyio.move_on_after(wait):
+                        await freed.wait()
+                    if time.monotonic() >= deadline and len(active) < concurrency:
+                        break
                 try:
                     claims = await self.claim_many(
-                        agent=agent, types=types, limit=free, timeout=0.5
+                        agent=agent, types=types, limit=concurrency - len(active), timeout=0.5
                     )
                 except ConnectionError as exc:
                     log.warning("claim failed: %s; retrying", exc)
                     await anyio.sleep(0.5)
                     continue
                 for claim in claims:
-                    await limiter.acquire()
-                    tg.start_soon(self._run, handler, claim, limiter)
-
-    async def _run(self, handler: Handler, claim: Claim, limiter: anyio.Semaphore) -> None:
-        try:
-            interval = min(claim.task.constraints.timeout, self.ack_wait) / 3
-            async with anyio.create_task_group() as tg:
-
-                async def beat() -> None:
-                    while True:
-                        await anyio.sleep(interval)
-                        await claim.heartbeat()
-
-                tg.start_soon(beat)
-                try:
-                    result = await handler(claim.task)
-                except Exception as exc:  # noqa: BLE001 - any handler error fails the task
-                    tg.cancel_scope.cancel()
-                    log.warning("task %s failed: %s", claim.task.id, exc)
-                    await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
-                    return
-                tg.cancel_scope.cancel()
-            await claim.complete(result)
-        except TaskClaimLostError as exc:
-            log.warning("%s", exc)
-        finally:
-            limiter.release()
+                    active[claim] = time.monotonic()
+                    tg.start_soon(run, claim)
+            while active:
+                freed = anyio.Event()
+                await freed.wait()
+            tg.cancel_scope.cancel()
 
     # --- events ------------------------------------------------------------------------
 
