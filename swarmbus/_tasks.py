@@ -6,7 +6,8 @@ Two JetStream pieces (see README "Task queue"):
   task type and priority (``swarmbus.task.<session>.<type>.<priority>``) and one
   durable pull consumer per subject, shared by every claimer. A claimer drains the
   highest non-empty priority first; within a priority the stream is FIFO. A dispatch
-  message only says "task X may need work": it is acked once X is finished.
+  message is a hint (the record and its revision when offered), acked once the task is
+  final.
 * **State**: the KV bucket ``swarmbus-tasks`` holds one record per task under
   ``<session>.<task id>``. Every transition is a compare-and-set on the record's
   revision, and each claim increments ``attempts``, which is the claim's fencing
@@ -63,6 +64,7 @@ REVISION_HEADER: Final = "Swarmbus-Task-Revision"
 #: A dispatch message whose record never appeared (its creator died mid-create) is
 #: dropped after this long.
 ORPHAN_AFTER: Final = 30.0
+MAX_EVENTS_IN_FLIGHT: Final = 256
 
 Status = Literal["pending", "assigned", "running", "completed", "failed"]
 Approval = Literal["none", "required", "approved", "rejected"]
@@ -216,6 +218,8 @@ class TaskQueue:
         self._last_aging = 0.0
         # One pull at a time per queue object: the pullers share one reply inbox.
         self._scan_lock = anyio.Lock()
+        # Bounds publishes in flight so a big batch does not outrun its own timeouts.
+        self._event_slots = anyio.Semaphore(MAX_EVENTS_IN_FLIGHT)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -866,7 +870,8 @@ class TaskQueue:
 
         async def one(body: Any, agent: str, id: str | None) -> None:
             try:
-                await self.bus.publish(body, agent=agent, session=self.session, id=id)
+                async with self._event_slots:
+                    await self.bus.publish(body, agent=agent, session=self.session, id=id)
             except SwarmbusError as exc:
                 log.error("could not publish %s: %s", type(body).__name__, exc)
 

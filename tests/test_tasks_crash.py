@@ -24,18 +24,25 @@ WORKER = """
 import os, sys, anyio
 from swarmbus import Bus, TaskQueue
 
-async def main(url, session, agent):
+async def main(url, session, agent, hang):
+    hang = hang == "hang"
+    completed = 0
     async with Bus.open(url=url) as bus, TaskQueue(bus, session, ack_wait=1.0) as queue:
         stop = anyio.Event()
 
         async def handler(task):
+            if hang and completed >= 50:
+                print("stuck", flush=True)  # hold claims (heartbeated) until SIGKILL
+                await anyio.sleep_forever()
             await anyio.sleep(0.002)
             return {"pid": os.getpid()}
 
         orig = queue._complete
 
         async def complete(claim, result):
+            nonlocal completed
             done = await orig(claim, result)
+            completed += 1
             print("done", done.id, done.attempts, flush=True)
             return done
 
@@ -78,7 +85,15 @@ async def test_sigkill_one_of_four_workers_every_task_completed_once(
     async with TaskQueue(bus, session_id, ack_wait=1.0) as queue:
         procs = [
             await anyio.open_process(
-                [sys.executable, "-c", WORKER, nats_url, session_id, f"w/{i}"],
+                [
+                    sys.executable,
+                    "-c",
+                    WORKER,
+                    nats_url,
+                    session_id,
+                    f"w/{i}",
+                    "hang" if i == 0 else "-",
+                ],
                 env=env,
                 stderr=(tmp_path / f"worker{i}.log").open("wb"),
             )
@@ -92,7 +107,8 @@ async def test_sigkill_one_of_four_workers_every_task_completed_once(
                 await queue.create_many(
                     [TaskSpec(type="analyze", timeout=2.0) for _ in range(TASKS)], agent="ops/lead"
                 )
-                await wait_until(lambda: count("done") >= KILL_AFTER, 60)
+                # w/0 stops finishing its tasks after 50 and holds its claims: kill it then.
+                await wait_until(lambda: count("done") >= KILL_AFTER and count("stuck"), 60)
                 os.kill(procs[0].pid, signal.SIGKILL)
                 tasks = await queue.tasks()
                 # The killed worker may have committed completions it never printed:
@@ -122,4 +138,5 @@ async def test_sigkill_one_of_four_workers_every_task_completed_once(
     assert len(unprinted) <= 32
     reclaimed = [t for t in tasks if t.attempts > 1]
     assert reclaimed, "the killed worker held no claims: the test proved nothing"
+    assert all(t.assigned_to != "w/0" for t in reclaimed)
     assert all(t.result == {"pid": procs[0].pid} for t in tasks if t.assigned_to == "w/0")
