@@ -72,14 +72,14 @@ Priority = Annotated[int, msgspec.Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
 Timeout = Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)]
 
 
-class TaskParameters(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+class TaskParameters(msgspec.Struct, kw_only=True, frozen=True):
     """What to work on (the seed's ``parameters``)."""
 
     target: str = ""
     context: dict[str, Any] = {}
 
 
-class TaskConstraints(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+class TaskConstraints(msgspec.Struct, kw_only=True, frozen=True):
     """The seed's ``constraints``: seconds without a heartbeat before a claim expires."""
 
     timeout: Timeout = 60.0

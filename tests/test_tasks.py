@@ -6,6 +6,7 @@ import random
 from collections.abc import AsyncIterator
 
 import anyio
+import msgspec
 import pytest
 
 from swarmbus import (
@@ -15,6 +16,7 @@ from swarmbus import (
     InvalidTransitionError,
     Message,
     NotFoundError,
+    Task,
     TaskClaimLostError,
     TaskCompletedMessage,
     TaskFailedMessage,
@@ -291,3 +293,14 @@ async def test_cli_lists_tasks_by_status(
     assert waiting.id in out
     assert done.id not in out
     assert "1 task(s)" in out
+
+
+def test_task_record_reads_newer_records() -> None:
+    """Wire-evolution rule: a record written by a newer version still decodes."""
+    record = msgspec.json.encode(Task(id="t1", type="analyze", priority=4))
+    newer = record.replace(b'"priority":4', b'"priority":4,"future":{"x":1}', 1).replace(
+        b'"timeout":60.0', b'"timeout":60.0,"budget":3', 1
+    )
+    assert newer != record
+    decoded = msgspec.json.decode(newer, type=Task)
+    assert (decoded.id, decoded.priority, decoded.constraints.timeout) == ("t1", 4, 60.0)
