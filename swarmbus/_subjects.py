@@ -134,11 +134,6 @@ def task_subject(session: str, type: str, priority: int | str) -> str:
     return f"{TASK_ROOT}.{session}.{type}.{priority}"
 
 
-def kv_subject(bucket: str, key: str) -> str:
-    """The subject a KV bucket stores ``key`` on (for raw, pipelined KV writes)."""
-    return f"$KV.{bucket}.{key}"
-
-
 def safe_token(value: str) -> str:
     """Map any string to a name usable as a consumer, bucket key or stream token.
 
