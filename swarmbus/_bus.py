@@ -296,11 +296,15 @@ class Bus:
         session: str,
         id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        wait: bool = True,
     ) -> Message:
         """Publish ``body`` as ``agent`` in ``session``; returns the sent envelope.
 
         The event is stored in the event stream before this returns (JetStream ack),
         and de-duplicated by envelope id within the stream's duplicate window.
+        With ``wait=False`` it is only handed to the connection (the stream still
+        stores and de-duplicates it, but nobody waits for or checks the ack): for
+        notifications whose source of truth is elsewhere, at a fraction of the cost.
 
         Raises:
             InvalidIdentifierError, InvalidMessageError: before anything is sent.
@@ -308,11 +312,11 @@ class Bus:
         """
         validate_body(body)
         message = envelope_for(body, agent=agent, session=session, id=id)
-        await self.publish_message(message, headers=headers)
+        await self.publish_message(message, headers=headers, wait=wait)
         return message
 
     async def publish_message(
-        self, message: Message, *, headers: Mapping[str, str] | None = None
+        self, message: Message, *, headers: Mapping[str, str] | None = None, wait: bool = True
     ) -> None:
         """Publish an already-built event envelope on its contract subject."""
         event = event_of(message)
@@ -330,7 +334,10 @@ class Bus:
         attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": message.source.agent}
         with producer_span(subject, message.id, attrs, hdrs):
             try:
-                await self.js.publish(subject, data, headers=hdrs)
+                if wait:
+                    await self.js.publish(subject, data, headers=hdrs)
+                else:
+                    await self.nc.publish(subject, data, headers=hdrs)
             except nats.js.errors.APIError as exc:
                 raise _translate(exc, f"publish to {subject} failed") from exc
             except nats.errors.NoRespondersError as exc:

@@ -17,6 +17,7 @@ Two JetStream pieces (see README "Task queue"):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -59,12 +60,13 @@ MAX_PRIORITY: Final = 10
 STATUSES: Final = ("pending", "assigned", "running", "completed", "failed")
 TERMINAL: Final = frozenset({"completed", "failed"})
 _NO_MESSAGES: Final = frozenset({"404", "408", "409"})
+#: JetStream's "wrong last sequence" error codes: a CAS lost to another writer.
+_WRONG_LAST: Final = frozenset({10071, 10164})
 EXPECTED_LAST_HEADER: Final = "Nats-Expected-Last-Subject-Sequence"
 REVISION_HEADER: Final = "Swarmbus-Task-Revision"
 #: A dispatch message whose record never appeared (its creator died mid-create) is
 #: dropped after this long.
 ORPHAN_AFTER: Final = 30.0
-MAX_EVENTS_IN_FLIGHT: Final = 256
 
 Status = Literal["pending", "assigned", "running", "completed", "failed"]
 Approval = Literal["none", "required", "approved", "rejected"]
@@ -218,8 +220,6 @@ class TaskQueue:
         self._last_aging = 0.0
         # One pull at a time per queue object: the pullers share one reply inbox.
         self._scan_lock = anyio.Lock()
-        # Bounds publishes in flight so a big batch does not outrun its own timeouts.
-        self._event_slots = anyio.Semaphore(MAX_EVENTS_IN_FLIGHT)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -573,32 +573,66 @@ class TaskQueue:
         return []
 
     async def _settle_all(self, msgs: list[Msg], agent: str) -> list[Claim]:
-        results: list[Claim | None] = [None] * len(msgs)
+        """Claim what the dispatch messages offer, with one round trip for the batch.
 
-        async def one(i: int, msg: Msg) -> None:
-            results[i] = await self._settle(msg, agent)
+        A first delivery carries the record and its revision: if that record is
+        claimable its claim CAS is pipelined with the others (one timeout for all).
+        Everything else (redeliveries, a lost CAS race, approvals, dead letter) goes
+        through ``_settle`` one message at a time.
+        """
+        fast: list[tuple[Msg, Task, int]] = []
+        slow: list[tuple[Msg, bool]] = []
+        for msg in msgs:
+            hint = _hint(msg)
+            headers = msg.headers or {}
+            if (
+                hint is not None
+                and msg.metadata.num_delivered == 1
+                and REVISION_HEADER in headers
+                and hint.status == "pending"
+                and hint.approval in ("none", "approved")
+                and hint.attempts < hint.max_attempts
+            ):
+                fast.append((msg, _claimed(hint, agent), int(headers[REVISION_HEADER])))
+            else:
+                slow.append((msg, True))
+        claims: list[Claim] = []
+        error: ConnectionError | None = None
+        revisions = await self._cas_many([(task, revision) for _, task, revision in fast])
+        for (msg, task, _), revision in zip(fast, revisions, strict=True):
+            if isinstance(revision, ConnectionError):
+                error = revision  # unacked: the redelivery sees the lease, if it was taken
+            elif revision is None:
+                slow.append((msg, False))  # someone else moved the record: read it
+            else:
+                claims.append(Claim(self, task, revision, msg))
+        if slow:
+            results: list[Claim | None] = [None] * len(slow)
 
-        async with anyio.create_task_group() as tg:
-            for i, msg in enumerate(msgs):
-                tg.start_soon(one, i, msg)
-        claims = [c for c in results if c is not None]
+            async def one(i: int, msg: Msg, trust_hint: bool) -> None:
+                results[i] = await self._settle(msg, agent, trust_hint=trust_hint)
+
+            async with anyio.create_task_group() as tg:
+                for i, (msg, trust_hint) in enumerate(slow):
+                    tg.start_soon(one, i, msg, trust_hint)
+            claims.extend(c for c in results if c is not None)
+        if error is not None and not claims:
+            raise error
         await self._events(
             [(TaskAssigned(task_id=c.task.id, agent_id=agent), agent, None) for c in claims]
         )
         return claims
 
-    async def _settle(self, msg: Msg, agent: str) -> Claim | None:
+    async def _settle(self, msg: Msg, agent: str, *, trust_hint: bool = True) -> Claim | None:
         """Decide what one dispatch message means now; claim its task if possible."""
-        try:
-            hint: Task | None = _decoder.decode(msg.data)
-        except msgspec.DecodeError:
+        hint = _hint(msg)
+        if hint is None:
             log.error("dropping a malformed dispatch message on %s", msg.subject)
             await _quietly(msg.term())
             return None
-        assert hint is not None
         task_id = hint.id
         headers = msg.headers or {}
-        first = msg.metadata.num_delivered == 1 and REVISION_HEADER in headers
+        first = trust_hint and msg.metadata.num_delivered == 1 and REVISION_HEADER in headers
         for _ in range(5):
             try:
                 if first:
@@ -652,15 +686,7 @@ class TaskQueue:
                     ]
                 )
                 return None
-            claimed = msgspec.structs.replace(
-                task,
-                status="assigned",
-                assigned_to=agent,
-                attempts=task.attempts + 1,
-                claimed_at=_now(),
-                lease_until=_after(task.constraints.timeout),
-                error=task.error if task.status == "pending" else "previous claim timed out",
-            )
+            claimed = _claimed(task, agent)
             new_revision = await self._cas(claimed, revision)
             if new_revision is None:
                 continue
@@ -710,6 +736,42 @@ class TaskQueue:
             return None
         except (TimeoutError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot update task {task.id}: {exc}") from exc
+
+    async def _cas_many(
+        self, writes: Sequence[tuple[Task, int]]
+    ) -> list[int | ConnectionError | None]:
+        """``_cas`` for many records, pipelined, with one timeout for the whole batch.
+
+        Per write: the new revision, None if the record moved on, or the error if the
+        outcome is unknown (no answer in time, connection lost).
+        """
+        if not writes:
+            return []
+        js = self.bus.js
+        try:
+            futures = [
+                await js.publish_async(
+                    subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
+                    _encoder.encode(task),
+                    headers={EXPECTED_LAST_HEADER: str(revision)},
+                )
+                for task, revision in writes
+            ]
+        except nats.errors.Error as exc:
+            raise ConnectionError(f"cannot update tasks: {exc}") from exc
+        await asyncio.wait(futures, timeout=self.bus.settings.request_timeout)
+        results: list[int | ConnectionError | None] = []
+        for (task, _), future in zip(writes, futures, strict=True):
+            if not future.done():
+                future.cancel()
+                results.append(ConnectionError(f"cannot update task {task.id}: timed out"))
+            elif (error := future.exception()) is None:
+                results.append(future.result().seq)
+            elif isinstance(error, nats.js.errors.APIError) and error.err_code in _WRONG_LAST:
+                results.append(None)
+            else:
+                results.append(ConnectionError(f"cannot update task {task.id}: {error}"))
+        return results
 
     async def _transition(
         self, claim: Claim, change: Callable[[Task], Task], requested: str
@@ -866,18 +928,40 @@ class TaskQueue:
     # --- events ------------------------------------------------------------------------
 
     async def _events(self, items: Iterable[tuple[Any, str, str | None]]) -> None:
-        """Publish lifecycle events concurrently; a failure is logged, never raised."""
+        """Publish lifecycle events without waiting for their acks; failures are logged.
 
-        async def one(body: Any, agent: str, id: str | None) -> None:
+        The events are notifications, the record is the source of truth: each is
+        published after its transition was stored, and handed to the connection in
+        order (the event stream stores and de-duplicates them by id, but a store the
+        server refuses goes unnoticed). Readers that must not miss a transition
+        watch the ``swarmbus-tasks`` bucket or list ``tasks()``.
+        """
+        for body, agent, id in items:
             try:
-                async with self._event_slots:
-                    await self.bus.publish(body, agent=agent, session=self.session, id=id)
+                await self.bus.publish(body, agent=agent, session=self.session, id=id, wait=False)
             except SwarmbusError as exc:
                 log.error("could not publish %s: %s", type(body).__name__, exc)
 
-        async with anyio.create_task_group() as tg:
-            for body, agent, id in items:
-                tg.start_soon(one, body, agent, id)
+
+def _hint(msg: Msg) -> Task | None:
+    """The record a dispatch message carries (None if it is malformed)."""
+    try:
+        return _decoder.decode(msg.data)
+    except msgspec.DecodeError:
+        return None
+
+
+def _claimed(task: Task, agent: str) -> Task:
+    """``task`` claimed by ``agent``: the next attempt, leased for its timeout."""
+    return msgspec.structs.replace(
+        task,
+        status="assigned",
+        assigned_to=agent,
+        attempts=task.attempts + 1,
+        claimed_at=_now(),
+        lease_until=_after(task.constraints.timeout),
+        error=task.error if task.status == "pending" else "previous claim timed out",
+    )
 
 
 def _age(msg: Msg) -> float:
