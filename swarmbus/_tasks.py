@@ -47,7 +47,14 @@ from swarmbus._errors import (
     SwarmbusError,
     TaskClaimLostError,
 )
-from swarmbus._messages import TaskAssigned, TaskCompleted, TaskCreated, TaskFailed, new_id
+from swarmbus._messages import (
+    TaskAssigned,
+    TaskCompleted,
+    TaskCreated,
+    TaskFailed,
+    envelope_for,
+    new_id,
+)
 
 __all__ = ["Claim", "Task", "TaskQueue", "TaskSpec"]
 
@@ -156,7 +163,7 @@ class Claim:
         self.task = task
         self.revision = revision
         self._msg = msg
-        self._lock = anyio.Lock()
+        self._lock = asyncio.Lock()  # no checkpoint when free, unlike anyio.Lock
         self.finished = False
 
     @property
@@ -220,6 +227,9 @@ class TaskQueue:
         self._last_aging = 0.0
         # One pull at a time per queue object: the pullers share one reply inbox.
         self._scan_lock = anyio.Lock()
+        self._acks = _Acks(bus)
+        self._writes: list[tuple[Task, int, asyncio.Future[int | None]]] = []
+        self._flushes: set[asyncio.Future[None]] = set()
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -250,6 +260,7 @@ class TaskQueue:
         self._wakeups.clear()
         self._inbox = None
         self._pullers.clear()
+        await self._acks.close()
         for sub in subs:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
@@ -298,28 +309,24 @@ class TaskQueue:
         """Create several tasks with pipelined writes (every spec is validated first)."""
         subjects.validate_agent_id(agent)
         tasks = [self._build(spec, agent) for spec in specs]
-        js = self.bus.js
-        try:
-            # Records first (create-once), pipelined; then the dispatch messages, which
-            # carry the record and its revision so a claimer can CAS without a read.
-            stored = [
-                await js.publish_async(
-                    subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
-                    _encoder.encode(task),
-                    headers={EXPECTED_LAST_HEADER: "0"},
-                )
-                for task in tasks
-            ]
-            revisions = [(await future).seq for future in stored]
-            offered = [
-                await self._dispatch_async(task, revision)
-                for task, revision in zip(tasks, revisions, strict=True)
-                if task.approval == "none"
-            ]
-            for future in offered:
-                await future
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise PublishError(f"cannot store tasks of session {self.session}: {exc}") from exc
+        # Records first (create-once), pipelined; then the dispatch messages, which
+        # carry the record and its revision so a claimer can CAS without a read.
+        records = [
+            (
+                subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
+                _encoder.encode(task),
+                {EXPECTED_LAST_HEADER: "0"},
+            )
+            for task in tasks
+        ]
+        revisions = [_stored(r, self.session) for r in await self._acks.publish(records)]
+        offers = [
+            self._offer(task, revision)
+            for task, revision in zip(tasks, revisions, strict=True)
+            if task.approval == "none"
+        ]
+        for result in await self._acks.publish(offers):
+            _stored(result, self.session)
         await self._events(
             [
                 (
@@ -376,11 +383,12 @@ class TaskQueue:
             created_at=_now(),
         )
 
-    async def _dispatch_async(self, task: Task, revision: int) -> Any:
-        return await self.bus.js.publish_async(
+    def _offer(self, task: Task, revision: int) -> tuple[str, bytes, dict[str, str]]:
+        """The dispatch message of ``task`` (subject, data, headers)."""
+        return (
             subjects.task_subject(self.session, task.type, task.priority),
             _encoder.encode(task),
-            headers={MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)},
+            {MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)},
         )
 
     async def get(self, task_id: str) -> Task:
@@ -484,10 +492,8 @@ class TaskQueue:
             return rejected
 
     async def _redispatch(self, task: Task, revision: int) -> None:
-        try:
-            await (await self._dispatch_async(task, revision))
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise PublishError(f"cannot offer task {task.id}: {exc}") from exc
+        (result,) = await self._acks.publish([self._offer(task, revision)])
+        _stored(result, self.session)
 
     # --- claim ----------------------------------------------------------------------
 
@@ -726,51 +732,57 @@ class TaskQueue:
     # --- claim transitions ------------------------------------------------------------
 
     async def _cas(self, task: Task, revision: int) -> int | None:
-        """Write ``task`` if the record is still at ``revision``; None if it moved on."""
+        """Write ``task`` if the record is still at ``revision``; None if it moved on.
+
+        The writes of one event-loop turn (e.g. the completions of a worker's batch)
+        go out together through ``_cas_many``: one pipelined batch, one timeout.
+        """
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._writes.append((task, revision, future))
+        if len(self._writes) == 1:
+            flush = asyncio.ensure_future(self._flush_writes())
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
+        return await future
+
+    async def _flush_writes(self) -> None:
+        batch, self._writes = self._writes, []
         try:
-            new: int = await self.kv.update(
-                self._key(task.id), _encoder.encode(task), last=revision
-            )
-            return new
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return None
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise ConnectionError(f"cannot update task {task.id}: {exc}") from exc
+            results = await self._cas_many([(task, revision) for task, revision, _ in batch])
+        except ConnectionError as exc:
+            results = [exc] * len(batch)
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its caller was cancelled
+            if isinstance(result, ConnectionError):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     async def _cas_many(
-        self, writes: Sequence[tuple[Task, int]]
+        self, writes_in: Sequence[tuple[Task, int]]
     ) -> list[int | ConnectionError | None]:
         """``_cas`` for many records, pipelined, with one timeout for the whole batch.
 
         Per write: the new revision, None if the record moved on, or the error if the
         outcome is unknown (no answer in time, connection lost).
         """
-        if not writes:
-            return []
-        js = self.bus.js
-        try:
-            futures = [
-                await js.publish_async(
-                    subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
-                    _encoder.encode(task),
-                    headers={EXPECTED_LAST_HEADER: str(revision)},
-                )
-                for task, revision in writes
-            ]
-        except nats.errors.Error as exc:
-            raise ConnectionError(f"cannot update tasks: {exc}") from exc
-        await asyncio.wait(futures, timeout=self.bus.settings.request_timeout)
+        writes = [
+            (
+                subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
+                _encoder.encode(task),
+                {EXPECTED_LAST_HEADER: str(revision)},
+            )
+            for task, revision in writes_in
+        ]
         results: list[int | ConnectionError | None] = []
-        for (task, _), future in zip(writes, futures, strict=True):
-            if not future.done():
-                future.cancel()
-                results.append(ConnectionError(f"cannot update task {task.id}: timed out"))
-            elif (error := future.exception()) is None:
-                results.append(future.result().seq)
-            elif isinstance(error, nats.js.errors.APIError) and error.err_code in _WRONG_LAST:
+        for (task, _), ack in zip(writes_in, await self._acks.publish(writes), strict=True):
+            if isinstance(ack, int):
+                results.append(ack)
+            elif isinstance(ack, _Refused) and ack.err_code in _WRONG_LAST:
                 results.append(None)
             else:
-                results.append(ConnectionError(f"cannot update task {task.id}: {error}"))
+                results.append(ConnectionError(f"cannot update task {task.id}: {ack}"))
         return results
 
     async def _transition(
@@ -938,7 +950,10 @@ class TaskQueue:
         """
         for body, agent, id in items:
             try:
-                await self.bus.publish(body, agent=agent, session=self.session, id=id, wait=False)
+                # Bodies built here from validated records: no need for publish()'s
+                # encode/decode round trip.
+                message = envelope_for(body, agent=agent, session=self.session, id=id)
+                await self.bus.publish_message(message, wait=False)
             except SwarmbusError as exc:
                 log.error("could not publish %s: %s", type(body).__name__, exc)
 
@@ -1008,3 +1023,98 @@ class _Puller:
         except (TimeoutError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot pull tasks: {exc}") from exc
         return msgs
+
+
+class _Refused(msgspec.Struct, frozen=True):
+    """A JetStream API error answered to a publish (e.g. a lost compare-and-set)."""
+
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.description} (code {self.code}, err_code {self.err_code})"
+
+
+class _PubAck(msgspec.Struct):
+    seq: int = 0
+    error: _Refused | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+
+class _Acks:
+    """Acknowledged JetStream publishes, pipelined: one reply inbox, one timeout per batch.
+
+    Why not nats-py's own: ``js.publish`` is a request with its own timer per message,
+    and in nats-py 2.16 a ``publish_async`` future never resolves when the server
+    answers with an error (``APIError.from_error`` raises inside the reply callback),
+    so a lost compare-and-set would hang until a timeout.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._sub: NatsSubscription | None = None
+        self._prefix = ""
+        self._pending: dict[str, asyncio.Future[int | _Refused]] = {}
+        self._count = 0
+
+    async def publish(
+        self, items: Sequence[tuple[str, bytes, dict[str, str]]]
+    ) -> list[int | _Refused | ConnectionError]:
+        """Publish every item, then wait (once) for their acks.
+
+        Per item: the stream sequence, the server's refusal, or a ConnectionError if
+        the answer did not come within the request timeout.
+        """
+        nc = self._bus.nc
+        if self._sub is None:
+            self._prefix = nc.new_inbox()
+            self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
+        tokens: list[str] = []
+        try:
+            for subject, data, headers in items:
+                self._count += 1
+                token = str(self._count)
+                self._pending[token] = asyncio.get_running_loop().create_future()
+                tokens.append(token)
+                await nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+            futures = [self._pending[t] for t in tokens]
+            if futures:
+                await asyncio.wait(futures, timeout=self._bus.settings.request_timeout)
+        except nats.errors.Error as exc:
+            raise ConnectionError(f"cannot publish: {exc}") from exc
+        finally:
+            futures = [self._pending.pop(t) for t in tokens]
+        return [
+            f.result() if f.done() else ConnectionError("no acknowledgement in time")
+            for f in futures
+        ]
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._pending.get(msg.subject[len(self._prefix) + 1 :])
+        if future is None or future.done():
+            return
+        if (msg.headers or {}).get("Status") == "503":
+            future.set_result(_Refused(code=503, description="no stream stores the subject"))
+            return
+        try:
+            ack = _ack_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            future.set_result(_Refused(description=f"bad acknowledgement {msg.data!r}"))
+            return
+        future.set_result(ack.error or ack.seq)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+
+def _stored(ack: int | _Refused | ConnectionError, session: str) -> int:
+    """The sequence of a publish that must have been stored, else PublishError."""
+    if not isinstance(ack, int):
+        raise PublishError(f"cannot store tasks of session {session}: {ack}")
+    return ack
