@@ -221,7 +221,7 @@ class TaskQueue:
         self.starvation_after = starvation_after
         self._kv: KeyValue | None = None
         self._pullers: dict[tuple[str, int], _Puller] = {}
-        self._inbox: NatsSubscription | None = None
+        self._inbox = _PullInbox(bus)
         self._wakeups: dict[str, NatsSubscription] = {}
         self._wakeup = anyio.Event()
         self._last_aging = 0.0
@@ -256,10 +256,10 @@ class TaskQueue:
 
     async def close(self) -> None:
         """Stop this claimer's subscriptions (stream, bucket and tasks stay)."""
-        subs = [*self._wakeups.values(), *([self._inbox] if self._inbox else [])]
+        subs = list(self._wakeups.values())
         self._wakeups.clear()
-        self._inbox = None
         self._pullers.clear()
+        await self._inbox.close()
         await self._acks.close()
         for sub in subs:
             with contextlib.suppress(nats.errors.Error):
@@ -704,8 +704,6 @@ class TaskQueue:
         key = (type, priority)
         puller = self._pullers.get(key)
         if puller is None:
-            if self._inbox is None:
-                self._inbox = await self.bus.nc.subscribe(self.bus.nc.new_inbox())
             subject = subjects.task_subject(self.session, type, priority)
             durable = f"{subjects.safe_token(f'{self.session}.{type}')}-p{priority}"
             config = ConsumerConfig(
@@ -897,6 +895,13 @@ class TaskQueue:
                 del active[claim]
                 freed.set()
 
+        async def run_batch(claims: list[Claim]) -> None:
+            # One task-group task per batch; gather's tasks are much cheaper to start.
+            results = await asyncio.gather(*(run(c) for c in claims), return_exceptions=True)
+            for error in results:
+                if isinstance(error, BaseException):
+                    raise error
+
         async def beat(claim: Claim) -> None:
             with contextlib.suppress(SwarmbusError):
                 await claim.heartbeat()
@@ -931,7 +936,8 @@ class TaskQueue:
                     continue
                 for claim in claims:
                     active[claim] = time.monotonic()
-                    tg.start_soon(run, claim)
+                if claims:
+                    tg.start_soon(run_batch, claims)
             while active:
                 freed = anyio.Event()
                 await freed.wait()
@@ -1002,27 +1008,62 @@ class _Puller:
     claimer instead checks ten priorities in turn and must not block on each.
     """
 
-    def __init__(self, bus: Bus, durable: str, inbox: NatsSubscription) -> None:
-        self._bus = bus
+    def __init__(self, bus: Bus, durable: str, inbox: _PullInbox) -> None:
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{durable}"
         self._inbox = inbox
 
     async def pull(self, batch: int) -> list[Msg]:
-        request = json.dumps({"batch": batch, "no_wait": True}).encode()
-        msgs: list[Msg] = []
+        return await self._inbox.pull(self._next, batch)
+
+
+class _PullInbox:
+    """The reply inbox of one claimer's pulls (one pull at a time: ``_scan_lock``).
+
+    A callback collects a pull's messages: waiting on the subscription message by
+    message (``next_msg``) would cost an event-loop turn and a timer per message.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._sub: NatsSubscription | None = None
+        self._msgs: list[Msg] = []
+        self._want = 0
+        self._done: asyncio.Future[None] | None = None
+
+    async def pull(self, next_subject: str, batch: int) -> list[Msg]:
+        nc = self._bus.nc
         try:
-            await self._bus.nc.publish(self._next, request, reply=self._inbox.subject)
-            while len(msgs) < batch:
-                msg = await self._inbox.next_msg(timeout=self._bus.settings.request_timeout)
-                status = (msg.headers or {}).get("Status")
-                if status in _NO_MESSAGES:
-                    break
-                if status:
-                    continue
-                msgs.append(msg)
+            if self._sub is None:
+                self._sub = await nc.subscribe(nc.new_inbox(), cb=self._on_msg)
+            # Messages that arrived after an earlier pull gave up are ours too.
+            strays = len(self._msgs)
+            if strays < batch:
+                self._want = batch
+                self._done = asyncio.get_running_loop().create_future()
+                request = json.dumps({"batch": batch - strays, "no_wait": True}).encode()
+                await nc.publish(next_subject, request, reply=self._sub.subject)
+                await asyncio.wait_for(self._done, self._bus.settings.request_timeout)
         except (TimeoutError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot pull tasks: {exc}") from exc
+        finally:
+            self._done = None
+        msgs, self._msgs = self._msgs[:batch], self._msgs[batch:]
         return msgs
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = (msg.headers or {}).get("Status")
+        if not status:
+            self._msgs.append(msg)
+        done = self._done
+        finished = status in _NO_MESSAGES or len(self._msgs) >= self._want
+        if done is not None and not done.done() and finished:
+            done.set_result(None)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
 
 
 class _Refused(msgspec.Struct, frozen=True):
