@@ -1,12 +1,15 @@
 """End-to-end task queue throughput vs a raw JetStream pull-consumer loop, same server.
 
     python bench/bench_tasks.py [--tasks 20000] [--workers 2] [--batch 256]
+                                [--loop asyncio|uvloop] [--rounds 1]
 
 Both runs: one process creates N items, ``--workers`` processes consume them with a
 no-op handler. ``raw`` is the floor: publish to a work-queue stream, fetch in
 batches, ack. ``tasks`` is swarmbus: create_many -> claim (KV CAS) -> complete (KV
 CAS + ack), with the task.created/assigned/completed events. The clock runs from the
-first create to the last completion.
+first create to the last completion. ``--loop`` picks the event loop of every
+process (parent and workers); ``--rounds`` repeats raw + tasks to show the noise of
+a shared machine (the load average is printed with each round).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nats.errors
@@ -28,6 +32,7 @@ from swarmbus import Bus, NatsServer, TaskQueue, TaskSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW_STREAM = "BENCH_RAW"
+LOOP_ENV = "SWARMBUS_BENCH_LOOP"
 
 
 async def raw_worker(url: str, batch: int) -> None:
@@ -94,7 +99,7 @@ async def run_raw(bus: Bus, url: str, n: int, workers: int, batch: int) -> float
 
 
 async def run_tasks(bus: Bus, url: str, n: int, workers: int, batch: int) -> float:
-    session = f"bench-{os.getpid()}"
+    session = f"bench-{os.getpid()}-{time.monotonic_ns() % 10**9}"
     completed = 0
     all_done = anyio.Event()
 
@@ -129,33 +134,42 @@ async def run_tasks(bus: Bus, url: str, n: int, workers: int, batch: int) -> flo
     return elapsed
 
 
-async def bench(n: int, workers: int, batch: int) -> None:
+async def bench(n: int, workers: int, batch: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
         async with Bus.open(url=server.url) as bus:
-            raw = await run_raw(bus, server.url, n, workers, batch)
-            print(f"raw JetStream pull loop : {n / raw:8.0f} msgs/s  ({n} in {raw:.2f}s)")
-            tasks = await run_tasks(bus, server.url, n, workers, batch)
-            print(f"swarmbus TaskQueue      : {n / tasks:8.0f} tasks/s ({n} in {tasks:.2f}s)")
-            print(f"ratio                   : {tasks / raw:8.1f}x the raw time")
+            for _ in range(rounds):
+                load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+                raw = await run_raw(bus, server.url, n, workers, batch)
+                print(f"raw JetStream pull loop : {n / raw:8.0f} msgs/s  ({n} in {raw:.2f}s)")
+                tasks = await run_tasks(bus, server.url, n, workers, batch)
+                print(f"swarmbus TaskQueue      : {n / tasks:8.0f} tasks/s ({n} in {tasks:.2f}s)")
+                print(f"ratio                   : {tasks / raw:8.1f}x the raw time (load {load})")
+
+
+def run(func: Any, *args: Any) -> None:
+    anyio.run(func, *args, backend_options={"use_uvloop": os.environ.get(LOOP_ENV) == "uvloop"})
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--raw-worker"]:
-        anyio.run(raw_worker, sys.argv[2], int(sys.argv[3]))
+        run(raw_worker, sys.argv[2], int(sys.argv[3]))
         return
     if sys.argv[1:2] == ["--task-worker"]:
-        anyio.run(task_worker, sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        run(task_worker, sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--batch", type=int, default=256, help="fetch batch / concurrency")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
+    os.environ[LOOP_ENV] = args.loop  # inherited by the worker processes
     print(
         f"{args.tasks} items, {args.workers} worker processes, batch {args.batch}, "
-        f"{os.cpu_count()} CPUs"
+        f"{args.loop}, {os.cpu_count()} CPUs"
     )
-    anyio.run(bench, args.tasks, args.workers, args.batch)
+    run(bench, args.tasks, args.workers, args.batch, args.rounds)
 
 
 if __name__ == "__main__":

@@ -745,14 +745,15 @@ class TaskQueue:
 
     async def _flush_writes(self) -> None:
         batch, self._writes = self._writes, []
+        results: list[int | BaseException | None]
         try:
-            results = await self._cas_many([(task, revision) for task, revision, _ in batch])
-        except ConnectionError as exc:
+            results = [*await self._cas_many([(task, rev) for task, rev, _ in batch])]
+        except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
             results = [exc] * len(batch)
         for (_, _, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue  # its caller was cancelled
-            if isinstance(result, ConnectionError):
+            if isinstance(result, BaseException):
                 future.set_exception(result)
             else:
                 future.set_result(result)
