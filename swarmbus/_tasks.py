@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -309,8 +310,9 @@ class TaskQueue:
         """Create several tasks with pipelined writes (every spec is validated first)."""
         subjects.validate_agent_id(agent)
         tasks = [self._build(spec, agent) for spec in specs]
-        # Records first (create-once), pipelined; then the dispatch messages, which
-        # carry the record and its revision so a claimer can CAS without a read.
+        # Records first (create-once), pipelined; each record's dispatch message goes
+        # out as soon as its ack is in. The dispatch message carries the record and
+        # its revision so a claimer can CAS without a read.
         records = [
             (
                 subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
@@ -319,13 +321,20 @@ class TaskQueue:
             )
             for task in tasks
         ]
-        revisions = [_stored(r, self.session) for r in await self._acks.publish(records)]
-        offers = [
-            self._offer(task, revision)
-            for task, revision in zip(tasks, revisions, strict=True)
-            if task.approval == "none"
-        ]
-        for result in await self._acks.publish(offers):
+        stored = await self._acks.send(records)
+        offered: list[asyncio.Future[int | _Refused]] = []
+        try:
+            with anyio.fail_after(self.bus.settings.request_timeout):
+                for task, (_, data, _), ack in zip(tasks, records, stored, strict=True):
+                    revision = _stored(await ack, self.session)
+                    if task.approval == "none":
+                        offered += await self._acks.send([self._offer(task, revision, data)])
+        except TimeoutError:
+            raise PublishError(f"cannot store tasks of session {self.session}: timed out") from None
+        finally:
+            for future in stored:
+                future.cancel()  # no-op on the answered ones
+        for result in await self._acks.collect(offered):
             _stored(result, self.session)
         await self._events(
             [
@@ -383,11 +392,13 @@ class TaskQueue:
             created_at=_now(),
         )
 
-    def _offer(self, task: Task, revision: int) -> tuple[str, bytes, dict[str, str]]:
+    def _offer(
+        self, task: Task, revision: int, data: bytes | None = None
+    ) -> tuple[str, bytes, dict[str, str]]:
         """The dispatch message of ``task`` (subject, data, headers)."""
         return (
             subjects.task_subject(self.session, task.type, task.priority),
-            _encoder.encode(task),
+            _encoder.encode(task) if data is None else data,
             {MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)},
         )
 
@@ -1105,34 +1116,52 @@ class _Acks:
     async def publish(
         self, items: Sequence[tuple[str, bytes, dict[str, str]]]
     ) -> list[int | _Refused | ConnectionError]:
-        """Publish every item, then wait (once) for their acks.
+        """Publish every item, then wait (once) for their acks (see ``collect``)."""
+        return await self.collect(await self.send(items))
 
-        Per item: the stream sequence, the server's refusal, or a ConnectionError if
-        the answer did not come within the request timeout.
-        """
+    async def send(
+        self, items: Sequence[tuple[str, bytes, dict[str, str]]]
+    ) -> list[asyncio.Future[int | _Refused]]:
+        """Publish every item; each future resolves to its ack (cancel the unwanted)."""
         nc = self._bus.nc
-        if self._sub is None:
-            self._prefix = nc.new_inbox()
-            self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
-        tokens: list[str] = []
+        futures: list[asyncio.Future[int | _Refused]] = []
         try:
+            if self._sub is None:
+                self._prefix = nc.new_inbox()
+                self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
             for subject, data, headers in items:
                 self._count += 1
                 token = str(self._count)
-                self._pending[token] = asyncio.get_running_loop().create_future()
-                tokens.append(token)
+                future: asyncio.Future[int | _Refused] = asyncio.get_running_loop().create_future()
+                future.add_done_callback(functools.partial(self._forget, token))
+                self._pending[token] = future
+                futures.append(future)
                 await nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
-            futures = [self._pending[t] for t in tokens]
+        except nats.errors.Error as exc:
+            for future in futures:
+                future.cancel()
+            raise ConnectionError(f"cannot publish: {exc}") from exc
+        return futures
+
+    async def collect(
+        self, futures: Sequence[asyncio.Future[int | _Refused]]
+    ) -> list[int | _Refused | ConnectionError]:
+        """Wait (once, up to the request timeout) for acks: per future the stream
+        sequence, the server's refusal, or a ConnectionError if none came in time.
+        """
+        try:
             if futures:
                 await asyncio.wait(futures, timeout=self._bus.settings.request_timeout)
-        except nats.errors.Error as exc:
-            raise ConnectionError(f"cannot publish: {exc}") from exc
         finally:
-            futures = [self._pending.pop(t) for t in tokens]
+            for future in futures:
+                future.cancel()  # no-op on the answered ones
         return [
-            f.result() if f.done() else ConnectionError("no acknowledgement in time")
+            f.result() if not f.cancelled() else ConnectionError("no acknowledgement in time")
             for f in futures
         ]
+
+    def _forget(self, token: str, _: object) -> None:
+        self._pending.pop(token, None)
 
     async def _on_ack(self, msg: Msg) -> None:
         future = self._pending.get(msg.subject[len(self._prefix) + 1 :])
