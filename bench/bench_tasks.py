@@ -59,12 +59,28 @@ async def task_worker(url: str, session: str, batch: int) -> None:
         )
 
 
+def cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_split(pids: dict[str, list[int]], before: dict[str, float], n: int) -> str:
+    """Microseconds of CPU per item by role since ``before``."""
+    used = {role: sum(cpu(p) for p in ps) - before[role] for role, ps in pids.items()}
+    return ", ".join(f"{role} {used[role] / n * 1e6:.0f}" for role in pids)
+
+
+def snapshot(pids: dict[str, list[int]]) -> dict[str, float]:
+    return {role: sum(cpu(p) for p in ps) for role, ps in pids.items()}
+
+
 def spawn(*args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, __file__, *args], env=env)
 
 
-async def run_raw(bus: Bus, url: str, n: int, workers: int, batch: int) -> float:
+async def run_raw(bus: Bus, url: str, n: int, workers: int, batch: int, server: int) -> float:
     await bus.ensure_stream(
         StreamConfig(name=RAW_STREAM, subjects=["bench.raw"], retention=RetentionPolicy.WORK_QUEUE)
     )
@@ -81,6 +97,8 @@ async def run_raw(bus: Bus, url: str, n: int, workers: int, batch: int) -> float
     procs = [spawn("--raw-worker", url, str(batch)) for _ in range(workers)]
     try:
         await anyio.sleep(1.0)  # let the workers connect and bind
+        pids = {"server": [server], "producer": [os.getpid()], "workers": [p.pid for p in procs]}
+        before = snapshot(pids)
         start = time.perf_counter()
         for i in range(0, n, 1000):
             futures = [
@@ -90,7 +108,9 @@ async def run_raw(bus: Bus, url: str, n: int, workers: int, batch: int) -> float
                 await f
         with anyio.fail_after(600):
             await all_done.wait()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        print(f"  raw CPU us/item: {cpu_split(pids, before, n)}")
+        return elapsed
     finally:
         for p in procs:
             p.kill()
@@ -98,7 +118,7 @@ async def run_raw(bus: Bus, url: str, n: int, workers: int, batch: int) -> float
         await sub.unsubscribe()
 
 
-async def run_tasks(bus: Bus, url: str, n: int, workers: int, batch: int) -> float:
+async def run_tasks(bus: Bus, url: str, n: int, workers: int, batch: int, server: int) -> float:
     session = f"bench-{os.getpid()}-{time.monotonic_ns() % 10**9}"
     completed = 0
     all_done = anyio.Event()
@@ -114,6 +134,8 @@ async def run_tasks(bus: Bus, url: str, n: int, workers: int, batch: int) -> flo
         procs = [spawn("--task-worker", url, session, str(batch)) for _ in range(workers)]
         try:
             await anyio.sleep(1.0)
+            pids = {"server": [server], "creator": [os.getpid()], "workers": [p.pid for p in procs]}
+            before = snapshot(pids)
             start = time.perf_counter()
             for i in range(0, n, 1000):
                 specs = [TaskSpec(type="noop") for _ in range(min(1000, n - i))]
@@ -123,6 +145,7 @@ async def run_tasks(bus: Bus, url: str, n: int, workers: int, batch: int) -> flo
                 await all_done.wait()
             elapsed = time.perf_counter() - start
             print(f"  (creating all {n} took {created:.2f}s of it)")
+            print(f"  tasks CPU us/task: {cpu_split(pids, before, n)}")
         finally:
             for p in procs:
                 p.kill()
@@ -139,9 +162,10 @@ async def bench(n: int, workers: int, batch: int, rounds: int) -> None:
         async with Bus.open(url=server.url) as bus:
             for _ in range(rounds):
                 load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-                raw = await run_raw(bus, server.url, n, workers, batch)
+                assert server.pid is not None
+                raw = await run_raw(bus, server.url, n, workers, batch, server.pid)
                 print(f"raw JetStream pull loop : {n / raw:8.0f} msgs/s  ({n} in {raw:.2f}s)")
-                tasks = await run_tasks(bus, server.url, n, workers, batch)
+                tasks = await run_tasks(bus, server.url, n, workers, batch, server.pid)
                 print(f"swarmbus TaskQueue      : {n / tasks:8.0f} tasks/s ({n} in {tasks:.2f}s)")
                 print(f"ratio                   : {tasks / raw:8.1f}x the raw time (load {load})")
 
