@@ -13,6 +13,10 @@ Two JetStream pieces (see README "Task queue"):
   revision, and each claim increments ``attempts``, which is the claim's fencing
   token: the CAS on the record, not the JetStream ack, is the commit point, so a
   redelivered dispatch message can never make a task complete twice.
+
+Lifecycle events are notifications published after the record changed, without
+waiting for their acks. Writes are pipelined in batches (``_Acks``) for throughput;
+each keeps its own compare-and-set outcome.
 """
 
 from __future__ import annotations
