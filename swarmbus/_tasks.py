@@ -234,7 +234,6 @@ class TaskQueue:
         self._scan_lock = anyio.Lock()
         self._acks = _Acks(bus)
         self._writes: list[tuple[Task, int, asyncio.Future[int | None]]] = []
-        self._flushes: set[asyncio.Future[None]] = set()
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -748,23 +747,33 @@ class TaskQueue:
         """Write ``task`` if the record is still at ``revision``; None if it moved on.
 
         The writes of one event-loop turn (e.g. the completions of a worker's batch)
-        go out together through ``_cas_many``: one pipelined batch, one timeout.
+        go out together through ``_cas_many``: one pipelined batch, one timeout. The
+        first writer of the turn sends the batch for everyone (no background task).
         """
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._writes.append((task, revision, future))
         if len(self._writes) == 1:
-            flush = asyncio.ensure_future(self._flush_writes())
-            self._flushes.add(flush)
-            flush.add_done_callback(self._flushes.discard)
+            try:
+                await asyncio.sleep(0)  # let the other writers of this turn join
+            finally:
+                # Even if cancelled: the batch holds other writers' writes too.
+                with anyio.CancelScope(shield=True):
+                    await self._flush_writes(future)
         return await future
 
-    async def _flush_writes(self) -> None:
+    async def _flush_writes(self, own: asyncio.Future[int | None]) -> None:
         batch, self._writes = self._writes, []
         results: list[int | BaseException | None]
         try:
             results = [*await self._cas_many([(task, rev) for task, rev, _ in batch])]
-        except Exception as exc:  # noqa: BLE001 - every waiter must hear of it
+        except Exception as exc:  # noqa: BLE001 - every waiter gets it, the flusher too
             results = [exc] * len(batch)
+        except BaseException:
+            # The flusher was cancelled: the others' writes have unknown outcomes.
+            for _, _, future in batch:
+                if future is not own and not future.done():
+                    future.set_exception(ConnectionError("write abandoned by its batch"))
+            raise
         for (_, _, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue  # its caller was cancelled

@@ -78,3 +78,24 @@ async def test_concurrent_batch_claimers_claim_each_task_once(
     stored = await queue.tasks()
     assert len(stored) == 60
     assert {(t.status, t.attempts) for t in stored} == {("completed", 1)}
+
+
+async def test_cancelled_first_writer_still_sends_the_batch(queue: TaskQueue) -> None:
+    await queue.create_many([TaskSpec(type="x"), TaskSpec(type="x")], agent=CREATOR)
+    first, second = await queue.claim_many(agent="w/a", types=["x"], limit=2)
+    results: list[Task] = []
+
+    async def cancelled_complete() -> None:
+        with anyio.CancelScope() as scope:
+            scope.cancel()  # delivered at its first checkpoint, inside the batching
+            await first.complete({"n": 1})
+
+    async def complete_second() -> None:
+        results.append(await second.complete({"n": 2}))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancelled_complete)
+            tg.start_soon(complete_second)
+    assert [t.result for t in results] == [{"n": 2}]
+    assert (await queue.get(second.task.id)).status == "completed"
