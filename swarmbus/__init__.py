@@ -14,12 +14,14 @@ from swarmbus._errors import (
     NotFoundError,
     PermissionDeniedError,
     PublishError,
+    QueryTimeoutError,
     RemoteError,
     RequestTimeoutError,
     ServerBinaryNotFoundError,
     ServerError,
     ServerStartError,
     ServerVersionError,
+    SpecError,
     SwarmbusError,
 )
 from swarmbus._messages import (
@@ -68,6 +70,15 @@ from swarmbus._messages import (
 )
 from swarmbus._server import NatsCluster, NatsServer, find_binary
 from swarmbus._subjects import validate_agent_id, validate_session_id
+from swarmbus._swarm import (
+    ParallelInvestigation,
+    ProgressiveRefinement,
+    QueryLedger,
+    QueryOutcome,
+    StepResult,
+    SwarmResult,
+    load_spec,
+)
 
 __version__ = "0.1.0"
 
@@ -103,10 +114,15 @@ __all__ = [
     "NatsServer",
     "NoResponderError",
     "NotFoundError",
+    "ParallelInvestigation",
     "PermissionDeniedError",
+    "ProgressiveRefinement",
     "Proposal",
     "ProposalMessage",
     "PublishError",
+    "QueryLedger",
+    "QueryOutcome",
+    "QueryTimeoutError",
     "RemoteError",
     "Request",
     "RequestMessage",
@@ -123,6 +139,9 @@ __all__ = [
     "SessionStartedMessage",
     "Settings",
     "Source",
+    "SpecError",
+    "StepResult",
+    "SwarmResult",
     "SwarmbusError",
     "TaskAssigned",
     "TaskAssignedMessage",
@@ -139,6 +158,7 @@ __all__ = [
     "decode",
     "encode",
     "find_binary",
+    "load_spec",
     "run",
     "validate_agent_id",
     "validate_session_id",

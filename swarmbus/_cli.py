@@ -54,6 +54,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return anyio.run(run_demo, args.data_dir)
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from swarmbus._bus import connect
+    from swarmbus._swarm import load_agents, load_spec, run_swarm
+
+    spec = load_spec(args.spec)
+    agents = load_agents(args.agents)
+
+    async def main() -> int:
+        async with connect(data_dir=args.data_dir) as bus:
+            result = await run_swarm(bus, spec, agents, session=args.session)
+        print(result.to_yaml(), end="", flush=True)
+        return 0 if result.ok else 1
+
+    return anyio.run(main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="swarmbus", description="Agent coordination on NATS.")
@@ -74,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the incident demo on an embedded server")
     p.add_argument("--data-dir", default=None, help="JetStream store (default: a temp dir)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("run", help="run a swarm spec (YAML) on the configured server")
+    p.add_argument("spec", help="swarm spec, e.g. examples/parallel_investigation.yaml")
+    p.add_argument(
+        "--agents",
+        default="swarmbus._demo",
+        help="module or .py file defining agents() (default: the demo's incident agents)",
+    )
+    p.add_argument("--session", default=None, help="session id (default: a fresh one)")
+    p.add_argument("--data-dir", default=None, help="embedded server store (without NATS_URL)")
+    p.set_defaults(func=_cmd_run)
     return parser
 
 
