@@ -19,12 +19,13 @@ import importlib.util
 import re
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, Self
 
 import anyio
+import anyio.abc
 import msgspec
 import nats.errors
 import nats.js.errors
@@ -591,6 +592,31 @@ def expertise_of(agents: Iterable[Agent]) -> dict[str, dict[str, float]]:
     return {a.id: dict(a.expertise) for a in agents}
 
 
+@contextlib.asynccontextmanager
+async def serving(bus: Bus, agents: Iterable[Agent]) -> AsyncIterator[None]:
+    """Serve ``agents`` on ``bus`` for the block; on exit they drain concurrently."""
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        for agent in agents:
+            await tg.start(_serve_until, agent, bus, stop)
+        try:
+            yield
+        finally:
+            stop.set()
+
+
+async def _serve_until(
+    agent: Agent,
+    bus: Bus,
+    stop: anyio.Event,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    async with agent.serve(bus):
+        task_status.started()
+        await stop.wait()
+
+
 async def run_swarm(
     bus: Bus,
     spec: ParallelInvestigation | ProgressiveRefinement,
@@ -604,9 +630,7 @@ async def run_swarm(
     """
     session = subjects.validate_session_id(session) if session else new_session()
     local = list(agents)
-    async with contextlib.AsyncExitStack() as stack:
-        for agent in local:
-            await stack.enter_async_context(agent.serve(bus))
+    async with serving(bus, local):
         if isinstance(spec, ProgressiveRefinement):
             return await run_progressive(bus, spec, session=session)
         from swarmbus._coordinator import run_parallel
