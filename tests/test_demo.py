@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import anyio
 import msgspec
 
@@ -17,6 +23,8 @@ from swarmbus._demo import (
     incident,
 )
 from swarmbus._swarm import QUERIES_BUCKET, query_key
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def test_the_incident_ends_in_the_seeds_rollback_decision(bus: Bus) -> None:
@@ -101,3 +109,29 @@ async def test_the_demo_runs_again_in_a_fresh_session(bus: Bus) -> None:
     assert first.session.startswith("INC-1234-")
     assert second.decision.decision == "rollback"
     assert len(second.snapshot.findings) == len(first.snapshot.findings) == 9
+
+
+TRACED_DEMO = """
+import sys
+import anyio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from swarmbus._demo import run_demo
+
+trace.set_tracer_provider(TracerProvider())
+sys.exit(anyio.run(run_demo))
+"""
+
+
+def test_the_demo_prints_its_trace_id_when_tracing_is_on(nats_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", TRACED_DEMO],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "NATS_URL": nats_url},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^trace id: [0-9a-f]{32}$", result.stdout, re.MULTILINE), result.stdout
+    assert nats_url in result.stdout, "the demo must use NATS_URL when it is set"
