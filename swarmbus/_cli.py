@@ -57,10 +57,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from swarmbus._bus import connect
-    from swarmbus._swarm import load_agents, load_spec, run_swarm
+    from swarmbus._swarm import load_agents, load_spec, run_swarm, spec_agents
 
     spec = load_spec(args.spec)
     agents = load_agents(args.agents)
+    served = {a.id for a in agents}
+    for name in spec_agents(spec):
+        if name not in served:
+            print(
+                f"swarmbus: {name} is not in {args.agents}: it must run elsewhere", file=sys.stderr
+            )
 
     async def main() -> int:
         async with connect(data_dir=args.data_dir) as bus:

@@ -250,6 +250,16 @@ def parse_spec(
         raise SpecError(source, problems) from None
 
 
+def spec_agents(spec: ParallelInvestigation | ProgressiveRefinement) -> list[str]:
+    """Every agent id a spec names, in order of appearance."""
+    if isinstance(spec, ProgressiveRefinement):
+        names = [s.agent for s in spec.stages]
+    else:
+        names = [a.agent for a in spec.agents]
+        names += [spec.synthesis.agent] if spec.synthesis else []
+    return list(dict.fromkeys(names))
+
+
 def load_spec(path: str | Path) -> ParallelInvestigation | ProgressiveRefinement:
     """Read and validate a swarm spec YAML file.
 
@@ -388,7 +398,10 @@ class QueryLedger:
                         pass
                     else:
                         return await self._execute(kv, key, revision, source, query, execute)
-                    entry = await kv.get(key)
+                    try:
+                        entry = await kv.get(key)
+                    except nats.js.errors.KeyNotFoundError:
+                        continue  # aged out between our create and get: create again
                     assert entry.value is not None
                     assert entry.revision is not None
                     record = _query_decoder.decode(entry.value)
