@@ -17,6 +17,7 @@ from swarmbus._bus import Bus, connect
 from swarmbus._confidence import Opinion, Pooling, aggregate_confidence
 from swarmbus._config import Settings
 from swarmbus._consensus import Consensus, ConsensusService, ProposalRecord, Tally, tally_outcome
+from swarmbus._coordinator import Coordinator, Subtask
 from swarmbus._errors import (
     AlreadyVotedError,
     ConflictError,
@@ -24,7 +25,11 @@ from swarmbus._errors import (
     DecisionTimeoutError,
     InvalidIdentifierError,
     InvalidMessageError,
+    InvalidTaskError,
     InvalidTransitionError,
+    InvalidTTLError,
+    LockLostError,
+    LockTimeoutError,
     MessageTooLargeError,
     NoResponderError,
     NotEligibleError,
@@ -41,8 +46,10 @@ from swarmbus._errors import (
     ServerVersionError,
     SpecError,
     SwarmbusError,
+    TaskClaimLostError,
     ValueTooLargeError,
 )
+from swarmbus._locks import Holder, Lease, Lock, held_locks, lock_holder
 from swarmbus._messages import (
     Action,
     ActionCompleted,
@@ -98,7 +105,9 @@ from swarmbus._swarm import (
     StepResult,
     SwarmResult,
     load_spec,
+    run_swarm,
 )
+from swarmbus._tasks import Claim, Task, TaskQueue, TaskSpec
 
 __version__ = "0.1.0"
 
@@ -114,12 +123,14 @@ __all__ = [
     "Blackboard",
     "BoardChange",
     "Bus",
+    "Claim",
     "ConfidenceUpdate",
     "ConflictError",
     "ConnectionError",
     "Consensus",
     "ConsensusService",
     "ContextRecord",
+    "Coordinator",
     "Decision",
     "DecisionMessage",
     "DecisionTimeoutError",
@@ -132,6 +143,7 @@ __all__ = [
     "FindingRecord",
     "FindingReported",
     "FindingReportedMessage",
+    "Holder",
     "HypothesisProposed",
     "HypothesisProposedMessage",
     "HypothesisRecord",
@@ -139,7 +151,13 @@ __all__ = [
     "HypothesisValidatedMessage",
     "InvalidIdentifierError",
     "InvalidMessageError",
+    "InvalidTTLError",
+    "InvalidTaskError",
     "InvalidTransitionError",
+    "Lease",
+    "Lock",
+    "LockLostError",
+    "LockTimeoutError",
     "Message",
     "MessageTooLargeError",
     "NatsCluster",
@@ -181,17 +199,22 @@ __all__ = [
     "SpecError",
     "StatusChange",
     "StepResult",
+    "Subtask",
     "SwarmResult",
     "SwarmbusError",
     "Tally",
+    "Task",
     "TaskAssigned",
     "TaskAssignedMessage",
+    "TaskClaimLostError",
     "TaskCompleted",
     "TaskCompletedMessage",
     "TaskCreated",
     "TaskCreatedMessage",
     "TaskFailed",
     "TaskFailedMessage",
+    "TaskQueue",
+    "TaskSpec",
     "ValueTooLargeError",
     "Vote",
     "VoteMessage",
@@ -201,8 +224,11 @@ __all__ = [
     "decode",
     "encode",
     "find_binary",
+    "held_locks",
     "load_spec",
+    "lock_holder",
     "run",
+    "run_swarm",
     "tally_outcome",
     "validate_agent_id",
     "validate_session_id",

@@ -123,6 +123,42 @@ def _cmd_consensus(args: argparse.Namespace) -> int:
     return anyio.run(serve, backend_options={"use_uvloop": args.uvloop})
 
 
+def _cmd_locks(args: argparse.Namespace) -> int:
+    from swarmbus._bus import Bus
+    from swarmbus._locks import held_locks
+
+    async def show() -> None:
+        async with Bus.open(provision=False) as bus:
+            holders = await held_locks(bus, bucket=args.bucket)
+        print(f"{'RESOURCE':<40} {'OWNER':<30} {'TOKEN':>10}  EXPIRES AT (UTC)")
+        for h in holders:
+            print(f"{h.resource:<40} {h.owner:<30} {h.token:>10}  {h.expires_at.isoformat()}")
+
+    anyio.run(show)
+    return 0
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from swarmbus._bus import Bus
+    from swarmbus._tasks import TaskQueue
+
+    async def show() -> int:
+        async with Bus.open() as bus, TaskQueue(bus, args.session) as queue:
+            tasks = await queue.tasks(args.status)
+        print(f"{'ID':36}  {'TYPE':12}  P  {'STATUS':9}  TRY  {'ASSIGNED TO':24}  NOTE")
+        for t in tasks:
+            note = t.error or ("approval " + t.approval if t.approval != "none" else "")
+            note = f"DEAD {note}" if t.dead else note
+            print(
+                f"{t.id:36}  {t.type:12}  {t.priority:<2} {t.status:9}  {t.attempts:<3}  "
+                f"{t.assigned_to or '-':24}  {note}"
+            )
+        print(f"{len(tasks)} task(s)")
+        return 0
+
+    return anyio.run(show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="swarmbus", description="Agent coordination on NATS.")
@@ -168,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", default="swarmbus/consensus", help="agent id decisions come from")
     p.add_argument("--uvloop", action="store_true", help="run on uvloop (swarmbus[uvloop])")
     p.set_defaults(func=_cmd_consensus)
+
+    p = sub.add_parser("locks", help="list held locks (server from NATS_URL)")
+    p.add_argument("--bucket", default="SWARMBUS_LOCKS", help="locks bucket (default: %(default)s)")
+    p.set_defaults(func=_cmd_locks)
+
+    p = sub.add_parser("tasks", help="list a session's tasks (server from NATS_URL)")
+    p.add_argument("session", help="session id, e.g. INC-1234")
+    p.add_argument(
+        "--status", default=None, choices=["pending", "assigned", "running", "completed", "failed"]
+    )
+    p.set_defaults(func=_cmd_tasks)
     return parser
 
 

@@ -19,12 +19,17 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
     ├── RemoteError
     ├── NotFoundError (KeyError)
     ├── ConflictError
-    │   └── AlreadyVotedError
+    │   ├── AlreadyVotedError
+    │   └── TaskClaimLostError
+    ├── InvalidTaskError (ValueError)
     ├── InvalidTransitionError (ValueError)
     ├── PermissionDeniedError (PermissionError)
     │   └── NotEligibleError
     ├── ProposalClosedError
     ├── DecisionTimeoutError (TimeoutError)
+    ├── InvalidTTLError (ValueError)
+    ├── LockLostError
+    ├── LockTimeoutError (TimeoutError)
     ├── SpecError (ValueError)
     └── QueryTimeoutError (TimeoutError)
 """
@@ -38,7 +43,11 @@ __all__ = [
     "DecisionTimeoutError",
     "InvalidIdentifierError",
     "InvalidMessageError",
+    "InvalidTTLError",
+    "InvalidTaskError",
     "InvalidTransitionError",
+    "LockLostError",
+    "LockTimeoutError",
     "MessageTooLargeError",
     "NoResponderError",
     "NotEligibleError",
@@ -55,6 +64,7 @@ __all__ = [
     "ServerVersionError",
     "SpecError",
     "SwarmbusError",
+    "TaskClaimLostError",
     "ValueTooLargeError",
 ]
 
@@ -181,6 +191,31 @@ class ConflictError(SwarmbusError):
         super().__init__(f"{msg}: {detail}" if detail else msg)
 
 
+class TaskClaimLostError(ConflictError):
+    """A worker's claim on a task expired and the task moved on; its call changed nothing."""
+
+    def __init__(self, task_id: str, attempt: int, current_attempt: int, status: str) -> None:
+        self.task_id = task_id
+        self.attempt = attempt
+        self.current_attempt = current_attempt
+        self.status = status
+        super().__init__(
+            task_id,
+            None,
+            f"claim {attempt} of task {task_id} was lost "
+            f"(task is {status}, at attempt {current_attempt})",
+        )
+
+
+class InvalidTaskError(SwarmbusError, ValueError):
+    """A task (or queue option) with a bad field: priority, type, parameters, result."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"invalid task {field}: {reason}")
+
+
 class InvalidTransitionError(SwarmbusError, ValueError):
     """A status change that the state machine does not allow."""
 
@@ -231,6 +266,40 @@ class DecisionTimeoutError(SwarmbusError, TimeoutError):
         self.proposal_id = proposal_id
         self.timeout = timeout
         super().__init__(f"no decision on proposal {proposal_id!r} within {timeout:g}s")
+
+
+class InvalidTTLError(SwarmbusError, ValueError):
+    """A TTL that the server cannot apply (per-key TTLs are whole seconds, at least 1)."""
+
+    def __init__(self, ttl: object) -> None:
+        self.ttl = ttl
+        super().__init__(f"invalid TTL {ttl!r}: use a finite number of seconds > 0")
+
+
+class LockLostError(SwarmbusError):
+    """The lock is not (or no longer) held by this holder: released, expired or taken.
+
+    ``token`` is the fencing token of the lost lease (None if it was never acquired).
+    """
+
+    def __init__(self, resource: str, owner: str, token: int | None) -> None:
+        self.resource = resource
+        self.owner = owner
+        self.token = token
+        if token is None:
+            super().__init__(f"{owner} does not hold the lock on {resource!r}")
+        else:
+            super().__init__(f"{owner} lost the lock on {resource!r} (token {token})")
+
+
+class LockTimeoutError(SwarmbusError, TimeoutError):
+    """A lock was not acquired within the timeout."""
+
+    def __init__(self, resource: str, owner: str, timeout: float | None) -> None:
+        self.resource = resource
+        self.owner = owner
+        self.timeout = timeout
+        super().__init__(f"{owner} did not get the lock on {resource!r} within {timeout}s")
 
 
 class SpecError(SwarmbusError, ValueError):

@@ -19,6 +19,7 @@ from nats.js.api import DeliverPolicy
 
 from swarmbus import (
     AlreadyVotedError,
+    Blackboard,
     Bus,
     Consensus,
     ConsensusService,
@@ -32,7 +33,9 @@ from swarmbus import (
     NotFoundError,
     Proposal,
     ProposalClosedError,
+    Snapshot,
     Tally,
+    TaskQueue,
     Vote,
     decode,
     tally_outcome,
@@ -571,3 +574,53 @@ async def test_a_decision_recorded_but_never_published_is_published_once(
         "SWARMBUS_EVENTS", subjects_filter=f"agent.action.decided.{session_id}.>"
     )
     assert sum((info.state.subjects or {}).values()) == 1
+
+
+async def test_proposal_and_decision_are_recorded_on_the_blackboard(
+    bus: Bus, consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    board = await Blackboard.open(bus, session_id)
+    await _propose(consensus, session_id, "rb-1", timeout=60, target="checkout")
+    pending = await board.get_action("rb-1")
+    assert (pending.action, pending.status, pending.target) == (
+        "rollback",
+        "awaiting_approval",
+        "checkout",
+    )
+    await _cast(consensus, "rb-1", "yes", "no", "yes", "yes")
+    await consensus.wait_for_decision("rb-1", timeout=5)
+    with anyio.fail_after(5):
+        async for item in board.watch():
+            records = item.actions_taken if isinstance(item, Snapshot) else [item.value]
+            if any(getattr(r, "status", "") == "approved" for r in records):
+                break
+    action = await board.get_action("rb-1")
+    assert action.status == "approved"
+    assert action.history[-1].agent == "swarmbus/consensus"
+    assert "3 for, 1 against" in action.history[-1].reason
+
+
+async def test_task_approval_waits_on_the_consensus_decision(
+    bus: Bus, consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:
+        gated = await queue.create("remediate", agent=VOTERS[0], requires_approval=True)
+        refused = await queue.create("remediate", agent=VOTERS[0], requires_approval=True)
+        assert await queue.claim(agent="ops/worker", types=["remediate"]) is None
+        for task in (gated, refused):
+            await consensus.propose_task_approval(
+                task.id, agent=VOTERS[0], session=session_id, voters=VOTERS, timeout=60
+            )
+        await _cast(consensus, f"approve-{gated.id}", "yes", "yes", "yes")
+        await _cast(consensus, f"approve-{refused.id}", "no", "no", "no")
+        for pid in (f"approve-{gated.id}", f"approve-{refused.id}"):
+            await consensus.wait_for_decision(pid, timeout=5)
+        claim = await queue.claim(agent="ops/worker", types=["remediate"], timeout=5)
+        assert claim is not None
+        assert claim.task.id == gated.id
+        assert (await queue.get(gated.id)).approved_by == "swarmbus/consensus"
+        with anyio.fail_after(5):
+            while (await queue.get(refused.id)).status != "failed":
+                await anyio.wait_all_tasks_blocked()
+        assert (await queue.get(refused.id)).approval == "rejected"
+        assert await queue.claim(agent="ops/worker", types=["remediate"]) is None
