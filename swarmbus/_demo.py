@@ -457,13 +457,16 @@ async def incident(
             if step.status != "completed":
                 raise swarmbus.SwarmbusError(f"synthesis failed: {step.error}")
             approved = decision.outcome == "approved"
-            await board.set_action_status(
-                rollback_proposal_id(session),
-                "approved" if approved else "rejected",
-                agent=COORDINATOR,
-                reason=f"consensus: {decision.votes_for} for, {decision.votes_against} against, "
-                f"{decision.abstentions} abstaining",
-            )
+            # The consensus service records the decision on the board too, after it
+            # published it: whichever of us is first, the board holds the outcome now.
+            with contextlib.suppress(swarmbus.InvalidTransitionError):
+                await board.set_action_status(
+                    rollback_proposal_id(session),
+                    "approved" if approved else "rejected",
+                    agent=COORDINATOR,
+                    reason=f"consensus: {decision.votes_for} for, "
+                    f"{decision.votes_against} against, {decision.abstentions} abstaining",
+                )
             await board.record_action(
                 f"decided: {synthesis['decision']}",
                 agent=COORDINATOR,
