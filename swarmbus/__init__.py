@@ -17,7 +17,7 @@ from swarmbus._bus import Bus, connect
 from swarmbus._confidence import Opinion, Pooling, aggregate_confidence
 from swarmbus._config import Settings
 from swarmbus._consensus import Consensus, ConsensusService, ProposalRecord, Tally, tally_outcome
-from swarmbus._coordinator import Coordinator, Subtask
+from swarmbus._coordinator import Coordinator, Subtask, serve_workers
 from swarmbus._errors import (
     AlreadyVotedError,
     ConflictError,
@@ -229,6 +229,7 @@ __all__ = [
     "lock_holder",
     "run",
     "run_swarm",
+    "serve_workers",
     "tally_outcome",
     "validate_agent_id",
     "validate_session_id",

@@ -296,7 +296,7 @@ def _describe(message: Message) -> str:
             return f"closed the session: {body.outcome.get('decision', body.outcome)}"
         case "task.created":
             target = body.parameters.get("target", "")
-            capability = body.type.split("-", 1)[0]
+            capability = body.type.removesuffix(f"-{subjects.safe_token(target)}")
             return f"assigned '{capability}' to {target or 'any agent'}"
         case "task.assigned":
             return "claimed its task"

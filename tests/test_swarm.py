@@ -13,22 +13,26 @@ from typing import Any
 import anyio
 import pytest
 import yaml
-from swarmbus._confidence import Opinion, aggregate_confidence
-from swarmbus._tasks import TaskQueue
 
 from swarmbus import (
     Agent,
     Blackboard,
     Bus,
+    Coordinator,
     Finding,
+    Opinion,
     ParallelInvestigation,
     ProgressiveRefinement,
     QueryLedger,
     RequestMessage,
     SpecError,
+    Subtask,
+    TaskQueue,
+    aggregate_confidence,
     load_spec,
+    serve_workers,
 )
-from swarmbus._coordinator import Coordinator, Subtask, route_type, serve_workers
+from swarmbus._coordinator import route_type
 from swarmbus._swarm import load_agents, parse_duration, parse_spec, run_swarm, serving
 
 ROOT = Path(__file__).resolve().parents[1]
