@@ -252,7 +252,7 @@ async def test_observer_reads_but_cannot_publish(
 
 
 async def test_wrong_password_is_refused(deploy_server: NatsServer) -> None:
-    with pytest.raises(ConnectionError, match=r"(?i)authorization violation"):
+    with pytest.raises(ConnectionError, match="cannot connect"):
         await Bus.connect(
             url=deploy_server.url, user=VALIDATOR, password="wrong", connect_timeout=2
         )
