@@ -7,8 +7,11 @@ PermissionDeniedError without storing anything.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,13 +25,19 @@ import pytest
 
 from swarmbus import (
     Agent,
+    Blackboard,
     Bus,
     ConnectionError,
+    Consensus,
+    ConsensusService,
     Finding,
     FindingMessage,
+    Lock,
     NatsServer,
     PermissionDeniedError,
+    Proposal,
     RequestMessage,
+    Vote,
 )
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
@@ -292,3 +301,91 @@ async def test_nkey_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         other.write_bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
         with pytest.raises(ConnectionError):
             await Bus.connect(url=server.url, nkey_seed_file=str(other), connect_timeout=2)
+
+
+async def test_locks_board_and_votes_work_under_agent_permissions(
+    deploy_server: NatsServer, service: Bus, session_id: str, unique: str
+) -> None:
+    """The coordination features agents use, with the buckets the service provisioned."""
+    async with ConsensusService(service, session=session_id):
+        await Blackboard.open(service, session_id)
+        await Lock(service, f"warmup-{unique}", SERVICE).acquire(timeout=0)
+        async with as_user(deploy_server, VALIDATOR) as agent:
+            async with Lock(agent, f"deploy-{unique}", VALIDATOR, ttl=5) as lease:
+                assert lease.owner == VALIDATOR
+            board = await Blackboard.open(agent, session_id)
+            await board.append_finding(finding(), agent=VALIDATOR)
+            assert len(await board.findings()) == 1
+            consensus = await Consensus.open(agent)
+            pid = f"p-{unique}"
+            await consensus.propose(
+                Proposal(proposal_id=pid, action="rollback", voters=[VALIDATOR]),
+                agent=VALIDATOR,
+                session=session_id,
+            )
+            await consensus.vote(Vote(proposal_id=pid, vote="yes", reason="5xx"), agent=VALIDATOR)
+            decision = await consensus.wait_for_decision(pid, timeout=10)
+    assert decision.outcome == "approved"
+
+
+def _keypair(prefix: int) -> tuple[bytes, nkeys.KeyPair]:
+    seed = nkeys.encode_seed(os.urandom(32), prefix)
+    return seed, nkeys.from_seed(bytearray(seed))
+
+
+def _jwt(issuer: nkeys.KeyPair, subject: nkeys.KeyPair, kind: str, **claims: Any) -> str:
+    """A NATS JWT (what `nsc` writes): ed25519-nkey signed claims."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    body = {
+        "jti": b64(os.urandom(24)).upper(),
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+        "sub": subject.public_key.decode(),
+        "name": kind,
+        "nats": {"type": kind, "version": 2, **claims},
+    }
+    header = json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode()
+    signed = f"{b64(header)}.{b64(json.dumps(body).encode())}"
+    return f"{signed}.{b64(issuer.sign(signed.encode()))}"
+
+
+async def test_creds_file_auth(tmp_path: Path) -> None:
+    """Operator (JWT) mode: a .creds file made like `nsc` makes it, no nsc needed."""
+    _, operator = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, system = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    limits = {"subs": -1, "data": -1, "payload": -1, "conn": -1, "wildcards": True}
+    js_limits = {**limits, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    accounts = {
+        account.public_key.decode(): _jwt(operator, account, "account", limits=js_limits),
+        system.public_key.decode(): _jwt(operator, system, "account", limits=limits),
+    }
+    conf = tmp_path / "operator.conf"
+    conf.write_text(
+        f'operator: "{_jwt(operator, operator, "operator")}"\n'
+        f"system_account: {system.public_key.decode()}\n"
+        "resolver: MEMORY\n"
+        f"resolver_preload: {json.dumps(accounts)}\n"
+        "jetstream {}\n"
+    )
+
+    def creds(issuer: nkeys.KeyPair) -> str:
+        seed, user = _keypair(nkeys.PREFIX_BYTE_USER)
+        path = tmp_path / f"{user.public_key.decode()[:8]}.creds"
+        token = _jwt(issuer, user, "user", subs=-1, data=-1, payload=-1)
+        path.write_text(
+            f"-----BEGIN NATS USER JWT-----\n{token}\n"
+            "------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+        )
+        return str(path)
+
+    with NatsServer(tmp_path / "data", config_file=conf) as server:
+        async with Bus.open(url=server.url, creds_file=creds(account)) as bus:
+            assert (await bus.js.stream_info(EVENTS)).config.name == EVENTS
+        _, stranger = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+        with pytest.raises(ConnectionError):
+            await Bus.connect(url=server.url, creds_file=creds(stranger), connect_timeout=2)
