@@ -37,6 +37,7 @@ from swarmbus import (
     PermissionDeniedError,
     Proposal,
     RequestMessage,
+    TaskQueue,
     Vote,
 )
 
@@ -103,6 +104,16 @@ async def service(deploy_server: NatsServer) -> AsyncIterator[Bus]:
     """The service account: it provisions the streams the agents use."""
     async with as_user(deploy_server, SERVICE) as bus:
         yield bus
+
+
+def violations(server: NatsServer, user: str, after: int) -> list[str]:
+    """What the server refused ``user`` in log lines from ``after`` on, apart from the
+    stream creation every connect tries."""
+    return [
+        line
+        for line in server.log[after:]
+        if f"user:{user}" in line and "Violation" in line and "STREAM.CREATE" not in line
+    ]
 
 
 def finding(text: str = "error rate 5x baseline") -> Finding:
@@ -197,6 +208,7 @@ async def test_agents_work_within_their_permissions(
     deploy_server: NatsServer, service: Bus, session_id: str, unique: str
 ) -> None:
     """Every JetStream grant an agent needs, and no more: events, requests, KV."""
+    log_start = len(deploy_server.log)
     bucket = f"B{unique}"
     await (await service.key_value(bucket)).put("context", b"INC-1234")
     validator = Agent(VALIDATOR)
@@ -234,6 +246,8 @@ async def test_agents_work_within_their_permissions(
                     values.append(entry.value)
             await watcher.stop()
     assert values == [b"INC-1234", b"INC-1234 rollback"]
+    assert violations(deploy_server, VALIDATOR, log_start) == []
+    assert violations(deploy_server, LEAD, log_start) == []
 
 
 async def test_observer_reads_but_cannot_publish(
@@ -307,10 +321,20 @@ async def test_locks_board_and_votes_work_under_agent_permissions(
     deploy_server: NatsServer, service: Bus, session_id: str, unique: str
 ) -> None:
     """The coordination features agents use, with the buckets the service provisioned."""
-    async with ConsensusService(service, session=session_id):
+    log_start = len(deploy_server.log)
+    async with (
+        ConsensusService(service, session=session_id),
+        TaskQueue(service, session_id),
+    ):
         await Blackboard.open(service, session_id)
         await Lock(service, f"warmup-{unique}", SERVICE).acquire(timeout=0)
         async with as_user(deploy_server, VALIDATOR) as agent:
+            async with TaskQueue(agent, session_id) as queue:
+                created = await queue.create("investigate", agent=VALIDATOR)
+                claim = await queue.claim(agent=VALIDATOR, types=["investigate"], timeout=5)
+                assert claim is not None
+                assert claim.task.id == created.id
+                assert (await claim.complete({"ok": True})).status == "completed"
             async with Lock(agent, f"deploy-{unique}", VALIDATOR, ttl=5) as lease:
                 assert lease.owner == VALIDATOR
             board = await Blackboard.open(agent, session_id)
@@ -326,6 +350,7 @@ async def test_locks_board_and_votes_work_under_agent_permissions(
             await consensus.vote(Vote(proposal_id=pid, vote="yes", reason="5xx"), agent=VALIDATOR)
             decision = await consensus.wait_for_decision(pid, timeout=10)
     assert decision.outcome == "approved"
+    assert violations(deploy_server, VALIDATOR, log_start) == []
 
 
 def _keypair(prefix: int) -> tuple[bytes, nkeys.KeyPair]:
