@@ -173,13 +173,13 @@ class NatsServer:
 
     def _write_config(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        store = self.data_dir / "jetstream"
         conf = self.data_dir / "swarmbus-nats.conf"
         if self.config_file:
             # nats-server resolves includes relative to the including file, even absolute ones.
             include = os.path.relpath(self.config_file.resolve(), self.data_dir.resolve())
             conf.write_text(f'include "{include}"\n')
             return conf
+        store = self.data_dir / "jetstream"
         sync = f'\n  sync_interval: "{self.sync_interval}"' if self.sync_interval else ""
         conf.write_text(f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n')
         return conf
