@@ -674,6 +674,8 @@ class Bus:
                     subjects.request_filter(capability, target), queue=queue, cb=on_msg
                 )
             )
+        # The server must know the subscriptions before callers are told we are serving.
+        await self.nc.flush()
         return subs
 
 
