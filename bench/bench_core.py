@@ -44,7 +44,8 @@ EVENT_TARGET = 0.75
 REQUEST_TARGET = 0.8
 FINDING = Finding(category="observation", content="p99 latency up 40% on checkout", confidence=0.7)
 
-Runner = Callable[[str, int, str], Awaitable[float]]
+#: (messages per second, client-process CPU microseconds per message)
+Result = tuple[float, float]
 
 
 async def _in_flight(n: int, width: int, op: Callable[[int], Awaitable[Any]]) -> None:
@@ -63,7 +64,7 @@ async def _in_flight(n: int, width: int, op: Callable[[int], Awaitable[Any]]) ->
 # --- events ---------------------------------------------------------------------------
 
 
-async def swarmbus_events(url: str, n: int, tag: str, width: int) -> float:
+async def swarmbus_events(url: str, n: int, tag: str, width: int) -> Result:
     session = f"bench-sb-{tag}"
     done = anyio.Event()
     seen = 0
@@ -76,19 +77,20 @@ async def swarmbus_events(url: str, n: int, tag: str, width: int) -> float:
         if seen == n:
             done.set()
 
-    async with Bus.open(url=url) as sub_bus, Bus.open(url=url) as pub_bus:
-        async with agent.serve(sub_bus):
-            start = time.perf_counter()
-            await _in_flight(
-                n, width, lambda _: pub_bus.publish(FINDING, agent="bench/producer", session=session)
-            )
-            with anyio.fail_after(60):
-                await done.wait()
-            elapsed = time.perf_counter() - start
-    return n / elapsed
+    async with Bus.open(url=url) as sub_bus, Bus.open(url=url) as pub_bus, agent.serve(sub_bus):
+        start, cpu = time.perf_counter(), time.process_time()
+        await _in_flight(
+            n,
+            width,
+            lambda _: pub_bus.publish(FINDING, agent="bench/producer", session=session),
+        )
+        with anyio.fail_after(60):
+            await done.wait()
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return n / elapsed, cpu / n * 1e6
 
 
-async def raw_events(url: str, n: int, tag: str, width: int) -> float:
+async def raw_events(url: str, n: int, tag: str, width: int) -> Result:
     session = f"bench-raw-{tag}"
     subject = f"agent.finding.reported.{session}.bench_producer"
     data = encode(envelope_for(FINDING, agent="bench_producer", session=session))
@@ -124,7 +126,7 @@ async def raw_events(url: str, n: int, tag: str, width: int) -> float:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(consume)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             await _in_flight(
                 n,
                 width,
@@ -132,18 +134,18 @@ async def raw_events(url: str, n: int, tag: str, width: int) -> float:
             )
             with anyio.fail_after(60):
                 await done.wait()
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         await js_sub.delete_consumer(EVENTS_STREAM, durable)
     finally:
         await nc_pub.close()
         await nc_sub.close()
-    return n / elapsed
+    return n / elapsed, cpu / n * 1e6
 
 
 # --- request / reply --------------------------------------------------------------------
 
 
-async def swarmbus_requests(url: str, n: int, tag: str, width: int) -> float:
+async def swarmbus_requests(url: str, n: int, tag: str, width: int) -> Result:
     agent = Agent(f"bench/responder-{tag}")
     capability = f"echo-{tag}"
 
@@ -151,21 +153,20 @@ async def swarmbus_requests(url: str, n: int, tag: str, width: int) -> float:
     async def echo(request: RequestMessage) -> dict[str, Any]:
         return {"ok": True, "n": request.request.parameters.get("n")}
 
-    async with Bus.open(url=url) as srv_bus, Bus.open(url=url) as req_bus:
-        async with agent.serve(srv_bus):
-            start = time.perf_counter()
-            await _in_flight(
-                n,
-                width,
-                lambda i: req_bus.request(
-                    capability, {"n": i}, agent="bench/requester", session="bench"
-                ),
-            )
-            elapsed = time.perf_counter() - start
-    return n / elapsed
+    async with Bus.open(url=url) as srv_bus, Bus.open(url=url) as req_bus, agent.serve(srv_bus):
+        start, cpu = time.perf_counter(), time.process_time()
+        await _in_flight(
+            n,
+            width,
+            lambda i: req_bus.request(
+                capability, {"n": i}, agent="bench/requester", session="bench"
+            ),
+        )
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return n / elapsed, cpu / n * 1e6
 
 
-async def raw_requests(url: str, n: int, tag: str, width: int) -> float:
+async def raw_requests(url: str, n: int, tag: str, width: int) -> Result:
     subject = f"raw.echo.{tag}"
     nc_srv = await nats.connect(url)
     nc_req = await nats.connect(url)
@@ -176,56 +177,61 @@ async def raw_requests(url: str, n: int, tag: str, width: int) -> float:
 
         await nc_srv.subscribe(subject, queue="echo", cb=respond)
         await nc_srv.flush()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await _in_flight(n, width, lambda i: nc_req.request(subject, b'{"n":%d}' % i, timeout=5))
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     finally:
         await nc_req.close()
         await nc_srv.close()
-    return n / elapsed
+    return n / elapsed, cpu / n * 1e6
 
 
 # --- driver -----------------------------------------------------------------------------
 
-CASES: list[tuple[str, str, float, int, Callable[..., Awaitable[float]], Callable[..., Awaitable[float]]]] = [
-    ("events", "seq", EVENT_TARGET, 1, swarmbus_events, raw_events),
-    ("events", f"pipelined {IN_FLIGHT}", EVENT_TARGET, IN_FLIGHT, swarmbus_events, raw_events),
-    ("request/reply", "seq", REQUEST_TARGET, 1, swarmbus_requests, raw_requests),
-    ("request/reply", f"{IN_FLIGHT} in flight", REQUEST_TARGET, IN_FLIGHT, swarmbus_requests, raw_requests),
+Bench = Callable[[str, int, str, int], Awaitable[Result]]
+CASES: list[tuple[str, float, int, Bench, Bench]] = [
+    ("events seq", EVENT_TARGET, 1, swarmbus_events, raw_events),
+    (f"events pipelined {IN_FLIGHT}", EVENT_TARGET, IN_FLIGHT, swarmbus_events, raw_events),
+    ("request/reply seq", REQUEST_TARGET, 1, swarmbus_requests, raw_requests),
+    (
+        f"request/reply {IN_FLIGHT} in flight",
+        REQUEST_TARGET,
+        IN_FLIGHT,
+        swarmbus_requests,
+        raw_requests,
+    ),
 ]
+HEADER = (
+    "| loop    | case                       |     n | raw msg/s | swarmbus msg/s | ratio | target"
+    "        | raw CPU us/msg | swarmbus CPU us/msg |\n"
+    "|---------|----------------------------|-------|-----------|----------------|-------|-------"
+    "--------|----------------|---------------------|"
+)
 
 
-async def run_loop(url: str, loop: str, counts: dict[str, int], repeat: int) -> list[dict[str, Any]]:
+async def run_loop(url: str, loop: str, counts: dict[str, int], repeat: int, only: str) -> None:
     async with Bus.open(url=url):  # provisions the event stream both sides use
         pass
-    rows = []
-    for kind, mode, target, width, sb, raw in CASES:
-        n = counts[f"{kind}/{width}"]
-        sb_rates, raw_rates = [], []
+    for case, target, width, sb, raw in CASES:
+        if only not in case:
+            continue
+        n = counts[case]
+        sb_runs, raw_runs = [], []
         for r in range(repeat):
-            tag = f"{loop}{kind[0]}{width}r{r}{os.getpid()}"
-            raw_rates.append(await raw(url, n, tag, width))
-            sb_rates.append(await sb(url, n, tag, width))
-        row = {
-            "loop": loop,
-            "case": f"{kind} {mode}",
-            "n": n,
-            "raw": statistics.median(raw_rates),
-            "swarmbus": statistics.median(sb_rates),
-            "target": target,
-        }
-        row["ratio"] = row["swarmbus"] / row["raw"]
-        rows.append(row)
-        print(_fmt(row), flush=True)
-    return rows
-
-
-def _fmt(row: dict[str, Any]) -> str:
-    ok = "ok" if row["ratio"] >= row["target"] else "MISSED"
-    return (
-        f"| {row['loop']:<7} | {row['case']:<26} | {row['n']:>6} | {row['raw']:>9.0f} | "
-        f"{row['swarmbus']:>9.0f} | {row['ratio']:>5.2f} | >= {row['target']:.2f} {ok:<6} |"
-    )
+            tag = f"{loop}{width}{case[0]}r{r}p{os.getpid()}"
+            raw_runs.append(await raw(url, n, tag, width))
+            sb_runs.append(await sb(url, n, tag, width))
+        raw_rate = statistics.median(x[0] for x in raw_runs)
+        sb_rate = statistics.median(x[0] for x in sb_runs)
+        raw_cpu = statistics.median(x[1] for x in raw_runs)
+        sb_cpu = statistics.median(x[1] for x in sb_runs)
+        ratio = sb_rate / raw_rate
+        verdict = "ok" if ratio >= target else "MISSED"
+        print(
+            f"| {loop:<7} | {case:<26} | {n:>5} | {raw_rate:>9.0f} | {sb_rate:>14.0f} | "
+            f"{ratio:>5.2f} | >= {target:.2f} {verdict:<6} | {raw_cpu:>14.0f} | {sb_cpu:>19.0f} |",
+            flush=True,
+        )
 
 
 def main() -> int:
@@ -233,29 +239,30 @@ def main() -> int:
     parser.add_argument("--loop", choices=["asyncio", "uvloop", "both"], default="both")
     parser.add_argument("--repeat", type=int, default=3, help="runs per cell (median)")
     parser.add_argument("--quick", action="store_true", help="small counts (smoke run)")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
     parser.add_argument("--url", default=None, help="use this server instead of an embedded one")
     args = parser.parse_args()
     scale = 0.1 if args.quick else 1.0
-    counts = {
-        "events/1": int(2000 * scale),
-        f"events/{IN_FLIGHT}": int(20000 * scale),
-        "request/reply/1": int(3000 * scale),
-        f"request/reply/{IN_FLIGHT}": int(30000 * scale),
-    }
+    sizes = (2000, 20000, 3000, 30000)
+    counts = {case[0]: int(size * scale) for case, size in zip(CASES, sizes, strict=True)}
     loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
     print(
-        f"# {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
-        f"Python {platform.python_version()}, nats-py {importlib.metadata.version('nats-py')}"
+        f"# {platform.machine()}, {os.cpu_count()} cpus, Python {platform.python_version()}, "
+        f"nats-py {importlib.metadata.version('nats-py')}, load average {os.getloadavg()[0]:.1f}"
     )
-    print("| loop    | case                       |      n |  raw msg/s | swarmbus | ratio | target       |")
-    print("|---------|----------------------------|--------|-----------|-----------|-------|--------------|")
+    print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="swarmbus-bench-") as tmp:
         server = None if args.url else NatsServer(tmp).start()
-        url = args.url or server.url  # type: ignore[union-attr]
+        url = args.url or (server.url if server else "")
         try:
             for loop in loops:
                 anyio.run(
-                    run_loop, url, loop, counts, args.repeat,
+                    run_loop,
+                    url,
+                    loop,
+                    counts,
+                    args.repeat,
+                    args.only,
                     backend_options={"use_uvloop": loop == "uvloop"},
                 )
         finally:

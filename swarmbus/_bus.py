@@ -7,7 +7,9 @@ other private modules that use ``Bus.nc`` / ``Bus.js``; callers see swarmbus typ
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -59,7 +61,7 @@ from swarmbus._messages import (
     validate_body,
 )
 from swarmbus._server import check_version
-from swarmbus._telemetry import consumer_span, producer_span
+from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
 
 log = logging.getLogger("swarmbus")
 
@@ -73,6 +75,12 @@ DEAD_LETTER_MAX_AGE: Final = 30 * 24 * 3600.0
 _STREAM_IN_USE: Final = 10058
 
 Handler = Callable[[Message], Awaitable[None]]
+
+# Hot-path helpers: subjects of a long-lived agent repeat, so validate and build each once;
+# with tracing off, skip building span attributes and entering a generator context.
+_event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
+_request_subject = functools.lru_cache(maxsize=4096)(subjects.request_subject)
+_NO_SPAN: Final = contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -320,15 +328,27 @@ class Bus:
             raise InvalidMessageError(
                 "wrong_subject", f"{message.type} messages are sent with request(), not published"
             )
-        subject = subjects.event_subject(*event, message.source.session, message.source.agent)
+        subject = _event_subject(*event, message.source.session, message.source.agent)
         data = encode(message)
         if len(data) > self.max_message_bytes:
             raise InvalidMessageError(
                 "too_large", f"message is {len(data)} bytes, limit is {self.max_message_bytes}"
             )
-        hdrs = {MSG_ID_HEADER: message.id, **(headers or {})}
-        attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": message.source.agent}
-        with producer_span(subject, message.id, attrs, hdrs):
+        hdrs = {MSG_ID_HEADER: message.id, **headers} if headers else {MSG_ID_HEADER: message.id}
+        span = (
+            producer_span(
+                subject,
+                message.id,
+                {
+                    "swarmbus.session": message.source.session,
+                    "swarmbus.agent": message.source.agent,
+                },
+                hdrs,
+            )
+            if tracing_enabled()
+            else _NO_SPAN
+        )
+        with span:
             try:
                 await self.js.publish(subject, data, headers=hdrs)
             except nats.js.errors.APIError as exc:
@@ -455,9 +475,12 @@ class Bus:
 
     async def _dispatch(self, handler: Handler, message: Message, msg: Msg, receiver: str) -> bool:
         """Run a handler inside a CONSUMER span; a raising handler is reported, not fatal."""
-        attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": receiver}
         try:
-            with consumer_span(msg.subject, message.id, attrs, msg.headers):
+            if tracing_enabled():
+                attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": receiver}
+                with consumer_span(msg.subject, message.id, attrs, msg.headers):
+                    await handler(message)
+            else:
                 await handler(message)
         except Exception as exc:
             log.exception("handler for %s failed", msg.subject)
@@ -581,15 +604,24 @@ class Bus:
         body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
         validate_body(body)
         message = envelope_for(body, agent=agent, session=session)
-        subject = subjects.request_subject(capability, to, session, agent)
+        subject = _request_subject(capability, to, session, agent)
         timeout = timeout or self.settings.request_timeout
         headers = {MSG_ID_HEADER: message.id}
-        attrs = {
-            "swarmbus.session": session,
-            "swarmbus.agent": agent,
-            "swarmbus.capability": capability,
-        }
-        with producer_span(subject, message.id, attrs, headers):
+        span = (
+            producer_span(
+                subject,
+                message.id,
+                {
+                    "swarmbus.session": session,
+                    "swarmbus.agent": agent,
+                    "swarmbus.capability": capability,
+                },
+                headers,
+            )
+            if tracing_enabled()
+            else _NO_SPAN
+        )
+        with span:
             try:
                 reply = await self.nc.request(
                     subject, encode(message), timeout=timeout, headers=headers
@@ -618,10 +650,17 @@ class Bus:
         subjects.validate_name("capability", capability)
 
         async def respond(msg: Msg, request: RequestMessage) -> None:
-            async with limiter:
-                attrs = {"swarmbus.session": request.source.session, "swarmbus.agent": agent}
+            await limiter.acquire()
+            try:
                 try:
-                    with consumer_span(msg.subject, request.id, attrs, msg.headers):
+                    if tracing_enabled():
+                        attrs = {
+                            "swarmbus.session": request.source.session,
+                            "swarmbus.agent": agent,
+                        }
+                        with consumer_span(msg.subject, request.id, attrs, msg.headers):
+                            result = await handler(request)
+                    else:
                         result = await handler(request)
                     response = Response(
                         request_id=request.id, status="success", result=dict(result)
@@ -648,8 +687,25 @@ class Bus:
                         await self.nc.publish(
                             msg.reply, encode(reply), headers={MSG_ID_HEADER: reply.id}
                         )
+            finally:
+                limiter.release()
+
+        # A task per request costs more than a small handler; instead a few tasks drain a
+        # FIFO, and one more starts whenever a slot of the limiter is free to run it.
+        pending: collections.deque[tuple[Msg, RequestMessage]] = collections.deque()
+        alive = starting = 0
+
+        async def drain() -> None:
+            nonlocal alive, starting
+            starting -= 1
+            try:
+                while pending:
+                    await respond(*pending.popleft())
+            finally:
+                alive -= 1
 
         async def on_msg(msg: Msg) -> None:
+            nonlocal alive, starting
             try:
                 message = self.accept(msg.subject, msg.data)
                 assert isinstance(message, RequestMessage)
@@ -662,7 +718,11 @@ class Bus:
                     receiver=agent,
                 )
                 return
-            task_group.start_soon(respond, msg, message)
+            pending.append((msg, message))
+            if not alive or starting < min(len(pending), limiter.value):
+                alive += 1
+                starting += 1
+                task_group.start_soon(drain)
 
         subs = []
         for target, queue in (
