@@ -11,12 +11,14 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
 
 import anyio
+import anyio.lowlevel
 import nats
 import nats.errors
 import nats.js.errors
@@ -531,29 +533,50 @@ class Bus:
             raise _translate(exc, f"cannot create consumer {durable}") from exc
         task_status.started()
         try:
-            async with anyio.create_task_group() as tg:
-                while not stop.is_set():
-                    # Hold a slot before fetching: never take messages we cannot start.
-                    await limiter.acquire()
-                    try:
-                        batch = await psub.fetch(min(1 + limiter.value, 256), timeout=0.5)
-                    except (TimeoutError, nats.errors.TimeoutError):
-                        limiter.release()
-                        continue
-                    except nats.errors.Error as exc:
-                        limiter.release()
-                        if stop.is_set():
-                            break
-                        log.warning("consumer %s: %s; retrying", durable, exc)
-                        await _wait_reconnect(self, stop)
-                        continue
-                    if not batch:
-                        limiter.release()
-                        continue
-                    for i, msg in enumerate(batch):
-                        if i:
-                            await limiter.acquire()
-                        tg.start_soon(self._handle_durable, handler, msg, receiver, limiter)
+            # A fetch of n > 1 waits until n messages arrive (or it expires), so ask only
+            # for what the server said is waiting: 1 when caught up (lowest latency), up
+            # to the free slots when behind (fewest round trips).
+            waiting = 1
+            # Workers take fetched messages from a stream: starting a task per message
+            # costs more than a small handler. A worker is added only when none is idle,
+            # so there are never more than the slots held.
+            send, receive = anyio.create_memory_object_stream[Msg](math.inf)
+
+            async def work() -> None:
+                async for msg in receive:
+                    await self._handle_durable(handler, msg, receiver, limiter)
+
+            with receive:
+                async with anyio.create_task_group() as tg, send:
+                    while not stop.is_set():
+                        # Let the handlers just given out run first: they may free slots.
+                        await anyio.lowlevel.checkpoint()
+                        # Hold a slot before fetching: never take messages we cannot start.
+                        await limiter.acquire()
+                        try:
+                            batch = await psub.fetch(
+                                min(1 + limiter.value, waiting, 256), timeout=0.5
+                            )
+                        except (TimeoutError, nats.errors.TimeoutError):
+                            limiter.release()
+                            continue
+                        except nats.errors.Error as exc:
+                            limiter.release()
+                            if stop.is_set():
+                                break
+                            log.warning("consumer %s: %s; retrying", durable, exc)
+                            await _wait_reconnect(self, stop)
+                            continue
+                        if not batch:
+                            limiter.release()
+                            continue
+                        waiting = 1 + _num_pending(batch[-1])
+                        for i, msg in enumerate(batch):
+                            if i:
+                                await limiter.acquire()
+                            if not receive.statistics().tasks_waiting_receive:
+                                tg.start_soon(work)
+                            send.send_nowait(msg)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
@@ -737,6 +760,14 @@ class Bus:
         # The server must know the subscriptions before callers are told we are serving.
         await self.nc.flush()
         return subs
+
+
+def _num_pending(msg: Msg) -> int:
+    """Messages the consumer still has for us after ``msg`` (0 if unknown)."""
+    try:
+        return int(msg.metadata.num_pending or 0)
+    except (nats.errors.Error, ValueError, IndexError):
+        return 0
 
 
 def _wants(handler: Handler, message: Message, receiver: str) -> bool:
