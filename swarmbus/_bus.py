@@ -761,6 +761,7 @@ class Bus:
         subjects.validate_name("capability", capability)
 
         async def respond(msg: Msg, request: RequestMessage) -> None:
+            session = request.source.session
             await limiter.acquire()
             try:
                 try:
@@ -776,6 +777,9 @@ class Bus:
                     response = Response(
                         request_id=request.id, status="success", result=dict(result)
                     )
+                    # Encode here: a result that is not JSON is the handler's error.
+                    reply = envelope_for(response, agent=agent, session=session)
+                    data = encode(reply)
                 except Exception as exc:
                     log.exception("request handler %s failed", capability)
                     response = Response(
@@ -792,12 +796,11 @@ class Bus:
                         dedupe_key=request.id,
                         message_id=request.id,
                     )
+                    reply = envelope_for(response, agent=agent, session=session)
+                    data = encode(reply)
                 if msg.reply:
-                    reply = envelope_for(response, agent=agent, session=request.source.session)
                     with contextlib.suppress(nats.errors.Error):
-                        await self.nc.publish(
-                            msg.reply, encode(reply), headers={MSG_ID_HEADER: reply.id}
-                        )
+                        await self.nc.publish(msg.reply, data, headers={MSG_ID_HEADER: reply.id})
             finally:
                 limiter.release()
 
