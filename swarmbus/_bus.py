@@ -7,7 +7,9 @@ other private modules that use ``Bus.nc`` / ``Bus.js``; callers see swarmbus typ
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -17,6 +19,7 @@ from types import TracebackType
 from typing import Any, Final, Self
 
 import anyio
+import anyio.lowlevel
 import nats
 import nats.errors
 import nats.js.errors
@@ -61,7 +64,7 @@ from swarmbus._messages import (
     validate_body,
 )
 from swarmbus._server import check_version
-from swarmbus._telemetry import consumer_span, producer_span
+from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
 
 log = logging.getLogger("swarmbus")
 
@@ -80,6 +83,12 @@ _PERMISSION_VIOLATION: Final = re.compile(
 )
 
 Handler = Callable[[Message], Awaitable[None]]
+
+# Hot-path helpers: subjects of a long-lived agent repeat, so validate and build each once;
+# with tracing off, skip building span attributes and entering a generator context.
+_event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
+_request_subject = functools.lru_cache(maxsize=4096)(subjects.request_subject)
+_NO_SPAN: Final = contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -397,15 +406,27 @@ class Bus:
             raise InvalidMessageError(
                 "wrong_subject", f"{message.type} messages are sent with request(), not published"
             )
-        subject = subjects.event_subject(*event, message.source.session, message.source.agent)
+        subject = _event_subject(*event, message.source.session, message.source.agent)
         data = encode(message)
         if len(data) > self.max_message_bytes:
             raise InvalidMessageError(
                 "too_large", f"message is {len(data)} bytes, limit is {self.max_message_bytes}"
             )
-        hdrs = {MSG_ID_HEADER: message.id, **(headers or {})}
-        attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": message.source.agent}
-        with producer_span(subject, message.id, attrs, hdrs):
+        hdrs = {MSG_ID_HEADER: message.id, **headers} if headers else {MSG_ID_HEADER: message.id}
+        span = (
+            producer_span(
+                subject,
+                message.id,
+                {
+                    "swarmbus.session": message.source.session,
+                    "swarmbus.agent": message.source.agent,
+                },
+                hdrs,
+            )
+            if tracing_enabled()
+            else _NO_SPAN
+        )
+        with span:
             try:
                 with self._permission_guard(subject, f"publish to {subject}"):
                     await self.js.publish(subject, data, headers=hdrs)
@@ -539,9 +560,12 @@ class Bus:
 
     async def _dispatch(self, handler: Handler, message: Message, msg: Msg, receiver: str) -> bool:
         """Run a handler inside a CONSUMER span; a raising handler is reported, not fatal."""
-        attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": receiver}
         try:
-            with consumer_span(msg.subject, message.id, attrs, msg.headers):
+            if tracing_enabled():
+                attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": receiver}
+                with consumer_span(msg.subject, message.id, attrs, msg.headers):
+                    await handler(message)
+            else:
                 await handler(message)
         except Exception as exc:
             log.exception("handler for %s failed", msg.subject)
@@ -596,29 +620,50 @@ class Bus:
             raise _translate(exc, f"cannot create consumer {durable}") from exc
         task_status.started()
         try:
-            async with anyio.create_task_group() as tg:
-                while not stop.is_set():
-                    # Hold a slot before fetching: never take messages we cannot start.
-                    await limiter.acquire()
-                    try:
-                        batch = await psub.fetch(min(1 + limiter.value, 256), timeout=0.5)
-                    except (TimeoutError, nats.errors.TimeoutError):
-                        limiter.release()
-                        continue
-                    except nats.errors.Error as exc:
-                        limiter.release()
-                        if stop.is_set():
-                            break
-                        log.warning("consumer %s: %s; retrying", durable, exc)
-                        await _wait_reconnect(self, stop)
-                        continue
-                    if not batch:
-                        limiter.release()
-                        continue
-                    for i, msg in enumerate(batch):
-                        if i:
-                            await limiter.acquire()
-                        tg.start_soon(self._handle_durable, handler, msg, receiver, limiter)
+            # A fetch of n > 1 waits until n messages arrive (or it expires), so ask only
+            # for what the server said is waiting: 1 when caught up (lowest latency), up
+            # to the free slots when behind (fewest round trips).
+            waiting = 1
+            # Workers take fetched messages from a stream: starting a task per message
+            # costs more than a small handler. A worker is added only when none is idle,
+            # so there are never more than the slots held.
+            send, receive = anyio.create_memory_object_stream[Msg](math.inf)
+
+            async def work() -> None:
+                async for msg in receive:
+                    await self._handle_durable(handler, msg, receiver, limiter)
+
+            with receive:
+                async with anyio.create_task_group() as tg, send:
+                    while not stop.is_set():
+                        # Let the handlers just given out run first: they may free slots.
+                        await anyio.lowlevel.checkpoint()
+                        # Hold a slot before fetching: never take messages we cannot start.
+                        await limiter.acquire()
+                        try:
+                            batch = await psub.fetch(
+                                min(1 + limiter.value, waiting, 256), timeout=0.5
+                            )
+                        except (TimeoutError, nats.errors.TimeoutError):
+                            limiter.release()
+                            continue
+                        except nats.errors.Error as exc:
+                            limiter.release()
+                            if stop.is_set():
+                                break
+                            log.warning("consumer %s: %s; retrying", durable, exc)
+                            await _wait_reconnect(self, stop)
+                            continue
+                        if not batch:
+                            limiter.release()
+                            continue
+                        waiting = 1 + _num_pending(batch[-1])
+                        for i, msg in enumerate(batch):
+                            if i:
+                                await limiter.acquire()
+                            if not receive.statistics().tasks_waiting_receive:
+                                tg.start_soon(work)
+                            send.send_nowait(msg)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
@@ -669,15 +714,24 @@ class Bus:
         body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
         validate_body(body)
         message = envelope_for(body, agent=agent, session=session)
-        subject = subjects.request_subject(capability, to, session, agent)
+        subject = _request_subject(capability, to, session, agent)
         timeout = timeout or self.settings.request_timeout
         headers = {MSG_ID_HEADER: message.id}
-        attrs = {
-            "swarmbus.session": session,
-            "swarmbus.agent": agent,
-            "swarmbus.capability": capability,
-        }
-        with producer_span(subject, message.id, attrs, headers):
+        span = (
+            producer_span(
+                subject,
+                message.id,
+                {
+                    "swarmbus.session": session,
+                    "swarmbus.agent": agent,
+                    "swarmbus.capability": capability,
+                },
+                headers,
+            )
+            if tracing_enabled()
+            else _NO_SPAN
+        )
+        with span:
             try:
                 with self._permission_guard(subject, f"request {capability}"):
                     reply = await self.nc.request(
@@ -707,14 +761,25 @@ class Bus:
         subjects.validate_name("capability", capability)
 
         async def respond(msg: Msg, request: RequestMessage) -> None:
-            async with limiter:
-                attrs = {"swarmbus.session": request.source.session, "swarmbus.agent": agent}
+            session = request.source.session
+            await limiter.acquire()
+            try:
                 try:
-                    with consumer_span(msg.subject, request.id, attrs, msg.headers):
+                    if tracing_enabled():
+                        attrs = {
+                            "swarmbus.session": request.source.session,
+                            "swarmbus.agent": agent,
+                        }
+                        with consumer_span(msg.subject, request.id, attrs, msg.headers):
+                            result = await handler(request)
+                    else:
                         result = await handler(request)
                     response = Response(
                         request_id=request.id, status="success", result=dict(result)
                     )
+                    # Encode here: a result that is not JSON is the handler's error.
+                    reply = envelope_for(response, agent=agent, session=session)
+                    data = encode(reply)
                 except Exception as exc:
                     log.exception("request handler %s failed", capability)
                     response = Response(
@@ -731,14 +796,30 @@ class Bus:
                         dedupe_key=request.id,
                         message_id=request.id,
                     )
+                    reply = envelope_for(response, agent=agent, session=session)
+                    data = encode(reply)
                 if msg.reply:
-                    reply = envelope_for(response, agent=agent, session=request.source.session)
                     with contextlib.suppress(nats.errors.Error):
-                        await self.nc.publish(
-                            msg.reply, encode(reply), headers={MSG_ID_HEADER: reply.id}
-                        )
+                        await self.nc.publish(msg.reply, data, headers={MSG_ID_HEADER: reply.id})
+            finally:
+                limiter.release()
+
+        # A task per request costs more than a small handler; instead a few tasks drain a
+        # FIFO, and one more starts whenever a slot of the limiter is free to run it.
+        pending: collections.deque[tuple[Msg, RequestMessage]] = collections.deque()
+        alive = starting = 0
+
+        async def drain() -> None:
+            nonlocal alive, starting
+            starting -= 1
+            try:
+                while pending:
+                    await respond(*pending.popleft())
+            finally:
+                alive -= 1
 
         async def on_msg(msg: Msg) -> None:
+            nonlocal alive, starting
             try:
                 message = self.accept(msg.subject, msg.data)
                 assert isinstance(message, RequestMessage)
@@ -751,7 +832,11 @@ class Bus:
                     receiver=agent,
                 )
                 return
-            task_group.start_soon(respond, msg, message)
+            pending.append((msg, message))
+            if not alive or starting < min(len(pending), limiter.value):
+                alive += 1
+                starting += 1
+                task_group.start_soon(drain)
 
         subs = []
         for target, queue in (
@@ -763,7 +848,17 @@ class Bus:
                     subjects.request_filter(capability, target), queue=queue, cb=on_msg
                 )
             )
+        # The server must know the subscriptions before callers are told we are serving.
+        await self.nc.flush()
         return subs
+
+
+def _num_pending(msg: Msg) -> int:
+    """Messages the consumer still has for us after ``msg`` (0 if unknown)."""
+    try:
+        return int(msg.metadata.num_pending or 0)
+    except (nats.errors.Error, ValueError, IndexError):
+        return 0
 
 
 def _wants(handler: Handler, message: Message, receiver: str) -> bool:

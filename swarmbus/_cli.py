@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -16,6 +17,26 @@ import anyio
 from swarmbus._errors import SwarmbusError
 
 Command = Callable[[argparse.Namespace], int]
+LOOP_ENV = "SWARMBUS_LOOP"
+
+
+def _run(func: Callable[..., Awaitable[int]], *args: object) -> int:
+    """``anyio.run`` on the event loop ``$SWARMBUS_LOOP`` names (asyncio or uvloop).
+
+    uvloop (``pip install 'swarmbus[uvloop]'``) makes the NATS client side markedly
+    faster; see bench/README.md.
+    """
+    loop = os.environ.get(LOOP_ENV, "asyncio")
+    if loop not in ("asyncio", "uvloop"):
+        raise SwarmbusError(f"{LOOP_ENV}={loop}: use asyncio or uvloop")
+    if loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise SwarmbusError(
+                f"{LOOP_ENV}=uvloop needs uvloop: pip install 'swarmbus[uvloop]'"
+            ) from None
+    return anyio.run(func, *args, backend_options={"use_uvloop": loop == "uvloop"})
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -52,7 +73,7 @@ def _cmd_schemas(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from swarmbus._demo import run_demo
 
-    return anyio.run(run_demo, args.data_dir)
+    return _run(run_demo, args.data_dir)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
