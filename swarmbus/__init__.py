@@ -1,6 +1,18 @@
 """swarmbus: many agents working on one problem, coordinated through NATS."""
 
 from swarmbus._agent import Agent, run
+from swarmbus._blackboard import (
+    ActionRecord,
+    Blackboard,
+    BoardChange,
+    ConfidenceUpdate,
+    ContextRecord,
+    FindingRecord,
+    HypothesisRecord,
+    SessionRecord,
+    Snapshot,
+    StatusChange,
+)
 from swarmbus._bus import Bus, connect
 from swarmbus._config import Settings
 from swarmbus._errors import (
@@ -21,6 +33,7 @@ from swarmbus._errors import (
     ServerStartError,
     ServerVersionError,
     SwarmbusError,
+    ValueTooLargeError,
 )
 from swarmbus._messages import (
     Action,
@@ -76,10 +89,15 @@ __all__ = [
     "ActionCompleted",
     "ActionCompletedMessage",
     "ActionMessage",
+    "ActionRecord",
     "Agent",
+    "Blackboard",
+    "BoardChange",
     "Bus",
+    "ConfidenceUpdate",
     "ConflictError",
     "ConnectionError",
+    "ContextRecord",
     "Decision",
     "DecisionMessage",
     "Envelope",
@@ -88,10 +106,12 @@ __all__ = [
     "Evidence",
     "Finding",
     "FindingMessage",
+    "FindingRecord",
     "FindingReported",
     "FindingReportedMessage",
     "HypothesisProposed",
     "HypothesisProposedMessage",
+    "HypothesisRecord",
     "HypothesisValidated",
     "HypothesisValidatedMessage",
     "InvalidIdentifierError",
@@ -119,10 +139,13 @@ __all__ = [
     "ServerVersionError",
     "SessionCompleted",
     "SessionCompletedMessage",
+    "SessionRecord",
     "SessionStarted",
     "SessionStartedMessage",
     "Settings",
+    "Snapshot",
     "Source",
+    "StatusChange",
     "SwarmbusError",
     "TaskAssigned",
     "TaskAssignedMessage",
@@ -132,9 +155,9 @@ __all__ = [
     "TaskCreatedMessage",
     "TaskFailed",
     "TaskFailedMessage",
+    "ValueTooLargeError",
     "Vote",
     "VoteMessage",
-    "__version__",
     "connect",
     "decode",
     "encode",
@@ -142,4 +165,5 @@ __all__ = [
     "run",
     "validate_agent_id",
     "validate_session_id",
+    "__version__",
 ]

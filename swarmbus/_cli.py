@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -54,6 +55,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return anyio.run(run_demo, args.data_dir)
 
 
+def _cmd_board(args: argparse.Namespace) -> int:
+    from swarmbus._blackboard import Blackboard
+    from swarmbus._bus import Bus
+    from swarmbus._config import Settings
+
+    def show(data: object, *, document: bool) -> None:
+        if args.format == "yaml":
+            import yaml
+
+            text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+            print(f"---\n{text}" if document else text, end="", flush=True)
+        else:
+            print(json.dumps(data, indent=None if document else 2), flush=True)
+
+    async def run() -> int:
+        async with Bus.open(Settings.from_env()) as bus:
+            board = await Blackboard.open(bus, args.session, bucket=args.bucket)
+            if not args.watch:
+                show((await board.snapshot()).to_dict(), document=False)
+                return 0
+            async for item in board.watch():
+                show(item.to_dict(), document=True)
+        return 0
+
+    return anyio.run(run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="swarmbus", description="Agent coordination on NATS.")
@@ -74,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the incident demo on an embedded server")
     p.add_argument("--data-dir", default=None, help="JetStream store (default: a temp dir)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("board", help="print a session's blackboard (NATS_URL); --watch follows it")
+    p.add_argument("session", help="session id, e.g. INC-1234")
+    p.add_argument("--watch", action="store_true", help="then print every change as it happens")
+    p.add_argument("--format", choices=("json", "yaml"), default="json")
+    p.add_argument("--bucket", default="SWARMBUS_BOARD", help="KV bucket of the blackboard")
+    p.set_defaults(func=_cmd_board)
     return parser
 
 

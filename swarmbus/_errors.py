@@ -7,6 +7,7 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
     ├── InvalidIdentifierError (ValueError)
     ├── InvalidMessageError (ValueError)
     ├── MessageTooLargeError (InvalidMessageError)
+    │   └── ValueTooLargeError
     ├── ServerError
     │   ├── ServerBinaryNotFoundError (FileNotFoundError)
     │   ├── ServerStartError
@@ -42,6 +43,7 @@ __all__ = [
     "ServerStartError",
     "ServerVersionError",
     "SwarmbusError",
+    "ValueTooLargeError",
 ]
 
 import builtins
@@ -81,6 +83,16 @@ class MessageTooLargeError(InvalidMessageError):
         self.size = size
         self.limit = limit
         super().__init__("too_large", f"message is {size} bytes, limit is {limit}")
+
+
+class ValueTooLargeError(MessageTooLargeError):
+    """A value to store (e.g. a blackboard entry) exceeds its size limit."""
+
+    def __init__(self, key: str, size: int, limit: int) -> None:
+        super().__init__(size, limit)
+        self.key = key
+        self.reason = f"value for {key!r} is {size} bytes, limit is {limit}"
+        self.args = (f"too_large: {self.reason}",)
 
 
 class ServerError(SwarmbusError):
