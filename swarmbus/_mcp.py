@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, ParamSpec, TypeVar
 
 import anyio
@@ -40,11 +40,12 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "mcp-agent-swarm needs the MCP Python SDK 2.x: pip install 'swarmbus[mcp]'"
     ) from exc
 
+from swarmbus import __version__
 from swarmbus import _subjects as subjects
 from swarmbus._blackboard import Blackboard
 from swarmbus._bus import Bus
 from swarmbus._config import Settings
-from swarmbus._consensus import Consensus, ProposalRecord
+from swarmbus._consensus import Consensus, ConsensusService, ProposalRecord
 from swarmbus._errors import (
     AlreadyVotedError,
     ConflictError,
@@ -287,6 +288,15 @@ def _plain(value: Any) -> Any:
 # --- the agent's state ---------------------------------------------------------------------
 
 
+@dataclass
+class _Held:
+    """A task claim this agent holds, heartbeated under ``lock`` until ``scope`` ends."""
+
+    claim: Claim
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+
 class Swarm:
     """What the server does, as ``agent_id``: one method per tool.
 
@@ -304,7 +314,7 @@ class Swarm:
         self._tg = task_group
         self._boards: dict[str, Blackboard] = {}
         self._queues: dict[str, TaskQueue] = {}
-        self._claims: dict[str, tuple[Claim, anyio.CancelScope]] = {}
+        self._claims: dict[str, _Held] = {}
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -571,19 +581,22 @@ class Swarm:
         )
 
     def _hold(self, claim: Claim) -> None:
-        scope = anyio.CancelScope()
-        self._claims[claim.task.id] = (claim, scope)
+        held = self._claims[claim.task.id] = _Held(claim)
         interval = min(claim.task.constraints.timeout, self._ack_wait(claim)) / 3
 
         async def heartbeat() -> None:
-            with scope:
-                try:
-                    while True:
-                        await anyio.sleep(interval)
-                        await claim.heartbeat()
-                except SwarmbusError as exc:
-                    log.warning("lost the claim on task %s: %s", claim.task.id, exc)
-                    self._claims.pop(claim.task.id, None)
+            with held.scope:
+                while True:
+                    await anyio.sleep(interval)
+                    async with held.lock:
+                        try:
+                            await claim.heartbeat()
+                        except TaskClaimLostError as exc:
+                            log.warning("%s", exc)
+                            self._claims.pop(claim.task.id, None)
+                            return
+                        except SwarmbusError as exc:  # e.g. reconnecting: try again
+                            log.warning("heartbeat of task %s failed: %s", claim.task.id, exc)
 
         self._tg.start_soon(heartbeat)
 
@@ -591,14 +604,26 @@ class Swarm:
         queue = self._queues.get(claim.task.session)
         return queue.ack_wait if queue else claim.task.constraints.timeout
 
-    def _claim(self, task_id: str) -> tuple[Claim, anyio.CancelScope]:
+    @contextlib.asynccontextmanager
+    async def _finishing(self, session_id: str, task_id: str) -> AsyncIterator[Claim]:
+        """The held claim on ``task_id``, its heartbeat paused; released unless it stays ours."""
         held = self._claims.get(task_id)
-        if held is None:
+        if held is None or held.claim.task.session != session_id:
             raise ToolError(
-                f"you do not hold task {task_id!r}: call swarm.claim_task first "
+                f"you do not hold task {task_id!r} of {session_id}: call swarm.claim_task first "
                 "(or swarm.list_tasks to see who holds it)."
             )
-        return held
+        async with held.lock:
+            try:
+                yield held.claim
+            except TaskClaimLostError:
+                self._release(held)
+                raise
+            self._release(held)
+
+    def _release(self, held: _Held) -> None:
+        held.scope.cancel()
+        self._claims.pop(held.claim.task.id, None)
 
     @_tool
     async def complete_task(
@@ -607,13 +632,8 @@ class Swarm:
         task_id: ItemId,
         result: Annotated[JsonObject, Field(description="What you found or did.")],
     ) -> Posted:
-        await self._known(await self._board(session_id))
-        claim, scope = self._claim(task_id)
-        scope.cancel()
-        try:
+        async with self._finishing(session_id, task_id) as claim:
             task = await claim.complete(result)
-        finally:
-            self._claims.pop(task_id, None)
         return Posted(session_id=session_id, id=task.id, record=_plain(task))
 
     @_tool
@@ -626,13 +646,8 @@ class Swarm:
             bool, Field(description="Offer it to another agent again (up to its max attempts).")
         ] = False,
     ) -> Posted:
-        await self._known(await self._board(session_id))
-        claim, scope = self._claim(task_id)
-        scope.cancel()
-        try:
+        async with self._finishing(session_id, task_id) as claim:
             task = await claim.fail(error, retry=retry)
-        finally:
-            self._claims.pop(task_id, None)
         return Posted(session_id=session_id, id=task.id, record=_plain(task))
 
     # --- consensus ---
@@ -847,7 +862,7 @@ def build_server(swarm: Swarm) -> MCPServer[Any]:
     server: MCPServer[Any] = MCPServer(
         SERVER_NAME,
         instructions=_instructions(swarm.agent_id),
-        version=_version(),
+        version=__version__,
         log_level="WARNING",
     )
     for name, (method, hints, description) in TOOLS.items():
@@ -861,21 +876,24 @@ def build_server(swarm: Swarm) -> MCPServer[Any]:
     return server
 
 
-def _version() -> str:
-    from swarmbus import __version__
-
-    return __version__
-
-
 async def serve(
     config: ServerConfig,
     *,
     transport: Literal["stdio", "streamable-http"] = "stdio",
     host: str = "127.0.0.1",
     port: int = 8000,
+    decide: bool = False,
 ) -> None:
-    """Connect to NATS as ``config.agent_id`` and serve MCP until the client leaves."""
-    async with Bus.open(config.settings) as bus, Swarm.running(bus, config.agent_id) as swarm:
+    """Connect to NATS as ``config.agent_id`` and serve MCP until the client leaves.
+
+    With ``decide``, also run a ConsensusService replica, so a swarm of LLM agents
+    needs nothing else to get its proposals decided (replicas decide each proposal once).
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        bus = await stack.enter_async_context(Bus.open(config.settings))
+        if decide:
+            await stack.enter_async_context(ConsensusService(bus))
+        swarm = await stack.enter_async_context(Swarm.running(bus, config.agent_id))
         server = build_server(swarm)
         if transport == "stdio":
             await server.run_stdio_async()
@@ -897,6 +915,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="streamable-http bind address")
     parser.add_argument("--port", type=int, default=8000, help="streamable-http port")
+    parser.add_argument(
+        "--decide",
+        action="store_true",
+        help="also run a consensus service replica that decides proposals",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
     return parser
 
@@ -918,7 +941,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         anyio.run(
             functools.partial(
-                serve, config, transport=args.transport, host=args.host, port=args.port
+                serve,
+                config,
+                transport=args.transport,
+                host=args.host,
+                port=args.port,
+                decide=args.decide,
             )
         )
     except SwarmbusError as exc:

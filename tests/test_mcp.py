@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -263,12 +262,20 @@ async def test_blackboard_hypotheses_and_task_lifecycle_tools(
         )
         assert assessed["record"]["status"] == "validated"
         created = await call(
-            client, "swarm.create_task", session_id=session_id, type="analyze", priority=8
+            client,
+            "swarm.create_task",
+            session_id=session_id,
+            type="analyze",
+            priority=8,
+            timeout_seconds=1,
         )
         empty = await call(client, "swarm.claim_task", session_id=session_id, types=["report"])
         assert empty["claimed"] is False
         claimed = await call(client, "swarm.claim_task", session_id=session_id, types=["analyze"])
         assert claimed["task"]["id"] == created["id"]
+        # The server heartbeats the claim: it outlives the task's 1 s timeout.
+        async with TaskQueue(bus, session_id) as queue:
+            assert await queue.claim(agent="ops/other", types=["analyze"], timeout=2.5) is None
         failed = await call(
             client,
             "swarm.fail_task",
@@ -350,12 +357,14 @@ def test_missing_sdk_gives_an_install_hint() -> None:
     assert "pip install 'swarmbus[mcp]'" in result.stderr
 
 
-async def test_streamable_http_transport(nats_url: str, agent_id: str) -> None:
+async def test_streamable_http_transport_with_its_own_consensus_service(
+    nats_url: str, agent_id: str, session_id: str
+) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, **server_env(nats_url, agent_id)}
-    args = [str(SCRIPT), "--transport", "streamable-http", "--port", str(port)]
+    args = [str(SCRIPT), "--transport", "streamable-http", "--port", str(port), "--decide"]
     async with await anyio.open_process(args, env=env, stdin=subprocess.DEVNULL) as process:
         try:
             with anyio.fail_after(20):
@@ -367,8 +376,13 @@ async def test_streamable_http_transport(nats_url: str, agent_id: str) -> None:
                         assert process.returncode is None, "the server exited"
                         await anyio.sleep(0.05)
             async with Client(f"http://127.0.0.1:{port}/mcp") as client:
-                result = await client.call_tool("swarm.list_sessions", {})
+                await call(client, "swarm.start_session", session_id=session_id)
+                proposal = await call(
+                    client, "swarm.propose_action", session_id=session_id, action="restart"
+                )
+                pid = proposal["proposal_id"]
+                await call(client, "swarm.vote", proposal_id=pid, vote="yes")
+                decided = await call(client, "swarm.get_proposal", proposal_id=pid, wait_seconds=15)
         finally:
             process.kill()
-    assert not result.is_error, text_of(result)
-    assert "sessions" in json.dumps(result.structured_content)
+    assert decided["decision"]["outcome"] == "approved"
