@@ -82,6 +82,25 @@ def _cmd_board(args: argparse.Namespace) -> int:
     return anyio.run(run)
 
 
+def _cmd_consensus(args: argparse.Namespace) -> int:
+    from swarmbus._bus import Bus
+    from swarmbus._consensus import ConsensusService
+
+    async def serve() -> int:
+        async with (
+            Bus.open() as bus,
+            ConsensusService(bus, bucket=args.bucket, session=args.session, agent=args.agent),
+        ):
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                print(f"consensus service ready (bucket {args.bucket}, session {args.session})")
+                sys.stdout.flush()
+                async for _ in signals:
+                    return 0
+        return 0
+
+    return anyio.run(serve, backend_options={"use_uvloop": args.uvloop})
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="swarmbus", description="Agent coordination on NATS.")
@@ -109,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("json", "yaml"), default="json")
     p.add_argument("--bucket", default="SWARMBUS_BOARD", help="KV bucket of the blackboard")
     p.set_defaults(func=_cmd_board)
+
+    p = sub.add_parser("consensus", help="run the consensus service against NATS_URL")
+    p.add_argument("--bucket", default="SWARMBUS_CONSENSUS", help="proposals KV bucket")
+    p.add_argument("--session", default="*", help="ingest events of one session (* = all)")
+    p.add_argument("--agent", default="swarmbus/consensus", help="agent id decisions come from")
+    p.add_argument("--uvloop", action="store_true", help="run on uvloop (swarmbus[uvloop])")
+    p.set_defaults(func=_cmd_consensus)
     return parser
 
 

@@ -19,22 +19,30 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
     ├── RemoteError
     ├── NotFoundError (KeyError)
     ├── ConflictError
+    │   └── AlreadyVotedError
     ├── InvalidTransitionError (ValueError)
-    └── PermissionDeniedError (PermissionError)
+    ├── PermissionDeniedError (PermissionError)
+    │   └── NotEligibleError
+    ├── ProposalClosedError
+    └── DecisionTimeoutError (TimeoutError)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyVotedError",
     "ConflictError",
     "ConnectionError",
+    "DecisionTimeoutError",
     "InvalidIdentifierError",
     "InvalidMessageError",
     "InvalidTransitionError",
     "MessageTooLargeError",
     "NoResponderError",
+    "NotEligibleError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ProposalClosedError",
     "PublishError",
     "RemoteError",
     "RequestTimeoutError",
@@ -182,3 +190,40 @@ class InvalidTransitionError(SwarmbusError, ValueError):
 
 class PermissionDeniedError(SwarmbusError, PermissionError):
     """The server or a swarmbus rule refused an operation for this identity."""
+
+
+class AlreadyVotedError(ConflictError):
+    """An agent voted a second time on a proposal (votes are final)."""
+
+    def __init__(self, proposal_id: str, agent: str) -> None:
+        self.proposal_id = proposal_id
+        self.agent = agent
+        super().__init__(proposal_id, None, f"{agent} already voted; votes are final")
+
+
+class NotEligibleError(PermissionDeniedError):
+    """An agent outside a proposal's electorate tried to vote."""
+
+    def __init__(self, proposal_id: str, agent: str) -> None:
+        self.proposal_id = proposal_id
+        self.agent = agent
+        super().__init__(f"{agent} may not vote on proposal {proposal_id!r}")
+
+
+class ProposalClosedError(SwarmbusError):
+    """A vote arrived after the proposal was decided or its timeout passed."""
+
+    def __init__(self, proposal_id: str, outcome: str | None) -> None:
+        self.proposal_id = proposal_id
+        self.outcome = outcome
+        state = f"decided ({outcome})" if outcome else "past its timeout"
+        super().__init__(f"proposal {proposal_id!r} is closed: {state}")
+
+
+class DecisionTimeoutError(SwarmbusError, TimeoutError):
+    """No decision on a proposal arrived within the wait's timeout."""
+
+    def __init__(self, proposal_id: str, timeout: float) -> None:
+        self.proposal_id = proposal_id
+        self.timeout = timeout
+        super().__init__(f"no decision on proposal {proposal_id!r} within {timeout:g}s")

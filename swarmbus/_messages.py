@@ -198,8 +198,24 @@ class Vote(_Body, frozen=True):
     reason: str = ""
 
 
+class Ballot(_Body, frozen=True):
+    """A recorded vote inside a decision: who voted what, when, in which envelope."""
+
+    voter: AgentId
+    vote: Literal["yes", "no", "abstain"]
+    confidence: Confidence | None = None
+    reason: str = ""
+    cast_at: Timestamp | None = None
+    message_id: MessageId | None = None
+
+
 class Decision(_Body, frozen=True):
-    """The outcome of a proposal (the seed's ``result``)."""
+    """The outcome of a proposal (the seed's ``result``).
+
+    ``decision`` is the proposal's action when approved, else the outcome. The
+    fields after ``abstentions`` make the tally reproducible: the electorate size
+    and every vote counted.
+    """
 
     proposal_id: MessageId
     decision: str
@@ -207,6 +223,10 @@ class Decision(_Body, frozen=True):
     votes_for: int
     votes_against: int
     abstentions: int
+    eligible: int = 0
+    closed_by: Literal["early", "timeout"] = "early"
+    decided_at: Timestamp | None = None
+    votes: list[Ballot] = []
 
 
 class ErrorOccurred(_Body, frozen=True):

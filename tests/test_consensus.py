@@ -1,0 +1,573 @@
+"""Consensus: tally rules (pure), the client and the service on a real server, HA."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+from nats.js.api import DeliverPolicy
+
+from swarmbus import (
+    AlreadyVotedError,
+    Bus,
+    Consensus,
+    ConsensusService,
+    Decision,
+    DecisionMessage,
+    DecisionTimeoutError,
+    ErrorOccurredMessage,
+    InvalidMessageError,
+    Message,
+    NotEligibleError,
+    NotFoundError,
+    Proposal,
+    ProposalClosedError,
+    Tally,
+    Vote,
+    decode,
+    tally_outcome,
+)
+from swarmbus._consensus import (
+    Outcome,
+    Quorum,
+    _read,
+    decision_message_id,
+    decision_of,
+    early_outcome,
+    final_outcome,
+    proposal_key,
+)
+from swarmbus._messages import now
+
+ROOT = Path(__file__).resolve().parents[1]
+VOTERS = [f"ops/voter-{i}" for i in range(5)]
+
+# --- tally rules (pure) -------------------------------------------------------------------------
+
+
+def _brute_force(quorum: Quorum, threshold: float | None, tally: Tally) -> Outcome | None:
+    outcomes = set()
+    m = tally.missing
+    for y, n, a in itertools.product(range(m + 1), repeat=3):
+        if y + n + a <= m:
+            final = Tally(
+                tally.eligible,
+                tally.votes_for + y,
+                tally.votes_against + n,
+                tally.abstentions + a,
+            )
+            outcomes.add(final_outcome(quorum, threshold, final))
+    return outcomes.pop() if len(outcomes) == 1 else None
+
+
+RULES: list[tuple[Quorum, float | None]] = [
+    ("majority", None),
+    ("unanimous", None),
+    ("threshold", 0.0),
+    ("threshold", 0.5),
+    ("threshold", 0.7),
+    ("threshold", 1.0),
+]
+
+
+@pytest.mark.parametrize(("quorum", "threshold"), RULES)
+def test_early_outcome_is_exactly_when_no_missing_vote_can_change_it(
+    quorum: Quorum, threshold: float | None
+) -> None:
+    for eligible in range(1, 7):
+        for y, n, a in itertools.product(range(eligible + 1), repeat=3):
+            if y + n + a <= eligible:
+                tally = Tally(eligible, y, n, a)
+                assert early_outcome(quorum, threshold, tally) == _brute_force(
+                    quorum, threshold, tally
+                ), tally
+
+
+def test_the_seed_example_is_approved() -> None:
+    # 2 yes, 0 no, 1 abstention of 3 voters
+    assert final_outcome("majority", None, Tally(3, 2, 0, 1)) == "approved"
+
+
+@pytest.mark.parametrize(
+    ("quorum", "threshold", "tally", "closed", "expected"),
+    [
+        ("majority", None, Tally(5, 3, 0, 0), False, "approved"),  # early: 3 of 5 say yes
+        ("majority", None, Tally(5, 2, 2, 0), False, None),
+        ("majority", None, Tally(4, 2, 2, 0), False, "rejected"),  # a tie is rejected
+        ("majority", None, Tally(5, 2, 0, 0), True, "no_quorum"),  # 2 of 5 is not > half
+        ("majority", None, Tally(5, 1, 0, 2), True, "approved"),  # abstentions make quorum
+        ("majority", None, Tally(5, 0, 0, 3), True, "rejected"),  # all abstain: not yes > no
+        ("unanimous", None, Tally(5, 4, 1, 0), False, "rejected"),
+        ("unanimous", None, Tally(5, 1, 0, 0), False, None),
+        ("unanimous", None, Tally(5, 4, 0, 0), True, "no_quorum"),
+        ("unanimous", None, Tally(5, 3, 0, 2), False, "approved"),
+        ("unanimous", None, Tally(2, 0, 0, 2), False, "rejected"),
+        ("threshold", 0.7, Tally(10, 7, 3, 0), True, "approved"),
+        ("threshold", 0.7, Tally(10, 6, 4, 0), True, "rejected"),
+        ("threshold", 0.7, Tally(10, 7, 3, 0), False, "approved"),  # 7 >= 0.7 * 10 always
+        ("threshold", 0.7, Tally(10, 4, 1, 3), True, "approved"),  # 4 >= 0.7 * 5
+        ("threshold", 0.7, Tally(10, 4, 1, 0), True, "no_quorum"),
+    ],
+)
+def test_tally_outcome_by_hand(
+    quorum: Quorum, threshold: float | None, tally: Tally, closed: bool, expected: Outcome | None
+) -> None:
+    assert tally_outcome(quorum, threshold, tally, closed=closed) == expected
+
+
+def test_threshold_without_threshold_is_refused() -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        final_outcome("threshold", None, Tally(3, 3))
+
+
+# --- on a real server ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bucket(unique: str) -> str:
+    return f"CONS_{unique}"
+
+
+@pytest.fixture
+async def consensus(bus: Bus, bucket: str) -> Consensus:
+    return await Consensus.open(bus, bucket=bucket)
+
+
+@pytest.fixture
+async def service(bus: Bus, bucket: str, session_id: str) -> AsyncIterator[ConsensusService]:
+    """A service replica; run in a task of its own (fixture setup and teardown are not)."""
+    started: asyncio.Future[ConsensusService] = asyncio.get_running_loop().create_future()
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        async with ConsensusService(bus, bucket=bucket, session=session_id) as svc:
+            started.set_result(svc)
+            await stop.wait()
+
+    task = asyncio.create_task(run())
+    yield await asyncio.wait_for(asyncio.shield(started), 10)
+    stop.set()
+    await task
+
+
+async def _propose(consensus: Consensus, session: str, pid: str, **fields: object) -> None:
+    fields.setdefault("voters", VOTERS)
+    await consensus.propose(
+        Proposal(proposal_id=pid, action="rollback", **fields),  # type: ignore[arg-type]
+        agent=VOTERS[0],
+        session=session,
+    )
+
+
+async def _cast(consensus: Consensus, pid: str, *votes: str) -> None:
+    """Votes in VOTERS order; ``-`` skips a voter."""
+    for voter, vote in zip(VOTERS, votes, strict=False):
+        if vote != "-":
+            body = Vote(proposal_id=pid, vote=vote, reason="test")  # type: ignore[arg-type]
+            await consensus.vote(body, agent=voter)
+
+
+async def test_majority_decides_early_and_publishes_once(
+    bus: Bus, consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    events: list[DecisionMessage] = []
+    got = anyio.Event()
+
+    async def on_msg(message: Message) -> None:
+        assert isinstance(message, DecisionMessage)
+        events.append(message)
+        got.set()
+
+    await bus.subscribe(f"agent.action.decided.{session_id}.>", on_msg, receiver="test/obs")
+    await _propose(consensus, session_id, "p1", timeout=60)
+    await _cast(consensus, "p1", "yes", "abstain", "yes", "yes")
+    with anyio.fail_after(5):
+        decision = await consensus.wait_for_decision("p1", timeout=5)
+        await got.wait()
+    assert (decision.outcome, decision.decision, decision.closed_by) == (
+        "approved",
+        "rollback",
+        "early",
+    )
+    assert (decision.votes_for, decision.votes_against, decision.abstentions) == (3, 0, 1)
+    assert decision.eligible == 5
+    assert [b.voter for b in decision.votes] == VOTERS[:4]
+    assert events[0].decision == decision
+    assert events[0].source.agent == "swarmbus/consensus"
+    record = await consensus.get("p1")
+    assert record.decision == decision
+    assert record.tally() == Tally(5, 3, 0, 1)
+
+
+async def test_majority_rejects_early_on_enough_no(
+    consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    await _propose(consensus, session_id, "p-no", timeout=60)
+    await _cast(consensus, "p-no", "no", "yes", "no", "no")
+    decision = await consensus.wait_for_decision("p-no", timeout=5)
+    assert (decision.outcome, decision.decision) == ("rejected", "rejected")
+    assert (decision.votes_for, decision.votes_against) == (1, 3)
+
+
+async def test_unanimous_rejected_by_one_no_and_approved_with_abstentions(
+    consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    await _propose(consensus, session_id, "u-no", quorum="unanimous", timeout=60)
+    await _cast(consensus, "u-no", "yes", "no")
+    decision = await consensus.wait_for_decision("u-no", timeout=5)
+    assert (decision.outcome, decision.votes_for, decision.votes_against) == ("rejected", 1, 1)
+
+    await _propose(consensus, session_id, "u-yes", quorum="unanimous", timeout=60)
+    await _cast(consensus, "u-yes", "yes", "abstain", "yes", "yes")
+    assert (await consensus.get("u-yes")).decision is None  # one member still missing
+    await consensus.vote(Vote(proposal_id="u-yes", vote="abstain"), agent=VOTERS[4])
+    decision = await consensus.wait_for_decision("u-yes", timeout=5)
+    assert (decision.outcome, decision.abstentions, decision.votes_for) == ("approved", 2, 3)
+
+
+async def test_threshold_counts_yes_among_yes_and_no(
+    consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    await _propose(consensus, session_id, "t1", quorum="threshold", threshold=0.75, timeout=60)
+    await _cast(consensus, "t1", "yes", "abstain", "yes")
+    assert (await consensus.get("t1")).decision is None  # 2 missing no's would make it 2/4
+    await _cast(consensus, "t1", "-", "-", "-", "yes")
+    decision = await consensus.wait_for_decision("t1", timeout=5)  # 3/4 even if the last says no
+    assert (decision.outcome, decision.closed_by) == ("approved", "early")
+    assert (decision.votes_for, decision.votes_against, decision.abstentions) == (3, 0, 1)
+
+    await _propose(consensus, session_id, "t2", quorum="threshold", threshold=0.8, timeout=60)
+    await _cast(consensus, "t2", "yes", "no", "no")  # 3 of 5 at best: < 0.8
+    decision = await consensus.wait_for_decision("t2", timeout=5)
+    assert (decision.outcome, decision.closed_by) == ("rejected", "early")
+
+
+async def test_timeout_with_quorum_tallies_what_was_cast(
+    consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    await _propose(consensus, session_id, "to-q", timeout=1)
+    await _cast(consensus, "to-q", "yes", "no", "yes")
+    assert (await consensus.get("to-q")).decision is None  # 2 missing could still tie
+    decision = await consensus.wait_for_decision("to-q", timeout=5)
+    assert (decision.outcome, decision.closed_by) == ("approved", "timeout")
+    assert (decision.votes_for, decision.votes_against, decision.eligible) == (2, 1, 5)
+
+
+async def test_timeout_without_quorum_is_no_quorum(
+    consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    await _propose(consensus, session_id, "to-nq", timeout=1)
+    await _cast(consensus, "to-nq", "yes", "yes")
+    decision = await consensus.wait_for_decision("to-nq", timeout=5)
+    assert (decision.outcome, decision.decision, decision.closed_by) == (
+        "no_quorum",
+        "no_quorum",
+        "timeout",
+    )
+    with pytest.raises(ProposalClosedError) as closed:
+        await consensus.vote(Vote(proposal_id="to-nq", vote="yes"), agent=VOTERS[2])
+    assert closed.value.outcome == "no_quorum"
+
+
+async def test_illegal_votes_are_typed_errors_and_change_nothing(
+    consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    with pytest.raises(NotFoundError):
+        await consensus.vote(Vote(proposal_id="nope", vote="yes"), agent=VOTERS[0])
+    await _propose(consensus, session_id, "ill", timeout=60)
+    await _cast(consensus, "ill", "yes")
+    before = await consensus.get("ill")
+    with pytest.raises(NotEligibleError):
+        await consensus.vote(Vote(proposal_id="ill", vote="yes"), agent="intruder/x")
+    with pytest.raises(AlreadyVotedError):
+        await consensus.vote(Vote(proposal_id="ill", vote="no"), agent=VOTERS[0])
+    assert await consensus.get("ill") == before
+    await _cast(consensus, "ill", "-", "yes", "yes")
+    decided = await consensus.wait_for_decision("ill", timeout=5)
+    with pytest.raises(ProposalClosedError):
+        await consensus.vote(Vote(proposal_id="ill", vote="no"), agent=VOTERS[4])
+    record = await consensus.get("ill")
+    assert record.decision == decided
+    assert len(record.votes) == 3
+
+
+async def test_bad_proposals_are_refused(consensus: Consensus, session_id: str) -> None:
+    await _propose(consensus, session_id, "dup")
+    with pytest.raises(Exception, match="exists"):
+        await _propose(consensus, session_id, "dup")
+    with pytest.raises(InvalidMessageError, match="threshold"):
+        await _propose(consensus, session_id, "thr", quorum="threshold")
+    with pytest.raises(InvalidMessageError) as none:
+        await _propose(consensus, f"{session_id}-empty", "empty", voters=[])
+    assert none.value.code == "no_voters"
+
+
+async def test_session_members_are_the_default_electorate(
+    consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    for voter in VOTERS[:3]:
+        await consensus.join(session_id, voter)
+    assert await consensus.members(session_id) == VOTERS[:3]
+    await _propose(consensus, session_id, "mem", voters=[], timeout=60)
+    record = await consensus.get("mem")
+    assert record.electorate == VOTERS[:3]
+    with pytest.raises(NotEligibleError):
+        await consensus.vote(Vote(proposal_id="mem", vote="yes"), agent=VOTERS[3])
+    await _cast(consensus, "mem", "yes", "yes")
+    assert (await consensus.wait_for_decision("mem", timeout=5)).outcome == "approved"
+
+
+async def test_wait_for_decision_times_out(consensus: Consensus, session_id: str) -> None:
+    await _propose(consensus, session_id, "slow")
+    with pytest.raises(DecisionTimeoutError):
+        await consensus.wait_for_decision("slow", timeout=0.3)
+    with pytest.raises(NotFoundError):
+        await consensus.wait_for_decision("missing", timeout=0.3)
+
+
+async def test_wire_only_clients_are_ingested(
+    bus: Bus, consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    errors: list[ErrorOccurredMessage] = []
+    got_error = anyio.Event()
+
+    async def on_error(message: Message) -> None:
+        assert isinstance(message, ErrorOccurredMessage)
+        errors.append(message)
+        got_error.set()
+
+    await bus.subscribe(f"agent.error.occurred.{session_id}.>", on_error, receiver="test/obs")
+    proposal = Proposal(proposal_id="wire", action="restart", voters=VOTERS[:3], timeout=60)
+    await bus.publish(proposal, agent=VOTERS[0], session=session_id)
+    await bus.publish(Vote(proposal_id="wire", vote="yes"), agent="intruder/x", session=session_id)
+    with anyio.fail_after(5):
+        await got_error.wait()
+    assert "may not vote" in errors[0].error_occurred.reason  # so the proposal is recorded
+    for voter in VOTERS[:2]:
+        await bus.publish(Vote(proposal_id="wire", vote="yes"), agent=voter, session=session_id)
+    decision = await consensus.wait_for_decision("wire", timeout=5)
+    assert (decision.outcome, decision.votes_for, decision.eligible) == ("approved", 2, 3)
+
+
+async def test_open_proposals_survive_a_service_restart(
+    bus: Bus, consensus: Consensus, bucket: str, session_id: str
+) -> None:
+    async with ConsensusService(bus, bucket=bucket, session=session_id):
+        await _propose(consensus, session_id, "restart", timeout=1.5)
+        await _cast(consensus, "restart", "yes", "yes")
+    assert (await consensus.get("restart")).decision is None
+    async with ConsensusService(bus, bucket=bucket, session=session_id) as second:
+        decision = await consensus.wait_for_decision("restart", timeout=5)
+    assert (decision.outcome, decision.closed_by) == ("no_quorum", "timeout")
+    assert second.decided == 1
+
+
+async def test_two_replicas_decide_each_proposal_once(
+    bus: Bus, consensus: Consensus, bucket: str, session_id: str
+) -> None:
+    async with (
+        ConsensusService(bus, bucket=bucket, session=session_id) as one,
+        ConsensusService(bus, bucket=bucket, session=session_id) as two,
+    ):
+        for i in range(20):
+            await _propose(consensus, session_id, f"r{i}", timeout=60)
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(_cast_tolerant, consensus, f"r{i}", ["yes"] * 5)
+        for i in range(20):
+            await consensus.wait_for_decision(f"r{i}", timeout=5)
+    assert one.decided + two.decided == 20
+
+
+async def _cast_tolerant(consensus: Consensus, pid: str, votes: list[str]) -> None:
+    """Vote like a real client: a vote that arrives after an early decision is refused."""
+    for voter, vote in zip(VOTERS, votes, strict=True):
+        try:
+            await consensus.vote(Vote(proposal_id=pid, vote=vote), agent=voter)  # type: ignore[arg-type]
+        except ProposalClosedError:
+            return
+
+
+# --- HA under a crash ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def replicas(nats_url: str, bucket: str, session_id: str) -> Iterator[list[subprocess.Popen[str]]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NATS_URL": nats_url}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "swarmbus._cli",
+                "consensus",
+                "--bucket",
+                bucket,
+                "--session",
+                session_id,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert "ready" in proc.stdout.readline()
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def _votes_for(i: int) -> list[str]:
+    return [("yes", "no", "abstain", "yes")[(i + 3 * k + k * k) % 4] for k in range(5)]
+
+
+def _quorum_for(i: int) -> dict[str, object]:
+    return [
+        {"quorum": "majority"},
+        {"quorum": "unanimous"},
+        {"quorum": "threshold", "threshold": 0.6},
+    ][i % 3]
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+async def test_200_proposals_5_voters_two_replicas_one_killed(
+    bus: Bus,
+    consensus: Consensus,
+    session_id: str,
+    replicas: list[subprocess.Popen[str]],
+) -> None:
+    n = 200
+    limiter = anyio.Semaphore(64)
+    cast = 0
+    killed = False
+
+    async def run(i: int) -> None:
+        nonlocal cast, killed
+        async with limiter:
+            await _propose(consensus, session_id, f"ha{i}", timeout=60, **_quorum_for(i))
+            for voter, vote in zip(VOTERS, _votes_for(i), strict=True):
+                try:
+                    await consensus.vote(Vote(proposal_id=f"ha{i}", vote=vote), agent=voter)  # type: ignore[arg-type]
+                except ProposalClosedError:
+                    break
+                cast += 1
+                if cast >= 400 and not killed:
+                    killed = True
+                    os.kill(replicas[0].pid, signal.SIGKILL)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(run, i)
+    assert killed
+
+    # Every decision event stored in the stream, read back from its start.
+    seen: Counter[str] = Counter()
+    sub = await bus.js.subscribe(
+        f"agent.action.decided.{session_id}.>",
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+    with anyio.fail_after(30):
+        while len(seen) < n:
+            msg = await sub.next_msg(timeout=30)
+            message = decode(msg.data)
+            assert isinstance(message, DecisionMessage)
+            seen[message.decision.proposal_id] += 1
+    await sub.unsubscribe()
+
+    for i in range(n):
+        record = await consensus.get(f"ha{i}")
+        decision = record.decision
+        assert isinstance(decision, Decision)
+        quorum = _quorum_for(i)
+        full = Tally.of(_votes_for(i), 5)
+        expected = final_outcome(quorum["quorum"], quorum.get("threshold"), full)  # type: ignore[arg-type]
+        assert decision.outcome == expected, (i, _votes_for(i), decision)
+        assert decision.votes == record.votes
+        assert Tally.of((b.vote for b in decision.votes), 5) == Tally(
+            5, decision.votes_for, decision.votes_against, decision.abstentions
+        )
+    info = await bus.js.stream_info(
+        "SWARMBUS_EVENTS", subjects_filter=f"agent.action.decided.{session_id}.>"
+    )
+    assert sum((info.state.subjects or {}).values()) == n
+    assert set(seen.values()) == {1}
+
+
+def test_cli_service_stops_cleanly_on_sigterm(nats_url: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NATS_URL": nats_url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarmbus._cli", "consensus", "--session", "S-cli"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "ready" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.fault
+async def test_a_decision_recorded_but_never_published_is_published_once(
+    bus: Bus, consensus: Consensus, bucket: str, session_id: str
+) -> None:
+    """A replica that died between its CAS and its publish: the others publish for it."""
+    await _propose(consensus, session_id, "orphan", timeout=60)
+    await _cast(consensus, "orphan", "yes", "yes", "yes")
+    record, revision = await _read(consensus.kv, "orphan")
+    decision = decision_of(record, closed=False, at=now())
+    assert decision is not None
+    orphan = msgspec.structs.replace(record, decision=decision)
+    await consensus.kv.update(proposal_key("orphan"), msgspec.json.encode(orphan), last=revision)
+
+    events: list[DecisionMessage] = []
+    got = anyio.Event()
+
+    async def on_msg(message: Message) -> None:
+        assert isinstance(message, DecisionMessage)
+        events.append(message)
+        got.set()
+
+    await bus.subscribe(f"agent.action.decided.{session_id}.>", on_msg, receiver="test/obs")
+    async with (
+        ConsensusService(bus, bucket=bucket, session=session_id, republish_after=0.2) as one,
+        ConsensusService(bus, bucket=bucket, session=session_id, republish_after=0.2) as two,
+    ):
+        with anyio.fail_after(5):
+            await got.wait()
+            watcher = await consensus.kv.watch(proposal_key("orphan"))
+            async for entry in watcher:
+                if entry is not None and msgspec.json.decode(entry.value)["published"]:
+                    break
+            await watcher.stop()  # type: ignore[no-untyped-call]
+    assert one.decided + two.decided == 0
+    assert events[0].decision == decision
+    assert events[0].id == decision_message_id("orphan")
+    info = await bus.js.stream_info(
+        "SWARMBUS_EVENTS", subjects_filter=f"agent.action.decided.{session_id}.>"
+    )
+    assert sum((info.state.subjects or {}).values()) == 1
