@@ -51,6 +51,7 @@ from swarmbus._errors import (
     ConflictError,
     DecisionTimeoutError,
     InvalidMessageError,
+    InvalidTransitionError,
     NotEligibleError,
     NotFoundError,
     ProposalClosedError,
@@ -591,7 +592,7 @@ class Swarm:
                     async with held.lock:
                         try:
                             await claim.heartbeat()
-                        except TaskClaimLostError as exc:
+                        except (TaskClaimLostError, InvalidTransitionError) as exc:
                             log.warning("%s", exc)
                             self._claims.pop(claim.task.id, None)
                             return
