@@ -46,6 +46,7 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus, _translate, _transport_error
+from swarmbus._confidence import DEFAULT_EXPERTISE, Opinion, Pooling, aggregate_confidence
 from swarmbus._errors import (
     ConflictError,
     InvalidMessageError,
@@ -143,18 +144,27 @@ class FindingRecord(_Record, frozen=True):
 
 
 class ConfidenceUpdate(_Record, frozen=True):
-    """One agent's assessment of a hypothesis, kept so no update is ever lost."""
+    """One agent's assessment of a hypothesis, kept so no update is ever lost.
+
+    ``expertise`` (the assessor's declared expertise in the hypothesis's domain,
+    None = the default) and ``evidence`` (how many pieces back it) weigh the
+    assessment in the pooled confidence.
+    """
 
     agent: str
     confidence: Confidence
     at: datetime
     reason: str = ""
+    expertise: float | None = None
+    evidence: int = 0
 
 
 class HypothesisRecord(_Record, frozen=True):
     """A hypothesis: ``status`` is ``proposed``, ``validated`` or ``refuted``.
 
-    ``confidence`` is the latest value; ``updates`` holds every assessment in the
+    ``confidence`` pools the latest assessment of every agent (the proposer's
+    ``initial`` one and each agent's last entry in ``updates``) with the board's
+    pooling rule (swarmbus._confidence); ``updates`` holds every assessment in the
     order it was applied.
     """
 
@@ -167,6 +177,24 @@ class HypothesisRecord(_Record, frozen=True):
     updates: list[ConfidenceUpdate] = []
     validated_by: str | None = None
     evidence: Any = None
+    initial: ConfidenceUpdate | None = None
+
+    def assessments(self) -> list[ConfidenceUpdate]:
+        """The latest assessment of each agent, in first-assessed order."""
+        latest: dict[str, ConfidenceUpdate] = {}
+        for update in [*([self.initial] if self.initial else []), *self.updates]:
+            latest[update.agent] = update
+        return list(latest.values())
+
+
+def pooled_confidence(assessments: list[ConfidenceUpdate], pooling: Pooling) -> float:
+    """Pool agents' assessments, weighted by expertise and evidence (the seed's rule)."""
+    opinions = [Opinion(u.agent, u.confidence, u.evidence) for u in assessments]
+    expertise = {
+        u.agent: {"": u.expertise if u.expertise is not None else DEFAULT_EXPERTISE}
+        for u in assessments
+    }
+    return aggregate_confidence(opinions, expertise, method=pooling, category="")
 
 
 class StatusChange(_Record, frozen=True):
@@ -316,6 +344,12 @@ def _check_confidence(value: float) -> float:
     return float(value)
 
 
+def _check_expertise(value: float | None) -> float | None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise InvalidMessageError("schema", f"expertise must be within [0, 1], got {value!r}")
+    return value
+
+
 def _parse_key(session: str, key: str) -> tuple[str, str | None] | None:
     """(kind, item token) of a key in ``session``, or None if it is not a board key."""
     parts = key.split(".", 2)
@@ -447,6 +481,7 @@ class Blackboard:
         self.session = session
         self.bucket = bucket
         self.max_value_bytes = max_value_bytes
+        self.pooling: Pooling = "weighted_average"
         self._kv = kv
 
     @classmethod
@@ -458,15 +493,20 @@ class Blackboard:
         bucket: str = DEFAULT_BUCKET,
         history: int = DEFAULT_HISTORY,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        pooling: Pooling = "weighted_average",
     ) -> Self:
         """Open ``session``'s board, creating the bucket with the bus's replicas/storage.
+
+        ``pooling`` is how hypothesis confidence combines agents' assessments.
 
         Raises:
             InvalidIdentifierError: ``session`` is not a contract session id.
         """
         subjects.validate_session_id(session)
         kv = await _open_bucket(bus, bucket, history)
-        return cls(bus, session, kv, bucket, max_value_bytes)
+        board = cls(bus, session, kv, bucket, max_value_bytes)
+        board.pooling = pooling
+        return board
 
     # --- sessions ---
 
@@ -626,20 +666,39 @@ class Blackboard:
     # --- hypotheses ---
 
     async def propose_hypothesis(
-        self, description: str, confidence: float, *, agent: str, id: str | None = None
+        self,
+        description: str,
+        confidence: float,
+        *,
+        agent: str,
+        id: str | None = None,
+        expertise: float | None = None,
+        evidence: int = 0,
     ) -> HypothesisRecord:
         """Propose a hypothesis; publishes hypothesis.proposed.
+
+        ``expertise`` and ``evidence`` weigh the proposer's assessment (see
+        ``update_confidence``).
 
         Raises:
             ConflictError: a hypothesis with ``id`` exists.
         """
         subjects.validate_agent_id(agent)
+        at = now()
+        initial = ConfidenceUpdate(
+            agent=agent,
+            confidence=_check_confidence(confidence),
+            at=at,
+            expertise=_check_expertise(expertise),
+            evidence=evidence,
+        )
         record = HypothesisRecord(
             id=id or new_id(),
             agent=agent,
             description=description,
-            confidence=_check_confidence(confidence),
-            created=now(),
+            confidence=initial.confidence,
+            created=at,
+            initial=initial,
         )
         body = HypothesisProposed(
             hypothesis_id=record.id,
@@ -655,20 +714,39 @@ class Blackboard:
         return record
 
     async def update_confidence(
-        self, hypothesis_id: str, confidence: float, *, agent: str, reason: str = ""
+        self,
+        hypothesis_id: str,
+        confidence: float,
+        *,
+        agent: str,
+        reason: str = "",
+        expertise: float | None = None,
+        evidence: int = 0,
     ) -> HypothesisRecord:
         """Record ``agent``'s confidence in a hypothesis (appended, never lost).
 
-        The seed has no event for this; watchers of the board see it.
+        The hypothesis's ``confidence`` becomes the pool of every agent's latest
+        assessment, each weighted by ``expertise`` (the agent's declared expertise in
+        the hypothesis's domain, e.g. ``agent.expertise["deployment"]``; None = 0.5)
+        times ``0.5 + 0.1 * evidence``. The seed has no event for this; watchers of the
+        board see it.
         """
         subjects.validate_agent_id(agent)
         value = _check_confidence(confidence)
+        weight = _check_expertise(expertise)
 
         def apply(record: HypothesisRecord) -> HypothesisRecord:
-            update = ConfidenceUpdate(agent=agent, confidence=value, at=now(), reason=reason)
-            return msgspec.structs.replace(
-                record, confidence=value, updates=[*record.updates, update]
+            update = ConfidenceUpdate(
+                agent=agent,
+                confidence=value,
+                at=now(),
+                reason=reason,
+                expertise=weight,
+                evidence=evidence,
             )
+            updated = msgspec.structs.replace(record, updates=[*record.updates, update])
+            pooled = pooled_confidence(updated.assessments(), self.pooling)
+            return msgspec.structs.replace(updated, confidence=pooled)
 
         return await self._modify("hypothesis", hypothesis_id, HypothesisRecord, apply)
 

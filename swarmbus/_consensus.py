@@ -53,12 +53,14 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
+from swarmbus._blackboard import DEFAULT_BUCKET, Blackboard
 from swarmbus._bus import Bus
 from swarmbus._errors import (
     AlreadyVotedError,
     ConflictError,
     DecisionTimeoutError,
     InvalidMessageError,
+    InvalidTransitionError,
     NotEligibleError,
     NotFoundError,
     ProposalClosedError,
@@ -367,14 +369,25 @@ class Consensus:
     run somewhere to decide.
     """
 
-    def __init__(self, bus: Bus, kv: KeyValue) -> None:
+    def __init__(self, bus: Bus, kv: KeyValue, board_bucket: str | None = DEFAULT_BUCKET) -> None:
         self.bus = bus
         self.kv = kv
+        self.board_bucket = board_bucket
 
     @classmethod
-    async def open(cls, bus: Bus, *, bucket: str = CONSENSUS_BUCKET) -> Consensus:
-        """Open (or create) the consensus bucket on ``bus``."""
-        return cls(bus, await _bucket(bus, bucket))
+    async def open(
+        cls,
+        bus: Bus,
+        *,
+        bucket: str = CONSENSUS_BUCKET,
+        board_bucket: str | None = DEFAULT_BUCKET,
+    ) -> Consensus:
+        """Open (or create) the consensus bucket on ``bus``.
+
+        Proposals are also recorded as actions awaiting approval on the session's
+        blackboard in ``board_bucket`` (None: don't).
+        """
+        return cls(bus, await _bucket(bus, bucket), board_bucket)
 
     async def join(self, session: str, agent: str) -> None:
         """Make ``agent`` a member of ``session``: it votes on proposals without named voters.
@@ -404,6 +417,9 @@ class Consensus:
             self.kv, proposal, agent=agent, session=session, message_id=message_id, at=now()
         )
         await self.bus.publish(record.proposal, agent=agent, session=session, id=message_id)
+        if self.board_bucket is not None:
+            board = await Blackboard.open(self.bus, session, bucket=self.board_bucket)
+            await record_on_board(board, record, agent=agent)
         return record
 
     async def vote(self, vote: Vote, *, agent: str) -> ProposalRecord:
@@ -455,6 +471,34 @@ class Consensus:
         raise DecisionTimeoutError(proposal_id, timeout)
 
 
+async def record_on_board(board: Blackboard, record: ProposalRecord, *, agent: str) -> None:
+    """Record a proposal's action and its decision in the session's actions taken.
+
+    The action is named by the proposal id: awaiting_approval while open, then
+    approved or rejected (no quorum counts as rejected). Idempotent.
+    """
+    proposal = record.proposal
+    with contextlib.suppress(ConflictError):
+        await board.record_action(
+            proposal.action,
+            agent=record.proposer,
+            status="awaiting_approval",
+            target=proposal.target,
+            parameters=proposal.parameters,
+            id=proposal.proposal_id,
+        )
+    decision = record.decision
+    if decision is None:
+        return
+    status = "approved" if decision.outcome == "approved" else "rejected"
+    reason = (
+        f"{decision.outcome}: {decision.votes_for} for, {decision.votes_against} against, "
+        f"{decision.abstentions} abstaining"
+    )
+    with contextlib.suppress(InvalidTransitionError):
+        await board.set_action_status(proposal.proposal_id, status, agent=agent, reason=reason)
+
+
 async def _bucket(bus: Bus, bucket: str) -> KeyValue:
     return await bus.key_value(bucket, history=1, description="swarmbus proposals and votes")
 
@@ -480,6 +524,7 @@ class ConsensusService:
         ingest: consume proposal/vote events (off: only KV-recorded proposals).
         republish_after: seconds before a replica publishes a decision that another
             replica recorded but has not marked published (it may have died).
+        board_bucket: the blackboard bucket decisions are recorded in (None: don't).
     """
 
     def __init__(
@@ -492,6 +537,7 @@ class ConsensusService:
         ingest: bool = True,
         republish_after: float = 2.0,
         max_concurrency: int = 64,
+        board_bucket: str | None = DEFAULT_BUCKET,
     ) -> None:
         if session != "*":
             subjects.validate_session_id(session)
@@ -501,6 +547,7 @@ class ConsensusService:
         self.agent = subjects.validate_agent_id(agent)
         self.ingest = ingest
         self.republish_after = republish_after
+        self.board_bucket = board_bucket
         self.decided = 0  # decisions this replica committed (won the CAS for)
         self._limiter = anyio.Semaphore(max_concurrency)
         self._timers: list[tuple[float, int, str]] = []  # (when, seq, key): settle key then
@@ -662,6 +709,9 @@ class ConsensusService:
             session=record.session,
             id=decision_message_id(record.proposal_id),
         )
+        if self.board_bucket is not None:
+            board = await Blackboard.open(self.bus, record.session, bucket=self.board_bucket)
+            await record_on_board(board, record, agent=self.agent)
         done = msgspec.structs.replace(record, published=True)
         with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
             await kv.update(key, _encoder.encode(done), last=revision)

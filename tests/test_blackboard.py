@@ -16,6 +16,7 @@ import nats
 import pytest
 import yaml
 
+import swarmbus
 from swarmbus import (
     Blackboard,
     BoardChange,
@@ -352,10 +353,9 @@ async def test_watcher_started_mid_session_sees_snapshot_then_every_change(
     assert [c.value.id for c in changes[:3] if isinstance(c.value, FindingRecord)] == [
         f.id for f in late
     ]
-    assert [c.value.confidence for c in changes[3:5] if isinstance(c.value, HypothesisRecord)] == [
-        0.6,
-        0.9,
-    ]
+    # hypothesis confidence pools each agent's latest assessment (equal weights here)
+    pooled = [c.value.confidence for c in changes[3:5] if isinstance(c.value, HypothesisRecord)]
+    assert pooled == pytest.approx([(0.2 + 0.6) / 2, (0.2 + 0.6 + 0.9) / 3])
     # applying the changes to the snapshot gives the board as it is now
     rebuilt = snapshot
     for c in changes:
@@ -499,3 +499,29 @@ async def test_retention_purges_only_old_completed_sessions(bus: Bus, unique: st
     assert await done.snapshot() == Snapshot(session_id=done.session)
     assert len((await active.snapshot()).findings) == 1
     assert [s.session_id for s in await Blackboard.sessions(bus, bucket=bucket)] == [active.session]
+
+
+async def test_hypothesis_confidence_pools_assessments_by_expertise_and_evidence(
+    board: Blackboard,
+) -> None:
+    h = await board.propose_hypothesis(
+        "pool exhaustion", 0.8, agent="ops/dba", expertise=0.9, evidence=2
+    )
+    assert h.confidence == 0.8
+    h = await board.update_confidence(h.id, 0.2, agent="ops/intern", expertise=0.3, evidence=0)
+    # seed: weight = expertise * (0.5 + 0.1 * evidence) -> 0.9*0.7=0.63 and 0.3*0.5=0.15
+    assert h.confidence == pytest.approx((0.8 * 0.63 + 0.2 * 0.15) / (0.63 + 0.15))
+    # a later assessment by the same agent replaces its earlier one
+    h = await board.update_confidence(h.id, 0.8, agent="ops/intern", expertise=0.3)
+    assert h.confidence == pytest.approx(0.8)
+    assert len(h.updates) == 2
+    with pytest.raises(swarmbus.InvalidMessageError):
+        await board.update_confidence(h.id, 0.5, agent="ops/x", expertise=1.5)
+    assert (await board.get_hypothesis(h.id)).confidence == pytest.approx(0.8)
+
+
+async def test_log_odds_pooling_is_configurable(bus: Bus, unique: str, session_id: str) -> None:
+    board = await Blackboard.open(bus, session_id, bucket=f"B_{unique}", pooling="log_odds")
+    h = await board.propose_hypothesis("leak", 0.99, agent="ops/a")
+    h = await board.update_confidence(h.id, 0.5, agent="ops/b")
+    assert h.confidence == pytest.approx(0.9090, abs=1e-3)

@@ -19,6 +19,7 @@ from nats.js.api import DeliverPolicy
 
 from swarmbus import (
     AlreadyVotedError,
+    Blackboard,
     Bus,
     Consensus,
     ConsensusService,
@@ -32,6 +33,7 @@ from swarmbus import (
     NotFoundError,
     Proposal,
     ProposalClosedError,
+    Snapshot,
     Tally,
     Vote,
     decode,
@@ -571,3 +573,27 @@ async def test_a_decision_recorded_but_never_published_is_published_once(
         "SWARMBUS_EVENTS", subjects_filter=f"agent.action.decided.{session_id}.>"
     )
     assert sum((info.state.subjects or {}).values()) == 1
+
+
+async def test_proposal_and_decision_are_recorded_on_the_blackboard(
+    bus: Bus, consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    board = await Blackboard.open(bus, session_id)
+    await _propose(consensus, session_id, "rb-1", timeout=60, target="checkout")
+    pending = await board.get_action("rb-1")
+    assert (pending.action, pending.status, pending.target) == (
+        "rollback",
+        "awaiting_approval",
+        "checkout",
+    )
+    await _cast(consensus, "rb-1", "yes", "no", "yes", "yes")
+    await consensus.wait_for_decision("rb-1", timeout=5)
+    with anyio.fail_after(5):
+        async for item in board.watch():
+            records = item.actions_taken if isinstance(item, Snapshot) else [item.value]
+            if any(getattr(r, "status", "") == "approved" for r in records):
+                break
+    action = await board.get_action("rb-1")
+    assert action.status == "approved"
+    assert action.history[-1].agent == "swarmbus/consensus"
+    assert "3 for, 1 against" in action.history[-1].reason
