@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -268,17 +269,31 @@ def _explain(exc: SwarmbusError) -> str:
             return str(exc)
 
 
-def _tool(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Report swarmbus errors as tool errors (``isError`` results the LLM reads)."""
+#: Swarm method -> read only; each is served as the tool ``swarm.<method>``.
+_TOOL_METHODS: dict[str, bool] = {}
 
-    @functools.wraps(fn)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except SwarmbusError as exc:
-            raise ToolError(_explain(exc)) from exc
 
-    return call
+def _tool(
+    *, read_only: bool = False
+) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+    """Serve a Swarm method as ``swarm.<name>`` (its docstring is the description).
+
+    Swarmbus errors it raises become tool errors (``isError`` results the LLM reads).
+    """
+
+    def register(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        _TOOL_METHODS[fn.__name__] = read_only
+
+        @functools.wraps(fn)
+        async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                return await fn(*args, **kwargs)
+            except SwarmbusError as exc:
+                raise ToolError(_explain(exc)) from exc
+
+        return call
+
+    return register
 
 
 def _plain(value: Any) -> Any:
@@ -371,7 +386,7 @@ class Swarm:
             actions_taken=len(snapshot.actions_taken),
         )
 
-    @_tool
+    @_tool()
     async def start_session(
         self,
         session_id: SessionId,
@@ -380,6 +395,10 @@ class Swarm:
             Field(description='What the session is about, e.g. {"task": "investigate INC-1234"}.'),
         ] = None,
     ) -> SessionView:
+        """Start a new coordination session with its shared context, and join it.
+
+        Fails if the session exists: then call swarm.join_session.
+        """
         board = await self._board(session_id)
         try:
             await board.start(self.agent_id, context or {})
@@ -390,20 +409,26 @@ class Swarm:
         await self.consensus.join(session_id, self.agent_id)
         return await self._view(board)
 
-    @_tool
+    @_tool()
     async def join_session(self, session_id: SessionId) -> SessionView:
+        """Join an active coordination session.
+
+        Members vote on proposals made after they joined. Returns the session's context, members
+        and what is on its blackboard.
+        """
         board = await self._active(session_id)
         await self.consensus.join(session_id, self.agent_id)
         return await self._view(board)
 
-    @_tool
+    @_tool(read_only=True)
     async def list_sessions(self) -> SessionList:
+        """List every coordination session (incident) with its status and initiator."""
         records = await Blackboard.sessions(self.bus)
         return SessionList(sessions=[_plain(r) for r in records])
 
     # --- blackboard ---
 
-    @_tool
+    @_tool()
     async def post_finding(
         self,
         session_id: SessionId,
@@ -419,6 +444,11 @@ class Swarm:
             list[EvidenceItem] | None, Field(description="What the finding rests on.")
         ] = None,
     ) -> Posted:
+        """Share a finding with every agent in the session.
+
+        An observation, hypothesis or conclusion, with your confidence (0.0-1.0) and the
+        evidence behind it.
+        """
         board = await self._active(session_id)
         finding = Finding(
             category=category,
@@ -429,7 +459,7 @@ class Swarm:
         record = await board.append_finding(finding, agent=self.agent_id)
         return Posted(session_id=session_id, id=record.id, record=_plain(record))
 
-    @_tool
+    @_tool(read_only=True)
     async def get_findings(
         self,
         session_id: SessionId,
@@ -438,6 +468,10 @@ class Swarm:
             str | None, Field(description="Only findings posted by this agent id.")
         ] = None,
     ) -> Records:
+        """Read the findings posted in a session, oldest first.
+
+        Optionally only one category, or only the findings one agent posted.
+        """
         board = await self._board(session_id)
         await self._known(board)
         found = await board.findings(agent=posted_by, category=category)
@@ -451,8 +485,13 @@ class Swarm:
                 f"unknown session {board.session!r}: nobody started it. {_HINTS['session']}"
             ) from None
 
-    @_tool
+    @_tool(read_only=True)
     async def get_blackboard(self, session_id: SessionId) -> Board:
+        """Read the session's whole blackboard.
+
+        Its context, findings, hypotheses and actions taken (proposals and their status),
+        with who posted what. Read it before posting to avoid duplicate work.
+        """
         board = await self._board(session_id)
         await self._known(board)
         snapshot = await board.snapshot()
@@ -467,18 +506,23 @@ class Swarm:
             actions_taken=data["actions_taken"],
         )
 
-    @_tool
+    @_tool()
     async def report_hypothesis(
         self,
         session_id: SessionId,
         description: Annotated[str, Field(min_length=1, description="What you suspect.")],
         confidence: Confidence,
     ) -> Posted:
+        """Put a hypothesis on the session's blackboard with your confidence.
+
+        E.g. 'database connection pool exhaustion', 0.7. Others can assess it with
+        swarm.assess_hypothesis.
+        """
         board = await self._active(session_id)
         record = await board.propose_hypothesis(description, confidence, agent=self.agent_id)
         return Posted(session_id=session_id, id=record.id, record=_plain(record))
 
-    @_tool
+    @_tool()
     async def assess_hypothesis(
         self,
         session_id: SessionId,
@@ -492,6 +536,11 @@ class Swarm:
         ] = None,
         reason: Annotated[str, Field(description="Why, in a sentence.")] = "",
     ) -> Posted:
+        """Assess a hypothesis: record your confidence in it, and/or settle it.
+
+        A verdict (validated or refuted) is final. The hypothesis's confidence pools every
+        agent's latest assessment.
+        """
         if confidence is None and verdict is None:
             raise ToolError("give a confidence, a verdict, or both")
         board = await self._active(session_id)
@@ -520,7 +569,7 @@ class Swarm:
             self._queues[session_id] = queue
         return queue
 
-    @_tool
+    @_tool()
     async def create_task(
         self,
         session_id: SessionId,
@@ -534,6 +583,11 @@ class Swarm:
             float, Field(gt=0, le=86400, description="A claim expires this long without progress.")
         ] = 300.0,
     ) -> Posted:
+        """Create a task for some agent of the session to claim.
+
+        E.g. type 'investigate', target 'api-gateway'. Higher priority tasks are claimed
+        first.
+        """
         await self._active(session_id)
         queue = await self._queue(session_id)
         task = await queue.create(
@@ -546,23 +600,29 @@ class Swarm:
         )
         return Posted(session_id=session_id, id=task.id, record=_plain(task))
 
-    @_tool
+    @_tool(read_only=True)
     async def list_tasks(
         self,
         session_id: SessionId,
         status: Literal["pending", "assigned", "running", "completed", "failed"] | None = None,
     ) -> Records:
+        """List the session's tasks with status, assignee and result, optionally one status."""
         await self._known(await self._board(session_id))
         tasks = await (await self._queue(session_id)).tasks(status)
         return Records(session_id=session_id, count=len(tasks), items=[_plain(t) for t in tasks])
 
-    @_tool
+    @_tool()
     async def claim_task(
         self,
         session_id: SessionId,
         types: Annotated[list[TaskType], Field(min_length=1, description="Task types you can do.")],
         wait_seconds: WaitSeconds = 0.0,
     ) -> Claimed:
+        """Claim the next waiting task of the given types (highest priority first).
+
+        You then hold it until you call swarm.complete_task or swarm.fail_task; returns
+        claimed=false if none is waiting.
+        """
         await self._active(session_id)
         queue = await self._queue(session_id)
         claim = await queue.claim(agent=self.agent_id, types=types, timeout=wait_seconds or None)
@@ -626,18 +686,22 @@ class Swarm:
         held.scope.cancel()
         self._claims.pop(held.claim.task.id, None)
 
-    @_tool
+    @_tool()
     async def complete_task(
         self,
         session_id: SessionId,
         task_id: ItemId,
         result: Annotated[JsonObject, Field(description="What you found or did.")],
     ) -> Posted:
+        """Mark a task you claimed as completed, with its result.
+
+        Only the current holder can complete a task, and only once.
+        """
         async with self._finishing(session_id, task_id) as claim:
             task = await claim.complete(result)
         return Posted(session_id=session_id, id=task.id, record=_plain(task))
 
-    @_tool
+    @_tool()
     async def fail_task(
         self,
         session_id: SessionId,
@@ -647,6 +711,10 @@ class Swarm:
             bool, Field(description="Offer it to another agent again (up to its max attempts).")
         ] = False,
     ) -> Posted:
+        """Give up a task you claimed, saying why.
+
+        With retry=true it is offered to another agent again (up to its max attempts).
+        """
         async with self._finishing(session_id, task_id) as claim:
             task = await claim.fail(error, retry=retry)
         return Posted(session_id=session_id, id=task.id, record=_plain(task))
@@ -673,7 +741,7 @@ class Swarm:
             decision=_plain(record.decision) if record.decision else None,
         )
 
-    @_tool
+    @_tool()
     async def propose_action(
         self,
         session_id: SessionId,
@@ -698,6 +766,12 @@ class Swarm:
             Field(description="Agent ids that vote; default: every agent that joined the session."),
         ] = None,
     ) -> ProposalView:
+        """Propose an action for the session's agents to vote on.
+
+        E.g. action 'rollback', target 'api@v1.2.3'. Returns the proposal_id; call swarm.vote
+        to vote on it yourself and swarm.get_proposal to follow it until it is decided. Act
+        only once it is approved.
+        """
         await self._active(session_id)
         proposal = Proposal(
             proposal_id=new_id(),
@@ -712,7 +786,7 @@ class Swarm:
         record = await self.consensus.propose(proposal, agent=self.agent_id, session=session_id)
         return self._proposal_view(record)
 
-    @_tool
+    @_tool()
     async def vote(
         self,
         proposal_id: ItemId,
@@ -722,11 +796,15 @@ class Swarm:
             float | None, Field(ge=0.0, le=1.0, description="How sure you are.")
         ] = None,
     ) -> ProposalView:
+        """Vote yes, no or abstain on a proposal, with your reason.
+
+        Votes are final; the proposal is decided as soon as the outcome cannot change.
+        """
         body = Vote(proposal_id=proposal_id, vote=vote, confidence=confidence, reason=reason)
         record = await self.consensus.vote(body, agent=self.agent_id)
         return self._proposal_view(record)
 
-    @_tool
+    @_tool(read_only=True)
     async def get_proposal(
         self,
         proposal_id: ItemId,
@@ -735,6 +813,11 @@ class Swarm:
             Field(ge=0.0, le=MAX_WAIT, description="Wait up to this long for the decision."),
         ] = 0.0,
     ) -> ProposalView:
+        """Read a proposal: its votes so far and, once decided, the decision.
+
+        The outcome is approved, rejected or no_quorum. With wait_seconds, waits up to 30 s
+        for the decision.
+        """
         if wait_seconds:
             with contextlib.suppress(DecisionTimeoutError):
                 await self.consensus.wait_for_decision(proposal_id, wait_seconds)
@@ -745,106 +828,10 @@ class Swarm:
 
 _READ = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 _WRITE = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=False)
+#: Every tool the server serves.
+TOOL_NAMES: Final = tuple(f"swarm.{method}" for method in _TOOL_METHODS)
 
 #: tool name -> (Swarm method, annotations, description)
-TOOLS: Final[dict[str, tuple[str, ToolAnnotations, str]]] = {
-    "swarm.list_sessions": (
-        "list_sessions",
-        _READ,
-        "List every coordination session (incident) with its status and initiator.",
-    ),
-    "swarm.start_session": (
-        "start_session",
-        _WRITE,
-        "Start a new coordination session with its shared context, and join it. "
-        "Fails if the session exists: then call swarm.join_session.",
-    ),
-    "swarm.join_session": (
-        "join_session",
-        _WRITE,
-        "Join an active coordination session. Members vote on proposals made after they "
-        "joined. Returns the session's context, members and what is on its blackboard.",
-    ),
-    "swarm.get_blackboard": (
-        "get_blackboard",
-        _READ,
-        "Read the session's whole blackboard: context, findings, hypotheses and actions "
-        "taken, with who posted what. Read it before posting to avoid duplicate work.",
-    ),
-    "swarm.post_finding": (
-        "post_finding",
-        _WRITE,
-        "Share a finding with every agent in the session: an observation, hypothesis or "
-        "conclusion with your confidence (0.0-1.0) and the evidence behind it.",
-    ),
-    "swarm.get_findings": (
-        "get_findings",
-        _READ,
-        "Read the findings posted in a session, oldest first, optionally only one "
-        "category or one agent's.",
-    ),
-    "swarm.report_hypothesis": (
-        "report_hypothesis",
-        _WRITE,
-        "Put a hypothesis on the session's blackboard (e.g. 'database connection pool "
-        "exhaustion') with your confidence; others can assess it.",
-    ),
-    "swarm.assess_hypothesis": (
-        "assess_hypothesis",
-        _WRITE,
-        "Record your confidence in a hypothesis, and/or settle it as validated or refuted "
-        "(a verdict is final).",
-    ),
-    "swarm.create_task": (
-        "create_task",
-        _WRITE,
-        "Create a task for some agent of the session to claim (e.g. type 'investigate', "
-        "target 'api-gateway'). Higher priority tasks are claimed first.",
-    ),
-    "swarm.list_tasks": (
-        "list_tasks",
-        _READ,
-        "List the session's tasks with status, assignee and result, optionally one status.",
-    ),
-    "swarm.claim_task": (
-        "claim_task",
-        _WRITE,
-        "Claim the next waiting task of the given types (highest priority first). You "
-        "then hold it until you call swarm.complete_task or swarm.fail_task; returns "
-        "claimed=false if none is waiting.",
-    ),
-    "swarm.complete_task": (
-        "complete_task",
-        _WRITE,
-        "Mark a task you claimed as completed, with its result. Only the current holder "
-        "can complete a task, and only once.",
-    ),
-    "swarm.fail_task": (
-        "fail_task",
-        _WRITE,
-        "Give up a task you claimed: record why, and with retry=true offer it to another "
-        "agent again.",
-    ),
-    "swarm.propose_action": (
-        "propose_action",
-        _WRITE,
-        "Propose an action (e.g. rollback of api v1.2.3) for the session's agents to vote "
-        "on. Returns the proposal_id; call swarm.vote to vote on it yourself and "
-        "swarm.get_proposal to follow it until it is decided.",
-    ),
-    "swarm.vote": (
-        "vote",
-        _WRITE,
-        "Vote yes, no or abstain on a proposal, with your reason. Votes are final; the "
-        "proposal is decided as soon as the outcome cannot change.",
-    ),
-    "swarm.get_proposal": (
-        "get_proposal",
-        _READ,
-        "Read a proposal: its votes so far and, once decided, the decision (approved, "
-        "rejected or no_quorum). Can wait up to 30 s for the decision.",
-    ),
-}
 
 
 def _instructions(agent_id: str) -> str:
@@ -866,12 +853,13 @@ def build_server(swarm: Swarm) -> MCPServer[Any]:
         version=__version__,
         log_level="WARNING",
     )
-    for name, (method, hints, description) in TOOLS.items():
+    for method, read_only in _TOOL_METHODS.items():
+        fn = getattr(swarm, method)
         server.add_tool(
-            getattr(swarm, method),
-            name=name,
-            description=description,
-            annotations=hints,
+            fn,
+            name=f"swarm.{method}",
+            description=inspect.getdoc(fn),
+            annotations=_READ if read_only else _WRITE,
             structured_output=True,
         )
     return server

@@ -18,7 +18,7 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.types import CallToolResult, TextContent
 
 from swarmbus import Agent, Blackboard, Bus, Consensus, ConsensusService, FindingMessage, TaskQueue
-from swarmbus._mcp import TOOLS, ConfigError, ServerConfig
+from swarmbus._mcp import TOOL_NAMES, ConfigError, ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "mcp-agent-swarm"
@@ -177,7 +177,7 @@ async def test_tools_are_described_and_bad_input_is_a_tool_error_that_keeps_serv
 ) -> None:
     async with mcp_agent(nats_url, agent_id) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-        assert set(tools) == set(TOOLS)
+        assert set(tools) == set(TOOL_NAMES)
         assert set(tools) >= SEED_TOOLS
         for tool in tools.values():
             assert tool.description
