@@ -22,7 +22,7 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, ParamSpec, TypeVar
 
@@ -89,20 +89,19 @@ class ServerConfig:
     settings: Settings
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    def from_env(cls) -> ServerConfig:
         """Read ``SWARM_BACKEND``, ``AGENT_ID``, ``NATS_URL`` (and ``SWARMBUS_*``).
 
         Raises:
             ConfigError: with a message that says what to set.
         """
-        env = os.environ if environ is None else environ
-        backend = env.get("SWARM_BACKEND", "nats").strip().lower()
-        if backend not in SUPPORTED_BACKENDS:
+        backend = os.environ.get("SWARM_BACKEND") or "nats"
+        if backend.strip().lower() not in SUPPORTED_BACKENDS:
             raise ConfigError(
-                f"SWARM_BACKEND={env['SWARM_BACKEND']!r} is not supported: "
-                f"mcp-agent-swarm supports only SWARM_BACKEND=nats (set NATS_URL to your server)"
+                f"SWARM_BACKEND={backend!r} is not supported: mcp-agent-swarm supports only "
+                "SWARM_BACKEND=nats (set NATS_URL to your server)"
             )
-        agent_id = env.get("AGENT_ID", "")
+        agent_id = os.environ.get("AGENT_ID", "")
         if not agent_id:
             raise ConfigError(
                 "AGENT_ID is not set: set it to the id this agent acts as, e.g. AGENT_ID=ops/claude"
@@ -111,15 +110,10 @@ class ServerConfig:
             subjects.validate_agent_id(agent_id)
         except SwarmbusError as exc:
             raise ConfigError(f"AGENT_ID: {exc}") from None
-        if not env.get("NATS_URL", "").strip():
+        if not os.environ.get("NATS_URL", "").strip():
             raise ConfigError("NATS_URL is not set: e.g. NATS_URL=nats://127.0.0.1:4222")
-        values: dict[str, object] = {"url": env["NATS_URL"], "name": f"mcp-agent-swarm {agent_id}"}
-        for name in Settings.model_fields:
-            value = env.get(f"SWARMBUS_{name.upper()}")
-            if value is not None and name != "url":
-                values[name] = value
         try:
-            settings = Settings.model_validate(values)
+            settings = Settings.from_env(name=f"mcp-agent-swarm {agent_id}")
         except pydantic.ValidationError as exc:
             raise ConfigError(f"bad SWARMBUS_* setting: {exc}") from None
         return cls(agent_id=agent_id, settings=settings)
@@ -566,8 +560,9 @@ class Swarm:
         if queue is None:
             queue = TaskQueue(self.bus, session_id)
             await queue.open()
-            self._queues[session_id] = queue
-        return queue
+            if self._queues.setdefault(session_id, queue) is not queue:  # a concurrent call won
+                await queue.close()
+        return self._queues[session_id]
 
     @_tool()
     async def create_task(
@@ -631,7 +626,7 @@ class Swarm:
                 claimed=False,
                 message=f"no {'/'.join(types)} task is waiting in {session_id}; try again later.",
             )
-        self._hold(claim)
+        self._hold(claim, queue)
         return Claimed(
             claimed=True,
             task=_plain(claim.task),
@@ -641,9 +636,10 @@ class Swarm:
             ),
         )
 
-    def _hold(self, claim: Claim) -> None:
+    def _hold(self, claim: Claim, queue: TaskQueue) -> None:
         held = self._claims[claim.task.id] = _Held(claim)
-        interval = min(claim.task.constraints.timeout, self._ack_wait(claim)) / 3
+        # Often enough for the task's lease and for the dispatch message's ack wait.
+        interval = min(claim.task.constraints.timeout, queue.ack_wait) / 3
 
         async def heartbeat() -> None:
             with held.scope:
@@ -660,10 +656,6 @@ class Swarm:
                             log.warning("heartbeat of task %s failed: %s", claim.task.id, exc)
 
         self._tg.start_soon(heartbeat)
-
-    def _ack_wait(self, claim: Claim) -> float:
-        queue = self._queues.get(claim.task.session)
-        return queue.ack_wait if queue else claim.task.constraints.timeout
 
     @contextlib.asynccontextmanager
     async def _finishing(self, session_id: str, task_id: str) -> AsyncIterator[Claim]:

@@ -314,15 +314,20 @@ def run_script(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"SWARMBUS_REPLICAS": "seven"}, "SWARMBUS_"),
     ],
 )
-def test_bad_configuration_says_what_to_set(change: dict[str, str], expected: str) -> None:
+def test_bad_configuration_says_what_to_set(
+    change: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in {**server_env("nats://127.0.0.1:4222", "ops/claude"), **change}.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=expected):
-        ServerConfig.from_env({**server_env("nats://127.0.0.1:4222", "ops/claude"), **change})
+        ServerConfig.from_env()
 
 
-def test_configuration_from_the_seed_block() -> None:
-    config = ServerConfig.from_env(
-        {"SWARM_BACKEND": "nats", "NATS_URL": "nats://10.0.0.1:4222", "AGENT_ID": "ops/claude"}
-    )
+def test_configuration_from_the_seed_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NATS_URL", "nats://10.0.0.1:4222")
+    monkeypatch.setenv("AGENT_ID", "ops/claude")
+    monkeypatch.delenv("SWARM_BACKEND", raising=False)  # nats is the default
+    config = ServerConfig.from_env()
     assert config.agent_id == "ops/claude"
     assert config.settings.servers == ["nats://10.0.0.1:4222"]
 
