@@ -154,6 +154,8 @@ async def test_join_post_claim_complete_propose_vote_until_decided(
         )
         assert set(proposal["electorate"]) == {agent_id, listener.id}
         pid = proposal["proposal_id"]
+        board_view = await call(client, "swarm.get_blackboard", session_id=session_id)
+        assert [a["id"] for a in board_view["actions_taken"]] == [pid]
         voted = await call(client, "swarm.vote", proposal_id=pid, vote="yes", reason="5x errors")
         assert (voted["status"], voted["your_vote"]) == ("open", "yes")
         await consensus.vote(
