@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -275,9 +276,17 @@ async def test_blackboard_hypotheses_and_task_lifecycle_tools(
         assert empty["claimed"] is False
         claimed = await call(client, "swarm.claim_task", session_id=session_id, types=["analyze"])
         assert claimed["task"]["id"] == created["id"]
-        # The server heartbeats the claim: it outlives the task's 1 s timeout.
+        # The server heartbeats the claim: its lease moves on past the task's 1 s timeout.
+        first_lease = datetime.fromisoformat(claimed["task"]["lease_until"])
         async with TaskQueue(bus, session_id) as queue:
-            assert await queue.claim(agent="ops/other", types=["analyze"], timeout=2.5) is None
+            with anyio.fail_after(10):
+                while True:
+                    task = await queue.get(created["id"])
+                    assert task.lease_until is not None
+                    if task.lease_until > first_lease + timedelta(seconds=1.5):
+                        break
+                    await anyio.sleep(0.1)
+            assert (task.status, task.assigned_to, task.attempts) == ("running", agent_id, 1)
         failed = await call(
             client,
             "swarm.fail_task",
