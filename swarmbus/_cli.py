@@ -101,6 +101,21 @@ def _cmd_consensus(args: argparse.Namespace) -> int:
     return anyio.run(serve, backend_options={"use_uvloop": args.uvloop})
 
 
+def _cmd_locks(args: argparse.Namespace) -> int:
+    from swarmbus._bus import Bus
+    from swarmbus._locks import held_locks
+
+    async def show() -> None:
+        async with Bus.open(provision=False) as bus:
+            holders = await held_locks(bus, bucket=args.bucket)
+        print(f"{'RESOURCE':<40} {'OWNER':<30} {'TOKEN':>10}  EXPIRES AT (UTC)")
+        for h in holders:
+            print(f"{h.resource:<40} {h.owner:<30} {h.token:>10}  {h.expires_at.isoformat()}")
+
+    anyio.run(show)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="swarmbus", description="Agent coordination on NATS.")
@@ -135,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", default="swarmbus/consensus", help="agent id decisions come from")
     p.add_argument("--uvloop", action="store_true", help="run on uvloop (swarmbus[uvloop])")
     p.set_defaults(func=_cmd_consensus)
+
+    p = sub.add_parser("locks", help="list held locks (server from NATS_URL)")
+    p.add_argument("--bucket", default="SWARMBUS_LOCKS", help="locks bucket (default: %(default)s)")
+    p.set_defaults(func=_cmd_locks)
     return parser
 
 

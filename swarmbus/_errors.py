@@ -24,7 +24,10 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
     ├── PermissionDeniedError (PermissionError)
     │   └── NotEligibleError
     ├── ProposalClosedError
-    └── DecisionTimeoutError (TimeoutError)
+    ├── DecisionTimeoutError (TimeoutError)
+    ├── InvalidTTLError (ValueError)
+    ├── LockLostError
+    └── LockTimeoutError (TimeoutError)
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ __all__ = [
     "DecisionTimeoutError",
     "InvalidIdentifierError",
     "InvalidMessageError",
+    "InvalidTTLError",
     "InvalidTransitionError",
+    "LockLostError",
+    "LockTimeoutError",
     "MessageTooLargeError",
     "NoResponderError",
     "NotEligibleError",
@@ -227,3 +233,37 @@ class DecisionTimeoutError(SwarmbusError, TimeoutError):
         self.proposal_id = proposal_id
         self.timeout = timeout
         super().__init__(f"no decision on proposal {proposal_id!r} within {timeout:g}s")
+
+
+class InvalidTTLError(SwarmbusError, ValueError):
+    """A TTL that the server cannot apply (per-key TTLs are whole seconds, at least 1)."""
+
+    def __init__(self, ttl: object) -> None:
+        self.ttl = ttl
+        super().__init__(f"invalid TTL {ttl!r}: use a finite number of seconds > 0")
+
+
+class LockLostError(SwarmbusError):
+    """The lock is not (or no longer) held by this holder: released, expired or taken.
+
+    ``token`` is the fencing token of the lost lease (None if it was never acquired).
+    """
+
+    def __init__(self, resource: str, owner: str, token: int | None) -> None:
+        self.resource = resource
+        self.owner = owner
+        self.token = token
+        if token is None:
+            super().__init__(f"{owner} does not hold the lock on {resource!r}")
+        else:
+            super().__init__(f"{owner} lost the lock on {resource!r} (token {token})")
+
+
+class LockTimeoutError(SwarmbusError, TimeoutError):
+    """A lock was not acquired within the timeout."""
+
+    def __init__(self, resource: str, owner: str, timeout: float | None) -> None:
+        self.resource = resource
+        self.owner = owner
+        self.timeout = timeout
+        super().__init__(f"{owner} did not get the lock on {resource!r} within {timeout}s")

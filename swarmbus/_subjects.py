@@ -14,10 +14,13 @@ Requests are routed by capability outside ``agent.>`` (the event stream captures
 
 ``<target>`` is an agent id or ``any`` (one agent of a queue group answers).
 Dead letters: ``swarmbus.dead.<session>.<receiver>``.
+Lock keys: ``$KV.<bucket>.<base64url(resource)>`` (see ``lock_key``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import re
 from typing import Final
@@ -36,6 +39,8 @@ REQUEST_ROOT: Final = "swarmbus.request"
 DEAD_LETTER_ROOT: Final = "swarmbus.dead"
 DEAD_LETTER_WILDCARD: Final = "swarmbus.dead.>"
 UNKNOWN: Final = "unknown"
+KV_ROOT: Final = "$KV"
+MAX_RESOURCE_BYTES: Final = 512
 
 _session_re = re.compile(SESSION_ID_PATTERN)
 _agent_re = re.compile(AGENT_ID_PATTERN)
@@ -128,3 +133,39 @@ def safe_token(value: str) -> str:
     readable = re.sub(r"[^A-Za-z0-9_-]", "_", value)[:64]
     digest = hashlib.sha256(value.encode()).hexdigest()[:8]
     return f"{readable}-{digest}"
+
+
+def lock_key(resource: object) -> str:
+    """The KV key of a lock on ``resource``: unpadded base64url of its UTF-8 bytes.
+
+    Injective and reversible (``resource_of_lock_key``), and only uses ``[A-Za-z0-9_-]``,
+    so any string (``file:/src/main.py``, spaces, dots, ``*``, ``>``) is a safe key.
+    """
+    if not isinstance(resource, str):
+        raise InvalidIdentifierError("lock resource", resource, "must be a string")
+    try:
+        data = resource.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidIdentifierError("lock resource", resource, "must be valid UTF-8") from exc
+    if not data or len(data) > MAX_RESOURCE_BYTES:
+        raise InvalidIdentifierError(
+            "lock resource", resource, f"must be 1 to {MAX_RESOURCE_BYTES} UTF-8 bytes"
+        )
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def resource_of_lock_key(key: str) -> str:
+    """Invert ``lock_key`` (strictly: only keys that ``lock_key`` produces)."""
+    try:
+        data = base64.b64decode(key + "=" * (-len(key) % 4), altchars=b"-_", validate=True)
+        resource = data.decode()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidIdentifierError("lock key", key, "not a base64url UTF-8 string") from exc
+    if lock_key(resource) != key:
+        raise InvalidIdentifierError("lock key", key, "not a canonical lock key")
+    return resource
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a KV bucket stores ``key`` under (for compare-and-set publishes)."""
+    return f"{KV_ROOT}.{bucket}.{key}"

@@ -1,0 +1,478 @@
+"""Distributed locks on a JetStream KV bucket: per-key TTL, owner-only release, fencing.
+
+A lock on a resource is one key of the ``SWARMBUS_LOCKS`` bucket (``lock_key``). Every
+write is a compare-and-set on the key's last revision, so only one acquisition can win
+and a holder can only release or refresh the revision it wrote itself. The key carries a
+server-side TTL (nats-server >= 2.11): a crashed holder's lock expires on its own, and
+the server then writes a ``MaxAge`` marker that waiting contenders see through a watch.
+
+The fencing token of an acquisition is the revision of the write that created the lock.
+It increases across releases and expiries (it is the bucket stream's sequence, never
+reset because the bucket is never deleted), so a protected resource can refuse writes
+from a holder whose lease has already passed to someone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Final
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from swarmbus import _subjects as subjects
+from swarmbus._bus import Bus, _translate, _transport_error
+from swarmbus._errors import (
+    InvalidIdentifierError,
+    InvalidMessageError,
+    InvalidTransitionError,
+    InvalidTTLError,
+    LockLostError,
+    LockTimeoutError,
+)
+
+log = logging.getLogger("swarmbus.locks")
+
+LOCKS_BUCKET: Final = "SWARMBUS_LOCKS"
+DEFAULT_TTL: Final = 30
+DEFAULT_TIMEOUT: Final = 30.0
+MARKER_TTL: Final = 60
+"""Seconds that release and expiry markers stay in the bucket (then the key is empty)."""
+WATCH_INACTIVE_THRESHOLD: Final = 5.0
+
+EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
+TTL_HEADER: Final = "Nats-TTL"
+KV_OPERATION: Final = "KV-Operation"
+KV_PURGE: Final = "PURGE"
+KV_DELETE: Final = "DEL"
+ROLLUP_HEADER: Final = "Nats-Rollup"
+ROLLUP_SUBJECT: Final = "sub"
+MARKER_REASON: Final = "Nats-Marker-Reason"
+_WRONG_LAST_SEQUENCE: Final = (10071, 10164)
+_LAST_SEQUENCE_RE: Final = re.compile(r"wrong last sequence: (\d+)")
+
+
+class _Record(msgspec.Struct, omit_defaults=True):
+    """The value of a lock key. ``token`` is set by refreshes (0: the entry's revision)."""
+
+    owner: str
+    ttl: int
+    token: int = 0
+
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder(_Record)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lock held by this process: pass ``token`` to the protected resource."""
+
+    resource: str
+    owner: str
+    token: int
+    ttl: int
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lock, as stored on the server. ``expires_at`` is server time (UTC)."""
+
+    resource: str
+    owner: str
+    token: int
+    expires_at: datetime
+
+
+class _Conflict(Exception):
+    """A compare-and-set lost; ``actual`` is the key's last revision if the server said."""
+
+    def __init__(self, actual: int | None) -> None:
+        self.actual = actual
+
+
+def whole_seconds(ttl: float) -> int:
+    """Round a TTL up to whole seconds (the server's unit), refusing values <= 0.
+
+    Rounding up keeps the lease at least as long as the caller asked for.
+    """
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise InvalidTTLError(ttl)
+    if not math.isfinite(ttl) or ttl <= 0:
+        raise InvalidTTLError(ttl)
+    return max(1, math.ceil(ttl))
+
+
+@contextlib.contextmanager
+def _nats_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except nats.js.errors.APIError as exc:
+        raise _translate(exc, what) from exc
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise _transport_error(exc, what) from exc
+
+
+class _Bucket:
+    """A locks bucket as one bus sees it: opened once, one watch for all local waiters.
+
+    The watch is an ordered consumer on the whole bucket with in-memory state that
+    delivers only new writes. It is created on the first wait and kept for the life of
+    the connection (a consumer per wait would cost a round trip, ~10 ms when
+    file-backed). Local waiters for a key queue in FIFO order and only the head is told
+    when the key is freed, so a release costs one compare-and-set per process instead
+    of one per waiter, and waiters in one process are served in arrival order.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.provisioned = False
+        self._guard = anyio.Lock()
+        self._sub: JetStreamContext.PushSubscription | None = None
+        self._queues: dict[str, list[MemoryObjectSendStream[int | None]]] = {}
+
+    def queued(self, key: str) -> bool:
+        """Whether local waiters are queued for ``key`` (a newcomer goes behind them)."""
+        return bool(self._queues.get(key))
+
+    @contextlib.asynccontextmanager
+    async def waiting(
+        self, js: JetStreamContext, key: str, hint: int | None
+    ) -> AsyncIterator[MemoryObjectReceiveStream[int | None]]:
+        """Queue for ``key``; at the head, receive what to try next.
+
+        An int is the revision of a write that freed the key (compare-and-set on it);
+        None means "read the key": the state before this waiter became head is unknown.
+        A waiter that finds the queue empty starts with ``hint`` (a revision it knows
+        freed the key, or None). Leaving without the lock passes a None to the next one.
+        """
+        async with self._guard:
+            if self._sub is None:
+                with _nats_errors(f"cannot watch bucket {self.name}"):
+                    self._sub = await js.subscribe(
+                        subjects.kv_subject(self.name, ">"),
+                        stream=f"KV_{self.name}",
+                        cb=self._on_msg,
+                        ordered_consumer=True,
+                        deliver_policy=DeliverPolicy.NEW,
+                        inactive_threshold=WATCH_INACTIVE_THRESHOLD,
+                        config=ConsumerConfig(mem_storage=True),
+                    )
+        send, receive = anyio.create_memory_object_stream[int | None](math.inf)
+        queue = self._queues.setdefault(key, [])
+        queue.append(send)
+        if len(queue) == 1:
+            send.send_nowait(hint)
+        acquired = False
+        try:
+            with receive:
+                yield receive
+            acquired = True
+        finally:
+            head = queue[0] is send
+            queue.remove(send)
+            send.close()
+            if not queue:
+                del self._queues[key]
+            elif head and not acquired:
+                queue[0].send_nowait(None)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        queue = self._queues.get(msg.subject.removeprefix(subjects.kv_subject(self.name, "")))
+        if queue and _is_tombstone(msg.headers):
+            queue[0].send_nowait(msg.metadata.sequence.stream)
+
+
+# Per connection; entries of closed connections are dropped when a new one comes.
+_buckets: dict[Bus, dict[str, _Bucket]] = {}
+
+
+async def _bucket(bus: Bus, name: str) -> _Bucket:
+    """The locks bucket, created once per bus with expiry markers enabled."""
+    buckets = _buckets.get(bus)
+    if buckets is None:
+        for closed in [b for b in _buckets if b.nc.is_closed]:
+            del _buckets[closed]
+        buckets = _buckets[bus] = {}
+    bucket = buckets.setdefault(name, _Bucket(name))
+    if not bucket.provisioned:
+        await bus.key_value(
+            name, history=1, limit_marker_ttl=MARKER_TTL, description="swarmbus locks"
+        )
+        bucket.provisioned = True
+    return bucket
+
+
+def _is_tombstone(headers: Mapping[str, str] | None) -> bool:
+    """A release/delete marker or a server marker (``MaxAge`` after a TTL expiry)."""
+    if not headers:
+        return False
+    return headers.get(KV_OPERATION) in (KV_PURGE, KV_DELETE) or MARKER_REASON in headers
+
+
+def _holder(key: str, value: bytes | None, revision: int, stored: datetime) -> Holder:
+    try:
+        record = _decoder.decode(value or b"")
+    except msgspec.DecodeError as exc:
+        raise InvalidMessageError("schema", f"lock key {key!r} holds no lock record") from exc
+    return Holder(
+        resource=subjects.resource_of_lock_key(key),
+        owner=record.owner,
+        token=record.token or revision,
+        expires_at=stored + timedelta(seconds=record.ttl),
+    )
+
+
+async def lock_holder(bus: Bus, resource: str, *, bucket: str = LOCKS_BUCKET) -> Holder | None:
+    """Who holds the lock on ``resource`` (read from the stream leader), or None."""
+    key = subjects.lock_key(resource)
+    with _nats_errors(f"cannot read lock on {resource!r}"):
+        try:
+            msg = await bus.js.get_msg(
+                f"KV_{bucket}", subject=subjects.kv_subject(bucket, key), direct=False
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+    if _is_tombstone(msg.headers) or msg.seq is None or msg.time is None:
+        return None
+    return _holder(key, msg.data, msg.seq, msg.time)
+
+
+async def held_locks(bus: Bus, *, bucket: str = LOCKS_BUCKET) -> list[Holder]:
+    """Every lock currently held in ``bucket``, sorted by resource."""
+    with _nats_errors(f"cannot list locks in {bucket}"):
+        try:
+            kv = await bus.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            return []
+        watcher = await kv.watchall(
+            ignore_deletes=True, inactive_threshold=WATCH_INACTIVE_THRESHOLD
+        )
+        holders = []
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    break
+                try:
+                    holders.append(_holder(entry.key, entry.value, entry.revision, entry.created))
+                except (InvalidIdentifierError, InvalidMessageError) as exc:
+                    log.warning("skipping %s in %s: %s", entry.key, bucket, exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+    return sorted(holders, key=lambda h: h.resource)
+
+
+class Lock:
+    """A lock on ``resource`` for ``owner`` (an agent id); one object per holder.
+
+    ``acquire`` returns a ``Lease`` whose ``token`` the protected resource must check.
+    Not re-entrant, and not meant to be shared by concurrent tasks.
+
+    Example::
+
+        async with Lock(bus, "file:/src/main.py", "ops/release-manager", ttl=30) as lease:
+            await write_file(..., fencing_token=lease.token)
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        resource: str,
+        owner: str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        bucket: str = LOCKS_BUCKET,
+    ) -> None:
+        self.bus = bus
+        self.resource = resource
+        self.owner = subjects.validate_agent_id(owner)
+        self.ttl = whole_seconds(ttl)
+        self.timeout = timeout
+        self.bucket = bucket
+        self._key = subjects.lock_key(resource)
+        self._subject = subjects.kv_subject(bucket, self._key)
+        self._lease: Lease | None = None
+        self._revision = 0
+        # Revision of our own last release marker: a CAS on it succeeds only if the
+        # key is still free, which saves a read on the next acquisition.
+        self._released_at: int | None = None
+
+    @property
+    def lease(self) -> Lease | None:
+        """The lease this object holds (None after a release or a detected loss)."""
+        return self._lease
+
+    async def acquire(
+        self, *, timeout: float | None = 0.0, ttl: float | None = None
+    ) -> Lease | None:
+        """Take the lock; returns the lease, or None if it was not acquired.
+
+        Args:
+            timeout: 0 tries once: None if the lock is held, another writer just won
+                it, or waiters on this connection are queued for it. Otherwise waits
+                up to ``timeout`` seconds (None: forever) for a release or expiry,
+                woken by a KV watch; waiters on one connection are served in order.
+            ttl: lease length in seconds (rounded up to whole seconds); default ``self.ttl``.
+        """
+        if self._lease is not None:
+            raise InvalidTransitionError("lock", self.resource, "held", "acquired")
+        seconds = self.ttl if ttl is None else whole_seconds(ttl)
+        bucket = await _bucket(self.bus, self.bucket)
+        if timeout == 0:
+            if bucket.queued(self._key):  # local waiters are first in line
+                return None
+            return await self._attempt(seconds, self._released_at)
+        with anyio.move_on_after(timeout):
+            return await self._wait(bucket, seconds)
+        return None
+
+    async def refresh(self, *, ttl: float | None = None) -> Lease:
+        """Extend the lease to ``ttl`` seconds from now (same fencing token).
+
+        Raises:
+            LockLostError: the lease expired or passed to someone else.
+        """
+        lease = self._lease
+        if lease is None:
+            raise LockLostError(self.resource, self.owner, None)
+        seconds = self.ttl if ttl is None else whole_seconds(ttl)
+        record = _Record(owner=self.owner, ttl=seconds, token=lease.token)
+        try:
+            self._revision = await self._write(
+                _encoder.encode(record), self._revision, {TTL_HEADER: str(seconds)}
+            )
+        except _Conflict:
+            self._lease = None
+            raise LockLostError(self.resource, self.owner, lease.token) from None
+        self._lease = replace(lease, ttl=seconds)
+        return self._lease
+
+    async def release(self) -> None:
+        """Release the lock, only if this lease still holds it.
+
+        Raises:
+            LockLostError: the lease expired or passed to someone else (whose lock is
+                left untouched), or it was never acquired.
+        """
+        lease, self._lease = self._lease, None
+        if lease is None:
+            raise LockLostError(self.resource, self.owner, None)
+        headers = {
+            KV_OPERATION: KV_PURGE,
+            ROLLUP_HEADER: ROLLUP_SUBJECT,
+            TTL_HEADER: str(MARKER_TTL),
+        }
+        try:
+            self._released_at = await self._write(b"", self._revision, headers)
+        except _Conflict:
+            raise LockLostError(self.resource, self.owner, lease.token) from None
+
+    async def __aenter__(self) -> Lease:
+        lease = await self.acquire(timeout=self.timeout)
+        if lease is None:
+            raise LockTimeoutError(self.resource, self.owner, self.timeout)
+        return lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.release()
+            except LockLostError:
+                if exc is None:
+                    raise
+
+    # --- internals ----------------------------------------------------------------
+
+    async def _write(self, payload: bytes, expected: int, headers: dict[str, str]) -> int:
+        """Compare-and-set publish on the lock key; returns the new revision."""
+        await _bucket(self.bus, self.bucket)
+        headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected)
+        with _nats_errors(f"lock on {self.resource!r}"):
+            try:
+                ack = await self.bus.js.publish(self._subject, payload, headers=headers)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code not in _WRONG_LAST_SEQUENCE:
+                    raise
+                found = _LAST_SEQUENCE_RE.search(exc.description or "")
+                raise _Conflict(int(found.group(1)) if found else None) from exc
+        return int(ack.seq)
+
+    async def _create(self, ttl: int, expected: int) -> Lease:
+        """Write a new lock over a free key whose last revision is ``expected``."""
+        record = _Record(owner=self.owner, ttl=ttl)
+        self._revision = await self._write(
+            _encoder.encode(record), expected, {TTL_HEADER: str(ttl)}
+        )
+        self._lease = Lease(self.resource, self.owner, self._revision, ttl)
+        return self._lease
+
+    async def _attempt(self, ttl: int, expected: int | None = None) -> Lease | None:
+        """One try without waiting; None if the key is held or another writer won.
+
+        ``expected`` is a revision believed to free the key (else the key is read). A
+        waiter does not need more: every later write reaches it through the watch.
+        """
+        read = expected is None
+        while True:
+            if expected is None:
+                last = await self._last()
+                if last is not None and not last[1]:
+                    return None
+                expected = last[0] if last else 0
+            try:
+                return await self._create(ttl, expected)
+            except _Conflict as conflict:
+                if conflict.actual == 0:  # the key emptied: no watch event says so
+                    expected = 0
+                elif read and conflict.actual is not None:
+                    return None  # written after our read: someone else was faster
+                else:
+                    expected, read = None, True
+
+    async def _last(self) -> tuple[int, bool] | None:
+        """(revision, is a tombstone) of the key's last entry, from the stream leader."""
+        with _nats_errors(f"cannot read lock on {self.resource!r}"):
+            try:
+                msg = await self.bus.js.get_msg(
+                    f"KV_{self.bucket}", subject=self._subject, direct=False
+                )
+            except nats.js.errors.NotFoundError:
+                return None
+        return msg.seq or 0, _is_tombstone(msg.headers)
+
+    async def _wait(self, bucket: _Bucket, ttl: int) -> Lease:
+        """Queue behind this connection's waiters for the key; try each time it is freed."""
+        async with bucket.waiting(self.bus.js, self._key, self._released_at) as updates:
+            while True:
+                revision = await updates.receive()
+                if revision is None:
+                    lease = await self._attempt(ttl)
+                else:
+                    try:
+                        return await self._create(ttl, revision)
+                    except _Conflict as conflict:
+                        if conflict.actual:  # someone else won: wait for their release
+                            continue
+                        lease = await self._attempt(ttl, conflict.actual)
+                if lease is not None:
+                    return lease

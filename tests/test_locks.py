@@ -1,0 +1,479 @@
+"""Locks: mapping and TTL rules, the three KV/TTL pitfalls, owner-only release, fencing."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import signal
+import sys
+import textwrap
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import nats.js.errors
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+from nats.js.kv import KeyValue
+
+from swarmbus import (
+    Bus,
+    InvalidIdentifierError,
+    InvalidTransitionError,
+    InvalidTTLError,
+    Lease,
+    Lock,
+    LockLostError,
+    LockTimeoutError,
+    held_locks,
+    lock_holder,
+)
+from swarmbus._cli import main
+from swarmbus._locks import MARKER_REASON, TTL_HEADER, _bucket, whole_seconds
+from swarmbus._subjects import MAX_RESOURCE_BYTES, kv_subject, lock_key, resource_of_lock_key
+
+RESOURCE = "file:/src/main.py"
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+@pytest.fixture
+def bucket(unique: str) -> str:
+    return f"LOCKS_{unique}"
+
+
+async def _kv(bus: Bus, bucket: str) -> KeyValue:
+    await _bucket(bus, bucket)  # creates it the way Lock does
+    return await bus.js.key_value(bucket)
+
+
+async def _stored_headers(bus: Bus, bucket: str, key: str) -> dict[str, str]:
+    msg = await bus.js.get_msg(f"KV_{bucket}", subject=kv_subject(bucket, key))
+    return dict(msg.headers or {})
+
+
+async def _wait_for_expiry(kv: KeyValue, key: str, after: int) -> int:
+    """Wait (on a KV watch, i.e. on the server's clock) for the TTL marker after ``after``."""
+    watcher = await kv.watch(key)
+    try:
+        with anyio.fail_after(15):
+            async for entry in watcher:
+                if entry is not None and entry.revision > after and entry.operation == "PURGE":
+                    return int(entry.revision)
+    finally:
+        await watcher.stop()
+    raise AssertionError("watch ended")
+
+
+# --- pure logic -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "resource", ["file:/src/main.py", "a.b", "a_b", "a/b", "*", ">", " x y ", "ünï/cødé", "x" * 512]
+)
+def test_lock_key_is_a_safe_reversible_key(resource: str) -> None:
+    key = lock_key(resource)
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", key)
+    assert resource_of_lock_key(key) == resource
+
+
+def test_lock_key_is_injective_where_safe_token_like_mappings_collide() -> None:
+    names = ["a.b", "a_b", "a/b", "a b", "a:b", "A.b"]
+    assert len({lock_key(n) for n in names}) == len(names)
+
+
+@pytest.mark.parametrize("key", ["not-a.lock", "a+b", "YQ==", "YR", "_w"])
+def test_only_canonical_lock_keys_map_back(key: str) -> None:
+    with pytest.raises(InvalidIdentifierError):
+        resource_of_lock_key(key)
+
+
+@pytest.mark.parametrize("bad", ["", "x" * (MAX_RESOURCE_BYTES + 1), "\ud800", None, 42])
+def test_lock_key_refuses_bad_resources(bad: object) -> None:
+    with pytest.raises(InvalidIdentifierError):
+        lock_key(bad)
+
+
+@pytest.mark.parametrize(("ttl", "seconds"), [(0.5, 1), (1, 1), (1.2, 2), (30, 30), (29.999, 30)])
+def test_ttl_rounds_up_to_whole_seconds(ttl: float, seconds: int) -> None:
+    assert whole_seconds(ttl) == seconds
+
+
+@pytest.mark.parametrize("ttl", [0, -1, math.nan, math.inf, True, "3"])
+def test_ttl_refuses_values_the_server_cannot_apply(ttl: object) -> None:
+    with pytest.raises(InvalidTTLError):
+        whole_seconds(ttl)  # type: ignore[arg-type]
+
+
+async def test_owner_must_be_an_agent_id(bus: Bus, bucket: str) -> None:
+    with pytest.raises(InvalidIdentifierError):
+        Lock(bus, RESOURCE, "not an agent!", bucket=bucket)
+
+
+# --- basic behaviour ----------------------------------------------------------------
+
+
+async def test_acquire_release_and_holder_lookup(bus: Bus, bucket: str) -> None:
+    lock = Lock(bus, RESOURCE, "ops/release-manager", ttl=30, bucket=bucket)
+    other = Lock(bus, RESOURCE, "ops/deploy-validator", bucket=bucket)
+    before = datetime.now(UTC)
+    lease = await lock.acquire()
+    assert lease is not None
+    assert lease == Lease(RESOURCE, "ops/release-manager", lease.token, 30) == lock.lease
+    assert await other.acquire() is None
+    holder = await lock_holder(bus, RESOURCE, bucket=bucket)
+    assert holder is not None
+    assert (holder.resource, holder.owner, holder.token) == (RESOURCE, lease.owner, lease.token)
+    assert before + timedelta(seconds=25) < holder.expires_at < before + timedelta(seconds=40)
+    [listed] = await held_locks(bus, bucket=bucket)
+    assert (listed.resource, listed.owner, listed.token) == (RESOURCE, lease.owner, lease.token)
+    assert abs(listed.expires_at - holder.expires_at) < timedelta(milliseconds=1)
+    with pytest.raises(InvalidTransitionError):
+        await lock.acquire()
+
+    await lock.release()
+    assert lock.lease is None
+    assert await lock_holder(bus, RESOURCE, bucket=bucket) is None
+    assert await held_locks(bus, bucket=bucket) == []
+    second = await other.acquire()
+    assert second is not None
+    assert second.token > lease.token
+    again = Lock(bus, RESOURCE, "ops/release-manager", bucket=bucket)
+    assert await again.acquire() is None  # a fresh object reads the live lock first
+
+
+async def test_locks_on_different_resources_are_independent(bus: Bus, bucket: str) -> None:
+    a = await Lock(bus, "a.b", "ops/a", bucket=bucket).acquire()
+    b = await Lock(bus, "a_b", "ops/b", bucket=bucket).acquire()
+    await (await _kv(bus, bucket)).put("not-a.lock", b"junk")  # skipped by the listing
+    assert a is not None
+    assert b is not None
+    assert [h.resource for h in await held_locks(bus, bucket=bucket)] == ["a.b", "a_b"]
+
+
+async def test_release_by_non_owner_fails_and_keeps_the_lock(bus: Bus, bucket: str) -> None:
+    owner = Lock(bus, RESOURCE, "ops/owner", bucket=bucket)
+    lease = await owner.acquire()
+    assert lease is not None
+    same_name = Lock(bus, RESOURCE, "ops/owner", bucket=bucket)  # same id, no lease
+    for intruder in (Lock(bus, RESOURCE, "ops/intruder", bucket=bucket), same_name):
+        assert await intruder.acquire() is None
+        with pytest.raises(LockLostError) as info:
+            await intruder.release()
+        assert info.value.token is None
+    holder = await lock_holder(bus, RESOURCE, bucket=bucket)
+    assert holder is not None
+    assert (holder.owner, holder.token) == ("ops/owner", lease.token)
+    await owner.release()
+    with pytest.raises(LockLostError):
+        await owner.release()  # twice
+
+
+async def test_blocking_acquire_wakes_on_release(bus: Bus, bucket: str) -> None:
+    holder = Lock(bus, RESOURCE, "ops/a", bucket=bucket)
+    waiter = Lock(bus, RESOURCE, "ops/b", bucket=bucket)
+    first = await holder.acquire()
+    assert first is not None
+    assert await waiter.acquire(timeout=0.2) is None  # times out while held
+    got: list[Lease | None] = []
+
+    async def wait() -> None:
+        got.append(await waiter.acquire(timeout=10))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await holder.release()
+    assert got[0] is not None
+    assert got[0].token > first.token
+
+
+async def test_context_manager_releases_and_times_out(bus: Bus, bucket: str) -> None:
+    async with Lock(bus, RESOURCE, "ops/a", bucket=bucket) as lease:
+        assert (await lock_holder(bus, RESOURCE, bucket=bucket)) is not None
+        with pytest.raises(LockTimeoutError):
+            async with Lock(bus, RESOURCE, "ops/b", timeout=0, bucket=bucket):
+                pass
+    assert await lock_holder(bus, RESOURCE, bucket=bucket) is None
+    assert lease.owner == "ops/a"
+
+
+# --- TTL and the three pitfalls ------------------------------------------------------
+
+
+async def test_fractional_ttl_is_rounded_up_not_rejected(bus: Bus, bucket: str) -> None:
+    """Pitfall: per-key TTLs are whole seconds >= 1 (the server refuses "0.5")."""
+    lock = Lock(bus, RESOURCE, "ops/a", bucket=bucket)
+    with pytest.raises(InvalidTTLError):
+        await lock.acquire(ttl=0)
+    lease = await lock.acquire(ttl=0.5)
+    assert lease is not None
+    assert lease.ttl == 1
+    headers = await _stored_headers(bus, bucket, lock_key(RESOURCE))
+    assert headers[TTL_HEADER] == "1"
+
+
+async def test_acquire_after_ttl_expiry(bus: Bus, bucket: str) -> None:
+    """Pitfall: nats-py's kv.create fails on a key whose lock expired; Lock does not."""
+    kv = await _kv(bus, bucket)
+    key = lock_key(RESOURCE)
+    crashed = await Lock(bus, RESOURCE, "ops/crashed", bucket=bucket).acquire(ttl=1)
+    assert crashed is not None
+    marker = await _wait_for_expiry(kv, key, crashed.token)
+    assert MARKER_REASON in await _stored_headers(bus, bucket, key)
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        await kv.create(key, b"{}", msg_ttl=5)
+    lease = await Lock(bus, RESOURCE, "ops/next", bucket=bucket).acquire()
+    assert lease is not None
+    assert lease.token > marker > crashed.token
+
+
+async def test_blocking_acquire_wakes_on_expiry(bus: Bus, bucket: str) -> None:
+    crashed = await Lock(bus, RESOURCE, "ops/crashed", bucket=bucket).acquire(ttl=1)
+    waiter = Lock(bus, RESOURCE, "ops/next", bucket=bucket)
+    with anyio.fail_after(15):
+        lease = await waiter.acquire(timeout=15)
+    assert crashed is not None
+    assert lease is not None
+    assert lease.token > crashed.token
+
+
+async def test_refresh_keeps_the_ttl_where_kv_update_drops_it(bus: Bus, bucket: str) -> None:
+    """Pitfall: kv.update() writes a revision without a TTL (the key never expires)."""
+    kv = await _kv(bus, bucket)
+    raw = await kv.create("raw", b"x", msg_ttl=5)
+    await kv.update("raw", b"y", last=raw)
+    assert TTL_HEADER not in await _stored_headers(bus, bucket, "raw")
+
+    lock = Lock(bus, RESOURCE, "ops/a", bucket=bucket)
+    lease = await lock.acquire(ttl=30)
+    assert lease is not None
+    refreshed = await lock.refresh(ttl=1)
+    assert (refreshed.token, refreshed.ttl) == (lease.token, 1)
+    key = lock_key(RESOURCE)
+    assert (await _stored_headers(bus, bucket, key))[TTL_HEADER] == "1"
+    holder = await lock_holder(bus, RESOURCE, bucket=bucket)
+    assert holder is not None
+    assert holder.token == lease.token
+    await _wait_for_expiry(kv, key, lease.token)  # it still expires after the refresh
+    assert await lock_holder(bus, RESOURCE, bucket=bucket) is None
+
+
+async def test_refresh_and_release_after_loss(bus: Bus, bucket: str) -> None:
+    kv = await _kv(bus, bucket)
+    slow = Lock(bus, RESOURCE, "ops/slow", bucket=bucket)
+    lease = await slow.acquire(ttl=1)
+    assert lease is not None
+    await _wait_for_expiry(kv, lock_key(RESOURCE), lease.token)
+    with pytest.raises(LockLostError) as info:
+        await slow.refresh()
+    assert info.value.token == lease.token
+    assert slow.lease is None
+
+    lease = await slow.acquire(ttl=1)
+    assert lease is not None
+    await _wait_for_expiry(kv, lock_key(RESOURCE), lease.token)
+    successor = await Lock(bus, RESOURCE, "ops/next", bucket=bucket).acquire(ttl=30)
+    assert successor is not None
+    with pytest.raises(LockLostError):
+        await slow.refresh()
+    with pytest.raises(LockLostError):
+        await slow.release()
+    holder = await lock_holder(bus, RESOURCE, bucket=bucket)
+    assert holder is not None
+    assert holder.token == successor.token
+
+
+async def test_context_exit_reports_a_lost_lock(bus: Bus, bucket: str) -> None:
+    kv = await _kv(bus, bucket)
+    with pytest.raises(LockLostError):
+        async with Lock(bus, RESOURCE, "ops/slow", ttl=1, bucket=bucket) as lease:
+            await _wait_for_expiry(kv, lock_key(RESOURCE), lease.token)
+
+
+_HOLDER_SCRIPT = textwrap.dedent(
+    """
+    import sys, anyio
+    from swarmbus import Bus, Lock
+
+    async def main(url, bucket, resource):
+        async with Bus.open(url=url) as bus:
+            lease = await Lock(bus, resource, "ops/doomed", bucket=bucket).acquire(ttl=1)
+            print(lease.token, flush=True)
+            await anyio.sleep_forever()
+
+    anyio.run(main, *sys.argv[1:])
+    """
+)
+
+
+@pytest.mark.fault
+async def test_a_killed_holders_lock_expires(bus: Bus, bucket: str, nats_url: str) -> None:
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    cmd = [sys.executable, "-c", _HOLDER_SCRIPT, nats_url, bucket, RESOURCE]
+    async with await anyio.open_process(cmd, env=env, stderr=None) as proc:
+        try:
+            assert proc.stdout is not None
+            with anyio.fail_after(20):
+                line = await BufferedByteReceiveStream(proc.stdout).receive_until(b"\n", 100)
+            token = int(line)
+            waiter = Lock(bus, RESOURCE, "ops/survivor", bucket=bucket)
+            assert await waiter.acquire() is None
+            os.kill(proc.pid, signal.SIGKILL)
+            lease = await waiter.acquire(timeout=15)
+            assert lease is not None
+            assert lease.token > token
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+
+# --- safety ------------------------------------------------------------------------
+
+
+class StaleTokenError(Exception):
+    pass
+
+
+class FencedResource:
+    """What a protected resource does: remember the highest token, refuse lower ones."""
+
+    def __init__(self) -> None:
+        self.highest = 0
+        self.writes = 0
+
+    def write(self, token: int) -> None:
+        if token < self.highest:
+            raise StaleTokenError(f"token {token} < {self.highest}")
+        self.highest = token
+        self.writes += 1
+
+
+@pytest.mark.slow
+async def test_safety_16_contenders_and_a_stalled_holder(nats_url: str, bucket: str) -> None:
+    target, contenders = 2000, 16
+    fenced = FencedResource()
+    tokens: list[int] = []
+    active = 0
+    half_way, stalled, took_over, late_release_done = (anyio.Event() for _ in range(4))
+    takeover: list[int] = []
+    stalled_token: list[int] = []
+
+    def acquired(token: int) -> None:
+        assert not tokens or token > tokens[-1], "fencing tokens must strictly increase"
+        tokens.append(token)
+        if len(tokens) >= target // 2:
+            half_way.set()
+
+    async with AsyncExitStack() as stack:
+        buses = [await stack.enter_async_context(Bus.open(url=nats_url)) for _ in range(4)]
+
+        async def contender(i: int) -> None:
+            nonlocal active
+            bus = buses[i % len(buses)]
+            lock = Lock(bus, RESOURCE, f"swarm/c{i}", ttl=10, bucket=bucket)
+            while len(tokens) < target:
+                lease = await lock.acquire(timeout=30)
+                assert lease is not None
+                acquired(lease.token)
+                active += 1
+                assert active == 1, "two holders at once"
+                fenced.write(lease.token)
+                await anyio.lowlevel.checkpoint()
+                fenced.write(lease.token)
+                if stalled.is_set() and not late_release_done.is_set():
+                    takeover.append(lease.token)
+                    took_over.set()
+                    await late_release_done.wait()
+                    holder = await lock_holder(bus, RESOURCE, bucket=bucket)
+                    assert holder is not None
+                    assert holder.token == lease.token
+                active -= 1
+                await lock.release()
+
+        async def stalled_holder() -> None:
+            lock = Lock(buses[0], RESOURCE, "swarm/stalled", bucket=bucket)
+            await half_way.wait()
+            lease = await lock.acquire(timeout=30, ttl=1)
+            assert lease is not None
+            acquired(lease.token)
+            stalled_token.append(lease.token)
+            fenced.write(lease.token)
+            stalled.set()
+            await took_over.wait()  # stalled past the TTL: someone else holds it and wrote
+            with pytest.raises(StaleTokenError):
+                fenced.write(lease.token)
+            with pytest.raises(LockLostError):
+                await lock.release()
+            late_release_done.set()
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stalled_holder)
+                for i in range(contenders):
+                    tg.start_soon(contender, i)
+
+        assert len(tokens) >= target
+        assert len(takeover) == 1
+        assert tokens[tokens.index(takeover[0]) - 1] == stalled_token[0]
+        assert fenced.writes == 2 * (len(tokens) - 1) + 1
+        assert await lock_holder(buses[0], RESOURCE, bucket=bucket) is None
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+
+async def test_cli_lists_held_locks(
+    bus: Bus,
+    bucket: str,
+    nats_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    lease = await Lock(bus, RESOURCE, "ops/release-manager", bucket=bucket).acquire()
+    assert lease is not None
+    monkeypatch.setenv("NATS_URL", nats_url)
+    code = await anyio.to_thread.run_sync(main, ["locks", "--bucket", bucket])
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["RESOURCE", "OWNER", "TOKEN"]
+    assert out[1].split()[:3] == [RESOURCE, "ops/release-manager", str(lease.token)]
+
+
+async def test_acquire_when_the_key_was_emptied(bus: Bus, bucket: str) -> None:
+    """Markers expire (MARKER_TTL) and leave the key empty: a stale CAS base is recovered."""
+    lock = Lock(bus, RESOURCE, "ops/a", bucket=bucket)
+    first = await lock.acquire()
+    await lock.release()
+    await bus.js.purge_stream(f"KV_{bucket}", subject=kv_subject(bucket, lock_key(RESOURCE)))
+    second = await lock.acquire()
+    assert first is not None
+    assert second is not None
+    assert second.token > first.token
+
+
+async def test_a_waiter_that_gives_up_leaves_the_queue(bus: Bus, bucket: str) -> None:
+    holder = Lock(bus, RESOURCE, "ops/a", bucket=bucket)
+    assert await holder.acquire() is not None
+    results: dict[str, Lease | None] = {}
+    gave_up = anyio.Event()
+
+    async def wait(name: str, timeout: float) -> None:
+        results[name] = await Lock(bus, RESOURCE, f"ops/{name}", bucket=bucket).acquire(
+            timeout=timeout
+        )
+        if name == "impatient":
+            gave_up.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait, "impatient", 0.3)  # first in the local queue
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(wait, "patient", 10)
+            await gave_up.wait()
+            await holder.release()
+    assert results["impatient"] is None
+    assert results["patient"] is not None
