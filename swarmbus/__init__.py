@@ -24,6 +24,7 @@ from swarmbus._errors import (
     DecisionTimeoutError,
     InvalidIdentifierError,
     InvalidMessageError,
+    InvalidTaskError,
     InvalidTransitionError,
     InvalidTTLError,
     LockLostError,
@@ -42,6 +43,7 @@ from swarmbus._errors import (
     ServerStartError,
     ServerVersionError,
     SwarmbusError,
+    TaskClaimLostError,
     ValueTooLargeError,
 )
 from swarmbus._locks import Holder, Lease, Lock, held_locks, lock_holder
@@ -92,6 +94,7 @@ from swarmbus._messages import (
 )
 from swarmbus._server import NatsCluster, NatsServer, find_binary
 from swarmbus._subjects import validate_agent_id, validate_session_id
+from swarmbus._tasks import Claim, Task, TaskQueue, TaskSpec
 
 __version__ = "0.1.0"
 
@@ -107,6 +110,7 @@ __all__ = [
     "Blackboard",
     "BoardChange",
     "Bus",
+    "Claim",
     "ConfidenceUpdate",
     "ConflictError",
     "ConnectionError",
@@ -134,6 +138,7 @@ __all__ = [
     "InvalidIdentifierError",
     "InvalidMessageError",
     "InvalidTTLError",
+    "InvalidTaskError",
     "InvalidTransitionError",
     "Lease",
     "Lock",
@@ -175,14 +180,18 @@ __all__ = [
     "StatusChange",
     "SwarmbusError",
     "Tally",
+    "Task",
     "TaskAssigned",
     "TaskAssignedMessage",
+    "TaskClaimLostError",
     "TaskCompleted",
     "TaskCompletedMessage",
     "TaskCreated",
     "TaskCreatedMessage",
     "TaskFailed",
     "TaskFailedMessage",
+    "TaskQueue",
+    "TaskSpec",
     "ValueTooLargeError",
     "Vote",
     "VoteMessage",

@@ -116,6 +116,27 @@ def _cmd_locks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from swarmbus._bus import Bus
+    from swarmbus._tasks import TaskQueue
+
+    async def show() -> int:
+        async with Bus.open() as bus, TaskQueue(bus, args.session) as queue:
+            tasks = await queue.tasks(args.status)
+        print(f"{'ID':36}  {'TYPE':12}  P  {'STATUS':9}  TRY  {'ASSIGNED TO':24}  NOTE")
+        for t in tasks:
+            note = t.error or ("approval " + t.approval if t.approval != "none" else "")
+            note = f"DEAD {note}" if t.dead else note
+            print(
+                f"{t.id:36}  {t.type:12}  {t.priority:<2} {t.status:9}  {t.attempts:<3}  "
+                f"{t.assigned_to or '-':24}  {note}"
+            )
+        print(f"{len(tasks)} task(s)")
+        return 0
+
+    return anyio.run(show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="swarmbus", description="Agent coordination on NATS.")
@@ -154,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("locks", help="list held locks (server from NATS_URL)")
     p.add_argument("--bucket", default="SWARMBUS_LOCKS", help="locks bucket (default: %(default)s)")
     p.set_defaults(func=_cmd_locks)
+
+    p = sub.add_parser("tasks", help="list a session's tasks (server from NATS_URL)")
+    p.add_argument("session", help="session id, e.g. INC-1234")
+    p.add_argument(
+        "--status", default=None, choices=["pending", "assigned", "running", "completed", "failed"]
+    )
+    p.set_defaults(func=_cmd_tasks)
     return parser
 
 

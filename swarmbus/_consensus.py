@@ -83,11 +83,13 @@ from swarmbus._messages import (
     now,
     validate_body,
 )
+from swarmbus._tasks import TaskQueue
 
 log = logging.getLogger("swarmbus.consensus")
 
 CONSENSUS_BUCKET: Final = "SWARMBUS_CONSENSUS"
 SERVICE_AGENT: Final = "swarmbus/consensus"
+APPROVE_TASK: Final = "approve_task"
 PROPOSAL_PREFIX: Final = "p."
 MEMBER_PREFIX: Final = "m."
 
@@ -422,6 +424,34 @@ class Consensus:
             await record_on_board(board, record, agent=agent)
         return record
 
+    async def propose_task_approval(
+        self,
+        task_id: str,
+        *,
+        agent: str,
+        session: str,
+        quorum: Quorum = "majority",
+        threshold: float | None = None,
+        voters: Iterable[str] = (),
+        timeout: float = 300.0,
+    ) -> ProposalRecord:
+        """Put a ``requires_approval`` task to a vote; the decision approves or rejects it.
+
+        The proposal's id is ``approve-<task id>``, its action ``approve_task`` and its
+        target the task id; the deciding service calls ``TaskQueue.approve`` or
+        ``TaskQueue.reject`` (no quorum rejects).
+        """
+        proposal = Proposal(
+            proposal_id=f"approve-{task_id}",
+            action=APPROVE_TASK,
+            target=task_id,
+            quorum=quorum,
+            threshold=threshold,
+            timeout=timeout,
+            voters=list(voters),
+        )
+        return await self.propose(proposal, agent=agent, session=session)
+
     async def vote(self, vote: Vote, *, agent: str) -> ProposalRecord:
         """Cast ``agent``'s vote (in the proposal's session) and publish it.
 
@@ -497,6 +527,24 @@ async def record_on_board(board: Blackboard, record: ProposalRecord, *, agent: s
     )
     with contextlib.suppress(InvalidTransitionError):
         await board.set_action_status(proposal.proposal_id, status, agent=agent, reason=reason)
+
+
+async def apply_to_task(bus: Bus, record: ProposalRecord, *, agent: str) -> None:
+    """Approve or reject the task an ``approve_task`` proposal is about. Idempotent."""
+    decision = record.decision
+    if decision is None:
+        return
+    task_id = record.proposal.target
+    async with TaskQueue(bus, record.session) as queue:
+        try:
+            if decision.outcome == "approved":
+                await queue.approve(task_id, by=agent)
+            else:
+                await queue.reject(task_id, by=agent, reason=f"consensus: {decision.outcome}")
+        except InvalidTransitionError:
+            pass  # applied before (a redelivery or the other replica)
+        except NotFoundError:
+            log.warning("consensus: %s approves unknown task %s", record.proposal_id, task_id)
 
 
 async def _bucket(bus: Bus, bucket: str) -> KeyValue:
@@ -712,6 +760,8 @@ class ConsensusService:
         if self.board_bucket is not None:
             board = await Blackboard.open(self.bus, record.session, bucket=self.board_bucket)
             await record_on_board(board, record, agent=self.agent)
+        if record.proposal.action == APPROVE_TASK:
+            await apply_to_task(self.bus, record, agent=self.agent)
         done = msgspec.structs.replace(record, published=True)
         with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
             await kv.update(key, _encoder.encode(done), last=revision)

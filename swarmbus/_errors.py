@@ -19,7 +19,9 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
     ├── RemoteError
     ├── NotFoundError (KeyError)
     ├── ConflictError
-    │   └── AlreadyVotedError
+    │   ├── AlreadyVotedError
+    │   └── TaskClaimLostError
+    ├── InvalidTaskError (ValueError)
     ├── InvalidTransitionError (ValueError)
     ├── PermissionDeniedError (PermissionError)
     │   └── NotEligibleError
@@ -40,6 +42,7 @@ __all__ = [
     "InvalidIdentifierError",
     "InvalidMessageError",
     "InvalidTTLError",
+    "InvalidTaskError",
     "InvalidTransitionError",
     "LockLostError",
     "LockTimeoutError",
@@ -57,6 +60,7 @@ __all__ = [
     "ServerStartError",
     "ServerVersionError",
     "SwarmbusError",
+    "TaskClaimLostError",
     "ValueTooLargeError",
 ]
 
@@ -181,6 +185,31 @@ class ConflictError(SwarmbusError):
         self.expected_revision = expected_revision
         msg = f"conflict on {key!r} (expected revision {expected_revision})"
         super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class TaskClaimLostError(ConflictError):
+    """A worker's claim on a task expired and the task moved on; its call changed nothing."""
+
+    def __init__(self, task_id: str, attempt: int, current_attempt: int, status: str) -> None:
+        self.task_id = task_id
+        self.attempt = attempt
+        self.current_attempt = current_attempt
+        self.status = status
+        super().__init__(
+            task_id,
+            None,
+            f"claim {attempt} of task {task_id} was lost "
+            f"(task is {status}, at attempt {current_attempt})",
+        )
+
+
+class InvalidTaskError(SwarmbusError, ValueError):
+    """A task (or queue option) with a bad field: priority, type, parameters, result."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"invalid task {field}: {reason}")
 
 
 class InvalidTransitionError(SwarmbusError, ValueError):

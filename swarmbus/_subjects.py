@@ -15,6 +15,7 @@ Requests are routed by capability outside ``agent.>`` (the event stream captures
 ``<target>`` is an agent id or ``any`` (one agent of a queue group answers).
 Dead letters: ``swarmbus.dead.<session>.<receiver>``.
 Lock keys: ``$KV.<bucket>.<base64url(resource)>`` (see ``lock_key``).
+Task dispatch (work-queue stream): ``swarmbus.task.<session>.<type>.<priority>``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ EVENTS_WILDCARD: Final = "agent.>"
 REQUEST_ROOT: Final = "swarmbus.request"
 DEAD_LETTER_ROOT: Final = "swarmbus.dead"
 DEAD_LETTER_WILDCARD: Final = "swarmbus.dead.>"
+TASK_ROOT: Final = "swarmbus.task"
+TASK_WILDCARD: Final = "swarmbus.task.>"
 UNKNOWN: Final = "unknown"
 KV_ROOT: Final = "$KV"
 MAX_RESOURCE_BYTES: Final = 512
@@ -122,6 +125,13 @@ def parse_request_subject(subject: str) -> tuple[str, str, str, str] | None:
 def dead_letter_subject(session: str | None, receiver: str) -> str:
     """Where a rejected message's original bytes are kept."""
     return f"{DEAD_LETTER_ROOT}.{session or UNKNOWN}.{receiver}"
+
+
+def task_subject(session: str, type: str, priority: int | str) -> str:
+    """Dispatch subject of a session's tasks of ``type`` at ``priority`` (or ``*``)."""
+    validate_session_id(session)
+    validate_name("task type", type)
+    return f"{TASK_ROOT}.{session}.{type}.{priority}"
 
 
 def safe_token(value: str) -> str:

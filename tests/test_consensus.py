@@ -35,6 +35,7 @@ from swarmbus import (
     ProposalClosedError,
     Snapshot,
     Tally,
+    TaskQueue,
     Vote,
     decode,
     tally_outcome,
@@ -597,3 +598,29 @@ async def test_proposal_and_decision_are_recorded_on_the_blackboard(
     assert action.status == "approved"
     assert action.history[-1].agent == "swarmbus/consensus"
     assert "3 for, 1 against" in action.history[-1].reason
+
+
+async def test_task_approval_waits_on_the_consensus_decision(
+    bus: Bus, consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:
+        gated = await queue.create("remediate", agent=VOTERS[0], requires_approval=True)
+        refused = await queue.create("remediate", agent=VOTERS[0], requires_approval=True)
+        assert await queue.claim(agent="ops/worker", types=["remediate"]) is None
+        for task in (gated, refused):
+            await consensus.propose_task_approval(
+                task.id, agent=VOTERS[0], session=session_id, voters=VOTERS, timeout=60
+            )
+        await _cast(consensus, f"approve-{gated.id}", "yes", "yes", "yes")
+        await _cast(consensus, f"approve-{refused.id}", "no", "no", "no")
+        for pid in (f"approve-{gated.id}", f"approve-{refused.id}"):
+            await consensus.wait_for_decision(pid, timeout=5)
+        claim = await queue.claim(agent="ops/worker", types=["remediate"], timeout=5)
+        assert claim is not None
+        assert claim.task.id == gated.id
+        assert (await queue.get(gated.id)).approved_by == "swarmbus/consensus"
+        with anyio.fail_after(5):
+            while (await queue.get(refused.id)).status != "failed":
+                await anyio.wait_all_tasks_blocked()
+        assert (await queue.get(refused.id)).approval == "rejected"
+        assert await queue.claim(agent="ops/worker", types=["remediate"]) is None

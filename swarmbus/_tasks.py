@@ -1,0 +1,926 @@
+"""The task queue: distribute a session's work across agents, exactly-once completion.
+
+Two JetStream pieces (see README "Task queue"):
+
+* **Dispatch**: a work-queue stream ``SWARMBUS_TASKS`` with one subject per session,
+  task type and priority (``swarmbus.task.<session>.<type>.<priority>``) and one
+  durable pull consumer per subject, shared by every claimer. A claimer drains the
+  highest non-empty priority first; within a priority the stream is FIFO. A dispatch
+  message is a hint (the record and its revision when offered), acked once the task is
+  final.
+* **State**: the KV bucket ``swarmbus-tasks`` holds one record per task under
+  ``<session>.<task id>``. Every transition is a compare-and-set on the record's
+  revision, and each claim increments ``attempts``, which is the claim's fencing
+  token: the CAS on the record, not the JetStream ack, is the commit point, so a
+  redelivered dispatch message can never make a task complete twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Literal
+
+import anyio
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
+from nats.js.kv import KeyValue
+
+from swarmbus import _subjects as subjects
+from swarmbus._bus import MSG_ID_HEADER, Bus
+from swarmbus._errors import (
+    ConnectionError,
+    InvalidTaskError,
+    InvalidTransitionError,
+    NotFoundError,
+    PublishError,
+    SwarmbusError,
+    TaskClaimLostError,
+)
+from swarmbus._messages import TaskAssigned, TaskCompleted, TaskCreated, TaskFailed, new_id
+
+__all__ = ["Claim", "Task", "TaskQueue", "TaskSpec"]
+
+log = logging.getLogger("swarmbus.tasks")
+
+TASKS_STREAM: Final = "SWARMBUS_TASKS"
+TASKS_BUCKET: Final = "swarmbus-tasks"
+MIN_PRIORITY: Final = 1
+MAX_PRIORITY: Final = 10
+STATUSES: Final = ("pending", "assigned", "running", "completed", "failed")
+TERMINAL: Final = frozenset({"completed", "failed"})
+_NO_MESSAGES: Final = frozenset({"404", "408", "409"})
+EXPECTED_LAST_HEADER: Final = "Nats-Expected-Last-Subject-Sequence"
+REVISION_HEADER: Final = "Swarmbus-Task-Revision"
+#: A dispatch message whose record never appeared (its creator died mid-create) is
+#: dropped after this long.
+ORPHAN_AFTER: Final = 30.0
+MAX_EVENTS_IN_FLIGHT: Final = 256
+
+Status = Literal["pending", "assigned", "running", "completed", "failed"]
+Approval = Literal["none", "required", "approved", "rejected"]
+Priority = Annotated[int, msgspec.Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
+Timeout = Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)]
+
+
+class TaskParameters(msgspec.Struct, kw_only=True, frozen=True):
+    """What to work on (the seed's ``parameters``)."""
+
+    target: str = ""
+    context: dict[str, Any] = {}
+
+
+class TaskConstraints(msgspec.Struct, kw_only=True, frozen=True):
+    """The seed's ``constraints``: seconds without a heartbeat before a claim expires."""
+
+    timeout: Timeout = 60.0
+    requires_approval: bool = False
+
+
+class Task(msgspec.Struct, kw_only=True, frozen=True):
+    """A task record as stored in the ``swarmbus-tasks`` bucket (and returned to callers).
+
+    The seed's fields first; the rest is what real use needs. Wire-evolution rule:
+    add fields with defaults at the end only.
+    """
+
+    id: str
+    type: str
+    priority: Priority = 5
+    assigned_to: str | None = None
+    parameters: TaskParameters = TaskParameters()
+    constraints: TaskConstraints = TaskConstraints()
+    status: Status = "pending"
+    result: dict[str, Any] | None = None
+    session: str = ""
+    created_by: str = ""
+    attempts: int = 0
+    max_attempts: int = 3
+    error: str | None = None
+    dead: bool = False
+    approval: Approval = "none"
+    approved_by: str | None = None
+    created_at: datetime | None = None
+    claimed_at: datetime | None = None
+    completed_at: datetime | None = None
+    #: Wall-clock time after which the current claim may be taken over.
+    lease_until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Arguments of one task for ``TaskQueue.create_many``."""
+
+    type: str
+    priority: int = 5
+    target: str = ""
+    context: Mapping[str, Any] = field(default_factory=dict)
+    timeout: float = 60.0
+    requires_approval: bool = False
+    max_attempts: int | None = None
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Task)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _after(seconds: float) -> datetime:
+    return datetime.fromtimestamp(time.time() + seconds, UTC)
+
+
+class Claim:
+    """One agent's hold on a task, fenced by its attempt number.
+
+    Use ``heartbeat`` while working (it extends the claim by the task's timeout) and
+    finish with ``complete`` or ``fail``. Once the claim expired and someone else
+    claimed the task, every call raises ``TaskClaimLostError`` and changes nothing.
+    """
+
+    def __init__(self, queue: TaskQueue, task: Task, revision: int, msg: Msg) -> None:
+        self._queue = queue
+        self.task = task
+        self.revision = revision
+        self._msg = msg
+        self._lock = anyio.Lock()
+        self.finished = False
+
+    @property
+    def attempt(self) -> int:
+        """The fencing token of this claim (the task's attempt number)."""
+        return self.task.attempts
+
+    async def heartbeat(self) -> None:
+        """Mark the task running and extend the claim by its timeout."""
+        await self._queue._heartbeat(self)
+
+    async def complete(self, result: Mapping[str, Any] | None = None) -> Task:
+        """Record the result; only one completion of a task ever succeeds."""
+        return await self._queue._complete(self, result)
+
+    async def fail(self, error: str, *, retry: bool = False) -> Task:
+        """Record a failure; with ``retry`` the task is offered again (until max attempts)."""
+        return await self._queue._fail(self, error, retry=retry)
+
+
+Handler = Callable[[Task], Awaitable[Mapping[str, Any] | None]]
+
+
+class TaskQueue:
+    """The task queue of one session.
+
+    ``async with TaskQueue(bus, session) as queue`` provisions the stream and bucket
+    (idempotent) and closes the claimer's subscriptions on exit.
+
+    Args:
+        bus: a connected bus; replicas and storage come from ``bus.settings``.
+        session: the session (incident) whose tasks this queue holds.
+        ack_wait: seconds before an unacknowledged dispatch message is redelivered;
+            the granularity at which expired claims are noticed.
+        max_attempts: default claims per task before it goes to dead letter.
+        starvation_after: a task waiting this long is claimed before higher
+            priorities (0 disables aging).
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        session: str,
+        *,
+        ack_wait: float = 5.0,
+        max_attempts: int = 3,
+        starvation_after: float = 60.0,
+    ) -> None:
+        self.bus = bus
+        self.session = subjects.validate_session_id(session)
+        if ack_wait <= 0 or max_attempts < 1 or starvation_after < 0:
+            raise InvalidTaskError("queue", "ack_wait > 0, max_attempts >= 1, aging >= 0")
+        self.ack_wait = ack_wait
+        self.max_attempts = max_attempts
+        self.starvation_after = starvation_after
+        self._kv: KeyValue | None = None
+        self._pullers: dict[tuple[str, int], _Puller] = {}
+        self._inbox: NatsSubscription | None = None
+        self._wakeups: dict[str, NatsSubscription] = {}
+        self._wakeup = anyio.Event()
+        self._last_aging = 0.0
+        # One pull at a time per queue object: the pullers share one reply inbox.
+        self._scan_lock = anyio.Lock()
+        # Bounds publishes in flight so a big batch does not outrun its own timeouts.
+        self._event_slots = anyio.Semaphore(MAX_EVENTS_IN_FLIGHT)
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def __aenter__(self) -> TaskQueue:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Create the dispatch stream and the record bucket if missing."""
+        await self.bus.ensure_stream(
+            StreamConfig(
+                name=TASKS_STREAM,
+                subjects=[subjects.TASK_WILDCARD],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=self.bus._storage(),
+                num_replicas=self.bus.settings.replicas,
+                duplicate_window=120.0,
+            )
+        )
+        self._kv = await self.bus.key_value(TASKS_BUCKET, history=1)
+
+    async def close(self) -> None:
+        """Stop this claimer's subscriptions (stream, bucket and tasks stay)."""
+        subs = [*self._wakeups.values(), *([self._inbox] if self._inbox else [])]
+        self._wakeups.clear()
+        self._inbox = None
+        self._pullers.clear()
+        for sub in subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    @property
+    def kv(self) -> KeyValue:
+        if self._kv is None:
+            raise SwarmbusError("TaskQueue is not open: use `async with TaskQueue(...)`")
+        return self._kv
+
+    def _key(self, task_id: str) -> str:
+        return f"{self.session}.{task_id}"
+
+    # --- create / approve / query -------------------------------------------------
+
+    async def create(
+        self,
+        type: str,
+        *,
+        agent: str,
+        priority: int = 5,
+        target: str = "",
+        context: Mapping[str, Any] | None = None,
+        timeout: float = 60.0,
+        requires_approval: bool = False,
+        max_attempts: int | None = None,
+    ) -> Task:
+        """Create a pending task and offer it to claimers (after approval, if required).
+
+        Raises:
+            InvalidTaskError: bad priority, type, parameters or constraints; nothing stored.
+        """
+        spec = TaskSpec(
+            type=type,
+            priority=priority,
+            target=target,
+            context={} if context is None else context,
+            timeout=timeout,
+            requires_approval=requires_approval,
+            max_attempts=max_attempts,
+        )
+        (task,) = await self.create_many([spec], agent=agent)
+        return task
+
+    async def create_many(self, specs: Iterable[TaskSpec], *, agent: str) -> list[Task]:
+        """Create several tasks with pipelined writes (every spec is validated first)."""
+        subjects.validate_agent_id(agent)
+        tasks = [self._build(spec, agent) for spec in specs]
+        js = self.bus.js
+        try:
+            # Records first (create-once), pipelined; then the dispatch messages, which
+            # carry the record and its revision so a claimer can CAS without a read.
+            stored = [
+                await js.publish_async(
+                    subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
+                    _encoder.encode(task),
+                    headers={EXPECTED_LAST_HEADER: "0"},
+                )
+                for task in tasks
+            ]
+            revisions = [(await future).seq for future in stored]
+            offered = [
+                await self._dispatch_async(task, revision)
+                for task, revision in zip(tasks, revisions, strict=True)
+                if task.approval == "none"
+            ]
+            for future in offered:
+                await future
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise PublishError(f"cannot store tasks of session {self.session}: {exc}") from exc
+        await self._events(
+            [
+                (
+                    TaskCreated(
+                        task_id=t.id,
+                        type=t.type,
+                        parameters=msgspec.to_builtins(t.parameters),
+                        priority=t.priority,
+                        requires_approval=t.constraints.requires_approval,
+                    ),
+                    agent,
+                    f"task:{t.id}:created",
+                )
+                for t in tasks
+            ]
+        )
+        return tasks
+
+    def _build(self, spec: TaskSpec, agent: str) -> Task:
+        try:
+            subjects.validate_name("task type", spec.type)
+        except SwarmbusError as exc:
+            raise InvalidTaskError("type", str(exc)) from None
+        if isinstance(spec.priority, bool) or not isinstance(spec.priority, int):
+            raise InvalidTaskError("priority", f"must be an integer, got {spec.priority!r}")
+        if not MIN_PRIORITY <= spec.priority <= MAX_PRIORITY:
+            raise InvalidTaskError(
+                "priority", f"{spec.priority} is outside {MIN_PRIORITY}..{MAX_PRIORITY}"
+            )
+        max_attempts = self.max_attempts if spec.max_attempts is None else spec.max_attempts
+        if max_attempts < 1:
+            raise InvalidTaskError("max_attempts", f"must be >= 1, got {max_attempts}")
+        try:
+            parameters = msgspec.convert(
+                {"target": spec.target, "context": spec.context}, TaskParameters
+            )
+            constraints = msgspec.convert(
+                {"timeout": spec.timeout, "requires_approval": spec.requires_approval},
+                TaskConstraints,
+            )
+            _encoder.encode(parameters)
+        except (msgspec.ValidationError, TypeError) as exc:
+            raise InvalidTaskError("parameters", str(exc)) from None
+        return Task(
+            id=new_id(),
+            type=spec.type,
+            priority=spec.priority,
+            parameters=parameters,
+            constraints=constraints,
+            session=self.session,
+            created_by=agent,
+            max_attempts=max_attempts,
+            approval="required" if spec.requires_approval else "none",
+            created_at=_now(),
+        )
+
+    async def _dispatch_async(self, task: Task, revision: int) -> Any:
+        return await self.bus.js.publish_async(
+            subjects.task_subject(self.session, task.type, task.priority),
+            _encoder.encode(task),
+            headers={MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)},
+        )
+
+    async def get(self, task_id: str) -> Task:
+        """The current record of a task.
+
+        Raises:
+            NotFoundError: no such task in this session.
+        """
+        return (await self._read(task_id))[0]
+
+    async def _read(self, task_id: str) -> tuple[Task, int]:
+        if not isinstance(task_id, str) or not task_id or len(task_id) > 128:
+            raise NotFoundError("task", str(task_id))
+        try:
+            subjects.validate_name("task id", task_id)
+            entry = await self.kv.get(self._key(task_id))
+        except (nats.js.errors.KeyNotFoundError, SwarmbusError):
+            raise NotFoundError("task", task_id) from None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ConnectionError(f"cannot read task {task_id}: {exc}") from exc
+        assert entry.value is not None
+        assert entry.revision is not None
+        return _decoder.decode(entry.value), entry.revision
+
+    async def tasks(self, status: str | None = None) -> list[Task]:
+        """Every task of the session (optionally only one status), oldest first.
+
+        Raises:
+            InvalidTaskError: ``status`` is not a task status.
+        """
+        if status is not None and status not in STATUSES:
+            raise InvalidTaskError("status", f"{status!r} is not one of {', '.join(STATUSES)}")
+        tasks = []
+        wait = self.bus.settings.request_timeout
+        try:
+            watcher = await self.kv.watch(f"{self.session}.>", ignore_deletes=True)
+            try:
+                while True:
+                    entry = await watcher.updates(wait)  # type: ignore[no-untyped-call]
+                    if entry is None:
+                        break
+                    if entry.value:
+                        tasks.append(_decoder.decode(entry.value))
+            finally:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ConnectionError(f"cannot list tasks of {self.session}: {exc}") from exc
+        tasks.sort(key=lambda t: t.created_at or _now())
+        return [t for t in tasks if status is None or t.status == status]
+
+    async def approve(self, task_id: str, *, by: str) -> Task:
+        """Let a ``requires_approval`` task be claimed (called by a consensus decision).
+
+        Idempotent: approving an approved task re-offers it and changes nothing else.
+
+        Raises:
+            NotFoundError: unknown task.
+            InvalidTransitionError: the task needs no approval, or was rejected.
+        """
+        subjects.validate_agent_id(by)
+        while True:
+            task, revision = await self._read(task_id)
+            if task.approval == "approved":
+                if task.status == "pending":
+                    await self._redispatch(task, revision)
+                return task
+            if task.approval != "required" or task.status != "pending":
+                raise InvalidTransitionError("task", task_id, _state(task), "approved")
+            approved = msgspec.structs.replace(task, approval="approved", approved_by=by)
+            new_revision = await self._cas(approved, revision)
+            if new_revision is None:
+                continue
+            await self._redispatch(approved, new_revision)
+            return approved
+
+    async def reject(self, task_id: str, *, by: str, reason: str = "rejected") -> Task:
+        """Refuse a ``requires_approval`` task: it fails without running.
+
+        Raises:
+            NotFoundError: unknown task.
+            InvalidTransitionError: the task is not awaiting approval.
+        """
+        subjects.validate_agent_id(by)
+        while True:
+            task, revision = await self._read(task_id)
+            if task.approval != "required" or task.status != "pending":
+                raise InvalidTransitionError("task", task_id, _state(task), "rejected")
+            rejected = msgspec.structs.replace(
+                task,
+                approval="rejected",
+                approved_by=by,
+                status="failed",
+                error=f"rejected by {by}: {reason}",
+                completed_at=_now(),
+            )
+            if await self._cas(rejected, revision) is None:
+                continue
+            await self._events(
+                [(TaskFailed(task_id=task.id, error=rejected.error or ""), by, None)]
+            )
+            return rejected
+
+    async def _redispatch(self, task: Task, revision: int) -> None:
+        try:
+            await (await self._dispatch_async(task, revision))
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise PublishError(f"cannot offer task {task.id}: {exc}") from exc
+
+    # --- claim ----------------------------------------------------------------------
+
+    async def claim(
+        self, *, agent: str, types: Sequence[str], timeout: float | None = None
+    ) -> Claim | None:
+        """Claim the next task of one of ``types``: highest priority first, FIFO within.
+
+        Waits up to ``timeout`` seconds (None: only what is available now) and returns
+        None if nothing could be claimed.
+        """
+        claims = await self.claim_many(agent=agent, types=types, limit=1, timeout=timeout)
+        return claims[0] if claims else None
+
+    async def claim_many(
+        self,
+        *,
+        agent: str,
+        types: Sequence[str],
+        limit: int,
+        timeout: float | None = None,
+    ) -> list[Claim]:
+        """Claim up to ``limit`` tasks, all from the highest non-empty priority."""
+        subjects.validate_agent_id(agent)
+        for type in types:
+            subjects.validate_name("task type", type)
+        deadline = time.monotonic() + (timeout or 0.0)
+        await self._watch(types)
+        while True:
+            self._wakeup = anyio.Event()
+            async with self._scan_lock:
+                claims = await self._scan(agent, types, limit)
+            if claims:
+                return claims
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            # New dispatches wake us (core subscription on the dispatch subjects);
+            # redeliveries and delayed naks do not, hence the bounded wait.
+            with anyio.move_on_after(min(remaining, self.ack_wait / 2, 0.5)):
+                await self._wakeup.wait()
+
+    async def _watch(self, types: Sequence[str]) -> None:
+        for type in types:
+            if type not in self._wakeups:
+
+                async def wake(msg: Msg) -> None:
+                    self._wakeup.set()
+
+                self._wakeups[type] = await self.bus.nc.subscribe(
+                    subjects.task_subject(self.session, type, "*"), cb=wake
+                )
+
+    async def _scan(self, agent: str, types: Sequence[str], limit: int) -> list[Claim]:
+        claims: list[Claim] = []
+        if self.starvation_after and time.monotonic() - self._last_aging >= 1.0:
+            self._last_aging = time.monotonic()
+            claims = await self._claim_starved(agent, types)
+        for priority in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1):
+            for type in types:
+                if len(claims) >= limit:
+                    return claims
+                msgs = await (await self._puller(type, priority)).pull(limit - len(claims))
+                claims.extend(await self._settle_all(msgs, agent))
+            if claims:
+                return claims
+        return claims
+
+    async def _claim_starved(self, agent: str, types: Sequence[str]) -> list[Claim]:
+        """Peek at each lower priority's head; claim it if it waited too long."""
+        for priority in range(MIN_PRIORITY, MAX_PRIORITY):
+            for type in types:
+                msgs = await (await self._puller(type, priority)).pull(1)
+                for msg in msgs:
+                    waited = _age(msg)
+                    if waited >= self.starvation_after:
+                        claims = await self._settle_all([msg], agent)
+                        if claims:
+                            return claims
+                    else:
+                        with contextlib.suppress(nats.errors.Error):
+                            await msg.nak()
+        return []
+
+    async def _settle_all(self, msgs: list[Msg], agent: str) -> list[Claim]:
+        results: list[Claim | None] = [None] * len(msgs)
+
+        async def one(i: int, msg: Msg) -> None:
+            results[i] = await self._settle(msg, agent)
+
+        async with anyio.create_task_group() as tg:
+            for i, msg in enumerate(msgs):
+                tg.start_soon(one, i, msg)
+        claims = [c for c in results if c is not None]
+        await self._events(
+            [(TaskAssigned(task_id=c.task.id, agent_id=agent), agent, None) for c in claims]
+        )
+        return claims
+
+    async def _settle(self, msg: Msg, agent: str) -> Claim | None:
+        """Decide what one dispatch message means now; claim its task if possible."""
+        try:
+            hint: Task | None = _decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            log.error("dropping a malformed dispatch message on %s", msg.subject)
+            await _quietly(msg.term())
+            return None
+        assert hint is not None
+        task_id = hint.id
+        headers = msg.headers or {}
+        first = msg.metadata.num_delivered == 1 and REVISION_HEADER in headers
+        for _ in range(5):
+            try:
+                if first:
+                    # First delivery: trust the record it carries; the CAS checks it.
+                    task, revision, first = hint, int(headers[REVISION_HEADER]), False
+                else:
+                    task, revision = await self._read(task_id)
+            except NotFoundError:
+                if _age(msg) > ORPHAN_AFTER:
+                    await _quietly(msg.term())
+                else:
+                    await _quietly(msg.nak(delay=0.2))
+                return None
+            if task.status in TERMINAL:
+                await _quietly(msg.ack())
+                return None
+            if task.approval in ("required", "rejected"):
+                await _quietly(msg.ack())  # approve() offers it again
+                return None
+            lease = task.lease_until
+            if task.status != "pending" and lease is not None:
+                remaining = (lease - _now()).total_seconds()
+                if remaining > 0:
+                    await _quietly(msg.nak(delay=remaining + 0.05))
+                    return None
+            if task.attempts >= task.max_attempts:
+                reason = "claim timed out" if task.status != "pending" else (task.error or "")
+                dead = msgspec.structs.replace(
+                    task,
+                    status="failed",
+                    dead=True,
+                    error=f"gave up after {task.attempts} attempts: {reason}",
+                    completed_at=_now(),
+                    lease_until=None,
+                )
+                if await self._cas(dead, revision) is None:
+                    continue
+                await _quietly(msg.ack())
+                await self._events(
+                    [
+                        (
+                            TaskFailed(
+                                task_id=task.id,
+                                error=dead.error or "",
+                                attempts=dead.attempts,
+                                dead=True,
+                            ),
+                            agent,
+                            f"task:{task.id}:dead",
+                        )
+                    ]
+                )
+                return None
+            claimed = msgspec.structs.replace(
+                task,
+                status="assigned",
+                assigned_to=agent,
+                attempts=task.attempts + 1,
+                claimed_at=_now(),
+                lease_until=_after(task.constraints.timeout),
+                error=task.error if task.status == "pending" else "previous claim timed out",
+            )
+            new_revision = await self._cas(claimed, revision)
+            if new_revision is None:
+                continue
+            return Claim(self, claimed, new_revision, msg)
+        await _quietly(msg.nak(delay=0.1))
+        return None
+
+    async def _puller(self, type: str, priority: int) -> _Puller:
+        key = (type, priority)
+        puller = self._pullers.get(key)
+        if puller is None:
+            if self._inbox is None:
+                self._inbox = await self.bus.nc.subscribe(self.bus.nc.new_inbox())
+            subject = subjects.task_subject(self.session, type, priority)
+            durable = f"{subjects.safe_token(f'{self.session}.{type}')}-p{priority}"
+            config = ConsumerConfig(
+                durable_name=durable,
+                filter_subject=subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self.ack_wait,
+                max_deliver=-1,
+                max_ack_pending=-1,
+                deliver_policy=DeliverPolicy.ALL,
+                inactive_threshold=24 * 3600.0,
+            )
+            try:
+                await self.bus.js.add_consumer(TASKS_STREAM, config)
+            except nats.js.errors.APIError as exc:
+                # A claimer with other options (ack_wait) created it first: share it.
+                try:
+                    await self.bus.js.consumer_info(TASKS_STREAM, durable)
+                except nats.js.errors.APIError:
+                    raise PublishError(f"cannot create consumer {durable}: {exc}") from exc
+            puller = self._pullers[key] = _Puller(self.bus, durable, self._inbox)
+        return puller
+
+    # --- claim transitions ------------------------------------------------------------
+
+    async def _cas(self, task: Task, revision: int) -> int | None:
+        """Write ``task`` if the record is still at ``revision``; None if it moved on."""
+        try:
+            new: int = await self.kv.update(
+                self._key(task.id), _encoder.encode(task), last=revision
+            )
+            return new
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ConnectionError(f"cannot update task {task.id}: {exc}") from exc
+
+    async def _transition(
+        self, claim: Claim, change: Callable[[Task], Task], requested: str
+    ) -> Task:
+        """CAS ``change(task)`` at the claim's revision; one transition at a time."""
+        async with claim._lock:
+            if claim.finished:
+                raise InvalidTransitionError("task", claim.task.id, claim.task.status, requested)
+            new = change(claim.task)
+            revision = await self._cas(new, claim.revision)
+            if revision is None:
+                current, _ = await self._read(claim.task.id)
+                raise TaskClaimLostError(
+                    claim.task.id, claim.attempt, current.attempts, current.status
+                )
+            claim.task, claim.revision = new, revision
+            claim.finished = new.status != "running"
+            return new
+
+    async def _heartbeat(self, claim: Claim) -> None:
+        def running(task: Task) -> Task:
+            lease = _after(task.constraints.timeout)
+            return msgspec.structs.replace(task, status="running", lease_until=lease)
+
+        await self._transition(claim, running, "running")
+        await _quietly(claim._msg.in_progress())
+
+    async def _complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task:
+        try:
+            result_dict = msgspec.convert(dict(result or {}), dict[str, Any])
+            _encoder.encode(result_dict)
+        except (msgspec.ValidationError, TypeError) as exc:
+            raise InvalidTaskError("result", str(exc)) from None
+
+        def completed(task: Task) -> Task:
+            return msgspec.structs.replace(
+                task,
+                status="completed",
+                result=result_dict,
+                error=None,
+                completed_at=_now(),
+                lease_until=None,
+            )
+
+        new = await self._transition(claim, completed, "completed")
+        await _quietly(claim._msg.ack())
+        agent = new.assigned_to or subjects.UNKNOWN
+        event = TaskCompleted(task_id=new.id, result=result_dict)
+        await self._events([(event, agent, f"task:{new.id}:completed")])
+        return new
+
+    async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
+        def failed(task: Task) -> Task:
+            if retry and task.attempts < task.max_attempts:
+                return msgspec.structs.replace(
+                    task, status="pending", error=error, lease_until=None
+                )
+            return msgspec.structs.replace(
+                task,
+                status="failed",
+                error=error,
+                dead=retry,
+                completed_at=_now(),
+                lease_until=None,
+            )
+
+        new = await self._transition(claim, failed, "failed")
+        if new.status == "pending":
+            await _quietly(claim._msg.nak(delay=min(2.0**new.attempts * 0.1, 30.0)))
+        else:
+            await _quietly(claim._msg.ack())
+        agent = new.assigned_to or subjects.UNKNOWN
+        event = TaskFailed(task_id=new.id, error=error, attempts=new.attempts, dead=new.dead)
+        await self._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
+        return new
+
+    # --- worker loop -------------------------------------------------------------------
+
+    async def work(
+        self,
+        handler: Handler,
+        *,
+        agent: str,
+        types: Sequence[str],
+        stop: anyio.Event,
+        concurrency: int = 64,
+    ) -> None:
+        """Claim and run tasks until ``stop`` is set, then finish the claimed ones.
+
+        ``handler(task)`` returns the result; if it raises, the task is failed with
+        ``retry=True``. Every claim is heartbeated each third of min(timeout, ack_wait).
+        Claims are made in batches (up to half the free slots at once) so a busy worker
+        does not fall back to one round trip per task.
+        """
+        active: dict[Claim, float] = {}
+        freed = anyio.Event()
+
+        async def run(claim: Claim) -> None:
+            nonlocal freed
+            try:
+                try:
+                    result = await handler(claim.task)
+                except Exception as exc:  # noqa: BLE001 - any handler error fails the task
+                    log.warning("task %s failed: %s", claim.task.id, exc)
+                    await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
+                else:
+                    await claim.complete(result)
+            except (TaskClaimLostError, InvalidTransitionError) as exc:
+                log.warning("%s", exc)
+            finally:
+                del active[claim]
+                freed.set()
+
+        async def beat(claim: Claim) -> None:
+            with contextlib.suppress(SwarmbusError):
+                await claim.heartbeat()
+
+        async def heartbeats(tg: anyio.abc.TaskGroup) -> None:
+            while True:
+                await anyio.sleep(self.ack_wait / 6)
+                now = time.monotonic()
+                for claim, last in list(active.items()):
+                    if now - last >= min(claim.task.constraints.timeout, self.ack_wait) / 3:
+                        active[claim] = now
+                        tg.start_soon(beat, claim)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(heartbeats, tg)
+            while not stop.is_set():
+                deadline = time.monotonic() + 0.02
+                while concurrency - len(active) < max(concurrency // 2, 1):
+                    freed = anyio.Event()
+                    wait = deadline - time.monotonic() if len(active) < concurrency else 1.0
+                    with anyio.move_on_after(wait):
+                        await freed.wait()
+                    if time.monotonic() >= deadline and len(active) < concurrency:
+                        break
+                try:
+                    claims = await self.claim_many(
+                        agent=agent, types=types, limit=concurrency - len(active), timeout=0.5
+                    )
+                except ConnectionError as exc:
+                    log.warning("claim failed: %s; retrying", exc)
+                    await anyio.sleep(0.5)
+                    continue
+                for claim in claims:
+                    active[claim] = time.monotonic()
+                    tg.start_soon(run, claim)
+            while active:
+                freed = anyio.Event()
+                await freed.wait()
+            tg.cancel_scope.cancel()
+
+    # --- events ------------------------------------------------------------------------
+
+    async def _events(self, items: Iterable[tuple[Any, str, str | None]]) -> None:
+        """Publish lifecycle events concurrently; a failure is logged, never raised."""
+
+        async def one(body: Any, agent: str, id: str | None) -> None:
+            try:
+                async with self._event_slots:
+                    await self.bus.publish(body, agent=agent, session=self.session, id=id)
+            except SwarmbusError as exc:
+                log.error("could not publish %s: %s", type(body).__name__, exc)
+
+        async with anyio.create_task_group() as tg:
+            for body, agent, id in items:
+                tg.start_soon(one, body, agent, id)
+
+
+def _age(msg: Msg) -> float:
+    """Seconds since the dispatch message was stored."""
+    stored: datetime = msg.metadata.timestamp
+    return time.time() - stored.timestamp()
+
+
+def _state(task: Task) -> str:
+    return task.status if task.approval == "none" else f"{task.status}/{task.approval}"
+
+
+async def _quietly(op: Awaitable[None]) -> None:
+    """Ack/nak/in_progress: losing one only delays a redelivery that _settle handles."""
+    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+        await op
+
+
+class _Puller:
+    """Non-blocking pulls from one durable consumer (``no_wait``, no lingering request).
+
+    nats-py's ``fetch`` turns an empty consumer into a wait of its full timeout; the
+    claimer instead checks ten priorities in turn and must not block on each.
+    """
+
+    def __init__(self, bus: Bus, durable: str, inbox: NatsSubscription) -> None:
+        self._bus = bus
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{durable}"
+        self._inbox = inbox
+
+    async def pull(self, batch: int) -> list[Msg]:
+        request = json.dumps({"batch": batch, "no_wait": True}).encode()
+        msgs: list[Msg] = []
+        try:
+            await self._bus.nc.publish(self._next, request, reply=self._inbox.subject)
+            while len(msgs) < batch:
+                msg = await self._inbox.next_msg(timeout=self._bus.settings.request_timeout)
+                status = (msg.headers or {}).get("Status")
+                if status in _NO_MESSAGES:
+                    break
+                if status:
+                    continue
+                msgs.append(msg)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ConnectionError(f"cannot pull tasks: {exc}") from exc
+        return msgs

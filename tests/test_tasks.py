@@ -1,0 +1,306 @@
+"""Task queue on a real nats-server: lifecycle, priority, approval, timeouts, bad input."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+
+import anyio
+import msgspec
+import pytest
+
+from swarmbus import (
+    Bus,
+    InvalidIdentifierError,
+    InvalidTaskError,
+    InvalidTransitionError,
+    Message,
+    NotFoundError,
+    Task,
+    TaskClaimLostError,
+    TaskCompletedMessage,
+    TaskFailedMessage,
+    TaskQueue,
+    TaskSpec,
+    decode,
+)
+from swarmbus._cli import main as cli_main
+
+CREATOR = "ops/coordinator"
+
+
+class Events:
+    """Every task lifecycle event of one session, as received live."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.changed = anyio.Event()
+
+    async def wait_for(self, count: int, kind: type[Message]) -> list[Message]:
+        with anyio.fail_after(5):
+            while len(found := [m for m in self.messages if isinstance(m, kind)]) < count:
+                self.changed = anyio.Event()
+                await self.changed.wait()
+        return found
+
+
+@pytest.fixture
+async def events(bus: Bus, session_id: str) -> AsyncIterator[Events]:
+    seen = Events()
+
+    async def on_msg(msg: object) -> None:
+        seen.messages.append(decode(msg.data))  # type: ignore[attr-defined]
+        seen.changed.set()
+
+    sub = await bus.nc.subscribe(f"agent.task.*.{session_id}.>", cb=on_msg)
+    yield seen
+    await sub.unsubscribe()
+
+
+@pytest.fixture
+async def queue(bus: Bus, session_id: str) -> AsyncIterator[TaskQueue]:
+    async with TaskQueue(bus, session_id, ack_wait=0.5) as queue:
+        yield queue
+
+
+async def test_lifecycle_create_claim_heartbeat_complete(
+    queue: TaskQueue, events: Events, unique: str
+) -> None:
+    task = await queue.create(
+        "investigate", agent=CREATOR, priority=7, target="api", context={"since": "10:15"}
+    )
+    assert (task.status, task.priority, task.attempts) == ("pending", 7, 0)
+    assert task.parameters.context == {"since": "10:15"}
+
+    claim = await queue.claim(agent=f"w/{unique}", types=["investigate"])
+    assert claim is not None
+    assert (claim.task.id, claim.task.status, claim.attempt) == (task.id, "assigned", 1)
+    await claim.heartbeat()
+    assert (await queue.get(task.id)).status == "running"
+
+    done = await claim.complete({"cause": "deploy"})
+    assert (done.status, done.result, done.assigned_to) == (
+        "completed",
+        {"cause": "deploy"},
+        f"w/{unique}",
+    )
+    stored = await queue.get(task.id)
+    assert stored == done
+    assert stored.completed_at is not None
+    assert await queue.claim(agent=f"w/{unique}", types=["investigate"]) is None
+    assert [t.id for t in await queue.tasks("completed")] == [task.id]
+    assert await queue.tasks("pending") == []
+
+    (completed,) = await events.wait_for(1, TaskCompletedMessage)
+    assert completed.source.agent == f"w/{unique}"
+    kinds = {m.type for m in events.messages}
+    assert kinds == {"task.created", "task.assigned", "task.completed"}
+
+
+async def test_priority_mixed_backlog_highest_first_fifo_within(queue: TaskQueue) -> None:
+    rng = random.Random(4)
+    priorities = [p for p in range(1, 11) for _ in range(3)]
+    rng.shuffle(priorities)
+    created = await queue.create_many(
+        [TaskSpec(type="analyze", priority=p) for p in priorities], agent=CREATOR
+    )
+    order = {t.id: i for i, t in enumerate(created)}
+    claimed = []
+    while (claim := await queue.claim(agent="w/one", types=["analyze", "report"])) is not None:
+        claimed.append(claim.task)
+        await claim.complete()
+    assert len(claimed) == len(created)
+    assert [t.priority for t in claimed] == sorted(priorities, reverse=True)
+    for p in range(1, 11):
+        same = [order[t.id] for t in claimed if t.priority == p]
+        assert same == sorted(same), f"priority {p} not FIFO"
+
+
+async def test_claim_by_type_only(queue: TaskQueue) -> None:
+    await queue.create("remediate", agent=CREATOR, priority=10)
+    analyze = await queue.create("analyze", agent=CREATOR, priority=1)
+    claim = await queue.claim(agent="w/analyst", types=["analyze"])
+    assert claim is not None
+    assert claim.task.id == analyze.id
+
+
+async def test_starved_low_priority_task_is_claimed_first(bus: Bus, session_id: str) -> None:
+    async with TaskQueue(bus, session_id, ack_wait=0.5, starvation_after=0.3) as queue:
+        old = await queue.create("report", agent=CREATOR, priority=1)
+        await anyio.sleep(0.4)  # let it age past starvation_after (time is the subject here)
+        await queue.create_many([TaskSpec(type="report", priority=10)] * 3, agent=CREATOR)
+        claim = await queue.claim(agent="w/one", types=["report"])
+        assert claim is not None
+        assert claim.task.id == old.id
+        second = await queue.claim(agent="w/one", types=["report"])
+        assert second is not None
+        assert second.task.priority == 10
+
+
+async def test_approval_gate(queue: TaskQueue, events: Events) -> None:
+    gated = await queue.create("remediate", agent=CREATOR, requires_approval=True, priority=9)
+    refused = await queue.create("remediate", agent=CREATOR, requires_approval=True)
+    assert gated.approval == "required"
+    assert await queue.claim(agent="w/fixer", types=["remediate"], timeout=0.3) is None
+
+    approved = await queue.approve(gated.id, by="consensus/decider")
+    assert (approved.approval, approved.approved_by) == ("approved", "consensus/decider")
+    assert await queue.approve(gated.id, by="consensus/decider") == approved  # idempotent
+    claim = await queue.claim(agent="w/fixer", types=["remediate"], timeout=2)
+    assert claim is not None
+    assert claim.task.id == gated.id
+    await claim.complete()
+
+    rejected = await queue.reject(refused.id, by="consensus/decider", reason="too risky")
+    assert (rejected.status, rejected.approval) == ("failed", "rejected")
+    assert "too risky" in (rejected.error or "")
+    assert await queue.claim(agent="w/fixer", types=["remediate"]) is None
+    with pytest.raises(InvalidTransitionError):
+        await queue.approve(refused.id, by="consensus/decider")
+    with pytest.raises(InvalidTransitionError):
+        await queue.reject(gated.id, by="consensus/decider")
+    (failed,) = await events.wait_for(1, TaskFailedMessage)
+    assert failed.task_failed.task_id == refused.id  # type: ignore[attr-defined]
+
+
+async def test_late_completion_after_reclaim_is_refused(queue: TaskQueue) -> None:
+    task = await queue.create("analyze", agent=CREATOR, timeout=0.5)
+    slow = await queue.claim(agent="w/slow", types=["analyze"])
+    assert slow is not None
+    # No heartbeat: the claim expires and the task is offered again.
+    fast = await queue.claim(agent="w/fast", types=["analyze"], timeout=5)
+    assert fast is not None
+    assert (fast.task.id, fast.attempt) == (task.id, 2)
+
+    with pytest.raises(TaskClaimLostError) as lost:
+        await slow.complete({"by": "slow"})
+    assert (lost.value.attempt, lost.value.current_attempt) == (1, 2)
+    with pytest.raises(TaskClaimLostError):
+        await slow.heartbeat()
+    with pytest.raises(TaskClaimLostError):
+        await slow.fail("late")
+    assert (await queue.get(task.id)).assigned_to == "w/fast"
+
+    done = await fast.complete({"by": "fast"})
+    assert done.result == {"by": "fast"}
+    with pytest.raises(InvalidTransitionError):
+        await fast.complete({"by": "fast again"})
+    assert (await queue.get(task.id)).result == {"by": "fast"}
+
+
+async def test_heartbeat_keeps_the_claim(queue: TaskQueue) -> None:
+    await queue.create("analyze", agent=CREATOR, timeout=0.6)
+    claim = await queue.claim(agent="w/busy", types=["analyze"])
+    assert claim is not None
+    with anyio.move_on_after(1.5):
+        while True:
+            await claim.heartbeat()
+            assert await queue.claim(agent="w/other", types=["analyze"], timeout=0.2) is None
+    assert (await claim.complete()).attempts == 1
+
+
+async def test_timeouts_then_dead_letter(queue: TaskQueue, events: Events) -> None:
+    task = await queue.create("analyze", agent=CREATOR, timeout=0.3, max_attempts=2)
+    for attempt in (1, 2):
+        claim = await queue.claim(agent="w/dies", types=["analyze"], timeout=5)
+        assert claim is not None
+        assert claim.attempt == attempt
+    assert await queue.claim(agent="w/dies", types=["analyze"], timeout=1.5) is None
+    dead = await queue.get(task.id)
+    assert (dead.status, dead.dead, dead.attempts) == ("failed", True, 2)
+    (failed,) = await events.wait_for(1, TaskFailedMessage)
+    assert failed.task_failed.dead  # type: ignore[attr-defined]
+
+
+async def test_fail_with_retry_then_final_failure(queue: TaskQueue) -> None:
+    task = await queue.create("analyze", agent=CREATOR)
+    first = await queue.claim(agent="w/a", types=["analyze"])
+    assert first is not None
+    retried = await first.fail("flaky", retry=True)
+    assert (retried.status, retried.error) == ("pending", "flaky")
+    second = await queue.claim(agent="w/b", types=["analyze"], timeout=3)
+    assert second is not None
+    assert second.attempt == 2
+    final = await second.fail("broken")
+    assert (final.status, final.dead, final.error) == ("failed", False, "broken")
+    assert (await queue.get(task.id)).status == "failed"
+
+
+async def test_bad_input_is_refused_and_changes_nothing(queue: TaskQueue) -> None:
+    with pytest.raises(NotFoundError):
+        await queue.get("no-such-task")
+    with pytest.raises(NotFoundError):
+        await queue.approve("no-such-task", by="consensus/decider")
+    with pytest.raises(NotFoundError):
+        await queue.get("../../etc")
+    for priority in (0, 11, -3):
+        with pytest.raises(InvalidTaskError, match="priority"):
+            await queue.create("analyze", agent=CREATOR, priority=priority)
+    with pytest.raises(InvalidTaskError, match="priority"):
+        await queue.create("analyze", agent=CREATOR, priority="5")  # type: ignore[arg-type]
+    with pytest.raises(InvalidTaskError, match="parameters"):
+        await queue.create("analyze", agent=CREATOR, target=5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidTaskError, match="parameters"):
+        await queue.create("analyze", agent=CREATOR, context=[1, 2])  # type: ignore[arg-type]
+    with pytest.raises(InvalidTaskError, match="parameters"):
+        await queue.create("analyze", agent=CREATOR, context={"x": object()})
+    with pytest.raises(InvalidTaskError, match="parameters"):
+        await queue.create("analyze", agent=CREATOR, timeout=-1)
+    with pytest.raises(InvalidTaskError, match="type"):
+        await queue.create("bad type!", agent=CREATOR)
+    with pytest.raises(InvalidIdentifierError):
+        await queue.create("analyze", agent="not an agent")
+    with pytest.raises(InvalidTaskError, match="status"):
+        await queue.tasks("bogus")
+    # A batch with one bad spec stores none of them.
+    with pytest.raises(InvalidTaskError):
+        await queue.create_many(
+            [TaskSpec(type="analyze"), TaskSpec(type="analyze", priority=42)], agent=CREATOR
+        )
+    assert await queue.tasks() == []
+
+    plain = await queue.create("analyze", agent=CREATOR)
+    with pytest.raises(InvalidTransitionError):
+        await queue.approve(plain.id, by="consensus/decider")
+    with pytest.raises(InvalidTransitionError):
+        await queue.reject(plain.id, by="consensus/decider")
+    assert await queue.get(plain.id) == plain
+    claim = await queue.claim(agent="w/a", types=["analyze"])
+    assert claim is not None
+    with pytest.raises(InvalidTaskError, match="result"):
+        await claim.complete({"x": object()})
+    assert (await queue.get(plain.id)).status == "assigned"
+    await claim.complete()
+
+
+async def test_cli_lists_tasks_by_status(
+    queue: TaskQueue,
+    nats_url: str,
+    session_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    done = await queue.create("report", agent=CREATOR)
+    waiting = await queue.create("report", agent=CREATOR, requires_approval=True)
+    claim = await queue.claim(agent="w/a", types=["report"])
+    assert claim is not None
+    await claim.complete()
+    monkeypatch.setenv("NATS_URL", nats_url)
+    assert (
+        await anyio.to_thread.run_sync(cli_main, ["tasks", session_id, "--status", "pending"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert waiting.id in out
+    assert done.id not in out
+    assert "1 task(s)" in out
+
+
+def test_task_record_reads_newer_records() -> None:
+    """Wire-evolution rule: a record written by a newer version still decodes."""
+    record = msgspec.json.encode(Task(id="t1", type="analyze", priority=4))
+    newer = record.replace(b'"priority":4', b'"priority":4,"future":{"x":1}', 1).replace(
+        b'"timeout":60.0', b'"timeout":60.0,"budget":3', 1
+    )
+    assert newer != record
+    decoded = msgspec.json.decode(newer, type=Task)
+    assert (decoded.id, decoded.priority, decoded.constraints.timeout) == ("t1", 4, 60.0)
