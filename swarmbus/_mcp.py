@@ -144,6 +144,14 @@ class Posted(BaseModel):
     record: dict[str, Any]
 
 
+class TaskPosted(Posted):
+    """A task this agent created."""
+
+    approval_proposal_id: str | None = Field(
+        description="The vote that approves it (requires_approval), else null"
+    )
+
+
 class Records(BaseModel):
     """A list of board records or tasks."""
 
@@ -577,11 +585,16 @@ class Swarm:
         timeout_seconds: Annotated[
             float, Field(gt=0, le=86400, description="A claim expires this long without progress.")
         ] = 300.0,
-    ) -> Posted:
+        requires_approval: Annotated[
+            bool,
+            Field(description="Put it to the session's vote first; claimable once approved."),
+        ] = False,
+    ) -> TaskPosted:
         """Create a task for some agent of the session to claim.
 
         E.g. type 'investigate', target 'api-gateway'. Higher priority tasks are claimed
-        first.
+        first. With requires_approval, it waits for the session's vote on the returned
+        approval proposal (swarm.vote, swarm.get_proposal).
         """
         await self._active(session_id)
         queue = await self._queue(session_id)
@@ -592,8 +605,20 @@ class Swarm:
             target=target,
             context=context or {},
             timeout=timeout_seconds,
+            requires_approval=requires_approval,
         )
-        return Posted(session_id=session_id, id=task.id, record=_plain(task))
+        proposal_id = None
+        if requires_approval:
+            record = await self.consensus.propose_task_approval(
+                task.id, agent=self.agent_id, session=session_id
+            )
+            proposal_id = record.proposal_id
+        return TaskPosted(
+            session_id=session_id,
+            id=task.id,
+            record=_plain(task),
+            approval_proposal_id=proposal_id,
+        )
 
     @_tool(read_only=True)
     async def list_tasks(

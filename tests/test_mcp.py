@@ -373,7 +373,7 @@ def test_missing_sdk_gives_an_install_hint() -> None:
     assert "pip install 'swarmbus[mcp]'" in result.stderr
 
 
-async def test_streamable_http_transport_with_its_own_consensus_service(
+async def test_streamable_http_with_its_own_consensus_service_and_approved_tasks(
     nats_url: str, agent_id: str, session_id: str
 ) -> None:
     with socket.socket() as sock:
@@ -399,6 +399,29 @@ async def test_streamable_http_transport_with_its_own_consensus_service(
                 pid = proposal["proposal_id"]
                 await call(client, "swarm.vote", proposal_id=pid, vote="yes")
                 decided = await call(client, "swarm.get_proposal", proposal_id=pid, wait_seconds=15)
+                assert decided["decision"]["outcome"] == "approved"
+
+                created = await call(
+                    client,
+                    "swarm.create_task",
+                    session_id=session_id,
+                    type="remediate",
+                    requires_approval=True,
+                )
+                empty = await call(
+                    client, "swarm.claim_task", session_id=session_id, types=["remediate"]
+                )
+                assert empty["claimed"] is False  # not approved yet
+                approval = created["approval_proposal_id"]
+                await call(client, "swarm.vote", proposal_id=approval, vote="yes")
+                claimed = await call(
+                    client,
+                    "swarm.claim_task",
+                    session_id=session_id,
+                    types=["remediate"],
+                    wait_seconds=15,
+                )
         finally:
             process.kill()
-    assert decided["decision"]["outcome"] == "approved"
+    assert claimed["task"]["id"] == created["id"]
+    assert claimed["task"]["approval"] == "approved"
