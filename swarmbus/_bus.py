@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+import math
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -71,6 +73,11 @@ CODE_HEADER: Final = "Swarmbus-Code"
 ORIGINAL_SUBJECT_HEADER: Final = "Swarmbus-Original-Subject"
 DEAD_LETTER_MAX_AGE: Final = 30 * 24 * 3600.0
 _STREAM_IN_USE: Final = 10058
+JS_API: Final = "$JS.API"
+# nats-py lower-cases the server's -ERR text before handing it to the error callback.
+_PERMISSION_VIOLATION: Final = re.compile(
+    r'permissions violation for (?:publish|subscription) to "([^"]+)"'
+)
 
 Handler = Callable[[Message], Awaitable[None]]
 
@@ -82,6 +89,15 @@ class Delivery:
     message: Message
     subject: str
     headers: Mapping[str, str]
+
+
+@dataclass
+class _Refusal:
+    """An operation waiting to learn whether the server refuses its subject."""
+
+    cancel: bool
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    reason: str | None = None
 
 
 class Bus:
@@ -96,6 +112,7 @@ class Bus:
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
         self.reconnected = asyncio.Event()
+        self._refusals: dict[str, list[_Refusal]] = {}
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -123,7 +140,10 @@ class Bus:
                 bus_ref[0].reconnected.set()
 
         async def on_error(exc: Exception) -> None:
-            log.log(logging.DEBUG if isinstance(exc, OSError) else logging.WARNING, "nats: %s", exc)
+            if not (bus_ref and bus_ref[0]._refused(str(exc))):
+                log.log(
+                    logging.DEBUG if isinstance(exc, OSError) else logging.WARNING, "nats: %s", exc
+                )
 
         options: dict[str, Any] = {
             "servers": settings.servers,
@@ -201,15 +221,69 @@ class Bus:
         """Version of the server this bus is connected to."""
         return str(self.nc._server_info.get("version", ""))
 
+    # --- permissions ----------------------------------------------------------------
+
+    def _refused(self, error: str) -> bool:
+        """Wake the operations waiting on a subject the server just refused."""
+        match = _PERMISSION_VIOLATION.search(error)
+        waiting = self._refusals.get(match[1]) if match else None
+        for refusal in waiting or ():
+            refusal.reason = error
+            if refusal.cancel:
+                refusal.scope.cancel()
+        return bool(waiting)
+
+    @contextlib.contextmanager
+    def _permission_guard(self, subject: str, what: str, *, cancel: bool = True) -> Iterator[None]:
+        """Raise PermissionDeniedError if the server refuses ``subject`` during the block.
+
+        NATS answers a publish or subscribe outside the user's permissions with an
+        asynchronous ``-ERR``, not on the operation itself: without this guard a refused
+        JetStream publish would only time out. With ``cancel`` the block is cancelled
+        as soon as the refusal arrives; otherwise it runs to its end (a flush, which
+        must not be cancelled) and the refusal is raised after it.
+        """
+        key = subject.lower()
+        refusal = _Refusal(cancel=cancel)
+        self._refusals.setdefault(key, []).append(refusal)
+        try:
+            with refusal.scope:
+                yield
+        except (TimeoutError, nats.errors.Error) as exc:
+            if refusal.reason is None:
+                raise
+            raise _denied(what, subject) from exc
+        finally:
+            waiting = self._refusals[key]
+            waiting.remove(refusal)
+            if not waiting:
+                del self._refusals[key]
+        if refusal.reason is not None:
+            raise _denied(what, subject)
+
     # --- streams ----------------------------------------------------------------
 
     def _storage(self) -> StorageType:
         return StorageType.FILE if self.settings.storage == "file" else StorageType.MEMORY
 
     async def ensure_stream(self, config: StreamConfig) -> None:
-        """Create a stream, or update it to ``config`` if it exists (idempotent)."""
+        """Create a stream, or update it to ``config`` if it exists (idempotent).
+
+        A user without stream-create permission (an agent under the deploy auth config)
+        uses the stream as provisioned by the service account, if it exists.
+        """
         try:
-            await self.js.add_stream(config)
+            with self._permission_guard(
+                f"{JS_API}.STREAM.CREATE.{config.name}", f"create stream {config.name}"
+            ):
+                await self.js.add_stream(config)
+        except PermissionDeniedError as denied:
+            try:
+                await self.js.stream_info(str(config.name))
+            except nats.js.errors.NotFoundError:
+                raise denied from None
+            except nats.js.errors.APIError as exc:
+                raise _translate(exc, f"cannot read stream {config.name}") from exc
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != _STREAM_IN_USE:
                 raise SwarmbusError(f"cannot create stream {config.name}: {exc}") from exc
@@ -278,7 +352,10 @@ class Bus:
             limit_marker_ttl=limit_marker_ttl,
         )
         try:
-            return await self.js.create_key_value(config)
+            with self._permission_guard(
+                f"{JS_API}.STREAM.CREATE.KV_{bucket}", f"create bucket {bucket}"
+            ):
+                return await self.js.create_key_value(config)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != _STREAM_IN_USE:
                 raise _translate(exc, f"cannot create bucket {bucket}") from exc
@@ -330,7 +407,8 @@ class Bus:
         attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": message.source.agent}
         with producer_span(subject, message.id, attrs, hdrs):
             try:
-                await self.js.publish(subject, data, headers=hdrs)
+                with self._permission_guard(subject, f"publish to {subject}"):
+                    await self.js.publish(subject, data, headers=hdrs)
             except nats.js.errors.APIError as exc:
                 raise _translate(exc, f"publish to {subject} failed") from exc
             except nats.errors.NoRespondersError as exc:
@@ -449,9 +527,15 @@ class Bus:
             await self._dispatch(handler, message, msg, receiver)
 
         try:
-            return await self.nc.subscribe(subject, queue=queue or "", cb=on_msg)
+            with self._permission_guard(subject, f"subscribe to {subject}", cancel=False):
+                sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_msg)
+                # nats-py writes a flush's PING straight to the socket, ahead of the
+                # queued SUB: only the second round trip follows the server's refusal.
+                for _ in range(2):
+                    await self.nc.flush(math.ceil(self.settings.request_timeout))
         except nats.errors.Error as exc:
             raise _transport_error(exc, f"subscribe to {subject}") from exc
+        return sub
 
     async def _dispatch(self, handler: Handler, message: Message, msg: Msg, receiver: str) -> bool:
         """Run a handler inside a CONSUMER span; a raising handler is reported, not fatal."""
@@ -502,7 +586,11 @@ class Bus:
             deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
         )
         try:
-            await self.js.add_consumer(EVENTS_STREAM, config)
+            with self._permission_guard(
+                f"{JS_API}.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.{durable}",
+                f"create consumer {durable}",
+            ):
+                await self.js.add_consumer(EVENTS_STREAM, config)
             psub = await self.js.pull_subscribe_bind(durable, EVENTS_STREAM)
         except nats.js.errors.APIError as exc:
             raise _translate(exc, f"cannot create consumer {durable}") from exc
@@ -591,9 +679,10 @@ class Bus:
         }
         with producer_span(subject, message.id, attrs, headers):
             try:
-                reply = await self.nc.request(
-                    subject, encode(message), timeout=timeout, headers=headers
-                )
+                with self._permission_guard(subject, f"request {capability}"):
+                    reply = await self.nc.request(
+                        subject, encode(message), timeout=timeout, headers=headers
+                    )
             except nats.errors.NoRespondersError as exc:
                 raise NoResponderError(capability, to) from exc
             except (TimeoutError, nats.errors.TimeoutError) as exc:
@@ -708,6 +797,12 @@ def _translate(exc: nats.js.errors.APIError, what: str) -> SwarmbusError:
     if exc.code == 403 or "permission" in description.lower():
         return PermissionDeniedError(f"{what}: {description}")
     return PublishError(f"{what}: {description}")
+
+
+def _denied(what: str, subject: str) -> PermissionDeniedError:
+    return PermissionDeniedError(
+        f"{what}: refused by the NATS server, {subject!r} is outside this user's permissions"
+    )
 
 
 def _transport_error(exc: BaseException, what: str) -> SwarmbusError:
