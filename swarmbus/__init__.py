@@ -17,6 +17,7 @@ from swarmbus._bus import Bus, connect
 from swarmbus._confidence import Opinion, Pooling, aggregate_confidence
 from swarmbus._config import Settings
 from swarmbus._consensus import Consensus, ConsensusService, ProposalRecord, Tally, tally_outcome
+from swarmbus._coordinator import Coordinator, Subtask, serve_workers
 from swarmbus._errors import (
     AlreadyVotedError,
     ConflictError,
@@ -36,12 +37,14 @@ from swarmbus._errors import (
     PermissionDeniedError,
     ProposalClosedError,
     PublishError,
+    QueryTimeoutError,
     RemoteError,
     RequestTimeoutError,
     ServerBinaryNotFoundError,
     ServerError,
     ServerStartError,
     ServerVersionError,
+    SpecError,
     SwarmbusError,
     TaskClaimLostError,
     ValueTooLargeError,
@@ -94,6 +97,16 @@ from swarmbus._messages import (
 )
 from swarmbus._server import NatsCluster, NatsServer, find_binary
 from swarmbus._subjects import validate_agent_id, validate_session_id
+from swarmbus._swarm import (
+    ParallelInvestigation,
+    ProgressiveRefinement,
+    QueryLedger,
+    QueryOutcome,
+    StepResult,
+    SwarmResult,
+    load_spec,
+    run_swarm,
+)
 from swarmbus._tasks import Claim, Task, TaskQueue, TaskSpec
 
 __version__ = "0.1.0"
@@ -117,6 +130,7 @@ __all__ = [
     "Consensus",
     "ConsensusService",
     "ContextRecord",
+    "Coordinator",
     "Decision",
     "DecisionMessage",
     "DecisionTimeoutError",
@@ -152,13 +166,18 @@ __all__ = [
     "NotEligibleError",
     "NotFoundError",
     "Opinion",
+    "ParallelInvestigation",
     "PermissionDeniedError",
     "Pooling",
+    "ProgressiveRefinement",
     "Proposal",
     "ProposalClosedError",
     "ProposalMessage",
     "ProposalRecord",
     "PublishError",
+    "QueryLedger",
+    "QueryOutcome",
+    "QueryTimeoutError",
     "RemoteError",
     "Request",
     "RequestMessage",
@@ -177,7 +196,11 @@ __all__ = [
     "Settings",
     "Snapshot",
     "Source",
+    "SpecError",
     "StatusChange",
+    "StepResult",
+    "Subtask",
+    "SwarmResult",
     "SwarmbusError",
     "Tally",
     "Task",
@@ -195,16 +218,19 @@ __all__ = [
     "ValueTooLargeError",
     "Vote",
     "VoteMessage",
+    "__version__",
     "aggregate_confidence",
     "connect",
     "decode",
     "encode",
     "find_binary",
     "held_locks",
+    "load_spec",
     "lock_holder",
     "run",
+    "run_swarm",
+    "serve_workers",
     "tally_outcome",
     "validate_agent_id",
     "validate_session_id",
-    "__version__",
 ]

@@ -7,14 +7,19 @@ other private modules that use ``Bus.nc`` / ``Bus.js``; callers see swarmbus typ
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+import math
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
 
 import anyio
+import anyio.lowlevel
 import nats
 import nats.errors
 import nats.js.errors
@@ -59,7 +64,7 @@ from swarmbus._messages import (
     validate_body,
 )
 from swarmbus._server import check_version
-from swarmbus._telemetry import consumer_span, producer_span
+from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
 
 log = logging.getLogger("swarmbus")
 
@@ -71,8 +76,19 @@ CODE_HEADER: Final = "Swarmbus-Code"
 ORIGINAL_SUBJECT_HEADER: Final = "Swarmbus-Original-Subject"
 DEAD_LETTER_MAX_AGE: Final = 30 * 24 * 3600.0
 _STREAM_IN_USE: Final = 10058
+JS_API: Final = "$JS.API"
+# nats-py lower-cases the server's -ERR text before handing it to the error callback.
+_PERMISSION_VIOLATION: Final = re.compile(
+    r'permissions violation for (?:publish|subscription) to "([^"]+)"'
+)
 
 Handler = Callable[[Message], Awaitable[None]]
+
+# Hot-path helpers: subjects of a long-lived agent repeat, so validate and build each once;
+# with tracing off, skip building span attributes and entering a generator context.
+_event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
+_request_subject = functools.lru_cache(maxsize=4096)(subjects.request_subject)
+_NO_SPAN: Final = contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,15 @@ class Delivery:
     message: Message
     subject: str
     headers: Mapping[str, str]
+
+
+@dataclass
+class _Refusal:
+    """An operation waiting to learn whether the server refuses its subject."""
+
+    cancel: bool
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    reason: str | None = None
 
 
 class Bus:
@@ -96,6 +121,7 @@ class Bus:
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
         self.reconnected = asyncio.Event()
+        self._refusals: dict[str, list[_Refusal]] = {}
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -123,7 +149,10 @@ class Bus:
                 bus_ref[0].reconnected.set()
 
         async def on_error(exc: Exception) -> None:
-            log.log(logging.DEBUG if isinstance(exc, OSError) else logging.WARNING, "nats: %s", exc)
+            if not (bus_ref and bus_ref[0]._refused(str(exc))):
+                log.log(
+                    logging.DEBUG if isinstance(exc, OSError) else logging.WARNING, "nats: %s", exc
+                )
 
         options: dict[str, Any] = {
             "servers": settings.servers,
@@ -201,15 +230,69 @@ class Bus:
         """Version of the server this bus is connected to."""
         return str(self.nc._server_info.get("version", ""))
 
+    # --- permissions ----------------------------------------------------------------
+
+    def _refused(self, error: str) -> bool:
+        """Wake the operations waiting on a subject the server just refused."""
+        match = _PERMISSION_VIOLATION.search(error)
+        waiting = self._refusals.get(match[1]) if match else None
+        for refusal in waiting or ():
+            refusal.reason = error
+            if refusal.cancel:
+                refusal.scope.cancel()
+        return bool(waiting)
+
+    @contextlib.contextmanager
+    def _permission_guard(self, subject: str, what: str, *, cancel: bool = True) -> Iterator[None]:
+        """Raise PermissionDeniedError if the server refuses ``subject`` during the block.
+
+        NATS answers a publish or subscribe outside the user's permissions with an
+        asynchronous ``-ERR``, not on the operation itself: without this guard a refused
+        JetStream publish would only time out. With ``cancel`` the block is cancelled
+        as soon as the refusal arrives; otherwise it runs to its end (a flush, which
+        must not be cancelled) and the refusal is raised after it.
+        """
+        key = subject.lower()
+        refusal = _Refusal(cancel=cancel)
+        self._refusals.setdefault(key, []).append(refusal)
+        try:
+            with refusal.scope:
+                yield
+        except (TimeoutError, nats.errors.Error) as exc:
+            if refusal.reason is None:
+                raise
+            raise _denied(what, subject) from exc
+        finally:
+            waiting = self._refusals[key]
+            waiting.remove(refusal)
+            if not waiting:
+                del self._refusals[key]
+        if refusal.reason is not None:
+            raise _denied(what, subject)
+
     # --- streams ----------------------------------------------------------------
 
     def _storage(self) -> StorageType:
         return StorageType.FILE if self.settings.storage == "file" else StorageType.MEMORY
 
     async def ensure_stream(self, config: StreamConfig) -> None:
-        """Create a stream, or update it to ``config`` if it exists (idempotent)."""
+        """Create a stream, or update it to ``config`` if it exists (idempotent).
+
+        A user without stream-create permission (an agent under the deploy auth config)
+        uses the stream as provisioned by the service account, if it exists.
+        """
         try:
-            await self.js.add_stream(config)
+            with self._permission_guard(
+                f"{JS_API}.STREAM.CREATE.{config.name}", f"create stream {config.name}"
+            ):
+                await self.js.add_stream(config)
+        except PermissionDeniedError as denied:
+            try:
+                await self.js.stream_info(str(config.name))
+            except nats.js.errors.NotFoundError:
+                raise denied from None
+            except nats.js.errors.APIError as exc:
+                raise _translate(exc, f"cannot read stream {config.name}") from exc
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != _STREAM_IN_USE:
                 raise SwarmbusError(f"cannot create stream {config.name}: {exc}") from exc
@@ -278,7 +361,10 @@ class Bus:
             limit_marker_ttl=limit_marker_ttl,
         )
         try:
-            return await self.js.create_key_value(config)
+            with self._permission_guard(
+                f"{JS_API}.STREAM.CREATE.KV_{bucket}", f"create bucket {bucket}"
+            ):
+                return await self.js.create_key_value(config)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != _STREAM_IN_USE:
                 raise _translate(exc, f"cannot create bucket {bucket}") from exc
@@ -324,20 +410,33 @@ class Bus:
             raise InvalidMessageError(
                 "wrong_subject", f"{message.type} messages are sent with request(), not published"
             )
-        subject = subjects.event_subject(*event, message.source.session, message.source.agent)
+        subject = _event_subject(*event, message.source.session, message.source.agent)
         data = encode(message)
         if len(data) > self.max_message_bytes:
             raise InvalidMessageError(
                 "too_large", f"message is {len(data)} bytes, limit is {self.max_message_bytes}"
             )
-        hdrs = {MSG_ID_HEADER: message.id, **(headers or {})}
-        attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": message.source.agent}
-        with producer_span(subject, message.id, attrs, hdrs):
+        hdrs = {MSG_ID_HEADER: message.id, **headers} if headers else {MSG_ID_HEADER: message.id}
+        span = (
+            producer_span(
+                subject,
+                message.id,
+                {
+                    "swarmbus.session": message.source.session,
+                    "swarmbus.agent": message.source.agent,
+                },
+                hdrs,
+            )
+            if tracing_enabled()
+            else _NO_SPAN
+        )
+        with span:
             try:
-                if wait:
-                    await self.js.publish(subject, data, headers=hdrs)
-                else:
+                if not wait:  # a refusal would come later, as an -ERR that gets logged
                     await self.nc.publish(subject, data, headers=hdrs)
+                else:
+                    with self._permission_guard(subject, f"publish to {subject}"):
+                        await self.js.publish(subject, data, headers=hdrs)
             except nats.js.errors.APIError as exc:
                 raise _translate(exc, f"publish to {subject} failed") from exc
             except nats.errors.NoRespondersError as exc:
@@ -456,15 +555,24 @@ class Bus:
             await self._dispatch(handler, message, msg, receiver)
 
         try:
-            return await self.nc.subscribe(subject, queue=queue or "", cb=on_msg)
+            with self._permission_guard(subject, f"subscribe to {subject}", cancel=False):
+                sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_msg)
+                # nats-py writes a flush's PING straight to the socket, ahead of the
+                # queued SUB: only the second round trip follows the server's refusal.
+                for _ in range(2):
+                    await self.nc.flush(math.ceil(self.settings.request_timeout))
         except nats.errors.Error as exc:
             raise _transport_error(exc, f"subscribe to {subject}") from exc
+        return sub
 
     async def _dispatch(self, handler: Handler, message: Message, msg: Msg, receiver: str) -> bool:
         """Run a handler inside a CONSUMER span; a raising handler is reported, not fatal."""
-        attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": receiver}
         try:
-            with consumer_span(msg.subject, message.id, attrs, msg.headers):
+            if tracing_enabled():
+                attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": receiver}
+                with consumer_span(msg.subject, message.id, attrs, msg.headers):
+                    await handler(message)
+            else:
                 await handler(message)
         except Exception as exc:
             log.exception("handler for %s failed", msg.subject)
@@ -509,35 +617,60 @@ class Bus:
             deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
         )
         try:
-            await self.js.add_consumer(EVENTS_STREAM, config)
+            with self._permission_guard(
+                f"{JS_API}.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.{durable}",
+                f"create consumer {durable}",
+            ):
+                await self.js.add_consumer(EVENTS_STREAM, config)
             psub = await self.js.pull_subscribe_bind(durable, EVENTS_STREAM)
         except nats.js.errors.APIError as exc:
             raise _translate(exc, f"cannot create consumer {durable}") from exc
         task_status.started()
         try:
-            async with anyio.create_task_group() as tg:
-                while not stop.is_set():
-                    # Hold a slot before fetching: never take messages we cannot start.
-                    await limiter.acquire()
-                    try:
-                        batch = await psub.fetch(min(1 + limiter.value, 256), timeout=0.5)
-                    except (TimeoutError, nats.errors.TimeoutError):
-                        limiter.release()
-                        continue
-                    except nats.errors.Error as exc:
-                        limiter.release()
-                        if stop.is_set():
-                            break
-                        log.warning("consumer %s: %s; retrying", durable, exc)
-                        await _wait_reconnect(self, stop)
-                        continue
-                    if not batch:
-                        limiter.release()
-                        continue
-                    for i, msg in enumerate(batch):
-                        if i:
-                            await limiter.acquire()
-                        tg.start_soon(self._handle_durable, handler, msg, receiver, limiter)
+            # A fetch of n > 1 waits until n messages arrive (or it expires), so ask only
+            # for what the server said is waiting: 1 when caught up (lowest latency), up
+            # to the free slots when behind (fewest round trips).
+            waiting = 1
+            # Workers take fetched messages from a stream: starting a task per message
+            # costs more than a small handler. A worker is added only when none is idle,
+            # so there are never more than the slots held.
+            send, receive = anyio.create_memory_object_stream[Msg](math.inf)
+
+            async def work() -> None:
+                async for msg in receive:
+                    await self._handle_durable(handler, msg, receiver, limiter)
+
+            with receive:
+                async with anyio.create_task_group() as tg, send:
+                    while not stop.is_set():
+                        # Let the handlers just given out run first: they may free slots.
+                        await anyio.lowlevel.checkpoint()
+                        # Hold a slot before fetching: never take messages we cannot start.
+                        await limiter.acquire()
+                        try:
+                            batch = await psub.fetch(
+                                min(1 + limiter.value, waiting, 256), timeout=0.5
+                            )
+                        except (TimeoutError, nats.errors.TimeoutError):
+                            limiter.release()
+                            continue
+                        except nats.errors.Error as exc:
+                            limiter.release()
+                            if stop.is_set():
+                                break
+                            log.warning("consumer %s: %s; retrying", durable, exc)
+                            await _wait_reconnect(self, stop)
+                            continue
+                        if not batch:
+                            limiter.release()
+                            continue
+                        waiting = 1 + _num_pending(batch[-1])
+                        for i, msg in enumerate(batch):
+                            if i:
+                                await limiter.acquire()
+                            if not receive.statistics().tasks_waiting_receive:
+                                tg.start_soon(work)
+                            send.send_nowait(msg)
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
@@ -588,19 +721,29 @@ class Bus:
         body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
         validate_body(body)
         message = envelope_for(body, agent=agent, session=session)
-        subject = subjects.request_subject(capability, to, session, agent)
+        subject = _request_subject(capability, to, session, agent)
         timeout = timeout or self.settings.request_timeout
         headers = {MSG_ID_HEADER: message.id}
-        attrs = {
-            "swarmbus.session": session,
-            "swarmbus.agent": agent,
-            "swarmbus.capability": capability,
-        }
-        with producer_span(subject, message.id, attrs, headers):
+        span = (
+            producer_span(
+                subject,
+                message.id,
+                {
+                    "swarmbus.session": session,
+                    "swarmbus.agent": agent,
+                    "swarmbus.capability": capability,
+                },
+                headers,
+            )
+            if tracing_enabled()
+            else _NO_SPAN
+        )
+        with span:
             try:
-                reply = await self.nc.request(
-                    subject, encode(message), timeout=timeout, headers=headers
-                )
+                with self._permission_guard(subject, f"request {capability}"):
+                    reply = await self.nc.request(
+                        subject, encode(message), timeout=timeout, headers=headers
+                    )
             except nats.errors.NoRespondersError as exc:
                 raise NoResponderError(capability, to) from exc
             except (TimeoutError, nats.errors.TimeoutError) as exc:
@@ -625,14 +768,25 @@ class Bus:
         subjects.validate_name("capability", capability)
 
         async def respond(msg: Msg, request: RequestMessage) -> None:
-            async with limiter:
-                attrs = {"swarmbus.session": request.source.session, "swarmbus.agent": agent}
+            session = request.source.session
+            await limiter.acquire()
+            try:
                 try:
-                    with consumer_span(msg.subject, request.id, attrs, msg.headers):
+                    if tracing_enabled():
+                        attrs = {
+                            "swarmbus.session": request.source.session,
+                            "swarmbus.agent": agent,
+                        }
+                        with consumer_span(msg.subject, request.id, attrs, msg.headers):
+                            result = await handler(request)
+                    else:
                         result = await handler(request)
                     response = Response(
                         request_id=request.id, status="success", result=dict(result)
                     )
+                    # Encode here: a result that is not JSON is the handler's error.
+                    reply = envelope_for(response, agent=agent, session=session)
+                    data = encode(reply)
                 except Exception as exc:
                     log.exception("request handler %s failed", capability)
                     response = Response(
@@ -649,14 +803,30 @@ class Bus:
                         dedupe_key=request.id,
                         message_id=request.id,
                     )
+                    reply = envelope_for(response, agent=agent, session=session)
+                    data = encode(reply)
                 if msg.reply:
-                    reply = envelope_for(response, agent=agent, session=request.source.session)
                     with contextlib.suppress(nats.errors.Error):
-                        await self.nc.publish(
-                            msg.reply, encode(reply), headers={MSG_ID_HEADER: reply.id}
-                        )
+                        await self.nc.publish(msg.reply, data, headers={MSG_ID_HEADER: reply.id})
+            finally:
+                limiter.release()
+
+        # A task per request costs more than a small handler; instead a few tasks drain a
+        # FIFO, and one more starts whenever a slot of the limiter is free to run it.
+        pending: collections.deque[tuple[Msg, RequestMessage]] = collections.deque()
+        alive = starting = 0
+
+        async def drain() -> None:
+            nonlocal alive, starting
+            starting -= 1
+            try:
+                while pending:
+                    await respond(*pending.popleft())
+            finally:
+                alive -= 1
 
         async def on_msg(msg: Msg) -> None:
+            nonlocal alive, starting
             try:
                 message = self.accept(msg.subject, msg.data)
                 assert isinstance(message, RequestMessage)
@@ -669,7 +839,11 @@ class Bus:
                     receiver=agent,
                 )
                 return
-            task_group.start_soon(respond, msg, message)
+            pending.append((msg, message))
+            if not alive or starting < min(len(pending), limiter.value):
+                alive += 1
+                starting += 1
+                task_group.start_soon(drain)
 
         subs = []
         for target, queue in (
@@ -681,7 +855,17 @@ class Bus:
                     subjects.request_filter(capability, target), queue=queue, cb=on_msg
                 )
             )
+        # The server must know the subscriptions before callers are told we are serving.
+        await self.nc.flush()
         return subs
+
+
+def _num_pending(msg: Msg) -> int:
+    """Messages the consumer still has for us after ``msg`` (0 if unknown)."""
+    try:
+        return int(msg.metadata.num_pending or 0)
+    except (nats.errors.Error, ValueError, IndexError):
+        return 0
 
 
 def _wants(handler: Handler, message: Message, receiver: str) -> bool:
@@ -715,6 +899,12 @@ def _translate(exc: nats.js.errors.APIError, what: str) -> SwarmbusError:
     if exc.code == 403 or "permission" in description.lower():
         return PermissionDeniedError(f"{what}: {description}")
     return PublishError(f"{what}: {description}")
+
+
+def _denied(what: str, subject: str) -> PermissionDeniedError:
+    return PermissionDeniedError(
+        f"{what}: refused by the NATS server, {subject!r} is outside this user's permissions"
+    )
 
 
 def _transport_error(exc: BaseException, what: str) -> SwarmbusError:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -16,6 +17,26 @@ import anyio
 from swarmbus._errors import SwarmbusError
 
 Command = Callable[[argparse.Namespace], int]
+LOOP_ENV = "SWARMBUS_LOOP"
+
+
+def _run(func: Callable[..., Awaitable[int]], *args: object) -> int:
+    """``anyio.run`` on the event loop ``$SWARMBUS_LOOP`` names (asyncio or uvloop).
+
+    uvloop (``pip install 'swarmbus[uvloop]'``) makes the NATS client side markedly
+    faster; see bench/README.md.
+    """
+    loop = os.environ.get(LOOP_ENV, "asyncio")
+    if loop not in ("asyncio", "uvloop"):
+        raise SwarmbusError(f"{LOOP_ENV}={loop}: use asyncio or uvloop")
+    if loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise SwarmbusError(
+                f"{LOOP_ENV}=uvloop needs uvloop: pip install 'swarmbus[uvloop]'"
+            ) from None
+    return anyio.run(func, *args, backend_options={"use_uvloop": loop == "uvloop"})
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
@@ -52,7 +73,29 @@ def _cmd_schemas(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from swarmbus._demo import run_demo
 
-    return anyio.run(run_demo, args.data_dir)
+    return _run(run_demo, args.data_dir)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from swarmbus._bus import connect
+    from swarmbus._swarm import load_agents, load_spec, run_swarm, spec_agents
+
+    spec = load_spec(args.spec)
+    agents = load_agents(args.agents)
+    served = {a.id for a in agents}
+    for name in spec_agents(spec):
+        if name not in served:
+            print(
+                f"swarmbus: {name} is not in {args.agents}: it must run elsewhere", file=sys.stderr
+            )
+
+    async def main() -> int:
+        async with connect(data_dir=args.data_dir) as bus:
+            result = await run_swarm(bus, spec, agents, session=args.session)
+        print(result.to_yaml(), end="", flush=True)
+        return 0 if result.ok else 1
+
+    return anyio.run(main)
 
 
 def _cmd_board(args: argparse.Namespace) -> int:
@@ -157,6 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the incident demo on an embedded server")
     p.add_argument("--data-dir", default=None, help="JetStream store (default: a temp dir)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("run", help="run a swarm spec (YAML) on the configured server")
+    p.add_argument("spec", help="swarm spec, e.g. examples/parallel_investigation.yaml")
+    p.add_argument(
+        "--agents",
+        default="swarmbus._demo",
+        help="module or .py file defining agents() (default: the demo's incident agents)",
+    )
+    p.add_argument("--session", default=None, help="session id (default: a fresh one)")
+    p.add_argument("--data-dir", default=None, help="embedded server store (without NATS_URL)")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("board", help="print a session's blackboard (NATS_URL); --watch follows it")
     p.add_argument("session", help="session id, e.g. INC-1234")

@@ -98,9 +98,11 @@ class NatsServer:
         host: address to listen on (loopback by default).
         name: server name (needed in a cluster).
         cluster: ``(cluster name, route port, [route urls])`` to join a cluster.
-        config_file: an existing nats-server config to use; host, port and store
-            dir flags still override it.
-        sync_interval: JetStream fsync interval (``"always"`` for durability).
+        config_file: an existing nats-server config (e.g. ``deploy/nats/single.conf``)
+            to use as it is, with its JetStream settings; host, port, name, cluster and
+            store dir are set on the command line, which overrides the file.
+        sync_interval: JetStream fsync interval (``"always"`` for durability); with a
+            ``config_file`` it comes from the file.
         extra_args: passed to nats-server as they are.
     """
 
@@ -123,6 +125,8 @@ class NatsServer:
         self.name = name
         self.cluster = cluster
         self.config_file = Path(config_file) if config_file else None
+        if config_file and sync_interval:
+            raise ValueError("with config_file, set sync_interval in the config file")
         self.sync_interval = sync_interval
         self.extra_args = list(extra_args)
         self.binary = Path(binary) if binary else find_binary()
@@ -155,6 +159,8 @@ class NatsServer:
         cmd = [str(self.binary)]
         conf = self._write_config()
         cmd += ["-c", str(conf)]
+        if self.config_file:
+            cmd += ["--jetstream", "--store_dir", str(self.data_dir / "jetstream")]
         cmd += ["-a", self.host, "-p", str(port if port is not None else -1)]
         if self.name:
             cmd += ["-n", self.name]
@@ -167,14 +173,15 @@ class NatsServer:
 
     def _write_config(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        store = self.data_dir / "jetstream"
-        lines = []
-        if self.config_file:
-            lines.append(f'include "{self.config_file.resolve()}"')
-        sync = f'\n  sync_interval: "{self.sync_interval}"' if self.sync_interval else ""
-        lines.append(f'jetstream {{\n  store_dir: "{store}"{sync}\n}}')
         conf = self.data_dir / "swarmbus-nats.conf"
-        conf.write_text("\n".join(lines) + "\n")
+        if self.config_file:
+            # nats-server resolves includes relative to the including file, even absolute ones.
+            include = os.path.relpath(self.config_file.resolve(), self.data_dir.resolve())
+            conf.write_text(f'include "{include}"\n')
+            return conf
+        store = self.data_dir / "jetstream"
+        sync = f'\n  sync_interval: "{self.sync_interval}"' if self.sync_interval else ""
+        conf.write_text(f'jetstream {{\n  store_dir: "{store}"{sync}\n}}\n')
         return conf
 
     def start(self, timeout: float = 30.0) -> Self:
@@ -307,6 +314,7 @@ class NatsCluster:
         name: str = "swarmbus",
         sync_interval: str | None = None,
         config_files: Sequence[str | os.PathLike[str]] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         base = Path(base_dir)
         route_ports = [free_port() for _ in range(size)]
@@ -319,6 +327,7 @@ class NatsCluster:
                 cluster=(name, route_ports[i], [r for j, r in enumerate(routes) if j != i]),
                 sync_interval=sync_interval,
                 config_file=config_files[i] if config_files else None,
+                extra_args=extra_args,
             )
             for i in range(size)
         ]

@@ -1,0 +1,416 @@
+"""Auth on a real server started from deploy/nats/single.conf (ports and store rewritten).
+
+Each identity connects with the credentials the deploy config gives it; the server
+refuses what its permissions do not allow, and swarmbus turns that into a clear
+PermissionDeniedError without storing anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats
+import nats.errors
+import nats.js.errors
+import nkeys
+import pytest
+
+from swarmbus import (
+    Agent,
+    Blackboard,
+    Bus,
+    ConnectionError,
+    Consensus,
+    ConsensusService,
+    Finding,
+    FindingMessage,
+    Lock,
+    NatsServer,
+    PermissionDeniedError,
+    Proposal,
+    RequestMessage,
+    TaskQueue,
+    Vote,
+)
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
+VALIDATOR = "ops/deploy-validator"
+LEAD = "security/incident-response-lead"
+SERVICE = "swarmbus/consensus"
+OBSERVER = "observer"
+PASSWORD_ENV = {
+    VALIDATOR: "NATS_PASSWORD_DEPLOY_VALIDATOR",
+    LEAD: "NATS_PASSWORD_INCIDENT_LEAD",
+    SERVICE: "NATS_PASSWORD_CONSENSUS",
+    OBSERVER: "NATS_PASSWORD_OBSERVER",
+    "demo": "NATS_PASSWORD_DEMO",
+}
+PASSWORDS = {user: secrets.token_hex(12) for user in PASSWORD_ENV}
+INBOX = {
+    VALIDATOR: "_INBOX_ops_deploy-validator",
+    LEAD: "_INBOX_security_incident-response-lead",
+    SERVICE: "_INBOX_swarmbus_consensus",
+    OBSERVER: "_INBOX_observer",
+}
+EVENTS = "SWARMBUS_EVENTS"
+
+pytestmark = pytest.mark.xdist_group("deploy-auth")
+
+
+def start_with_passwords(server: NatsServer) -> NatsServer:
+    """Start ``server``; the deploy config reads the passwords from its environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        for user, env in PASSWORD_ENV.items():
+            mp.setenv(env, PASSWORDS[user])
+        return server.start()
+
+
+@pytest.fixture(scope="module")
+def deploy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """deploy/nats/single.conf on a free 127.0.0.1 port with its store in a temp dir."""
+    server = NatsServer(
+        tmp_path_factory.mktemp("deploy-single"),
+        config_file=DEPLOY / "single.conf",
+        extra_args=["--http_port", "-1"],
+    )
+    start_with_passwords(server)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def as_user(server: NatsServer, user: str, **overrides: Any) -> Any:
+    """``Bus.open`` as a deploy-config user with its own inbox prefix."""
+    return Bus.open(
+        url=server.url,
+        user=user,
+        password=PASSWORDS[user],
+        inbox_prefix=INBOX[user],
+        **overrides,
+    )
+
+
+@pytest.fixture
+async def service(deploy_server: NatsServer) -> AsyncIterator[Bus]:
+    """The service account: it provisions the streams the agents use."""
+    async with as_user(deploy_server, SERVICE) as bus:
+        yield bus
+
+
+def violations(server: NatsServer, user: str, after: int) -> list[str]:
+    """What the server refused ``user`` in log lines from ``after`` on, apart from the
+    stream creation every connect tries."""
+    return [
+        line
+        for line in server.log[after:]
+        if f"user:{user}" in line and "Violation" in line and "STREAM.CREATE" not in line
+    ]
+
+
+def finding(text: str = "error rate 5x baseline") -> Finding:
+    return Finding(category="observation", content=text, confidence=0.9)
+
+
+async def stored(bus: Bus, subject: str) -> bool:
+    try:
+        await bus.js.get_last_msg(EVENTS, subject)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
+async def test_agent_cannot_publish_as_another_agent(
+    deploy_server: NatsServer, service: Bus, session_id: str
+) -> None:
+    async with as_user(deploy_server, LEAD) as lead:
+        own = await lead.publish(finding(), agent=LEAD, session=session_id)
+        assert await stored(service, f"agent.finding.reported.{session_id}.{LEAD}")
+        assert own.source.agent == LEAD
+        with anyio.fail_after(3), pytest.raises(PermissionDeniedError) as refused:
+            # well under the 5 s request timeout: the refusal is not a timeout
+            await lead.publish(finding("forged"), agent=VALIDATOR, session=session_id)
+    forged = f"agent.finding.reported.{session_id}.{VALIDATOR}"
+    assert forged in str(refused.value)
+    assert "permissions" in str(refused.value)
+    assert not await stored(service, forged)
+
+
+async def test_agent_cannot_request_as_another_agent(
+    deploy_server: NatsServer, service: Bus, session_id: str
+) -> None:
+    async with as_user(deploy_server, LEAD) as lead:
+        with anyio.fail_after(3), pytest.raises(PermissionDeniedError, match="request"):
+            await lead.request("check_deployment", agent=VALIDATOR, session=session_id)
+
+
+async def test_agent_cannot_read_another_agents_inbox(
+    deploy_server: NatsServer, service: Bus
+) -> None:
+    async def ignore(message: Any) -> None:
+        raise AssertionError("must not receive anything")
+
+    async with as_user(deploy_server, LEAD) as lead:
+        for subject in (f"{INBOX[VALIDATOR]}.>", "_INBOX.>", f"swarmbus.request.*.{VALIDATOR}.*.*"):
+            with anyio.fail_after(3), pytest.raises(PermissionDeniedError, match="subscribe"):
+                await lead.subscribe(subject, ignore, receiver=LEAD)
+        # its own inbox and every event are readable
+        await lead.subscribe(f"{INBOX[LEAD]}.>", ignore, receiver=LEAD)
+        await lead.subscribe("agent.>", ignore, receiver=LEAD)
+
+
+async def test_agent_has_no_jetstream_admin(
+    deploy_server: NatsServer, service: Bus, unique: str
+) -> None:
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(
+        deploy_server.url,
+        user=VALIDATOR,
+        password=PASSWORDS[VALIDATOR],
+        inbox_prefix=INBOX[VALIDATOR],
+        error_cb=on_error,
+    )
+    try:
+        js = nc.jetstream(timeout=1)
+        attempts = {
+            f"$JS.API.STREAM.DELETE.{EVENTS}": lambda: js.delete_stream(EVENTS),
+            f"$JS.API.STREAM.PURGE.{EVENTS}": lambda: js.purge_stream(EVENTS),
+            f"$JS.API.CONSUMER.DELETE.{EVENTS}.x": lambda: js.delete_consumer(EVENTS, "x"),
+        }
+        for subject, attempt in attempts.items():
+            with pytest.raises(nats.errors.TimeoutError):
+                await attempt()
+            refusal = f'permissions violation for publish to "{subject.lower()}"'
+            assert any(refusal in error for error in errors), errors
+    finally:
+        await nc.close()
+    assert (await service.js.stream_info(EVENTS)).config.name == EVENTS
+    async with as_user(deploy_server, VALIDATOR) as agent:
+        with pytest.raises(PermissionDeniedError, match="create bucket"):
+            await agent.key_value(f"B{unique}")
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await service.js.stream_info(f"KV_B{unique}")
+
+
+async def test_agents_work_within_their_permissions(
+    deploy_server: NatsServer, service: Bus, session_id: str, unique: str
+) -> None:
+    """Every JetStream grant an agent needs, and no more: events, requests, KV."""
+    log_start = len(deploy_server.log)
+    bucket = f"B{unique}"
+    await (await service.key_value(bucket)).put("context", b"INC-1234")
+    validator = Agent(VALIDATOR)
+    lead = Agent(LEAD)
+    seen = anyio.Event()
+
+    @validator.on_request("check_deployment")
+    async def check(request: RequestMessage) -> dict[str, Any]:
+        return {"version": "v1.2.3"}
+
+    @lead.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        if message.source.agent == VALIDATOR:
+            seen.set()
+
+    async with (
+        as_user(deploy_server, VALIDATOR) as vbus,
+        as_user(deploy_server, LEAD) as lbus,
+        validator.serve(vbus),
+        lead.serve(lbus),
+    ):
+        with anyio.fail_after(10):
+            await validator.publish(finding(), session=session_id)
+            await seen.wait()
+            answer = await lead.request("check_deployment", session=session_id)
+            assert answer.response.result == {"version": "v1.2.3"}
+            kv = await lbus.key_value(bucket)
+            assert (await kv.get("context")).value == b"INC-1234"
+            watcher = await kv.watch("context")
+            await kv.put("context", b"INC-1234 rollback")
+            values = []
+            while len(values) < 2:
+                entry = await watcher.updates(timeout=5)
+                if entry is not None:  # None marks the end of the initial values
+                    values.append(entry.value)
+            await watcher.stop()
+    assert values == [b"INC-1234", b"INC-1234 rollback"]
+    assert violations(deploy_server, VALIDATOR, log_start) == []
+    assert violations(deploy_server, LEAD, log_start) == []
+
+
+async def test_observer_reads_but_cannot_publish(
+    deploy_server: NatsServer, service: Bus, session_id: str
+) -> None:
+    received = anyio.Event()
+
+    async def on_event(message: Any) -> None:
+        if message.source.session == session_id:
+            received.set()
+
+    async with as_user(deploy_server, OBSERVER) as observer:
+        await observer.subscribe(f"agent.*.*.{session_id}.>", on_event, receiver=OBSERVER)
+        async with as_user(deploy_server, VALIDATOR) as agent:
+            await agent.publish(finding(), agent=VALIDATOR, session=session_id)
+        with anyio.fail_after(5):
+            await received.wait()
+        subject = f"agent.finding.reported.{session_id}.{VALIDATOR}"
+        history = await observer.js.get_last_msg(EVENTS, subject)
+        assert observer.accept(subject, history.data).source.agent == VALIDATOR
+        for agent_id in (OBSERVER, VALIDATOR):
+            with anyio.fail_after(3), pytest.raises(PermissionDeniedError):
+                await observer.publish(finding("forged"), agent=agent_id, session=session_id)
+    assert not await stored(service, f"agent.finding.reported.{session_id}.{OBSERVER}")
+
+
+async def test_wrong_password_is_refused(deploy_server: NatsServer) -> None:
+    with pytest.raises(ConnectionError, match="cannot connect"):
+        await Bus.connect(
+            url=deploy_server.url, user=VALIDATOR, password="wrong", connect_timeout=2
+        )
+
+
+# --- the other auth methods swarmbus supports (own small servers) --------------------
+
+
+def _server_with(tmp_path: Path, authorization: str) -> NatsServer:
+    conf = tmp_path / "auth-test.conf"
+    conf.write_text(f"jetstream {{}}\nauthorization {{\n{authorization}\n}}\n")
+    return NatsServer(tmp_path / "data", config_file=conf)
+
+
+async def test_token_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = secrets.token_hex(16)
+    with _server_with(tmp_path, f'  token: "{token}"') as server:
+        monkeypatch.setenv("NATS_URL", server.url)
+        monkeypatch.setenv("SWARMBUS_TOKEN", token)
+        async with Bus.open() as bus:
+            assert bus.nc.is_connected
+        with pytest.raises(ConnectionError):
+            await Bus.connect(token="wrong", connect_timeout=2)
+
+
+async def test_nkey_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "agent.nk"
+    seed_file.write_bytes(seed)
+    users = f'  users = [ {{ nkey: "{public}" }} ]'
+    with _server_with(tmp_path, users) as server:
+        monkeypatch.setenv("SWARMBUS_NKEY_SEED_FILE", str(seed_file))
+        async with Bus.open(url=server.url) as bus:
+            assert bus.nc.is_connected
+        other = tmp_path / "other.nk"
+        other.write_bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+        with pytest.raises(ConnectionError):
+            await Bus.connect(url=server.url, nkey_seed_file=str(other), connect_timeout=2)
+
+
+async def test_locks_board_and_votes_work_under_agent_permissions(
+    deploy_server: NatsServer, service: Bus, session_id: str, unique: str
+) -> None:
+    """The coordination features agents use, with the buckets the service provisioned."""
+    log_start = len(deploy_server.log)
+    async with (
+        ConsensusService(service, session=session_id),
+        TaskQueue(service, session_id),
+    ):
+        await Blackboard.open(service, session_id)
+        await Lock(service, f"warmup-{unique}", SERVICE).acquire(timeout=0)
+        async with as_user(deploy_server, VALIDATOR) as agent:
+            async with TaskQueue(agent, session_id) as queue:
+                created = await queue.create("investigate", agent=VALIDATOR)
+                claim = await queue.claim(agent=VALIDATOR, types=["investigate"], timeout=5)
+                assert claim is not None
+                assert claim.task.id == created.id
+                assert (await claim.complete({"ok": True})).status == "completed"
+            async with Lock(agent, f"deploy-{unique}", VALIDATOR, ttl=5) as lease:
+                assert lease.owner == VALIDATOR
+            board = await Blackboard.open(agent, session_id)
+            await board.append_finding(finding(), agent=VALIDATOR)
+            assert len(await board.findings()) == 1
+            consensus = await Consensus.open(agent)
+            pid = f"p-{unique}"
+            await consensus.propose(
+                Proposal(proposal_id=pid, action="rollback", voters=[VALIDATOR]),
+                agent=VALIDATOR,
+                session=session_id,
+            )
+            await consensus.vote(Vote(proposal_id=pid, vote="yes", reason="5xx"), agent=VALIDATOR)
+            decision = await consensus.wait_for_decision(pid, timeout=10)
+    assert decision.outcome == "approved"
+    assert violations(deploy_server, VALIDATOR, log_start) == []
+
+
+def _keypair(prefix: int) -> tuple[bytes, nkeys.KeyPair]:
+    seed = nkeys.encode_seed(os.urandom(32), prefix)
+    return seed, nkeys.from_seed(bytearray(seed))
+
+
+def _jwt(issuer: nkeys.KeyPair, subject: nkeys.KeyPair, kind: str, **claims: Any) -> str:
+    """A NATS JWT (what `nsc` writes): ed25519-nkey signed claims."""
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    body = {
+        "jti": b64(os.urandom(24)).upper(),
+        "iat": int(time.time()),
+        "iss": issuer.public_key.decode(),
+        "sub": subject.public_key.decode(),
+        "name": kind,
+        "nats": {"type": kind, "version": 2, **claims},
+    }
+    header = json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode()
+    signed = f"{b64(header)}.{b64(json.dumps(body).encode())}"
+    return f"{signed}.{b64(issuer.sign(signed.encode()))}"
+
+
+async def test_creds_file_auth(tmp_path: Path) -> None:
+    """Operator (JWT) mode: a .creds file made like `nsc` makes it, no nsc needed."""
+    _, operator = _keypair(nkeys.PREFIX_BYTE_OPERATOR)
+    _, account = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    _, system = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+    limits = {"subs": -1, "data": -1, "payload": -1, "conn": -1, "wildcards": True}
+    js_limits = {**limits, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    accounts = {
+        account.public_key.decode(): _jwt(operator, account, "account", limits=js_limits),
+        system.public_key.decode(): _jwt(operator, system, "account", limits=limits),
+    }
+    conf = tmp_path / "operator.conf"
+    conf.write_text(
+        f'operator: "{_jwt(operator, operator, "operator")}"\n'
+        f"system_account: {system.public_key.decode()}\n"
+        "resolver: MEMORY\n"
+        f"resolver_preload: {json.dumps(accounts)}\n"
+        "jetstream {}\n"
+    )
+
+    def creds(issuer: nkeys.KeyPair) -> str:
+        seed, user = _keypair(nkeys.PREFIX_BYTE_USER)
+        path = tmp_path / f"{user.public_key.decode()[:8]}.creds"
+        token = _jwt(issuer, user, "user", subs=-1, data=-1, payload=-1)
+        path.write_text(
+            f"-----BEGIN NATS USER JWT-----\n{token}\n"
+            "------END NATS USER JWT------\n\n"
+            f"-----BEGIN USER NKEY SEED-----\n{seed.decode()}\n------END USER NKEY SEED------\n"
+        )
+        return str(path)
+
+    with NatsServer(tmp_path / "data", config_file=conf) as server:
+        async with Bus.open(url=server.url, creds_file=creds(account)) as bus:
+            assert (await bus.js.stream_info(EVENTS)).config.name == EVENTS
+        _, stranger = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
+        with pytest.raises(ConnectionError):
+            await Bus.connect(url=server.url, creds_file=creds(stranger), connect_timeout=2)

@@ -1,0 +1,216 @@
+"""The deploy files: docker-compose.yml validates and mounts only files that exist, and
+the 3-node cluster from deploy/nats/ runs swarmbus with replicas 3."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import secrets
+import shutil
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import yaml
+
+from swarmbus import Agent, Bus, Finding, FindingMessage, NatsCluster, NatsServer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+NATS_CONF = DEPLOY / "nats"
+COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = DEPLOY / ".env.example"
+PASSWORD_VAR = re.compile(r"\$(NATS_PASSWORD_[A-Z_]+)")
+INCLUDE = re.compile(r'^\s*include\s+"?([^"\s]+)"?', re.MULTILINE)
+SERVICE = "swarmbus/consensus"
+AGENT = "ops/deploy-validator"
+
+
+def env_example() -> dict[str, str]:
+    lines = ENV_EXAMPLE.read_text().splitlines()
+    pairs = (line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+    return {key: value for key, value in pairs}
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def with_includes(conf: Path) -> list[Path]:
+    """``conf`` and every file it includes, recursively (includes are relative)."""
+    found = [conf]
+    for name in INCLUDE.findall(conf.read_text()):
+        found += with_includes(conf.parent / name)
+    return found
+
+
+def test_compose_config_validates(tmp_path: Path) -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs Debian's package)")
+    ok = subprocess.run(
+        [binary, "-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), "config"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    resolved = yaml.safe_load(ok.stdout)
+    assert {"nats-1", "nats-2", "nats-3", "consensus", "demo", "otel-collector", "jaeger"} <= set(
+        resolved["services"]
+    )
+    assert resolved["services"]["consensus"]["environment"]["SWARMBUS_REPLICAS"] == "3"
+    # without passwords compose refuses to start anything
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    missing = subprocess.run(
+        [binary, "-f", str(COMPOSE), "--env-file", str(empty), "config"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert missing.returncode != 0
+    assert "deploy/.env.example" in missing.stderr
+
+
+def test_every_mounted_file_exists() -> None:
+    services = compose()["services"]
+    checked = []
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):
+                path = ROOT / source
+                assert path.exists(), f"{name} mounts missing {source}"
+                checked.append((path, target))
+        build = service.get("build")
+        if build:
+            assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+        command = service.get("command", [])
+        for flag, value in itertools.pairwise(command):
+            if flag == "-c" or value.startswith("--config="):
+                path_in_container = value.removeprefix("--config=") if flag != "-c" else value
+                host = [
+                    src / Path(path_in_container).relative_to(dst) if src.is_dir() else src
+                    for src, dst in ((p, Path(t)) for p, t in checked)
+                    if Path(path_in_container).is_relative_to(dst)
+                ]
+                assert host, f"{name} reads {path_in_container}, which is not mounted"
+                for conf in with_includes(host[0]):
+                    assert conf.is_file(), f"{name}: {conf} is missing"
+    assert len(checked) >= 4
+
+
+def test_every_password_is_supplied() -> None:
+    wanted = set(PASSWORD_VAR.findall((NATS_CONF / "auth.conf").read_text()))
+    assert wanted == set(env_example())
+    for node in ("nats-1", "nats-2", "nats-3"):
+        assert set(compose()["services"][node]["environment"]) == wanted
+
+
+def test_only_the_service_account_has_the_jetstream_admin_api() -> None:
+    users = re.split(r"\n\s*\{\s*\n\s*user:", (NATS_CONF / "auth.conf").read_text())[1:]
+    by_user = {block.split('"')[1]: block for block in users}
+    assert set(by_user) == {AGENT, "security/incident-response-lead", "demo", SERVICE, "observer"}
+    for user, block in by_user.items():
+        assert ('"$JS.API.>"' in block) == (user == SERVICE), user
+        if "/" in user:
+            assert f'"agent.*.*.*.{user}"' in block
+            assert f'"swarmbus.request.*.*.*.{user}"' in block
+            assert f'"_INBOX_{user.replace("/", "_")}.>"' in block
+    assert '"agent.' not in by_user["observer"].split("subscribe")[0]
+
+
+def test_durable_fsync_everywhere() -> None:
+    for conf in ("single.conf", "nats-1.conf", "nats-2.conf", "nats-3.conf"):
+        text = "".join(path.read_text() for path in with_includes(NATS_CONF / conf))
+        assert re.search(r"^\s*sync_interval:\s*always\s*$", text, re.MULTILINE), conf
+        assert not re.search(r"^\s*persist_mode", text, re.MULTILINE), conf
+
+
+# --- the cluster from the deploy configs, on 127.0.0.1 ----------------------------
+
+
+@pytest.fixture
+def passwords(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Fresh passwords in the environment the deploy configs read them from."""
+    values = {name: secrets.token_hex(12) for name in env_example()}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return values
+
+
+@pytest.fixture
+def deploy_cluster(tmp_path: Path, passwords: dict[str, str]) -> Iterator[NatsCluster]:
+    """deploy/nats/nats-{1,2,3}.conf with ports and store dirs rewritten."""
+    cluster = NatsCluster(
+        tmp_path / "cluster",
+        config_files=[NATS_CONF / f"nats-{i}.conf" for i in (1, 2, 3)],
+        extra_args=["--http_port", "-1"],
+    )
+    with cluster:
+        yield cluster
+
+
+def monitor(node: NatsServer, path: str) -> Any:
+    line = node.wait_for_log("Starting http monitor on")
+    with urllib.request.urlopen(f"http://{line.rsplit(' ', 1)[1]}{path}", timeout=5) as r:
+        return json.load(r)
+
+
+@pytest.mark.slow
+async def test_cluster_from_deploy_configs_runs_swarmbus_with_replicas_3(
+    deploy_cluster: NatsCluster, passwords: dict[str, str], session_id: str, unique: str
+) -> None:
+    for node in deploy_cluster.nodes:
+        jetstream = (await anyio.to_thread.run_sync(monitor, node, "/varz"))["jetstream"]
+        assert jetstream["config"]["sync_always"] is True
+    url = ",".join(deploy_cluster.urls)
+    async with Bus.open(
+        url=url,
+        user=SERVICE,
+        password=passwords["NATS_PASSWORD_CONSENSUS"],
+        inbox_prefix="_INBOX_swarmbus_consensus",
+        replicas=3,
+    ) as service:
+        for stream in ("SWARMBUS_EVENTS", "SWARMBUS_DEAD"):
+            info = await service.js.stream_info(stream)
+            assert info.config.num_replicas == 3
+            assert info.cluster is not None
+            assert len(info.cluster.replicas or []) == 2
+        kv = await service.key_value(f"B{unique}")
+        assert (await kv.status()).stream_info.config.num_replicas == 3
+
+        agent = Agent(AGENT)
+        seen = anyio.Event()
+
+        @agent.on_finding(session=session_id)
+        async def on_finding(message: FindingMessage) -> None:
+            if message.source.agent == SERVICE:
+                seen.set()
+
+        async with (
+            Bus.open(
+                url=url,
+                user=AGENT,
+                password=passwords["NATS_PASSWORD_DEPLOY_VALIDATOR"],
+                inbox_prefix="_INBOX_ops_deploy-validator",
+                replicas=3,
+            ) as agent_bus,
+            agent.serve(agent_bus),
+        ):
+            finding = Finding(category="observation", content="5xx up", confidence=0.8)
+            await service.publish(finding, agent=SERVICE, session=session_id)
+            await agent.publish(finding, session=session_id)
+            with anyio.fail_after(10):
+                await seen.wait()
+        last = await service.js.get_last_msg(
+            "SWARMBUS_EVENTS", f"agent.finding.reported.{session_id}.{AGENT}"
+        )
+        assert service.accept(last.subject, last.data).source.agent == AGENT
