@@ -63,6 +63,7 @@ from swarmbus._messages import (
     event_of,
     validate_body,
 )
+from swarmbus._retry import RetryingJetStream
 from swarmbus._server import check_version
 from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
 
@@ -117,7 +118,9 @@ class Bus:
 
     def __init__(self, nc: NatsClient, settings: Settings) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout)
+        self.js: JetStreamContext = RetryingJetStream(
+            nc, timeout=settings.request_timeout, retry_for=settings.retry_for
+        )
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
         self.reconnected = asyncio.Event()

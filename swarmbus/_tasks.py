@@ -817,7 +817,8 @@ class TaskQueue:
                     await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
                 else:
                     await claim.complete(result)
-            except (TaskClaimLostError, InvalidTransitionError) as exc:
+            except (TaskClaimLostError, InvalidTransitionError, ConnectionError) as exc:
+                # ConnectionError: the claim expires and the task is offered again
                 log.warning("%s", exc)
             finally:
                 del active[claim]
