@@ -1,5 +1,8 @@
 """JetStream calls that survive a leader election: retried, and idempotent when retried.
 
+Also: a KV write (or any JetStream publish) the server's permissions refuse raises
+``PermissionDeniedError`` at once instead of timing out.
+
 When a cluster node dies, its streams elect new leaders and clients reconnect to
 another node; for a few seconds a JetStream call may find no responder, get a 503, or
 time out. The call usually did not happen, but a timed-out publish may have been
@@ -16,13 +19,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any, Final, TypeVar
 
 import anyio
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext, api
+from nats.js import JetStreamContext, JetStreamManager, api
 
 from swarmbus._messages import new_id
 
@@ -35,6 +39,9 @@ _NO_SUITABLE_PEERS: Final = 10005
 _FIRST_BACKOFF: Final = 0.05
 _MAX_BACKOFF: Final = 1.0
 T = TypeVar("T")
+#: ``guard(subject, what)``: raises PermissionDeniedError as soon as the server refuses
+#: a publish to ``subject`` inside the block (a refusal is otherwise only a timeout).
+Guard = Callable[[str, str], AbstractContextManager[None]]
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -61,9 +68,15 @@ class RetryingJetStream(JetStreamContext):
     raised at once, as is the last transient error once ``retry_for`` has passed.
     """
 
-    def __init__(self, nc: NatsClient, *, timeout: float, retry_for: float) -> None:
+    def __init__(self, nc: NatsClient, *, timeout: float, retry_for: float, guard: Guard) -> None:
         super().__init__(nc, timeout=timeout)
         self.retry_for = retry_for
+        self._guard = guard
+
+    @property
+    def _jsm(self) -> JetStreamManager:
+        # nats-py's subscriptions and watchers call the API through this: retry there too
+        return self
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         deadline = time.monotonic() + self.retry_for
@@ -94,7 +107,10 @@ class RetryingJetStream(JetStreamContext):
 
         async def once() -> api.PubAck:
             # nats-py adds its own headers to the dict it is given: a copy per attempt
-            ack: api.PubAck = await publish(subject, payload, timeout, stream, dict(hdrs), msg_ttl)
+            with self._guard(subject, f"publish to {subject}"):
+                ack: api.PubAck = await publish(
+                    subject, payload, timeout, stream, dict(hdrs), msg_ttl
+                )
             return ack
 
         return await self._retrying(f"publish to {subject}", once)

@@ -296,7 +296,7 @@ class TaskQueue:
 
     async def create_many(self, specs: Iterable[TaskSpec], *, agent: str) -> list[Task]:
         """Create several tasks with pipelined writes (every spec is validated first)."""
-        subjects.validate_agent_id(agent)
+        self.bus.act_as(agent)
         tasks = [self._build(spec, agent) for spec in specs]
         js = self.bus.js
         try:
@@ -511,7 +511,7 @@ class TaskQueue:
         timeout: float | None = None,
     ) -> list[Claim]:
         """Claim up to ``limit`` tasks, all from the highest non-empty priority."""
-        subjects.validate_agent_id(agent)
+        self.bus.act_as(agent)
         for type in types:
             subjects.validate_name("task type", type)
         deadline = time.monotonic() + (timeout or 0.0)
@@ -716,6 +716,7 @@ class TaskQueue:
     ) -> Task:
         """CAS ``change(task)`` at the claim's revision; one transition at a time."""
         async with claim._lock:
+            self.bus.act_as(claim.task.assigned_to or subjects.UNKNOWN)
             if claim.finished:
                 raise InvalidTransitionError("task", claim.task.id, claim.task.status, requested)
             new = change(claim.task)

@@ -83,7 +83,7 @@ def test_fatal_line_read_after_exit_is_the_reason(tmp_path: Path) -> None:
         "#!/bin/sh\n"
         'if [ "$1" = "--version" ]; then echo "nats-server: v2.15.1"; exit 0; fi\n'
         "(sleep 0.3; echo '[1] [FTL] Error listening on port: 127.0.0.1:1, "
-        "\"address already in use\"' >&2) &\n"
+        '"address already in use"\' >&2) &\n'
         "exit 1\n"
     )
     fake.chmod(0o755)
