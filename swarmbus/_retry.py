@@ -8,8 +8,10 @@ another node; for a few seconds a JetStream call may find no responder, get a 50
 time out. The call usually did not happen, but a timed-out publish may have been
 stored with its ack lost. So every publish carries a ``Nats-Msg-Id`` (its own, or one
 made for it): a retry of a stored publish is answered from the stream's duplicate
-window with the original sequence, so a compare-and-set (a KV ``update``) is not
-reported as lost because its own first attempt won. Reads and JetStream API calls are
+window with the original sequence; a compare-and-set (a KV ``update``) fails its
+check before the duplicate window is consulted, so its retry looks at the key's last
+entry: if that is its own first attempt, it won. Either way it is never applied twice
+nor reported as lost because its own first attempt won. Reads and JetStream API calls are
 retried as they are. Everything built on ``bus.js`` (KV buckets included) gets this.
 """
 
@@ -36,6 +38,8 @@ log = logging.getLogger("swarmbus.retry")
 
 MSG_ID: Final = "Nats-Msg-Id"
 _NO_SUITABLE_PEERS: Final = 10005
+_WRONG_LAST_SEQUENCE: Final = 10071
+_KV_PREFIX: Final = "$KV."
 _FIRST_BACKOFF: Final = 0.05
 _MAX_BACKOFF: Final = 1.0
 T = TypeVar("T")
@@ -102,18 +106,46 @@ class RetryingJetStream(JetStreamContext):
     ) -> api.PubAck:
         """Publish and wait for the ack; retries reuse one ``Nats-Msg-Id``."""
         hdrs = dict(headers) if headers else {}
-        hdrs.setdefault(MSG_ID, new_id())
+        msg_id = hdrs.setdefault(MSG_ID, new_id())
         publish = super().publish
+        attempts = 0
 
         async def once() -> api.PubAck:
-            # nats-py adds its own headers to the dict it is given: a copy per attempt
-            with self._guard(subject, f"publish to {subject}"):
-                ack: api.PubAck = await publish(
-                    subject, payload, timeout, stream, dict(hdrs), msg_ttl
-                )
+            nonlocal attempts
+            attempts += 1
+            try:
+                # nats-py adds its own headers to the dict it is given: a copy per attempt
+                with self._guard(subject, f"publish to {subject}"):
+                    ack: api.PubAck = await publish(
+                        subject, payload, timeout, stream, dict(hdrs), msg_ttl
+                    )
+            except nats.js.errors.APIError as exc:
+                if attempts > 1 and exc.err_code == _WRONG_LAST_SEQUENCE:
+                    mine = await self._stored_already(subject, msg_id)
+                    if mine is not None:
+                        return mine
+                raise
             return ack
 
         return await self._retrying(f"publish to {subject}", once)
+
+    async def _stored_already(self, subject: str, msg_id: str) -> api.PubAck | None:
+        """The ack of our own earlier attempt, if it is the last write on ``subject``.
+
+        The server checks a compare-and-set before the duplicate window: a retried CAS
+        whose first attempt was stored fails with "wrong last sequence". For a KV key
+        the last entry tells whether that first attempt was ours.
+        """
+        if not subject.startswith(_KV_PREFIX):
+            return None
+        bucket = subject[len(_KV_PREFIX) :].split(".", 1)[0]
+        try:
+            last = await self.get_msg(f"KV_{bucket}", subject=subject)
+        except nats.js.errors.Error:
+            return None
+        if (last.headers or {}).get(MSG_ID) != msg_id:
+            return None
+        return api.PubAck(stream=f"KV_{bucket}", seq=last.seq or 0, duplicate=True)
 
     async def get_msg(
         self,

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nats.errors
+import nats.js.errors
 import pytest
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from swarmbus import (
@@ -201,3 +204,41 @@ async def test_kill_a_node_during_tasks_and_votes(
         decided = await count_events(service, f"agent.action.decided.{session_id}.*", "proposal_id")
         assert set(decided) == set(decisions)
         assert set(decided.values()) == {1}
+
+
+# --- the retries themselves, on the session's server ------------------------------------
+
+
+async def test_a_retried_compare_and_set_is_not_applied_twice(
+    bus: Bus, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt of a KV update is stored but its ack is lost (as in a
+    failover): the retry finds its own write and reports the CAS as won, once."""
+    kv = await bus.key_value(f"R{unique}")
+    first = await kv.create("k", b"v1")
+    publish = JetStreamContext.publish
+    lost: list[int] = []
+
+    async def ack_lost(self: JetStreamContext, *args: Any, **kwargs: Any) -> Any:
+        ack = await publish(self, *args, **kwargs)
+        if not lost:
+            lost.append(ack.seq)
+            raise nats.errors.TimeoutError
+        return ack
+
+    monkeypatch.setattr(JetStreamContext, "publish", ack_lost)
+    revision = await kv.update("k", b"v2", last=first)
+    assert revision == lost[0]
+    assert (await kv.get("k")).revision == revision
+    status = await kv.status()
+    assert status.stream_info.state.messages == 1  # history 1: just the update
+    assert status.stream_info.state.last_seq == revision  # written once
+
+
+async def test_transient_errors_are_retried_for_retry_for_seconds(nats_url: str) -> None:
+    async with Bus.open(url=nats_url, retry_for=1.0) as bus:
+        started = anyio.current_time()
+        with pytest.raises(nats.js.errors.NoStreamResponseError):
+            # nothing stores this subject: "no responders", as during an election
+            await bus.js.publish(f"nowhere.{int(started)}", b"x")
+        assert 0.5 <= anyio.current_time() - started < 5
