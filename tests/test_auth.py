@@ -555,4 +555,9 @@ async def test_agent_cannot_vote_where_it_is_not_allowed(
             kv = await lbus.key_value(CONSENSUS_BUCKET)
             with anyio.fail_after(5), pytest.raises(PermissionDeniedError, match="publish"):
                 await kv.put(proposal_key(proposal), msgspec.json.encode(forged))
+            # it joins sessions as itself only (the electorate of member-voted proposals)
+            await consensus.join(session_id, LEAD)
+            with anyio.fail_after(5), pytest.raises(PermissionDeniedError, match="publish"):
+                await consensus.join(session_id, VALIDATOR)
+            assert await consensus.members(session_id) == [LEAD]
         assert await raw_record(service, proposal) == before
