@@ -108,14 +108,24 @@ async def buses(cluster: NatsCluster) -> AsyncIterator[dict[str, Bus]]:
         yield opened
 
 
+@pytest.fixture
+async def second_service(cluster: NatsCluster, buses: dict[str, Bus]) -> AsyncIterator[Bus]:
+    """A connection for a second consensus service replica."""
+    async with connect(cluster, SERVICE) as bus:
+        yield bus
+
+
 async def test_kill_a_node_during_tasks_and_votes(
-    cluster: NatsCluster, buses: dict[str, Bus], session_id: str
+    cluster: NatsCluster, buses: dict[str, Bus], second_service: Bus, session_id: str
 ) -> None:
     service = buses[SERVICE]
     executed: collections.Counter[str] = collections.Counter()
     completed_ids: set[str] = set()
     all_completed = anyio.Event()
     halfway = anyio.Event()
+    votes_underway = anyio.Event()
+    voted: list[str] = []
+    at_kill: dict[str, int] = {}
     stop = anyio.Event()
 
     async def handler(task: Task) -> dict[str, Any]:
@@ -126,7 +136,9 @@ async def test_kill_a_node_during_tasks_and_votes(
 
     async with (
         TaskQueue(service, session_id) as provisioned,
-        ConsensusService(service, session=session_id, board_bucket=None),
+        # two replicas: each proposal must still be decided once
+        ConsensusService(service, session=session_id, board_bucket=None) as replica1,
+        ConsensusService(second_service, session=session_id, board_bucket=None) as replica2,
     ):
         # agents may not write the consensus bucket: the service records their votes
         consensus = {
@@ -149,6 +161,9 @@ async def test_kill_a_node_during_tasks_and_votes(
                     for voter in VOTERS:
                         vote = Vote(proposal_id=pid, vote="yes")
                         tg.start_soon(lambda v=vote, a=voter: consensus[a].vote(v, agent=a))
+                voted.append(pid)
+                if len(voted) == 5:
+                    votes_underway.set()
             for i in range(PROPOSALS):
                 pid = f"p{i}-{session_id}"
                 decisions[pid] = await consensus[VALIDATOR].wait_for_decision(pid, timeout=30)
@@ -159,9 +174,11 @@ async def test_kill_a_node_during_tasks_and_votes(
 
         async def kill_a_node() -> None:
             await halfway.wait()
+            await votes_underway.wait()
             victim = await leader_of(service, "KV_swarmbus-tasks")
             node = next(n for n in cluster.nodes if n.name == victim)
             node.kill()  # SIGKILL by pid
+            at_kill.update(completed=len(completed_ids), voted=len(voted))
 
         async def on_completed(msg: Any) -> None:
             body = service.accept(msg.subject, msg.data).body
@@ -188,6 +205,9 @@ async def test_kill_a_node_during_tasks_and_votes(
 
         await watch.unsubscribe()
         assert sum(1 for n in cluster.nodes if n.pid is None) == 1
+        # the node died mid-run: tasks and votes were still going on
+        assert at_kill["completed"] < TASKS
+        assert at_kill["voted"] < PROPOSALS
         tasks = await provisioned.tasks()
         assert len(tasks) == TASKS
         assert {t.status for t in tasks} == {"completed"}
@@ -204,6 +224,7 @@ async def test_kill_a_node_during_tasks_and_votes(
         decided = await count_events(service, f"agent.action.decided.{session_id}.*", "proposal_id")
         assert set(decided) == set(decisions)
         assert set(decided.values()) == {1}
+        assert replica1.decided + replica2.decided == PROPOSALS
 
 
 # --- the retries themselves, on the session's server ------------------------------------
