@@ -95,6 +95,7 @@ from swarmbus._messages import (
 from swarmbus._server import NatsCluster, NatsServer, find_binary
 from swarmbus._subjects import validate_agent_id, validate_session_id
 from swarmbus._tasks import Claim, Task, TaskQueue, TaskSpec
+from swarmbus._telemetry import configure_tracing, current_trace_id, session_span
 
 __version__ = "0.1.0"
 
@@ -196,13 +197,16 @@ __all__ = [
     "Vote",
     "VoteMessage",
     "aggregate_confidence",
+    "configure_tracing",
     "connect",
+    "current_trace_id",
     "decode",
     "encode",
     "find_binary",
     "held_locks",
     "lock_holder",
     "run",
+    "session_span",
     "tally_outcome",
     "validate_agent_id",
     "validate_session_id",

@@ -47,6 +47,7 @@ from swarmbus._errors import (
     TaskClaimLostError,
 )
 from swarmbus._messages import TaskAssigned, TaskCompleted, TaskCreated, TaskFailed, new_id
+from swarmbus._telemetry import kv_write, processing, traced
 
 __all__ = ["Claim", "Task", "TaskQueue", "TaskSpec"]
 
@@ -306,7 +307,11 @@ class TaskQueue:
                 await js.publish_async(
                     subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
                     _encoder.encode(task),
-                    headers={EXPECTED_LAST_HEADER: "0"},
+                    headers=traced(
+                        {EXPECTED_LAST_HEADER: "0"},
+                        subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
+                        self._trace(task),
+                    ),
                 )
                 for task in tasks
             ]
@@ -376,11 +381,18 @@ class TaskQueue:
             created_at=_now(),
         )
 
+    def _trace(self, task: Task) -> dict[str, str]:
+        return {"swarmbus.session": self.session, "swarmbus.task_id": task.id}
+
     async def _dispatch_async(self, task: Task, revision: int) -> Any:
         return await self.bus.js.publish_async(
             subjects.task_subject(self.session, task.type, task.priority),
             _encoder.encode(task),
-            headers={MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)},
+            headers=traced(
+                {MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)},
+                subjects.task_subject(self.session, task.type, task.priority),
+                self._trace(task),
+            ),
         )
 
     async def get(self, task_id: str) -> Task:
@@ -702,8 +714,12 @@ class TaskQueue:
     async def _cas(self, task: Task, revision: int) -> int | None:
         """Write ``task`` if the record is still at ``revision``; None if it moved on."""
         try:
-            new: int = await self.kv.update(
-                self._key(task.id), _encoder.encode(task), last=revision
+            new: int = await kv_write(
+                self.kv,
+                self._key(task.id),
+                _encoder.encode(task),
+                last=revision,
+                attributes=self._trace(task),
             )
             return new
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -811,7 +827,13 @@ class TaskQueue:
             nonlocal freed
             try:
                 try:
-                    result = await handler(claim.task)
+                    result = await processing(
+                        handler(claim.task),
+                        claim._msg.subject,
+                        claim.task.id,
+                        {**self._trace(claim.task), "swarmbus.agent": agent},
+                        claim._msg.headers,
+                    )
                 except Exception as exc:  # noqa: BLE001 - any handler error fails the task
                     log.warning("task %s failed: %s", claim.task.id, exc)
                     await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
