@@ -29,7 +29,8 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
     ├── DecisionTimeoutError (TimeoutError)
     ├── InvalidTTLError (ValueError)
     ├── LockLostError
-    └── LockTimeoutError (TimeoutError)
+    ├── LockTimeoutError (TimeoutError)
+    └── MissingDependencyError (ImportError)
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ __all__ = [
     "LockLostError",
     "LockTimeoutError",
     "MessageTooLargeError",
+    "MissingDependencyError",
     "NoResponderError",
     "NotEligibleError",
     "NotFoundError",
@@ -296,3 +298,12 @@ class LockTimeoutError(SwarmbusError, TimeoutError):
         self.owner = owner
         self.timeout = timeout
         super().__init__(f"{owner} did not get the lock on {resource!r} within {timeout}s")
+
+
+class MissingDependencyError(SwarmbusError, ImportError):
+    """An optional feature was asked for without its extra installed."""
+
+    def __init__(self, feature: str, extra: str) -> None:
+        self.feature = feature
+        self.extra = extra
+        super().__init__(f"{feature} needs the {extra} extra: pip install 'swarmbus[{extra}]'")

@@ -26,7 +26,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span, SpanKind
 
-from swarmbus._errors import SwarmbusError
+from swarmbus._errors import MissingDependencyError, SwarmbusError
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
@@ -36,7 +36,6 @@ TRACER_NAME: Final = "swarmbus"
 MESSAGING_SYSTEM: Final = "nats"
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
-OTLP_INSTALL_HINT: Final = "pip install 'swarmbus[otlp]'"
 # JetStream's "wrong last sequence" error codes (a compare-and-set that lost).
 _WRONG_LAST_SEQUENCE: Final = (10071, 10164)
 _NO_SPAN: Final = contextlib.nullcontext()
@@ -72,7 +71,8 @@ def configure_tracing(service_name: str = "swarmbus") -> bool:
         Whether tracing is on afterwards.
 
     Raises:
-        ImportError: OTLP export was asked for without ``swarmbus[otlp]`` installed.
+        MissingDependencyError: (an ImportError) OTLP export was asked for without
+            ``swarmbus[otlp]`` installed.
         SwarmbusError: an unknown exporter name.
     """
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
@@ -123,7 +123,7 @@ def _exporter(name: str) -> SpanExporter:
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     except ImportError as exc:
-        raise ImportError(f"OTLP trace export needs the otlp extra: {OTLP_INSTALL_HINT}") from exc
+        raise MissingDependencyError("OTLP trace export", "otlp") from exc
     exporter: SpanExporter = OTLPSpanExporter()
     return exporter
 
