@@ -44,9 +44,15 @@ T = TypeVar("T")
 
 
 def tracing_enabled() -> bool:
-    """True when a real (SDK) tracer provider is installed."""
-    provider = trace.get_tracer_provider()
-    return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+    """True when a real (SDK) tracer provider is installed.
+
+    Reads the API's global directly: while no provider is set,
+    ``trace.get_tracer_provider()`` looks up ``os.environ`` on every call, which costs
+    microseconds on each publish and dispatch (``configure_tracing`` calls it once, so
+    a provider named by ``OTEL_PYTHON_TRACER_PROVIDER`` is still honoured).
+    """
+    provider = trace._TRACER_PROVIDER
+    return provider is not None and not isinstance(provider, trace.NoOpTracerProvider)
 
 
 def _tracer() -> trace.Tracer:
@@ -77,6 +83,7 @@ def configure_tracing(service_name: str = "swarmbus") -> bool:
     """
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return False
+    trace.get_tracer_provider()  # loads a provider named by OTEL_PYTHON_TRACER_PROVIDER
     if tracing_enabled():
         return True
     names = os.environ.get("OTEL_TRACES_EXPORTER")
