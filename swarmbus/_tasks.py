@@ -47,7 +47,7 @@ from swarmbus._errors import (
     TaskClaimLostError,
 )
 from swarmbus._messages import TaskAssigned, TaskCompleted, TaskCreated, TaskFailed, new_id
-from swarmbus._telemetry import kv_write, processing, traced
+from swarmbus._telemetry import kv_write, process_span, traced
 
 __all__ = ["Claim", "Task", "TaskQueue", "TaskSpec"]
 
@@ -825,20 +825,16 @@ class TaskQueue:
 
         async def run(claim: Claim) -> None:
             nonlocal freed
+            attrs = {**self._trace(claim.task), "swarmbus.agent": agent}
             try:
-                try:
-                    result = await processing(
-                        handler(claim.task),
-                        claim._msg.subject,
-                        claim.task.id,
-                        {**self._trace(claim.task), "swarmbus.agent": agent},
-                        claim._msg.headers,
-                    )
-                except Exception as exc:  # noqa: BLE001 - any handler error fails the task
-                    log.warning("task %s failed: %s", claim.task.id, exc)
-                    await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
-                else:
-                    await claim.complete(result)
+                with process_span(claim._msg.subject, claim.task.id, attrs, claim._msg.headers):
+                    try:
+                        result = await handler(claim.task)
+                    except Exception as exc:  # noqa: BLE001 - any handler error fails the task
+                        log.warning("task %s failed: %s", claim.task.id, exc)
+                        await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
+                    else:
+                        await claim.complete(result)
             except (TaskClaimLostError, InvalidTransitionError) as exc:
                 log.warning("%s", exc)
             finally:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Awaitable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Final
 
 import nats.js.errors
 from opentelemetry import context as otel_context
@@ -39,8 +39,6 @@ EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
 # JetStream's "wrong last sequence" error codes (a compare-and-set that lost).
 _WRONG_LAST_SEQUENCE: Final = (10071, 10164)
 _NO_SPAN: Final = contextlib.nullcontext()
-
-T = TypeVar("T")
 
 
 def tracing_enabled() -> bool:
@@ -238,10 +236,12 @@ async def kv_write(
 
     ``last=None`` is ``kv.put``, ``last=0`` ``kv.create``, otherwise
     ``kv.update(last=last)``; returns the new revision and raises what nats-py raises
-    (``KeyWrongLastSequenceError`` when the compare-and-set lost). With tracing off it
-    is exactly the nats-py call.
+    (``KeyWrongLastSequenceError`` when the compare-and-set lost). A write joins the
+    current trace but never starts one (nobody continues a trace from a KV entry, so
+    it would be a trace of one span); with tracing off or outside a trace it is exactly
+    the nats-py call.
     """
-    if not tracing_enabled():
+    if not (tracing_enabled() and trace.get_current_span().get_span_context().is_valid):
         if last is None:
             return await kv.put(key, value)
         if last == 0:
@@ -309,20 +309,6 @@ def process_span(
     if not tracing_enabled():
         return _NO_SPAN
     return consumer_span(subject, message_id, attributes, headers, links=links)
-
-
-async def processing(
-    work: Awaitable[T],
-    subject: str,
-    message_id: str,
-    attributes: Mapping[str, str],
-    headers: Mapping[str, str] | None,
-) -> T:
-    """Await ``work`` (a handler's coroutine) inside a CONSUMER span (when tracing is on)."""
-    if not tracing_enabled():
-        return await work
-    with consumer_span(subject, message_id, attributes, headers):
-        return await work
 
 
 def span_links(headers: Iterable[Mapping[str, str] | None]) -> list[Link]:

@@ -263,6 +263,12 @@ async def test_task_handler_continues_the_creators_trace(
     for span in (consumer, dispatch):
         assert (span.attributes or {})["swarmbus.task_id"] == task.id
     assert (dispatch.attributes or {})["messaging.message.id"] == f"task:{task.id}:dispatch"
+    completed = _one(
+        [s for s in finished if s.name.startswith(f"agent.task.completed.{session_id}.")],
+        "task.completed",
+    )
+    assert completed.parent is not None
+    assert completed.parent.span_id == consumer.context.span_id
 
 
 @pytest.fixture
