@@ -53,8 +53,15 @@ def tracing_enabled() -> bool:
     return provider is not None and not isinstance(provider, trace.NoOpTracerProvider)
 
 
+_tracer_of: list[tuple[trace.TracerProvider, trace.Tracer]] = []
+
+
 def _tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    """swarmbus's tracer from the current provider (the SDK builds a new one per call)."""
+    provider = trace.get_tracer_provider()
+    if not _tracer_of or _tracer_of[0][0] is not provider:  # tests swap providers
+        _tracer_of[:] = [(provider, provider.get_tracer(TRACER_NAME))]
+    return _tracer_of[0][1]
 
 
 # --- configuration ---------------------------------------------------------------
