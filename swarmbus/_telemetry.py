@@ -205,8 +205,8 @@ def producer_span(
 def send_span(
     subject: str, headers: dict[str, str], attributes: Mapping[str, str]
 ) -> contextlib.AbstractContextManager[Span | None]:
-    """``producer_span`` around a direct JetStream publish, a shared no-op when off."""
-    if not tracing_enabled():
+    """``producer_span`` around a direct KV write (like ``kv_write``, joins a trace only)."""
+    if not (tracing_enabled() and trace.get_current_span().get_span_context().is_valid):
         return _NO_SPAN
     return producer_span(subject, headers.get(MSG_ID_HEADER, ""), attributes, headers)
 

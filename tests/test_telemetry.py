@@ -29,6 +29,7 @@ from swarmbus import (
     ConsensusService,
     Finding,
     FindingMessage,
+    Lock,
     Proposal,
     TaskQueue,
     Vote,
@@ -269,6 +270,22 @@ async def test_task_handler_continues_the_creators_trace(
     )
     assert completed.parent is not None
     assert completed.parent.span_id == consumer.context.span_id
+
+
+async def test_lock_writes_carry_trace_context(
+    spans: InMemorySpanExporter, bus: Bus, unique: str
+) -> None:
+    lock = Lock(bus, "file:/src/main.py", "ops/editor", bucket=f"LOCKS_{unique}")
+    with session_span("S-lock"):
+        assert await lock.acquire() is not None
+        trace_id = current_trace_id()
+    stored = await bus.js.get_last_msg(f"KV_LOCKS_{unique}", lock._subject)
+    assert stored.headers is not None
+    assert stored.headers[TRACEPARENT].split("-")[1] == trace_id
+    write = _one([s for s in spans.get_finished_spans() if s.kind is SpanKind.PRODUCER], "lock")
+    assert (write.attributes or {})["swarmbus.lock"] == "file:/src/main.py"
+    assert (write.attributes or {})["swarmbus.agent"] == "ops/editor"
+    await lock.release()
 
 
 @pytest.fixture
