@@ -6,8 +6,9 @@ off, every helper here returns before building attributes or spans, and no
 ``traceparent`` header is sent.
 
 Trace shape: ``session_span`` (or ``Blackboard.start``) is the root of a session's
-trace; every write (event publish, request, KV write, task dispatch) is a PRODUCER
-span that carries its context in the message headers; a handler runs in a CONSUMER
+trace; every write (event publish, request, task dispatch, and a KV write made inside
+a trace) is a PRODUCER span that carries its context in the message headers; a
+handler runs in a CONSUMER
 span whose parent is that context, so what it publishes joins the same trace. A step
 that consumes many messages at once (a decision over many votes) links to them
 instead of having them as parents.
