@@ -1,12 +1,15 @@
 """End-to-end task queue throughput vs a raw JetStream pull-consumer loop, same server.
 
     python bench/bench_tasks.py [--tasks 20000] [--workers 2] [--batch 256]
+                                [--loop asyncio|uvloop] [--rounds 1]
 
 Both runs: one process creates N items, ``--workers`` processes consume them with a
 no-op handler. ``raw`` is the floor: publish to a work-queue stream, fetch in
 batches, ack. ``tasks`` is swarmbus: create_many -> claim (KV CAS) -> complete (KV
 CAS + ack), with the task.created/assigned/completed events. The clock runs from the
-first create to the last completion.
+first create to the last completion. ``--loop`` picks the event loop of every
+process (parent and workers); ``--rounds`` repeats raw + tasks to show the noise of
+a shared machine (the load average is printed with each round).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nats.errors
@@ -28,6 +32,7 @@ from swarmbus import Bus, NatsServer, TaskQueue, TaskSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW_STREAM = "BENCH_RAW"
+LOOP_ENV = "SWARMBUS_BENCH_LOOP"
 
 
 async def raw_worker(url: str, batch: int) -> None:
@@ -54,12 +59,28 @@ async def task_worker(url: str, session: str, batch: int) -> None:
         )
 
 
+def cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_split(pids: dict[str, list[int]], before: dict[str, float], n: int) -> str:
+    """Microseconds of CPU per item by role since ``before``."""
+    used = {role: sum(cpu(p) for p in ps) - before[role] for role, ps in pids.items()}
+    return ", ".join(f"{role} {used[role] / n * 1e6:.0f}" for role in pids)
+
+
+def snapshot(pids: dict[str, list[int]]) -> dict[str, float]:
+    return {role: sum(cpu(p) for p in ps) for role, ps in pids.items()}
+
+
 def spawn(*args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, __file__, *args], env=env)
 
 
-async def run_raw(bus: Bus, url: str, n: int, workers: int, batch: int) -> float:
+async def run_raw(bus: Bus, url: str, n: int, workers: int, batch: int, server: int) -> float:
     await bus.ensure_stream(
         StreamConfig(name=RAW_STREAM, subjects=["bench.raw"], retention=RetentionPolicy.WORK_QUEUE)
     )
@@ -76,6 +97,8 @@ async def run_raw(bus: Bus, url: str, n: int, workers: int, batch: int) -> float
     procs = [spawn("--raw-worker", url, str(batch)) for _ in range(workers)]
     try:
         await anyio.sleep(1.0)  # let the workers connect and bind
+        pids = {"server": [server], "producer": [os.getpid()], "workers": [p.pid for p in procs]}
+        before = snapshot(pids)
         start = time.perf_counter()
         for i in range(0, n, 1000):
             futures = [
@@ -85,7 +108,9 @@ async def run_raw(bus: Bus, url: str, n: int, workers: int, batch: int) -> float
                 await f
         with anyio.fail_after(600):
             await all_done.wait()
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        print(f"  raw CPU us/item: {cpu_split(pids, before, n)}")
+        return elapsed
     finally:
         for p in procs:
             p.kill()
@@ -93,8 +118,8 @@ async def run_raw(bus: Bus, url: str, n: int, workers: int, batch: int) -> float
         await sub.unsubscribe()
 
 
-async def run_tasks(bus: Bus, url: str, n: int, workers: int, batch: int) -> float:
-    session = f"bench-{os.getpid()}"
+async def run_tasks(bus: Bus, url: str, n: int, workers: int, batch: int, server: int) -> float:
+    session = f"bench-{os.getpid()}-{time.monotonic_ns() % 10**9}"
     completed = 0
     all_done = anyio.Event()
 
@@ -109,6 +134,8 @@ async def run_tasks(bus: Bus, url: str, n: int, workers: int, batch: int) -> flo
         procs = [spawn("--task-worker", url, session, str(batch)) for _ in range(workers)]
         try:
             await anyio.sleep(1.0)
+            pids = {"server": [server], "creator": [os.getpid()], "workers": [p.pid for p in procs]}
+            before = snapshot(pids)
             start = time.perf_counter()
             for i in range(0, n, 1000):
                 specs = [TaskSpec(type="noop") for _ in range(min(1000, n - i))]
@@ -118,6 +145,7 @@ async def run_tasks(bus: Bus, url: str, n: int, workers: int, batch: int) -> flo
                 await all_done.wait()
             elapsed = time.perf_counter() - start
             print(f"  (creating all {n} took {created:.2f}s of it)")
+            print(f"  tasks CPU us/task: {cpu_split(pids, before, n)}")
         finally:
             for p in procs:
                 p.kill()
@@ -129,33 +157,43 @@ async def run_tasks(bus: Bus, url: str, n: int, workers: int, batch: int) -> flo
     return elapsed
 
 
-async def bench(n: int, workers: int, batch: int) -> None:
+async def bench(n: int, workers: int, batch: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
         async with Bus.open(url=server.url) as bus:
-            raw = await run_raw(bus, server.url, n, workers, batch)
-            print(f"raw JetStream pull loop : {n / raw:8.0f} msgs/s  ({n} in {raw:.2f}s)")
-            tasks = await run_tasks(bus, server.url, n, workers, batch)
-            print(f"swarmbus TaskQueue      : {n / tasks:8.0f} tasks/s ({n} in {tasks:.2f}s)")
-            print(f"ratio                   : {tasks / raw:8.1f}x the raw time")
+            for _ in range(rounds):
+                load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+                assert server.pid is not None
+                raw = await run_raw(bus, server.url, n, workers, batch, server.pid)
+                print(f"raw JetStream pull loop : {n / raw:8.0f} msgs/s  ({n} in {raw:.2f}s)")
+                tasks = await run_tasks(bus, server.url, n, workers, batch, server.pid)
+                print(f"swarmbus TaskQueue      : {n / tasks:8.0f} tasks/s ({n} in {tasks:.2f}s)")
+                print(f"ratio                   : {tasks / raw:8.1f}x the raw time (load {load})")
+
+
+def run(func: Any, *args: Any) -> None:
+    anyio.run(func, *args, backend_options={"use_uvloop": os.environ.get(LOOP_ENV) == "uvloop"})
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--raw-worker"]:
-        anyio.run(raw_worker, sys.argv[2], int(sys.argv[3]))
+        run(raw_worker, sys.argv[2], int(sys.argv[3]))
         return
     if sys.argv[1:2] == ["--task-worker"]:
-        anyio.run(task_worker, sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        run(task_worker, sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=2, help="worker processes")
     parser.add_argument("--batch", type=int, default=256, help="fetch batch / concurrency")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
+    os.environ[LOOP_ENV] = args.loop  # inherited by the worker processes
     print(
         f"{args.tasks} items, {args.workers} worker processes, batch {args.batch}, "
-        f"{os.cpu_count()} CPUs"
+        f"{args.loop}, {os.cpu_count()} CPUs"
     )
-    anyio.run(bench, args.tasks, args.workers, args.batch)
+    run(bench, args.tasks, args.workers, args.batch, args.rounds)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from swarmbus._bus import Bus, connect
 from swarmbus._confidence import Opinion, Pooling, aggregate_confidence
 from swarmbus._config import Settings
 from swarmbus._consensus import Consensus, ConsensusService, ProposalRecord, Tally, tally_outcome
+from swarmbus._coordinator import Coordinator, Subtask, serve_workers
 from swarmbus._errors import (
     AlreadyVotedError,
     ConflictError,
@@ -37,12 +38,14 @@ from swarmbus._errors import (
     PermissionDeniedError,
     ProposalClosedError,
     PublishError,
+    QueryTimeoutError,
     RemoteError,
     RequestTimeoutError,
     ServerBinaryNotFoundError,
     ServerError,
     ServerStartError,
     ServerVersionError,
+    SpecError,
     SwarmbusError,
     TaskClaimLostError,
     ValueTooLargeError,
@@ -95,6 +98,16 @@ from swarmbus._messages import (
 )
 from swarmbus._server import NatsCluster, NatsServer, find_binary
 from swarmbus._subjects import validate_agent_id, validate_session_id
+from swarmbus._swarm import (
+    ParallelInvestigation,
+    ProgressiveRefinement,
+    QueryLedger,
+    QueryOutcome,
+    StepResult,
+    SwarmResult,
+    load_spec,
+    run_swarm,
+)
 from swarmbus._tasks import Claim, Task, TaskQueue, TaskSpec
 from swarmbus._telemetry import configure_tracing, current_trace_id, session_span
 
@@ -119,6 +132,7 @@ __all__ = [
     "Consensus",
     "ConsensusService",
     "ContextRecord",
+    "Coordinator",
     "Decision",
     "DecisionMessage",
     "DecisionTimeoutError",
@@ -155,13 +169,18 @@ __all__ = [
     "NotEligibleError",
     "NotFoundError",
     "Opinion",
+    "ParallelInvestigation",
     "PermissionDeniedError",
     "Pooling",
+    "ProgressiveRefinement",
     "Proposal",
     "ProposalClosedError",
     "ProposalMessage",
     "ProposalRecord",
     "PublishError",
+    "QueryLedger",
+    "QueryOutcome",
+    "QueryTimeoutError",
     "RemoteError",
     "Request",
     "RequestMessage",
@@ -180,7 +199,11 @@ __all__ = [
     "Settings",
     "Snapshot",
     "Source",
+    "SpecError",
     "StatusChange",
+    "StepResult",
+    "Subtask",
+    "SwarmResult",
     "SwarmbusError",
     "Tally",
     "Task",
@@ -198,6 +221,7 @@ __all__ = [
     "ValueTooLargeError",
     "Vote",
     "VoteMessage",
+    "__version__",
     "aggregate_confidence",
     "configure_tracing",
     "connect",
@@ -206,11 +230,13 @@ __all__ = [
     "encode",
     "find_binary",
     "held_locks",
+    "load_spec",
     "lock_holder",
     "run",
+    "run_swarm",
+    "serve_workers",
     "session_span",
     "tally_outcome",
     "validate_agent_id",
     "validate_session_id",
-    "__version__",
 ]

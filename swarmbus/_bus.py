@@ -382,11 +382,15 @@ class Bus:
         session: str,
         id: str | None = None,
         headers: Mapping[str, str] | None = None,
+        wait: bool = True,
     ) -> Message:
         """Publish ``body`` as ``agent`` in ``session``; returns the sent envelope.
 
         The event is stored in the event stream before this returns (JetStream ack),
         and de-duplicated by envelope id within the stream's duplicate window.
+        With ``wait=False`` it is only handed to the connection (the stream still
+        stores and de-duplicates it, but nobody waits for or checks the ack): for
+        notifications whose source of truth is elsewhere, at a fraction of the cost.
 
         Raises:
             InvalidIdentifierError, InvalidMessageError: before anything is sent.
@@ -394,11 +398,11 @@ class Bus:
         """
         validate_body(body)
         message = envelope_for(body, agent=agent, session=session, id=id)
-        await self.publish_message(message, headers=headers)
+        await self.publish_message(message, headers=headers, wait=wait)
         return message
 
     async def publish_message(
-        self, message: Message, *, headers: Mapping[str, str] | None = None
+        self, message: Message, *, headers: Mapping[str, str] | None = None, wait: bool = True
     ) -> None:
         """Publish an already-built event envelope on its contract subject."""
         event = event_of(message)
@@ -428,8 +432,11 @@ class Bus:
         )
         with span:
             try:
-                with self._permission_guard(subject, f"publish to {subject}"):
-                    await self.js.publish(subject, data, headers=hdrs)
+                if not wait:  # a refusal would come later, as an -ERR that gets logged
+                    await self.nc.publish(subject, data, headers=hdrs)
+                else:
+                    with self._permission_guard(subject, f"publish to {subject}"):
+                        await self.js.publish(subject, data, headers=hdrs)
             except nats.js.errors.APIError as exc:
                 raise _translate(exc, f"publish to {subject} failed") from exc
             except nats.errors.NoRespondersError as exc:
@@ -761,6 +768,7 @@ class Bus:
         subjects.validate_name("capability", capability)
 
         async def respond(msg: Msg, request: RequestMessage) -> None:
+            session = request.source.session
             await limiter.acquire()
             try:
                 try:
@@ -776,6 +784,9 @@ class Bus:
                     response = Response(
                         request_id=request.id, status="success", result=dict(result)
                     )
+                    # Encode here: a result that is not JSON is the handler's error.
+                    reply = envelope_for(response, agent=agent, session=session)
+                    data = encode(reply)
                 except Exception as exc:
                     log.exception("request handler %s failed", capability)
                     response = Response(
@@ -792,12 +803,11 @@ class Bus:
                         dedupe_key=request.id,
                         message_id=request.id,
                     )
+                    reply = envelope_for(response, agent=agent, session=session)
+                    data = encode(reply)
                 if msg.reply:
-                    reply = envelope_for(response, agent=agent, session=request.source.session)
                     with contextlib.suppress(nats.errors.Error):
-                        await self.nc.publish(
-                            msg.reply, encode(reply), headers={MSG_ID_HEADER: reply.id}
-                        )
+                        await self.nc.publish(msg.reply, data, headers={MSG_ID_HEADER: reply.id})
             finally:
                 limiter.release()
 

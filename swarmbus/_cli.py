@@ -77,6 +77,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return _run(run_demo, args.data_dir)
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from swarmbus._bus import connect
+    from swarmbus._swarm import load_agents, load_spec, run_swarm, spec_agents
+
+    spec = load_spec(args.spec)
+    agents = load_agents(args.agents)
+    served = {a.id for a in agents}
+    for name in spec_agents(spec):
+        if name not in served:
+            print(
+                f"swarmbus: {name} is not in {args.agents}: it must run elsewhere", file=sys.stderr
+            )
+
+    async def main() -> int:
+        async with connect(data_dir=args.data_dir) as bus:
+            result = await run_swarm(bus, spec, agents, session=args.session)
+        print(result.to_yaml(), end="", flush=True)
+        return 0 if result.ok else 1
+
+    return anyio.run(main)
+
+
 def _cmd_board(args: argparse.Namespace) -> int:
     from swarmbus._blackboard import Blackboard
     from swarmbus._bus import Bus
@@ -179,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the incident demo on an embedded server")
     p.add_argument("--data-dir", default=None, help="JetStream store (default: a temp dir)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("run", help="run a swarm spec (YAML) on the configured server")
+    p.add_argument("spec", help="swarm spec, e.g. examples/parallel_investigation.yaml")
+    p.add_argument(
+        "--agents",
+        default="swarmbus._demo",
+        help="module or .py file defining agents() (default: the demo's incident agents)",
+    )
+    p.add_argument("--session", default=None, help="session id (default: a fresh one)")
+    p.add_argument("--data-dir", default=None, help="embedded server store (without NATS_URL)")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("board", help="print a session's blackboard (NATS_URL); --watch follows it")
     p.add_argument("session", help="session id, e.g. INC-1234")

@@ -30,7 +30,9 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
     ├── InvalidTTLError (ValueError)
     ├── LockLostError
     ├── LockTimeoutError (TimeoutError)
-    └── MissingDependencyError (ImportError)
+    ├── MissingDependencyError (ImportError)
+    ├── SpecError (ValueError)
+    └── QueryTimeoutError (TimeoutError)
 """
 
 from __future__ import annotations
@@ -55,12 +57,14 @@ __all__ = [
     "PermissionDeniedError",
     "ProposalClosedError",
     "PublishError",
+    "QueryTimeoutError",
     "RemoteError",
     "RequestTimeoutError",
     "ServerBinaryNotFoundError",
     "ServerError",
     "ServerStartError",
     "ServerVersionError",
+    "SpecError",
     "SwarmbusError",
     "TaskClaimLostError",
     "ValueTooLargeError",
@@ -307,3 +311,27 @@ class MissingDependencyError(SwarmbusError, ImportError):
         self.feature = feature
         self.extra = extra
         super().__init__(f"{feature} needs the {extra} extra: pip install 'swarmbus[{extra}]'")
+
+
+class SpecError(SwarmbusError, ValueError):
+    """A swarm spec (YAML) that cannot be read or does not validate.
+
+    ``problems`` holds ``(field, message)`` pairs, the field as a dotted path such as
+    ``swarm.coordination.timeout``.
+    """
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {field}: {message}" for field, message in problems)
+        super().__init__(f"bad swarm spec {source}:\n{lines}")
+
+
+class QueryTimeoutError(SwarmbusError, TimeoutError):
+    """Waiting for another agent's run of the same evidence query took too long."""
+
+    def __init__(self, source: str, query: str, timeout: float) -> None:
+        self.source = source
+        self.query = query
+        self.timeout = timeout
+        super().__init__(f"evidence query {source}:{query!r} not answered within {timeout:g}s")

@@ -13,11 +13,17 @@ Two JetStream pieces (see README "Task queue"):
   revision, and each claim increments ``attempts``, which is the claim's fencing
   token: the CAS on the record, not the JetStream ack, is the commit point, so a
   redelivered dispatch message can never make a task complete twice.
+
+Lifecycle events are notifications published after the record changed, without
+waiting for their acks. Writes are pipelined in batches (``_Acks``) for throughput;
+each keeps its own compare-and-set outcome.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -46,8 +52,15 @@ from swarmbus._errors import (
     SwarmbusError,
     TaskClaimLostError,
 )
-from swarmbus._messages import TaskAssigned, TaskCompleted, TaskCreated, TaskFailed, new_id
-from swarmbus._telemetry import kv_write, process_span, traced
+from swarmbus._messages import (
+    TaskAssigned,
+    TaskCompleted,
+    TaskCreated,
+    TaskFailed,
+    envelope_for,
+    new_id,
+)
+from swarmbus._telemetry import process_span, traced
 
 __all__ = ["Claim", "Task", "TaskQueue", "TaskSpec"]
 
@@ -60,12 +73,13 @@ MAX_PRIORITY: Final = 10
 STATUSES: Final = ("pending", "assigned", "running", "completed", "failed")
 TERMINAL: Final = frozenset({"completed", "failed"})
 _NO_MESSAGES: Final = frozenset({"404", "408", "409"})
+#: JetStream's "wrong last sequence" error codes: a CAS lost to another writer.
+_WRONG_LAST: Final = frozenset({10071, 10164})
 EXPECTED_LAST_HEADER: Final = "Nats-Expected-Last-Subject-Sequence"
 REVISION_HEADER: Final = "Swarmbus-Task-Revision"
 #: A dispatch message whose record never appeared (its creator died mid-create) is
 #: dropped after this long.
 ORPHAN_AFTER: Final = 30.0
-MAX_EVENTS_IN_FLIGHT: Final = 256
 
 Status = Literal["pending", "assigned", "running", "completed", "failed"]
 Approval = Literal["none", "required", "approved", "rejected"]
@@ -155,7 +169,7 @@ class Claim:
         self.task = task
         self.revision = revision
         self._msg = msg
-        self._lock = anyio.Lock()
+        self._lock = asyncio.Lock()  # no checkpoint when free, unlike anyio.Lock
         self.finished = False
 
     @property
@@ -213,14 +227,14 @@ class TaskQueue:
         self.starvation_after = starvation_after
         self._kv: KeyValue | None = None
         self._pullers: dict[tuple[str, int], _Puller] = {}
-        self._inbox: NatsSubscription | None = None
+        self._inbox = _PullInbox(bus)
         self._wakeups: dict[str, NatsSubscription] = {}
         self._wakeup = anyio.Event()
         self._last_aging = 0.0
         # One pull at a time per queue object: the pullers share one reply inbox.
         self._scan_lock = anyio.Lock()
-        # Bounds publishes in flight so a big batch does not outrun its own timeouts.
-        self._event_slots = anyio.Semaphore(MAX_EVENTS_IN_FLIGHT)
+        self._acks = _Acks(bus)
+        self._writes: list[tuple[Task, int, asyncio.Future[int | None]]] = []
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -247,10 +261,11 @@ class TaskQueue:
 
     async def close(self) -> None:
         """Stop this claimer's subscriptions (stream, bucket and tasks stay)."""
-        subs = [*self._wakeups.values(), *([self._inbox] if self._inbox else [])]
+        subs = list(self._wakeups.values())
         self._wakeups.clear()
-        self._inbox = None
         self._pullers.clear()
+        await self._inbox.close()
+        await self._acks.close()
         for sub in subs:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
@@ -299,32 +314,36 @@ class TaskQueue:
         """Create several tasks with pipelined writes (every spec is validated first)."""
         subjects.validate_agent_id(agent)
         tasks = [self._build(spec, agent) for spec in specs]
-        js = self.bus.js
-        try:
-            # Records first (create-once), pipelined; then the dispatch messages, which
-            # carry the record and its revision so a claimer can CAS without a read.
-            stored = [
-                await js.publish_async(
+        # Records first (create-once), pipelined; each record's dispatch message goes
+        # out as soon as its ack is in. The dispatch message carries the record and
+        # its revision so a claimer can CAS without a read.
+        records = [
+            (
+                subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
+                _encoder.encode(task),
+                traced(
+                    {EXPECTED_LAST_HEADER: "0"},
                     subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
-                    _encoder.encode(task),
-                    headers=traced(
-                        {EXPECTED_LAST_HEADER: "0"},
-                        subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
-                        self._trace(task),
-                    ),
-                )
-                for task in tasks
-            ]
-            revisions = [(await future).seq for future in stored]
-            offered = [
-                await self._dispatch_async(task, revision)
-                for task, revision in zip(tasks, revisions, strict=True)
-                if task.approval == "none"
-            ]
-            for future in offered:
-                await future
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise PublishError(f"cannot store tasks of session {self.session}: {exc}") from exc
+                    self._trace(task),
+                ),
+            )
+            for task in tasks
+        ]
+        stored = await self._acks.send(records)
+        offered: list[asyncio.Future[int | _Refused]] = []
+        try:
+            with anyio.fail_after(self.bus.settings.request_timeout):
+                for task, (_, data, _), ack in zip(tasks, records, stored, strict=True):
+                    revision = _stored(await ack, self.session)
+                    if task.approval == "none":
+                        offered += await self._acks.send([self._offer(task, revision, data)])
+        except TimeoutError:
+            raise PublishError(f"cannot store tasks of session {self.session}: timed out") from None
+        finally:
+            for future in stored:
+                future.cancel()  # no-op on the answered ones
+        for result in await self._acks.collect(offered):
+            _stored(result, self.session)
         await self._events(
             [
                 (
@@ -384,11 +403,14 @@ class TaskQueue:
     def _trace(self, task: Task) -> dict[str, str]:
         return {"swarmbus.session": self.session, "swarmbus.task_id": task.id}
 
-    async def _dispatch_async(self, task: Task, revision: int) -> Any:
-        return await self.bus.js.publish_async(
+    def _offer(
+        self, task: Task, revision: int, data: bytes | None = None
+    ) -> tuple[str, bytes, dict[str, str]]:
+        """The dispatch message of ``task`` (subject, data, headers)."""
+        return (
             subjects.task_subject(self.session, task.type, task.priority),
-            _encoder.encode(task),
-            headers=traced(
+            _encoder.encode(task) if data is None else data,
+            traced(
                 {MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)},
                 subjects.task_subject(self.session, task.type, task.priority),
                 self._trace(task),
@@ -496,10 +518,8 @@ class TaskQueue:
             return rejected
 
     async def _redispatch(self, task: Task, revision: int) -> None:
-        try:
-            await (await self._dispatch_async(task, revision))
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise PublishError(f"cannot offer task {task.id}: {exc}") from exc
+        (result,) = await self._acks.publish([self._offer(task, revision)])
+        _stored(result, self.session)
 
     # --- claim ----------------------------------------------------------------------
 
@@ -585,32 +605,66 @@ class TaskQueue:
         return []
 
     async def _settle_all(self, msgs: list[Msg], agent: str) -> list[Claim]:
-        results: list[Claim | None] = [None] * len(msgs)
+        """Claim what the dispatch messages offer, with one round trip for the batch.
 
-        async def one(i: int, msg: Msg) -> None:
-            results[i] = await self._settle(msg, agent)
+        A first delivery carries the record and its revision: if that record is
+        claimable its claim CAS is pipelined with the others (one timeout for all).
+        Everything else (redeliveries, a lost CAS race, approvals, dead letter) goes
+        through ``_settle`` one message at a time.
+        """
+        fast: list[tuple[Msg, Task, int]] = []
+        slow: list[tuple[Msg, bool]] = []
+        for msg in msgs:
+            hint = _hint(msg)
+            headers = msg.headers or {}
+            if (
+                hint is not None
+                and msg.metadata.num_delivered == 1
+                and REVISION_HEADER in headers
+                and hint.status == "pending"
+                and hint.approval in ("none", "approved")
+                and hint.attempts < hint.max_attempts
+            ):
+                fast.append((msg, _claimed(hint, agent), int(headers[REVISION_HEADER])))
+            else:
+                slow.append((msg, True))
+        claims: list[Claim] = []
+        error: ConnectionError | None = None
+        revisions = await self._cas_many([(task, revision) for _, task, revision in fast])
+        for (msg, task, _), revision in zip(fast, revisions, strict=True):
+            if isinstance(revision, ConnectionError):
+                error = revision  # unacked: the redelivery sees the lease, if it was taken
+            elif revision is None:
+                slow.append((msg, False))  # someone else moved the record: read it
+            else:
+                claims.append(Claim(self, task, revision, msg))
+        if slow:
+            results: list[Claim | None] = [None] * len(slow)
 
-        async with anyio.create_task_group() as tg:
-            for i, msg in enumerate(msgs):
-                tg.start_soon(one, i, msg)
-        claims = [c for c in results if c is not None]
+            async def one(i: int, msg: Msg, trust_hint: bool) -> None:
+                results[i] = await self._settle(msg, agent, trust_hint=trust_hint)
+
+            async with anyio.create_task_group() as tg:
+                for i, (msg, trust_hint) in enumerate(slow):
+                    tg.start_soon(one, i, msg, trust_hint)
+            claims.extend(c for c in results if c is not None)
+        if error is not None and not claims:
+            raise error
         await self._events(
             [(TaskAssigned(task_id=c.task.id, agent_id=agent), agent, None) for c in claims]
         )
         return claims
 
-    async def _settle(self, msg: Msg, agent: str) -> Claim | None:
+    async def _settle(self, msg: Msg, agent: str, *, trust_hint: bool = True) -> Claim | None:
         """Decide what one dispatch message means now; claim its task if possible."""
-        try:
-            hint: Task | None = _decoder.decode(msg.data)
-        except msgspec.DecodeError:
+        hint = _hint(msg)
+        if hint is None:
             log.error("dropping a malformed dispatch message on %s", msg.subject)
             await _quietly(msg.term())
             return None
-        assert hint is not None
         task_id = hint.id
         headers = msg.headers or {}
-        first = msg.metadata.num_delivered == 1 and REVISION_HEADER in headers
+        first = trust_hint and msg.metadata.num_delivered == 1 and REVISION_HEADER in headers
         for _ in range(5):
             try:
                 if first:
@@ -664,15 +718,7 @@ class TaskQueue:
                     ]
                 )
                 return None
-            claimed = msgspec.structs.replace(
-                task,
-                status="assigned",
-                assigned_to=agent,
-                attempts=task.attempts + 1,
-                claimed_at=_now(),
-                lease_until=_after(task.constraints.timeout),
-                error=task.error if task.status == "pending" else "previous claim timed out",
-            )
+            claimed = _claimed(task, agent)
             new_revision = await self._cas(claimed, revision)
             if new_revision is None:
                 continue
@@ -684,8 +730,6 @@ class TaskQueue:
         key = (type, priority)
         puller = self._pullers.get(key)
         if puller is None:
-            if self._inbox is None:
-                self._inbox = await self.bus.nc.subscribe(self.bus.nc.new_inbox())
             subject = subjects.task_subject(self.session, type, priority)
             durable = f"{subjects.safe_token(f'{self.session}.{type}')}-p{priority}"
             config = ConsumerConfig(
@@ -712,20 +756,69 @@ class TaskQueue:
     # --- claim transitions ------------------------------------------------------------
 
     async def _cas(self, task: Task, revision: int) -> int | None:
-        """Write ``task`` if the record is still at ``revision``; None if it moved on."""
+        """Write ``task`` if the record is still at ``revision``; None if it moved on.
+
+        The writes of one event-loop turn (e.g. the completions of a worker's batch)
+        go out together through ``_cas_many``: one pipelined batch, one timeout. The
+        first writer of the turn sends the batch for everyone (no background task).
+        """
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._writes.append((task, revision, future))
+        if len(self._writes) == 1:
+            try:
+                await asyncio.sleep(0)  # let the other writers of this turn join
+            finally:
+                # Even if cancelled: the batch holds other writers' writes too.
+                with anyio.CancelScope(shield=True):
+                    await self._flush_writes(future)
+        return await future
+
+    async def _flush_writes(self, own: asyncio.Future[int | None]) -> None:
+        batch, self._writes = self._writes, []
+        results: list[int | BaseException | None]
         try:
-            new: int = await kv_write(
-                self.kv,
-                self._key(task.id),
+            results = [*await self._cas_many([(task, rev) for task, rev, _ in batch])]
+        except Exception as exc:  # noqa: BLE001 - every waiter gets it, the flusher too
+            results = [exc] * len(batch)
+        except BaseException:
+            # The flusher was cancelled: the others' writes have unknown outcomes.
+            for _, _, future in batch:
+                if future is not own and not future.done():
+                    future.set_exception(ConnectionError("write abandoned by its batch"))
+            raise
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its caller was cancelled
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _cas_many(
+        self, writes_in: Sequence[tuple[Task, int]]
+    ) -> list[int | ConnectionError | None]:
+        """``_cas`` for many records, pipelined, with one timeout for the whole batch.
+
+        Per write: the new revision, None if the record moved on, or the error if the
+        outcome is unknown (no answer in time, connection lost).
+        """
+        writes = [
+            (
+                subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
                 _encoder.encode(task),
-                last=revision,
-                attributes=self._trace(task),
+                {EXPECTED_LAST_HEADER: str(revision)},
             )
-            return new
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return None
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise ConnectionError(f"cannot update task {task.id}: {exc}") from exc
+            for task, revision in writes_in
+        ]
+        results: list[int | ConnectionError | None] = []
+        for (task, _), ack in zip(writes_in, await self._acks.publish(writes), strict=True):
+            if isinstance(ack, int):
+                results.append(ack)
+            elif isinstance(ack, _Refused) and ack.err_code in _WRONG_LAST:
+                results.append(None)
+            else:
+                results.append(ConnectionError(f"cannot update task {task.id}: {ack}"))
+        return results
 
     async def _transition(
         self, claim: Claim, change: Callable[[Task], Task], requested: str
@@ -841,6 +934,13 @@ class TaskQueue:
                 del active[claim]
                 freed.set()
 
+        async def run_batch(claims: list[Claim]) -> None:
+            # One task-group task per batch; gather's tasks are much cheaper to start.
+            results = await asyncio.gather(*(run(c) for c in claims), return_exceptions=True)
+            for error in results:
+                if isinstance(error, BaseException):
+                    raise error
+
         async def beat(claim: Claim) -> None:
             with contextlib.suppress(SwarmbusError):
                 await claim.heartbeat()
@@ -875,7 +975,8 @@ class TaskQueue:
                     continue
                 for claim in claims:
                     active[claim] = time.monotonic()
-                    tg.start_soon(run, claim)
+                if claims:
+                    tg.start_soon(run_batch, claims)
             while active:
                 freed = anyio.Event()
                 await freed.wait()
@@ -884,18 +985,43 @@ class TaskQueue:
     # --- events ------------------------------------------------------------------------
 
     async def _events(self, items: Iterable[tuple[Any, str, str | None]]) -> None:
-        """Publish lifecycle events concurrently; a failure is logged, never raised."""
+        """Publish lifecycle events without waiting for their acks; failures are logged.
 
-        async def one(body: Any, agent: str, id: str | None) -> None:
+        The events are notifications, the record is the source of truth: each is
+        published after its transition was stored, and handed to the connection in
+        order (the event stream stores and de-duplicates them by id, but a store the
+        server refuses goes unnoticed). Readers that must not miss a transition
+        watch the ``swarmbus-tasks`` bucket or list ``tasks()``.
+        """
+        for body, agent, id in items:
             try:
-                async with self._event_slots:
-                    await self.bus.publish(body, agent=agent, session=self.session, id=id)
+                # Bodies built here from validated records: no need for publish()'s
+                # encode/decode round trip.
+                message = envelope_for(body, agent=agent, session=self.session, id=id)
+                await self.bus.publish_message(message, wait=False)
             except SwarmbusError as exc:
                 log.error("could not publish %s: %s", type(body).__name__, exc)
 
-        async with anyio.create_task_group() as tg:
-            for body, agent, id in items:
-                tg.start_soon(one, body, agent, id)
+
+def _hint(msg: Msg) -> Task | None:
+    """The record a dispatch message carries (None if it is malformed)."""
+    try:
+        return _decoder.decode(msg.data)
+    except msgspec.DecodeError:
+        return None
+
+
+def _claimed(task: Task, agent: str) -> Task:
+    """``task`` claimed by ``agent``: the next attempt, leased for its timeout."""
+    return msgspec.structs.replace(
+        task,
+        status="assigned",
+        assigned_to=agent,
+        attempts=task.attempts + 1,
+        claimed_at=_now(),
+        lease_until=_after(task.constraints.timeout),
+        error=task.error if task.status == "pending" else "previous claim timed out",
+    )
 
 
 def _age(msg: Msg) -> float:
@@ -921,24 +1047,172 @@ class _Puller:
     claimer instead checks ten priorities in turn and must not block on each.
     """
 
-    def __init__(self, bus: Bus, durable: str, inbox: NatsSubscription) -> None:
-        self._bus = bus
+    def __init__(self, bus: Bus, durable: str, inbox: _PullInbox) -> None:
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{durable}"
         self._inbox = inbox
 
     async def pull(self, batch: int) -> list[Msg]:
-        request = json.dumps({"batch": batch, "no_wait": True}).encode()
-        msgs: list[Msg] = []
+        return await self._inbox.pull(self._next, batch)
+
+
+class _PullInbox:
+    """The reply inbox of one claimer's pulls (one pull at a time: ``_scan_lock``).
+
+    A callback collects a pull's messages: waiting on the subscription message by
+    message (``next_msg``) would cost an event-loop turn and a timer per message.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._sub: NatsSubscription | None = None
+        self._msgs: list[Msg] = []
+        self._want = 0
+        self._done: asyncio.Future[None] | None = None
+
+    async def pull(self, next_subject: str, batch: int) -> list[Msg]:
+        nc = self._bus.nc
         try:
-            await self._bus.nc.publish(self._next, request, reply=self._inbox.subject)
-            while len(msgs) < batch:
-                msg = await self._inbox.next_msg(timeout=self._bus.settings.request_timeout)
-                status = (msg.headers or {}).get("Status")
-                if status in _NO_MESSAGES:
-                    break
-                if status:
-                    continue
-                msgs.append(msg)
+            if self._sub is None:
+                self._sub = await nc.subscribe(nc.new_inbox(), cb=self._on_msg)
+            # Messages that arrived after an earlier pull gave up are ours too.
+            strays = len(self._msgs)
+            if strays < batch:
+                self._want = batch
+                self._done = asyncio.get_running_loop().create_future()
+                request = json.dumps({"batch": batch - strays, "no_wait": True}).encode()
+                await nc.publish(next_subject, request, reply=self._sub.subject)
+                await asyncio.wait_for(self._done, self._bus.settings.request_timeout)
         except (TimeoutError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot pull tasks: {exc}") from exc
+        finally:
+            self._done = None
+        msgs, self._msgs = self._msgs[:batch], self._msgs[batch:]
         return msgs
+
+    async def _on_msg(self, msg: Msg) -> None:
+        status = (msg.headers or {}).get("Status")
+        if not status:
+            self._msgs.append(msg)
+        done = self._done
+        finished = status in _NO_MESSAGES or len(self._msgs) >= self._want
+        if done is not None and not done.done() and finished:
+            done.set_result(None)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+
+class _Refused(msgspec.Struct, frozen=True):
+    """A JetStream API error answered to a publish (e.g. a lost compare-and-set)."""
+
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.description} (code {self.code}, err_code {self.err_code})"
+
+
+class _PubAck(msgspec.Struct):
+    seq: int = 0
+    error: _Refused | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_PubAck)
+
+
+class _Acks:
+    """Acknowledged JetStream publishes, pipelined: one reply inbox, one timeout per batch.
+
+    Why not nats-py's own: ``js.publish`` is a request with its own timer per message,
+    and in nats-py 2.16 a ``publish_async`` future never resolves when the server
+    answers with an error (``APIError.from_error`` raises inside the reply callback),
+    so a lost compare-and-set would hang until a timeout.
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._sub: NatsSubscription | None = None
+        self._prefix = ""
+        self._pending: dict[str, asyncio.Future[int | _Refused]] = {}
+        self._count = 0
+
+    async def publish(
+        self, items: Sequence[tuple[str, bytes, dict[str, str]]]
+    ) -> list[int | _Refused | ConnectionError]:
+        """Publish every item, then wait (once) for their acks (see ``collect``)."""
+        return await self.collect(await self.send(items))
+
+    async def send(
+        self, items: Sequence[tuple[str, bytes, dict[str, str]]]
+    ) -> list[asyncio.Future[int | _Refused]]:
+        """Publish every item; each future resolves to its ack (cancel the unwanted)."""
+        nc = self._bus.nc
+        futures: list[asyncio.Future[int | _Refused]] = []
+        try:
+            if self._sub is None:
+                self._prefix = nc.new_inbox()
+                self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
+            for subject, data, headers in items:
+                self._count += 1
+                token = str(self._count)
+                future: asyncio.Future[int | _Refused] = asyncio.get_running_loop().create_future()
+                future.add_done_callback(functools.partial(self._forget, token))
+                self._pending[token] = future
+                futures.append(future)
+                await nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+        except nats.errors.Error as exc:
+            for future in futures:
+                future.cancel()
+            raise ConnectionError(f"cannot publish: {exc}") from exc
+        return futures
+
+    async def collect(
+        self, futures: Sequence[asyncio.Future[int | _Refused]]
+    ) -> list[int | _Refused | ConnectionError]:
+        """Wait (once, up to the request timeout) for acks: per future the stream
+        sequence, the server's refusal, or a ConnectionError if none came in time.
+        """
+        try:
+            if futures:
+                await asyncio.wait(futures, timeout=self._bus.settings.request_timeout)
+        finally:
+            for future in futures:
+                future.cancel()  # no-op on the answered ones
+        return [
+            f.result() if not f.cancelled() else ConnectionError("no acknowledgement in time")
+            for f in futures
+        ]
+
+    def _forget(self, token: str, _: object) -> None:
+        self._pending.pop(token, None)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        future = self._pending.get(msg.subject[len(self._prefix) + 1 :])
+        if future is None or future.done():
+            return
+        if (msg.headers or {}).get("Status") == "503":
+            future.set_result(_Refused(code=503, description="no stream stores the subject"))
+            return
+        try:
+            ack = _ack_decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            future.set_result(_Refused(description=f"bad acknowledgement {msg.data!r}"))
+            return
+        future.set_result(ack.error or ack.seq)
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+
+def _stored(ack: int | _Refused | ConnectionError, session: str) -> int:
+    """The sequence of a publish that must have been stored, else PublishError."""
+    if not isinstance(ack, int):
+        raise PublishError(f"cannot store tasks of session {session}: {ack}")
+    return ack

@@ -411,3 +411,23 @@ async def test_drain_lets_in_flight_handler_finish_and_acks(
     info = await bus.js.consumer_info("SWARMBUS_EVENTS", durable)
     assert info.num_ack_pending == 0
     assert info.num_redelivered == 0
+
+
+async def test_request_handler_returning_non_json_answers_failure_and_keeps_serving(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    agent = Agent(f"test/odd-{unique}")
+
+    @agent.on_request(f"odd_{unique}")
+    async def handle(request: RequestMessage) -> dict[str, Any]:
+        if request.request.parameters.get("bad"):
+            return {"x": object()}
+        return {"ok": True}
+
+    async with agent.serve(bus):
+        bad = await bus.request(
+            f"odd_{unique}", {"bad": True}, agent="test/asker", session=session_id
+        )
+        assert bad.response.status == "failure"
+        good = await bus.request(f"odd_{unique}", agent="test/asker", session=session_id)
+        assert good.response.result == {"ok": True}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,14 @@ def swarmbus_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[st
 def test_demo_runs_on_an_embedded_server(tmp_path: Path) -> None:
     result = swarmbus_cli("demo", "--data-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "ops/deploy-validator" in result.stdout
+    out = result.stdout
+    assert "DECISION: rollback (approved; for 2, against 0, abstentions 1)" in out
+    assert "ops/deploy-validator" in out
+    assert "decision 'rollback'" in out
+    board = yaml.safe_load(out.split("\nblackboard:\n", 1)[1].rsplit("\n\n", 1)[0])
+    assert list(board) == ["context", "findings", "hypotheses", "actions_taken"]
+    assert board["actions_taken"][0]["status"] == "approved"
+    assert out.rstrip().endswith("tracing off") or "trace id: " in out
 
 
 def test_schemas_check_passes_on_the_repo() -> None:
