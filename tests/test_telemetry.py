@@ -37,6 +37,7 @@ from swarmbus import (
     session_span,
 )
 from swarmbus._bus import EVENTS_STREAM
+from swarmbus._demo import incident
 from swarmbus._telemetry import producer_span, tracing_enabled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +149,24 @@ async def test_one_trace_across_two_processes(
     assert f"agent.task.created.{session_id}.{agent_b}" in destinations
     task_ids = {s["attributes"].get("swarmbus.task_id") for s in follow_ups} - {None}
     assert len(task_ids) == 1
+
+
+async def test_the_demo_incident_is_one_trace(spans: InMemorySpanExporter, bus: Bus) -> None:
+    """Every span of the demo's incident (agents, tasks, board, consensus) in one tree."""
+    with anyio.fail_after(60):
+        result = await incident(bus, echo=lambda line: None)
+    finished = spans.get_finished_spans()
+    assert {format(s.context.trace_id, "032x") for s in finished} == {result.trace_id}
+    ids = {s.context.span_id for s in finished}
+    roots = [s for s in finished if s.parent is None]
+    assert [s.name for s in roots] == ["incident INC-1234"]
+    assert all(s.parent.span_id in ids for s in finished if s.parent is not None)
+    kinds = {s.kind for s in finished}
+    assert {SpanKind.PRODUCER, SpanKind.CONSUMER} <= kinds
+    decision = _one(
+        [s for s in finished if s.kind is SpanKind.CONSUMER and s.links], "decision with links"
+    )
+    assert "swarmbus.proposal_id" in (decision.attributes or {})
 
 
 # --- conventions -----------------------------------------------------------------------------
