@@ -325,6 +325,7 @@ class TaskQueue:
                     {EXPECTED_LAST_HEADER: "0"},
                     subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
                     self._trace(task),
+                    new_trace=False,
                 ),
             )
             for task in tasks

@@ -212,14 +212,23 @@ def send_span(
     return producer_span(subject, headers.get(MSG_ID_HEADER, ""), attributes, headers)
 
 
-def traced(headers: dict[str, str], subject: str, attributes: Mapping[str, str]) -> dict[str, str]:
+def traced(
+    headers: dict[str, str],
+    subject: str,
+    attributes: Mapping[str, str],
+    *,
+    new_trace: bool = True,
+) -> dict[str, str]:
     """``headers`` plus the W3C context of a new PRODUCER ("create") span for one message.
 
     For pipelined publishes, whose send has no single await to wrap: the span marks
-    where the message was created and is its parent context. Returns ``headers``
-    unchanged (and starts nothing) when tracing is off.
+    where the message was created and is its parent context. With ``new_trace=False``
+    (a KV record nobody continues from) it only joins a current trace. Returns
+    ``headers`` unchanged (and starts nothing) when tracing is off.
     """
     if not tracing_enabled():
+        return headers
+    if not (new_trace or trace.get_current_span().get_span_context().is_valid):
         return headers
     with _tracer().start_as_current_span(
         f"{subject} create",
