@@ -17,6 +17,7 @@ instead of having them as parents.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -130,14 +131,14 @@ def _exporter(name: str) -> SpanExporter:
     protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get(
         "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
     )
+    transport = "grpc" if protocol == "grpc" else "http"
     try:
-        if protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-        else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        module = importlib.import_module(
+            f"opentelemetry.exporter.otlp.proto.{transport}.trace_exporter"
+        )
     except ImportError as exc:
         raise MissingDependencyError("OTLP trace export", "otlp") from exc
-    exporter: SpanExporter = OTLPSpanExporter()
+    exporter: SpanExporter = module.OTLPSpanExporter()
     return exporter
 
 
