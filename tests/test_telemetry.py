@@ -38,7 +38,7 @@ from swarmbus import (
 )
 from swarmbus._bus import EVENTS_STREAM
 from swarmbus._demo import incident
-from swarmbus._telemetry import producer_span, tracing_enabled
+from swarmbus._telemetry import producer_span, send_span, traced, tracing_enabled
 
 ROOT = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).with_name("trace_agent.py")
@@ -380,6 +380,20 @@ async def test_decision_continues_the_proposal_and_links_the_votes(
         "decision publish",
     )
     assert decision.kind is SpanKind.PRODUCER
+
+
+def test_kv_writes_join_a_trace_but_never_start_one(spans: InMemorySpanExporter) -> None:
+    assert traced({}, "$KV.B.k", {}, new_trace=False) == {}
+    with send_span("$KV.B.k", headers := {}, {}) as span:
+        assert span is None
+    assert headers == {}
+    assert spans.get_finished_spans() == ()
+    started = traced({}, "swarmbus.task.S.t.5", {})  # a dispatch message may start one
+    assert TRACEPARENT in started
+    with session_span("S"):
+        joined = traced({}, "$KV.B.k", {}, new_trace=False)
+    assert joined[TRACEPARENT].split("-")[1] != started[TRACEPARENT].split("-")[1]
+    assert len(spans.get_finished_spans()) == 3
 
 
 # --- off ----------------------------------------------------------------------------------------
