@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -61,12 +61,34 @@ def ended() -> list[Callable[[ReadableSpan], object]]:
     return []
 
 
+class _SessionSpans(InMemorySpanExporter):
+    """Keeps the spans of one session and those of no session.
+
+    A consumer that another test left running in this worker process may still be
+    handling (and now tracing) its own session's messages.
+    """
+
+    def __init__(self, session: str) -> None:
+        super().__init__()
+        self.session = session
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        mine = [
+            s
+            for s in spans
+            if (s.attributes or {}).get("swarmbus.session", self.session) == self.session
+        ]
+        return super().export(mine)
+
+
 @pytest.fixture
 def spans(
-    monkeypatch: pytest.MonkeyPatch, ended: list[Callable[[ReadableSpan], object]]
+    monkeypatch: pytest.MonkeyPatch,
+    ended: list[Callable[[ReadableSpan], object]],
+    session_id: str,
 ) -> Iterator[InMemorySpanExporter]:
-    """An SDK provider exporting to memory, installed for this test only."""
-    exporter = InMemorySpanExporter()
+    """An SDK provider exporting ``session_id``'s spans to memory, for this test only."""
+    exporter = _SessionSpans(session_id)
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     provider.add_span_processor(_OnEnd(ended))
@@ -151,12 +173,16 @@ async def test_one_trace_across_two_processes(
     assert len(task_ids) == 1
 
 
-async def test_the_demo_incident_is_one_trace(spans: InMemorySpanExporter, bus: Bus) -> None:
+async def test_the_demo_incident_is_one_trace(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str
+) -> None:
     """Every span of the demo's incident (agents, tasks, board, consensus) in one tree."""
     with anyio.fail_after(60):
-        result = await incident(bus, echo=lambda line: None)
+        result = await incident(bus, session=session_id, echo=lambda line: None)
     finished = spans.get_finished_spans()
-    assert {format(s.context.trace_id, "032x") for s in finished} == {result.trace_id}
+    assert len(finished) > 50
+    strays = [s.name for s in finished if format(s.context.trace_id, "032x") != result.trace_id]
+    assert not strays
     ids = {s.context.span_id for s in finished}
     roots = [s for s in finished if s.parent is None]
     assert [s.name for s in roots] == ["incident INC-1234"]
@@ -292,10 +318,10 @@ async def test_task_handler_continues_the_creators_trace(
 
 
 async def test_lock_writes_carry_trace_context(
-    spans: InMemorySpanExporter, bus: Bus, unique: str
+    spans: InMemorySpanExporter, bus: Bus, unique: str, session_id: str
 ) -> None:
     lock = Lock(bus, "file:/src/main.py", "ops/editor", bucket=f"LOCKS_{unique}")
-    with session_span("S-lock"):
+    with session_span(session_id):
         assert await lock.acquire() is not None
         trace_id = current_trace_id()
     stored = await bus.js.get_last_msg(f"KV_LOCKS_{unique}", lock._subject)
@@ -382,7 +408,9 @@ async def test_decision_continues_the_proposal_and_links_the_votes(
     assert decision.kind is SpanKind.PRODUCER
 
 
-def test_kv_writes_join_a_trace_but_never_start_one(spans: InMemorySpanExporter) -> None:
+def test_kv_writes_join_a_trace_but_never_start_one(
+    spans: InMemorySpanExporter, session_id: str
+) -> None:
     assert traced({}, "$KV.B.k", {}, new_trace=False) == {}
     with send_span("$KV.B.k", headers := {}, {}) as span:
         assert span is None
@@ -390,7 +418,7 @@ def test_kv_writes_join_a_trace_but_never_start_one(spans: InMemorySpanExporter)
     assert spans.get_finished_spans() == ()
     started = traced({}, "swarmbus.task.S.t.5", {})  # a dispatch message may start one
     assert TRACEPARENT in started
-    with session_span("S"):
+    with session_span(session_id):
         joined = traced({}, "$KV.B.k", {}, new_trace=False)
     assert joined[TRACEPARENT].split("-")[1] != started[TRACEPARENT].split("-")[1]
     assert len(spans.get_finished_spans()) == 3
