@@ -644,7 +644,7 @@ class Blackboard:
             id=stored.id,
             timestamp=stored.timestamp,
         )
-        await self.bus.publish_message(event)
+        await self.bus.publish_message(event, wait=False)
         return stored
 
     async def _record_finding(self, record: FindingRecord) -> FindingRecord:

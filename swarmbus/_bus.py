@@ -63,6 +63,7 @@ from swarmbus._messages import (
     event_of,
     validate_body,
 )
+from swarmbus._retry import RetryingJetStream
 from swarmbus._server import check_version
 from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
 
@@ -117,7 +118,12 @@ class Bus:
 
     def __init__(self, nc: NatsClient, settings: Settings) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout)
+        self.js: JetStreamContext = RetryingJetStream(
+            nc,
+            timeout=settings.request_timeout,
+            retry_for=settings.retry_for,
+            guard=self._permission_guard,
+        )
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
         self.reconnected = asyncio.Event()
@@ -231,6 +237,24 @@ class Bus:
         return str(self.nc._server_info.get("version", ""))
 
     # --- permissions ----------------------------------------------------------------
+
+    def act_as(self, agent: str) -> str:
+        """Return ``agent`` if this connection may act as it, else raise.
+
+        Under the deploy auth config each agent connects as a NATS user named by its
+        agent id (``ops/deploy-validator``); such a connection acts only as that agent.
+        NATS enforces this for events and requests (subject permissions) but not for
+        the content of KV records (a task's ``assigned_to``): swarmbus checks it here
+        before writing one.
+
+        Raises:
+            PermissionDeniedError: the user is another agent; nothing was written.
+        """
+        subjects.validate_agent_id(agent)
+        user = self.settings.user
+        if user and "/" in user and user != agent:
+            raise PermissionDeniedError(f"connected as agent {user}, cannot act as {agent}")
+        return agent
 
     def _refused(self, error: str) -> bool:
         """Wake the operations waiting on a subject the server just refused."""

@@ -43,6 +43,11 @@ class Settings(BaseModel):
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0, le=8 * 1024 * 1024)
     request_timeout: float = Field(5.0, gt=0)
     connect_timeout: float = Field(5.0, gt=0)
+    retry_for: float = Field(
+        15.0,
+        ge=0,
+        description="seconds a JetStream call is retried through a leader election (0: never)",
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

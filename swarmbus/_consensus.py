@@ -38,7 +38,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from fractions import Fraction
@@ -342,17 +342,8 @@ async def _record_vote(
     pid = vote.proposal_id
     while True:
         record, revision = await _read(kv, pid)
-        mine = record.ballot_of(agent)
-        if mine is not None and mine.message_id == message_id:
+        if _vote_recorded(record, agent, message_id, at=at):
             return record  # this very vote is recorded already (a re-delivered event)
-        if record.decision is not None:
-            raise ProposalClosedError(pid, record.decision.outcome)
-        if agent not in record.electorate:
-            raise NotEligibleError(pid, agent)
-        if mine is not None:
-            raise AlreadyVotedError(pid, agent)
-        if at >= record.deadline:
-            raise ProposalClosedError(pid, None)
         ballot = Ballot(
             voter=agent,
             vote=vote.vote,
@@ -381,6 +372,23 @@ async def _record_vote(
         return updated
 
 
+def _vote_recorded(record: ProposalRecord, agent: str, message_id: str, *, at: datetime) -> bool:
+    """True if this very vote is in ``record``; raise if ``agent`` may not cast it."""
+    pid = record.proposal_id
+    mine = record.ballot_of(agent)
+    if mine is not None and mine.message_id == message_id:
+        return True
+    if record.decision is not None:
+        raise ProposalClosedError(pid, record.decision.outcome)
+    if agent not in record.electorate:
+        raise NotEligibleError(pid, agent)
+    if mine is not None:
+        raise AlreadyVotedError(pid, agent)
+    if at >= record.deadline:
+        raise ProposalClosedError(pid, None)
+    return False
+
+
 # --- the client ----------------------------------------------------------------------------
 
 
@@ -390,12 +398,27 @@ class Consensus:
     ``propose`` and ``vote`` record in KV first (so errors are raised to the caller)
     and then publish the ``proposal`` / ``vote`` event. A ``ConsensusService`` must
     run somewhere to decide.
+
+    With ``via_service`` they only publish the event, and the service records it:
+    the identity of a vote is then the agent token of its subject, which the NATS
+    publish permissions bind to the user, and agents need no write access to the
+    consensus bucket (deploy/nats/auth.conf). The same checks run first on the
+    current record, so the same errors are raised; the call returns once the service
+    has recorded the event.
     """
 
-    def __init__(self, bus: Bus, kv: KeyValue, board_bucket: str | None = DEFAULT_BUCKET) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        kv: KeyValue,
+        board_bucket: str | None = DEFAULT_BUCKET,
+        *,
+        via_service: bool = False,
+    ) -> None:
         self.bus = bus
         self.kv = kv
         self.board_bucket = board_bucket
+        self.via_service = via_service
 
     @classmethod
     async def open(
@@ -404,13 +427,14 @@ class Consensus:
         *,
         bucket: str = CONSENSUS_BUCKET,
         board_bucket: str | None = DEFAULT_BUCKET,
+        via_service: bool = False,
     ) -> Consensus:
         """Open (or create) the consensus bucket on ``bus``.
 
         Proposals are also recorded as actions awaiting approval on the session's
-        blackboard in ``board_bucket`` (None: don't).
+        blackboard in ``board_bucket`` (None: don't). ``via_service``: see the class.
         """
-        return cls(bus, await _bucket(bus, bucket), board_bucket)
+        return cls(bus, await _bucket(bus, bucket), board_bucket, via_service=via_service)
 
     async def join(self, session: str, agent: str) -> None:
         """Make ``agent`` a member of ``session``: it votes on proposals without named voters.
@@ -441,10 +465,13 @@ class Consensus:
         subjects.validate_agent_id(agent)
         subjects.validate_session_id(session)
         message_id = new_id()
-        record = await _record_proposal(
-            self.kv, proposal, agent=agent, session=session, message_id=message_id, at=now()
-        )
-        await self.bus.publish(record.proposal, agent=agent, session=session, id=message_id)
+        if self.via_service:
+            record = await self._propose_via_service(proposal, agent, session, message_id)
+        else:
+            record = await _record_proposal(
+                self.kv, proposal, agent=agent, session=session, message_id=message_id, at=now()
+            )
+            await self.bus.publish(record.proposal, agent=agent, session=session, id=message_id)
         if self.board_bucket is not None:
             board = await Blackboard.open(self.bus, session, bucket=self.board_bucket)
             await record_on_board(board, record, agent=agent)
@@ -491,9 +518,75 @@ class Consensus:
             AlreadyVotedError: ``agent`` voted before (votes are final).
         """
         message_id = new_id()
+        if self.via_service:
+            return await self._vote_via_service(vote, agent, message_id)
         record = await _record_vote(self.kv, vote, agent=agent, message_id=message_id, at=now())
         await self.bus.publish(vote, agent=agent, session=record.session, id=message_id)
         return record
+
+    async def _propose_via_service(
+        self, proposal: Proposal, agent: str, session: str, message_id: str
+    ) -> ProposalRecord:
+        validate_body(proposal)
+        pid = proposal.proposal_id
+        if proposal.quorum == "threshold" and proposal.threshold is None:
+            raise InvalidMessageError("schema", "a threshold quorum needs a threshold")
+        if not proposal.voters and not await _members(self.kv, session):
+            raise InvalidMessageError(
+                "no_voters", f"proposal {pid!r} names no voters and {session} has none"
+            )
+        with contextlib.suppress(NotFoundError):
+            await _read(self.kv, pid)
+            raise ConflictError(proposal_key(pid), 0, f"proposal {pid!r} exists")
+        await self.bus.publish(proposal, agent=agent, session=session, id=message_id)
+
+        def mine(record: ProposalRecord) -> bool:
+            if record.message_id != message_id:
+                raise ConflictError(proposal_key(pid), 0, f"proposal {pid!r} exists")
+            return True
+
+        return await self._recorded(pid, mine)
+
+    async def _vote_via_service(self, vote: Vote, agent: str, message_id: str) -> ProposalRecord:
+        validate_body(vote)
+        subjects.validate_agent_id(agent)
+        record, _ = await _read(self.kv, vote.proposal_id)
+        _vote_recorded(record, agent, message_id, at=now())
+        await self.bus.publish(vote, agent=agent, session=record.session, id=message_id)
+
+        def counted(record: ProposalRecord) -> bool:
+            # raises if the service refused it: a vote of ours got in first, or it closed
+            return _vote_recorded(record, agent, message_id, at=record.created_at)
+
+        return await self._recorded(vote.proposal_id, counted)
+
+    async def _recorded(
+        self, proposal_id: str, done: Callable[[ProposalRecord], bool]
+    ) -> ProposalRecord:
+        """Wait until the record of ``proposal_id`` satisfies ``done`` (the service
+        recorded our event)."""
+        timeout = self.bus.settings.request_timeout + 2 * self.bus.settings.retry_for
+        try:
+            with anyio.fail_after(timeout):
+                while True:  # a watch broken by a failover is made again
+                    try:
+                        watcher = await self.kv.watch(proposal_key(proposal_id))
+                        try:
+                            async for entry in watcher:
+                                if entry is not None and entry.value:
+                                    record = _decoder.decode(entry.value)
+                                    if done(record):
+                                        return record
+                        finally:
+                            await _stop(watcher)
+                    except nats.errors.Error as exc:
+                        log.info("consensus: watching %s: %s; again", proposal_id, exc)
+                        await anyio.sleep(0.1)
+        except TimeoutError as exc:
+            raise PublishError(
+                f"the consensus service did not record it on {proposal_id!r} within "
+                f"{timeout:g}s: is a ConsensusService running?"
+            ) from exc
 
     async def get(self, proposal_id: str) -> ProposalRecord:
         """The current record of a proposal (``NotFoundError`` if unknown)."""

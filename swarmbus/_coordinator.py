@@ -147,13 +147,16 @@ async def serve_workers(
     """
     stop = anyio.Event()
     async with contextlib.AsyncExitStack() as stack:
+        # A queue object claims one batch at a time: one per agent, so agents claim in
+        # parallel. The queues are entered first so they close after the workers stop.
+        workers = [
+            (await stack.enter_async_context(TaskQueue(queue.bus, queue.session)), agent)
+            for agent in agents
+            if agent._requests
+        ]
         tg = await stack.enter_async_context(anyio.create_task_group())
-        for agent in agents:
-            if agent._requests:
-                # A queue object claims one batch at a time: one per agent, so agents
-                # claim in parallel.
-                own = await stack.enter_async_context(TaskQueue(queue.bus, queue.session))
-                tg.start_soon(_work, own, _Worker(agent, board), stop)
+        for own, agent in workers:
+            tg.start_soon(_work, own, _Worker(agent, board), stop)
         try:
             yield
         finally:

@@ -135,6 +135,7 @@ class NatsServer:
         self._log: collections.deque[str] = collections.deque(maxlen=_LOG_KEEP)
         self._log_changed = threading.Condition()
         self._reader: threading.Thread | None = None
+        self._log_done = False  # the reader has read the process's last line
 
     @property
     def url(self) -> str:
@@ -190,6 +191,7 @@ class NatsServer:
             return self
         binary_version(self.binary)
         self._log.clear()
+        self._log_done = False
         self._proc = subprocess.Popen(
             self._command(),
             stdin=subprocess.DEVNULL,
@@ -222,6 +224,7 @@ class NatsServer:
                 self._log_changed.notify_all()
         proc.wait()
         with self._log_changed:
+            self._log_done = True
             self._log_changed.notify_all()
 
     def wait_for_log(self, pattern: str, timeout: float = 30.0, *, after: int = 0) -> str:
@@ -234,10 +237,14 @@ class NatsServer:
                     if pattern in line:
                         return line
                 proc = self._proc
-                if proc is None or proc.poll() is not None:
+                # An exited process may still have lines in the pipe (its [FTL] reason):
+                # fail only once the reader has read them all.
+                if proc is None or (proc.poll() is not None and self._log_done):
                     raise ServerStartError(self._failure_reason())
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    if proc.poll() is not None:
+                        raise ServerStartError(self._failure_reason())
                     raise ServerStartError(
                         f"nats-server did not log {pattern!r} within {timeout:g}s"
                     )

@@ -312,7 +312,7 @@ class TaskQueue:
 
     async def create_many(self, specs: Iterable[TaskSpec], *, agent: str) -> list[Task]:
         """Create several tasks with pipelined writes (every spec is validated first)."""
-        subjects.validate_agent_id(agent)
+        self.bus.act_as(agent)
         tasks = [self._build(spec, agent) for spec in specs]
         # Records first (create-once), pipelined; each record's dispatch message goes
         # out as soon as its ack is in. The dispatch message carries the record and
@@ -544,7 +544,7 @@ class TaskQueue:
         timeout: float | None = None,
     ) -> list[Claim]:
         """Claim up to ``limit`` tasks, all from the highest non-empty priority."""
-        subjects.validate_agent_id(agent)
+        self.bus.act_as(agent)
         for type in types:
             subjects.validate_name("task type", type)
         deadline = time.monotonic() + (timeout or 0.0)
@@ -826,6 +826,7 @@ class TaskQueue:
     ) -> Task:
         """CAS ``change(task)`` at the claim's revision; one transition at a time."""
         async with claim._lock:
+            self.bus.act_as(claim.task.assigned_to or subjects.UNKNOWN)
             if claim.finished:
                 raise InvalidTransitionError("task", claim.task.id, claim.task.status, requested)
             new = change(claim.task)
@@ -929,7 +930,8 @@ class TaskQueue:
                         await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
                     else:
                         await claim.complete(result)
-            except (TaskClaimLostError, InvalidTransitionError) as exc:
+            except (TaskClaimLostError, InvalidTransitionError, ConnectionError) as exc:
+                # ConnectionError: the claim expires and the task is offered again
                 log.warning("%s", exc)
             finally:
                 del active[claim]

@@ -17,29 +17,39 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
 import nkeys
 import pytest
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from swarmbus import (
     Agent,
+    AlreadyVotedError,
+    Ballot,
     Blackboard,
     Bus,
+    Claim,
     ConnectionError,
     Consensus,
     ConsensusService,
+    ErrorOccurred,
     Finding,
     FindingMessage,
+    InvalidTransitionError,
     Lock,
     NatsServer,
+    NotEligibleError,
     PermissionDeniedError,
     Proposal,
     RequestMessage,
     TaskQueue,
     Vote,
 )
+from swarmbus._consensus import CONSENSUS_BUCKET, proposal_key
+from swarmbus._tasks import TASKS_BUCKET
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
 VALIDATOR = "ops/deploy-validator"
@@ -238,7 +248,8 @@ async def test_agents_work_within_their_permissions(
             kv = await lbus.key_value(bucket)
             assert (await kv.get("context")).value == b"INC-1234"
             watcher = await kv.watch("context")
-            await kv.put("context", b"INC-1234 rollback")
+            # agents write only the swarmbus buckets: the service updates this one
+            await (await service.key_value(bucket)).put("context", b"INC-1234 rollback")
             values = []
             while len(values) < 2:
                 entry = await watcher.updates(timeout=5)
@@ -340,7 +351,7 @@ async def test_locks_board_and_votes_work_under_agent_permissions(
             board = await Blackboard.open(agent, session_id)
             await board.append_finding(finding(), agent=VALIDATOR)
             assert len(await board.findings()) == 1
-            consensus = await Consensus.open(agent)
+            consensus = await Consensus.open(agent, via_service=True)
             pid = f"p-{unique}"
             await consensus.propose(
                 Proposal(proposal_id=pid, action="rollback", voters=[VALIDATOR]),
@@ -414,3 +425,139 @@ async def test_creds_file_auth(tmp_path: Path) -> None:
         _, stranger = _keypair(nkeys.PREFIX_BYTE_ACCOUNT)
         with pytest.raises(ConnectionError):
             await Bus.connect(url=server.url, creds_file=creds(stranger), connect_timeout=2)
+
+
+# --- claims and votes are bound to the agent ------------------------------------------
+
+
+async def test_agent_cannot_complete_another_agents_claimed_task(
+    deploy_server: NatsServer, service: Bus, session_id: str
+) -> None:
+    async with (
+        TaskQueue(service, session_id),
+        as_user(deploy_server, VALIDATOR) as vbus,
+        as_user(deploy_server, LEAD) as lbus,
+        TaskQueue(vbus, session_id) as validator,
+        TaskQueue(lbus, session_id) as lead,
+    ):
+        created = await validator.create("investigate", agent=VALIDATOR)
+        claim = await validator.claim(agent=VALIDATOR, types=["investigate"], timeout=5)
+        assert claim is not None
+        before = await service_record(service, session_id, created.id)
+        # the lead cannot take the claim: it is leased to the validator
+        assert await lead.claim(agent=LEAD, types=["investigate"]) is None
+        # nor claim or create as the validator, nor finish the validator's claim
+        with pytest.raises(PermissionDeniedError, match="cannot act as ops/deploy-validator"):
+            await lead.claim(agent=VALIDATOR, types=["investigate"])
+        with pytest.raises(PermissionDeniedError, match="cannot act as ops/deploy-validator"):
+            await lead.create("investigate", agent=VALIDATOR)
+        stolen = Claim(lead, claim.task, claim.revision, claim._msg)
+        with pytest.raises(PermissionDeniedError, match="cannot act as ops/deploy-validator"):
+            await stolen.complete({"forged": True})
+        with pytest.raises(PermissionDeniedError):
+            await stolen.fail("forged")
+        assert await service_record(service, session_id, created.id) == before
+        # the holder still completes it, once
+        assert (await claim.complete({"ok": True})).result == {"ok": True}
+        with pytest.raises(InvalidTransitionError):
+            await claim.complete({"again": True})
+        assert (await lead.get(created.id)).assigned_to == VALIDATOR
+
+
+async def service_record(bus: Bus, session: str, task_id: str) -> tuple[int, bytes]:
+    """Revision and bytes of a task record, as the service reads it."""
+    entry = await (await bus.key_value(TASKS_BUCKET)).get(f"{session}.{task_id}")
+    assert entry.revision is not None
+    assert entry.value is not None
+    return entry.revision, entry.value
+
+
+async def propose(service: Bus, session: str, pid: str) -> None:
+    """An open proposal with the validator and the service as its voters."""
+    consensus = await Consensus.open(service, board_bucket=None)
+    await consensus.propose(
+        Proposal(proposal_id=pid, action="rollback", voters=[VALIDATOR, SERVICE]),
+        agent=SERVICE,
+        session=session,
+    )
+
+
+async def error_events(bus: Bus, session: str) -> MemoryObjectReceiveStream[ErrorOccurred]:
+    """The ``error.occurred`` events of ``session`` from now on (the service's refusals)."""
+    send, receive = anyio.create_memory_object_stream[ErrorOccurred](100)
+
+    async def on_msg(msg: Any) -> None:
+        body = bus.accept(msg.subject, msg.data).body
+        assert isinstance(body, ErrorOccurred)
+        send.send_nowait(body)
+
+    await bus.nc.subscribe(f"agent.error.occurred.{session}.*", cb=on_msg)
+    await bus.nc.flush()
+    return receive
+
+
+async def raw_record(bus: Bus, pid: str) -> tuple[int, bytes]:
+    entry = await (await bus.key_value(CONSENSUS_BUCKET)).get(proposal_key(pid))
+    assert entry.revision is not None
+    assert entry.value is not None
+    return entry.revision, entry.value
+
+
+async def test_agent_cannot_vote_twice(
+    deploy_server: NatsServer, service: Bus, session_id: str, unique: str
+) -> None:
+    proposal = f"p-{unique}"
+    async with ConsensusService(service, session=session_id, board_bucket=None):
+        await propose(service, session_id, proposal)
+        errors = await error_events(service, session_id)
+        async with as_user(deploy_server, VALIDATOR) as vbus:
+            consensus = await Consensus.open(vbus, board_bucket=None, via_service=True)
+            record = await consensus.vote(Vote(proposal_id=proposal, vote="no"), agent=VALIDATOR)
+            assert [(b.voter, b.vote) for b in record.votes] == [(VALIDATOR, "no")]
+            before = await raw_record(service, proposal)
+            with anyio.fail_after(5), pytest.raises(AlreadyVotedError):
+                await consensus.vote(Vote(proposal_id=proposal, vote="yes"), agent=VALIDATOR)
+            # past the client's check, straight on the wire: the service refuses it
+            await vbus.publish(
+                Vote(proposal_id=proposal, vote="yes"), agent=VALIDATOR, session=session_id
+            )
+            with anyio.fail_after(10):
+                refusal = await errors.receive()
+            assert "already voted" in refusal.reason
+            assert await raw_record(service, proposal) == before
+
+
+async def test_agent_cannot_vote_where_it_is_not_allowed(
+    deploy_server: NatsServer, service: Bus, session_id: str, unique: str
+) -> None:
+    proposal = f"p-{unique}"
+    async with ConsensusService(service, session=session_id, board_bucket=None):
+        await propose(service, session_id, proposal)
+        errors = await error_events(service, session_id)
+        before = await raw_record(service, proposal)
+        async with as_user(deploy_server, LEAD) as lbus:
+            consensus = await Consensus.open(lbus, board_bucket=None, via_service=True)
+            yes = Vote(proposal_id=proposal, vote="yes")
+            # not in the electorate
+            with anyio.fail_after(5), pytest.raises(NotEligibleError):
+                await consensus.vote(yes, agent=LEAD)
+            await lbus.publish(yes, agent=LEAD, session=session_id)
+            with anyio.fail_after(10):
+                refusal = await errors.receive()
+            assert "may not vote" in refusal.reason
+            # nor as an agent it is not: the server refuses the vote event
+            with anyio.fail_after(5), pytest.raises(PermissionDeniedError, match="voted"):
+                await consensus.vote(yes, agent=VALIDATOR)
+            # nor may it write the proposal's record itself (agents cannot write the bucket)
+            record = await consensus.get(proposal)
+            ballot = Ballot(voter=VALIDATOR, vote="yes", cast_at=record.created_at)
+            forged = msgspec.structs.replace(record, votes=[ballot])
+            kv = await lbus.key_value(CONSENSUS_BUCKET)
+            with anyio.fail_after(5), pytest.raises(PermissionDeniedError, match="publish"):
+                await kv.put(proposal_key(proposal), msgspec.json.encode(forged))
+            # it joins sessions as itself only (the electorate of member-voted proposals)
+            await consensus.join(session_id, LEAD)
+            with anyio.fail_after(5), pytest.raises(PermissionDeniedError, match="publish"):
+                await consensus.join(session_id, VALIDATOR)
+            assert await consensus.members(session_id) == [LEAD]
+        assert await raw_record(service, proposal) == before

@@ -75,6 +75,22 @@ def test_cli_busy_port_is_one_line(nats_server: NatsServer, tmp_path: Path) -> N
     assert "port busy" in result.stderr
 
 
+def test_fatal_line_read_after_exit_is_the_reason(tmp_path: Path) -> None:
+    """The process exits before its last stderr line is read (a child still holds the
+    pipe): the failure reason must still be that line, not "exited before ready"."""
+    fake = tmp_path / "nats-server"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "--version" ]; then echo "nats-server: v2.15.1"; exit 0; fi\n'
+        "(sleep 0.3; echo '[1] [FTL] Error listening on port: 127.0.0.1:1, "
+        '"address already in use"\' >&2) &\n'
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    with pytest.raises(swarmbus.ServerStartError, match="port busy"):
+        NatsServer(tmp_path / "data", binary=fake).start(timeout=10)
+
+
 async def test_connect_uses_nats_url_and_starts_nothing(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
