@@ -31,6 +31,7 @@ from swarmbus._errors import (
     LockLostError,
     LockTimeoutError,
     MessageTooLargeError,
+    MissingDependencyError,
     NoResponderError,
     NotEligibleError,
     NotFoundError,
@@ -108,6 +109,7 @@ from swarmbus._swarm import (
     run_swarm,
 )
 from swarmbus._tasks import Claim, Task, TaskQueue, TaskSpec
+from swarmbus._telemetry import configure_tracing, current_trace_id, session_span
 
 __version__ = "0.1.0"
 
@@ -160,6 +162,7 @@ __all__ = [
     "LockTimeoutError",
     "Message",
     "MessageTooLargeError",
+    "MissingDependencyError",
     "NatsCluster",
     "NatsServer",
     "NoResponderError",
@@ -220,7 +223,9 @@ __all__ = [
     "VoteMessage",
     "__version__",
     "aggregate_confidence",
+    "configure_tracing",
     "connect",
+    "current_trace_id",
     "decode",
     "encode",
     "find_binary",
@@ -230,6 +235,7 @@ __all__ = [
     "run",
     "run_swarm",
     "serve_workers",
+    "session_span",
     "tally_outcome",
     "validate_agent_id",
     "validate_session_id",

@@ -71,6 +71,7 @@ from swarmbus._messages import (
     now,
     validate_body,
 )
+from swarmbus._telemetry import kv_write, session_span
 
 log = logging.getLogger("swarmbus.blackboard")
 
@@ -483,6 +484,7 @@ class Blackboard:
         self.max_value_bytes = max_value_bytes
         self.pooling: Pooling = "weighted_average"
         self._kv = kv
+        self._trace_attrs = {"swarmbus.session": session}
 
     @classmethod
     async def open(
@@ -526,11 +528,12 @@ class Blackboard:
         record = SessionRecord(session_id=self.session, initiator=initiator, started=at)
         ctx = ContextRecord(data=data, updated_by=initiator, updated=at)
         ctx_bytes = self._encode(self._key("context"), ctx)
-        await self._create(self._key("session"), record)
-        await self._put(self._key("context"), ctx_bytes)
-        await self.bus.publish(
-            body, agent=initiator, session=self.session, id=self._event_id("start")
-        )
+        with session_span(self.session, agent=initiator):
+            await self._create(self._key("session"), record)
+            await self._put(self._key("context"), ctx_bytes)
+            await self.bus.publish(
+                body, agent=initiator, session=self.session, id=self._event_id("start")
+            )
         return record
 
     async def complete(
@@ -1094,7 +1097,7 @@ class Blackboard:
     async def _create(self, key: str, record: Record) -> int:
         data = self._encode(key, record)
         try:
-            return await self._kv.create(key, data)
+            return await kv_write(self._kv, key, data, last=0, attributes=self._trace_attrs)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise ConflictError(key, 0, "already exists") from exc
         except Exception as exc:
@@ -1102,13 +1105,13 @@ class Blackboard:
 
     async def _put(self, key: str, data: bytes) -> int:
         try:
-            return await self._kv.put(key, data)
+            return await kv_write(self._kv, key, data, attributes=self._trace_attrs)
         except Exception as exc:
             raise _kv_error(exc, f"put {key}") from exc
 
     async def _update(self, key: str, data: bytes, revision: int) -> int:
         try:
-            return await self._kv.update(key, data, last=revision)
+            return await kv_write(self._kv, key, data, last=revision, attributes=self._trace_attrs)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise ConflictError(key, revision, "changed since it was read") from exc
         except Exception as exc:

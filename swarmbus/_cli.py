@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 
 from swarmbus._errors import SwarmbusError
+from swarmbus._telemetry import configure_tracing
 
 Command = Callable[[argparse.Namespace], int]
 LOOP_ENV = "SWARMBUS_LOOP"
@@ -250,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.port = None
     func: Command = args.func
     try:
+        configure_tracing()  # off unless the OTEL_* variables ask for it
         return func(args)
     except SwarmbusError as exc:
         print(f"swarmbus: error: {exc}", file=sys.stderr)

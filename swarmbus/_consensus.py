@@ -84,6 +84,7 @@ from swarmbus._messages import (
     validate_body,
 )
 from swarmbus._tasks import TaskQueue
+from swarmbus._telemetry import kv_write, process_span, trace_headers
 
 log = logging.getLogger("swarmbus.consensus")
 
@@ -195,6 +196,10 @@ class ProposalRecord(msgspec.Struct, kw_only=True, frozen=True):
     votes: list[Ballot] = []
     decision: Decision | None = None
     published: bool = False
+    # W3C trace context of the proposer and of each vote: the decision continues the
+    # proposal's trace and links to the votes (fan-in).
+    trace: dict[str, str] = {}
+    vote_traces: list[dict[str, str]] = []
 
     @property
     def proposal_id(self) -> str:
@@ -290,6 +295,11 @@ async def _members(kv: KeyValue, session: str) -> list[str]:
     return sorted(members)
 
 
+def _attrs(record: ProposalRecord) -> dict[str, str]:
+    """Span attributes of writes about ``record``."""
+    return {"swarmbus.session": record.session, "swarmbus.proposal_id": record.proposal_id}
+
+
 async def _record_proposal(
     kv: KeyValue, proposal: Proposal, *, agent: str, session: str, message_id: str, at: datetime
 ) -> ProposalRecord:
@@ -309,10 +319,11 @@ async def _record_proposal(
         created_at=at,
         deadline=at + timedelta(seconds=proposal.timeout),
         electorate=electorate,
+        trace=trace_headers(),
     )
     key = proposal_key(proposal.proposal_id)
     try:
-        await kv.create(key, _encoder.encode(record))
+        await kv_write(kv, key, _encoder.encode(record), last=0, attributes=_attrs(record))
     except nats.js.errors.KeyWrongLastSequenceError as exc:
         existing, _ = await _read(kv, proposal.proposal_id)
         if existing.message_id == message_id:
@@ -341,9 +352,19 @@ async def _record_vote(
             cast_at=at,
             message_id=message_id,
         )
-        updated = msgspec.structs.replace(record, votes=[*record.votes, ballot])
+        updated = msgspec.structs.replace(
+            record,
+            votes=[*record.votes, ballot],
+            vote_traces=[*record.vote_traces, trace_headers()],
+        )
         try:
-            await kv.update(proposal_key(pid), _encoder.encode(updated), last=revision)
+            await kv_write(
+                kv,
+                proposal_key(pid),
+                _encoder.encode(updated),
+                last=revision,
+                attributes={**_attrs(record), "swarmbus.agent": agent},
+            )
         except nats.js.errors.KeyWrongLastSequenceError:
             continue  # another vote or the decision got in first: re-read
         except nats.js.errors.Error as exc:
@@ -421,7 +442,12 @@ class Consensus:
         Membership counts for proposals recorded after the join.
         """
         try:
-            await self.kv.put(member_key(session, agent), agent.encode())
+            await kv_write(
+                self.kv,
+                member_key(session, agent),
+                agent.encode(),
+                attributes={"swarmbus.session": session, "swarmbus.agent": agent},
+            )
         except nats.js.errors.Error as exc:
             raise PublishError(f"cannot join {agent} to {session}: {exc}") from exc
 
@@ -833,7 +859,9 @@ class ConsensusService:
                 return
             decided = msgspec.structs.replace(record, decision=decision)
             try:
-                revision = await kv.update(key, _encoder.encode(decided), last=revision)
+                revision = await kv_write(
+                    kv, key, _encoder.encode(decided), last=revision, attributes=_attrs(record)
+                )
             except nats.js.errors.KeyWrongLastSequenceError:
                 record = revision = None  # a vote or another replica got in first
                 continue
@@ -844,20 +872,25 @@ class ConsensusService:
 
     async def _publish(self, kv: KeyValue, key: str, record: ProposalRecord, revision: int) -> None:
         assert record.decision is not None
-        await self.bus.publish(
-            record.decision,
-            agent=self.agent,
-            session=record.session,
-            id=decision_message_id(record.proposal_id),
-        )
-        if self.board_bucket is not None:
-            board = await Blackboard.open(self.bus, record.session, bucket=self.board_bucket)
-            await record_on_board(board, record, agent=self.agent)
-        if record.proposal.action == APPROVE_TASK:
-            await apply_to_task(self.bus, record, agent=self.agent)
-        done = msgspec.structs.replace(record, published=True)
-        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-            await kv.update(key, _encoder.encode(done), last=revision)
+        attrs = {**_attrs(record), "swarmbus.agent": self.agent}
+        subject = subjects.kv_subject(self.bucket, key)
+        with process_span(
+            subject, record.message_id, attrs, record.trace, links=record.vote_traces
+        ):
+            await self.bus.publish(
+                record.decision,
+                agent=self.agent,
+                session=record.session,
+                id=decision_message_id(record.proposal_id),
+            )
+            if self.board_bucket is not None:
+                board = await Blackboard.open(self.bus, record.session, bucket=self.board_bucket)
+                await record_on_board(board, record, agent=self.agent)
+            if record.proposal.action == APPROVE_TASK:
+                await apply_to_task(self.bus, record, agent=self.agent)
+            done = msgspec.structs.replace(record, published=True)
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                await kv_write(kv, key, _encoder.encode(done), last=revision, attributes=attrs)
 
     # --- ingesting wire events ------------------------------------------------------------
 

@@ -30,6 +30,7 @@ leak out of the transport layer (they are chained with ``raise ... from``)::
     ├── InvalidTTLError (ValueError)
     ├── LockLostError
     ├── LockTimeoutError (TimeoutError)
+    ├── MissingDependencyError (ImportError)
     ├── SpecError (ValueError)
     └── QueryTimeoutError (TimeoutError)
 """
@@ -49,6 +50,7 @@ __all__ = [
     "LockLostError",
     "LockTimeoutError",
     "MessageTooLargeError",
+    "MissingDependencyError",
     "NoResponderError",
     "NotEligibleError",
     "NotFoundError",
@@ -300,6 +302,15 @@ class LockTimeoutError(SwarmbusError, TimeoutError):
         self.owner = owner
         self.timeout = timeout
         super().__init__(f"{owner} did not get the lock on {resource!r} within {timeout}s")
+
+
+class MissingDependencyError(SwarmbusError, ImportError):
+    """An optional feature was asked for without its extra installed."""
+
+    def __init__(self, feature: str, extra: str) -> None:
+        self.feature = feature
+        self.extra = extra
+        super().__init__(f"{feature} needs the {extra} extra: pip install 'swarmbus[{extra}]'")
 
 
 class SpecError(SwarmbusError, ValueError):

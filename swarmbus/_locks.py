@@ -43,6 +43,7 @@ from swarmbus._errors import (
     LockLostError,
     LockTimeoutError,
 )
+from swarmbus._telemetry import send_span
 
 log = logging.getLogger("swarmbus.locks")
 
@@ -407,7 +408,11 @@ class Lock:
         """Compare-and-set publish on the lock key; returns the new revision."""
         await _bucket(self.bus, self.bucket)
         headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected)
-        with _nats_errors(f"lock on {self.resource!r}"):
+        attributes = {"swarmbus.agent": self.owner, "swarmbus.lock": self.resource}
+        with (
+            _nats_errors(f"lock on {self.resource!r}"),
+            send_span(self._subject, headers, attributes),
+        ):
             try:
                 ack = await self.bus.js.publish(self._subject, payload, headers=headers)
             except nats.js.errors.APIError as exc:

@@ -60,6 +60,7 @@ from swarmbus._messages import (
     envelope_for,
     new_id,
 )
+from swarmbus._telemetry import process_span, traced
 
 __all__ = ["Claim", "Task", "TaskQueue", "TaskSpec"]
 
@@ -320,7 +321,12 @@ class TaskQueue:
             (
                 subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
                 _encoder.encode(task),
-                {EXPECTED_LAST_HEADER: "0"},
+                traced(
+                    {EXPECTED_LAST_HEADER: "0"},
+                    subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
+                    self._trace(task),
+                    new_trace=False,
+                ),
             )
             for task in tasks
         ]
@@ -395,6 +401,9 @@ class TaskQueue:
             created_at=_now(),
         )
 
+    def _trace(self, task: Task) -> dict[str, str]:
+        return {"swarmbus.session": self.session, "swarmbus.task_id": task.id}
+
     def _offer(
         self, task: Task, revision: int, data: bytes | None = None
     ) -> tuple[str, bytes, dict[str, str]]:
@@ -402,7 +411,11 @@ class TaskQueue:
         return (
             subjects.task_subject(self.session, task.type, task.priority),
             _encoder.encode(task) if data is None else data,
-            {MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)},
+            traced(
+                {MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)},
+                subjects.task_subject(self.session, task.type, task.priority),
+                self._trace(task),
+            ),
         )
 
     async def get(self, task_id: str) -> Task:
@@ -907,14 +920,16 @@ class TaskQueue:
 
         async def run(claim: Claim) -> None:
             nonlocal freed
+            attrs = {**self._trace(claim.task), "swarmbus.agent": agent}
             try:
-                try:
-                    result = await handler(claim.task)
-                except Exception as exc:  # noqa: BLE001 - any handler error fails the task
-                    log.warning("task %s failed: %s", claim.task.id, exc)
-                    await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
-                else:
-                    await claim.complete(result)
+                with process_span(claim._msg.subject, claim.task.id, attrs, claim._msg.headers):
+                    try:
+                        result = await handler(claim.task)
+                    except Exception as exc:  # noqa: BLE001 - any handler error fails the task
+                        log.warning("task %s failed: %s", claim.task.id, exc)
+                        await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
+                    else:
+                        await claim.complete(result)
             except (TaskClaimLostError, InvalidTransitionError, ConnectionError) as exc:
                 # ConnectionError: the claim expires and the task is offered again
                 log.warning("%s", exc)
