@@ -41,11 +41,11 @@ import nats.errors
 import nats.js.errors
 import yaml
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import Bus, _translate, _transport_error
+from swarmbus._bus import Bus, _translate, _transport_error, last_per_subject
 from swarmbus._confidence import DEFAULT_EXPERTISE, Opinion, Pooling, aggregate_confidence
 from swarmbus._errors import (
     ConflictError,
@@ -366,62 +366,6 @@ def _operation(msg: Msg) -> Literal["put", "delete", "purge"]:
     if op == KV_PURGE or (msg.headers or {}).get(MARKER_REASON_HEADER):
         return "purge"
     return "put"
-
-
-async def _read_last(bus: Bus, kv_stream: str, subject: str) -> list[Msg]:
-    """The last message of every subject matching ``subject``, in stream order.
-
-    One ephemeral pull consumer (LAST_PER_SUBJECT) and one pull request for all of
-    them: no per-key get and no push flow control (10,000 keys: ~0.2-0.5 s). The
-    messages are the state as of the consumer's creation.
-    """
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-        ack_policy=AckPolicy.NONE,
-        filter_subject=subject,
-        inactive_threshold=30.0,
-        mem_storage=True,
-        num_replicas=1,
-    )
-    try:
-        info = await bus.js.add_consumer(kv_stream, config)
-    except nats.js.errors.APIError as exc:
-        raise _translate(exc, f"cannot read {subject}") from exc
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise _transport_error(exc, f"read {subject}") from exc
-    wanted = int(info.num_pending or 0)
-    msgs: list[Msg] = []
-    done = anyio.Event()
-
-    async def on_msg(msg: Msg) -> None:
-        if msg.headers and STATUS_HEADER in msg.headers and not msg.data:
-            done.set()  # 404/408: nothing more (e.g. a purge raced with us)
-            return
-        msgs.append(msg)
-        if len(msgs) >= wanted:
-            done.set()
-
-    try:
-        if wanted:
-            inbox = bus.nc.new_inbox()
-            sub = await bus.nc.subscribe(
-                inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
-            )
-            try:
-                request = json.dumps({"batch": wanted, "no_wait": True}).encode()
-                await bus.nc.publish(
-                    f"$JS.API.CONSUMER.MSG.NEXT.{kv_stream}.{info.name}", request, reply=inbox
-                )
-                with anyio.fail_after(bus.settings.request_timeout + wanted / 1000):
-                    await done.wait()
-            finally:
-                await sub.unsubscribe()
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise _transport_error(exc, f"read {subject}") from exc
-    finally:
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
-            await bus.js.delete_consumer(kv_stream, info.name)
-    return msgs
 
 
 class _Tail:
@@ -885,7 +829,7 @@ class Blackboard:
 
     async def snapshot(self) -> Snapshot:
         """The whole board of this session, read in one pass over the KV stream."""
-        msgs = await _read_last(self.bus, self._stream, self._subject)
+        msgs = await last_per_subject(self.bus.js, self._stream, self._subject)
         items: dict[str, dict[str, Any]] = {"finding": {}, "hypothesis": {}, "action": {}}
         single: dict[str, Any] = {}
         start = len(self._subject) - 1
@@ -974,7 +918,7 @@ class Blackboard:
         await _open_bucket(bus, bucket, DEFAULT_HISTORY)  # the stream must exist to read it
         found: list[SessionRecord] = []
         stream, subject = f"{_KV_STREAM_PREFIX}{bucket}", f"{_KV_SUBJECT_PREFIX}.{bucket}.*.session"
-        for msg in await _read_last(bus, stream, subject):
+        for msg in await last_per_subject(bus.js, stream, subject):
             if _operation(msg) == "put":
                 with contextlib.suppress(msgspec.DecodeError):
                     found.append(_DECODERS["session"].decode(msg.data))

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import json
 import logging
 import math
 import re
@@ -77,6 +78,9 @@ CODE_HEADER: Final = "Swarmbus-Code"
 ORIGINAL_SUBJECT_HEADER: Final = "Swarmbus-Original-Subject"
 DEAD_LETTER_MAX_AGE: Final = 30 * 24 * 3600.0
 _STREAM_IN_USE: Final = 10058
+_STATUS_HEADER: Final = "Status"
+_KV_OP: Final = "KV-Operation"
+_MARKER_REASON: Final = "Nats-Marker-Reason"
 JS_API: Final = "$JS.API"
 # nats-py lower-cases the server's -ERR text before handing it to the error callback.
 _PERMISSION_VIOLATION: Final = re.compile(
@@ -967,3 +971,76 @@ async def connect(
             yield bus
     finally:
         await anyio.to_thread.run_sync(server.stop)
+
+
+async def last_per_subject(
+    js: JetStreamContext, stream: str, subject: str, *, timeout: float = 5.0
+) -> list[Msg]:
+    """The last message of every subject matching ``subject``, in stream order.
+
+    One ephemeral pull consumer (LAST_PER_SUBJECT) and one pull request for all of
+    them: no per-key get, no push flow control (10,000 keys: ~0.2-0.5 s). The messages
+    are the state as of the consumer's creation. Unlike nats-py's KV watch, whose
+    end-of-initial-values marker can arrive before the values under load, it knows how
+    many messages to expect from the consumer's creation.
+    """
+    config = ConsumerConfig(
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=AckPolicy.NONE,
+        filter_subject=subject,
+        inactive_threshold=30.0,
+        mem_storage=True,
+        num_replicas=1,
+    )
+    try:
+        info = await js.add_consumer(stream, config)
+    except nats.js.errors.APIError as exc:
+        raise _translate(exc, f"cannot read {subject}") from exc
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise _transport_error(exc, f"read {subject}") from exc
+    wanted = int(info.num_pending or 0)
+    msgs: list[Msg] = []
+    done = anyio.Event()
+    nc: NatsClient = js._nc
+
+    async def on_msg(msg: Msg) -> None:
+        if msg.headers and _STATUS_HEADER in msg.headers and not msg.data:
+            done.set()  # 404/408: nothing more (e.g. a purge raced with us)
+            return
+        msgs.append(msg)
+        if len(msgs) >= wanted:
+            done.set()
+
+    try:
+        if wanted:
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(
+                inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
+            )
+            try:
+                request = json.dumps({"batch": wanted, "no_wait": True}).encode()
+                await nc.publish(
+                    f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{info.name}", request, reply=inbox
+                )
+                with anyio.fail_after(timeout + wanted / 1000):
+                    await done.wait()
+            finally:
+                await sub.unsubscribe()
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise _transport_error(exc, f"read {subject}") from exc
+    finally:
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
+            await js.delete_consumer(stream, info.name)
+    return msgs
+
+
+async def kv_latest(kv: KeyValue, keys: str = ">") -> list[tuple[str, Msg]]:
+    """``(key, message)`` of every live key of ``kv`` matching ``keys`` (deletes skipped)."""
+    prefix: str = kv._pre
+    out = []
+    for msg in await last_per_subject(kv._js, kv._stream, prefix + keys):
+        headers = msg.headers or {}
+        if headers.get(_KV_OP) in ("DEL", "PURGE") or _MARKER_REASON in headers:
+            continue
+        out.append((msg.subject[len(prefix) :], msg))
+    return out

@@ -54,7 +54,7 @@ from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
 from swarmbus._blackboard import DEFAULT_BUCKET, Blackboard
-from swarmbus._bus import Bus
+from swarmbus._bus import Bus, kv_latest
 from swarmbus._errors import (
     AlreadyVotedError,
     ConflictError,
@@ -281,18 +281,7 @@ async def _stop(watcher: KeyValue.KeyWatcher) -> None:
 
 async def _members(kv: KeyValue, session: str) -> list[str]:
     prefix = f"{MEMBER_PREFIX}{subjects.validate_session_id(session)}."
-    watcher = await kv.watch(prefix + ">", meta_only=True, ignore_deletes=True)
-    members = []
-    try:
-        async for entry in watcher:
-            if entry is None:
-                break
-            members.append(entry.key[len(prefix) :])
-            if not entry.delta:
-                break
-    finally:
-        await _stop(watcher)
-    return sorted(members)
+    return sorted(key[len(prefix) :] for key, _ in await kv_latest(kv, prefix + ">"))
 
 
 def _attrs(record: ProposalRecord) -> dict[str, str]:

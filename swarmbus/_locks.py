@@ -34,7 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import Bus, _translate, _transport_error
+from swarmbus._bus import Bus, _translate, _transport_error, kv_latest
 from swarmbus._errors import (
     InvalidIdentifierError,
     InvalidMessageError,
@@ -259,21 +259,13 @@ async def held_locks(bus: Bus, *, bucket: str = LOCKS_BUCKET) -> list[Holder]:
             kv = await bus.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             return []
-        watcher = await kv.watchall(
-            ignore_deletes=True, inactive_threshold=WATCH_INACTIVE_THRESHOLD
-        )
         holders = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                try:
-                    holders.append(_holder(entry.key, entry.value, entry.revision, entry.created))
-                except (InvalidIdentifierError, InvalidMessageError) as exc:
-                    log.warning("skipping %s in %s: %s", entry.key, bucket, exc)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        for key, msg in await kv_latest(kv):
+            meta = msg.metadata
+            try:
+                holders.append(_holder(key, msg.data, meta.sequence.stream, meta.timestamp))
+            except (InvalidIdentifierError, InvalidMessageError) as exc:
+                log.warning("skipping %s in %s: %s", key, bucket, exc)
     return sorted(holders, key=lambda h: h.resource)
 
 

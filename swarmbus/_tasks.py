@@ -42,7 +42,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import MSG_ID_HEADER, Bus
+from swarmbus._bus import MSG_ID_HEADER, Bus, kv_latest
 from swarmbus._errors import (
     ConnectionError,
     InvalidTaskError,
@@ -448,21 +448,11 @@ class TaskQueue:
         """
         if status is not None and status not in STATUSES:
             raise InvalidTaskError("status", f"{status!r} is not one of {', '.join(STATUSES)}")
-        tasks = []
-        wait = self.bus.settings.request_timeout
-        try:
-            watcher = await self.kv.watch(f"{self.session}.>", ignore_deletes=True)
-            try:
-                while True:
-                    entry = await watcher.updates(wait)  # type: ignore[no-untyped-call]
-                    if entry is None:
-                        break
-                    if entry.value:
-                        tasks.append(_decoder.decode(entry.value))
-            finally:
-                await watcher.stop()  # type: ignore[no-untyped-call]
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise ConnectionError(f"cannot list tasks of {self.session}: {exc}") from exc
+        tasks = [
+            _decoder.decode(msg.data)
+            for _, msg in await kv_latest(self.kv, f"{self.session}.>")
+            if msg.data
+        ]
         tasks.sort(key=lambda t: t.created_at or _now())
         return [t for t in tasks if status is None or t.status == status]
 
