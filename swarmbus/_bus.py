@@ -64,6 +64,7 @@ from swarmbus._messages import (
     event_of,
     validate_body,
 )
+from swarmbus._outbox import Outbox
 from swarmbus._retry import RetryingJetStream
 from swarmbus._server import check_version
 from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
@@ -132,6 +133,7 @@ class Bus:
         self.max_message_bytes = settings.max_message_bytes
         self.reconnected = asyncio.Event()
         self._refusals: dict[str, list[_Refusal]] = {}
+        self.outbox = Outbox(nc)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -220,6 +222,7 @@ class Bus:
         """Flush and close the connection (pending publishes are sent first)."""
         if self.nc.is_closed:
             return
+        await self.outbox.close(timeout=self.settings.request_timeout)
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
             await self.nc.drain()
         await self.nc.close()
@@ -416,9 +419,10 @@ class Bus:
 
         The event is stored in the event stream before this returns (JetStream ack),
         and de-duplicated by envelope id within the stream's duplicate window.
-        With ``wait=False`` it is only handed to the connection (the stream still
-        stores and de-duplicates it, but nobody waits for or checks the ack): for
-        notifications whose source of truth is elsewhere, at a fraction of the cost.
+        With ``wait=False`` it returns once handed to the connection; the bus's outbox
+        matches the ack in the background and re-sends (same id) until the stream has
+        it, and ``close()`` waits for that: no round trip per event, no silent loss
+        while the process lives (see ``swarmbus._outbox``).
 
         Raises:
             InvalidIdentifierError, InvalidMessageError: before anything is sent.
@@ -460,8 +464,8 @@ class Bus:
         )
         with span:
             try:
-                if not wait:  # a refusal would come later, as an -ERR that gets logged
-                    await self.nc.publish(subject, data, headers=hdrs)
+                if not wait:
+                    await self.outbox.send(subject, data, hdrs)
                 else:
                     with self._permission_guard(subject, f"publish to {subject}"):
                         await self.js.publish(subject, data, headers=hdrs)

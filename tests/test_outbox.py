@@ -1,0 +1,52 @@
+"""Background-confirmed publishes: re-sent until the stream has them, stored once."""
+
+from __future__ import annotations
+
+from nats.js.api import StreamConfig
+
+from swarmbus import Bus, Finding
+from swarmbus._outbox import Outbox
+
+
+async def test_unacknowledged_publish_is_resent_until_stored_once(bus: Bus, unique: str) -> None:
+    outbox = Outbox(bus.nc, resend_after=0.2)
+    subject = f"obx.{unique}.event"
+    try:
+        # No stream stores the subject yet: the server answers "no responders".
+        await outbox.send(subject, b"payload", {"Nats-Msg-Id": f"m-{unique}"})
+        assert outbox.pending == 1
+        assert not await outbox.flush(timeout=0.5)
+        await bus.ensure_stream(StreamConfig(name=f"OBX_{unique}", subjects=[f"obx.{unique}.>"]))
+        assert await outbox.flush(timeout=10)
+        assert outbox.pending == 0
+        info = await bus.js.stream_info(f"OBX_{unique}")
+        assert info.state.messages == 1
+        stored = await bus.js.get_last_msg(f"OBX_{unique}", subject)
+        assert stored.data == b"payload"
+    finally:
+        await outbox.close(timeout=1)
+        await bus.js.delete_stream(f"OBX_{unique}")
+
+
+async def test_bus_close_waits_for_background_publishes(nats_url: str, unique: str) -> None:
+    async with Bus.open(url=nats_url) as bus:
+        sent = [
+            await bus.publish(
+                Finding(category="observation", content=str(i), confidence=0.5),
+                agent="test/outbox",
+                session=f"S-{unique}",
+                wait=False,
+            )
+            for i in range(200)
+        ]
+    async with Bus.open(url=nats_url) as reader:
+        stored = await reader.js.get_last_msg(
+            "SWARMBUS_EVENTS", f"agent.finding.reported.S-{unique}.test/outbox"
+        )
+        assert stored.headers is not None
+        assert stored.headers["Nats-Msg-Id"] == sent[-1].id
+        info = await reader.js.stream_info(
+            "SWARMBUS_EVENTS", subjects_filter=f"agent.finding.reported.S-{unique}.>"
+        )
+        assert info.state.subjects is not None
+        assert sum(info.state.subjects.values()) == 200
