@@ -802,14 +802,45 @@ class TaskQueue:
             for task, revision in writes_in
         ]
         results: list[int | ConnectionError | None] = []
-        for (task, _), ack in zip(writes_in, await self._acks.publish(writes), strict=True):
+        acks = await self._acks.publish(writes)
+        for (task, revision), (subject, data, headers), ack in zip(
+            writes_in, writes, acks, strict=True
+        ):
             if isinstance(ack, int):
                 results.append(ack)
             elif isinstance(ack, _Refused) and ack.err_code in _WRONG_LAST:
                 results.append(None)
-            else:
+            elif isinstance(ack, _Refused):
                 results.append(ConnectionError(f"cannot update task {task.id}: {ack}"))
+            else:  # no answer (a node died, a leader election): find out what happened
+                results.append(await self._settle_unknown(task, revision, subject, data, headers))
         return results
+
+    async def _settle_unknown(
+        self, task: Task, revision: int, subject: str, data: bytes, headers: dict[str, str]
+    ) -> int | ConnectionError | None:
+        """Settle a CAS write whose ack never came: it landed, lost, or never happened.
+
+        Reads the record (retried through failover by ``bus.js``): our bytes there mean
+        our write won; a newer revision means someone else's did; otherwise it did not
+        happen and is sent again, alone, through the retrying JetStream. Without this a
+        completion whose ack was lost would stay unreported: its event is published only
+        after a confirmed transition, and a completed task is never offered again.
+        """
+        try:
+            entry = await self.kv.get(self._key(task.id))
+            if entry.value == data and entry.revision is not None:
+                return entry.revision
+            if entry.revision != revision:
+                return None
+            ack = await self.bus.js.publish(subject, data, headers=dict(headers))
+            return int(ack.seq)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_LAST:
+                return None
+            return ConnectionError(f"cannot update task {task.id}: {exc}")
+        except (TimeoutError, nats.errors.Error) as exc:
+            return ConnectionError(f"cannot update task {task.id}: {exc}")
 
     async def _transition(
         self, claim: Claim, change: Callable[[Task], Task], requested: str
