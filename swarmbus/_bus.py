@@ -134,6 +134,7 @@ class Bus:
         self.reconnected = asyncio.Event()
         self._refusals: dict[str, list[_Refusal]] = {}
         self.outbox = Outbox(nc)
+        self._buckets: dict[str, KeyValue] = {}
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -373,8 +374,31 @@ class Bus:
         """Open a KV bucket, creating it with swarmbus's replicas/storage if missing.
 
         Idempotent and safe when several processes race to create the same bucket.
-        Per-key TTLs are always allowed (nats-server >= 2.11).
+        Per-key TTLs are always allowed (nats-server >= 2.11). Opened buckets are kept
+        per bus, so callers on hot paths (a decision, a proposal) pay no round trip.
         """
+        kv = self._buckets.get(bucket)
+        if kv is None:
+            kv = self._buckets[bucket] = await self._open_key_value(
+                bucket,
+                history=history,
+                ttl=ttl,
+                max_value_size=max_value_size,
+                limit_marker_ttl=limit_marker_ttl,
+                description=description,
+            )
+        return kv
+
+    async def _open_key_value(
+        self,
+        bucket: str,
+        *,
+        history: int,
+        ttl: float | None,
+        max_value_size: int | None,
+        limit_marker_ttl: float | None,
+        description: str,
+    ) -> KeyValue:
         try:
             return await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
