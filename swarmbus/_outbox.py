@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Final
 
+import msgspec
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -30,6 +30,19 @@ log = logging.getLogger("swarmbus.outbox")
 RESEND_AFTER: Final = 2.0
 GIVE_UP_AFTER: Final = 110.0  # inside JetStream's 2-minute duplicate window
 MAX_PENDING: Final = 10_000
+
+
+class _Refusal(msgspec.Struct):
+    description: str = ""
+
+
+class _Ack(msgspec.Struct):
+    """The part of a JetStream publish ack the outbox reads."""
+
+    error: _Refusal | None = None
+
+
+_ack_decoder: Final = msgspec.json.Decoder(_Ack)
 
 
 @dataclass
@@ -89,18 +102,18 @@ class Outbox:
         await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
 
     async def _on_ack(self, msg: Msg) -> None:
-        token = msg.subject.rsplit(".", 1)[-1]
+        token = msg.subject[len(self._prefix) + 1 :]
         entry = self._pending.get(token)
         if entry is None:
             return
-        if (msg.headers or {}).get("Status") == "503":
+        if msg.headers and msg.headers.get("Status") == "503":
             return  # no stream responder yet (election): the re-send loop retries
         try:
-            error = json.loads(msg.data).get("error")
-        except (ValueError, AttributeError):
+            error = _ack_decoder.decode(msg.data).error
+        except msgspec.DecodeError:
             error = None
         if error is not None:
-            log.error("the stream refused %s: %s", entry.subject, error.get("description"))
+            log.error("the stream refused %s: %s", entry.subject, error.description)
         self._done(token)
 
     def _done(self, token: str) -> None:
