@@ -1001,6 +1001,57 @@ async def connect(
         await anyio.to_thread.run_sync(server.stop)
 
 
+async def stored_messages(
+    js: JetStreamContext, stream: str, subject: str, *, batch: int = 1000, timeout: float = 5.0
+) -> list[Msg]:
+    """Every message stored on subjects matching ``subject``, in stream order.
+
+    Batch direct gets (``allow_direct`` streams, nats-server >= 2.11), ``batch`` messages
+    per round trip. No consumer, so it also reads a work-queue stream, where a consumer
+    would overlap the filters of the consumers that work the queue.
+    """
+    nc: NatsClient = js._nc
+    page: list[Msg] = []
+    end: dict[str, str] = {}
+    done = anyio.Event()
+
+    async def on_msg(msg: Msg) -> None:
+        headers = msg.headers or {}
+        if _STATUS_HEADER in headers and not msg.data:
+            end.update(headers)  # 204 end of batch (with what is left), 404 nothing
+            done.set()
+        else:
+            page.append(msg)
+
+    msgs: list[Msg] = []
+    inbox = nc.new_inbox()
+    try:
+        sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        try:
+            seq = 1
+            while True:
+                page, done = [], anyio.Event()
+                end.clear()
+                request = {"seq": seq, "next_by_subj": subject, "batch": batch}
+                await nc.publish(
+                    f"{js._prefix}.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
+                )
+                with anyio.fail_after(timeout):
+                    await done.wait()
+                msgs += page
+                if end.get(_STATUS_HEADER) != "204" or not page:
+                    if end.get(_STATUS_HEADER) not in ("204", "404"):
+                        raise PublishError(f"cannot read {stream}: {end}")
+                    return msgs
+                if int(end.get("Nats-Num-Pending", "0")) == 0:
+                    return msgs
+                seq = int((page[-1].headers or {})["Nats-Sequence"]) + 1
+        finally:
+            await sub.unsubscribe()
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise _transport_error(exc, f"read {subject}") from exc
+
+
 async def last_per_subject(
     js: JetStreamContext, stream: str, subject: str, *, timeout: float = 5.0
 ) -> list[Msg]:

@@ -15,7 +15,7 @@ Requests are routed by capability outside ``agent.>`` (the event stream captures
 ``<target>`` is an agent id or ``any`` (one agent of a queue group answers).
 Dead letters: ``swarmbus.dead.<session>.<receiver>``.
 Lock keys: ``$KV.<bucket>.<base64url(resource)>`` (see ``lock_key``).
-Task dispatch (work-queue stream): ``swarmbus.task.<session>.<type>.<priority>``.
+Task dispatch (work-queue stream): ``swarmbus.task.<session>.<type>.<priority>.<task id>``.
 """
 
 from __future__ import annotations
@@ -128,10 +128,19 @@ def dead_letter_subject(session: str | None, receiver: str) -> str:
 
 
 def task_subject(session: str, type: str, priority: int | str) -> str:
-    """Dispatch subject of a session's tasks of ``type`` at ``priority`` (or ``*``)."""
+    """The queue of a session's tasks of ``type`` at ``priority`` (or ``*``).
+
+    A task's dispatch message goes to ``<queue>.<task id>``.
+    """
     validate_session_id(session)
     validate_name("task type", type)
     return f"{TASK_ROOT}.{session}.{type}.{priority}"
+
+
+def task_filter(session: str, task_id: str = "*") -> str:
+    """The dispatch subjects of one task (by id, any type and priority) or of all."""
+    validate_session_id(session)
+    return f"{TASK_ROOT}.{session}.*.*.{task_id}"
 
 
 def safe_token(value: str) -> str:

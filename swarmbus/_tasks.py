@@ -41,7 +41,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import MSG_ID_HEADER, Bus, kv_latest
+from swarmbus._bus import MSG_ID_HEADER, Bus, kv_latest, stored_messages
 from swarmbus._errors import (
     ConnectionError,
     InvalidTaskError,
@@ -76,9 +76,6 @@ _NO_MESSAGES: Final = frozenset({"404", "408", "409"})
 _WRONG_LAST: Final = frozenset({10071, 10164})
 EXPECTED_LAST_HEADER: Final = "Nats-Expected-Last-Subject-Sequence"
 REVISION_HEADER: Final = "Swarmbus-Task-Revision"
-#: A dispatch message whose record never appeared (its creator died mid-create) is
-#: dropped after this long.
-ORPHAN_AFTER: Final = 30.0
 
 Status = Literal["pending", "assigned", "running", "completed", "failed"]
 Approval = Literal["none", "required", "approved", "rejected"]
@@ -249,6 +246,7 @@ class TaskQueue:
                 name=TASKS_STREAM,
                 subjects=[subjects.TASK_WILDCARD],
                 retention=RetentionPolicy.WORK_QUEUE,
+                allow_direct=True,  # tasks() lists pending tasks with batch direct gets
                 storage=self.bus._storage(),
                 num_replicas=self.bus.settings.replicas,
                 duplicate_window=120.0,
@@ -303,38 +301,20 @@ class TaskQueue:
         return task
 
     async def create_many(self, specs: Iterable[TaskSpec], *, agent: str) -> list[Task]:
-        """Create several tasks with pipelined writes (every spec is validated first)."""
+        """Create several tasks with pipelined writes (every spec is validated first).
+
+        One acknowledged write per task, all in one round trip: the dispatch message,
+        which is the task until its first claim creates the record (create-once, so
+        two claimers cannot both win). A task that needs approval is stored as a record
+        instead, and offered once approved.
+        """
         self.bus.act_as(agent)
         tasks = [self._build(spec, agent) for spec in specs]
-        # Records first (create-once), pipelined; each record's dispatch message goes
-        # out as soon as its ack is in. The dispatch message carries the record and
-        # its revision so a claimer can CAS without a read.
-        records = [
-            (
-                subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
-                _encoder.encode(task),
-                traced(
-                    {EXPECTED_LAST_HEADER: "0"},
-                    subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
-                    self._trace(task),
-                    new_trace=False,
-                ),
-            )
+        writes = [
+            self._offer(task, 0) if task.approval == "none" else self._record(task)
             for task in tasks
         ]
-        stored = await self._acks.send(records)
-        offered: list[asyncio.Future[int | _Refused]] = []
-        try:
-            with anyio.fail_after(self.bus.settings.request_timeout):
-                for task, (_, data, _), ack in zip(tasks, records, stored, strict=True):
-                    revision = _stored(await ack, self.session)
-                    if task.approval == "none":
-                        offered += await self._acks.send([self._offer(task, revision, data)])
-        except TimeoutError:
-            raise PublishError(f"cannot store tasks of session {self.session}: timed out") from None
-        finally:
-            self._acks.forget(stored)
-        for result in await self._acks.collect(offered):
+        for result in await self._acks.publish(writes):
             _stored(result, self.session)
         await self._events(
             [
@@ -395,17 +375,25 @@ class TaskQueue:
     def _trace(self, task: Task) -> dict[str, str]:
         return {"swarmbus.session": self.session, "swarmbus.task_id": task.id}
 
-    def _offer(
-        self, task: Task, revision: int, data: bytes | None = None
-    ) -> tuple[str, bytes, dict[str, str]]:
-        """The dispatch message of ``task`` (subject, data, headers)."""
-        subject = subjects.task_subject(self.session, task.type, task.priority)
+    def _offer(self, task: Task, revision: int) -> tuple[str, bytes, dict[str, str]]:
+        """The dispatch message of ``task`` (subject, data, headers).
+
+        It carries the task and the revision its claim must compare against: 0 while
+        the task has no record (its first claim creates it).
+        """
+        destination = subjects.task_subject(self.session, task.type, task.priority)
         headers = {MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)}
         return (
-            subject,
-            _encoder.encode(task) if data is None else data,
-            traced(headers, subject, self._trace(task)),
+            f"{destination}.{task.id}",
+            _encoder.encode(task),
+            traced(headers, destination, self._trace(task)),
         )
+
+    def _record(self, task: Task) -> tuple[str, bytes, dict[str, str]]:
+        """The create-once write of ``task``'s record (subject, data, headers)."""
+        subject = subjects.kv_subject(TASKS_BUCKET, self._key(task.id))
+        headers = traced({EXPECTED_LAST_HEADER: "0"}, subject, self._trace(task), new_trace=False)
+        return subject, _encoder.encode(task), headers
 
     async def get(self, task_id: str) -> Task:
         """The current record of a task.
@@ -416,18 +404,44 @@ class TaskQueue:
         return (await self._read(task_id))[0]
 
     async def _read(self, task_id: str) -> tuple[Task, int]:
+        """The task and the revision to compare-and-set against (0: no record yet)."""
         if not isinstance(task_id, str) or not task_id or len(task_id) > 128:
             raise NotFoundError("task", str(task_id))
         try:
             subjects.validate_name("task id", task_id)
-            entry = await self.kv.get(self._key(task_id))
-        except (nats.js.errors.KeyNotFoundError, SwarmbusError):
+        except SwarmbusError:
             raise NotFoundError("task", task_id) from None
+        found = await self._record_of(task_id)
+        if found is None:
+            # Not claimed yet: the dispatch message is the task. Read the bucket once
+            # more if it is gone too: a claim may have created the record meanwhile.
+            offered = await self._dispatched(task_id)
+            found = (offered, 0) if offered is not None else await self._record_of(task_id)
+        if found is None:
+            raise NotFoundError("task", task_id)
+        return found
+
+    async def _record_of(self, task_id: str) -> tuple[Task, int] | None:
+        try:
+            entry = await self.kv.get(self._key(task_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None
         except (TimeoutError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot read task {task_id}: {exc}") from exc
         assert entry.value is not None
         assert entry.revision is not None
         return _decoder.decode(entry.value), entry.revision
+
+    async def _dispatched(self, task_id: str) -> Task | None:
+        """The task a pending dispatch message carries (None if there is none)."""
+        pattern = subjects.task_filter(self.session, task_id)
+        try:
+            stored = await self.bus.js.get_msg(TASKS_STREAM, subject=pattern)
+        except nats.js.errors.NotFoundError:
+            return None
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ConnectionError(f"cannot read task {task_id}: {exc}") from exc
+        return _hint_of(stored.data or b"")
 
     async def tasks(self, status: str | None = None) -> list[Task]:
         """Every task of the session (optionally only one status), oldest first.
@@ -437,11 +451,23 @@ class TaskQueue:
         """
         if status is not None and status not in STATUSES:
             raise InvalidTaskError("status", f"{status!r} is not one of {', '.join(STATUSES)}")
-        tasks = [
-            _decoder.decode(msg.data)
-            for _, msg in await kv_latest(self.kv, f"{self.session}.>")
-            if msg.data
-        ]
+        # Dispatch messages first: a task claimed meanwhile is in the bucket by the
+        # time the bucket is read (the other order could miss it).
+        filter = subjects.task_filter(self.session)
+        offered = {
+            t.id: t
+            for t in map(_hint, await stored_messages(self.bus.js, TASKS_STREAM, filter))
+            if t is not None
+        }
+        records = {
+            t.id: t
+            for t in (
+                _decoder.decode(msg.data)
+                for _, msg in await kv_latest(self.kv, f"{self.session}.>")
+                if msg.data
+            )
+        }
+        tasks = list({**offered, **records}.values())
         tasks.sort(key=lambda t: t.created_at or _now())
         return [t for t in tasks if status is None or t.status == status]
 
@@ -564,7 +590,9 @@ class TaskQueue:
         try:
             return [
                 await self.bus.nc.subscribe(
-                    subjects.task_subject(self.session, type, "*"), cb=on_dispatch, max_msgs=1
+                    f"{subjects.task_subject(self.session, type, '*')}.*",
+                    cb=on_dispatch,
+                    max_msgs=1,
                 )
                 for type in types
             ]
@@ -664,18 +692,12 @@ class TaskQueue:
         headers = msg.headers or {}
         first = trust_hint and _deliveries(msg) == 1 and REVISION_HEADER in headers
         for _ in range(5):
-            try:
-                if first:
-                    # First delivery: trust the record it carries; the CAS checks it.
-                    task, revision, first = hint, int(headers[REVISION_HEADER]), False
-                else:
-                    task, revision = await self._read(task_id)
-            except NotFoundError:
-                if _age(msg) > ORPHAN_AFTER:
-                    await _quietly(msg.term())
-                else:
-                    await _quietly(msg.nak(delay=0.2))
-                return None
+            if first:
+                # First delivery: trust the task it carries; the CAS checks it.
+                task, revision, first = hint, int(headers[REVISION_HEADER]), False
+            else:
+                # No record yet: nobody claimed it, this message is the task.
+                task, revision = await self._record_of(task_id) or (hint, 0)
             if task.status in TERMINAL:
                 await _quietly(msg.ack())
                 return None
@@ -728,8 +750,8 @@ class TaskQueue:
         key = (type, priority)
         puller = self._pullers.get(key)
         if puller is None:
-            subject = subjects.task_subject(self.session, type, priority)
-            durable = f"{subjects.safe_token(f'{self.session}.{type}')}-p{priority}"
+            subject = f"{subjects.task_subject(self.session, type, priority)}.*"
+            durable = f"{subjects.safe_token(f'{self.session}.{type}')}-q{priority}"
             config = ConsumerConfig(
                 durable_name=durable,
                 filter_subject=subject,
@@ -835,10 +857,15 @@ class TaskQueue:
         after a confirmed transition, and a completed task is never offered again.
         """
         try:
-            entry = await self.kv.get(self._key(task.id))
-            if entry.value == data and entry.revision is not None:
-                return entry.revision
-            if entry.revision != revision:
+            try:
+                entry = await self.kv.get(self._key(task.id))
+            except nats.js.errors.KeyNotFoundError:
+                current = 0  # a first claim that did not land
+            else:
+                if entry.value == data and entry.revision is not None:
+                    return entry.revision
+                current = entry.revision or 0
+            if current != revision:
                 return None
             ack = await self.bus.js.publish(subject, data, headers=dict(headers))
             return int(ack.seq)
@@ -950,7 +977,8 @@ class TaskQueue:
             nonlocal freed
             attrs = {**self._trace(claim.task), "swarmbus.agent": agent}
             try:
-                with process_span(claim._msg.subject, claim.task.id, attrs, claim._msg.headers):
+                queue = claim._msg.subject.rsplit(".", 1)[0]  # span names without the id
+                with process_span(queue, claim.task.id, attrs, claim._msg.headers):
                     try:
                         result = await handler(claim.task)
                     except Exception as exc:  # noqa: BLE001 - any handler error fails the task
@@ -1035,9 +1063,13 @@ class TaskQueue:
 
 
 def _hint(msg: Msg) -> Task | None:
-    """The record a dispatch message carries (None if it is malformed)."""
+    """The task a dispatch message carries (None if it is malformed)."""
+    return _hint_of(msg.data)
+
+
+def _hint_of(data: bytes) -> Task | None:
     try:
-        return _decoder.decode(msg.data)
+        return _decoder.decode(data)
     except msgspec.DecodeError:
         return None
 

@@ -124,6 +124,7 @@ async def test_kill_a_node_during_tasks_and_votes(
     all_completed = anyio.Event()
     halfway = anyio.Event()
     votes_underway = anyio.Event()
+    killed = anyio.Event()
     voted: list[str] = []
     at_kill: dict[str, int] = {}
     stop = anyio.Event()
@@ -164,6 +165,7 @@ async def test_kill_a_node_during_tasks_and_votes(
                 voted.append(pid)
                 if len(voted) == 5:
                     votes_underway.set()
+                    await killed.wait()  # the rest are cast during the failover
             for i in range(PROPOSALS):
                 pid = f"p{i}-{session_id}"
                 decisions[pid] = await consensus[VALIDATOR].wait_for_decision(pid, timeout=30)
@@ -179,6 +181,7 @@ async def test_kill_a_node_during_tasks_and_votes(
             node = next(n for n in cluster.nodes if n.name == victim)
             node.kill()  # SIGKILL by pid
             at_kill.update(completed=len(completed_ids), voted=len(voted))
+            killed.set()
 
         async def on_completed(msg: Any) -> None:
             body = service.accept(msg.subject, msg.data).body

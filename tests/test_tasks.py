@@ -304,3 +304,53 @@ def test_task_record_reads_newer_records() -> None:
     assert newer != record
     decoded = msgspec.json.decode(newer, type=Task)
     assert (decoded.id, decoded.priority, decoded.constraints.timeout) == ("t1", 4, 60.0)
+
+
+async def test_unclaimed_tasks_are_listed_and_read_from_their_dispatch_messages(
+    queue: TaskQueue,
+) -> None:
+    """Until its first claim a task is its dispatch message; listing pages through them."""
+    specs = [TaskSpec(type="sweep", priority=1 + i % 10) for i in range(2500)]
+    created = await queue.create_many(specs, agent=CREATOR)
+    gated = await queue.create("sweep", agent=CREATOR, requires_approval=True)
+    claim = await queue.claim(agent="w/a", types=["sweep"])
+    assert claim is not None
+
+    pending = await queue.tasks("pending")
+    assert len(pending) == 2500  # 2,499 dispatch messages and the gated record
+    assert {t.id for t in pending} == {t.id for t in created} - {claim.task.id} | {gated.id}
+    assert [t.id for t in await queue.tasks("assigned")] == [claim.task.id]
+    some = created[1234]
+    if some.id != claim.task.id:
+        assert await queue.get(some.id) == some
+    assert (await queue.get(claim.task.id)).status == "assigned"
+
+
+async def test_a_first_claim_whose_ack_was_lost_is_settled(queue: TaskQueue) -> None:
+    """A create-once claim with no ack: written now, found written, or lost to another."""
+    from swarmbus import _subjects
+    from swarmbus._tasks import EXPECTED_LAST_HEADER, TASKS_BUCKET, _claimed
+
+    async def settle(task: Task, agent: str) -> int | Exception | None:
+        mine = _claimed(task, agent)
+        subject = _subjects.kv_subject(TASKS_BUCKET, f"{queue.session}.{task.id}")
+        data = msgspec.json.encode(mine)
+        return await queue._settle_unknown(mine, 0, subject, data, {EXPECTED_LAST_HEADER: "0"})
+
+    never_sent = await queue.create("probe", agent=CREATOR)
+    revision = await settle(never_sent, "w/a")
+    assert isinstance(revision, int)
+    assert (await queue.get(never_sent.id)).assigned_to == "w/a"
+    assert await settle(never_sent, "w/b") is None  # someone else's claim is there
+
+    landed = await queue.create("probe", agent=CREATOR)
+    # (the first task's dispatch message is delayed: its lease, written above, holds)
+    claim = await queue.claim(agent="w/a", types=["probe"], timeout=5)
+    assert claim is not None
+    assert claim.task.id == landed.id
+    stored = await queue.get(landed.id)
+    subject = f"$KV.swarmbus-tasks.{queue.session}.{landed.id}"
+    again = await queue._settle_unknown(
+        stored, 0, subject, msgspec.json.encode(stored), {EXPECTED_LAST_HEADER: "0"}
+    )
+    assert again == claim.revision  # our bytes are there: the write had landed
