@@ -2,17 +2,19 @@
 
 Two JetStream pieces (see README "Task queue"):
 
-* **Dispatch**: a work-queue stream ``SWARMBUS_TASKS`` with one subject per session,
-  task type and priority (``swarmbus.task.<session>.<type>.<priority>``) and one
-  durable pull consumer per subject, shared by every claimer. A claimer drains the
-  highest non-empty priority first; within a priority the stream is FIFO. A dispatch
-  message is a hint (the record and its revision when offered), acked once the task is
-  final.
-* **State**: the KV bucket ``swarmbus-tasks`` holds one record per task under
-  ``<session>.<task id>``. Every transition is a compare-and-set on the record's
-  revision, and each claim increments ``attempts``, which is the claim's fencing
-  token: the CAS on the record, not the JetStream ack, is the commit point, so a
-  redelivered dispatch message can never make a task complete twice.
+* **Dispatch**: a work-queue stream ``SWARMBUS_TASKS``, one queue per session, task
+  type and priority (``swarmbus.task.<session>.<type>.<priority>``, a task's message on
+  ``<queue>.<task id>``) and one durable pull consumer per queue, shared by every
+  claimer. A claimer drains the highest non-empty priority first; within a priority
+  the stream is FIFO. Until its first claim the dispatch message *is* the task; it
+  carries the task and the revision a claim compares against (0: no record yet), and
+  is acked once the task is final.
+* **State**: the KV bucket ``swarmbus-tasks`` holds one record per claimed (or
+  approval-gated) task under ``<session>.<task id>``, created by the first claim
+  (create-once). Every transition is a compare-and-set on the record's revision, and
+  each claim increments ``attempts``, which is the claim's fencing token: the CAS on
+  the record, not the JetStream ack, is the commit point, so a redelivered dispatch
+  message can never make a task complete twice.
 
 Lifecycle events are notifications published after the record changed, without
 waiting for their acks. Writes are pipelined in batches (``_Acks``) for throughput;
@@ -633,7 +635,7 @@ class TaskQueue:
     async def _settle_all(self, msgs: list[Msg], agent: str) -> list[Claim]:
         """Claim what the dispatch messages offer, with one round trip for the batch.
 
-        A first delivery carries the record and its revision: if that record is
+        A first delivery carries the task and its revision: if that task is
         claimable its claim CAS is pipelined with the others (one timeout for all).
         Everything else (redeliveries, a lost CAS race, approvals, dead letter) goes
         through ``_settle`` one message at a time.
