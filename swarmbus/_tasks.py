@@ -384,7 +384,9 @@ class TaskQueue:
         the task has no record (its first claim creates it).
         """
         destination = subjects.task_subject(self.session, task.type, task.priority)
-        headers = {MSG_ID_HEADER: f"task:{task.id}:dispatch", REVISION_HEADER: str(revision)}
+        headers = {MSG_ID_HEADER: f"task:{task.id}:dispatch"}
+        if revision:  # absent: 0 (nats-py parses headers character by character)
+            headers[REVISION_HEADER] = str(revision)
         return (
             f"{destination}.{task.id}",
             _encoder.encode(task),
@@ -648,12 +650,11 @@ class TaskQueue:
             if (
                 hint is not None
                 and _deliveries(msg) == 1
-                and REVISION_HEADER in headers
                 and hint.status == "pending"
                 and hint.approval in ("none", "approved")
                 and hint.attempts < hint.max_attempts
             ):
-                fast.append((msg, _claimed(hint, agent), int(headers[REVISION_HEADER])))
+                fast.append((msg, _claimed(hint, agent), int(headers.get(REVISION_HEADER, 0))))
             else:
                 slow.append((msg, True))
         claims: list[Claim] = []
@@ -692,11 +693,11 @@ class TaskQueue:
             return None
         task_id = hint.id
         headers = msg.headers or {}
-        first = trust_hint and _deliveries(msg) == 1 and REVISION_HEADER in headers
+        first = trust_hint and _deliveries(msg) == 1
         for _ in range(5):
             if first:
                 # First delivery: trust the task it carries; the CAS checks it.
-                task, revision, first = hint, int(headers[REVISION_HEADER]), False
+                task, revision, first = hint, int(headers.get(REVISION_HEADER, 0)), False
             else:
                 # No record yet: nobody claimed it, this message is the task.
                 task, revision = await self._record_of(task_id) or (hint, 0)
