@@ -7,6 +7,7 @@ other private modules that use ``Bus.nc`` / ``Bus.js``; callers see swarmbus typ
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import contextlib
 import functools
@@ -621,8 +622,16 @@ class Bus:
             raise _transport_error(exc, f"subscribe to {subject}") from exc
         return sub
 
-    async def _dispatch(self, handler: Handler, message: Message, msg: Msg, receiver: str) -> bool:
-        """Run a handler inside a CONSUMER span; a raising handler is reported, not fatal."""
+    async def _dispatch(
+        self, handler: Handler, message: Message, msg: Msg, receiver: str, *, retry: bool = False
+    ) -> bool:
+        """Run a handler inside a CONSUMER span; a raising handler is reported, not fatal.
+
+        With ``retry`` (a durable delivery that has attempts left), a handler that failed
+        because NATS was unreachable (``ConnectionError``, ``PublishError``: a failover, a
+        short outage) is retried: the message is redelivered after a delay instead of
+        dead-lettered. Returns False if the message must not be acked.
+        """
         try:
             if tracing_enabled():
                 attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": receiver}
@@ -630,19 +639,32 @@ class Bus:
                     await handler(message)
             else:
                 await handler(message)
-        except Exception as exc:
-            log.exception("handler for %s failed", msg.subject)
-            await self.reject(
-                subject=msg.subject,
-                data=msg.data,
-                code="handler_error",
-                reason=f"{type(exc).__name__}: {exc}",
-                receiver=receiver,
-                dedupe_key=message.id,
-                message_id=message.id,
-            )
+        except (builtins.ConnectionError, PublishError) as exc:
+            if not retry:
+                await self._handler_failed(exc, message, msg, receiver)
+                return True
+            log.warning("handler for %s failed (%s): retrying", msg.subject, exc)
+            with contextlib.suppress(nats.errors.Error):
+                await msg.nak(delay=min(0.25 * 2 ** _deliveries(msg), 10.0))
             return False
+        except Exception as exc:  # noqa: BLE001 - reported: dead letter + error event
+            await self._handler_failed(exc, message, msg, receiver)
         return True
+
+    async def _handler_failed(
+        self, exc: Exception, message: Message, msg: Msg, receiver: str
+    ) -> None:
+        """Dead-letter the message a handler failed on, with an error event saying why."""
+        log.error("handler for %s failed", msg.subject, exc_info=exc)
+        await self.reject(
+            subject=msg.subject,
+            data=msg.data,
+            code="handler_error",
+            reason=f"{type(exc).__name__}: {exc}",
+            receiver=receiver,
+            dedupe_key=message.id,
+            message_id=message.id,
+        )
 
     async def consume(
         self,
@@ -694,7 +716,7 @@ class Bus:
 
             async def work() -> None:
                 async for msg in receive:
-                    await self._handle_durable(handler, msg, receiver, limiter)
+                    await self._handle_durable(handler, msg, receiver, limiter, max_deliver)
 
             with receive:
                 async with anyio.create_task_group() as tg, send:
@@ -732,7 +754,12 @@ class Bus:
                 await psub.unsubscribe()
 
     async def _handle_durable(
-        self, handler: Handler, msg: Msg, receiver: str, limiter: anyio.Semaphore
+        self,
+        handler: Handler,
+        msg: Msg,
+        receiver: str,
+        limiter: anyio.Semaphore,
+        max_deliver: int,
     ) -> None:
         try:
             try:
@@ -749,7 +776,9 @@ class Bus:
                 )
             else:
                 if _wants(handler, message, receiver):
-                    await self._dispatch(handler, message, msg, receiver)
+                    retry = _deliveries(msg) < max_deliver
+                    if not await self._dispatch(handler, message, msg, receiver, retry=retry):
+                        return  # nak'ed: redelivered later
             with contextlib.suppress(nats.errors.Error):
                 await msg.ack()
         finally:
@@ -999,6 +1028,14 @@ async def connect(
             yield bus
     finally:
         await anyio.to_thread.run_sync(server.stop)
+
+
+def _deliveries(msg: Msg) -> int:
+    """How often JetStream delivered ``msg`` (1 for a message that is not JetStream's)."""
+    try:
+        return int(msg.metadata.num_delivered)
+    except nats.errors.Error:
+        return 1
 
 
 async def stored_messages(

@@ -208,6 +208,37 @@ async def test_handler_exception_is_reported_and_next_message_handled(
     assert seen == ["boom", "fine"]
 
 
+async def test_handler_that_cannot_reach_nats_is_retried_not_dead_lettered(
+    bus: Bus, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    """A transient failure (ConnectionError: a failover, an outage) redelivers the message;
+    only the last delivery dead-letters it."""
+    agent = Agent(f"test/offline-{unique}")
+    attempts: list[int] = []
+    done = anyio.Event()
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        attempts.append(len(attempts) + 1)
+        if message.finding.content == "outage" and len(attempts) < 3:
+            raise swarmbus.ConnectionError("KV unreachable")
+        done.set()
+
+    errors, stop_errors = await collect(raw, f"agent.error.occurred.{session_id}.{agent.id}")
+    async with agent.serve(bus):
+        await bus.publish(
+            Finding(category="observation", content="outage", confidence=0.5),
+            agent="test/publisher",
+            session=session_id,
+        )
+        with anyio.fail_after(WAIT):
+            await done.wait()
+    await stop_errors()
+    assert attempts == [1, 2, 3]
+    with pytest.raises(anyio.WouldBlock):
+        errors.receive_nowait()  # no error event, nothing dead-lettered
+
+
 async def test_publish_refuses_bad_input_before_sending(bus: Bus, session_id: str) -> None:
     with pytest.raises(swarmbus.InvalidIdentifierError):
         await bus.publish(
