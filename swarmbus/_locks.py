@@ -60,6 +60,13 @@ DEFAULT_TIMEOUT: Final = 30.0
 MARKER_TTL: Final = 60
 """Seconds that release and expiry markers stay in the bucket (then the key is empty)."""
 WATCH_INACTIVE_THRESHOLD: Final = 5.0
+RECENT_HOLDERS: Final = 32
+"""Holders per key that waiters rank themselves against (the oldest are forgotten)."""
+RECENT_WINDOW: Final = 30.0
+"""Seconds a key's holder history is kept after its last local waiter left."""
+MIN_STEP: Final = 0.0005
+MAX_STEP: Final = 0.02
+"""Bounds of the delay between one rank of waiters and the next (seconds)."""
 
 EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
 TTL_HEADER: Final = "Nats-TTL"
@@ -260,6 +267,15 @@ class _Writer:
         return last.seq
 
 
+@dataclass
+class _Waiter:
+    """A local waiter: where to tell it, who it is, and the revision it started after."""
+
+    send: MemoryObjectSendStream[int | None]
+    owner: str
+    since: int
+
+
 class _Bucket:
     """A locks bucket as one bus sees it: opened once, one watch for all local waiters.
 
@@ -269,30 +285,61 @@ class _Bucket:
     file-backed). Local waiters for a key queue in FIFO order and only the head is told
     when the key is freed, so a release costs one compare-and-set per process instead
     of one per waiter, and waiters in one process are served in arrival order.
+
+    Across connections, every connection's head would race for each release (all but
+    one compare-and-set lose). So heads take turns, least recently served first: every
+    watch sees the same acquisitions, so every connection keeps the same list of a
+    key's recent holders, oldest acquisition first. A head ranks itself by the holders
+    whose last acquisition is older than its own (or, if it never held the key, than
+    the moment it started waiting) and defers its attempt by ``rank`` steps of about
+    two observed hand-off times; it cancels the attempt when the watch shows the key
+    taken. Holders that let their turn pass (gone, or slow) are dropped from the list
+    when a later-ranked one acquires. Only the attempts' timing depends on this: every
+    acquisition is still a compare-and-set, and a head that is not told in time (or
+    whose list differs) merely races as before; a dead waiter delays the others by at
+    most one step per rank, once.
     """
 
     def __init__(self, bus: Bus, name: str) -> None:
         self.name = name
         self.provisioned = False
         self.writer = _Writer(bus)
+        self._prefix = subjects.kv_subject(name, "")
         self._guard = anyio.Lock()
         self._sub: JetStreamContext.PushSubscription | None = None
-        self._queues: dict[str, list[MemoryObjectSendStream[int | None]]] = {}
+        self._last_seq = 0
+        self._queues: dict[str, list[_Waiter]] = {}
+        # key -> {owner: revision of its last acquisition}, oldest first
+        self._recent: dict[str, dict[str, int]] = {}
+        self._idle: dict[str, float] = {}  # key -> when its last local waiter left
+        self._freed_at: dict[str, float] = {}  # key -> when the watch saw it freed
+        self._turns: dict[str, asyncio.TimerHandle] = {}  # key -> its head's deferred try
+        self._gap = MIN_STEP  # smoothed time from "freed" to "acquired" on the watch
 
     def queued(self, key: str) -> bool:
         """Whether local waiters are queued for ``key`` (a newcomer goes behind them)."""
         return bool(self._queues.get(key))
 
+    def delay(self, key: str, waiter: _Waiter) -> float:
+        """Seconds the head ``waiter`` defers its try on a freed key (its rank in steps)."""
+        recent = self._recent.get(key)
+        if not recent:
+            return 0.0
+        mine = recent.get(waiter.owner, waiter.since)
+        rank = sum(1 for seq in recent.values() if seq < mine)
+        return rank * min(MAX_STEP, max(MIN_STEP, 2 * self._gap))
+
     @contextlib.asynccontextmanager
     async def waiting(
-        self, js: JetStreamContext, key: str, hint: int | None
+        self, js: JetStreamContext, key: str, owner: str, hint: int | None
     ) -> AsyncIterator[MemoryObjectReceiveStream[int | None]]:
         """Queue for ``key``; at the head, receive what to try next.
 
-        An int is the revision of a write that freed the key (compare-and-set on it);
-        None means "read the key": the state before this waiter became head is unknown.
-        A waiter that finds the queue empty starts with ``hint`` (a revision it knows
-        freed the key, or None). Leaving without the lock passes a None to the next one.
+        An int is the revision of a write that freed the key (compare-and-set on it),
+        given at this waiter's turn; None means "read the key": the state before this
+        waiter became head is unknown. A waiter that finds the queue empty starts with
+        ``hint`` (a revision it knows freed the key, or None). Leaving without the lock
+        passes a None to the next one.
         """
         async with self._guard:
             if self._sub is None:
@@ -307,28 +354,90 @@ class _Bucket:
                         config=ConsumerConfig(mem_storage=True),
                     )
         send, receive = anyio.create_memory_object_stream[int | None](math.inf)
+        self._recent.setdefault(key, {})
+        self._idle.pop(key, None)
+        waiter = _Waiter(send, owner, self._last_seq)
         queue = self._queues.setdefault(key, [])
-        queue.append(send)
+        queue.append(waiter)
         if len(queue) == 1:
-            send.send_nowait(hint)
+            if hint is None:
+                send.send_nowait(None)
+            else:
+                self._freed(key, hint)
         acquired = False
         try:
             with receive:
                 yield receive
             acquired = True
         finally:
-            head = queue[0] is send
-            queue.remove(send)
+            head = queue[0] is waiter
+            queue.remove(waiter)
             send.close()
+            if head and (turn := self._turns.pop(key, None)):
+                turn.cancel()
             if not queue:
                 del self._queues[key]
+                self._forget_idle(key)
             elif head and not acquired:
-                queue[0].send_nowait(None)
+                queue[0].send.send_nowait(None)
+
+    def _freed(self, key: str, revision: int) -> None:
+        """Tell the head waiter of ``key`` (now, or at its turn) that ``revision`` freed it."""
+        queue = self._queues.get(key)
+        if not queue:
+            return
+        if turn := self._turns.pop(key, None):
+            turn.cancel()
+        head = queue[0]
+        delay = self.delay(key, head)
+        if delay:
+            loop = asyncio.get_running_loop()
+            self._turns[key] = loop.call_later(delay, self._turn, key, head, revision)
+        else:
+            head.send.send_nowait(revision)
+
+    def _turn(self, key: str, head: _Waiter, revision: int) -> None:
+        del self._turns[key]
+        head.send.send_nowait(revision)  # still the head: leaving cancels the turn
+
+    def _forget_idle(self, key: str) -> None:
+        now = time.monotonic()
+        self._idle[key] = now
+        for idle in [k for k, t in self._idle.items() if now - t > RECENT_WINDOW]:
+            del self._idle[idle]
+            self._recent.pop(idle, None)
+            self._freed_at.pop(idle, None)
 
     async def _on_msg(self, msg: Msg) -> None:
-        queue = self._queues.get(msg.subject.removeprefix(subjects.kv_subject(self.name, "")))
-        if queue and _is_tombstone(msg.headers):
-            queue[0].send_nowait(msg.metadata.sequence.stream)
+        key = msg.subject[len(self._prefix) :]
+        self._last_seq = seq = msg.metadata.sequence.stream
+        if _is_tombstone(msg.headers):
+            if key in self._recent:
+                self._freed_at[key] = time.monotonic()
+            self._freed(key, seq)
+            return
+        recent = self._recent.get(key)
+        if recent is None:
+            return
+        if turn := self._turns.pop(key, None):  # taken before the head's turn came
+            turn.cancel()
+        try:
+            record = _decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if record.token:  # a refresh: the holder keeps its place
+            return
+        previous = recent.pop(record.owner, None)
+        if previous is not None:
+            older = [owner for owner, last in recent.items() if last < previous]
+            freed = self._freed_at.pop(key, None)
+            if freed is not None and not older:  # a turn taken without deferral
+                self._gap = 0.8 * self._gap + 0.2 * (time.monotonic() - freed)
+            for owner in older:  # they let their turn pass
+                del recent[owner]
+        recent[record.owner] = seq
+        if len(recent) > RECENT_HOLDERS:
+            del recent[next(iter(recent))]
 
 
 # Per connection; entries of closed connections are dropped when a new one comes.
@@ -592,17 +701,20 @@ class Lock:
 
     async def _wait(self, bucket: _Bucket, ttl: int) -> Lease:
         """Queue behind this connection's waiters for the key; try each time it is freed."""
-        async with bucket.waiting(self.bus.js, self._key, self._released_at) as updates:
+        waiting = bucket.waiting(self.bus.js, self._key, self.owner, self._released_at)
+        async with waiting as updates:
             while True:
-                revision = await updates.receive()
-                if revision is None:
-                    lease = await self._attempt(ttl)
-                else:
-                    try:
-                        return await self._create(ttl, revision)
-                    except _Conflict as conflict:
-                        if conflict.actual:  # someone else won: wait for their release
-                            continue
-                        lease = await self._attempt(ttl, conflict.actual)
+                lease = await self._try(ttl, await updates.receive())
                 if lease is not None:
                     return lease
+
+    async def _try(self, ttl: int, revision: int | None) -> Lease | None:
+        """One attempt of a waiter: on a freed revision, or after reading the key."""
+        if revision is None:
+            return await self._attempt(ttl)
+        try:
+            return await self._create(ttl, revision)
+        except _Conflict as conflict:
+            if conflict.actual:  # someone else won: wait for their release
+                return None
+            return await self._attempt(ttl, conflict.actual)
