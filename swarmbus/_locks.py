@@ -14,10 +14,13 @@ from a holder whose lease has already passed to someone else.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -30,8 +33,10 @@ import nats.errors
 import nats.js.errors
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.nuid import NUID
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus, _translate, _transport_error, kv_latest
@@ -42,7 +47,9 @@ from swarmbus._errors import (
     InvalidTTLError,
     LockLostError,
     LockTimeoutError,
+    PublishError,
 )
+from swarmbus._retry import is_transient
 from swarmbus._telemetry import send_span
 
 log = logging.getLogger("swarmbus.locks")
@@ -53,6 +60,13 @@ DEFAULT_TIMEOUT: Final = 30.0
 MARKER_TTL: Final = 60
 """Seconds that release and expiry markers stay in the bucket (then the key is empty)."""
 WATCH_INACTIVE_THRESHOLD: Final = 5.0
+RECENT_HOLDERS: Final = 32
+"""Holders per key that waiters rank themselves against (the oldest are forgotten)."""
+RECENT_WINDOW: Final = 30.0
+"""Seconds a key's holder history is kept after its last local waiter left."""
+MIN_STEP: Final = 0.0005
+MAX_STEP: Final = 0.02
+"""Bounds of the delay between one rank of waiters and the next (seconds)."""
 
 EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
 TTL_HEADER: Final = "Nats-TTL"
@@ -62,7 +76,10 @@ KV_DELETE: Final = "DEL"
 ROLLUP_HEADER: Final = "Nats-Rollup"
 ROLLUP_SUBJECT: Final = "sub"
 MARKER_REASON: Final = "Nats-Marker-Reason"
+MSG_ID: Final = "Nats-Msg-Id"
 _WRONG_LAST_SEQUENCE: Final = (10071, 10164)
+_FIRST_BACKOFF: Final = 0.05
+_MAX_BACKOFF: Final = 1.0
 _LAST_SEQUENCE_RE: Final = re.compile(r"wrong last sequence: (\d+)")
 
 
@@ -74,8 +91,22 @@ class _Record(msgspec.Struct, omit_defaults=True):
     token: int = 0
 
 
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _Ack(msgspec.Struct):
+    """A JetStream publish acknowledgement (or the server's refusal)."""
+
+    seq: int = 0
+    error: _ApiError | None = None
+
+
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(_Record)
+_ack_decoder: Final = msgspec.json.Decoder(_Ack)
 
 
 @dataclass(frozen=True)
@@ -127,6 +158,124 @@ def _nats_errors(what: str) -> Iterator[None]:
         raise _transport_error(exc, what) from exc
 
 
+def _time_out(future: asyncio.Future[Msg]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+class _Writer:
+    """Compare-and-set publishes on one connection's lock keys, answered on one inbox.
+
+    Why not ``bus.js.publish``: an uncontended lock cycle is two writes that each wait
+    for their ack, so the client's cost per write is most of the cycle. nats-py's
+    request (a new inbox token, a future with a done callback and ``wait_for`` per
+    request, a dict-built ack) and the retry layer (per-attempt header copies) cost
+    ~0.1 ms per write on this machine; here a write is one publish, one timer and a
+    msgspec-parsed ack. The retry layer's guarantees are kept: a refused subject
+    raises PermissionDeniedError at once (the bus's permission guard), transient
+    failures (timeouts, no responders, no leader) are retried with the same
+    ``Nats-Msg-Id`` until ``retry_for`` passes, and a retry that fails its
+    compare-and-set because an earlier attempt was stored with its ack lost is
+    recognised by that id on the key's last entry (read from the stream leader).
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._pending: dict[str, asyncio.Future[Msg]] = {}
+        self._ids = itertools.count(1)
+        self._nonce = NUID().next().decode()
+
+    def new_id(self) -> str:
+        """A ``Nats-Msg-Id`` unique to this connection's writer."""
+        return f"{self._nonce}.{next(self._ids)}"
+
+    async def write(self, subject: str, payload: bytes, headers: dict[str, str], what: str) -> int:
+        """Publish a compare-and-set carrying ``headers[MSG_ID]``; its stream sequence.
+
+        Raises:
+            _Conflict: the compare-and-set lost (and the key's last entry is not ours).
+            PermissionDeniedError, PublishError, ConnectionError: as ``bus.js`` raises.
+        """
+        bus = self._bus
+        deadline = time.monotonic() + bus.settings.retry_for
+        backoff = _FIRST_BACKOFF
+        retry = False
+        while True:
+            try:
+                with bus._permission_guard(subject, what):
+                    reply = await self._request(subject, payload, headers)
+                if reply.headers and reply.headers.get("Status") == "503":
+                    raise nats.errors.NoRespondersError
+                try:
+                    ack = _ack_decoder.decode(reply.data)
+                except msgspec.DecodeError:
+                    raise PublishError(f"{what}: bad acknowledgement {reply.data!r}") from None
+                if ack.error is None:
+                    return ack.seq
+                error = ack.error
+                if error.err_code in _WRONG_LAST_SEQUENCE:
+                    if retry and (mine := await self._stored_already(subject, headers)):
+                        return mine
+                    found = _LAST_SEQUENCE_RE.search(error.description)
+                    raise _Conflict(int(found.group(1)) if found else None)
+                raise nats.js.errors.APIError(
+                    code=error.code, err_code=error.err_code, description=error.description
+                )
+            except (TimeoutError, nats.errors.Error) as exc:
+                if not is_transient(exc) or time.monotonic() + backoff >= deadline:
+                    if isinstance(exc, nats.js.errors.APIError):
+                        raise _translate(exc, what) from exc
+                    raise _transport_error(exc, what) from exc
+                log.info("%s: %s; retrying", what, type(exc).__name__)
+            retry = True
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> Msg:
+        nc = self._bus.nc
+        if not self._prefix:  # set before the await: concurrent writers subscribe once
+            self._prefix = f"{nc.new_inbox()}."
+            self._sub = await nc.subscribe(f"{self._prefix}*", cb=self._on_reply)
+        token = str(next(self._ids))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._pending[token] = future
+        timer = loop.call_later(self._bus.settings.request_timeout, _time_out, future)
+        try:
+            await nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            return await future
+        finally:
+            timer.cancel()
+            del self._pending[token]
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._pending.get(msg.subject[len(self._prefix) :])
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def _stored_already(self, subject: str, headers: dict[str, str]) -> int | None:
+        """The sequence of our earlier attempt if it is the key's last entry."""
+        stream = f"KV_{subject.split('.', 2)[1]}"
+        try:
+            last = await self._bus.js.get_msg(stream, subject=subject, direct=False)
+        except nats.js.errors.Error:
+            return None
+        if (last.headers or {}).get(MSG_ID) != headers[MSG_ID]:
+            return None
+        return last.seq
+
+
+@dataclass
+class _Waiter:
+    """A local waiter: where to tell it, who it is, and the revision it started after."""
+
+    send: MemoryObjectSendStream[int | None]
+    owner: str
+    since: int
+
+
 class _Bucket:
     """A locks bucket as one bus sees it: opened once, one watch for all local waiters.
 
@@ -136,29 +285,61 @@ class _Bucket:
     file-backed). Local waiters for a key queue in FIFO order and only the head is told
     when the key is freed, so a release costs one compare-and-set per process instead
     of one per waiter, and waiters in one process are served in arrival order.
+
+    Across connections, every connection's head would race for each release (all but
+    one compare-and-set lose). So heads take turns, least recently served first: every
+    watch sees the same acquisitions, so every connection keeps the same list of a
+    key's recent holders, oldest acquisition first. A head ranks itself by the holders
+    whose last acquisition is older than its own (or, if it never held the key, than
+    the moment it started waiting) and defers its attempt by ``rank`` steps of about
+    two observed hand-off times; it cancels the attempt when the watch shows the key
+    taken. Holders that let their turn pass (gone, or slow) are dropped from the list
+    when a later-ranked one acquires. Only the attempts' timing depends on this: every
+    acquisition is still a compare-and-set, and a head that is not told in time (or
+    whose list differs) merely races as before; a dead waiter delays the others by at
+    most one step per rank, once.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, bus: Bus, name: str) -> None:
         self.name = name
         self.provisioned = False
+        self.writer = _Writer(bus)
+        self._prefix = subjects.kv_subject(name, "")
         self._guard = anyio.Lock()
         self._sub: JetStreamContext.PushSubscription | None = None
-        self._queues: dict[str, list[MemoryObjectSendStream[int | None]]] = {}
+        self._last_seq = 0
+        self._queues: dict[str, list[_Waiter]] = {}
+        # key -> {owner: revision of its last acquisition}, oldest first
+        self._recent: dict[str, dict[str, int]] = {}
+        self._idle: dict[str, float] = {}  # key -> when its last local waiter left
+        self._freed_at: dict[str, float] = {}  # key -> when the watch saw it freed
+        self._turns: dict[str, asyncio.TimerHandle] = {}  # key -> its head's deferred try
+        self._gap = MIN_STEP  # smoothed time from "freed" to "acquired" on the watch
 
     def queued(self, key: str) -> bool:
         """Whether local waiters are queued for ``key`` (a newcomer goes behind them)."""
         return bool(self._queues.get(key))
 
+    def delay(self, key: str, waiter: _Waiter) -> float:
+        """Seconds the head ``waiter`` defers its try on a freed key (its rank in steps)."""
+        recent = self._recent.get(key)
+        if not recent:
+            return 0.0
+        mine = recent.get(waiter.owner, waiter.since)
+        rank = sum(1 for seq in recent.values() if seq < mine)
+        return rank * min(MAX_STEP, max(MIN_STEP, 2 * self._gap))
+
     @contextlib.asynccontextmanager
     async def waiting(
-        self, js: JetStreamContext, key: str, hint: int | None
+        self, js: JetStreamContext, key: str, owner: str, hint: int | None
     ) -> AsyncIterator[MemoryObjectReceiveStream[int | None]]:
         """Queue for ``key``; at the head, receive what to try next.
 
-        An int is the revision of a write that freed the key (compare-and-set on it);
-        None means "read the key": the state before this waiter became head is unknown.
-        A waiter that finds the queue empty starts with ``hint`` (a revision it knows
-        freed the key, or None). Leaving without the lock passes a None to the next one.
+        An int is the revision of a write that freed the key (compare-and-set on it),
+        given at this waiter's turn; None means "read the key": the state before this
+        waiter became head is unknown. A waiter that finds the queue empty starts with
+        ``hint`` (a revision it knows freed the key, or None). Leaving without the lock
+        passes a None to the next one.
         """
         async with self._guard:
             if self._sub is None:
@@ -173,28 +354,90 @@ class _Bucket:
                         config=ConsumerConfig(mem_storage=True),
                     )
         send, receive = anyio.create_memory_object_stream[int | None](math.inf)
+        self._recent.setdefault(key, {})
+        self._idle.pop(key, None)
+        waiter = _Waiter(send, owner, self._last_seq)
         queue = self._queues.setdefault(key, [])
-        queue.append(send)
+        queue.append(waiter)
         if len(queue) == 1:
-            send.send_nowait(hint)
+            if hint is None:
+                send.send_nowait(None)
+            else:
+                self._freed(key, hint)
         acquired = False
         try:
             with receive:
                 yield receive
             acquired = True
         finally:
-            head = queue[0] is send
-            queue.remove(send)
+            head = queue[0] is waiter
+            queue.remove(waiter)
             send.close()
+            if head and (turn := self._turns.pop(key, None)):
+                turn.cancel()
             if not queue:
                 del self._queues[key]
+                self._forget_idle(key)
             elif head and not acquired:
-                queue[0].send_nowait(None)
+                queue[0].send.send_nowait(None)
+
+    def _freed(self, key: str, revision: int) -> None:
+        """Tell the head waiter of ``key`` (now, or at its turn) that ``revision`` freed it."""
+        queue = self._queues.get(key)
+        if not queue:
+            return
+        if turn := self._turns.pop(key, None):
+            turn.cancel()
+        head = queue[0]
+        delay = self.delay(key, head)
+        if delay:
+            loop = asyncio.get_running_loop()
+            self._turns[key] = loop.call_later(delay, self._turn, key, head, revision)
+        else:
+            head.send.send_nowait(revision)
+
+    def _turn(self, key: str, head: _Waiter, revision: int) -> None:
+        del self._turns[key]
+        head.send.send_nowait(revision)  # still the head: leaving cancels the turn
+
+    def _forget_idle(self, key: str) -> None:
+        now = time.monotonic()
+        self._idle[key] = now
+        for idle in [k for k, t in self._idle.items() if now - t > RECENT_WINDOW]:
+            del self._idle[idle]
+            self._recent.pop(idle, None)
+            self._freed_at.pop(idle, None)
 
     async def _on_msg(self, msg: Msg) -> None:
-        queue = self._queues.get(msg.subject.removeprefix(subjects.kv_subject(self.name, "")))
-        if queue and _is_tombstone(msg.headers):
-            queue[0].send_nowait(msg.metadata.sequence.stream)
+        key = msg.subject[len(self._prefix) :]
+        self._last_seq = seq = msg.metadata.sequence.stream
+        if _is_tombstone(msg.headers):
+            if key in self._recent:
+                self._freed_at[key] = time.monotonic()
+            self._freed(key, seq)
+            return
+        recent = self._recent.get(key)
+        if recent is None:
+            return
+        if turn := self._turns.pop(key, None):  # taken before the head's turn came
+            turn.cancel()
+        try:
+            record = _decoder.decode(msg.data)
+        except msgspec.DecodeError:
+            return
+        if record.token:  # a refresh: the holder keeps its place
+            return
+        previous = recent.pop(record.owner, None)
+        if previous is not None:
+            older = [owner for owner, last in recent.items() if last < previous]
+            freed = self._freed_at.pop(key, None)
+            if freed is not None and not older:  # a turn taken without deferral
+                self._gap = 0.8 * self._gap + 0.2 * (time.monotonic() - freed)
+            for owner in older:  # they let their turn pass
+                del recent[owner]
+        recent[record.owner] = seq
+        if len(recent) > RECENT_HOLDERS:
+            del recent[next(iter(recent))]
 
 
 # Per connection; entries of closed connections are dropped when a new one comes.
@@ -208,7 +451,9 @@ async def _bucket(bus: Bus, name: str) -> _Bucket:
         for closed in [b for b in _buckets if b.nc.is_closed]:
             del _buckets[closed]
         buckets = _buckets[bus] = {}
-    bucket = buckets.setdefault(name, _Bucket(name))
+    bucket = buckets.get(name)
+    if bucket is None:
+        bucket = buckets[name] = _Bucket(bus, name)
     if not bucket.provisioned:
         await bus.key_value(
             name, history=1, limit_marker_ttl=MARKER_TTL, description="swarmbus locks"
@@ -299,6 +544,9 @@ class Lock:
         self.bucket = bucket
         self._key = subjects.lock_key(resource)
         self._subject = subjects.kv_subject(bucket, self._key)
+        self._what = f"lock on {resource!r}"
+        self._attributes = {"swarmbus.agent": self.owner, "swarmbus.lock": resource}
+        self._state: _Bucket | None = None
         self._lease: Lease | None = None
         self._revision = 0
         # Revision of our own last release marker: a CAS on it succeeds only if the
@@ -325,7 +573,7 @@ class Lock:
         if self._lease is not None:
             raise InvalidTransitionError("lock", self.resource, "held", "acquired")
         seconds = self.ttl if ttl is None else whole_seconds(ttl)
-        bucket = await _bucket(self.bus, self.bucket)
+        bucket = self._state or await self._provision()
         if timeout == 0:
             if bucket.queued(self._key):  # local waiters are first in line
                 return None
@@ -396,23 +644,17 @@ class Lock:
 
     # --- internals ----------------------------------------------------------------
 
+    async def _provision(self) -> _Bucket:
+        self._state = await _bucket(self.bus, self.bucket)
+        return self._state
+
     async def _write(self, payload: bytes, expected: int, headers: dict[str, str]) -> int:
         """Compare-and-set publish on the lock key; returns the new revision."""
-        await _bucket(self.bus, self.bucket)
+        writer = (self._state or await self._provision()).writer
         headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected)
-        attributes = {"swarmbus.agent": self.owner, "swarmbus.lock": self.resource}
-        with (
-            _nats_errors(f"lock on {self.resource!r}"),
-            send_span(self._subject, headers, attributes),
-        ):
-            try:
-                ack = await self.bus.js.publish(self._subject, payload, headers=headers)
-            except nats.js.errors.APIError as exc:
-                if exc.err_code not in _WRONG_LAST_SEQUENCE:
-                    raise
-                found = _LAST_SEQUENCE_RE.search(exc.description or "")
-                raise _Conflict(int(found.group(1)) if found else None) from exc
-        return int(ack.seq)
+        headers[MSG_ID] = writer.new_id()
+        with send_span(self._subject, headers, self._attributes):
+            return await writer.write(self._subject, payload, headers, self._what)
 
     async def _create(self, ttl: int, expected: int) -> Lease:
         """Write a new lock over a free key whose last revision is ``expected``."""
@@ -459,17 +701,20 @@ class Lock:
 
     async def _wait(self, bucket: _Bucket, ttl: int) -> Lease:
         """Queue behind this connection's waiters for the key; try each time it is freed."""
-        async with bucket.waiting(self.bus.js, self._key, self._released_at) as updates:
+        waiting = bucket.waiting(self.bus.js, self._key, self.owner, self._released_at)
+        async with waiting as updates:
             while True:
-                revision = await updates.receive()
-                if revision is None:
-                    lease = await self._attempt(ttl)
-                else:
-                    try:
-                        return await self._create(ttl, revision)
-                    except _Conflict as conflict:
-                        if conflict.actual:  # someone else won: wait for their release
-                            continue
-                        lease = await self._attempt(ttl, conflict.actual)
+                lease = await self._try(ttl, await updates.receive())
                 if lease is not None:
                     return lease
+
+    async def _try(self, ttl: int, revision: int | None) -> Lease | None:
+        """One attempt of a waiter: on a freed revision, or after reading the key."""
+        if revision is None:
+            return await self._attempt(ttl)
+        try:
+            return await self._create(ttl, revision)
+        except _Conflict as conflict:
+            if conflict.actual:  # someone else won: wait for their release
+                return None
+            return await self._attempt(ttl, conflict.actual)

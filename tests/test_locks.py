@@ -15,9 +15,11 @@ from pathlib import Path
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import nats.js.errors
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
+from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from swarmbus import (
@@ -32,8 +34,9 @@ from swarmbus import (
     held_locks,
     lock_holder,
 )
+from swarmbus import _locks as locks
 from swarmbus._cli import main
-from swarmbus._locks import MARKER_REASON, TTL_HEADER, _bucket, whole_seconds
+from swarmbus._locks import MARKER_REASON, TTL_HEADER, _bucket, _Writer, whole_seconds
 from swarmbus._subjects import MAX_RESOURCE_BYTES, kv_subject, lock_key, resource_of_lock_key
 
 RESOURCE = "file:/src/main.py"
@@ -477,3 +480,116 @@ async def test_a_waiter_that_gives_up_leaves_the_queue(bus: Bus, bucket: str) ->
             await holder.release()
     assert results["impatient"] is None
     assert results["patient"] is not None
+
+
+# --- the lock write path and hand-offs across connections ----------------------------
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("held_by_other", [False, True])
+async def test_a_write_whose_ack_was_lost_is_settled(
+    nats_url: str, bucket: str, monkeypatch: pytest.MonkeyPatch, held_by_other: bool
+) -> None:
+    """One ack on the writer's inbox is dropped: the retry (same Nats-Msg-Id) fails its
+    compare-and-set, and the key's last entry says whether the write was ours."""
+    armed: list[bool] = []
+    dropped: list[Msg] = []
+    original = _Writer._on_reply
+
+    async def lose_one(self: _Writer, msg: Msg) -> None:
+        if armed and not dropped:
+            dropped.append(msg)
+            return
+        await original(self, msg)
+
+    monkeypatch.setattr(_Writer, "_on_reply", lose_one)
+    async with (
+        Bus.open(url=nats_url) as other_bus,
+        Bus.open(url=nats_url, request_timeout=0.5) as bus,
+    ):
+        lock = Lock(bus, RESOURCE, "ops/a", bucket=bucket)
+        assert await lock.acquire() is not None
+        await lock.release()  # the next try is a CAS on this release's revision
+        if held_by_other:
+            assert await Lock(other_bus, RESOURCE, "ops/b", bucket=bucket).acquire()
+        armed.append(True)
+        with anyio.fail_after(10):
+            lease = await lock.acquire()
+        holder = await lock_holder(bus, RESOURCE, bucket=bucket)
+        assert len(dropped) == 1
+        assert holder is not None
+        if held_by_other:  # the lost ack was a refusal: not ours, nothing changed
+            assert lease is None
+            assert holder.owner == "ops/b"
+            assert b"wrong last sequence" in dropped[0].data
+        else:  # the lost ack was ours: the lease is the stored write
+            assert lease is not None
+            assert (holder.owner, holder.token) == ("ops/a", lease.token)
+            assert msgspec.json.decode(dropped[0].data)["seq"] == lease.token
+            await lock.release()
+            assert await lock_holder(bus, RESOURCE, bucket=bucket) is None
+
+
+async def _cycle(bus: Bus, bucket: str, name: str, total: int, order: list[str]) -> None:
+    """Acquire and release (re-queueing at once) until ``order`` has ``total`` entries."""
+    lock = Lock(bus, RESOURCE, f"ops/{name}", bucket=bucket)
+    while len(order) < total:
+        lease = await lock.acquire(timeout=20)
+        assert lease is not None
+        order.append(name)
+        await lock.release()
+
+
+async def test_waiters_on_different_connections_take_turns(
+    nats_url: str, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Least recently served first: once every connection has seen the others hold the
+    lock, contenders that re-queue right after their release rotate strictly."""
+    monkeypatch.setattr(locks, "MIN_STEP", 0.25)  # far above a hand-off: no timing luck
+    monkeypatch.setattr(locks, "MAX_STEP", 0.25)
+    names = ["a", "b", "c"]
+    order: list[str] = []
+    async with AsyncExitStack() as stack:
+        buses = [await stack.enter_async_context(Bus.open(url=nats_url)) for _ in names]
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for bus, name in zip(buses, names, strict=True):
+                    tg.start_soon(_cycle, bus, bucket, name, 30, order)
+    assert sorted(order[-3:]) == names
+    assert order[-9:-6] == order[-6:-3] == order[-3:]
+
+
+async def test_a_waiter_whose_turn_it_was_and_left_does_not_block_the_next(
+    nats_url: str, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(locks, "MIN_STEP", 0.25)
+    monkeypatch.setattr(locks, "MAX_STEP", 0.25)
+    order: list[str] = []
+    async with AsyncExitStack() as stack:
+        bus_a, bus_b, bus_h = [
+            await stack.enter_async_context(Bus.open(url=nats_url)) for _ in "abh"
+        ]
+        buses = {"a": bus_a, "b": bus_b}
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for name, bus in buses.items():
+                    tg.start_soon(_cycle, bus, bucket, name, 6, order)
+            older, newer = order[-2], order[-1]  # older is first in line next time
+            holder = Lock(bus_h, RESOURCE, "ops/h", bucket=bucket)
+            assert await holder.acquire() is not None
+            results: dict[str, Lease | None] = {}
+            gave_up = anyio.Event()
+
+            async def wait(name: str, timeout: float) -> None:
+                lock = Lock(buses[name], RESOURCE, f"ops/{name}", bucket=bucket)
+                results[name] = await lock.acquire(timeout=timeout)
+                if name == older:
+                    gave_up.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait, older, 0.3)
+                tg.start_soon(wait, newer, 20)
+                await gave_up.wait()
+                await holder.release()
+    assert results[older] is None
+    assert results[newer] is not None
