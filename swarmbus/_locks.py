@@ -267,13 +267,22 @@ class _Writer:
         return last.seq
 
 
+@dataclass(frozen=True)
+class _Handed:
+    """The lock was handed to a waiter by its releasing holder: stored at ``revision``."""
+
+    revision: int
+
+
 @dataclass
 class _Waiter:
-    """A local waiter: where to tell it, who it is, and the revision it started after."""
+    """A local waiter: where to tell it, who it is, the revision it started after, and
+    the lease length it asked for (used when the holder hands the lock over)."""
 
-    send: MemoryObjectSendStream[int | None]
+    send: MemoryObjectSendStream[int | _Handed | None]
     owner: str
     since: int
+    ttl: int
 
 
 class _Bucket:
@@ -329,10 +338,26 @@ class _Bucket:
         rank = sum(1 for seq in recent.values() if seq < mine)
         return rank * min(MAX_STEP, max(MIN_STEP, 2 * self._gap))
 
+    def successor(self, key: str) -> _Waiter | None:
+        """The local head waiter of ``key`` if it is its turn (a holder may hand over)."""
+        queue = self._queues.get(key)
+        if not queue or key in self._turns:
+            return None
+        head = queue[0]
+        return head if self.delay(key, head) == 0 else None
+
+    def handed(self, key: str, waiter: _Waiter, revision: int) -> bool:
+        """Give ``waiter`` the lock stored for it at ``revision``; False if it left."""
+        queue = self._queues.get(key)
+        if not queue or waiter not in queue:
+            return False
+        waiter.send.send_nowait(_Handed(revision))
+        return True
+
     @contextlib.asynccontextmanager
     async def waiting(
-        self, js: JetStreamContext, key: str, owner: str, hint: int | None
-    ) -> AsyncIterator[MemoryObjectReceiveStream[int | None]]:
+        self, js: JetStreamContext, key: str, owner: str, hint: int | None, ttl: int
+    ) -> AsyncIterator[MemoryObjectReceiveStream[int | _Handed | None]]:
         """Queue for ``key``; at the head, receive what to try next.
 
         An int is the revision of a write that freed the key (compare-and-set on it),
@@ -353,10 +378,10 @@ class _Bucket:
                         inactive_threshold=WATCH_INACTIVE_THRESHOLD,
                         config=ConsumerConfig(mem_storage=True),
                     )
-        send, receive = anyio.create_memory_object_stream[int | None](math.inf)
+        send, receive = anyio.create_memory_object_stream[int | _Handed | None](math.inf)
         self._recent.setdefault(key, {})
         self._idle.pop(key, None)
-        waiter = _Waiter(send, owner, self._last_seq)
+        waiter = _Waiter(send, owner, self._last_seq, ttl)
         queue = self._queues.setdefault(key, [])
         queue.append(waiter)
         if len(queue) == 1:
@@ -613,6 +638,11 @@ class Lock:
         lease, self._lease = self._lease, None
         if lease is None:
             raise LockLostError(self.resource, self.owner, None)
+        bucket = self._state
+        successor = bucket.successor(self._key) if bucket is not None else None
+        if bucket is not None and successor is not None:
+            await self._hand_over(bucket, successor, lease)
+            return
         headers = {
             KV_OPERATION: KV_PURGE,
             ROLLUP_HEADER: ROLLUP_SUBJECT,
@@ -622,6 +652,29 @@ class Lock:
             self._released_at = await self._write(b"", self._revision, headers)
         except _Conflict:
             raise LockLostError(self.resource, self.owner, lease.token) from None
+
+    async def _hand_over(self, bucket: _Bucket, successor: _Waiter, lease: Lease) -> None:
+        """Release by writing the lock of the next local waiter (one write, not two).
+
+        The write is a compare-and-set on this lease's revision, so it happens only if
+        we still hold the lock; the successor's token is its revision, as for any
+        acquisition. If the successor gave up meanwhile, the lock written for it is
+        released at once.
+        """
+        record = _Record(owner=successor.owner, ttl=successor.ttl)
+        self._released_at = None
+        try:
+            revision = await self._write(
+                _encoder.encode(record), self._revision, {TTL_HEADER: str(successor.ttl)}
+            )
+        except _Conflict:
+            raise LockLostError(self.resource, self.owner, lease.token) from None
+        if not bucket.handed(self._key, successor, revision):
+            orphan = Lock(self.bus, self.resource, successor.owner, bucket=self.bucket)
+            orphan._state, orphan._revision = bucket, revision
+            orphan._lease = Lease(self.resource, successor.owner, revision, successor.ttl)
+            with contextlib.suppress(LockLostError):
+                await orphan.release()
 
     async def __aenter__(self) -> Lease:
         lease = await self.acquire(timeout=self.timeout)
@@ -701,10 +754,15 @@ class Lock:
 
     async def _wait(self, bucket: _Bucket, ttl: int) -> Lease:
         """Queue behind this connection's waiters for the key; try each time it is freed."""
-        waiting = bucket.waiting(self.bus.js, self._key, self.owner, self._released_at)
+        waiting = bucket.waiting(self.bus.js, self._key, self.owner, self._released_at, ttl)
         async with waiting as updates:
             while True:
-                lease = await self._try(ttl, await updates.receive())
+                update = await updates.receive()
+                if isinstance(update, _Handed):  # the holder wrote our lock
+                    self._revision = update.revision
+                    self._lease = Lease(self.resource, self.owner, update.revision, ttl)
+                    return self._lease
+                lease = await self._try(ttl, update)
                 if lease is not None:
                     return lease
 

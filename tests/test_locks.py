@@ -593,3 +593,70 @@ async def test_a_waiter_whose_turn_it_was_and_left_does_not_block_the_next(
                 await holder.release()
     assert results[older] is None
     assert results[newer] is not None
+
+
+# --- hand-over to the next local waiter ------------------------------------------------
+
+
+async def test_release_hands_the_lock_to_the_next_local_waiter(bus: Bus, bucket: str) -> None:
+    """One write: the holder's release stores the waiter's lock (no marker in between)."""
+    holder = Lock(bus, RESOURCE, "ops/a", bucket=bucket, ttl=7)
+    first = await holder.acquire()
+    assert first is not None
+    waiter = Lock(bus, RESOURCE, "ops/b", bucket=bucket, ttl=9)
+    got: list[Lease | None] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def wait() -> None:
+                got.append(await waiter.acquire(timeout=10))
+
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            await holder.release()
+    (lease,) = got
+    assert lease is not None
+    assert (lease.owner, lease.ttl) == ("ops/b", 9)
+    assert lease.token == first.token + 1  # the bucket's next write was the hand-over
+    stored = await lock_holder(bus, RESOURCE, bucket=bucket)
+    assert stored is not None
+    assert (stored.owner, stored.token) == ("ops/b", lease.token)
+    assert (await _stored_headers(bus, bucket, lock_key(RESOURCE)))[TTL_HEADER] == "9"
+    with pytest.raises(LockLostError):
+        await holder.release()  # the old holder has nothing left to release
+    await waiter.release()
+    assert await lock_holder(bus, RESOURCE, bucket=bucket) is None
+
+
+async def test_a_waiter_that_left_during_the_hand_over_is_not_left_holding(
+    bus: Bus, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiter gives up while the hand-over write is in flight: its lock is released."""
+    holder = Lock(bus, RESOURCE, "ops/a", bucket=bucket)
+    assert await holder.acquire() is not None
+    left = anyio.Event()
+    scope = anyio.CancelScope()
+    original = _Writer.write
+
+    async def leave_first(
+        self: _Writer, subject: str, payload: bytes, headers: dict[str, str], what: str
+    ) -> int:
+        if b"ops/b" in payload:  # the hand-over: the waiter leaves before it lands
+            scope.cancel()
+            await left.wait()
+        return await original(self, subject, payload, headers, what)
+
+    monkeypatch.setattr(_Writer, "write", leave_first)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def wait() -> None:
+                with scope:
+                    await Lock(bus, RESOURCE, "ops/b", bucket=bucket).acquire(timeout=10)
+                left.set()
+
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            await holder.release()
+    assert await lock_holder(bus, RESOURCE, bucket=bucket) is None
+    assert await Lock(bus, RESOURCE, "ops/c", bucket=bucket).acquire() is not None
