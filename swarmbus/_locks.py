@@ -48,6 +48,7 @@ from swarmbus._errors import (
     LockLostError,
     LockTimeoutError,
     PublishError,
+    SwarmbusError,
 )
 from swarmbus._retry import is_transient
 from swarmbus._telemetry import send_span
@@ -324,6 +325,9 @@ class _Bucket:
         self._freed_at: dict[str, float] = {}  # key -> when the watch saw it freed
         self._turns: dict[str, asyncio.TimerHandle] = {}  # key -> its head's deferred try
         self._gap = MIN_STEP  # smoothed time from "freed" to "acquired" on the watch
+        # Keys whose holder got the lock by a hand-over: its release writes a marker,
+        # so waiters on other connections (invisible here) get their chance.
+        self._handed_over: set[str] = set()
 
     def queued(self, key: str) -> bool:
         """Whether local waiters are queued for ``key`` (a newcomer goes behind them)."""
@@ -341,13 +345,14 @@ class _Bucket:
     def successor(self, key: str) -> _Waiter | None:
         """The local head waiter of ``key`` if it is its turn (a holder may hand over)."""
         queue = self._queues.get(key)
-        if not queue or key in self._turns:
+        if not queue or key in self._turns or key in self._handed_over:
             return None
         head = queue[0]
         return head if self.delay(key, head) == 0 else None
 
     def handed(self, key: str, waiter: _Waiter, revision: int) -> bool:
         """Give ``waiter`` the lock stored for it at ``revision``; False if it left."""
+        self._handed_over.add(key)
         queue = self._queues.get(key)
         if not queue or waiter not in queue:
             return False
@@ -437,6 +442,7 @@ class _Bucket:
         key = msg.subject[len(self._prefix) :]
         self._last_seq = seq = msg.metadata.sequence.stream
         if _is_tombstone(msg.headers):
+            self._handed_over.discard(key)
             if key in self._recent:
                 self._freed_at[key] = time.monotonic()
             self._freed(key, seq)
@@ -485,6 +491,17 @@ async def _bucket(bus: Bus, name: str) -> _Bucket:
         )
         bucket.provisioned = True
     return bucket
+
+
+def _handed_in(updates: MemoryObjectReceiveStream[int | _Handed | None]) -> _Handed | None:
+    """A hand-over still buffered in a waiter's stream (its receive was cancelled)."""
+    while True:
+        try:
+            update = updates.receive_nowait()
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            return None
+        if isinstance(update, _Handed):
+            return update
 
 
 def _is_tombstone(headers: Mapping[str, str] | None) -> bool:
@@ -605,7 +622,7 @@ class Lock:
             return await self._attempt(seconds, self._released_at)
         with anyio.move_on_after(timeout):
             return await self._wait(bucket, seconds)
-        return None
+        return self._lease  # None, or a write that landed as the deadline passed
 
     async def refresh(self, *, ttl: float | None = None) -> Lease:
         """Extend the lease to ``ttl`` seconds from now (same fencing token).
@@ -673,8 +690,10 @@ class Lock:
             orphan = Lock(self.bus, self.resource, successor.owner, bucket=self.bucket)
             orphan._state, orphan._revision = bucket, revision
             orphan._lease = Lease(self.resource, successor.owner, revision, successor.ttl)
-            with contextlib.suppress(LockLostError):
+            try:
                 await orphan.release()
+            except SwarmbusError as exc:  # it expires by its TTL
+                log.warning("cannot release the lock handed to %s: %s", successor.owner, exc)
 
     async def __aenter__(self) -> Lease:
         lease = await self.acquire(timeout=self.timeout)
@@ -712,11 +731,14 @@ class Lock:
     async def _create(self, ttl: int, expected: int) -> Lease:
         """Write a new lock over a free key whose last revision is ``expected``."""
         record = _Record(owner=self.owner, ttl=ttl)
-        self._revision = await self._write(
-            _encoder.encode(record), expected, {TTL_HEADER: str(ttl)}
-        )
-        self._lease = Lease(self.resource, self.owner, self._revision, ttl)
-        return self._lease
+        # Shielded (bounded by retry_for): a caller's timeout must not abandon a write
+        # that may be stored, which would leave a lock nobody holds until its TTL.
+        with anyio.CancelScope(shield=True):
+            self._revision = await self._write(
+                _encoder.encode(record), expected, {TTL_HEADER: str(ttl)}
+            )
+            self._lease = lease = Lease(self.resource, self.owner, self._revision, ttl)
+        return lease
 
     async def _attempt(self, ttl: int, expected: int | None = None) -> Lease | None:
         """One try without waiting; None if the key is held or another writer won.
@@ -755,16 +777,33 @@ class Lock:
     async def _wait(self, bucket: _Bucket, ttl: int) -> Lease:
         """Queue behind this connection's waiters for the key; try each time it is freed."""
         waiting = bucket.waiting(self.bus.js, self._key, self.owner, self._released_at, ttl)
-        async with waiting as updates:
-            while True:
-                update = await updates.receive()
-                if isinstance(update, _Handed):  # the holder wrote our lock
-                    self._revision = update.revision
-                    self._lease = Lease(self.resource, self.owner, update.revision, ttl)
-                    return self._lease
-                lease = await self._try(ttl, update)
-                if lease is not None:
-                    return lease
+        handed: _Handed | None = None
+        try:
+            async with waiting as updates:
+                try:
+                    while True:
+                        update = await updates.receive()
+                        if isinstance(update, _Handed):  # the holder wrote our lock
+                            self._revision = update.revision
+                            self._lease = Lease(self.resource, self.owner, update.revision, ttl)
+                            return self._lease
+                        lease = await self._try(ttl, update)
+                        if lease is not None:
+                            return lease
+                except BaseException:
+                    handed = _handed_in(updates)
+                    raise
+        finally:
+            if handed is not None and self._lease is None:
+                # Cancelled as the holder handed us the lock: give it back (the queue
+                # was left above, so this goes to the next waiter or frees the key).
+                self._revision = handed.revision
+                self._lease = Lease(self.resource, self.owner, handed.revision, ttl)
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.release()
+                    except SwarmbusError as exc:  # it expires by its TTL
+                        log.warning("cannot release a lock handed over too late: %s", exc)
 
     async def _try(self, ttl: int, revision: int | None) -> Lease | None:
         """One attempt of a waiter: on a freed revision, or after reading the key."""

@@ -660,3 +660,105 @@ async def test_a_waiter_that_left_during_the_hand_over_is_not_left_holding(
             await holder.release()
     assert await lock_holder(bus, RESOURCE, bucket=bucket) is None
     assert await Lock(bus, RESOURCE, "ops/c", bucket=bucket).acquire() is not None
+
+
+async def test_a_remote_waiter_is_not_starved_by_hand_overs(nats_url: str, bucket: str) -> None:
+    """Two contenders hand the lock back and forth on one connection; a waiter on
+    another connection still gets it (every other release writes a marker)."""
+    order: list[str] = []
+    both_held = anyio.Event()
+    stop = anyio.Event()
+    async with Bus.open(url=nats_url) as x, Bus.open(url=nats_url) as y:
+
+        async def cycle(name: str) -> None:
+            lock = Lock(x, RESOURCE, f"ops/{name}", bucket=bucket)
+            while not stop.is_set():
+                lease = await lock.acquire(timeout=10)
+                assert lease is not None
+                order.append(name)
+                if {"a1", "a2"} <= set(order):
+                    both_held.set()
+                await anyio.sleep(0.002)  # the work done holding it: the other re-queues
+                await lock.release()
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cycle, "a1")
+                tg.start_soon(cycle, "a2")
+                await both_held.wait()
+                remote = Lock(y, RESOURCE, "ops/c", bucket=bucket)
+                lease = await remote.acquire(timeout=10)
+                stop.set()
+                assert lease is not None
+                await remote.release()
+
+
+async def test_a_waiter_cancelled_as_the_lock_is_handed_to_it_gives_it_back(
+    bus: Bus, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiter is cancelled in the same turn as the hand-over reaches it: the lock
+    written for it is released, not left to its TTL."""
+    holder = Lock(bus, RESOURCE, "ops/a", bucket=bucket)
+    assert await holder.acquire() is not None
+    scope = anyio.CancelScope()
+    original = locks._Bucket.handed
+
+    def cancelled_first(self: locks._Bucket, key: str, waiter: object, revision: int) -> bool:
+        scope.cancel()  # as a deadline firing before the waiter runs again
+        return original(self, key, waiter, revision)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(locks._Bucket, "handed", cancelled_first)
+    waiter = Lock(bus, RESOURCE, "ops/b", bucket=bucket, ttl=30)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def wait() -> None:
+                with scope:
+                    await waiter.acquire(timeout=10)
+
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            await holder.release()  # hands over to ops/b
+    assert waiter.lease is None
+    assert await lock_holder(bus, RESOURCE, bucket=bucket) is None
+    assert await Lock(bus, RESOURCE, "ops/c", bucket=bucket).acquire() is not None
+
+
+async def test_a_write_that_landed_as_acquire_was_cancelled_is_kept(
+    bus: Bus, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while its compare-and-set is in flight, the Lock still holds what it
+    wrote (and can release it): no lock held by nobody until its TTL."""
+    holder = Lock(bus, RESOURCE, "ops/a", bucket=bucket)
+    assert await holder.acquire() is not None
+    scope = anyio.CancelScope()
+    original = _Writer._request
+
+    async def cancelled_in_flight(
+        self: _Writer, subject: str, payload: bytes, headers: dict[str, str]
+    ) -> Msg:
+        reply = await original(self, subject, payload, headers)
+        if b"ops/b" in payload:
+            scope.cancel()  # stored, ack not yet handed back: the deadline fires
+            await anyio.lowlevel.checkpoint()
+        return reply
+
+    monkeypatch.setattr(_Writer, "_request", cancelled_in_flight)
+    monkeypatch.setattr(locks._Bucket, "successor", lambda self, key: None)  # plain release
+    waiter = Lock(bus, RESOURCE, "ops/b", bucket=bucket)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def wait() -> None:
+                with scope:
+                    await waiter.acquire(timeout=10)
+
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            await holder.release()
+    assert waiter.lease is not None
+    stored = await lock_holder(bus, RESOURCE, bucket=bucket)
+    assert stored is not None
+    assert (stored.owner, stored.token) == ("ops/b", waiter.lease.token)
+    await waiter.release()
+    assert await lock_holder(bus, RESOURCE, bucket=bucket) is None
