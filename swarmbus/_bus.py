@@ -7,7 +7,6 @@ other private modules that use ``Bus.nc`` / ``Bus.js``; callers see swarmbus typ
 from __future__ import annotations
 
 import asyncio
-import builtins
 import collections
 import contextlib
 import functools
@@ -639,7 +638,7 @@ class Bus:
                     await handler(message)
             else:
                 await handler(message)
-        except (builtins.ConnectionError, PublishError) as exc:
+        except (ConnectionError, PublishError) as exc:  # swarmbus's: NATS unreachable
             if not retry:
                 await self._handler_failed(exc, message, msg, receiver)
                 return True
@@ -1076,9 +1075,14 @@ async def stored_messages(
                 with anyio.fail_after(timeout):
                     await done.wait()
                 msgs += page
-                if end.get(_STATUS_HEADER) != "204" or not page:
-                    if end.get(_STATUS_HEADER) not in ("204", "404"):
-                        raise PublishError(f"cannot read {stream}: {end}")
+                status = end.get(_STATUS_HEADER)
+                if status not in ("204", "404"):
+                    raise ConnectionError(
+                        f"cannot read {stream} with direct gets (status {status}: "
+                        f"{end.get('Description', '')}); it needs allow_direct, which "
+                        "swarmbus sets when it provisions the stream"
+                    )
+                if status == "404" or not page:
                     return msgs
                 if int(end.get("Nats-Num-Pending", "0")) == 0:
                     return msgs

@@ -591,31 +591,36 @@ class TaskQueue:
         async def on_dispatch(msg: Msg) -> None:
             wake.set()
 
+        armed: list[NatsSubscription] = []
         try:
-            return [
-                await self.bus.nc.subscribe(
-                    f"{subjects.task_subject(self.session, type, '*')}.*",
-                    cb=on_dispatch,
-                    max_msgs=1,
-                )
-                for type in types
-            ]
+            for type in types:
+                subject = f"{subjects.task_subject(self.session, type, '*')}.*"
+                armed.append(await self.bus.nc.subscribe(subject, cb=on_dispatch, max_msgs=1))
         except nats.errors.Error as exc:
+            await _disarm(armed)
             raise ConnectionError(f"cannot wait for tasks: {exc}") from exc
+        return armed
 
     async def _scan(self, agent: str, types: Sequence[str], limit: int) -> list[Claim]:
         claims: list[Claim] = []
-        if self.starvation_after and time.monotonic() - self._last_aging >= 1.0:
-            self._last_aging = time.monotonic()
-            claims = await self._claim_starved(agent, types)
-        for priority in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1):
-            for type in types:
-                if len(claims) >= limit:
+        try:
+            if self.starvation_after and time.monotonic() - self._last_aging >= 1.0:
+                self._last_aging = time.monotonic()
+                claims = await self._claim_starved(agent, types)
+            for priority in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1):
+                for type in types:
+                    if len(claims) >= limit:
+                        return claims
+                    msgs = await (await self._puller(type, priority)).pull(limit - len(claims))
+                    claims.extend(await self._settle_all(msgs, agent))
+                if claims:
                     return claims
-                msgs = await (await self._puller(type, priority)).pull(limit - len(claims))
-                claims.extend(await self._settle_all(msgs, agent))
-            if claims:
-                return claims
+        except ConnectionError as exc:
+            if not claims:
+                raise
+            # Claims already won are returned: their records name this agent, so
+            # dropping them would leave those tasks waiting out their leases.
+            log.warning("claiming stopped early, %d claimed: %s", len(claims), exc)
         return claims
 
     async def _claim_starved(self, agent: str, types: Sequence[str]) -> list[Claim]:
@@ -671,7 +676,12 @@ class TaskQueue:
             results: list[Claim | None] = [None] * len(slow)
 
             async def one(i: int, msg: Msg, trust_hint: bool) -> None:
-                results[i] = await self._settle(msg, agent, trust_hint=trust_hint)
+                nonlocal error
+                try:
+                    results[i] = await self._settle(msg, agent, trust_hint=trust_hint)
+                except ConnectionError as exc:  # not the others' claims: keep going
+                    error = exc
+                    await _quietly(msg.nak(delay=0.5))
 
             async with anyio.create_task_group() as tg:
                 for i, (msg, trust_hint) in enumerate(slow):
@@ -870,11 +880,16 @@ class TaskQueue:
                 current = entry.revision or 0
             if current != revision:
                 return None
-            ack = await self.bus.js.publish(subject, data, headers=dict(headers))
+            try:
+                ack = await self.bus.js.publish(subject, data, headers=dict(headers))
+            except nats.js.errors.APIError as exc:
+                if exc.err_code not in _WRONG_LAST:
+                    raise
+                # The first send may have landed meanwhile (it was still in flight).
+                entry = await self.kv.get(self._key(task.id))
+                return entry.revision if entry.value == data else None
             return int(ack.seq)
         except nats.js.errors.APIError as exc:
-            if exc.err_code in _WRONG_LAST:
-                return None
             return ConnectionError(f"cannot update task {task.id}: {exc}")
         except (TimeoutError, nats.errors.Error) as exc:
             return ConnectionError(f"cannot update task {task.id}: {exc}")

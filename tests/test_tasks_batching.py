@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator, Sequence
 
 import anyio
 import pytest
+from nats.aio.msg import Msg
 
+import swarmbus
 from swarmbus import Bus, Task, TaskClaimLostError, TaskQueue, TaskSpec
 
 CREATOR = "ops/coordinator"
@@ -99,3 +101,26 @@ async def test_cancelled_first_writer_still_sends_the_batch(queue: TaskQueue) ->
             tg.start_soon(complete_second)
     assert [t.result for t in results] == [{"n": 2}]
     assert (await queue.get(second.task.id)).status == "completed"
+
+
+async def test_a_claim_batch_that_fails_half_way_keeps_what_it_won(
+    bus: Bus, session_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull fails after a claim was won in the same scan: the won claim is returned
+    (its record names this agent), not dropped to wait out its lease unrun."""
+    from swarmbus._tasks import _PullInbox
+
+    async with TaskQueue(bus, session_id, ack_wait=0.5, starvation_after=0) as queue:
+        task = await queue.create("alpha", agent="ops/lead", max_attempts=1)
+        original = _PullInbox.pull
+
+        async def beta_unreachable(self: _PullInbox, next_subject: str, batch: int) -> list[Msg]:
+            if "beta" in next_subject and next_subject.endswith("-q5"):  # after alpha's p5
+                raise swarmbus.ConnectionError("cannot pull tasks: timeout")
+            return await original(self, next_subject, batch)
+
+        monkeypatch.setattr(_PullInbox, "pull", beta_unreachable)
+        claims = await queue.claim_many(agent="w/a", types=["alpha", "beta"], limit=2)
+        assert [c.task.id for c in claims] == [task.id]
+        done = await claims[0].complete({"ok": True})
+        assert (done.status, done.attempts) == ("completed", 1)
