@@ -65,6 +65,8 @@ RECENT_HOLDERS: Final = 32
 """Holders per key that waiters rank themselves against (the oldest are forgotten)."""
 RECENT_WINDOW: Final = 30.0
 """Seconds a key's holder history is kept after its last local waiter left."""
+HAND_OVERS: Final = 3
+"""Hand-overs to a waiter on the same connection in a row before a release marker."""
 MIN_STEP: Final = 0.0005
 MAX_STEP: Final = 0.02
 """Bounds of the delay between one rank of waiters and the next (seconds)."""
@@ -325,9 +327,10 @@ class _Bucket:
         self._freed_at: dict[str, float] = {}  # key -> when the watch saw it freed
         self._turns: dict[str, asyncio.TimerHandle] = {}  # key -> its head's deferred try
         self._gap = MIN_STEP  # smoothed time from "freed" to "acquired" on the watch
-        # Keys whose holder got the lock by a hand-over: its release writes a marker,
-        # so waiters on other connections (invisible here) get their chance.
-        self._handed_over: set[str] = set()
+        # Hand-overs of a key since its last release marker. After HAND_OVERS in a row
+        # a release writes a marker, so waiters on other connections (invisible here
+        # until they have held the key) get their chance.
+        self._handed_over: dict[str, int] = {}
 
     def queued(self, key: str) -> bool:
         """Whether local waiters are queued for ``key`` (a newcomer goes behind them)."""
@@ -345,14 +348,14 @@ class _Bucket:
     def successor(self, key: str) -> _Waiter | None:
         """The local head waiter of ``key`` if it is its turn (a holder may hand over)."""
         queue = self._queues.get(key)
-        if not queue or key in self._turns or key in self._handed_over:
+        if not queue or key in self._turns or self._handed_over.get(key, 0) >= HAND_OVERS:
             return None
         head = queue[0]
         return head if self.delay(key, head) == 0 else None
 
     def handed(self, key: str, waiter: _Waiter, revision: int) -> bool:
         """Give ``waiter`` the lock stored for it at ``revision``; False if it left."""
-        self._handed_over.add(key)
+        self._handed_over[key] = self._handed_over.get(key, 0) + 1
         queue = self._queues.get(key)
         if not queue or waiter not in queue:
             return False
@@ -442,7 +445,7 @@ class _Bucket:
         key = msg.subject[len(self._prefix) :]
         self._last_seq = seq = msg.metadata.sequence.stream
         if _is_tombstone(msg.headers):
-            self._handed_over.discard(key)
+            self._handed_over.pop(key, None)
             if key in self._recent:
                 self._freed_at[key] = time.monotonic()
             self._freed(key, seq)
