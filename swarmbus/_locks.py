@@ -619,13 +619,22 @@ class Lock:
             raise InvalidTransitionError("lock", self.resource, "held", "acquired")
         seconds = self.ttl if ttl is None else whole_seconds(ttl)
         bucket = self._state or await self._provision()
-        if timeout == 0:
-            if bucket.queued(self._key):  # local waiters are first in line
-                return None
-            return await self._attempt(seconds, self._released_at)
-        with anyio.move_on_after(timeout):
-            return await self._wait(bucket, seconds)
-        return self._lease  # None, or a write that landed as the deadline passed
+        try:
+            if timeout == 0:
+                if bucket.queued(self._key):  # local waiters are first in line
+                    return None
+                return await self._attempt(seconds, self._released_at)
+            with anyio.move_on_after(timeout):
+                return await self._wait(bucket, seconds)
+            return self._lease  # None, or a write that landed as the deadline passed
+        except BaseException:
+            if self._lease is not None:  # acquired as the caller was cancelled: give it back
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.release()
+                    except SwarmbusError as exc:  # it expires by its TTL
+                        log.warning("cannot release %s after a cancel: %s", self._what, exc)
+            raise
 
     async def refresh(self, *, ttl: float | None = None) -> Lease:
         """Extend the lease to ``ttl`` seconds from now (same fencing token).
