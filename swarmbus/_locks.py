@@ -65,7 +65,7 @@ RECENT_HOLDERS: Final = 32
 """Holders per key that waiters rank themselves against (the oldest are forgotten)."""
 RECENT_WINDOW: Final = 30.0
 """Seconds a key's holder history is kept after its last local waiter left."""
-HAND_OVERS: Final = 3
+HAND_OVERS: Final = 7
 """Hand-overs to a waiter on the same connection in a row before a release marker."""
 MIN_STEP: Final = 0.0005
 MAX_STEP: Final = 0.02

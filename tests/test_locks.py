@@ -664,7 +664,7 @@ async def test_a_waiter_that_left_during_the_hand_over_is_not_left_holding(
 
 async def test_a_remote_waiter_is_not_starved_by_hand_overs(nats_url: str, bucket: str) -> None:
     """Two contenders hand the lock back and forth on one connection; a waiter on
-    another connection still gets it (a release marker at least every fourth hand-off)."""
+    another connection still gets it (a release marker at least every eighth hand-off)."""
     order: list[str] = []
     both_held = anyio.Event()
     stop = anyio.Event()
