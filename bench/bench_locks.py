@@ -3,13 +3,16 @@
     python bench/bench_locks.py [--cycles 3000] [--handoffs 3000] [--contenders 8]
 
 Starts its own nats-server (file storage, temp dir, 127.0.0.1) and prints a Markdown
-table. Uses uvloop when it is installed (``pip install -e '.[uvloop]'``).
+table. The ``floor`` row is two bare compare-and-set requests, the round trips any
+acquire + release needs, measured in the same run. Uses uvloop when it is installed
+(``pip install -e '.[uvloop]'``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -85,6 +88,24 @@ async def run(args: argparse.Namespace) -> None:
 
             elapsed, lat = await _cycles(args.cycles, raw)
             rows.append(_row("raw nats-py `kv.create` + `kv.delete`", args.cycles, elapsed, lat))
+
+            # The floor of any acquire + release: two compare-and-set round trips, here
+            # as bare requests on one key of the same bucket type (no swarmbus code).
+            floor_kv = await bus.key_value("FLOOR", history=1)
+            last = await floor_kv.create("k", b"x")
+
+            async def floor() -> None:
+                nonlocal last
+                for _ in range(2):
+                    reply = await bus.nc.request(
+                        "$KV.FLOOR.k",
+                        b"x",
+                        headers={"Nats-Expected-Last-Subject-Sequence": str(last)},
+                    )
+                    last = json.loads(reply.data)["seq"]
+
+            elapsed, lat = await _cycles(args.cycles, floor)
+            rows.append(_row("floor: 2 bare compare-and-set requests", args.cycles, elapsed, lat))
 
             lock = Lock(bus, RESOURCE, "bench/one", ttl=TTL)
 
