@@ -693,6 +693,20 @@ async def test_a_remote_waiter_is_not_starved_by_hand_overs(nats_url: str, bucke
                 await remote.release()
 
 
+async def _release_to(holder: Lock, waiter: Lock, scope: anyio.CancelScope) -> None:
+    """``holder`` releases while ``waiter`` waits (inside ``scope``) for the lock."""
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+
+            async def wait() -> None:
+                with scope:
+                    await waiter.acquire(timeout=10)
+
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            await holder.release()
+
+
 async def test_a_waiter_cancelled_as_the_lock_is_handed_to_it_gives_it_back(
     bus: Bus, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -709,16 +723,7 @@ async def test_a_waiter_cancelled_as_the_lock_is_handed_to_it_gives_it_back(
 
     monkeypatch.setattr(locks._Bucket, "handed", cancelled_first)
     waiter = Lock(bus, RESOURCE, "ops/b", bucket=bucket, ttl=30)
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-
-            async def wait() -> None:
-                with scope:
-                    await waiter.acquire(timeout=10)
-
-            tg.start_soon(wait)
-            await anyio.wait_all_tasks_blocked()
-            await holder.release()  # hands over to ops/b
+    await _release_to(holder, waiter, scope)  # hands over to ops/b
     # Either acquire() returned the lease (its caller holds it) or it gave it back.
     stored = await lock_holder(bus, RESOURCE, bucket=bucket)
     if waiter.lease is None:
@@ -753,16 +758,7 @@ async def test_a_write_that_landed_as_acquire_was_cancelled_is_given_back(
     monkeypatch.setattr(_Writer, "_request", cancelled_in_flight)
     monkeypatch.setattr(locks._Bucket, "successor", lambda self, key: None)  # plain release
     waiter = Lock(bus, RESOURCE, "ops/b", bucket=bucket)
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-
-            async def wait() -> None:
-                with scope:
-                    await waiter.acquire(timeout=10)
-
-            tg.start_soon(wait)
-            await anyio.wait_all_tasks_blocked()
-            await holder.release()
+    await _release_to(holder, waiter, scope)
     # Either acquire() returned the lease (its caller holds it) or it gave it back.
     stored = await lock_holder(bus, RESOURCE, bucket=bucket)
     if waiter.lease is None:
