@@ -61,6 +61,7 @@ from swarmbus._errors import (
     DecisionTimeoutError,
     InvalidMessageError,
     InvalidTransitionError,
+    InvalidTTLError,
     NotEligibleError,
     NotFoundError,
     ProposalClosedError,
@@ -89,6 +90,7 @@ from swarmbus._telemetry import kv_write, process_span, trace_headers
 log = logging.getLogger("swarmbus.consensus")
 
 CONSENSUS_BUCKET: Final = "SWARMBUS_CONSENSUS"
+DEFAULT_RETENTION: Final = 7 * 24 * 3600.0
 SERVICE_AGENT: Final = "swarmbus/consensus"
 APPROVE_TASK: Final = "approve_task"
 PROPOSAL_PREFIX: Final = "p."
@@ -681,6 +683,8 @@ class ConsensusService:
         republish_after: seconds before a replica publishes a decision that another
             replica recorded but has not marked published (it may have died).
         board_bucket: the blackboard bucket decisions are recorded in (None: don't).
+        retention: seconds a decided (and published) proposal's record is kept before
+            the server deletes it (None: forever); its events stay in the event stream.
     """
 
     def __init__(
@@ -694,9 +698,13 @@ class ConsensusService:
         republish_after: float = 2.0,
         max_concurrency: int = 64,
         board_bucket: str | None = DEFAULT_BUCKET,
+        retention: float | None = DEFAULT_RETENTION,
     ) -> None:
         if session != "*":
             subjects.validate_session_id(session)
+        if retention is not None and not 1 <= retention < math.inf:
+            raise InvalidTTLError(retention)
+        self.retention = None if retention is None else math.ceil(retention)
         self.bus = bus
         self.bucket = bucket
         self.session = session
@@ -879,7 +887,14 @@ class ConsensusService:
                 await apply_to_task(self.bus, record, agent=self.agent)
             done = msgspec.structs.replace(record, published=True)
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-                await kv_write(kv, key, _encoder.encode(done), last=revision, attributes=attrs)
+                await kv_write(
+                    kv,
+                    key,
+                    _encoder.encode(done),
+                    last=revision,
+                    attributes=attrs,
+                    ttl=self.retention,
+                )
 
     # --- ingesting wire events ------------------------------------------------------------
 

@@ -249,6 +249,7 @@ async def kv_write(
     *,
     last: int | None = None,
     attributes: Mapping[str, str],
+    ttl: int | None = None,
 ) -> int:
     """Write a KV entry inside a PRODUCER span with the trace context in its headers.
 
@@ -257,9 +258,11 @@ async def kv_write(
     (``KeyWrongLastSequenceError`` when the compare-and-set lost). A write joins the
     current trace but never starts one (nobody continues a trace from a KV entry, so
     it would be a trace of one span); with tracing off or outside a trace it is exactly
-    the nats-py call.
+    the nats-py call. ``ttl`` (whole seconds) makes the server delete the entry then
+    (nats-py's ``update`` cannot carry one, so such a write is a publish).
     """
-    if not (tracing_enabled() and trace.get_current_span().get_span_context().is_valid):
+    traced = tracing_enabled() and trace.get_current_span().get_span_context().is_valid
+    if not traced and ttl is None:
         if last is None:
             return await kv.put(key, value)
         if last == 0:
@@ -267,9 +270,12 @@ async def kv_write(
         return await kv.update(key, value, last=last)
     subject = f"{kv._pre}{key}"
     headers: dict[str, str] = {}
-    with producer_span(subject, "", attributes, headers):
+    span = producer_span(subject, "", attributes, headers) if traced else contextlib.nullcontext()
+    with span:
         if last is not None:
             headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last)
+        if ttl is not None:
+            headers["Nats-TTL"] = str(ttl)
         try:
             ack = await kv._js.publish(subject, value, headers=headers)
         except nats.js.errors.APIError as exc:

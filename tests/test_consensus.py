@@ -17,6 +17,7 @@ import msgspec
 import pytest
 from nats.js.api import DeliverPolicy
 
+import swarmbus
 from swarmbus import (
     AlreadyVotedError,
     Blackboard,
@@ -624,3 +625,24 @@ async def test_task_approval_waits_on_the_consensus_decision(
                 await anyio.wait_all_tasks_blocked()
         assert (await queue.get(refused.id)).approval == "rejected"
         assert await queue.claim(agent="ops/worker", types=["remediate"]) is None
+
+
+async def test_a_published_decision_expires_after_the_retention(
+    bus: Bus, consensus: Consensus, service: ConsensusService, session_id: str, bucket: str
+) -> None:
+    """The record's last write (decision published) carries the server-side TTL."""
+    from swarmbus._consensus import DEFAULT_RETENTION, proposal_key
+
+    await _propose(consensus, session_id, "p-ttl", timeout=60)
+    kv = await bus.js.key_value(bucket)
+    watcher = await kv.watch(proposal_key("p-ttl"))
+    await _cast(consensus, "p-ttl", "yes", "yes", "yes")
+    with anyio.fail_after(10):
+        async for entry in watcher:
+            if entry is not None and entry.value and msgspec.json.decode(entry.value)["published"]:
+                break
+    await watcher.stop()
+    stored = await bus.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{proposal_key('p-ttl')}")
+    assert (stored.headers or {}).get("Nats-TTL") == str(int(DEFAULT_RETENTION))
+    with pytest.raises(swarmbus.InvalidTTLError):
+        ConsensusService(bus, bucket=bucket, retention=0)
