@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,9 +78,6 @@ _NO_MESSAGES: Final = frozenset({"404", "408", "409"})
 _WRONG_LAST: Final = frozenset({10071, 10164})
 EXPECTED_LAST_HEADER: Final = "Nats-Expected-Last-Subject-Sequence"
 REVISION_HEADER: Final = "Swarmbus-Task-Revision"
-TTL_HEADER: Final = "Nats-TTL"
-DEFAULT_RETENTION: Final = 7 * 24 * 3600.0
-MIN_RETENTION: Final = 60.0
 
 Status = Literal["pending", "assigned", "running", "completed", "failed"]
 Approval = Literal["none", "required", "approved", "rejected"]
@@ -209,10 +205,6 @@ class TaskQueue:
         max_attempts: default claims per task before it goes to dead letter.
         starvation_after: a task waiting this long is claimed before higher
             priorities (0 disables aging).
-        retention: seconds a finished (completed or failed) task's record is kept
-            before the server deletes it (a per-record TTL; None keeps it forever).
-            At least a minute: a dispatch message whose ack was lost must still find
-            its task finished when it is redelivered.
     """
 
     def __init__(
@@ -223,19 +215,14 @@ class TaskQueue:
         ack_wait: float = 5.0,
         max_attempts: int = 3,
         starvation_after: float = 60.0,
-        retention: float | None = DEFAULT_RETENTION,
     ) -> None:
         self.bus = bus
         self.session = subjects.validate_session_id(session)
         if ack_wait <= 0 or max_attempts < 1 or starvation_after < 0:
             raise InvalidTaskError("queue", "ack_wait > 0, max_attempts >= 1, aging >= 0")
-        if retention is not None and not MIN_RETENTION <= retention < math.inf:
-            raise InvalidTaskError("retention", f"must be None or >= {MIN_RETENTION} seconds")
         self.ack_wait = ack_wait
         self.max_attempts = max_attempts
         self.starvation_after = starvation_after
-        self.retention = retention
-        self._finished_ttl = None if retention is None else str(math.ceil(retention))
         self._kv: KeyValue | None = None
         self._pullers: dict[tuple[str, int], _Puller] = {}
         self._inbox = _PullInbox(bus)
@@ -852,7 +839,7 @@ class TaskQueue:
             (
                 subjects.kv_subject(TASKS_BUCKET, self._key(task.id)),
                 _encoder.encode(task),
-                self._cas_headers(task, revision),
+                {EXPECTED_LAST_HEADER: str(revision)},
             )
             for task, revision in writes_in
         ]
@@ -870,12 +857,6 @@ class TaskQueue:
             else:  # no answer (a node died, a leader election): find out what happened
                 results.append(await self._settle_unknown(task, revision, subject, data, headers))
         return results
-
-    def _cas_headers(self, task: Task, revision: int) -> dict[str, str]:
-        """A record write's headers: the compare-and-set, and a TTL once it is final."""
-        if task.status in TERMINAL and self._finished_ttl is not None:
-            return {EXPECTED_LAST_HEADER: str(revision), TTL_HEADER: self._finished_ttl}
-        return {EXPECTED_LAST_HEADER: str(revision)}
 
     async def _settle_unknown(
         self, task: Task, revision: int, subject: str, data: bytes, headers: dict[str, str]

@@ -354,34 +354,3 @@ async def test_a_first_claim_whose_ack_was_lost_is_settled(queue: TaskQueue) -> 
         stored, 0, subject, msgspec.json.encode(stored), {EXPECTED_LAST_HEADER: "0"}
     )
     assert again == claim.revision  # our bytes are there: the write had landed
-
-
-async def test_finished_records_expire_after_the_retention(bus: Bus, session_id: str) -> None:
-    """A finished task's record carries the server-side TTL; a live one never does."""
-    async with TaskQueue(bus, session_id, ack_wait=0.5, retention=90.5) as queue:
-        first = await queue.create("sweep", agent=CREATOR)
-        second = await queue.create("sweep", agent=CREATOR)
-        third = await queue.create("sweep", agent=CREATOR)
-        claims = [await queue.claim(agent="w/a", types=["sweep"]) for _ in range(3)]
-        assert [c.task.id for c in claims if c] == [first.id, second.id, third.id]
-        done, failed, running = claims
-        assert done is not None
-        assert failed is not None
-        assert running is not None
-        await done.complete()
-        await failed.fail("broken", retry=False)
-        await running.heartbeat()
-
-        async def ttl_of(task_id: str) -> str | None:
-            stored = await bus.js.get_msg(
-                "KV_swarmbus-tasks", subject=f"$KV.swarmbus-tasks.{session_id}.{task_id}"
-            )
-            return (stored.headers or {}).get("Nats-TTL")
-
-        assert await ttl_of(first.id) == "91"  # whole seconds, rounded up
-        assert await ttl_of(second.id) == "91"
-        assert await ttl_of(third.id) is None
-        await running.complete()
-    for bad in (0, 59.9, -1, float("inf")):
-        with pytest.raises(InvalidTaskError, match="retention"):
-            TaskQueue(bus, session_id, retention=bad)
