@@ -91,6 +91,10 @@ log = logging.getLogger("swarmbus.consensus")
 
 CONSENSUS_BUCKET: Final = "SWARMBUS_CONSENSUS"
 DEFAULT_RETENTION: Final = 7 * 24 * 3600.0
+#: Well past any redelivery of a proposal's events (a record re-created after expiry
+#: would be decided again); the server's expiry overflows at ~240 years.
+MIN_RETENTION: Final = 3600.0
+MAX_RETENTION: Final = 10 * 365 * 24 * 3600.0
 SERVICE_AGENT: Final = "swarmbus/consensus"
 APPROVE_TASK: Final = "approve_task"
 PROPOSAL_PREFIX: Final = "p."
@@ -684,7 +688,8 @@ class ConsensusService:
             replica recorded but has not marked published (it may have died).
         board_bucket: the blackboard bucket decisions are recorded in (None: don't).
         retention: seconds a decided (and published) proposal's record is kept before
-            the server deletes it (None: forever); its events stay in the event stream.
+            the server deletes it (None: forever; 1 hour to 10 years); its events stay
+            in the event stream, and its id can be proposed again after it.
     """
 
     def __init__(
@@ -702,7 +707,7 @@ class ConsensusService:
     ) -> None:
         if session != "*":
             subjects.validate_session_id(session)
-        if retention is not None and not 1 <= retention < math.inf:
+        if retention is not None and not MIN_RETENTION <= retention <= MAX_RETENTION:
             raise InvalidTTLError(retention)
         self.retention = None if retention is None else math.ceil(retention)
         self.bus = bus

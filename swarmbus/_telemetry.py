@@ -282,7 +282,7 @@ async def kv_write(
             if exc.err_code not in _WRONG_LAST_SEQUENCE:
                 raise
             if last == 0:  # perhaps a deleted key: nats-py's create re-creates those
-                return await kv.create(key, value)
+                return await (kv.create(key, value, msg_ttl=ttl) if ttl else kv.create(key, value))
             raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
         return int(ack.seq)
 

@@ -644,5 +644,6 @@ async def test_a_published_decision_expires_after_the_retention(
     await watcher.stop()
     stored = await bus.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{proposal_key('p-ttl')}")
     assert (stored.headers or {}).get("Nats-TTL") == str(int(DEFAULT_RETENTION))
-    with pytest.raises(swarmbus.InvalidTTLError):
-        ConsensusService(bus, bucket=bucket, retention=0)
+    for bad in (0, 59.0, 1e10, float("inf")):  # under an hour, or past the server's range
+        with pytest.raises(swarmbus.InvalidTTLError):
+            ConsensusService(bus, bucket=bucket, retention=bad)
