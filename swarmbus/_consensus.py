@@ -94,6 +94,7 @@ DEFAULT_RETENTION: Final = 7 * 24 * 3600.0
 #: Well past any redelivery of a proposal's events (a record re-created after expiry
 #: would be decided again); the server's expiry overflows at ~240 years.
 MIN_RETENTION: Final = 3600.0
+_TTL_DISABLED: Final = 10166  # JetStream: "per-message TTL is disabled" on the stream
 MAX_RETENTION: Final = 10 * 365 * 24 * 3600.0
 SERVICE_AGENT: Final = "swarmbus/consensus"
 APPROVE_TASK: Final = "approve_task"
@@ -892,14 +893,21 @@ class ConsensusService:
                 await apply_to_task(self.bus, record, agent=self.agent)
             done = msgspec.structs.replace(record, published=True)
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-                await kv_write(
-                    kv,
-                    key,
-                    _encoder.encode(done),
-                    last=revision,
-                    attributes=attrs,
-                    ttl=self.retention,
-                )
+                try:
+                    await kv_write(
+                        kv,
+                        key,
+                        _encoder.encode(done),
+                        last=revision,
+                        attributes=attrs,
+                        ttl=self.retention,
+                    )
+                except nats.js.errors.APIError as exc:
+                    if exc.err_code != _TTL_DISABLED:
+                        raise
+                    # A bucket made by another tool, without per-message TTLs: keep it.
+                    log.warning("bucket %s refuses TTLs: decisions are kept", self.bucket)
+                    await kv_write(kv, key, _encoder.encode(done), last=revision, attributes=attrs)
 
     # --- ingesting wire events ------------------------------------------------------------
 

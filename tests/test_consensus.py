@@ -647,3 +647,39 @@ async def test_a_published_decision_expires_after_the_retention(
     for bad in (0, 59.0, 1e10, float("inf")):  # under an hour, or past the server's range
         with pytest.raises(swarmbus.InvalidTTLError):
             ConsensusService(bus, bucket=bucket, retention=bad)
+
+
+async def test_a_bucket_without_message_ttls_keeps_its_decisions(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    """A consensus bucket made by another tool (no per-message TTLs): decisions are
+    still published and marked so, kept forever instead of failing the write."""
+    from nats.js.api import StreamConfig
+
+    from swarmbus._consensus import proposal_key
+
+    bucket = f"NOTTL_{unique}"
+    await bus.js.add_stream(
+        StreamConfig(
+            name=f"KV_{bucket}",
+            subjects=[f"$KV.{bucket}.>"],
+            max_msgs_per_subject=1,
+            allow_direct=True,
+            allow_rollup_hdrs=True,
+            deny_delete=True,
+        )
+    )
+    consensus = await Consensus.open(bus, bucket=bucket)
+    async with ConsensusService(bus, bucket=bucket, session=session_id):
+        kv = await bus.js.key_value(bucket)
+        watcher = await kv.watch(proposal_key("p-nottl"))
+        await _propose(consensus, session_id, "p-nottl", timeout=60)
+        await _cast(consensus, "p-nottl", "yes", "yes", "yes")
+        with anyio.fail_after(10):
+            async for entry in watcher:
+                published = entry is not None and entry.value
+                if published and msgspec.json.decode(entry.value)["published"]:
+                    break
+        await watcher.stop()
+    stored = await bus.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{proposal_key('p-nottl')}")
+    assert "Nats-TTL" not in (stored.headers or {})
