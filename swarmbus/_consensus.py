@@ -892,22 +892,18 @@ class ConsensusService:
             if record.proposal.action == APPROVE_TASK:
                 await apply_to_task(self.bus, record, agent=self.agent)
             done = msgspec.structs.replace(record, published=True)
-            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-                try:
-                    await kv_write(
-                        kv,
-                        key,
-                        _encoder.encode(done),
-                        last=revision,
-                        attributes=attrs,
-                        ttl=self.retention,
-                    )
-                except nats.js.errors.APIError as exc:
-                    if exc.err_code != _TTL_DISABLED:
-                        raise
-                    # A bucket made by another tool, without per-message TTLs: keep it.
-                    log.warning("bucket %s refuses TTLs: decisions are kept", self.bucket)
-                    await kv_write(kv, key, _encoder.encode(done), last=revision, attributes=attrs)
+            data = _encoder.encode(done)
+            try:
+                await kv_write(kv, key, data, last=revision, attributes=attrs, ttl=self.retention)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass  # another replica marked it first
+            except nats.js.errors.APIError as exc:
+                if getattr(exc, "err_code", None) != _TTL_DISABLED:
+                    raise
+                # A bucket made by another tool, without per-message TTLs: keep it.
+                log.warning("bucket %s refuses TTLs: decisions are kept", self.bucket)
+                with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                    await kv_write(kv, key, data, last=revision, attributes=attrs)
 
     # --- ingesting wire events ------------------------------------------------------------
 
