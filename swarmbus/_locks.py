@@ -330,7 +330,8 @@ class _Bucket:
         # Hand-overs of a key since its last release marker. After HAND_OVERS in a row
         # a release writes a marker, so waiters on other connections (invisible here
         # until they have held the key) get their chance.
-        self._handed_over: dict[str, int] = {}
+        # key -> (hand-overs since the last marker, revision of the first of them)
+        self._handed_over: dict[str, tuple[int, int]] = {}
 
     def queued(self, key: str) -> bool:
         """Whether local waiters are queued for ``key`` (a newcomer goes behind them)."""
@@ -348,14 +349,16 @@ class _Bucket:
     def successor(self, key: str) -> _Waiter | None:
         """The local head waiter of ``key`` if it is its turn (a holder may hand over)."""
         queue = self._queues.get(key)
-        if not queue or key in self._turns or self._handed_over.get(key, 0) >= HAND_OVERS:
+        chain = self._handed_over.get(key)
+        if not queue or key in self._turns or (chain and chain[0] >= HAND_OVERS):
             return None
         head = queue[0]
         return head if self.delay(key, head) == 0 else None
 
     def handed(self, key: str, waiter: _Waiter, revision: int) -> bool:
         """Give ``waiter`` the lock stored for it at ``revision``; False if it left."""
-        self._handed_over[key] = self._handed_over.get(key, 0) + 1
+        count, first = self._handed_over.get(key, (0, revision))
+        self._handed_over[key] = (count + 1, first)
         queue = self._queues.get(key)
         if not queue or waiter not in queue:
             return False
@@ -440,12 +443,15 @@ class _Bucket:
             del self._idle[idle]
             self._recent.pop(idle, None)
             self._freed_at.pop(idle, None)
+            self._handed_over.pop(idle, None)
 
     async def _on_msg(self, msg: Msg) -> None:
         key = msg.subject[len(self._prefix) :]
         self._last_seq = seq = msg.metadata.sequence.stream
         if _is_tombstone(msg.headers):
-            self._handed_over.pop(key, None)
+            chain = self._handed_over.get(key)
+            if chain and seq > chain[1]:  # a marker after the chain began (not a late one)
+                del self._handed_over[key]
             if key in self._recent:
                 self._freed_at[key] = time.monotonic()
             self._freed(key, seq)
