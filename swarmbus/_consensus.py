@@ -266,13 +266,31 @@ def decision_of(record: ProposalRecord, *, closed: bool, at: datetime) -> Decisi
 
 
 async def _read(kv: KeyValue, proposal_id: str) -> tuple[ProposalRecord, int]:
+    key = proposal_key(proposal_id)
     try:
-        entry = await kv.get(proposal_key(proposal_id))
+        entry = await kv.get(key)
     except nats.js.errors.KeyNotFoundError as exc:
-        raise NotFoundError("proposal", proposal_id) from exc
+        # A direct get may be answered by a replica that has not caught up (a
+        # proposal recorded a moment ago, a failover): ask the stream leader.
+        found = await _read_from_leader(kv, key)
+        if found is None:
+            raise NotFoundError("proposal", proposal_id) from exc
+        return found
     except nats.js.errors.Error as exc:
         raise SwarmbusError(f"cannot read proposal {proposal_id!r}: {exc}") from exc
     return _loaded(entry)
+
+
+async def _read_from_leader(kv: KeyValue, key: str) -> tuple[ProposalRecord, int] | None:
+    try:
+        msg = await kv._js.get_msg(kv._stream, subject=f"{kv._pre}{key}", direct=False)
+    except nats.js.errors.NotFoundError:
+        return None
+    except nats.js.errors.Error as exc:
+        raise SwarmbusError(f"cannot read {key}: {exc}") from exc
+    if not msg.data or (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+        return None
+    return _decoder.decode(msg.data), int(msg.seq or 0)
 
 
 def _loaded(entry: KeyValue.Entry) -> tuple[ProposalRecord, int]:
