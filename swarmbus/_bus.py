@@ -644,7 +644,7 @@ class Bus:
                 return True
             log.warning("handler for %s failed (%s): retrying", msg.subject, exc)
             with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=min(0.25 * 2 ** _deliveries(msg), 10.0))
+                await msg.nak(delay=min(0.25 * 2 ** deliveries(msg), 10.0))
             return False
         except Exception as exc:  # noqa: BLE001 - reported: dead letter + error event
             await self._handler_failed(exc, message, msg, receiver)
@@ -775,7 +775,7 @@ class Bus:
                 )
             else:
                 if _wants(handler, message, receiver):
-                    retry = _deliveries(msg) < max_deliver
+                    retry = deliveries(msg) < max_deliver
                     if not await self._dispatch(handler, message, msg, receiver, retry=retry):
                         return  # nak'ed: redelivered later
             with contextlib.suppress(nats.errors.Error):
@@ -1029,11 +1029,20 @@ async def connect(
         await anyio.to_thread.run_sync(server.stop)
 
 
-def _deliveries(msg: Msg) -> int:
-    """How often JetStream delivered ``msg`` (1 for a message that is not JetStream's)."""
+def deliveries(msg: Msg) -> int:
+    """How often JetStream delivered ``msg`` (1 for a message that is not JetStream's).
+
+    Read off its ack subject: ``msg.metadata.num_delivered`` builds the whole metadata
+    (a datetime and five ints), ~5% of a task worker's time.
+    """
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
+        return 1
     try:
-        return int(msg.metadata.num_delivered)
-    except nats.errors.Error:
+        # $JS.ACK.<stream>.<consumer>.<delivered>... (9 tokens), or the form with
+        # domain and account hash, where nats-py knows the index.
+        return int(tokens[4] if len(tokens) == 9 else tokens[Msg.Ack.NumDelivered])
+    except (IndexError, ValueError):
         return 1
 
 

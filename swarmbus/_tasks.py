@@ -43,7 +43,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import MSG_ID_HEADER, Bus, kv_latest, stored_messages
+from swarmbus._bus import MSG_ID_HEADER, Bus, deliveries, kv_latest, stored_messages
 from swarmbus._errors import (
     ConnectionError,
     InvalidTaskError,
@@ -654,7 +654,7 @@ class TaskQueue:
             headers = msg.headers or {}
             if (
                 hint is not None
-                and _deliveries(msg) == 1
+                and deliveries(msg) == 1
                 and hint.status == "pending"
                 and hint.approval in ("none", "approved")
                 and hint.attempts < hint.max_attempts
@@ -703,7 +703,7 @@ class TaskQueue:
             return None
         task_id = hint.id
         headers = msg.headers or {}
-        first = trust_hint and _deliveries(msg) == 1
+        first = trust_hint and deliveries(msg) == 1
         for _ in range(5):
             if first:
                 # First delivery: trust the task it carries; the CAS checks it.
@@ -1103,21 +1103,6 @@ def _claimed(task: Task, agent: str) -> Task:
         lease_until=_after(task.constraints.timeout),
         error=task.error if task.status == "pending" else "previous claim timed out",
     )
-
-
-def _deliveries(msg: Msg) -> int:
-    """How often JetStream delivered ``msg``, read off its ack subject.
-
-    Same as ``msg.metadata.num_delivered`` without building the whole metadata (a
-    datetime and five ints), which was ~5% of a worker's time per task.
-    """
-    tokens = (msg.reply or "").split(".")
-    try:
-        # $JS.ACK.<stream>.<consumer>.<delivered>... (9 tokens), or the form with
-        # domain and account hash, where nats-py knows the index.
-        return int(tokens[4] if len(tokens) == 9 else tokens[Msg.Ack.NumDelivered])
-    except (IndexError, ValueError):
-        return int(msg.metadata.num_delivered)  # raises for a non-JetStream message
 
 
 def _age(msg: Msg) -> float:

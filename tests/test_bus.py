@@ -462,3 +462,23 @@ async def test_request_handler_returning_non_json_answers_failure_and_keeps_serv
         assert bad.response.status == "failure"
         good = await bus.request(f"odd_{unique}", agent="test/asker", session=session_id)
         assert good.response.result == {"ok": True}
+
+
+@pytest.mark.parametrize(
+    ("reply", "count"),
+    [
+        ("$JS.ACK.SWARMBUS_TASKS.c-q5.3.10.9.1764115200000000000.0", 3),
+        ("$JS.ACK._.ACCHASH.SWARMBUS_TASKS.c-q5.4.10.9.1764115200000000000.0.x1", 4),
+        ("_INBOX.abc.1", 1),
+        ("", 1),
+    ],
+)
+def test_delivery_count_is_read_off_the_ack_subject(reply: str, count: int) -> None:
+    from nats.aio.msg import Msg as NatsMsg
+
+    from swarmbus._bus import deliveries
+
+    msg = NatsMsg(None, subject="swarmbus.task.s.t.5.x", reply=reply)  # type: ignore[arg-type]
+    assert deliveries(msg) == count
+    if count > 1:
+        assert msg.metadata.num_delivered == count  # what nats-py itself reads
