@@ -707,6 +707,19 @@ async def _release_to(holder: Lock, waiter: Lock, scope: anyio.CancelScope) -> N
             await holder.release()
 
 
+async def _assert_held_or_given_back(bus: Bus, bucket: str, waiter: Lock) -> None:
+    """Either acquire() returned the lease (its caller holds it) or it gave it back:
+    never a lock held by nobody; the next contender gets it at once."""
+    stored = await lock_holder(bus, RESOURCE, bucket=bucket)
+    if waiter.lease is None:
+        assert stored is None
+    else:
+        assert stored is not None
+        assert (stored.owner, stored.token) == ("ops/b", waiter.lease.token)
+        await waiter.release()
+    assert await Lock(bus, RESOURCE, "ops/c", bucket=bucket).acquire() is not None
+
+
 async def test_a_waiter_cancelled_as_the_lock_is_handed_to_it_gives_it_back(
     bus: Bus, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -724,15 +737,7 @@ async def test_a_waiter_cancelled_as_the_lock_is_handed_to_it_gives_it_back(
     monkeypatch.setattr(locks._Bucket, "handed", cancelled_first)
     waiter = Lock(bus, RESOURCE, "ops/b", bucket=bucket, ttl=30)
     await _release_to(holder, waiter, scope)  # hands over to ops/b
-    # Either acquire() returned the lease (its caller holds it) or it gave it back.
-    stored = await lock_holder(bus, RESOURCE, bucket=bucket)
-    if waiter.lease is None:
-        assert stored is None
-    else:
-        assert stored is not None
-        assert (stored.owner, stored.token) == ("ops/b", waiter.lease.token)
-        await waiter.release()
-    assert await Lock(bus, RESOURCE, "ops/c", bucket=bucket).acquire() is not None
+    await _assert_held_or_given_back(bus, bucket, waiter)
 
 
 async def test_a_write_that_landed_as_acquire_was_cancelled_is_given_back(
@@ -759,12 +764,4 @@ async def test_a_write_that_landed_as_acquire_was_cancelled_is_given_back(
     monkeypatch.setattr(locks._Bucket, "successor", lambda self, key: None)  # plain release
     waiter = Lock(bus, RESOURCE, "ops/b", bucket=bucket)
     await _release_to(holder, waiter, scope)
-    # Either acquire() returned the lease (its caller holds it) or it gave it back.
-    stored = await lock_holder(bus, RESOURCE, bucket=bucket)
-    if waiter.lease is None:
-        assert stored is None
-    else:
-        assert stored is not None
-        assert (stored.owner, stored.token) == ("ops/b", waiter.lease.token)
-        await waiter.release()
-    assert await Lock(bus, RESOURCE, "ops/c", bucket=bucket).acquire() is not None
+    await _assert_held_or_given_back(bus, bucket, waiter)
