@@ -3,11 +3,18 @@
 Readiness comes from the server's own log ("Server is ready"), never from sleeps or
 polling ports. The same launcher runs a single server (``swarmbus server``, the demo,
 the test session fixture) or a local JetStream cluster for fault tests.
+
+A server started here does not outlive the Python process that started it: on Linux
+it is spawned with ``PR_SET_PDEATHSIG`` (SIGTERM), so a demo or a test run killed with
+SIGKILL leaves no orphaned server holding ports, CPU and a store directory.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import ctypes
+import functools
 import os
 import re
 import shutil
@@ -17,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +41,38 @@ _CLIENT_LISTEN = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
 _FATAL = re.compile(r"\[FTL\]\s*(.*)|\[ERR\]\s*(.*(?:address already in use|bind).*)")
 _VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)")
 _LOG_KEEP = 2000
+
+
+_PR_SET_PDEATHSIG: Final = 1
+# The kernel sends the death signal when the *thread* that forked the child exits, so
+# every server is spawned from one thread that lives as long as the process (a thread
+# pool's idle workers, like anyio's, come and go).
+_spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarmbus-spawn")
+
+
+def _die_with_parent(prctl: Callable[[int, int], int], parent: int) -> None:
+    """In the child before exec: ask for SIGTERM when the spawning process dies."""
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _spawn(command: list[str]) -> subprocess.Popen[str]:
+    """Start ``command`` with stderr piped; on Linux, tied to this process's life."""
+    preexec: Callable[[], None] | None = None
+    if sys.platform == "linux":
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+        preexec = functools.partial(_die_with_parent, prctl, os.getpid())
+    return _spawner.submit(
+        subprocess.Popen,
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=preexec,
+    ).result()
 
 
 def find_binary() -> Path:
@@ -192,14 +231,7 @@ class NatsServer:
         binary_version(self.binary)
         self._log.clear()
         self._log_done = False
-        self._proc = subprocess.Popen(
-            self._command(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
+        self._proc = _spawn(self._command())
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
         try:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
 
 import anyio
 import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 import swarmbus
 from swarmbus import Agent, Bus, Finding, FindingMessage, NatsServer
@@ -218,3 +220,39 @@ async def test_sigterm_drains_in_flight_handlers(
     info = await bus.js.consumer_info("SWARMBUS_EVENTS", durable)
     assert info.num_ack_pending == 0
     assert info.num_redelivered == 0
+
+
+_ORPHAN_SCRIPT = """
+import sys, threading
+from swarmbus import NatsServer
+server = NatsServer(sys.argv[1])
+# Started from a thread that ends at once: the server must outlive the thread...
+starter = threading.Thread(target=server.start)
+starter.start()
+starter.join()
+print(server.pid, server.url, flush=True)
+sys.stdin.read()  # ...and live until this process dies
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux only")
+async def test_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    async with await anyio.open_process(
+        [sys.executable, "-c", _ORPHAN_SCRIPT, str(tmp_path / "data")],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    ) as owner:
+        assert owner.stdout is not None
+        with anyio.fail_after(30):
+            line = await BufferedByteReceiveStream(owner.stdout).receive_until(b"\n", 200)
+        pid, url = line.decode().split()
+        exited = os.pidfd_open(int(pid))  # readable once the server has exited
+        try:
+            async with Bus.open(url=url) as bus:  # alive after its starting thread ended
+                assert bus.nc.is_connected
+            assert not select.select([exited], [], [], 0)[0]
+            owner.kill()  # SIGKILL: no cleanup code runs in the owner
+            await owner.wait()
+            with anyio.fail_after(15):
+                await anyio.wait_readable(exited)
+        finally:
+            os.close(exited)
