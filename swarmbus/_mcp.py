@@ -597,6 +597,12 @@ class Swarm:
         approval proposal (swarm.vote, swarm.get_proposal).
         """
         await self._active(session_id)
+        if requires_approval and not await self.consensus.members(session_id):
+            # Checked before the task exists: it would wait forever for a vote nobody casts.
+            raise ToolError(
+                f"nobody in {session_id} can vote to approve a task: call swarm.join_session "
+                "first (members vote), or create it without requires_approval."
+            )
         queue = await self._queue(session_id)
         task = await queue.create(
             type,

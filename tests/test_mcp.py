@@ -19,7 +19,7 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.types import CallToolResult, TextContent
 
 from swarmbus import Agent, Blackboard, Bus, Consensus, ConsensusService, FindingMessage, TaskQueue
-from swarmbus._mcp import TOOL_NAMES, ConfigError, ServerConfig
+from swarmbus._mcp import TOOL_NAMES, ConfigError, ServerConfig, Swarm, build_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "mcp-agent-swarm"
@@ -425,3 +425,20 @@ async def test_streamable_http_with_its_own_consensus_service_and_approved_tasks
             process.kill()
     assert claimed["task"]["id"] == created["id"]
     assert claimed["task"]["approval"] == "approved"
+
+
+async def test_task_needing_approval_in_a_session_without_voters_is_refused_not_orphaned(
+    bus: Bus, board: Blackboard, session_id: str, agent_id: str
+) -> None:
+    # Nobody joined the session (the lead started it from Python), so nobody can vote.
+    async with Swarm.running(bus, agent_id) as swarm, Client(build_server(swarm)) as client:
+        error = await call_error(
+            client,
+            "swarm.create_task",
+            session_id=session_id,
+            type="remediate",
+            requires_approval=True,
+        )
+        assert "swarm.join_session" in error
+        tasks = await call(client, "swarm.list_tasks", session_id=session_id)
+    assert tasks["items"] == []  # no task left waiting for a vote that never comes
