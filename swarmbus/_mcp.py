@@ -681,7 +681,7 @@ class Swarm:
                             await claim.heartbeat()
                         except (TaskClaimLostError, InvalidTransitionError) as exc:
                             log.warning("%s", exc)
-                            self._claims.pop(claim.task.id, None)
+                            self._forget(held)
                             return
                         except SwarmbusError as exc:  # e.g. reconnecting: try again
                             log.warning("heartbeat of task %s failed: %s", claim.task.id, exc)
@@ -707,7 +707,12 @@ class Swarm:
 
     def _release(self, held: _Held) -> None:
         held.scope.cancel()
-        self._claims.pop(held.claim.task.id, None)
+        self._forget(held)
+
+    def _forget(self, held: _Held) -> None:
+        # Only this claim: the task may have been claimed again since, by a newer one.
+        if self._claims.get(held.claim.task.id) is held:
+            del self._claims[held.claim.task.id]
 
     @_tool()
     async def complete_task(
