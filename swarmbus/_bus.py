@@ -724,6 +724,9 @@ class Bus:
                         await anyio.lowlevel.checkpoint()
                         # Hold a slot before fetching: never take messages we cannot start.
                         await limiter.acquire()
+                        if stop.is_set():  # told to stop while waiting for the slot
+                            limiter.release()
+                            break
                         try:
                             batch = await psub.fetch(
                                 min(1 + limiter.value, waiting, 256), timeout=0.5

@@ -597,6 +597,12 @@ class Swarm:
         approval proposal (swarm.vote, swarm.get_proposal).
         """
         await self._active(session_id)
+        if requires_approval and not await self.consensus.members(session_id):
+            # Checked before the task exists: it would wait forever for a vote nobody casts.
+            raise ToolError(
+                f"nobody in {session_id} can vote to approve a task: call swarm.join_session "
+                "first (members vote), or create it without requires_approval."
+            )
         queue = await self._queue(session_id)
         task = await queue.create(
             type,
@@ -675,7 +681,7 @@ class Swarm:
                             await claim.heartbeat()
                         except (TaskClaimLostError, InvalidTransitionError) as exc:
                             log.warning("%s", exc)
-                            self._claims.pop(claim.task.id, None)
+                            self._forget(held)
                             return
                         except SwarmbusError as exc:  # e.g. reconnecting: try again
                             log.warning("heartbeat of task %s failed: %s", claim.task.id, exc)
@@ -701,7 +707,12 @@ class Swarm:
 
     def _release(self, held: _Held) -> None:
         held.scope.cancel()
-        self._claims.pop(held.claim.task.id, None)
+        self._forget(held)
+
+    def _forget(self, held: _Held) -> None:
+        # Only this claim: the task may have been claimed again since, by a newer one.
+        if self._claims.get(held.claim.task.id) is held:
+            del self._claims[held.claim.task.id]
 
     @_tool()
     async def complete_task(

@@ -302,7 +302,7 @@ def load_agents(ref: str) -> list[Agent]:
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(ref)
-    except (ImportError, OSError) as exc:
+    except (ImportError, OSError, SyntaxError) as exc:
         raise SpecError(ref, [("--agents", f"cannot import: {exc}")]) from exc
     factory = getattr(module, "agents", None)
     if not callable(factory):

@@ -444,6 +444,48 @@ async def test_drain_lets_in_flight_handler_finish_and_acks(
     assert info.num_redelivered == 0
 
 
+async def test_draining_agent_takes_no_new_message_once_a_slot_frees(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    agent = Agent(f"test/drainer2-{unique}", max_concurrency=1)
+    entered = anyio.Event()
+    release = anyio.Event()
+    handled: list[str] = []
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        handled.append(message.id)
+        entered.set()
+        await release.wait()
+
+    def finding(content: str) -> Finding:
+        return Finding(category="observation", content=content, confidence=0.5)
+
+    async with anyio.create_task_group() as tg:
+        stopped = anyio.Event()
+
+        async def serve() -> None:
+            async with agent.serve(bus):
+                await stopped.wait()
+
+        tg.start_soon(serve)
+        with anyio.fail_after(WAIT):
+            while agent._bus is None:
+                await anyio.wait_all_tasks_blocked()
+        first = await bus.publish(finding("first"), agent="test/publisher", session=session_id)
+        with anyio.fail_after(WAIT):
+            await entered.wait()
+        # The only slot is busy: the second message waits on the server.
+        await bus.publish(finding("second"), agent="test/publisher", session=session_id)
+        stopped.set()  # begin draining...
+        await anyio.wait_all_tasks_blocked()
+        release.set()  # ...then free the slot: the consumer must not take the second
+    assert handled == [first.id]
+    durable = f"{swarmbus._subjects.safe_token(agent.id)}-on_finding"
+    info = await bus.js.consumer_info("SWARMBUS_EVENTS", durable)
+    assert (info.num_pending, info.num_ack_pending) == (1, 0)  # left for the next instance
+
+
 async def test_request_handler_returning_non_json_answers_failure_and_keeps_serving(
     bus: Bus, session_id: str, unique: str
 ) -> None:

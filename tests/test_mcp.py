@@ -19,7 +19,7 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.types import CallToolResult, TextContent
 
 from swarmbus import Agent, Blackboard, Bus, Consensus, ConsensusService, FindingMessage, TaskQueue
-from swarmbus._mcp import TOOL_NAMES, ConfigError, ServerConfig
+from swarmbus._mcp import TOOL_NAMES, ConfigError, ServerConfig, Swarm, build_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "mcp-agent-swarm"
@@ -425,3 +425,47 @@ async def test_streamable_http_with_its_own_consensus_service_and_approved_tasks
             process.kill()
     assert claimed["task"]["id"] == created["id"]
     assert claimed["task"]["approval"] == "approved"
+
+
+async def test_task_needing_approval_in_a_session_without_voters_is_refused_not_orphaned(
+    bus: Bus, board: Blackboard, session_id: str, agent_id: str
+) -> None:
+    # Nobody joined the session (the lead started it from Python), so nobody can vote.
+    async with Swarm.running(bus, agent_id) as swarm, Client(build_server(swarm)) as client:
+        error = await call_error(
+            client,
+            "swarm.create_task",
+            session_id=session_id,
+            type="remediate",
+            requires_approval=True,
+        )
+        assert "swarm.join_session" in error
+        tasks = await call(client, "swarm.list_tasks", session_id=session_id)
+    assert tasks["items"] == []  # no task left waiting for a vote that never comes
+
+
+async def test_reclaiming_a_task_whose_claim_lapsed_keeps_the_new_claim(
+    bus: Bus, board: Blackboard, session_id: str, agent_id: str
+) -> None:
+    async with Swarm.running(bus, agent_id) as swarm, Client(build_server(swarm)) as client:
+        await call(client, "swarm.join_session", session_id=session_id)
+        created = await call(
+            client, "swarm.create_task", session_id=session_id, type="probe", timeout_seconds=1
+        )
+        await call(client, "swarm.claim_task", session_id=session_id, types=["probe"])
+        stale = swarm._claims[created["id"]]
+        async with stale.lock:  # the heartbeat stalls (e.g. a network outage): the claim lapses
+            again = await call(
+                client, "swarm.claim_task", session_id=session_id, types=["probe"], wait_seconds=20
+            )
+            assert (again["task"]["id"], again["task"]["attempts"]) == (created["id"], 2)
+        async with stale.lock:  # the stalled heartbeat ran (it was queued first) and saw it lost
+            pass
+        done = await call(
+            client,
+            "swarm.complete_task",
+            session_id=session_id,
+            task_id=created["id"],
+            result={"ok": True},
+        )
+    assert done["record"]["status"] == "completed"

@@ -204,6 +204,10 @@ def test_agent_modules(tmp_path: Path) -> None:
         load_agents(str(empty))
     with pytest.raises(SpecError, match="cannot import"):
         load_agents("no_such_module_here")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def agents(:\n")  # not Python: a bad --agents, not a crash
+    with pytest.raises(SpecError, match="cannot import"):
+        load_agents(str(broken))
 
 
 # --- evidence queries ----------------------------------------------------------------------
