@@ -351,6 +351,13 @@ def _check_expertise(value: float | None) -> float | None:
     return value
 
 
+def _check_evidence(value: int) -> int:
+    """A count of evidence; a negative one would give a negative weight in the pool."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidMessageError("schema", f"evidence must be a count >= 0, got {value!r}")
+    return value
+
+
 def _parse_key(session: str, key: str) -> tuple[str, str | None] | None:
     """(kind, item token) of a key in ``session``, or None if it is not a board key."""
     parts = key.split(".", 2)
@@ -637,7 +644,7 @@ class Blackboard:
             confidence=_check_confidence(confidence),
             at=at,
             expertise=_check_expertise(expertise),
-            evidence=evidence,
+            evidence=_check_evidence(evidence),
         )
         record = HypothesisRecord(
             id=id or new_id(),
@@ -681,6 +688,7 @@ class Blackboard:
         subjects.validate_agent_id(agent)
         value = _check_confidence(confidence)
         weight = _check_expertise(expertise)
+        _check_evidence(evidence)
 
         def apply(record: HypothesisRecord) -> HypothesisRecord:
             update = ConfidenceUpdate(

@@ -525,3 +525,16 @@ async def test_log_odds_pooling_is_configurable(bus: Bus, unique: str, session_i
     h = await board.propose_hypothesis("leak", 0.99, agent="ops/a")
     h = await board.update_confidence(h.id, 0.5, agent="ops/b")
     assert h.confidence == pytest.approx(0.9090, abs=1e-3)
+
+
+async def test_negative_evidence_is_refused_and_keeps_the_hypothesis_readable(
+    board: Blackboard,
+) -> None:
+    h = await board.propose_hypothesis("disk full", 0.9, agent="ops/a")
+    # weight = 0.5 * (0.5 + 0.1 * -6) < 0 would pool 0.9 and 0.1 to 1.1: unreadable
+    with pytest.raises(InvalidMessageError):
+        await board.update_confidence(h.id, 0.1, agent="ops/b", evidence=-6)
+    with pytest.raises(InvalidMessageError):
+        await board.propose_hypothesis("cpu", 0.5, agent="ops/a", evidence=-1)
+    assert (await board.get_hypothesis(h.id)).confidence == pytest.approx(0.9)
+    assert [x.id for x in (await board.snapshot()).hypotheses] == [h.id]
