@@ -290,13 +290,20 @@ async def _read_from_leader(kv: KeyValue, key: str) -> tuple[ProposalRecord, int
         raise SwarmbusError(f"cannot read {key}: {exc}") from exc
     if not msg.data or (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
         return None
-    return _decoder.decode(msg.data), int(msg.seq or 0)
+    return _decode(key, msg.data), int(msg.seq or 0)
 
 
 def _loaded(entry: KeyValue.Entry) -> tuple[ProposalRecord, int]:
     if entry.value is None or entry.revision is None:
         raise SwarmbusError(f"KV entry {entry.key} has no value")
-    return _decoder.decode(entry.value), entry.revision
+    return _decode(entry.key, entry.value), entry.revision
+
+
+def _decode(key: str, data: bytes) -> ProposalRecord:
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as exc:  # written by something else
+        raise SwarmbusError(f"KV entry {key} is not a proposal record: {exc}") from None
 
 
 async def _stop(watcher: KeyValue.KeyWatcher) -> None:
@@ -796,7 +803,14 @@ class ConsensusService:
                 if entry is None:  # end of the initial snapshot (open proposals recovered)
                     task_status.started()
                 elif entry.value:
-                    self._on_record(entry.key, *_loaded(entry))
+                    try:
+                        loaded = _loaded(entry)
+                    except SwarmbusError as exc:  # bad input must not stop the service
+                        log.warning("consensus: skipping %s", exc)
+                        self._open.discard(entry.key)
+                        self._unpublished.discard(entry.key)
+                        continue
+                    self._on_record(entry.key, *loaded)
         finally:
             await _stop(watcher)
 
