@@ -321,6 +321,15 @@ def _attrs(record: ProposalRecord) -> dict[str, str]:
     return {"swarmbus.session": record.session, "swarmbus.proposal_id": record.proposal_id}
 
 
+def _deadline(proposal: Proposal, at: datetime) -> datetime:
+    try:
+        return at + timedelta(seconds=proposal.timeout)
+    except OverflowError:
+        raise InvalidMessageError(
+            "schema", f"timeout {proposal.timeout:g}s ends past the calendar"
+        ) from None
+
+
 async def _record_proposal(
     kv: KeyValue, proposal: Proposal, *, agent: str, session: str, message_id: str, at: datetime
 ) -> ProposalRecord:
@@ -338,7 +347,7 @@ async def _record_proposal(
         proposer=agent,
         message_id=message_id,
         created_at=at,
-        deadline=at + timedelta(seconds=proposal.timeout),
+        deadline=_deadline(proposal, at),
         electorate=electorate,
         trace=trace_headers(),
     )
@@ -552,6 +561,7 @@ class Consensus:
         pid = proposal.proposal_id
         if proposal.quorum == "threshold" and proposal.threshold is None:
             raise InvalidMessageError("schema", "a threshold quorum needs a threshold")
+        _deadline(proposal, now())
         if not proposal.voters and not await _members(self.kv, session):
             raise InvalidMessageError(
                 "no_voters", f"proposal {pid!r} names no voters and {session} has none"

@@ -696,3 +696,14 @@ async def test_a_malformed_record_does_not_stop_the_service(
     assert decision.outcome == "approved"
     with pytest.raises(swarmbus.SwarmbusError, match="junk"):
         await consensus.get("junk")
+
+
+@pytest.mark.parametrize("via_service", [False, True])
+async def test_a_timeout_past_the_calendar_is_a_schema_error(
+    bus: Bus, bucket: str, session_id: str, via_service: bool
+) -> None:
+    consensus = await Consensus.open(bus, bucket=bucket, via_service=via_service)
+    with pytest.raises(InvalidMessageError, match="timeout"):
+        await _propose(consensus, session_id, "forever", timeout=1e12)
+    with pytest.raises(NotFoundError):
+        await consensus.get("forever")
