@@ -337,6 +337,15 @@ def item_token(item_id: str) -> str:
     return item_id if _TOKEN.fullmatch(item_id) else subjects.safe_token(item_id)
 
 
+def _check_id(item_id: str | None) -> str:
+    """A caller's item id, or a new one; it is also a wire id, so at most 128 characters."""
+    if item_id is not None and len(item_id) > subjects.MAX_ID_LENGTH:
+        raise InvalidMessageError(
+            "schema", f"an id is at most {subjects.MAX_ID_LENGTH} characters: {item_id!r}"
+        )
+    return item_id or new_id()
+
+
 def _check_confidence(value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidMessageError("schema", f"confidence must be a number, got {value!r}")
@@ -572,7 +581,7 @@ class Blackboard:
         validate_body(finding)
         subjects.validate_agent_id(agent)
         record = FindingRecord(
-            id=id or new_id(),
+            id=_check_id(id),
             agent=agent,
             timestamp=now(),
             category=finding.category,
@@ -771,7 +780,7 @@ class Blackboard:
         validate_body(body)
         at = now()
         record = ActionRecord(
-            id=id or new_id(),
+            id=_check_id(id),
             agent=agent,
             action=action,
             status=status,

@@ -538,3 +538,15 @@ async def test_negative_evidence_is_refused_and_keeps_the_hypothesis_readable(
         await board.propose_hypothesis("cpu", 0.5, agent="ops/a", evidence=-1)
     assert (await board.get_hypothesis(h.id)).confidence == pytest.approx(0.9)
     assert [x.id for x in (await board.snapshot()).hypotheses] == [h.id]
+
+
+async def test_an_id_too_long_for_its_event_is_refused_before_it_is_stored(
+    board: Blackboard,
+) -> None:
+    long_id = "x" * 129  # envelope ids and action ids are at most 128 characters on the wire
+    with pytest.raises(InvalidMessageError):
+        await board.append_finding(finding("too long"), agent="ops/a", id=long_id)
+    with pytest.raises(InvalidMessageError):
+        await board.record_action("rollback", agent="ops/a", status="running", id=long_id)
+    snapshot = await board.snapshot()
+    assert (snapshot.findings, snapshot.actions_taken) == ((), ())
