@@ -963,6 +963,8 @@ class Blackboard:
                     await bus.js.purge_stream(f"{_KV_STREAM_PREFIX}{bucket}", subject=subject)
                 except nats.js.errors.APIError as exc:
                     raise _translate(exc, f"cannot purge {subject}") from exc
+                except (TimeoutError, nats.errors.Error) as exc:
+                    raise _transport_error(exc, f"purge {subject}") from exc
                 purged.append(record.session_id)
         return purged
 

@@ -550,3 +550,39 @@ async def test_an_id_too_long_for_its_event_is_refused_before_it_is_stored(
         await board.record_action("rollback", agent="ops/a", status="running", id=long_id)
     snapshot = await board.snapshot()
     assert (snapshot.findings, snapshot.actions_taken) == ((), ())
+
+
+async def test_a_failed_retention_purge_keeps_the_recorder_running(
+    bus: Bus, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = f"B_{unique}"
+    done = await Blackboard.open(bus, f"done-{unique}", bucket=bucket)
+    await done.start("ops/lead")
+    await done.complete(agent="ops/lead")
+    purge = bus.js.purge_stream
+    calls = 0
+    purged = anyio.Event()
+
+    async def flaky_purge(*args: object, **kwargs: object) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # e.g. a stream leader election: the request times out
+            raise nats.errors.TimeoutError
+        result = await purge(*args, **kwargs)  # type: ignore[arg-type]
+        purged.set()
+        return result
+
+    monkeypatch.setattr(bus.js, "purge_stream", flaky_purge)
+    recorder = Blackboard.recording(
+        bus,
+        bucket=bucket,
+        durable=f"rec-{unique}",
+        deliver_new=True,
+        retention=timedelta(0),
+        retention_interval=0.05,
+    )
+    async with recorder:
+        with anyio.fail_after(10):
+            await purged.wait()  # the next interval retried the purge
+    assert calls >= 2
+    assert (await done.snapshot()).session is None
