@@ -337,6 +337,15 @@ def item_token(item_id: str) -> str:
     return item_id if _TOKEN.fullmatch(item_id) else subjects.safe_token(item_id)
 
 
+def _check_id(item_id: str | None) -> str:
+    """A caller's item id, or a new one; it is also a wire id, so at most 128 characters."""
+    if item_id is not None and len(item_id) > subjects.MAX_ID_LENGTH:
+        raise InvalidMessageError(
+            "schema", f"an id is at most {subjects.MAX_ID_LENGTH} characters: {item_id!r}"
+        )
+    return item_id or new_id()
+
+
 def _check_confidence(value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidMessageError("schema", f"confidence must be a number, got {value!r}")
@@ -348,6 +357,13 @@ def _check_confidence(value: float) -> float:
 def _check_expertise(value: float | None) -> float | None:
     if value is not None and not 0.0 <= value <= 1.0:
         raise InvalidMessageError("schema", f"expertise must be within [0, 1], got {value!r}")
+    return value
+
+
+def _check_evidence(value: int) -> int:
+    """A count of evidence; a negative one would give a negative weight in the pool."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidMessageError("schema", f"evidence must be a count >= 0, got {value!r}")
     return value
 
 
@@ -565,7 +581,7 @@ class Blackboard:
         validate_body(finding)
         subjects.validate_agent_id(agent)
         record = FindingRecord(
-            id=id or new_id(),
+            id=_check_id(id),
             agent=agent,
             timestamp=now(),
             category=finding.category,
@@ -637,7 +653,7 @@ class Blackboard:
             confidence=_check_confidence(confidence),
             at=at,
             expertise=_check_expertise(expertise),
-            evidence=evidence,
+            evidence=_check_evidence(evidence),
         )
         record = HypothesisRecord(
             id=id or new_id(),
@@ -681,6 +697,7 @@ class Blackboard:
         subjects.validate_agent_id(agent)
         value = _check_confidence(confidence)
         weight = _check_expertise(expertise)
+        _check_evidence(evidence)
 
         def apply(record: HypothesisRecord) -> HypothesisRecord:
             update = ConfidenceUpdate(
@@ -763,7 +780,7 @@ class Blackboard:
         validate_body(body)
         at = now()
         record = ActionRecord(
-            id=id or new_id(),
+            id=_check_id(id),
             agent=agent,
             action=action,
             status=status,
@@ -946,6 +963,8 @@ class Blackboard:
                     await bus.js.purge_stream(f"{_KV_STREAM_PREFIX}{bucket}", subject=subject)
                 except nats.js.errors.APIError as exc:
                     raise _translate(exc, f"cannot purge {subject}") from exc
+                except (TimeoutError, nats.errors.Error) as exc:
+                    raise _transport_error(exc, f"purge {subject}") from exc
                 purged.append(record.session_id)
         return purged
 

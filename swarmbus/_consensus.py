@@ -290,13 +290,20 @@ async def _read_from_leader(kv: KeyValue, key: str) -> tuple[ProposalRecord, int
         raise SwarmbusError(f"cannot read {key}: {exc}") from exc
     if not msg.data or (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
         return None
-    return _decoder.decode(msg.data), int(msg.seq or 0)
+    return _decode(key, msg.data), int(msg.seq or 0)
 
 
 def _loaded(entry: KeyValue.Entry) -> tuple[ProposalRecord, int]:
     if entry.value is None or entry.revision is None:
         raise SwarmbusError(f"KV entry {entry.key} has no value")
-    return _decoder.decode(entry.value), entry.revision
+    return _decode(entry.key, entry.value), entry.revision
+
+
+def _decode(key: str, data: bytes) -> ProposalRecord:
+    try:
+        return _decoder.decode(data)
+    except msgspec.DecodeError as exc:  # written by something else
+        raise SwarmbusError(f"KV entry {key} is not a proposal record: {exc}") from None
 
 
 async def _stop(watcher: KeyValue.KeyWatcher) -> None:
@@ -312,6 +319,15 @@ async def _members(kv: KeyValue, session: str) -> list[str]:
 def _attrs(record: ProposalRecord) -> dict[str, str]:
     """Span attributes of writes about ``record``."""
     return {"swarmbus.session": record.session, "swarmbus.proposal_id": record.proposal_id}
+
+
+def _deadline(proposal: Proposal, at: datetime) -> datetime:
+    try:
+        return at + timedelta(seconds=proposal.timeout)
+    except OverflowError:
+        raise InvalidMessageError(
+            "schema", f"timeout {proposal.timeout:g}s ends past the calendar"
+        ) from None
 
 
 async def _record_proposal(
@@ -331,7 +347,7 @@ async def _record_proposal(
         proposer=agent,
         message_id=message_id,
         created_at=at,
-        deadline=at + timedelta(seconds=proposal.timeout),
+        deadline=_deadline(proposal, at),
         electorate=electorate,
         trace=trace_headers(),
     )
@@ -545,6 +561,7 @@ class Consensus:
         pid = proposal.proposal_id
         if proposal.quorum == "threshold" and proposal.threshold is None:
             raise InvalidMessageError("schema", "a threshold quorum needs a threshold")
+        _deadline(proposal, now())
         if not proposal.voters and not await _members(self.kv, session):
             raise InvalidMessageError(
                 "no_voters", f"proposal {pid!r} names no voters and {session} has none"
@@ -796,7 +813,14 @@ class ConsensusService:
                 if entry is None:  # end of the initial snapshot (open proposals recovered)
                     task_status.started()
                 elif entry.value:
-                    self._on_record(entry.key, *_loaded(entry))
+                    try:
+                        loaded = _loaded(entry)
+                    except SwarmbusError as exc:  # bad input must not stop the service
+                        log.warning("consensus: skipping %s", exc)
+                        self._open.discard(entry.key)
+                        self._unpublished.discard(entry.key)
+                        continue
+                    self._on_record(entry.key, *loaded)
         finally:
             await _stop(watcher)
 

@@ -525,3 +525,64 @@ async def test_log_odds_pooling_is_configurable(bus: Bus, unique: str, session_i
     h = await board.propose_hypothesis("leak", 0.99, agent="ops/a")
     h = await board.update_confidence(h.id, 0.5, agent="ops/b")
     assert h.confidence == pytest.approx(0.9090, abs=1e-3)
+
+
+async def test_negative_evidence_is_refused_and_keeps_the_hypothesis_readable(
+    board: Blackboard,
+) -> None:
+    h = await board.propose_hypothesis("disk full", 0.9, agent="ops/a")
+    # weight = 0.5 * (0.5 + 0.1 * -6) < 0 would pool 0.9 and 0.1 to 1.1: unreadable
+    with pytest.raises(InvalidMessageError):
+        await board.update_confidence(h.id, 0.1, agent="ops/b", evidence=-6)
+    with pytest.raises(InvalidMessageError):
+        await board.propose_hypothesis("cpu", 0.5, agent="ops/a", evidence=-1)
+    assert (await board.get_hypothesis(h.id)).confidence == pytest.approx(0.9)
+    assert [x.id for x in (await board.snapshot()).hypotheses] == [h.id]
+
+
+async def test_an_id_too_long_for_its_event_is_refused_before_it_is_stored(
+    board: Blackboard,
+) -> None:
+    long_id = "x" * 129  # envelope ids and action ids are at most 128 characters on the wire
+    with pytest.raises(InvalidMessageError):
+        await board.append_finding(finding("too long"), agent="ops/a", id=long_id)
+    with pytest.raises(InvalidMessageError):
+        await board.record_action("rollback", agent="ops/a", status="running", id=long_id)
+    snapshot = await board.snapshot()
+    assert (snapshot.findings, snapshot.actions_taken) == ((), ())
+
+
+async def test_a_failed_retention_purge_keeps_the_recorder_running(
+    bus: Bus, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = f"B_{unique}"
+    done = await Blackboard.open(bus, f"done-{unique}", bucket=bucket)
+    await done.start("ops/lead")
+    await done.complete(agent="ops/lead")
+    purge = bus.js.purge_stream
+    calls = 0
+    purged = anyio.Event()
+
+    async def flaky_purge(*args: object, **kwargs: object) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # e.g. a stream leader election: the request times out
+            raise nats.errors.TimeoutError
+        result = await purge(*args, **kwargs)  # type: ignore[arg-type]
+        purged.set()
+        return result
+
+    monkeypatch.setattr(bus.js, "purge_stream", flaky_purge)
+    recorder = Blackboard.recording(
+        bus,
+        bucket=bucket,
+        durable=f"rec-{unique}",
+        deliver_new=True,
+        retention=timedelta(0),
+        retention_interval=0.05,
+    )
+    async with recorder:
+        with anyio.fail_after(10):
+            await purged.wait()  # the next interval retried the purge
+    assert calls >= 2
+    assert (await done.snapshot()).session is None

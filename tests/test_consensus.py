@@ -683,3 +683,27 @@ async def test_a_bucket_without_message_ttls_keeps_its_decisions(
         await watcher.stop()
     stored = await bus.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{proposal_key('p-nottl')}")
     assert "Nats-TTL" not in (stored.headers or {})
+
+
+async def test_a_malformed_record_does_not_stop_the_service(
+    consensus: Consensus, bucket: str, session_id: str
+) -> None:
+    await consensus.kv.put(proposal_key("junk"), b"not a proposal record")
+    async with ConsensusService(bus=consensus.bus, bucket=bucket, session=session_id):
+        await _propose(consensus, session_id, "after-junk", voters=VOTERS[:1], timeout=60)
+        await _cast(consensus, "after-junk", "yes")
+        decision = await consensus.wait_for_decision("after-junk", timeout=5)
+    assert decision.outcome == "approved"
+    with pytest.raises(swarmbus.SwarmbusError, match="junk"):
+        await consensus.get("junk")
+
+
+@pytest.mark.parametrize("via_service", [False, True])
+async def test_a_timeout_past_the_calendar_is_a_schema_error(
+    bus: Bus, bucket: str, session_id: str, via_service: bool
+) -> None:
+    consensus = await Consensus.open(bus, bucket=bucket, via_service=via_service)
+    with pytest.raises(InvalidMessageError, match="timeout"):
+        await _propose(consensus, session_id, "forever", timeout=1e12)
+    with pytest.raises(NotFoundError):
+        await consensus.get("forever")
