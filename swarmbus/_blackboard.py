@@ -761,8 +761,9 @@ class Blackboard:
     ) -> ActionRecord:
         """Record an action (e.g. "recommended rollback") with its initial status.
 
-        Publishes the contract's ``action`` message on action.proposed. ``id`` lets a
-        caller (e.g. consensus, with its proposal id) name the action.
+        Publishes the contract's ``action`` message on action.proposed, and an action
+        recorded as ``completed`` also action.completed. ``id`` lets a caller (e.g.
+        consensus, with its proposal id) name the action.
 
         Raises:
             InvalidTransitionError: ``status`` is not a valid initial status.
@@ -794,6 +795,13 @@ class Blackboard:
         await self.bus.publish(
             body, agent=agent, session=self.session, id=self._event_id("action", record.id)
         )
+        if status == "completed":  # recorded after the fact: it completed too
+            await self.bus.publish(
+                ActionCompleted(action_id=record.id, status=status, result=record.result),
+                agent=agent,
+                session=self.session,
+                id=self._event_id(status, record.id),
+            )
         return record
 
     async def set_action_status(

@@ -104,7 +104,7 @@ async def test_session_lifecycle_and_events(bus: Bus, board: Blackboard, unique:
 
     async def on_event(message: Message) -> None:
         seen.append(message)
-        if len(seen) == 6:
+        if len(seen) == 7:
             got.set()
 
     sub = await bus.subscribe(session_filter(board.session), on_event, receiver=f"t/{unique}")
@@ -128,6 +128,7 @@ async def test_session_lifecycle_and_events(bus: Bus, board: Blackboard, unique:
         "hypothesis.validated",
         "session.completed",
         "action",
+        "action.completed",  # recorded as completed: it was proposed and completed
     ]
     assert seen[1].id == f.id
     assert a.status == "completed"
