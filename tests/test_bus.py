@@ -483,7 +483,9 @@ async def test_draining_agent_takes_no_new_message_once_a_slot_frees(
     assert handled == [first.id]
     durable = f"{swarmbus._subjects.safe_token(agent.id)}-on_finding"
     info = await bus.js.consumer_info("SWARMBUS_EVENTS", durable)
-    assert (info.num_pending, info.num_ack_pending) == (1, 0)  # left for the next instance
+    # The second is left for the next instance (the first's ack may still be in flight:
+    # acks are not confirmed, so num_ack_pending can still count it).
+    assert info.num_pending == 1
 
 
 async def test_request_handler_returning_non_json_answers_failure_and_keeps_serving(
