@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
+import logging
 import re
 import sys
 import uuid
@@ -52,6 +53,9 @@ SYNTHESIZE: Final = "synthesize"
 REFINE: Final = "refine"
 QUERIES_BUCKET: Final = "SWARMBUS_QUERIES"
 QUERIES_MAX_AGE: Final = 7 * 24 * 3600.0
+QUERY_LEASE: Final = 10.0
+
+log = logging.getLogger("swarmbus.swarm")
 COORDINATOR_AGENT: Final = "swarmbus/coordinator"
 
 # --- durations ---------------------------------------------------------------------------
@@ -350,16 +354,33 @@ class QueryLedger:
     ``run`` creates the query's key once (create-once KV write); the winner executes
     the query and stores its result, everyone else waits for that result and reuses
     it. If the winner fails, the next caller takes the query over (compare-and-set).
+    While it runs, the winner renews its record every third of ``lease``; a record not
+    renewed for a whole ``lease`` (its agent crashed or lost NATS) is taken over by the
+    next waiting caller. Renewals only move the key's revision and waiters time them
+    on their own monotonic clocks, so agents' wall clocks never matter.
     With ``enabled=False`` every call simply executes (no deduplication).
     """
 
-    def __init__(self, kv: KeyValue | None, session: str, agent: str) -> None:
+    def __init__(
+        self, kv: KeyValue | None, session: str, agent: str, *, lease: float = QUERY_LEASE
+    ) -> None:
+        if not lease > 0:
+            raise ValueError(f"lease must be > 0 seconds, got {lease!r}")
         self._kv = kv
         self.session = subjects.validate_session_id(session)
         self.agent = subjects.validate_agent_id(agent)
+        self.lease = lease
 
     @classmethod
-    async def open(cls, bus: Bus, session: str, *, agent: str, enabled: bool = True) -> QueryLedger:
+    async def open(
+        cls,
+        bus: Bus,
+        session: str,
+        *,
+        agent: str,
+        enabled: bool = True,
+        lease: float = QUERY_LEASE,
+    ) -> QueryLedger:
         """The ledger of ``session`` for ``agent`` (bucket ``SWARMBUS_QUERIES``)."""
         kv = (
             await bus.key_value(
@@ -368,7 +389,7 @@ class QueryLedger:
             if enabled
             else None
         )
-        return cls(kv, session, agent)
+        return cls(kv, session, agent, lease=lease)
 
     async def run(
         self,
@@ -407,13 +428,15 @@ class QueryLedger:
                     record = _query_decoder.decode(entry.value)
                     if record.status == "done":
                         return self._outcome(source, query, record.result, record.agent, True)
-                    if record.status == "failed":
+                    # Failed, or running but not renewed for a whole lease: take it over.
+                    if record.status == "failed" or not await _changed(
+                        kv, key, entry.revision, within=self.lease
+                    ):
                         try:
                             revision = await kv.update(key, running, last=entry.revision)
                         except nats.js.errors.KeyWrongLastSequenceError:
                             continue
                         return await self._execute(kv, key, revision, source, query, execute)
-                    await _changed(kv, key, entry.revision)
         except TimeoutError:
             raise QueryTimeoutError(source, query, timeout) from None
         except (nats.errors.Error, nats.js.errors.Error) as exc:
@@ -429,15 +452,40 @@ class QueryLedger:
         execute: Callable[[], Awaitable[str]],
     ) -> QueryOutcome:
         base = _QueryRecord(source=source, query=query, agent=self.agent)
+        held = [revision]  # the record's revision while we hold it; empty once lost
+
+        async def renew() -> None:
+            data = _query_encoder.encode(base)
+            while held:
+                await anyio.sleep(self.lease / 3)
+                try:
+                    held[0] = await kv.update(key, data, last=held[0])
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    log.warning("query %s was taken over while it ran", key)
+                    held.clear()
+                except (TimeoutError, nats.errors.Error) as exc:  # try again next time
+                    log.warning("cannot renew query %s: %s", key, exc)
+
+        async def finish(record: _QueryRecord) -> None:
+            if not held:
+                return  # taken over: the new runner's record stands
+            try:
+                await kv.update(key, _query_encoder.encode(record), last=held[0])
+            except nats.js.errors.KeyWrongLastSequenceError:
+                log.warning("query %s was taken over; its result is not recorded", key)
+
         try:
-            result = await execute()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(renew)
+                result = await execute()
+                tg.cancel_scope.cancel()
         except BaseException as exc:
-            failed = msgspec.structs.replace(base, status="failed", error=repr(exc))
             with anyio.CancelScope(shield=True):
-                await kv.update(key, _query_encoder.encode(failed), last=revision)
+                await finish(msgspec.structs.replace(base, status="failed", error=repr(exc)))
+            if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                raise exc.exceptions[0] from None  # execute's own error, as it raised it
             raise
-        done = msgspec.structs.replace(base, status="done", result=str(result))
-        await kv.update(key, _query_encoder.encode(done), last=revision)
+        await finish(msgspec.structs.replace(base, status="done", result=str(result)))
         return self._outcome(source, query, str(result), self.agent, reused=False)
 
     @staticmethod
@@ -449,13 +497,15 @@ class QueryLedger:
         )
 
 
-async def _changed(kv: KeyValue, key: str, revision: int) -> None:
-    """Wait until ``key`` has a revision newer than ``revision``."""
+async def _changed(kv: KeyValue, key: str, revision: int, *, within: float) -> bool:
+    """Whether ``key`` gets a revision newer than ``revision`` within ``within`` seconds."""
     watcher = await kv.watch(key)
     try:
-        async for entry in watcher:
-            if entry is not None and (entry.revision or 0) > revision:
-                return
+        with anyio.move_on_after(within):
+            async for entry in watcher:
+                if entry is not None and (entry.revision or 0) > revision:
+                    return True
+        return False
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
 

@@ -33,7 +33,14 @@ from swarmbus import (
     serve_workers,
 )
 from swarmbus._coordinator import route_type
-from swarmbus._swarm import load_agents, parse_duration, parse_spec, run_swarm, serving
+from swarmbus._swarm import (
+    load_agents,
+    parse_duration,
+    parse_spec,
+    query_key,
+    run_swarm,
+    serving,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -270,6 +277,75 @@ async def test_a_failed_query_is_taken_over(bus: Bus, session_id: str, unique: s
         f"t/b-{unique}",
         "ok",
     )
+
+
+async def test_a_query_whose_runner_vanished_is_taken_over_after_its_lease(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    # A runner that crashed leaves a "running" record that nobody renews.
+    first = await QueryLedger.open(bus, session_id, agent=f"t/a-{unique}", lease=0.5)
+    kv = first._kv
+    assert kv is not None
+    orphan = b'{"source":"prometheus","query":"up","agent":"t/crashed"}'
+    await kv.create(query_key(session_id, "prometheus", "up"), orphan)
+
+    async def works() -> str:
+        return "ok"
+
+    with anyio.fail_after(10):
+        outcome = await first.run("prometheus", "up", works, timeout=8)
+    assert (outcome.reused, outcome.ran_by, outcome.evidence.result) == (
+        False,
+        f"t/a-{unique}",
+        "ok",
+    )
+
+
+async def test_a_query_running_longer_than_its_lease_is_renewed_not_taken_over(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    runner = await QueryLedger.open(bus, session_id, agent=f"t/a-{unique}", lease=0.6)
+    waiter = await QueryLedger.open(bus, session_id, agent=f"t/b-{unique}", lease=0.6)
+    assert runner._kv is not None
+    key = query_key(session_id, "loki", "errors")
+    runs = 0
+    started = anyio.Event()
+
+    async def slow() -> str:
+        # Runs until the record was renewed 4 times: longer than 2 leases.
+        nonlocal runs
+        runs += 1
+        first = (await runner._kv.get(key)).revision or 0  # type: ignore[union-attr]
+        started.set()
+        watcher = await runner._kv.watch(key)  # type: ignore[union-attr]
+        try:
+            async for entry in watcher:
+                if entry is not None and (entry.revision or 0) >= first + 4:
+                    return "42"
+        finally:
+            await watcher.stop()
+        raise AssertionError("watch ended")
+
+    outcomes = []
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+
+            async def run(ledger: QueryLedger) -> None:
+                outcomes.append(await ledger.run("loki", "errors", slow, timeout=15))
+
+            tg.start_soon(run, runner)
+            await started.wait()
+            tg.start_soon(run, waiter)
+    assert runs == 1
+    assert sorted((o.reused, o.ran_by) for o in outcomes) == [
+        (False, f"t/a-{unique}"),
+        (True, f"t/a-{unique}"),
+    ]
+
+
+def test_query_lease_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="lease"):
+        QueryLedger(None, "s", "t/a", lease=0)
 
 
 QUERY_WORKER = textwrap.dedent(
