@@ -164,6 +164,15 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     from swarmbus._bus import Bus
     from swarmbus._tasks import TaskQueue
 
+    async def prune() -> int:
+        async with Bus.open() as bus, TaskQueue(bus, args.session) as queue:
+            pruned = await queue.prune(older_than=args.prune_older_than)
+        print(f"pruned {len(pruned)} finished task(s) of {args.session}")
+        return 0
+
+    if args.prune_older_than is not None:
+        return anyio.run(prune)
+
     async def show() -> int:
         async with Bus.open() as bus, TaskQueue(bus, args.session) as queue:
             tasks = await queue.tasks(args.status)
@@ -179,6 +188,15 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         return 0
 
     return anyio.run(show)
+
+
+def _duration(value: str) -> float:
+    from swarmbus._swarm import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("session", help="session id, e.g. INC-1234")
     p.add_argument(
         "--status", default=None, choices=["pending", "assigned", "running", "completed", "failed"]
+    )
+    p.add_argument(
+        "--prune-older-than",
+        type=_duration,
+        default=None,
+        metavar="AGE",
+        help="instead: delete records of tasks finished at least AGE ago (e.g. 7d, 12h)",
     )
     p.set_defaults(func=_cmd_tasks)
     return parser

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import MSG_ID_HEADER, Bus, deliveries, kv_latest, stored_messages
+from swarmbus._bus import (
+    MSG_ID_HEADER,
+    Bus,
+    _translate,
+    deliveries,
+    kv_latest,
+    stored_messages,
+)
 from swarmbus._errors import (
     ConnectionError,
     InvalidTaskError,
@@ -474,6 +482,59 @@ class TaskQueue:
         tasks = list({**offered, **records}.values())
         tasks.sort(key=lambda t: t.created_at or _now())
         return [t for t in tasks if status is None or t.status == status]
+
+    async def prune(self, *, older_than: float) -> list[str]:
+        """Delete the records of this session's tasks that finished ``older_than`` seconds
+        ago or earlier; returns their ids.
+
+        Finished records are kept until pruned: an expiry (TTL) on them would not be
+        safe, since a dispatch message whose ack was lost can outlive its record and
+        would then run its task again. So a record goes only when no dispatch message
+        of its task is left in the stream; a finished task is never offered again, so
+        none can appear later. Its key is purged (no delete marker is left behind),
+        which needs permission to purge the bucket's stream.
+
+        Raises:
+            InvalidTaskError: ``older_than`` is not a number of seconds >= 0.
+            ConnectionError: NATS failed (records pruned before that stay pruned).
+        """
+        if isinstance(older_than, bool) or not isinstance(older_than, int | float):
+            raise InvalidTaskError("older_than", f"must be seconds, got {older_than!r}")
+        if not 0 <= older_than < math.inf:
+            raise InvalidTaskError("older_than", f"must be >= 0 seconds, got {older_than!r}")
+        cutoff = time.time() - older_than
+        try:
+            # Records first: a task finishing meanwhile is not in this list, and a
+            # dispatch message of a listed one cannot be created after it is read.
+            finished = [
+                task.id
+                for task in (
+                    _decoder.decode(msg.data)
+                    for _, msg in await kv_latest(self.kv, f"{self.session}.>")
+                    if msg.data
+                )
+                if task.status in TERMINAL
+                and task.completed_at is not None
+                and task.completed_at.timestamp() <= cutoff
+            ]
+            filter = subjects.task_filter(self.session)
+            offered = {
+                t.id
+                for t in map(_hint, await stored_messages(self.bus.js, TASKS_STREAM, filter))
+                if t is not None
+            }
+            pruned = [task_id for task_id in finished if task_id not in offered]
+            stream = f"KV_{TASKS_BUCKET}"
+            with self.bus._permission_guard(f"$JS.API.STREAM.PURGE.{stream}", "prune tasks"):
+                for task_id in pruned:
+                    await self.bus.js.purge_stream(
+                        stream, subject=subjects.kv_subject(TASKS_BUCKET, self._key(task_id))
+                    )
+        except nats.js.errors.APIError as exc:
+            raise _translate(exc, f"cannot prune the tasks of {self.session}") from exc
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ConnectionError(f"cannot prune the tasks of {self.session}: {exc}") from exc
+        return pruned
 
     async def approve(self, task_id: str, *, by: str) -> Task:
         """Let a ``requires_approval`` task be claimed (called by a consensus decision).

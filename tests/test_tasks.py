@@ -354,3 +354,62 @@ async def test_a_first_claim_whose_ack_was_lost_is_settled(queue: TaskQueue) -> 
         stored, 0, subject, msgspec.json.encode(stored), {EXPECTED_LAST_HEADER: "0"}
     )
     assert again == claim.revision  # our bytes are there: the write had landed
+
+
+async def test_prune_removes_finished_records_once_no_dispatch_is_left(
+    queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done = await queue.create("report", agent=CREATOR)
+    lost_ack = await queue.create("report", agent=CREATOR)
+    claims = {}
+    for _ in range(2):
+        claim = await queue.claim(agent="w/a", types=["report"], timeout=5)
+        assert claim is not None
+        claims[claim.task.id] = claim
+    waiting = await queue.create("report", agent=CREATOR)
+    await claims[done.id].complete()
+    dispatch = claims[lost_ack.id]._msg
+
+    async def lost() -> None:  # the dispatch message's ack never reaches the server
+        pass
+
+    monkeypatch.setattr(dispatch, "ack", lost)
+    await claims[lost_ack.id].complete()
+
+    assert await queue.prune(older_than=3600) == []  # finished too recently
+    assert await queue.prune(older_than=0) == [done.id]  # lost_ack's dispatch is still there
+    with pytest.raises(NotFoundError):
+        await queue.get(done.id)
+    assert (await queue.get(lost_ack.id)).status == "completed"
+    assert (await queue.get(waiting.id)).status == "pending"
+
+    await dispatch.ack_sync()  # a claimer settles the redelivered message at last
+    assert await queue.prune(older_than=0) == [lost_ack.id]
+    assert [t.id for t in await queue.tasks()] == [waiting.id]
+    for bad in (-1, True, "1h", float("nan")):
+        with pytest.raises(InvalidTaskError):
+            await queue.prune(older_than=bad)  # type: ignore[arg-type]
+
+
+async def test_cli_prunes_finished_tasks(
+    queue: TaskQueue,
+    nats_url: str,
+    session_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    done = await queue.create("report", agent=CREATOR)
+    waiting = await queue.create("report", agent=CREATOR, requires_approval=True)
+    claim = await queue.claim(agent="w/a", types=["report"])
+    assert claim is not None
+    assert claim.task.id == done.id
+    await claim.complete()
+    monkeypatch.setenv("NATS_URL", nats_url)
+    argv = ["tasks", session_id, "--prune-older-than", "1ms"]
+    assert await anyio.to_thread.run_sync(cli_main, argv) == 0
+    assert f"pruned 1 finished task(s) of {session_id}" in capsys.readouterr().out
+    assert [t.id for t in await queue.tasks()] == [waiting.id]
+    with pytest.raises(SystemExit) as bad:
+        cli_main(["tasks", session_id, "--prune-older-than", "soon"])
+    assert bad.value.code == 2
+    assert "invalid duration" in capsys.readouterr().err
