@@ -682,7 +682,37 @@ class TaskQueue:
             # Claims already won are returned: their records name this agent, so
             # dropping them would leave those tasks waiting out their leases.
             log.warning("claiming stopped early, %d claimed: %s", len(claims), exc)
+        except BaseException:
+            # Cancelled: nobody will run the claims won so far. Give them back now,
+            # or each would wait out its lease and use up one of its attempts.
+            with anyio.CancelScope(shield=True):
+                await self._release(claims)
+            raise
         return claims
+
+    async def _release(self, claims: Sequence[Claim]) -> None:
+        """Undo claims that were never handed out: pending again, at the attempt count
+        they had, and their dispatch messages offered again at once."""
+
+        def released(task: Task) -> Task:
+            return msgspec.structs.replace(
+                task,
+                status="pending",
+                assigned_to=None,
+                attempts=task.attempts - 1,
+                claimed_at=None,
+                lease_until=None,
+            )
+
+        async def release(claim: Claim) -> None:
+            try:
+                await self._transition(claim, released, "pending")
+            except SwarmbusError as exc:  # its lease runs out instead
+                log.warning("could not give back task %s: %s", claim.task.id, exc)
+                return
+            await _quietly(claim._msg.nak())
+
+        await asyncio.gather(*(release(c) for c in claims))
 
     async def _claim_starved(self, agent: str, types: Sequence[str]) -> list[Claim]:
         """Peek at each lower priority's head; claim it if it waited too long."""
@@ -701,6 +731,15 @@ class TaskQueue:
         return []
 
     async def _settle_all(self, msgs: list[Msg], agent: str) -> list[Claim]:
+        """``_settle_batch``, finished even if the caller is cancelled meanwhile: its
+        writes may have landed, and a claim must not be lost on its way to the caller
+        (``_scan`` gives the claims back if it was cancelled)."""
+        claims: list[Claim] = []
+        with anyio.CancelScope(shield=True):
+            claims = await self._settle_batch(msgs, agent)
+        return claims
+
+    async def _settle_batch(self, msgs: list[Msg], agent: str) -> list[Claim]:
         """Claim what the dispatch messages offer, with one round trip for the batch.
 
         A first delivery carries the task and its revision: if that task is

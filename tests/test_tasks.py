@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import msgspec
@@ -413,3 +414,33 @@ async def test_cli_prunes_finished_tasks(
         cli_main(["tasks", session_id, "--prune-older-than", "soon"])
     assert bad.value.code == 2
     assert "invalid duration" in capsys.readouterr().err
+
+
+async def test_a_claim_cancelled_while_its_write_is_in_flight_is_given_back(
+    queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = await queue.create_many(
+        [TaskSpec(type="probe"), TaskSpec(type="probe")], agent=CREATOR
+    )
+    collect = queue._acks.collect
+    scope = anyio.CancelScope()
+
+    async def cancel_then_collect(futures: Any) -> Any:
+        if futures:
+            scope.cancel()  # the caller gives up while the claims' writes are in flight
+        return await collect(futures)
+
+    monkeypatch.setattr(queue._acks, "collect", cancel_then_collect)
+    with scope:  # the scan goes on to "other" after the writes: there it is cancelled
+        await queue.claim_many(agent="w/a", types=["probe", "other"], limit=5, timeout=5)
+    assert scope.cancelled_caught
+    monkeypatch.undo()
+    # Offered again at once (not after the 60 s lease), the attempt not used up.
+    claims = await queue.claim_many(agent="w/b", types=["probe"], limit=2, timeout=5)
+    while len(claims) < 2:
+        more = await queue.claim(agent="w/b", types=["probe"], timeout=5)
+        assert more is not None
+        claims.append(more)
+    assert sorted(c.task.id for c in claims) == sorted(t.id for t in created)
+    assert [c.attempt for c in claims] == [1, 1]
+    assert all(c.task.assigned_to == "w/b" for c in claims)
