@@ -102,6 +102,16 @@ def ids(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {"Nats-Msg-Id": uuid.uuid4().hex, **(extra or {})}
 
 
+def kv_writes(keys: list[str], expected: Callable[[int], int]) -> Callable[[int], Write]:
+    """Write i: a compare-and-set of key i of bucket COSTS at revision ``expected(i)``."""
+
+    def write(i: int) -> Write:
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(expected(i))}
+        return f"$KV.COSTS.{keys[i]}", DATA, headers
+
+    return write
+
+
 def atomic_batches(size: int) -> Callable[[int], Write]:
     """Write i of consecutive atomic batches of ``size`` (the last one commits)."""
     batch = ""
@@ -173,32 +183,14 @@ async def bench(n: int) -> None:
                 ),
                 (
                     "KV create-once (a first claim)",
-                    await measure(
-                        nc,
-                        pid,
-                        n,
-                        lambda i: (
-                            f"$KV.COSTS.{keys[i]}",
-                            DATA,
-                            {"Nats-Expected-Last-Subject-Sequence": "0"},
-                        ),
-                    ),
+                    await measure(nc, pid, n, kv_writes(keys, lambda i: 0)),
                 ),
             ]
             first = (await js.stream_info("KV_COSTS")).state.last_seq - n + 1
             rows.append(
                 (
                     "KV compare-and-set, history 1 (a completion)",
-                    await measure(
-                        nc,
-                        pid,
-                        n,
-                        lambda i: (
-                            f"$KV.COSTS.{keys[i]}",
-                            DATA,
-                            {"Nats-Expected-Last-Subject-Sequence": str(first + i)},
-                        ),
-                    ),
+                    await measure(nc, pid, n, kv_writes(keys, lambda i: first + i)),
                 )
             )
             for size in (10, 100):
