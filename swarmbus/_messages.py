@@ -524,6 +524,13 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
         raise _classify(data, exc) from None
     except msgspec.DecodeError as exc:
         raise InvalidMessageError("not_json", str(exc)) from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def _too_deep() -> InvalidMessageError:
+    # msgspec's depth limit: a few KB of brackets would otherwise escape as a crash.
+    return InvalidMessageError("too_large", "JSON nested too deeply to decode")
 
 
 def _classify(data: bytes, exc: msgspec.ValidationError) -> InvalidMessageError:
@@ -531,6 +538,8 @@ def _classify(data: bytes, exc: msgspec.ValidationError) -> InvalidMessageError:
         raw = _json_decoder.decode(data)
     except msgspec.DecodeError:
         return InvalidMessageError("not_json", str(exc))
+    except RecursionError:
+        return _too_deep()
     if not isinstance(raw, dict) or not {"id", "timestamp", "source", "type"} <= raw.keys():
         return InvalidMessageError(
             "not_envelope", "expected an object with id, timestamp, source and type"

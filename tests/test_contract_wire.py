@@ -1,0 +1,110 @@
+"""The public wire contract (CONTRACT.md) as an external service sees it.
+
+Each test plays a service in another language: a plain nats-py connection publishing
+raw JSON bytes on the contract subjects and reading raw messages, against a real
+nats-server, or the generated ``schemas/`` files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import jsonschema
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+import swarmbus
+from swarmbus import Agent, Bus, Finding, FindingMessage
+from swarmbus._bus import CODE_HEADER, DEAD_LETTER_STREAM
+
+WAIT = 10
+SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
+
+
+@pytest.fixture
+async def raw(nats_url: str) -> AsyncIterator[NatsClient]:
+    """A plain nats-py client: no swarmbus helpers on the external side."""
+    nc = await nats.connect(nats_url)
+    yield nc
+    await nc.close()
+
+
+def schema(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    return loaded
+
+
+def finding(session: str, agent: str, **overrides: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "id": f"ext-{session}",
+        "timestamp": "2025-01-02T10:30:00Z",
+        "source": {"agent": agent, "session": session},
+        "type": "finding",
+        "finding": {"category": "observation", "content": "fine", "confidence": 0.8},
+    }
+    message.update(overrides)
+    return message
+
+
+async def subscription(
+    nc: NatsClient, subject: str
+) -> tuple[anyio.abc.ObjectReceiveStream[Msg], Any]:
+    send, receive = anyio.create_memory_object_stream[Msg](100)
+
+    async def cb(msg: Msg) -> None:
+        await send.send(msg)
+
+    sub = await nc.subscribe(subject, cb=cb)
+    await nc.flush()
+    return receive, sub
+
+
+async def test_deeply_nested_json_is_rejected_and_the_worker_keeps_running(
+    nats_url: str, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    """A 2 KB envelope nested 1,000 levels deep (here in an unknown field) made msgspec
+    raise RecursionError, which escaped ``accept`` and killed the agent's consumer."""
+    agent = Agent(f"test/deep-{unique}")
+    handled: list[str] = []
+    good = anyio.Event()
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        handled.append(message.id)
+        good.set()
+
+    subject = f"agent.finding.reported.{session_id}.ext/go"
+    deep = json.dumps(finding(session_id, "ext/go", id="deep"))[:-1] + ', "x": '
+    data = (deep + "[" * 1000 + "]" * 1000 + "}").encode()
+    errors, sub = await subscription(raw, f"agent.error.occurred.{session_id}.{agent.id}")
+    js = raw.jetstream()
+    async with Bus.open(url=nats_url) as bus, agent.serve(bus):
+        await js.publish(subject, data)
+        with anyio.fail_after(WAIT):
+            error = swarmbus.decode((await errors.receive()).data)
+        assert isinstance(error, swarmbus.ErrorOccurredMessage)
+        assert error.error_occurred.code == "too_large"
+        assert "nested" in error.error_occurred.reason
+        dead = await js.get_last_msg(DEAD_LETTER_STREAM, f"swarmbus.dead.{session_id}.{agent.id}")
+        assert dead.data == data
+        assert dead.headers is not None and dead.headers[CODE_HEADER] == "too_large"
+
+        await js.publish(subject, json.dumps(finding(session_id, "ext/go", id="good")).encode())
+        with anyio.fail_after(WAIT):
+            await good.wait()
+    await sub.unsubscribe()
+    assert handled == ["good"]
+
+
+def test_deep_nesting_after_a_schema_error_is_an_invalid_message() -> None:
+    """The same recursion, hit while classifying an envelope that already failed its schema."""
+    data = json.dumps(finding("S", "ext/go", id=1))[:-1] + ', "x": ' + "[" * 1000 + "]" * 1000
+    with pytest.raises(swarmbus.InvalidMessageError) as info:
+        swarmbus.decode((data + "}").encode())
+    assert info.value.code == "too_large"
