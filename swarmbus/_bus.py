@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -578,7 +579,11 @@ class Bus:
                 ),
                 agent=receiver,
                 session=session,
-                id=f"error:{dedupe_key}:{receiver}" if dedupe_key else None,
+                # Deterministic (a redelivery's report is de-duplicated) and always a
+                # valid envelope id, however long the rejected message's id was.
+                id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"error:{dedupe_key}:{receiver}"))
+                if dedupe_key
+                else None,
             )
         except SwarmbusError as exc:
             log.error("could not report a rejected message from %s: %s", subject, exc)

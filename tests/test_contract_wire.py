@@ -108,3 +108,30 @@ def test_deep_nesting_after_a_schema_error_is_an_invalid_message() -> None:
     with pytest.raises(swarmbus.InvalidMessageError) as info:
         swarmbus.decode((data + "}").encode())
     assert info.value.code == "too_large"
+
+
+async def test_error_event_about_a_long_id_is_a_valid_envelope(
+    nats_url: str, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    """A 128-character id is valid, but the error event's id was ``error:<id>:<agent>``:
+    over 128 characters, so every receiver (and the schema) refused the report."""
+    agent = Agent(f"test/failing-{unique}")
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        raise RuntimeError("handler bug")
+
+    long_id = "x" * 128
+    errors, sub = await subscription(raw, f"agent.error.occurred.{session_id}.{agent.id}")
+    async with Bus.open(url=nats_url) as bus, agent.serve(bus):
+        await raw.jetstream().publish(
+            f"agent.finding.reported.{session_id}.ext/go",
+            json.dumps(finding(session_id, "ext/go", id=long_id)).encode(),
+        )
+        with anyio.fail_after(WAIT):
+            data = (await errors.receive()).data
+    await sub.unsubscribe()
+    jsonschema.validate(json.loads(data), schema("error.occurred"))
+    error = swarmbus.decode(data)
+    assert isinstance(error, swarmbus.ErrorOccurredMessage)
+    assert error.error_occurred.message_id == long_id
