@@ -30,17 +30,26 @@ from swarmbus._subjects import (
 CONTRACT_VERSION: Final = 1
 DEFAULT_MAX_MESSAGE_BYTES: Final = 1024 * 1024
 
-AgentId = Annotated[str, msgspec.Meta(pattern=AGENT_ID_PATTERN, max_length=MAX_ID_LENGTH)]
-SessionId = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN, max_length=MAX_ID_LENGTH)]
+
+def _python_pattern(pattern: str) -> str:
+    r"""``pattern`` as msgspec must check it: its ``re.search`` lets ``$`` match before a
+    final newline, ``\Z`` does not (``_schemas`` writes ``$`` back for JSON Schema)."""
+    return pattern.removesuffix("$") + r"\Z"
+
+
+_AGENT_ID: Final = _python_pattern(AGENT_ID_PATTERN)
+_SESSION_ID: Final = _python_pattern(SESSION_ID_PATTERN)
+AgentId = Annotated[str, msgspec.Meta(pattern=_AGENT_ID, max_length=MAX_ID_LENGTH)]
+SessionId = Annotated[str, msgspec.Meta(pattern=_SESSION_ID, max_length=MAX_ID_LENGTH)]
 Target = Annotated[
     str,
     msgspec.Meta(
-        pattern=AGENT_ID_PATTERN,
+        pattern=_AGENT_ID,
         max_length=MAX_ID_LENGTH,
         description='An agent id, or "any" for whichever agent has the capability.',
     ),
 ]
-Name = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN, max_length=MAX_ID_LENGTH)]
+Name = Annotated[str, msgspec.Meta(pattern=_SESSION_ID, max_length=MAX_ID_LENGTH)]
 Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Timestamp = Annotated[
     datetime,

@@ -135,3 +135,47 @@ async def test_error_event_about_a_long_id_is_a_valid_envelope(
     error = swarmbus.decode(data)
     assert isinstance(error, swarmbus.ErrorOccurredMessage)
     assert error.error_occurred.message_id == long_id
+
+
+@pytest.mark.parametrize("agent, session", [("ops/x\n", "S-1"), ("ops/x", "S-1\n")])
+async def test_identifier_with_a_trailing_newline_is_refused(
+    bus: Bus, agent: str, session: str
+) -> None:
+    """Python's ``$`` matches before a final newline: ``ops/x\\n`` passed as an agent id,
+    and publishing it failed in nats-py (ConnectionError) instead of being refused."""
+    with pytest.raises(swarmbus.InvalidIdentifierError):
+        await bus.publish(
+            Finding(category="observation", content="x", confidence=0.5),
+            agent=agent,
+            session=session,
+        )
+    with pytest.raises(swarmbus.InvalidIdentifierError):
+        Agent(agent)
+        Agent("ops/x").on_finding(session=session)
+
+
+async def test_envelope_with_a_newline_in_its_source_fails_its_schema(
+    nats_url: str, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    """An external envelope whose source agent ends in a newline is a schema error."""
+    data = json.dumps(finding(session_id, "ext/go\n")).encode()
+    # (Python's jsonschema checks patterns with re.search too, so it cannot show this;
+    # the schema's "$" means end of text in ECMA-262 and RE2.)
+    with pytest.raises(swarmbus.InvalidMessageError) as info:
+        swarmbus.decode(data)
+    assert info.value.code == "schema"
+
+    agent = Agent(f"test/strict-{unique}")
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        pass
+
+    errors, sub = await subscription(raw, f"agent.error.occurred.{session_id}.{agent.id}")
+    async with Bus.open(url=nats_url) as bus, agent.serve(bus):
+        await raw.jetstream().publish(f"agent.finding.reported.{session_id}.ext/go", data)
+        with anyio.fail_after(WAIT):
+            error = swarmbus.decode((await errors.receive()).data)
+    await sub.unsubscribe()
+    assert isinstance(error, swarmbus.ErrorOccurredMessage)
+    assert error.error_occurred.code == "schema"
