@@ -57,7 +57,7 @@ Timestamp = Annotated[
         tz=True,
         description="RFC 3339 with a zone, UTC (Z) when swarmbus writes it",
         extra_json_schema={
-            "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|z|[+-]\d\d:\d\d)$"
+            "pattern": r"^\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?(Z|z|[+-]\d\d:\d\d)$"
         },
     ),
 ]

@@ -179,3 +179,13 @@ async def test_envelope_with_a_newline_in_its_source_fails_its_schema(
     await sub.unsubscribe()
     assert isinstance(error, swarmbus.ErrorOccurredMessage)
     assert error.error_occurred.code == "schema"
+
+
+@pytest.mark.parametrize("timestamp", ["2025-01-02t10:30:00z", "2025-01-02T10:30:00.123456789Z"])
+def test_rfc3339_timestamps_pass_the_schema_and_the_decoder(timestamp: str) -> None:
+    """RFC 3339 (5.6) allows a lower-case ``t``; the schema's pattern refused it while
+    the decoder accepted it. Go's time.RFC3339Nano writes nine fraction digits."""
+    message = finding("S-1", "ext/go", timestamp=timestamp)
+    jsonschema.validate(message, schema("envelope"), format_checker=jsonschema.FormatChecker())
+    jsonschema.validate(message, schema("finding"))
+    swarmbus.decode(json.dumps(message).encode())
