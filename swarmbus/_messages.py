@@ -475,6 +475,8 @@ def envelope_for(
         cls = _ROUTES[type(body)][0]
     except KeyError:
         raise TypeError(f"{type(body).__name__} is not a swarmbus message body") from None
+    if id is not None and len(id) > MAX_ID_LENGTH:
+        raise InvalidMessageError("schema", f"message id longer than {MAX_ID_LENGTH} characters")
     source = (
         _source(agent, session)
         if type(agent) is str and type(session) is str

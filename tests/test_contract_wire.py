@@ -189,3 +189,14 @@ def test_rfc3339_timestamps_pass_the_schema_and_the_decoder(timestamp: str) -> N
     jsonschema.validate(message, schema("envelope"), format_checker=jsonschema.FormatChecker())
     jsonschema.validate(message, schema("finding"))
     swarmbus.decode(json.dumps(message).encode())
+
+
+async def test_publish_refuses_an_id_the_contract_refuses(bus: Bus, session_id: str) -> None:
+    """An explicit envelope id over 128 characters was sent, then refused by every receiver."""
+    with pytest.raises(swarmbus.InvalidMessageError):
+        await bus.publish(
+            Finding(category="observation", content="x", confidence=0.5),
+            agent="ops/a",
+            session=session_id,
+            id="x" * 129,
+        )
