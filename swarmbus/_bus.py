@@ -526,7 +526,7 @@ class Bus:
             return message
         request = subjects.parse_request_subject(subject)
         if request is not None:
-            _, _, session, agent = request
+            capability, target, session, agent = request
             if (session, agent) != (source.session, source.agent):
                 raise InvalidMessageError(
                     "source_mismatch",
@@ -534,6 +534,12 @@ class Bus:
                 )
             if not isinstance(message, RequestMessage):
                 raise InvalidMessageError("wrong_subject", f"expected a request on {subject}")
+            body = message.request
+            if (body.capability, body.to) != (capability, target):
+                raise InvalidMessageError(
+                    "wrong_subject",
+                    f"a request for {body.capability} to {body.to} does not belong on {subject}",
+                )
         return message
 
     async def reject(

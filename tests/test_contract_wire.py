@@ -200,3 +200,39 @@ async def test_publish_refuses_an_id_the_contract_refuses(bus: Bus, session_id: 
             session=session_id,
             id="x" * 129,
         )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"to": "any", "capability": "delete"}, {"to": "ops/someone-else", "capability": "check"}],
+)
+async def test_request_whose_body_disagrees_with_its_subject_is_rejected(
+    nats_url: str, raw: NatsClient, session_id: str, unique: str, body: dict[str, str]
+) -> None:
+    """A request on ``swarmbus.request.check.any...`` whose body says capability ``delete``
+    (or another target) reached the ``check`` handler, which saw the body's values."""
+    agent = Agent(f"test/responder-{unique}")
+    handled: list[str] = []
+
+    @agent.on_request("check")
+    async def check(request: swarmbus.RequestMessage) -> dict[str, Any]:
+        handled.append(request.request.capability)
+        return {}
+
+    envelope = {
+        "id": f"req-{unique}",
+        "timestamp": "2025-01-02T10:30:00Z",
+        "source": {"agent": "ext/go", "session": session_id},
+        "type": "request",
+        "request": body,
+    }
+    subject = f"swarmbus.request.check.any.{session_id}.ext/go"
+    errors, sub = await subscription(raw, f"agent.error.occurred.{session_id}.{agent.id}")
+    async with Bus.open(url=nats_url) as bus, agent.serve(bus):
+        await raw.publish(subject, json.dumps(envelope).encode())
+        with anyio.fail_after(WAIT):
+            error = swarmbus.decode((await errors.receive()).data)
+    await sub.unsubscribe()
+    assert isinstance(error, swarmbus.ErrorOccurredMessage)
+    assert error.error_occurred.code == "wrong_subject"
+    assert handled == []
