@@ -540,6 +540,9 @@ class Bus:
                     "wrong_subject",
                     f"a request for {body.capability} to {body.to} does not belong on {subject}",
                 )
+            return message
+        if subject.startswith((f"{subjects.EVENT_ROOT}.", f"{subjects.REQUEST_ROOT}.")):
+            raise InvalidMessageError("wrong_subject", f"{subject} is not a contract subject")
         return message
 
     async def reject(

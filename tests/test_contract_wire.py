@@ -236,3 +236,41 @@ async def test_request_whose_body_disagrees_with_its_subject_is_rejected(
     assert isinstance(error, swarmbus.ErrorOccurredMessage)
     assert error.error_occurred.code == "wrong_subject"
     assert handled == []
+
+
+async def test_envelope_on_a_malformed_event_subject_is_rejected(
+    bus: Bus, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    """``agent.>`` also matches subjects that are not ``agent.<domain>.<event>.<session>.
+    <agent>``; a message there skipped every subject check and reached the handler."""
+    receiver = f"test/monitor-{unique}"
+    handled: list[str] = []
+    seen = anyio.Event()
+
+    async def handler(message: swarmbus.Message) -> None:
+        handled.append(message.id)
+        if message.id == "good":
+            seen.set()
+
+    # The subject is not an event subject, so it names no session: "unknown".
+    errors, sub = await subscription(raw, f"agent.error.occurred.unknown.{receiver}")
+    monitor = await bus.subscribe(
+        f"agent.finding.reported.{session_id}.>", handler, receiver=receiver
+    )
+    await raw.publish(
+        f"agent.finding.reported.{session_id}.ext.go",
+        json.dumps(finding(session_id, "ext", id="bad")).encode(),
+    )
+    with anyio.fail_after(WAIT):
+        error = swarmbus.decode((await errors.receive()).data)
+    await raw.publish(
+        f"agent.finding.reported.{session_id}.ext",
+        json.dumps(finding(session_id, "ext", id="good")).encode(),
+    )
+    with anyio.fail_after(WAIT):
+        await seen.wait()
+    await monitor.unsubscribe()
+    await sub.unsubscribe()
+    assert isinstance(error, swarmbus.ErrorOccurredMessage)
+    assert error.error_occurred.code == "wrong_subject"
+    assert handled == ["good"]
