@@ -45,6 +45,7 @@ from swarmbus._config import Settings
 from swarmbus._errors import (
     ConnectionError,
     InvalidMessageError,
+    MessageTooLargeError,
     NoResponderError,
     PermissionDeniedError,
     PublishError,
@@ -469,10 +470,10 @@ class Bus:
             )
         subject = _event_subject(*event, message.source.session, message.source.agent)
         data = encode(message)
-        if len(data) > self.max_message_bytes:
-            raise InvalidMessageError(
-                "too_large", f"message is {len(data)} bytes, limit is {self.max_message_bytes}"
-            )
+        # The server's max_payload (1 MiB by default) may be below max_message_bytes.
+        limit = min(self.max_message_bytes, self.nc.max_payload)
+        if len(data) > limit:
+            raise MessageTooLargeError(len(data), limit)
         hdrs = {MSG_ID_HEADER: message.id, **headers} if headers else {MSG_ID_HEADER: message.id}
         span = (
             producer_span(
@@ -498,6 +499,8 @@ class Bus:
                 raise _translate(exc, f"publish to {subject} failed") from exc
             except nats.errors.NoRespondersError as exc:
                 raise PublishError(f"no stream stores {subject}") from exc
+            except nats.errors.MaxPayloadError as exc:  # the data fits, data + headers not
+                raise MessageTooLargeError(len(data), self.nc.max_payload) from exc
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _transport_error(exc, f"publish to {subject}") from exc
 

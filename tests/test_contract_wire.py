@@ -93,7 +93,8 @@ async def test_deeply_nested_json_is_rejected_and_the_worker_keeps_running(
         assert "nested" in error.error_occurred.reason
         dead = await js.get_last_msg(DEAD_LETTER_STREAM, f"swarmbus.dead.{session_id}.{agent.id}")
         assert dead.data == data
-        assert dead.headers is not None and dead.headers[CODE_HEADER] == "too_large"
+        assert dead.headers is not None
+        assert dead.headers[CODE_HEADER] == "too_large"
 
         await js.publish(subject, json.dumps(finding(session_id, "ext/go", id="good")).encode())
         with anyio.fail_after(WAIT):
@@ -137,7 +138,7 @@ async def test_error_event_about_a_long_id_is_a_valid_envelope(
     assert error.error_occurred.message_id == long_id
 
 
-@pytest.mark.parametrize("agent, session", [("ops/x\n", "S-1"), ("ops/x", "S-1\n")])
+@pytest.mark.parametrize(("agent", "session"), [("ops/x\n", "S-1"), ("ops/x", "S-1\n")])
 async def test_identifier_with_a_trailing_newline_is_refused(
     bus: Bus, agent: str, session: str
 ) -> None:
@@ -150,8 +151,7 @@ async def test_identifier_with_a_trailing_newline_is_refused(
             session=session,
         )
     with pytest.raises(swarmbus.InvalidIdentifierError):
-        Agent(agent)
-        Agent("ops/x").on_finding(session=session)
+        Agent(agent).on_finding(session=session)
 
 
 async def test_envelope_with_a_newline_in_its_source_fails_its_schema(
@@ -274,3 +274,25 @@ async def test_envelope_on_a_malformed_event_subject_is_rejected(
     assert isinstance(error, swarmbus.ErrorOccurredMessage)
     assert error.error_occurred.code == "wrong_subject"
     assert handled == ["good"]
+
+
+@pytest.mark.parametrize(
+    ("limit", "size"),
+    [(1000, 2000), (4 * 1024 * 1024, 1536 * 1024)],
+    ids=["over max_message_bytes", "over the server's max_payload"],
+)
+async def test_publishing_an_oversized_message_raises_message_too_large(
+    nats_url: str, session_id: str, limit: int, size: int
+) -> None:
+    """Over ``max_message_bytes`` publish raised a plain InvalidMessageError, and over the
+    server's max_payload (1 MiB) a ConnectionError, which handlers retry as an outage."""
+    async with Bus.open(url=nats_url, max_message_bytes=limit) as bus:
+        for wait in (True, False):
+            with pytest.raises(swarmbus.MessageTooLargeError) as info:
+                await bus.publish(
+                    Finding(category="observation", content="x" * size, confidence=0.5),
+                    agent="ops/a",
+                    session=session_id,
+                    wait=wait,
+                )
+            assert info.value.code == "too_large"
