@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -44,6 +45,7 @@ from swarmbus._config import Settings
 from swarmbus._errors import (
     ConnectionError,
     InvalidMessageError,
+    MessageTooLargeError,
     NoResponderError,
     PermissionDeniedError,
     PublishError,
@@ -468,10 +470,10 @@ class Bus:
             )
         subject = _event_subject(*event, message.source.session, message.source.agent)
         data = encode(message)
-        if len(data) > self.max_message_bytes:
-            raise InvalidMessageError(
-                "too_large", f"message is {len(data)} bytes, limit is {self.max_message_bytes}"
-            )
+        # The server's max_payload (1 MiB by default) may be below max_message_bytes.
+        limit = min(self.max_message_bytes, self.nc.max_payload)
+        if len(data) > limit:
+            raise MessageTooLargeError(len(data), limit)
         hdrs = {MSG_ID_HEADER: message.id, **headers} if headers else {MSG_ID_HEADER: message.id}
         span = (
             producer_span(
@@ -497,6 +499,8 @@ class Bus:
                 raise _translate(exc, f"publish to {subject} failed") from exc
             except nats.errors.NoRespondersError as exc:
                 raise PublishError(f"no stream stores {subject}") from exc
+            except nats.errors.MaxPayloadError as exc:  # the data fits, data + headers not
+                raise MessageTooLargeError(len(data), self.nc.max_payload) from exc
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _transport_error(exc, f"publish to {subject}") from exc
 
@@ -525,7 +529,7 @@ class Bus:
             return message
         request = subjects.parse_request_subject(subject)
         if request is not None:
-            _, _, session, agent = request
+            capability, target, session, agent = request
             if (session, agent) != (source.session, source.agent):
                 raise InvalidMessageError(
                     "source_mismatch",
@@ -533,6 +537,15 @@ class Bus:
                 )
             if not isinstance(message, RequestMessage):
                 raise InvalidMessageError("wrong_subject", f"expected a request on {subject}")
+            body = message.request
+            if (body.capability, body.to) != (capability, target):
+                raise InvalidMessageError(
+                    "wrong_subject",
+                    f"a request for {body.capability} to {body.to} does not belong on {subject}",
+                )
+            return message
+        if subject.startswith((f"{subjects.EVENT_ROOT}.", f"{subjects.REQUEST_ROOT}.")):
+            raise InvalidMessageError("wrong_subject", f"{subject} is not a contract subject")
         return message
 
     async def reject(
@@ -578,7 +591,11 @@ class Bus:
                 ),
                 agent=receiver,
                 session=session,
-                id=f"error:{dedupe_key}:{receiver}" if dedupe_key else None,
+                # Deterministic (a redelivery's report is de-duplicated) and always a
+                # valid envelope id, however long the rejected message's id was.
+                id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"error:{dedupe_key}:{receiver}"))
+                if dedupe_key
+                else None,
             )
         except SwarmbusError as exc:
             log.error("could not report a rejected message from %s: %s", subject, exc)

@@ -30,17 +30,26 @@ from swarmbus._subjects import (
 CONTRACT_VERSION: Final = 1
 DEFAULT_MAX_MESSAGE_BYTES: Final = 1024 * 1024
 
-AgentId = Annotated[str, msgspec.Meta(pattern=AGENT_ID_PATTERN, max_length=MAX_ID_LENGTH)]
-SessionId = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN, max_length=MAX_ID_LENGTH)]
+
+def _python_pattern(pattern: str) -> str:
+    r"""``pattern`` as msgspec must check it: its ``re.search`` lets ``$`` match before a
+    final newline, ``\Z`` does not (``_schemas`` writes ``$`` back for JSON Schema)."""
+    return pattern.removesuffix("$") + r"\Z"
+
+
+_AGENT_ID: Final = _python_pattern(AGENT_ID_PATTERN)
+_SESSION_ID: Final = _python_pattern(SESSION_ID_PATTERN)
+AgentId = Annotated[str, msgspec.Meta(pattern=_AGENT_ID, max_length=MAX_ID_LENGTH)]
+SessionId = Annotated[str, msgspec.Meta(pattern=_SESSION_ID, max_length=MAX_ID_LENGTH)]
 Target = Annotated[
     str,
     msgspec.Meta(
-        pattern=AGENT_ID_PATTERN,
+        pattern=_AGENT_ID,
         max_length=MAX_ID_LENGTH,
         description='An agent id, or "any" for whichever agent has the capability.',
     ),
 ]
-Name = Annotated[str, msgspec.Meta(pattern=SESSION_ID_PATTERN, max_length=MAX_ID_LENGTH)]
+Name = Annotated[str, msgspec.Meta(pattern=_SESSION_ID, max_length=MAX_ID_LENGTH)]
 Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 Timestamp = Annotated[
     datetime,
@@ -48,7 +57,7 @@ Timestamp = Annotated[
         tz=True,
         description="RFC 3339 with a zone, UTC (Z) when swarmbus writes it",
         extra_json_schema={
-            "pattern": r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|z|[+-]\d\d:\d\d)$"
+            "pattern": r"^\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?(Z|z|[+-]\d\d:\d\d)$"
         },
     ),
 ]
@@ -466,6 +475,8 @@ def envelope_for(
         cls = _ROUTES[type(body)][0]
     except KeyError:
         raise TypeError(f"{type(body).__name__} is not a swarmbus message body") from None
+    if id is not None and len(id) > MAX_ID_LENGTH:
+        raise InvalidMessageError("schema", f"message id longer than {MAX_ID_LENGTH} characters")
     source = (
         _source(agent, session)
         if type(agent) is str and type(session) is str
@@ -524,6 +535,13 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
         raise _classify(data, exc) from None
     except msgspec.DecodeError as exc:
         raise InvalidMessageError("not_json", str(exc)) from None
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def _too_deep() -> InvalidMessageError:
+    # msgspec's depth limit: a few KB of brackets would otherwise escape as a crash.
+    return InvalidMessageError("too_large", "JSON nested too deeply to decode")
 
 
 def _classify(data: bytes, exc: msgspec.ValidationError) -> InvalidMessageError:
@@ -531,6 +549,8 @@ def _classify(data: bytes, exc: msgspec.ValidationError) -> InvalidMessageError:
         raw = _json_decoder.decode(data)
     except msgspec.DecodeError:
         return InvalidMessageError("not_json", str(exc))
+    except RecursionError:
+        return _too_deep()
     if not isinstance(raw, dict) or not {"id", "timestamp", "source", "type"} <= raw.keys():
         return InvalidMessageError(
             "not_envelope", "expected an object with id, timestamp, source and type"

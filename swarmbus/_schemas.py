@@ -19,12 +19,24 @@ SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID: Final = "https://swarmbus.dev/schemas/v{version}/"
 
 
+def _portable(node: Any) -> Any:
+    """Python's end anchor ``\\Z`` is ``$`` in JSON Schema (ECMA-262) and Go's RE2."""
+    if isinstance(node, dict):
+        return {
+            k: v[:-2] + "$" if k == "pattern" and v.endswith(r"\Z") else _portable(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_portable(v) for v in node]
+    return node
+
+
 def _document(schema: dict[str, Any], name: str, title: str) -> dict[str, Any]:
     return {
         "$schema": SCHEMA_DIALECT,
         "$id": BASE_ID.format(version=CONTRACT_VERSION) + name,
         "title": title,
-        **schema,
+        **_portable(schema),
     }
 
 

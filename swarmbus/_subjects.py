@@ -54,7 +54,7 @@ def _check(kind: str, value: object, regex: re.Pattern[str], rule: str) -> str:
         raise InvalidIdentifierError(kind, value, "must be a string")
     if len(value) > MAX_ID_LENGTH:
         raise InvalidIdentifierError(kind, value, f"longer than {MAX_ID_LENGTH} characters")
-    if not regex.match(value):
+    if not regex.fullmatch(value):  # not match(): its '$' also accepts a trailing newline
         raise InvalidIdentifierError(kind, value, rule)
     return value
 
