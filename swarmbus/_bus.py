@@ -67,7 +67,7 @@ from swarmbus._messages import (
 from swarmbus._outbox import Outbox
 from swarmbus._retry import RetryingJetStream
 from swarmbus._server import check_version
-from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
+from swarmbus._telemetry import consumer_span, producer_span, record_failure, tracing_enabled
 
 log = logging.getLogger("swarmbus")
 
@@ -631,23 +631,32 @@ class Bus:
         short outage) is retried: the message is redelivered after a delay instead of
         dead-lettered. Returns False if the message must not be acked.
         """
-        try:
-            if tracing_enabled():
-                attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": receiver}
-                with consumer_span(msg.subject, message.id, attrs, msg.headers):
-                    await handler(message)
-            else:
+        span = (
+            consumer_span(
+                msg.subject,
+                message.id,
+                {"swarmbus.session": message.source.session, "swarmbus.agent": receiver},
+                msg.headers,
+            )
+            if tracing_enabled()
+            else _NO_SPAN
+        )
+        # Report inside the span: the error event joins the failed message's trace.
+        with span as current:
+            try:
                 await handler(message)
-        except (ConnectionError, PublishError) as exc:  # swarmbus's: NATS unreachable
-            if not retry:
+            except (ConnectionError, PublishError) as exc:  # swarmbus's: NATS unreachable
+                record_failure(current, exc)
+                if not retry:
+                    await self._handler_failed(exc, message, msg, receiver)
+                    return True
+                log.warning("handler for %s failed (%s): retrying", msg.subject, exc)
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak(delay=min(0.25 * 2 ** deliveries(msg), 10.0))
+                return False
+            except Exception as exc:  # noqa: BLE001 - reported: dead letter + error event
+                record_failure(current, exc)
                 await self._handler_failed(exc, message, msg, receiver)
-                return True
-            log.warning("handler for %s failed (%s): retrying", msg.subject, exc)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=min(0.25 * 2 ** deliveries(msg), 10.0))
-            return False
-        except Exception as exc:  # noqa: BLE001 - reported: dead letter + error event
-            await self._handler_failed(exc, message, msg, receiver)
         return True
 
     async def _handler_failed(
