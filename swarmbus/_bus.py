@@ -148,9 +148,11 @@ class Bus:
             ConnectionError: no server answered.
             ServerVersionError: the server is older than 2.11.
         """
-        settings = settings or Settings.from_env(**overrides)
-        if overrides and settings is not None:
-            settings = settings.model_copy(update=overrides)
+        if settings is None:
+            settings = Settings.from_env(**overrides)
+        elif overrides:  # validated like the settings themselves (model_copy would not)
+            given = {k: v for k, v in overrides.items() if v is not None}
+            settings = Settings.model_validate(settings.model_dump() | given)
         if not settings.servers:
             raise ConnectionError(
                 "no NATS URL: set NATS_URL or pass url=... (or use swarmbus.embedded())"

@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import nats
+import pydantic
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -526,3 +527,14 @@ def test_delivery_count_is_read_off_the_ack_subject(reply: str, count: int) -> N
     assert deliveries(msg) == count
     if count > 1:
         assert msg.metadata.num_delivered == count  # what nats-py itself reads
+
+
+async def test_connect_validates_overrides_of_given_settings(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(pydantic.ValidationError, match="request_timeout"):
+        await Bus.connect(swarmbus.Settings(url=nats_url), request_timeout=-1)
+    # An override left as None means "not given", as for Settings.from_env.
+    monkeypatch.setenv("SWARMBUS_REQUEST_TIMEOUT", "2")
+    async with Bus.open(url=nats_url, request_timeout=None) as bus:
+        assert bus.settings.request_timeout == 2
