@@ -50,6 +50,15 @@ _PR_SET_PDEATHSIG: Final = 1
 _spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarmbus-spawn")
 
 
+def _new_spawner() -> None:
+    """Give a forked child its own spawning thread (a submit to the parent's would hang)."""
+    global _spawner
+    _spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarmbus-spawn")
+
+
+os.register_at_fork(after_in_child=_new_spawner)
+
+
 def _die_with_parent(prctl: Callable[[int, int], int], parent: int) -> None:
     """In the child before exec: ask for SIGTERM when the spawning process dies."""
     prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

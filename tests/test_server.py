@@ -256,3 +256,42 @@ async def test_server_dies_with_the_process_that_started_it(tmp_path: Path) -> N
                 await anyio.wait_readable(exited)
         finally:
             os.close(exited)
+
+
+_FORK_SCRIPT = """
+import multiprocessing, sys
+from pathlib import Path
+from swarmbus import NatsServer
+
+def child(data):
+    with NatsServer(data):
+        pass
+
+if __name__ == "__main__":
+    base = Path(sys.argv[1])
+    with NatsServer(base / "parent"):
+        forked = multiprocessing.get_context("fork").Process(target=child, args=(base / "child",))
+        forked.start()
+        forked.join(30)
+        if forked.exitcode is None:
+            forked.kill()
+        print(forked.exitcode, flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork is Linux's default start method")
+def test_forked_child_can_start_a_server(tmp_path: Path) -> None:
+    """The spawning thread does not survive a fork: the child must get its own."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _FORK_SCRIPT, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, _ = owner.communicate(timeout=60)
+    finally:
+        if owner.poll() is None:
+            os.kill(owner.pid, 9)
+            owner.wait()
+    assert out.strip() == "0"
