@@ -869,40 +869,45 @@ class Bus:
             session = request.source.session
             await limiter.acquire()
             try:
-                try:
-                    if tracing_enabled():
-                        attrs = {
-                            "swarmbus.session": request.source.session,
-                            "swarmbus.agent": agent,
-                        }
-                        with consumer_span(msg.subject, request.id, attrs, msg.headers):
-                            result = await handler(request)
-                    else:
+                span = (
+                    consumer_span(
+                        msg.subject,
+                        request.id,
+                        {"swarmbus.session": request.source.session, "swarmbus.agent": agent},
+                        msg.headers,
+                    )
+                    if tracing_enabled()
+                    else _NO_SPAN
+                )
+                # Report inside the span: the error event joins the request's trace.
+                with span as current:
+                    try:
                         result = await handler(request)
-                    response = Response(
-                        request_id=request.id, status="success", result=dict(result)
-                    )
-                    # Encode here: a result that is not JSON is the handler's error.
-                    reply = envelope_for(response, agent=agent, session=session)
-                    data = encode(reply)
-                except Exception as exc:
-                    log.exception("request handler %s failed", capability)
-                    response = Response(
-                        request_id=request.id,
-                        status="failure",
-                        result={"error": f"{type(exc).__name__}: {exc}"},
-                    )
-                    await self.reject(
-                        subject=msg.subject,
-                        data=msg.data,
-                        code="handler_error",
-                        reason=str(response.result["error"]),
-                        receiver=agent,
-                        dedupe_key=request.id,
-                        message_id=request.id,
-                    )
-                    reply = envelope_for(response, agent=agent, session=session)
-                    data = encode(reply)
+                        response = Response(
+                            request_id=request.id, status="success", result=dict(result)
+                        )
+                        # Encode here: a result that is not JSON is the handler's error.
+                        reply = envelope_for(response, agent=agent, session=session)
+                        data = encode(reply)
+                    except Exception as exc:
+                        record_failure(current, exc)
+                        log.exception("request handler %s failed", capability)
+                        response = Response(
+                            request_id=request.id,
+                            status="failure",
+                            result={"error": f"{type(exc).__name__}: {exc}"},
+                        )
+                        await self.reject(
+                            subject=msg.subject,
+                            data=msg.data,
+                            code="handler_error",
+                            reason=str(response.result["error"]),
+                            receiver=agent,
+                            dedupe_key=request.id,
+                            message_id=request.id,
+                        )
+                        reply = envelope_for(response, agent=agent, session=session)
+                        data = encode(reply)
                 if msg.reply:
                     with contextlib.suppress(nats.errors.Error):
                         await self.nc.publish(msg.reply, data, headers={MSG_ID_HEADER: reply.id})

@@ -562,3 +562,27 @@ async def test_handler_error_event_joins_the_trace_of_the_failed_message(
     assert stored.headers[TRACEPARENT].split("-")[1] == trace_id
     consumer = _one([s for s in spans.get_finished_spans() if s.kind is SpanKind.CONSUMER], "con")
     assert not consumer.status.is_ok
+
+
+async def test_request_handler_error_event_joins_the_requests_trace(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str, unique: str
+) -> None:
+    agent = Agent(f"ops/broken-{unique}")
+
+    @agent.on_request(f"broken_{unique}")
+    async def handle(request: Any) -> dict[str, Any]:
+        raise ValueError("cannot do that")
+
+    async with agent.serve(bus):
+        with session_span(session_id):
+            trace_id = current_trace_id()
+            response = await bus.request(f"broken_{unique}", agent="ops/asker", session=session_id)
+    assert response.response.status == "failure"
+    # The error event is published before the answer: it is stored by now.
+    stored = await bus.js.get_last_msg(
+        EVENTS_STREAM, f"agent.error.occurred.{session_id}.{agent.id}"
+    )
+    assert stored.headers is not None
+    assert stored.headers[TRACEPARENT].split("-")[1] == trace_id
+    consumer = _one([s for s in spans.get_finished_spans() if s.kind is SpanKind.CONSUMER], "con")
+    assert not consumer.status.is_ok
