@@ -99,7 +99,11 @@ class Outbox:
         now = time.monotonic()
         self._pending[token] = _Pending(subject, data, headers, now, now)
         self._empty.clear()
-        await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+        try:
+            await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+        except BaseException:
+            self._done(token)  # the caller is told; re-sending it later would be a ghost
+            raise
 
     async def _on_ack(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) + 1 :]

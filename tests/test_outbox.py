@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import nats.errors
+import pytest
 from nats.js.api import StreamConfig
 
 from swarmbus import Bus, Finding
@@ -50,3 +52,14 @@ async def test_bus_close_waits_for_background_publishes(nats_url: str, unique: s
         )
         assert info.state.subjects is not None
         assert sum(info.state.subjects.values()) == 200
+
+
+async def test_a_send_the_connection_refuses_is_raised_and_not_kept(bus: Bus, unique: str) -> None:
+    outbox = Outbox(bus.nc)
+    try:
+        with pytest.raises(nats.errors.MaxPayloadError):
+            await outbox.send(f"obx.{unique}.big", b"x" * (bus.nc.max_payload + 1), {})
+        assert outbox.pending == 0  # not re-sent later behind the caller's back
+        assert await outbox.flush(timeout=1)
+    finally:
+        await outbox.close(timeout=1)
