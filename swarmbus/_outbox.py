@@ -95,6 +95,8 @@ class Outbox:
         while len(self._pending) >= MAX_PENDING:  # back-pressure, not unbounded memory
             self._room.clear()
             await self._room.wait()
+            if self._sub is None:  # closed while waiting: nothing would ever make room
+                raise nats.errors.ConnectionClosedError
         token = str(next(self._tokens))
         now = time.monotonic()
         self._pending[token] = _Pending(subject, data, headers, now, now)
@@ -169,3 +171,4 @@ class Outbox:
         with contextlib.suppress(nats.errors.Error):
             await self._sub.unsubscribe()
         self._sub = None
+        self._room.set()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import anyio
 import nats.errors
 import pytest
 from nats.js.api import StreamConfig
 
+import swarmbus._outbox
 from swarmbus import Bus, Finding
 from swarmbus._outbox import Outbox
 
@@ -63,3 +65,26 @@ async def test_a_send_the_connection_refuses_is_raised_and_not_kept(bus: Bus, un
         assert await outbox.flush(timeout=1)
     finally:
         await outbox.close(timeout=1)
+
+
+async def test_close_wakes_a_send_waiting_for_room(
+    bus: Bus, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(swarmbus._outbox, "MAX_PENDING", 2)
+    outbox = Outbox(bus.nc)
+    subject = f"obx.{unique}.unstored"  # never acknowledged: no stream stores it
+    for i in range(2):
+        await outbox.send(subject, b"x", {"Nats-Msg-Id": f"m{i}-{unique}"})
+    async with anyio.create_task_group() as tg:
+        failed = anyio.Event()
+
+        async def third() -> None:
+            with pytest.raises(nats.errors.ConnectionClosedError):
+                await outbox.send(subject, b"x", {"Nats-Msg-Id": f"m2-{unique}"})
+            failed.set()
+
+        tg.start_soon(third)
+        await anyio.wait_all_tasks_blocked()
+        await outbox.close(timeout=0.1)
+        with anyio.fail_after(5):
+            await failed.wait()
