@@ -83,6 +83,7 @@ _STATUS_HEADER: Final = "Status"
 _KV_OP: Final = "KV-Operation"
 _MARKER_REASON: Final = "Nats-Marker-Reason"
 JS_API: Final = "$JS.API"
+_EMPTY_HEADERS: Final = b"NATS/1.0\r\n\r\n"
 # nats-py lower-cases the server's -ERR text before handing it to the error callback.
 _PERMISSION_VIOLATION: Final = re.compile(
     r'permissions violation for (?:publish|subscription) to "([^"]+)"'
@@ -489,6 +490,7 @@ class Bus:
             else _NO_SPAN
         )
         with span:
+            self._check_max_payload(data, hdrs)
             try:
                 if not wait:
                     await self.outbox.send(subject, data, hdrs)
@@ -501,6 +503,23 @@ class Bus:
                 raise PublishError(f"no stream stores {subject}") from exc
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _transport_error(exc, f"publish to {subject}") from exc
+
+    def _check_max_payload(self, data: bytes, headers: Mapping[str, str]) -> None:
+        """Refuse a message whose payload and headers exceed the server's max_payload.
+
+        The server counts the headers too, and answers a message over it by closing the
+        connection (every subscription of this bus with it).
+        """
+        size = (
+            len(data)
+            + len(_EMPTY_HEADERS)
+            + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
+        )
+        if size > self.nc.max_payload:
+            raise InvalidMessageError(
+                "too_large",
+                f"message and headers are {size} bytes, the server allows {self.nc.max_payload}",
+            )
 
     # --- receive ------------------------------------------------------------------
 
@@ -837,11 +856,11 @@ class Bus:
             else _NO_SPAN
         )
         with span:
+            data = encode(message)
+            self._check_max_payload(data, headers)
             try:
                 with self._permission_guard(subject, f"request {capability}"):
-                    reply = await self.nc.request(
-                        subject, encode(message), timeout=timeout, headers=headers
-                    )
+                    reply = await self.nc.request(subject, data, timeout=timeout, headers=headers)
             except nats.errors.NoRespondersError as exc:
                 raise NoResponderError(capability, to) from exc
             except (TimeoutError, nats.errors.TimeoutError) as exc:

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 import swarmbus
 from swarmbus import Agent, Bus, Finding, FindingMessage, RequestMessage
 from swarmbus._bus import CODE_HEADER, DEAD_LETTER_STREAM, ORIGINAL_SUBJECT_HEADER
+from swarmbus._messages import envelope_for
 
 WAIT = 10
 
@@ -538,3 +539,25 @@ async def test_connect_validates_overrides_of_given_settings(
     monkeypatch.setenv("SWARMBUS_REQUEST_TIMEOUT", "2")
     async with Bus.open(url=nats_url, request_timeout=None) as bus:
         assert bus.settings.request_timeout == 2
+
+
+@pytest.mark.parametrize("wait", [True, False])
+async def test_message_under_the_limit_but_over_max_payload_with_headers_is_too_large(
+    nats_url: str, session_id: str, wait: bool
+) -> None:
+    """The server counts headers against max_payload and closes a connection over it."""
+    async with Bus.open(url=nats_url, retry_for=1) as bus:
+        assert bus.max_message_bytes == bus.nc.max_payload
+        empty = Finding(category="observation", content="", confidence=0.5)
+        overhead = len(swarmbus.encode(envelope_for(empty, agent="test/big", session=session_id)))
+        content = "x" * (bus.max_message_bytes - overhead - 10)  # the envelope fits
+        with pytest.raises(swarmbus.InvalidMessageError) as raised:
+            await bus.publish(
+                Finding(category="observation", content=content, confidence=0.5),
+                agent="test/big",
+                session=session_id,
+                wait=wait,
+            )
+        assert raised.value.code == "too_large"
+        await bus.nc.flush(timeout=5)  # the connection survived
+        assert bus.nc.is_connected
