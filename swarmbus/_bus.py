@@ -582,11 +582,12 @@ class Bus:
             headers[MSG_ID_HEADER] = f"dead:{dedupe_key}:{receiver}"
         stored = False
         try:
+            self._check_max_payload(data, headers)  # the server would close the connection
             await self.js.publish(
                 subjects.dead_letter_subject(session, receiver), data, headers=headers
             )
             stored = True
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, nats.errors.Error, InvalidMessageError) as exc:
             log.error("could not dead-letter a message from %s: %s", subject, exc)
         try:
             await self.publish(

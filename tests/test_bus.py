@@ -561,3 +561,33 @@ async def test_message_under_the_limit_but_over_max_payload_with_headers_is_too_
         assert raised.value.code == "too_large"
         await bus.nc.flush(timeout=5)  # the connection survived
         assert bus.nc.is_connected
+
+
+async def test_bad_input_too_big_to_dead_letter_is_still_reported(
+    bus: Bus, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    """Its dead letter (the bytes plus reason headers) would exceed max_payload, which the
+    server answers by closing the worker's connection: reported without a dead letter."""
+    agent = Agent(f"test/guard-{unique}")
+    good = anyio.Event()
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        good.set()
+
+    errors, stop_errors = await collect(raw, f"agent.error.occurred.{session_id}.{agent.id}")
+    js = raw.jetstream()
+    subject = f"agent.finding.reported.{session_id}.ext/x"
+    async with agent.serve(bus):
+        await js.publish(subject, b"x" * (raw.max_payload - 100))
+        with anyio.fail_after(WAIT):
+            error_msg = await errors.receive()
+        error = swarmbus.decode(error_msg.data)
+        assert isinstance(error, swarmbus.ErrorOccurredMessage)
+        assert error.error_occurred.code == "not_json"
+        assert not error.error_occurred.dead_letter
+        await js.publish(subject, json.dumps(finding_json(session_id, "ext/x", n=1)).encode())
+        with anyio.fail_after(WAIT):
+            await good.wait()
+        assert bus.nc.is_connected
+    await stop_errors()
