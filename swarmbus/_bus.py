@@ -224,7 +224,8 @@ class Bus:
 
     async def close(self) -> None:
         """Flush and close the connection (pending publishes are sent first)."""
-        if self.nc.is_closed:
+        if self.nc.is_closed:  # closed underneath (a fatal server error): no ack can come
+            await self.outbox.close(timeout=0)
             return
         await self.outbox.close(timeout=self.settings.request_timeout)
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):

@@ -152,6 +152,8 @@ class Outbox:
 
     async def flush(self, timeout: float) -> bool:
         """Wait until everything sent is acknowledged (True) or ``timeout`` passes."""
+        if self._empty.is_set():
+            return True
         try:
             await asyncio.wait_for(self._empty.wait(), timeout)
         except TimeoutError:

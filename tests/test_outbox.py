@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 import nats.errors
 import pytest
@@ -88,3 +90,17 @@ async def test_close_wakes_a_send_waiting_for_room(
         await outbox.close(timeout=0.1)
         with anyio.fail_after(5):
             await failed.wait()
+
+
+async def test_bus_close_after_its_connection_closed_reports_what_is_lost(
+    nats_url: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = await Bus.connect(url=nats_url)
+    await bus.outbox.send(f"obx.{unique}.unstored", b"x", {"Nats-Msg-Id": f"m-{unique}"})
+    resend = bus.outbox._task
+    assert resend is not None
+    await bus.nc.close()  # as after a fatal server error (e.g. an authorization violation)
+    with caplog.at_level(logging.ERROR, logger="swarmbus.outbox"):
+        await bus.close()
+    assert "closing with 1 events unacknowledged" in caplog.text
+    assert resend.done()  # no re-send loop left running
