@@ -33,7 +33,10 @@ class Settings(BaseModel):
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     inbox_prefix: str | None = Field(
-        None, description="private reply inbox prefix, e.g. _INBOX_ops_deploy-validator"
+        None,
+        description="private reply inbox prefix, e.g. _INBOX_ops_deploy-validator",
+        # a subject without wildcards (not the `.>` permission pattern)
+        pattern=r"^([^.\s*>]+(\.[^.\s*>]+)*)?$",
     )
     replicas: int = Field(1, ge=1, le=5, description="replicas of swarmbus streams and buckets")
     storage: Literal["file", "memory"] = "file"

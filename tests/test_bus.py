@@ -591,3 +591,9 @@ async def test_bad_input_too_big_to_dead_letter_is_still_reported(
             await good.wait()
         assert bus.nc.is_connected
     await stop_errors()
+
+
+@pytest.mark.parametrize("prefix", ["_INBOX_ops_x.>", "a b", "_INBOX..x", "x.*"])
+async def test_invalid_inbox_prefix_is_a_settings_error(nats_url: str, prefix: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match="inbox_prefix"):
+        await Bus.connect(url=nats_url, inbox_prefix=prefix)
