@@ -295,3 +295,40 @@ def test_forked_child_can_start_a_server(tmp_path: Path) -> None:
             os.kill(owner.pid, 9)
             owner.wait()
     assert out.strip() == "0"
+
+
+_MAIN_RETURNS_SCRIPT = """
+import subprocess, sys, threading
+from swarmbus import NatsServer
+
+server = NatsServer(sys.argv[1]).start()
+proc = server._proc
+
+def keep_serving():
+    threading.main_thread().join()  # the main thread is done; this process lives on
+    try:
+        proc.wait(timeout=3)
+        print("server died", flush=True)
+    except subprocess.TimeoutExpired:
+        print("server alive", flush=True)
+    server.stop()
+
+threading.Thread(target=keep_serving).start()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux only")
+def test_server_lives_as_long_as_its_process_not_its_main_thread(tmp_path: Path) -> None:
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _MAIN_RETURNS_SCRIPT, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, _ = owner.communicate(timeout=60)
+    finally:
+        if owner.poll() is None:
+            os.kill(owner.pid, 9)
+            owner.wait()
+    assert out.strip() == "server alive"
