@@ -190,9 +190,14 @@ class Bus:
         if settings.tls_ca_file or settings.tls_cert_file:
             import ssl
 
-            ctx = ssl.create_default_context(cafile=settings.tls_ca_file)
-            if settings.tls_cert_file:
-                ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+            try:
+                ctx = ssl.create_default_context(cafile=settings.tls_ca_file)
+                if settings.tls_cert_file:
+                    ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+            except OSError as exc:  # ssl.SSLError is one; neither names the file
+                files = (settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+                named = ", ".join(f for f in files if f)
+                raise ConnectionError(f"cannot load TLS files {named}: {exc}") from exc
             options["tls"] = ctx
         try:
             nc = await nats.connect(**{k: v for k, v in options.items() if v is not None})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -597,3 +598,12 @@ async def test_bad_input_too_big_to_dead_letter_is_still_reported(
 async def test_invalid_inbox_prefix_is_a_settings_error(nats_url: str, prefix: str) -> None:
     with pytest.raises(pydantic.ValidationError, match="inbox_prefix"):
         await Bus.connect(url=nats_url, inbox_prefix=prefix)
+
+
+@pytest.mark.parametrize("field", ["tls_ca_file", "tls_cert_file"])
+async def test_unreadable_tls_file_is_a_connection_error_naming_it(
+    nats_url: str, tmp_path: Path, field: str
+) -> None:
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(swarmbus.ConnectionError, match=str(missing)):
+        await Bus.connect(url=nats_url, **{field: str(missing)})
