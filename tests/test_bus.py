@@ -607,3 +607,11 @@ async def test_unreadable_tls_file_is_a_connection_error_naming_it(
     missing = tmp_path / "missing.pem"
     with pytest.raises(swarmbus.ConnectionError, match=str(missing)):
         await Bus.connect(url=nats_url, **{field: str(missing)})
+
+
+async def test_tls_key_without_certificate_is_a_settings_error(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """Ignoring it would connect without the client certificate the user asked for."""
+    with pytest.raises(pydantic.ValidationError, match="tls_cert_file"):
+        await Bus.connect(url=nats_url, tls_key_file=str(tmp_path / "client.key"))
