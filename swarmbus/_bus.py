@@ -149,11 +149,7 @@ class Bus:
             ConnectionError: no server answered.
             ServerVersionError: the server is older than 2.11.
         """
-        if settings is None:
-            settings = Settings.from_env(**overrides)
-        elif overrides:  # validated like the settings themselves (model_copy would not)
-            given = {k: v for k, v in overrides.items() if v is not None}
-            settings = Settings.model_validate(settings.model_dump() | given)
+        settings = _with_overrides(settings, overrides)
         if not settings.servers:
             raise ConnectionError(
                 "no NATS URL: set NATS_URL or pass url=... (or use swarmbus.embedded())"
@@ -1023,6 +1019,17 @@ def _session_of(subject: str) -> str:
     return subjects.UNKNOWN
 
 
+def _with_overrides(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:
+    """``settings`` (default: from the environment) with ``overrides``, validated.
+
+    An override left as None is not given, as for ``Settings.from_env``.
+    """
+    if settings is None:
+        return Settings.from_env(**overrides)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return Settings.model_validate(settings.model_dump() | given) if given else settings
+
+
 def _translate(exc: nats.js.errors.APIError, what: str) -> SwarmbusError:
     description = exc.description or str(exc)
     if exc.code == 403 or "permission" in description.lower():
@@ -1060,7 +1067,7 @@ async def connect(
     """
     from swarmbus._server import NatsServer
 
-    settings = settings or Settings.from_env(**overrides)
+    settings = _with_overrides(settings, overrides)
     if settings.servers:
         async with Bus.open(settings) as bus:
             yield bus

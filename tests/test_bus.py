@@ -615,3 +615,8 @@ async def test_tls_key_without_certificate_is_a_settings_error(
     """Ignoring it would connect without the client certificate the user asked for."""
     with pytest.raises(pydantic.ValidationError, match="tls_cert_file"):
         await Bus.connect(url=nats_url, tls_key_file=str(tmp_path / "client.key"))
+
+
+async def test_connect_applies_overrides_to_given_settings(nats_url: str) -> None:
+    async with swarmbus.connect(swarmbus.Settings(url=nats_url), request_timeout=2) as bus:
+        assert bus.settings.request_timeout == 2
