@@ -174,7 +174,7 @@ class NatsServer:
 
     Args:
         data_dir: JetStream store directory (created if missing).
-        port: client port; ``None`` lets the server pick a free one.
+        port: client port; ``None`` (or 0) lets the server pick a free one.
         host: address to listen on (loopback by default).
         name: server name (needed in a cluster).
         cluster: ``(cluster name, route port, [route urls])`` to join a cluster.
@@ -242,7 +242,7 @@ class NatsServer:
         cmd += ["-c", str(conf)]
         if self.config_file:
             cmd += ["--jetstream", "--store_dir", str(self.data_dir / "jetstream")]
-        cmd += ["-a", self.host, "-p", str(port if port is not None else -1)]
+        cmd += ["-a", self.host, "-p", str(port or -1)]  # nats-server's -p 0 is 4222
         if self.name:
             cmd += ["-n", self.name]
         if self.cluster:

@@ -332,3 +332,15 @@ def test_server_lives_as_long_as_its_process_not_its_main_thread(tmp_path: Path)
             os.kill(owner.pid, 9)
             owner.wait()
     assert out.strip() == "server alive"
+
+
+def test_port_zero_is_any_free_port(tmp_path: Path) -> None:
+    """nats-server reads -p 0 as its default port 4222; 0 must mean "any" as for sockets."""
+    try:
+        server = NatsServer(tmp_path, port=0).start()
+    except swarmbus.ServerStartError as exc:  # 4222 was busy: the bug as well
+        pytest.fail(str(exc))
+    try:
+        assert server.port != 4222
+    finally:
+        server.stop()
