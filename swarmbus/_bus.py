@@ -716,6 +716,9 @@ class Bus:
 
         Each message is acked after its handler returns (at-least-once): a worker that
         dies mid-handler has the message redelivered after ``ack_wait``.
+
+        Raises:
+            ConnectionError: the connection closed for good (a reconnect is waited for).
         """
         config = ConsumerConfig(
             durable_name=durable,
@@ -745,6 +748,7 @@ class Bus:
             # costs more than a small handler. A worker is added only when none is idle,
             # so there are never more than the slots held.
             send, receive = anyio.create_memory_object_stream[Msg](math.inf)
+            closed: nats.errors.Error | None = None
 
             async def work() -> None:
                 async for msg in receive:
@@ -771,6 +775,9 @@ class Bus:
                             limiter.release()
                             if stop.is_set():
                                 break
+                            if self.nc.is_closed:  # for good: no reconnect will come
+                                closed = exc
+                                break
                             log.warning("consumer %s: %s; retrying", durable, exc)
                             await _wait_reconnect(self, stop)
                             continue
@@ -784,6 +791,8 @@ class Bus:
                             if not receive.statistics().tasks_waiting_receive:
                                 tg.start_soon(work)
                             send.send_nowait(msg)
+            if closed is not None:
+                raise ConnectionError(f"consumer {durable}: {closed}") from closed
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()

@@ -620,3 +620,37 @@ async def test_tls_key_without_certificate_is_a_settings_error(
 async def test_connect_applies_overrides_to_given_settings(nats_url: str) -> None:
     async with swarmbus.connect(swarmbus.Settings(url=nats_url), request_timeout=2) as bus:
         assert bus.settings.request_timeout == 2
+
+
+async def test_consumer_stops_with_an_error_once_its_connection_is_closed(
+    nats_url: str, session_id: str, unique: str
+) -> None:
+    """Not a loop retrying a closed connection every 2 s forever."""
+    bus = await Bus.connect(url=nats_url)
+    failed: list[swarmbus.ConnectionError] = []
+
+    async def handler(message: swarmbus.Message) -> None:
+        pass
+
+    async def consume(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        try:
+            await bus.consume(
+                f"closed-{unique}",
+                [f"agent.*.*.{session_id}.>"],
+                handler,
+                receiver=f"test/closed-{unique}",
+                limiter=anyio.Semaphore(4),
+                stop=anyio.Event(),
+                task_status=task_status,
+            )
+        except swarmbus.ConnectionError as exc:
+            failed.append(exc)
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                await tg.start(consume)
+                await bus.nc.close()  # as after a fatal server error
+    finally:
+        await bus.close()
+    assert failed
