@@ -917,9 +917,11 @@ class Bus:
                         response = Response(
                             request_id=request.id, status="success", result=dict(result)
                         )
-                        # Encode here: a result that is not JSON is the handler's error.
+                        # Encode here: a result that is not JSON, or too large to send, is
+                        # the handler's error.
                         reply = envelope_for(response, agent=agent, session=session)
                         data = encode(reply)
+                        self._check_max_payload(data, {MSG_ID_HEADER: reply.id})
                     except Exception as exc:
                         record_failure(current, exc)
                         log.exception("request handler %s failed", capability)

@@ -654,3 +654,26 @@ async def test_consumer_stops_with_an_error_once_its_connection_is_closed(
     finally:
         await bus.close()
     assert failed
+
+
+async def test_request_handler_result_over_max_payload_answers_failure(
+    nats_url: str, session_id: str, unique: str
+) -> None:
+    """The server closes a connection that publishes over max_payload: the responder's."""
+    agent = Agent(f"test/verbose-{unique}")
+
+    @agent.on_request(f"dump_{unique}")
+    async def handle(request: RequestMessage) -> dict[str, Any]:
+        return {"dump": "x" * (responder.nc.max_payload - 100)}
+
+    async with (
+        Bus.open(url=nats_url) as responder,
+        Bus.open(url=nats_url) as asker,
+        agent.serve(responder),
+    ):
+        response = await asker.request(
+            f"dump_{unique}", agent="test/asker", session=session_id, timeout=5
+        )
+        assert response.response.status == "failure"
+        assert "too_large" in response.response.result["error"]
+        assert responder.nc.is_connected
