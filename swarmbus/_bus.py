@@ -228,7 +228,8 @@ class Bus:
         if self.nc.is_closed:  # closed underneath (a fatal server error): no ack can come
             await self.outbox.close(timeout=0)
             return
-        await self.outbox.close(timeout=self.settings.request_timeout)
+        # Ride through what a waited-for publish rides through (a leader election).
+        await self.outbox.close(timeout=max(self.settings.request_timeout, self.settings.retry_for))
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
             await self.nc.drain()
         await self.nc.close()

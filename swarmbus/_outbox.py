@@ -5,8 +5,8 @@ its JetStream ack. The outbox sends it with a reply subject of its own, matches 
 acks as they come back, and re-sends (same ``Nats-Msg-Id``, so the stream stores it
 once) whatever is not acknowledged within ``resend_after`` — through a reconnect or a
 stream leader election — until ``give_up_after``, when it logs an error. Closing the
-bus waits for the outbox to empty. Callers get throughput (no round trip per event)
-without silent loss while the process lives.
+bus waits for the outbox to empty (for up to the bus's ``retry_for``). Callers get
+throughput (no round trip per event) without silent loss while the process lives.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ import pytest
 from nats.js.api import StreamConfig
 
 import swarmbus._outbox
-from swarmbus import Bus, Finding
+from swarmbus import Bus, Finding, NatsServer
+from swarmbus._bus import EVENTS_STREAM
 from swarmbus._outbox import Outbox
 
 
@@ -104,3 +105,34 @@ async def test_bus_close_after_its_connection_closed_reports_what_is_lost(
         await bus.close()
     assert "closing with 1 events unacknowledged" in caplog.text
     assert resend.done()  # no re-send loop left running
+
+
+async def test_bus_close_waits_out_an_outage_as_long_as_retry_for(
+    fresh_server: NatsServer, unique: str
+) -> None:
+    """Closing rides through what a waited-for publish rides through (a leader election)."""
+    session = f"S-{unique}"
+    async with Bus.open(url=fresh_server.url, request_timeout=0.2, retry_for=10) as bus:
+        bus.outbox.resend_after = 0.2
+        await bus.js.delete_stream(EVENTS_STREAM)  # no stream answers: an election, briefly
+        sent = await bus.publish(
+            Finding(category="observation", content="x", confidence=0.5),
+            agent="test/outbox",
+            session=session,
+            wait=False,
+        )
+
+        async def stream_back() -> None:
+            await anyio.sleep(1.0)  # the outage outlasts request_timeout
+            async with Bus.open(url=fresh_server.url):  # provisions the stream again
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream_back)
+            await bus.close()
+    async with Bus.open(url=fresh_server.url) as reader:
+        stored = await reader.js.get_last_msg(
+            EVENTS_STREAM, f"agent.finding.reported.{session}.test/outbox"
+        )
+        assert stored.headers is not None
+        assert stored.headers["Nats-Msg-Id"] == sent.id
