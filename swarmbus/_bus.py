@@ -278,7 +278,8 @@ class Bus:
             refusal.reason = error
             if refusal.cancel:
                 refusal.scope.cancel()
-        return bool(waiting)
+        dropped = match is not None and self.outbox.refused(match[1], error)
+        return bool(waiting) or dropped
 
     @contextlib.contextmanager
     def _permission_guard(self, subject: str, what: str, *, cancel: bool = True) -> Iterator[None]:

@@ -122,6 +122,19 @@ class Outbox:
             log.error("the stream refused %s: %s", entry.subject, error.description)
         self._done(token)
 
+    def refused(self, subject: str, reason: str) -> bool:
+        """Drop the publishes to ``subject`` that the server refused (permissions).
+
+        ``subject`` is lower-cased, as nats-py hands over the server's error. A re-send
+        would be refused again until ``give_up_after``, holding room meanwhile.
+        """
+        tokens = [t for t, entry in self._pending.items() if entry.subject.lower() == subject]
+        if tokens:
+            log.error("the server refused %d publishes to %s: %s", len(tokens), subject, reason)
+        for token in tokens:
+            self._done(token)
+        return bool(tokens)
+
     def _done(self, token: str) -> None:
         self._pending.pop(token, None)
         self._room.set()
