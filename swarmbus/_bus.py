@@ -69,7 +69,7 @@ from swarmbus._messages import (
 from swarmbus._outbox import Outbox
 from swarmbus._retry import RetryingJetStream
 from swarmbus._server import check_version
-from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
+from swarmbus._telemetry import consumer_span, producer_span, record_failure, tracing_enabled
 
 log = logging.getLogger("swarmbus")
 
@@ -85,6 +85,7 @@ _STATUS_HEADER: Final = "Status"
 _KV_OP: Final = "KV-Operation"
 _MARKER_REASON: Final = "Nats-Marker-Reason"
 JS_API: Final = "$JS.API"
+_EMPTY_HEADERS: Final = b"NATS/1.0\r\n\r\n"
 # nats-py lower-cases the server's -ERR text before handing it to the error callback.
 _PERMISSION_VIOLATION: Final = re.compile(
     r'permissions violation for (?:publish|subscription) to "([^"]+)"'
@@ -150,9 +151,7 @@ class Bus:
             ConnectionError: no server answered.
             ServerVersionError: the server is older than 2.11.
         """
-        settings = settings or Settings.from_env(**overrides)
-        if overrides and settings is not None:
-            settings = settings.model_copy(update=overrides)
+        settings = _with_overrides(settings, overrides)
         if not settings.servers:
             raise ConnectionError(
                 "no NATS URL: set NATS_URL or pass url=... (or use swarmbus.embedded())"
@@ -189,9 +188,14 @@ class Bus:
         if settings.tls_ca_file or settings.tls_cert_file:
             import ssl
 
-            ctx = ssl.create_default_context(cafile=settings.tls_ca_file)
-            if settings.tls_cert_file:
-                ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+            try:
+                ctx = ssl.create_default_context(cafile=settings.tls_ca_file)
+                if settings.tls_cert_file:
+                    ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+            except OSError as exc:  # ssl.SSLError is one; neither names the file
+                files = (settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+                named = ", ".join(f for f in files if f)
+                raise ConnectionError(f"cannot load TLS files {named}: {exc}") from exc
             options["tls"] = ctx
         try:
             nc = await nats.connect(**{k: v for k, v in options.items() if v is not None})
@@ -223,9 +227,11 @@ class Bus:
 
     async def close(self) -> None:
         """Flush and close the connection (pending publishes are sent first)."""
-        if self.nc.is_closed:
+        if self.nc.is_closed:  # closed underneath (a fatal server error): no ack can come
+            await self.outbox.close(timeout=0)
             return
-        await self.outbox.close(timeout=self.settings.request_timeout)
+        # Ride through what a waited-for publish rides through (a leader election).
+        await self.outbox.close(timeout=max(self.settings.request_timeout, self.settings.retry_for))
         with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
             await self.nc.drain()
         await self.nc.close()
@@ -274,7 +280,8 @@ class Bus:
             refusal.reason = error
             if refusal.cancel:
                 refusal.scope.cancel()
-        return bool(waiting)
+        dropped = match is not None and self.outbox.refused(match[1], error)
+        return bool(waiting) or dropped
 
     @contextlib.contextmanager
     def _permission_guard(self, subject: str, what: str, *, cancel: bool = True) -> Iterator[None]:
@@ -489,6 +496,7 @@ class Bus:
             else _NO_SPAN
         )
         with span:
+            self._check_max_payload(data, hdrs)
             try:
                 if not wait:
                     await self.outbox.send(subject, data, hdrs)
@@ -503,6 +511,23 @@ class Bus:
                 raise MessageTooLargeError(len(data), self.nc.max_payload) from exc
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _transport_error(exc, f"publish to {subject}") from exc
+
+    def _check_max_payload(self, data: bytes, headers: Mapping[str, str]) -> None:
+        """Refuse a message whose payload and headers exceed the server's max_payload.
+
+        The server counts the headers too, and answers a message over it by closing the
+        connection (every subscription of this bus with it).
+        """
+        size = (
+            len(data)
+            + len(_EMPTY_HEADERS)
+            + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
+        )
+        if size > self.nc.max_payload:
+            raise InvalidMessageError(
+                "too_large",
+                f"message and headers are {size} bytes, the server allows {self.nc.max_payload}",
+            )
 
     # --- receive ------------------------------------------------------------------
 
@@ -574,11 +599,12 @@ class Bus:
             headers[MSG_ID_HEADER] = f"dead:{dedupe_key}:{receiver}"
         stored = False
         try:
+            self._check_max_payload(data, headers)  # the server would close the connection
             await self.js.publish(
                 subjects.dead_letter_subject(session, receiver), data, headers=headers
             )
             stored = True
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, nats.errors.Error, InvalidMessageError) as exc:
             log.error("could not dead-letter a message from %s: %s", subject, exc)
         try:
             await self.publish(
@@ -648,23 +674,32 @@ class Bus:
         short outage) is retried: the message is redelivered after a delay instead of
         dead-lettered. Returns False if the message must not be acked.
         """
-        try:
-            if tracing_enabled():
-                attrs = {"swarmbus.session": message.source.session, "swarmbus.agent": receiver}
-                with consumer_span(msg.subject, message.id, attrs, msg.headers):
-                    await handler(message)
-            else:
+        span = (
+            consumer_span(
+                msg.subject,
+                message.id,
+                {"swarmbus.session": message.source.session, "swarmbus.agent": receiver},
+                msg.headers,
+            )
+            if tracing_enabled()
+            else _NO_SPAN
+        )
+        # Report inside the span: the error event joins the failed message's trace.
+        with span as current:
+            try:
                 await handler(message)
-        except (ConnectionError, PublishError) as exc:  # swarmbus's: NATS unreachable
-            if not retry:
+            except (ConnectionError, PublishError) as exc:  # swarmbus's: NATS unreachable
+                record_failure(current, exc)
+                if not retry:
+                    await self._handler_failed(exc, message, msg, receiver)
+                    return True
+                log.warning("handler for %s failed (%s): retrying", msg.subject, exc)
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.nak(delay=min(0.25 * 2 ** deliveries(msg), 10.0))
+                return False
+            except Exception as exc:  # noqa: BLE001 - reported: dead letter + error event
+                record_failure(current, exc)
                 await self._handler_failed(exc, message, msg, receiver)
-                return True
-            log.warning("handler for %s failed (%s): retrying", msg.subject, exc)
-            with contextlib.suppress(nats.errors.Error):
-                await msg.nak(delay=min(0.25 * 2 ** deliveries(msg), 10.0))
-            return False
-        except Exception as exc:  # noqa: BLE001 - reported: dead letter + error event
-            await self._handler_failed(exc, message, msg, receiver)
         return True
 
     async def _handler_failed(
@@ -700,6 +735,9 @@ class Bus:
 
         Each message is acked after its handler returns (at-least-once): a worker that
         dies mid-handler has the message redelivered after ``ack_wait``.
+
+        Raises:
+            ConnectionError: the connection closed for good (a reconnect is waited for).
         """
         config = ConsumerConfig(
             durable_name=durable,
@@ -729,6 +767,7 @@ class Bus:
             # costs more than a small handler. A worker is added only when none is idle,
             # so there are never more than the slots held.
             send, receive = anyio.create_memory_object_stream[Msg](math.inf)
+            closed: nats.errors.Error | None = None
 
             async def work() -> None:
                 async for msg in receive:
@@ -755,6 +794,9 @@ class Bus:
                             limiter.release()
                             if stop.is_set():
                                 break
+                            if self.nc.is_closed:  # for good: no reconnect will come
+                                closed = exc
+                                break
                             log.warning("consumer %s: %s; retrying", durable, exc)
                             await _wait_reconnect(self, stop)
                             continue
@@ -768,6 +810,8 @@ class Bus:
                             if not receive.statistics().tasks_waiting_receive:
                                 tg.start_soon(work)
                             send.send_nowait(msg)
+            if closed is not None:
+                raise ConnectionError(f"consumer {durable}: {closed}") from closed
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await psub.unsubscribe()
@@ -843,11 +887,11 @@ class Bus:
             else _NO_SPAN
         )
         with span:
+            data = encode(message)
+            self._check_max_payload(data, headers)
             try:
                 with self._permission_guard(subject, f"request {capability}"):
-                    reply = await self.nc.request(
-                        subject, encode(message), timeout=timeout, headers=headers
-                    )
+                    reply = await self.nc.request(subject, data, timeout=timeout, headers=headers)
             except nats.errors.NoRespondersError as exc:
                 raise NoResponderError(capability, to) from exc
             except (TimeoutError, nats.errors.TimeoutError) as exc:
@@ -875,40 +919,47 @@ class Bus:
             session = request.source.session
             await limiter.acquire()
             try:
-                try:
-                    if tracing_enabled():
-                        attrs = {
-                            "swarmbus.session": request.source.session,
-                            "swarmbus.agent": agent,
-                        }
-                        with consumer_span(msg.subject, request.id, attrs, msg.headers):
-                            result = await handler(request)
-                    else:
+                span = (
+                    consumer_span(
+                        msg.subject,
+                        request.id,
+                        {"swarmbus.session": request.source.session, "swarmbus.agent": agent},
+                        msg.headers,
+                    )
+                    if tracing_enabled()
+                    else _NO_SPAN
+                )
+                # Report inside the span: the error event joins the request's trace.
+                with span as current:
+                    try:
                         result = await handler(request)
-                    response = Response(
-                        request_id=request.id, status="success", result=dict(result)
-                    )
-                    # Encode here: a result that is not JSON is the handler's error.
-                    reply = envelope_for(response, agent=agent, session=session)
-                    data = encode(reply)
-                except Exception as exc:
-                    log.exception("request handler %s failed", capability)
-                    response = Response(
-                        request_id=request.id,
-                        status="failure",
-                        result={"error": f"{type(exc).__name__}: {exc}"},
-                    )
-                    await self.reject(
-                        subject=msg.subject,
-                        data=msg.data,
-                        code="handler_error",
-                        reason=str(response.result["error"]),
-                        receiver=agent,
-                        dedupe_key=request.id,
-                        message_id=request.id,
-                    )
-                    reply = envelope_for(response, agent=agent, session=session)
-                    data = encode(reply)
+                        response = Response(
+                            request_id=request.id, status="success", result=dict(result)
+                        )
+                        # Encode here: a result that is not JSON, or too large to send, is
+                        # the handler's error.
+                        reply = envelope_for(response, agent=agent, session=session)
+                        data = encode(reply)
+                        self._check_max_payload(data, {MSG_ID_HEADER: reply.id})
+                    except Exception as exc:
+                        record_failure(current, exc)
+                        log.exception("request handler %s failed", capability)
+                        response = Response(
+                            request_id=request.id,
+                            status="failure",
+                            result={"error": f"{type(exc).__name__}: {exc}"},
+                        )
+                        await self.reject(
+                            subject=msg.subject,
+                            data=msg.data,
+                            code="handler_error",
+                            reason=str(response.result["error"]),
+                            receiver=agent,
+                            dedupe_key=request.id,
+                            message_id=request.id,
+                        )
+                        reply = envelope_for(response, agent=agent, session=session)
+                        data = encode(reply)
                 if msg.reply:
                     with contextlib.suppress(nats.errors.Error):
                         await self.nc.publish(msg.reply, data, headers={MSG_ID_HEADER: reply.id})
@@ -998,6 +1049,17 @@ def _session_of(subject: str) -> str:
     return subjects.UNKNOWN
 
 
+def _with_overrides(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:
+    """``settings`` (default: from the environment) with ``overrides``, validated.
+
+    An override left as None is not given, as for ``Settings.from_env``.
+    """
+    if settings is None:
+        return Settings.from_env(**overrides)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return Settings.model_validate(settings.model_dump() | given) if given else settings
+
+
 def _translate(exc: nats.js.errors.APIError, what: str) -> SwarmbusError:
     description = exc.description or str(exc)
     if exc.code == 403 or "permission" in description.lower():
@@ -1035,7 +1097,7 @@ async def connect(
     """
     from swarmbus._server import NatsServer
 
-    settings = settings or Settings.from_env(**overrides)
+    settings = _with_overrides(settings, overrides)
     if settings.servers:
         async with Bus.open(settings) as bus:
             yield bus

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from swarmbus._messages import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -33,7 +33,10 @@ class Settings(BaseModel):
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     inbox_prefix: str | None = Field(
-        None, description="private reply inbox prefix, e.g. _INBOX_ops_deploy-validator"
+        None,
+        description="private reply inbox prefix, e.g. _INBOX_ops_deploy-validator",
+        # a subject without wildcards (not the `.>` permission pattern)
+        pattern=r"^([^.\s*>]+(\.[^.\s*>]+)*)?$",
     )
     replicas: int = Field(1, ge=1, le=5, description="replicas of swarmbus streams and buckets")
     storage: Literal["file", "memory"] = "file"
@@ -48,6 +51,12 @@ class Settings(BaseModel):
         ge=0,
         description="seconds a JetStream call is retried through a leader election (0: never)",
     )
+
+    @model_validator(mode="after")
+    def _key_needs_certificate(self) -> Settings:
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ValueError("tls_key_file is set without tls_cert_file (the client certificate)")
+        return self
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

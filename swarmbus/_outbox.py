@@ -5,8 +5,8 @@ its JetStream ack. The outbox sends it with a reply subject of its own, matches 
 acks as they come back, and re-sends (same ``Nats-Msg-Id``, so the stream stores it
 once) whatever is not acknowledged within ``resend_after`` — through a reconnect or a
 stream leader election — until ``give_up_after``, when it logs an error. Closing the
-bus waits for the outbox to empty. Callers get throughput (no round trip per event)
-without silent loss while the process lives.
+bus waits for the outbox to empty (for up to the bus's ``retry_for``). Callers get
+throughput (no round trip per event) without silent loss while the process lives.
 """
 
 from __future__ import annotations
@@ -95,11 +95,17 @@ class Outbox:
         while len(self._pending) >= MAX_PENDING:  # back-pressure, not unbounded memory
             self._room.clear()
             await self._room.wait()
+            if self._sub is None:  # closed while waiting: nothing would ever make room
+                raise nats.errors.ConnectionClosedError
         token = str(next(self._tokens))
         now = time.monotonic()
         self._pending[token] = _Pending(subject, data, headers, now, now)
         self._empty.clear()
-        await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+        try:
+            await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+        except BaseException:
+            self._done(token)  # the caller is told; re-sending it later would be a ghost
+            raise
 
     async def _on_ack(self, msg: Msg) -> None:
         token = msg.subject[len(self._prefix) + 1 :]
@@ -115,6 +121,19 @@ class Outbox:
         if error is not None:
             log.error("the stream refused %s: %s", entry.subject, error.description)
         self._done(token)
+
+    def refused(self, subject: str, reason: str) -> bool:
+        """Drop the publishes to ``subject`` that the server refused (permissions).
+
+        ``subject`` is lower-cased, as nats-py hands over the server's error. A re-send
+        would be refused again until ``give_up_after``, holding room meanwhile.
+        """
+        tokens = [t for t, entry in self._pending.items() if entry.subject.lower() == subject]
+        if tokens:
+            log.error("the server refused %d publishes to %s: %s", len(tokens), subject, reason)
+        for token in tokens:
+            self._done(token)
+        return bool(tokens)
 
     def _done(self, token: str) -> None:
         self._pending.pop(token, None)
@@ -146,6 +165,8 @@ class Outbox:
 
     async def flush(self, timeout: float) -> bool:
         """Wait until everything sent is acknowledged (True) or ``timeout`` passes."""
+        if self._empty.is_set():
+            return True
         try:
             await asyncio.wait_for(self._empty.wait(), timeout)
         except TimeoutError:
@@ -165,3 +186,4 @@ class Outbox:
         with contextlib.suppress(nats.errors.Error):
             await self._sub.unsubscribe()
         self._sub = None
+        self._room.set()

@@ -16,6 +16,7 @@ import concurrent.futures
 import ctypes
 import functools
 import os
+import queue
 import re
 import shutil
 import signal
@@ -45,9 +46,47 @@ _LOG_KEEP = 2000
 
 _PR_SET_PDEATHSIG: Final = 1
 # The kernel sends the death signal when the *thread* that forked the child exits, so
-# every server is spawned from one thread that lives as long as the process (a thread
-# pool's idle workers, like anyio's, come and go).
-_spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarmbus-spawn")
+# every server is spawned from one daemon thread that lives as long as the process (a
+# pool's workers end sooner: anyio's when idle, concurrent.futures' once the main thread
+# returns, though other threads may still use the server).
+_Job = tuple[
+    Callable[[], "subprocess.Popen[str]"], "concurrent.futures.Future[subprocess.Popen[str]]"
+]
+_jobs: queue.SimpleQueue[_Job] | None = None
+_jobs_lock = threading.Lock()
+
+
+def _run_jobs(jobs: queue.SimpleQueue[_Job]) -> None:
+    while True:
+        job, result = jobs.get()
+        try:
+            result.set_result(job())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            result.set_exception(exc)
+
+
+def _in_spawner(job: Callable[[], subprocess.Popen[str]]) -> subprocess.Popen[str]:
+    """Run ``job`` on the spawning thread (started on first use, in each process)."""
+    global _jobs
+    with _jobs_lock:
+        if _jobs is None:
+            _jobs = queue.SimpleQueue()
+            threading.Thread(
+                target=_run_jobs, args=(_jobs,), name="swarmbus-spawn", daemon=True
+            ).start()
+        jobs = _jobs
+    result: concurrent.futures.Future[subprocess.Popen[str]] = concurrent.futures.Future()
+    jobs.put((job, result))
+    return result.result()
+
+
+def _forget_spawner() -> None:
+    """Let a forked child start its own spawning thread (the parent's is not there)."""
+    global _jobs, _jobs_lock
+    _jobs, _jobs_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_spawner)
 
 
 def _die_with_parent(prctl: Callable[[int, int], int], parent: int) -> None:
@@ -63,16 +102,18 @@ def _spawn(command: list[str]) -> subprocess.Popen[str]:
     if sys.platform == "linux":
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
         preexec = functools.partial(_die_with_parent, prctl, os.getpid())
-    return _spawner.submit(
-        subprocess.Popen,
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=preexec,
-    ).result()
+    return _in_spawner(
+        functools.partial(
+            subprocess.Popen,
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+            preexec_fn=preexec,
+        )
+    )
 
 
 def find_binary() -> Path:
@@ -133,7 +174,7 @@ class NatsServer:
 
     Args:
         data_dir: JetStream store directory (created if missing).
-        port: client port; ``None`` lets the server pick a free one.
+        port: client port; ``None`` (or 0) lets the server pick a free one.
         host: address to listen on (loopback by default).
         name: server name (needed in a cluster).
         cluster: ``(cluster name, route port, [route urls])`` to join a cluster.
@@ -201,7 +242,7 @@ class NatsServer:
         cmd += ["-c", str(conf)]
         if self.config_file:
             cmd += ["--jetstream", "--store_dir", str(self.data_dir / "jetstream")]
-        cmd += ["-a", self.host, "-p", str(port if port is not None else -1)]
+        cmd += ["-a", self.host, "-p", str(port or -1)]  # nats-server's -p 0 is 4222
         if self.name:
             cmd += ["-n", self.name]
         if self.cluster:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 import nats.js.errors
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from swarmbus._errors import MissingDependencyError, SwarmbusError
 
@@ -319,6 +319,13 @@ def consumer_span(
             yield span
     finally:
         otel_context.detach(token)
+
+
+def record_failure(span: Span | None, exc: BaseException) -> None:
+    """Mark ``span`` failed by ``exc`` that its block handles (reports) instead of raising."""
+    if span is not None:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
 
 def process_span(

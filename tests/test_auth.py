@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
 import time
@@ -561,3 +562,17 @@ async def test_agent_cannot_vote_where_it_is_not_allowed(
                 await consensus.join(session_id, VALIDATOR)
             assert await consensus.members(session_id) == [LEAD]
         assert await raw_record(service, proposal) == before
+
+
+async def test_refused_background_publish_is_reported_not_resent(
+    deploy_server: NatsServer, service: Bus, session_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = f"agent.finding.reported.{session_id}.{VALIDATOR}"
+    async with as_user(deploy_server, LEAD) as lead:
+        with caplog.at_level(logging.ERROR, logger="swarmbus.outbox"):
+            await lead.publish(finding("forged"), agent=VALIDATOR, session=session_id, wait=False)
+            # dropped on the server's refusal, not re-sent until give_up_after (110 s)
+            assert await lead.outbox.flush(timeout=3)
+    assert forged.lower() in caplog.text.lower()
+    assert "permissions" in caplog.text
+    assert not await stored(service, forged)

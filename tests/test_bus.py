@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import nats
+import pydantic
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -15,6 +17,7 @@ from nats.aio.msg import Msg
 import swarmbus
 from swarmbus import Agent, Bus, Finding, FindingMessage, RequestMessage
 from swarmbus._bus import CODE_HEADER, DEAD_LETTER_STREAM, ORIGINAL_SUBJECT_HEADER
+from swarmbus._messages import envelope_for
 
 WAIT = 10
 
@@ -526,3 +529,151 @@ def test_delivery_count_is_read_off_the_ack_subject(reply: str, count: int) -> N
     assert deliveries(msg) == count
     if count > 1:
         assert msg.metadata.num_delivered == count  # what nats-py itself reads
+
+
+async def test_connect_validates_overrides_of_given_settings(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(pydantic.ValidationError, match="request_timeout"):
+        await Bus.connect(swarmbus.Settings(url=nats_url), request_timeout=-1)
+    # An override left as None means "not given", as for Settings.from_env.
+    monkeypatch.setenv("SWARMBUS_REQUEST_TIMEOUT", "2")
+    async with Bus.open(url=nats_url, request_timeout=None) as bus:
+        assert bus.settings.request_timeout == 2
+
+
+@pytest.mark.parametrize("wait", [True, False])
+async def test_message_under_the_limit_but_over_max_payload_with_headers_is_too_large(
+    nats_url: str, session_id: str, wait: bool
+) -> None:
+    """The server counts headers against max_payload and closes a connection over it."""
+    async with Bus.open(url=nats_url, retry_for=1) as bus:
+        assert bus.max_message_bytes == bus.nc.max_payload
+        empty = Finding(category="observation", content="", confidence=0.5)
+        overhead = len(swarmbus.encode(envelope_for(empty, agent="test/big", session=session_id)))
+        content = "x" * (bus.max_message_bytes - overhead - 10)  # the envelope fits
+        with pytest.raises(swarmbus.InvalidMessageError) as raised:
+            await bus.publish(
+                Finding(category="observation", content=content, confidence=0.5),
+                agent="test/big",
+                session=session_id,
+                wait=wait,
+            )
+        assert raised.value.code == "too_large"
+        await bus.nc.flush(timeout=5)  # the connection survived
+        assert bus.nc.is_connected
+
+
+async def test_bad_input_too_big_to_dead_letter_is_still_reported(
+    bus: Bus, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    """Its dead letter (the bytes plus reason headers) would exceed max_payload, which the
+    server answers by closing the worker's connection: reported without a dead letter."""
+    agent = Agent(f"test/guard-{unique}")
+    good = anyio.Event()
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        good.set()
+
+    errors, stop_errors = await collect(raw, f"agent.error.occurred.{session_id}.{agent.id}")
+    js = raw.jetstream()
+    subject = f"agent.finding.reported.{session_id}.ext/x"
+    async with agent.serve(bus):
+        await js.publish(subject, b"x" * (raw.max_payload - 100))
+        with anyio.fail_after(WAIT):
+            error_msg = await errors.receive()
+        error = swarmbus.decode(error_msg.data)
+        assert isinstance(error, swarmbus.ErrorOccurredMessage)
+        assert error.error_occurred.code == "not_json"
+        assert not error.error_occurred.dead_letter
+        await js.publish(subject, json.dumps(finding_json(session_id, "ext/x", n=1)).encode())
+        with anyio.fail_after(WAIT):
+            await good.wait()
+        assert bus.nc.is_connected
+    await stop_errors()
+
+
+@pytest.mark.parametrize("prefix", ["_INBOX_ops_x.>", "a b", "_INBOX..x", "x.*"])
+async def test_invalid_inbox_prefix_is_a_settings_error(nats_url: str, prefix: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match="inbox_prefix"):
+        await Bus.connect(url=nats_url, inbox_prefix=prefix)
+
+
+@pytest.mark.parametrize("field", ["tls_ca_file", "tls_cert_file"])
+async def test_unreadable_tls_file_is_a_connection_error_naming_it(
+    nats_url: str, tmp_path: Path, field: str
+) -> None:
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(swarmbus.ConnectionError, match=str(missing)):
+        await Bus.connect(url=nats_url, **{field: str(missing)})
+
+
+async def test_tls_key_without_certificate_is_a_settings_error(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """Ignoring it would connect without the client certificate the user asked for."""
+    with pytest.raises(pydantic.ValidationError, match="tls_cert_file"):
+        await Bus.connect(url=nats_url, tls_key_file=str(tmp_path / "client.key"))
+
+
+async def test_connect_applies_overrides_to_given_settings(nats_url: str) -> None:
+    async with swarmbus.connect(swarmbus.Settings(url=nats_url), request_timeout=2) as bus:
+        assert bus.settings.request_timeout == 2
+
+
+async def test_consumer_stops_with_an_error_once_its_connection_is_closed(
+    nats_url: str, session_id: str, unique: str
+) -> None:
+    """Not a loop retrying a closed connection every 2 s forever."""
+    bus = await Bus.connect(url=nats_url)
+    failed: list[swarmbus.ConnectionError] = []
+
+    async def handler(message: swarmbus.Message) -> None:
+        pass
+
+    async def consume(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        try:
+            await bus.consume(
+                f"closed-{unique}",
+                [f"agent.*.*.{session_id}.>"],
+                handler,
+                receiver=f"test/closed-{unique}",
+                limiter=anyio.Semaphore(4),
+                stop=anyio.Event(),
+                task_status=task_status,
+            )
+        except swarmbus.ConnectionError as exc:
+            failed.append(exc)
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                await tg.start(consume)
+                await bus.nc.close()  # as after a fatal server error
+    finally:
+        await bus.close()
+    assert failed
+
+
+async def test_request_handler_result_over_max_payload_answers_failure(
+    nats_url: str, session_id: str, unique: str
+) -> None:
+    """The server closes a connection that publishes over max_payload: the responder's."""
+    agent = Agent(f"test/verbose-{unique}")
+
+    @agent.on_request(f"dump_{unique}")
+    async def handle(request: RequestMessage) -> dict[str, Any]:
+        return {"dump": "x" * (responder.nc.max_payload - 100)}
+
+    async with (
+        Bus.open(url=nats_url) as responder,
+        Bus.open(url=nats_url) as asker,
+        agent.serve(responder),
+    ):
+        response = await asker.request(
+            f"dump_{unique}", agent="test/asker", session=session_id, timeout=5
+        )
+        assert response.response.status == "failure"
+        assert "too_large" in response.response.result["error"]
+        assert responder.nc.is_connected

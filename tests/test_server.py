@@ -256,3 +256,91 @@ async def test_server_dies_with_the_process_that_started_it(tmp_path: Path) -> N
                 await anyio.wait_readable(exited)
         finally:
             os.close(exited)
+
+
+_FORK_SCRIPT = """
+import multiprocessing, sys
+from pathlib import Path
+from swarmbus import NatsServer
+
+def child(data):
+    with NatsServer(data):
+        pass
+
+if __name__ == "__main__":
+    base = Path(sys.argv[1])
+    with NatsServer(base / "parent"):
+        forked = multiprocessing.get_context("fork").Process(target=child, args=(base / "child",))
+        forked.start()
+        forked.join(30)
+        if forked.exitcode is None:
+            forked.kill()
+        print(forked.exitcode, flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork is Linux's default start method")
+def test_forked_child_can_start_a_server(tmp_path: Path) -> None:
+    """The spawning thread does not survive a fork: the child must get its own."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _FORK_SCRIPT, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, _ = owner.communicate(timeout=60)
+    finally:
+        if owner.poll() is None:
+            os.kill(owner.pid, 9)
+            owner.wait()
+    assert out.strip() == "0"
+
+
+_MAIN_RETURNS_SCRIPT = """
+import subprocess, sys, threading
+from swarmbus import NatsServer
+
+server = NatsServer(sys.argv[1]).start()
+proc = server._proc
+
+def keep_serving():
+    threading.main_thread().join()  # the main thread is done; this process lives on
+    try:
+        proc.wait(timeout=3)
+        print("server died", flush=True)
+    except subprocess.TimeoutExpired:
+        print("server alive", flush=True)
+    server.stop()
+
+threading.Thread(target=keep_serving).start()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux only")
+def test_server_lives_as_long_as_its_process_not_its_main_thread(tmp_path: Path) -> None:
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _MAIN_RETURNS_SCRIPT, str(tmp_path)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, _ = owner.communicate(timeout=60)
+    finally:
+        if owner.poll() is None:
+            os.kill(owner.pid, 9)
+            owner.wait()
+    assert out.strip() == "server alive"
+
+
+def test_port_zero_is_any_free_port(tmp_path: Path) -> None:
+    """nats-server reads -p 0 as its default port 4222; 0 must mean "any" as for sockets."""
+    try:
+        server = NatsServer(tmp_path, port=0).start()
+    except swarmbus.ServerStartError as exc:  # 4222 was busy: the bug as well
+        pytest.fail(str(exc))
+    try:
+        assert server.port != 4222
+    finally:
+        server.stop()

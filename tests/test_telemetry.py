@@ -526,3 +526,63 @@ def test_cli_configures_tracing_at_startup() -> None:
     )
     assert result.returncode == 2
     assert "OTEL_TRACES_EXPORTER=bogus" in result.stderr
+
+
+async def test_handler_error_event_joins_the_trace_of_the_failed_message(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str, unique: str
+) -> None:
+    agent = Agent(f"ops/failing-{unique}")
+    subject = f"agent.error.occurred.{session_id}.{agent.id}"
+    reported = anyio.Event()
+
+    async def on_error(msg: Any) -> None:
+        reported.set()
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        raise RuntimeError("handler bug")
+
+    sub = await bus.nc.subscribe(subject, cb=on_error)
+    await bus.nc.flush()
+    try:
+        async with agent.serve(bus):
+            with session_span(session_id):
+                trace_id = current_trace_id()
+                await bus.publish(
+                    Finding(category="observation", content="x", confidence=0.5),
+                    agent="ops/writer",
+                    session=session_id,
+                )
+            with anyio.fail_after(10):
+                await reported.wait()
+    finally:
+        await sub.unsubscribe()
+    stored = await bus.js.get_last_msg(EVENTS_STREAM, subject)
+    assert stored.headers is not None
+    assert stored.headers[TRACEPARENT].split("-")[1] == trace_id
+    consumer = _one([s for s in spans.get_finished_spans() if s.kind is SpanKind.CONSUMER], "con")
+    assert not consumer.status.is_ok
+
+
+async def test_request_handler_error_event_joins_the_requests_trace(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str, unique: str
+) -> None:
+    agent = Agent(f"ops/broken-{unique}")
+
+    @agent.on_request(f"broken_{unique}")
+    async def handle(request: Any) -> dict[str, Any]:
+        raise ValueError("cannot do that")
+
+    async with agent.serve(bus):
+        with session_span(session_id):
+            trace_id = current_trace_id()
+            response = await bus.request(f"broken_{unique}", agent="ops/asker", session=session_id)
+    assert response.response.status == "failure"
+    # The error event is published before the answer: it is stored by now.
+    stored = await bus.js.get_last_msg(
+        EVENTS_STREAM, f"agent.error.occurred.{session_id}.{agent.id}"
+    )
+    assert stored.headers is not None
+    assert stored.headers[TRACEPARENT].split("-")[1] == trace_id
+    consumer = _one([s for s in spans.get_finished_spans() if s.kind is SpanKind.CONSUMER], "con")
+    assert not consumer.status.is_ok
