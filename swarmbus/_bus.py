@@ -507,7 +507,7 @@ class Bus:
                 raise _translate(exc, f"publish to {subject} failed") from exc
             except nats.errors.NoRespondersError as exc:
                 raise PublishError(f"no stream stores {subject}") from exc
-            except nats.errors.MaxPayloadError as exc:  # the data fits, data + headers not
+            except nats.errors.MaxPayloadError as exc:  # the server's limit changed meanwhile
                 raise MessageTooLargeError(len(data), self.nc.max_payload) from exc
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _transport_error(exc, f"publish to {subject}") from exc
@@ -524,10 +524,7 @@ class Bus:
             + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
         )
         if size > self.nc.max_payload:
-            raise InvalidMessageError(
-                "too_large",
-                f"message and headers are {size} bytes, the server allows {self.nc.max_payload}",
-            )
+            raise MessageTooLargeError(size, self.nc.max_payload)
 
     # --- receive ------------------------------------------------------------------
 
