@@ -33,6 +33,7 @@ MAX_PENDING: Final = 10_000
 
 
 class _Refusal(msgspec.Struct):
+    code: int = 0
     description: str = ""
 
 
@@ -118,6 +119,8 @@ class Outbox:
             error = _ack_decoder.decode(msg.data).error
         except msgspec.DecodeError:
             error = None
+        if error is not None and error.code == 503:
+            return  # "temporarily unavailable" (an election): the re-send loop retries
         if error is not None:
             log.error("the stream refused %s: %s", entry.subject, error.description)
         self._done(token)

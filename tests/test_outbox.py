@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import anyio
+import nats.aio.msg
 import nats.errors
 import pytest
 from nats.js.api import StreamConfig
@@ -136,3 +137,31 @@ async def test_bus_close_waits_out_an_outage_as_long_as_retry_for(
         )
         assert stored.headers is not None
         assert stored.headers["Nats-Msg-Id"] == sent.id
+
+
+async def test_a_temporarily_unavailable_ack_is_retried_not_dropped(bus: Bus, unique: str) -> None:
+    # A stand-in for a stream during an election: it answers the first publish with
+    # JetStream's 503 error ack and stores (acks) the re-send.
+    subject = f"obx.{unique}.busy"
+    received = 0
+
+    async def answer(msg: nats.aio.msg.Msg) -> None:
+        nonlocal received
+        received += 1
+        if received == 1:
+            await msg.respond(
+                b'{"error":{"code":503,"err_code":10008,'
+                b'"description":"JetStream system temporarily unavailable"}}'
+            )
+        else:
+            await msg.respond(b'{"stream":"X","seq":1}')
+
+    sub = await bus.nc.subscribe(subject, cb=answer)
+    outbox = Outbox(bus.nc, resend_after=0.2)
+    try:
+        await outbox.send(subject, b"payload", {"Nats-Msg-Id": f"m-{unique}"})
+        assert await outbox.flush(timeout=10)
+        assert received == 2
+    finally:
+        await outbox.close(timeout=1)
+        await sub.unsubscribe()
