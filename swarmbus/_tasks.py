@@ -154,6 +154,11 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Task)
 
 
+def _count(value: object) -> bool:
+    """Whether ``value`` is an int (a bool is not): what a record's counters decode as."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -226,7 +231,7 @@ class TaskQueue:
     ) -> None:
         self.bus = bus
         self.session = subjects.validate_session_id(session)
-        if ack_wait <= 0 or max_attempts < 1 or starvation_after < 0:
+        if not _count(max_attempts) or ack_wait <= 0 or max_attempts < 1 or starvation_after < 0:
             raise InvalidTaskError("queue", "ack_wait > 0, max_attempts >= 1, aging >= 0")
         self.ack_wait = ack_wait
         self.max_attempts = max_attempts
@@ -356,8 +361,8 @@ class TaskQueue:
                 "priority", f"{spec.priority} is outside {MIN_PRIORITY}..{MAX_PRIORITY}"
             )
         max_attempts = self.max_attempts if spec.max_attempts is None else spec.max_attempts
-        if max_attempts < 1:
-            raise InvalidTaskError("max_attempts", f"must be >= 1, got {max_attempts}")
+        if not _count(max_attempts) or max_attempts < 1:
+            raise InvalidTaskError("max_attempts", f"must be an integer >= 1, got {max_attempts!r}")
         try:
             parameters = msgspec.convert(
                 {"target": spec.target, "context": spec.context}, TaskParameters

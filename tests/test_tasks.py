@@ -444,3 +444,15 @@ async def test_a_claim_cancelled_while_its_write_is_in_flight_is_given_back(
     assert sorted(c.task.id for c in claims) == sorted(t.id for t in created)
     assert [c.attempt for c in claims] == [1, 1]
     assert all(c.task.assigned_to == "w/b" for c in claims)
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "3"])
+async def test_max_attempts_that_is_not_an_int_is_refused(
+    queue: TaskQueue, bus: Bus, session_id: str, bad: Any
+) -> None:
+    # Stored as is, such a task could not be decoded by a claimer, which dropped it.
+    with pytest.raises(InvalidTaskError, match="max_attempts"):
+        await queue.create("probe", agent=CREATOR, max_attempts=bad)
+    with pytest.raises(InvalidTaskError, match="max_attempts"):
+        TaskQueue(bus, session_id, max_attempts=bad)
+    assert await queue.tasks() == []
