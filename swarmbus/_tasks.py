@@ -496,8 +496,10 @@ class TaskQueue:
         safe, since a dispatch message whose ack was lost can outlive its record and
         would then run its task again. So a record goes only when no dispatch message
         of its task is left in the stream; a finished task is never offered again, so
-        none can appear later. Its key is purged (no delete marker is left behind),
-        which needs permission to purge the bucket's stream.
+        none can appear later. Its key is purged, leaving a purge marker (no value): with
+        no entry at all, a claimer still holding a copy of the dispatch message (pulled
+        before the task finished, settled after the prune) would create the record anew
+        and run the task again.
 
         Raises:
             InvalidTaskError: ``older_than`` is not a number of seconds >= 0.
@@ -529,12 +531,10 @@ class TaskQueue:
                 if t is not None
             }
             pruned = [task_id for task_id in finished if task_id not in offered]
-            stream = f"KV_{TASKS_BUCKET}"
-            with self.bus._permission_guard(f"$JS.API.STREAM.PURGE.{stream}", "prune tasks"):
-                for task_id in pruned:
-                    await self.bus.js.purge_stream(
-                        stream, subject=subjects.kv_subject(TASKS_BUCKET, self._key(task_id))
-                    )
+            for task_id in pruned:
+                subject = subjects.kv_subject(TASKS_BUCKET, self._key(task_id))
+                with self.bus._permission_guard(subject, "prune tasks"):
+                    await self.kv.purge(self._key(task_id))
         except nats.js.errors.APIError as exc:
             raise _translate(exc, f"cannot prune the tasks of {self.session}") from exc
         except (TimeoutError, nats.errors.Error) as exc:
