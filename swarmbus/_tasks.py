@@ -1088,10 +1088,10 @@ class TaskQueue:
     ) -> None:
         """Claim and run tasks until ``stop`` is set, then finish the claimed ones.
 
-        ``handler(task)`` returns the result; if it raises, the task is failed with
-        ``retry=True``. Every claim is heartbeated each third of min(timeout, ack_wait).
-        Claims are made in batches (up to half the free slots at once) so a busy worker
-        does not fall back to one round trip per task.
+        ``handler(task)`` returns the result; if it raises (or its result is not a JSON
+        object), the task is failed with ``retry=True``. Every claim is heartbeated each
+        third of min(timeout, ack_wait). Claims are made in batches (up to half the free
+        slots at once) so a busy worker does not fall back to one round trip per task.
         """
         active: dict[Claim, float] = {}
         freed = anyio.Event()
@@ -1108,7 +1108,11 @@ class TaskQueue:
                         log.warning("task %s failed: %s", claim.task.id, exc)
                         await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
                     else:
-                        await claim.complete(result)
+                        try:
+                            await claim.complete(result)
+                        except InvalidTaskError as exc:  # not a JSON object: a handler error
+                            log.warning("task %s failed: %s", claim.task.id, exc)
+                            await claim.fail(str(exc), retry=True)
             except (TaskClaimLostError, InvalidTransitionError, ConnectionError) as exc:
                 # ConnectionError: the claim expires and the task is offered again
                 log.warning("%s", exc)

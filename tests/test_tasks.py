@@ -473,3 +473,25 @@ async def test_a_stale_dispatch_copy_settled_after_prune_does_not_run_the_task_a
     assert await queue._settle_all([held], "w/a") == []
     with pytest.raises(NotFoundError):
         await queue.get(task.id)
+
+
+async def test_work_fails_a_task_whose_handler_returns_a_bad_result_and_goes_on(
+    queue: TaskQueue,
+) -> None:
+    bad = await queue.create("probe", agent=CREATOR, max_attempts=1)
+    good = await queue.create("probe", agent=CREATOR)
+    stop = anyio.Event()
+    seen: set[str] = set()
+
+    async def handler(task: Task) -> dict[str, Any]:
+        seen.add(task.id)
+        if len(seen) == 2:
+            stop.set()  # work() still settles the claimed tasks
+        return {"x": object()} if task.id == bad.id else {"ok": True}
+
+    with anyio.fail_after(10):
+        await queue.work(handler, agent="w/a", types=["probe"], stop=stop)
+    failed = await queue.get(bad.id)
+    assert failed.error is not None
+    assert "result" in failed.error
+    assert (await queue.get(good.id)).result == {"ok": True}
