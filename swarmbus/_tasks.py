@@ -1010,7 +1010,10 @@ class TaskQueue:
             new = change(claim.task)
             revision = await self._cas(new, claim.revision)
             if revision is None:
-                current, _ = await self._read(claim.task.id)
+                try:
+                    current, _ = await self._read(claim.task.id)
+                except NotFoundError:  # finished by another claim, then pruned
+                    raise TaskClaimLostError(claim.task.id, claim.attempt, 0, "pruned") from None
                 raise TaskClaimLostError(
                     claim.task.id, claim.attempt, current.attempts, current.status
                 )

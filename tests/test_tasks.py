@@ -495,3 +495,20 @@ async def test_work_fails_a_task_whose_handler_returns_a_bad_result_and_goes_on(
     assert failed.error is not None
     assert "result" in failed.error
     assert (await queue.get(good.id)).result == {"ok": True}
+
+
+async def test_late_completion_after_the_record_was_pruned_is_a_lost_claim(
+    queue: TaskQueue,
+) -> None:
+    task = await queue.create("analyze", agent=CREATOR, timeout=0.5)
+    slow = await queue.claim(agent="w/slow", types=["analyze"])
+    assert slow is not None
+    fast = await queue.claim(agent="w/fast", types=["analyze"], timeout=5)
+    assert fast is not None
+    await fast.complete()
+    assert await queue.prune(older_than=0) == [task.id]
+    with pytest.raises(TaskClaimLostError) as lost:
+        await slow.complete({"by": "slow"})
+    assert lost.value.attempt == 1
+    with pytest.raises(NotFoundError):
+        await queue.get(task.id)
