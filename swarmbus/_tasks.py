@@ -1026,8 +1026,9 @@ class TaskQueue:
             lease = _after(task.constraints.timeout)
             return msgspec.structs.replace(task, status="running", lease_until=lease)
 
-        await self._transition(claim, running, "running")
-        await _quietly(claim._msg.in_progress())
+        with anyio.CancelScope(shield=True):  # see _complete
+            await self._transition(claim, running, "running")
+            await _quietly(claim._msg.in_progress())
 
     async def _complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task:
         try:
@@ -1046,11 +1047,14 @@ class TaskQueue:
                 lease_until=None,
             )
 
-        new = await self._transition(claim, completed, "completed")
-        await _quietly(claim._msg.ack())
-        agent = new.assigned_to or subjects.UNKNOWN
-        event = TaskCompleted(task_id=new.id, result=result_dict)
-        await self._events([(event, agent, f"task:{new.id}:completed")])
+        # Shielded: a write cancelled in flight may still land; the claim must then
+        # follow it (or its next call is refused as lost) and its event go out.
+        with anyio.CancelScope(shield=True):
+            new = await self._transition(claim, completed, "completed")
+            await _quietly(claim._msg.ack())
+            agent = new.assigned_to or subjects.UNKNOWN
+            event = TaskCompleted(task_id=new.id, result=result_dict)
+            await self._events([(event, agent, f"task:{new.id}:completed")])
         return new
 
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
@@ -1068,14 +1072,15 @@ class TaskQueue:
                 lease_until=None,
             )
 
-        new = await self._transition(claim, failed, "failed")
-        if new.status == "pending":
-            await _quietly(claim._msg.nak(delay=min(2.0**new.attempts * 0.1, 30.0)))
-        else:
-            await _quietly(claim._msg.ack())
-        agent = new.assigned_to or subjects.UNKNOWN
-        event = TaskFailed(task_id=new.id, error=error, attempts=new.attempts, dead=new.dead)
-        await self._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
+        with anyio.CancelScope(shield=True):  # see _complete
+            new = await self._transition(claim, failed, "failed")
+            if new.status == "pending":
+                await _quietly(claim._msg.nak(delay=min(2.0**new.attempts * 0.1, 30.0)))
+            else:
+                await _quietly(claim._msg.ack())
+            agent = new.assigned_to or subjects.UNKNOWN
+            event = TaskFailed(task_id=new.id, error=error, attempts=new.attempts, dead=new.dead)
+            await self._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
         return new
 
     # --- worker loop -------------------------------------------------------------------

@@ -512,3 +512,22 @@ async def test_late_completion_after_the_record_was_pruned_is_a_lost_claim(
     assert lost.value.attempt == 1
     with pytest.raises(NotFoundError):
         await queue.get(task.id)
+
+
+async def test_a_transition_cancelled_as_it_writes_is_followed_by_the_claim(
+    queue: TaskQueue, events: Events
+) -> None:
+    task = await queue.create("probe", agent=CREATOR)
+    claim = await queue.claim(agent="w/a", types=["probe"], timeout=5)
+    assert claim is not None
+    with anyio.CancelScope() as scope:
+        scope.cancel()  # delivered at the first checkpoint, as the write starts
+        await claim.heartbeat()
+    assert (await queue.get(task.id)).status == claim.task.status == "running"
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await claim.complete({"ok": True})  # the claim followed its heartbeat: not lost
+    assert (await queue.get(task.id)).status == "completed"
+    assert claim.finished
+    (done,) = await events.wait_for(1, TaskCompletedMessage)
+    assert done.body.task_id == task.id  # type: ignore[attr-defined]
