@@ -154,6 +154,11 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Task)
 
 
+def _count(value: object) -> bool:
+    """Whether ``value`` is an int (a bool is not): what a record's counters decode as."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -226,7 +231,7 @@ class TaskQueue:
     ) -> None:
         self.bus = bus
         self.session = subjects.validate_session_id(session)
-        if ack_wait <= 0 or max_attempts < 1 or starvation_after < 0:
+        if not _count(max_attempts) or ack_wait <= 0 or max_attempts < 1 or starvation_after < 0:
             raise InvalidTaskError("queue", "ack_wait > 0, max_attempts >= 1, aging >= 0")
         self.ack_wait = ack_wait
         self.max_attempts = max_attempts
@@ -356,8 +361,8 @@ class TaskQueue:
                 "priority", f"{spec.priority} is outside {MIN_PRIORITY}..{MAX_PRIORITY}"
             )
         max_attempts = self.max_attempts if spec.max_attempts is None else spec.max_attempts
-        if max_attempts < 1:
-            raise InvalidTaskError("max_attempts", f"must be >= 1, got {max_attempts}")
+        if not _count(max_attempts) or max_attempts < 1:
+            raise InvalidTaskError("max_attempts", f"must be an integer >= 1, got {max_attempts!r}")
         try:
             parameters = msgspec.convert(
                 {"target": spec.target, "context": spec.context}, TaskParameters
@@ -491,8 +496,10 @@ class TaskQueue:
         safe, since a dispatch message whose ack was lost can outlive its record and
         would then run its task again. So a record goes only when no dispatch message
         of its task is left in the stream; a finished task is never offered again, so
-        none can appear later. Its key is purged (no delete marker is left behind),
-        which needs permission to purge the bucket's stream.
+        none can appear later. Its key is purged, leaving a purge marker (no value): with
+        no entry at all, a claimer still holding a copy of the dispatch message (pulled
+        before the task finished, settled after the prune) would create the record anew
+        and run the task again.
 
         Raises:
             InvalidTaskError: ``older_than`` is not a number of seconds >= 0.
@@ -524,12 +531,10 @@ class TaskQueue:
                 if t is not None
             }
             pruned = [task_id for task_id in finished if task_id not in offered]
-            stream = f"KV_{TASKS_BUCKET}"
-            with self.bus._permission_guard(f"$JS.API.STREAM.PURGE.{stream}", "prune tasks"):
-                for task_id in pruned:
-                    await self.bus.js.purge_stream(
-                        stream, subject=subjects.kv_subject(TASKS_BUCKET, self._key(task_id))
-                    )
+            for task_id in pruned:
+                subject = subjects.kv_subject(TASKS_BUCKET, self._key(task_id))
+                with self.bus._permission_guard(subject, "prune tasks"):
+                    await self.kv.purge(self._key(task_id))
         except nats.js.errors.APIError as exc:
             raise _translate(exc, f"cannot prune the tasks of {self.session}") from exc
         except (TimeoutError, nats.errors.Error) as exc:
@@ -1005,7 +1010,10 @@ class TaskQueue:
             new = change(claim.task)
             revision = await self._cas(new, claim.revision)
             if revision is None:
-                current, _ = await self._read(claim.task.id)
+                try:
+                    current, _ = await self._read(claim.task.id)
+                except NotFoundError:  # finished by another claim, then pruned
+                    raise TaskClaimLostError(claim.task.id, claim.attempt, 0, "pruned") from None
                 raise TaskClaimLostError(
                     claim.task.id, claim.attempt, current.attempts, current.status
                 )
@@ -1018,8 +1026,9 @@ class TaskQueue:
             lease = _after(task.constraints.timeout)
             return msgspec.structs.replace(task, status="running", lease_until=lease)
 
-        await self._transition(claim, running, "running")
-        await _quietly(claim._msg.in_progress())
+        with anyio.CancelScope(shield=True):  # see _complete
+            await self._transition(claim, running, "running")
+            await _quietly(claim._msg.in_progress())
 
     async def _complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task:
         try:
@@ -1038,11 +1047,14 @@ class TaskQueue:
                 lease_until=None,
             )
 
-        new = await self._transition(claim, completed, "completed")
-        await _quietly(claim._msg.ack())
-        agent = new.assigned_to or subjects.UNKNOWN
-        event = TaskCompleted(task_id=new.id, result=result_dict)
-        await self._events([(event, agent, f"task:{new.id}:completed")])
+        # Shielded: a write cancelled in flight may still land; the claim must then
+        # follow it (or its next call is refused as lost) and its event go out.
+        with anyio.CancelScope(shield=True):
+            new = await self._transition(claim, completed, "completed")
+            await _quietly(claim._msg.ack())
+            agent = new.assigned_to or subjects.UNKNOWN
+            event = TaskCompleted(task_id=new.id, result=result_dict)
+            await self._events([(event, agent, f"task:{new.id}:completed")])
         return new
 
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
@@ -1060,14 +1072,15 @@ class TaskQueue:
                 lease_until=None,
             )
 
-        new = await self._transition(claim, failed, "failed")
-        if new.status == "pending":
-            await _quietly(claim._msg.nak(delay=min(2.0**new.attempts * 0.1, 30.0)))
-        else:
-            await _quietly(claim._msg.ack())
-        agent = new.assigned_to or subjects.UNKNOWN
-        event = TaskFailed(task_id=new.id, error=error, attempts=new.attempts, dead=new.dead)
-        await self._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
+        with anyio.CancelScope(shield=True):  # see _complete
+            new = await self._transition(claim, failed, "failed")
+            if new.status == "pending":
+                await _quietly(claim._msg.nak(delay=min(2.0**new.attempts * 0.1, 30.0)))
+            else:
+                await _quietly(claim._msg.ack())
+            agent = new.assigned_to or subjects.UNKNOWN
+            event = TaskFailed(task_id=new.id, error=error, attempts=new.attempts, dead=new.dead)
+            await self._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
         return new
 
     # --- worker loop -------------------------------------------------------------------
@@ -1083,10 +1096,10 @@ class TaskQueue:
     ) -> None:
         """Claim and run tasks until ``stop`` is set, then finish the claimed ones.
 
-        ``handler(task)`` returns the result; if it raises, the task is failed with
-        ``retry=True``. Every claim is heartbeated each third of min(timeout, ack_wait).
-        Claims are made in batches (up to half the free slots at once) so a busy worker
-        does not fall back to one round trip per task.
+        ``handler(task)`` returns the result; if it raises (or its result is not a JSON
+        object), the task is failed with ``retry=True``. Every claim is heartbeated each
+        third of min(timeout, ack_wait). Claims are made in batches (up to half the free
+        slots at once) so a busy worker does not fall back to one round trip per task.
         """
         active: dict[Claim, float] = {}
         freed = anyio.Event()
@@ -1103,7 +1116,11 @@ class TaskQueue:
                         log.warning("task %s failed: %s", claim.task.id, exc)
                         await claim.fail(f"{type(exc).__name__}: {exc}", retry=True)
                     else:
-                        await claim.complete(result)
+                        try:
+                            await claim.complete(result)
+                        except InvalidTaskError as exc:  # not a JSON object: a handler error
+                            log.warning("task %s failed: %s", claim.task.id, exc)
+                            await claim.fail(str(exc), retry=True)
             except (TaskClaimLostError, InvalidTransitionError, ConnectionError) as exc:
                 # ConnectionError: the claim expires and the task is offered again
                 log.warning("%s", exc)

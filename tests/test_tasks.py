@@ -444,3 +444,90 @@ async def test_a_claim_cancelled_while_its_write_is_in_flight_is_given_back(
     assert sorted(c.task.id for c in claims) == sorted(t.id for t in created)
     assert [c.attempt for c in claims] == [1, 1]
     assert all(c.task.assigned_to == "w/b" for c in claims)
+
+
+@pytest.mark.parametrize("bad", [2.5, True, "3"])
+async def test_max_attempts_that_is_not_an_int_is_refused(
+    queue: TaskQueue, bus: Bus, session_id: str, bad: Any
+) -> None:
+    # Stored as is, such a task could not be decoded by a claimer, which dropped it.
+    with pytest.raises(InvalidTaskError, match="max_attempts"):
+        await queue.create("probe", agent=CREATOR, max_attempts=bad)
+    with pytest.raises(InvalidTaskError, match="max_attempts"):
+        TaskQueue(bus, session_id, max_attempts=bad)
+    assert await queue.tasks() == []
+
+
+async def test_a_stale_dispatch_copy_settled_after_prune_does_not_run_the_task_again(
+    queue: TaskQueue, bus: Bus, session_id: str
+) -> None:
+    task = await queue.create("probe", agent=CREATOR)
+    # This claimer pulls the dispatch message, then stalls before settling it.
+    (held,) = await (await queue._puller("probe", 5)).pull(1)
+    async with TaskQueue(bus, session_id, ack_wait=0.5) as other:
+        claim = await other.claim(agent="w/b", types=["probe"], timeout=5)  # the redelivery
+        assert claim is not None
+        assert claim.task.id == task.id
+        await claim.complete()
+        assert await other.prune(older_than=0) == [task.id]
+    assert await queue._settle_all([held], "w/a") == []
+    with pytest.raises(NotFoundError):
+        await queue.get(task.id)
+
+
+async def test_work_fails_a_task_whose_handler_returns_a_bad_result_and_goes_on(
+    queue: TaskQueue,
+) -> None:
+    bad = await queue.create("probe", agent=CREATOR, max_attempts=1)
+    good = await queue.create("probe", agent=CREATOR)
+    stop = anyio.Event()
+    seen: set[str] = set()
+
+    async def handler(task: Task) -> dict[str, Any]:
+        seen.add(task.id)
+        if len(seen) == 2:
+            stop.set()  # work() still settles the claimed tasks
+        return {"x": object()} if task.id == bad.id else {"ok": True}
+
+    with anyio.fail_after(10):
+        await queue.work(handler, agent="w/a", types=["probe"], stop=stop)
+    failed = await queue.get(bad.id)
+    assert failed.error is not None
+    assert "result" in failed.error
+    assert (await queue.get(good.id)).result == {"ok": True}
+
+
+async def test_late_completion_after_the_record_was_pruned_is_a_lost_claim(
+    queue: TaskQueue,
+) -> None:
+    task = await queue.create("analyze", agent=CREATOR, timeout=0.5)
+    slow = await queue.claim(agent="w/slow", types=["analyze"])
+    assert slow is not None
+    fast = await queue.claim(agent="w/fast", types=["analyze"], timeout=5)
+    assert fast is not None
+    await fast.complete()
+    assert await queue.prune(older_than=0) == [task.id]
+    with pytest.raises(TaskClaimLostError) as lost:
+        await slow.complete({"by": "slow"})
+    assert lost.value.attempt == 1
+    with pytest.raises(NotFoundError):
+        await queue.get(task.id)
+
+
+async def test_a_transition_cancelled_as_it_writes_is_followed_by_the_claim(
+    queue: TaskQueue, events: Events
+) -> None:
+    task = await queue.create("probe", agent=CREATOR)
+    claim = await queue.claim(agent="w/a", types=["probe"], timeout=5)
+    assert claim is not None
+    with anyio.CancelScope() as scope:
+        scope.cancel()  # delivered at the first checkpoint, as the write starts
+        await claim.heartbeat()
+    assert (await queue.get(task.id)).status == claim.task.status == "running"
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await claim.complete({"ok": True})  # the claim followed its heartbeat: not lost
+    assert (await queue.get(task.id)).status == "completed"
+    assert claim.finished
+    (done,) = await events.wait_for(1, TaskCompletedMessage)
+    assert done.body.task_id == task.id  # type: ignore[attr-defined]
