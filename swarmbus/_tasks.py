@@ -618,8 +618,17 @@ class TaskQueue:
         limit: int,
         timeout: float | None = None,
     ) -> list[Claim]:
-        """Claim up to ``limit`` tasks, all from the highest non-empty priority."""
+        """Claim up to ``limit`` tasks, all from the highest non-empty priority.
+
+        Raises:
+            InvalidTaskError: ``limit`` is not a count >= 1, or ``types`` is not a list
+                of task types (a bare string would be read as its letters).
+        """
         self.bus.act_as(agent)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidTaskError("limit", f"must be an integer >= 1, got {limit!r}")
+        if isinstance(types, str | bytes) or not types:
+            raise InvalidTaskError("types", f"must be a non-empty list of types, got {types!r}")
         for type in types:
             subjects.validate_name("task type", type)
         deadline = time.monotonic() + (timeout or 0.0)
@@ -1034,7 +1043,7 @@ class TaskQueue:
         try:
             result_dict = msgspec.convert(dict(result or {}), dict[str, Any])
             _encoder.encode(result_dict)
-        except (msgspec.ValidationError, TypeError) as exc:
+        except (msgspec.ValidationError, TypeError, ValueError) as exc:
             raise InvalidTaskError("result", str(exc)) from None
 
         def completed(task: Task) -> Task:

@@ -270,8 +270,16 @@ async def test_bad_input_is_refused_and_changes_nothing(queue: TaskQueue) -> Non
     assert claim is not None
     with pytest.raises(InvalidTaskError, match="result"):
         await claim.complete({"x": object()})
+    with pytest.raises(InvalidTaskError, match="result"):
+        await claim.complete("ab")  # type: ignore[arg-type]
     assert (await queue.get(plain.id)).status == "assigned"
     await claim.complete()
+    for limit in (0, -1, True, "5"):
+        with pytest.raises(InvalidTaskError, match="limit"):
+            await queue.claim_many(agent="w/a", types=["analyze"], limit=limit)  # type: ignore[arg-type]
+    for types in ("analyze", []):
+        with pytest.raises(InvalidTaskError, match="types"):
+            await queue.claim_many(agent="w/a", types=types, limit=1)
 
 
 async def test_cli_lists_tasks_by_status(
