@@ -412,35 +412,41 @@ class QueryLedger:
         running = _query_encoder.encode(_QueryRecord(source=source, query=query, agent=self.agent))
         try:
             with anyio.fail_after(timeout):
-                while True:
-                    try:
-                        revision = await kv.create(key, running)
-                    except nats.js.errors.KeyWrongLastSequenceError:
-                        pass
-                    else:
-                        return await self._execute(kv, key, revision, source, query, execute)
-                    try:
-                        entry = await kv.get(key)
-                    except nats.js.errors.KeyNotFoundError:
-                        continue  # aged out between our create and get: create again
-                    assert entry.value is not None
-                    assert entry.revision is not None
-                    record = _query_decoder.decode(entry.value)
-                    if record.status == "done":
-                        return self._outcome(source, query, record.result, record.agent, True)
-                    # Failed, or running but not renewed for a whole lease: take it over.
-                    if record.status == "failed" or not await _changed(
-                        kv, key, entry.revision, within=self.lease
-                    ):
-                        try:
-                            revision = await kv.update(key, running, last=entry.revision)
-                        except nats.js.errors.KeyWrongLastSequenceError:
-                            continue
-                        return await self._execute(kv, key, revision, source, query, execute)
+                revision = await self._claim(kv, key, running)
         except TimeoutError:
             raise QueryTimeoutError(source, query, timeout) from None
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise ConnectionError(f"evidence query ledger of {self.session}: {exc}") from exc
+        if isinstance(revision, _QueryRecord):
+            return self._outcome(source, query, revision.result, revision.agent, True)
+        # Outside the waiting timeout: the query runs as long as it takes, and what it
+        # raises (a TimeoutError too) is the caller's to see as raised.
+        return await self._execute(kv, key, revision, source, query, execute)
+
+    async def _claim(self, kv: KeyValue, key: str, running: bytes) -> int | _QueryRecord:
+        """The record's revision once this agent runs the query, or the done record."""
+        while True:
+            try:
+                return await kv.create(key, running)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue  # aged out between our create and get: create again
+            assert entry.value is not None
+            assert entry.revision is not None
+            record = _query_decoder.decode(entry.value)
+            if record.status == "done":
+                return record
+            # Failed, or running but not renewed for a whole lease: take it over.
+            if record.status == "failed" or not await _changed(
+                kv, key, entry.revision, within=self.lease
+            ):
+                try:
+                    return await kv.update(key, running, last=entry.revision)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue
 
     async def _execute(
         self,
@@ -473,6 +479,8 @@ class QueryLedger:
                 await kv.update(key, _query_encoder.encode(record), last=held[0])
             except nats.js.errors.KeyWrongLastSequenceError:
                 log.warning("query %s was taken over; its result is not recorded", key)
+            except nats.errors.Error as exc:
+                raise ConnectionError(f"evidence query ledger of {self.session}: {exc}") from exc
 
         try:
             async with anyio.create_task_group() as tg:

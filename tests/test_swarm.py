@@ -24,6 +24,7 @@ from swarmbus import (
     ParallelInvestigation,
     ProgressiveRefinement,
     QueryLedger,
+    QueryTimeoutError,
     RequestMessage,
     SpecError,
     Subtask,
@@ -341,6 +342,27 @@ async def test_a_query_running_longer_than_its_lease_is_renewed_not_taken_over(
         (False, f"t/a-{unique}"),
         (True, f"t/a-{unique}"),
     ]
+
+
+async def test_a_query_runs_longer_than_the_waiting_timeout_and_raises_its_own_errors(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    # ``timeout`` bounds waiting for another agent's run, not this agent's own query.
+    ledger = await QueryLedger.open(bus, session_id, agent=f"t/a-{unique}")
+
+    async def slow() -> str:
+        await anyio.sleep(0.6)  # the query's own duration, longer than timeout
+        return "42"
+
+    async def times_out() -> str:
+        raise TimeoutError("prometheus timed out")
+
+    with anyio.fail_after(10):
+        outcome = await ledger.run("prometheus", "slow", slow, timeout=0.2)
+        assert (outcome.reused, outcome.evidence.result) == (False, "42")
+        with pytest.raises(TimeoutError, match="prometheus timed out") as raised:
+            await ledger.run("prometheus", "times out", times_out)
+    assert not isinstance(raised.value, QueryTimeoutError)
 
 
 def test_query_lease_must_be_positive() -> None:
