@@ -465,7 +465,10 @@ class QueryLedger:
             while held:
                 await anyio.sleep(self.lease / 3)
                 try:
-                    held[0] = await kv.update(key, data, last=held[0])
+                    # Shielded: a renewal the server applied must update ``held`` even
+                    # when the query ends meanwhile, or the final write loses its CAS.
+                    with anyio.CancelScope(shield=True):
+                        held[0] = await kv.update(key, data, last=held[0])
                 except nats.js.errors.KeyWrongLastSequenceError:
                     log.warning("query %s was taken over while it ran", key)
                     held.clear()

@@ -35,6 +35,7 @@ from swarmbus import (
 )
 from swarmbus._coordinator import route_type
 from swarmbus._swarm import (
+    _query_decoder,
     load_agents,
     parse_duration,
     parse_spec,
@@ -363,6 +364,29 @@ async def test_a_query_runs_longer_than_the_waiting_timeout_and_raises_its_own_e
         with pytest.raises(TimeoutError, match="prometheus timed out") as raised:
             await ledger.run("prometheus", "times out", times_out)
     assert not isinstance(raised.value, QueryTimeoutError)
+
+
+async def test_a_query_finishing_during_a_renewal_records_its_result(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    # A short lease renews every 2 ms, so queries often finish while a renewal is in
+    # flight: cancelling it mid-request lost the new revision, the final "done" write
+    # failed as "taken over" and the record stayed "running" for others to run again.
+    ledger = await QueryLedger.open(bus, session_id, agent=f"t/a-{unique}", lease=0.006)
+    assert ledger._kv is not None
+
+    async def query() -> str:
+        await anyio.sleep(0.01)  # the query's own duration: several renewals
+        return "ok"
+
+    statuses = Counter[str]()
+    with anyio.fail_after(30):
+        for i in range(30):
+            await ledger.run("prometheus", f"q{i}", query)
+            entry = await ledger._kv.get(query_key(session_id, "prometheus", f"q{i}"))
+            assert entry.value is not None
+            statuses[_query_decoder.decode(entry.value).status] += 1
+    assert statuses == {"done": 30}
 
 
 def test_query_lease_must_be_positive() -> None:
