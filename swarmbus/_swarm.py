@@ -268,13 +268,15 @@ def load_spec(path: str | Path) -> ParallelInvestigation | ProgressiveRefinement
     """Read and validate a swarm spec YAML file.
 
     Raises:
-        SpecError: the file is missing, not YAML, or not a valid spec.
+        SpecError: the file is missing, not UTF-8 YAML, or not a valid spec.
     """
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(source, [("(file)", exc.strerror or str(exc))]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(source, [("(file)", f"not UTF-8 text: {exc.reason}")]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -190,6 +190,19 @@ def test_unreadable_specs(tmp_path: Path) -> None:
         load_spec(broken)
 
 
+def test_cli_run_refuses_a_spec_that_is_not_utf8(tmp_path: Path) -> None:
+    spec = tmp_path / "latin1.yaml"
+    spec.write_bytes(
+        "swarm:\n  type: parallel_investigation\n  task: caf\u00e9\n".encode("latin-1")
+    )
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_spec(spec)
+    result = cli("run", str(spec))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "not UTF-8" in result.stderr
+
+
 def test_cli_run_reports_a_bad_spec_by_field(tmp_path: Path) -> None:
     spec = tmp_path / "bad.yaml"
     spec.write_text(
