@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import logging
+import math
 import re
 import sys
 import uuid
@@ -33,7 +34,7 @@ import nats.js.errors
 import pydantic
 import yaml
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from swarmbus import _subjects as subjects
 from swarmbus._agent import Agent
@@ -54,6 +55,7 @@ REFINE: Final = "refine"
 QUERIES_BUCKET: Final = "SWARMBUS_QUERIES"
 QUERIES_MAX_AGE: Final = 7 * 24 * 3600.0
 QUERY_LEASE: Final = 10.0
+MAX_TASK_TIMEOUT: Final = 7 * 24 * 3600.0
 
 log = logging.getLogger("swarmbus.swarm")
 COORDINATOR_AGENT: Final = "swarmbus/coordinator"
@@ -82,8 +84,16 @@ def parse_duration(value: object) -> float:
             seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
     else:
         raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h30m)")
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h30m)")
     if seconds <= 0:
         raise ValueError(f"duration {value!r} must be positive")
+    return seconds
+
+
+def _task_timeout(seconds: float) -> float:
+    if seconds > MAX_TASK_TIMEOUT:
+        raise ValueError(f"{seconds:g}s is longer than 7d, the longest a task may run")
     return seconds
 
 
@@ -141,7 +151,7 @@ class Coordination(_Spec):
 
     share_findings: bool = True
     avoid_duplicate_queries: bool = True
-    timeout: Duration = 600.0
+    timeout: Annotated[Duration, AfterValidator(_task_timeout)] = 600.0
 
 
 class Synthesis(_Spec):

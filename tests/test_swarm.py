@@ -72,7 +72,10 @@ def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["10x", "", "m10", "-5s", 0, True, None, "10 minutes"])
+@pytest.mark.parametrize(
+    "text",
+    ["10x", "", "m10", "-5s", 0, True, None, "10 minutes", "nan", "inf", "1e400", float("nan")],
+)
 def test_bad_durations_are_refused(text: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
@@ -132,6 +135,7 @@ _DELETE = object()
         (_with(PARALLEL, "swarm.type", "swarming"), "swarm.type", "does not match"),
         (_with(PARALLEL, "swarm.task", _DELETE), "swarm.task", "missing"),
         (_with(PARALLEL, "swarm.coordination.timeout", "10x"), "swarm.coordination.timeout", "10x"),
+        (_with(PARALLEL, "swarm.coordination.timeout", "8d"), "swarm.coordination.timeout", "7d"),
         (
             _with(PARALLEL, "swarm.coordination.share_finding", True),
             "swarm.coordination.share_finding",
