@@ -680,15 +680,25 @@ def expertise_of(agents: Iterable[Agent]) -> dict[str, dict[str, float]]:
 
 @contextlib.asynccontextmanager
 async def serving(bus: Bus, agents: Iterable[Agent]) -> AsyncIterator[None]:
-    """Serve ``agents`` on ``bus`` for the block; on exit they drain concurrently."""
+    """Serve ``agents`` on ``bus`` for the block; on exit they drain concurrently.
+
+    An error of the block (or of one agent) is raised as it is, not in an exception
+    group, so callers (and ``swarmbus run``) can catch a ``SwarmbusError``.
+    """
     stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        for agent in agents:
-            await tg.start(_serve_until, agent, bus, stop)
-        try:
-            yield
-        finally:
-            stop.set()
+    try:
+        async with anyio.create_task_group() as tg:
+            for agent in agents:
+                await tg.start(_serve_until, agent, bus, stop)
+            try:
+                yield
+            finally:
+                stop.set()
+    except BaseExceptionGroup as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        raise error from None
 
 
 async def _serve_until(

@@ -708,3 +708,14 @@ def test_cli_runs_both_seed_specs(tmp_path: Path, nats_url: str) -> None:
     result = yaml.safe_load(progressive.stdout)
     assert result["status"] == "completed"
     assert result["outputs"]["recommendation"]["action"] == "rollback"
+
+
+def test_cli_run_in_a_session_already_run_is_a_one_line_error(
+    nats_url: str, session_id: str
+) -> None:
+    run = ("run", "examples/parallel_investigation.yaml", "--session", session_id)
+    assert cli(*run, env={"NATS_URL": nats_url}).returncode == 0
+    again = cli(*run, env={"NATS_URL": nats_url})
+    assert again.returncode == 2, again.stderr
+    assert again.stderr.startswith("swarmbus: error: conflict on"), again.stderr
+    assert "Traceback" not in again.stderr
