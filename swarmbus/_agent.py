@@ -90,6 +90,9 @@ class Agent:
             subjects.validate_name("capability", capability)
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        for category, weight in self.expertise.items():
+            if not 0.0 <= weight <= 1.0:
+                raise ValueError(f"expertise in {category!r} must be within [0, 1], got {weight!r}")
 
     # --- handler registration ------------------------------------------------------
 

@@ -44,6 +44,12 @@ class Opinion:
     evidence: int = 0
     category: str = ""
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"confidence must be within [0, 1], got {self.confidence!r}")
+        if self.evidence < 0:
+            raise ValueError(f"evidence must be a count >= 0, got {self.evidence!r}")
+
     @classmethod
     def of(cls, message: FindingMessage) -> Opinion:
         """The opinion a finding expresses (its category, confidence and evidence)."""
@@ -65,7 +71,10 @@ def expertise_of(
     expertise: Expertise, agent: str, category: str, default: float = DEFAULT_EXPERTISE
 ) -> float:
     """An agent's declared expertise in ``category``, or ``default`` if it declared none."""
-    return expertise.get(agent, {}).get(category, default)
+    weight = expertise.get(agent, {}).get(category, default)
+    if not weight >= 0.0:  # a negative weight would pool outside [0, 1]
+        raise ValueError(f"expertise of {agent} in {category!r} must be >= 0, got {weight!r}")
+    return weight
 
 
 def opinion_weight(

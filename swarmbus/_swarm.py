@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import logging
+import math
 import re
 import sys
 import uuid
@@ -33,7 +34,7 @@ import nats.js.errors
 import pydantic
 import yaml
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from swarmbus import _subjects as subjects
 from swarmbus._agent import Agent
@@ -54,6 +55,7 @@ REFINE: Final = "refine"
 QUERIES_BUCKET: Final = "SWARMBUS_QUERIES"
 QUERIES_MAX_AGE: Final = 7 * 24 * 3600.0
 QUERY_LEASE: Final = 10.0
+MAX_TASK_TIMEOUT: Final = 7 * 24 * 3600.0
 
 log = logging.getLogger("swarmbus.swarm")
 COORDINATOR_AGENT: Final = "swarmbus/coordinator"
@@ -82,8 +84,16 @@ def parse_duration(value: object) -> float:
             seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
     else:
         raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h30m)")
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h30m)")
     if seconds <= 0:
         raise ValueError(f"duration {value!r} must be positive")
+    return seconds
+
+
+def _task_timeout(seconds: float) -> float:
+    if seconds > MAX_TASK_TIMEOUT:
+        raise ValueError(f"{seconds:g}s is longer than 7d, the longest a task may run")
     return seconds
 
 
@@ -141,7 +151,7 @@ class Coordination(_Spec):
 
     share_findings: bool = True
     avoid_duplicate_queries: bool = True
-    timeout: Duration = 600.0
+    timeout: Annotated[Duration, AfterValidator(_task_timeout)] = 600.0
 
 
 class Synthesis(_Spec):
@@ -268,13 +278,15 @@ def load_spec(path: str | Path) -> ParallelInvestigation | ProgressiveRefinement
     """Read and validate a swarm spec YAML file.
 
     Raises:
-        SpecError: the file is missing, not YAML, or not a valid spec.
+        SpecError: the file is missing, not UTF-8 YAML, or not a valid spec.
     """
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(source, [("(file)", exc.strerror or str(exc))]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(source, [("(file)", f"not UTF-8 text: {exc.reason}")]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -412,35 +424,41 @@ class QueryLedger:
         running = _query_encoder.encode(_QueryRecord(source=source, query=query, agent=self.agent))
         try:
             with anyio.fail_after(timeout):
-                while True:
-                    try:
-                        revision = await kv.create(key, running)
-                    except nats.js.errors.KeyWrongLastSequenceError:
-                        pass
-                    else:
-                        return await self._execute(kv, key, revision, source, query, execute)
-                    try:
-                        entry = await kv.get(key)
-                    except nats.js.errors.KeyNotFoundError:
-                        continue  # aged out between our create and get: create again
-                    assert entry.value is not None
-                    assert entry.revision is not None
-                    record = _query_decoder.decode(entry.value)
-                    if record.status == "done":
-                        return self._outcome(source, query, record.result, record.agent, True)
-                    # Failed, or running but not renewed for a whole lease: take it over.
-                    if record.status == "failed" or not await _changed(
-                        kv, key, entry.revision, within=self.lease
-                    ):
-                        try:
-                            revision = await kv.update(key, running, last=entry.revision)
-                        except nats.js.errors.KeyWrongLastSequenceError:
-                            continue
-                        return await self._execute(kv, key, revision, source, query, execute)
+                revision = await self._claim(kv, key, running)
         except TimeoutError:
             raise QueryTimeoutError(source, query, timeout) from None
         except (nats.errors.Error, nats.js.errors.Error) as exc:
             raise ConnectionError(f"evidence query ledger of {self.session}: {exc}") from exc
+        if isinstance(revision, _QueryRecord):
+            return self._outcome(source, query, revision.result, revision.agent, True)
+        # Outside the waiting timeout: the query runs as long as it takes, and what it
+        # raises (a TimeoutError too) is the caller's to see as raised.
+        return await self._execute(kv, key, revision, source, query, execute)
+
+    async def _claim(self, kv: KeyValue, key: str, running: bytes) -> int | _QueryRecord:
+        """The record's revision once this agent runs the query, or the done record."""
+        while True:
+            try:
+                return await kv.create(key, running)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue  # aged out between our create and get: create again
+            assert entry.value is not None
+            assert entry.revision is not None
+            record = _query_decoder.decode(entry.value)
+            if record.status == "done":
+                return record
+            # Failed, or running but not renewed for a whole lease: take it over.
+            if record.status == "failed" or not await _changed(
+                kv, key, entry.revision, within=self.lease
+            ):
+                try:
+                    return await kv.update(key, running, last=entry.revision)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue
 
     async def _execute(
         self,
@@ -459,7 +477,10 @@ class QueryLedger:
             while held:
                 await anyio.sleep(self.lease / 3)
                 try:
-                    held[0] = await kv.update(key, data, last=held[0])
+                    # Shielded: a renewal the server applied must update ``held`` even
+                    # when the query ends meanwhile, or the final write loses its CAS.
+                    with anyio.CancelScope(shield=True):
+                        held[0] = await kv.update(key, data, last=held[0])
                 except nats.js.errors.KeyWrongLastSequenceError:
                     log.warning("query %s was taken over while it ran", key)
                     held.clear()
@@ -473,6 +494,8 @@ class QueryLedger:
                 await kv.update(key, _query_encoder.encode(record), last=held[0])
             except nats.js.errors.KeyWrongLastSequenceError:
                 log.warning("query %s was taken over; its result is not recorded", key)
+            except nats.errors.Error as exc:
+                raise ConnectionError(f"evidence query ledger of {self.session}: {exc}") from exc
 
         try:
             async with anyio.create_task_group() as tg:
@@ -657,15 +680,25 @@ def expertise_of(agents: Iterable[Agent]) -> dict[str, dict[str, float]]:
 
 @contextlib.asynccontextmanager
 async def serving(bus: Bus, agents: Iterable[Agent]) -> AsyncIterator[None]:
-    """Serve ``agents`` on ``bus`` for the block; on exit they drain concurrently."""
+    """Serve ``agents`` on ``bus`` for the block; on exit they drain concurrently.
+
+    An error of the block (or of one agent) is raised as it is, not in an exception
+    group, so callers (and ``swarmbus run``) can catch a ``SwarmbusError``.
+    """
     stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        for agent in agents:
-            await tg.start(_serve_until, agent, bus, stop)
-        try:
-            yield
-        finally:
-            stop.set()
+    try:
+        async with anyio.create_task_group() as tg:
+            for agent in agents:
+                await tg.start(_serve_until, agent, bus, stop)
+            try:
+                yield
+            finally:
+                stop.set()
+    except BaseExceptionGroup as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        raise error from None
 
 
 async def _serve_until(

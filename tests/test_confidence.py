@@ -7,7 +7,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from swarmbus import Evidence, Finding, FindingMessage, Opinion, Source, aggregate_confidence
+from swarmbus import (
+    Agent,
+    Evidence,
+    Finding,
+    FindingMessage,
+    Opinion,
+    Source,
+    aggregate_confidence,
+)
 from swarmbus._confidence import evidence_weight, expertise_of, opinion_weight
 
 EXPERTISE = {
@@ -101,3 +109,19 @@ def test_findings_are_read_as_opinions() -> None:
     other = Opinion("security/lead", 0.2, category="hypothesis")
     # w1 = 0.8 * 0.7 = 0.56, w2 = 0.4 * 0.5 = 0.2 -> (0.392 + 0.04) / 0.76
     assert aggregate_confidence([message, other], EXPERTISE) == pytest.approx(0.432 / 0.76)
+
+
+def test_inputs_that_would_pool_outside_0_1_are_refused() -> None:
+    # A negative expertise, a negative evidence count or a confidence outside [0, 1]
+    # used to pool to -1.0, 0.0 or 1.7: the result is promised to be within [0, 1].
+    opinions = [Opinion("a", 1.0, category="x"), Opinion("b", 0.0, category="x")]
+    with pytest.raises(ValueError, match="expertise"):
+        aggregate_confidence(opinions, {"a": {"x": -1.0}, "b": {"x": 1.0}})
+    with pytest.raises(ValueError, match="evidence"):
+        Opinion("a", 1.0, evidence=-10)
+    for bad in (1.7, -0.1, math.nan):
+        with pytest.raises(ValueError, match="confidence"):
+            Opinion("a", bad)
+    for weight in (-1.0, 1.5, math.nan):
+        with pytest.raises(ValueError, match="expertise"):
+            Agent("ops/deploy-validator", expertise={"deployment": weight})

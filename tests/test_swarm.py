@@ -24,6 +24,7 @@ from swarmbus import (
     ParallelInvestigation,
     ProgressiveRefinement,
     QueryLedger,
+    QueryTimeoutError,
     RequestMessage,
     SpecError,
     Subtask,
@@ -34,6 +35,7 @@ from swarmbus import (
 )
 from swarmbus._coordinator import route_type
 from swarmbus._swarm import (
+    _query_decoder,
     load_agents,
     parse_duration,
     parse_spec,
@@ -70,7 +72,10 @@ def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["10x", "", "m10", "-5s", 0, True, None, "10 minutes"])
+@pytest.mark.parametrize(
+    "text",
+    ["10x", "", "m10", "-5s", 0, True, None, "10 minutes", "nan", "inf", "1e400", float("nan")],
+)
 def test_bad_durations_are_refused(text: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(text)
@@ -130,6 +135,7 @@ _DELETE = object()
         (_with(PARALLEL, "swarm.type", "swarming"), "swarm.type", "does not match"),
         (_with(PARALLEL, "swarm.task", _DELETE), "swarm.task", "missing"),
         (_with(PARALLEL, "swarm.coordination.timeout", "10x"), "swarm.coordination.timeout", "10x"),
+        (_with(PARALLEL, "swarm.coordination.timeout", "8d"), "swarm.coordination.timeout", "7d"),
         (
             _with(PARALLEL, "swarm.coordination.share_finding", True),
             "swarm.coordination.share_finding",
@@ -186,6 +192,19 @@ def test_unreadable_specs(tmp_path: Path) -> None:
     broken.write_text("swarm:\n  type: [unclosed\n")
     with pytest.raises(SpecError, match="line 3: not valid YAML"):
         load_spec(broken)
+
+
+def test_cli_run_refuses_a_spec_that_is_not_utf8(tmp_path: Path) -> None:
+    spec = tmp_path / "latin1.yaml"
+    spec.write_bytes(
+        "swarm:\n  type: parallel_investigation\n  task: caf\u00e9\n".encode("latin-1")
+    )
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_spec(spec)
+    result = cli("run", str(spec))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "not UTF-8" in result.stderr
 
 
 def test_cli_run_reports_a_bad_spec_by_field(tmp_path: Path) -> None:
@@ -341,6 +360,50 @@ async def test_a_query_running_longer_than_its_lease_is_renewed_not_taken_over(
         (False, f"t/a-{unique}"),
         (True, f"t/a-{unique}"),
     ]
+
+
+async def test_a_query_runs_longer_than_the_waiting_timeout_and_raises_its_own_errors(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    # ``timeout`` bounds waiting for another agent's run, not this agent's own query.
+    ledger = await QueryLedger.open(bus, session_id, agent=f"t/a-{unique}")
+
+    async def slow() -> str:
+        await anyio.sleep(0.6)  # the query's own duration, longer than timeout
+        return "42"
+
+    async def times_out() -> str:
+        raise TimeoutError("prometheus timed out")
+
+    with anyio.fail_after(10):
+        outcome = await ledger.run("prometheus", "slow", slow, timeout=0.2)
+        assert (outcome.reused, outcome.evidence.result) == (False, "42")
+        with pytest.raises(TimeoutError, match="prometheus timed out") as raised:
+            await ledger.run("prometheus", "times out", times_out)
+    assert not isinstance(raised.value, QueryTimeoutError)
+
+
+async def test_a_query_finishing_during_a_renewal_records_its_result(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    # A short lease renews every 2 ms, so queries often finish while a renewal is in
+    # flight: cancelling it mid-request lost the new revision, the final "done" write
+    # failed as "taken over" and the record stayed "running" for others to run again.
+    ledger = await QueryLedger.open(bus, session_id, agent=f"t/a-{unique}", lease=0.006)
+    assert ledger._kv is not None
+
+    async def query() -> str:
+        await anyio.sleep(0.01)  # the query's own duration: several renewals
+        return "ok"
+
+    statuses = Counter[str]()
+    with anyio.fail_after(30):
+        for i in range(30):
+            await ledger.run("prometheus", f"q{i}", query)
+            entry = await ledger._kv.get(query_key(session_id, "prometheus", f"q{i}"))
+            assert entry.value is not None
+            statuses[_query_decoder.decode(entry.value).status] += 1
+    assert statuses == {"done": 30}
 
 
 def test_query_lease_must_be_positive() -> None:
@@ -645,3 +708,14 @@ def test_cli_runs_both_seed_specs(tmp_path: Path, nats_url: str) -> None:
     result = yaml.safe_load(progressive.stdout)
     assert result["status"] == "completed"
     assert result["outputs"]["recommendation"]["action"] == "rollback"
+
+
+def test_cli_run_in_a_session_already_run_is_a_one_line_error(
+    nats_url: str, session_id: str
+) -> None:
+    run = ("run", "examples/parallel_investigation.yaml", "--session", session_id)
+    assert cli(*run, env={"NATS_URL": nats_url}).returncode == 0
+    again = cli(*run, env={"NATS_URL": nats_url})
+    assert again.returncode == 2, again.stderr
+    assert again.stderr.startswith("swarmbus: error: conflict on"), again.stderr
+    assert "Traceback" not in again.stderr
