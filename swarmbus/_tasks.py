@@ -560,10 +560,12 @@ class TaskQueue:
             if task.approval != "required" or task.status != "pending":
                 raise InvalidTransitionError("task", task_id, _state(task), "approved")
             approved = msgspec.structs.replace(task, approval="approved", approved_by=by)
-            new_revision = await self._cas(approved, revision)
+            with anyio.CancelScope(shield=True):  # a stored approval must be offered
+                new_revision = await self._cas(approved, revision)
+                if new_revision is not None:
+                    await self._redispatch(approved, new_revision)
             if new_revision is None:
                 continue
-            await self._redispatch(approved, new_revision)
             return approved
 
     async def reject(self, task_id: str, *, by: str, reason: str = "rejected") -> Task:

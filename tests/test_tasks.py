@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -539,3 +540,32 @@ async def test_a_transition_cancelled_as_it_writes_is_followed_by_the_claim(
     assert claim.finished
     (done,) = await events.wait_for(1, TaskCompletedMessage)
     assert done.body.task_id == task.id  # type: ignore[attr-defined]
+
+
+async def test_an_approval_cancelled_while_it_writes_still_offers_the_task(
+    queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gated = await queue.create("deploy", agent=CREATOR, requires_approval=True)
+    collect = queue._acks.collect
+    scope = anyio.CancelScope()
+
+    async def cancel_then_collect(futures: Any) -> Any:
+        if futures:
+            scope.cancel()  # the caller gives up while the approval is being written
+        return await collect(futures)
+
+    redispatch = queue._redispatch
+
+    async def slow_redispatch(task: Task, revision: int) -> None:
+        await anyio.lowlevel.checkpoint()  # a publish may wait (a full buffer, a reconnect)
+        await redispatch(task, revision)
+
+    monkeypatch.setattr(queue._acks, "collect", cancel_then_collect)
+    monkeypatch.setattr(queue, "_redispatch", slow_redispatch)
+    with scope:
+        await queue.approve(gated.id, by="consensus/decider")
+    monkeypatch.undo()
+    assert (await queue.get(gated.id)).approval == "approved"
+    claim = await queue.claim(agent="w/a", types=["deploy"], timeout=5)
+    assert claim is not None
+    assert claim.task.id == gated.id
