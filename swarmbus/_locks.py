@@ -673,20 +673,27 @@ class Lock:
         lease, self._lease = self._lease, None
         if lease is None:
             raise LockLostError(self.resource, self.owner, None)
-        bucket = self._state
-        successor = bucket.successor(self._key) if bucket is not None else None
-        if bucket is not None and successor is not None:
-            await self._hand_over(bucket, successor, lease)
-            return
-        headers = {
-            KV_OPERATION: KV_PURGE,
-            ROLLUP_HEADER: ROLLUP_SUBJECT,
-            TTL_HEADER: str(MARKER_TTL),
-        }
         try:
-            self._released_at = await self._write(b"", self._revision, headers)
-        except _Conflict:
-            raise LockLostError(self.resource, self.owner, lease.token) from None
+            bucket = self._state
+            successor = bucket.successor(self._key) if bucket is not None else None
+            if bucket is not None and successor is not None:
+                await self._hand_over(bucket, successor, lease)
+                return
+            headers = {
+                KV_OPERATION: KV_PURGE,
+                ROLLUP_HEADER: ROLLUP_SUBJECT,
+                TTL_HEADER: str(MARKER_TTL),
+            }
+            try:
+                self._released_at = await self._write(b"", self._revision, headers)
+            except _Conflict:
+                raise LockLostError(self.resource, self.owner, lease.token) from None
+        except ConnectionError:
+            # Not known to be released (NATS unreachable through retry_for): keep the
+            # lease so release() can be called again (it fails with LockLostError if
+            # this write landed after all).
+            self._lease = lease
+            raise
 
     async def _hand_over(self, bucket: _Bucket, successor: _Waiter, lease: Lease) -> None:
         """Release by writing the lock of the next local waiter (one write, not two).

@@ -22,6 +22,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
+import swarmbus
 from swarmbus import (
     Bus,
     InvalidIdentifierError,
@@ -765,3 +766,22 @@ async def test_a_write_that_landed_as_acquire_was_cancelled_is_given_back(
     waiter = Lock(bus, RESOURCE, "ops/b", bucket=bucket)
     await _release_to(holder, waiter, scope)
     await _assert_held_or_given_back(bus, bucket, waiter)
+
+
+async def test_a_release_that_could_not_reach_nats_can_be_retried(
+    bus: Bus, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = Lock(bus, RESOURCE, "ops/release-manager", ttl=30, bucket=bucket)
+    lease = await lock.acquire()
+    assert lease is not None
+
+    async def unreachable(*args: object) -> int:
+        raise swarmbus.ConnectionError("release: NATS unreachable")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lock, "_write", unreachable)
+        with pytest.raises(swarmbus.ConnectionError):
+            await lock.release()
+    assert lock.lease == lease  # still ours: the release did not happen
+    await lock.release()  # so it can be retried, instead of waiting out the 30 s TTL
+    assert await lock_holder(bus, RESOURCE, bucket=bucket) is None
