@@ -337,17 +337,27 @@ class Swarm:
     @classmethod
     @contextlib.asynccontextmanager
     async def running(cls, bus: Bus, agent_id: str) -> AsyncIterator[Swarm]:
-        """The swarm state for one server run; closes queues and stops heartbeats on exit."""
+        """The swarm state for one server run; closes queues and stops heartbeats on exit.
+
+        An error of the block is raised as it is, not in an exception group, so
+        ``main`` reports it in one line (e.g. uvicorn's exit when its port is in use).
+        """
         consensus = await Consensus.open(bus)
-        async with anyio.create_task_group() as tg:
-            swarm = cls(bus, agent_id, consensus, tg)
-            try:
-                yield swarm
-            finally:
-                tg.cancel_scope.cancel()
-                for queue in swarm._queues.values():
-                    with anyio.CancelScope(shield=True):
-                        await queue.close()
+        try:
+            async with anyio.create_task_group() as tg:
+                swarm = cls(bus, agent_id, consensus, tg)
+                try:
+                    yield swarm
+                finally:
+                    tg.cancel_scope.cancel()
+                    for queue in swarm._queues.values():
+                        with anyio.CancelScope(shield=True):
+                            await queue.close()
+        except BaseExceptionGroup as group:
+            error: BaseException = group
+            while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+                error = error.exceptions[0]
+            raise error from None
 
     # --- sessions ---
 

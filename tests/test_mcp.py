@@ -469,3 +469,22 @@ async def test_reclaiming_a_task_whose_claim_lapsed_keeps_the_new_claim(
             result={"ok": True},
         )
     assert done["record"]["status"] == "completed"
+
+
+def test_busy_http_port_is_a_one_line_startup_error(nats_url: str) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = subprocess.run(
+            [str(SCRIPT), "--transport", "streamable-http", "--port", str(port)],
+            env={"PATH": os.environ.get("PATH", ""), **server_env(nats_url, "ops/claude")},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode != 0
+    assert "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
