@@ -1,0 +1,51 @@
+"""Agent runtime on a real nats-server: durable consumers, requests, draining."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from swarmbus import Bus, Finding
+from swarmbus._subjects import event_filter
+
+WAIT = 10
+
+
+def finding(content: str = "x") -> Finding:
+    return Finding(category="observation", content=content, confidence=0.5)
+
+
+async def test_handler_slower_than_ack_wait_runs_once(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    """A live handler keeps its message: it is not redelivered (and run again) meanwhile."""
+    calls: list[str] = []
+    done = anyio.Event()
+
+    async def handler(message: Any) -> None:
+        calls.append(message.id)
+        await anyio.sleep(3.5)  # the work: longer than ack_wait
+        done.set()
+
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        await tg.start(
+            lambda task_status: bus.consume(
+                f"slow-{unique}",
+                [event_filter("finding", "reported", session_id)],
+                handler,
+                receiver=f"test/slow-{unique}",
+                limiter=anyio.Semaphore(4),
+                stop=stop,
+                ack_wait=1.0,
+                task_status=task_status,
+            )
+        )
+        await bus.publish(finding(), agent="test/pub", session=session_id)
+        with anyio.fail_after(WAIT):
+            await done.wait()
+        stop.set()
+    info = await bus.js.consumer_info("SWARMBUS_EVENTS", f"slow-{unique}")
+    assert len(calls) == 1, calls
+    assert info.num_redelivered == 0
