@@ -20,7 +20,7 @@ import anyio.abc
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
-from swarmbus._errors import SwarmbusError
+from swarmbus._errors import InvalidIdentifierError, SwarmbusError
 from swarmbus._messages import (
     ActionCompletedMessage,
     ActionMessage,
@@ -171,8 +171,16 @@ class Agent:
         """Answer requests for ``capability``; the handler returns the result object.
 
         A raising handler yields a ``failure`` response carrying the error.
+
+        Raises:
+            InvalidIdentifierError: this agent's id is ``any`` (the target that means
+                "any agent with the capability"), so it cannot be addressed.
         """
         subjects.validate_name("capability", capability)
+        if self.id == subjects.ANY:
+            raise InvalidIdentifierError(
+                "agent id", self.id, f"'{subjects.ANY}' is a request target, not an agent"
+            )
 
         def register(fn: RequestHandler) -> RequestHandler:
             self._requests[capability] = fn

@@ -44,6 +44,7 @@ from swarmbus import _subjects as subjects
 from swarmbus._config import Settings
 from swarmbus._errors import (
     ConnectionError,
+    InvalidIdentifierError,
     InvalidMessageError,
     MessageTooLargeError,
     NoResponderError,
@@ -927,8 +928,17 @@ class Bus:
         limiter: anyio.Semaphore,
         task_group: anyio.abc.TaskGroup,
     ) -> list[NatsSubscription]:
-        """Answer ``capability`` requests addressed to ``agent`` or to ``any``."""
+        """Answer ``capability`` requests addressed to ``agent`` or to ``any``.
+
+        Raises:
+            InvalidIdentifierError: ``agent`` is ``any``, which cannot be addressed (it
+                would answer every request to ``any`` twice).
+        """
         subjects.validate_name("capability", capability)
+        if agent == subjects.ANY:
+            raise InvalidIdentifierError(
+                "agent id", agent, f"'{subjects.ANY}' is a request target, not an agent"
+            )
 
         async def respond(msg: Msg, request: RequestMessage) -> None:
             session = request.source.session

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import pytest
 
-from swarmbus import Bus, Finding
+import swarmbus
+from swarmbus import Agent, Bus, Finding, RequestMessage
 from swarmbus._subjects import event_filter
 
 WAIT = 10
@@ -49,3 +51,20 @@ async def test_handler_slower_than_ack_wait_runs_once(
     info = await bus.js.consumer_info("SWARMBUS_EVENTS", f"slow-{unique}")
     assert len(calls) == 1, calls
     assert info.num_redelivered == 0
+
+
+async def test_agent_named_any_cannot_answer_requests(bus: Bus, unique: str) -> None:
+    """An agent ``any`` would answer every request to ``any`` twice (in both its queue
+    groups), and a request to it by id would go to any capable agent."""
+    cap = f"cap_{unique}"
+
+    async def handle(request: RequestMessage) -> dict[str, Any]:
+        return {}
+
+    with pytest.raises(swarmbus.InvalidIdentifierError):
+        Agent("any").on_request(cap)
+    async with anyio.create_task_group() as tg:
+        with pytest.raises(swarmbus.InvalidIdentifierError):
+            await bus.serve_requests(
+                cap, handle, agent="any", limiter=anyio.Semaphore(1), task_group=tg
+            )
