@@ -9,6 +9,7 @@ capability requests on core NATS queue groups.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -122,10 +123,13 @@ class Agent:
             route_name = subjects.validate_name("handler name", name or fn.__name__)
             if any(r.name == route_name for r in self._events):
                 raise ValueError(f"{self.id} already has a handler named {route_name!r}")
-            fn.__swarmbus_types__ = tuple(types) if types else None  # type: ignore[attr-defined]
-            fn.__swarmbus_ignore_own__ = ignore_own  # type: ignore[attr-defined]
+            # The route's filters go on a handle of its own: one function may serve
+            # several routes (or agents), each with its own types and ignore_own.
+            handler = functools.partial(fn)
+            handler.__swarmbus_types__ = tuple(types) if types else None  # type: ignore[attr-defined]
+            handler.__swarmbus_ignore_own__ = ignore_own  # type: ignore[attr-defined]
             self._events.append(
-                _EventRoute(route_name, (subjects.event_filter(domain, event, session),), fn)
+                _EventRoute(route_name, (subjects.event_filter(domain, event, session),), handler)
             )
             return fn
 

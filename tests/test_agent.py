@@ -9,6 +9,7 @@ import pytest
 
 import swarmbus
 from swarmbus import Agent, Bus, Finding, RequestMessage
+from swarmbus._agent import TASK_EVENTS
 from swarmbus._subjects import event_filter
 
 WAIT = 10
@@ -68,3 +69,25 @@ async def test_agent_named_any_cannot_answer_requests(bus: Bus, unique: str) -> 
             await bus.serve_requests(
                 cap, handle, agent="any", limiter=anyio.Semaphore(1), task_group=tg
             )
+
+
+async def test_one_function_registered_for_two_routes_keeps_each_routes_filter(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    """A function used for findings and for tasks gets both: the second registration
+    did not take over the first one's type filter (findings were acked unhandled)."""
+    agent = Agent(f"test/both-{unique}")
+    got: list[str] = []
+    done = anyio.Event()
+
+    async def record(message: Any) -> None:
+        got.append(message.type)
+        done.set()
+
+    agent.on_finding(session=session_id)(record)
+    agent.on_event("task", types=TASK_EVENTS, session=session_id, name="tasks")(record)
+    async with agent.serve(bus):
+        await bus.publish(finding(), agent="test/pub", session=session_id)
+        with anyio.fail_after(WAIT):
+            await done.wait()
+    assert got == ["finding"]
