@@ -286,9 +286,19 @@ async def _consume(
 async def run(*agents: Agent, bus: Bus, until: anyio.Event | None = None) -> None:
     """Serve ``agents`` on ``bus`` until SIGINT/SIGTERM (or ``until``), then drain."""
     stop = until or anyio.Event()
-    async with contextlib.AsyncExitStack() as stack:
+
+    async def serve(
+        agent: Agent, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with agent.serve(bus):
+            task_status.started()
+            await stop.wait()
+
+    # Every agent stops taking messages at the signal and they drain together, not one
+    # after the other (the others kept taking messages meanwhile).
+    async with anyio.create_task_group() as agents_tg:
         for agent in agents:
-            await stack.enter_async_context(agent.serve(bus))
+            await agents_tg.start(serve, agent)
         async with anyio.create_task_group() as tg:
 
             async def watch_signals() -> None:

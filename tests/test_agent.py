@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 import swarmbus
-from swarmbus import Agent, Bus, Finding, RequestMessage
+from swarmbus import Agent, Bus, Finding, FindingMessage, RequestMessage
 from swarmbus._agent import TASK_EVENTS
 from swarmbus._subjects import event_filter
 
@@ -91,3 +91,34 @@ async def test_one_function_registered_for_two_routes_keeps_each_routes_filter(
         with anyio.fail_after(WAIT):
             await done.wait()
     assert got == ["finding"]
+
+
+async def test_run_stops_every_agent_at_once(bus: Bus, unique: str) -> None:
+    """At the stop signal every agent stops taking messages: the first one did not
+    while the second drained (agents were stopped one after the other)."""
+    first = Agent(f"test/first-{unique}")
+    second = Agent(f"test/second-{unique}")
+    entered, release, until = anyio.Event(), anyio.Event(), anyio.Event()
+
+    @first.on_finding(session=f"A-{unique}")
+    async def on_first(message: FindingMessage) -> None:
+        pass
+
+    @second.on_finding(session=f"B-{unique}")
+    async def on_second(message: FindingMessage) -> None:
+        entered.set()
+        await release.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: swarmbus.run(first, second, bus=bus, until=until))
+        with anyio.fail_after(WAIT):
+            while second._bus is None:
+                await anyio.wait_all_tasks_blocked()
+        await bus.publish(finding(), agent="test/pub", session=f"B-{unique}")
+        with anyio.fail_after(WAIT):
+            await entered.wait()
+        until.set()  # second drains its in-flight handler...
+        with anyio.fail_after(WAIT):  # ...while first has stopped
+            while first._bus is not None:
+                await anyio.wait_all_tasks_blocked()
+        release.set()
