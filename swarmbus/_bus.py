@@ -818,6 +818,12 @@ class Bus:
                             if not batch:
                                 limiter.release()
                                 continue
+                            if stop.is_set():  # the pull was open at the stop: give it back
+                                limiter.release()
+                                for msg in batch:
+                                    with contextlib.suppress(nats.errors.Error):
+                                        await msg.nak()
+                                break
                             waiting = 1 + _num_pending(batch[-1])
                             for i, msg in enumerate(batch):
                                 if i:

@@ -122,3 +122,41 @@ async def test_run_stops_every_agent_at_once(bus: Bus, unique: str) -> None:
             while first._bus is not None:
                 await anyio.wait_all_tasks_blocked()
         release.set()
+
+
+async def test_stopped_agent_does_not_handle_a_message_its_last_fetch_brings(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    """A message that arrives for the pull request still open at the stop is given
+    back, not handled by the draining agent."""
+    agent = Agent(f"test/late-{unique}")
+    handled: list[str] = []
+    until = anyio.Event()
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        handled.append(message.id)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: swarmbus.run(agent, bus=bus, until=until))
+        with anyio.fail_after(WAIT):
+            while agent._bus is None:
+                await anyio.wait_all_tasks_blocked()
+        until.set()
+        await anyio.wait_all_tasks_blocked()  # stopped, its fetch still waiting
+        sent = await bus.publish(finding(), agent="test/pub", session=session_id)
+    assert handled == []
+    done = anyio.Event()
+    agent = Agent(agent.id)  # the next instance handles it
+
+    @agent.on_event(
+        "finding", "reported", types=(FindingMessage,), session=session_id, name="on_finding"
+    )
+    async def again(message: FindingMessage) -> None:
+        handled.append(message.id)
+        done.set()
+
+    async with agent.serve(bus):
+        with anyio.fail_after(WAIT):
+            await done.wait()
+    assert handled == [sent.id]
