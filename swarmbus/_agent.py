@@ -9,6 +9,7 @@ capability requests on core NATS queue groups.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -20,7 +21,7 @@ import anyio.abc
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
-from swarmbus._errors import SwarmbusError
+from swarmbus._errors import InvalidIdentifierError, SwarmbusError
 from swarmbus._messages import (
     ActionCompletedMessage,
     ActionMessage,
@@ -122,10 +123,13 @@ class Agent:
             route_name = subjects.validate_name("handler name", name or fn.__name__)
             if any(r.name == route_name for r in self._events):
                 raise ValueError(f"{self.id} already has a handler named {route_name!r}")
-            fn.__swarmbus_types__ = tuple(types) if types else None  # type: ignore[attr-defined]
-            fn.__swarmbus_ignore_own__ = ignore_own  # type: ignore[attr-defined]
+            # The route's filters go on a handle of its own: one function may serve
+            # several routes (or agents), each with its own types and ignore_own.
+            handler = functools.partial(fn)
+            handler.__swarmbus_types__ = tuple(types) if types else None  # type: ignore[attr-defined]
+            handler.__swarmbus_ignore_own__ = ignore_own  # type: ignore[attr-defined]
             self._events.append(
-                _EventRoute(route_name, (subjects.event_filter(domain, event, session),), fn)
+                _EventRoute(route_name, (subjects.event_filter(domain, event, session),), handler)
             )
             return fn
 
@@ -171,8 +175,16 @@ class Agent:
         """Answer requests for ``capability``; the handler returns the result object.
 
         A raising handler yields a ``failure`` response carrying the error.
+
+        Raises:
+            InvalidIdentifierError: this agent's id is ``any`` (the target that means
+                "any agent with the capability"), so it cannot be addressed.
         """
         subjects.validate_name("capability", capability)
+        if self.id == subjects.ANY:
+            raise InvalidIdentifierError(
+                "agent id", self.id, f"'{subjects.ANY}' is a request target, not an agent"
+            )
 
         def register(fn: RequestHandler) -> RequestHandler:
             self._requests[capability] = fn
@@ -274,9 +286,19 @@ async def _consume(
 async def run(*agents: Agent, bus: Bus, until: anyio.Event | None = None) -> None:
     """Serve ``agents`` on ``bus`` until SIGINT/SIGTERM (or ``until``), then drain."""
     stop = until or anyio.Event()
-    async with contextlib.AsyncExitStack() as stack:
+
+    async def serve(
+        agent: Agent, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with agent.serve(bus):
+            task_status.started()
+            await stop.wait()
+
+    # Every agent stops taking messages at the signal and they drain together, not one
+    # after the other (the others kept taking messages meanwhile).
+    async with anyio.create_task_group() as agents_tg:
         for agent in agents:
-            await stack.enter_async_context(agent.serve(bus))
+            await agents_tg.start(serve, agent)
         async with anyio.create_task_group() as tg:
 
             async def watch_signals() -> None:

@@ -44,6 +44,7 @@ from swarmbus import _subjects as subjects
 from swarmbus._config import Settings
 from swarmbus._errors import (
     ConnectionError,
+    InvalidIdentifierError,
     InvalidMessageError,
     MessageTooLargeError,
     NoResponderError,
@@ -731,7 +732,8 @@ class Bus:
         """Run a durable pull consumer until ``stop`` is set, then finish in-flight work.
 
         Each message is acked after its handler returns (at-least-once): a worker that
-        dies mid-handler has the message redelivered after ``ack_wait``.
+        dies mid-handler has the message redelivered after ``ack_wait``; a live one
+        slower than that sends progress acks, so its message is not run twice meanwhile.
 
         Raises:
             ConnectionError: the connection closed for good (a reconnect is waited for).
@@ -765,48 +767,71 @@ class Bus:
             # so there are never more than the slots held.
             send, receive = anyio.create_memory_object_stream[Msg](math.inf)
             closed: nats.errors.Error | None = None
+            # Messages being handled: a handler slower than ack_wait must not have its
+            # message redelivered (and run again) while it runs.
+            in_flight: dict[int, Msg] = {}
 
             async def work() -> None:
                 async for msg in receive:
-                    await self._handle_durable(handler, msg, receiver, limiter, max_deliver)
+                    in_flight[id(msg)] = msg
+                    try:
+                        await self._handle_durable(handler, msg, receiver, limiter, max_deliver)
+                    finally:
+                        del in_flight[id(msg)]
+
+            async def keep_alive() -> None:
+                while True:
+                    await anyio.sleep(ack_wait / 3)
+                    for msg in list(in_flight.values()):
+                        with contextlib.suppress(nats.errors.Error):
+                            await msg.in_progress()
 
             with receive:
-                async with anyio.create_task_group() as tg, send:
-                    while not stop.is_set():
-                        # Let the handlers just given out run first: they may free slots.
-                        await anyio.lowlevel.checkpoint()
-                        # Hold a slot before fetching: never take messages we cannot start.
-                        await limiter.acquire()
-                        if stop.is_set():  # told to stop while waiting for the slot
-                            limiter.release()
-                            break
-                        try:
-                            batch = await psub.fetch(
-                                min(1 + limiter.value, waiting, 256), timeout=0.5
-                            )
-                        except (TimeoutError, nats.errors.TimeoutError):
-                            limiter.release()
-                            continue
-                        except nats.errors.Error as exc:
-                            limiter.release()
-                            if stop.is_set():
+                async with anyio.create_task_group() as beats:
+                    beats.start_soon(keep_alive)
+                    async with anyio.create_task_group() as tg, send:
+                        while not stop.is_set():
+                            # Let the handlers just given out run first: they may free slots.
+                            await anyio.lowlevel.checkpoint()
+                            # Hold a slot before fetching: never take messages we cannot start.
+                            await limiter.acquire()
+                            if stop.is_set():  # told to stop while waiting for the slot
+                                limiter.release()
                                 break
-                            if self.nc.is_closed:  # for good: no reconnect will come
-                                closed = exc
+                            try:
+                                batch = await psub.fetch(
+                                    min(1 + limiter.value, waiting, 256), timeout=0.5
+                                )
+                            except (TimeoutError, nats.errors.TimeoutError):
+                                limiter.release()
+                                continue
+                            except nats.errors.Error as exc:
+                                limiter.release()
+                                if stop.is_set():
+                                    break
+                                if self.nc.is_closed:  # for good: no reconnect will come
+                                    closed = exc
+                                    break
+                                log.warning("consumer %s: %s; retrying", durable, exc)
+                                await _wait_reconnect(self, stop)
+                                continue
+                            if not batch:
+                                limiter.release()
+                                continue
+                            if stop.is_set():  # the pull was open at the stop: give it back
+                                limiter.release()
+                                for msg in batch:
+                                    with contextlib.suppress(nats.errors.Error):
+                                        await msg.nak()
                                 break
-                            log.warning("consumer %s: %s; retrying", durable, exc)
-                            await _wait_reconnect(self, stop)
-                            continue
-                        if not batch:
-                            limiter.release()
-                            continue
-                        waiting = 1 + _num_pending(batch[-1])
-                        for i, msg in enumerate(batch):
-                            if i:
-                                await limiter.acquire()
-                            if not receive.statistics().tasks_waiting_receive:
-                                tg.start_soon(work)
-                            send.send_nowait(msg)
+                            waiting = 1 + _num_pending(batch[-1])
+                            for i, msg in enumerate(batch):
+                                if i:
+                                    await limiter.acquire()
+                                if not receive.statistics().tasks_waiting_receive:
+                                    tg.start_soon(work)
+                                send.send_nowait(msg)
+                    beats.cancel_scope.cancel()
             if closed is not None:
                 raise ConnectionError(f"consumer {durable}: {closed}") from closed
         finally:
@@ -909,8 +934,17 @@ class Bus:
         limiter: anyio.Semaphore,
         task_group: anyio.abc.TaskGroup,
     ) -> list[NatsSubscription]:
-        """Answer ``capability`` requests addressed to ``agent`` or to ``any``."""
+        """Answer ``capability`` requests addressed to ``agent`` or to ``any``.
+
+        Raises:
+            InvalidIdentifierError: ``agent`` is ``any``, which cannot be addressed (it
+                would answer every request to ``any`` twice).
+        """
         subjects.validate_name("capability", capability)
+        if agent == subjects.ANY:
+            raise InvalidIdentifierError(
+                "agent id", agent, f"'{subjects.ANY}' is a request target, not an agent"
+            )
 
         async def respond(msg: Msg, request: RequestMessage) -> None:
             session = request.source.session
