@@ -62,6 +62,7 @@ from swarmbus._errors import (
     InvalidMessageError,
     InvalidTransitionError,
     InvalidTTLError,
+    MessageTooLargeError,
     NotEligibleError,
     NotFoundError,
     ProposalClosedError,
@@ -352,13 +353,16 @@ async def _record_proposal(
         trace=trace_headers(),
     )
     key = proposal_key(proposal.proposal_id)
+    data = _encoder.encode(record)
     try:
-        await kv_write(kv, key, _encoder.encode(record), last=0, attributes=_attrs(record))
+        await kv_write(kv, key, data, last=0, attributes=_attrs(record))
     except nats.js.errors.KeyWrongLastSequenceError as exc:
         existing, _ = await _read(kv, proposal.proposal_id)
         if existing.message_id == message_id:
             return existing
         raise ConflictError(key, 0, f"proposal {proposal.proposal_id!r} exists") from exc
+    except nats.errors.MaxPayloadError as exc:
+        raise MessageTooLargeError(len(data), kv._js._nc.max_payload) from exc
     except nats.js.errors.Error as exc:
         raise PublishError(f"cannot record proposal {proposal.proposal_id!r}: {exc}") from exc
     return record
@@ -387,16 +391,19 @@ async def _record_vote(
             votes=[*record.votes, ballot],
             vote_traces=[*record.vote_traces, trace_headers()],
         )
+        data = _encoder.encode(updated)
         try:
             await kv_write(
                 kv,
                 proposal_key(pid),
-                _encoder.encode(updated),
+                data,
                 last=revision,
                 attributes={**_attrs(record), "swarmbus.agent": agent},
             )
         except nats.js.errors.KeyWrongLastSequenceError:
             continue  # another vote or the decision got in first: re-read
+        except nats.errors.MaxPayloadError as exc:
+            raise MessageTooLargeError(len(data), kv._js._nc.max_payload) from exc
         except nats.js.errors.Error as exc:
             raise PublishError(f"cannot record vote on {pid!r}: {exc}") from exc
         return updated

@@ -30,6 +30,7 @@ from swarmbus import (
     ErrorOccurredMessage,
     InvalidMessageError,
     Message,
+    MessageTooLargeError,
     NotEligibleError,
     NotFoundError,
     Proposal,
@@ -707,3 +708,23 @@ async def test_a_timeout_past_the_calendar_is_a_schema_error(
         await _propose(consensus, session_id, "forever", timeout=1e12)
     with pytest.raises(NotFoundError):
         await consensus.get("forever")
+
+
+async def test_a_proposal_or_vote_too_large_for_the_server_is_a_clear_error(
+    consensus: Consensus, session_id: str
+) -> None:
+    huge = "x" * (consensus.bus.nc.max_payload + 1)
+    with pytest.raises(MessageTooLargeError):
+        await consensus.propose(
+            Proposal(proposal_id="too-big", action="rollback", target=huge, voters=VOTERS),
+            agent=VOTERS[0],
+            session=session_id,
+        )
+    await consensus.propose(
+        Proposal(proposal_id="fits", action="rollback", voters=VOTERS),
+        agent=VOTERS[0],
+        session=session_id,
+    )
+    with pytest.raises(MessageTooLargeError):
+        await consensus.vote(Vote(proposal_id="fits", vote="yes", reason=huge), agent=VOTERS[1])
+    assert (await consensus.get("fits")).votes == []
