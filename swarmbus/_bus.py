@@ -1225,7 +1225,25 @@ async def last_per_subject(
     are the state as of the consumer's creation. Unlike nats-py's KV watch, whose
     end-of-initial-values marker can arrive before the values under load, it knows how
     many messages to expect from the consumer's creation.
+
+    A key rewritten past its history between the consumer's creation and the pull
+    loses the message the consumer was to deliver: the server then ends the pull
+    early ("no messages") and every later key would be missing, so a short read is
+    read again with a new consumer (until ``timeout``).
     """
+    deadline = anyio.current_time() + timeout
+    while True:
+        msgs, complete = await _read_last_per_subject(js, stream, subject, timeout)
+        if complete:
+            return msgs
+        if anyio.current_time() > deadline:
+            raise PublishError(f"read {subject}: timed out (its keys kept changing)")
+
+
+async def _read_last_per_subject(
+    js: JetStreamContext, stream: str, subject: str, timeout: float
+) -> tuple[list[Msg], bool]:
+    """One counted pull of last_per_subject: (messages, whether all of them came)."""
     config = ConsumerConfig(
         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
         ack_policy=AckPolicy.NONE,
@@ -1273,7 +1291,7 @@ async def last_per_subject(
     finally:
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
             await js.delete_consumer(stream, info.name)
-    return msgs
+    return msgs, len(msgs) >= wanted
 
 
 async def kv_latest(kv: KeyValue, keys: str = ">") -> list[tuple[str, Msg]]:

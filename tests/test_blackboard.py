@@ -587,3 +587,32 @@ async def test_a_failed_retention_purge_keeps_the_recorder_running(
             await purged.wait()  # the next interval retried the purge
     assert calls >= 2
     assert (await done.snapshot()).session is None
+
+
+async def test_snapshot_keeps_a_key_rewritten_past_its_history_while_it_is_read(
+    board: Blackboard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await board.set_context({"n": 0}, agent="a")
+    await board.append_finding(finding("early"), agent="a", id="f-early")
+    add_consumer = board.bus.js.add_consumer
+    raced = False
+
+    async def add_consumer_then_write(*args: object, **kwargs: object) -> object:
+        # between the snapshot consumer's creation and its pull: a new key, then the
+        # context rewritten more often than the bucket's history keeps
+        nonlocal raced
+        info = await add_consumer(*args, **kwargs)  # type: ignore[arg-type]
+        if not raced:
+            raced = True
+            await board.append_finding(finding("late"), agent="a", id="f-late")
+            for n in range(1, 12):
+                await board.set_context({"n": n}, agent="a")
+        return info
+
+    monkeypatch.setattr(board.bus.js, "add_consumer", add_consumer_then_write)
+    snapshot = await board.snapshot()
+    monkeypatch.undo()
+    assert snapshot.context is not None, "the context was missing from the snapshot"
+    assert [f.id for f in snapshot.findings] == ["f-early", "f-late"]
+    assert snapshot.context.data == {"n": 11}
+    assert snapshot == await board.snapshot()
