@@ -1096,7 +1096,10 @@ class Blackboard:
             raise NotFoundError(kind, item_id or self.session) from exc
         except Exception as exc:
             raise _kv_error(exc, f"get {key}") from exc
-        value: _R = _DECODERS[kind].decode(entry.value or b"")
+        try:
+            value: _R = _DECODERS[kind].decode(entry.value or b"")
+        except msgspec.DecodeError as exc:  # written by something else than a board
+            raise InvalidMessageError("schema", f"{key} is not a board value: {exc}") from exc
         return value, int(entry.revision or 0)
 
     async def _modify(

@@ -616,3 +616,16 @@ async def test_snapshot_keeps_a_key_rewritten_past_its_history_while_it_is_read(
     assert [f.id for f in snapshot.findings] == ["f-early", "f-late"]
     assert snapshot.context.data == {"n": 11}
     assert snapshot == await board.snapshot()
+
+
+async def test_a_foreign_value_under_a_board_key_is_an_invalid_message_error(
+    board: Blackboard,
+) -> None:
+    await board._kv.put(f"{board.session}.context", b"not a board value")
+    await board._kv.put(f"{board.session}.hypothesis.h1", b'{"id": 1}')
+    with pytest.raises(InvalidMessageError):
+        await board.get_context()
+    with pytest.raises(InvalidMessageError):
+        await board.update_context(lambda d: d, agent="ops/a")
+    with pytest.raises(InvalidMessageError):
+        await board.get_hypothesis("h1")
