@@ -478,7 +478,9 @@ class Blackboard:
         """Start the session (once) with its initial context; publishes session.started.
 
         Raises:
-            ConflictError: the session was already started.
+            ConflictError: the session was already started. A retry by its initiator
+                after a crash before the context was written first writes the context
+                and the event.
         """
         subjects.validate_agent_id(initiator)
         data = dict(context or {})
@@ -489,7 +491,21 @@ class Blackboard:
         ctx = ContextRecord(data=data, updated_by=initiator, updated=at)
         ctx_bytes = self._encode(self._key("context"), ctx)
         with session_span(self.session, agent=initiator):
-            await self._create(self._key("session"), record)
+            try:
+                await self._create(self._key("session"), record)
+            except ConflictError as started:
+                if (await self.info()).initiator != initiator:
+                    raise
+                # the initiator retrying after a crash before the context was written:
+                # write it and the event, then report the start as done
+                try:
+                    await self._create(self._key("context"), ctx)
+                except ConflictError:
+                    raise started from None  # a context is there: nothing to complete
+                await self.bus.publish(
+                    body, agent=initiator, session=self.session, id=self._event_id("start")
+                )
+                raise
             await self._put(self._key("context"), ctx_bytes)
             await self.bus.publish(
                 body, agent=initiator, session=self.session, id=self._event_id("start")

@@ -629,3 +629,33 @@ async def test_a_foreign_value_under_a_board_key_is_an_invalid_message_error(
         await board.update_context(lambda d: d, agent="ops/a")
     with pytest.raises(InvalidMessageError):
         await board.get_hypothesis("h1")
+
+
+async def test_start_retried_after_a_crash_before_the_context_completes_it(
+    bus: Bus, board: Blackboard, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[Message] = []
+    got = anyio.Event()
+
+    async def on_event(message: Message) -> None:
+        seen.append(message)
+        got.set()
+
+    async def crash(*args: object, **kwargs: object) -> int:
+        raise RuntimeError("process died here")
+
+    monkeypatch.setattr(board, "_put", crash)
+    with pytest.raises(RuntimeError):
+        await board.start("ops/lead", {"task": "t"})
+    monkeypatch.undo()
+    sub = await bus.subscribe(session_filter(board.session), on_event, receiver=f"t/{unique}")
+    try:
+        with pytest.raises(ConflictError):  # started already, as documented
+            await board.start("ops/lead", {"task": "t"})
+        with anyio.fail_after(5):
+            await got.wait()
+    finally:
+        await sub.unsubscribe()
+    ctx, _ = await board.get_context()
+    assert ctx.data == {"task": "t"}
+    assert [m.type for m in seen] == ["session.started"]
