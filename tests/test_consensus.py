@@ -728,3 +728,25 @@ async def test_a_proposal_or_vote_too_large_for_the_server_is_a_clear_error(
     with pytest.raises(MessageTooLargeError):
         await consensus.vote(Vote(proposal_id="fits", vote="yes", reason=huge), agent=VOTERS[1])
     assert (await consensus.get("fits")).votes == []
+
+
+@pytest.mark.parametrize("kind", ["proposal", "vote"])
+async def test_via_service_a_record_too_large_for_the_server_is_a_clear_error(
+    nats_url: str, bucket: str, session_id: str, kind: str
+) -> None:
+    # The event fits, the record it would make does not: the service can only refuse
+    # it, and the client waited for its whole timeout ("is a ConsensusService running?").
+    async with Bus.open(url=nats_url, request_timeout=1.0, retry_for=1.0) as bus:
+        consensus = await Consensus.open(bus, bucket=bucket, board_bucket=None, via_service=True)
+        half = "x" * (bus.nc.max_payload // 2 + 1)
+        async with ConsensusService(bus, bucket=bucket, session=session_id, board_bucket=None):
+            if kind == "proposal":  # the record holds the voters twice
+                voters = [f"ops/{i:07}-{half[:110]}" for i in range(len(half) // 120)]
+                with anyio.fail_after(2), pytest.raises(MessageTooLargeError):
+                    await _propose(consensus, session_id, "big", voters=voters)
+            else:
+                await _propose(consensus, session_id, "big", timeout=60)
+                vote = Vote(proposal_id="big", vote="yes", reason=half)
+                await consensus.vote(vote, agent=VOTERS[0])
+                with anyio.fail_after(2), pytest.raises(MessageTooLargeError):
+                    await consensus.vote(vote, agent=VOTERS[1])
