@@ -302,9 +302,12 @@ def _loaded(entry: KeyValue.Entry) -> tuple[ProposalRecord, int]:
 
 def _decode(key: str, data: bytes) -> ProposalRecord:
     try:
-        return _decoder.decode(data)
+        record = _decoder.decode(data)
     except msgspec.DecodeError as exc:  # written by something else
         raise SwarmbusError(f"KV entry {key} is not a proposal record: {exc}") from None
+    if record.proposal.quorum == "threshold" and record.proposal.threshold is None:
+        raise SwarmbusError(f"KV entry {key} is a threshold proposal without a threshold")
+    return record
 
 
 async def _stop(watcher: KeyValue.KeyWatcher) -> None:

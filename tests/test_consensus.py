@@ -20,6 +20,7 @@ from nats.js.api import DeliverPolicy
 import swarmbus
 from swarmbus import (
     AlreadyVotedError,
+    Ballot,
     Blackboard,
     Bus,
     Consensus,
@@ -44,6 +45,7 @@ from swarmbus import (
 )
 from swarmbus._consensus import (
     Outcome,
+    ProposalRecord,
     Quorum,
     _read,
     decision_message_id,
@@ -697,6 +699,31 @@ async def test_a_malformed_record_does_not_stop_the_service(
     assert decision.outcome == "approved"
     with pytest.raises(swarmbus.SwarmbusError, match="junk"):
         await consensus.get("junk")
+
+
+async def test_a_record_that_cannot_be_tallied_does_not_stop_the_service(
+    consensus: Consensus, bucket: str, session_id: str
+) -> None:
+    # Decodable, but written by something else: a threshold quorum without a threshold.
+    at = now()
+    bad = ProposalRecord(
+        proposal=Proposal(proposal_id="no-t", action="x", quorum="threshold", voters=VOTERS),
+        session=session_id,
+        proposer=VOTERS[0],
+        message_id="m-no-t",
+        created_at=at,
+        deadline=at,
+        electorate=VOTERS,
+        votes=[Ballot(voter=voter, vote="yes") for voter in VOTERS[:3]],
+    )
+    await consensus.kv.put(proposal_key("no-t"), msgspec.json.encode(bad))
+    async with ConsensusService(bus=consensus.bus, bucket=bucket, session=session_id):
+        await _propose(consensus, session_id, "after-no-t", voters=VOTERS[:1], timeout=60)
+        await _cast(consensus, "after-no-t", "yes")
+        decision = await consensus.wait_for_decision("after-no-t", timeout=5)
+    assert decision.outcome == "approved"
+    with pytest.raises(swarmbus.SwarmbusError, match="without a threshold"):
+        await consensus.get("no-t")
 
 
 @pytest.mark.parametrize("via_service", [False, True])
