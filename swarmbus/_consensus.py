@@ -302,9 +302,12 @@ def _loaded(entry: KeyValue.Entry) -> tuple[ProposalRecord, int]:
 
 def _decode(key: str, data: bytes) -> ProposalRecord:
     try:
-        return _decoder.decode(data)
+        record = _decoder.decode(data)
     except msgspec.DecodeError as exc:  # written by something else
         raise SwarmbusError(f"KV entry {key} is not a proposal record: {exc}") from None
+    if record.proposal.quorum == "threshold" and record.proposal.threshold is None:
+        raise SwarmbusError(f"KV entry {key} is a threshold proposal without a threshold")
+    return record
 
 
 async def _stop(watcher: KeyValue.KeyWatcher) -> None:
@@ -407,6 +410,13 @@ async def _record_vote(
         except nats.js.errors.Error as exc:
             raise PublishError(f"cannot record vote on {pid!r}: {exc}") from exc
         return updated
+
+
+def _check_fits(kv: KeyValue, record: ProposalRecord) -> None:
+    """Refuse an event whose record the service could not write (it fits, the record not)."""
+    size, limit = len(_encoder.encode(record)), kv._js._nc.max_payload
+    if size > limit:
+        raise MessageTooLargeError(size, limit)
 
 
 def _vote_recorded(record: ProposalRecord, agent: str, message_id: str, *, at: datetime) -> bool:
@@ -568,11 +578,24 @@ class Consensus:
         pid = proposal.proposal_id
         if proposal.quorum == "threshold" and proposal.threshold is None:
             raise InvalidMessageError("schema", "a threshold quorum needs a threshold")
-        _deadline(proposal, now())
-        if not proposal.voters and not await _members(self.kv, session):
+        at = now()
+        electorate = sorted(set(proposal.voters)) or await _members(self.kv, session)
+        if not electorate:
             raise InvalidMessageError(
                 "no_voters", f"proposal {pid!r} names no voters and {session} has none"
             )
+        _check_fits(
+            self.kv,
+            ProposalRecord(
+                proposal=msgspec.structs.replace(proposal, voters=electorate),
+                session=session,
+                proposer=agent,
+                message_id=message_id,
+                created_at=at,
+                deadline=_deadline(proposal, at),
+                electorate=electorate,
+            ),
+        )
         with contextlib.suppress(NotFoundError):
             await _read(self.kv, pid)
             raise ConflictError(proposal_key(pid), 0, f"proposal {pid!r} exists")
@@ -589,7 +612,17 @@ class Consensus:
         validate_body(vote)
         subjects.validate_agent_id(agent)
         record, _ = await _read(self.kv, vote.proposal_id)
-        _vote_recorded(record, agent, message_id, at=now())
+        at = now()
+        _vote_recorded(record, agent, message_id, at=at)
+        ballot = Ballot(
+            voter=agent,
+            vote=vote.vote,
+            confidence=vote.confidence,
+            reason=vote.reason,
+            cast_at=at,
+            message_id=message_id,
+        )
+        _check_fits(self.kv, msgspec.structs.replace(record, votes=[*record.votes, ballot]))
         await self.bus.publish(vote, agent=agent, session=record.session, id=message_id)
 
         def counted(record: ProposalRecord) -> bool:

@@ -20,6 +20,7 @@ from nats.js.api import DeliverPolicy
 import swarmbus
 from swarmbus import (
     AlreadyVotedError,
+    Ballot,
     Blackboard,
     Bus,
     Consensus,
@@ -44,6 +45,7 @@ from swarmbus import (
 )
 from swarmbus._consensus import (
     Outcome,
+    ProposalRecord,
     Quorum,
     _read,
     decision_message_id,
@@ -699,6 +701,31 @@ async def test_a_malformed_record_does_not_stop_the_service(
         await consensus.get("junk")
 
 
+async def test_a_record_that_cannot_be_tallied_does_not_stop_the_service(
+    consensus: Consensus, bucket: str, session_id: str
+) -> None:
+    # Decodable, but written by something else: a threshold quorum without a threshold.
+    at = now()
+    bad = ProposalRecord(
+        proposal=Proposal(proposal_id="no-t", action="x", quorum="threshold", voters=VOTERS),
+        session=session_id,
+        proposer=VOTERS[0],
+        message_id="m-no-t",
+        created_at=at,
+        deadline=at,
+        electorate=VOTERS,
+        votes=[Ballot(voter=voter, vote="yes") for voter in VOTERS[:3]],
+    )
+    await consensus.kv.put(proposal_key("no-t"), msgspec.json.encode(bad))
+    async with ConsensusService(bus=consensus.bus, bucket=bucket, session=session_id):
+        await _propose(consensus, session_id, "after-no-t", voters=VOTERS[:1], timeout=60)
+        await _cast(consensus, "after-no-t", "yes")
+        decision = await consensus.wait_for_decision("after-no-t", timeout=5)
+    assert decision.outcome == "approved"
+    with pytest.raises(swarmbus.SwarmbusError, match="without a threshold"):
+        await consensus.get("no-t")
+
+
 @pytest.mark.parametrize("via_service", [False, True])
 async def test_a_timeout_past_the_calendar_is_a_schema_error(
     bus: Bus, bucket: str, session_id: str, via_service: bool
@@ -728,3 +755,25 @@ async def test_a_proposal_or_vote_too_large_for_the_server_is_a_clear_error(
     with pytest.raises(MessageTooLargeError):
         await consensus.vote(Vote(proposal_id="fits", vote="yes", reason=huge), agent=VOTERS[1])
     assert (await consensus.get("fits")).votes == []
+
+
+@pytest.mark.parametrize("kind", ["proposal", "vote"])
+async def test_via_service_a_record_too_large_for_the_server_is_a_clear_error(
+    nats_url: str, bucket: str, session_id: str, kind: str
+) -> None:
+    # The event fits, the record it would make does not: the service can only refuse
+    # it, and the client waited for its whole timeout ("is a ConsensusService running?").
+    async with Bus.open(url=nats_url, request_timeout=1.0, retry_for=1.0) as bus:
+        consensus = await Consensus.open(bus, bucket=bucket, board_bucket=None, via_service=True)
+        half = "x" * (bus.nc.max_payload // 2 + 1)
+        async with ConsensusService(bus, bucket=bucket, session=session_id, board_bucket=None):
+            if kind == "proposal":  # the record holds the voters twice
+                voters = [f"ops/{i:07}-{half[:110]}" for i in range(len(half) // 120)]
+                with anyio.fail_after(2), pytest.raises(MessageTooLargeError):
+                    await _propose(consensus, session_id, "big", voters=voters)
+            else:
+                await _propose(consensus, session_id, "big", timeout=60)
+                vote = Vote(proposal_id="big", vote="yes", reason=half)
+                await consensus.vote(vote, agent=VOTERS[0])
+                with anyio.fail_after(2), pytest.raises(MessageTooLargeError):
+                    await consensus.vote(vote, agent=VOTERS[1])
