@@ -136,7 +136,11 @@ class Coordinator:
 
 @contextlib.asynccontextmanager
 async def serve_workers(
-    queue: TaskQueue, agents: Iterable[Agent], *, board: Blackboard | None = None
+    queue: TaskQueue,
+    agents: Iterable[Agent],
+    *,
+    board: Blackboard | None = None,
+    drain_timeout: float = 30.0,
 ) -> AsyncIterator[None]:
     """Let each agent claim the subtasks its capabilities (and its id) route to it.
 
@@ -144,6 +148,8 @@ async def serve_workers(
     built from the task (from its creator, parameters = the task's context). With a
     ``board``, the findings of an ``investigate`` subtask that asks to
     ``share_findings`` are appended to it, as the agent, before the task completes.
+    On exit no new subtask is claimed and running ones get ``drain_timeout`` seconds
+    to finish; then they are cancelled (a hung handler must not hold the caller).
     """
     stop = anyio.Event()
     async with contextlib.AsyncExitStack() as stack:
@@ -161,6 +167,7 @@ async def serve_workers(
             yield
         finally:
             stop.set()
+            tg.cancel_scope.deadline = anyio.current_time() + drain_timeout
 
 
 class _Worker:
@@ -364,7 +371,12 @@ async def run_parallel(
     """
     board = await Blackboard.open(bus, session)
     await board.start(agent, {"task": spec.task, "swarm": spec.type})
-    async with TaskQueue(bus, session) as queue, serve_workers(queue, agents, board=board):
+    # Every step is reported by the end of the block: a subtask still running past the
+    # coordination timeout is not waited for.
+    async with (
+        TaskQueue(bus, session) as queue,
+        serve_workers(queue, agents, board=board, drain_timeout=0),
+    ):
         coordinator = Coordinator(queue, agent=agent)
         steps, findings = await investigate(coordinator, board, spec)
         hypotheses = await form_hypotheses(board, findings, expertise_of(agents), agent=agent)

@@ -719,3 +719,33 @@ def test_cli_run_in_a_session_already_run_is_a_one_line_error(
     assert again.returncode == 2, again.stderr
     assert again.stderr.startswith("swarmbus: error: conflict on"), again.stderr
     assert "Traceback" not in again.stderr
+
+
+async def test_an_investigator_still_running_at_the_timeout_does_not_hold_the_run(
+    bus: Bus, unique: str
+) -> None:
+    """The coordination timeout bounds the run: a hung investigator is reported, not awaited."""
+    quick, stuck = Agent(f"t/quick-{unique}"), Agent(f"t/stuck-{unique}")
+
+    @quick.on_request("investigate")
+    async def fine(request: RequestMessage) -> Any:
+        return {"findings": [Finding(category="observation", content="all fine", confidence=0.5)]}
+
+    @stuck.on_request("investigate")
+    async def hangs(request: RequestMessage) -> Any:
+        await anyio.sleep_forever()
+
+    spec = parse_spec(
+        {
+            "swarm": {
+                "type": "parallel_investigation",
+                "task": "look",
+                "agents": [quick.id, stuck.id],
+                "coordination": {"timeout": "2s"},
+            }
+        }
+    )
+    with anyio.fail_after(20):
+        result = await run_swarm(bus, spec, [quick, stuck], session=f"S-{unique}")
+    assert [s.status for s in result.steps] == ["completed", "failed"]
+    assert "not finished in time" in (result.error or "")
