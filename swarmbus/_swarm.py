@@ -320,10 +320,17 @@ def load_agents(ref: str) -> list[Agent]:
             module = importlib.import_module(ref)
     except (ImportError, OSError, SyntaxError) as exc:
         raise SpecError(ref, [("--agents", f"cannot import: {exc}")]) from exc
+    except Exception as exc:  # the module's own code failed: a bad --agents
+        problem = f"cannot import: {type(exc).__name__}: {exc}"
+        raise SpecError(ref, [("--agents", problem)]) from exc
     factory = getattr(module, "agents", None)
     if not callable(factory):
         raise SpecError(ref, [("--agents", "the module must define agents() -> list[Agent]")])
-    agents = list(factory())
+    try:
+        agents = list(factory())
+    except Exception as exc:  # as above
+        problem = f"agents() raised {type(exc).__name__}: {exc}"
+        raise SpecError(ref, [("--agents", problem)]) from exc
     if not all(isinstance(a, Agent) for a in agents):
         raise SpecError(ref, [("--agents", "agents() must return swarmbus.Agent objects")])
     return agents

@@ -749,3 +749,25 @@ async def test_an_investigator_still_running_at_the_timeout_does_not_hold_the_ru
         result = await run_swarm(bus, spec, [quick, stuck], session=f"S-{unique}")
     assert [s.status for s in result.steps] == ["completed", "failed"]
     assert "not finished in time" in (result.error or "")
+
+
+@pytest.mark.parametrize(
+    "source", ['raise RuntimeError("boom")\n', 'def agents():\n    raise KeyError("boom")\n']
+)
+def test_cli_run_with_an_agents_module_that_raises_is_a_one_line_error(
+    tmp_path: Path, nats_url: str, source: str
+) -> None:
+    """Exit 1 means 'a step failed': a module that cannot give its agents is exit 2."""
+    module = tmp_path / "raising.py"
+    module.write_text(source)
+    run = cli(
+        "run",
+        "examples/progressive_refinement.yaml",
+        "--agents",
+        str(module),
+        env={"NATS_URL": nats_url},
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("swarmbus: error:"), run.stderr
+    assert "boom" in run.stderr
+    assert "Traceback" not in run.stderr
