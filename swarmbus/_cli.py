@@ -87,7 +87,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for name in spec_agents(spec):
         if name not in served:
             print(
-                f"swarmbus: {name} is not in {args.agents}: it must run elsewhere", file=sys.stderr
+                f"swarmbus: {name} is not in {args.agents}: another process must serve it "
+                "with serve_workers on this session",
+                file=sys.stderr,
             )
 
     async def main() -> int:

@@ -729,7 +729,9 @@ async def run_swarm(
 ) -> SwarmResult:
     """Serve ``agents`` on ``bus`` and run ``spec`` in a fresh (or the given) session.
 
-    Agents the spec names but ``agents`` lacks must be served by another process.
+    Agents the spec names but ``agents`` lacks must claim their subtasks from another
+    process (``async with serve_workers(queue, [agent])``, ``queue`` a ``TaskQueue`` of
+    the same session).
     """
     session = subjects.validate_session_id(session) if session else new_session()
     local = list(agents)
