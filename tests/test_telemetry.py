@@ -586,3 +586,22 @@ async def test_request_handler_error_event_joins_the_requests_trace(
     assert stored.headers[TRACEPARENT].split("-")[1] == trace_id
     consumer = _one([s for s in spans.get_finished_spans() if s.kind is SpanKind.CONSUMER], "con")
     assert not consumer.status.is_ok
+
+
+def test_mcp_server_configures_tracing_at_startup(nats_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "swarmbus._mcp"],
+        env={
+            **_env(),
+            "AGENT_ID": "ops/mcp-tracing",
+            "NATS_URL": nats_url,
+            "OTEL_TRACES_EXPORTER": "bogus",
+        },
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert "OTEL_TRACES_EXPORTER=bogus" in result.stderr
