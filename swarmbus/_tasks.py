@@ -69,7 +69,7 @@ from swarmbus._messages import (
     envelope_for,
     new_id,
 )
-from swarmbus._telemetry import process_span, traced
+from swarmbus._telemetry import continued, process_span, traced
 
 __all__ = ["Claim", "Task", "TaskQueue", "TaskSpec"]
 
@@ -805,9 +805,9 @@ class TaskQueue:
             claims.extend(c for c in results if c is not None)
         if error is not None and not claims:
             raise error
-        await self._events(
-            [(TaskAssigned(task_id=c.task.id, agent_id=agent), agent, None) for c in claims]
-        )
+        for c in claims:  # each in its task's trace
+            with continued(c._msg.headers):
+                await self._events([(TaskAssigned(task_id=c.task.id, agent_id=agent), agent, None)])
         return claims
 
     async def _settle(self, msg: Msg, agent: str, *, trust_hint: bool = True) -> Claim | None:

@@ -352,6 +352,26 @@ def span_links(headers: Iterable[Mapping[str, str] | None]) -> list[Link]:
     return links
 
 
+@contextmanager
+def _attached(headers: Mapping[str, str]) -> Iterator[None]:
+    token = otel_context.attach(propagate.extract(dict(headers)))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def continued(headers: Mapping[str, str] | None) -> contextlib.AbstractContextManager[None]:
+    """Make the context carried in a message's ``headers`` current, without a span.
+
+    For a step that acts on a message outside any span of its own (a claim's event),
+    so what it publishes joins the message's trace instead of starting one.
+    """
+    if not tracing_enabled():
+        return _NO_SPAN
+    return _attached(headers or {})
+
+
 def trace_headers() -> dict[str, str]:
     """The current span's W3C context as headers (empty when tracing is off)."""
     if not tracing_enabled():

@@ -605,3 +605,22 @@ def test_mcp_server_configures_tracing_at_startup(nats_url: str) -> None:
     )
     assert result.returncode != 0
     assert "OTEL_TRACES_EXPORTER=bogus" in result.stderr
+
+
+async def test_task_assigned_event_joins_the_creators_trace(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:
+        with session_span(session_id):
+            task = await queue.create("investigate", agent="ops/lead")
+            trace_id = current_trace_id()
+        claim = await queue.claim(agent="ops/worker", types=["investigate"], timeout=5)
+        assert claim is not None
+        await claim.complete({})
+    assigned = _one(
+        [s for s in spans.get_finished_spans() if s.name.startswith("agent.task.assigned.")],
+        "task.assigned",
+    )
+    assert format(assigned.context.trace_id, "032x") == trace_id
+    assert (assigned.attributes or {})["swarmbus.session"] == session_id
+    assert claim.task.id == task.id
