@@ -362,12 +362,12 @@ def _attached(headers: Mapping[str, str]) -> Iterator[None]:
 
 
 def continued(headers: Mapping[str, str] | None) -> contextlib.AbstractContextManager[None]:
-    """Make the context carried in a message's ``headers`` current, without a span.
+    """Make the context carried in ``headers`` current, without a span, if none is.
 
-    For a step that acts on a message outside any span of its own (a claim's event),
-    so what it publishes joins the message's trace instead of starting one.
+    For a step that acts on a message or record outside any span (a claim's event, a
+    vote), so what it publishes joins that trace instead of starting one of its own.
     """
-    if not tracing_enabled():
+    if not tracing_enabled() or trace.get_current_span().get_span_context().is_valid:
         return _NO_SPAN
     return _attached(headers or {})
 

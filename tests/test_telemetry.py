@@ -624,3 +624,42 @@ async def test_task_assigned_event_joins_the_creators_trace(
     assert format(assigned.context.trace_id, "032x") == trace_id
     assert (assigned.attributes or {})["swarmbus.session"] == session_id
     assert claim.task.id == task.id
+
+
+async def test_a_vote_cast_outside_any_trace_joins_the_proposals(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str, unique: str
+) -> None:
+    await _vote_outside_any_trace(spans, bus, session_id, unique, via_service=False)
+
+
+async def test_a_vote_sent_to_the_service_outside_any_trace_joins_the_proposals(
+    spans: InMemorySpanExporter,
+    bus: Bus,
+    service: ConsensusService,
+    session_id: str,
+    unique: str,
+) -> None:
+    await _vote_outside_any_trace(spans, bus, session_id, unique, via_service=True)
+
+
+async def _vote_outside_any_trace(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str, unique: str, *, via_service: bool
+) -> None:
+    consensus = await Consensus.open(bus, bucket=f"CONS_{unique}", via_service=via_service)
+    with session_span(session_id):
+        await consensus.propose(
+            Proposal(proposal_id="p1", action="rollback", voters=["ops/a", "ops/b"], timeout=60),
+            agent="ops/a",
+            session=session_id,
+        )
+        trace_id = current_trace_id()
+    await consensus.vote(Vote(proposal_id="p1", vote="yes"), agent="ops/b")  # e.g. via MCP
+    voted = _one(
+        [
+            s
+            for s in spans.get_finished_spans()
+            if s.name.startswith("agent.action.voted.") and s.kind is SpanKind.PRODUCER
+        ],
+        "vote event",
+    )
+    assert format(voted.context.trace_id, "032x") == trace_id
