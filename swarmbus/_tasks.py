@@ -1065,7 +1065,8 @@ class TaskQueue:
             await _quietly(claim._msg.ack())
             agent = new.assigned_to or subjects.UNKNOWN
             event = TaskCompleted(task_id=new.id, result=result_dict)
-            await self._events([(event, agent, f"task:{new.id}:completed")])
+            with continued(claim._msg.headers):  # outside work()'s span: the task's trace
+                await self._events([(event, agent, f"task:{new.id}:completed")])
         return new
 
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
@@ -1091,7 +1092,8 @@ class TaskQueue:
                 await _quietly(claim._msg.ack())
             agent = new.assigned_to or subjects.UNKNOWN
             event = TaskFailed(task_id=new.id, error=error, attempts=new.attempts, dead=new.dead)
-            await self._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
+            with continued(claim._msg.headers):  # outside work()'s span: the task's trace
+                await self._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
         return new
 
     # --- worker loop -------------------------------------------------------------------

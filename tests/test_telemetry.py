@@ -663,3 +663,22 @@ async def _vote_outside_any_trace(
         "vote event",
     )
     assert format(voted.context.trace_id, "032x") == trace_id
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+async def test_completing_a_claim_outside_any_trace_joins_the_tasks(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str, outcome: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:
+        with session_span(session_id):
+            await queue.create("investigate", agent="ops/lead")
+            trace_id = current_trace_id()
+        # As the MCP server's complete_task / fail_task do: no span is current.
+        claim = await queue.claim(agent="ops/worker", types=["investigate"], timeout=5)
+        assert claim is not None
+        await (claim.complete({}) if outcome == "completed" else claim.fail("no access"))
+    event = _one(
+        [s for s in spans.get_finished_spans() if s.name.startswith(f"agent.task.{outcome}.")],
+        f"task.{outcome}",
+    )
+    assert format(event.context.trace_id, "032x") == trace_id
