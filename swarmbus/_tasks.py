@@ -1122,7 +1122,8 @@ class TaskQueue:
             attrs = {**self._trace(claim.task), "swarmbus.agent": agent}
             try:
                 queue = claim._msg.subject.rsplit(".", 1)[0]  # span names without the id
-                with process_span(queue, claim.task.id, attrs, claim._msg.headers):
+                headers = claim._msg.headers or {}
+                with process_span(queue, headers.get(MSG_ID_HEADER, ""), attrs, headers):
                     try:
                         result = await handler(claim.task)
                     except Exception as exc:  # noqa: BLE001 - any handler error fails the task
