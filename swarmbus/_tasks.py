@@ -69,7 +69,7 @@ from swarmbus._messages import (
     envelope_for,
     new_id,
 )
-from swarmbus._telemetry import continued, process_span, traced
+from swarmbus._telemetry import continued, kv_context, process_span, traced
 
 __all__ = ["Claim", "Task", "TaskQueue", "TaskSpec"]
 
@@ -551,11 +551,13 @@ class TaskQueue:
             InvalidTransitionError: the task needs no approval, or was rejected.
         """
         subjects.validate_agent_id(by)
+        created = await kv_context(self.kv, self._key(task_id))  # the trace to continue
         while True:
             task, revision = await self._read(task_id)
             if task.approval == "approved":
                 if task.status == "pending":
-                    await self._redispatch(task, revision)
+                    with continued(created):
+                        await self._redispatch(task, revision)
                 return task
             if task.approval != "required" or task.status != "pending":
                 raise InvalidTransitionError("task", task_id, _state(task), "approved")
@@ -563,7 +565,8 @@ class TaskQueue:
             with anyio.CancelScope(shield=True):  # a stored approval must be offered
                 new_revision = await self._cas(approved, revision)
                 if new_revision is not None:
-                    await self._redispatch(approved, new_revision)
+                    with continued(created):
+                        await self._redispatch(approved, new_revision)
             if new_revision is None:
                 continue
             return approved

@@ -683,3 +683,24 @@ async def test_completing_a_claim_outside_any_trace_joins_the_tasks(
         f"task.{outcome}",
     )
     assert format(event.context.trace_id, "032x") == trace_id
+
+
+async def test_a_task_approved_outside_any_trace_runs_in_its_creators(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str
+) -> None:
+    ran: list[str | None] = []
+    stop = anyio.Event()
+
+    async def handler(task: Any) -> dict[str, Any]:
+        ran.append(current_trace_id())
+        stop.set()
+        return {}
+
+    async with TaskQueue(bus, session_id) as queue:
+        with session_span(session_id):
+            task = await queue.create("restart", agent="ops/lead", requires_approval=True)
+            trace_id = current_trace_id()
+        await queue.approve(task.id, by="ops/approver")  # no span is current
+        with anyio.fail_after(10):
+            await queue.work(handler, agent="ops/worker", types=["restart"], stop=stop)
+    assert ran == [trace_id]
