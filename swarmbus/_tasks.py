@@ -331,22 +331,23 @@ class TaskQueue:
         ]
         for result in await self._acks.publish(writes):
             _stored(result, self.session)
-        await self._events(
-            [
-                (
-                    TaskCreated(
-                        task_id=t.id,
-                        type=t.type,
-                        parameters=msgspec.to_builtins(t.parameters),
-                        priority=t.priority,
-                        requires_approval=t.constraints.requires_approval,
-                    ),
-                    agent,
-                    f"task:{t.id}:created",
+        for t, (_, _, headers) in zip(tasks, writes, strict=True):
+            with continued(headers):  # outside a trace: the one its dispatch started
+                await self._events(
+                    [
+                        (
+                            TaskCreated(
+                                task_id=t.id,
+                                type=t.type,
+                                parameters=msgspec.to_builtins(t.parameters),
+                                priority=t.priority,
+                                requires_approval=t.constraints.requires_approval,
+                            ),
+                            agent,
+                            f"task:{t.id}:created",
+                        )
+                    ]
                 )
-                for t in tasks
-            ]
-        )
         return tasks
 
     def _build(self, spec: TaskSpec, agent: str) -> Task:

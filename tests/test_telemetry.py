@@ -704,3 +704,18 @@ async def test_a_task_approved_outside_any_trace_runs_in_its_creators(
         with anyio.fail_after(10):
             await queue.work(handler, agent="ops/worker", types=["restart"], stop=stop)
     assert ran == [trace_id]
+
+
+async def test_a_task_created_outside_any_trace_is_one_trace(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:  # as the MCP server's tools do: no span
+        await queue.create("investigate", agent="ops/lead")
+        claim = await queue.claim(agent="ops/worker", types=["investigate"], timeout=5)
+        assert claim is not None
+        await claim.complete({})
+    finished = spans.get_finished_spans()
+    dispatch = _one([s for s in finished if s.name.startswith("swarmbus.task.")], "dispatch")
+    for event in ("created", "assigned", "completed"):
+        span = _one([s for s in finished if s.name.startswith(f"agent.task.{event}.")], event)
+        assert span.context.trace_id == dispatch.context.trace_id, event
