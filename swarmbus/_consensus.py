@@ -86,7 +86,7 @@ from swarmbus._messages import (
     validate_body,
 )
 from swarmbus._tasks import TaskQueue
-from swarmbus._telemetry import kv_write, process_span, trace_headers
+from swarmbus._telemetry import continued, kv_write, process_span, trace_headers
 
 log = logging.getLogger("swarmbus.consensus")
 
@@ -568,7 +568,8 @@ class Consensus:
         if self.via_service:
             return await self._vote_via_service(vote, agent, message_id)
         record = await _record_vote(self.kv, vote, agent=agent, message_id=message_id, at=now())
-        await self.bus.publish(vote, agent=agent, session=record.session, id=message_id)
+        with continued(record.trace):  # outside a trace of its own: the proposal's
+            await self.bus.publish(vote, agent=agent, session=record.session, id=message_id)
         return record
 
     async def _propose_via_service(
@@ -623,7 +624,8 @@ class Consensus:
             message_id=message_id,
         )
         _check_fits(self.kv, msgspec.structs.replace(record, votes=[*record.votes, ballot]))
-        await self.bus.publish(vote, agent=agent, session=record.session, id=message_id)
+        with continued(record.trace):  # outside a trace of its own: the proposal's
+            await self.bus.publish(vote, agent=agent, session=record.session, id=message_id)
 
         def counted(record: ProposalRecord) -> bool:
             # raises if the service refused it: a vote of ours got in first, or it closed

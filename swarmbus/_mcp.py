@@ -61,6 +61,7 @@ from swarmbus._errors import (
 )
 from swarmbus._messages import Evidence, Finding, Proposal, Vote, new_id
 from swarmbus._tasks import Claim, TaskQueue
+from swarmbus._telemetry import configure_tracing
 
 log = logging.getLogger("swarmbus.mcp")
 
@@ -966,6 +967,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mcp-agent-swarm: error: {exc}", file=sys.stderr)
         return 2
     try:
+        configure_tracing()  # off unless the OTEL_* variables ask for it
         anyio.run(
             functools.partial(
                 serve,

@@ -69,7 +69,7 @@ from swarmbus._messages import (
     envelope_for,
     new_id,
 )
-from swarmbus._telemetry import process_span, traced
+from swarmbus._telemetry import continued, kv_context, process_span, traced
 
 __all__ = ["Claim", "Task", "TaskQueue", "TaskSpec"]
 
@@ -331,22 +331,23 @@ class TaskQueue:
         ]
         for result in await self._acks.publish(writes):
             _stored(result, self.session)
-        await self._events(
-            [
-                (
-                    TaskCreated(
-                        task_id=t.id,
-                        type=t.type,
-                        parameters=msgspec.to_builtins(t.parameters),
-                        priority=t.priority,
-                        requires_approval=t.constraints.requires_approval,
-                    ),
-                    agent,
-                    f"task:{t.id}:created",
+        for t, (_, _, headers) in zip(tasks, writes, strict=True):
+            with continued(headers):  # outside a trace: the one its dispatch started
+                await self._events(
+                    [
+                        (
+                            TaskCreated(
+                                task_id=t.id,
+                                type=t.type,
+                                parameters=msgspec.to_builtins(t.parameters),
+                                priority=t.priority,
+                                requires_approval=t.constraints.requires_approval,
+                            ),
+                            agent,
+                            f"task:{t.id}:created",
+                        )
+                    ]
                 )
-                for t in tasks
-            ]
-        )
         return tasks
 
     def _build(self, spec: TaskSpec, agent: str) -> Task:
@@ -551,11 +552,13 @@ class TaskQueue:
             InvalidTransitionError: the task needs no approval, or was rejected.
         """
         subjects.validate_agent_id(by)
+        created = await kv_context(self.kv, self._key(task_id))  # the trace to continue
         while True:
             task, revision = await self._read(task_id)
             if task.approval == "approved":
                 if task.status == "pending":
-                    await self._redispatch(task, revision)
+                    with continued(created):
+                        await self._redispatch(task, revision)
                 return task
             if task.approval != "required" or task.status != "pending":
                 raise InvalidTransitionError("task", task_id, _state(task), "approved")
@@ -563,7 +566,8 @@ class TaskQueue:
             with anyio.CancelScope(shield=True):  # a stored approval must be offered
                 new_revision = await self._cas(approved, revision)
                 if new_revision is not None:
-                    await self._redispatch(approved, new_revision)
+                    with continued(created):
+                        await self._redispatch(approved, new_revision)
             if new_revision is None:
                 continue
             return approved
@@ -805,9 +809,9 @@ class TaskQueue:
             claims.extend(c for c in results if c is not None)
         if error is not None and not claims:
             raise error
-        await self._events(
-            [(TaskAssigned(task_id=c.task.id, agent_id=agent), agent, None) for c in claims]
-        )
+        for c in claims:  # each in its task's trace
+            with continued(c._msg.headers):
+                await self._events([(TaskAssigned(task_id=c.task.id, agent_id=agent), agent, None)])
         return claims
 
     async def _settle(self, msg: Msg, agent: str, *, trust_hint: bool = True) -> Claim | None:
@@ -1065,7 +1069,8 @@ class TaskQueue:
             await _quietly(claim._msg.ack())
             agent = new.assigned_to or subjects.UNKNOWN
             event = TaskCompleted(task_id=new.id, result=result_dict)
-            await self._events([(event, agent, f"task:{new.id}:completed")])
+            with continued(claim._msg.headers):  # outside work()'s span: the task's trace
+                await self._events([(event, agent, f"task:{new.id}:completed")])
         return new
 
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
@@ -1091,7 +1096,8 @@ class TaskQueue:
                 await _quietly(claim._msg.ack())
             agent = new.assigned_to or subjects.UNKNOWN
             event = TaskFailed(task_id=new.id, error=error, attempts=new.attempts, dead=new.dead)
-            await self._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
+            with continued(claim._msg.headers):  # outside work()'s span: the task's trace
+                await self._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
         return new
 
     # --- worker loop -------------------------------------------------------------------
@@ -1120,7 +1126,8 @@ class TaskQueue:
             attrs = {**self._trace(claim.task), "swarmbus.agent": agent}
             try:
                 queue = claim._msg.subject.rsplit(".", 1)[0]  # span names without the id
-                with process_span(queue, claim.task.id, attrs, claim._msg.headers):
+                headers = claim._msg.headers or {}
+                with process_span(queue, headers.get(MSG_ID_HEADER, ""), attrs, headers):
                     try:
                         result = await handler(claim.task)
                     except Exception as exc:  # noqa: BLE001 - any handler error fails the task

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Final
 
+import nats.errors
 import nats.js.errors
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -350,6 +351,41 @@ def span_links(headers: Iterable[Mapping[str, str] | None]) -> list[Link]:
         if ctx.is_valid:
             links.append(Link(ctx))
     return links
+
+
+@contextmanager
+def _attached(headers: Mapping[str, str]) -> Iterator[None]:
+    token = otel_context.attach(propagate.extract(dict(headers)))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def continued(headers: Mapping[str, str] | None) -> contextlib.AbstractContextManager[None]:
+    """Make the context carried in ``headers`` current, without a span, if none is.
+
+    For a step that acts on a message or record outside any span (a claim's event, a
+    vote), so what it publishes joins that trace instead of starting one of its own.
+    """
+    if not tracing_enabled() or trace.get_current_span().get_span_context().is_valid:
+        return _NO_SPAN
+    return _attached(headers or {})
+
+
+async def kv_context(kv: KeyValue, key: str) -> dict[str, str]:
+    """The trace context stored with ``key``'s entry, for a step outside any span.
+
+    Empty, and nothing read, when tracing is off or a span is current (``continued``
+    keeps that one); empty too if the entry cannot be read.
+    """
+    if not tracing_enabled() or trace.get_current_span().get_span_context().is_valid:
+        return {}
+    try:
+        msg = await kv._js.get_last_msg(kv._stream, f"{kv._pre}{key}")
+    except (TimeoutError, nats.errors.Error):
+        return {}
+    return dict(msg.headers or {})
 
 
 def trace_headers() -> dict[str, str]:

@@ -308,7 +308,8 @@ async def test_task_handler_continues_the_creators_trace(
     assert dispatch.name.startswith(f"swarmbus.task.{session_id}.investigate.")
     for span in (consumer, dispatch):
         assert (span.attributes or {})["swarmbus.task_id"] == task.id
-    assert (dispatch.attributes or {})["messaging.message.id"] == f"task:{task.id}:dispatch"
+    for span in (consumer, dispatch):  # one message, one id
+        assert (span.attributes or {})["messaging.message.id"] == f"task:{task.id}:dispatch"
     completed = _one(
         [s for s in finished if s.name.startswith(f"agent.task.completed.{session_id}.")],
         "task.completed",
@@ -586,3 +587,135 @@ async def test_request_handler_error_event_joins_the_requests_trace(
     assert stored.headers[TRACEPARENT].split("-")[1] == trace_id
     consumer = _one([s for s in spans.get_finished_spans() if s.kind is SpanKind.CONSUMER], "con")
     assert not consumer.status.is_ok
+
+
+def test_mcp_server_configures_tracing_at_startup(nats_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "swarmbus._mcp"],
+        env={
+            **_env(),
+            "AGENT_ID": "ops/mcp-tracing",
+            "NATS_URL": nats_url,
+            "OTEL_TRACES_EXPORTER": "bogus",
+        },
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert "OTEL_TRACES_EXPORTER=bogus" in result.stderr
+
+
+async def test_task_assigned_event_joins_the_creators_trace(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:
+        with session_span(session_id):
+            task = await queue.create("investigate", agent="ops/lead")
+            trace_id = current_trace_id()
+        claim = await queue.claim(agent="ops/worker", types=["investigate"], timeout=5)
+        assert claim is not None
+        await claim.complete({})
+    assigned = _one(
+        [s for s in spans.get_finished_spans() if s.name.startswith("agent.task.assigned.")],
+        "task.assigned",
+    )
+    assert format(assigned.context.trace_id, "032x") == trace_id
+    assert (assigned.attributes or {})["swarmbus.session"] == session_id
+    assert claim.task.id == task.id
+
+
+async def test_a_vote_cast_outside_any_trace_joins_the_proposals(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str, unique: str
+) -> None:
+    await _vote_outside_any_trace(spans, bus, session_id, unique, via_service=False)
+
+
+async def test_a_vote_sent_to_the_service_outside_any_trace_joins_the_proposals(
+    spans: InMemorySpanExporter,
+    bus: Bus,
+    service: ConsensusService,
+    session_id: str,
+    unique: str,
+) -> None:
+    await _vote_outside_any_trace(spans, bus, session_id, unique, via_service=True)
+
+
+async def _vote_outside_any_trace(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str, unique: str, *, via_service: bool
+) -> None:
+    consensus = await Consensus.open(bus, bucket=f"CONS_{unique}", via_service=via_service)
+    with session_span(session_id):
+        await consensus.propose(
+            Proposal(proposal_id="p1", action="rollback", voters=["ops/a", "ops/b"], timeout=60),
+            agent="ops/a",
+            session=session_id,
+        )
+        trace_id = current_trace_id()
+    await consensus.vote(Vote(proposal_id="p1", vote="yes"), agent="ops/b")  # e.g. via MCP
+    voted = _one(
+        [
+            s
+            for s in spans.get_finished_spans()
+            if s.name.startswith("agent.action.voted.") and s.kind is SpanKind.PRODUCER
+        ],
+        "vote event",
+    )
+    assert format(voted.context.trace_id, "032x") == trace_id
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+async def test_completing_a_claim_outside_any_trace_joins_the_tasks(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str, outcome: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:
+        with session_span(session_id):
+            await queue.create("investigate", agent="ops/lead")
+            trace_id = current_trace_id()
+        # As the MCP server's complete_task / fail_task do: no span is current.
+        claim = await queue.claim(agent="ops/worker", types=["investigate"], timeout=5)
+        assert claim is not None
+        await (claim.complete({}) if outcome == "completed" else claim.fail("no access"))
+    event = _one(
+        [s for s in spans.get_finished_spans() if s.name.startswith(f"agent.task.{outcome}.")],
+        f"task.{outcome}",
+    )
+    assert format(event.context.trace_id, "032x") == trace_id
+
+
+async def test_a_task_approved_outside_any_trace_runs_in_its_creators(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str
+) -> None:
+    ran: list[str | None] = []
+    stop = anyio.Event()
+
+    async def handler(task: Any) -> dict[str, Any]:
+        ran.append(current_trace_id())
+        stop.set()
+        return {}
+
+    async with TaskQueue(bus, session_id) as queue:
+        with session_span(session_id):
+            task = await queue.create("restart", agent="ops/lead", requires_approval=True)
+            trace_id = current_trace_id()
+        await queue.approve(task.id, by="ops/approver")  # no span is current
+        with anyio.fail_after(10):
+            await queue.work(handler, agent="ops/worker", types=["restart"], stop=stop)
+    assert ran == [trace_id]
+
+
+async def test_a_task_created_outside_any_trace_is_one_trace(
+    spans: InMemorySpanExporter, bus: Bus, session_id: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:  # as the MCP server's tools do: no span
+        await queue.create("investigate", agent="ops/lead")
+        claim = await queue.claim(agent="ops/worker", types=["investigate"], timeout=5)
+        assert claim is not None
+        await claim.complete({})
+    finished = spans.get_finished_spans()
+    dispatch = _one([s for s in finished if s.name.startswith("swarmbus.task.")], "dispatch")
+    for event in ("created", "assigned", "completed"):
+        span = _one([s for s in finished if s.name.startswith(f"agent.task.{event}.")], event)
+        assert span.context.trace_id == dispatch.context.trace_id, event
