@@ -155,7 +155,8 @@ class Bus:
         settings = _with_overrides(settings, overrides)
         if not settings.servers:
             raise ConnectionError(
-                "no NATS URL: set NATS_URL or pass url=... (or use swarmbus.embedded())"
+                "no NATS URL: set NATS_URL or pass url=... "
+                "(swarmbus.connect() starts an embedded server)"
             )
         bus_ref: list[Bus] = []
 

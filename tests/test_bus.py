@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -615,6 +616,14 @@ async def test_tls_key_without_certificate_is_a_settings_error(
     """Ignoring it would connect without the client certificate the user asked for."""
     with pytest.raises(pydantic.ValidationError, match="tls_cert_file"):
         await Bus.connect(url=nats_url, tls_key_file=str(tmp_path / "client.key"))
+
+
+async def test_connect_without_url_names_the_embedded_fallback_that_exists() -> None:
+    """The error points at swarmbus.connect() (README: it starts an embedded server)."""
+    with pytest.raises(swarmbus.ConnectionError) as info:
+        await Bus.connect(swarmbus.Settings())
+    named = re.findall(r"swarmbus\.(\w+)\(", str(info.value))
+    assert named == ["connect"], str(info.value)
 
 
 async def test_connect_applies_overrides_to_given_settings(nats_url: str) -> None:
