@@ -109,7 +109,7 @@ from swarmbus._swarm import (
     run_swarm,
 )
 from swarmbus._tasks import Claim, Task, TaskQueue, TaskSpec
-from swarmbus._telemetry import configure_tracing, current_trace_id, session_span
+from swarmbus._telemetry import configure_tracing, consumer_span, current_trace_id, session_span
 
 __version__ = "0.1.0"
 
@@ -225,6 +225,7 @@ __all__ = [
     "aggregate_confidence",
     "configure_tracing",
     "connect",
+    "consumer_span",
     "current_trace_id",
     "decode",
     "encode",

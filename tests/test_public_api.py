@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import types
+from pathlib import Path
 
 import swarmbus
 
@@ -25,3 +27,12 @@ def test_every_error_derives_from_swarmbus_error() -> None:
     assert errors
     for error in errors:
         assert issubclass(error, swarmbus.SwarmbusError), error
+
+
+def test_the_readme_points_users_at_public_names_only() -> None:
+    """A call the README shows (``swarmbus.x(...)``) is public, never ``swarmbus._mod.x``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert re.findall(r"swarmbus\._\w+\.\w+", readme) == []
+    called = set(re.findall(r"\bswarmbus\.(\w+)\(", readme))
+    assert called
+    assert called <= set(swarmbus.__all__), called - set(swarmbus.__all__)
