@@ -36,3 +36,13 @@ def test_the_readme_points_users_at_public_names_only() -> None:
     called = set(re.findall(r"\bswarmbus\.(\w+)\(", readme))
     assert called
     assert called <= set(swarmbus.__all__), called - set(swarmbus.__all__)
+
+
+def test_the_repository_carries_the_shared_wire_contract() -> None:
+    """External services read CONTRACT.md from the repository; it is the team's copy."""
+    root = Path(__file__).resolve().parents[1]
+    ours = (root / "CONTRACT.md").read_text()
+    assert "# swarmbus wire contract" in ours
+    shared = root.parent / "shared" / "CONTRACT.md"
+    if shared.is_file():  # in the team's workspace: the copy must be current
+        assert ours == shared.read_text()
