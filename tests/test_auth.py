@@ -45,6 +45,7 @@ from swarmbus import (
     NotEligibleError,
     PermissionDeniedError,
     Proposal,
+    QueryLedger,
     RequestMessage,
     TaskQueue,
     Vote,
@@ -576,3 +577,27 @@ async def test_refused_background_publish_is_reported_not_resent(
     assert forged.lower() in caplog.text.lower()
     assert "permissions" in caplog.text
     assert not await stored(service, forged)
+
+
+async def test_evidence_query_ledger_works_under_agent_permissions(
+    deploy_server: NatsServer, service: Bus, session_id: str, unique: str
+) -> None:
+    """Swarm investigators dedupe evidence queries in SWARMBUS_QUERIES (on by default)."""
+    log_start = len(deploy_server.log)
+    await QueryLedger.open(service, session_id, agent=SERVICE)  # provisions the bucket
+    ran: list[str] = []
+
+    async def execute() -> str:
+        ran.append(VALIDATOR)
+        return "0.05"
+
+    async with as_user(deploy_server, VALIDATOR) as vbus, as_user(deploy_server, LEAD) as lbus:
+        first = await QueryLedger.open(vbus, session_id, agent=VALIDATOR)
+        again = await QueryLedger.open(lbus, session_id, agent=LEAD)
+        with anyio.fail_after(10):
+            won = await first.run("prometheus", f"rate(errors_{unique}[5m])", execute)
+            reused = await again.run("prometheus", f"rate(errors_{unique}[5m])", execute)
+    assert (won.reused, reused.reused) == (False, True)
+    assert ran == [VALIDATOR]
+    assert violations(deploy_server, VALIDATOR, log_start) == []
+    assert violations(deploy_server, LEAD, log_start) == []
