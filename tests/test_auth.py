@@ -14,6 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -601,3 +602,22 @@ async def test_evidence_query_ledger_works_under_agent_permissions(
     assert ran == [VALIDATOR]
     assert violations(deploy_server, VALIDATOR, log_start) == []
     assert violations(deploy_server, LEAD, log_start) == []
+
+
+async def test_service_runs_blackboard_retention(
+    deploy_server: NatsServer, service: Bus, session_id: str
+) -> None:
+    """``Blackboard.recording(retention=...)`` / ``purge_completed`` purge old sessions."""
+    log_start = len(deploy_server.log)
+    board = await Blackboard.open(service, session_id)
+    await board.start(SERVICE, {"task": "investigate"})
+    await board.complete({"decision": "rollback"}, agent=SERVICE)
+    later = datetime.now(UTC) + timedelta(days=8)
+    with anyio.fail_after(10):
+        purged = await Blackboard.purge_completed(service, timedelta(days=7), at=later)
+    assert session_id in purged
+    assert violations(deploy_server, SERVICE, log_start) == []
+    # ... and nothing else: the event stream stays unpurgeable
+    with pytest.raises(nats.errors.TimeoutError):
+        await service.nc.jetstream(timeout=1).purge_stream(EVENTS)
+    assert violations(deploy_server, SERVICE, log_start)
