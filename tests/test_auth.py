@@ -8,6 +8,7 @@ PermissionDeniedError without storing anything.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -621,3 +622,49 @@ async def test_service_runs_blackboard_retention(
     with pytest.raises(nats.errors.TimeoutError):
         await service.nc.jetstream(timeout=1).purge_stream(EVENTS)
     assert violations(deploy_server, SERVICE, log_start)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="swarmbus code: `swarmbus consensus` (the compose service account) provisions "
+    "only the event, dead-letter and consensus streams; agents may not create the "
+    "board, task, lock and query buckets",
+)
+async def test_agents_work_after_the_compose_service_provisioned(
+    tmp_path: Path, session_id: str
+) -> None:
+    """docker-compose.yml: start the service (`swarmbus consensus`) first, then agents."""
+    server = start_with_passwords(
+        NatsServer(tmp_path, config_file=DEPLOY / "single.conf", extra_args=["--http_port", "-1"])
+    )
+    try:
+        async with (
+            as_user(server, SERVICE) as service,
+            ConsensusService(service),
+            as_user(server, VALIDATOR) as agent,
+            TaskQueue(agent, session_id),
+        ):
+            await Blackboard.open(agent, session_id)
+            await QueryLedger.open(agent, session_id, agent=VALIDATOR)
+            with anyio.fail_after(10):
+                await Lock(agent, "deploy", VALIDATOR, ttl=5).acquire(timeout=0)
+    finally:
+        server.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="swarmbus code: KV buckets allow rollup headers, so any KV write grant "
+    "(an agent's own membership key) can purge the whole bucket with Nats-Rollup: all",
+)
+async def test_agent_cannot_wipe_the_consensus_bucket(
+    deploy_server: NatsServer, service: Bus, session_id: str, unique: str
+) -> None:
+    pid = f"p-{unique}"
+    await propose(service, session_id, pid)
+    before = await raw_record(service, pid)
+    async with as_user(deploy_server, VALIDATOR) as agent:
+        own_key = f"$KV.{CONSENSUS_BUCKET}.m.{session_id}.{VALIDATOR}"
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await agent.js.publish(own_key, b"", headers={"Nats-Rollup": "all"})
+    assert await raw_record(service, pid) == before
