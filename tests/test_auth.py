@@ -53,6 +53,7 @@ from swarmbus import (
     Vote,
 )
 from swarmbus._consensus import CONSENSUS_BUCKET, proposal_key
+from swarmbus._demo import incident
 from swarmbus._tasks import TASKS_BUCKET
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
@@ -73,6 +74,7 @@ INBOX = {
     LEAD: "_INBOX_security_incident-response-lead",
     SERVICE: "_INBOX_swarmbus_consensus",
     OBSERVER: "_INBOX_observer",
+    "demo": "_INBOX_demo",
 }
 EVENTS = "SWARMBUS_EVENTS"
 
@@ -668,3 +670,27 @@ async def test_agent_cannot_wipe_the_consensus_bucket(
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             await agent.js.publish(own_key, b"", headers={"Nats-Rollup": "all"})
     assert await raw_record(service, pid) == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the demo acts as ops/architect and ops/rollback-advisor too (not in the demo "
+    "user's permissions) and writes consensus records itself (swarmbus/_demo.py runs its "
+    "own ConsensusService and votes without via_service)",
+)
+async def test_demo_runs_under_the_demo_user(
+    deploy_server: NatsServer, service: Bus, session_id: str
+) -> None:
+    """`swarmbus demo` in docker-compose.yml: the demo user, next to the consensus service."""
+    log_start = len(deploy_server.log)
+    async with (
+        ConsensusService(service),
+        TaskQueue(service, session_id),
+        as_user(deploy_server, "demo") as bus,
+    ):
+        # what the service should have provisioned (see the test above)
+        await Blackboard.open(service, session_id)
+        await QueryLedger.open(service, session_id, agent=SERVICE)
+        result = await incident(bus, session=session_id, echo=lambda _: None, timeout=20)
+    assert result.decision.decision == "rollback"
+    assert violations(deploy_server, "demo", log_start) == []
