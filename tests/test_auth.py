@@ -8,12 +8,14 @@ PermissionDeniedError without storing anything.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +47,13 @@ from swarmbus import (
     NotEligibleError,
     PermissionDeniedError,
     Proposal,
+    QueryLedger,
     RequestMessage,
     TaskQueue,
     Vote,
 )
 from swarmbus._consensus import CONSENSUS_BUCKET, proposal_key
+from swarmbus._demo import incident
 from swarmbus._tasks import TASKS_BUCKET
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
@@ -70,6 +74,7 @@ INBOX = {
     LEAD: "_INBOX_security_incident-response-lead",
     SERVICE: "_INBOX_swarmbus_consensus",
     OBSERVER: "_INBOX_observer",
+    "demo": "_INBOX_demo",
 }
 EVENTS = "SWARMBUS_EVENTS"
 
@@ -576,3 +581,116 @@ async def test_refused_background_publish_is_reported_not_resent(
     assert forged.lower() in caplog.text.lower()
     assert "permissions" in caplog.text
     assert not await stored(service, forged)
+
+
+async def test_evidence_query_ledger_works_under_agent_permissions(
+    deploy_server: NatsServer, service: Bus, session_id: str, unique: str
+) -> None:
+    """Swarm investigators dedupe evidence queries in SWARMBUS_QUERIES (on by default)."""
+    log_start = len(deploy_server.log)
+    await QueryLedger.open(service, session_id, agent=SERVICE)  # provisions the bucket
+    ran: list[str] = []
+
+    async def execute() -> str:
+        ran.append(VALIDATOR)
+        return "0.05"
+
+    async with as_user(deploy_server, VALIDATOR) as vbus, as_user(deploy_server, LEAD) as lbus:
+        first = await QueryLedger.open(vbus, session_id, agent=VALIDATOR)
+        again = await QueryLedger.open(lbus, session_id, agent=LEAD)
+        with anyio.fail_after(10):
+            won = await first.run("prometheus", f"rate(errors_{unique}[5m])", execute)
+            reused = await again.run("prometheus", f"rate(errors_{unique}[5m])", execute)
+    assert (won.reused, reused.reused) == (False, True)
+    assert ran == [VALIDATOR]
+    assert violations(deploy_server, VALIDATOR, log_start) == []
+    assert violations(deploy_server, LEAD, log_start) == []
+
+
+async def test_service_runs_blackboard_retention(
+    deploy_server: NatsServer, service: Bus, session_id: str
+) -> None:
+    """``Blackboard.recording(retention=...)`` / ``purge_completed`` purge old sessions."""
+    log_start = len(deploy_server.log)
+    board = await Blackboard.open(service, session_id)
+    await board.start(SERVICE, {"task": "investigate"})
+    await board.complete({"decision": "rollback"}, agent=SERVICE)
+    later = datetime.now(UTC) + timedelta(days=8)
+    with anyio.fail_after(10):
+        purged = await Blackboard.purge_completed(service, timedelta(days=7), at=later)
+    assert session_id in purged
+    assert violations(deploy_server, SERVICE, log_start) == []
+    # ... and nothing else: the event stream stays unpurgeable
+    with pytest.raises(nats.errors.TimeoutError):
+        await service.nc.jetstream(timeout=1).purge_stream(EVENTS)
+    assert violations(deploy_server, SERVICE, log_start)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="swarmbus code: `swarmbus consensus` (the compose service account) provisions "
+    "only the event, dead-letter and consensus streams; agents may not create the "
+    "board, task, lock and query buckets",
+)
+async def test_agents_work_after_the_compose_service_provisioned(
+    tmp_path: Path, session_id: str
+) -> None:
+    """docker-compose.yml: start the service (`swarmbus consensus`) first, then agents."""
+    server = start_with_passwords(
+        NatsServer(tmp_path, config_file=DEPLOY / "single.conf", extra_args=["--http_port", "-1"])
+    )
+    try:
+        async with (
+            as_user(server, SERVICE) as service,
+            ConsensusService(service),
+            as_user(server, VALIDATOR) as agent,
+            TaskQueue(agent, session_id),
+        ):
+            await Blackboard.open(agent, session_id)
+            await QueryLedger.open(agent, session_id, agent=VALIDATOR)
+            with anyio.fail_after(10):
+                await Lock(agent, "deploy", VALIDATOR, ttl=5).acquire(timeout=0)
+    finally:
+        server.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="swarmbus code: KV buckets allow rollup headers, so any KV write grant "
+    "(an agent's own membership key) can purge the whole bucket with Nats-Rollup: all",
+)
+async def test_agent_cannot_wipe_the_consensus_bucket(
+    deploy_server: NatsServer, service: Bus, session_id: str, unique: str
+) -> None:
+    pid = f"p-{unique}"
+    await propose(service, session_id, pid)
+    before = await raw_record(service, pid)
+    async with as_user(deploy_server, VALIDATOR) as agent:
+        own_key = f"$KV.{CONSENSUS_BUCKET}.m.{session_id}.{VALIDATOR}"
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await agent.js.publish(own_key, b"", headers={"Nats-Rollup": "all"})
+    assert await raw_record(service, pid) == before
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the demo acts as ops/architect and ops/rollback-advisor too (not in the demo "
+    "user's permissions) and writes consensus records itself (swarmbus/_demo.py runs its "
+    "own ConsensusService and votes without via_service)",
+)
+async def test_demo_runs_under_the_demo_user(
+    deploy_server: NatsServer, service: Bus, session_id: str
+) -> None:
+    """`swarmbus demo` in docker-compose.yml: the demo user, next to the consensus service."""
+    log_start = len(deploy_server.log)
+    async with (
+        ConsensusService(service),
+        TaskQueue(service, session_id),
+        as_user(deploy_server, "demo") as bus,
+    ):
+        # what the service should have provisioned (see the test above)
+        await Blackboard.open(service, session_id)
+        await QueryLedger.open(service, session_id, agent=SERVICE)
+        result = await incident(bus, session=session_id, echo=lambda _: None, timeout=20)
+    assert result.decision.decision == "rollback"
+    assert violations(deploy_server, "demo", log_start) == []
