@@ -334,9 +334,10 @@ def _deadline(proposal: Proposal, at: datetime) -> datetime:
         ) from None
 
 
-async def _record_proposal(
+async def _new_record(
     kv: KeyValue, proposal: Proposal, *, agent: str, session: str, message_id: str, at: datetime
 ) -> ProposalRecord:
+    """The record a valid ``proposal`` opens (its electorate: the voters, or the members)."""
     validate_body(proposal)
     if proposal.quorum == "threshold" and proposal.threshold is None:
         raise InvalidMessageError("schema", "a threshold quorum needs a threshold")
@@ -345,7 +346,7 @@ async def _record_proposal(
         raise InvalidMessageError(
             "no_voters", f"proposal {proposal.proposal_id!r} names no voters and {session} has none"
         )
-    record = ProposalRecord(
+    return ProposalRecord(
         proposal=msgspec.structs.replace(proposal, voters=electorate),
         session=session,
         proposer=agent,
@@ -354,6 +355,14 @@ async def _record_proposal(
         deadline=_deadline(proposal, at),
         electorate=electorate,
         trace=trace_headers(),
+    )
+
+
+async def _record_proposal(
+    kv: KeyValue, proposal: Proposal, *, agent: str, session: str, message_id: str, at: datetime
+) -> ProposalRecord:
+    record = await _new_record(
+        kv, proposal, agent=agent, session=session, message_id=message_id, at=at
     )
     key = proposal_key(proposal.proposal_id)
     data = _encoder.encode(record)
@@ -575,28 +584,12 @@ class Consensus:
     async def _propose_via_service(
         self, proposal: Proposal, agent: str, session: str, message_id: str
     ) -> ProposalRecord:
-        validate_body(proposal)
         pid = proposal.proposal_id
-        if proposal.quorum == "threshold" and proposal.threshold is None:
-            raise InvalidMessageError("schema", "a threshold quorum needs a threshold")
-        at = now()
-        electorate = sorted(set(proposal.voters)) or await _members(self.kv, session)
-        if not electorate:
-            raise InvalidMessageError(
-                "no_voters", f"proposal {pid!r} names no voters and {session} has none"
-            )
-        _check_fits(
-            self.kv,
-            ProposalRecord(
-                proposal=msgspec.structs.replace(proposal, voters=electorate),
-                session=session,
-                proposer=agent,
-                message_id=message_id,
-                created_at=at,
-                deadline=_deadline(proposal, at),
-                electorate=electorate,
-            ),
+        # What the service would record: refuse up front what it could only refuse.
+        record = await _new_record(
+            self.kv, proposal, agent=agent, session=session, message_id=message_id, at=now()
         )
+        _check_fits(self.kv, record)
         with contextlib.suppress(NotFoundError):
             await _read(self.kv, pid)
             raise ConflictError(proposal_key(pid), 0, f"proposal {pid!r} exists")
