@@ -151,7 +151,10 @@ async def test_agents_reconnect_and_keep_handling_after_server_restart(
         )
         with anyio.fail_after(20):
             await events["after"].wait()
-    assert got == ["before", "after"]
+    # At-least-once: the kill may lose the (unconfirmed) ack of "before", which is then
+    # delivered again after the restart; "after" must come, and nothing else.
+    assert got[0] == "before"
+    assert set(got) == {"before", "after"}
 
 
 SIGTERM_APP = """
