@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import anyio
 import anyio.lowlevel
@@ -71,6 +71,9 @@ from swarmbus._outbox import Outbox
 from swarmbus._retry import RetryingJetStream
 from swarmbus._server import check_version
 from swarmbus._telemetry import consumer_span, producer_span, record_failure, tracing_enabled
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 log = logging.getLogger("swarmbus")
 
@@ -673,16 +676,7 @@ class Bus:
         short outage) is retried: the message is redelivered after a delay instead of
         dead-lettered. Returns False if the message must not be acked.
         """
-        span = (
-            consumer_span(
-                msg.subject,
-                message.id,
-                {"swarmbus.session": message.source.session, "swarmbus.agent": receiver},
-                msg.headers,
-            )
-            if tracing_enabled()
-            else _NO_SPAN
-        )
+        span = _consumer_span(msg, message.id, message.source.session, receiver)
         # Report inside the span: the error event joins the failed message's trace.
         with span as current:
             try:
@@ -951,16 +945,7 @@ class Bus:
             session = request.source.session
             await limiter.acquire()
             try:
-                span = (
-                    consumer_span(
-                        msg.subject,
-                        request.id,
-                        {"swarmbus.session": request.source.session, "swarmbus.agent": agent},
-                        msg.headers,
-                    )
-                    if tracing_enabled()
-                    else _NO_SPAN
-                )
+                span = _consumer_span(msg, request.id, request.source.session, agent)
                 # Report inside the span: the error event joins the request's trace.
                 with span as current:
                     try:
@@ -1141,6 +1126,16 @@ async def connect(
             yield bus
     finally:
         await anyio.to_thread.run_sync(server.stop)
+
+
+def _consumer_span(
+    msg: Msg, message_id: str, session: str, agent: str
+) -> contextlib.AbstractContextManager[Span | None]:
+    """The CONSUMER span of ``agent`` handling ``msg`` (a no-op when tracing is off)."""
+    if not tracing_enabled():
+        return _NO_SPAN
+    attributes = {"swarmbus.session": session, "swarmbus.agent": agent}
+    return consumer_span(msg.subject, message_id, attributes, msg.headers)
 
 
 def deliveries(msg: Msg) -> int:

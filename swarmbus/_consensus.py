@@ -390,14 +390,7 @@ async def _record_vote(
         record, revision = await _read(kv, pid)
         if _vote_recorded(record, agent, message_id, at=at):
             return record  # this very vote is recorded already (a re-delivered event)
-        ballot = Ballot(
-            voter=agent,
-            vote=vote.vote,
-            confidence=vote.confidence,
-            reason=vote.reason,
-            cast_at=at,
-            message_id=message_id,
-        )
+        ballot = _ballot(vote, agent, message_id, at)
         updated = msgspec.structs.replace(
             record,
             votes=[*record.votes, ballot],
@@ -426,6 +419,18 @@ def _check_fits(kv: KeyValue, record: ProposalRecord) -> None:
     size, limit = len(_encoder.encode(record)), kv._js._nc.max_payload
     if size > limit:
         raise MessageTooLargeError(size, limit)
+
+
+def _ballot(vote: Vote, agent: str, message_id: str, at: datetime) -> Ballot:
+    """``agent``'s ``vote`` as the proposal record stores it."""
+    return Ballot(
+        voter=agent,
+        vote=vote.vote,
+        confidence=vote.confidence,
+        reason=vote.reason,
+        cast_at=at,
+        message_id=message_id,
+    )
 
 
 def _vote_recorded(record: ProposalRecord, agent: str, message_id: str, *, at: datetime) -> bool:
@@ -608,14 +613,7 @@ class Consensus:
         record, _ = await _read(self.kv, vote.proposal_id)
         at = now()
         _vote_recorded(record, agent, message_id, at=at)
-        ballot = Ballot(
-            voter=agent,
-            vote=vote.vote,
-            confidence=vote.confidence,
-            reason=vote.reason,
-            cast_at=at,
-            message_id=message_id,
-        )
+        ballot = _ballot(vote, agent, message_id, at)
         _check_fits(self.kv, msgspec.structs.replace(record, votes=[*record.votes, ballot]))
         with continued(record.trace):  # outside a trace of its own: the proposal's
             await self.bus.publish(vote, agent=agent, session=record.session, id=message_id)
