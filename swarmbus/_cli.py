@@ -11,11 +11,15 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from swarmbus._errors import SwarmbusError
 from swarmbus._telemetry import configure_tracing
+
+if TYPE_CHECKING:
+    from swarmbus._server import NatsServer
 
 Command = Callable[[argparse.Namespace], int]
 LOOP_ENV = "SWARMBUS_LOOP"
@@ -43,16 +47,45 @@ def _run(func: Callable[..., Awaitable[int]], *args: object) -> int:
 def _cmd_server(args: argparse.Namespace) -> int:
     from swarmbus._server import NatsServer
 
-    server = NatsServer(args.data_dir, port=args.port, sync_interval=args.sync_interval)
-    server.start()
-    print(f"nats-server {server.url} (pid {server.pid}, data {server.data_dir})", flush=True)
-    print(f"export NATS_URL={server.url}", flush=True)
+    # Wake on SIGINT/SIGTERM or on the server's own exit, whichever comes first: a
+    # wrapper that outlived its server would hide the failure from a supervisor.
+    # The handlers go in first, so a signal sent once the URL is printed is never lost.
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
+    server = NatsServer(args.data_dir, port=args.port, sync_interval=args.sync_interval)
+    server.start()
+    pid = server.pid
+    threading.Thread(target=_set_on_exit, args=(server, stopped), daemon=True).start()
+    print(f"nats-server {server.url} (pid {pid}, data {server.data_dir})", flush=True)
+    print(f"export NATS_URL={server.url}", flush=True)
     stopped.wait()
+    code = server.wait(timeout=0)
+    if code is not None:
+        last = server.log[-1] if server.log else "no output"
+        print(
+            f"swarmbus: error: nats-server (pid {pid}) died unexpectedly "
+            f"({_exit_reason(code)}); last log line: {last}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     server.stop()
     return 0
+
+
+def _set_on_exit(server: NatsServer, event: threading.Event) -> None:
+    server.wait()
+    event.set()
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def _cmd_schemas(args: argparse.Namespace) -> int:
