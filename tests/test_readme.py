@@ -29,7 +29,7 @@ from swarmbus import NatsServer
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(
-    r"(?:<!--\s*(?P<marker>[\w-]+):\s*(?P<arg>.*?)\s*-->\n)?^```(?P<lang>\w*)\n(?P<code>.*?)^```",
+    r"(?:<!--\s*(?P<marker>[\w-]+):\s*(?P<arg>.*?)\s*-->\n)?^```(?P<lang>\w*)[^\n]*\n(?P<code>.*?)^```",
     re.S | re.M,
 )
 TIMEOUT = 60
