@@ -238,7 +238,8 @@ NOT_FOUND: Final = 3
 async def _session_known(bus: Bus, session: str) -> bool:
     """Whether anything names ``session``: a key on the board, a task or an event."""
     from swarmbus._blackboard import Blackboard
-    from swarmbus._bus import EVENTS_STREAM, has_messages
+    from swarmbus._bus import EVENTS_STREAM
+    from swarmbus._jetstream.reads import has_messages
     from swarmbus._subjects import session_filter
     from swarmbus._tasks import TaskQueue
 
