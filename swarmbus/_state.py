@@ -13,8 +13,8 @@ tokens, one vote per agent) is a compare-and-set on a revision, so it holds on a
 store that implements ``update`` atomically.
 
 Keys are dot-separated tokens (``<session>.<kind>.<id>``); a prefix ends with a dot,
-is empty, or is one whole key. Revisions are positive and increase on every write to a key, also across
-deletes and expiries (they serve as fencing tokens).
+is empty, or is one whole key. Revisions are positive and increase on every write to
+a key, also across deletes and expiries (they serve as fencing tokens).
 """
 
 from __future__ import annotations
