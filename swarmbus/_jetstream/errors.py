@@ -68,6 +68,8 @@ def nats_errors(what: str) -> Iterator[None]:
 
 def is_wrong_last_sequence(exc: BaseException) -> bool:
     """Whether ``exc`` is a compare-and-set that lost (10071 or 10164)."""
+    if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError):
+        return True  # nats-py's KV raises it without an err_code
     return isinstance(exc, nats.js.errors.APIError) and exc.err_code in WRONG_LAST_SEQUENCE
 
 
