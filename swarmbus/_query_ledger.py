@@ -154,7 +154,7 @@ class QueryLedger:
                 return record
             # Failed, or running but not renewed for a whole lease: take it over.
             if record.status == "failed" or not await _changed(
-                store, self.session, key, entry.revision, within=self.lease
+                store, key, entry.revision, within=self.lease
             ):
                 try:
                     return await store.update(key, running, revision=entry.revision)
@@ -236,17 +236,11 @@ def _outcome(source: str, query: str, result: str, agent: str, reused: bool) -> 
     )
 
 
-async def _changed(
-    store: StateStore, session: str, key: str, revision: int, *, within: float
-) -> bool:
-    """Whether ``key`` gets a revision newer than ``revision`` within ``within`` seconds.
-
-    A store watches prefixes, not single keys: this watches the session's queries and
-    looks at ``key`` only.
-    """
-    async with store.watch(f"{session}.") as entries:
+async def _changed(store: StateStore, key: str, revision: int, *, within: float) -> bool:
+    """Whether ``key`` gets a revision newer than ``revision`` within ``within`` seconds."""
+    async with store.watch(key) as entries:
         with anyio.move_on_after(within):
             async for entry in entries:
-                if entry is not None and entry.key == key and entry.revision > revision:
+                if entry is not None and entry.revision > revision:
                     return True
     return False
