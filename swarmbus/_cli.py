@@ -113,7 +113,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from swarmbus._bus import connect
-    from swarmbus._swarm import load_agents, load_spec, run_swarm, spec_agents
+    from swarmbus._spec import load_spec, spec_agents
+    from swarmbus._swarm import load_agents, run_swarm
 
     spec = load_spec(args.spec)
     agents = load_agents(args.agents)
@@ -261,7 +262,7 @@ def _not_found(session: str) -> int:
 
 
 def _duration(value: str) -> float:
-    from swarmbus._swarm import parse_duration
+    from swarmbus._spec import parse_duration
 
     try:
         return parse_duration(value)
