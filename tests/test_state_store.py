@@ -12,11 +12,26 @@ from swarmbus._jetstream.store import NatsStore
 from swarmbus._state import Entry, StateStore
 
 
-@pytest.fixture(params=["nats"])
-async def store(request: pytest.FixtureRequest, bus: Bus, unique: str) -> AsyncIterator[StateStore]:
+@pytest.fixture(params=["nats", "redis", "postgres"])
+async def store(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[StateStore]:
+    bucket = f"conformance-{unique}"
     if request.param == "nats":
-        kv = await bus.key_value(f"conformance-{unique}", history=1, limit_marker_ttl=60)
+        bus: Bus = request.getfixturevalue("bus")
+        kv = await bus.key_value(bucket, history=1, limit_marker_ttl=60)
         yield NatsStore(kv)
+    elif request.param == "redis":
+        from swarmbus._redis_store import RedisStore
+
+        redis_store = RedisStore.from_url(request.getfixturevalue("redis_server").url, bucket)
+        try:
+            yield redis_store
+        finally:
+            await redis_store.aclose()
+    else:
+        from swarmbus._postgres_store import PostgresStore
+
+        async with PostgresStore.open(request.getfixturevalue("postgres_server").url, bucket) as pg:
+            yield pg
 
 
 async def test_create_is_once(store: StateStore) -> None:

@@ -1,0 +1,417 @@
+"""``StateStore`` on Redis (redis-py asyncio): the seed's "Redis-based coordination".
+
+Key layout (``key_prefix`` is the seed's ``agent:swarm:``; see docs/backends.md)::
+
+    agent:swarm:{session}:context            board  <session>.context
+    agent:swarm:{session}:session            board  <session>.session
+    agent:swarm:{session}:findings:{id}      board  <session>.finding.<id>
+    agent:swarm:{session}:hypotheses:{id}    board  <session>.hypothesis.<id>
+    agent:swarm:{session}:actions:{id}       board  <session>.action.<id>
+    agent:swarm:{session}:tasks:{id}         tasks  <session>.<id>
+    agent:swarm:locks:{resource key}         locks  <resource key>
+    agent:swarm:{bucket}:{a}:{b}...          any other bucket: <a>.<b>...
+    agent:swarm:{bucket}/revision            INCR counter: the bucket's revisions
+    agent:swarm:{bucket}/changes             stream: every write, delete and expiry
+    agent:swarm:{bucket}/keys                sorted set (lex): the live keys, for list/watch
+    agent:swarm:{bucket}/expiry              sorted set (ms): keys with a TTL, by deadline
+
+Each key is a hash ``{value, revision}``. Every write is one Lua script: the check
+(create-once: the seed's ``SET NX``; compare-and-set: the revision), ``INCR`` of the
+bucket's counter (so revisions increase across deletes and expiries and serve as
+fencing tokens), the hash, ``PEXPIRE`` for a TTL, and the ``XADD`` to the change
+stream, all atomic: a watcher never misses a change. A delete with a revision is the
+seed's owner-only release (the owner check compares the revision it wrote).
+
+Expiry: Redis drops an expired key by itself; the delete event comes from a sweep
+script that finds due keys in ``/expiry`` and emits their delete once. Watches run
+the sweep (woken at the next deadline), and every list and write sweeps the keys it
+touches. Keyspace notifications were not used: they are pub/sub (lost while nobody
+listens) and need ``CONFIG SET``, which managed Redis often refuses.
+
+The scripts touch keys they compute, so this needs a standalone Redis (or one shard),
+not Redis Cluster. The change stream is capped (``stream_max_len``, approximate): a
+watcher further behind than that misses changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final
+
+import anyio
+
+from swarmbus._errors import (
+    ConflictError,
+    ConnectionError,
+    InvalidIdentifierError,
+    MessageTooLargeError,
+    MissingDependencyError,
+    PermissionDeniedError,
+    PublishError,
+)
+from swarmbus._state import Entry
+
+try:
+    import redis.asyncio as aioredis
+    import redis.exceptions as rexc
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise MissingDependencyError("the Redis state store", "redis") from exc
+
+__all__ = [
+    "BOARD_BUCKET",
+    "DEFAULT_KEY_PREFIX",
+    "LOCKS_BUCKET",
+    "TASKS_BUCKET",
+    "RedisLayout",
+    "RedisStore",
+]
+
+DEFAULT_KEY_PREFIX: Final = "agent:swarm:"
+DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
+DEFAULT_STREAM_MAX_LEN: Final = 100_000
+SWEEP_INTERVAL: Final = 1.0
+"""Longest wait (seconds) between two sweeps of a watch when no key is due sooner."""
+WATCH_BLOCK_MS: Final = 1000
+
+BOARD_BUCKET: Final = "SWARMBUS_BOARD"
+TASKS_BUCKET: Final = "swarmbus-tasks"
+LOCKS_BUCKET: Final = "SWARMBUS_LOCKS"
+BOARD_KINDS: Final = {"finding": "findings", "hypothesis": "hypotheses", "action": "actions"}
+
+_KEY_RE: Final = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
+_SEP: Final = b"\0"
+
+# Shared by the scripts. Index and expiry members are "<store key>\0<redis key>", so a
+# lex range on the store key's prefix finds them and the scripts know the Redis key.
+# KEYS: 1 counter, 2 changes, 3 keys index, 4 expiry (+ 5 the data key for writes).
+_LUA_COMMON = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function emit(maxlen, key, rev, op, value)
+  if value then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*',
+      'key', key, 'revision', rev, 'op', op, 'value', value)
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'key', key, 'revision', rev, 'op', op)
+  end
+end
+local function reap(member, maxlen)
+  local sep = string.find(member, '\\0', 1, true)
+  local rkey = string.sub(member, sep + 1)
+  if redis.call('EXISTS', rkey) == 1 then return 0 end
+  redis.call('ZREM', KEYS[4], member)
+  redis.call('ZREM', KEYS[3], member)
+  emit(maxlen, string.sub(member, 1, sep - 1), redis.call('INCR', KEYS[1]), 'expire', nil)
+  return 1
+end
+local function sweep(maxlen, limit)
+  local now = now_ms()
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, limit)) do
+    reap(m, maxlen)
+  end
+  local nxt = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  if nxt[2] then return math.max(0, tonumber(nxt[2]) - now) end
+  return -1
+end
+"""
+
+# ARGV: member, store key, value, ttl ms (0: none), mode, expected revision, maxlen
+_WRITE = (
+    _LUA_COMMON
+    + """
+local member, key, maxlen = ARGV[1], ARGV[2], ARGV[7]
+if redis.call('ZSCORE', KEYS[4], member) then reap(member, maxlen) end
+local current = redis.call('HGET', KEYS[5], 'revision')
+local mode = ARGV[5]
+if mode == 'create' and current then return {0, current} end
+if mode == 'update' and current ~= ARGV[6] then return {0, current or '0'} end
+local rev = redis.call('INCR', KEYS[1])
+redis.call('HSET', KEYS[5], 'value', ARGV[3], 'revision', rev)
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[5], ttl)
+  redis.call('ZADD', KEYS[4], now_ms() + ttl, member)
+elseif current then
+  redis.call('PERSIST', KEYS[5])
+  redis.call('ZREM', KEYS[4], member)
+end
+redis.call('ZADD', KEYS[3], 0, member)
+emit(maxlen, key, rev, 'put', ARGV[3])
+return {1, rev}
+"""
+)
+
+# ARGV: member, store key, expected revision ('' = any), maxlen
+_DELETE = (
+    _LUA_COMMON
+    + """
+local member, key, maxlen = ARGV[1], ARGV[2], ARGV[4]
+if redis.call('ZSCORE', KEYS[4], member) then reap(member, maxlen) end
+local current = redis.call('HGET', KEYS[5], 'revision')
+if ARGV[3] ~= '' and current ~= ARGV[3] then return {0, current or '0'} end
+if not current then return {1, 0} end
+redis.call('DEL', KEYS[5])
+redis.call('ZREM', KEYS[3], member)
+redis.call('ZREM', KEYS[4], member)
+local rev = redis.call('INCR', KEYS[1])
+emit(maxlen, key, rev, 'del', nil)
+return {1, rev}
+"""
+)
+
+# ARGV: lex min, lex max, maxlen. Returns {stream position, {key, value, revision, ...}}.
+_SNAPSHOT = (
+    _LUA_COMMON
+    + """
+sweep(ARGV[3], 1000)
+local out = {}
+for _, m in ipairs(redis.call('ZRANGEBYLEX', KEYS[3], ARGV[1], ARGV[2])) do
+  local sep = string.find(m, '\\0', 1, true)
+  local vr = redis.call('HMGET', string.sub(m, sep + 1), 'value', 'revision')
+  if vr[2] then
+    out[#out + 1] = string.sub(m, 1, sep - 1)
+    out[#out + 1] = vr[1]
+    out[#out + 1] = vr[2]
+  end
+end
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local pos = '0-0'
+if last[1] then pos = last[1][1] end
+return {pos, out}
+"""
+)
+
+# ARGV: maxlen. Returns the milliseconds until the next deadline (-1: none).
+_SWEEP = _LUA_COMMON + "\nreturn sweep(ARGV[1], 1000)\n"
+
+
+class RedisLayout:
+    """Where a store key of a bucket lives in Redis (the seed's layout; module docstring)."""
+
+    def __init__(self, bucket: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
+        self.bucket = bucket
+        self.prefix = key_prefix
+        base = f"{key_prefix}{bucket}/"
+        self.counter = base + "revision"
+        self.changes = base + "changes"
+        self.keys = base + "keys"
+        self.expiry = base + "expiry"
+
+    def redis_key(self, key: str) -> str:
+        """The Redis key of store key ``key`` (injective: tokens never contain ``:``)."""
+        if not _KEY_RE.match(key):
+            raise InvalidIdentifierError("state key", key, "use tokens of [-/_=A-Za-z0-9] and '.'")
+        tokens = key.split(".")
+        if self.bucket == BOARD_BUCKET and len(tokens) >= 2:
+            if tokens[1] in BOARD_KINDS.values():
+                raise InvalidIdentifierError("board key", key, "kind tokens are singular")
+            tokens[1] = BOARD_KINDS.get(tokens[1], tokens[1])
+        elif self.bucket == TASKS_BUCKET and len(tokens) >= 2:
+            tokens.insert(1, "tasks")
+        elif self.bucket == LOCKS_BUCKET:
+            tokens.insert(0, "locks")
+        else:
+            tokens.insert(0, self.bucket)
+        return self.prefix + ":".join(tokens)
+
+    def member(self, key: str) -> bytes:
+        """The key's member in the ``/keys`` and ``/expiry`` sorted sets."""
+        return key.encode() + _SEP + self.redis_key(key).encode()
+
+
+def _lex_range(prefix: str) -> tuple[bytes, bytes]:
+    """ZRANGEBYLEX bounds of the members whose store key has ``prefix`` (or is it)."""
+    if not prefix:
+        return b"-", b"+"
+    if prefix.endswith("."):
+        return b"[" + prefix.encode(), b"(" + prefix[:-1].encode() + b"/"  # '/' follows '.'
+    return b"[" + prefix.encode() + _SEP, b"(" + prefix.encode() + b"\x01"
+
+
+def _matches(prefix: str, key: str) -> bool:
+    return not prefix or key == prefix or (prefix.endswith(".") and key.startswith(prefix))
+
+
+@contextlib.contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Re-raise redis-py's errors as swarmbus errors (``raise ... from``)."""
+    try:
+        yield
+    except (rexc.NoPermissionError, rexc.AuthenticationError) as exc:
+        raise PermissionDeniedError(f"{what}: {exc}") from exc
+    except rexc.AuthorizationError as exc:
+        raise PermissionDeniedError(f"{what}: {exc}") from exc
+    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+        raise ConnectionError(f"{what}: {exc}") from exc
+    except rexc.ResponseError as exc:
+        if str(exc).startswith("NOPERM"):
+            raise PermissionDeniedError(f"{what}: {exc}") from exc
+        raise PublishError(f"{what}: {exc}") from exc
+    except rexc.RedisError as exc:
+        raise PublishError(f"{what}: {exc}") from exc
+
+
+class RedisStore:
+    """A ``StateStore`` for one bucket, on a ``redis.asyncio.Redis`` client.
+
+    The client is the caller's (``RedisStore.from_url`` makes one and ``aclose``
+    closes it). ``key_prefix``: the seed's ``agent:swarm:``.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        bucket: str,
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        stream_max_len: int = DEFAULT_STREAM_MAX_LEN,
+    ) -> None:
+        self.client = client
+        self.name: str = bucket
+        self.max_value_bytes: int = max_value_bytes
+        self.layout = RedisLayout(bucket, key_prefix)
+        self._maxlen = str(stream_max_len)
+        lay = self.layout
+        self._bucket_keys = [lay.counter, lay.changes, lay.keys, lay.expiry]
+        self._write = client.register_script(_WRITE)
+        self._delete = client.register_script(_DELETE)
+        self._snapshot = client.register_script(_SNAPSHOT)
+        self._sweep = client.register_script(_SWEEP)
+
+    @classmethod
+    def from_url(cls, url: str, bucket: str, **options: Any) -> RedisStore:
+        """A store on a new client for ``url`` (``redis://host:port/db``)."""
+        return cls(aioredis.Redis.from_url(url), bucket, **options)
+
+    async def aclose(self) -> None:
+        """Close the client (and its connections)."""
+        await self.client.aclose()
+
+    async def get(self, key: str, *, fresh: bool = False) -> Entry | None:
+        # one primary: every read is fresh
+        with redis_errors(f"get {key} from {self.name}"):
+            value, revision = await self.client.hmget(
+                self.layout.redis_key(key), ["value", "revision"]
+            )
+        if revision is None:
+            return None
+        return Entry(key=key, value=value or b"", revision=int(revision))
+
+    async def create(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
+        return await self._put(key, value, ttl, "create", 0)
+
+    async def update(self, key: str, value: bytes, *, revision: int, ttl: int | None = None) -> int:
+        return await self._put(key, value, ttl, "update", revision)
+
+    async def put(self, key: str, value: bytes) -> int:
+        return await self._put(key, value, None, "put", 0)
+
+    async def _put(self, key: str, value: bytes, ttl: int | None, mode: str, expected: int) -> int:
+        if len(value) > self.max_value_bytes:
+            raise MessageTooLargeError(len(value), self.max_value_bytes)
+        ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
+        args = [self.layout.member(key), key, value, ttl_ms, mode, expected, self._maxlen]
+        with redis_errors(f"{mode} {key} in {self.name}"):
+            ok, revision = await self._write(
+                [*self._bucket_keys, self.layout.redis_key(key)], args
+            )
+        if not ok:
+            detail = "already exists" if mode == "create" else "changed since it was read"
+            raise ConflictError(key, expected, detail)
+        return int(revision)
+
+    async def delete(self, key: str, *, revision: int | None = None) -> None:
+        expected = "" if revision is None else str(revision)
+        args = [self.layout.member(key), key, expected, self._maxlen]
+        with redis_errors(f"delete {key} from {self.name}"):
+            ok, _ = await self._delete([*self._bucket_keys, self.layout.redis_key(key)], args)
+        if not ok:
+            raise ConflictError(key, revision, "changed since it was read")
+
+    async def list(self, prefix: str = "") -> list[Entry]:
+        entries, _ = await self._snapshot_of(prefix)
+        return entries
+
+    async def sweep(self) -> float | None:
+        """Emit the delete of every key whose TTL ran out; seconds until the next one."""
+        with redis_errors(f"sweep {self.name}"):
+            wait = int(await self._sweep(self._bucket_keys, [self._maxlen]))
+        return None if wait < 0 else wait / 1000
+
+    async def _snapshot_of(self, prefix: str) -> tuple[list[Entry], bytes]:
+        low, high = _lex_range(prefix)
+        with redis_errors(f"list {self.name}"):
+            position, flat = await self._snapshot(self._bucket_keys, [low, high, self._maxlen])
+        entries = [
+            Entry(key=flat[i].decode(), value=flat[i + 1] or b"", revision=int(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
+        entries.sort(key=lambda e: e.revision)
+        return entries, position
+
+    @contextlib.asynccontextmanager
+    async def watch(
+        self, prefix: str = "", *, initial: bool = True
+    ) -> AsyncIterator[AsyncIterator[Entry | None]]:
+        entries, position = await self._snapshot_of(prefix)
+        changes = _Changes(self, prefix, position, entries if initial else None)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_Sweeper(self).run)
+            try:
+                yield changes.entries()
+            finally:
+                tg.cancel_scope.cancel()
+
+
+class _Sweeper:
+    """A watch's sweep loop: emits expiry deletes, waking at the next deadline."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+
+    async def run(self) -> None:
+        while True:
+            try:
+                wait = await self.store.sweep()
+            except ConnectionError:
+                wait = SWEEP_INTERVAL  # the reader reports the outage
+            await anyio.sleep(SWEEP_INTERVAL if wait is None else min(wait, SWEEP_INTERVAL))
+
+
+class _Changes:
+    """A watch's entries: the snapshot, ``None``, then the change stream after it."""
+
+    def __init__(
+        self, store: RedisStore, prefix: str, position: bytes, initial: list[Entry] | None
+    ) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.position = position
+        self.initial = initial
+
+    async def entries(self) -> AsyncIterator[Entry | None]:
+        if self.initial is not None:
+            for entry in self.initial:
+                yield entry
+            yield None
+        stream = self.store.layout.changes
+        while True:
+            with redis_errors(f"watch {self.store.name}"):
+                batches = await self.store.client.xread(
+                    {stream: self.position}, block=WATCH_BLOCK_MS, count=512
+                )
+            for _, items in batches:
+                for item_id, fields in items:
+                    self.position = item_id
+                    key = fields[b"key"].decode()
+                    if _matches(self.prefix, key):
+                        yield Entry(
+                            key=key,
+                            value=fields.get(b"value") if fields[b"op"] == b"put" else None,
+                            revision=int(fields[b"revision"]),
+                        )
