@@ -35,10 +35,11 @@ watcher further behind than that misses changes.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import re
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
 
@@ -295,8 +296,9 @@ class RedisStore:
     async def get(self, key: str, *, fresh: bool = False) -> Entry | None:
         # one primary: every read is fresh
         with redis_errors(f"get {key} from {self.name}"):
-            value, revision = await self.client.hmget(
-                self.layout.redis_key(key), ["value", "revision"]
+            value, revision = cast(
+                builtins.list[bytes | None],
+                await self.client.hmget(self.layout.redis_key(key), ["value", "revision"]),
             )
         if revision is None:
             return None
@@ -315,11 +317,17 @@ class RedisStore:
         if len(value) > self.max_value_bytes:
             raise MessageTooLargeError(len(value), self.max_value_bytes)
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
-        args = [self.layout.member(key), key, value, ttl_ms, mode, expected, self._maxlen]
+        args: builtins.list[bytes | str | int] = [
+            self.layout.member(key),
+            key,
+            value,
+            ttl_ms,
+            mode,
+            expected,
+            self._maxlen,
+        ]
         with redis_errors(f"{mode} {key} in {self.name}"):
-            ok, revision = await self._write(
-                [*self._bucket_keys, self.layout.redis_key(key)], args
-            )
+            ok, revision = await self._write([*self._bucket_keys, self.layout.redis_key(key)], args)
         if not ok:
             detail = "already exists" if mode == "create" else "changed since it was read"
             raise ConflictError(key, expected, detail)
@@ -327,7 +335,7 @@ class RedisStore:
 
     async def delete(self, key: str, *, revision: int | None = None) -> None:
         expected = "" if revision is None else str(revision)
-        args = [self.layout.member(key), key, expected, self._maxlen]
+        args: builtins.list[bytes | str] = [self.layout.member(key), key, expected, self._maxlen]
         with redis_errors(f"delete {key} from {self.name}"):
             ok, _ = await self._delete([*self._bucket_keys, self.layout.redis_key(key)], args)
         if not ok:
@@ -343,7 +351,7 @@ class RedisStore:
             wait = int(await self._sweep(self._bucket_keys, [self._maxlen]))
         return None if wait < 0 else wait / 1000
 
-    async def _snapshot_of(self, prefix: str) -> tuple[list[Entry], bytes]:
+    async def _snapshot_of(self, prefix: str) -> tuple[builtins.list[Entry], bytes]:
         low, high = _lex_range(prefix)
         with redis_errors(f"list {self.name}"):
             position, flat = await self._snapshot(self._bucket_keys, [low, high, self._maxlen])
@@ -387,7 +395,11 @@ class _Changes:
     """A watch's entries: the snapshot, ``None``, then the change stream after it."""
 
     def __init__(
-        self, store: RedisStore, prefix: str, position: bytes, initial: list[Entry] | None
+        self,
+        store: RedisStore,
+        prefix: str,
+        position: bytes,
+        initial: builtins.list[Entry] | None,
     ) -> None:
         self.store = store
         self.prefix = prefix
@@ -402,8 +414,11 @@ class _Changes:
         stream = self.store.layout.changes
         while True:
             with redis_errors(f"watch {self.store.name}"):
-                batches = await self.store.client.xread(
-                    {stream: self.position}, block=WATCH_BLOCK_MS, count=512
+                batches = cast(
+                    builtins.list[tuple[bytes, builtins.list[tuple[bytes, dict[bytes, bytes]]]]],
+                    await self.store.client.xread(
+                        {stream: self.position}, block=WATCH_BLOCK_MS, count=512
+                    ),
                 )
             for _, items in batches:
                 for item_id, fields in items:

@@ -29,7 +29,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_for_line(stream: IO[str], marker: str, proc: subprocess.Popen[str], timeout: float) -> str:
+def _wait_for_line(
+    stream: IO[str], marker: str, proc: subprocess.Popen[str], timeout: float
+) -> str:
     """Read ``stream`` until a line contains ``marker``; the log so far on failure."""
     seen: list[str] = []
     found = threading.Event()
@@ -148,7 +150,8 @@ class PostgresServer:
 
     def _drain(self) -> None:
         """Keep reading the log so the server never blocks on a full pipe."""
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None
+        assert self.proc.stdout is not None
         for _ in self.proc.stdout:
             pass
 
@@ -158,4 +161,3 @@ class PostgresServer:
         if self.proc is not None:
             _stop(self.proc, signal.SIGINT)  # "fast" shutdown
         shutil.rmtree(self.root, ignore_errors=True)
-

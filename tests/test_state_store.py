@@ -16,9 +16,9 @@ from swarmbus._state import Entry, StateStore
 async def store(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[StateStore]:
     bucket = f"conformance-{unique}"
     if request.param == "nats":
-        bus: Bus = request.getfixturevalue("bus")
-        kv = await bus.key_value(bucket, history=1, limit_marker_ttl=60)
-        yield NatsStore(kv)
+        async with Bus.open(url=request.getfixturevalue("nats_url")) as bus:
+            kv = await bus.key_value(bucket, history=1, limit_marker_ttl=60)
+            yield NatsStore(kv)
     elif request.param == "redis":
         from swarmbus._redis_store import RedisStore
 
