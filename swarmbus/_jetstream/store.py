@@ -66,11 +66,28 @@ class NatsStore:
         try:
             return await kv_write(self.kv, key, value, last=0, ttl=ttl, attributes=self._attributes)
         except NatsError as exc:
-            if is_wrong_last_sequence(exc):
+            if not is_wrong_last_sequence(exc):
+                with nats_errors(f"create {key} in {self.name}"):
+                    raise
+                raise AssertionError("unreachable") from exc
+            removed = await self._removed_at(key)
+            if removed is None:
                 raise ConflictError(key, 0, "already exists") from exc
-            with nats_errors(f"create {key} in {self.name}"):
-                raise
-            raise AssertionError("unreachable") from exc
+        # the key's last entry is a TTL marker (nats-py's create only re-creates deletes)
+        return await self.update(key, value, revision=removed, ttl=ttl)
+
+    async def _removed_at(self, key: str) -> int | None:
+        """The revision of the key's last entry if that is a delete or marker, else None."""
+        kv = self.kv
+        with nats_errors(f"get {key} from {self.name}"):
+            try:
+                msg = await kv._js.get_msg(kv._stream, subject=kv._pre + key, direct=False)
+            except nats.js.errors.NotFoundError:
+                return None
+        headers = msg.headers or {}
+        if headers.get(KV_OPERATION) in KV_REMOVED or MARKER_REASON in headers:
+            return int(msg.seq or 0)
+        return None
 
     async def update(self, key: str, value: bytes, *, revision: int, ttl: int | None = None) -> int:
         try:
