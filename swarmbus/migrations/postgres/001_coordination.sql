@@ -115,6 +115,7 @@ DECLARE
   kind TEXT;
   parts TEXT[];
   v JSONB;
+  sid UUID;
 BEGIN
   SELECT p.kind INTO kind FROM swarm_projections p WHERE p.bucket = p_bucket;
   IF kind IS NULL THEN RETURN; END IF;
@@ -143,12 +144,14 @@ BEGIN
       content = EXCLUDED.content, confidence = EXCLUDED.confidence,
       revision = EXCLUDED.revision, expires_at = EXCLUDED.expires_at;
   ELSIF kind = 'board' AND array_length(parts, 1) = 2 AND parts[2] = 'context' THEN
+    sid := swarm_session(parts[1]);  -- before the UPDATE: its snapshot misses a new row
     UPDATE agent_sessions SET context = coalesce(v->'data', v), revision = p_revision
-      WHERE id = swarm_session(parts[1]);
+      WHERE id = sid;
   ELSIF kind = 'board' AND array_length(parts, 1) = 2 AND parts[2] = 'session' THEN
+    sid := swarm_session(parts[1]);
     UPDATE agent_sessions SET status = left(coalesce(v->>'status', 'active'), 50),
       created_at = coalesce(swarm_utc(v->>'started'), created_at)
-      WHERE id = swarm_session(parts[1]);
+      WHERE id = sid;
   ELSIF kind = 'tasks' AND array_length(parts, 1) = 2 THEN
     INSERT INTO agent_tasks AS t (session_id, assigned_to, task_type, parameters, status, result,
                                   created_at, completed_at, bucket, key, revision, expires_at)
