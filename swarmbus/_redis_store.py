@@ -83,6 +83,7 @@ BOARD_KINDS: Final = {"finding": "findings", "hypothesis": "hypotheses", "action
 
 _KEY_RE: Final = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
 _SEP: Final = b"\0"
+_NAMES_CACHED: Final = 4096
 
 # Shared by the scripts. Index and expiry members are "<store key>\0<redis key>", so a
 # lex range on the store key's prefix finds them and the scripts know the Redis key.
@@ -201,6 +202,7 @@ class RedisLayout:
         self.changes = base + "changes"
         self.keys = base + "keys"
         self.expiry = base + "expiry"
+        self._names: dict[str, tuple[str, bytes]] = {}
 
     def redis_key(self, key: str) -> str:
         """The Redis key of store key ``key`` (injective: tokens never contain ``:``)."""
@@ -222,6 +224,16 @@ class RedisLayout:
     def member(self, key: str) -> bytes:
         """The key's member in the ``/keys`` and ``/expiry`` sorted sets."""
         return key.encode() + _SEP + self.redis_key(key).encode()
+
+    def names(self, key: str) -> tuple[str, bytes]:
+        """``(redis_key, member)`` of ``key``, remembered for the hot keys (locks, CAS)."""
+        names = self._names.get(key)
+        if names is None:
+            if len(self._names) >= _NAMES_CACHED:
+                self._names.clear()
+            redis_key = self.redis_key(key)
+            names = self._names[key] = (redis_key, key.encode() + _SEP + redis_key.encode())
+        return names
 
 
 def _lex_range(prefix: str) -> tuple[bytes, bytes]:
@@ -298,7 +310,7 @@ class RedisStore:
         with redis_errors(f"get {key} from {self.name}"):
             value, revision = cast(
                 builtins.list[bytes | None],
-                await self.client.hmget(self.layout.redis_key(key), ["value", "revision"]),
+                await self.client.hmget(self.layout.names(key)[0], ["value", "revision"]),
             )
         if revision is None:
             return None
@@ -317,8 +329,9 @@ class RedisStore:
         if len(value) > self.max_value_bytes:
             raise MessageTooLargeError(len(value), self.max_value_bytes)
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
+        redis_key, member = self.layout.names(key)
         args: builtins.list[bytes | str | int] = [
-            self.layout.member(key),
+            member,
             key,
             value,
             ttl_ms,
@@ -327,7 +340,7 @@ class RedisStore:
             self._maxlen,
         ]
         with redis_errors(f"{mode} {key} in {self.name}"):
-            ok, revision = await self._write([*self._bucket_keys, self.layout.redis_key(key)], args)
+            ok, revision = await self._write([*self._bucket_keys, redis_key], args)
         if not ok:
             detail = "already exists" if mode == "create" else "changed since it was read"
             raise ConflictError(key, expected, detail)
@@ -335,9 +348,10 @@ class RedisStore:
 
     async def delete(self, key: str, *, revision: int | None = None) -> None:
         expected = "" if revision is None else str(revision)
-        args: builtins.list[bytes | str] = [self.layout.member(key), key, expected, self._maxlen]
+        redis_key, member = self.layout.names(key)
+        args: builtins.list[bytes | str] = [member, key, expected, self._maxlen]
         with redis_errors(f"delete {key} from {self.name}"):
-            ok, _ = await self._delete([*self._bucket_keys, self.layout.redis_key(key)], args)
+            ok, _ = await self._delete([*self._bucket_keys, redis_key], args)
         if not ok:
             raise ConflictError(key, revision, "changed since it was read")
 
