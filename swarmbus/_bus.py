@@ -40,6 +40,7 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
+from swarmbus._backends import close_stores
 from swarmbus._config import Settings
 from swarmbus._errors import (
     ConnectionError,
@@ -231,6 +232,7 @@ class Bus:
 
     async def close(self) -> None:
         """Flush and close the connection (pending publishes are sent first)."""
+        await close_stores(self)  # a Redis client / PostgreSQL pool of SWARM_BACKEND
         if self.nc.is_closed:  # closed underneath (a fatal server error): no ack can come
             await self.outbox.close(timeout=0)
             return

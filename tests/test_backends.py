@@ -1,0 +1,53 @@
+"""SWARM_BACKEND / REDIS_URL / DATABASE_URL in Settings, and the store factory."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+
+from swarmbus import Bus, Settings
+from swarmbus._backends import _BACKENDS, open_store, state_backend
+from swarmbus._jetstream.store import NatsStore
+from swarmbus._postgres_store import PostgresStore
+from swarmbus._redis_store import RedisStore
+from tests._stores import PostgresServer, RedisServer
+
+
+def test_the_seeds_variables_configure_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWARM_BACKEND", "Redis")
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    settings = Settings.from_env()
+    assert (settings.backend, settings.redis_url) == ("redis", "redis://127.0.0.1:6379/0")
+    assert Settings().backend == "nats"
+
+
+@pytest.mark.parametrize(
+    ("backend", "needs"), [("redis", "REDIS_URL"), ("postgres", "DATABASE_URL"), ("etcd", "")]
+)
+def test_a_backend_without_its_url_is_refused(
+    monkeypatch: pytest.MonkeyPatch, backend: str, needs: str
+) -> None:
+    for name in ("REDIS_URL", "DATABASE_URL", "SWARMBUS_REDIS_URL", "SWARMBUS_DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SWARM_BACKEND", backend)
+    with pytest.raises(pydantic.ValidationError, match=needs or "literal_error|nats"):
+        Settings.from_env()
+
+
+async def test_open_store_follows_the_settings(
+    nats_url: str, redis_server: RedisServer, postgres_server: PostgresServer, unique: str
+) -> None:
+    async with Bus.open(url=nats_url) as bus:
+        assert isinstance(await open_store(bus, f"f-{unique}"), NatsStore)
+    async with Bus.open(url=nats_url, backend="redis", redis_url=redis_server.url) as bus:
+        store = await open_store(bus, f"f-{unique}")
+        assert isinstance(store, RedisStore)
+        assert await store.create("s.1", b"x") > 0
+        connections = state_backend(bus)._redis.connection_pool._available_connections
+        assert bus in _BACKENDS
+    assert bus not in _BACKENDS  # closed with the bus
+    assert not any(c.is_connected for c in connections)
+    async with Bus.open(url=nats_url, backend="postgres", database_url=postgres_server.url) as bus:
+        store = await open_store(bus, f"f-{unique}")
+        assert isinstance(store, PostgresStore)
+        assert await store.create("s.1", b"x") > 0
