@@ -51,3 +51,28 @@ async def test_open_store_follows_the_settings(
         store = await open_store(bus, f"f-{unique}")
         assert isinstance(store, PostgresStore)
         assert await store.create("s.1", b"x") > 0
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_the_query_ledger_runs_a_query_once_on_each_backend(
+    request: pytest.FixtureRequest, nats_url: str, session_id: str, backend: str
+) -> None:
+    from swarmbus import QueryLedger
+
+    if backend == "redis":
+        options = {"redis_url": request.getfixturevalue("redis_server").url}
+    else:
+        options = {"database_url": request.getfixturevalue("postgres_server").url}
+    runs = 0
+
+    async def query() -> str:
+        nonlocal runs
+        runs += 1
+        return "0.05"
+
+    async with Bus.open(url=nats_url, backend=backend, **options) as bus:
+        first = await QueryLedger.open(bus, session_id, agent="t/a")
+        second = await QueryLedger.open(bus, session_id, agent="t/b")
+        assert not (await first.run("prometheus", "rate(errors[5m])", query)).reused
+        again = await second.run("prometheus", "rate(errors[5m])", query)
+    assert (again.reused, again.ran_by, again.evidence.result, runs) == (True, "t/a", "0.05", 1)
