@@ -127,7 +127,7 @@ class TaskQueue:
             )
         )
         kv = await self.bus.key_value(TASKS_BUCKET, history=1)
-        self._store = NatsStore(kv, attributes={"swarmbus.session": self.session})
+        self._store = NatsStore(kv)
 
     async def close(self) -> None:
         """Stop this claimer's subscriptions (stream, bucket and tasks stay)."""
