@@ -504,7 +504,7 @@ class Transitions:
             if claim.finished:
                 raise InvalidTransitionError("task", claim.task.id, claim.task.status, requested)
             new = change(claim.task)
-            revision = await queue._cas(new, claim.revision)
+            revision = await self.cas(new, claim.revision)
             if revision is None:
                 try:
                     current, _ = await queue._read(claim.task.id)
@@ -519,7 +519,7 @@ class Transitions:
 
     async def heartbeat(self, claim: Claim) -> None:
         with anyio.CancelScope(shield=True):  # see complete
-            await self._queue._transition(claim, _running, "running")
+            await self.transition(claim, _running, "running")
             await quietly(claim._msg.in_progress())
 
     async def complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task:
@@ -532,7 +532,7 @@ class Transitions:
         # Shielded: a write cancelled in flight may still land; the claim must then
         # follow it (or its next call is refused as lost) and its event go out.
         with anyio.CancelScope(shield=True):
-            new = await self._queue._transition(claim, completed, "completed")
+            new = await self.transition(claim, completed, "completed")
             await quietly(claim._msg.ack())
             agent = new.assigned_to or subjects.UNKNOWN
             event = TaskCompleted(task_id=new.id, result=result_dict)
@@ -542,7 +542,7 @@ class Transitions:
 
     async def fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
         with anyio.CancelScope(shield=True):  # see complete
-            new = await self._queue._transition(claim, _Failed(error, retry), "failed")
+            new = await self.transition(claim, _Failed(error, retry), "failed")
             if new.status == "pending":
                 await quietly(claim._msg.nak(delay=min(2.0**new.attempts * 0.1, 30.0)))
             else:
