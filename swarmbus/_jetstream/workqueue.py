@@ -15,8 +15,10 @@ wrapping each one would cost the hot path an object per task.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 
 import nats.errors
@@ -183,10 +185,17 @@ async def read_last(js: JetStreamContext, stream: str, subject: str, what: str) 
     return stored.data or b""
 
 
-async def purge_key(kv: KeyValue, key: str, what: str) -> None:
-    """Purge ``key``, leaving a purge marker (no value) as its last entry."""
+async def purge_key(
+    kv: KeyValue, key: str, what: str, guard: AbstractContextManager[None] | None = None
+) -> None:
+    """Purge ``key``, leaving a purge marker (no value) as its last entry.
+
+    ``guard`` wraps the purge itself (e.g. the bus's permission guard, which must see
+    nats-py's own errors); its errors pass through.
+    """
     try:
-        await kv.purge(key)
+        with guard or contextlib.nullcontext():
+            await kv.purge(key)
     except nats.js.errors.APIError as exc:
         raise translate(exc, what) from exc
     except (TimeoutError, nats.errors.Error) as exc:

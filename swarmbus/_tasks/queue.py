@@ -332,10 +332,12 @@ class TaskQueue:
         pruned = [task_id for task_id in finished if task_id not in offered]
         for task_id in pruned:
             subject = subjects.kv_subject(TASKS_BUCKET, self._key(task_id))
-            with self.bus._permission_guard(subject, "prune tasks"):
-                await purge_key(
-                    self.kv, self._key(task_id), f"cannot prune the tasks of {self.session}"
-                )
+            await purge_key(
+                self.kv,
+                self._key(task_id),
+                f"cannot prune the tasks of {self.session}",
+                self.bus._permission_guard(subject, "prune tasks"),
+            )
         return pruned
 
     async def _records(self) -> list[Task]:
