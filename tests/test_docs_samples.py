@@ -54,6 +54,11 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "consensus.py": ["votes are final", "approved rollback early", "for 2 against 0"],
     "confidence.py": ["weighted_average 0.8", "log_odds 0.832"],
+    "dead_letter.py": [
+        "error.occurred from security/incident-response-lead : not_json",
+        "dead-lettered: True original subject: agent.finding.reported.",
+        "kept: b'{not json' not_json",
+    ],
     "external_publisher.py": [
         "agent got: ext/prometheus-bridge error rate 5x baseline",
         "on the board:",
