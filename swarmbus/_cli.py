@@ -79,7 +79,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from swarmbus._bus import connect
-    from swarmbus._swarm import load_agents, load_spec, run_swarm, spec_agents
+    from swarmbus._spec import load_spec, spec_agents
+    from swarmbus._swarm import load_agents, run_swarm
 
     spec = load_spec(args.spec)
     agents = load_agents(args.agents)
@@ -193,7 +194,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _duration(value: str) -> float:
-    from swarmbus._swarm import parse_duration
+    from swarmbus._spec import parse_duration
 
     try:
         return parse_duration(value)
