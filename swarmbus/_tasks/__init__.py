@@ -1,6 +1,6 @@
 """The task queue: distribute a session's work across agents, exactly-once completion.
 
-Two JetStream pieces (see README "Task queue"):
+Two JetStream pieces (see docs/use/tasks.md):
 
 * **Dispatch**: a work-queue stream ``SWARMBUS_TASKS``, one queue per session, task
   type and priority (``swarmbus.task.<session>.<type>.<priority>``, a task's message on
