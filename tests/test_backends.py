@@ -76,3 +76,18 @@ async def test_the_query_ledger_runs_a_query_once_on_each_backend(
         assert not (await first.run("prometheus", "rate(errors[5m])", query)).reused
         again = await second.run("prometheus", "rate(errors[5m])", query)
     assert (again.reused, again.ran_by, again.evidence.result, runs) == (True, "t/a", "0.05", 1)
+
+
+async def test_connect_reads_the_backend_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, nats_url: str, redis_server: RedisServer, unique: str
+) -> None:
+    import swarmbus
+
+    monkeypatch.setenv("NATS_URL", nats_url)
+    monkeypatch.setenv("SWARM_BACKEND", "redis")
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    async with swarmbus.connect() as bus:
+        assert bus.settings.backend == "redis"
+        store = await open_store(bus, f"c-{unique}")
+        assert isinstance(store, RedisStore)
+        await store.put("s.1", b"x")
