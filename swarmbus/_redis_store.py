@@ -71,7 +71,7 @@ __all__ = [
 
 DEFAULT_KEY_PREFIX: Final = "agent:swarm:"
 DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
-DEFAULT_STREAM_MAX_LEN: Final = 100_000
+DEFAULT_STREAM_MAX_LEN: Final = 10_000
 SWEEP_INTERVAL: Final = 1.0
 """Longest wait (seconds) between two sweeps of a watch when no key is due sooner."""
 WATCH_BLOCK_MS: Final = 1000
@@ -126,8 +126,9 @@ _WRITE = (
     _LUA_COMMON
     + """
 local member, key, maxlen = ARGV[1], ARGV[2], ARGV[7]
-if redis.call('ZSCORE', KEYS[4], member) then reap(member, maxlen) end
 local current = redis.call('HGET', KEYS[5], 'revision')
+-- a live key is not expired; a missing one may have expired unswept: emit that first
+if not current and redis.call('ZSCORE', KEYS[4], member) then reap(member, maxlen) end
 local mode = ARGV[5]
 if mode == 'create' and current then return {0, current} end
 if mode == 'update' and current ~= ARGV[6] then return {0, current or '0'} end
@@ -152,8 +153,8 @@ _DELETE = (
     _LUA_COMMON
     + """
 local member, key, maxlen = ARGV[1], ARGV[2], ARGV[4]
-if redis.call('ZSCORE', KEYS[4], member) then reap(member, maxlen) end
 local current = redis.call('HGET', KEYS[5], 'revision')
+if not current and redis.call('ZSCORE', KEYS[4], member) then reap(member, maxlen) end
 if ARGV[3] ~= '' and current ~= ARGV[3] then return {0, current or '0'} end
 if not current then return {1, 0} end
 redis.call('DEL', KEYS[5])
