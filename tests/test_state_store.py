@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from swarmbus import Bus, ConflictError, MessageTooLargeError
@@ -215,3 +216,34 @@ async def test_a_watch_without_initial_values_starts_after_them(store: StateStor
             item = await anext(changes)
     assert item is not None
     assert (item.key, item.value) == ("n.2", b"new")
+
+
+async def test_a_lock_on_the_store_excludes_and_fences(store: StateStore) -> None:
+    # The seed's lock on the seam: acquire = create with a TTL, release = delete at the
+    # holder's revision. Four contenders, 40 acquisitions: never two holders at once,
+    # and every acquisition's token (its revision) is higher than the one before.
+    holders: list[str] = []
+    tokens: list[int] = []
+
+    async def contender(name: str) -> None:
+        for _ in range(10):
+            while True:
+                try:
+                    token = await store.create("lock.res", name.encode(), ttl=30)
+                    break
+                except ConflictError:
+                    await anyio.lowlevel.checkpoint()
+            holders.append(name)
+            assert len(holders) == 1, holders
+            tokens.append(token)
+            await anyio.lowlevel.checkpoint()
+            holders.remove(name)
+            await store.delete("lock.res", revision=token)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for n in range(4):
+                tg.start_soon(contender, f"agent-{n}")
+    assert len(tokens) == 40
+    assert tokens == sorted(tokens)
+    assert len(set(tokens)) == 40
