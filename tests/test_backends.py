@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from swarmbus import Bus, Settings
+from swarmbus import Bus, ConflictError, Settings
 from swarmbus._backends import _BACKENDS, open_store, state_backend
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._postgres_store import PostgresStore
@@ -91,3 +91,42 @@ async def test_connect_reads_the_backend_from_the_environment(
         store = await open_store(bus, f"c-{unique}")
         assert isinstance(store, RedisStore)
         await store.put("s.1", b"x")
+
+
+@pytest.mark.parametrize("backend", ["nats", "redis", "postgres"])
+async def test_a_killed_holders_lock_expires_and_the_next_token_is_higher(
+    request: pytest.FixtureRequest, nats_url: str, unique: str, backend: str
+) -> None:
+    import signal
+    import sys
+
+    import anyio
+
+    url = ""
+    options: dict[str, str] = {}
+    if backend == "redis":
+        url = request.getfixturevalue("redis_server").url
+        options = {"redis_url": url}
+    elif backend == "postgres":
+        url = request.getfixturevalue("postgres_server").url
+        options = {"database_url": url}
+    bucket, key = f"kill-{unique}", "lock.res"
+    argv = [sys.executable, "-m", "tests._store_holder", backend, nats_url, url, bucket, key]
+    async with await anyio.open_process(argv) as holder:
+        assert holder.stdout is not None
+        with anyio.fail_after(30):
+            line = (await holder.stdout.receive()).decode()
+        assert line.startswith("held "), line
+        token = int(line.split()[1])
+        holder.send_signal(signal.SIGKILL)  # no release: only the TTL frees the lock
+        await holder.wait()
+    async with Bus.open(url=nats_url, backend=backend, **options) as bus:
+        store = await open_store(bus, bucket, history=1, limit_marker_ttl=60)
+        with pytest.raises(ConflictError):
+            await store.create(key, b"next", ttl=30)
+        async with store.watch(key, initial=False) as changes:
+            with anyio.fail_after(15):
+                async for item in changes:
+                    if item is not None and item.value is None:
+                        break
+        assert await store.create(key, b"next", ttl=30) > token
