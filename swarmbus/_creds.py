@@ -8,7 +8,7 @@ that template with ``{{name()}}`` replaced by the user's name (the agent id) and
 user JWT: the server verifies it against the account JWT it already has (no config
 edit, no restart). Revoking one updates the account JWT (``revocations``), which the
 server takes from its resolver directory on a config reload or from a push on
-``$SYS.REQ.CLAIMS.UPDATE`` (``push_subject``); its connections are closed.
+``$SYS.REQ.CLAIMS.UPDATE`` (``swarmbus creds revoke --url``); its connections are closed.
 
 Layout of a credentials directory::
 
@@ -50,7 +50,6 @@ __all__ = ["DEFAULT_ROLES", "CredsStore", "UserEntry", "creds_file_name", "inbox
 
 ACCOUNT_NAME: Final = "SWARMBUS"
 SYSTEM_ACCOUNT_NAME: Final = "SYS"
-PUSH_SUBJECT: Final = "$SYS.REQ.CLAIMS.UPDATE"
 TOKEN_TAG: Final = "token"
 HANDLER_TAG: Final = "handler"
 CAPABILITY_TAG: Final = "capability"
@@ -95,7 +94,12 @@ _SYSTEM_LIMITS: Final[dict[str, Any]] = {
 # ``safe_token`` (consumer names cannot hold '/'); ``{{tag(handler)}}`` the names of
 # its event handlers (one durable consumer ``<token>-<handler>`` each, as Agent.serve
 # names them); ``{{tag(capability)}}`` the capabilities it serves.
-_KV_READ_BUCKETS: Final = ("SWARMBUS_BOARD", "swarmbus-tasks", "SWARMBUS_CONSENSUS", "SWARMBUS_LOCKS")
+_KV_READ_BUCKETS: Final = (
+    "SWARMBUS_BOARD",
+    "swarmbus-tasks",
+    "SWARMBUS_CONSENSUS",
+    "SWARMBUS_LOCKS",
+)
 _OWN_CONSUMER: Final = "{{tag(token)}}-{{tag(handler)}}"
 
 _AGENT_PUB: Final[list[str]] = [
@@ -177,7 +181,7 @@ DEFAULT_ROLES: Final[dict[str, dict[str, Any]]] = {
             "resp": {"max": 1, "ttl": 60 * _SECOND_NS},
             "subs": 1000,
             "data": _NO_LIMIT,
-            "payload": 256 * 1024,
+            "payload": 1024 * 1024,  # swarmbus's own message limit (DEFAULT_MAX_MESSAGE_BYTES)
         },
     },
     "service": {
@@ -358,6 +362,11 @@ class CredsStore:
     def server_config(self) -> Path:
         return self.root / "server.conf"
 
+    @property
+    def resolver(self) -> str:
+        """``full`` or ``memory`` (how the server learns account updates)."""
+        return self._read("resolver")
+
     def roles(self) -> dict[str, dict[str, Any]]:
         data: dict[str, dict[str, Any]] = yaml.safe_load(self._read("roles.yaml"))
         return data
@@ -399,7 +408,10 @@ class CredsStore:
             "limits.json", json.dumps({**DEFAULT_ACCOUNT_LIMITS, **(limits or {})}, indent=2)
         )
         operator_jwt = encode_jwt(
-            operator, operator.public, "swarmbus", {"type": "operator", "system_account": system.public}
+            operator,
+            operator.public,
+            "swarmbus",
+            {"type": "operator", "system_account": system.public},
         )
         self._write("operator.jwt", operator_jwt)
         system_jwt = encode_jwt(
@@ -413,9 +425,14 @@ class CredsStore:
         sys_seed = _new_seed("user")
         sys_user = _Key(sys_seed)
         sys_jwt = encode_jwt(
-            system, sys_user.public, "swarmbus-admin", {"type": "user", "subs": -1, "data": -1, "payload": -1}
+            system,
+            sys_user.public,
+            "swarmbus-admin",
+            {"type": "user", "subs": -1, "data": -1, "payload": -1},
         )
-        self._write("system.creds", _CREDS_TEMPLATE.format(jwt=sys_jwt, seed=sys_seed.decode()), secret=True)
+        self._write(
+            "system.creds", _CREDS_TEMPLATE.format(jwt=sys_jwt, seed=sys_seed.decode()), secret=True
+        )
         self._write("users.json", "{}\n")
         return self._write_server_config(resolver)
 

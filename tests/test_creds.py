@@ -1,0 +1,265 @@
+"""`swarmbus creds` on a real nats-server in operator (JWT) mode.
+
+The server runs deploy/nats/single-jwt.conf (a temp copy of deploy/nats with a fresh
+credentials directory); agents are added and revoked while it runs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import nats
+import nats.js.errors
+import pytest
+import yaml
+
+from swarmbus import (
+    Agent,
+    Bus,
+    ConnectionError,
+    Finding,
+    FindingMessage,
+    NatsServer,
+    PermissionDeniedError,
+)
+from swarmbus._cli import main
+from swarmbus._creds import DEFAULT_ROLES, CredsStore, decode_jwt, inbox_prefix
+from swarmbus._subjects import safe_token
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
+SERVICE = "swarmbus/consensus"
+NEWCOMER = "ops/deploy-validator"
+OTHER = "security/incident-response-lead"
+EVENTS = "SWARMBUS_EVENTS"
+
+pytestmark = pytest.mark.xdist_group("creds")
+
+
+def creds(store: Path, *args: str) -> None:
+    """Run ``swarmbus creds --dir STORE ARGS`` and require success."""
+    assert main(["creds", "--dir", str(store), *args]) == 0
+
+
+def jwt_server(tmp_path: Path, resolver: str) -> tuple[NatsServer, CredsStore]:
+    """A copy of deploy/nats with a fresh operator, and single-jwt.conf's server on it."""
+    conf_dir = tmp_path / "nats"
+    shutil.copytree(DEPLOY, conf_dir, ignore=shutil.ignore_patterns("creds"))
+    store = conf_dir / "creds"
+    creds(store, "init", "--resolver", resolver)
+    creds(store, "add", SERVICE, "--role", "service")
+    server = NatsServer(tmp_path / "data", config_file=conf_dir / "single-jwt.conf")
+    return server, CredsStore(store)
+
+
+@pytest.fixture
+def full_resolver(tmp_path: Path) -> Iterator[tuple[NatsServer, CredsStore]]:
+    server, store = jwt_server(tmp_path, "full")
+    with server:
+        yield server, store
+
+
+def as_agent(server: NatsServer, store: CredsStore, agent: str, **overrides: Any) -> Any:
+    return Bus.open(
+        url=server.url,
+        creds_file=str(store.users()[agent].creds_file),
+        inbox_prefix=inbox_prefix(agent),
+        **overrides,
+    )
+
+
+@pytest.fixture
+async def service(full_resolver: tuple[NatsServer, CredsStore]) -> AsyncIterator[Bus]:
+    """The service user provisions the streams."""
+    server, store = full_resolver
+    async with as_agent(server, store, SERVICE) as bus:
+        yield bus
+
+
+def finding(text: str = "error rate 5x baseline") -> Finding:
+    return Finding(category="observation", content=text, confidence=0.9)
+
+
+async def stored(bus: Bus, subject: str) -> bool:
+    try:
+        await bus.js.get_last_msg(EVENTS, subject)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
+def violations(server: NatsServer, after: int) -> list[str]:
+    """What the server refused from ``after`` on, apart from the stream creation every
+    connect tries (agents may not create streams)."""
+    return [
+        line
+        for line in server.log[after:]
+        if "Violation" in line and "STREAM.CREATE" not in line
+    ]
+
+
+async def test_agent_added_to_a_running_server_publishes_only_as_itself(
+    full_resolver: tuple[NatsServer, CredsStore], service: Bus, session_id: str
+) -> None:
+    server, store = full_resolver
+    log_start = len(server.log)
+    creds(store.root, "add", NEWCOMER, "--handler", "on_finding")
+    creds(store.root, "add", OTHER, "--handler", "on_finding")
+    newcomer = Agent(NEWCOMER)
+    seen = anyio.Event()
+
+    @newcomer.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        if message.source.agent == SERVICE:
+            seen.set()
+
+    async with as_agent(server, store, NEWCOMER) as bus, newcomer.serve(bus):
+        own = await bus.publish(finding(), agent=NEWCOMER, session=session_id)
+        assert own.source.agent == NEWCOMER
+        assert await stored(service, f"agent.finding.reported.{session_id}.{NEWCOMER}")
+        # its own durable consumer (<safe_token(id)>-on_finding) works under the template
+        await service.publish(finding("from the service"), agent=SERVICE, session=session_id)
+        with anyio.fail_after(10):
+            await seen.wait()
+        assert violations(server, log_start) == []
+        with anyio.fail_after(3), pytest.raises(PermissionDeniedError):
+            await bus.publish(finding("forged"), agent=OTHER, session=session_id)
+    assert not await stored(service, f"agent.finding.reported.{session_id}.{OTHER}")
+
+
+async def test_agent_cannot_pull_or_ack_another_agents_consumer(
+    full_resolver: tuple[NatsServer, CredsStore], service: Bus, session_id: str
+) -> None:
+    """Attempt 7: MSG.NEXT on someone else's durable consumer is refused."""
+    server, store = full_resolver
+    creds(store.root, "add", NEWCOMER, "--handler", "on_finding")
+    creds(store.root, "add", OTHER, "--handler", "on_finding")
+    victim = f"{safe_token(NEWCOMER)}-on_finding"
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = await nats.connect(
+        server.url,
+        user_credentials=str(store.users()[OTHER].creds_file),
+        inbox_prefix=inbox_prefix(OTHER),
+        error_cb=on_error,
+    )
+    try:
+        for subject in (
+            f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{victim}",
+            f"$JS.API.CONSUMER.DURABLE.CREATE.{EVENTS}.{victim}",
+            f"$JS.API.CONSUMER.CREATE.{EVENTS}.{victim}",
+            f"$JS.ACK.{EVENTS}.{victim}.1.1.1.1.0",
+            "$JS.API.STREAM.DELETE.SWARMBUS_EVENTS",
+        ):
+            await nc.publish(subject, b"{}")
+            await nc.flush()
+            refusal = f'permissions violation for publish to "{subject.lower()}"'
+            with anyio.fail_after(5):
+                while not any(refusal in error for error in errors):
+                    await nc.flush()
+        # its own consumer name is allowed
+        await nc.publish(f"$JS.API.CONSUMER.INFO.{EVENTS}.{safe_token(OTHER)}-on_finding")
+        await nc.flush()
+    finally:
+        await nc.close()
+    assert not any(safe_token(OTHER) in error for error in errors)
+
+
+async def test_revoked_agent_is_disconnected_and_refused(
+    full_resolver: tuple[NatsServer, CredsStore], service: Bus, tmp_path: Path
+) -> None:
+    server, store = full_resolver
+    creds(store.root, "add", NEWCOMER)
+    kept = tmp_path / "kept.creds"  # revoke deletes the file: keep a copy to retry with
+    shutil.copy(store.users()[NEWCOMER].creds_file, kept)
+    closed = anyio.Event()
+
+    async def on_closed() -> None:
+        closed.set()
+
+    nc = await nats.connect(
+        server.url,
+        user_credentials=str(kept),
+        inbox_prefix=inbox_prefix(NEWCOMER),
+        allow_reconnect=False,
+        closed_cb=on_closed,
+    )
+    try:
+        assert nc.is_connected
+        # pushed to the full resolver as the system user: no reload, no restart
+        await anyio.to_thread.run_sync(
+            creds, store.root, "revoke", NEWCOMER, "--url", server.url
+        )
+        with anyio.fail_after(10):
+            await closed.wait()
+    finally:
+        await nc.close()
+    with pytest.raises(ConnectionError):
+        await Bus.connect(url=server.url, creds_file=str(kept), connect_timeout=2)
+    assert store.users()[NEWCOMER].revoked
+    assert not store.users()[NEWCOMER].creds_file.exists()
+    # a re-added agent gets a new key, which is not revoked
+    creds(store.root, "add", NEWCOMER)
+    async with as_agent(server, store, NEWCOMER, provision=False) as bus:
+        assert bus.nc.is_connected
+
+
+async def test_memory_resolver_revokes_on_config_reload(tmp_path: Path) -> None:
+    """The memory resolver (account JWT preloaded in server.conf) applies a revocation
+    on a config reload (SIGHUP); the full resolver does not re-read its directory."""
+    server, store = jwt_server(tmp_path, "memory")
+    with server:
+        creds(store.root, "add", NEWCOMER)
+        kept = tmp_path / "kept.creds"
+        shutil.copy(store.users()[NEWCOMER].creds_file, kept)
+        closed = anyio.Event()
+
+        async def on_closed() -> None:
+            closed.set()
+
+        nc = await nats.connect(
+            server.url, user_credentials=str(kept), allow_reconnect=False, closed_cb=on_closed
+        )
+        try:
+            log_start = len(server.log)
+            assert server.pid is not None
+            creds(store.root, "revoke", NEWCOMER, "--reload-pid", str(server.pid))
+            await anyio.to_thread.run_sync(
+                lambda: server.wait_for_log("Reloaded server configuration", after=log_start)
+            )
+            with anyio.fail_after(10):
+                await closed.wait()
+        finally:
+            await nc.close()
+        with pytest.raises(ConnectionError):
+            await Bus.connect(url=server.url, creds_file=str(kept), connect_timeout=2)
+
+
+def test_user_jwt_names_the_agent_and_carries_no_permissions(tmp_path: Path) -> None:
+    """Scoped users get permissions from the role's template only."""
+    store = CredsStore(tmp_path / "creds")
+    store.init()
+    entry = store.add(NEWCOMER, "agent", handlers=["on_finding"], capabilities=["check"])
+    token = entry.creds_file.read_text().split("\n")[1]
+    claims = decode_jwt(token)
+    assert claims["name"] == NEWCOMER
+    assert set(claims["nats"]) == {"type", "version", "issuer_account", "tags"}
+    assert claims["nats"]["tags"] == [
+        f"token:{safe_token(NEWCOMER)}",
+        "handler:on_finding",
+        "capability:check",
+    ]
+    scopes = {k["role"]: k for k in decode_jwt(store.account_jwt)["nats"]["signing_keys"]}
+    assert claims["iss"] == scopes["agent"]["key"]
+    assert set(scopes) == {"agent", "service", "observer"}
+
+
+def test_deploy_role_templates_match_the_built_in_ones() -> None:
+    """deploy/nats/jwt-roles.yaml documents (and can replace) the built-in templates."""
+    assert yaml.safe_load((DEPLOY / "jwt-roles.yaml").read_text()) == DEFAULT_ROLES
