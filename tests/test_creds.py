@@ -95,9 +95,7 @@ def violations(server: NatsServer, after: int) -> list[str]:
     """What the server refused from ``after`` on, apart from the stream creation every
     connect tries (agents may not create streams)."""
     return [
-        line
-        for line in server.log[after:]
-        if "Violation" in line and "STREAM.CREATE" not in line
+        line for line in server.log[after:] if "Violation" in line and "STREAM.CREATE" not in line
     ]
 
 
@@ -193,9 +191,7 @@ async def test_revoked_agent_is_disconnected_and_refused(
     try:
         assert nc.is_connected
         # pushed to the full resolver as the system user: no reload, no restart
-        await anyio.to_thread.run_sync(
-            creds, store.root, "revoke", NEWCOMER, "--url", server.url
-        )
+        await anyio.to_thread.run_sync(creds, store.root, "revoke", NEWCOMER, "--url", server.url)
         with anyio.fail_after(10):
             await closed.wait()
     finally:

@@ -8,6 +8,7 @@ import json
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +20,9 @@ import pytest
 import yaml
 
 from swarmbus import Agent, Bus, Finding, FindingMessage, NatsCluster, NatsServer
+from swarmbus._server import free_port
+from tests._cluster import deploy_cluster as start_deploy_cluster
+from tests._cluster import deploy_nodes, route_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -26,6 +30,7 @@ NATS_CONF = DEPLOY / "nats"
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = DEPLOY / ".env.example"
 PASSWORD_VAR = re.compile(r"\$(NATS_PASSWORD_[A-Z_]+)")
+ROUTE_URL_VAR = re.compile(r"\$(NATS_ROUTE_URL_\d)")
 INCLUDE = re.compile(r'^\s*include\s+"?([^"\s]+)"?', re.MULTILINE)
 SERVICE = "swarmbus/consensus"
 AGENT = "ops/deploy-validator"
@@ -108,10 +113,17 @@ def test_every_mounted_file_exists() -> None:
 
 
 def test_every_password_is_supplied() -> None:
-    wanted = set(PASSWORD_VAR.findall((NATS_CONF / "auth.conf").read_text()))
+    confs = ("auth.conf", "cluster.conf")
+    wanted = set(PASSWORD_VAR.findall("".join((NATS_CONF / c).read_text() for c in confs)))
+    assert "NATS_PASSWORD_ROUTE" in wanted
     assert wanted == set(env_example())
+    routes = set(ROUTE_URL_VAR.findall((NATS_CONF / "cluster.conf").read_text()))
+    assert routes == {"NATS_ROUTE_URL_1", "NATS_ROUTE_URL_2", "NATS_ROUTE_URL_3"}
     for node in ("nats-1", "nats-2", "nats-3"):
-        assert set(compose()["services"][node]["environment"]) == wanted
+        environment = compose()["services"][node]["environment"]
+        assert set(environment) == wanted | routes
+        for name in routes:  # every route URL carries the route credentials
+            assert environment[name].startswith("nats://route:${NATS_PASSWORD_ROUTE}@nats-")
 
 
 def test_only_the_service_account_has_the_jetstream_admin_api() -> None:
@@ -149,12 +161,7 @@ def passwords(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 @pytest.fixture
 def deploy_cluster(tmp_path: Path, passwords: dict[str, str]) -> Iterator[NatsCluster]:
     """deploy/nats/nats-{1,2,3}.conf with ports and store dirs rewritten."""
-    cluster = NatsCluster(
-        tmp_path / "cluster",
-        config_files=[NATS_CONF / f"nats-{i}.conf" for i in (1, 2, 3)],
-        extra_args=["--http_port", "-1"],
-    )
-    with cluster:
+    with start_deploy_cluster(tmp_path / "cluster") as cluster:
         yield cluster
 
 
@@ -214,3 +221,42 @@ async def test_cluster_from_deploy_configs_runs_swarmbus_with_replicas_3(
             "SWARMBUS_EVENTS", f"agent.finding.reported.{session_id}.{AGENT}"
         )
         assert service.accept(last.subject, last.data).source.agent == AGENT
+
+
+def route_connect(port: int, password: str | None) -> bytes:
+    """Connect to a route port as a server would (CONNECT, PING); the first reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        stream = sock.makefile("rb")
+        assert stream.readline().startswith(b"INFO ")
+        connect: dict[str, Any] = {"verbose": False, "name": "intruder", "cluster": "swarmbus"}
+        if password is not None:
+            connect |= {"user": "route", "pass": password}
+        sock.sendall(f"CONNECT {json.dumps(connect)}\r\nPING\r\n".encode())
+        return stream.readline()
+
+
+@pytest.mark.slow
+def test_cluster_routes_refuse_unauthenticated_servers(
+    tmp_path: Path, passwords: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attempt 10: the deploy cluster forms over authenticated routes, and a server
+    without the route password cannot join it."""
+    cluster, route_ports = deploy_nodes(tmp_path / "cluster", monkeypatch)
+    with cluster:  # started: the three nodes elected a JetStream meta leader
+        for port in route_ports:
+            assert route_connect(port, None) == b"-ERR 'Authorization Violation'\r\n"
+            assert route_connect(port, "wrong") == b"-ERR 'Authorization Violation'\r\n"
+        assert route_connect(route_ports[0], passwords["NATS_PASSWORD_ROUTE"]) == b"PONG\r\n"
+        # a whole nats-server routed to node 1 without credentials is refused
+        node = cluster.nodes[0]
+        mark = len(node.log)
+        intruder = NatsServer(
+            tmp_path / "intruder",
+            name="intruder",
+            cluster=("swarmbus", free_port(), [route_url(route_ports[0], None)]),
+        )
+        with intruder:
+            node.wait_for_log("authentication error", timeout=10, after=mark)
+            remote = intruder.wait_for_log("Authorization Violation", timeout=10)
+        assert "route" in remote.lower()
+        assert not any("intruder" in line for line in node.log[mark:])
