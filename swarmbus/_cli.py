@@ -199,7 +199,7 @@ def _cmd_creds(args: argparse.Namespace) -> int:
 
     store = CredsStore(args.dir)
     if args.creds_command == "init":
-        roles = yaml_file(args.roles) if args.roles else None
+        roles = _yaml_file(args.roles) if args.roles else None
         conf = store.init(roles=roles, resolver=args.resolver)
         print(f"operator and account in {store.root}; include {conf} in the server config")
         print(f"system user (pushes account updates): {store.system_creds}")
@@ -229,7 +229,7 @@ def _cmd_creds(args: argparse.Namespace) -> int:
     return 0
 
 
-def yaml_file(path: str) -> dict[str, dict[str, object]]:
+def _yaml_file(path: str) -> dict[str, dict[str, object]]:
     """Role templates from a YAML file (``deploy/nats/jwt-roles.yaml`` has the defaults)."""
     import yaml
 

@@ -6,6 +6,7 @@ credentials directory); agents are added and revoked while it runs.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,7 +28,13 @@ from swarmbus import (
     PermissionDeniedError,
 )
 from swarmbus._cli import main
-from swarmbus._creds import DEFAULT_ROLES, CredsStore, decode_jwt, inbox_prefix
+from swarmbus._creds import (
+    DEFAULT_ACCOUNT_LIMITS,
+    DEFAULT_ROLES,
+    CredsStore,
+    decode_jwt,
+    inbox_prefix,
+)
 from swarmbus._subjects import safe_token
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
@@ -51,7 +58,11 @@ def jwt_server(tmp_path: Path, resolver: str) -> tuple[NatsServer, CredsStore]:
     store = conf_dir / "creds"
     creds(store, "init", "--resolver", resolver)
     creds(store, "add", SERVICE, "--role", "service")
-    server = NatsServer(tmp_path / "data", config_file=conf_dir / "single-jwt.conf")
+    server = NatsServer(
+        tmp_path / "data",
+        config_file=conf_dir / "single-jwt.conf",
+        extra_args=["--http_port", "-1"],
+    )
     return server, CredsStore(store)
 
 
@@ -259,3 +270,67 @@ def test_user_jwt_names_the_agent_and_carries_no_permissions(tmp_path: Path) -> 
 def test_deploy_role_templates_match_the_built_in_ones() -> None:
     """deploy/nats/jwt-roles.yaml documents (and can replace) the built-in templates."""
     assert yaml.safe_load((DEPLOY / "jwt-roles.yaml").read_text()) == DEFAULT_ROLES
+
+
+async def test_role_and_account_quotas(
+    full_resolver: tuple[NatsServer, CredsStore], service: Bus
+) -> None:
+    """Attempt 9: per-user subscription and payload limits from the role template, and
+    the account's JetStream storage limits."""
+    server, store = full_resolver
+    limits = (await service.js.account_info()).limits
+    assert limits.max_storage == DEFAULT_ACCOUNT_LIMITS["disk_storage"]
+    assert limits.max_memory == DEFAULT_ACCOUNT_LIMITS["mem_storage"]
+    assert limits.max_streams == DEFAULT_ACCOUNT_LIMITS["streams"]
+    creds(store.root, "add", "ops/watcher", "--role", "observer")
+    template = DEFAULT_ROLES["observer"]["template"]
+    watcher = Watcher(server, store.users()["ops/watcher"].creds_file)
+    mark = len(server.log)
+    async with watcher.connected() as nc:
+        for i in range(template["subs"]):
+            await nc.subscribe(f"agent.finding.reported.s{i}.*")
+        await nc.flush()
+        assert watcher.errors == []
+        await nc.subscribe("agent.>")  # one too many: the server closes the connection
+        with anyio.fail_after(5):
+            await watcher.closed.wait()
+    assert any("maximum subscriptions exceeded" in line for line in server.log[mark:])
+    watcher = Watcher(server, store.users()["ops/watcher"].creds_file)
+    async with watcher.connected() as nc:
+        await nc.publish("$JS.API.INFO", b"x" * template["payload"])  # at the limit: fine
+        await nc.flush()
+        await nc.publish("$JS.API.INFO", b"x" * (template["payload"] + 1))
+        with anyio.fail_after(5):
+            await watcher.closed.wait()
+    assert any("maximum payload exceeded" in line for line in server.log[mark:])
+
+
+class Watcher:
+    """A raw connection that records the server's errors and its closing."""
+
+    def __init__(self, server: NatsServer, creds_file: Path) -> None:
+        self.server = server
+        self.creds_file = creds_file
+        self.errors: list[str] = []
+        self.closed = anyio.Event()
+
+    async def on_error(self, exc: Exception) -> None:
+        self.errors.append(str(exc))
+
+    async def on_closed(self) -> None:
+        self.closed.set()
+
+    @contextlib.asynccontextmanager
+    async def connected(self) -> AsyncIterator[Any]:
+        nc = await nats.connect(
+            self.server.url,
+            user_credentials=str(self.creds_file),
+            inbox_prefix=inbox_prefix("ops/watcher"),
+            error_cb=self.on_error,
+            closed_cb=self.on_closed,
+            allow_reconnect=False,
+        )
+        try:
+            yield nc
+        finally:
+            await nc.close()

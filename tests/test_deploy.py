@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nats
 import pytest
 import yaml
 
@@ -260,3 +261,82 @@ def test_cluster_routes_refuse_unauthenticated_servers(
             remote = intruder.wait_for_log("Authorization Violation", timeout=10)
         assert "route" in remote.lower()
         assert not any("intruder" in line for line in node.log[mark:])
+
+
+# --- the single server from deploy/nats/single.conf: quotas and JetStream grants -------
+
+INTAKE = "consensus-SWARMBUS_CONSENSUS__-f1d71ec8"  # `swarmbus consensus`' durable
+INBOXES = {SERVICE: "_INBOX_swarmbus_consensus", AGENT: "_INBOX_ops_deploy-validator"}
+PASSWORD_OF = {SERVICE: "NATS_PASSWORD_CONSENSUS", AGENT: "NATS_PASSWORD_DEPLOY_VALIDATOR"}
+
+
+@pytest.fixture
+def deploy_single(tmp_path: Path, passwords: dict[str, str]) -> Iterator[NatsServer]:
+    server = NatsServer(
+        tmp_path / "single", config_file=NATS_CONF / "single.conf", extra_args=["--http_port", "-1"]
+    )
+    with server:
+        yield server
+
+
+def deploy_user(server: NatsServer, passwords: dict[str, str], user: str) -> Any:
+    return Bus.open(
+        url=server.url,
+        user=user,
+        password=passwords[PASSWORD_OF[user]],
+        inbox_prefix=INBOXES[user],
+    )
+
+
+async def test_account_quotas_apply_to_every_user(
+    deploy_single: NatsServer, passwords: dict[str, str]
+) -> None:
+    """Attempt 9: the SWARMBUS account's JetStream and connection limits."""
+    async with deploy_user(deploy_single, passwords, SERVICE) as service:
+        limits = (await service.js.account_info()).limits
+    assert (limits.max_memory, limits.max_storage) == (1024**3, 20 * 1024**3)
+    assert (limits.max_streams, limits.max_consumers) == (64, 20000)
+
+
+async def test_agent_cannot_pull_ack_or_reconfigure_the_consensus_intake(
+    deploy_single: NatsServer, passwords: dict[str, str], session_id: str
+) -> None:
+    """Attempt 7 (password config): the consensus service's intake consumer and named
+    consumer creates (which update an existing consumer) are refused to agents."""
+    from swarmbus import ConsensusService
+
+    async with (
+        deploy_user(deploy_single, passwords, SERVICE) as service,
+        ConsensusService(service, board_bucket=None),
+    ):
+        info = await service.js.consumer_info("SWARMBUS_EVENTS", INTAKE)
+        assert info.name == INTAKE  # the name auth.conf denies is the service's
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        agent = await nats.connect(
+            deploy_single.url,
+            user=AGENT,
+            password=passwords[PASSWORD_OF[AGENT]],
+            inbox_prefix=INBOXES[AGENT],
+            error_cb=on_error,
+        )
+        try:
+            for subject in (
+                f"$JS.API.CONSUMER.MSG.NEXT.SWARMBUS_EVENTS.{INTAKE}",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.SWARMBUS_EVENTS.{INTAKE}",
+                f"$JS.ACK.SWARMBUS_EVENTS.{INTAKE}.1.1.1.1.0",
+                f"$JS.API.CONSUMER.CREATE.SWARMBUS_EVENTS.{INTAKE}",
+                "$JS.API.CONSUMER.CREATE.SWARMBUS_TASKS.q.swarmbus.task.>",
+            ):
+                refusal = f'permissions violation for publish to "{subject.lower()}"'
+                await agent.publish(subject, b'{"config": {"ack_wait": 3600000000000}}')
+                with anyio.fail_after(5):
+                    while not any(refusal in error for error in errors):
+                        await agent.flush()
+        finally:
+            await agent.close()
+        after = await service.js.consumer_info("SWARMBUS_EVENTS", INTAKE)
+        assert after.config == info.config
