@@ -200,7 +200,7 @@ def _cmd_creds(args: argparse.Namespace) -> int:
     store = CredsStore(args.dir)
     if args.creds_command == "init":
         roles = _yaml_file(args.roles) if args.roles else None
-        conf = store.init(roles=roles, resolver=args.resolver)
+        conf = store.init(roles=roles, resolver=args.resolver, resolver_dir=args.resolver_dir)
         print(f"operator and account in {store.root}; include {conf} in the server config")
         print(f"system user (pushes account updates): {store.system_creds}")
     elif args.creds_command == "add":
@@ -334,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     creds = p.add_subparsers(dest="creds_command", required=True)
     c = creds.add_parser("init", help="create operator, account, role keys, server.conf")
     c.add_argument("--resolver", choices=("full", "memory"), default="full")
+    c.add_argument("--resolver-dir", default=None, help="full resolver's dir on the server")
     c.add_argument("--roles", default=None, help="role templates YAML (default: built in)")
     c = creds.add_parser("add", help="write AGENT's .creds (no server restart)")
     c.add_argument("agent", help="agent id, e.g. ops/deploy-validator")

@@ -6,9 +6,12 @@ each carries its role's permission template. A user JWT signed with a role's key
 that template with ``{{name()}}`` replaced by the user's name (the agent id) and
 ``{{tag(x)}}`` by the values of its ``x:`` tags, so adding an agent only writes a new
 user JWT: the server verifies it against the account JWT it already has (no config
-edit, no restart). Revoking one updates the account JWT (``revocations``), which the
-server takes from its resolver directory on a config reload or from a push on
-``$SYS.REQ.CLAIMS.UPDATE`` (``swarmbus creds revoke --url``); its connections are closed.
+edit, no restart). Revoking one updates the account JWT (``revocations``); the server
+closes the agent's connections and refuses it once it has the new JWT. Measured on
+nats-server 2.15.1: the ``full`` resolver takes it from a push on
+``$SYS.REQ.CLAIMS.UPDATE`` by a system-account user (``swarmbus creds revoke --url``)
+but does NOT re-read its directory on a config reload; the ``memory`` resolver takes it
+from ``resolver_preload`` in server.conf on a config reload (``--reload-pid``, SIGHUP).
 
 Layout of a credentials directory::
 
@@ -20,8 +23,10 @@ Layout of a credentials directory::
     roles.yaml                   the role templates the account JWT was built from
     users.json                   agent id -> role, public key, creds file
     users/<file>.creds           one per agent (``creds_file_name``)
-    jwt/                         the server's resolver directory (``full`` resolver)
-    server.conf                  the fragment to include in the nats-server config
+    limits.json                  the account's quotas (``DEFAULT_ACCOUNT_LIMITS``)
+    server.conf                  the fragment to include in the nats-server config:
+                                 operator JWT, system account, resolver, and the
+                                 account JWTs as ``resolver_preload``
 
 JWTs follow the NATS JWT v2 format (what ``nsc`` writes): ed25519 signatures by nkeys.
 The ``nats-jwt`` package (0.2.2) has no scoped signing keys and writes user limits that
@@ -379,14 +384,19 @@ class CredsStore:
         roles: dict[str, dict[str, Any]] | None = None,
         limits: dict[str, Any] | None = None,
         resolver: str = "full",
+        resolver_dir: str | None = None,
     ) -> Path:
         """Create the operator, accounts, role keys and the server config fragment.
 
         Args:
             roles: role templates (default ``DEFAULT_ROLES``).
             limits: account quotas merged over ``DEFAULT_ACCOUNT_LIMITS``.
-            resolver: ``full`` (account JWTs in a directory; updates by push or reload)
-                or ``memory`` (preloaded in the config; updates by reload).
+            resolver: ``full`` (account JWTs in a directory the server writes; updates
+                by a push as the system user) or ``memory`` (account JWTs preloaded in
+                ``server.conf``; updates by a config reload).
+            resolver_dir: the full resolver's directory as the server sees it (each
+                server its own, writable, e.g. ``/data/jwt`` in a container); default
+                ``<root>/jwt``.
 
         Returns:
             The server config fragment (``server.conf``).
@@ -434,6 +444,7 @@ class CredsStore:
             "system.creds", _CREDS_TEMPLATE.format(jwt=sys_jwt, seed=sys_seed.decode()), secret=True
         )
         self._write("users.json", "{}\n")
+        self._write("resolver-dir", resolver_dir or "")
         return self._write_server_config(resolver)
 
     def _write_server_config(self, resolver: str) -> Path:
@@ -445,19 +456,20 @@ class CredsStore:
             f"system_account: {system}",
         ]
         if resolver == "full":
-            (self.root / "jwt").mkdir(exist_ok=True)
-            self._sync_resolver_dir()
+            resolver_dir = self._read("resolver-dir") or str(root / "jwt")
             lines += [
                 "resolver: {",
                 "  type: full",
-                f'  dir: "{root / "jwt"}"',
+                f'  dir: "{resolver_dir}"',
                 "  allow_delete: false",
                 '  interval: "2m"',
                 '  timeout: "5s"',
                 "}",
             ]
         else:
-            lines += ["resolver: MEMORY", self._preload()]
+            lines.append("resolver: MEMORY")
+        # a fresh resolver directory starts from these; pushes update the directory
+        lines.append(self._preload())
         self._write("resolver", resolver)
         return self._write("server.conf", "\n".join(lines) + "\n")
 
@@ -487,11 +499,6 @@ class CredsStore:
         self._write("account.jwt", token)
         return token
 
-    def _sync_resolver_dir(self) -> None:
-        for name, public in (("account.jwt", self.account_public_key), ("system.jwt", None)):
-            key = public or self.system_account_public_key
-            self._write(f"jwt/{key}.jwt", self._read(name))
-
     def _preload(self) -> str:
         preload = {
             self.account_public_key: self.account_jwt,
@@ -500,12 +507,8 @@ class CredsStore:
         return f"resolver_preload: {json.dumps(preload, indent=2)}"
 
     def _publish_account(self) -> None:
-        """Write the current account JWT where the server reads it (on a reload)."""
-        resolver = self._read("resolver")
-        if resolver == "full":
-            self._sync_resolver_dir()
-        else:
-            self._write_server_config(resolver)
+        """Write the current account JWT into server.conf (read on a reload or start)."""
+        self._write_server_config(self.resolver)
 
     # --- users -------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from swarmbus import (
     FindingMessage,
     NatsServer,
     PermissionDeniedError,
+    RequestMessage,
 )
 from swarmbus._cli import main
 from swarmbus._creds import (
@@ -294,7 +295,9 @@ async def test_role_and_account_quotas(
         await nc.subscribe("agent.>")  # one too many: the server closes the connection
         with anyio.fail_after(5):
             await watcher.closed.wait()
-    assert any("maximum subscriptions exceeded" in line for line in server.log[mark:])
+    await anyio.to_thread.run_sync(
+        lambda: server.wait_for_log("maximum subscriptions exceeded", timeout=5, after=mark)
+    )
     watcher = Watcher(server, store.users()["ops/watcher"].creds_file)
     async with watcher.connected() as nc:
         await nc.publish("$JS.API.INFO", b"x" * template["payload"])  # at the limit: fine
@@ -302,7 +305,9 @@ async def test_role_and_account_quotas(
         await nc.publish("$JS.API.INFO", b"x" * (template["payload"] + 1))
         with anyio.fail_after(5):
             await watcher.closed.wait()
-    assert any("maximum payload exceeded" in line for line in server.log[mark:])
+    await anyio.to_thread.run_sync(
+        lambda: server.wait_for_log("maximum payload exceeded", timeout=5, after=mark)
+    )
 
 
 class Watcher:
@@ -334,3 +339,33 @@ class Watcher:
             yield nc
         finally:
             await nc.close()
+
+
+async def test_only_agents_with_a_capability_read_its_requests(
+    full_resolver: tuple[NatsServer, CredsStore], service: Bus, session_id: str
+) -> None:
+    """``--capability`` (``{{tag(capability)}}``): who may read ``any`` requests."""
+    server, store = full_resolver
+    creds(store.root, "add", NEWCOMER, "--capability", "check_deployment")
+    creds(store.root, "add", OTHER)
+    newcomer = Agent(NEWCOMER)
+
+    @newcomer.on_request("check_deployment")
+    async def check(request: RequestMessage) -> dict[str, Any]:
+        return {"version": "v1.2.3"}
+
+    async def ignore(message: Any) -> None:
+        raise AssertionError("must not receive anything")
+
+    async with (
+        as_agent(server, store, NEWCOMER) as bus,
+        newcomer.serve(bus),
+        as_agent(server, store, OTHER) as other,
+    ):
+        with anyio.fail_after(10):
+            answer = await other.request("check_deployment", agent=OTHER, session=session_id)
+        assert answer.response.result == {"version": "v1.2.3"}
+        with anyio.fail_after(3), pytest.raises(PermissionDeniedError, match="subscribe"):
+            await other.subscribe(
+                "swarmbus.request.check_deployment.any.*.*", ignore, receiver=OTHER
+            )
