@@ -491,7 +491,8 @@ class CredsStore:
             "type": "account",
             "limits": json.loads(self._read("limits.json")),
             "signing_keys": signing_keys,
-            "default_permissions": {"pub": {}, "sub": {}},
+            # users signed by the account key itself (not a role's) may do nothing
+            "default_permissions": {"pub": {"deny": [">"]}, "sub": {"deny": [">"]}},
         }
         if revocations:
             nats["revocations"] = revocations
@@ -565,6 +566,11 @@ class CredsStore:
         for capability in capabilities:
             subjects.validate_name("capability", capability)
         users = self.users()
+        if agent in users and not users[agent].revoked:
+            raise SwarmbusError(
+                f"{agent} already has credentials ({users[agent].creds_file}): "
+                "revoke them first (`swarmbus creds revoke`)"
+            )
         seed = _new_seed("user")
         user = _Key(seed)
         tags = [f"{TOKEN_TAG}:{subjects.safe_token(agent)}"]

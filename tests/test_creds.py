@@ -27,6 +27,7 @@ from swarmbus import (
     NatsServer,
     PermissionDeniedError,
     RequestMessage,
+    SwarmbusError,
 )
 from swarmbus._cli import main
 from swarmbus._creds import (
@@ -369,3 +370,14 @@ async def test_only_agents_with_a_capability_read_its_requests(
             await other.subscribe(
                 "swarmbus.request.check_deployment.any.*.*", ignore, receiver=OTHER
             )
+
+
+def test_an_agent_with_live_credentials_is_not_issued_a_second_key(tmp_path: Path) -> None:
+    store = CredsStore(tmp_path / "creds")
+    store.init()
+    first = store.add(NEWCOMER)
+    with pytest.raises(SwarmbusError, match="revoke them first"):
+        store.add(NEWCOMER, handlers=["on_finding"])
+    assert store.users()[NEWCOMER] == first
+    store.revoke(NEWCOMER)
+    assert store.add(NEWCOMER).public_key != first.public_key
