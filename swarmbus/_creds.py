@@ -49,9 +49,23 @@ from typing import Any, Final
 import yaml
 
 from swarmbus import _subjects as subjects
-from swarmbus._errors import MissingDependencyError, NotFoundError, SwarmbusError
+from swarmbus._errors import (
+    InvalidIdentifierError,
+    MissingDependencyError,
+    NotFoundError,
+    SwarmbusError,
+)
 
-__all__ = ["DEFAULT_ROLES", "CredsStore", "UserEntry", "creds_file_name", "inbox_prefix"]
+__all__ = [
+    "DEFAULT_ACCOUNT_LIMITS",
+    "DEFAULT_ROLES",
+    "CredsStore",
+    "UserEntry",
+    "creds_file_name",
+    "decode_jwt",
+    "encode_jwt",
+    "inbox_prefix",
+]
 
 ACCOUNT_NAME: Final = "SWARMBUS"
 SYSTEM_ACCOUNT_NAME: Final = "SYS"
@@ -273,7 +287,7 @@ def encode_jwt(issuer: _Key, subject: str, name: str, nats: dict[str, Any]) -> s
         "sub": subject,
         "nats": {**nats, "version": 2},
     }
-    # jti as nsc computes it: base32 of a hash of the claims without it
+    # a unique id per token (nsc hashes the claims the same way; the server only reads it)
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).digest()
     body["jti"] = base64.b32encode(digest).rstrip(b"=").decode()
     header = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
@@ -558,6 +572,9 @@ class CredsStore:
             capabilities: capabilities it serves (it may read their ``any`` requests).
         """
         subjects.validate_agent_id(agent)
+        if agent == subjects.ANY:
+            # `swarmbus.request.*.{{name()}}.*.*` would be every capability's `any` request
+            raise InvalidIdentifierError("agent id", agent, "is the request target 'any'")
         roles = self.roles()
         if role not in roles:
             raise NotFoundError("role", role)

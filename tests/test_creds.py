@@ -24,6 +24,7 @@ from swarmbus import (
     ConnectionError,
     Finding,
     FindingMessage,
+    InvalidIdentifierError,
     NatsServer,
     PermissionDeniedError,
     RequestMessage,
@@ -381,3 +382,6 @@ def test_an_agent_with_live_credentials_is_not_issued_a_second_key(tmp_path: Pat
     assert store.users()[NEWCOMER] == first
     store.revoke(NEWCOMER)
     assert store.add(NEWCOMER).public_key != first.public_key
+    # `any` is the request target of every capability: not an identity
+    with pytest.raises(InvalidIdentifierError):
+        store.add("any")
