@@ -62,6 +62,7 @@ def deploy_nodes(base_dir: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[NatsC
         nodes.append(
             NatsServer(
                 base_dir / f"n{i}" / "data",
+                name=f"nats-{i}",  # as nats-<i>.conf names it (tests find nodes by name)
                 config_file=conf / f"nats-{i}.conf",
                 extra_args=["--http_port", "-1"],
             )
