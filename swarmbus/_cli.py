@@ -11,11 +11,15 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from swarmbus._errors import SwarmbusError
 from swarmbus._telemetry import configure_tracing
+
+if TYPE_CHECKING:
+    from swarmbus._creds import CredsStore
 
 Command = Callable[[argparse.Namespace], int]
 LOOP_ENV = "SWARMBUS_LOOP"
@@ -209,24 +213,31 @@ def _cmd_creds(args: argparse.Namespace) -> int:
         )
         print(f"export SWARMBUS_CREDS_FILE={entry.creds_file}")
         print(f"export SWARMBUS_INBOX_PREFIX={inbox_prefix(args.agent)}")
-    elif args.creds_command == "revoke":
-        account_jwt = store.revoke(args.agent)
-        if args.reload_pid is not None:
-            os.kill(args.reload_pid, signal.SIGHUP)  # nats-server reloads its config
-            print(f"revoked {args.agent}; server {args.reload_pid} reloads its config")
-        elif store.resolver == "full" and args.url:
-            _run(_push_account, args.url, str(store.system_creds), account_jwt)
-            print(f"revoked {args.agent}; the account update was pushed to {args.url}")
-        else:
-            print(
-                f"revoked {args.agent}; apply it: reload every server "
-                "(nats-server --signal reload=<pid>) or push with --url (full resolver)"
-            )
+    elif args.creds_command in ("revoke", "push"):
+        if args.creds_command == "revoke":
+            store.revoke(args.agent)
+            print(f"revoked {args.agent}")
+        _apply_account(store, args.url, args.reload_pid)
     else:
         for entry in store.users().values():
             state = "revoked" if entry.revoked else str(entry.creds_file)
             print(f"{entry.agent:40} {entry.role:10} {entry.public_key}  {state}")
     return 0
+
+
+def _apply_account(store: CredsStore, url: str | None, reload_pid: int | None) -> None:
+    """Get the servers to take the current account JWT (see swarmbus/_creds.py)."""
+    if store.resolver == "memory":
+        if reload_pid is None:
+            print("reload every server to apply it: nats-server --signal reload=<pid>")
+            return
+        os.kill(reload_pid, signal.SIGHUP)  # nats-server reloads its config
+        print(f"nats-server {reload_pid} reloads its config")
+    elif url:
+        _run(_push_account, url, str(store.system_creds), store.account_jwt)
+        print(f"account JWT pushed to {url}")
+    else:  # a full resolver does not re-read its directory on a reload
+        raise SwarmbusError("push it to the servers: swarmbus creds push --url NATS_URL")
 
 
 def _yaml_file(path: str) -> dict[str, dict[str, object]]:
@@ -341,10 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--role", default="agent", help="agent, service or observer")
     c.add_argument("--handler", action="append", default=[], help="event handler name")
     c.add_argument("--capability", action="append", default=[], help="capability it serves")
-    c = creds.add_parser("revoke", help="revoke AGENT's credentials")
-    c.add_argument("agent")
-    c.add_argument("--url", default=os.environ.get("NATS_URL"), help="push to (full resolver)")
-    c.add_argument("--reload-pid", type=int, default=None, help="SIGHUP this nats-server")
+    revoke = creds.add_parser("revoke", help="revoke AGENT's credentials, then apply (as push)")
+    revoke.add_argument("agent")
+    push = creds.add_parser("push", help="get the servers to take the account JWT")
+    for c in (revoke, push):
+        c.add_argument("--url", default=os.environ.get("NATS_URL"), help="full resolver: push")
+        c.add_argument("--reload-pid", type=int, default=None, help="memory: SIGHUP it")
     creds.add_parser("list", help="issued credentials")
     p.set_defaults(func=_cmd_creds)
     return parser

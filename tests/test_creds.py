@@ -385,3 +385,17 @@ def test_an_agent_with_live_credentials_is_not_issued_a_second_key(tmp_path: Pat
     # `any` is the request target of every capability: not an identity
     with pytest.raises(InvalidIdentifierError):
         store.add("any")
+
+
+def test_revoke_on_a_full_resolver_asks_for_a_push(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full resolver does not re-read its directory on a reload: without --url the
+    revocation is recorded but not applied, and the command says so (exit 2)."""
+    monkeypatch.delenv("NATS_URL", raising=False)
+    store = tmp_path / "creds"
+    creds(store, "init")
+    creds(store, "add", NEWCOMER)
+    assert main(["creds", "--dir", str(store), "revoke", NEWCOMER]) == 2
+    assert "swarmbus creds push --url" in capsys.readouterr().err
+    assert CredsStore(store).users()[NEWCOMER].revoked
