@@ -127,9 +127,9 @@ _AGENT_PUB: Final[list[str]] = [
     "swarmbus.dead.*.{{name()}}",
     "$JS.API.INFO",
     "$JS.API.STREAM.INFO.*",
+    "$JS.API.CONSUMER.INFO.*.*",  # read-only (KV watches look their consumers up)
     # its own durable consumers on the event stream, and only those (attempt 7)
     f"$JS.API.CONSUMER.DURABLE.CREATE.SWARMBUS_EVENTS.{_OWN_CONSUMER}",
-    f"$JS.API.CONSUMER.INFO.SWARMBUS_EVENTS.{_OWN_CONSUMER}",
     f"$JS.API.CONSUMER.MSG.NEXT.SWARMBUS_EVENTS.{_OWN_CONSUMER}",
     f"$JS.ACK.SWARMBUS_EVENTS.{_OWN_CONSUMER}.>",
     # ephemeral consumers (KV watches and reads): no name, so no other's to reconfigure
@@ -139,7 +139,6 @@ _AGENT_PUB: Final[list[str]] = [
     # task queue: see deploy/README.md for what is still shared (queue consumers)
     "swarmbus.task.>",
     "$JS.API.CONSUMER.DURABLE.CREATE.SWARMBUS_TASKS.*",
-    "$JS.API.CONSUMER.INFO.SWARMBUS_TASKS.*",
     "$JS.API.CONSUMER.MSG.NEXT.SWARMBUS_TASKS.*",
     "$JS.ACK.SWARMBUS_TASKS.>",
     "$JS.API.DIRECT.GET.>",

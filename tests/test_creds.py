@@ -176,7 +176,7 @@ async def test_agent_cannot_pull_or_ack_another_agents_consumer(
                 while not any(refusal in error for error in errors):
                     await nc.flush()
         # its own consumer name is allowed
-        await nc.publish(f"$JS.API.CONSUMER.INFO.{EVENTS}.{safe_token(OTHER)}-on_finding")
+        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{safe_token(OTHER)}-on_finding")
         await nc.flush()
     finally:
         await nc.close()
@@ -399,3 +399,59 @@ def test_revoke_on_a_full_resolver_asks_for_a_push(
     assert main(["creds", "--dir", str(store), "revoke", NEWCOMER]) == 2
     assert "swarmbus creds push --url" in capsys.readouterr().err
     assert CredsStore(store).users()[NEWCOMER].revoked
+
+
+async def test_coordination_works_under_the_agent_role(
+    full_resolver: tuple[NatsServer, CredsStore], service: Bus, session_id: str, unique: str
+) -> None:
+    """The agent role template refuses nothing swarmbus needs: tasks, locks, the
+    blackboard, evidence queries, votes through the consensus service."""
+    from swarmbus import (
+        Blackboard,
+        Consensus,
+        ConsensusService,
+        Lock,
+        Proposal,
+        QueryLedger,
+        TaskQueue,
+        Vote,
+    )
+
+    server, store = full_resolver
+    creds(store.root, "add", NEWCOMER)
+    log_start = len(server.log)
+    async with ConsensusService(service, session=session_id), TaskQueue(service, session_id):
+        # what the service provisions for the agents (agents may not create streams)
+        await Blackboard.open(service, session_id)
+        await QueryLedger.open(service, session_id, agent=SERVICE)
+        await Lock(service, f"warmup-{unique}", SERVICE).acquire(timeout=0)
+        async with as_agent(server, store, NEWCOMER) as agent:
+            async with TaskQueue(agent, session_id) as queue:
+                created = await queue.create("investigate", agent=NEWCOMER)
+                claim = await queue.claim(agent=NEWCOMER, types=["investigate"], timeout=5)
+                assert claim is not None
+                assert claim.task.id == created.id
+                assert (await claim.complete({"ok": True})).status == "completed"
+            async with Lock(agent, f"deploy-{unique}", NEWCOMER, ttl=5) as lease:
+                assert lease.owner == NEWCOMER
+            board = await Blackboard.open(agent, session_id)
+            await board.append_finding(finding(), agent=NEWCOMER)
+            assert len(await board.findings()) == 1
+            ledger = await QueryLedger.open(agent, session_id, agent=NEWCOMER)
+
+            async def execute() -> str:
+                return "0.05"
+
+            ran = await ledger.run("prometheus", f"rate(errors_{unique}[5m])", execute)
+            assert not ran.reused
+            consensus = await Consensus.open(agent, via_service=True)
+            pid = f"p-{unique}"
+            await consensus.propose(
+                Proposal(proposal_id=pid, action="rollback", voters=[NEWCOMER]),
+                agent=NEWCOMER,
+                session=session_id,
+            )
+            await consensus.vote(Vote(proposal_id=pid, vote="yes", reason="5xx"), agent=NEWCOMER)
+            decision = await consensus.wait_for_decision(pid, timeout=10)
+    assert decision.outcome == "approved"
+    assert violations(server, log_start) == []
