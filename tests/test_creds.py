@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import nats
+import nats.errors
 import nats.js.errors
 import pytest
 import yaml
@@ -25,6 +26,7 @@ from swarmbus import (
     Finding,
     FindingMessage,
     InvalidIdentifierError,
+    NatsCluster,
     NatsServer,
     PermissionDeniedError,
     RequestMessage,
@@ -38,6 +40,7 @@ from swarmbus._creds import (
     decode_jwt,
     inbox_prefix,
 )
+from swarmbus._server import free_port
 from swarmbus._subjects import safe_token
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
@@ -332,7 +335,6 @@ class Watcher:
         nc = await nats.connect(
             self.server.url,
             user_credentials=str(self.creds_file),
-            inbox_prefix=inbox_prefix("ops/watcher"),
             error_cb=self.on_error,
             closed_cb=self.on_closed,
             allow_reconnect=False,
@@ -455,3 +457,48 @@ async def test_coordination_works_under_the_agent_role(
             decision = await consensus.wait_for_decision(pid, timeout=10)
     assert decision.outcome == "approved"
     assert violations(server, log_start) == []
+
+
+@pytest.mark.slow
+async def test_revocation_pushed_to_one_node_reaches_the_whole_cluster(tmp_path: Path) -> None:
+    """Full resolvers in a cluster share account updates over the system account."""
+    store = CredsStore(tmp_path / "creds")
+    store.init()
+    store.add(NEWCOMER)
+    kept = tmp_path / "kept.creds"
+    shutil.copy(store.users()[NEWCOMER].creds_file, kept)
+    route_ports = [free_port() for _ in range(3)]
+    routes = ", ".join(f"nats://127.0.0.1:{port}" for port in route_ports)
+    cluster = NatsCluster(tmp_path / "unused", size=0)
+    for i, port in enumerate(route_ports):
+        node = tmp_path / f"n{i}"
+        node.mkdir()
+        # the same creds, each node its own resolver directory
+        own_dir = str(store.server_config.read_text()).replace(
+            str((store.root / "jwt").resolve()), str(node / "jwt")
+        )
+        (node / "server.conf").write_text(own_dir)
+        (node / "node.conf").write_text(
+            f'include "server.conf"\njetstream {{}}\n'
+            f"cluster {{ name: c, listen: 127.0.0.1:{port}, routes: [{routes}] }}\n"
+        )
+        cluster.nodes.append(
+            NatsServer(node / "data", name=f"n{i}", config_file=node / "node.conf")
+        )
+    with cluster:
+        watchers = [Watcher(node, kept) for node in cluster.nodes]
+        async with contextlib.AsyncExitStack() as stack:
+            for watcher in watchers:
+                await stack.enter_async_context(watcher.connected())
+            store.revoke(NEWCOMER)
+            await anyio.to_thread.run_sync(
+                main, ["creds", "--dir", str(store.root), "push", "--url", cluster.nodes[0].url]
+            )
+            with anyio.fail_after(10):
+                for watcher in watchers:
+                    await watcher.closed.wait()
+        for node in cluster.nodes:
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await nats.connect(
+                    node.url, user_credentials=str(kept), allow_reconnect=False, connect_timeout=2
+                )
