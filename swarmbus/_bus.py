@@ -1,7 +1,19 @@
 """The bus: one NATS connection, typed publish/subscribe, requests, durable consumers.
 
 This is the transport boundary: nats-py types and exceptions stay in here and in the
-other private modules that use ``Bus.nc`` / ``Bus.js``; callers see swarmbus types.
+JetStream layer (``swarmbus._jetstream``); callers see swarmbus types.
+
+The bus's pieces:
+
+- ``Bus`` (here): connection lifecycle, publish (acked, or through the outbox),
+  request, live subscriptions, the contract check of what arrives (``accept``) and the
+  dead letter of what does not pass it (``reject``), streams and KV buckets;
+- ``swarmbus._consumer``: the durable consumer (the receive loop of ``consume``) and the
+  dispatch of one message to its handler inside a CONSUMER span;
+- ``swarmbus._request_server``: answering one capability's requests;
+- ``swarmbus._refusals``: the server's asynchronous permission refusals;
+- ``swarmbus._jetstream``: ``outbox`` (confirmed background publishes), ``streams``
+  (provisioning), ``delivery`` (durable pulls and what a receive loop touches).
 """
 
 from __future__ import annotations
@@ -574,7 +586,6 @@ class Bus:
 
         Nothing published while not subscribed is seen; use ``consume`` for that.
         """
-
         on_msg = LiveHandler(self, handler, receiver).on_msg
         try:
             with self._permission_guard(subject, f"subscribe to {subject}", cancel=False):
@@ -696,7 +707,6 @@ class Bus:
             raise InvalidIdentifierError(
                 "agent id", agent, f"'{subjects.ANY}' is a request target, not an agent"
             )
-
         server = RequestServer(
             self, capability, handler, agent=agent, limiter=limiter, task_group=task_group
         )
