@@ -12,9 +12,9 @@ Like Dapr's state components and A2A's ``VersionedTaskStore``, the seam is drawn
 tokens, one vote per agent) is a compare-and-set on a revision, so it holds on any
 store that implements ``update`` atomically.
 
-Keys are dot-separated tokens (``<session>.<kind>.<id>``); a prefix ends with a dot
-or is empty. Revisions are positive and increase on every write to a key, also across
-deletes and expiries (they serve as fencing tokens).
+Keys are dot-separated tokens (``<session>.<kind>.<id>``); a prefix ends with a dot,
+is empty, or is one whole key. Revisions are positive and increase on every write to
+a key, also across deletes and expiries (they serve as fencing tokens).
 """
 
 from __future__ import annotations
@@ -47,9 +47,16 @@ class StateStore(Protocol):
     """
 
     name: str
+    max_value_bytes: int
+    """The largest value the store accepts (``MessageTooLargeError`` beyond it)."""
 
-    async def get(self, key: str) -> Entry | None:
-        """The key's current entry, or None if it has none (never set, deleted, expired)."""
+    async def get(self, key: str, *, fresh: bool = False) -> Entry | None:
+        """The key's current entry, or None if it has none (never set, deleted, expired).
+
+        A store may answer from a replica that lags a moment behind; ``fresh`` asks the
+        authoritative copy (use it before reporting "not found" for something that was
+        written a moment ago).
+        """
         ...
 
     async def create(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
@@ -77,5 +84,7 @@ class StateStore(Protocol):
     ) -> AbstractAsyncContextManager[AsyncIterator[Entry | None]]:
         """Changes under ``prefix``: with ``initial``, the current entries first, then
         one ``None`` marking their end; then every later write and delete as it happens.
+
+        ``prefix`` is a key prefix ending in ``.``, ``""`` for every key, or one exact key.
         """
         ...

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from swarmbus import Bus, ConflictError
+from swarmbus import Bus, ConflictError, MessageTooLargeError
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._state import Entry, StateStore
 
@@ -108,3 +108,21 @@ async def test_a_finished_watch_leaves_no_consumer(bus: Bus, unique: str) -> Non
                 assert await anext(changes) is None
     info = await bus.js.stream_info(f"KV_watch-{unique}")
     assert info.state.consumer_count == 0
+
+
+async def test_watch_of_one_exact_key(store: StateStore) -> None:
+    await store.put("k.one", b"a")
+    await store.put("k.onex", b"b")
+    async with store.watch("k.one") as changes:
+        with anyio.fail_after(5):
+            first = await anext(changes)
+            assert first is not None
+            assert (first.key, first.value) == ("k.one", b"a")
+            assert await anext(changes) is None
+
+
+async def test_a_value_over_the_limit_is_refused_with_the_limit(store: StateStore) -> None:
+    with pytest.raises(MessageTooLargeError) as caught:
+        await store.put("big.1", b"x" * (store.max_value_bytes + 1))
+    assert caught.value.limit == store.max_value_bytes
+    assert await store.get("big.1", fresh=True) is None

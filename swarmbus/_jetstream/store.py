@@ -18,7 +18,7 @@ import nats.errors
 import nats.js.errors
 from nats.js.kv import KeyValue
 
-from swarmbus._errors import ConflictError
+from swarmbus._errors import ConflictError, MessageTooLargeError
 from swarmbus._jetstream.errors import NatsError, is_wrong_last_sequence, nats_errors
 from swarmbus._jetstream.headers import KV_OPERATION, KV_REMOVED, MARKER_REASON
 from swarmbus._jetstream.kv import kv_write
@@ -41,12 +41,15 @@ class NatsStore:
     def __init__(self, kv: KeyValue, *, attributes: Mapping[str, str] | None = None) -> None:
         self.kv = kv
         self.name: str = kv._name
+        self.max_value_bytes: int = kv._js._nc.max_payload
         self._attributes: Mapping[str, str] = attributes or {"swarmbus.bucket": self.name}
 
-    async def get(self, key: str) -> Entry | None:
+    async def get(self, key: str, *, fresh: bool = False) -> Entry | None:
         kv = self.kv
         try:
-            msg = await kv._js.get_msg(kv._stream, subject=kv._pre + key, direct=kv._direct)
+            msg = await kv._js.get_msg(
+                kv._stream, subject=kv._pre + key, direct=kv._direct and not fresh
+            )
         except nats.js.errors.NotFoundError:
             return None
         except NatsError as exc:
@@ -59,6 +62,7 @@ class NatsStore:
         return Entry(key=key, value=msg.data or b"", revision=int(msg.seq or 0))
 
     async def create(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
+        self._check_size(value)
         try:
             return await kv_write(self.kv, key, value, last=0, ttl=ttl, attributes=self._attributes)
         except NatsError as exc:
@@ -81,6 +85,7 @@ class NatsStore:
             raise AssertionError("unreachable") from exc
 
     async def put(self, key: str, value: bytes) -> int:
+        self._check_size(value)
         with nats_errors(f"put {key} in {self.name}"):
             return await kv_write(self.kv, key, value, attributes=self._attributes)
 
@@ -97,8 +102,13 @@ class NatsStore:
     async def list(self, prefix: str = "") -> list[Entry]:
         return [
             Entry(key=key, value=msg.data, revision=int(msg.metadata.sequence.stream))
-            for key, msg in await kv_latest(self.kv, prefix + ">" if prefix else ">")
+            for key, msg in await kv_latest(self.kv, _pattern(prefix))
         ]
+
+    def _check_size(self, value: bytes) -> None:
+        # nats-py would raise MaxPayloadError; headers (trace context, TTL) need room too
+        if len(value) > self.max_value_bytes:
+            raise MessageTooLargeError(len(value), self.max_value_bytes)
 
     @contextlib.asynccontextmanager
     async def watch(
@@ -106,12 +116,17 @@ class NatsStore:
     ) -> AsyncIterator[AsyncIterator[Entry | None]]:
         with nats_errors(f"watch {self.name}"):
             watcher = await self.kv.watch(
-                prefix + ">" if prefix else ">", inactive_threshold=WATCH_INACTIVE_THRESHOLD
+                _pattern(prefix), inactive_threshold=WATCH_INACTIVE_THRESHOLD
             )
         try:
             yield _entries(watcher, initial=initial)
         finally:
             await _stop(self.kv, watcher)
+
+
+def _pattern(prefix: str) -> str:
+    """The NATS subject pattern (after the bucket's prefix) of a key prefix or key."""
+    return prefix + ">" if not prefix or prefix.endswith(".") else prefix
 
 
 async def _entries(watcher: KeyValue.KeyWatcher, *, initial: bool) -> AsyncIterator[Entry | None]:
