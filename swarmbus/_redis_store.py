@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final, cast
@@ -85,94 +86,103 @@ _KEY_RE: Final = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
 _SEP: Final = b"\0"
 _NAMES_CACHED: Final = 4096
 
-# Shared by the scripts. Index and expiry members are "<store key>\0<redis key>", so a
-# lex range on the store key's prefix finds them and the scripts know the Redis key.
-# KEYS: 1 counter, 2 changes, 3 keys index, 4 expiry (+ 5 the data key for writes).
+# Shared by the scripts. BASE is the bucket's base (``agent:swarm:<bucket>/``, formatted
+# in per store, like MAXLEN, so a call carries few arguments); the bookkeeping keys are
+# built from it. Index and expiry members are "<store key>\0<redis
+# key>", so a lex range on the store key's prefix finds them and the scripts know the
+# Redis key. MAXLEN is the change stream's cap.
 _LUA_COMMON = """
+local base = BASE
+local counter, changes = base .. 'revision', base .. 'changes'
+local index, expiry = base .. 'keys', base .. 'expiry'
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function emit(maxlen, key, rev, op, value)
+local function emit(key, rev, op, value)
   if value then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*',
+    redis.call('XADD', changes, 'MAXLEN', '~', MAXLEN, '*',
       'key', key, 'revision', rev, 'op', op, 'value', value)
   else
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'key', key, 'revision', rev, 'op', op)
+    redis.call('XADD', changes, 'MAXLEN', '~', MAXLEN, '*', 'key', key, 'revision', rev, 'op', op)
   end
 end
-local function reap(member, maxlen)
+local function reap(member)
   local sep = string.find(member, '\\0', 1, true)
-  local rkey = string.sub(member, sep + 1)
-  if redis.call('EXISTS', rkey) == 1 then return 0 end
-  redis.call('ZREM', KEYS[4], member)
-  redis.call('ZREM', KEYS[3], member)
-  emit(maxlen, string.sub(member, 1, sep - 1), redis.call('INCR', KEYS[1]), 'expire', nil)
+  if redis.call('EXISTS', string.sub(member, sep + 1)) == 1 then return 0 end
+  redis.call('ZREM', expiry, member)
+  redis.call('ZREM', index, member)
+  emit(string.sub(member, 1, sep - 1), redis.call('INCR', counter), 'expire', nil)
   return 1
 end
-local function sweep(maxlen, limit)
+local function sweep(limit)
   local now = now_ms()
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, limit)) do
-    reap(m, maxlen)
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, limit)) do
+    reap(m)
   end
-  local nxt = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  local nxt = redis.call('ZRANGE', expiry, 0, 0, 'WITHSCORES')
   if nxt[2] then return math.max(0, tonumber(nxt[2]) - now) end
   return -1
 end
 """
 
-# ARGV: member, store key, value, ttl ms (0: none), mode, expected revision, maxlen
+# KEYS: the data key. ARGV: store key, value, "<mode> <expected revision> <ttl ms or 0>".
+# Returns the new revision, or 0 minus the current one (0: none) when the check fails.
 _WRITE = (
     _LUA_COMMON
     + """
-local member, key, maxlen = ARGV[1], ARGV[2], ARGV[7]
-local current = redis.call('HGET', KEYS[5], 'revision')
+local key = ARGV[1]
+local member = key .. '\\0' .. KEYS[1]
+local mode, expected, ttl = string.match(ARGV[3], '(%a+) (%d+) (%d+)')
+local current = redis.call('HGET', KEYS[1], 'revision')
 -- a live key is not expired; a missing one may have expired unswept: emit that first
-if not current and redis.call('ZSCORE', KEYS[4], member) then reap(member, maxlen) end
-local mode = ARGV[5]
-if mode == 'create' and current then return {0, current} end
-if mode == 'update' and current ~= ARGV[6] then return {0, current or '0'} end
-local rev = redis.call('INCR', KEYS[1])
-redis.call('HSET', KEYS[5], 'value', ARGV[3], 'revision', rev)
-local ttl = tonumber(ARGV[4])
-if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[5], ttl)
-  redis.call('ZADD', KEYS[4], now_ms() + ttl, member)
-elseif current then
-  redis.call('PERSIST', KEYS[5])
-  redis.call('ZREM', KEYS[4], member)
+if not current and redis.call('ZSCORE', expiry, member) then reap(member) end
+if (mode == 'create' and current) or (mode == 'update' and current ~= expected) then
+  return -tonumber(current or '0')
 end
-redis.call('ZADD', KEYS[3], 0, member)
-emit(maxlen, key, rev, 'put', ARGV[3])
-return {1, rev}
+local rev = redis.call('INCR', counter)
+redis.call('HSET', KEYS[1], 'value', ARGV[2], 'revision', rev)
+ttl = tonumber(ttl)
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('ZADD', expiry, now_ms() + ttl, member)
+elseif current then
+  redis.call('PERSIST', KEYS[1])
+  redis.call('ZREM', expiry, member)
+end
+redis.call('ZADD', index, 0, member)
+emit(key, rev, 'put', ARGV[2])
+return rev
 """
 )
 
-# ARGV: member, store key, expected revision ('' = any), maxlen
+# KEYS: the data key. ARGV: store key, expected revision ('' = any).
+# Returns the delete's revision (0: there was nothing to delete), -1 if the check fails.
 _DELETE = (
     _LUA_COMMON
     + """
-local member, key, maxlen = ARGV[1], ARGV[2], ARGV[4]
-local current = redis.call('HGET', KEYS[5], 'revision')
-if not current and redis.call('ZSCORE', KEYS[4], member) then reap(member, maxlen) end
-if ARGV[3] ~= '' and current ~= ARGV[3] then return {0, current or '0'} end
-if not current then return {1, 0} end
-redis.call('DEL', KEYS[5])
-redis.call('ZREM', KEYS[3], member)
-redis.call('ZREM', KEYS[4], member)
-local rev = redis.call('INCR', KEYS[1])
-emit(maxlen, key, rev, 'del', nil)
-return {1, rev}
+local key = ARGV[1]
+local member = key .. '\\0' .. KEYS[1]
+local current = redis.call('HGET', KEYS[1], 'revision')
+if not current and redis.call('ZSCORE', expiry, member) then reap(member) end
+if ARGV[2] ~= '' and current ~= ARGV[2] then return -1 end
+if not current then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', index, member)
+redis.call('ZREM', expiry, member)
+local rev = redis.call('INCR', counter)
+emit(key, rev, 'del', nil)
+return rev
 """
 )
 
-# ARGV: lex min, lex max, maxlen. Returns {stream position, {key, value, revision, ...}}.
+# ARGV: lex min, lex max. Returns {stream position, {key, value, revision, ...}}.
 _SNAPSHOT = (
     _LUA_COMMON
     + """
-sweep(ARGV[3], 1000)
+sweep(1000)
 local out = {}
-for _, m in ipairs(redis.call('ZRANGEBYLEX', KEYS[3], ARGV[1], ARGV[2])) do
+for _, m in ipairs(redis.call('ZRANGEBYLEX', index, ARGV[1], ARGV[2])) do
   local sep = string.find(m, '\\0', 1, true)
   local vr = redis.call('HMGET', string.sub(m, sep + 1), 'value', 'revision')
   if vr[2] then
@@ -181,15 +191,37 @@ for _, m in ipairs(redis.call('ZRANGEBYLEX', KEYS[3], ARGV[1], ARGV[2])) do
     out[#out + 1] = vr[2]
   end
 end
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local last = redis.call('XREVRANGE', changes, '+', '-', 'COUNT', 1)
 local pos = '0-0'
 if last[1] then pos = last[1][1] end
 return {pos, out}
 """
 )
 
-# ARGV: maxlen. Returns the milliseconds until the next deadline (-1: none).
-_SWEEP = _LUA_COMMON + "\nreturn sweep(ARGV[1], 1000)\n"
+# Returns the milliseconds until the next deadline (-1: none).
+_SWEEP = _LUA_COMMON + "\nreturn sweep(1000)\n"
+
+
+class _Script:
+    """One Lua script, called by SHA (loaded again if the server forgot it)."""
+
+    def __init__(self, client: aioredis.Redis, text: str, base: str, stream_max_len: int) -> None:
+        self.client = client
+        self.text = text.replace("MAXLEN, '*'", f"'{int(stream_max_len)}', '*'").replace(
+            "local base = BASE", f"local base = '{base}'"
+        )
+        self.sha = hashlib.sha1(self.text.encode()).hexdigest()
+
+    async def __call__(self, *keys_and_args: bytes | str | int, keys: int = 0) -> Any:
+        try:
+            return await self.client.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", self.sha, keys, *keys_and_args
+            )
+        except rexc.NoScriptError:
+            await self.client.script_load(self.text)
+            return await self.client.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", self.sha, keys, *keys_and_args
+            )
 
 
 class RedisLayout:
@@ -198,12 +230,14 @@ class RedisLayout:
     def __init__(self, bucket: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
         self.bucket = bucket
         self.prefix = key_prefix
-        base = f"{key_prefix}{bucket}/"
+        self.base = base = f"{key_prefix}{bucket}/"
+        if any(c in base for c in "'\\\n\r") or not bucket:
+            raise InvalidIdentifierError("bucket", base, "no quote, backslash or line break")
         self.counter = base + "revision"
         self.changes = base + "changes"
         self.keys = base + "keys"
         self.expiry = base + "expiry"
-        self._names: dict[str, tuple[str, bytes]] = {}
+        self._names: dict[str, str] = {}
 
     def redis_key(self, key: str) -> str:
         """The Redis key of store key ``key`` (injective: tokens never contain ``:``)."""
@@ -222,19 +256,14 @@ class RedisLayout:
             tokens.insert(0, self.bucket)
         return self.prefix + ":".join(tokens)
 
-    def member(self, key: str) -> bytes:
-        """The key's member in the ``/keys`` and ``/expiry`` sorted sets."""
-        return key.encode() + _SEP + self.redis_key(key).encode()
-
-    def names(self, key: str) -> tuple[str, bytes]:
-        """``(redis_key, member)`` of ``key``, remembered for the hot keys (locks, CAS)."""
-        names = self._names.get(key)
-        if names is None:
+    def cached(self, key: str) -> str:
+        """``redis_key(key)``, remembered for the hot keys (locks, compare-and-set)."""
+        redis_key = self._names.get(key)
+        if redis_key is None:
             if len(self._names) >= _NAMES_CACHED:
                 self._names.clear()
-            redis_key = self.redis_key(key)
-            names = self._names[key] = (redis_key, key.encode() + _SEP + redis_key.encode())
-        return names
+            redis_key = self._names[key] = self.redis_key(key)
+        return redis_key
 
 
 def _lex_range(prefix: str) -> tuple[bytes, bytes]:
@@ -289,13 +318,11 @@ class RedisStore:
         self.name: str = bucket
         self.max_value_bytes: int = max_value_bytes
         self.layout = RedisLayout(bucket, key_prefix)
-        self._maxlen = str(stream_max_len)
-        lay = self.layout
-        self._bucket_keys = [lay.counter, lay.changes, lay.keys, lay.expiry]
-        self._write = client.register_script(_WRITE)
-        self._delete = client.register_script(_DELETE)
-        self._snapshot = client.register_script(_SNAPSHOT)
-        self._sweep = client.register_script(_SWEEP)
+        base = self.layout.base
+        self._write = _Script(client, _WRITE, base, stream_max_len)
+        self._delete = _Script(client, _DELETE, base, stream_max_len)
+        self._snapshot = _Script(client, _SNAPSHOT, base, stream_max_len)
+        self._sweep = _Script(client, _SWEEP, base, stream_max_len)
 
     @classmethod
     def from_url(cls, url: str, bucket: str, **options: Any) -> RedisStore:
@@ -311,7 +338,7 @@ class RedisStore:
         with redis_errors(f"get {key} from {self.name}"):
             value, revision = cast(
                 builtins.list[bytes | None],
-                await self.client.hmget(self.layout.names(key)[0], ["value", "revision"]),
+                await self.client.hmget(self.layout.cached(key), ["value", "revision"]),
             )
         if revision is None:
             return None
@@ -330,30 +357,19 @@ class RedisStore:
         if len(value) > self.max_value_bytes:
             raise MessageTooLargeError(len(value), self.max_value_bytes)
         ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
-        redis_key, member = self.layout.names(key)
-        args: builtins.list[bytes | str | int] = [
-            member,
-            key,
-            value,
-            ttl_ms,
-            mode,
-            expected,
-            self._maxlen,
-        ]
+        check = f"{mode} {expected} {ttl_ms}"
         with redis_errors(f"{mode} {key} in {self.name}"):
-            ok, revision = await self._write([*self._bucket_keys, redis_key], args)
-        if not ok:
+            revision = int(await self._write(self.layout.cached(key), key, value, check, keys=1))
+        if revision <= 0:
             detail = "already exists" if mode == "create" else "changed since it was read"
             raise ConflictError(key, expected, detail)
-        return int(revision)
+        return revision
 
     async def delete(self, key: str, *, revision: int | None = None) -> None:
-        expected = "" if revision is None else str(revision)
-        redis_key, member = self.layout.names(key)
-        args: builtins.list[bytes | str] = [member, key, expected, self._maxlen]
+        expected = "" if revision is None else revision
         with redis_errors(f"delete {key} from {self.name}"):
-            ok, _ = await self._delete([*self._bucket_keys, redis_key], args)
-        if not ok:
+            done = int(await self._delete(self.layout.cached(key), key, expected, keys=1))
+        if done < 0:
             raise ConflictError(key, revision, "changed since it was read")
 
     async def list(self, prefix: str = "") -> list[Entry]:
@@ -363,13 +379,13 @@ class RedisStore:
     async def sweep(self) -> float | None:
         """Emit the delete of every key whose TTL ran out; seconds until the next one."""
         with redis_errors(f"sweep {self.name}"):
-            wait = int(await self._sweep(self._bucket_keys, [self._maxlen]))
+            wait = int(await self._sweep())
         return None if wait < 0 else wait / 1000
 
     async def _snapshot_of(self, prefix: str) -> tuple[builtins.list[Entry], bytes]:
         low, high = _lex_range(prefix)
         with redis_errors(f"list {self.name}"):
-            position, flat = await self._snapshot(self._bucket_keys, [low, high, self._maxlen])
+            position, flat = await self._snapshot(low, high)
         entries = [
             Entry(key=flat[i].decode(), value=flat[i + 1] or b"", revision=int(flat[i + 2]))
             for i in range(0, len(flat), 3)
