@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 
 from swarmbus._errors import SwarmbusError
+from swarmbus._observe._commands import add_commands as add_observing_commands
 from swarmbus._telemetry import configure_tracing
 
 Command = Callable[[argparse.Namespace], int]
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: delete records of tasks finished at least AGE ago (e.g. 7d, 12h)",
     )
     p.set_defaults(func=_cmd_tasks)
+    add_observing_commands(sub)  # tail, timeline, dead, metrics, ui
     return parser
 
 
