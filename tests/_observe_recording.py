@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -88,3 +90,39 @@ async def replay(bus: Bus, recording: Path, session: str) -> None:
 
 if __name__ == "__main__":
     anyio.run(record, Path(sys.argv[1]))
+
+
+# --- golden files ----------------------------------------------------------------------
+
+GOLDEN_DIR = Path(__file__).parent / "fixtures" / "observe"
+UPDATE_ENV = "SWARMBUS_UPDATE_GOLDENS"
+_MASKS = (
+    (re.compile(r"[0-9a-f]{32}"), "<trace>"),
+    (re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"), "<uuid>"),
+    (re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?(\+00:00|Z)?"), "<datetime>"),
+    (re.compile(r"\b\d\d:\d\d:\d\d\.\d{3}\b"), "<clock>"),
+    (re.compile(r"\+ *\d+\.\d{3}s"), "+<offset>"),
+    (re.compile(r"\b(after|in) \d+\.\d{3}s"), r"\1 <seconds>"),
+    (re.compile(r"\| \d+\.\d{3}s \| \d+\.\d{3}s \|"), "| <seconds> | <seconds> |"),
+    (re.compile(r"Duration: \d+\.\d{3}s"), "Duration: <seconds>"),
+    # Stream sequences depend on what other tests stored on the shared server.
+    (re.compile(r"^\| \d+ \|", re.MULTILINE), "| <seq> |"),
+    (re.compile(r"^ *\d+(?=  <datetime>)", re.MULTILINE), "<seq>"),
+)
+
+
+def mask(text: str, session: str) -> str:
+    """``text`` with the session id, trace ids, uuids, times and durations masked."""
+    text = text.replace(session, "<session>")
+    for pattern, replacement in _MASKS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def check_golden(name: str, text: str, session: str) -> None:
+    """Compare masked ``text`` with ``fixtures/observe/<name>`` (or rewrite it)."""
+    path = GOLDEN_DIR / name
+    masked = mask(text, session)
+    if os.environ.get(UPDATE_ENV):
+        path.write_text(masked)
+    assert masked == path.read_text(), f"differs from {path} (rewrite: {UPDATE_ENV}=1)"
