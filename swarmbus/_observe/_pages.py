@@ -17,7 +17,7 @@ from swarmbus._blackboard import SessionRecord, Snapshot
 from swarmbus._locks import Holder
 from swarmbus._observe._deadletters import DeadLetter
 from swarmbus._observe._events import Step
-from swarmbus._observe._timeline import Timeline
+from swarmbus._observe._timeline import Timeline, task_label
 from swarmbus._tasks import Task
 
 
@@ -98,7 +98,8 @@ def session_page(session: str, trace_url: str | None) -> str:
     panels = "".join(
         f"""<section aria-labelledby="{name}-h" class="panel">
 <h2 id="{name}-h">{title}</h2>
-<div id="{name}" hx-get="{base}/{name}" hx-trigger="load, swarm-changed from:body throttle:700ms"
+<div id="{name}" hx-get="{base}/{name}" hx-trigger="load, swarm-changed from:body"
+ hx-sync="this:queue last"
  aria-live="polite" aria-busy="false"><p>Loading…</p></div>
 </section>"""
         for name, title in (
@@ -215,12 +216,12 @@ def tasks_fragment(tasks: Sequence[Task]) -> str:
             else "-"
         )
         note = "dead" if t.dead else (t.error or "")
+        label = task_label(t.type, t.parameters.target)
         rows.append(
-            [e(t.type), e(t.status), e(t.assigned_to or "-"), str(t.attempts), took, e(note)]
+            [e(label), e(t.status), e(t.assigned_to or "-"), str(t.attempts), took, e(note)]
         )
-    return table(
-        "Tasks", ["Type", "Status", "Assigned to", "Attempts", "Took", "Note"], rows, "No tasks."
-    )
+    header = ["Task", "Status", "Assigned to", "Attempts", "Took", "Note"]
+    return table("Tasks of this session, oldest first", header, rows, "No tasks.")
 
 
 def locks_fragment(holders: Sequence[Holder]) -> str:
