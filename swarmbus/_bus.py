@@ -67,6 +67,7 @@ from swarmbus._messages import (
     event_of,
     validate_body,
 )
+from swarmbus._observe._instruments import observed, record_published
 from swarmbus._outbox import Outbox
 from swarmbus._retry import RetryingJetStream
 from swarmbus._server import check_version
@@ -516,6 +517,7 @@ class Bus:
                 raise MessageTooLargeError(len(data), self.nc.max_payload) from exc
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _transport_error(exc, f"publish to {subject}") from exc
+        record_published(message)
 
     def _check_max_payload(self, data: bytes, headers: Mapping[str, str]) -> None:
         """Refuse a message whose payload and headers exceed the server's max_payload.
@@ -680,7 +682,7 @@ class Bus:
         # Report inside the span: the error event joins the failed message's trace.
         with span as current:
             try:
-                await handler(message)
+                await observed(handler, message, receiver)  # metrics: handler latency
             except (ConnectionError, PublishError) as exc:  # swarmbus's: NATS unreachable
                 record_failure(current, exc)
                 if not retry:

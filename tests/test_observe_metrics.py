@@ -13,6 +13,7 @@ import pytest
 
 from swarmbus import Bus
 from swarmbus._demo import incident
+from swarmbus._observe import _instruments as instruments
 from swarmbus._observe import _metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,11 +87,23 @@ async def test_prometheus_scrape_during_the_demo_counts_tasks_and_decisions(
     assert any(k.startswith("swarmbus_proposals_open{") for k in samples)
 
 
-def test_record_functions_do_nothing_while_metrics_are_off() -> None:
-    assert _metrics._state["on"] is False
-    _metrics.record_handler(0.1, type="finding", receiver="ops/a")
-    _metrics.record_lock_wait(0.1, acquired=True)
-    _metrics.record_published("finding")
+async def test_in_process_instruments_add_nothing_while_metrics_are_off() -> None:
+    assert instruments.state["on"] is False
+    instruments.record_handler(0.1, type="finding", receiver="ops/a")
+    instruments.record_lock_wait(0.1, acquired=True)
+    instruments.record_published(object())
+    seen: list[str] = []
+
+    async def handler(message: str) -> None:
+        seen.append(message)
+
+    handling = instruments.observed(handler, "m", "ops/a")
+    assert getattr(handling, "__qualname__", "").endswith(".handler")  # no wrapper frame
+    await handling
+    waiting = handler("n")
+    assert instruments.lock_wait(waiting) is waiting
+    await waiting
+    assert seen == ["m", "n"]
 
 
 def test_metrics_are_off_without_an_exporter(monkeypatch: pytest.MonkeyPatch) -> None:

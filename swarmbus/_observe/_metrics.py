@@ -5,8 +5,7 @@ the event and dead-letter streams (events by type, tasks created / completed / f
 claim latency and task duration, decisions by outcome, dead letters by code) and
 polls stream, consumer and bucket state (task queue depth and oldest age, open
 proposals, consumer lag). What only a process knows (its handlers' latency, its lock
-waits, the events it published) is recorded by the ``record_*`` functions, which cost
-one boolean test while metrics are off.
+waits, the events it published) is recorded in-process by ``_instruments``.
 
 ``configure_metrics`` installs a meter provider from the standard variables:
 ``OTEL_METRICS_EXPORTER`` = ``prometheus`` (an HTTP endpoint on
@@ -34,7 +33,9 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from swarmbus._bus import DEAD_LETTER_STREAM, EVENTS_STREAM, Bus, kv_latest
 from swarmbus._consensus import CONSENSUS_BUCKET, PROPOSAL_PREFIX, ProposalRecord
 from swarmbus._errors import MissingDependencyError, SwarmbusError
+from swarmbus._observe import _instruments as instruments
 from swarmbus._observe._events import Follower, Step
+from swarmbus._observe._instruments import METER_NAME
 from swarmbus._subjects import DEAD_LETTER_WILDCARD, EVENTS_WILDCARD
 from swarmbus._tasks import TASKS_STREAM
 
@@ -44,44 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swarmbus.metrics")
 
-METER_NAME: Final = "swarmbus"
 DEFAULT_PROMETHEUS_HOST: Final = "localhost"
 DEFAULT_PROMETHEUS_PORT: Final = 9464
-
-_meter = metrics.get_meter(METER_NAME)
-#: True once a meter provider is installed: ``record_*`` return at once before that.
-_state = {"on": False}
-
-# --- in-process instruments ------------------------------------------------------------
-
-_handler_duration = _meter.create_histogram(
-    "swarmbus.handler.duration", unit="s", description="Time a handler took on one message"
-)
-_lock_wait = _meter.create_histogram(
-    "swarmbus.lock.wait", unit="s", description="Time spent waiting to acquire a lock"
-)
-_published = _meter.create_counter(
-    "swarmbus.events.published", description="Events this process published, by type"
-)
-
-
-def record_handler(seconds: float, *, type: str, receiver: str, failed: bool = False) -> None:
-    """A handler of ``receiver`` took ``seconds`` on a ``type`` message."""
-    if _state["on"]:
-        attributes = {"type": type, "receiver": receiver, "outcome": "error" if failed else "ok"}
-        _handler_duration.record(seconds, attributes)
-
-
-def record_lock_wait(seconds: float, *, acquired: bool) -> None:
-    """A lock acquisition waited ``seconds`` (and got the lock or gave up)."""
-    if _state["on"]:
-        _lock_wait.record(seconds, {"acquired": acquired})
-
-
-def record_published(type: str) -> None:
-    """This process published a ``type`` event."""
-    if _state["on"]:
-        _published.add(1, {"type": type})
 
 
 # --- configuration -----------------------------------------------------------------------
@@ -100,7 +65,7 @@ class MetricsSetup:
             self._server.shutdown()
             self._server.server_close()
         self.provider.shutdown()
-        _state["on"] = False
+        instruments.state["on"] = False
 
 
 def configure_metrics(
@@ -140,7 +105,7 @@ def configure_metrics(
     resource = Resource.create({} if named else {SERVICE_NAME: service_name})
     provider = MeterProvider(metric_readers=readers, resource=resource)
     metrics.set_meter_provider(provider)
-    _state["on"] = True
+    instruments.state["on"] = True
     return MetricsSetup(provider, url, server)
 
 
