@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -112,3 +113,24 @@ def test_metrics_are_off_without_an_exporter(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "carrier-pigeon")
     with pytest.raises(Exception, match="carrier-pigeon: swarmbus supports prometheus"):
         _metrics.configure_metrics()
+
+
+def test_in_process_instruments_record_handlers_locks_and_publishes(
+    nats_url: str, session_id: str
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OTEL_METRICS_EXPORTER": "prometheus",
+           "OTEL_EXPORTER_PROMETHEUS_HOST": "127.0.0.1"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "tests._observe_inprocess", nats_url, session_id],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    samples = {}
+    for line in result.stdout.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    handled = 'receiver="ops/observer"'
+    assert labelled(samples, "swarmbus_handler_duration_seconds_count", handled) >= 1
+    assert labelled(samples, "swarmbus_lock_wait_seconds_count", 'acquired="true"') >= 1
+    assert labelled(samples, "swarmbus_events_published_total", 'type="finding"') >= 1
