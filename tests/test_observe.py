@@ -209,3 +209,14 @@ def test_step_time_falls_back_to_the_stream_time() -> None:
     at = datetime(2026, 1, 2, tzinfo=UTC)
     assert isinstance(step_of(1, "x", b"nope", None, at), Step)
     assert step_of(1, "x", b"nope", None, at).time == at
+
+
+async def test_a_live_timeline_keeps_only_running_tasks(recorded: str, bus: Bus) -> None:
+    steps = await session_steps(bus, recorded)
+    full, live = Timeline(recorded), Timeline(recorded, keep=False)
+    assert [full.add(s) for s in steps] == [live.add(s) for s in steps]  # the same lines
+    assert len(full.steps) == EVENTS
+    assert len(full.tasks) == 4
+    assert live.steps == []
+    assert live.tasks == {}
+    assert live.findings == []

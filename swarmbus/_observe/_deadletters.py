@@ -59,8 +59,9 @@ class DeadLetter:
         }
 
 
-def dead_letter_of(seq: int, subject: str, headers: dict[str, str] | None, data: bytes,
-                   stored_at: datetime) -> DeadLetter:  # fmt: skip
+def dead_letter_of(
+    seq: int, subject: str, headers: dict[str, str] | None, data: bytes, stored_at: datetime
+) -> DeadLetter:
     """Read a dead-letter message (``swarmbus.dead.<session>.<receiver>``)."""
     headers = headers or {}
     _, _, session, receiver = [*subject.split(".", 3), "", "", "", ""][:4]

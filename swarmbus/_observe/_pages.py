@@ -186,12 +186,16 @@ def proposals_fragment(timeline: Timeline) -> str:
             f"Votes on {p.id}",
             ["Voter", "Vote", "Confidence", "Reason"],
             [
-                [e(v["voter"]), e(v["vote"]),
-                 f"{v['confidence']:.2f}" if v["confidence"] is not None else "-", e(v["reason"])]
+                [
+                    e(v["voter"]),
+                    e(v["vote"]),
+                    f"{v['confidence']:.2f}" if v["confidence"] is not None else "-",
+                    e(v["reason"]),
+                ]
                 for v in p.votes
             ],
             "No votes yet.",
-        )  # fmt: skip
+        )
         d = p.decision
         verdict = (
             f'<p class="decision" data-outcome="{e(d["outcome"])}"><strong>Decision: '
@@ -263,10 +267,17 @@ def dead_page(letters: Sequence[DeadLetter], *, can_retry: bool, notice: str = "
             else "read-only"
         )
         rows.append(
-            [str(d.id), f'<a href="{session_href(d.session)}">{e(d.session)}</a>', e(d.receiver),
-             e(d.code), e(d.reason), f"<code>{e(d.original_subject)}</code>",
-             f"<code>{e(d.data[:200].decode(errors='replace'))}</code>", action]
-        )  # fmt: skip
+            [
+                str(d.id),
+                f'<a href="{session_href(d.session)}">{e(d.session)}</a>',
+                e(d.receiver),
+                e(d.code),
+                e(d.reason),
+                f"<code>{e(d.original_subject)}</code>",
+                f"<code>{e(d.data[:200].decode(errors='replace'))}</code>",
+                action,
+            ]
+        )
     intro = (
         "<p>Retrying republishes the original bytes on the original subject.</p>"
         if can_retry

@@ -75,8 +75,10 @@ class Tail:
 
     def line(self, step: Step) -> str | None:
         """Fold ``step`` in; its output line, or None if the filters drop it."""
-        timeline = self._timelines.setdefault(step.session, Timeline(step.session))
+        timeline = self._timelines.setdefault(step.session, Timeline(step.session, keep=False))
         text = timeline.add(step)
+        if step.type == "session.completed":
+            del self._timelines[step.session]
         if not (type_matches(step, self.types) and agent_matches(step, self.agents)):
             return None
         if self.as_json:

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from swarmbus import _subjects as subjects
+from swarmbus._messages import Message
 from swarmbus._observe._events import Step
 
 
@@ -133,9 +134,15 @@ def _took(task_id: str, tasks: dict[str, TaskRow] | None) -> str:
 
 @dataclass
 class Timeline:
-    """A session folded from its steps; build with ``Timeline.of``."""
+    """A session folded from its steps; build with ``Timeline.of``.
+
+    With ``keep=False`` (a live follower that runs for days) it keeps only what the
+    next lines need: the first event's time and the tasks still running.
+    """
 
     session: str
+    keep: bool = True
+    start: datetime | None = None
     steps: list[Step] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     findings: list[dict[str, Any]] = field(default_factory=list)
@@ -153,21 +160,44 @@ class Timeline:
             timeline.add(step)
         return timeline
 
-    @property
-    def start(self) -> datetime | None:
-        return self.steps[0].time if self.steps else None
-
     def offset(self, step: Step) -> float:
         """Seconds from the session's first event to ``step``."""
         return (step.time - self.start).total_seconds() if self.start else 0.0
 
     def add(self, step: Step) -> str:
         """Fold one step in; returns its line (``describe`` with task durations)."""
-        self.steps.append(step)
-        self._fold(step)
+        if self.start is None:
+            self.start = step.time
+        if self.keep:
+            self.steps.append(step)
+            self._fold(step)
+        elif step.message is not None:
+            self._fold_task(step.message)
         line = describe(step, self.tasks)
-        self.lines.append(line)
+        if self.keep:
+            self.lines.append(line)
+        elif step.type in ("task.completed", "task.failed"):
+            self.tasks.pop(
+                getattr(step.message.body if step.message else None, "task_id", ""), None
+            )
         return line
+
+    def _fold_task(self, message: Message) -> None:
+        body: Any = message.body
+        at = message.timestamp
+        match message.type:
+            case "task.created":
+                label = task_label(body.type, body.parameters.get("target", ""))
+                self.tasks[body.task_id] = TaskRow(body.task_id, label, at)
+            case "task.assigned" if body.task_id in self.tasks:
+                row = self.tasks[body.task_id]
+                row.agent, row.assigned, row.status = body.agent_id, at, "assigned"
+            case "task.completed" if body.task_id in self.tasks:
+                row = self.tasks[body.task_id]
+                row.finished, row.status = at, "completed"
+            case "task.failed" if body.task_id in self.tasks:
+                row = self.tasks[body.task_id]
+                row.finished, row.status, row.error = at, "failed", body.error
 
     def _fold(self, step: Step) -> None:
         message = step.message
@@ -175,7 +205,7 @@ class Timeline:
             self.errors.append({"seq": step.seq, "code": "undecodable", "reason": step.error})
             return
         body: Any = message.body
-        agent, at = message.source.agent, message.timestamp
+        agent = message.source.agent
         match message.type:
             case "finding":
                 self.findings.append(
@@ -197,18 +227,8 @@ class Timeline:
                 self.hypotheses[body.hypothesis_id]["status"] = (
                     "validated" if body.result else "refuted"
                 )
-            case "task.created":
-                label = task_label(body.type, body.parameters.get("target", ""))
-                self.tasks[body.task_id] = TaskRow(body.task_id, label, at)
-            case "task.assigned" if body.task_id in self.tasks:
-                row = self.tasks[body.task_id]
-                row.agent, row.assigned, row.status = body.agent_id, at, "assigned"
-            case "task.completed" if body.task_id in self.tasks:
-                row = self.tasks[body.task_id]
-                row.finished, row.status = at, "completed"
-            case "task.failed" if body.task_id in self.tasks:
-                row = self.tasks[body.task_id]
-                row.finished, row.status, row.error = at, "failed", body.error
+            case "task.created" | "task.assigned" | "task.completed" | "task.failed":
+                self._fold_task(message)
             case "proposal":
                 rule = f"{body.quorum} {body.threshold}" if body.threshold else body.quorum
                 self.proposals[body.proposal_id] = ProposalRow(

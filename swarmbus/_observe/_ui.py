@@ -72,7 +72,7 @@ class _Views:
         )
 
     async def _stream(self, session: str, start: str | int) -> AsyncIterator[str]:
-        timeline = Timeline(session)
+        timeline = Timeline(session, keep=False)
         async with Follower(self.bus, subjects.session_filter(session), start=start) as f:
             yield ": connected\n\n"
             async for step in f.steps():
@@ -191,9 +191,13 @@ async def serve_ui(
         raise MissingDependencyError("the web view", "ui") from exc
     app = create_app(bus, token=token, trace_url=trace_url)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", lifespan="off",
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="off",
         timeout_graceful_shutdown=2,
-    )  # fmt: skip
+    )
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
