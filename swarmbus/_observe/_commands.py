@@ -27,7 +27,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from swarmbus._observe._tail import Tail
 
     async def run() -> int:
-        async with Bus.open(provision=False) as bus:
+        async with Bus.open() as bus:
             tail = Tail(
                 bus,
                 session=args.session,
@@ -52,7 +52,7 @@ def cmd_timeline(args: argparse.Namespace) -> int:
     from swarmbus._observe._timeline import Timeline
 
     async def run() -> int:
-        async with Bus.open(provision=False) as bus:
+        async with Bus.open() as bus:
             steps = await session_steps(bus, args.session)
         if not steps:
             _note(f"no events of session {args.session}")
@@ -68,7 +68,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
     from swarmbus._observe import _deadletters as dl
 
     async def run() -> int:
-        async with Bus.open(provision=False) as bus:
+        async with Bus.open() as bus:
             if args.dead_command == "retry":
                 letter = await dl.retry_dead_letter(bus, args.id, keep=args.keep)
                 kept = "kept" if args.keep else "removed"
@@ -96,7 +96,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return 1
 
     async def run() -> int:
-        async with Bus.open(provision=False) as bus:
+        async with Bus.open() as bus:
             observer = Observer(bus, interval=args.interval)
             ready = anyio.Event()
             async with anyio.create_task_group() as tg:
@@ -119,7 +119,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     token = os.environ.get(args.token_env) or None
 
     async def run() -> int:
-        async with Bus.open(provision=False) as bus:
+        async with Bus.open() as bus:
             await serve_ui(
                 bus,
                 host=args.host,

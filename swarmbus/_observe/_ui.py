@@ -13,6 +13,7 @@ read-only unless started with a token; retrying a dead letter needs that token.
 from __future__ import annotations
 
 import hmac
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -31,6 +32,7 @@ from swarmbus._observe._timeline import Timeline
 from swarmbus._tasks import TaskQueue
 
 try:
+    import uvicorn
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, Response, StreamingResponse
@@ -50,6 +52,12 @@ class _Views:
         self.token = token
         self.trace_url = trace_url
         self.board = board
+        self._streams: set[anyio.CancelScope] = set()
+
+    def close_streams(self) -> None:
+        """End every open event stream (the server is shutting down)."""
+        for scope in self._streams:
+            scope.cancel()
 
     def _session(self, request: Request) -> str:
         return subjects.validate_session_id(request.path_params["session"])
@@ -73,13 +81,18 @@ class _Views:
 
     async def _stream(self, session: str, start: str | int) -> AsyncIterator[str]:
         timeline = Timeline(session, keep=False)
-        async with Follower(self.bus, subjects.session_filter(session), start=start) as f:
-            yield ": connected\n\n"
-            async for step in f.steps():
-                line = timeline.add(step)
-                item = pages.step_item(timeline, step, line, self.trace_url)
-                one_line = " ".join(item.splitlines())  # an SSE data line ends at a newline
-                yield f"id: {step.seq}\nevent: step\ndata: {one_line}\n\n"
+        with anyio.CancelScope() as scope:
+            self._streams.add(scope)
+            try:
+                async with Follower(self.bus, subjects.session_filter(session), start=start) as f:
+                    yield ": connected\n\n"
+                    async for step in f.steps():
+                        line = timeline.add(step)
+                        item = pages.step_item(timeline, step, line, self.trace_url)
+                        one_line = " ".join(item.splitlines())  # SSE data ends at a newline
+                        yield f"id: {step.seq}\nevent: step\ndata: {one_line}\n\n"
+            finally:
+                self._streams.discard(scope)
 
     async def board_panel(self, request: Request) -> Response:
         board = await Blackboard.open(self.bus, self._session(request), bucket=self.board)
@@ -169,7 +182,28 @@ def create_app(
         Route("/dead/{id:int}/retry", v.retry, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes, exception_handlers={InvalidIdentifierError: _invalid})
+    app = Starlette(routes=routes, exception_handlers={InvalidIdentifierError: _invalid})
+    app.state.views = v
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, saying when it listens and ending the event streams on shutdown."""
+
+    def __init__(self, config: uvicorn.Config, views: _Views) -> None:
+        super().__init__(config)
+        self.listening = anyio.Event()
+        self.views = views
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.listening.set()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Event streams never end by themselves: end them, so that the graceful
+        # shutdown does not wait for them.
+        self.views.close_streams()
+        await super().shutdown(sockets=sockets)
 
 
 async def serve_ui(
@@ -181,34 +215,18 @@ async def serve_ui(
     trace_url: str | None = None,
     ready: Callable[[str], Any] | None = None,
 ) -> None:
-    """Serve the web view until cancelled or interrupted; ``ready(url)`` once listening.
+    """Serve the web view until interrupted (SIGINT, SIGTERM); ``ready(url)`` once listening.
 
     ``port`` 0 picks a free port (``ready`` gets the real URL).
     """
-    try:
-        import uvicorn
-    except ImportError as exc:
-        raise MissingDependencyError("the web view", "ui") from exc
     app = create_app(bus, token=token, trace_url=trace_url)
     config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        lifespan="off",
-        timeout_graceful_shutdown=2,
+        app, host=host, port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=2
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, app.state.views)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
-        try:
-            while not server.started:  # uvicorn offers no event for "listening"
-                if server.should_exit:
-                    return
-                await anyio.sleep(0.05)
-            bound = server.servers[0].sockets[0].getsockname()[1]
-            if ready is not None:
-                ready(f"http://{host}:{bound}/")
-        except BaseException:
-            server.should_exit = True
-            raise
+        await server.listening.wait()
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        if ready is not None:
+            ready(f"http://{host}:{bound}/")
