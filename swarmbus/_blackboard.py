@@ -42,10 +42,10 @@ import nats.js.errors
 import yaml
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import Bus, _translate, _transport_error, last_per_subject
+from swarmbus._bus import Bus
 from swarmbus._confidence import DEFAULT_EXPERTISE, Opinion, Pooling, aggregate_confidence
 from swarmbus._errors import (
     ConflictError,
@@ -55,6 +55,14 @@ from swarmbus._errors import (
     SwarmbusError,
     ValueTooLargeError,
 )
+from swarmbus._jetstream.errors import translate as _translate
+from swarmbus._jetstream.errors import transport_error as _transport_error
+from swarmbus._jetstream.headers import KV_DELETE as KV_DEL
+from swarmbus._jetstream.headers import KV_OPERATION as KV_OP
+from swarmbus._jetstream.headers import KV_PURGE
+from swarmbus._jetstream.headers import MARKER_REASON as MARKER_REASON_HEADER
+from swarmbus._jetstream.kv import kv_write
+from swarmbus._jetstream.reads import last_per_subject
 from swarmbus._messages import (
     Action,
     ActionCompleted,
@@ -71,7 +79,7 @@ from swarmbus._messages import (
     now,
     validate_body,
 )
-from swarmbus._telemetry import kv_write, session_span
+from swarmbus._telemetry import session_span
 
 log = logging.getLogger("swarmbus.blackboard")
 
@@ -83,8 +91,6 @@ CAS_ATTEMPTS: Final = 200
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _KV_STREAM_PREFIX: Final = "KV_"
 _KV_SUBJECT_PREFIX: Final = "$KV"
-STATUS_HEADER: Final = "Status"
-MARKER_REASON_HEADER: Final = "Nats-Marker-Reason"
 
 Json: TypeAlias = dict[str, Any]
 Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]

@@ -10,7 +10,6 @@ import asyncio
 import collections
 import contextlib
 import functools
-import json
 import logging
 import math
 import re
@@ -53,6 +52,17 @@ from swarmbus._errors import (
     RequestTimeoutError,
     SwarmbusError,
 )
+from swarmbus._jetstream.errors import denied as _denied
+from swarmbus._jetstream.errors import translate as _translate
+from swarmbus._jetstream.errors import transport_error as _transport_error
+from swarmbus._jetstream.headers import CODE as CODE_HEADER
+from swarmbus._jetstream.headers import EMPTY_HEADERS as _EMPTY_HEADERS
+from swarmbus._jetstream.headers import JS_API, ErrorCode
+from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
+from swarmbus._jetstream.headers import ORIGINAL_SUBJECT as ORIGINAL_SUBJECT_HEADER
+from swarmbus._jetstream.headers import REASON as REASON_HEADER
+from swarmbus._jetstream.reads import deliveries, num_pending
+from swarmbus._jetstream.retry import RetryingJetStream
 from swarmbus._messages import (
     Body,
     ErrorOccurred,
@@ -69,7 +79,6 @@ from swarmbus._messages import (
 )
 from swarmbus._observe._instruments import observed, record_published
 from swarmbus._outbox import Outbox
-from swarmbus._retry import RetryingJetStream
 from swarmbus._server import check_version
 from swarmbus._telemetry import consumer_span, producer_span, record_failure, tracing_enabled
 
@@ -80,17 +89,7 @@ log = logging.getLogger("swarmbus")
 
 EVENTS_STREAM: Final = "SWARMBUS_EVENTS"
 DEAD_LETTER_STREAM: Final = "SWARMBUS_DEAD"
-MSG_ID_HEADER: Final = "Nats-Msg-Id"
-REASON_HEADER: Final = "Swarmbus-Reason"
-CODE_HEADER: Final = "Swarmbus-Code"
-ORIGINAL_SUBJECT_HEADER: Final = "Swarmbus-Original-Subject"
 DEAD_LETTER_MAX_AGE: Final = 30 * 24 * 3600.0
-_STREAM_IN_USE: Final = 10058
-_STATUS_HEADER: Final = "Status"
-_KV_OP: Final = "KV-Operation"
-_MARKER_REASON: Final = "Nats-Marker-Reason"
-JS_API: Final = "$JS.API"
-_EMPTY_HEADERS: Final = b"NATS/1.0\r\n\r\n"
 # nats-py lower-cases the server's -ERR text before handing it to the error callback.
 _PERMISSION_VIOLATION: Final = re.compile(
     r'permissions violation for (?:publish|subscription) to "([^"]+)"'
@@ -341,7 +340,7 @@ class Bus:
             except nats.js.errors.APIError as exc:
                 raise _translate(exc, f"cannot read stream {config.name}") from exc
         except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != _STREAM_IN_USE:
+            if exc.err_code != ErrorCode.STREAM_IN_USE:
                 raise SwarmbusError(f"cannot create stream {config.name}: {exc}") from exc
             try:
                 await self.js.update_stream(config)
@@ -436,7 +435,7 @@ class Bus:
             ):
                 return await self.js.create_key_value(config)
         except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != _STREAM_IN_USE:
+            if exc.err_code != ErrorCode.STREAM_IN_USE:
                 raise _translate(exc, f"cannot create bucket {bucket}") from exc
             return await self.js.key_value(bucket)
         except nats.js.errors.APIError as exc:
@@ -821,7 +820,7 @@ class Bus:
                                     with contextlib.suppress(nats.errors.Error):
                                         await msg.nak()
                                 break
-                            waiting = 1 + _num_pending(batch[-1])
+                            waiting = 1 + num_pending(batch[-1])
                             for i, msg in enumerate(batch):
                                 if i:
                                     await limiter.acquire()
@@ -1034,14 +1033,6 @@ class Bus:
         return subs
 
 
-def _num_pending(msg: Msg) -> int:
-    """Messages the consumer still has for us after ``msg`` (0 if unknown)."""
-    try:
-        return int(msg.metadata.num_pending or 0)
-    except (nats.errors.Error, ValueError, IndexError):
-        return 0
-
-
 def _wants(handler: Handler, message: Message, receiver: str) -> bool:
     accepts: tuple[type, ...] | None = getattr(handler, "__swarmbus_types__", None)
     if accepts is not None and not isinstance(message, accepts):
@@ -1077,28 +1068,6 @@ def _with_overrides(settings: Settings | None, overrides: Mapping[str, Any]) -> 
         return Settings.from_env(**overrides)
     given = {k: v for k, v in overrides.items() if v is not None}
     return Settings.model_validate(settings.model_dump() | given) if given else settings
-
-
-def _translate(exc: nats.js.errors.APIError, what: str) -> SwarmbusError:
-    description = exc.description or str(exc)
-    if exc.code == 403 or "permission" in description.lower():
-        return PermissionDeniedError(f"{what}: {description}")
-    return PublishError(f"{what}: {description}")
-
-
-def _denied(what: str, subject: str) -> PermissionDeniedError:
-    return PermissionDeniedError(
-        f"{what}: refused by the NATS server, {subject!r} is outside this user's permissions"
-    )
-
-
-def _transport_error(exc: BaseException, what: str) -> SwarmbusError:
-    text = str(exc) or type(exc).__name__
-    if "permission" in text.lower() or "authorization" in text.lower():
-        return PermissionDeniedError(f"{what}: {text}")
-    if isinstance(exc, (nats.errors.TimeoutError, asyncio.TimeoutError)):
-        return PublishError(f"{what}: timed out")
-    return ConnectionError(f"{what}: {text}")
 
 
 @contextlib.asynccontextmanager
@@ -1138,167 +1107,3 @@ def _consumer_span(
         return _NO_SPAN
     attributes = {"swarmbus.session": session, "swarmbus.agent": agent}
     return consumer_span(msg.subject, message_id, attributes, msg.headers)
-
-
-def deliveries(msg: Msg) -> int:
-    """How often JetStream delivered ``msg`` (1 for a message that is not JetStream's).
-
-    Read off its ack subject: ``msg.metadata.num_delivered`` builds the whole metadata
-    (a datetime and five ints), ~5% of a task worker's time.
-    """
-    tokens = (msg.reply or "").split(".")
-    if len(tokens) < 9 or tokens[0] != "$JS" or tokens[1] != "ACK":
-        return 1
-    try:
-        # $JS.ACK.<stream>.<consumer>.<delivered>... (9 tokens), or the form with
-        # domain and account hash, where nats-py knows the index.
-        return int(tokens[4] if len(tokens) == 9 else tokens[Msg.Ack.NumDelivered])
-    except (IndexError, ValueError):
-        return 1
-
-
-async def stored_messages(
-    js: JetStreamContext, stream: str, subject: str, *, batch: int = 1000, timeout: float = 5.0
-) -> list[Msg]:
-    """Every message stored on subjects matching ``subject``, in stream order.
-
-    Batch direct gets (``allow_direct`` streams, nats-server >= 2.11), ``batch`` messages
-    per round trip. No consumer, so it also reads a work-queue stream, where a consumer
-    would overlap the filters of the consumers that work the queue.
-    """
-    nc: NatsClient = js._nc
-    page: list[Msg] = []
-    end: dict[str, str] = {}
-    done = anyio.Event()
-
-    async def on_msg(msg: Msg) -> None:
-        headers = msg.headers or {}
-        if _STATUS_HEADER in headers and not msg.data:
-            end.update(headers)  # 204 end of batch (with what is left), 404 nothing
-            done.set()
-        else:
-            page.append(msg)
-
-    msgs: list[Msg] = []
-    inbox = nc.new_inbox()
-    try:
-        sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
-        try:
-            seq = 1
-            while True:
-                page, done = [], anyio.Event()
-                end.clear()
-                request = {"seq": seq, "next_by_subj": subject, "batch": batch}
-                await nc.publish(
-                    f"{js._prefix}.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox
-                )
-                with anyio.fail_after(timeout):
-                    await done.wait()
-                msgs += page
-                status = end.get(_STATUS_HEADER)
-                if status not in ("204", "404"):
-                    raise ConnectionError(
-                        f"cannot read {stream} with direct gets (status {status}: "
-                        f"{end.get('Description', '')}); it needs allow_direct, which "
-                        "swarmbus sets when it provisions the stream"
-                    )
-                if status == "404" or not page:
-                    return msgs
-                if int(end.get("Nats-Num-Pending", "0")) == 0:
-                    return msgs
-                seq = int((page[-1].headers or {})["Nats-Sequence"]) + 1
-        finally:
-            await sub.unsubscribe()
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise _transport_error(exc, f"read {subject}") from exc
-
-
-async def last_per_subject(
-    js: JetStreamContext, stream: str, subject: str, *, timeout: float = 5.0
-) -> list[Msg]:
-    """The last message of every subject matching ``subject``, in stream order.
-
-    One ephemeral pull consumer (LAST_PER_SUBJECT) and one pull request for all of
-    them: no per-key get, no push flow control (10,000 keys: ~0.2-0.5 s). The messages
-    are the state as of the consumer's creation. Unlike nats-py's KV watch, whose
-    end-of-initial-values marker can arrive before the values under load, it knows how
-    many messages to expect from the consumer's creation.
-
-    A key rewritten past its history between the consumer's creation and the pull
-    loses the message the consumer was to deliver: the server then ends the pull
-    early ("no messages") and every later key would be missing, so a short read is
-    read again with a new consumer (until ``timeout``).
-    """
-    deadline = anyio.current_time() + timeout
-    while True:
-        msgs, complete = await _read_last_per_subject(js, stream, subject, timeout)
-        if complete:
-            return msgs
-        if anyio.current_time() > deadline:
-            raise PublishError(f"read {subject}: timed out (its keys kept changing)")
-
-
-async def _read_last_per_subject(
-    js: JetStreamContext, stream: str, subject: str, timeout: float
-) -> tuple[list[Msg], bool]:
-    """One counted pull of last_per_subject: (messages, whether all of them came)."""
-    config = ConsumerConfig(
-        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-        ack_policy=AckPolicy.NONE,
-        filter_subject=subject,
-        inactive_threshold=30.0,
-        mem_storage=True,
-        num_replicas=1,
-    )
-    try:
-        info = await js.add_consumer(stream, config)
-    except nats.js.errors.APIError as exc:
-        raise _translate(exc, f"cannot read {subject}") from exc
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise _transport_error(exc, f"read {subject}") from exc
-    wanted = int(info.num_pending or 0)
-    msgs: list[Msg] = []
-    done = anyio.Event()
-    nc: NatsClient = js._nc
-
-    async def on_msg(msg: Msg) -> None:
-        if msg.headers and _STATUS_HEADER in msg.headers and not msg.data:
-            done.set()  # 404/408: nothing more (e.g. a purge raced with us)
-            return
-        msgs.append(msg)
-        if len(msgs) >= wanted:
-            done.set()
-
-    try:
-        if wanted:
-            inbox = nc.new_inbox()
-            sub = await nc.subscribe(
-                inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1
-            )
-            try:
-                request = json.dumps({"batch": wanted, "no_wait": True}).encode()
-                await nc.publish(
-                    f"{js._prefix}.CONSUMER.MSG.NEXT.{stream}.{info.name}", request, reply=inbox
-                )
-                with anyio.fail_after(timeout + wanted / 1000):
-                    await done.wait()
-            finally:
-                await sub.unsubscribe()
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise _transport_error(exc, f"read {subject}") from exc
-    finally:
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
-            await js.delete_consumer(stream, info.name)
-    return msgs, len(msgs) >= wanted
-
-
-async def kv_latest(kv: KeyValue, keys: str = ">") -> list[tuple[str, Msg]]:
-    """``(key, message)`` of every live key of ``kv`` matching ``keys`` (deletes skipped)."""
-    prefix: str = kv._pre
-    out = []
-    for msg in await last_per_subject(kv._js, kv._stream, prefix + keys):
-        headers = msg.headers or {}
-        if headers.get(_KV_OP) in ("DEL", "PURGE") or _MARKER_REASON in headers:
-            continue
-        out.append((msg.subject[len(prefix) :], msg))
-    return out

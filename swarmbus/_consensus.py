@@ -54,7 +54,7 @@ from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
 from swarmbus._blackboard import DEFAULT_BUCKET, Blackboard
-from swarmbus._bus import Bus, kv_latest
+from swarmbus._bus import Bus
 from swarmbus._errors import (
     AlreadyVotedError,
     ConflictError,
@@ -69,6 +69,9 @@ from swarmbus._errors import (
     PublishError,
     SwarmbusError,
 )
+from swarmbus._jetstream.headers import KV_OPERATION, KV_REMOVED
+from swarmbus._jetstream.kv import kv_write
+from swarmbus._jetstream.reads import kv_latest
 from swarmbus._messages import (
     AgentId,
     Ballot,
@@ -86,7 +89,7 @@ from swarmbus._messages import (
     validate_body,
 )
 from swarmbus._tasks import TaskQueue
-from swarmbus._telemetry import continued, kv_write, process_span, trace_headers
+from swarmbus._telemetry import continued, process_span, trace_headers
 
 log = logging.getLogger("swarmbus.consensus")
 
@@ -289,7 +292,7 @@ async def _read_from_leader(kv: KeyValue, key: str) -> tuple[ProposalRecord, int
         return None
     except nats.js.errors.Error as exc:
         raise SwarmbusError(f"cannot read {key}: {exc}") from exc
-    if not msg.data or (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+    if not msg.data or (msg.headers or {}).get(KV_OPERATION) in KV_REMOVED:
         return None
     return _decode(key, msg.data), int(msg.seq or 0)
 

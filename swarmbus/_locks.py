@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import math
-import re
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -33,13 +31,11 @@ import nats.errors
 import nats.js.errors
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.nuid import NUID
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import Bus, _translate, _transport_error, kv_latest
+from swarmbus._bus import Bus
 from swarmbus._errors import (
     InvalidIdentifierError,
     InvalidMessageError,
@@ -47,11 +43,24 @@ from swarmbus._errors import (
     InvalidTTLError,
     LockLostError,
     LockTimeoutError,
-    PublishError,
     SwarmbusError,
 )
+from swarmbus._jetstream.acks import CasConflict as _Conflict
+from swarmbus._jetstream.acks import CasWriter
+from swarmbus._jetstream.errors import nats_errors as _nats_errors
+from swarmbus._jetstream.headers import (
+    EXPECTED_LAST_SUBJECT_SEQUENCE,
+    KV_DELETE,
+    KV_OPERATION,
+    KV_PURGE,
+    MARKER_REASON,
+    MSG_ID,
+    ROLLUP_SUBJECT,
+)
+from swarmbus._jetstream.headers import ROLLUP as ROLLUP_HEADER
+from swarmbus._jetstream.headers import TTL as TTL_HEADER
+from swarmbus._jetstream.reads import kv_latest
 from swarmbus._observe._instruments import lock_wait
-from swarmbus._retry import is_transient
 from swarmbus._telemetry import send_span
 
 log = logging.getLogger("swarmbus.locks")
@@ -72,20 +81,6 @@ MIN_STEP: Final = 0.0005
 MAX_STEP: Final = 0.02
 """Bounds of the delay between one rank of waiters and the next (seconds)."""
 
-EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
-TTL_HEADER: Final = "Nats-TTL"
-KV_OPERATION: Final = "KV-Operation"
-KV_PURGE: Final = "PURGE"
-KV_DELETE: Final = "DEL"
-ROLLUP_HEADER: Final = "Nats-Rollup"
-ROLLUP_SUBJECT: Final = "sub"
-MARKER_REASON: Final = "Nats-Marker-Reason"
-MSG_ID: Final = "Nats-Msg-Id"
-_WRONG_LAST_SEQUENCE: Final = (10071, 10164)
-_FIRST_BACKOFF: Final = 0.05
-_MAX_BACKOFF: Final = 1.0
-_LAST_SEQUENCE_RE: Final = re.compile(r"wrong last sequence: (\d+)")
-
 
 class _Record(msgspec.Struct, omit_defaults=True):
     """The value of a lock key. ``token`` is set by refreshes (0: the entry's revision)."""
@@ -95,22 +90,8 @@ class _Record(msgspec.Struct, omit_defaults=True):
     token: int = 0
 
 
-class _ApiError(msgspec.Struct):
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-
-class _Ack(msgspec.Struct):
-    """A JetStream publish acknowledgement (or the server's refusal)."""
-
-    seq: int = 0
-    error: _ApiError | None = None
-
-
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(_Record)
-_ack_decoder: Final = msgspec.json.Decoder(_Ack)
 
 
 @dataclass(frozen=True)
@@ -133,13 +114,6 @@ class Holder:
     expires_at: datetime
 
 
-class _Conflict(Exception):
-    """A compare-and-set lost; ``actual`` is the key's last revision if the server said."""
-
-    def __init__(self, actual: int | None) -> None:
-        self.actual = actual
-
-
 def whole_seconds(ttl: float) -> int:
     """Round a TTL up to whole seconds (the server's unit), refusing values <= 0.
 
@@ -150,125 +124,6 @@ def whole_seconds(ttl: float) -> int:
     if not math.isfinite(ttl) or ttl <= 0:
         raise InvalidTTLError(ttl)
     return max(1, math.ceil(ttl))
-
-
-@contextlib.contextmanager
-def _nats_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except nats.js.errors.APIError as exc:
-        raise _translate(exc, what) from exc
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise _transport_error(exc, what) from exc
-
-
-def _time_out(future: asyncio.Future[Msg]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
-
-
-class _Writer:
-    """Compare-and-set publishes on one connection's lock keys, answered on one inbox.
-
-    Why not ``bus.js.publish``: an uncontended lock cycle is two writes that each wait
-    for their ack, so the client's cost per write is most of the cycle. nats-py's
-    request (a new inbox token, a future with a done callback and ``wait_for`` per
-    request, a dict-built ack) and the retry layer (per-attempt header copies) cost
-    ~0.1 ms per write on this machine; here a write is one publish, one timer and a
-    msgspec-parsed ack. The retry layer's guarantees are kept: a refused subject
-    raises PermissionDeniedError at once (the bus's permission guard), transient
-    failures (timeouts, no responders, no leader) are retried with the same
-    ``Nats-Msg-Id`` until ``retry_for`` passes, and a retry that fails its
-    compare-and-set because an earlier attempt was stored with its ack lost is
-    recognised by that id on the key's last entry (read from the stream leader).
-    """
-
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
-        self._prefix = ""
-        self._sub: Subscription | None = None
-        self._pending: dict[str, asyncio.Future[Msg]] = {}
-        self._ids = itertools.count(1)
-        self._nonce = NUID().next().decode()
-
-    def new_id(self) -> str:
-        """A ``Nats-Msg-Id`` unique to this connection's writer."""
-        return f"{self._nonce}.{next(self._ids)}"
-
-    async def write(self, subject: str, payload: bytes, headers: dict[str, str], what: str) -> int:
-        """Publish a compare-and-set carrying ``headers[MSG_ID]``; its stream sequence.
-
-        Raises:
-            _Conflict: the compare-and-set lost (and the key's last entry is not ours).
-            PermissionDeniedError, PublishError, ConnectionError: as ``bus.js`` raises.
-        """
-        bus = self._bus
-        deadline = time.monotonic() + bus.settings.retry_for
-        backoff = _FIRST_BACKOFF
-        retry = False
-        while True:
-            try:
-                with bus._permission_guard(subject, what):
-                    reply = await self._request(subject, payload, headers)
-                if reply.headers and reply.headers.get("Status") == "503":
-                    raise nats.errors.NoRespondersError
-                try:
-                    ack = _ack_decoder.decode(reply.data)
-                except msgspec.DecodeError:
-                    raise PublishError(f"{what}: bad acknowledgement {reply.data!r}") from None
-                if ack.error is None:
-                    return ack.seq
-                error = ack.error
-                if error.err_code in _WRONG_LAST_SEQUENCE:
-                    if retry and (mine := await self._stored_already(subject, headers)):
-                        return mine
-                    found = _LAST_SEQUENCE_RE.search(error.description)
-                    raise _Conflict(int(found.group(1)) if found else None)
-                raise nats.js.errors.APIError(
-                    code=error.code, err_code=error.err_code, description=error.description
-                )
-            except (TimeoutError, nats.errors.Error) as exc:
-                if not is_transient(exc) or time.monotonic() + backoff >= deadline:
-                    if isinstance(exc, nats.js.errors.APIError):
-                        raise _translate(exc, what) from exc
-                    raise _transport_error(exc, what) from exc
-                log.info("%s: %s; retrying", what, type(exc).__name__)
-            retry = True
-            await anyio.sleep(backoff)
-            backoff = min(backoff * 2, _MAX_BACKOFF)
-
-    async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> Msg:
-        nc = self._bus.nc
-        if not self._prefix:  # set before the await: concurrent writers subscribe once
-            self._prefix = f"{nc.new_inbox()}."
-            self._sub = await nc.subscribe(f"{self._prefix}*", cb=self._on_reply)
-        token = str(next(self._ids))
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg] = loop.create_future()
-        self._pending[token] = future
-        timer = loop.call_later(self._bus.settings.request_timeout, _time_out, future)
-        try:
-            await nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-            return await future
-        finally:
-            timer.cancel()
-            del self._pending[token]
-
-    async def _on_reply(self, msg: Msg) -> None:
-        future = self._pending.get(msg.subject[len(self._prefix) :])
-        if future is not None and not future.done():
-            future.set_result(msg)
-
-    async def _stored_already(self, subject: str, headers: dict[str, str]) -> int | None:
-        """The sequence of our earlier attempt if it is the key's last entry."""
-        stream = f"KV_{subject.split('.', 2)[1]}"
-        try:
-            last = await self._bus.js.get_msg(stream, subject=subject, direct=False)
-        except nats.js.errors.Error:
-            return None
-        if (last.headers or {}).get(MSG_ID) != headers[MSG_ID]:
-            return None
-        return last.seq
 
 
 @dataclass(frozen=True)
@@ -316,7 +171,13 @@ class _Bucket:
     def __init__(self, bus: Bus, name: str) -> None:
         self.name = name
         self.provisioned = False
-        self.writer = _Writer(bus)
+        self.writer = CasWriter(
+            bus.nc,
+            bus.js,
+            guard=bus._permission_guard,
+            timeout=bus.settings.request_timeout,
+            retry_for=bus.settings.retry_for,
+        )
         self._prefix = subjects.kv_subject(name, "")
         self._guard = anyio.Lock()
         self._sub: JetStreamContext.PushSubscription | None = None

@@ -17,7 +17,7 @@ Two JetStream pieces (see README "Task queue"):
   message can never make a task complete twice.
 
 Lifecycle events are notifications published after the record changed, without
-waiting for their acks. Writes are pipelined in batches (``_Acks``) for throughput;
+waiting for their acks. Writes are pipelined in batches (``AckPublisher``) for throughput;
 each keeps its own compare-and-set outcome.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
@@ -44,14 +43,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import (
-    MSG_ID_HEADER,
-    Bus,
-    _translate,
-    deliveries,
-    kv_latest,
-    stored_messages,
-)
+from swarmbus._bus import Bus
 from swarmbus._errors import (
     ConnectionError,
     InvalidTaskError,
@@ -61,6 +53,21 @@ from swarmbus._errors import (
     SwarmbusError,
     TaskClaimLostError,
 )
+from swarmbus._jetstream.acks import AckPublisher, Refused
+from swarmbus._jetstream.errors import translate as _translate
+from swarmbus._jetstream.headers import EXPECTED_LAST_SUBJECT_SEQUENCE as EXPECTED_LAST_HEADER
+from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
+from swarmbus._jetstream.headers import TASK_REVISION as REVISION_HEADER
+from swarmbus._jetstream.headers import WRONG_LAST_SEQUENCE as _WRONG_LAST
+from swarmbus._jetstream.kv import kv_context
+from swarmbus._jetstream.reads import (
+    PullInbox,
+    deliveries,
+    kv_latest,
+    quietly,
+    stored_messages,
+    unsubscribe_all,
+)
 from swarmbus._messages import (
     TaskAssigned,
     TaskCompleted,
@@ -69,7 +76,7 @@ from swarmbus._messages import (
     envelope_for,
     new_id,
 )
-from swarmbus._telemetry import continued, kv_context, process_span, traced
+from swarmbus._telemetry import continued, process_span, traced
 
 __all__ = ["Claim", "Task", "TaskQueue", "TaskSpec"]
 
@@ -81,11 +88,6 @@ MIN_PRIORITY: Final = 1
 MAX_PRIORITY: Final = 10
 STATUSES: Final = ("pending", "assigned", "running", "completed", "failed")
 TERMINAL: Final = frozenset({"completed", "failed"})
-_NO_MESSAGES: Final = frozenset({"404", "408", "409"})
-#: JetStream's "wrong last sequence" error codes: a CAS lost to another writer.
-_WRONG_LAST: Final = frozenset({10071, 10164})
-EXPECTED_LAST_HEADER: Final = "Nats-Expected-Last-Subject-Sequence"
-REVISION_HEADER: Final = "Swarmbus-Task-Revision"
 
 Status = Literal["pending", "assigned", "running", "completed", "failed"]
 Approval = Literal["none", "required", "approved", "rejected"]
@@ -238,11 +240,11 @@ class TaskQueue:
         self.starvation_after = starvation_after
         self._kv: KeyValue | None = None
         self._pullers: dict[tuple[str, int], _Puller] = {}
-        self._inbox = _PullInbox(bus)
+        self._inbox = PullInbox(bus.nc, bus.settings.request_timeout)
         self._last_aging = 0.0
         # One pull at a time per queue object: the pullers share one reply inbox.
         self._scan_lock = anyio.Lock()
-        self._acks = _Acks(bus)
+        self._acks = AckPublisher(bus.nc, bus.settings.request_timeout)
         self._writes: list[tuple[Task, int, asyncio.Future[int | None]]] = []
 
     # --- lifecycle --------------------------------------------------------------
@@ -660,11 +662,11 @@ class TaskQueue:
                 with anyio.move_on_after(min(remaining, self.ack_wait / 2, 0.5)):
                     await wake.wait()
                 if wake.is_set():
-                    await _disarm(armed)
+                    await unsubscribe_all(armed)
                     armed = []
         finally:
             with anyio.CancelScope(shield=True):
-                await _disarm(armed)
+                await unsubscribe_all(armed)
 
     async def _arm(self, types: Sequence[str], wake: asyncio.Event) -> list[NatsSubscription]:
         """One-shot core subscriptions to the dispatch subjects of ``types``."""
@@ -678,7 +680,7 @@ class TaskQueue:
                 subject = f"{subjects.task_subject(self.session, type, '*')}.*"
                 armed.append(await self.bus.nc.subscribe(subject, cb=on_dispatch, max_msgs=1))
         except nats.errors.Error as exc:
-            await _disarm(armed)
+            await unsubscribe_all(armed)
             raise ConnectionError(f"cannot wait for tasks: {exc}") from exc
         return armed
 
@@ -730,7 +732,7 @@ class TaskQueue:
             except SwarmbusError as exc:  # its lease runs out instead
                 log.warning("could not give back task %s: %s", claim.task.id, exc)
                 return
-            await _quietly(claim._msg.nak())
+            await quietly(claim._msg.nak())
 
         await asyncio.gather(*(release(c) for c in claims))
 
@@ -801,7 +803,7 @@ class TaskQueue:
                     results[i] = await self._settle(msg, agent, trust_hint=trust_hint)
                 except ConnectionError as exc:  # not the others' claims: keep going
                     error = exc
-                    await _quietly(msg.nak(delay=0.5))
+                    await quietly(msg.nak(delay=0.5))
 
             async with anyio.create_task_group() as tg:
                 for i, (msg, trust_hint) in enumerate(slow):
@@ -819,7 +821,7 @@ class TaskQueue:
         hint = _hint(msg)
         if hint is None:
             log.error("dropping a malformed dispatch message on %s", msg.subject)
-            await _quietly(msg.term())
+            await quietly(msg.term())
             return None
         task_id = hint.id
         headers = msg.headers or {}
@@ -832,16 +834,16 @@ class TaskQueue:
                 # No record yet: nobody claimed it, this message is the task.
                 task, revision = await self._record_of(task_id) or (hint, 0)
             if task.status in TERMINAL:
-                await _quietly(msg.ack())
+                await quietly(msg.ack())
                 return None
             if task.approval in ("required", "rejected"):
-                await _quietly(msg.ack())  # approve() offers it again
+                await quietly(msg.ack())  # approve() offers it again
                 return None
             lease = task.lease_until
             if task.status != "pending" and lease is not None:
                 remaining = (lease - _now()).total_seconds()
                 if remaining > 0:
-                    await _quietly(msg.nak(delay=remaining + 0.05))
+                    await quietly(msg.nak(delay=remaining + 0.05))
                     return None
             if task.attempts >= task.max_attempts:
                 reason = "claim timed out" if task.status != "pending" else (task.error or "")
@@ -855,7 +857,7 @@ class TaskQueue:
                 )
                 if await self._cas(dead, revision) is None:
                     continue
-                await _quietly(msg.ack())
+                await quietly(msg.ack())
                 await self._events(
                     [
                         (
@@ -876,7 +878,7 @@ class TaskQueue:
             if new_revision is None:
                 continue
             return Claim(self, claimed, new_revision, msg)
-        await _quietly(msg.nak(delay=0.1))
+        await quietly(msg.nak(delay=0.1))
         return None
 
     async def _puller(self, type: str, priority: int) -> _Puller:
@@ -970,9 +972,9 @@ class TaskQueue:
         ):
             if isinstance(ack, int):
                 results.append(ack)
-            elif isinstance(ack, _Refused) and ack.err_code in _WRONG_LAST:
+            elif isinstance(ack, Refused) and ack.err_code in _WRONG_LAST:
                 results.append(None)
-            elif isinstance(ack, _Refused):
+            elif isinstance(ack, Refused):
                 results.append(ConnectionError(f"cannot update task {task.id}: {ack}"))
             else:  # no answer (a node died, a leader election): find out what happened
                 results.append(await self._settle_unknown(task, revision, subject, data, headers))
@@ -1043,7 +1045,7 @@ class TaskQueue:
 
         with anyio.CancelScope(shield=True):  # see _complete
             await self._transition(claim, running, "running")
-            await _quietly(claim._msg.in_progress())
+            await quietly(claim._msg.in_progress())
 
     async def _complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task:
         try:
@@ -1066,7 +1068,7 @@ class TaskQueue:
         # follow it (or its next call is refused as lost) and its event go out.
         with anyio.CancelScope(shield=True):
             new = await self._transition(claim, completed, "completed")
-            await _quietly(claim._msg.ack())
+            await quietly(claim._msg.ack())
             agent = new.assigned_to or subjects.UNKNOWN
             event = TaskCompleted(task_id=new.id, result=result_dict)
             with continued(claim._msg.headers):  # outside work()'s span: the task's trace
@@ -1091,9 +1093,9 @@ class TaskQueue:
         with anyio.CancelScope(shield=True):  # see _complete
             new = await self._transition(claim, failed, "failed")
             if new.status == "pending":
-                await _quietly(claim._msg.nak(delay=min(2.0**new.attempts * 0.1, 30.0)))
+                await quietly(claim._msg.nak(delay=min(2.0**new.attempts * 0.1, 30.0)))
             else:
-                await _quietly(claim._msg.ack())
+                await quietly(claim._msg.ack())
             agent = new.assigned_to or subjects.UNKNOWN
             event = TaskFailed(task_id=new.id, error=error, attempts=new.attempts, dead=new.dead)
             with continued(claim._msg.headers):  # outside work()'s span: the task's trace
@@ -1250,18 +1252,6 @@ def _state(task: Task) -> str:
     return task.status if task.approval == "none" else f"{task.status}/{task.approval}"
 
 
-async def _disarm(subs: Iterable[NatsSubscription]) -> None:
-    for sub in subs:
-        with contextlib.suppress(nats.errors.Error):  # fired already, or connection gone
-            await sub.unsubscribe()
-
-
-async def _quietly(op: Awaitable[None]) -> None:
-    """Ack/nak/in_progress: losing one only delays a redelivery that _settle handles."""
-    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-        await op
-
-
 class _Puller:
     """Non-blocking pulls from one durable consumer (``no_wait``, no lingering request).
 
@@ -1269,7 +1259,7 @@ class _Puller:
     claimer instead checks ten priorities in turn and must not block on each.
     """
 
-    def __init__(self, bus: Bus, durable: str, inbox: _PullInbox) -> None:
+    def __init__(self, bus: Bus, durable: str, inbox: PullInbox) -> None:
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{TASKS_STREAM}.{durable}"
         self._inbox = inbox
 
@@ -1277,166 +1267,7 @@ class _Puller:
         return await self._inbox.pull(self._next, batch)
 
 
-class _PullInbox:
-    """The reply inbox of one claimer's pulls (one pull at a time: ``_scan_lock``).
-
-    A callback collects a pull's messages: waiting on the subscription message by
-    message (``next_msg``) would cost an event-loop turn and a timer per message.
-    """
-
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
-        self._sub: NatsSubscription | None = None
-        self._msgs: list[Msg] = []
-        self._want = 0
-        self._done: asyncio.Future[None] | None = None
-
-    async def pull(self, next_subject: str, batch: int) -> list[Msg]:
-        nc = self._bus.nc
-        try:
-            if self._sub is None:
-                self._sub = await nc.subscribe(nc.new_inbox(), cb=self._on_msg)
-            # Messages that arrived after an earlier pull gave up are ours too.
-            strays = len(self._msgs)
-            if strays < batch:
-                self._want = batch
-                self._done = asyncio.get_running_loop().create_future()
-                request = json.dumps({"batch": batch - strays, "no_wait": True}).encode()
-                await nc.publish(next_subject, request, reply=self._sub.subject)
-                await asyncio.wait_for(self._done, self._bus.settings.request_timeout)
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise ConnectionError(f"cannot pull tasks: {exc}") from exc
-        finally:
-            self._done = None
-        msgs, self._msgs = self._msgs[:batch], self._msgs[batch:]
-        return msgs
-
-    async def _on_msg(self, msg: Msg) -> None:
-        status = (msg.headers or {}).get("Status")
-        if not status:
-            self._msgs.append(msg)
-        done = self._done
-        finished = status in _NO_MESSAGES or len(self._msgs) >= self._want
-        if done is not None and not done.done() and finished:
-            done.set_result(None)
-
-    async def close(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-
-class _Refused(msgspec.Struct, frozen=True):
-    """A JetStream API error answered to a publish (e.g. a lost compare-and-set)."""
-
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.description} (code {self.code}, err_code {self.err_code})"
-
-
-class _PubAck(msgspec.Struct):
-    seq: int = 0
-    error: _Refused | None = None
-
-
-_ack_decoder = msgspec.json.Decoder(_PubAck)
-
-
-class _Acks:
-    """Acknowledged JetStream publishes, pipelined: one reply inbox, one timeout per batch.
-
-    Why not nats-py's own: ``js.publish`` is a request with its own timer per message,
-    and in nats-py 2.16 a ``publish_async`` future never resolves when the server
-    answers with an error (``APIError.from_error`` raises inside the reply callback),
-    so a lost compare-and-set would hang until a timeout.
-    """
-
-    def __init__(self, bus: Bus) -> None:
-        self._bus = bus
-        self._sub: NatsSubscription | None = None
-        self._prefix = ""
-        self._pending: dict[str, asyncio.Future[int | _Refused]] = {}
-        self._count = 0
-
-    async def publish(
-        self, items: Sequence[tuple[str, bytes, dict[str, str]]]
-    ) -> list[int | _Refused | ConnectionError]:
-        """Publish every item, then wait (once) for their acks (see ``collect``)."""
-        return await self.collect(await self.send(items))
-
-    async def send(
-        self, items: Sequence[tuple[str, bytes, dict[str, str]]]
-    ) -> list[asyncio.Future[int | _Refused]]:
-        """Publish every item; each future resolves to its ack (cancel the unwanted)."""
-        nc = self._bus.nc
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[int | _Refused]] = []
-        try:
-            if self._sub is None:
-                self._prefix = nc.new_inbox()
-                self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
-            for subject, data, headers in items:
-                self._count += 1
-                token = str(self._count)
-                future: asyncio.Future[int | _Refused] = loop.create_future()
-                self._pending[token] = future
-                futures.append(future)
-                await nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
-        except nats.errors.Error as exc:
-            self.forget(futures)
-            raise ConnectionError(f"cannot publish: {exc}") from exc
-        return futures
-
-    def forget(self, futures: Sequence[asyncio.Future[int | _Refused]]) -> None:
-        """Stop waiting for the acks of ``futures`` (no-op on the answered ones)."""
-        unanswered = False
-        for future in futures:
-            unanswered |= future.cancel()
-        if unanswered:  # drop them from the reply table (answered ones left it already)
-            self._pending = {t: f for t, f in self._pending.items() if not f.done()}
-
-    async def collect(
-        self, futures: Sequence[asyncio.Future[int | _Refused]]
-    ) -> list[int | _Refused | ConnectionError]:
-        """Wait (once, up to the request timeout) for acks: per future the stream
-        sequence, the server's refusal, or a ConnectionError if none came in time.
-        """
-        try:
-            if futures:
-                await asyncio.wait(futures, timeout=self._bus.settings.request_timeout)
-        finally:
-            self.forget(futures)
-        return [
-            f.result() if not f.cancelled() else ConnectionError("no acknowledgement in time")
-            for f in futures
-        ]
-
-    async def _on_ack(self, msg: Msg) -> None:
-        future = self._pending.pop(msg.subject[len(self._prefix) + 1 :], None)
-        if future is None or future.done():
-            return
-        if (msg.headers or {}).get("Status") == "503":
-            future.set_result(_Refused(code=503, description="no stream stores the subject"))
-            return
-        try:
-            ack = _ack_decoder.decode(msg.data)
-        except msgspec.DecodeError:
-            future.set_result(_Refused(description=f"bad acknowledgement {msg.data!r}"))
-            return
-        future.set_result(ack.error or ack.seq)
-
-    async def close(self) -> None:
-        if self._sub is not None:
-            with contextlib.suppress(nats.errors.Error):
-                await self._sub.unsubscribe()
-            self._sub = None
-
-
-def _stored(ack: int | _Refused | ConnectionError, session: str) -> int:
+def _stored(ack: int | Refused | ConnectionError, session: str) -> int:
     """The sequence of a publish that must have been stored, else PublishError."""
     if not isinstance(ack, int):
         raise PublishError(f"cannot store tasks of session {session}: {ack}")

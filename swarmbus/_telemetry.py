@@ -23,24 +23,18 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Final
 
-import nats.errors
-import nats.js.errors
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from swarmbus._errors import MissingDependencyError, SwarmbusError
+from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 
 if TYPE_CHECKING:
-    from nats.js.kv import KeyValue
     from opentelemetry.sdk.trace.export import SpanExporter
 
 TRACER_NAME: Final = "swarmbus"
 MESSAGING_SYSTEM: Final = "nats"
-MSG_ID_HEADER: Final = "Nats-Msg-Id"
-EXPECTED_LAST_SUBJECT_SEQUENCE: Final = "Nats-Expected-Last-Subject-Sequence"
-# JetStream's "wrong last sequence" error codes (a compare-and-set that lost).
-_WRONG_LAST_SEQUENCE: Final = (10071, 10164)
 _NO_SPAN: Final = contextlib.nullcontext()
 
 
@@ -243,51 +237,6 @@ def traced(
     return headers
 
 
-async def kv_write(
-    kv: KeyValue,
-    key: str,
-    value: bytes,
-    *,
-    last: int | None = None,
-    attributes: Mapping[str, str],
-    ttl: int | None = None,
-) -> int:
-    """Write a KV entry inside a PRODUCER span with the trace context in its headers.
-
-    ``last=None`` is ``kv.put``, ``last=0`` ``kv.create``, otherwise
-    ``kv.update(last=last)``; returns the new revision and raises what nats-py raises
-    (``KeyWrongLastSequenceError`` when the compare-and-set lost). A write joins the
-    current trace but never starts one (nobody continues a trace from a KV entry, so
-    it would be a trace of one span); with tracing off or outside a trace it is exactly
-    the nats-py call. ``ttl`` (whole seconds) makes the server delete the entry then
-    (nats-py's ``update`` cannot carry one, so such a write is a publish).
-    """
-    traced = tracing_enabled() and trace.get_current_span().get_span_context().is_valid
-    if not traced and ttl is None:
-        if last is None:
-            return await kv.put(key, value)
-        if last == 0:
-            return await kv.create(key, value)
-        return await kv.update(key, value, last=last)
-    subject = f"{kv._pre}{key}"
-    headers: dict[str, str] = {}
-    span = producer_span(subject, "", attributes, headers) if traced else contextlib.nullcontext()
-    with span:
-        if last is not None:
-            headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(last)
-        if ttl is not None:
-            headers["Nats-TTL"] = str(ttl)
-        try:
-            ack = await kv._js.publish(subject, value, headers=headers)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code not in _WRONG_LAST_SEQUENCE:
-                raise
-            if last == 0:  # perhaps a deleted key: nats-py's create re-creates those
-                return await (kv.create(key, value, msg_ttl=ttl) if ttl else kv.create(key, value))
-            raise nats.js.errors.KeyWrongLastSequenceError(description=exc.description) from exc
-        return int(ack.seq)
-
-
 # --- consumers ---------------------------------------------------------------------
 
 
@@ -371,21 +320,6 @@ def continued(headers: Mapping[str, str] | None) -> contextlib.AbstractContextMa
     if not tracing_enabled() or trace.get_current_span().get_span_context().is_valid:
         return _NO_SPAN
     return _attached(headers or {})
-
-
-async def kv_context(kv: KeyValue, key: str) -> dict[str, str]:
-    """The trace context stored with ``key``'s entry, for a step outside any span.
-
-    Empty, and nothing read, when tracing is off or a span is current (``continued``
-    keeps that one); empty too if the entry cannot be read.
-    """
-    if not tracing_enabled() or trace.get_current_span().get_span_context().is_valid:
-        return {}
-    try:
-        msg = await kv._js.get_last_msg(kv._stream, f"{kv._pre}{key}")
-    except (TimeoutError, nats.errors.Error):
-        return {}
-    return dict(msg.headers or {})
 
 
 def trace_headers() -> dict[str, str]:

@@ -37,7 +37,8 @@ from swarmbus import (
 )
 from swarmbus import _locks as locks
 from swarmbus._cli import main
-from swarmbus._locks import MARKER_REASON, TTL_HEADER, _bucket, _Writer, whole_seconds
+from swarmbus._jetstream.acks import CasWriter as _Writer
+from swarmbus._locks import MARKER_REASON, TTL_HEADER, _bucket, whole_seconds
 from swarmbus._subjects import MAX_RESOURCE_BYTES, kv_subject, lock_key, resource_of_lock_key
 
 RESOURCE = "file:/src/main.py"

@@ -108,7 +108,7 @@ async def test_a_claim_batch_that_fails_half_way_keeps_what_it_won(
 ) -> None:
     """A pull fails after a claim was won in the same scan: the won claim is returned
     (its record names this agent), not dropped to wait out its lease unrun."""
-    from swarmbus._tasks import _PullInbox
+    from swarmbus._jetstream.reads import PullInbox as _PullInbox
 
     async with TaskQueue(bus, session_id, ack_wait=0.5, starvation_after=0) as queue:
         task = await queue.create("alpha", agent="ops/lead", max_attempts=1)

@@ -18,15 +18,12 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import (
-    CODE_HEADER,
-    DEAD_LETTER_STREAM,
-    MSG_ID_HEADER,
-    ORIGINAL_SUBJECT_HEADER,
-    REASON_HEADER,
-    Bus,
-)
+from swarmbus._bus import DEAD_LETTER_STREAM, Bus
 from swarmbus._errors import ConnectionError, NotFoundError, SwarmbusError
+from swarmbus._jetstream.headers import CODE as CODE_HEADER
+from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
+from swarmbus._jetstream.headers import ORIGINAL_SUBJECT as ORIGINAL_SUBJECT_HEADER
+from swarmbus._jetstream.headers import REASON as REASON_HEADER
 from swarmbus._observe._events import stored
 
 RETRY_OF_HEADER: Final = "Swarmbus-Retry-Of"

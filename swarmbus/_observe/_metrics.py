@@ -30,9 +30,11 @@ import msgspec
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from swarmbus._bus import DEAD_LETTER_STREAM, EVENTS_STREAM, Bus, kv_latest
+from swarmbus._bus import DEAD_LETTER_STREAM, EVENTS_STREAM, Bus
 from swarmbus._consensus import CONSENSUS_BUCKET, PROPOSAL_PREFIX, ProposalRecord
 from swarmbus._errors import MissingDependencyError, SwarmbusError
+from swarmbus._jetstream.headers import CODE as CODE_HEADER
+from swarmbus._jetstream.reads import kv_latest
 from swarmbus._observe import _instruments as instruments
 from swarmbus._observe._events import Follower, Step
 from swarmbus._observe._instruments import METER_NAME
@@ -270,7 +272,7 @@ class Observer:
 
     async def _count_dead(self, dead: Follower) -> None:
         async for msg in dead.messages():
-            self._dead.add(1, {"code": (msg.headers or {}).get("Swarmbus-Code", "")})
+            self._dead.add(1, {"code": (msg.headers or {}).get(CODE_HEADER, "")})
 
     async def _poll(self) -> None:
         while True:

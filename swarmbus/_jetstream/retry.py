@@ -17,7 +17,6 @@ retried as they are. Everything built on ``bus.js`` (KV buckets included) gets t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,44 +24,24 @@ from contextlib import AbstractContextManager
 from typing import Any, Final, TypeVar
 
 import anyio
-import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext, JetStreamManager, api
 
+from swarmbus._jetstream.errors import is_transient, is_wrong_last_sequence
+from swarmbus._jetstream.headers import KV_SUBJECT_PREFIX, MSG_ID
 from swarmbus._messages import new_id
 
-__all__ = ["RetryingJetStream", "is_transient"]
+__all__ = ["FIRST_BACKOFF", "MAX_BACKOFF", "RetryingJetStream", "is_transient", "stored_already"]
 
 log = logging.getLogger("swarmbus.retry")
 
-MSG_ID: Final = "Nats-Msg-Id"
-_NO_SUITABLE_PEERS: Final = 10005
-_WRONG_LAST_SEQUENCE: Final = 10071
-_KV_PREFIX: Final = "$KV."
-_FIRST_BACKOFF: Final = 0.05
-_MAX_BACKOFF: Final = 1.0
+FIRST_BACKOFF: Final = 0.05
+MAX_BACKOFF: Final = 1.0
 T = TypeVar("T")
 #: ``guard(subject, what)``: raises PermissionDeniedError as soon as the server refuses
 #: a publish to ``subject`` inside the block (a refusal is otherwise only a timeout).
 Guard = Callable[[str, str], AbstractContextManager[None]]
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is what a leader election or a reconnect looks like to a client."""
-    if isinstance(exc, nats.js.errors.APIError):
-        # 503: JetStream temporarily unavailable (no leader yet); 10005: no suitable
-        # peers, a node is offline (just started, or restarting)
-        return exc.code == 503 or exc.err_code == _NO_SUITABLE_PEERS
-    return isinstance(
-        exc,
-        (
-            nats.js.errors.NoStreamResponseError,
-            nats.errors.NoRespondersError,
-            nats.errors.TimeoutError,
-            asyncio.TimeoutError,
-        ),
-    )
 
 
 class RetryingJetStream(JetStreamContext):
@@ -84,7 +63,7 @@ class RetryingJetStream(JetStreamContext):
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         deadline = time.monotonic() + self.retry_for
-        backoff = _FIRST_BACKOFF
+        backoff = FIRST_BACKOFF
         while True:
             try:
                 return await call()
@@ -93,7 +72,7 @@ class RetryingJetStream(JetStreamContext):
                     raise
                 log.info("%s: %s; retrying", what, type(exc).__name__)
             await anyio.sleep(backoff)
-            backoff = min(backoff * 2, _MAX_BACKOFF)
+            backoff = min(backoff * 2, MAX_BACKOFF)
 
     async def publish(
         self,
@@ -120,32 +99,15 @@ class RetryingJetStream(JetStreamContext):
                         subject, payload, timeout, stream, dict(hdrs), msg_ttl
                     )
             except nats.js.errors.APIError as exc:
-                if attempts > 1 and exc.err_code == _WRONG_LAST_SEQUENCE:
-                    mine = await self._stored_already(subject, msg_id)
-                    if mine is not None:
-                        return mine
+                if attempts > 1 and is_wrong_last_sequence(exc):
+                    seq = await stored_already(self, subject, msg_id)
+                    if seq is not None:
+                        bucket = subject[len(KV_SUBJECT_PREFIX) :].split(".", 1)[0]
+                        return api.PubAck(stream=f"KV_{bucket}", seq=seq, duplicate=True)
                 raise
             return ack
 
         return await self._retrying(f"publish to {subject}", once)
-
-    async def _stored_already(self, subject: str, msg_id: str) -> api.PubAck | None:
-        """The ack of our own earlier attempt, if it is the last write on ``subject``.
-
-        The server checks a compare-and-set before the duplicate window: a retried CAS
-        whose first attempt was stored fails with "wrong last sequence". For a KV key
-        the last entry tells whether that first attempt was ours.
-        """
-        if not subject.startswith(_KV_PREFIX):
-            return None
-        bucket = subject[len(_KV_PREFIX) :].split(".", 1)[0]
-        try:
-            last = await self.get_msg(f"KV_{bucket}", subject=subject)
-        except nats.js.errors.Error:
-            return None
-        if (last.headers or {}).get(MSG_ID) != msg_id:
-            return None
-        return api.PubAck(stream=f"KV_{bucket}", seq=last.seq or 0, duplicate=True)
 
     async def get_msg(
         self,
@@ -174,3 +136,23 @@ class RetryingJetStream(JetStreamContext):
             return reply
 
         return await self._retrying(req_subject, once)
+
+
+async def stored_already(js: JetStreamContext, subject: str, msg_id: str) -> int | None:
+    """The sequence of our own earlier write if it is the last one on KV ``subject``.
+
+    The lost-ack check. The server checks a compare-and-set before the duplicate
+    window: a retried CAS whose first attempt was stored (its ack lost) fails with
+    "wrong last sequence". For a KV key the last entry (read from the stream leader)
+    tells whether that first attempt was ours, by its ``Nats-Msg-Id``.
+    """
+    if not subject.startswith(KV_SUBJECT_PREFIX):
+        return None
+    bucket = subject[len(KV_SUBJECT_PREFIX) :].split(".", 1)[0]
+    try:
+        last = await js.get_msg(f"KV_{bucket}", subject=subject, direct=False)
+    except nats.js.errors.Error:
+        return None
+    if (last.headers or {}).get(MSG_ID) != msg_id:
+        return None
+    return last.seq or 0
