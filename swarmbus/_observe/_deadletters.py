@@ -19,12 +19,13 @@ from typing import Any, Final
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import DEAD_LETTER_STREAM, Bus
-from swarmbus._errors import ConnectionError, NotFoundError, SwarmbusError
+from swarmbus._errors import NotFoundError, SwarmbusError
+from swarmbus._jetstream.errors import nats_errors
+from swarmbus._jetstream.follow import delete_message, stored, stored_message
 from swarmbus._jetstream.headers import CODE as CODE_HEADER
 from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._jetstream.headers import ORIGINAL_SUBJECT as ORIGINAL_SUBJECT_HEADER
 from swarmbus._jetstream.headers import REASON as REASON_HEADER
-from swarmbus._observe._events import stored
 
 RETRY_OF_HEADER: Final = "Swarmbus-Retry-Of"
 
@@ -82,7 +83,7 @@ async def dead_letters(
         subjects.validate_session_id(session)
     filter = f"{subjects.DEAD_LETTER_ROOT}.{session or '*'}.>"
     out = []
-    for msg in await stored(bus, filter, stream=DEAD_LETTER_STREAM):
+    for msg in await stored(bus.js, DEAD_LETTER_STREAM, filter):
         meta = msg.metadata
         letter = dead_letter_of(
             meta.sequence.stream, msg.subject, msg.headers, msg.data, meta.timestamp
@@ -94,19 +95,11 @@ async def dead_letters(
 
 async def get_dead_letter(bus: Bus, id: int) -> DeadLetter:
     """The dead letter with sequence ``id`` (``NotFoundError`` if there is none)."""
-    import nats.errors
-    import nats.js.errors
-
-    try:
-        raw = await bus.js.get_msg(DEAD_LETTER_STREAM, id)
-    except nats.js.errors.NotFoundError:
-        raise NotFoundError("dead letter", str(id)) from None
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise ConnectionError(f"cannot read dead letter {id}: {exc}") from exc
-    if raw.subject is None or not raw.subject.startswith(f"{subjects.DEAD_LETTER_ROOT}."):
+    raw = await stored_message(bus.js, DEAD_LETTER_STREAM, id)
+    if raw is None or not (raw.subject or "").startswith(f"{subjects.DEAD_LETTER_ROOT}."):
         raise NotFoundError("dead letter", str(id))
     stored_at = raw.time or datetime.fromtimestamp(0, UTC)
-    return dead_letter_of(id, raw.subject, raw.headers, raw.data or b"", stored_at)
+    return dead_letter_of(id, str(raw.subject), raw.headers, raw.data or b"", stored_at)
 
 
 async def retry_dead_letter(bus: Bus, id: int, *, keep: bool = False) -> DeadLetter:
@@ -116,8 +109,6 @@ async def retry_dead_letter(bus: Bus, id: int, *, keep: bool = False) -> DeadLet
         NotFoundError: no dead letter ``id``.
         SwarmbusError: it cannot be retried (a request, or no original subject).
     """
-    import nats.errors
-
     letter = await get_dead_letter(bus, id)
     subject = letter.original_subject
     if not subject:
@@ -129,16 +120,14 @@ async def retry_dead_letter(bus: Bus, id: int, *, keep: bool = False) -> DeadLet
         )
     # De-duplicated per dead letter: a double retry within the window publishes once.
     headers = {MSG_ID_HEADER: f"retry:{id}", RETRY_OF_HEADER: str(id)}
-    try:
+    with nats_errors(f"retry dead letter {id} on {subject}"):
         if subject.startswith((f"{subjects.EVENT_ROOT}.", f"{subjects.TASK_ROOT}.")):
             await bus.js.publish(subject, letter.data, headers=headers)
         else:
             await bus.nc.publish(subject, letter.data, headers=headers)
             await bus.nc.flush()
-        if not keep:
-            await bus.js.delete_msg(DEAD_LETTER_STREAM, id)
-    except (TimeoutError, nats.errors.Error) as exc:
-        raise ConnectionError(f"cannot retry dead letter {id}: {exc}") from exc
+    if not keep:
+        await delete_message(bus.js, DEAD_LETTER_STREAM, id)
     return letter
 
 

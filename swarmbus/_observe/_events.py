@@ -3,28 +3,21 @@
 A ``Step`` is one stored event as an observer sees it: its stream sequence, subject,
 the decoded envelope (or why it could not be decoded) and the trace id its
 ``traceparent`` header carries. Past and live events are read through an
-ordered push consumer on ``bus.js`` (``Follower``): the one stream-reading primitive
-this package adds outside the bus layer (nats-py is imported lazily, inside it).
+ordered push consumer (``swarmbus._jetstream.follow``).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
-
-import anyio
+from typing import Any, Final
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import EVENTS_STREAM, Bus
-from swarmbus._errors import ConnectionError, SwarmbusError
+from swarmbus._errors import SwarmbusError
+from swarmbus._jetstream.follow import OrderedReader, stored
 from swarmbus._messages import Message, decode
-
-if TYPE_CHECKING:
-    from nats.js.client import JetStreamContext
 
 TRACEPARENT: Final = "traceparent"
 
@@ -86,7 +79,8 @@ def step_of(
 
 async def session_steps(bus: Bus, session: str) -> list[Step]:
     """Every stored event of ``session``, in stream order."""
-    return [msg_step(msg) for msg in await stored(bus, subjects.session_filter(session))]
+    filter = subjects.session_filter(session)
+    return [msg_step(msg) for msg in await stored(bus.js, EVENTS_STREAM, filter)]
 
 
 def msg_step(msg: Any) -> Step:
@@ -95,96 +89,18 @@ def msg_step(msg: Any) -> Step:
     return step_of(meta.sequence.stream, msg.subject, msg.data, msg.headers, meta.timestamp)
 
 
-async def stored(
-    bus: Bus, filter: str, *, stream: str = EVENTS_STREAM, timeout: float = 10.0
-) -> list[Any]:
-    """Every message stored on ``filter`` in ``stream`` now, in order (nats-py ``Msg`` s).
-
-    An ordered consumer from the first message, read until the count its creation
-    reported (the swarmbus streams have no direct gets, so ``stored_messages`` cannot
-    read them).
-    """
-    async with Follower(bus, filter, start="all", stream=stream) as follower:
-        wanted = await follower.pending()
-        out: list[Any] = []
-        if wanted == 0:
-            return out
-        with anyio.fail_after(timeout):
-            async for msg in follower.messages():
-                out.append(msg)
-                if len(out) >= wanted or msg.metadata.num_pending == 0:
-                    break
-        return out
-
-
-class Follower:
-    """Messages on ``filter`` through an ordered push consumer.
+class Follower(OrderedReader):
+    """Events (or dead letters) on ``filter``, live, as ``Step`` s or raw messages.
 
     ``start`` is ``"new"`` (only what is published from now on), ``"all"`` (the stored
-    messages first) or a stream sequence to resume after (an SSE reconnect).
-    Use as ``async with Follower(bus, filter) as f: async for step in f.steps()``.
+    events first) or a stream sequence to resume after (an SSE reconnect). Use as
+    ``async with Follower(bus, filter) as f: async for step in f.steps()``.
     """
 
     def __init__(
         self, bus: Bus, filter: str, *, start: str | int = "new", stream: str = EVENTS_STREAM
     ) -> None:
-        self.bus = bus
-        self.filter = filter
-        self.start = start
-        self.stream = stream
-        self._sub: Any = None
-
-    async def __aenter__(self) -> Self:
-        from nats.errors import Error as NatsError
-        from nats.js.api import ConsumerConfig, DeliverPolicy
-
-        js: JetStreamContext = self.bus.js
-        config = ConsumerConfig()
-        if isinstance(self.start, int):
-            policy = DeliverPolicy.BY_START_SEQUENCE
-            config.opt_start_seq = self.start + 1
-        else:
-            policy = DeliverPolicy.ALL if self.start == "all" else DeliverPolicy.NEW
-        try:
-            self._sub = await js.subscribe(
-                self.filter,
-                stream=self.stream,
-                ordered_consumer=True,
-                deliver_policy=policy,
-                config=config,
-                idle_heartbeat=5.0,
-            )
-        except (TimeoutError, NatsError) as exc:
-            raise ConnectionError(f"cannot follow {self.filter}: {exc}") from exc
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        from nats.errors import Error as NatsError
-
-        if self._sub is not None:
-            with contextlib.suppress(NatsError, TimeoutError):
-                await self._sub.unsubscribe()
-
-    async def pending(self) -> int:
-        """How many stored messages the consumer had to deliver when it was created."""
-        from nats.errors import Error as NatsError
-
-        try:
-            info = await self._sub.consumer_info()
-        except (TimeoutError, NatsError) as exc:
-            raise ConnectionError(f"cannot read {self.filter}: {exc}") from exc
-        return int(info.num_pending or 0) + int(info.delivered.consumer_seq or 0)
-
-    async def messages(self) -> AsyncIterator[Any]:
-        """The raw messages, live."""
-        assert self._sub is not None, "use Follower as an async context manager"
-        async for msg in self._sub.messages:
-            yield msg
+        super().__init__(bus.js, stream, filter, start=start)
 
     async def steps(self) -> AsyncIterator[Step]:
         """The messages as steps, live."""

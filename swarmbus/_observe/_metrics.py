@@ -33,6 +33,12 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from swarmbus._bus import DEAD_LETTER_STREAM, EVENTS_STREAM, Bus
 from swarmbus._consensus import CONSENSUS_BUCKET, PROPOSAL_PREFIX, ProposalRecord
 from swarmbus._errors import MissingDependencyError, SwarmbusError
+from swarmbus._jetstream.follow import (
+    consumer_lags,
+    key_value_or_none,
+    stored_message,
+    stream_state,
+)
 from swarmbus._jetstream.headers import CODE as CODE_HEADER
 from swarmbus._jetstream.reads import kv_latest
 from swarmbus._observe import _instruments as instruments
@@ -284,48 +290,30 @@ class Observer:
 
     async def poll(self) -> None:
         """Refresh the gauges from stream, consumer and bucket state."""
-        import nats.errors
-        import nats.js.errors
-
         js, g = self.bus.js, self.gauges
-        lag: dict[tuple[str, str], int] = {}
-        try:
-            for stream in (EVENTS_STREAM, TASKS_STREAM, DEAD_LETTER_STREAM):
-                with contextlib.suppress(nats.js.errors.NotFoundError):
-                    info = await js.stream_info(stream)
-                    if stream == TASKS_STREAM:
-                        g.queue_depth = int(info.state.messages)
-                        g.queue_age = await self._oldest_age(info.state)
-                    if stream == DEAD_LETTER_STREAM:
-                        g.dead_letters = int(info.state.messages)
-                    if stream != DEAD_LETTER_STREAM:
-                        for consumer in await js.consumers_info(stream):
-                            pending = int(consumer.num_pending or 0)
-                            lag[(stream, consumer.name)] = pending + int(
-                                consumer.num_ack_pending or 0
-                            )
-            g.lag = lag
-            g.open_proposals = await self._open_proposals()
-        except (TimeoutError, nats.errors.Error) as exc:
-            raise SwarmbusError(f"cannot read stream state: {exc}") from exc
+        tasks = await stream_state(js, TASKS_STREAM)
+        g.queue_depth = int(tasks.messages) if tasks else 0
+        g.queue_age = (
+            await self._oldest_age(int(tasks.first_seq)) if tasks and tasks.messages else 0.0
+        )
+        dead = await stream_state(js, DEAD_LETTER_STREAM)
+        g.dead_letters = int(dead.messages) if dead else 0
+        g.lag = {
+            (stream, consumer): lag
+            for stream in (EVENTS_STREAM, TASKS_STREAM)
+            for consumer, lag in (await consumer_lags(js, stream)).items()
+        }
+        g.open_proposals = await self._open_proposals()
 
-    async def _oldest_age(self, state: Any) -> float:
-        if not state.messages:
+    async def _oldest_age(self, first_seq: int) -> float:
+        first = await stored_message(self.bus.js, TASKS_STREAM, first_seq)
+        if first is None or first.time is None:
             return 0.0
-        import nats.js.errors
-
-        try:
-            first = await self.bus.js.get_msg(TASKS_STREAM, int(state.first_seq))
-        except nats.js.errors.NotFoundError:
-            return 0.0
-        return max(0.0, (datetime.now(UTC) - first.time).total_seconds()) if first.time else 0.0
+        return max(0.0, (datetime.now(UTC) - first.time).total_seconds())
 
     async def _open_proposals(self) -> int:
-        import nats.js.errors
-
-        try:
-            kv = await self.bus.js.key_value(CONSENSUS_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
+        kv = await key_value_or_none(self.bus.js, CONSENSUS_BUCKET)
+        if kv is None:
             return 0
         open_ = 0
         for _, msg in await kv_latest(kv, PROPOSAL_PREFIX + "*"):
