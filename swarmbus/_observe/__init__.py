@@ -6,10 +6,12 @@ Modules, one concept each:
 - ``_timeline``: a session replayed as a timeline (text, Markdown, JSON).
 - ``_tail``: live events for the terminal.
 - ``_deadletters``: list and retry dead letters.
-- ``_metrics``: OpenTelemetry metrics: an outside observer plus in-process ``record_*``.
-- ``_ui``: the web view (Starlette, server-sent events, htmx).
+- ``_metrics``: OpenTelemetry metrics: configuration and the outside ``Observer``.
+- ``_instruments``: in-process ``record_*`` (handler latency, lock waits), used by core.
+- ``_pages``, ``_ui``: the web view (Starlette, server-sent events, htmx; ``static/``).
+- ``_commands``: the ``swarmbus`` subcommands.
 
-Everything reads through the bus (``Bus.js``) and the public APIs of the blackboard,
-task queue, consensus and locks; nothing here writes to the swarm except
-``retry_dead_letter``.
+Streams are read through ``swarmbus._jetstream.follow`` (an ordered consumer) and
+the public APIs of the blackboard, task queue, consensus and locks; this package
+imports no nats-py. Nothing here writes to the swarm except ``retry_dead_letter``.
 """
