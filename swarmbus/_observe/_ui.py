@@ -166,6 +166,9 @@ def create_app(
             Bearer``); None keeps the view read-only.
         trace_url: where a trace id links, e.g. ``http://jaeger:16686/trace/{trace_id}``;
             None links to the view's own page of the trace's steps.
+
+    A server that mounts it calls ``app.state.views.close_streams()`` when it shuts
+    down: the event streams never end by themselves.
     """
     v = _Views(bus, token=token, trace_url=trace_url, board=board_bucket)
     s = "/sessions/{session}"
@@ -188,11 +191,14 @@ def create_app(
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, saying when it listens and ending the event streams on shutdown."""
+    """uvicorn's server that says when it listens, stops on cancellation too, and ends
+    the event streams on shutdown (they never end by themselves, and the graceful
+    shutdown would wait for them)."""
 
     def __init__(self, config: uvicorn.Config, views: _Views) -> None:
         super().__init__(config)
         self.listening = anyio.Event()
+        self.stopped = anyio.Event()
         self.views = views
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -200,10 +206,17 @@ class _Server(uvicorn.Server):
         self.listening.set()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        # Event streams never end by themselves: end them, so that the graceful
-        # shutdown does not wait for them.
         self.views.close_streams()
         await super().shutdown(sockets=sockets)
+
+    async def run_shielded(self) -> None:
+        """Serve; a cancellation of the caller asks it to stop instead (``should_exit``)."""
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.serve()
+        finally:
+            self.stopped.set()
+            self.listening.set()  # wake a caller waiting for a startup that failed
 
 
 async def serve_ui(
@@ -215,9 +228,9 @@ async def serve_ui(
     trace_url: str | None = None,
     ready: Callable[[str], Any] | None = None,
 ) -> None:
-    """Serve the web view until interrupted (SIGINT, SIGTERM); ``ready(url)`` once listening.
+    """Serve the web view until interrupted (SIGINT, SIGTERM) or cancelled.
 
-    ``port`` 0 picks a free port (``ready`` gets the real URL).
+    ``ready(url)`` is called once it listens; ``port`` 0 picks a free port.
     """
     app = create_app(bus, token=token, trace_url=trace_url)
     config = uvicorn.Config(
@@ -225,8 +238,12 @@ async def serve_ui(
     )
     server = _Server(config, app.state.views)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        await server.listening.wait()
-        bound = server.servers[0].sockets[0].getsockname()[1]
-        if ready is not None:
-            ready(f"http://{host}:{bound}/")
+        tg.start_soon(server.run_shielded)
+        try:
+            await server.listening.wait()
+            if ready is not None and not server.stopped.is_set():
+                bound = server.servers[0].sockets[0].getsockname()[1]
+                ready(f"http://{host}:{bound}/")
+            await server.stopped.wait()
+        finally:
+            server.should_exit = True
