@@ -189,3 +189,41 @@ async def test_browser_sees_the_decision_appear_without_a_reload(
     assert screenshot.stat().st_size > 10_000
     if os.environ.get("SWARMBUS_SAVE_SCREENSHOT"):
         shutil.copy(screenshot, ROOT / "docs" / "img" / "ui-session.png")
+
+
+async def test_serve_ui_stops_with_its_caller_and_ends_the_event_streams(
+    bus: Bus, session_id: str
+) -> None:
+    """What ``swarmbus up`` relies on: cancelling the caller stops the view gracefully."""
+    from swarmbus._observe._ui import serve_ui
+
+    urls: list[str] = []
+    listening, connected = anyio.Event(), anyio.Event()
+    results: list[tuple[bytes, bytes]] = []
+
+    def ready(url: str) -> None:
+        urls.append(url)
+        listening.set()
+
+    def stream(url: str) -> tuple[bytes, bytes]:
+        with urllib.request.urlopen(url, timeout=20) as response:
+            first = response.readline()
+            anyio.from_thread.run_sync(connected.set)
+            return first, response.read()  # returns only once the server ends the stream
+
+    async def client() -> None:
+        url = f"{urls[0]}sessions/{session_id}/events"
+        results.append(await anyio.to_thread.run_sync(stream, url))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as clients, anyio.create_task_group() as server:
+            server.start_soon(lambda: serve_ui(bus, port=0, ready=ready))
+            await listening.wait()
+            clients.start_soon(client)
+            await connected.wait()
+            cancelled_at = anyio.current_time()
+            server.cancel_scope.cancel()
+    # The stream ended cleanly (an empty line, then EOF), before uvicorn's 2 s graceful
+    # timeout would have cut it: the server ended it at once.
+    assert results == [(b": connected\n", b"\n")]
+    assert anyio.current_time() - cancelled_at < 2.0
