@@ -89,7 +89,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     from swarmbus._observe._metrics import Observer, configure_metrics
 
     setup = configure_metrics(
-        "swarmbus-metrics", default_exporter="prometheus", prometheus_port=args.port
+        "swarmbus-metrics", default_exporter="prometheus", prometheus_port=args.prometheus_port
     )
     if setup is None:
         _note("metrics are off (OTEL_METRICS_EXPORTER=none or OTEL_SDK_DISABLED=true)")
@@ -123,7 +123,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
             await serve_ui(
                 bus,
                 host=args.host,
-                port=args.port or 0,  # main() turns 0 into None
+                port=args.ui_port,
                 token=token,
                 trace_url=args.trace_url,
                 ready=lambda url: _note(f"swarmbus ui at {url}"),
@@ -165,14 +165,18 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("metrics", help="observe the swarm and export metrics (OTEL_*)")
     p.add_argument(
-        "--port", type=int, default=None, help="Prometheus port (OTEL_EXPORTER_PROMETHEUS_PORT)"
+        "--port",
+        dest="prometheus_port",  # not "port": main() turns a port of 0 into None
+        type=int,
+        default=None,
+        help="Prometheus port, 0 for any free one (default: OTEL_EXPORTER_PROMETHEUS_PORT)",
     )
     p.add_argument("--interval", type=float, default=5.0, help="state poll period, seconds")
     p.set_defaults(func=cmd_metrics)
 
     p = sub.add_parser("ui", help="serve the live web view (read-only without a token)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8222, help="0: any free port")
+    p.add_argument("--port", dest="ui_port", type=int, default=8222, help="0: any free port")
     p.add_argument(
         "--token-env",
         default=UI_TOKEN_ENV,
