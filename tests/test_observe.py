@@ -52,6 +52,7 @@ def test_trace_id_comes_from_traceparent() -> None:
     assert trace_id_of({"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}) == trace
     assert trace_id_of({"traceparent": "00-" + "0" * 32 + "-00f067aa0ba902b7-01"}) is None
     assert trace_id_of({"traceparent": "garbage"}) is None
+    assert trace_id_of({"traceparent": '00-"><script>alert(1)</script>xxxxxxxxx-0-01'}) is None
     assert trace_id_of(None) is None
 
 

@@ -8,6 +8,7 @@ ordered push consumer (``swarmbus._jetstream.follow``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,7 @@ from swarmbus._jetstream.follow import OrderedReader, stored
 from swarmbus._messages import Message, decode
 
 TRACEPARENT: Final = "traceparent"
+_TRACE_ID: Final = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,10 @@ def trace_id_of(headers: Mapping[str, str] | None) -> str | None:
     """The trace id of a W3C ``traceparent`` header (``00-<trace>-<span>-<flags>``)."""
     value = (headers or {}).get(TRACEPARENT, "")
     parts = value.split("-")
-    if len(parts) != 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
-        return None
-    return parts[1]
+    trace = parts[1] if len(parts) == 4 else ""
+    if not _TRACE_ID.fullmatch(trace) or trace == "0" * 32:
+        return None  # the header is the sender's to write: take only a real trace id
+    return trace
 
 
 def step_of(
