@@ -227,3 +227,22 @@ async def test_serve_ui_stops_with_its_caller_and_ends_the_event_streams(
     # timeout would have cut it: the server ended it at once.
     assert results == [(b": connected\n", b"\n")]
     assert anyio.current_time() - cancelled_at < 2.0
+
+
+def test_pages_escape_what_agents_wrote() -> None:
+    from datetime import UTC, datetime
+
+    from swarmbus._messages import Finding, encode, envelope_for
+    from swarmbus._observe import _pages as pages
+    from swarmbus._observe._events import step_of
+    from swarmbus._observe._timeline import Timeline
+
+    evil = "<script>alert(1)</script>"
+    finding = Finding(category="observation", content=evil, confidence=0.5)
+    message = envelope_for(finding, agent="ops/x", session="S-1")
+    step = step_of(7, "agent.finding.reported.S-1.ops/x", encode(message), None, datetime.now(UTC))
+    timeline = Timeline("S-1")
+    item = pages.step_item(timeline, step, timeline.add(step), None)
+    assert evil not in item
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in item
+    assert 'data-type="finding"' in item
