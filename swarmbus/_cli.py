@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final
 import anyio
 
 from swarmbus._errors import SwarmbusError
+from swarmbus._observe._commands import add_commands as add_observing_commands
 from swarmbus._telemetry import configure_tracing
 
 if TYPE_CHECKING:
@@ -441,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--reload-pid", type=int, default=None, help="memory: SIGHUP it")
     creds.add_parser("list", help="issued credentials")
     p.set_defaults(func=_cmd_creds)
+
+    add_observing_commands(sub)  # tail, timeline, dead, metrics, ui
     return parser
 
 

@@ -60,6 +60,7 @@ from swarmbus._jetstream.headers import (
 from swarmbus._jetstream.headers import ROLLUP as ROLLUP_HEADER
 from swarmbus._jetstream.headers import TTL as TTL_HEADER
 from swarmbus._jetstream.reads import kv_latest
+from swarmbus._observe._instruments import lock_wait
 from swarmbus._telemetry import send_span
 
 log = logging.getLogger("swarmbus.locks")
@@ -492,7 +493,7 @@ class Lock:
                     return None
                 return await self._attempt(seconds, self._released_at)
             with anyio.move_on_after(timeout):
-                return await self._wait(bucket, seconds)
+                return await lock_wait(self._wait(bucket, seconds))  # metrics: lock waits
             return self._lease  # None, or a write that landed as the deadline passed
         except BaseException:
             if self._lease is not None:  # acquired as the caller was cancelled: give it back
