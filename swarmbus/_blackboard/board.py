@@ -9,16 +9,15 @@ docstring); the key plumbing is ``BoardStore``'s, reading and watching
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Literal, Self
 
-import anyio
 import msgspec
 
 from swarmbus import _subjects as subjects
-from swarmbus._blackboard.recording import Recorder, purge_completed, sessions
+from swarmbus._blackboard.recording import purge_completed, sessions
+from swarmbus._blackboard.recording import recording as _recording
 from swarmbus._blackboard.records import (
     ACTION_INITIAL,
     ACTION_TRANSITIONS,
@@ -544,32 +543,6 @@ class Blackboard(BoardStore):
         """
         return await purge_completed(bus, older_than, bucket, at)
 
-    @staticmethod
-    @contextlib.asynccontextmanager
-    async def recording(
-        bus: Bus,
-        *,
-        bucket: str = DEFAULT_BUCKET,
-        durable: str | None = None,
-        deliver_new: bool = False,
-        retention: timedelta | None = None,
-        retention_interval: float = 3600.0,
-    ) -> AsyncIterator[None]:
-        """Record every finding published on ``agent.finding.reported.>`` on the board.
-
-        This is how findings from plain NATS clients (any language) reach the board:
-        a durable consumer creates each finding key by envelope id, so redeliveries
-        and findings the board already holds are no-ops. Run one (or more: they share
-        the durable) per deployment. With ``retention``, it also runs
-        ``purge_completed`` every ``retention_interval`` seconds.
-        """
-        kv = await open_store(bus, bucket, DEFAULT_HISTORY)
-        recorder = Recorder(bus, kv, bucket, retention, retention_interval)
-        async with anyio.create_task_group() as tg:
-            await tg.start(recorder.consume, durable or f"swarmbus-board-{bucket}", deliver_new)
-            if retention is not None:
-                tg.start_soon(recorder.retain)
-            try:
-                yield
-            finally:
-                recorder.stop.set()
+    recording = staticmethod(_recording)
+    """Record every finding published on ``agent.finding.reported.>`` on the board
+    (``swarmbus._blackboard.recording.recording``)."""

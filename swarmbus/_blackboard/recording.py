@@ -9,7 +9,9 @@ never removed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Final
 
@@ -19,6 +21,7 @@ import anyio.abc
 from swarmbus import _subjects as subjects
 from swarmbus._blackboard.records import FindingRecord, SessionRecord
 from swarmbus._blackboard.store import (
+    DEFAULT_BUCKET,
     DEFAULT_HISTORY,
     DEFAULT_MAX_VALUE_BYTES,
     BoardStore,
@@ -118,3 +121,33 @@ class Recorder:
                 log.warning("blackboard retention on %s failed: %s", self.bucket, exc)
             with anyio.move_on_after(self.retention_interval):
                 await self.stop.wait()
+
+
+@contextlib.asynccontextmanager
+async def recording(
+    bus: Bus,
+    *,
+    bucket: str = DEFAULT_BUCKET,
+    durable: str | None = None,
+    deliver_new: bool = False,
+    retention: timedelta | None = None,
+    retention_interval: float = 3600.0,
+) -> AsyncIterator[None]:
+    """Record every finding published on ``agent.finding.reported.>`` on the board.
+
+    This is how findings from plain NATS clients (any language) reach the board:
+    a durable consumer creates each finding key by envelope id, so redeliveries
+    and findings the board already holds are no-ops. Run one (or more: they share
+    the durable) per deployment. With ``retention``, it also runs
+    ``purge_completed`` every ``retention_interval`` seconds.
+    """
+    kv = await open_store(bus, bucket, DEFAULT_HISTORY)
+    recorder = Recorder(bus, kv, bucket, retention, retention_interval)
+    async with anyio.create_task_group() as tg:
+        await tg.start(recorder.consume, durable or f"swarmbus-board-{bucket}", deliver_new)
+        if retention is not None:
+            tg.start_soon(recorder.retain)
+        try:
+            yield
+        finally:
+            recorder.stop.set()
