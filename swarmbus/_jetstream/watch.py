@@ -41,11 +41,13 @@ KV_SUBJECTS: Final = "$KV"
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class KvChange:
     """One stored entry of a KV key: a write, a delete or a purge/expiry marker.
 
-    ``time`` (server time) is set by reads that need it, None in watches.
+    ``time`` (server time) is set by reads that need it, None in watches. Read-only by
+    convention: not frozen, because a watch makes one per stored message and a frozen
+    dataclass costs four times as much to build (~2 us against ~0.5 us).
     """
 
     key: str
@@ -148,12 +150,13 @@ class KvWatch:
                 await sub.unsubscribe()
 
     async def _on_msg(self, msg: Msg) -> None:
+        # positional: this runs for every stored message the watch sees
         self._on_change(
             KvChange(
-                key=msg.subject[self._prefix :],
-                revision=msg.metadata.sequence.stream,
-                operation=operation(msg.headers),
-                value=msg.data,
+                msg.subject[self._prefix :],
+                msg.metadata.sequence.stream,
+                operation(msg.headers) if msg.headers else "put",
+                msg.data,
             )
         )
 
