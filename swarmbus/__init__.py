@@ -17,7 +17,7 @@ from swarmbus._bus import Bus, connect
 from swarmbus._confidence import Opinion, Pooling, aggregate_confidence
 from swarmbus._config import Settings
 from swarmbus._consensus import Consensus, ConsensusService, ProposalRecord, Tally, tally_outcome
-from swarmbus._coordinator import Coordinator, Subtask, serve_workers
+from swarmbus._coordinator import Coordinator, Subtask
 from swarmbus._errors import (
     AlreadyVotedError,
     ConflictError,
@@ -96,18 +96,17 @@ from swarmbus._messages import (
     decode,
     encode,
 )
+from swarmbus._query_ledger import QueryLedger, QueryOutcome
 from swarmbus._server import NatsCluster, NatsServer, find_binary
-from swarmbus._subjects import validate_agent_id, validate_session_id
-from swarmbus._swarm import (
+from swarmbus._spec import (
     ParallelInvestigation,
     ProgressiveRefinement,
-    QueryLedger,
-    QueryOutcome,
     StepResult,
     SwarmResult,
     load_spec,
-    run_swarm,
 )
+from swarmbus._subjects import validate_agent_id, validate_session_id
+from swarmbus._swarm import run_swarm, serve_workers
 from swarmbus._tasks import Claim, Task, TaskQueue, TaskSpec
 from swarmbus._telemetry import configure_tracing, consumer_span, current_trace_id, session_span
 

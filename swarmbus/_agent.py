@@ -193,6 +193,10 @@ class Agent:
 
         return register
 
+    def request_handler(self, capability: str) -> RequestHandler | None:
+        """The handler that answers ``capability`` (``on_request``), or None."""
+        return self._requests.get(capability)
+
     # --- acting --------------------------------------------------------------------
 
     @property
@@ -283,31 +287,55 @@ async def _consume(
     )
 
 
+@contextlib.asynccontextmanager
+async def serving(bus: Bus, agents: Iterable[Agent]) -> AsyncIterator[None]:
+    """Serve ``agents`` on ``bus`` for the block; on exit they drain concurrently.
+
+    Every agent stops taking messages when the block exits and they drain together,
+    not one after the other (the others would keep taking messages meanwhile). An
+    error of the block (or of one agent) is raised as it is, not in an exception
+    group, so callers (and ``swarmbus run``) can catch a ``SwarmbusError``.
+    """
+    stop = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+            for agent in agents:
+                await tg.start(_serve_until, agent, bus, stop)
+            try:
+                yield
+            finally:
+                stop.set()
+    except BaseExceptionGroup as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        raise error from None
+
+
+async def _serve_until(
+    agent: Agent,
+    bus: Bus,
+    stop: anyio.Event,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    async with agent.serve(bus):
+        task_status.started()
+        await stop.wait()
+
+
 async def run(*agents: Agent, bus: Bus, until: anyio.Event | None = None) -> None:
     """Serve ``agents`` on ``bus`` until SIGINT/SIGTERM (or ``until``), then drain."""
     stop = until or anyio.Event()
+    async with serving(bus, agents), anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, stop)
+        await stop.wait()
+        tg.cancel_scope.cancel()
 
-    async def serve(
-        agent: Agent, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        async with agent.serve(bus):
-            task_status.started()
-            await stop.wait()
 
-    # Every agent stops taking messages at the signal and they drain together, not one
-    # after the other (the others kept taking messages meanwhile).
-    async with anyio.create_task_group() as agents_tg:
-        for agent in agents:
-            await agents_tg.start(serve, agent)
-        async with anyio.create_task_group() as tg:
-
-            async def watch_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("received %s: draining", signal.Signals(signum).name)
-                        stop.set()
-                        return
-
-            tg.start_soon(watch_signals)
-            await stop.wait()
-            tg.cancel_scope.cancel()
+async def _stop_on_signal(stop: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: draining", signal.Signals(signum).name)
+            stop.set()
+            return

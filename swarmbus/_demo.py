@@ -36,18 +36,21 @@ from swarmbus import (
     RequestMessage,
 )
 from swarmbus import _subjects as subjects
+from swarmbus._agent import serving
 from swarmbus._blackboard import Blackboard, Snapshot
 from swarmbus._bus import Bus, connect
 from swarmbus._consensus import ConsensusService
-from swarmbus._coordinator import (
-    Coordinator,
+from swarmbus._coordinator import Coordinator
+from swarmbus._messages import Decision, DecisionMessage
+from swarmbus._spec import parse_spec
+from swarmbus._swarm import (
+    expertise_of,
     form_hypotheses,
     investigate,
+    new_session,
     serve_workers,
     synthesize,
 )
-from swarmbus._messages import Decision, DecisionMessage
-from swarmbus._swarm import expertise_of, new_session, parse_spec, serving
 from swarmbus._tasks import TaskQueue
 from swarmbus._telemetry import current_trace_id, tracing_enabled
 
@@ -392,6 +395,25 @@ def _root_span(name: str) -> Iterator[None]:
         yield
 
 
+class _FirstDecision:
+    """A subscription handler that keeps the first decision of the session."""
+
+    def __init__(self) -> None:
+        self.decision: Decision | None = None
+        self._decided = anyio.Event()
+
+    async def __call__(self, message: Message) -> None:
+        if isinstance(message, DecisionMessage) and self.decision is None:
+            self.decision = message.decision
+            self._decided.set()
+
+    async def wait(self) -> Decision:
+        """The first decision, once there is one."""
+        await self._decided.wait()
+        assert self.decision is not None
+        return self.decision
+
+
 async def incident(
     bus: Bus,
     *,
@@ -404,14 +426,7 @@ async def incident(
     spec = parse_spec(yaml.safe_load(SPEC_YAML), source="the demo")
     assert spec.type == "parallel_investigation"
     team = agents(consensus=True)
-    decided: list[Decision] = []
-    got_decision = anyio.Event()
-
-    async def on_decision(message: Message) -> None:
-        if isinstance(message, DecisionMessage):
-            decided.append(message.decision)
-            got_decision.set()
-
+    first_decision = _FirstDecision()
     with _root_span(f"incident {INCIDENT}"):
         trace_id = current_trace_id()
         async with contextlib.AsyncExitStack() as stack:
@@ -420,7 +435,7 @@ async def incident(
             await stack.enter_async_context(serving(bus, team))
             decisions = await bus.subscribe(
                 subjects.event_filter("action", "decided", session),
-                on_decision,
+                first_decision,
                 receiver=COORDINATOR,
             )
             stack.push_async_callback(decisions.unsubscribe)
@@ -439,8 +454,7 @@ async def incident(
                 board, findings, expertise_of(team), agent=COORDINATOR
             )
             with anyio.fail_after(timeout):
-                await got_decision.wait()
-            decision = decided[0]
+                decision = await first_decision.wait()
             step, synthesis = await synthesize(
                 coordinator,
                 spec,

@@ -22,7 +22,7 @@ from swarmbus._demo import (
     board_view,
     incident,
 )
-from swarmbus._swarm import QUERIES_BUCKET, query_key
+from swarmbus._query_ledger import QUERIES_BUCKET, query_key
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,16 +33,11 @@ from swarmbus import (
     load_spec,
     serve_workers,
 )
+from swarmbus._agent import serving
 from swarmbus._coordinator import route_type
-from swarmbus._swarm import (
-    _query_decoder,
-    load_agents,
-    parse_duration,
-    parse_spec,
-    query_key,
-    run_swarm,
-    serving,
-)
+from swarmbus._query_ledger import _query_decoder, query_key
+from swarmbus._spec import parse_duration, parse_spec
+from swarmbus._swarm import load_agents, run_swarm
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -334,15 +329,12 @@ async def test_a_query_running_longer_than_its_lease_is_renewed_not_taken_over(
         # Runs until the record was renewed 4 times: longer than 2 leases.
         nonlocal runs
         runs += 1
-        first = (await runner._kv.get(key)).revision or 0  # type: ignore[union-attr]
+        first = (await runner._kv.get(key)).revision  # type: ignore[union-attr]
         started.set()
-        watcher = await runner._kv.watch(key)  # type: ignore[union-attr]
-        try:
-            async for entry in watcher:
-                if entry is not None and (entry.revision or 0) >= first + 4:
+        async with runner._kv.watch(key) as entries:  # type: ignore[union-attr]
+            async for entry in entries:
+                if entry is not None and entry.revision >= first + 4:
                     return "42"
-        finally:
-            await watcher.stop()
         raise AssertionError("watch ended")
 
     outcomes = []
@@ -401,6 +393,7 @@ async def test_a_query_finishing_during_a_renewal_records_its_result(
         for i in range(30):
             await ledger.run("prometheus", f"q{i}", query)
             entry = await ledger._kv.get(query_key(session_id, "prometheus", f"q{i}"))
+            assert entry is not None
             assert entry.value is not None
             statuses[_query_decoder.decode(entry.value).status] += 1
     assert statuses == {"done": 30}
