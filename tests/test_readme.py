@@ -231,7 +231,7 @@ def test_python_block_runs(block: Block, tmp_path: Path) -> None:
 
 def test_every_python_block_is_found() -> None:
     readme = [b for b in PYTHON_BLOCKS if b.path.name == "README.md"]
-    assert len(readme) >= 10
+    assert len(readme) >= 1  # the agent example; the other samples are in docs_src/
     assert all(b.marker != "run-with" or b.arg in SETUPS for b in PYTHON_BLOCKS)
 
 
