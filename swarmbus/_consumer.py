@@ -42,6 +42,7 @@ from swarmbus._jetstream.delivery import (
 )
 from swarmbus._jetstream.reads import deliveries, num_pending
 from swarmbus._messages import Message
+from swarmbus._observe._instruments import observed
 from swarmbus._telemetry import record_failure
 
 if TYPE_CHECKING:
@@ -269,7 +270,7 @@ async def dispatch(
     # Report inside the span: the error event joins the failed message's trace.
     with span as current:
         try:
-            await handler(message)
+            await observed(handler, message, receiver)  # metrics: handler latency
         except (ConnectionError, PublishError) as exc:  # swarmbus's: NATS unreachable
             record_failure(current, exc)
             if not retry:
