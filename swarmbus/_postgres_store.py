@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 from typing import Any, Final, Self
-
-import anyio
 
 from swarmbus._errors import (
     ConflictError,
@@ -274,12 +273,7 @@ class PostgresStore:
                 await listener.execute(f"LISTEN {CHANNEL}")
             entries, position = await self._snapshot(prefix)
             changes = _Changes(self, listener, prefix, position, entries if initial else None)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_Sweeper(self).run)
-                try:
-                    yield changes.entries()
-                finally:
-                    tg.cancel_scope.cancel()
+            yield changes.entries()
         finally:
             await listener.close()
 
@@ -296,23 +290,13 @@ async def open_pool(url: str, *, max_size: int = 8) -> AsyncConnectionPool[Any]:
     return pool
 
 
-class _Sweeper:
-    """A watch's sweep loop: emits expiry deletes, waking at the next deadline."""
-
-    def __init__(self, store: PostgresStore) -> None:
-        self.store = store
-
-    async def run(self) -> None:
-        while True:
-            try:
-                wait = await self.store.sweep()
-            except ConnectionError:
-                wait = SWEEP_INTERVAL  # the reader reports the outage
-            await anyio.sleep(SWEEP_INTERVAL if wait is None else min(wait, SWEEP_INTERVAL))
-
-
 class _Changes:
-    """A watch's entries: the snapshot, ``None``, then the change log after it."""
+    """A watch's entries: the snapshot, ``None``, then the change log after it.
+
+    Between reads it runs the bucket's sweep when one is due (at the next deadline, at
+    least every ``SWEEP_INTERVAL``), so expiries reach the log while anyone watches.
+    No background task: a watch is one coroutine, closed in whatever task ends it.
+    """
 
     def __init__(
         self,
@@ -327,6 +311,7 @@ class _Changes:
         self.prefix = prefix
         self.position = position
         self.initial = initial
+        self.next_sweep = 0.0
 
     async def entries(self) -> AsyncIterator[Entry | None]:
         if self.initial is not None:
@@ -334,6 +319,10 @@ class _Changes:
                 yield entry
             yield None
         while True:
+            if time.monotonic() >= self.next_sweep:
+                wait = await self.store.sweep()
+                pause = SWEEP_INTERVAL if wait is None else min(wait, SWEEP_INTERVAL)
+                self.next_sweep = time.monotonic() + pause
             batch = await self.store.changes_after(self.prefix, self.position)
             for entry in batch:
                 self.position = entry.revision
@@ -342,9 +331,10 @@ class _Changes:
                 await self._woken()
 
     async def _woken(self) -> None:
-        """Wait for a notification of a newer change of this bucket (or the interval)."""
+        """Wait for a notification of a newer change of this bucket (or the next sweep)."""
+        timeout = max(0.001, self.next_sweep - time.monotonic())
         with postgres_errors(f"watch {self.store.name}"):
-            async for note in self.listener.notifies(timeout=SWEEP_INTERVAL):
+            async for note in self.listener.notifies(timeout=timeout):
                 bucket, _, revision = note.payload.rpartition(" ")
                 if bucket == self.store.name and int(revision) > self.position:
                     return

@@ -39,10 +39,9 @@ import builtins
 import contextlib
 import hashlib
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final, cast
-
-import anyio
 
 from swarmbus._errors import (
     ConflictError,
@@ -75,7 +74,6 @@ DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
 DEFAULT_STREAM_MAX_LEN: Final = 10_000
 SWEEP_INTERVAL: Final = 1.0
 """Longest wait (seconds) between two sweeps of a watch when no key is due sooner."""
-WATCH_BLOCK_MS: Final = 1000
 
 BOARD_BUCKET: Final = "SWARMBUS_BOARD"
 TASKS_BUCKET: Final = "swarmbus-tasks"
@@ -398,32 +396,16 @@ class RedisStore:
         self, prefix: str = "", *, initial: bool = True
     ) -> AsyncIterator[AsyncIterator[Entry | None]]:
         entries, position = await self._snapshot_of(prefix)
-        changes = _Changes(self, prefix, position, entries if initial else None)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_Sweeper(self).run)
-            try:
-                yield changes.entries()
-            finally:
-                tg.cancel_scope.cancel()
-
-
-class _Sweeper:
-    """A watch's sweep loop: emits expiry deletes, waking at the next deadline."""
-
-    def __init__(self, store: RedisStore) -> None:
-        self.store = store
-
-    async def run(self) -> None:
-        while True:
-            try:
-                wait = await self.store.sweep()
-            except ConnectionError:
-                wait = SWEEP_INTERVAL  # the reader reports the outage
-            await anyio.sleep(SWEEP_INTERVAL if wait is None else min(wait, SWEEP_INTERVAL))
+        yield _Changes(self, prefix, position, entries if initial else None).entries()
 
 
 class _Changes:
-    """A watch's entries: the snapshot, ``None``, then the change stream after it."""
+    """A watch's entries: the snapshot, ``None``, then the change stream after it.
+
+    Between reads it runs the bucket's sweep when one is due (at the next deadline, at
+    least every ``SWEEP_INTERVAL``), so expiries reach the stream while anyone watches.
+    No background task: a watch is one coroutine, closed in whatever task ends it.
+    """
 
     def __init__(
         self,
@@ -436,28 +418,37 @@ class _Changes:
         self.prefix = prefix
         self.position = position
         self.initial = initial
+        self.next_sweep = 0.0
 
     async def entries(self) -> AsyncIterator[Entry | None]:
         if self.initial is not None:
             for entry in self.initial:
                 yield entry
             yield None
-        stream = self.store.layout.changes
         while True:
-            with redis_errors(f"watch {self.store.name}"):
-                batches = cast(
-                    builtins.list[tuple[bytes, builtins.list[tuple[bytes, dict[bytes, bytes]]]]],
-                    await self.store.client.xread(
-                        {stream: self.position}, block=WATCH_BLOCK_MS, count=512
-                    ),
-                )
-            for _, items in batches:
-                for item_id, fields in items:
-                    self.position = item_id
-                    key = fields[b"key"].decode()
-                    if _matches(self.prefix, key):
-                        yield Entry(
-                            key=key,
-                            value=fields.get(b"value") if fields[b"op"] == b"put" else None,
-                            revision=int(fields[b"revision"]),
-                        )
+            for entry in await self._read():
+                yield entry
+
+    async def _read(self) -> builtins.list[Entry]:
+        """The next changes under the prefix (empty when the wait ran out)."""
+        if time.monotonic() >= self.next_sweep:
+            wait = await self.store.sweep()
+            pause = SWEEP_INTERVAL if wait is None else min(wait, SWEEP_INTERVAL)
+            self.next_sweep = time.monotonic() + pause
+        block = max(1, int((self.next_sweep - time.monotonic()) * 1000))
+        with redis_errors(f"watch {self.store.name}"):
+            batches = cast(
+                builtins.list[tuple[bytes, builtins.list[tuple[bytes, dict[bytes, bytes]]]]],
+                await self.store.client.xread(
+                    {self.store.layout.changes: self.position}, block=block, count=512
+                ),
+            )
+        found = []
+        for _, items in batches:
+            for item_id, fields in items:
+                self.position = item_id
+                key = fields[b"key"].decode()
+                if _matches(self.prefix, key):
+                    value = fields.get(b"value") if fields[b"op"] == b"put" else None
+                    found.append(Entry(key=key, value=value, revision=int(fields[b"revision"])))
+        return found

@@ -130,3 +130,46 @@ async def test_a_killed_holders_lock_expires_and_the_next_token_is_higher(
                     if item is not None and item.value is None:
                         break
         assert await store.create(key, b"next", ttl=30) > token
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_a_blackboard_on_each_backend(
+    request: pytest.FixtureRequest, nats_url: str, session_id: str, backend: str
+) -> None:
+    import anyio
+
+    from swarmbus import Blackboard, Finding
+
+    if backend == "redis":
+        options = {"redis_url": request.getfixturevalue("redis_server").url}
+    else:
+        options = {"database_url": request.getfixturevalue("postgres_server").url}
+    async with Bus.open(url=nats_url, backend=backend, **options) as bus:
+        board = await Blackboard.open(bus, session_id)
+        await board.start("ops/lead", {"task": "INC-1234"})
+        await board.append_finding(
+            Finding(category="observation", content="v1.2.3 at 10:15", confidence=0.9),
+            agent="ops/deploy-validator",
+        )
+        other = await Blackboard.open(bus, session_id)  # another agent's view
+        seen = []
+        with anyio.fail_after(10):
+            async for item in other.watch():
+                seen.append(item)
+                if len(seen) == 1:
+                    await board.append_finding(
+                        Finding(category="hypothesis", content="pool exhaustion", confidence=0.7),
+                        agent="security/lead",
+                    )
+                else:
+                    break
+        snapshot, change = seen
+        assert [f.content for f in snapshot.findings] == ["v1.2.3 at 10:15"]
+        assert snapshot.context is not None
+        assert snapshot.context.data == {"task": "INC-1234"}
+        assert (change.kind, change.operation, change.value.content) == (
+            "finding",
+            "put",
+            "pool exhaustion",
+        )
+        assert session_id in [s.session_id for s in await Blackboard.sessions(bus)]
