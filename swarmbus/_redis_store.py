@@ -24,9 +24,10 @@ seed's owner-only release (the owner check compares the revision it wrote).
 
 Expiry: Redis drops an expired key by itself; the delete event comes from a sweep
 script that finds due keys in ``/expiry`` and emits their delete once. Watches run
-the sweep (woken at the next deadline), and every list and write sweeps the keys it
-touches. Keyspace notifications were not used: they are pub/sub (lost while nobody
-listens) and need ``CONFIG SET``, which managed Redis often refuses.
+the sweep (at the next deadline, at least once a second), every list runs it, and a
+write to an expired key emits that key's delete first. Keyspace notifications were not
+used: they are pub/sub (lost while nobody listens) and need ``CONFIG SET``, which
+managed Redis often refuses.
 
 The scripts touch keys they compute, so this needs a standalone Redis (or one shard),
 not Redis Cluster. The change stream is capped (``stream_max_len``, approximate): a
@@ -84,11 +85,11 @@ _KEY_RE: Final = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
 _SEP: Final = b"\0"
 _NAMES_CACHED: Final = 4096
 
-# Shared by the scripts. BASE is the bucket's base (``agent:swarm:<bucket>/``, formatted
-# in per store, like MAXLEN, so a call carries few arguments); the bookkeeping keys are
-# built from it. Index and expiry members are "<store key>\0<redis
-# key>", so a lex range on the store key's prefix finds them and the scripts know the
-# Redis key. MAXLEN is the change stream's cap.
+# Shared by the scripts. BASE is the bucket's base (``agent:swarm:<bucket>/``) and MAXLEN
+# the change stream's cap, both written into the script text per store so a call carries
+# few arguments; the bookkeeping keys are built from BASE. Index and expiry members are
+# "<store key>\0<redis key>": a lex range on a store-key prefix finds them, and the
+# scripts know the Redis key.
 _LUA_COMMON = """
 local base = BASE
 local counter, changes = base .. 'revision', base .. 'changes'
