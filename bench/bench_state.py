@@ -4,7 +4,9 @@
 
 Starts its own nats-server, redis-server and PostgreSQL (temp dirs, 127.0.0.1; as root
 PostgreSQL runs as the ``postgres`` user) and alternates store and raw runs, ``--reps``
-times, printing a Markdown table with the store / raw ratio of each pair:
+times, printing a Markdown table with the store / raw ratio of each pair, by wall
+clock and per CPU second (this process plus the server's process tree: steadier than
+wall-clock rates on a loaded machine):
 
 * **lock cycle** (Redis): ``RedisStore.create(ttl)`` + ``delete(revision)`` against the
   seed's ``AgentLock``: ``SET NX EX`` + the Lua owner-only release (``EVAL``).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -146,37 +149,61 @@ def appends(create: Callable[[str], Awaitable[object]], writers: int) -> Run:
     return run
 
 
-async def timed(run: Run, n: int) -> float:
-    start = time.perf_counter()
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and its children (Linux /proc)."""
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+async def timed(run: Run, n: int, server: int) -> tuple[float, float]:
+    """(operations per second, operations per CPU second of this process + the server)."""
+    start, cpu = time.perf_counter(), time.process_time() + tree_cpu(server)
     await run(n)
-    return n / (time.perf_counter() - start)
+    used = time.process_time() + tree_cpu(server) - cpu
+    return n / (time.perf_counter() - start), n / max(used, 1e-9)
 
 
 class Bench:
+    """Store/raw pairs, alternating; each ratio also per CPU second (steadier under load)."""
+
     def __init__(self, ops: int, reps: int) -> None:
         self.ops = ops
         self.reps = reps
         self.rows: list[str] = []
 
-    async def pair(self, name: str, store: Run, raw: Run, unit: int = 1) -> None:
+    async def pair(self, name: str, store: Run, raw: Run, server: int) -> None:
         await store(min(200, self.ops))  # warm up both
         await raw(min(200, self.ops))
-        ratios, rates = [], []
+        ratios, cpu_ratios, rates = [], [], []
         for _ in range(self.reps):
-            s = await timed(store, self.ops) * unit
-            r = await timed(raw, self.ops) * unit
+            s, s_cpu = await timed(store, self.ops, server)
+            r, r_cpu = await timed(raw, self.ops, server)
             ratios.append(s / r)
+            cpu_ratios.append(s_cpu / r_cpu)
             rates.append(f"{s:,.0f} / {r:,.0f}")
         ratio = " ".join(f"{x:.2f}x" for x in ratios)
         median = sorted(ratios)[len(ratios) // 2]
-        self.rows.append(f"| {name} | {'; '.join(rates)} | {ratio} | **{median:.2f}x** |")
+        cpu = sorted(cpu_ratios)[len(cpu_ratios) // 2]
+        self.rows.append(
+            f"| {name} | {'; '.join(rates)} | {ratio} | **{median:.2f}x** | {cpu:.2f}x |"
+        )
         print(self.rows[-1], flush=True)
 
 
 async def main(args: argparse.Namespace) -> None:
     bench = Bench(args.ops, args.reps)
-    print("| benchmark | store /s vs raw /s per rep | store / raw | median |")
-    print("| --- | --- | --- | --- |", flush=True)
+    print("| benchmark | store /s vs raw /s per rep | store / raw | median | per CPU s |")
+    print("| --- | --- | --- | --- | --- |", flush=True)
     with ExitStack() as servers:
         tmp = Path(servers.enter_context(tempfile.TemporaryDirectory()))
         nats = servers.enter_context(NatsServer(tmp / "nats"))
@@ -186,15 +213,22 @@ async def main(args: argparse.Namespace) -> None:
             client = aioredis.Redis.from_url(redis_server.url)
             stack.push_async_callback(client.aclose)
             locks = RedisStore(client, LOCKS_BUCKET)
+            assert redis_server.proc is not None
+            assert pg.proc is not None
+            assert nats.pid is not None
+            redis_pid = redis_server.proc.pid
+            pids = {"NATS": nats.pid, "Redis": redis_pid, "PostgreSQL": pg.proc.pid}
             await bench.pair(
                 "lock cycle (Redis)",
                 lock_cycles(lambda a: StoreLock(locks, "file:/src/main.py", a)),
                 lock_cycles(lambda a: SeedLock(client, "file:/src/main.py", a)),
+                redis_pid,
             )
             await bench.pair(
                 "lock hand-off (Redis)",
                 hand_offs(lambda a: StoreLock(locks, "file:/src/handoff.py", a)),
                 hand_offs(lambda a: SeedLock(client, "file:/src/handoff.py", a)),
+                redis_pid,
             )
             bus = await stack.enter_async_context(Bus.open(url=nats.url))
             kv = await bus.key_value("BENCH_STATE", history=1)
@@ -222,11 +256,15 @@ async def main(args: argparse.Namespace) -> None:
                 "PostgreSQL": lambda k: pg_insert(pool, k),
             }
             for name, store in stores.items():
-                await bench.pair(f"create -> CAS -> delete ({name})", store_cas(store), raws[name])
+                pid = pids[name]
+                await bench.pair(
+                    f"create -> CAS -> delete ({name})", store_cas(store), raws[name], pid
+                )
                 await bench.pair(
                     f"append, {args.writers} writers ({name})",
                     appends(lambda k, s=store: s.create(k, VALUE), args.writers),  # type: ignore[misc]
                     appends(raw_creates[name], args.writers),
+                    pid,
                 )
 
 
