@@ -173,3 +173,22 @@ async def test_a_blackboard_on_each_backend(
             "pool exhaustion",
         )
         assert session_id in [s.session_id for s in await Blackboard.sessions(bus)]
+    if backend == "postgres":  # the real blackboard's findings, with plain SQL
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(options["database_url"]) as conn:
+            cursor = await conn.execute(
+                "SELECT f.agent_id, f.finding_type, f.content->>'content' FROM agent_findings f"
+                " JOIN agent_sessions s ON s.id = f.session_id WHERE s.name = %s"
+                " ORDER BY f.revision",
+                [session_id],
+            )
+            assert await cursor.fetchall() == [
+                ("ops/deploy-validator", "observation", "v1.2.3 at 10:15"),
+                ("security/lead", "hypothesis", "pool exhaustion"),
+            ]
+            cursor = await conn.execute(
+                "SELECT status, context->>'task' FROM agent_sessions WHERE name = %s",
+                [session_id],
+            )
+            assert await cursor.fetchone() == ("active", "INC-1234")
