@@ -101,6 +101,7 @@ async def test_a_killed_holders_lock_expires_and_the_next_token_is_higher(
     import sys
 
     import anyio
+    import anyio.lowlevel
 
     url = ""
     options: dict[str, str] = {}
@@ -137,6 +138,7 @@ async def test_a_blackboard_on_each_backend(
     request: pytest.FixtureRequest, nats_url: str, session_id: str, backend: str
 ) -> None:
     import anyio
+    import anyio.lowlevel
 
     from swarmbus import Blackboard, Finding
 
@@ -192,3 +194,52 @@ async def test_a_blackboard_on_each_backend(
                 [session_id],
             )
             assert await cursor.fetchone() == ("active", "INC-1234")
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_locks_on_each_backend_exclude_fence_and_expire(
+    request: pytest.FixtureRequest, nats_url: str, unique: str, backend: str
+) -> None:
+    import anyio
+    import anyio.lowlevel
+
+    from swarmbus import Lock, LockLostError
+
+    if backend == "redis":
+        options = {"redis_url": request.getfixturevalue("redis_server").url}
+    else:
+        options = {"database_url": request.getfixturevalue("postgres_server").url}
+    resource = f"file:/src/{unique}.py"
+    async with Bus.open(url=nats_url, backend=backend, **options) as bus:
+        holders: list[str] = []
+        tokens: list[int] = []
+
+        async def worker(n: int) -> None:
+            for _ in range(5):
+                async with Lock(bus, resource, f"t/w{n}", ttl=30, timeout=30) as lease:
+                    holders.append(f"t/w{n}")
+                    assert len(holders) == 1, holders
+                    tokens.append(lease.token)
+                    await anyio.lowlevel.checkpoint()
+                    holders.pop()
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for n in range(3):
+                    tg.start_soon(worker, n)
+        assert len(tokens) == 15
+        assert tokens == sorted(set(tokens))
+
+        # A holder that never releases: its lease expires, a waiter gets a higher token.
+        stale = Lock(bus, resource, "t/crashed", ttl=1)
+        first = await stale.acquire()
+        assert first is not None
+        assert await Lock(bus, resource, "t/other").acquire(timeout=0) is None
+        with anyio.fail_after(15):
+            lease = await Lock(bus, resource, "t/next", ttl=30).acquire(timeout=None)
+        assert lease is not None
+        assert lease.token > first.token
+        with pytest.raises(LockLostError):
+            await stale.release()  # the fenced-out holder changes nothing
+        with pytest.raises(LockLostError):
+            await stale.refresh()
