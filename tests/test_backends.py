@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pydantic
 import pytest
 
@@ -194,6 +196,11 @@ async def test_a_blackboard_on_each_backend(
                 [session_id],
             )
             assert await cursor.fetchone() == ("active", "INC-1234")
+    async with Bus.open(url=nats_url, backend=backend, **options) as bus:  # retention
+        board = await Blackboard.open(bus, session_id)
+        await board.complete({"decision": "rollback"}, agent="ops/lead")
+        assert session_id in await Blackboard.purge_completed(bus, timedelta(0))
+        assert (await board.snapshot()).findings == ()
 
 
 @pytest.mark.parametrize("backend", ["redis", "postgres"])
