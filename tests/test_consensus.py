@@ -47,7 +47,6 @@ from swarmbus._consensus import (
     Outcome,
     ProposalRecord,
     Quorum,
-    _read,
     decision_message_id,
     decision_of,
     early_outcome,
@@ -367,8 +366,9 @@ async def test_wire_only_clients_are_ingested(
 
 
 async def test_open_proposals_survive_a_service_restart(
-    bus: Bus, consensus: Consensus, bucket: str, session_id: str
+    bus: Bus, bucket: str, session_id: str
 ) -> None:
+    consensus = await Consensus.open(bus, bucket=bucket, settle=False)  # the service settles
     async with ConsensusService(bus, bucket=bucket, session=session_id):
         await _propose(consensus, session_id, "restart", timeout=1.5)
         await _cast(consensus, "restart", "yes", "yes")
@@ -393,7 +393,8 @@ async def test_two_replicas_decide_each_proposal_once(
                 tg.start_soon(_cast_tolerant, consensus, f"r{i}", ["yes"] * 5)
         for i in range(20):
             await consensus.wait_for_decision(f"r{i}", timeout=5)
-    assert one.decided + two.decided == 20
+    # The client decides too (the vote that makes the outcome certain): once in all.
+    assert one.decided + two.decided + consensus.decided == 20
 
 
 async def _cast_tolerant(consensus: Consensus, pid: str, votes: list[str]) -> None:
@@ -543,13 +544,16 @@ async def test_a_decision_recorded_but_never_published_is_published_once(
     bus: Bus, consensus: Consensus, bucket: str, session_id: str
 ) -> None:
     """A replica that died between its CAS and its publish: the others publish for it."""
+    consensus = await Consensus.open(bus, bucket=bucket, settle=False)  # nobody settles it
     await _propose(consensus, session_id, "orphan", timeout=60)
     await _cast(consensus, "orphan", "yes", "yes", "yes")
-    record, revision = await _read(consensus.kv, "orphan")
+    record, revision = await consensus.book.read("orphan")
     decision = decision_of(record, closed=False, at=now())
     assert decision is not None
     orphan = msgspec.structs.replace(record, decision=decision)
-    await consensus.kv.update(proposal_key("orphan"), msgspec.json.encode(orphan), last=revision)
+    await consensus.store.update(
+        proposal_key("orphan"), msgspec.json.encode(orphan), revision=revision
+    )
 
     events: list[DecisionMessage] = []
     got = anyio.Event()
@@ -566,7 +570,7 @@ async def test_a_decision_recorded_but_never_published_is_published_once(
     ):
         with anyio.fail_after(5):
             await got.wait()
-            watcher = await consensus.kv.watch(proposal_key("orphan"))
+            watcher = await (await bus.js.key_value(bucket)).watch(proposal_key("orphan"))
             async for entry in watcher:
                 if entry is not None and msgspec.json.decode(entry.value)["published"]:
                     break
@@ -691,7 +695,7 @@ async def test_a_bucket_without_message_ttls_keeps_its_decisions(
 async def test_a_malformed_record_does_not_stop_the_service(
     consensus: Consensus, bucket: str, session_id: str
 ) -> None:
-    await consensus.kv.put(proposal_key("junk"), b"not a proposal record")
+    await consensus.store.put(proposal_key("junk"), b"not a proposal record")
     async with ConsensusService(bus=consensus.bus, bucket=bucket, session=session_id):
         await _propose(consensus, session_id, "after-junk", voters=VOTERS[:1], timeout=60)
         await _cast(consensus, "after-junk", "yes")
@@ -716,7 +720,7 @@ async def test_a_record_that_cannot_be_tallied_does_not_stop_the_service(
         electorate=VOTERS,
         votes=[Ballot(voter=voter, vote="yes") for voter in VOTERS[:3]],
     )
-    await consensus.kv.put(proposal_key("no-t"), msgspec.json.encode(bad))
+    await consensus.store.put(proposal_key("no-t"), msgspec.json.encode(bad))
     async with ConsensusService(bus=consensus.bus, bucket=bucket, session=session_id):
         await _propose(consensus, session_id, "after-no-t", voters=VOTERS[:1], timeout=60)
         await _cast(consensus, "after-no-t", "yes")
@@ -773,7 +777,9 @@ async def test_via_service_a_record_too_large_for_the_server_is_a_clear_error(
                     await _propose(consensus, session_id, "big", voters=voters)
             else:
                 await _propose(consensus, session_id, "big", timeout=60)
-                vote = Vote(proposal_id="big", vote="yes", reason=half)
+                # A record holds each reason twice once decided: two thirds fit, four don't.
+                third = "x" * (bus.nc.max_payload // 3)
+                vote = Vote(proposal_id="big", vote="yes", reason=third)
                 await consensus.vote(vote, agent=VOTERS[0])
                 with anyio.fail_after(2), pytest.raises(MessageTooLargeError):
                     await consensus.vote(vote, agent=VOTERS[1])
