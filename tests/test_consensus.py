@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -783,3 +784,118 @@ async def test_via_service_a_record_too_large_for_the_server_is_a_clear_error(
                 await consensus.vote(vote, agent=VOTERS[0])
                 with anyio.fail_after(2), pytest.raises(MessageTooLargeError):
                     await consensus.vote(vote, agent=VOTERS[1])
+
+
+# --- deciding without a service, exactly once (issue 20) ----------------------------------------
+
+
+class _Decisions:
+    """Live ``decided`` events of a session, as a subscriber sees them."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.changed = anyio.Event()
+
+    async def on_msg(self, message: Message) -> None:
+        assert isinstance(message, DecisionMessage)
+        self.ids.append(message.decision.proposal_id)
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def until(self, count: int) -> None:
+        with anyio.fail_after(20):
+            while len(self.ids) < count:
+                await self.changed.wait()
+
+
+async def test_clients_decide_without_a_service_once_each(
+    bus: Bus, bucket: str, session_id: str
+) -> None:
+    seen = _Decisions()
+    await bus.subscribe(f"agent.action.decided.{session_id}.>", seen.on_msg, receiver="test/obs")
+    clients = [await Consensus.open(bus, bucket=bucket) for _ in range(3)]
+    for i in range(10):
+        await _propose(clients[0], session_id, f"c{i}", timeout=60)
+
+    async def cast(client: Consensus, voter: str, pid: str) -> None:
+        with contextlib.suppress(ProposalClosedError):
+            await client.vote(Vote(proposal_id=pid, vote="yes"), agent=voter)
+
+    async with anyio.create_task_group() as tg:  # voters race on three clients
+        for i in range(10):
+            for k, voter in enumerate(VOTERS):
+                tg.start_soon(cast, clients[k % 3], voter, f"c{i}")
+    await seen.until(10)
+    for i in range(10):
+        assert (await clients[1].get(f"c{i}")).decision is not None
+    # every vote (and so every winner's publish) has returned: the stream holds them all
+    assert sum(c.decided for c in clients) == 10
+    assert Counter(seen.ids) == {f"c{i}": 1 for i in range(10)}
+    info = await bus.js.stream_info(
+        "SWARMBUS_EVENTS", subjects_filter=f"agent.action.decided.{session_id}.>"
+    )
+    assert sum((info.state.subjects or {}).values()) == 10
+
+
+async def test_two_replicas_and_a_client_publish_each_decision_once(
+    bus: Bus, bucket: str, session_id: str
+) -> None:
+    """Live subscribers see one ``decided`` event per proposal (the CAS winner's)."""
+    seen = _Decisions()
+    await bus.subscribe(f"agent.action.decided.{session_id}.>", seen.on_msg, receiver="test/obs")
+    consensus = await Consensus.open(bus, bucket=bucket)
+    async with (
+        ConsensusService(bus, bucket=bucket, session=session_id) as one,
+        ConsensusService(bus, bucket=bucket, session=session_id) as two,
+    ):
+        for i in range(30):
+            await _propose(consensus, session_id, f"d{i}", timeout=60)
+        async with anyio.create_task_group() as tg:
+            for i in range(30):
+                tg.start_soon(_cast_tolerant, consensus, f"d{i}", ["yes"] * 5)
+        await seen.until(30)
+        for i in range(30):
+            await consensus.wait_for_decision(f"d{i}", timeout=5)
+    assert one.decided + two.decided + consensus.decided == 30
+    assert Counter(seen.ids) == {f"d{i}": 1 for i in range(30)}
+
+
+async def test_a_deadline_is_settled_by_a_waiting_client(
+    bus: Bus, bucket: str, session_id: str
+) -> None:
+    consensus = await Consensus.open(bus, bucket=bucket)
+    await _propose(consensus, session_id, "late", timeout=1)
+    await _cast(consensus, "late", "yes", "yes", "-", "-", "-")
+    decision = await consensus.wait_for_decision("late", timeout=10)
+    assert (decision.outcome, decision.closed_by) == ("no_quorum", "timeout")
+
+
+async def test_an_oversized_proposal_is_refused_whole_before_anything_is_written(
+    bus: Bus, consensus: Consensus, session_id: str
+) -> None:
+    board = await Blackboard.open(bus, session_id)
+    limit = consensus.book.max_proposal_bytes
+    big = Proposal(
+        proposal_id="huge",
+        action="patch",
+        parameters={"diff": "x" * 300_000},  # under 1 MiB, over the proposal limit
+        voters=VOTERS,
+    )
+    with pytest.raises(MessageTooLargeError, match=f"limit is {limit} bytes"):
+        await consensus.propose(big, agent=VOTERS[0], session=session_id)
+    with pytest.raises(NotFoundError):
+        await consensus.get("huge")
+    with pytest.raises(NotFoundError):
+        await board.get_action("huge")
+
+
+async def test_waits_and_votes_leave_no_watch_consumers(
+    bus: Bus, consensus: Consensus, bucket: str, session_id: str
+) -> None:
+    await _propose(consensus, session_id, "w1", timeout=60)
+    with pytest.raises(DecisionTimeoutError):
+        await consensus.wait_for_decision("w1", timeout=0.2)
+    await _cast(consensus, "w1", "yes", "yes", "yes")
+    await consensus.wait_for_decision("w1", timeout=5)
+    info = await bus.js.stream_info(f"KV_{bucket}")
+    assert info.state.consumer_count == 0

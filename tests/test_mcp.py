@@ -374,14 +374,17 @@ def test_missing_sdk_gives_an_install_hint() -> None:
     assert "pip install 'swarmbus[mcp]'" in result.stderr
 
 
-async def test_streamable_http_with_its_own_consensus_service_and_approved_tasks(
-    nats_url: str, agent_id: str, session_id: str
+@pytest.mark.parametrize("decide", [False, True])
+async def test_streamable_http_decides_proposals_and_approves_tasks(
+    nats_url: str, agent_id: str, session_id: str, decide: bool
 ) -> None:
+    """Without --decide the server settles proposals itself; with it, a replica runs too."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, **server_env(nats_url, agent_id)}
-    args = [str(SCRIPT), "--transport", "streamable-http", "--port", str(port), "--decide"]
+    args = [str(SCRIPT), "--transport", "streamable-http", "--port", str(port)]
+    args += ["--decide"] if decide else []
     async with await anyio.open_process(args, env=env, stdin=subprocess.DEVNULL) as process:
         try:
             with anyio.fail_after(20):

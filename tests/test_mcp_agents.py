@@ -507,3 +507,19 @@ def test_the_node_client_lockfile_is_pinned() -> None:
     lock = json.loads((NODE_CLIENT.parent / "package-lock.json").read_text())
     assert lock["packages"][""]["dependencies"]["@modelcontextprotocol/sdk"]
     assert "npm ci --prefix tests/mcp_node" in (ROOT / ".ci" / "run").read_text()
+
+
+async def test_board_updates_reach_listen_streams(
+    bus: Bus, session_id: str, lead: str, helper: str
+) -> None:
+    """2026-07-28 clients subscribe with ``subscriptions/listen`` instead."""
+    uri = f"swarm://sessions/{session_id}/board"
+    async with Swarm.running(bus, lead) as swarm, Client(build_server(swarm)) as client:
+        await PythonAgent(client).call("swarm_start_session", session_id=session_id)
+        async with client.listen(resource_subscriptions=[uri]) as subscription:
+            board = await Blackboard.open(bus, session_id)
+            finding = Finding(category="observation", content="queue backlog", confidence=0.6)
+            await board.append_finding(finding, agent=helper)
+            with anyio.fail_after(10):
+                event = await subscription.__anext__()
+    assert getattr(event, "uri", None) == uri
