@@ -11,11 +11,16 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 import anyio
 
 from swarmbus._errors import SwarmbusError
 from swarmbus._telemetry import configure_tracing
+
+if TYPE_CHECKING:
+    from swarmbus._bus import Bus
+    from swarmbus._server import NatsServer
 
 Command = Callable[[argparse.Namespace], int]
 LOOP_ENV = "SWARMBUS_LOOP"
@@ -43,16 +48,45 @@ def _run(func: Callable[..., Awaitable[int]], *args: object) -> int:
 def _cmd_server(args: argparse.Namespace) -> int:
     from swarmbus._server import NatsServer
 
-    server = NatsServer(args.data_dir, port=args.port, sync_interval=args.sync_interval)
-    server.start()
-    print(f"nats-server {server.url} (pid {server.pid}, data {server.data_dir})", flush=True)
-    print(f"export NATS_URL={server.url}", flush=True)
+    # Wake on SIGINT/SIGTERM or on the server's own exit, whichever comes first: a
+    # wrapper that outlived its server would hide the failure from a supervisor.
+    # The handlers go in first, so a signal sent once the URL is printed is never lost.
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
+    server = NatsServer(args.data_dir, port=args.port, sync_interval=args.sync_interval)
+    server.start()
+    pid = server.pid
+    threading.Thread(target=_set_on_exit, args=(server, stopped), daemon=True).start()
+    print(f"nats-server {server.url} (pid {pid}, data {server.data_dir})", flush=True)
+    print(f"export NATS_URL={server.url}", flush=True)
     stopped.wait()
+    code = server.wait(timeout=0)
+    if code is not None:
+        last = server.log[-1] if server.log else "no output"
+        print(
+            f"swarmbus: error: nats-server (pid {pid}) died unexpectedly "
+            f"({_exit_reason(code)}); last log line: {last}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     server.stop()
     return 0
+
+
+def _set_on_exit(server: NatsServer, event: threading.Event) -> None:
+    server.wait()
+    event.set()
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def _cmd_schemas(args: argparse.Namespace) -> int:
@@ -120,7 +154,10 @@ def _cmd_board(args: argparse.Namespace) -> int:
         async with Bus.open(Settings.from_env()) as bus:
             board = await Blackboard.open(bus, args.session, bucket=args.bucket)
             if not args.watch:
-                show((await board.snapshot()).to_dict(), document=False)
+                snapshot = await board.snapshot()
+                if not snapshot.revision and not await _session_known(bus, args.session):
+                    return _not_found(args.session)
+                show(snapshot.to_dict(), document=False)
                 return 0
             async for item in board.watch():
                 show(item.to_dict(), document=True)
@@ -179,6 +216,8 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     async def show() -> int:
         async with Bus.open() as bus, TaskQueue(bus, args.session) as queue:
             tasks = await queue.tasks(args.status)
+            if not tasks and not await _session_known(bus, args.session):
+                return _not_found(args.session)
         print(f"{'ID':36}  {'TYPE':12}  P  {'STATUS':9}  TRY  {'ASSIGNED TO':24}  NOTE")
         for t in tasks:
             note = t.error or ("approval " + t.approval if t.approval != "none" else "")
@@ -191,6 +230,35 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         return 0
 
     return anyio.run(show)
+
+
+NOT_FOUND: Final = 3
+"""Exit code of ``board`` and ``tasks`` for a session nothing has written about."""
+
+
+async def _session_known(bus: Bus, session: str) -> bool:
+    """Whether anything names ``session``: a key on the board, a task or an event."""
+    from swarmbus._blackboard import Blackboard
+    from swarmbus._bus import EVENTS_STREAM
+    from swarmbus._jetstream.reads import has_messages
+    from swarmbus._subjects import session_filter
+    from swarmbus._tasks import TaskQueue
+
+    if (await (await Blackboard.open(bus, session)).snapshot()).revision:
+        return True
+    async with TaskQueue(bus, session) as queue:
+        if await queue.tasks():
+            return True
+    return await has_messages(bus.js, EVENTS_STREAM, session_filter(session))
+
+
+def _not_found(session: str) -> int:
+    print(
+        f"swarmbus: session {session} not found (no board keys, tasks or events)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return NOT_FOUND
 
 
 def _duration(value: str) -> float:
@@ -208,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug output")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("server", help="run an embedded nats-server with JetStream")
+    p = sub.add_parser(
+        "server",
+        help="run an embedded nats-server with JetStream",
+        description="Run an embedded nats-server with JetStream until SIGINT/SIGTERM "
+        "(then exit 0). Exits 1 at once if the nats-server process dies.",
+    )
     p.add_argument("--data-dir", default=None, help="JetStream store (default: user data dir)")
     p.add_argument("--port", type=int, default=4222, help="client port (0 = any free port)")
     p.add_argument("--sync-interval", default=None, help='fsync interval, e.g. "always"')
@@ -234,7 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="embedded server store (without NATS_URL)")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("board", help="print a session's blackboard (NATS_URL); --watch follows it")
+    not_found = f"Exits {NOT_FOUND} if nothing (board key, task or event) names the session."
+    p = sub.add_parser(
+        "board",
+        help="print a session's blackboard (NATS_URL); --watch follows it",
+        description="Print a session's blackboard (server from NATS_URL). "
+        f"{not_found} With --watch, wait for it instead.",
+    )
     p.add_argument("session", help="session id, e.g. INC-1234")
     p.add_argument("--watch", action="store_true", help="then print every change as it happens")
     p.add_argument("--format", choices=("json", "yaml"), default="json")
@@ -252,7 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", default="SWARMBUS_LOCKS", help="locks bucket (default: %(default)s)")
     p.set_defaults(func=_cmd_locks)
 
-    p = sub.add_parser("tasks", help="list a session's tasks (server from NATS_URL)")
+    p = sub.add_parser(
+        "tasks",
+        help="list a session's tasks (server from NATS_URL)",
+        description=f"List a session's tasks (server from NATS_URL). {not_found}",
+    )
     p.add_argument("session", help="session id, e.g. INC-1234")
     p.add_argument(
         "--status", default=None, choices=["pending", "assigned", "running", "completed", "failed"]

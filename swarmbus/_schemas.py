@@ -7,6 +7,7 @@ against these; ``swarmbus schemas --check`` fails when they are stale.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Final
@@ -19,13 +20,23 @@ SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID: Final = "https://swarmbus.dev/schemas/v{version}/"
 
 
+def _portable_value(key: str, value: Any) -> Any:
+    if key == "pattern" and isinstance(value, str) and value.endswith(r"\Z"):
+        return value[:-2] + "$"
+    if key == "description" and isinstance(value, str):
+        return inspect.cleandoc(value)
+    return _portable(value)
+
+
 def _portable(node: Any) -> Any:
-    """Python's end anchor ``\\Z`` is ``$`` in JSON Schema (ECMA-262) and Go's RE2."""
+    """The same schema from every msgspec version we allow, in every regex dialect.
+
+    Python's end anchor ``\\Z`` is ``$`` in JSON Schema (ECMA-262) and Go's RE2.
+    Descriptions come from docstrings, which msgspec 0.23 dedents and older versions
+    do not: ``inspect.cleandoc`` makes them equal.
+    """
     if isinstance(node, dict):
-        return {
-            k: v[:-2] + "$" if k == "pattern" and v.endswith(r"\Z") else _portable(v)
-            for k, v in node.items()
-        }
+        return {k: _portable_value(k, v) for k, v in node.items()}
     if isinstance(node, list):
         return [_portable(v) for v in node]
     return node

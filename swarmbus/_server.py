@@ -334,6 +334,18 @@ class NatsServer:
         tail = " | ".join(list(self._log)[-3:])
         return f"nats-server exited before it was ready: {tail or 'no output'}"
 
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until the server process has exited and its log is read.
+
+        Returns its exit code (negative: the signal that ended it), or ``None`` if it
+        was never started or still runs after ``timeout`` seconds.
+        """
+        with self._log_changed:
+            if self._proc is None:
+                return None
+            self._log_changed.wait_for(lambda: self._log_done, timeout)
+            return self._proc.poll()
+
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the server by its pid: SIGTERM, then SIGKILL if it lingers."""
         self._terminate(signal.SIGTERM, timeout)

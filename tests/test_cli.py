@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import pytest
 import yaml
+
+from swarmbus import Blackboard, Bus, Finding, TaskQueue
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,3 +59,58 @@ def test_schemas_check_fails_when_stale(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args", [["nonsense"], []])
 def test_bad_usage_exits_non_zero(args: list[str]) -> None:
     assert swarmbus_cli(*args).returncode != 0
+
+
+async def _cli_on(nats_url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    with anyio.fail_after(120):
+        return await anyio.run_process(
+            [sys.executable, "-m", "swarmbus._cli", *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "NATS_URL": nats_url},
+            check=False,
+        )
+
+
+@pytest.mark.parametrize("command", ["board", "tasks"])
+async def test_unknown_session_is_exit_code_3(
+    bus: Bus, nats_url: str, session_id: str, command: str
+) -> None:
+    await bus.publish(
+        Finding(category="observation", content="x", confidence=0.5), agent="a", session="other"
+    )
+    result = await _cli_on(nats_url, command, session_id)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.decode() == (
+        f"swarmbus: session {session_id} not found (no board keys, tasks or events)\n"
+    )
+    assert result.stdout == b""
+
+
+async def _on_board(bus: Bus, session: str) -> None:
+    await (await Blackboard.open(bus, session)).start("lead", {"task": "t"})
+
+
+async def _with_task(bus: Bus, session: str) -> None:
+    async with TaskQueue(bus, session) as queue:
+        await queue.create("verify", agent="lead")
+
+
+async def _with_event(bus: Bus, session: str) -> None:
+    await bus.publish(
+        Finding(category="observation", content="x", confidence=0.5), agent="a", session=session
+    )
+
+
+@pytest.mark.parametrize("command", ["board", "tasks"])
+@pytest.mark.parametrize("write", [_on_board, _with_task, _with_event])
+async def test_a_session_known_by_any_trace_is_found(
+    bus: Bus,
+    nats_url: str,
+    session_id: str,
+    command: str,
+    write: Callable[[Bus, str], Awaitable[None]],
+) -> None:
+    await write(bus, session_id)
+    result = await _cli_on(nats_url, command, session_id)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""

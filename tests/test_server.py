@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import select
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -347,3 +350,66 @@ def test_port_zero_is_any_free_port(tmp_path: Path) -> None:
         assert server.port != 4222
     finally:
         server.stop()
+
+
+def _start_cli_server(tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+    """``swarmbus server`` on a free port; returns the wrapper and its nats-server's pid."""
+    wrapper = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "swarmbus._cli", "server"),
+            *("--data-dir", str(tmp_path), "--port", "0"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert wrapper.stdout is not None
+    line = wrapper.stdout.readline()  # "nats-server nats://... (pid N, data ...)"
+    match = re.search(r"\(pid (\d+),", line)
+    if match is None:
+        wrapper.kill()
+        _, err = wrapper.communicate()
+        pytest.fail(f"no server line: {line!r} {err!r}")
+    return wrapper, int(match[1])
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_cli_server_exits_non_zero_when_its_nats_server_dies(tmp_path: Path) -> None:
+    wrapper, pid = _start_cli_server(tmp_path)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = wrapper.communicate(timeout=10)
+        elapsed = time.monotonic() - killed
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait()
+    assert wrapper.returncode == 1
+    assert elapsed < 2, elapsed
+    assert f"nats-server (pid {pid}) died unexpectedly (killed by SIGKILL)" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_server_stops_on_a_signal_and_exits_zero(tmp_path: Path, sig: signal.Signals) -> None:
+    wrapper, pid = _start_cli_server(tmp_path)
+    try:
+        wrapper.send_signal(sig)
+        _, err = wrapper.communicate(timeout=30)
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+            wrapper.wait()
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert wrapper.returncode == 0, err
+    assert err == ""
+    assert _gone(pid)  # the wrapper stopped (and reaped) its nats-server

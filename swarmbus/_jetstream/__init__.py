@@ -10,6 +10,8 @@ What goes where:
 ``acks``                  acknowledged writes: pipelined publishes, compare-and-set
 ``kv``                    KV put / create-once / compare-and-set, trace context
 ``reads``                 stored messages, last per subject, KV state, pulls
+``store``                 ``NatsStore``: the ``StateStore`` seam on a KV bucket
+``workqueue``             the task queue's work-queue stream, consumers and puller
 ========================  ==========================================================
 
 Import the submodules directly; this package module imports nothing, so that the

@@ -130,6 +130,17 @@ async def stored_messages(
         raise transport_error(exc, f"read {subject}") from exc
 
 
+async def has_messages(js: JetStreamContext, stream: str, subject: str) -> bool:
+    """Whether ``stream`` stores a message on a subject matching ``subject`` (one request)."""
+    try:
+        info = await js.stream_info(stream, subjects_filter=subject)
+    except nats.js.errors.APIError as exc:
+        raise translate(exc, f"cannot read {stream}") from exc
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise transport_error(exc, f"read {subject}") from exc
+    return bool(info.state.subjects)
+
+
 async def last_per_subject(
     js: JetStreamContext, stream: str, subject: str, *, timeout: float = 5.0
 ) -> list[Msg]:
