@@ -14,9 +14,10 @@ compare-and-set on that record, so:
   that dies before marking the record published is replaced, after
   ``republish_after``, by whoever wins another compare-and-set (``decider``);
 - the decision is reproducible: ``tally()`` of the recorded ``votes`` gives it again;
-- a proposal is recorded whole or refused up front: its size is capped at a quarter
-  of the value limit (``ProposalBook.max_proposal_bytes``) and a vote is refused if
-  the record it makes could no longer hold its decision.
+- a proposal is recorded whole or refused up front: its size is capped at half the
+  smaller value limit of the record and the board entry
+  (``ProposalBook.max_proposal_bytes``), and a vote is refused if the record it makes
+  could no longer hold its decision.
 
 Voting rules (pure functions in ``tally``: ``final_outcome``, ``early_outcome``,
 ``tally_outcome``):

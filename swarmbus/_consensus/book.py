@@ -49,15 +49,17 @@ _TTL_DISABLED: Final = 10166
 class ProposalBook:
     """The proposal records and memberships of one consensus bucket.
 
-    ``max_proposal_bytes``: the largest proposal (its JSON) recorded; a quarter of the
-    smallest value limit among the record, the blackboard entry and the event it
-    becomes, so that its votes and decision still fit (a proposal is either recorded
-    whole, board and decision, or refused up front).
+    ``max_proposal_bytes``: the largest proposal (its JSON, voters aside) recorded: half
+    of the smaller value limit of the record and of the blackboard entry it also
+    becomes (``board_limit``), so that the entry, the event and the record with its
+    votes and decision still fit. A proposal is either recorded whole (record, board
+    entry, decision) or refused up front.
     """
 
-    def __init__(self, store: StateStore, *, max_proposal_bytes: int | None = None) -> None:
+    def __init__(self, store: StateStore, *, board_limit: int | None = None) -> None:
         self.store = store
-        self.max_proposal_bytes = max_proposal_bytes or store.max_value_bytes // 4
+        limit = min(store.max_value_bytes, board_limit or store.max_value_bytes)
+        self.max_proposal_bytes = limit // 2
 
     # --- reading ---
 

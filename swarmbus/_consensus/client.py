@@ -12,7 +12,7 @@ import anyio
 import msgspec
 
 from swarmbus import _subjects as subjects
-from swarmbus._blackboard import DEFAULT_BUCKET, Blackboard
+from swarmbus._blackboard import DEFAULT_BUCKET, DEFAULT_MAX_VALUE_BYTES, Blackboard
 from swarmbus._bus import Bus
 from swarmbus._consensus.book import ProposalBook, ballot_of_vote, vote_recorded
 from swarmbus._consensus.decider import APPROVE_TASK, Deadlines, Decider, record_on_board
@@ -82,7 +82,8 @@ class Consensus:
     ) -> None:
         self.bus = bus
         self.store = store
-        self.book = ProposalBook(store)
+        board_limit = None if board_bucket is None else DEFAULT_MAX_VALUE_BYTES
+        self.book = ProposalBook(store, board_limit=board_limit)
         self.board_bucket = board_bucket
         self.via_service = via_service
         self.settles = settle and not via_service

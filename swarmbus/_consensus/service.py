@@ -14,7 +14,7 @@ import anyio
 import anyio.abc
 
 from swarmbus import _subjects as subjects
-from swarmbus._blackboard import DEFAULT_BUCKET
+from swarmbus._blackboard import DEFAULT_BUCKET, DEFAULT_MAX_VALUE_BYTES
 from swarmbus._bus import Bus
 from swarmbus._consensus.book import ProposalBook
 from swarmbus._consensus.client import DEFAULT_RETENTION, SERVICE_AGENT, open_store
@@ -124,7 +124,8 @@ class ConsensusService:
 
     @contextlib.asynccontextmanager
     async def _running(self) -> AsyncIterator[None]:
-        book = ProposalBook(await open_store(self.bus, self.bucket))
+        board_limit = None if self.board_bucket is None else DEFAULT_MAX_VALUE_BYTES
+        book = ProposalBook(await open_store(self.bus, self.bucket), board_limit=board_limit)
         self._decider = Decider(
             self.bus,
             book,
