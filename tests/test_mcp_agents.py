@@ -29,7 +29,7 @@ from mcp.shared.exceptions import MCPDeprecationWarning
 from mcp.types import CallToolResult, TextContent
 
 from swarmbus import Blackboard, Bus, Consensus, Finding
-from swarmbus._mcp import TOOL_NAME_PATTERN, TOOL_NAMES, Swarm, build_server
+from swarmbus._mcp import TOOL_NAME_PATTERN, TOOL_NAMES, Swarm, build_parser, build_server
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -479,15 +479,27 @@ async def test_board_resource_and_update_notifications(
     assert [f["content"] for f in content["findings"]] == ["disk full on db-1"]
 
 
-def _readme_mcp_block() -> dict[str, Any]:
-    """The client config block of the MCP docs (docs/use/mcp.md, else the README)."""
+def _documented_blocks() -> list[dict[str, Any]]:
+    """The client config blocks of the MCP docs (docs/use/mcp.md, else the README)."""
     for path in (ROOT / "docs" / "use" / "mcp.md", ROOT / "README.md"):
         if path.exists():
-            for block in re.findall(r"```json\n(.*?)```", path.read_text(), flags=re.S):
-                if "mcpServers" in block:
-                    config: dict[str, Any] = json.loads(block)
-                    return config
+            blocks = re.findall(r"```json\n(.*?)```", path.read_text(), flags=re.S)
+            found = [json.loads(b) for b in blocks if "mcpServers" in b]
+            if found:
+                return found
     raise AssertionError("no MCP config block in the docs")
+
+
+def _readme_mcp_block() -> dict[str, Any]:
+    return _documented_blocks()[0]
+
+
+def test_the_documented_http_block_names_what_the_server_serves() -> None:
+    (http,) = [b for b in _documented_blocks() if "url" in next(iter(b["mcpServers"].values()))]
+    (server,) = http["mcpServers"].values()
+    defaults = build_parser().parse_args(["--transport", "streamable-http"])
+    assert server["url"] == f"http://{defaults.host}:{defaults.port}/mcp"
+    assert build_parser().parse_args(["--dotted-names"]).dotted_names is True
 
 
 async def test_the_documented_config_block_works_over_stdio(nats_url: str, session_id: str) -> None:
