@@ -231,16 +231,22 @@ class Consensus:
         return record
 
     async def _settle_quietly(self, record: ProposalRecord, revision: int) -> None:
-        """Settle after a vote; the vote counts even if this fails (others settle it)."""
+        """Settle after a vote; the vote counts even if this fails (it is tried again
+        inside ``settling()``, and any other participant may settle it)."""
+        key = proposal_key(record.proposal_id)
         try:
-            await self.decider.settle(proposal_key(record.proposal_id), record, revision)
+            again = await self.decider.settle(key, record, revision)
         except SwarmbusError as exc:
             log.warning("consensus: settling %s failed: %s", record.proposal_id, exc)
+            again = time.time() + self.decider.republish_after
+        if again is not None and self._deadlines is not None and self.settles:
+            self._deadlines.schedule(key, again)
 
     async def settle(self, proposal_id: str) -> ProposalRecord:
         """Decide the proposal now if its votes or its deadline allow; its current record."""
         record, revision = await self.book.read(proposal_id)
-        if self.settles and (record.decision is None or not record.published):
+        finished = record.decision is not None and record.published
+        if self.settles and not (finished and not record.effects_pending):
             await self._settle_quietly(record, revision)
             record, _ = await self.book.read(proposal_id)
         return record
