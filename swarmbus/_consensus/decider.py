@@ -128,7 +128,17 @@ class Decider:
         return None
 
     async def _finish(self, record: ProposalRecord, revision: int) -> None:
-        """Publish (if not yet), mark it published, apply the effects, mark them done."""
+        """Publish (if not yet), mark it published, apply the effects, mark them done.
+
+        Shielded: this participant won the compare-and-set, so it alone publishes; a
+        cancel (a service or client shutting down) in between would leave the others
+        to take over after ``republish_after`` and finish it, late and in their name.
+        Each step is bounded by the bus's timeouts.
+        """
+        with anyio.CancelScope(shield=True):
+            await self._finish_steps(record, revision)
+
+    async def _finish_steps(self, record: ProposalRecord, revision: int) -> None:
         assert record.decision is not None
         attrs = {**attributes_of(record), "swarmbus.agent": self.agent}
         subject = subjects.kv_subject(self.book.store.name, proposal_key(record.proposal_id))
