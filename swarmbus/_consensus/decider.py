@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import anyio
+import anyio.abc
 import msgspec
 
 from swarmbus import _subjects as subjects
@@ -171,13 +172,13 @@ class Decider:
 class Deadlines:
     """Keys to settle at given times; ``run`` settles each when it is due.
 
-    ``settle(key)`` returns when to look at the key again (or None); a failed settle
-    is retried after ``retry_after`` seconds.
+    ``settle(key, record, revision)`` (``record`` None: read it) returns when to look at
+    the key again (or None); a failed settle is retried after ``retry_after`` seconds.
     """
 
     def __init__(
         self,
-        settle: Callable[[str], Awaitable[float | None]],
+        settle: Callable[[str, ProposalRecord | None, int], Awaitable[float | None]],
         *,
         retry_after: float = 2.0,
         max_concurrency: int = 64,
@@ -189,6 +190,14 @@ class Deadlines:
         self._due: dict[str, float] = {}
         self._seq = itertools.count()
         self._wake = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def settle_now(self, key: str, record: ProposalRecord, revision: int) -> None:
+        """Settle ``key`` now with the ``record`` just seen at ``revision`` (no read)."""
+        if self._tg is None:
+            self.schedule(key, time.time())
+        else:
+            self._tg.start_soon(self._one, key, record, revision)
 
     def schedule(self, key: str, when: float) -> None:
         """Settle ``key`` at ``when`` (epoch seconds), unless it is due earlier already."""
@@ -205,6 +214,7 @@ class Deadlines:
     async def run(self) -> None:
         """Settle keys as they fall due, until cancelled."""
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             while True:
                 current = time.time()
                 while self._heap and self._heap[0][0] <= current:
@@ -217,10 +227,10 @@ class Deadlines:
                     await self._wake.wait()
                 self._wake = anyio.Event()
 
-    async def _one(self, key: str) -> None:
+    async def _one(self, key: str, record: ProposalRecord | None = None, revision: int = 0) -> None:
         async with self._limiter:
             try:
-                again = await self._settle(key)
+                again = await self._settle(key, record, revision)
             except SwarmbusError as exc:
                 log.warning("consensus: settling %s failed (%s); will retry", key, exc)
                 again = time.time() + self._retry_after

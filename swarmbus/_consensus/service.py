@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Final, Self
@@ -171,11 +170,12 @@ class ConsensusService:
             self._deadlines.forget(entry.key)
             return
         self._remember(entry.key, record)
-        current = time.time()
         if record.decision is None:
             at = now()
-            certain = decision_of(record, closed=at >= record.deadline, at=at) is not None
-            self._deadlines.schedule(entry.key, current if certain else record.deadline.timestamp())
+            if decision_of(record, closed=at >= record.deadline, at=at) is not None:
+                self._deadlines.settle_now(entry.key, record, entry.revision)
+            else:
+                self._deadlines.schedule(entry.key, record.deadline.timestamp())
         elif not record.published or record.effects_pending:
             since = record.publish_claimed_at or record.decision.decided_at or record.created_at
             self._deadlines.schedule(entry.key, since.timestamp() + self.republish_after)
