@@ -899,3 +899,29 @@ async def test_waits_and_votes_leave_no_watch_consumers(
     await consensus.wait_for_decision("w1", timeout=5)
     info = await bus.js.stream_info(f"KV_{bucket}")
     assert info.state.consumer_count == 0
+
+
+async def test_two_service_processes_publish_each_decision_once_to_live_subscribers(
+    bus: Bus, bucket: str, session_id: str, replicas: list[subprocess.Popen[str]]
+) -> None:
+    """Two ``swarmbus consensus`` replicas race on every proposal: one event each."""
+    seen = _Decisions()
+    await bus.subscribe(f"agent.action.decided.{session_id}.>", seen.on_msg, receiver="test/obs")
+    consensus = await Consensus.open(bus, bucket=bucket, settle=False)  # the replicas decide
+    for i in range(40):
+        await _propose(consensus, session_id, f"s{i}", timeout=60)
+    async with anyio.create_task_group() as tg:
+        for i in range(40):
+            tg.start_soon(_cast_tolerant, consensus, f"s{i}", ["yes"] * 5)
+    await seen.until(40)
+    finished: set[str] = set()  # records marked published and applied: nobody publishes more
+    with anyio.fail_after(20):
+        async with consensus.store.watch("p.") as entries:
+            async for entry in entries:
+                if entry is not None and entry.value:
+                    record = msgspec.json.decode(entry.value, type=ProposalRecord)
+                    if record.published and not record.effects_pending:
+                        finished.add(record.proposal_id)
+                if len(finished) == 40:
+                    break
+    assert Counter(seen.ids) == {f"s{i}": 1 for i in range(40)}
