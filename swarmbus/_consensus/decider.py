@@ -3,13 +3,14 @@
 Any participant may settle a proposal (a ``ConsensusService`` replica, a ``Consensus``
 client that just voted or waits, an MCP server): it reads the record and, if the votes
 or the deadline settle it, writes the decision by compare-and-set. Exactly one writer
-wins; only the winner publishes ``agent.action.decided`` (under a message id fixed per
-proposal), then marks the record ``published``, then applies the decision to the
-blackboard and the task it approves, then clears ``effects_pending``.
+wins; only the winner applies the decision to the blackboard and the task it approves
+(idempotent steps), publishes ``agent.action.decided`` (under a message id fixed per
+proposal) and marks the record ``published``.
 
-A winner that dies before marking it published is replaced: after ``republish_after``
-seconds another participant takes the publishing over, again by compare-and-set, so
-one publisher at a time. Effects are idempotent: anyone may redo them.
+A winner that dies (or stalls) for ``republish_after`` seconds before marking it
+published is replaced: another participant takes the publishing over, again by
+compare-and-set, so one publisher at a time. Only a winner that stalls that long after
+its publish makes a second ``decided`` event (the event stream keeps one: same id).
 """
 
 from __future__ import annotations
@@ -47,11 +48,20 @@ from swarmbus._messages import now
 from swarmbus._tasks import TaskQueue
 from swarmbus._telemetry import process_span
 
-__all__ = ["APPROVE_TASK", "Decider", "Deadlines", "apply_to_task", "record_on_board"]
+__all__ = [
+    "APPROVE_TASK",
+    "REPUBLISH_AFTER",
+    "Deadlines",
+    "Decider",
+    "apply_to_task",
+    "record_on_board",
+]
 
 log = logging.getLogger("swarmbus.consensus")
 
 APPROVE_TASK = "approve_task"
+#: Seconds an unpublished decision is left to its decider before another takes over.
+REPUBLISH_AFTER = 10.0
 
 
 class Decider:
@@ -63,7 +73,9 @@ class Decider:
         agent: the agent id decisions are published as.
         board_bucket: the blackboard bucket decisions are recorded in (None: don't).
         retention: seconds a finished record is kept (None: forever).
-        republish_after: seconds before taking over a decision nobody published.
+        republish_after: seconds before taking over a decision nobody published (long
+            enough for a loaded winner to finish: a takeover of a live winner publishes
+            a second event).
     """
 
     def __init__(
@@ -74,7 +86,7 @@ class Decider:
         agent: str,
         board_bucket: str | None,
         retention: int | None,
-        republish_after: float = 2.0,
+        republish_after: float = REPUBLISH_AFTER,
     ) -> None:
         self.bus = bus
         self.book = book
@@ -146,6 +158,8 @@ class Decider:
         with process_span(
             subject, record.message_id, attrs, record.trace, links=record.vote_traces
         ):
+            # Effects first: whoever reacts to the event finds the board and task updated.
+            await self._apply(record)
             if not record.published:
                 await self.bus.publish(
                     record.decision,
@@ -153,12 +167,10 @@ class Decider:
                     session=record.session,
                     id=decision_message_id(record.proposal_id),
                 )
-                record = msgspec.structs.replace(record, published=True)
-                # The event is out: a failure from here on must not publish it again.
-                revision = await self.book.write(record, revision, ttl=self.retention)
-            await self._apply(record)
-            done = msgspec.structs.replace(record, effects_pending=False)
-            with contextlib.suppress(ConflictError):  # someone else applied and marked it
+            done = msgspec.structs.replace(record, published=True, effects_pending=False)
+            # The event is out. A conflict: another participant took over (this one was
+            # slower than ``republish_after``) and marks it.
+            with contextlib.suppress(ConflictError):
                 await self.book.write(done, revision, ttl=self.retention)
 
     async def _apply(self, record: ProposalRecord) -> None:

@@ -45,8 +45,8 @@ class ProposalRecord(msgspec.Struct, kw_only=True, frozen=True):
     decision (or, if that one never marked it ``published``, the one that took the
     publishing over by another compare-and-set at ``publish_claimed_at``): only it
     publishes the ``decided`` event. ``effects_pending``: the decision is not yet
-    applied to the blackboard and the task it approves (idempotent steps that any
-    participant may redo).
+    applied to the blackboard and the task it approves (idempotent steps, done before
+    the event; cleared with ``published``).
     """
 
     proposal: Proposal

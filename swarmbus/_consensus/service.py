@@ -17,7 +17,7 @@ from swarmbus._blackboard import DEFAULT_BUCKET, DEFAULT_MAX_VALUE_BYTES
 from swarmbus._bus import Bus
 from swarmbus._consensus.book import ProposalBook
 from swarmbus._consensus.client import DEFAULT_RETENTION, SERVICE_AGENT, open_store
-from swarmbus._consensus.decider import Deadlines, Decider
+from swarmbus._consensus.decider import REPUBLISH_AFTER, Deadlines, Decider
 from swarmbus._consensus.record import (
     CONSENSUS_BUCKET,
     PROPOSAL_PREFIX,
@@ -58,7 +58,7 @@ class ConsensusService:
         agent: the agent id decisions are published as.
         ingest: consume proposal/vote events (off: only KV-recorded proposals).
         republish_after: seconds before a replica publishes a decision that another
-            participant recorded but has not marked published (it may have died).
+            participant recorded but has not marked published (it may have died; 10 s).
         board_bucket: the blackboard bucket decisions are recorded in (None: don't).
         retention: seconds a decided (and published) proposal's record is kept before
             the server deletes it (None: forever; 1 hour to 10 years); its events stay
@@ -73,7 +73,7 @@ class ConsensusService:
         session: str = "*",
         agent: str = SERVICE_AGENT,
         ingest: bool = True,
-        republish_after: float = 2.0,
+        republish_after: float = REPUBLISH_AFTER,
         max_concurrency: int = 64,
         board_bucket: str | None = DEFAULT_BUCKET,
         retention: float | None = DEFAULT_RETENTION,
