@@ -250,3 +250,35 @@ async def test_locks_on_each_backend_exclude_fence_and_expire(
             await stale.release()  # the fenced-out holder changes nothing
         with pytest.raises(LockLostError):
             await stale.refresh()
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_a_proposal_is_decided_by_votes_on_each_backend(
+    request: pytest.FixtureRequest, nats_url: str, session_id: str, unique: str, backend: str
+) -> None:
+    import anyio
+
+    from swarmbus import Consensus, Proposal, Vote
+
+    if backend == "redis":
+        options = {"redis_url": request.getfixturevalue("redis_server").url}
+    else:
+        options = {"database_url": request.getfixturevalue("postgres_server").url}
+    voters = ["ops/a", "ops/b", "ops/c"]
+    async with Bus.open(url=nats_url, backend=backend, **options) as bus:
+        consensus = await Consensus.open(bus, bucket=f"CONS_{unique}")
+        other = await Consensus.open(bus, bucket=f"CONS_{unique}")  # another agent
+        await consensus.propose(
+            Proposal(proposal_id="p1", action="rollback", voters=voters, timeout=60),
+            agent=voters[0],
+            session=session_id,
+        )
+        await consensus.vote(Vote(proposal_id="p1", vote="yes", reason="5x"), agent="ops/a")
+        await other.vote(Vote(proposal_id="p1", vote="yes", reason="same"), agent="ops/b")
+        with anyio.fail_after(15):
+            decision = await other.wait_for_decision("p1", timeout=15)
+        assert (decision.outcome, decision.votes_for) == ("approved", 2)
+        assert (await consensus.get("p1")).decision == decision
+        # the record lives in the configured store, not in NATS KV
+        store = await open_store(bus, f"CONS_{unique}")
+        assert [e.key for e in await store.list()] != []

@@ -247,3 +247,12 @@ async def test_a_lock_on_the_store_excludes_and_fences(store: StateStore) -> Non
     assert len(tokens) == 40
     assert tokens == sorted(tokens)
     assert len(set(tokens)) == 40
+
+
+async def test_an_update_over_the_limit_is_refused_and_changes_nothing(store: StateStore) -> None:
+    revision = await store.create("big.2", b"small")
+    with pytest.raises(MessageTooLargeError):
+        await store.update("big.2", b"x" * (store.max_value_bytes + 1), revision=revision)
+    entry = await store.get("big.2", fresh=True)
+    assert entry is not None
+    assert (entry.value, entry.revision) == (b"small", revision)
