@@ -31,6 +31,7 @@ from swarmbus._errors import (
 from swarmbus._jetstream.acks import AckPublisher, Refused
 from swarmbus._jetstream.headers import EXPECTED_LAST_SUBJECT_SEQUENCE as EXPECTED_LAST_HEADER
 from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
+from swarmbus._jetstream.headers import SUBJECT as STORED_SUBJECT_HEADER
 from swarmbus._jetstream.headers import TASK_REVISION as REVISION_HEADER
 from swarmbus._jetstream.kv import kv_context
 from swarmbus._jetstream.reads import stored_messages
@@ -364,8 +365,10 @@ class TaskQueue:
         msgs = await stored_messages(self.bus.js, TASKS_STREAM, filter)
         offered: list[Task] = []
         for msg in msgs:
+            headers = msg.headers or {}
+            subject = headers.get(STORED_SUBJECT_HEADER, msg.subject)  # a direct get's reply
             try:
-                offered.append(offer_of(msg.subject, msg.data, msg.headers, self.session).task)
+                offered.append(offer_of(subject, msg.data, headers, self.session).task)
             except InvalidMessageError:  # a claimer dead-letters it
                 continue
         return offered
