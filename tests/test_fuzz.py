@@ -248,6 +248,7 @@ async def fuzz_bus(fresh_server: NatsServer) -> AsyncIterator[Bus]:
     async with Bus.open(
         url=fresh_server.url,
         max_message_bytes=MAX_BYTES,
+        dead_letter_max_bytes=DEAD_LETTER_MAX_BYTES,
     ) as bus:
         yield bus
 

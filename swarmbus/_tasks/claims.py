@@ -47,6 +47,7 @@ from swarmbus._jetstream.workqueue import (
     stored_age,
 )
 from swarmbus._messages import TaskAssigned, TaskCompleted, TaskFailed
+from swarmbus._tasks.dead_letters import DeadLetters
 from swarmbus._tasks.model import (
     MAX_PRIORITY,
     MIN_PRIORITY,
@@ -62,10 +63,12 @@ from swarmbus._tasks.model import (
     now,
     offer_of,
 )
-from swarmbus._tasks.refusals import Refusals
 from swarmbus._telemetry import continued
 
 log = logging.getLogger("swarmbus.tasks")
+
+REPULLS = 8
+"""Pulls from one queue per scan while its batches hold messages that are not claims."""
 
 Event = tuple[Any, str, str | None]
 """A lifecycle event to publish: (body, agent, message id or None)."""
@@ -143,7 +146,7 @@ class Claimer:
         self._last_aging = 0.0
         # One pull at a time per queue object: the pullers share one reply inbox.
         self._scan_lock = anyio.Lock()
-        self._refusals = Refusals(bus)
+        self._dead_letters = DeadLetters(bus)
 
     async def close(self) -> None:
         self._pullers.clear()
@@ -199,10 +202,17 @@ class Claimer:
                 claims = await self._claim_starved(agent, types)
             for priority in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1):
                 for type in types:
-                    if len(claims) >= limit:
-                        return claims
-                    msgs = await (await self.puller(type, priority)).pull(limit - len(claims))
-                    claims.extend(await self.settle_all(msgs, agent))
+                    puller = await self.puller(type, priority)
+                    # Pull again while a batch yielded fewer claims than messages (bad
+                    # ones were dead-lettered, others put back): good tasks may follow.
+                    for _ in range(REPULLS):
+                        if len(claims) >= limit:
+                            return claims
+                        msgs = await puller.pull(limit - len(claims))
+                        won = await self.settle_all(msgs, agent)
+                        claims.extend(won)
+                        if len(won) == len(msgs):
+                            break
                 if claims:
                     return claims
         except ConnectionError as exc:
@@ -329,9 +339,9 @@ class Claimer:
             outcomes.error = exc
             await quietly(msg.nak(delay=0.5))
         except InvalidMessageError as exc:  # a bad message, or its task's record is broken
-            await self._refusals.refuse(msg, agent, exc)
+            await self._dead_letters.refuse(msg, agent, exc)
         except Exception as exc:  # noqa: BLE001 - one message must not end the worker
-            await self._refusals.failed(msg, agent, exc)
+            await self._dead_letters.failed(msg, agent, exc)
 
     async def _settle(
         self, msg: Dispatch, offer: Offer, agent: str, *, trust_hint: bool = True

@@ -1,4 +1,4 @@
-"""Refusals: a dispatch message the queue cannot use is dead-lettered once, then ended.
+"""Dead letters: a dispatch message the queue cannot use is dead-lettered once, then ended.
 
 Anyone with a publish grant on ``swarmbus.task.>`` (or one key of the record bucket)
 can send a queue something that is not a task of it: random bytes, a malformed
@@ -32,7 +32,7 @@ MAX_FAILED_DELIVERIES: Final = 5
 """Deliveries of a message that failed unexpectedly before it is refused."""
 
 
-class Refusals:
+class DeadLetters:
     """Dead-letters and terminates the dispatch messages a queue refuses."""
 
     def __init__(self, bus: Bus) -> None:
