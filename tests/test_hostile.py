@@ -15,13 +15,24 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 
-from swarmbus import Bus, InvalidMessageError, Task, TaskQueue
+from swarmbus import (
+    Bus,
+    InvalidMessageError,
+    Lock,
+    LockLostError,
+    Task,
+    TaskQueue,
+    held_locks,
+    lock_holder,
+)
+from swarmbus import _subjects as subjects
 from swarmbus._bus import DEAD_LETTER_STREAM
 from swarmbus._jetstream.headers import CODE as CODE_HEADER
 from swarmbus._jetstream.headers import ORIGINAL_SUBJECT as ORIGINAL_SUBJECT_HEADER
 from swarmbus._jetstream.headers import REASON as REASON_HEADER
 from swarmbus._jetstream.headers import TASK_REVISION as REVISION_HEADER
 from swarmbus._jetstream.reads import stored_messages
+from swarmbus._locks import LOCKS_BUCKET
 from swarmbus._tasks import TASKS_BUCKET, TASKS_STREAM
 
 CREATOR = "ops/coordinator"
@@ -223,3 +234,64 @@ async def test_a_dispatch_whose_body_contradicts_its_subject_is_refused(
     )
     assert codes == ["wrong_subject", "wrong_subject"]
     assert await _drained(bus, session_id)
+
+
+# --- locks (defect 4) -------------------------------------------------------------------
+
+
+async def test_a_garbage_lock_value_is_taken_over_with_a_higher_token_and_reported(
+    bus: Bus, unique: str
+) -> None:
+    """Defect 4: garbage (no TTL) on a lock key made the lock impossible to acquire and
+    ``lock_holder`` raise. A broken record names no holder: it is taken over by a
+    compare-and-set on its revision, so the new token still fences the old holder."""
+    resource, owner = f"file:/{unique}", f"a/{unique}"
+    victim = Lock(bus, resource, f"b/{unique}", ttl=30)
+    held = await victim.acquire()
+    assert held is not None
+    ack = await bus.js.publish(
+        subjects.kv_subject(LOCKS_BUCKET, subjects.lock_key(resource)), b"\x00garbage"
+    )
+    assert await lock_holder(bus, resource) is None
+    reports = DeadLetters()
+    sub = await bus.nc.subscribe(f"swarmbus.dead.*.{owner}", cb=reports.on_msg)
+    try:
+        lease = await Lock(bus, resource, owner, ttl=30).acquire(timeout=0)
+        assert lease is not None
+        assert lease.token > ack.seq > held.token
+        await reports.wait_for(1)
+    finally:
+        await sub.unsubscribe()
+    holder = await lock_holder(bus, resource)
+    assert holder is not None
+    assert (holder.owner, holder.token) == (owner, lease.token)
+    with pytest.raises(LockLostError):  # the overwritten holder is fenced off
+        await victim.refresh()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"", b"{", b'{"owner": 5, "ttl": "x"}', b'{"owner": "x/y", "ttl": -5}', b"[" * 5000],
+)
+async def test_a_waiter_takes_over_a_lock_whose_record_turns_to_garbage(
+    bus: Bus, unique: str, value: bytes
+) -> None:
+    resource = f"job-{unique}"
+    victim = Lock(bus, resource, f"b/{unique}", ttl=30)
+    held = await victim.acquire()
+    assert held is not None
+    waiter = Lock(bus, resource, f"a/{unique}", ttl=30)
+    async with anyio.create_task_group() as tg:
+        got: list[Any] = []
+
+        async def wait() -> None:
+            got.append(await waiter.acquire(timeout=5))
+
+        tg.start_soon(wait)
+        await anyio.wait_all_tasks_blocked()
+        await bus.js.publish(subjects.kv_subject(LOCKS_BUCKET, subjects.lock_key(resource)), value)
+    (lease,) = got
+    assert lease is not None
+    assert lease.token > held.token
+    assert [h.owner for h in await held_locks(bus) if h.resource == resource] == [waiter.owner]
+    await waiter.release()
