@@ -548,6 +548,10 @@ class Bus:
         out, and the first receiver's report wins within the duplicate window. A
         handler's failure is its receiver's own and reported by each.
 
+        Neither write is waited for (the bus's outbox re-sends each until stored): a
+        flood of bad input must not stall the receive loop it arrives on behind one
+        round trip per item, nor the good messages queued behind it.
+
         Never raises: a failure to report is logged, so a worker keeps running.
         """
         session = _session_of(subject)
@@ -561,14 +565,12 @@ class Bus:
             dedupe_key = dedupe_key or _digest(subject, data)
         elif dedupe_key:
             dedupe_key = f"{dedupe_key}:{receiver}"
-        if dedupe_key:
-            headers[MSG_ID_HEADER] = f"dead:{dedupe_key}"
+        # Always an id: the outbox may send a dead letter twice.
+        headers[MSG_ID_HEADER] = f"dead:{dedupe_key or uuid.uuid4()}"
         stored = False
         try:
             self._check_max_payload(data, headers)  # the server would close the connection
-            await self.js.publish(
-                subjects.dead_letter_subject(session, receiver), data, headers=headers
-            )
+            await self.outbox.send(subjects.dead_letter_subject(session, receiver), data, headers)
             stored = True
         except (TimeoutError, nats.errors.Error, InvalidMessageError) as exc:
             log.error("could not dead-letter a message from %s: %s", subject, exc)
@@ -588,6 +590,7 @@ class Bus:
                 id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"error:{dedupe_key}"))
                 if dedupe_key
                 else None,
+                wait=False,
             )
         except SwarmbusError as exc:
             log.error("could not report a rejected message from %s: %s", subject, exc)

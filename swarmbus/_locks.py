@@ -91,16 +91,20 @@ MAX_RECORD_BYTES: Final = 4096
 """A lock record is a few dozen bytes; anything much larger is not one."""
 
 
-def _record_of(key: str, value: bytes | None) -> _Record:
+def _record_of(key: str, value: bytes | None, ttl: str | None) -> _Record:
     """The lock record stored under ``key``, or InvalidMessageError if it is broken.
 
     Anyone who may write one key of the bucket can store anything there. A broken
-    value names no holder, so it is treated as a free key that an acquisition takes
-    over with a compare-and-set on its revision: the new revision is still a valid
-    fencing token (higher than any earlier holder's), so a holder the garbage
-    overwrote is refused by the protected resource and loses its next refresh.
+    value (not a record, or a record written without a TTL, which would never expire)
+    names no holder, so it is treated as a free key that an acquisition takes over
+    with a compare-and-set on its revision: the new revision is still a valid fencing
+    token (higher than any earlier holder's), so a holder the bad write overwrote is
+    refused by the protected resource and loses its next refresh.
     """
-    return _decode_json(_decoder, value, what=f"lock key {key!r}", max_bytes=MAX_RECORD_BYTES)
+    record = _decode_json(_decoder, value, what=f"lock key {key!r}", max_bytes=MAX_RECORD_BYTES)
+    if ttl is None:
+        raise InvalidMessageError("bad_header", f"lock key {key!r} was written without a TTL")
+    return record
 
 
 @dataclass(frozen=True)
@@ -335,7 +339,7 @@ class _Bucket:
         if turn := self._turns.pop(key, None):  # taken before the head's turn came
             turn.cancel()
         try:
-            record = _record_of(key, change.value)
+            record = _record_of(key, change.value, change.ttl)
         except InvalidMessageError:  # a broken record: free, the head reads and reports it
             self._freed(key, None)
             return
@@ -387,9 +391,11 @@ def _handed_in(updates: MemoryObjectReceiveStream[int | _Handed | None]) -> _Han
             return update
 
 
-def _holder(key: str, value: bytes | None, revision: int, stored: datetime) -> Holder:
+def _holder(
+    key: str, value: bytes | None, revision: int, stored: datetime, ttl: str | None
+) -> Holder:
     """Who holds the lock stored under ``key`` (InvalidMessageError: a broken record)."""
-    record = _record_of(key, value)
+    record = _record_of(key, value, ttl)
     return Holder(
         resource=subjects.resource_of_lock_key(key),
         owner=record.owner,
@@ -409,7 +415,7 @@ async def lock_holder(bus: Bus, resource: str, *, bucket: str = LOCKS_BUCKET) ->
     if last is None or last.removed or not last.revision or last.time is None:
         return None
     try:
-        return _holder(key, last.value, last.revision, last.time)
+        return _holder(key, last.value, last.revision, last.time, last.ttl)
     except InvalidMessageError as exc:
         log.warning("lock on %r: %s; it is free to take over", resource, exc.reason)
         return None
@@ -421,7 +427,7 @@ async def held_locks(bus: Bus, *, bucket: str = LOCKS_BUCKET) -> list[Holder]:
     for entry in await bucket_entries(bus.js, bucket):
         assert entry.time is not None  # bucket_entries reads it
         try:
-            holders.append(_holder(entry.key, entry.value, entry.revision, entry.time))
+            holders.append(_holder(entry.key, entry.value, entry.revision, entry.time, entry.ttl))
         except (InvalidIdentifierError, InvalidMessageError) as exc:
             log.warning("skipping %s in %s: %s", entry.key, bucket, exc)
     return sorted(holders, key=lambda h: h.resource)
@@ -663,7 +669,7 @@ class Lock:
         if last.removed:
             return last.revision, True
         try:
-            _record_of(self._key, last.value)
+            _record_of(self._key, last.value, last.ttl)
         except InvalidMessageError as exc:
             log.warning("%s: %s; taking it over", self._what, exc.reason)
             await self.bus.reject(

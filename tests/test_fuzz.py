@@ -36,6 +36,7 @@ from swarmbus import (
     Finding,
     FindingMessage,
     Lock,
+    LockLostError,
     Message,
     NatsServer,
     Proposal,
@@ -47,7 +48,9 @@ from swarmbus import (
 )
 from swarmbus._bus import DEAD_LETTER_STREAM
 from swarmbus._jetstream.headers import MSG_ID, TASK_REVISION
+from swarmbus._locks import LOCKS_BUCKET
 from swarmbus._messages import envelope_for
+from swarmbus._subjects import lock_key
 from swarmbus._tasks import TASKS_BUCKET
 
 pytestmark = pytest.mark.slow
@@ -61,7 +64,7 @@ DEAD_LETTER_MAX_BYTES = 4 * 1024 * 1024
 RSS_GROWTH = 256 * 1024 * 1024
 TYPE = "fuzz"
 ALICE, BOB, CAROL = "fuzz/alice", "fuzz/bob", "fuzz/carol"
-BUCKETS = (TASKS_BUCKET, "SWARMBUS_LOCKS", "SWARMBUS_CONSENSUS", "SWARMBUS_BOARD")
+BUCKETS = (TASKS_BUCKET, LOCKS_BUCKET, "SWARMBUS_CONSENSUS", "SWARMBUS_BOARD")
 
 
 def _rss() -> int:
@@ -154,6 +157,8 @@ class Malformed:
         else:  # a key of a bucket
             bucket = rng.choice(BUCKETS)
             key = rng.choice([f"{s}.{rng.randrange(50)}", f"p.{rng.randrange(50)}", "ZnV6eg"])
+            if bucket == LOCKS_BUCKET and rng.random() < 0.5:  # a lock the good ones take
+                key = lock_key(f"fuzz-{s}-{rng.randrange(ITEMS // GOOD_EVERY + 2)}")
             subject = f"$KV.{bucket}.{key}"
         self.sent += 1
         return subject, self.payload(), self.headers()
@@ -218,7 +223,8 @@ class Good:
         lock = Lock(self.bus, f"fuzz-{self.session}-{n}", CAROL, ttl=10)
         assert await lock.acquire(timeout=LATENCY) is not None
         self.done(key)
-        await lock.release()
+        with contextlib.suppress(LockLostError):  # garbage may land on it while held
+            await lock.release()
 
     async def _vote(self, n: int) -> None:
         key = f"decision:{n}"

@@ -271,7 +271,14 @@ async def test_a_garbage_lock_value_is_taken_over_with_a_higher_token_and_report
 
 @pytest.mark.parametrize(
     "value",
-    [b"", b"{", b'{"owner": 5, "ttl": "x"}', b'{"owner": "x/y", "ttl": -5}', b"[" * 5000],
+    [
+        b"",
+        b"{",
+        b'{"owner": 5, "ttl": "x"}',
+        b'{"owner": "x/y", "ttl": -5}',
+        b"[" * 5000,
+        b'{"owner": "x/y", "ttl": 30}',  # a record without a TTL header: never expires
+    ],
 )
 async def test_a_waiter_takes_over_a_lock_whose_record_turns_to_garbage(
     bus: Bus, unique: str, value: bytes

@@ -27,7 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from swarmbus._jetstream.errors import NatsError, nats_errors
-from swarmbus._jetstream.headers import KV_DELETE, KV_OPERATION, KV_PURGE, MARKER_REASON
+from swarmbus._jetstream.headers import KV_DELETE, KV_OPERATION, KV_PURGE, MARKER_REASON, TTL
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._state import Entry
 
@@ -55,6 +55,8 @@ class KvChange:
     operation: Operation
     value: bytes
     time: datetime | None = None
+    #: The write's ``Nats-TTL`` header as stored (None: written without a TTL).
+    ttl: str | None = None
 
     @property
     def removed(self) -> bool:
@@ -157,6 +159,8 @@ class KvWatch:
                 msg.metadata.sequence.stream,
                 operation(msg.headers) if msg.headers else "put",
                 msg.data,
+                None,
+                msg.headers.get(TTL) if msg.headers else None,
             )
         )
 
