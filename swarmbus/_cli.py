@@ -418,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_tasks)
 
+    _add_creds_command(sub)
+
+    add_observing_commands(sub)  # tail, timeline, dead, metrics, ui
+    return parser
+
+
+def _add_creds_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``swarmbus creds``: NATS JWT credentials (operator, roles, one per agent)."""
     p = sub.add_parser("creds", help="NATS JWT credentials: operator, roles, one per agent")
     p.add_argument(
         "--dir",
@@ -442,9 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--reload-pid", type=int, default=None, help="memory: SIGHUP it")
     creds.add_parser("list", help="issued credentials")
     p.set_defaults(func=_cmd_creds)
-
-    add_observing_commands(sub)  # tail, timeline, dead, metrics, ui
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
