@@ -50,6 +50,8 @@ from swarmbus._bus import DEAD_LETTER_STREAM
 from swarmbus._jetstream.headers import MSG_ID, TASK_REVISION
 from swarmbus._locks import LOCKS_BUCKET
 from swarmbus._messages import envelope_for
+from swarmbus._observe._deadletters import dead_letters, render_dead_letters
+from swarmbus._query_ledger import QUERIES_BUCKET, QueryLedger
 from swarmbus._subjects import lock_key
 from swarmbus._tasks import TASKS_BUCKET
 
@@ -64,7 +66,7 @@ DEAD_LETTER_MAX_BYTES = 4 * 1024 * 1024
 RSS_GROWTH = 256 * 1024 * 1024
 TYPE = "fuzz"
 ALICE, BOB, CAROL = "fuzz/alice", "fuzz/bob", "fuzz/carol"
-BUCKETS = (TASKS_BUCKET, LOCKS_BUCKET, "SWARMBUS_CONSENSUS", "SWARMBUS_BOARD")
+BUCKETS = (TASKS_BUCKET, LOCKS_BUCKET, "SWARMBUS_CONSENSUS", "SWARMBUS_BOARD", QUERIES_BUCKET)
 
 
 def _rss() -> int:
@@ -142,10 +144,18 @@ class Malformed:
     def item(self) -> tuple[str, bytes, dict[str, str] | None]:
         rng = self.rng
         s = self.session
-        family = rng.randrange(6)
+        family = rng.randrange(7)
         if family == 0:  # events the agents and the consensus service consume
             domain, event = rng.choice(
-                [("finding", "reported"), ("action", "proposed"), ("action", "voted")]
+                [
+                    ("finding", "reported"),
+                    ("action", "proposed"),
+                    ("action", "voted"),
+                    ("action", "decided"),
+                    ("task", "completed"),
+                    ("session", "started"),
+                    ("error", "occurred"),
+                ]
             )
             agent = rng.choice([ALICE, BOB, "mallory"])
             subject = f"agent.{domain}.{event}.{s}.{agent}"
@@ -154,6 +164,8 @@ class Malformed:
         elif family == 2:  # task dispatches
             prio = rng.choice(["5", "1", "10", "0", "x"])
             subject = f"swarmbus.task.{s}.{TYPE}.{prio}.{rng.choice(['t', self.bad_token()])}"
+        elif family == 3:  # dead letters (what `swarmbus dead` and the web view read)
+            subject = f"swarmbus.dead.{s}.{rng.choice([ALICE, 'mallory'])}"
         else:  # a key of a bucket
             bucket = rng.choice(BUCKETS)
             key = rng.choice([f"{s}.{rng.randrange(50)}", f"p.{rng.randrange(50)}", "ZnV6eg"])
@@ -294,6 +306,7 @@ async def test_malformed_items_stop_nothing_and_good_work_goes_on(
     bad = Malformed(random.Random(19), session_id)
     await Consensus.open(bus)  # its bucket exists: garbage lands there
     await Blackboard.open(bus, session_id)  # its bucket exists: garbage lands there
+    await QueryLedger.open(bus, session_id, agent=CAROL)  # so does this one
     rss_before = _rss()
     exited: list[str] = []
     async with (
@@ -320,6 +333,9 @@ async def test_malformed_items_stop_nothing_and_good_work_goes_on(
     assert len(good.handled) >= 4 * (ITEMS // GOOD_EVERY)
     assert _rss() - rss_before < RSS_GROWTH
     info = await bus.js.stream_info(DEAD_LETTER_STREAM)
+    letters = await dead_letters(bus, session=session_id)  # `swarmbus dead` reads them all
+    assert render_dead_letters(letters)
+    assert {letter.code for letter in letters} >= {"not_json", "schema", "bad_id"}
     print(
         f"fuzz: {bad.sent} bad, {len(good.handled)} good, max latency "
         f"{max(good.latencies().values()):.2f}s, {info.state.messages} dead letters "
