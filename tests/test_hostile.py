@@ -23,6 +23,7 @@ from swarmbus import (
     InvalidMessageError,
     Lock,
     LockLostError,
+    NatsServer,
     Proposal,
     Task,
     TaskQueue,
@@ -46,9 +47,11 @@ TYPE = "investigate"
 
 
 @pytest.fixture
-async def queue(bus: Bus, session_id: str) -> AsyncIterator[TaskQueue]:
-    async with TaskQueue(bus, session_id, ack_wait=0.5) as queue:
-        yield queue
+async def queue(fresh_server: NatsServer, session_id: str) -> AsyncIterator[TaskQueue]:
+    """A queue on a server of its own: each queue's ten durable consumers live a day, and
+    a stream takes at most 1,000 (the shared server's is for the rest of the suite)."""
+    async with Bus.open(url=fresh_server.url) as bus, TaskQueue(bus, session_id, ack_wait=0.5) as q:
+        yield q
 
 
 def _task_bytes(session: str, task_id: str, **fields: Any) -> bytes:
@@ -119,7 +122,8 @@ class DeadLetters:
 
 
 @pytest.fixture
-async def dead(bus: Bus, session_id: str) -> AsyncIterator[DeadLetters]:
+async def dead(queue: TaskQueue, session_id: str) -> AsyncIterator[DeadLetters]:
+    bus = queue.bus
     seen = DeadLetters()
     sub = await bus.nc.subscribe(f"swarmbus.dead.{session_id}.>", cb=seen.on_msg)
     yield seen
@@ -133,9 +137,10 @@ async def _drained(bus: Bus, session: str) -> bool:
 
 
 async def test_a_non_numeric_revision_header_is_dead_lettered_and_workers_go_on(
-    bus: Bus, queue: TaskQueue, session_id: str, dead: DeadLetters
+    queue: TaskQueue, session_id: str, dead: DeadLetters
 ) -> None:
     """Defect 1: ``Swarmbus-Task-Revision: abc`` killed every worker that claimed it."""
+    bus = queue.bus
     bad_subject = f"swarmbus.task.{session_id}.{TYPE}.5.poison1"
     data = _task_bytes(session_id, "poison1")
     workers = Workers(queue)
@@ -159,9 +164,10 @@ async def test_a_non_numeric_revision_header_is_dead_lettered_and_workers_go_on(
 
 
 async def test_a_garbage_task_record_never_kills_a_worker_nor_a_listing(
-    bus: Bus, queue: TaskQueue, session_id: str, dead: DeadLetters
+    queue: TaskQueue, session_id: str, dead: DeadLetters
 ) -> None:
     """Defect 2: garbage on the record key, then a dispatch: work() died, tasks() raised."""
+    bus = queue.bus
     await bus.js.publish(f"$KV.{TASKS_BUCKET}.{session_id}.broken", b"\x00garbage{")
     await bus.js.publish(f"$KV.{TASKS_BUCKET}.{session_id}.wrongtype", b'{"id": 5}')
     subject = f"swarmbus.task.{session_id}.{TYPE}.5.broken"
@@ -194,9 +200,10 @@ BAD_IDS = ["ü", "*", ">", "", "..", "$KV", "a\tb", "a.b", "x" * 129]
 
 
 async def test_dispatches_with_invalid_ids_end_once_and_the_batch_proceeds(
-    bus: Bus, queue: TaskQueue, session_id: str, dead: DeadLetters
+    queue: TaskQueue, session_id: str, dead: DeadLetters
 ) -> None:
     """Defect 3: ids that are not KV keys were put back forever and failed whole batches."""
+    bus = queue.bus
     goods: list[Task] = []
     for i, bad in enumerate(BAD_IDS):
         # The subject's last token as valid as it can be; the id the task carries is bad.
@@ -226,9 +233,10 @@ async def test_dispatches_with_invalid_ids_end_once_and_the_batch_proceeds(
 
 
 async def test_a_dispatch_whose_body_contradicts_its_subject_is_refused(
-    bus: Bus, queue: TaskQueue, session_id: str, unique: str, dead: DeadLetters
+    queue: TaskQueue, session_id: str, unique: str, dead: DeadLetters
 ) -> None:
     """A dispatch for another session's key (spoofed session or id) never writes there."""
+    bus = queue.bus
     other = f"O-{unique}"
     await bus.js.publish(f"swarmbus.task.{session_id}.{TYPE}.5.t1", _task_bytes(other, "t1"))
     await bus.js.publish(f"swarmbus.task.{session_id}.{TYPE}.5.t2", _task_bytes(session_id, "t3"))
