@@ -327,8 +327,8 @@ msgspec.DecodeError, wherever the type has a free-form (``Any``) field."""
 
 @pytest.mark.xfail(
     strict=True,
-    reason="consensus: _decode catches msgspec.DecodeError only; a RecursionError from a "
-    "deeply nested record ends the service's watch (owner: consensus)",
+    reason="consensus: decode_record (_consensus/record.py) catches msgspec.DecodeError only; a "
+    "RecursionError from a deeply nested record ends the service (owner: consensus)",
 )
 async def test_a_deeply_nested_proposal_record_does_not_stop_the_consensus_service(
     bus: Bus, unique: str, session_id: str
