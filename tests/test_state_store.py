@@ -143,3 +143,15 @@ async def test_a_value_over_the_limit_is_refused_with_the_limit(store: StateStor
         await store.put("big.1", b"x" * (store.max_value_bytes + 1))
     assert caught.value.limit == store.max_value_bytes
     assert await store.get("big.1", fresh=True) is None
+
+
+async def test_every_write_refuses_a_value_over_the_limit(store: StateStore) -> None:
+    big = b"x" * (store.max_value_bytes + 1)
+    revision = await store.create("big.2", b"a")
+    with pytest.raises(MessageTooLargeError):
+        await store.create("big.3", big)
+    with pytest.raises(MessageTooLargeError):
+        await store.update("big.2", big, revision=revision)
+    entry = await store.get("big.2", fresh=True)
+    assert entry is not None
+    assert (entry.value, entry.revision) == (b"a", revision)
