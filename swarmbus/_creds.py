@@ -119,6 +119,7 @@ _KV_READ_BUCKETS: Final = (
     "SWARMBUS_CONSENSUS",
     "SWARMBUS_LOCKS",
 )
+_KV_WATCH_BUCKETS: Final = (*_KV_READ_BUCKETS, "SWARMBUS_QUERIES")
 _OWN_CONSUMER: Final = "{{tag(token)}}-{{tag(handler)}}"
 
 _AGENT_PUB: Final[list[str]] = [
@@ -132,10 +133,11 @@ _AGENT_PUB: Final[list[str]] = [
     f"$JS.API.CONSUMER.DURABLE.CREATE.SWARMBUS_EVENTS.{_OWN_CONSUMER}",
     f"$JS.API.CONSUMER.MSG.NEXT.SWARMBUS_EVENTS.{_OWN_CONSUMER}",
     f"$JS.ACK.SWARMBUS_EVENTS.{_OWN_CONSUMER}.>",
-    # ephemeral consumers (KV watches and reads): no name, so no other's to reconfigure
+    # ephemeral consumers (KV watches and reads); not on the streams that hold named
+    # consumers (_AGENT_PUB_DENY)
     "$JS.API.CONSUMER.CREATE.*",
     *(f"$JS.API.CONSUMER.MSG.NEXT.KV_{b}.*" for b in _KV_READ_BUCKETS),
-    *(f"$JS.API.CONSUMER.DELETE.KV_{b}.*" for b in _KV_READ_BUCKETS),
+    *(f"$JS.API.CONSUMER.DELETE.KV_{b}.*" for b in _KV_WATCH_BUCKETS),
     # task queue: see deploy/README.md for what is still shared (queue consumers)
     "swarmbus.task.>",
     "$JS.API.CONSUMER.DURABLE.CREATE.SWARMBUS_TASKS.*",
@@ -149,6 +151,14 @@ _AGENT_PUB: Final[list[str]] = [
     "$KV.SWARMBUS_BOARD.>",
     "$KV.SWARMBUS_QUERIES.>",
     "$KV.SWARMBUS_CONSENSUS.m.*.{{name()}}",
+]
+_AGENT_PUB_DENY: Final[list[str]] = [
+    # The ephemeral create takes a consumer name in its body and then updates that
+    # consumer (filter, ack_wait): here it would reconfigure another agent's durable,
+    # the consensus service's intake or a task queue's consumer.
+    "$JS.API.CONSUMER.CREATE.SWARMBUS_EVENTS",
+    "$JS.API.CONSUMER.CREATE.SWARMBUS_TASKS",
+    "$JS.API.CONSUMER.CREATE.SWARMBUS_DEAD",
 ]
 _AGENT_SUB: Final[list[str]] = [
     "agent.>",
@@ -194,7 +204,7 @@ DEFAULT_ROLES: Final[dict[str, dict[str, Any]]] = {
         "description": "one agent: publishes as itself, reads events, its own consumers",
         "tags": [TOKEN_TAG, HANDLER_TAG, CAPABILITY_TAG],
         "template": {
-            "pub": {"allow": _AGENT_PUB},
+            "pub": {"allow": _AGENT_PUB, "deny": _AGENT_PUB_DENY},
             "sub": {"allow": _AGENT_SUB},
             "resp": {"max": 1, "ttl": 60 * _SECOND_NS},
             "subs": 1000,
