@@ -157,7 +157,7 @@ class KvWatch:
                 await sub.unsubscribe()
             # the current consumer: an ordered consumer is re-created after a gap
             consumer: str | None = getattr(sub, "_consumer", None)
-            if consumer:
+            if consumer and self.js._nc.is_connected:  # no wait on an outage: it expires
                 with contextlib.suppress(*NatsError):  # gone already, or no connection
                     await self.js.delete_consumer(kv_stream(self.bucket), consumer)
 
