@@ -6,6 +6,7 @@ credentials directory); agents are added and revoked while it runs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import shutil
@@ -297,6 +298,36 @@ async def test_memory_resolver_revokes_on_config_reload(tmp_path: Path) -> None:
             await nc.close()
         with pytest.raises(ConnectionError):
             await Bus.connect(url=server.url, creds_file=str(kept), connect_timeout=2)
+
+
+async def test_concurrent_adds_and_revokes_lose_no_agent_and_no_revocation(
+    tmp_path: Path,
+) -> None:
+    """Provisioning scripts run ``creds add`` and ``revoke`` in parallel: every agent
+    stays listed (so it can be revoked) and every revocation reaches the server."""
+    server, store = jwt_server(tmp_path, "memory")
+    agents = [f"ops/agent-{i}" for i in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda agent: CredsStore(store.root).add(agent), agents))
+    users = store.users()
+    assert set(agents) <= set(users)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for agent in agents:
+        shutil.copy(users[agent].creds_file, kept / users[agent].creds_file.name)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda agent: CredsStore(store.root).revoke(agent), agents))
+    revoked = decode_jwt(store.account_jwt)["nats"]["revocations"]
+    assert {users[agent].public_key for agent in agents} <= set(revoked)
+    with server:  # starts from server.conf, which preloads the last account JWT
+        for agent in agents:
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await nats.connect(
+                    server.url,
+                    user_credentials=str(kept / users[agent].creds_file.name),
+                    allow_reconnect=False,
+                    connect_timeout=2,
+                )
 
 
 def test_user_jwt_names_the_agent_and_carries_no_permissions(tmp_path: Path) -> None:
