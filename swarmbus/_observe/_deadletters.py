@@ -95,6 +95,8 @@ async def dead_letters(
 
 async def get_dead_letter(bus: Bus, id: int) -> DeadLetter:
     """The dead letter with sequence ``id`` (``NotFoundError`` if there is none)."""
+    if id < 1:  # stream sequences start at 1; the server would answer "bad request"
+        raise NotFoundError("dead letter", str(id))
     raw = await stored_message(bus.js, DEAD_LETTER_STREAM, id)
     if raw is None or not (raw.subject or "").startswith(f"{subjects.DEAD_LETTER_ROOT}."):
         raise NotFoundError("dead letter", str(id))

@@ -44,6 +44,7 @@ from swarmbus._jetstream.reads import kv_latest
 from swarmbus._observe import _instruments as instruments
 from swarmbus._observe._events import Follower, Step
 from swarmbus._observe._instruments import METER_NAME
+from swarmbus._observe._timeline import forget_oldest
 from swarmbus._subjects import DEAD_LETTER_WILDCARD, EVENTS_WILDCARD
 from swarmbus._tasks import TASKS_STREAM
 
@@ -239,6 +240,7 @@ class Observer:
             case "task.created":
                 self._tasks_created.add(1)
                 self._created[body.task_id] = message.timestamp
+                forget_oldest(self._created)
             case "task.assigned" if body.task_id in self._created:
                 wait = message.timestamp - self._created[body.task_id]
                 self._claim.record(max(0.0, wait.total_seconds()))

@@ -44,6 +44,20 @@ except ImportError as exc:  # pragma: no cover - the ui extra is missing
 STATIC: Final = Path(__file__).parent / "static"
 
 
+#: The largest stream sequence a consumer accepts (a uint64 on the server).
+MAX_SEQUENCE: Final = 2**64 - 1
+
+
+def resume_after(last_event_id: str) -> str | int:
+    """Where an event stream starts: after the browser's ``Last-Event-ID``, else at the
+    first stored event. The header is the client's to write: anything but a sequence
+    the server can take (ASCII digits, at most a uint64) counts as absent."""
+    if not (last_event_id.isascii() and last_event_id.isdigit()):
+        return "all"
+    seq = int(last_event_id)
+    return seq if seq < MAX_SEQUENCE else "all"
+
+
 class _Views:
     """The request handlers, sharing one bus and the view's settings."""
 
@@ -71,8 +85,7 @@ class _Views:
 
     async def events(self, request: Request) -> Response:
         session = self._session(request)
-        last = request.headers.get("last-event-id", "")
-        start: str | int = int(last) if last.isdigit() else "all"
+        start = resume_after(request.headers.get("last-event-id", ""))
         return StreamingResponse(
             self._stream(session, start),
             media_type="text/event-stream",

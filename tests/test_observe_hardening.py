@@ -1,0 +1,200 @@
+"""The observing tools against hostile or huge input, on a real server (review of issue 22).
+
+Each test here failed before its fix: a sender's JSON value where a string was
+expected, a browser's ``Last-Event-ID``, a dead letter id the stream cannot hold, a
+session too large to read within one fixed deadline, and per-task or per-session
+state that a long-running observer kept forever.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import anyio
+import pytest
+
+from swarmbus import Bus
+from swarmbus._bus import EVENTS_STREAM
+from swarmbus._errors import NotFoundError
+from swarmbus._jetstream.follow import stored
+from swarmbus._messages import SessionStarted, TaskCreated, encode, envelope_for
+from swarmbus._observe._deadletters import get_dead_letter, retry_dead_letter
+from swarmbus._observe._events import Step, step_of
+from swarmbus._observe._metrics import Observer
+from swarmbus._observe._tail import LIVE_SESSIONS_LIMIT, Tail
+from swarmbus._observe._timeline import RUNNING_TASKS_LIMIT, Timeline
+from swarmbus._subjects import event_subject, session_filter
+from tests.test_observe import cli
+from tests.test_observe_ui import TOKEN, _start_ui, fetch
+
+AGENT = "ops/architect"
+
+
+@pytest.fixture
+async def ui(nats_url: str) -> AsyncIterator[str]:
+    """``swarmbus ui`` with a retry token; yields its base URL."""
+    process, url = await _start_ui(nats_url, TOKEN)
+    async with process:
+        try:
+            yield url
+        finally:
+            process.terminate()
+            await process.wait()
+
+
+def _task_created(session: str, n: int, target: object = "ops/x") -> bytes:
+    body = TaskCreated(task_id=f"t-{n}", type="investigate", parameters={"target": target})
+    return encode(envelope_for(body, agent=AGENT, session=session))
+
+
+def _task_step(session: str, n: int) -> Step:
+    subject = event_subject("task", "created", session, AGENT)
+    return step_of(n, subject, _task_created(session, n), None, datetime.now(UTC))
+
+
+async def _publish_odd_target(bus: Bus, session: str) -> None:
+    """A valid envelope whose ``parameters.target`` is a number, not an agent id."""
+    await bus.js.publish(
+        event_subject("task", "created", session, AGENT), _task_created(session, 1, 5)
+    )
+
+
+# --- a sender's JSON where a string was expected -----------------------------------------------
+
+
+async def test_a_task_target_that_is_not_a_string_is_shown_not_a_crash(
+    bus: Bus,
+    nats_url: str,
+    session_id: str,
+    ui: str,
+) -> None:
+    await _publish_odd_target(bus, session_id)
+    result = await anyio.to_thread.run_sync(lambda: cli(nats_url, "timeline", session_id))
+    assert result.returncode == 0, result.stderr
+    assert "created task 'investigate' for 5" in result.stdout
+    status, html = await anyio.to_thread.run_sync(fetch, f"{ui}sessions/{session_id}/proposals")
+    assert status == 200, html
+
+
+async def test_the_event_stream_of_the_view_carries_a_number_target(
+    bus: Bus,
+    session_id: str,
+    ui: str,
+) -> None:
+    await _publish_odd_target(bus, session_id)
+
+    def first_step() -> bytes:
+        url = f"{ui}sessions/{session_id}/events"
+        with urllib.request.urlopen(url, timeout=20) as response:
+            while not (line := bytes(response.readline())).startswith(b"data:"):
+                assert line, "the stream ended before its first step"
+            return line
+
+    with anyio.fail_after(30):
+        line = await anyio.to_thread.run_sync(first_step)
+    assert b"created task &#x27;investigate&#x27; for 5" in line
+
+
+# --- a browser's Last-Event-ID -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("last", ["\u00b2", "9" * 30], ids=["superscript-two", "beyond-uint64"])
+async def test_a_garbage_last_event_id_replays_from_the_start(
+    bus: Bus,
+    session_id: str,
+    ui: str,
+    last: str,
+) -> None:
+    await bus.js.publish(
+        event_subject("session", "started", session_id, AGENT),
+        encode(
+            envelope_for(
+                SessionStarted(session_id=session_id, initiator=AGENT, context={"task": "t"}),
+                agent=AGENT,
+                session=session_id,
+            )
+        ),
+    )
+
+    def first_lines() -> tuple[int, bytes]:
+        request = urllib.request.Request(f"{ui}sessions/{session_id}/events")
+        request.add_unredirected_header("Last-Event-ID", last)  # latin-1 on the wire
+        with urllib.request.urlopen(request, timeout=20) as response:
+            out = b""
+            while b"\ndata:" not in out:
+                line = response.readline()
+                assert line, f"the stream ended early: {out!r}"
+                out += line
+            return response.status, out
+
+    with anyio.fail_after(30):
+        status, out = await anyio.to_thread.run_sync(first_lines)
+    assert status == 200
+    assert b"event: step" in out
+    assert b"started the session" in out
+
+
+# --- dead letter ids ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("id", [0, -5])
+async def test_a_dead_letter_id_below_one_is_not_found(bus: Bus, nats_url: str, id: int) -> None:
+    with pytest.raises(NotFoundError):
+        await get_dead_letter(bus, id)
+    with pytest.raises(NotFoundError):
+        await retry_dead_letter(bus, id)
+    result = await anyio.to_thread.run_sync(lambda: cli(nats_url, "dead", "retry", "--", str(id)))
+    assert result.returncode == 2
+    assert f"dead letter '{id}' not found" in result.stderr
+
+
+# --- a huge session -----------------------------------------------------------------------------
+
+
+async def test_a_session_longer_to_read_than_the_timeout_is_read_whole(
+    bus: Bus, session_id: str
+) -> None:
+    """The timeout bounds the wait for each next event, not the whole read."""
+    events = 30_000  # about 3 s to read here: longer than the timeout below
+    data = _task_created(session_id, 0)
+    subject = event_subject("task", "created", session_id, AGENT)
+    for _ in range(events - 1):
+        await bus.nc.publish(subject, data)
+    # One connection's messages reach the stream in order: the last one's ack says
+    # every earlier one is stored.
+    await bus.js.publish(subject, data)
+    with anyio.fail_after(60):
+        started = anyio.current_time()
+        messages = await stored(bus.js, EVENTS_STREAM, session_filter(session_id), timeout=1.0)
+    assert len(messages) == events
+    assert anyio.current_time() - started > 1.0  # else this test proves nothing
+
+
+# --- state an observer that runs for weeks must not keep forever --------------------------------
+
+
+def test_a_live_timeline_forgets_tasks_that_never_end() -> None:
+    timeline = Timeline("S-1", keep=False)
+    for n in range(RUNNING_TASKS_LIMIT + 50):
+        timeline.add(_task_step("S-1", n))
+    assert len(timeline.tasks) == RUNNING_TASKS_LIMIT
+    assert "t-0" not in timeline.tasks  # the oldest went first
+    assert f"t-{RUNNING_TASKS_LIMIT + 49}" in timeline.tasks
+
+
+async def test_the_metrics_observer_forgets_tasks_that_never_end(bus: Bus) -> None:
+    observer = Observer(bus)
+    for n in range(RUNNING_TASKS_LIMIT + 50):
+        observer.count(_task_step("S-1", n))
+    assert len(observer._created) == RUNNING_TASKS_LIMIT
+
+
+async def test_tail_forgets_sessions_that_never_complete(bus: Bus) -> None:
+    tail = Tail(bus, echo=lambda _: None)
+    for n in range(LIVE_SESSIONS_LIMIT + 5):
+        tail.line(_task_step(f"S-{n}", n))
+    assert len(tail._timelines) == LIVE_SESSIONS_LIMIT
+    assert "S-0" not in tail._timelines
+    assert f"S-{LIVE_SESSIONS_LIMIT + 4}" in tail._timelines
