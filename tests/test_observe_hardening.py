@@ -8,8 +8,9 @@ state that a long-running observer kept forever.
 
 from __future__ import annotations
 
+import socket
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 
 import anyio
@@ -17,7 +18,7 @@ import pytest
 
 from swarmbus import Bus
 from swarmbus._bus import EVENTS_STREAM
-from swarmbus._errors import NotFoundError
+from swarmbus._errors import NotFoundError, SwarmbusError
 from swarmbus._jetstream.follow import stored
 from swarmbus._messages import SessionStarted, TaskCreated, encode, envelope_for
 from swarmbus._observe._deadletters import get_dead_letter, retry_dead_letter
@@ -198,3 +199,45 @@ async def test_tail_forgets_sessions_that_never_complete(bus: Bus) -> None:
     assert len(tail._timelines) == LIVE_SESSIONS_LIMIT
     assert "S-0" not in tail._timelines
     assert f"S-{LIVE_SESSIONS_LIMIT + 4}" in tail._timelines
+
+
+# --- a port that is taken, a port that is not a number ------------------------------------------
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+async def test_the_view_on_a_taken_port_says_so(bus: Bus, taken_port: int) -> None:
+    from swarmbus._observe._ui import serve_ui
+
+    with anyio.fail_after(20), pytest.raises(SwarmbusError, match="cannot listen"):
+        await serve_ui(bus, port=taken_port)
+
+
+async def test_ui_on_a_taken_port_is_an_error_not_a_traceback(
+    nats_url: str, taken_port: int
+) -> None:
+    result = await anyio.to_thread.run_sync(lambda: cli(nats_url, "ui", "--port", str(taken_port)))
+    assert result.returncode == 2
+    assert "cannot listen" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("how", ["taken", "not-a-number"])
+async def test_metrics_on_a_bad_port_is_an_error_not_a_traceback(
+    nats_url: str, taken_port: int, how: str
+) -> None:
+    env = (
+        {"OTEL_EXPORTER_PROMETHEUS_PORT": str(taken_port)}
+        if how == "taken"
+        else {"OTEL_EXPORTER_PROMETHEUS_PORT": "9464x"}
+    )
+    result = await anyio.to_thread.run_sync(lambda: cli(nats_url, "metrics", env=env))
+    assert result.returncode == 2, result.stderr
+    assert "OTEL_EXPORTER_PROMETHEUS_PORT" in result.stderr or "cannot listen" in result.stderr
+    assert "Traceback" not in result.stderr

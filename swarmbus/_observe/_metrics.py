@@ -126,9 +126,17 @@ def _prometheus(port: int | None) -> tuple[MetricReader, Any, str]:
         raise MissingDependencyError("the Prometheus endpoint", "ui") from exc
     host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", DEFAULT_PROMETHEUS_HOST)
     if port is None:
-        port = int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", DEFAULT_PROMETHEUS_PORT))
+        value = os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", str(DEFAULT_PROMETHEUS_PORT))
+        if not (value.isascii() and value.isdigit()):
+            raise SwarmbusError(f"OTEL_EXPORTER_PROMETHEUS_PORT={value}: not a port number")
+        port = int(value)
     reader = PrometheusMetricReader()
-    server, _ = start_http_server(port, addr=host)
+    try:
+        server, _ = start_http_server(port, addr=host)
+    except OSError as exc:  # the port is taken, or the host is not an address of this machine
+        raise SwarmbusError(
+            f"the Prometheus endpoint cannot listen on {host}:{port}: {exc}"
+        ) from exc
     return reader, server, f"http://{host}:{server.server_port}/metrics"
 
 

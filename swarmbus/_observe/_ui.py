@@ -223,10 +223,16 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
     async def run_shielded(self) -> None:
-        """Serve; a cancellation of the caller asks it to stop instead (``should_exit``)."""
+        """Serve; a cancellation of the caller asks it to stop instead (``should_exit``).
+
+        uvicorn raises ``SystemExit`` when it cannot listen (the port is taken): that
+        ends the serving here, and ``serve_ui`` reports it (``started`` stays False).
+        """
         try:
             with anyio.CancelScope(shield=True):
                 await self.serve()
+        except SystemExit:
+            pass
         finally:
             self.stopped.set()
             self.listening.set()  # wake a caller waiting for a startup that failed
@@ -244,6 +250,9 @@ async def serve_ui(
     """Serve the web view until interrupted (SIGINT, SIGTERM) or cancelled.
 
     ``ready(url)`` is called once it listens; ``port`` 0 picks a free port.
+
+    Raises:
+        SwarmbusError: it cannot listen on ``host``:``port``.
     """
     app = create_app(bus, token=token, trace_url=trace_url)
     config = uvicorn.Config(
@@ -254,9 +263,11 @@ async def serve_ui(
         tg.start_soon(server.run_shielded)
         try:
             await server.listening.wait()
-            if ready is not None and not server.stopped.is_set():
+            if ready is not None and server.started:
                 bound = server.servers[0].sockets[0].getsockname()[1]
                 ready(f"http://{host}:{bound}/")
             await server.stopped.wait()
         finally:
             server.should_exit = True
+    if not server.started:
+        raise SwarmbusError(f"the web view cannot listen on {host}:{port} (in use?)")
