@@ -8,7 +8,9 @@ state that a long-running observer kept forever.
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -27,8 +29,8 @@ from swarmbus._observe._metrics import Observer
 from swarmbus._observe._tail import LIVE_SESSIONS_LIMIT, Tail
 from swarmbus._observe._timeline import RUNNING_TASKS_LIMIT, Timeline
 from swarmbus._subjects import event_subject, session_filter
-from tests.test_observe import cli
-from tests.test_observe_ui import TOKEN, _start_ui, fetch
+from tests.test_observe import ROOT, cli
+from tests.test_observe_ui import TOKEN, URL, _start_ui, fetch
 
 AGENT = "ops/architect"
 
@@ -241,3 +243,43 @@ async def test_metrics_on_a_bad_port_is_an_error_not_a_traceback(
     assert result.returncode == 2, result.stderr
     assert "OTEL_EXPORTER_PROMETHEUS_PORT" in result.stderr or "cannot listen" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- a tracing backend's URL with braces of its own ---------------------------------------------
+
+GRAFANA = 'http://grafana:3000/explore?left={"queries":[{"query":"{trace_id}"}]}'
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+async def test_a_trace_url_with_braces_of_its_own_links_every_step(
+    bus: Bus, nats_url: str, session_id: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "SWARMBUS_UI_TOKEN"}
+    env.update({"NATS_URL": nats_url, "PYTHONPATH": str(ROOT)})
+    command = [sys.executable, "-m", "swarmbus._cli", "ui", "--port", "0", "--trace-url", GRAFANA]
+    body = SessionStarted(session_id=session_id, initiator=AGENT, context={"task": "t"})
+    await bus.js.publish(
+        event_subject("session", "started", session_id, AGENT),
+        encode(envelope_for(body, agent=AGENT, session=session_id)),
+        headers={"traceparent": f"00-{TRACE}-00f067aa0ba902b7-01"},
+    )
+    async with await anyio.open_process(command, env=env, cwd=ROOT) as process:
+        try:
+            assert process.stderr is not None
+            note = b""
+            with anyio.fail_after(30):
+                while not URL.search(note):
+                    note += await process.stderr.receive()
+            match = URL.search(note)
+            assert match is not None
+            base = match[1].decode()
+            status, html = await anyio.to_thread.run_sync(
+                fetch, f"{base}sessions/{session_id}/trace/{TRACE}"
+            )
+        finally:
+            process.terminate()
+            await process.wait()
+    assert status == 200, html
+    expected = GRAFANA.replace("{trace_id}", TRACE).replace('"', "&quot;")
+    assert f'href="{expected}"' in html
+    assert "started the session" in html
