@@ -283,3 +283,20 @@ async def test_a_trace_url_with_braces_of_its_own_links_every_step(
     expected = GRAFANA.replace("{trace_id}", TRACE).replace('"', "&quot;")
     assert f'href="{expected}"' in html
     assert "started the session" in html
+
+
+# --- tail --limit ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+async def test_tail_refuses_a_limit_below_one(
+    bus: Bus, nats_url: str, session_id: str, limit: str
+) -> None:
+    """``--limit 0`` printed one event (or waited for one) instead of none."""
+    await _publish_odd_target(bus, session_id)
+    result = await anyio.to_thread.run_sync(
+        lambda: cli(nats_url, "tail", session_id, "--from-start", f"--limit={limit}")
+    )
+    assert result.returncode == 2
+    assert "must be at least 1" in result.stderr
+    assert result.stdout == ""

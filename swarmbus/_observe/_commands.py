@@ -14,6 +14,17 @@ UI_TOKEN_ENV = "SWARMBUS_UI_TOKEN"
 TIMELINE_FORMATS = ("text", "markdown", "json")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _echo(line: str) -> None:
     print(line, flush=True)
 
@@ -143,7 +154,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--agent", action="append", help="only this agent (or prefix: ops)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--from-start", action="store_true", help="replay stored events first")
-    p.add_argument("--limit", type=int, default=None, help="stop after this many events")
+    p.add_argument("--limit", type=_positive, default=None, help="stop after this many events")
     p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("timeline", help="replay a session's events as a timeline")
