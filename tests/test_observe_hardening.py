@@ -285,7 +285,7 @@ async def test_a_trace_url_with_braces_of_its_own_links_every_step(
     assert "started the session" in html
 
 
-# --- tail --limit ----------------------------------------------------------------------------------
+# --- tail --limit ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("limit", ["0", "-1"])
