@@ -300,3 +300,23 @@ async def test_tail_refuses_a_limit_below_one(
     assert result.returncode == 2
     assert "must be at least 1" in result.stderr
     assert result.stdout == ""
+
+
+async def test_a_second_retry_of_a_kept_dead_letter_says_it_was_not_published(
+    bus: Bus, nats_url: str, session_id: str
+) -> None:
+    """The stream de-duplicates the second publish: "retried" would be a lie."""
+    subject = event_subject("finding", "reported", session_id, "ops/x")
+    headers = {"Swarmbus-Code": "not_json", "Swarmbus-Reason": "bad",
+               "Swarmbus-Original-Subject": subject}  # fmt: skip
+    ack = await bus.js.publish(f"swarmbus.dead.{session_id}.ops/y", b"{nope", headers=headers)
+    first = await anyio.to_thread.run_sync(
+        lambda: cli(nats_url, "dead", "retry", str(ack.seq), "--keep")
+    )
+    assert first.returncode == 0, first.stderr
+    again = await anyio.to_thread.run_sync(
+        lambda: cli(nats_url, "dead", "retry", str(ack.seq), "--keep")
+    )
+    assert again.returncode == 2
+    assert "not published again" in again.stderr
+    assert len(await stored(bus.js, EVENTS_STREAM, session_filter(session_id))) == 1

@@ -109,7 +109,8 @@ async def retry_dead_letter(bus: Bus, id: int, *, keep: bool = False) -> DeadLet
 
     Raises:
         NotFoundError: no dead letter ``id``.
-        SwarmbusError: it cannot be retried (a request, or no original subject).
+        SwarmbusError: it cannot be retried (a request, or no original subject), or it
+            was kept and retried already within the duplicate window.
     """
     letter = await get_dead_letter(bus, id)
     subject = letter.original_subject
@@ -124,7 +125,14 @@ async def retry_dead_letter(bus: Bus, id: int, *, keep: bool = False) -> DeadLet
     headers = {MSG_ID_HEADER: f"retry:{id}", RETRY_OF_HEADER: str(id)}
     with nats_errors(f"retry dead letter {id} on {subject}"):
         if subject.startswith((f"{subjects.EVENT_ROOT}.", f"{subjects.TASK_ROOT}.")):
-            await bus.js.publish(subject, letter.data, headers=headers)
+            ack = await bus.js.publish(subject, letter.data, headers=headers)
+            if ack.duplicate and keep:
+                # Without --keep a duplicate only means an earlier retry published and
+                # did not get to delete the letter: deleting it now finishes that retry.
+                raise SwarmbusError(
+                    f"dead letter {id} was retried already within the stream's duplicate "
+                    "window: it was not published again"
+                )
         else:
             await bus.nc.publish(subject, letter.data, headers=headers)
             await bus.nc.flush()
