@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import anyio
 import pytest
 
-from swarmbus import Bus
+from swarmbus import Bus, NatsServer
 from swarmbus._bus import EVENTS_STREAM
 from swarmbus._errors import NotFoundError, SwarmbusError
 from swarmbus._jetstream.follow import stored
@@ -320,3 +320,26 @@ async def test_a_second_retry_of_a_kept_dead_letter_says_it_was_not_published(
     assert again.returncode == 2
     assert "not published again" in again.stderr
     assert len(await stored(bus.js, EVENTS_STREAM, session_filter(session_id))) == 1
+
+
+# --- looking must not change the swarm ----------------------------------------------------------
+
+
+async def test_observing_leaves_the_event_streams_config_alone(fresh_server: NatsServer) -> None:
+    """An SRE's defaults (7 days of events) must not overwrite what the swarm provisioned."""
+    async with Bus.open(url=fresh_server.url, event_max_age=3600.0):
+        pass  # provisions SWARMBUS_EVENTS with a one-hour max age
+    for args in (["timeline", "S-1"], ["dead"]):
+        result = await anyio.to_thread.run_sync(lambda a=args: cli(fresh_server.url, *a))
+        assert result.returncode in (0, 1), result.stderr
+    async with Bus.open(url=fresh_server.url, provision=False) as bus:
+        info = await bus.js.stream_info(EVENTS_STREAM)
+    assert info.config.max_age == pytest.approx(3600.0)
+
+
+async def test_observing_a_fresh_server_provisions_the_missing_streams(
+    fresh_server: NatsServer,
+) -> None:
+    result = await anyio.to_thread.run_sync(lambda: cli(fresh_server.url, "dead"))
+    assert result.returncode == 0, result.stderr
+    assert "0 dead letter(s)" in result.stdout
