@@ -22,7 +22,7 @@ from swarmbus import Bus, NatsServer
 from swarmbus._bus import EVENTS_STREAM
 from swarmbus._errors import NotFoundError, SwarmbusError
 from swarmbus._jetstream.follow import stored
-from swarmbus._messages import SessionStarted, TaskCreated, encode, envelope_for
+from swarmbus._messages import Finding, SessionStarted, TaskCreated, encode, envelope_for
 from swarmbus._observe._deadletters import get_dead_letter, retry_dead_letter
 from swarmbus._observe._events import Step, step_of
 from swarmbus._observe._metrics import Observer
@@ -343,3 +343,47 @@ async def test_observing_a_fresh_server_provisions_the_missing_streams(
     result = await anyio.to_thread.run_sync(lambda: cli(fresh_server.url, "dead"))
     assert result.returncode == 0, result.stderr
     assert "0 dead letter(s)" in result.stdout
+
+
+# --- what an agent wrote must not drive the SRE's terminal ----------------------------------
+
+
+EVIL = "\x1b]0;owned\x07\x1b[2J\x9b31m"  # retitle the terminal, clear it, CSI in C1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["timeline"], ["timeline", "--format", "markdown"], ["tail", "--from-start", "--limit=1"]],
+    ids=["timeline", "markdown", "tail"],
+)
+async def test_terminal_output_shows_control_characters_as_escapes(
+    bus: Bus, nats_url: str, session_id: str, args: list[str]
+) -> None:
+    finding = Finding(category="observation", content=f"ok {EVIL} ok", confidence=0.5)
+    await bus.js.publish(
+        event_subject("finding", "reported", session_id, AGENT),
+        encode(envelope_for(finding, agent=AGENT, session=session_id)),
+    )
+    command, *options = args
+    result = await anyio.to_thread.run_sync(lambda: cli(nats_url, command, session_id, *options))
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    assert "\x9b" not in result.stdout
+    assert "\x07" not in result.stdout
+    assert "ok \\x1b]0;owned\\x07\\x1b[2J\\x9b31m ok" in result.stdout
+
+
+async def test_dead_shows_control_characters_of_a_letter_as_escapes(
+    bus: Bus, nats_url: str, session_id: str
+) -> None:
+    subject = event_subject("finding", "reported", session_id, "ops/x")
+    headers = {"Swarmbus-Code": "not_json", "Swarmbus-Reason": f"bad {EVIL}",
+               "Swarmbus-Original-Subject": subject}  # fmt: skip
+    await bus.js.publish(
+        f"swarmbus.dead.{session_id}.ops/y", f"data {EVIL}".encode(), headers=headers
+    )
+    result = await anyio.to_thread.run_sync(lambda: cli(nats_url, "dead", "--session", session_id))
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout
+    assert "data \\x1b]0;owned" in result.stdout
+    assert "bad \\x1b]0;owned" in result.stdout

@@ -26,6 +26,7 @@ from swarmbus._jetstream.headers import CODE as CODE_HEADER
 from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._jetstream.headers import ORIGINAL_SUBJECT as ORIGINAL_SUBJECT_HEADER
 from swarmbus._jetstream.headers import REASON as REASON_HEADER
+from swarmbus._observe._events import printable
 
 RETRY_OF_HEADER: Final = "Swarmbus-Retry-Of"
 
@@ -152,4 +153,4 @@ def render_dead_letters(letters: list[DeadLetter]) -> str:
         preview = d.data[:120].decode(errors="replace")
         lines.append(f"{'':8}data:    {preview}{'...' if len(d.data) > 120 else ''}")
     lines.append(f"{len(letters)} dead letter(s)")
-    return "\n".join(lines) + "\n"
+    return "".join(printable(line) + "\n" for line in lines)

@@ -10,7 +10,7 @@ import msgspec
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
-from swarmbus._observe._events import Follower, Step
+from swarmbus._observe._events import Follower, Step, printable
 from swarmbus._observe._timeline import Timeline, forget_oldest
 
 #: Sessions a tail follows at once; beyond it the one idle longest is forgotten (a
@@ -93,7 +93,7 @@ class Tail:
         clock = step.time.strftime("%H:%M:%S.%f")[:-3]
         where = "" if self.session else f"{step.session:<20} "
         trace = f"  [trace {step.trace_id}]" if step.trace_id else ""
-        return f"{clock}  {where}{step.agent:<32} {text}{trace}"
+        return printable(f"{clock}  {where}{step.agent:<32} {text}{trace}")
 
     async def run(
         self,

@@ -18,7 +18,7 @@ import msgspec
 
 from swarmbus import _subjects as subjects
 from swarmbus._messages import Message
-from swarmbus._observe._events import Step
+from swarmbus._observe._events import Step, printable
 
 #: Running tasks a live follower remembers; beyond it the oldest is forgotten (a task
 #: whose end never comes, e.g. its session was abandoned, must not be kept forever).
@@ -290,8 +290,8 @@ class Timeline:
         if format == "json":
             return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
         if format == "markdown":
-            return _Markdown(self).render()
-        return "".join(self.text_line(step, line) + "\n" for step, line in self._pairs())
+            return printable(_Markdown(self).render(), keep_newlines=True)
+        return "".join(printable(self.text_line(s, line)) + "\n" for s, line in self._pairs())
 
     def text_line(self, step: Step, line: str) -> str:
         """``+seconds  agent  what  [trace]``: the terminal form of one step."""
