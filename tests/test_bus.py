@@ -744,19 +744,18 @@ async def test_a_handler_failing_on_error_events_makes_no_report_loop(
 
     dead, stop_dead = await collect(raw, f"swarmbus.dead.{session_id}.>")
     js = raw.jetstream()
-    async with Bus.open(url=nats_url) as bus:
-        async with agent.serve(bus):
-            await bus.publish(
-                Finding(category="observation", content="x", confidence=0.5),
-                agent="ext/writer",
-                session=session_id,
-            )
-            with anyio.fail_after(WAIT):
-                while True:  # the error handler's own failure was dead-lettered
-                    msg = await dead.receive()
-                    original = (msg.headers or {}).get(ORIGINAL_SUBJECT_HEADER, "")
-                    if original.startswith("agent.error.occurred."):
-                        break
+    async with Bus.open(url=nats_url) as bus, agent.serve(bus):
+        await bus.publish(
+            Finding(category="observation", content="x", confidence=0.5),
+            agent="ext/writer",
+            session=session_id,
+        )
+        with anyio.fail_after(WAIT):
+            while True:  # the error handler's own failure was dead-lettered
+                msg = await dead.receive()
+                original = (msg.headers or {}).get(ORIGINAL_SUBJECT_HEADER, "")
+                if original.startswith("agent.error.occurred."):
+                    break
     # Closing the bus drained its outbox: a further report would be stored by now.
     await stop_dead()
     info = await js.stream_info(
