@@ -262,7 +262,7 @@ def _not_found(session: str) -> int:
 
 
 def _duration(value: str) -> float:
-    from swarmbus._spec import parse_duration
+    from swarmbus._durations import parse_duration
 
     try:
         return parse_duration(value)

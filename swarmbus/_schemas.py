@@ -18,6 +18,7 @@ from swarmbus._messages import CONTRACT_VERSION, MESSAGE_TYPES, Message
 
 SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID: Final = "https://swarmbus.dev/schemas/v{version}/"
+NEWLINE: Final = "\n"
 
 
 def _portable_value(key: str, value: Any) -> Any:
@@ -28,15 +29,27 @@ def _portable_value(key: str, value: Any) -> Any:
     return _portable(value)
 
 
+def _dropped(key: str, value: Any, node: dict[str, Any]) -> bool:
+    # A timestamp's pattern is its rule: ``format: date-time`` would refuse the zone-less
+    # form the decoder reads as UTC, and date-time checkers differ between languages.
+    return key == "format" and value == "date-time" and "pattern" in node
+
+
 def _portable(node: Any) -> Any:
     """The same schema from every msgspec version we allow, in every regex dialect.
 
-    Python's end anchor ``\\Z`` is ``$`` in JSON Schema (ECMA-262) and Go's RE2.
+    Python's end anchor ``\\Z`` is ``$`` in JSON Schema (ECMA-262) and Go's RE2. Python's
+    ``re.search`` (Python's jsonschema) lets ``$`` match before a final newline, so every
+    pattern also carries ``not: {pattern: "\\n"}``: then every validator refuses what the
+    decoder refuses.
     Descriptions come from docstrings, which msgspec 0.23 dedents and older versions
     do not: ``inspect.cleandoc`` makes them equal.
     """
     if isinstance(node, dict):
-        return {k: _portable_value(k, v) for k, v in node.items()}
+        out = {k: _portable_value(k, v) for k, v in node.items() if not _dropped(k, v, node)}
+        if isinstance(out.get("pattern"), str) and out["pattern"].endswith("$"):
+            out["not"] = {"pattern": NEWLINE}
+        return out
     if isinstance(node, list):
         return [_portable(v) for v in node]
     return node
