@@ -348,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: delete records of tasks finished at least AGE ago (e.g. 7d, 12h)",
     )
     p.set_defaults(func=_cmd_tasks)
+
+    from swarmbus._runtime.command import add_parser as add_up
+
+    add_up(sub)
     return parser
 
 

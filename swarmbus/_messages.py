@@ -291,6 +291,16 @@ class ErrorOccurred(_Body, frozen=True):
     dead_letter: bool = False
 
 
+class PresenceLost(_Body, frozen=True):
+    """An agent died (silent past its presence deadline) or left; the runtime released
+    the task claims (offered again) and locks it held through the runtime API."""
+
+    agent_id: AgentId
+    reason: Literal["dead", "left"]
+    released_tasks: list[MessageId] = []
+    released_locks: list[str] = []
+
+
 Body: TypeAlias = (
     Finding
     | Action
@@ -310,6 +320,7 @@ Body: TypeAlias = (
     | Vote
     | Decision
     | ErrorOccurred
+    | PresenceLost
 )
 
 
@@ -438,6 +449,11 @@ class ErrorOccurredMessage(Envelope, tag="error.occurred", frozen=True):
     error_occurred: ErrorOccurred = msgspec.field(name="error.occurred")
 
 
+class PresenceLostMessage(Envelope, tag="presence.lost", frozen=True):
+    body_field = "presence_lost"
+    presence_lost: PresenceLost = msgspec.field(name="presence.lost")
+
+
 Message: TypeAlias = (
     FindingMessage
     | ActionMessage
@@ -457,6 +473,7 @@ Message: TypeAlias = (
     | VoteMessage
     | DecisionMessage
     | ErrorOccurredMessage
+    | PresenceLostMessage
 )
 
 MESSAGE_TYPES: Final[tuple[type[Envelope], ...]] = Message.__args__
@@ -481,6 +498,7 @@ _ROUTES: Final[dict[type[_Body], tuple[type[Envelope], tuple[str, str] | None]]]
     Vote: (VoteMessage, ("action", "voted")),
     Decision: (DecisionMessage, ("action", "decided")),
     ErrorOccurred: (ErrorOccurredMessage, ("error", "occurred")),
+    PresenceLost: (PresenceLostMessage, ("presence", "lost")),
 }
 
 #: envelope class -> the (domain, event) it travels on

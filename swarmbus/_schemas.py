@@ -64,8 +64,41 @@ def _document(schema: dict[str, Any], name: str, title: str) -> dict[str, Any]:
     }
 
 
+def _api_documents() -> dict[str, dict[str, Any]]:
+    """``api/<op>.request.schema.json`` and ``api/<op>.reply.schema.json`` per operation."""
+    from swarmbus._runtime.api import OPERATIONS, ApiError
+
+    files: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        (request, result, error), defs = msgspec.json.schema_components(
+            [op.request, op.result, ApiError], ref_template="#/$defs/{name}"
+        )
+        name = f"api/{op.name}.request.schema.json"
+        files[name] = _document(
+            {**request, "$defs": defs}, name, f"swarmbus API {op.name} request: {op.summary}"
+        )
+        reply = {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "properties": {"ok": {"const": True}, "result": result},
+                    "required": ["ok", "result"],
+                },
+                {
+                    "type": "object",
+                    "properties": {"ok": {"const": False}, "error": error},
+                    "required": ["ok", "error"],
+                },
+            ],
+            "$defs": defs,
+        }
+        name = f"api/{op.name}.reply.schema.json"
+        files[name] = _document(reply, name, f"swarmbus API {op.name} reply")
+    return files
+
+
 def generate() -> dict[str, str]:
-    """File name -> JSON text of every schema file."""
+    """File name -> JSON text of every schema file (``api/`` names are in a subdirectory)."""
     files = {
         "envelope.schema.json": _document(
             msgspec.json.schema(Message), "envelope.schema.json", "swarmbus message (any type)"
@@ -75,15 +108,16 @@ def generate() -> dict[str, str]:
         tag = cls.__struct_config__.tag
         name = f"{tag}.schema.json"
         files[name] = _document(msgspec.json.schema(cls), name, f"swarmbus {tag} message")
+    files.update(_api_documents())
     return {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in files.items()}
 
 
 def write(directory: Path) -> list[Path]:
     """Write every schema file into ``directory``; returns the paths written."""
-    directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in generate().items():
         path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         written.append(path)
     return written
@@ -97,5 +131,6 @@ def stale(directory: Path) -> list[str]:
         for n, t in expected.items()
         if not (directory / n).is_file() or (directory / n).read_text() != t
     ]
-    extra = [p.name for p in directory.glob("*.schema.json") if p.name not in expected]
+    present = [p.relative_to(directory).as_posix() for p in directory.rglob("*.schema.json")]
+    extra = [name for name in present if name not in expected]
     return sorted(out + extra)

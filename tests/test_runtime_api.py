@@ -1,0 +1,203 @@
+"""The runtime API (``swarmbus.api.>``) as a plain nats-py client sees it.
+
+No swarmbus import on the client side: requests are JSON built by hand, replies are
+validated against the generated schemas (schemas/api/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import jsonschema
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from swarmbus import Settings
+from swarmbus._runtime import RuntimeConfig, running
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT = 10.0
+
+
+@contextlib.asynccontextmanager
+async def up(nats_url: str) -> AsyncIterator[NatsClient]:
+    """A runtime on the test server and a plain nats-py client. (Not a fixture: the
+    runtime's task group must be entered and left by the test's own task.)"""
+    config = RuntimeConfig(settings=Settings(url=nats_url), http=None)
+    async with running(config):
+        nc = await nats.connect(nats_url)
+        try:
+            yield nc
+        finally:
+            await nc.drain()
+
+
+def _schema(op: str, part: str) -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((ROOT / f"schemas/api/{op}.{part}.schema.json").read_text())
+    return schema
+
+
+async def call(
+    nc: NatsClient,
+    op: str,
+    session: str,
+    agent: str,
+    body: object = None,
+    *,
+    raw: bytes | None = None,
+) -> dict[str, Any]:
+    """Request ``op``; the reply, checked against the operation's reply schema."""
+    data = raw if raw is not None else json.dumps(body or {}).encode()
+    msg = await nc.request(f"swarmbus.api.{op}.{session}.{agent}", data, timeout=WAIT)
+    reply: dict[str, Any] = json.loads(msg.data)
+    jsonschema.validate(reply, _schema(op, "reply"))
+    if body is not None:
+        jsonschema.validate(body, _schema(op, "request"))
+    return reply
+
+
+async def test_a_task_is_created_claimed_heartbeaten_and_completed(
+    nats_url: str, session_id: str
+) -> None:
+    async with up(nats_url) as client:
+        created = await call(
+            client, "task.create", session_id, "ext/boss", {"type": "analyze", "timeout": "5m"}
+        )
+        assert created["ok"], created
+        task_id = created["result"]["task"]["id"]
+        assert created["result"]["task"]["constraints"]["timeout"] == 300.0
+
+        claimed = await call(client, "task.claim", session_id, "ext/worker", {"types": ["analyze"]})
+        assert claimed["result"]["task"]["id"] == task_id
+        assert claimed["result"]["attempt"] == 1
+        beat = await call(client, "task.heartbeat", session_id, "ext/worker", {"task_id": task_id})
+        assert beat["ok"], beat
+        done = await call(
+            client,
+            "task.complete",
+            session_id,
+            "ext/worker",
+            {"task_id": task_id, "result": {"x": 1}},
+        )
+        assert done["result"]["task"]["status"] == "completed"
+        state = await call(client, "task.get", session_id, "ext/boss", {"task_id": task_id})
+        assert state["result"]["task"]["result"] == {"x": 1}
+
+
+async def test_completing_a_task_not_claimed_names_the_api_to_use(
+    nats_url: str, session_id: str
+) -> None:
+    async with up(nats_url) as client:
+        reply = await call(client, "task.complete", session_id, "ext/w", {"task_id": "nope"})
+        assert reply["ok"] is False
+        assert reply["error"]["code"] == "not_found"
+        assert reply["error"]["use"] == "swarmbus.api.task.claim.<session>.<agent>"
+
+
+@pytest.mark.parametrize(
+    ("op", "raw", "code"),
+    [
+        ("task.create", b"not json", "invalid_request"),
+        ("task.create", b'{"type": "x", "typo": 1}', "invalid_request"),
+        ("task.create", b'{"type": "x", "timeout": "5 minutes"}', "invalid_request"),
+        ("task.explode", b"{}", "unknown_operation"),
+    ],
+)
+async def test_a_malformed_request_gets_an_error_reply(
+    nats_url: str, session_id: str, op: str, raw: bytes, code: str
+) -> None:
+    async with up(nats_url) as client:
+        msg = await client.request(f"swarmbus.api.{op}.{session_id}.ext/x", raw, timeout=WAIT)
+        reply = json.loads(msg.data)
+        assert reply["ok"] is False
+        assert reply["error"]["code"] == code
+        assert reply["error"]["reason"]
+
+
+async def test_a_request_on_a_subject_of_the_wrong_shape_gets_an_error_reply(nats_url: str) -> None:
+    async with up(nats_url) as client:
+        msg = await client.request("swarmbus.api.task.claim.only-session", b"{}", timeout=WAIT)
+        reply = json.loads(msg.data)
+        assert reply["error"]["code"] == "wrong_subject"
+        assert reply["error"]["use"] == "swarmbus.api.<domain>.<verb>.<session>.<agent>"
+
+
+async def test_findings_and_hypotheses_reach_the_board(nats_url: str, session_id: str) -> None:
+    async with up(nats_url) as client:
+        opened = await call(client, "incident.open", session_id, "ext/alerts", {"kind": "unmapped"})
+        assert opened["result"] == {
+            "session": session_id,
+            "swarm": None,
+            "spec": None,
+            "already_open": False,
+        }
+        again = await call(client, "incident.open", session_id, "ext/alerts", {"kind": "unmapped"})
+        assert again["result"]["already_open"] is True
+        posted = await call(
+            client,
+            "finding.post",
+            session_id,
+            "ext/go",
+            {"category": "observation", "content": "p99 up", "confidence": 0.8},
+        )
+        assert posted["ok"], posted
+        await call(
+            client,
+            "hypothesis.post",
+            session_id,
+            "ext/go",
+            {"description": "pool", "confidence": 0.7},
+        )
+        board = (await call(client, "board.get", session_id, "ext/go", {}))["result"]["board"]
+        assert [f["content"] for f in board["findings"]] == ["p99 up"]
+        assert [h["description"] for h in board["hypotheses"]] == ["pool"]
+        closed = await call(
+            client, "incident.close", session_id, "ext/alerts", {"outcome": {"ok": 1}}
+        )
+        assert closed["result"]["status"] == "completed"
+
+
+async def test_a_proposal_is_decided_by_votes_through_the_api(
+    nats_url: str, session_id: str
+) -> None:
+    async with up(nats_url) as client:
+        decided = await client.subscribe(f"agent.action.decided.{session_id}.>")
+        joined = await call(client, "session.join", session_id, "ext/voter", {})
+        assert joined["result"]["members"] == ["ext/voter"]
+        proposal = {"proposal_id": f"P-{session_id}", "action": "rollback", "timeout": "1m"}
+        created = await call(
+            client, "proposal.create", session_id, "ext/lead", {"proposal": proposal}
+        )
+        assert created["ok"], created
+        vote = {"proposal_id": proposal["proposal_id"], "vote": "yes", "reason": "5x errors"}
+        voted = await call(client, "vote.cast", session_id, "ext/voter", {"vote": vote})
+        assert voted["ok"], voted
+        with anyio.fail_after(WAIT):
+            event = json.loads((await decided.next_msg(timeout=WAIT)).data)
+        assert event["decision"]["outcome"] == "approved"
+        jsonschema.validate(event, json.loads((ROOT / "schemas/envelope.schema.json").read_text()))
+
+
+async def test_locks_through_the_api_carry_fencing_tokens(
+    nats_url: str, session_id: str, unique: str
+) -> None:
+    async with up(nats_url) as client:
+        resource = f"file:/src/{unique}.py"
+        first = await call(client, "lock.acquire", session_id, "ext/a", {"resource": resource})
+        assert first["result"]["held"] is True
+        other = await call(client, "lock.acquire", session_id, "ext/b", {"resource": resource})
+        assert other["result"] == {
+            "resource": resource,
+            "held": False,
+            "token": None,
+            "owner": "ext/a",
+        }
+        await call(client, "lock.release", session_id, "ext/a", {"resource": resource})
+        second = await call(client, "lock.acquire", session_id, "ext/b", {"resource": resource})
+        assert second["result"]["token"] > first["result"]["token"]
