@@ -19,6 +19,7 @@ from swarmbus._messages import CONTRACT_VERSION, MESSAGE_TYPES, Message
 SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID: Final = "https://swarmbus.dev/schemas/v{version}/"
 NEWLINE: Final = "\n"
+ASYNCAPI_FILE: Final = "asyncapi.json"
 
 
 def _portable_value(key: str, value: Any) -> Any:
@@ -62,6 +63,13 @@ def _document(schema: dict[str, Any], name: str, title: str) -> dict[str, Any]:
         "title": title,
         **_portable(schema),
     }
+
+
+def asyncapi_document() -> dict[str, Any]:
+    """The AsyncAPI 3.0 document (``schemas/asyncapi.json``)."""
+    from swarmbus._runtime.asyncapi import document
+
+    return document()
 
 
 def _api_documents() -> dict[str, dict[str, Any]]:
@@ -109,7 +117,9 @@ def generate() -> dict[str, str]:
         name = f"{tag}.schema.json"
         files[name] = _document(msgspec.json.schema(cls), name, f"swarmbus {tag} message")
     files.update(_api_documents())
-    return {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in files.items()}
+    texts = {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in files.items()}
+    texts[ASYNCAPI_FILE] = json.dumps(asyncapi_document(), indent=2) + "\n"
+    return texts
 
 
 def write(directory: Path) -> list[Path]:

@@ -201,3 +201,30 @@ async def test_locks_through_the_api_carry_fencing_tokens(
         await call(client, "lock.release", session_id, "ext/a", {"resource": resource})
         second = await call(client, "lock.acquire", session_id, "ext/b", {"resource": resource})
         assert second["result"]["token"] > first["result"]["token"]
+
+
+def test_the_asyncapi_document_covers_every_api_operation_and_resolves() -> None:
+    """schemas/asyncapi.json is checked for staleness with schemas/ (test_messages); here:
+    every operation is there, and every reference points at something that exists."""
+    doc = json.loads((ROOT / "schemas/asyncapi.json").read_text())
+    assert doc["asyncapi"] == "3.0.0"
+    ops = json.loads((ROOT / "schemas/api/task.claim.request.schema.json").read_text())
+    assert ops["title"].startswith("swarmbus API task.claim request")
+
+    def refs(node: object) -> list[str]:
+        if isinstance(node, dict):
+            found = [node["$ref"]] if "$ref" in node else []
+            return found + [r for v in node.values() for r in refs(v)]
+        if isinstance(node, list):
+            return [r for v in node for r in refs(v)]
+        return []
+
+    for ref in refs(doc):
+        if ref.startswith("#/"):
+            node: Any = doc
+            for part in ref[2:].split("/"):
+                node = node[part]
+        else:
+            assert (ROOT / "schemas" / ref).is_file(), ref
+    for op in ("incident.open", "session.join", "task.claim", "vote.cast", "board.get"):
+        assert f"api.{op}" in doc["operations"]
