@@ -1,21 +1,31 @@
 """The bus: one NATS connection, typed publish/subscribe, requests, durable consumers.
 
 This is the transport boundary: nats-py types and exceptions stay in here and in the
-other private modules that use ``Bus.nc`` / ``Bus.js``; callers see swarmbus types.
+JetStream layer (``swarmbus._jetstream``); callers see swarmbus types.
+
+The bus's pieces:
+
+- ``Bus`` (here): connection lifecycle, publish (acked, or through the outbox),
+  request, live subscriptions, the contract check of what arrives (``accept``) and the
+  dead letter of what does not pass it (``reject``), streams and KV buckets;
+- ``swarmbus._consumer``: the durable consumer (the receive loop of ``consume``) and the
+  dispatch of one message to its handler inside a CONSUMER span;
+- ``swarmbus._request_server``: answering one capability's requests;
+- ``swarmbus._refusals``: the server's asynchronous permission refusals;
+- ``swarmbus._jetstream``: ``outbox`` (confirmed background publishes), ``streams``
+  (provisioning), ``delivery`` (durable pulls and what a receive loop touches).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import logging
 import math
-import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
 
@@ -29,9 +39,6 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
     StorageType,
@@ -41,6 +48,7 @@ from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
 from swarmbus._config import Settings
+from swarmbus._consumer import DurableConsumer, Handler, LiveHandler
 from swarmbus._errors import (
     ConnectionError,
     InvalidIdentifierError,
@@ -52,24 +60,23 @@ from swarmbus._errors import (
     RequestTimeoutError,
     SwarmbusError,
 )
-from swarmbus._jetstream.errors import denied as _denied
+from swarmbus._jetstream.delivery import durable_pull
 from swarmbus._jetstream.errors import translate as _translate
 from swarmbus._jetstream.errors import transport_error as _transport_error
 from swarmbus._jetstream.headers import CODE as CODE_HEADER
 from swarmbus._jetstream.headers import EMPTY_HEADERS as _EMPTY_HEADERS
-from swarmbus._jetstream.headers import JS_API, ErrorCode
 from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._jetstream.headers import ORIGINAL_SUBJECT as ORIGINAL_SUBJECT_HEADER
 from swarmbus._jetstream.headers import REASON as REASON_HEADER
-from swarmbus._jetstream.reads import deliveries, num_pending
+from swarmbus._jetstream.outbox import Outbox
 from swarmbus._jetstream.retry import RetryingJetStream
+from swarmbus._jetstream.streams import ensure_stream, open_key_value
 from swarmbus._messages import (
     Body,
     ErrorOccurred,
     Message,
     Request,
     RequestMessage,
-    Response,
     ResponseMessage,
     decode,
     encode,
@@ -77,9 +84,11 @@ from swarmbus._messages import (
     event_of,
     validate_body,
 )
-from swarmbus._outbox import Outbox
+from swarmbus._observe._instruments import record_published
+from swarmbus._refusals import Refusals
+from swarmbus._request_server import RequestHandler, RequestServer
 from swarmbus._server import check_version
-from swarmbus._telemetry import consumer_span, producer_span, record_failure, tracing_enabled
+from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -89,13 +98,6 @@ log = logging.getLogger("swarmbus")
 EVENTS_STREAM: Final = "SWARMBUS_EVENTS"
 DEAD_LETTER_STREAM: Final = "SWARMBUS_DEAD"
 DEAD_LETTER_MAX_AGE: Final = 30 * 24 * 3600.0
-# nats-py lower-cases the server's -ERR text before handing it to the error callback.
-_PERMISSION_VIOLATION: Final = re.compile(
-    r'permissions violation for (?:publish|subscription) to "([^"]+)"'
-)
-
-Handler = Callable[[Message], Awaitable[None]]
-
 # Hot-path helpers: subjects of a long-lived agent repeat, so validate and build each once;
 # with tracing off, skip building span attributes and entering a generator context.
 _event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
@@ -112,13 +114,126 @@ class Delivery:
     headers: Mapping[str, str]
 
 
-@dataclass
-class _Refusal:
-    """An operation waiting to learn whether the server refuses its subject."""
+def _consumer_span(
+    msg: Msg, message_id: str, session: str, agent: str
+) -> contextlib.AbstractContextManager[Span | None]:
+    """The CONSUMER span of ``agent`` handling ``msg`` (a no-op when tracing is off)."""
+    if not tracing_enabled():
+        return _NO_SPAN
+    attributes = {"swarmbus.session": session, "swarmbus.agent": agent}
+    return consumer_span(msg.subject, message_id, attributes, msg.headers)
 
-    cancel: bool
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    reason: str | None = None
+
+def _on_its_subject(subject: str, message: Message) -> Message:
+    """``message`` if it belongs on ``subject`` (CONTRACT "Bad input"), else raise.
+
+    Raises:
+        InvalidMessageError: with ``code`` saying why.
+    """
+    source = message.source
+    event = subjects.parse_event_subject(subject)
+    if event is not None:
+        domain, name, session, agent = event
+        if (session, agent) != (source.session, source.agent):
+            raise InvalidMessageError(
+                "source_mismatch",
+                f"source {source.agent}@{source.session} does not match subject {subject}",
+            )
+        if event_of(message) != (domain, name):
+            raise InvalidMessageError(
+                "wrong_subject", f"a {message.type} message does not belong on {subject}"
+            )
+        return message
+    request = subjects.parse_request_subject(subject)
+    if request is not None:
+        capability, target, session, agent = request
+        if (session, agent) != (source.session, source.agent):
+            raise InvalidMessageError(
+                "source_mismatch",
+                f"source {source.agent}@{source.session} does not match subject {subject}",
+            )
+        if not isinstance(message, RequestMessage):
+            raise InvalidMessageError("wrong_subject", f"expected a request on {subject}")
+        body = message.request
+        if (body.capability, body.to) != (capability, target):
+            raise InvalidMessageError(
+                "wrong_subject",
+                f"a request for {body.capability} to {body.to} does not belong on {subject}",
+            )
+        return message
+    if subject.startswith((f"{subjects.EVENT_ROOT}.", f"{subjects.REQUEST_ROOT}.")):
+        raise InvalidMessageError("wrong_subject", f"{subject} is not a contract subject")
+    return message
+
+
+def _producer_span(
+    subject: str,
+    message_id: str,
+    session: str,
+    agent: str,
+    headers: dict[str, str],
+    capability: str | None = None,
+) -> contextlib.AbstractContextManager[Span | None]:
+    """The PRODUCER span of a publish or request (a no-op when tracing is off)."""
+    if not tracing_enabled():
+        return _NO_SPAN
+    attributes = {"swarmbus.session": session, "swarmbus.agent": agent}
+    if capability is not None:
+        attributes["swarmbus.capability"] = capability
+    return producer_span(subject, message_id, attributes, headers)
+
+
+class _ConnectionEvents:
+    """The connection's callbacks; they reach the bus once it exists."""
+
+    def __init__(self) -> None:
+        self.bus: Bus | None = None
+
+    async def on_reconnect(self) -> None:
+        if self.bus is not None:
+            self.bus.reconnected.set()
+
+    async def on_error(self, exc: Exception) -> None:
+        if not (self.bus is not None and self.bus._refused(str(exc))):
+            log.log(logging.DEBUG if isinstance(exc, OSError) else logging.WARNING, "nats: %s", exc)
+
+
+def _connect_options(settings: Settings, events: _ConnectionEvents) -> dict[str, Any]:
+    """nats-py's connect options for ``settings`` (those left None are not given).
+
+    Raises:
+        ConnectionError: a TLS file cannot be loaded.
+    """
+    options: dict[str, Any] = {
+        "servers": settings.servers,
+        "name": settings.name,
+        "connect_timeout": settings.connect_timeout,
+        # Fail fast on the first connect; reconnect forever once connected.
+        "max_reconnect_attempts": 2,
+        "reconnect_time_wait": 0.5,
+        "reconnected_cb": events.on_reconnect,
+        "error_cb": events.on_error,
+        "user": settings.user,
+        "password": settings.password,
+        "token": settings.token,
+        "user_credentials": settings.creds_file,
+        "nkeys_seed": settings.nkey_seed_file,
+    }
+    if settings.inbox_prefix:
+        options["inbox_prefix"] = settings.inbox_prefix
+    if settings.tls_ca_file or settings.tls_cert_file:
+        import ssl
+
+        try:
+            ctx = ssl.create_default_context(cafile=settings.tls_ca_file)
+            if settings.tls_cert_file:
+                ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        except OSError as exc:  # ssl.SSLError is one; neither names the file
+            files = (settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
+            named = ", ".join(f for f in files if f)
+            raise ConnectionError(f"cannot load TLS files {named}: {exc}") from exc
+        options["tls"] = ctx
+    return {k: v for k, v in options.items() if v is not None}
 
 
 class Bus:
@@ -127,8 +242,15 @@ class Bus:
     Use ``async with await Bus.connect(...) as bus`` or ``async with Bus.open(...)``.
     """
 
+    # The CONSUMER span of a handler (request server, durable consumer, subscription).
+    _consumer_span = staticmethod(_consumer_span)
+
     def __init__(self, nc: NatsClient, settings: Settings) -> None:
         self.nc = nc
+        self._refusals = Refusals()
+        # Raises PermissionDeniedError if the server refuses a subject during the block
+        # (NATS answers with an asynchronous -ERR, not on the operation itself).
+        self._permission_guard = self._refusals.guard
         self.js: JetStreamContext = RetryingJetStream(
             nc,
             timeout=settings.request_timeout,
@@ -138,7 +260,6 @@ class Bus:
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
         self.reconnected = asyncio.Event()
-        self._refusals: dict[str, list[_Refusal]] = {}
         self.outbox = Outbox(nc)
         self._buckets: dict[str, KeyValue] = {}
 
@@ -160,54 +281,14 @@ class Bus:
                 "no NATS URL: set NATS_URL or pass url=... "
                 "(swarmbus.connect() starts an embedded server)"
             )
-        bus_ref: list[Bus] = []
-
-        async def on_reconnect() -> None:
-            if bus_ref:
-                bus_ref[0].reconnected.set()
-
-        async def on_error(exc: Exception) -> None:
-            if not (bus_ref and bus_ref[0]._refused(str(exc))):
-                log.log(
-                    logging.DEBUG if isinstance(exc, OSError) else logging.WARNING, "nats: %s", exc
-                )
-
-        options: dict[str, Any] = {
-            "servers": settings.servers,
-            "name": settings.name,
-            "connect_timeout": settings.connect_timeout,
-            # Fail fast on the first connect; reconnect forever once connected.
-            "max_reconnect_attempts": 2,
-            "reconnect_time_wait": 0.5,
-            "reconnected_cb": on_reconnect,
-            "error_cb": on_error,
-            "user": settings.user,
-            "password": settings.password,
-            "token": settings.token,
-            "user_credentials": settings.creds_file,
-            "nkeys_seed": settings.nkey_seed_file,
-        }
-        if settings.inbox_prefix:
-            options["inbox_prefix"] = settings.inbox_prefix
-        if settings.tls_ca_file or settings.tls_cert_file:
-            import ssl
-
-            try:
-                ctx = ssl.create_default_context(cafile=settings.tls_ca_file)
-                if settings.tls_cert_file:
-                    ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
-            except OSError as exc:  # ssl.SSLError is one; neither names the file
-                files = (settings.tls_ca_file, settings.tls_cert_file, settings.tls_key_file)
-                named = ", ".join(f for f in files if f)
-                raise ConnectionError(f"cannot load TLS files {named}: {exc}") from exc
-            options["tls"] = ctx
+        events = _ConnectionEvents()
+        options = _connect_options(settings, events)
         try:
-            nc = await nats.connect(**{k: v for k, v in options.items() if v is not None})
+            nc = await nats.connect(**options)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot connect to {settings.url}: {exc}") from exc
         nc.options["max_reconnect_attempts"] = -1
-        bus = cls(nc, settings)
-        bus_ref.append(bus)
+        bus = events.bus = cls(nc, settings)
         try:
             check_version(nc._server_info.get("version", "0.0.0"))
             if not nc._server_info.get("jetstream"):
@@ -278,42 +359,9 @@ class Bus:
 
     def _refused(self, error: str) -> bool:
         """Wake the operations waiting on a subject the server just refused."""
-        match = _PERMISSION_VIOLATION.search(error)
-        waiting = self._refusals.get(match[1]) if match else None
-        for refusal in waiting or ():
-            refusal.reason = error
-            if refusal.cancel:
-                refusal.scope.cancel()
-        dropped = match is not None and self.outbox.refused(match[1], error)
-        return bool(waiting) or dropped
-
-    @contextlib.contextmanager
-    def _permission_guard(self, subject: str, what: str, *, cancel: bool = True) -> Iterator[None]:
-        """Raise PermissionDeniedError if the server refuses ``subject`` during the block.
-
-        NATS answers a publish or subscribe outside the user's permissions with an
-        asynchronous ``-ERR``, not on the operation itself: without this guard a refused
-        JetStream publish would only time out. With ``cancel`` the block is cancelled
-        as soon as the refusal arrives; otherwise it runs to its end (a flush, which
-        must not be cancelled) and the refusal is raised after it.
-        """
-        key = subject.lower()
-        refusal = _Refusal(cancel=cancel)
-        self._refusals.setdefault(key, []).append(refusal)
-        try:
-            with refusal.scope:
-                yield
-        except (TimeoutError, nats.errors.Error) as exc:
-            if refusal.reason is None:
-                raise
-            raise _denied(what, subject) from exc
-        finally:
-            waiting = self._refusals[key]
-            waiting.remove(refusal)
-            if not waiting:
-                del self._refusals[key]
-        if refusal.reason is not None:
-            raise _denied(what, subject)
+        subject, waited = self._refusals.wake(error)
+        dropped = subject is not None and self.outbox.refused(subject, error)
+        return waited or dropped
 
     # --- streams ----------------------------------------------------------------
 
@@ -326,29 +374,7 @@ class Bus:
         A user without stream-create permission (an agent under the deploy auth config)
         uses the stream as provisioned by the service account, if it exists.
         """
-        try:
-            with self._permission_guard(
-                f"{JS_API}.STREAM.CREATE.{config.name}", f"create stream {config.name}"
-            ):
-                await self.js.add_stream(config)
-        except PermissionDeniedError as denied:
-            try:
-                await self.js.stream_info(str(config.name))
-            except nats.js.errors.NotFoundError:
-                raise denied from None
-            except nats.js.errors.APIError as exc:
-                raise _translate(exc, f"cannot read stream {config.name}") from exc
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != ErrorCode.STREAM_IN_USE:
-                raise SwarmbusError(f"cannot create stream {config.name}: {exc}") from exc
-            try:
-                await self.js.update_stream(config)
-            except nats.js.errors.APIError as upd:
-                raise SwarmbusError(
-                    f"stream {config.name} exists with an incompatible config: {upd.description}"
-                ) from upd
-        except nats.js.errors.APIError as exc:
-            raise _translate(exc, f"cannot create stream {config.name}") from exc
+        await ensure_stream(self.js, config, self._permission_guard)
 
     async def ensure_streams(self) -> None:
         """Provision the event stream (every ``agent.>`` event) and the dead-letter stream."""
@@ -392,53 +418,19 @@ class Bus:
         """
         kv = self._buckets.get(bucket)
         if kv is None:
-            kv = self._buckets[bucket] = await self._open_key_value(
-                bucket,
+            config = KeyValueConfig(
+                bucket=bucket,
+                description=description or None,
                 history=history,
                 ttl=ttl,
                 max_value_size=max_value_size,
+                storage=self._storage(),
+                replicas=self.settings.replicas,
                 limit_marker_ttl=limit_marker_ttl,
-                description=description,
             )
+            kv = await open_key_value(self.js, config, self._permission_guard)
+            self._buckets[bucket] = kv
         return kv
-
-    async def _open_key_value(
-        self,
-        bucket: str,
-        *,
-        history: int,
-        ttl: float | None,
-        max_value_size: int | None,
-        limit_marker_ttl: float | None,
-        description: str,
-    ) -> KeyValue:
-        try:
-            return await self.js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            pass
-        except nats.js.errors.APIError as exc:
-            raise _translate(exc, f"cannot open bucket {bucket}") from exc
-        config = KeyValueConfig(
-            bucket=bucket,
-            description=description or None,
-            history=history,
-            ttl=ttl,
-            max_value_size=max_value_size,
-            storage=self._storage(),
-            replicas=self.settings.replicas,
-            limit_marker_ttl=limit_marker_ttl,
-        )
-        try:
-            with self._permission_guard(
-                f"{JS_API}.STREAM.CREATE.KV_{bucket}", f"create bucket {bucket}"
-            ):
-                return await self.js.create_key_value(config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code != ErrorCode.STREAM_IN_USE:
-                raise _translate(exc, f"cannot create bucket {bucket}") from exc
-            return await self.js.key_value(bucket)
-        except nats.js.errors.APIError as exc:
-            raise _translate(exc, f"cannot create bucket {bucket}") from exc
 
     # --- publish ------------------------------------------------------------------
 
@@ -486,18 +478,8 @@ class Bus:
         if len(data) > limit:
             raise MessageTooLargeError(len(data), limit)
         hdrs = {MSG_ID_HEADER: message.id, **headers} if headers else {MSG_ID_HEADER: message.id}
-        span = (
-            producer_span(
-                subject,
-                message.id,
-                {
-                    "swarmbus.session": message.source.session,
-                    "swarmbus.agent": message.source.agent,
-                },
-                hdrs,
-            )
-            if tracing_enabled()
-            else _NO_SPAN
+        span = _producer_span(
+            subject, message.id, message.source.session, message.source.agent, hdrs
         )
         with span:
             self._check_max_payload(data, hdrs)
@@ -515,6 +497,7 @@ class Bus:
                 raise MessageTooLargeError(len(data), self.nc.max_payload) from exc
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _transport_error(exc, f"publish to {subject}") from exc
+        record_published(message)
 
     def _check_max_payload(self, data: bytes, headers: Mapping[str, str]) -> None:
         """Refuse a message whose payload and headers exceed the server's max_payload.
@@ -538,41 +521,7 @@ class Bus:
         Raises:
             InvalidMessageError: with ``code`` saying why (CONTRACT "Bad input").
         """
-        message = decode(data, max_bytes=self.max_message_bytes)
-        source = message.source
-        event = subjects.parse_event_subject(subject)
-        if event is not None:
-            domain, name, session, agent = event
-            if (session, agent) != (source.session, source.agent):
-                raise InvalidMessageError(
-                    "source_mismatch",
-                    f"source {source.agent}@{source.session} does not match subject {subject}",
-                )
-            if event_of(message) != (domain, name):
-                raise InvalidMessageError(
-                    "wrong_subject", f"a {message.type} message does not belong on {subject}"
-                )
-            return message
-        request = subjects.parse_request_subject(subject)
-        if request is not None:
-            capability, target, session, agent = request
-            if (session, agent) != (source.session, source.agent):
-                raise InvalidMessageError(
-                    "source_mismatch",
-                    f"source {source.agent}@{source.session} does not match subject {subject}",
-                )
-            if not isinstance(message, RequestMessage):
-                raise InvalidMessageError("wrong_subject", f"expected a request on {subject}")
-            body = message.request
-            if (body.capability, body.to) != (capability, target):
-                raise InvalidMessageError(
-                    "wrong_subject",
-                    f"a request for {body.capability} to {body.to} does not belong on {subject}",
-                )
-            return message
-        if subject.startswith((f"{subjects.EVENT_ROOT}.", f"{subjects.REQUEST_ROOT}.")):
-            raise InvalidMessageError("wrong_subject", f"{subject} is not a contract subject")
-        return message
+        return _on_its_subject(subject, decode(data, max_bytes=self.max_message_bytes))
 
     async def reject(
         self,
@@ -639,21 +588,7 @@ class Bus:
 
         Nothing published while not subscribed is seen; use ``consume`` for that.
         """
-
-        async def on_msg(msg: Msg) -> None:
-            try:
-                message = self.accept(msg.subject, msg.data)
-            except InvalidMessageError as exc:
-                await self.reject(
-                    subject=msg.subject,
-                    data=msg.data,
-                    code=exc.code,
-                    reason=exc.reason,
-                    receiver=receiver,
-                )
-                return
-            await self._dispatch(handler, message, msg, receiver)
-
+        on_msg = LiveHandler(self, handler, receiver).on_msg
         try:
             with self._permission_guard(subject, f"subscribe to {subject}", cancel=False):
                 sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_msg)
@@ -664,50 +599,6 @@ class Bus:
         except nats.errors.Error as exc:
             raise _transport_error(exc, f"subscribe to {subject}") from exc
         return sub
-
-    async def _dispatch(
-        self, handler: Handler, message: Message, msg: Msg, receiver: str, *, retry: bool = False
-    ) -> bool:
-        """Run a handler inside a CONSUMER span; a raising handler is reported, not fatal.
-
-        With ``retry`` (a durable delivery that has attempts left), a handler that failed
-        because NATS was unreachable (``ConnectionError``, ``PublishError``: a failover, a
-        short outage) is retried: the message is redelivered after a delay instead of
-        dead-lettered. Returns False if the message must not be acked.
-        """
-        span = _consumer_span(msg, message.id, message.source.session, receiver)
-        # Report inside the span: the error event joins the failed message's trace.
-        with span as current:
-            try:
-                await handler(message)
-            except (ConnectionError, PublishError) as exc:  # swarmbus's: NATS unreachable
-                record_failure(current, exc)
-                if not retry:
-                    await self._handler_failed(exc, message, msg, receiver)
-                    return True
-                log.warning("handler for %s failed (%s): retrying", msg.subject, exc)
-                with contextlib.suppress(nats.errors.Error):
-                    await msg.nak(delay=min(0.25 * 2 ** deliveries(msg), 10.0))
-                return False
-            except Exception as exc:  # noqa: BLE001 - reported: dead letter + error event
-                record_failure(current, exc)
-                await self._handler_failed(exc, message, msg, receiver)
-        return True
-
-    async def _handler_failed(
-        self, exc: Exception, message: Message, msg: Msg, receiver: str
-    ) -> None:
-        """Dead-letter the message a handler failed on, with an error event saying why."""
-        log.error("handler for %s failed", msg.subject, exc_info=exc)
-        await self.reject(
-            subject=msg.subject,
-            data=msg.data,
-            code="handler_error",
-            reason=f"{type(exc).__name__}: {exc}",
-            receiver=receiver,
-            dedupe_key=message.id,
-            message_id=message.id,
-        )
 
     async def consume(
         self,
@@ -732,136 +623,28 @@ class Bus:
         Raises:
             ConnectionError: the connection closed for good (a reconnect is waited for).
         """
-        config = ConsumerConfig(
-            durable_name=durable,
-            filter_subjects=list(filter_subjects),
-            ack_policy=AckPolicy.EXPLICIT,
+        psub = await durable_pull(
+            self.js,
+            EVENTS_STREAM,
+            durable,
+            list(filter_subjects),
             ack_wait=ack_wait,
             max_deliver=max_deliver,
-            max_ack_pending=1000,
-            deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
+            deliver_new=deliver_new,
+            guard=self._permission_guard,
         )
-        try:
-            with self._permission_guard(
-                f"{JS_API}.CONSUMER.DURABLE.CREATE.{EVENTS_STREAM}.{durable}",
-                f"create consumer {durable}",
-            ):
-                await self.js.add_consumer(EVENTS_STREAM, config)
-            psub = await self.js.pull_subscribe_bind(durable, EVENTS_STREAM)
-        except nats.js.errors.APIError as exc:
-            raise _translate(exc, f"cannot create consumer {durable}") from exc
         task_status.started()
-        try:
-            # A fetch of n > 1 waits until n messages arrive (or it expires), so ask only
-            # for what the server said is waiting: 1 when caught up (lowest latency), up
-            # to the free slots when behind (fewest round trips).
-            waiting = 1
-            # Workers take fetched messages from a stream: starting a task per message
-            # costs more than a small handler. A worker is added only when none is idle,
-            # so there are never more than the slots held.
-            send, receive = anyio.create_memory_object_stream[Msg](math.inf)
-            closed: nats.errors.Error | None = None
-            # Messages being handled: a handler slower than ack_wait must not have its
-            # message redelivered (and run again) while it runs.
-            in_flight: dict[int, Msg] = {}
-
-            async def work() -> None:
-                async for msg in receive:
-                    in_flight[id(msg)] = msg
-                    try:
-                        await self._handle_durable(handler, msg, receiver, limiter, max_deliver)
-                    finally:
-                        del in_flight[id(msg)]
-
-            async def keep_alive() -> None:
-                while True:
-                    await anyio.sleep(ack_wait / 3)
-                    for msg in list(in_flight.values()):
-                        with contextlib.suppress(nats.errors.Error):
-                            await msg.in_progress()
-
-            with receive:
-                async with anyio.create_task_group() as beats:
-                    beats.start_soon(keep_alive)
-                    async with anyio.create_task_group() as tg, send:
-                        while not stop.is_set():
-                            # Let the handlers just given out run first: they may free slots.
-                            await anyio.lowlevel.checkpoint()
-                            # Hold a slot before fetching: never take messages we cannot start.
-                            await limiter.acquire()
-                            if stop.is_set():  # told to stop while waiting for the slot
-                                limiter.release()
-                                break
-                            try:
-                                batch = await psub.fetch(
-                                    min(1 + limiter.value, waiting, 256), timeout=0.5
-                                )
-                            except (TimeoutError, nats.errors.TimeoutError):
-                                limiter.release()
-                                continue
-                            except nats.errors.Error as exc:
-                                limiter.release()
-                                if stop.is_set():
-                                    break
-                                if self.nc.is_closed:  # for good: no reconnect will come
-                                    closed = exc
-                                    break
-                                log.warning("consumer %s: %s; retrying", durable, exc)
-                                await _wait_reconnect(self, stop)
-                                continue
-                            if not batch:
-                                limiter.release()
-                                continue
-                            if stop.is_set():  # the pull was open at the stop: give it back
-                                limiter.release()
-                                for msg in batch:
-                                    with contextlib.suppress(nats.errors.Error):
-                                        await msg.nak()
-                                break
-                            waiting = 1 + num_pending(batch[-1])
-                            for i, msg in enumerate(batch):
-                                if i:
-                                    await limiter.acquire()
-                                if not receive.statistics().tasks_waiting_receive:
-                                    tg.start_soon(work)
-                                send.send_nowait(msg)
-                    beats.cancel_scope.cancel()
-            if closed is not None:
-                raise ConnectionError(f"consumer {durable}: {closed}") from closed
-        finally:
-            with contextlib.suppress(nats.errors.Error):
-                await psub.unsubscribe()
-
-    async def _handle_durable(
-        self,
-        handler: Handler,
-        msg: Msg,
-        receiver: str,
-        limiter: anyio.Semaphore,
-        max_deliver: int,
-    ) -> None:
-        try:
-            try:
-                message = self.accept(msg.subject, msg.data)
-            except InvalidMessageError as exc:
-                seq = msg.metadata.sequence.stream if msg.reply else None
-                await self.reject(
-                    subject=msg.subject,
-                    data=msg.data,
-                    code=exc.code,
-                    reason=exc.reason,
-                    receiver=receiver,
-                    dedupe_key=f"seq{seq}" if seq else None,
-                )
-            else:
-                if _wants(handler, message, receiver):
-                    retry = deliveries(msg) < max_deliver
-                    if not await self._dispatch(handler, message, msg, receiver, retry=retry):
-                        return  # nak'ed: redelivered later
-            with contextlib.suppress(nats.errors.Error):
-                await msg.ack()
-        finally:
-            limiter.release()
+        await DurableConsumer(
+            self,
+            psub,
+            handler,
+            durable=durable,
+            receiver=receiver,
+            limiter=limiter,
+            stop=stop,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+        ).run()
 
     # --- request / response ---------------------------------------------------------
 
@@ -888,20 +671,7 @@ class Bus:
         subject = _request_subject(capability, to, session, agent)
         timeout = timeout or self.settings.request_timeout
         headers = {MSG_ID_HEADER: message.id}
-        span = (
-            producer_span(
-                subject,
-                message.id,
-                {
-                    "swarmbus.session": session,
-                    "swarmbus.agent": agent,
-                    "swarmbus.capability": capability,
-                },
-                headers,
-            )
-            if tracing_enabled()
-            else _NO_SPAN
-        )
+        span = _producer_span(subject, message.id, session, agent, headers, capability)
         with span:
             data = encode(message)
             self._check_max_payload(data, headers)
@@ -922,7 +692,7 @@ class Bus:
     async def serve_requests(
         self,
         capability: str,
-        handler: Callable[[RequestMessage], Awaitable[Mapping[str, Any]]],
+        handler: RequestHandler,
         *,
         agent: str,
         limiter: anyio.Semaphore,
@@ -939,113 +709,10 @@ class Bus:
             raise InvalidIdentifierError(
                 "agent id", agent, f"'{subjects.ANY}' is a request target, not an agent"
             )
-
-        async def respond(msg: Msg, request: RequestMessage) -> None:
-            session = request.source.session
-            await limiter.acquire()
-            try:
-                span = _consumer_span(msg, request.id, request.source.session, agent)
-                # Report inside the span: the error event joins the request's trace.
-                with span as current:
-                    try:
-                        result = await handler(request)
-                        response = Response(
-                            request_id=request.id, status="success", result=dict(result)
-                        )
-                        # Encode here: a result that is not JSON, or too large to send, is
-                        # the handler's error.
-                        reply = envelope_for(response, agent=agent, session=session)
-                        data = encode(reply)
-                        self._check_max_payload(data, {MSG_ID_HEADER: reply.id})
-                    except Exception as exc:
-                        record_failure(current, exc)
-                        log.exception("request handler %s failed", capability)
-                        response = Response(
-                            request_id=request.id,
-                            status="failure",
-                            result={"error": f"{type(exc).__name__}: {exc}"},
-                        )
-                        await self.reject(
-                            subject=msg.subject,
-                            data=msg.data,
-                            code="handler_error",
-                            reason=str(response.result["error"]),
-                            receiver=agent,
-                            dedupe_key=request.id,
-                            message_id=request.id,
-                        )
-                        reply = envelope_for(response, agent=agent, session=session)
-                        data = encode(reply)
-                if msg.reply:
-                    with contextlib.suppress(nats.errors.Error):
-                        await self.nc.publish(msg.reply, data, headers={MSG_ID_HEADER: reply.id})
-            finally:
-                limiter.release()
-
-        # A task per request costs more than a small handler; instead a few tasks drain a
-        # FIFO, and one more starts whenever a slot of the limiter is free to run it.
-        pending: collections.deque[tuple[Msg, RequestMessage]] = collections.deque()
-        alive = starting = 0
-
-        async def drain() -> None:
-            nonlocal alive, starting
-            starting -= 1
-            try:
-                while pending:
-                    await respond(*pending.popleft())
-            finally:
-                alive -= 1
-
-        async def on_msg(msg: Msg) -> None:
-            nonlocal alive, starting
-            try:
-                message = self.accept(msg.subject, msg.data)
-                assert isinstance(message, RequestMessage)
-            except InvalidMessageError as exc:
-                await self.reject(
-                    subject=msg.subject,
-                    data=msg.data,
-                    code=exc.code,
-                    reason=exc.reason,
-                    receiver=agent,
-                )
-                return
-            pending.append((msg, message))
-            if not alive or starting < min(len(pending), limiter.value):
-                alive += 1
-                starting += 1
-                task_group.start_soon(drain)
-
-        subs = []
-        for target, queue in (
-            (subjects.ANY, f"swarmbus.cap.{capability}"),
-            (agent, f"swarmbus.agent.{subjects.safe_token(agent)}"),
-        ):
-            subs.append(
-                await self.nc.subscribe(
-                    subjects.request_filter(capability, target), queue=queue, cb=on_msg
-                )
-            )
-        # The server must know the subscriptions before callers are told we are serving.
-        await self.nc.flush()
-        return subs
-
-
-def _wants(handler: Handler, message: Message, receiver: str) -> bool:
-    accepts: tuple[type, ...] | None = getattr(handler, "__swarmbus_types__", None)
-    if accepts is not None and not isinstance(message, accepts):
-        return False
-    return not (
-        getattr(handler, "__swarmbus_ignore_own__", False) and message.source.agent == receiver
-    )
-
-
-async def _wait_reconnect(bus: Bus, stop: anyio.Event) -> None:
-    """Back off until the connection is back (or we are told to stop)."""
-    bus.reconnected.clear()
-    with anyio.move_on_after(2.0):
-        while not stop.is_set() and not bus.nc.is_connected:
-            await bus.reconnected.wait()
+        server = RequestServer(
+            self, capability, handler, agent=agent, limiter=limiter, task_group=task_group
+        )
+        return await server.start()
 
 
 def _session_of(subject: str) -> str:
@@ -1095,13 +762,3 @@ async def connect(
             yield bus
     finally:
         await anyio.to_thread.run_sync(server.stop)
-
-
-def _consumer_span(
-    msg: Msg, message_id: str, session: str, agent: str
-) -> contextlib.AbstractContextManager[Span | None]:
-    """The CONSUMER span of ``agent`` handling ``msg`` (a no-op when tracing is off)."""
-    if not tracing_enabled():
-        return _NO_SPAN
-    attributes = {"swarmbus.session": session, "swarmbus.agent": agent}
-    return consumer_span(msg.subject, message_id, attributes, msg.headers)

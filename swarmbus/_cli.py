@@ -16,14 +16,18 @@ from typing import TYPE_CHECKING, Final
 import anyio
 
 from swarmbus._errors import SwarmbusError
+from swarmbus._observe._commands import add_commands as add_observing_commands
 from swarmbus._telemetry import configure_tracing
 
 if TYPE_CHECKING:
     from swarmbus._bus import Bus
+    from swarmbus._creds import CredsStore
     from swarmbus._server import NatsServer
 
 Command = Callable[[argparse.Namespace], int]
 LOOP_ENV = "SWARMBUS_LOOP"
+CREDS_DIR_ENV = "SWARMBUS_CREDS_DIR"
+PUSH_SUBJECT = "$SYS.REQ.CLAIMS.UPDATE"
 
 
 def _run(func: Callable[..., Awaitable[int]], *args: object) -> int:
@@ -232,6 +236,71 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return anyio.run(show)
 
 
+def _cmd_creds(args: argparse.Namespace) -> int:
+    from swarmbus._creds import CredsStore, inbox_prefix
+
+    store = CredsStore(args.dir)
+    if args.creds_command == "init":
+        roles = _yaml_file(args.roles) if args.roles else None
+        conf = store.init(roles=roles, resolver=args.resolver, resolver_dir=args.resolver_dir)
+        print(f"operator and account in {store.root}; include {conf} in the server config")
+        print(f"system user (pushes account updates): {store.system_creds}")
+    elif args.creds_command == "add":
+        entry = store.add(
+            args.agent, args.role, handlers=args.handler, capabilities=args.capability
+        )
+        print(f"export SWARMBUS_CREDS_FILE={entry.creds_file}")
+        print(f"export SWARMBUS_INBOX_PREFIX={inbox_prefix(args.agent)}")
+    elif args.creds_command in ("revoke", "push"):
+        if args.creds_command == "revoke":
+            store.revoke(args.agent)
+            print(f"revoked {args.agent}")
+        _apply_account(store, args.url, args.reload_pid)
+    else:
+        for entry in store.users().values():
+            state = "revoked" if entry.revoked else str(entry.creds_file)
+            print(f"{entry.agent:40} {entry.role:10} {entry.public_key}  {state}")
+    return 0
+
+
+def _apply_account(store: CredsStore, url: str | None, reload_pid: int | None) -> None:
+    """Get the servers to take the current account JWT (see swarmbus/_creds.py)."""
+    if store.resolver == "memory":
+        if reload_pid is None:
+            print("reload every server to apply it: nats-server --signal reload=<pid>")
+            return
+        os.kill(reload_pid, signal.SIGHUP)  # nats-server reloads its config
+        print(f"nats-server {reload_pid} reloads its config")
+    elif url:
+        _run(_push_account, url, str(store.system_creds), store.account_jwt)
+        print(f"account JWT pushed to {url}")
+    else:  # a full resolver does not re-read its directory on a reload
+        raise SwarmbusError("push it to the servers: swarmbus creds push --url NATS_URL")
+
+
+def _yaml_file(path: str) -> dict[str, dict[str, object]]:
+    """Role templates from a YAML file (``deploy/nats/jwt-roles.yaml`` has the defaults)."""
+    import yaml
+
+    data: dict[str, dict[str, object]] = yaml.safe_load(Path(path).read_text())
+    return data
+
+
+async def _push_account(url: str, system_creds: str, account_jwt: str) -> int:
+    """Send an account JWT to the servers' full resolvers as the system user."""
+    from swarmbus._bus import Bus
+
+    async with Bus.open(url=url, creds_file=system_creds, provision=False) as bus:
+        try:
+            reply = await bus.nc.request(PUSH_SUBJECT, account_jwt.encode(), timeout=5)
+        except TimeoutError:
+            raise SwarmbusError(f"no server at {url} took the account update") from None
+    answer = json.loads(reply.data).get("data", {})
+    if answer.get("code") != 200:
+        raise SwarmbusError(f"account update refused: {reply.data.decode()}")
+    return 0
+
+
 NOT_FOUND: Final = 3
 """Exit code of ``board`` and ``tasks`` for a session nothing has written about."""
 
@@ -349,10 +418,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_tasks)
 
+    _add_creds_command(sub)
+
+    add_observing_commands(sub)  # tail, timeline, dead, metrics, ui
+
     from swarmbus._runtime.command import add_parser as add_up
 
     add_up(sub)
     return parser
+
+
+def _add_creds_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``swarmbus creds``: NATS JWT credentials (operator, roles, one per agent)."""
+    p = sub.add_parser("creds", help="NATS JWT credentials: operator, roles, one per agent")
+    p.add_argument(
+        "--dir",
+        default=os.environ.get(CREDS_DIR_ENV, "swarmbus-creds"),
+        help=f"credentials directory (default: ${CREDS_DIR_ENV} or ./swarmbus-creds)",
+    )
+    creds = p.add_subparsers(dest="creds_command", required=True)
+    c = creds.add_parser("init", help="create operator, account, role keys, server.conf")
+    c.add_argument("--resolver", choices=("full", "memory"), default="full")
+    c.add_argument("--resolver-dir", default=None, help="full resolver's dir on the server")
+    c.add_argument("--roles", default=None, help="role templates YAML (default: built in)")
+    c = creds.add_parser("add", help="write AGENT's .creds (no server restart)")
+    c.add_argument("agent", help="agent id, e.g. ops/deploy-validator")
+    c.add_argument("--role", default="agent", help="agent, service or observer")
+    c.add_argument("--handler", action="append", default=[], help="event handler name")
+    c.add_argument("--capability", action="append", default=[], help="capability it serves")
+    revoke = creds.add_parser("revoke", help="revoke AGENT's credentials, then apply (as push)")
+    revoke.add_argument("agent")
+    push = creds.add_parser("push", help="get the servers to take the account JWT")
+    for c in (revoke, push):
+        c.add_argument("--url", default=os.environ.get("NATS_URL"), help="full resolver: push")
+        c.add_argument("--reload-pid", type=int, default=None, help="memory: SIGHUP it")
+    creds.add_parser("list", help="issued credentials")
+    p.set_defaults(func=_cmd_creds)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -524,7 +524,7 @@ async def test_request_handler_returning_non_json_answers_failure_and_keeps_serv
 def test_delivery_count_is_read_off_the_ack_subject(reply: str, count: int) -> None:
     from nats.aio.msg import Msg as NatsMsg
 
-    from swarmbus._bus import deliveries
+    from swarmbus._jetstream.reads import deliveries
 
     msg = NatsMsg(None, subject="swarmbus.task.s.t.5.x", reply=reply)  # type: ignore[arg-type]
     assert deliveries(msg) == count

@@ -8,6 +8,7 @@ import json
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -15,10 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nats
 import pytest
 import yaml
 
 from swarmbus import Agent, Bus, Finding, FindingMessage, NatsCluster, NatsServer
+from swarmbus._server import free_port
+from tests._cluster import deploy_cluster as start_deploy_cluster
+from tests._cluster import deploy_nodes, route_url
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -26,6 +31,7 @@ NATS_CONF = DEPLOY / "nats"
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = DEPLOY / ".env.example"
 PASSWORD_VAR = re.compile(r"\$(NATS_PASSWORD_[A-Z_]+)")
+ROUTE_URL_VAR = re.compile(r"\$(NATS_ROUTE_URL_\d)")
 INCLUDE = re.compile(r'^\s*include\s+"?([^"\s]+)"?', re.MULTILINE)
 SERVICE = "swarmbus/consensus"
 AGENT = "ops/deploy-validator"
@@ -108,10 +114,17 @@ def test_every_mounted_file_exists() -> None:
 
 
 def test_every_password_is_supplied() -> None:
-    wanted = set(PASSWORD_VAR.findall((NATS_CONF / "auth.conf").read_text()))
+    confs = ("auth.conf", "cluster.conf")
+    wanted = set(PASSWORD_VAR.findall("".join((NATS_CONF / c).read_text() for c in confs)))
+    assert "NATS_PASSWORD_ROUTE" in wanted
     assert wanted == set(env_example())
+    routes = set(ROUTE_URL_VAR.findall((NATS_CONF / "cluster.conf").read_text()))
+    assert routes == {"NATS_ROUTE_URL_1", "NATS_ROUTE_URL_2", "NATS_ROUTE_URL_3"}
     for node in ("nats-1", "nats-2", "nats-3"):
-        assert set(compose()["services"][node]["environment"]) == wanted
+        environment = compose()["services"][node]["environment"]
+        assert set(environment) == wanted | routes
+        for name in routes:  # every route URL carries the route credentials
+            assert environment[name].startswith("nats://route:${NATS_PASSWORD_ROUTE}@nats-")
 
 
 def test_only_the_service_account_has_the_jetstream_admin_api() -> None:
@@ -149,12 +162,7 @@ def passwords(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 @pytest.fixture
 def deploy_cluster(tmp_path: Path, passwords: dict[str, str]) -> Iterator[NatsCluster]:
     """deploy/nats/nats-{1,2,3}.conf with ports and store dirs rewritten."""
-    cluster = NatsCluster(
-        tmp_path / "cluster",
-        config_files=[NATS_CONF / f"nats-{i}.conf" for i in (1, 2, 3)],
-        extra_args=["--http_port", "-1"],
-    )
-    with cluster:
+    with start_deploy_cluster(tmp_path / "cluster") as cluster:
         yield cluster
 
 
@@ -214,3 +222,121 @@ async def test_cluster_from_deploy_configs_runs_swarmbus_with_replicas_3(
             "SWARMBUS_EVENTS", f"agent.finding.reported.{session_id}.{AGENT}"
         )
         assert service.accept(last.subject, last.data).source.agent == AGENT
+
+
+def route_connect(port: int, password: str | None) -> bytes:
+    """Connect to a route port as a server would (CONNECT, PING); the first reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        stream = sock.makefile("rb")
+        assert stream.readline().startswith(b"INFO ")
+        connect: dict[str, Any] = {"verbose": False, "name": "intruder", "cluster": "swarmbus"}
+        if password is not None:
+            connect |= {"user": "route", "pass": password}
+        sock.sendall(f"CONNECT {json.dumps(connect)}\r\nPING\r\n".encode())
+        return stream.readline()
+
+
+@pytest.mark.slow
+def test_cluster_routes_refuse_unauthenticated_servers(
+    tmp_path: Path, passwords: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attempt 10: the deploy cluster forms over authenticated routes, and a server
+    without the route password cannot join it."""
+    cluster, route_ports = deploy_nodes(tmp_path / "cluster", monkeypatch)
+    with cluster:  # started: the three nodes elected a JetStream meta leader
+        for port in route_ports:
+            assert route_connect(port, None) == b"-ERR 'Authorization Violation'\r\n"
+            assert route_connect(port, "wrong") == b"-ERR 'Authorization Violation'\r\n"
+        assert route_connect(route_ports[0], passwords["NATS_PASSWORD_ROUTE"]) == b"PONG\r\n"
+        # a whole nats-server routed to node 1 without credentials is refused
+        node = cluster.nodes[0]
+        mark = len(node.log)
+        intruder = NatsServer(
+            tmp_path / "intruder",
+            name="intruder",
+            cluster=("swarmbus", free_port(), [route_url(route_ports[0], None)]),
+        )
+        with intruder:
+            node.wait_for_log("authentication error", timeout=10, after=mark)
+            remote = intruder.wait_for_log("Authorization Violation", timeout=10)
+        assert "route" in remote.lower()
+        assert not any("intruder" in line for line in node.log[mark:])
+
+
+# --- the single server from deploy/nats/single.conf: quotas and JetStream grants -------
+
+INTAKE = "consensus-SWARMBUS_CONSENSUS__-f1d71ec8"  # `swarmbus consensus`' durable
+INBOXES = {SERVICE: "_INBOX_swarmbus_consensus", AGENT: "_INBOX_ops_deploy-validator"}
+PASSWORD_OF = {SERVICE: "NATS_PASSWORD_CONSENSUS", AGENT: "NATS_PASSWORD_DEPLOY_VALIDATOR"}
+
+
+@pytest.fixture
+def deploy_single(tmp_path: Path, passwords: dict[str, str]) -> Iterator[NatsServer]:
+    server = NatsServer(
+        tmp_path / "single", config_file=NATS_CONF / "single.conf", extra_args=["--http_port", "-1"]
+    )
+    with server:
+        yield server
+
+
+def deploy_user(server: NatsServer, passwords: dict[str, str], user: str) -> Any:
+    return Bus.open(
+        url=server.url,
+        user=user,
+        password=passwords[PASSWORD_OF[user]],
+        inbox_prefix=INBOXES[user],
+    )
+
+
+async def test_account_quotas_apply_to_every_user(
+    deploy_single: NatsServer, passwords: dict[str, str]
+) -> None:
+    """Attempt 9: the SWARMBUS account's JetStream and connection limits."""
+    async with deploy_user(deploy_single, passwords, SERVICE) as service:
+        limits = (await service.js.account_info()).limits
+    assert (limits.max_memory, limits.max_storage) == (1024**3, 20 * 1024**3)
+    assert (limits.max_streams, limits.max_consumers) == (64, 20000)
+
+
+async def test_agent_cannot_pull_ack_or_reconfigure_the_consensus_intake(
+    deploy_single: NatsServer, passwords: dict[str, str], session_id: str
+) -> None:
+    """Attempt 7 (password config): the consensus service's intake consumer and named
+    consumer creates (which update an existing consumer) are refused to agents."""
+    from swarmbus import ConsensusService
+
+    async with (
+        deploy_user(deploy_single, passwords, SERVICE) as service,
+        ConsensusService(service, board_bucket=None),
+    ):
+        info = await service.js.consumer_info("SWARMBUS_EVENTS", INTAKE)
+        assert info.name == INTAKE  # the name auth.conf denies is the service's
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        agent = await nats.connect(
+            deploy_single.url,
+            user=AGENT,
+            password=passwords[PASSWORD_OF[AGENT]],
+            inbox_prefix=INBOXES[AGENT],
+            error_cb=on_error,
+        )
+        try:
+            for subject in (
+                f"$JS.API.CONSUMER.MSG.NEXT.SWARMBUS_EVENTS.{INTAKE}",
+                f"$JS.API.CONSUMER.DURABLE.CREATE.SWARMBUS_EVENTS.{INTAKE}",
+                f"$JS.ACK.SWARMBUS_EVENTS.{INTAKE}.1.1.1.1.0",
+                f"$JS.API.CONSUMER.CREATE.SWARMBUS_EVENTS.{INTAKE}",
+                "$JS.API.CONSUMER.CREATE.SWARMBUS_TASKS.q.swarmbus.task.>",
+            ):
+                refusal = f'permissions violation for publish to "{subject.lower()}"'
+                await agent.publish(subject, b'{"config": {"ack_wait": 3600000000000}}')
+                with anyio.fail_after(5):
+                    while not any(refusal in error for error in errors):
+                        await agent.flush()
+        finally:
+            await agent.close()
+        after = await service.js.consumer_info("SWARMBUS_EVENTS", INTAKE)
+        assert after.config == info.config

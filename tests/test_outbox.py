@@ -10,10 +10,10 @@ import nats.errors
 import pytest
 from nats.js.api import StreamConfig
 
-import swarmbus._outbox
+import swarmbus._jetstream.outbox
 from swarmbus import Bus, Finding, NatsServer
 from swarmbus._bus import EVENTS_STREAM
-from swarmbus._outbox import Outbox
+from swarmbus._jetstream.outbox import Outbox
 
 
 async def test_unacknowledged_publish_is_resent_until_stored_once(bus: Bus, unique: str) -> None:
@@ -74,7 +74,7 @@ async def test_a_send_the_connection_refuses_is_raised_and_not_kept(bus: Bus, un
 async def test_close_wakes_a_send_waiting_for_room(
     bus: Bus, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(swarmbus._outbox, "MAX_PENDING", 2)
+    monkeypatch.setattr(swarmbus._jetstream.outbox, "MAX_PENDING", 2)
     outbox = Outbox(bus.nc)
     subject = f"obx.{unique}.unstored"  # never acknowledged: no stream stores it
     for i in range(2):

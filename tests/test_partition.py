@@ -92,6 +92,7 @@ def passwords(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
             "NATS_PASSWORD_DEMO",
             "NATS_PASSWORD_CONSENSUS",
             "NATS_PASSWORD_OBSERVER",
+            "NATS_PASSWORD_ROUTE",
         )
     }
     for var, value in values.items():
@@ -101,7 +102,7 @@ def passwords(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 @pytest.fixture
 def split_cluster(
-    tmp_path: Path, netns: Net, passwords: dict[str, str]
+    tmp_path: Path, netns: Net, passwords: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[list[NatsServer]]:
     """deploy/nats/nats-{1,2,3}.conf: nodes 1, 2 on the host, node 3 in ``netns``."""
     in_netns = tmp_path / "nats-server-in-netns"
@@ -109,7 +110,10 @@ def split_cluster(
     in_netns.chmod(0o755)
     hosts = [netns.host_ip, netns.host_ip, netns.ns_ip]
     route_ports = [free_port() for _ in hosts]
-    routes = [f"nats://{h}:{p}" for h, p in zip(hosts, route_ports, strict=True)]
+    route_auth = f"route:{passwords['NATS_PASSWORD_ROUTE']}@"
+    routes = [f"nats://{route_auth}{h}:{p}" for h, p in zip(hosts, route_ports, strict=True)]
+    for i, route in enumerate(routes, start=1):  # cluster.conf reads them ($NATS_ROUTE_URL_n)
+        monkeypatch.setenv(f"NATS_ROUTE_URL_{i}", route)
     nodes = [
         NatsServer(
             tmp_path / f"n{i + 1}",

@@ -10,6 +10,16 @@ What goes where:
 ``acks``                  acknowledged writes: pipelined publishes, compare-and-set
 ``kv``                    KV put / create-once / compare-and-set, trace context
 ``reads``                 stored messages, last per subject, KV state, pulls
+``store``                 ``NatsStore``: the ``StateStore`` seam on a KV bucket
+``workqueue``             the task queue's work-queue stream, consumers and puller
+``streams``               stream and KV bucket provisioning
+``delivery``              durable pull consumers: create and bind
+``outbox``                confirmed background publishes, re-sent until stored
+``watch``                 ``KvWatch`` (one watch of a bucket), ``watch_until``
+``latest``                a key's last entry (markers included), bucket entries, scans
+``purge``                 purging keys
+``follow``                reading a stream in order (tail, timeline), dead letters,
+                          stream and consumer state for metrics
 ========================  ==========================================================
 
 Import the submodules directly; this package module imports nothing, so that the

@@ -1,0 +1,188 @@
+"""The request server: the receive loop behind ``Bus.serve_requests``.
+
+One agent answers one capability on two queue subscriptions: requests to ``any``
+(queue group per capability, so one agent of the capability answers) and requests
+addressed to the agent itself (queue group per agent, so one instance answers).
+
+A task per request costs more than a small handler; instead a few tasks drain a FIFO,
+and one more starts whenever a slot of the limiter is free to run it. A handler's
+failure (or a result that cannot be sent) becomes a ``failure`` response, a dead
+letter and an error event; the caller is always answered.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import anyio.abc
+
+from swarmbus import _subjects as subjects
+from swarmbus._errors import InvalidMessageError
+from swarmbus._jetstream.delivery import Connection, Msg, Subscription, TransportError
+from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
+from swarmbus._messages import (
+    Message,
+    RequestMessage,
+    Response,
+    encode,
+    envelope_for,
+)
+from swarmbus._telemetry import record_failure
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+log = logging.getLogger("swarmbus")
+
+RequestHandler = Callable[[RequestMessage], Awaitable[Mapping[str, Any]]]
+
+
+class Host(Protocol):
+    """What a request server uses of its bus (``swarmbus.Bus``)."""
+
+    nc: Connection
+
+    def accept(self, subject: str, data: bytes) -> Message: ...
+
+    async def reject(
+        self,
+        *,
+        subject: str,
+        data: bytes,
+        code: str,
+        reason: str,
+        receiver: str,
+        dedupe_key: str | None = None,
+        message_id: str | None = None,
+    ) -> None: ...
+
+    def _check_max_payload(self, data: bytes, headers: Mapping[str, str]) -> None: ...
+
+    def _consumer_span(
+        self, msg: Msg, message_id: str, session: str, agent: str
+    ) -> contextlib.AbstractContextManager[Span | None]: ...
+
+
+class RequestServer:
+    """Answers ``capability`` requests for ``agent`` with ``handler``."""
+
+    def __init__(
+        self,
+        host: Host,
+        capability: str,
+        handler: RequestHandler,
+        *,
+        agent: str,
+        limiter: anyio.Semaphore,
+        task_group: anyio.abc.TaskGroup,
+    ) -> None:
+        self._host = host
+        self._capability = capability
+        self._handler = handler
+        self._agent = agent
+        self._limiter = limiter
+        self._task_group = task_group
+        self._pending: collections.deque[tuple[Msg, RequestMessage]] = collections.deque()
+        # Draining tasks alive, and those of them not started yet.
+        self._alive = 0
+        self._starting = 0
+
+    async def start(self) -> list[Subscription]:
+        """Subscribe; returns once the server knows the subscriptions."""
+        nc, capability = self._host.nc, self._capability
+        subs = []
+        for target, queue in (
+            (subjects.ANY, f"swarmbus.cap.{capability}"),
+            (self._agent, f"swarmbus.agent.{subjects.safe_token(self._agent)}"),
+        ):
+            subs.append(
+                await nc.subscribe(
+                    subjects.request_filter(capability, target), queue=queue, cb=self._on_msg
+                )
+            )
+        # The server must know the subscriptions before callers are told we are serving.
+        await nc.flush()
+        return subs
+
+    async def _on_msg(self, msg: Msg) -> None:
+        try:
+            message = self._host.accept(msg.subject, msg.data)
+            assert isinstance(message, RequestMessage)
+        except InvalidMessageError as exc:
+            await self._host.reject(
+                subject=msg.subject,
+                data=msg.data,
+                code=exc.code,
+                reason=exc.reason,
+                receiver=self._agent,
+            )
+            return
+        pending = self._pending
+        pending.append((msg, message))
+        if not self._alive or self._starting < min(len(pending), self._limiter.value):
+            self._alive += 1
+            self._starting += 1
+            self._task_group.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        self._starting -= 1
+        try:
+            pending = self._pending
+            while pending:
+                await self._respond(*pending.popleft())
+        finally:
+            self._alive -= 1
+
+    async def _respond(self, msg: Msg, request: RequestMessage) -> None:
+        host, agent = self._host, self._agent
+        session = request.source.session
+        await self._limiter.acquire()
+        try:
+            span = host._consumer_span(msg, request.id, session, agent)
+            # Report inside the span: the error event joins the request's trace.
+            with span as current:
+                try:
+                    result = await self._handler(request)
+                    response = Response(
+                        request_id=request.id, status="success", result=dict(result)
+                    )
+                    # Encode here: a result that is not JSON, or too large to send, is
+                    # the handler's error.
+                    reply = envelope_for(response, agent=agent, session=session)
+                    data = encode(reply)
+                    host._check_max_payload(data, {MSG_ID_HEADER: reply.id})
+                except Exception as exc:  # noqa: BLE001 - answered, dead-lettered, logged
+                    record_failure(current, exc)
+                    reply, data = await self._failed(msg, request, exc)
+            if msg.reply:
+                with contextlib.suppress(TransportError):
+                    await host.nc.publish(msg.reply, data, headers={MSG_ID_HEADER: reply.id})
+        finally:
+            self._limiter.release()
+
+    async def _failed(
+        self, msg: Msg, request: RequestMessage, exc: Exception
+    ) -> tuple[Message, bytes]:
+        """Dead-letter a request whose handler failed; returns the failure response."""
+        log.exception("request handler %s failed", self._capability)
+        response = Response(
+            request_id=request.id,
+            status="failure",
+            result={"error": f"{type(exc).__name__}: {exc}"},
+        )
+        await self._host.reject(
+            subject=msg.subject,
+            data=msg.data,
+            code="handler_error",
+            reason=str(response.result["error"]),
+            receiver=self._agent,
+            dedupe_key=request.id,
+            message_id=request.id,
+        )
+        reply = envelope_for(response, agent=self._agent, session=request.source.session)
+        return reply, encode(reply)

@@ -1,0 +1,600 @@
+"""Claims: taking tasks off the queue, and every transition of a claimed task.
+
+``Claimer`` pulls dispatch messages (highest non-empty priority first, aging aside)
+and turns them into claims: a first delivery's claim is a compare-and-set pipelined
+with the batch's others; anything else (a redelivery, a lost race, an approval, dead
+letter) is decided one message at a time against the record. ``Transitions`` writes
+the record: every change is a compare-and-set at the claim's revision (the claim's
+attempt number is its fencing token), the writes of one event-loop turn go out as one
+pipelined batch (``AckPublisher``), and a write whose ack was lost is settled by
+reading the record back. Writes that may have landed are shielded from cancellation;
+the reason is written beside each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import anyio
+import msgspec
+
+from swarmbus import _subjects as subjects
+from swarmbus._bus import Bus
+from swarmbus._errors import (
+    ConnectionError,
+    InvalidTaskError,
+    InvalidTransitionError,
+    NotFoundError,
+    SwarmbusError,
+    TaskClaimLostError,
+)
+from swarmbus._jetstream.acks import AckPublisher, Refused
+from swarmbus._jetstream.headers import EXPECTED_LAST_SUBJECT_SEQUENCE as EXPECTED_LAST_HEADER
+from swarmbus._jetstream.headers import TASK_REVISION as REVISION_HEADER
+from swarmbus._jetstream.headers import WRONG_LAST_SEQUENCE as _WRONG_LAST
+from swarmbus._jetstream.reads import PullInbox, deliveries, quietly
+from swarmbus._jetstream.workqueue import (
+    Dispatch,
+    KeyValue,
+    Puller,
+    Wakeup,
+    durable_puller,
+    settle_unacked,
+    stored_age,
+)
+from swarmbus._messages import TaskAssigned, TaskCompleted, TaskFailed
+from swarmbus._tasks.model import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    TASKS_BUCKET,
+    TASKS_STREAM,
+    TERMINAL,
+    Claim,
+    Task,
+    after,
+    claimed,
+    encoder,
+    hint_of,
+    now,
+)
+from swarmbus._telemetry import continued
+
+log = logging.getLogger("swarmbus.tasks")
+
+Event = tuple[Any, str, str | None]
+"""A lifecycle event to publish: (body, agent, message id or None)."""
+
+
+class QueueView(Protocol):
+    """What claims need of their ``TaskQueue`` (its state, reads and events)."""
+
+    bus: Bus
+    session: str
+    ack_wait: float
+    starvation_after: float
+    _acks: AckPublisher
+
+    @property
+    def kv(self) -> KeyValue: ...
+
+    def _key(self, task_id: str) -> str: ...
+
+    async def _read(self, task_id: str) -> tuple[Task, int]: ...
+
+    async def _record_of(self, task_id: str) -> tuple[Task, int] | None: ...
+
+    async def _events(self, items: Iterable[Event]) -> None: ...
+
+    async def _cas(self, task: Task, revision: int) -> int | None: ...
+
+    async def _cas_many(
+        self, writes_in: Sequence[tuple[Task, int]]
+    ) -> list[int | ConnectionError | None]: ...
+
+    async def _settle_unknown(
+        self, task: Task, revision: int, subject: str, data: bytes, headers: dict[str, str]
+    ) -> int | ConnectionError | None: ...
+
+    async def _transition(
+        self, claim: Claim, change: Callable[[Task], Task], requested: str
+    ) -> Task: ...
+
+    async def _heartbeat(self, claim: Claim) -> None: ...
+
+    async def _complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task: ...
+
+    async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task: ...
+
+
+def _hint(msg: Dispatch) -> Task | None:
+    """The task a dispatch message carries (None if it is malformed)."""
+    return hint_of(msg.data)
+
+
+def _released(task: Task) -> Task:
+    """``task`` as before a claim that was never handed out."""
+    return msgspec.structs.replace(
+        task,
+        status="pending",
+        assigned_to=None,
+        attempts=task.attempts - 1,
+        claimed_at=None,
+        lease_until=None,
+    )
+
+
+class _Outcomes:
+    """Claims won and the last error of dispatch messages settled concurrently."""
+
+    def __init__(self, size: int) -> None:
+        self.claims: list[Claim | None] = [None] * size
+        self.error: ConnectionError | None = None
+
+
+class Claimer:
+    """Claims tasks for one ``TaskQueue``: pulls, aging, settling dispatch messages."""
+
+    def __init__(self, queue: QueueView) -> None:
+        self._queue = queue
+        bus = queue.bus
+        self._pullers: dict[tuple[str, int], Puller] = {}
+        self._inbox = PullInbox(bus.nc, bus.settings.request_timeout)
+        self._last_aging = 0.0
+        # One pull at a time per queue object: the pullers share one reply inbox.
+        self._scan_lock = anyio.Lock()
+
+    async def close(self) -> None:
+        self._pullers.clear()
+        await self._inbox.close()
+
+    async def claim_many(
+        self, *, agent: str, types: Sequence[str], limit: int, timeout: float | None
+    ) -> list[Claim]:
+        """See ``TaskQueue.claim_many``."""
+        self._queue.bus.act_as(agent)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidTaskError("limit", f"must be an integer >= 1, got {limit!r}")
+        if isinstance(types, str | bytes) or not types:
+            raise InvalidTaskError("types", f"must be a non-empty list of types, got {types!r}")
+        for type in types:
+            subjects.validate_name("task type", type)
+        deadline = time.monotonic() + (timeout or 0.0)
+        wakeup = Wakeup(self._queue.bus.nc)
+        try:
+            while True:
+                async with self._scan_lock:
+                    claims = await self._scan(agent, types, limit)
+                if claims:
+                    return claims
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                if not wakeup.armed:
+                    # Idle: arm one-shot wake-ups, then scan again (a dispatch may have
+                    # come in between). A busy claimer never subscribes, so it does not
+                    # receive every dispatch twice.
+                    await wakeup.arm(self._dispatch_subjects(types))
+                    continue
+                # Redeliveries and delayed naks do not wake us, hence the bounded wait.
+                with anyio.move_on_after(min(remaining, self._queue.ack_wait / 2, 0.5)):
+                    await wakeup.event.wait()
+                if wakeup.event.is_set():
+                    await wakeup.disarm()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await wakeup.disarm()
+
+    def _dispatch_subjects(self, types: Sequence[str]) -> list[str]:
+        session = self._queue.session
+        return [f"{subjects.task_subject(session, type, '*')}.*" for type in types]
+
+    async def _scan(self, agent: str, types: Sequence[str], limit: int) -> list[Claim]:
+        claims: list[Claim] = []
+        try:
+            starvation_after = self._queue.starvation_after
+            if starvation_after and time.monotonic() - self._last_aging >= 1.0:
+                self._last_aging = time.monotonic()
+                claims = await self._claim_starved(agent, types)
+            for priority in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1):
+                for type in types:
+                    if len(claims) >= limit:
+                        return claims
+                    msgs = await (await self.puller(type, priority)).pull(limit - len(claims))
+                    claims.extend(await self.settle_all(msgs, agent))
+                if claims:
+                    return claims
+        except ConnectionError as exc:
+            if not claims:
+                raise
+            # Claims already won are returned: their records name this agent, so
+            # dropping them would leave those tasks waiting out their leases.
+            log.warning("claiming stopped early, %d claimed: %s", len(claims), exc)
+        except BaseException:
+            # Cancelled: nobody will run the claims won so far. Give them back now,
+            # or each would wait out its lease and use up one of its attempts.
+            with anyio.CancelScope(shield=True):
+                await self._release(claims)
+            raise
+        return claims
+
+    async def _release(self, claims: Sequence[Claim]) -> None:
+        """Undo claims that were never handed out: pending again, at the attempt count
+        they had, and their dispatch messages offered again at once."""
+        await asyncio.gather(*(self._release_one(c) for c in claims))
+
+    async def _release_one(self, claim: Claim) -> None:
+        try:
+            await self._queue._transition(claim, _released, "pending")
+        except SwarmbusError as exc:  # its lease runs out instead
+            log.warning("could not give back task %s: %s", claim.task.id, exc)
+            return
+        await quietly(claim._msg.nak())
+
+    async def _claim_starved(self, agent: str, types: Sequence[str]) -> list[Claim]:
+        """Peek at each lower priority's head; claim it if it waited too long."""
+        for priority in range(MIN_PRIORITY, MAX_PRIORITY):
+            for type in types:
+                msgs = await (await self.puller(type, priority)).pull(1)
+                for msg in msgs:
+                    if stored_age(msg) >= self._queue.starvation_after:
+                        claims = await self.settle_all([msg], agent)
+                        if claims:
+                            return claims
+                    else:
+                        await quietly(msg.nak())
+        return []
+
+    async def settle_all(self, msgs: list[Dispatch], agent: str) -> list[Claim]:
+        """``_settle_batch``, finished even if the caller is cancelled meanwhile: its
+        writes may have landed, and a claim must not be lost on its way to the caller
+        (``_scan`` gives the claims back if it was cancelled)."""
+        claims: list[Claim] = []
+        with anyio.CancelScope(shield=True):
+            claims = await self._settle_batch(msgs, agent)
+        return claims
+
+    async def _settle_batch(self, msgs: list[Dispatch], agent: str) -> list[Claim]:
+        """Claim what the dispatch messages offer, with one round trip for the batch.
+
+        A first delivery carries the task and its revision: if that task is
+        claimable its claim CAS is pipelined with the others (one timeout for all).
+        Everything else (redeliveries, a lost CAS race, approvals, dead letter) goes
+        through ``_settle`` one message at a time.
+        """
+        queue = self._queue
+        fast: list[tuple[Dispatch, Task, int]] = []
+        slow: list[tuple[Dispatch, bool]] = []
+        for msg in msgs:
+            hint = _hint(msg)
+            headers = msg.headers or {}
+            if (
+                hint is not None
+                and deliveries(msg) == 1
+                and hint.status == "pending"
+                and hint.approval in ("none", "approved")
+                and hint.attempts < hint.max_attempts
+            ):
+                fast.append((msg, claimed(hint, agent), int(headers.get(REVISION_HEADER, 0))))
+            else:
+                slow.append((msg, True))
+        claims: list[Claim] = []
+        error: ConnectionError | None = None
+        revisions = await queue._cas_many([(task, revision) for _, task, revision in fast])
+        for (msg, task, _), revision in zip(fast, revisions, strict=True):
+            if isinstance(revision, ConnectionError):
+                error = revision  # unacked: the redelivery sees the lease, if it was taken
+            elif revision is None:
+                slow.append((msg, False))  # someone else moved the record: read it
+            else:
+                claims.append(Claim(queue, task, revision, msg))
+        if slow:
+            outcomes = _Outcomes(len(slow))
+            async with anyio.create_task_group() as tg:
+                for i, (msg, trust_hint) in enumerate(slow):
+                    tg.start_soon(self._settle_into, outcomes, i, msg, agent, trust_hint)
+            claims.extend(c for c in outcomes.claims if c is not None)
+            error = outcomes.error or error
+        if error is not None and not claims:
+            raise error
+        for c in claims:  # each in its task's trace
+            with continued(c._msg.headers):
+                await queue._events(
+                    [(TaskAssigned(task_id=c.task.id, agent_id=agent), agent, None)]
+                )
+        return claims
+
+    async def _settle_into(
+        self, outcomes: _Outcomes, i: int, msg: Dispatch, agent: str, trust_hint: bool
+    ) -> None:
+        try:
+            outcomes.claims[i] = await self._settle(msg, agent, trust_hint=trust_hint)
+        except ConnectionError as exc:  # not the others' claims: keep going
+            outcomes.error = exc
+            await quietly(msg.nak(delay=0.5))
+
+    async def _settle(self, msg: Dispatch, agent: str, *, trust_hint: bool = True) -> Claim | None:
+        """Decide what one dispatch message means now; claim its task if possible."""
+        queue = self._queue
+        hint = _hint(msg)
+        if hint is None:
+            log.error("dropping a malformed dispatch message on %s", msg.subject)
+            await quietly(msg.term())
+            return None
+        task_id = hint.id
+        headers = msg.headers or {}
+        first = trust_hint and deliveries(msg) == 1
+        for _ in range(5):
+            if first:
+                # First delivery: trust the task it carries; the CAS checks it.
+                task, revision, first = hint, int(headers.get(REVISION_HEADER, 0)), False
+            else:
+                # No record yet: nobody claimed it, this message is the task.
+                task, revision = await queue._record_of(task_id) or (hint, 0)
+            if task.status in TERMINAL:
+                await quietly(msg.ack())
+                return None
+            if task.approval in ("required", "rejected"):
+                await quietly(msg.ack())  # approve() offers it again
+                return None
+            lease = task.lease_until
+            if task.status != "pending" and lease is not None:
+                remaining = (lease - now()).total_seconds()
+                if remaining > 0:
+                    await quietly(msg.nak(delay=remaining + 0.05))
+                    return None
+            if task.attempts >= task.max_attempts:
+                if await self._give_up(msg, task, revision, agent):
+                    return None
+                continue
+            mine = claimed(task, agent)
+            new_revision = await queue._cas(mine, revision)
+            if new_revision is None:
+                continue
+            return Claim(queue, mine, new_revision, msg)
+        await quietly(msg.nak(delay=0.1))
+        return None
+
+    async def _give_up(self, msg: Dispatch, task: Task, revision: int, agent: str) -> bool:
+        """Fail ``task`` for good (dead letter); False if the record moved on meanwhile."""
+        reason = "claim timed out" if task.status != "pending" else (task.error or "")
+        dead = msgspec.structs.replace(
+            task,
+            status="failed",
+            dead=True,
+            error=f"gave up after {task.attempts} attempts: {reason}",
+            completed_at=now(),
+            lease_until=None,
+        )
+        if await self._queue._cas(dead, revision) is None:
+            return False
+        await quietly(msg.ack())
+        failed = TaskFailed(
+            task_id=task.id, error=dead.error or "", attempts=dead.attempts, dead=True
+        )
+        await self._queue._events([(failed, agent, f"task:{task.id}:dead")])
+        return True
+
+    async def puller(self, type: str, priority: int) -> Puller:
+        """The puller of the queue of ``type`` at ``priority`` (its consumer created once)."""
+        key = (type, priority)
+        puller = self._pullers.get(key)
+        if puller is None:
+            session = self._queue.session
+            puller = self._pullers[key] = await durable_puller(
+                self._queue.bus.js,
+                self._inbox,
+                TASKS_STREAM,
+                durable=f"{subjects.safe_token(f'{session}.{type}')}-q{priority}",
+                subject=f"{subjects.task_subject(session, type, priority)}.*",
+                ack_wait=self._queue.ack_wait,
+            )
+        return puller
+
+
+class Transitions:
+    """Compare-and-set writes of task records, batched per event-loop turn."""
+
+    def __init__(self, queue: QueueView) -> None:
+        self._queue = queue
+        self._writes: list[tuple[Task, int, asyncio.Future[int | None]]] = []
+
+    async def cas(self, task: Task, revision: int) -> int | None:
+        """Write ``task`` if the record is still at ``revision``; None if it moved on.
+
+        The writes of one event-loop turn (e.g. the completions of a worker's batch)
+        go out together through ``_cas_many``: one pipelined batch, one timeout. The
+        first writer of the turn sends the batch for everyone (no background task).
+        """
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._writes.append((task, revision, future))
+        if len(self._writes) == 1:
+            try:
+                await asyncio.sleep(0)  # let the other writers of this turn join
+            finally:
+                # Even if cancelled: the batch holds other writers' writes too.
+                with anyio.CancelScope(shield=True):
+                    await self._flush_writes(future)
+        return await future
+
+    async def _flush_writes(self, own: asyncio.Future[int | None]) -> None:
+        batch, self._writes = self._writes, []
+        results: list[int | BaseException | None]
+        try:
+            results = [*await self._queue._cas_many([(task, rev) for task, rev, _ in batch])]
+        except Exception as exc:  # noqa: BLE001 - every waiter gets it, the flusher too
+            results = [exc] * len(batch)
+        except BaseException:
+            # The flusher was cancelled: the others' writes have unknown outcomes.
+            for _, _, future in batch:
+                if future is not own and not future.done():
+                    future.set_exception(ConnectionError("write abandoned by its batch"))
+            raise
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its caller was cancelled
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def cas_many(
+        self, writes_in: Sequence[tuple[Task, int]]
+    ) -> list[int | ConnectionError | None]:
+        """``cas`` for many records, pipelined, with one timeout for the whole batch.
+
+        Per write: the new revision, None if the record moved on, or the error if the
+        outcome is unknown (no answer in time, connection lost).
+        """
+        queue = self._queue
+        writes = [
+            (
+                subjects.kv_subject(TASKS_BUCKET, queue._key(task.id)),
+                encoder.encode(task),
+                {EXPECTED_LAST_HEADER: str(revision)},
+            )
+            for task, revision in writes_in
+        ]
+        results: list[int | ConnectionError | None] = []
+        acks = await queue._acks.publish(writes)
+        for (task, revision), (subject, data, headers), ack in zip(
+            writes_in, writes, acks, strict=True
+        ):
+            if isinstance(ack, int):
+                results.append(ack)
+            elif isinstance(ack, Refused) and ack.err_code in _WRONG_LAST:
+                results.append(None)
+            elif isinstance(ack, Refused):
+                results.append(ConnectionError(f"cannot update task {task.id}: {ack}"))
+            else:  # no answer (a node died, a leader election): find out what happened
+                results.append(await queue._settle_unknown(task, revision, subject, data, headers))
+        return results
+
+    async def settle_unknown(
+        self, task: Task, revision: int, subject: str, data: bytes, headers: dict[str, str]
+    ) -> int | ConnectionError | None:
+        """Settle a CAS write whose ack never came: it landed, lost, or never happened.
+
+        Reads the record (retried through failover by ``bus.js``): our bytes there mean
+        our write won; a newer revision means someone else's did; otherwise it did not
+        happen and is sent again, alone, through the retrying JetStream. Without this a
+        completion whose ack was lost would stay unreported: its event is published only
+        after a confirmed transition, and a completed task is never offered again.
+        """
+        queue = self._queue
+        return await settle_unacked(
+            queue.bus.js,
+            queue.kv,
+            queue._key(task.id),
+            revision,
+            (subject, data, headers),
+            f"cannot update task {task.id}",
+        )
+
+    async def transition(
+        self, claim: Claim, change: Callable[[Task], Task], requested: str
+    ) -> Task:
+        """CAS ``change(task)`` at the claim's revision; one transition at a time."""
+        queue = self._queue
+        async with claim._lock:
+            queue.bus.act_as(claim.task.assigned_to or subjects.UNKNOWN)
+            if claim.finished:
+                raise InvalidTransitionError("task", claim.task.id, claim.task.status, requested)
+            new = change(claim.task)
+            revision = await self.cas(new, claim.revision)
+            if revision is None:
+                try:
+                    current, _ = await queue._read(claim.task.id)
+                except NotFoundError:  # finished by another claim, then pruned
+                    raise TaskClaimLostError(claim.task.id, claim.attempt, 0, "pruned") from None
+                raise TaskClaimLostError(
+                    claim.task.id, claim.attempt, current.attempts, current.status
+                )
+            claim.task, claim.revision = new, revision
+            claim.finished = new.status != "running"
+            return new
+
+    async def heartbeat(self, claim: Claim) -> None:
+        with anyio.CancelScope(shield=True):  # see complete
+            await self.transition(claim, _running, "running")
+            await quietly(claim._msg.in_progress())
+
+    async def complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task:
+        try:
+            result_dict = msgspec.convert(dict(result or {}), dict[str, Any])
+            encoder.encode(result_dict)
+        except (msgspec.ValidationError, TypeError, ValueError) as exc:
+            raise InvalidTaskError("result", str(exc)) from None
+        completed = _Completed(result_dict)
+        # Shielded: a write cancelled in flight may still land; the claim must then
+        # follow it (or its next call is refused as lost) and its event go out.
+        with anyio.CancelScope(shield=True):
+            new = await self.transition(claim, completed, "completed")
+            await quietly(claim._msg.ack())
+            agent = new.assigned_to or subjects.UNKNOWN
+            event = TaskCompleted(task_id=new.id, result=result_dict)
+            with continued(claim._msg.headers):  # outside work()'s span: the task's trace
+                await self._queue._events([(event, agent, f"task:{new.id}:completed")])
+        return new
+
+    async def fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
+        with anyio.CancelScope(shield=True):  # see complete
+            new = await self.transition(claim, _Failed(error, retry), "failed")
+            if new.status == "pending":
+                await quietly(claim._msg.nak(delay=min(2.0**new.attempts * 0.1, 30.0)))
+            else:
+                await quietly(claim._msg.ack())
+            agent = new.assigned_to or subjects.UNKNOWN
+            event = TaskFailed(task_id=new.id, error=error, attempts=new.attempts, dead=new.dead)
+            with continued(claim._msg.headers):  # outside work()'s span: the task's trace
+                await self._queue._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
+        return new
+
+
+def _running(task: Task) -> Task:
+    """``task`` running, its lease extended by its timeout."""
+    return msgspec.structs.replace(
+        task, status="running", lease_until=after(task.constraints.timeout)
+    )
+
+
+class _Completed:
+    """The change a completion makes (a transition's ``change``)."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        self._result = result
+
+    def __call__(self, task: Task) -> Task:
+        return msgspec.structs.replace(
+            task,
+            status="completed",
+            result=self._result,
+            error=None,
+            completed_at=now(),
+            lease_until=None,
+        )
+
+
+class _Failed:
+    """The change a failure makes: pending again if retried and attempts are left."""
+
+    def __init__(self, error: str, retry: bool) -> None:
+        self._error = error
+        self._retry = retry
+
+    def __call__(self, task: Task) -> Task:
+        if self._retry and task.attempts < task.max_attempts:
+            return msgspec.structs.replace(
+                task, status="pending", error=self._error, lease_until=None
+            )
+        return msgspec.structs.replace(
+            task,
+            status="failed",
+            error=self._error,
+            dead=self._retry,
+            completed_at=now(),
+            lease_until=None,
+        )

@@ -1,0 +1,525 @@
+"""TaskQueue: a session's queue (creation, reads, listing, prune, approval).
+
+The design note of the whole task queue is in ``swarmbus._tasks``. This module holds
+the queue object and what does not involve a claim; claiming and the transitions of
+claimed tasks are in ``claims``, the worker loop in ``worker``, and NATS in
+``swarmbus._jetstream.workqueue``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import msgspec
+
+from swarmbus import _subjects as subjects
+from swarmbus._bus import Bus
+from swarmbus._errors import (
+    ConnectionError,
+    InvalidTaskError,
+    InvalidTransitionError,
+    NotFoundError,
+    PublishError,
+    SwarmbusError,
+)
+from swarmbus._jetstream.acks import AckPublisher, Refused
+from swarmbus._jetstream.headers import EXPECTED_LAST_SUBJECT_SEQUENCE as EXPECTED_LAST_HEADER
+from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
+from swarmbus._jetstream.headers import TASK_REVISION as REVISION_HEADER
+from swarmbus._jetstream.kv import kv_context
+from swarmbus._jetstream.reads import stored_messages
+from swarmbus._jetstream.store import NatsStore
+from swarmbus._jetstream.workqueue import (
+    Dispatch,
+    KeyValue,
+    Puller,
+    purge_key,
+    read_entry,
+    read_last,
+    work_queue_stream,
+)
+from swarmbus._messages import TaskCreated, TaskFailed, envelope_for
+from swarmbus._tasks.claims import Claimer, Event, Transitions
+from swarmbus._tasks.model import (
+    STATUSES,
+    TASKS_BUCKET,
+    TASKS_STREAM,
+    TERMINAL,
+    Claim,
+    Handler,
+    Task,
+    TaskSpec,
+    build,
+    count,
+    decoder,
+    encoder,
+    hint_of,
+    now,
+    state,
+)
+from swarmbus._tasks.worker import Worker
+from swarmbus._telemetry import continued, traced
+
+__all__ = ["TaskQueue"]
+
+log = logging.getLogger("swarmbus.tasks")
+
+
+class TaskQueue:
+    """The task queue of one session.
+
+    ``async with TaskQueue(bus, session) as queue`` provisions the stream and bucket
+    (idempotent) and closes the claimer's subscriptions on exit.
+
+    Args:
+        bus: a connected bus; replicas and storage come from ``bus.settings``.
+        session: the session (incident) whose tasks this queue holds.
+        ack_wait: seconds before an unacknowledged dispatch message is redelivered;
+            the granularity at which expired claims are noticed.
+        max_attempts: default claims per task before it goes to dead letter.
+        starvation_after: a task waiting this long is claimed before higher
+            priorities (0 disables aging).
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        session: str,
+        *,
+        ack_wait: float = 5.0,
+        max_attempts: int = 3,
+        starvation_after: float = 60.0,
+    ) -> None:
+        self.bus = bus
+        self.session = subjects.validate_session_id(session)
+        if not count(max_attempts) or ack_wait <= 0 or max_attempts < 1 or starvation_after < 0:
+            raise InvalidTaskError("queue", "ack_wait > 0, max_attempts >= 1, aging >= 0")
+        self.ack_wait = ack_wait
+        self.max_attempts = max_attempts
+        self.starvation_after = starvation_after
+        self._store: NatsStore | None = None
+        self._acks = AckPublisher(bus.nc, bus.settings.request_timeout)
+        self._claimer = Claimer(self)
+        self._transitions = Transitions(self)
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def __aenter__(self) -> TaskQueue:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Create the dispatch stream and the record bucket if missing."""
+        await self.bus.ensure_stream(
+            work_queue_stream(
+                TASKS_STREAM,
+                subjects.TASK_WILDCARD,
+                storage=self.bus._storage(),
+                replicas=self.bus.settings.replicas,
+            )
+        )
+        kv = await self.bus.key_value(TASKS_BUCKET, history=1)
+        self._store = NatsStore(kv)
+
+    async def close(self) -> None:
+        """Stop this claimer's subscriptions (stream, bucket and tasks stay)."""
+        await self._claimer.close()
+        await self._acks.close()
+
+    @property
+    def kv(self) -> KeyValue:
+        return self.store.kv
+
+    @property
+    def store(self) -> NatsStore:
+        """The record bucket (listing reads go through it)."""
+        if self._store is None:
+            raise SwarmbusError("TaskQueue is not open: use `async with TaskQueue(...)`")
+        return self._store
+
+    def _key(self, task_id: str) -> str:
+        return f"{self.session}.{task_id}"
+
+    # --- create / approve / query -------------------------------------------------
+
+    async def create(
+        self,
+        type: str,
+        *,
+        agent: str,
+        priority: int = 5,
+        target: str = "",
+        context: Mapping[str, Any] | None = None,
+        timeout: float = 60.0,
+        requires_approval: bool = False,
+        max_attempts: int | None = None,
+    ) -> Task:
+        """Create a pending task and offer it to claimers (after approval, if required).
+
+        Raises:
+            InvalidTaskError: bad priority, type, parameters or constraints; nothing stored.
+        """
+        spec = TaskSpec(
+            type=type,
+            priority=priority,
+            target=target,
+            context={} if context is None else context,
+            timeout=timeout,
+            requires_approval=requires_approval,
+            max_attempts=max_attempts,
+        )
+        (task,) = await self.create_many([spec], agent=agent)
+        return task
+
+    async def create_many(self, specs: Iterable[TaskSpec], *, agent: str) -> list[Task]:
+        """Create several tasks with pipelined writes (every spec is validated first).
+
+        One acknowledged write per task, all in one round trip: the dispatch message,
+        which is the task until its first claim creates the record (create-once, so
+        two claimers cannot both win). A task that needs approval is stored as a record
+        instead, and offered once approved.
+        """
+        self.bus.act_as(agent)
+        tasks = [
+            build(spec, agent=agent, session=self.session, max_attempts=self.max_attempts)
+            for spec in specs
+        ]
+        writes = [
+            self._offer(task, 0) if task.approval == "none" else self._record(task)
+            for task in tasks
+        ]
+        for result in await self._acks.publish(writes):
+            _stored(result, self.session)
+        for t, (_, _, headers) in zip(tasks, writes, strict=True):
+            with continued(headers):  # outside a trace: the one its dispatch started
+                await self._events(
+                    [
+                        (
+                            TaskCreated(
+                                task_id=t.id,
+                                type=t.type,
+                                parameters=msgspec.to_builtins(t.parameters),
+                                priority=t.priority,
+                                requires_approval=t.constraints.requires_approval,
+                            ),
+                            agent,
+                            f"task:{t.id}:created",
+                        )
+                    ]
+                )
+        return tasks
+
+    def _trace(self, task: Task) -> dict[str, str]:
+        return {"swarmbus.session": self.session, "swarmbus.task_id": task.id}
+
+    def _offer(self, task: Task, revision: int) -> tuple[str, bytes, dict[str, str]]:
+        """The dispatch message of ``task`` (subject, data, headers).
+
+        It carries the task and the revision its claim must compare against: 0 while
+        the task has no record (its first claim creates it).
+        """
+        destination = subjects.task_subject(self.session, task.type, task.priority)
+        headers = {MSG_ID_HEADER: f"task:{task.id}:dispatch"}
+        if revision:  # absent: 0 (nats-py parses headers character by character)
+            headers[REVISION_HEADER] = str(revision)
+        return (
+            f"{destination}.{task.id}",
+            encoder.encode(task),
+            traced(headers, destination, self._trace(task)),
+        )
+
+    def _record(self, task: Task) -> tuple[str, bytes, dict[str, str]]:
+        """The create-once write of ``task``'s record (subject, data, headers)."""
+        subject = subjects.kv_subject(TASKS_BUCKET, self._key(task.id))
+        headers = traced({EXPECTED_LAST_HEADER: "0"}, subject, self._trace(task), new_trace=False)
+        return subject, encoder.encode(task), headers
+
+    async def get(self, task_id: str) -> Task:
+        """The current record of a task.
+
+        Raises:
+            NotFoundError: no such task in this session.
+        """
+        return (await self._read(task_id))[0]
+
+    async def _read(self, task_id: str) -> tuple[Task, int]:
+        """The task and the revision to compare-and-set against (0: no record yet)."""
+        if not isinstance(task_id, str) or not task_id or len(task_id) > 128:
+            raise NotFoundError("task", str(task_id))
+        try:
+            subjects.validate_name("task id", task_id)
+        except SwarmbusError:
+            raise NotFoundError("task", task_id) from None
+        found = await self._record_of(task_id)
+        if found is None:
+            # Not claimed yet: the dispatch message is the task. Read the bucket once
+            # more if it is gone too: a claim may have created the record meanwhile.
+            offered = await self._dispatched(task_id)
+            found = (offered, 0) if offered is not None else await self._record_of(task_id)
+        if found is None:
+            raise NotFoundError("task", task_id)
+        return found
+
+    async def _record_of(self, task_id: str) -> tuple[Task, int] | None:
+        entry = await read_entry(self.kv, self._key(task_id), f"cannot read task {task_id}")
+        if entry is None:
+            return None
+        value, revision = entry
+        return decoder.decode(value), revision
+
+    async def _dispatched(self, task_id: str) -> Task | None:
+        """The task a pending dispatch message carries (None if there is none)."""
+        pattern = subjects.task_filter(self.session, task_id)
+        data = await read_last(self.bus.js, TASKS_STREAM, pattern, f"cannot read task {task_id}")
+        return None if data is None else hint_of(data)
+
+    async def tasks(self, status: str | None = None) -> list[Task]:
+        """Every task of the session (optionally only one status), oldest first.
+
+        Raises:
+            InvalidTaskError: ``status`` is not a task status.
+        """
+        if status is not None and status not in STATUSES:
+            raise InvalidTaskError("status", f"{status!r} is not one of {', '.join(STATUSES)}")
+        # Dispatch messages first: a task claimed meanwhile is in the bucket by the
+        # time the bucket is read (the other order could miss it).
+        offered = {t.id: t for t in await self._offered()}
+        records = {t.id: t for t in await self._records()}
+        tasks = list({**offered, **records}.values())
+        tasks.sort(key=lambda t: t.created_at or now())
+        return [t for t in tasks if status is None or t.status == status]
+
+    async def prune(self, *, older_than: float) -> list[str]:
+        """Delete the records of this session's tasks that finished ``older_than`` seconds
+        ago or earlier; returns their ids.
+
+        Finished records are kept until pruned: an expiry (TTL) on them would not be
+        safe, since a dispatch message whose ack was lost can outlive its record and
+        would then run its task again. So a record goes only when no dispatch message
+        of its task is left in the stream; a finished task is never offered again, so
+        none can appear later. Its key is purged, leaving a purge marker (no value): with
+        no entry at all, a claimer still holding a copy of the dispatch message (pulled
+        before the task finished, settled after the prune) would create the record anew
+        and run the task again.
+
+        Raises:
+            InvalidTaskError: ``older_than`` is not a number of seconds >= 0.
+            ConnectionError: NATS failed (records pruned before that stay pruned).
+        """
+        if isinstance(older_than, bool) or not isinstance(older_than, int | float):
+            raise InvalidTaskError("older_than", f"must be seconds, got {older_than!r}")
+        if not 0 <= older_than < math.inf:
+            raise InvalidTaskError("older_than", f"must be >= 0 seconds, got {older_than!r}")
+        cutoff = time.time() - older_than
+        # Records first: a task finishing meanwhile is not in this list, and a
+        # dispatch message of a listed one cannot be created after it is read.
+        finished = [
+            task.id
+            for task in await self._records()
+            if task.status in TERMINAL
+            and task.completed_at is not None
+            and task.completed_at.timestamp() <= cutoff
+        ]
+        offered = {t.id for t in await self._offered()}
+        pruned = [task_id for task_id in finished if task_id not in offered]
+        for task_id in pruned:
+            subject = subjects.kv_subject(TASKS_BUCKET, self._key(task_id))
+            await purge_key(
+                self.kv,
+                self._key(task_id),
+                f"cannot prune the tasks of {self.session}",
+                self.bus._permission_guard(subject, "prune tasks"),
+            )
+        return pruned
+
+    async def _records(self) -> list[Task]:
+        """The session's task records, as stored now."""
+        entries = await self.store.list(f"{self.session}.")
+        return [decoder.decode(entry.value) for entry in entries if entry.value]
+
+    async def _offered(self) -> list[Task]:
+        """The tasks the session's pending dispatch messages carry."""
+        filter = subjects.task_filter(self.session)
+        msgs = await stored_messages(self.bus.js, TASKS_STREAM, filter)
+        return [t for t in (hint_of(msg.data) for msg in msgs) if t is not None]
+
+    async def approve(self, task_id: str, *, by: str) -> Task:
+        """Let a ``requires_approval`` task be claimed (called by a consensus decision).
+
+        Idempotent: approving an approved task re-offers it and changes nothing else.
+
+        Raises:
+            NotFoundError: unknown task.
+            InvalidTransitionError: the task needs no approval, or was rejected.
+        """
+        subjects.validate_agent_id(by)
+        created = await kv_context(self.kv, self._key(task_id))  # the trace to continue
+        while True:
+            task, revision = await self._read(task_id)
+            if task.approval == "approved":
+                if task.status == "pending":
+                    with continued(created):
+                        await self._redispatch(task, revision)
+                return task
+            if task.approval != "required" or task.status != "pending":
+                raise InvalidTransitionError("task", task_id, state(task), "approved")
+            approved = msgspec.structs.replace(task, approval="approved", approved_by=by)
+            with anyio.CancelScope(shield=True):  # a stored approval must be offered
+                new_revision = await self._cas(approved, revision)
+                if new_revision is not None:
+                    with continued(created):
+                        await self._redispatch(approved, new_revision)
+            if new_revision is None:
+                continue
+            return approved
+
+    async def reject(self, task_id: str, *, by: str, reason: str = "rejected") -> Task:
+        """Refuse a ``requires_approval`` task: it fails without running.
+
+        Raises:
+            NotFoundError: unknown task.
+            InvalidTransitionError: the task is not awaiting approval.
+        """
+        subjects.validate_agent_id(by)
+        while True:
+            task, revision = await self._read(task_id)
+            if task.approval != "required" or task.status != "pending":
+                raise InvalidTransitionError("task", task_id, state(task), "rejected")
+            rejected = msgspec.structs.replace(
+                task,
+                approval="rejected",
+                approved_by=by,
+                status="failed",
+                error=f"rejected by {by}: {reason}",
+                completed_at=now(),
+            )
+            if await self._cas(rejected, revision) is None:
+                continue
+            await self._events(
+                [(TaskFailed(task_id=task.id, error=rejected.error or ""), by, None)]
+            )
+            return rejected
+
+    async def _redispatch(self, task: Task, revision: int) -> None:
+        (result,) = await self._acks.publish([self._offer(task, revision)])
+        _stored(result, self.session)
+
+    # --- claims (``claims.Claimer``, ``claims.Transitions``) ------------------------
+
+    async def claim(
+        self, *, agent: str, types: Sequence[str], timeout: float | None = None
+    ) -> Claim | None:
+        """Claim the next task of one of ``types``: highest priority first, FIFO within.
+
+        Waits up to ``timeout`` seconds (None: only what is available now) and returns
+        None if nothing could be claimed.
+        """
+        claims = await self.claim_many(agent=agent, types=types, limit=1, timeout=timeout)
+        return claims[0] if claims else None
+
+    async def claim_many(
+        self,
+        *,
+        agent: str,
+        types: Sequence[str],
+        limit: int,
+        timeout: float | None = None,
+    ) -> list[Claim]:
+        """Claim up to ``limit`` tasks, all from the highest non-empty priority.
+
+        Raises:
+            InvalidTaskError: ``limit`` is not a count >= 1, or ``types`` is not a list
+                of task types (a bare string would be read as its letters).
+        """
+        return await self._claimer.claim_many(
+            agent=agent, types=types, limit=limit, timeout=timeout
+        )
+
+    async def _puller(self, type: str, priority: int) -> Puller:
+        return await self._claimer.puller(type, priority)
+
+    async def _settle_all(self, msgs: list[Dispatch], agent: str) -> list[Claim]:
+        return await self._claimer.settle_all(msgs, agent)
+
+    async def _cas(self, task: Task, revision: int) -> int | None:
+        return await self._transitions.cas(task, revision)
+
+    async def _cas_many(
+        self, writes_in: Sequence[tuple[Task, int]]
+    ) -> list[int | ConnectionError | None]:
+        return await self._transitions.cas_many(writes_in)
+
+    async def _settle_unknown(
+        self, task: Task, revision: int, subject: str, data: bytes, headers: dict[str, str]
+    ) -> int | ConnectionError | None:
+        return await self._transitions.settle_unknown(task, revision, subject, data, headers)
+
+    async def _transition(
+        self, claim: Claim, change: Callable[[Task], Task], requested: str
+    ) -> Task:
+        return await self._transitions.transition(claim, change, requested)
+
+    async def _heartbeat(self, claim: Claim) -> None:
+        await self._transitions.heartbeat(claim)
+
+    async def _complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task:
+        return await self._transitions.complete(claim, result)
+
+    async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
+        return await self._transitions.fail(claim, error, retry=retry)
+
+    # --- worker loop (``worker.Worker``) ---------------------------------------------
+
+    async def work(
+        self,
+        handler: Handler,
+        *,
+        agent: str,
+        types: Sequence[str],
+        stop: anyio.Event,
+        concurrency: int = 64,
+    ) -> None:
+        """Claim and run tasks until ``stop`` is set, then finish the claimed ones.
+
+        ``handler(task)`` returns the result; if it raises (or its result is not a JSON
+        object), the task is failed with ``retry=True``. Every claim is heartbeated each
+        third of min(timeout, ack_wait). Claims are made in batches (up to half the free
+        slots at once) so a busy worker does not fall back to one round trip per task.
+        """
+        worker = Worker(self, handler, agent=agent, types=types, stop=stop, concurrency=concurrency)
+        await worker.run()
+
+    # --- events ------------------------------------------------------------------------
+
+    async def _events(self, items: Iterable[Event]) -> None:
+        """Publish lifecycle events without waiting for their acks; failures are logged.
+
+        The events are notifications, the record is the source of truth: each is
+        published after its transition was stored, and handed to the connection in
+        order (the event stream stores and de-duplicates them by id, but a store the
+        server refuses goes unnoticed). Readers that must not miss a transition
+        watch the ``swarmbus-tasks`` bucket or list ``tasks()``.
+        """
+        for body, agent, id in items:
+            try:
+                # Bodies built here from validated records: no need for publish()'s
+                # encode/decode round trip.
+                message = envelope_for(body, agent=agent, session=self.session, id=id)
+                await self.bus.publish_message(message, wait=False)
+            except SwarmbusError as exc:
+                log.error("could not publish %s: %s", type(body).__name__, exc)
+
+
+def _stored(ack: int | Refused | ConnectionError, session: str) -> int:
+    """The sequence of a publish that must have been stored, else PublishError."""
+    if not isinstance(ack, int):
+        raise PublishError(f"cannot store tasks of session {session}: {ack}")
+    return ack
