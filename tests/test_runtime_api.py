@@ -19,7 +19,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from swarmbus import Settings
-from swarmbus._runtime import RuntimeConfig, running
+from swarmbus._runtime.supervisor import RuntimeConfig, running
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 10.0

@@ -16,7 +16,7 @@ import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from swarmbus import Settings
-from swarmbus._runtime import RuntimeConfig, running
+from swarmbus._runtime.supervisor import RuntimeConfig, running
 
 HERE = Path(__file__).resolve().parent
 WAIT = 10.0

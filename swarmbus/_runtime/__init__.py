@@ -14,8 +14,7 @@ What goes where:
 ``health``        ``/healthz`` and ``/readyz``
 ``asyncapi``      the AsyncAPI 3.0 document of the wire, generated from the code
 ================  ==============================================================
+
+Import the submodules directly; this package module imports nothing (no cycle through
+it, and ``swarmbus --help`` does not load the services).
 """
-
-from swarmbus._runtime.supervisor import SERVICES, Runtime, RuntimeConfig, running
-
-__all__ = ["SERVICES", "Runtime", "RuntimeConfig", "running"]
