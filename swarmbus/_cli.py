@@ -123,11 +123,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     agents = load_agents(args.agents)
     served = {a.id for a in agents}
+    how = (
+        "serve it (Agent.on_request('refine'), swarmbus.run)"
+        if spec.type == "progressive_refinement"
+        else "claim its subtasks (serve_workers, or the API's task.claim) on this session"
+    )
     for name in spec_agents(spec):
         if name not in served:
             print(
-                f"swarmbus: {name} is not in {args.agents}: another process must serve it "
-                "with serve_workers on this session",
+                f"swarmbus: {name} is not in {args.agents}: another process must {how}",
                 file=sys.stderr,
             )
 
