@@ -716,9 +716,8 @@ class Bus:
 
 
 def _session_of(subject: str) -> str:
-    parsed = subjects.parse_event_subject(subject) or subjects.parse_request_subject(subject)
-    if parsed:
-        session = parsed[2]
+    session = subjects.session_token(subject)
+    if session is not None:
         with contextlib.suppress(SwarmbusError):
             return subjects.validate_session_id(session)
     return subjects.UNKNOWN

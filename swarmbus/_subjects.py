@@ -146,6 +146,18 @@ def parse_api_subject(subject: str) -> tuple[str, str, str, str] | None:
     return parts[2], parts[3], parts[4], parts[5]
 
 
+def session_token(subject: str) -> str | None:
+    """The session token of an event, request, API or task subject (None: not one)."""
+    parsed = parse_event_subject(subject) or parse_request_subject(subject)
+    parsed = parsed or parse_api_subject(subject)
+    if parsed:
+        return parsed[2]
+    parts = subject.split(".")
+    if len(parts) == 6 and f"{parts[0]}.{parts[1]}" == TASK_ROOT:
+        return parts[2]
+    return None
+
+
 def dead_letter_subject(session: str | None, receiver: str) -> str:
     """Where a rejected message's original bytes are kept."""
     return f"{DEAD_LETTER_ROOT}.{session or UNKNOWN}.{receiver}"

@@ -26,11 +26,10 @@ WAIT = 10.0
 
 
 @contextlib.asynccontextmanager
-async def up(nats_url: str) -> AsyncIterator[NatsClient]:
+async def up(nats_url: str, **config: Any) -> AsyncIterator[NatsClient]:
     """A runtime on the test server and a plain nats-py client. (Not a fixture: the
     runtime's task group must be entered and left by the test's own task.)"""
-    config = RuntimeConfig(settings=Settings(url=nats_url), http=None)
-    async with running(config):
+    async with running(RuntimeConfig(settings=Settings(url=nats_url), http=None, **config)):
         nc = await nats.connect(nats_url)
         try:
             yield nc
@@ -228,3 +227,103 @@ def test_the_asyncapi_document_covers_every_api_operation_and_resolves() -> None
             assert (ROOT / "schemas" / ref).is_file(), ref
     for op in ("incident.open", "session.join", "task.claim", "vote.cast", "board.get"):
         assert f"api.{op}" in doc["operations"]
+
+
+async def test_a_task_whose_last_claim_expired_is_failed_with_a_dead_letter(
+    nats_url: str, session_id: str
+) -> None:
+    """Nobody else claims its type: without the sweeper it would stay running forever."""
+    async with up(nats_url, task_sweep_interval=0.2) as client:
+        errors = await client.subscribe(f"agent.error.occurred.{session_id}.>")
+        body = {"type": "fragile", "timeout": 1, "max_attempts": 1}
+        task_id = (await call(client, "task.create", session_id, "ext/boss", body))["result"][
+            "task"
+        ]["id"]
+        claimed = await call(client, "task.claim", session_id, "ext/slow", {"types": ["fragile"]})
+        assert claimed["result"]["task"]["id"] == task_id
+        with anyio.fail_after(WAIT):
+            while True:
+                error = json.loads((await errors.next_msg(timeout=WAIT)).data)
+                if error["error.occurred"]["code"] == "task_timeout":
+                    break
+        assert "timed out after 1 attempts" in error["error.occurred"]["reason"]
+        assert error["error.occurred"]["dead_letter"] is True
+        state = await call(client, "task.get", session_id, "ext/boss", {"task_id": task_id})
+        assert state["result"]["task"]["status"] == "failed"
+        late = await call(client, "task.complete", session_id, "ext/slow", {"task_id": task_id})
+        assert late["error"]["code"] == "claim_lost"
+
+
+def _envelope(session: str, agent: str, type: str, body: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {
+            "id": f"{type}-{session}",
+            "timestamp": "2025-01-02T10:30:00Z",
+            "source": {"agent": agent, "session": session},
+            "type": type,
+            type: body,
+        }
+    ).encode()
+
+
+async def _error(sub: Any) -> dict[str, Any]:
+    with anyio.fail_after(WAIT):
+        body: dict[str, Any] = json.loads((await sub.next_msg(timeout=WAIT)).data)
+    jsonschema.validate(body, json.loads((ROOT / "schemas/envelope.schema.json").read_text()))
+    return body["error.occurred"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("tail", ["", ".ext/go.extra"])
+async def test_an_event_on_a_subject_of_the_wrong_shape_gets_an_error_event(
+    nats_url: str, session_id: str, tail: str
+) -> None:
+    async with up(nats_url) as client:
+        errors = await client.subscribe("agent.error.occurred.>")
+        finding = {"category": "observation", "content": "x", "confidence": 0.5}
+        subject = f"agent.finding.reported.{session_id}{tail}"
+        await client.publish(subject, _envelope(session_id, "ext/go", "finding", finding))
+        error = await _error(errors)
+        assert error["code"] == "wrong_subject"
+        assert error["subject"] == subject
+        assert "agent.<domain>.<event>.<session>.<agent>" in error["reason"]
+
+
+async def test_a_task_event_for_no_task_names_the_api_to_use(
+    nats_url: str, session_id: str
+) -> None:
+    async with up(nats_url) as client:
+        errors = await client.subscribe(f"agent.error.occurred.{session_id}.>")
+        body = {"task_id": "T-1", "type": "investigate"}
+        data = _envelope(session_id, "ext/go", "task.created", body)
+        await client.publish(f"agent.task.created.{session_id}.ext/go", data)
+        error = await _error(errors)
+        assert error["code"] == "not_acted_on"
+        assert "swarmbus.api.task.create.<session>.<agent>" in error["reason"]
+
+
+async def test_a_session_started_event_with_a_kind_opens_the_incident(
+    nats_url: str, session_id: str
+) -> None:
+    async with up(nats_url) as client:
+        started = await client.subscribe(f"agent.session.started.{session_id}.>")
+        body = {"session_id": session_id, "initiator": "ext/alerts", "context": {"kind": "x"}}
+        data = _envelope(session_id, "ext/alerts", "session.started", body)
+        await client.publish(f"agent.session.started.{session_id}.ext/alerts", data)
+        await started.next_msg(timeout=WAIT)  # our own
+        with anyio.fail_after(WAIT):
+            while True:
+                board = (await call(client, "board.get", session_id, "ext/x", {}))["result"]
+                if board["board"]["context"].get("kind") == "x":
+                    break
+                await started.next_msg(timeout=WAIT)  # the board's own event
+        assert board["board"]["context"] == {"kind": "x"}
+
+
+async def test_a_malformed_request_without_a_reply_subject_gets_an_error_event(
+    nats_url: str, session_id: str
+) -> None:
+    async with up(nats_url) as client:
+        errors = await client.subscribe(f"agent.error.occurred.{session_id}.>")
+        await client.publish(f"swarmbus.api.task.create.{session_id}.ext/x", b"{not json")
+        error = await _error(errors)
+        assert error["code"] == "invalid_request"

@@ -41,6 +41,7 @@ from swarmbus._messages import (
 )
 from swarmbus._runtime import api
 from swarmbus._runtime.intake import Intake
+from swarmbus._runtime.timeouts import TaskTimeouts
 from swarmbus._tasks import TaskQueue
 
 log = logging.getLogger("swarmbus.runtime")
@@ -52,10 +53,13 @@ _API: Final = "swarmbus.api.{}.<session>.<agent>"
 class InboundEvents:
     """The ``agent.>`` watcher (see the module docstring)."""
 
-    def __init__(self, bus: Bus, intake: Intake, *, agent: str) -> None:
+    def __init__(
+        self, bus: Bus, intake: Intake, *, agent: str, timeouts: TaskTimeouts | None = None
+    ) -> None:
         self.bus = bus
         self.intake = intake
         self.agent = agent
+        self.timeouts = timeouts
         self._queues: dict[str, TaskQueue] = {}
 
     async def close(self) -> None:
@@ -98,6 +102,8 @@ class InboundEvents:
     async def _act(self, message: Message) -> str | None:
         """Act on ``message``; returns the reason it was not acted on, if so."""
         session = message.source.session
+        if self.timeouts is not None and message.type.startswith("task."):
+            self.timeouts.note(session)
         match message:
             case SessionStartedMessage():
                 return await self._session_started(message)

@@ -9,6 +9,7 @@ service         what it does                                                modu
 ``api``         ``swarmbus.api.>`` request/reply for every operation        api_server
 ``events``      acts on inbound lifecycle events, reports malformed ones    events
 ``presence``    heartbeats; releases a dead agent's claims and locks         presence
+``timeouts``    fails tasks whose last claim expired, with a dead letter     timeouts
 ==============  ==========================================================  =========
 
 All run by default, on an embedded nats-server (or ``NATS_URL``), with health and
@@ -45,11 +46,12 @@ from swarmbus._runtime.health import Health
 from swarmbus._runtime.holdings import Departures, Holdings
 from swarmbus._runtime.intake import Intake, Routes
 from swarmbus._runtime.presence import Presence
+from swarmbus._runtime.timeouts import TaskTimeouts
 from swarmbus._server import NatsServer
 
 log = logging.getLogger("swarmbus.runtime")
 
-SERVICES: Final = ("consensus", "board", "intake", "api", "events", "presence")
+SERVICES: Final = ("consensus", "board", "intake", "api", "events", "presence", "timeouts")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class RuntimeConfig:
         heartbeat_interval: seconds between an agent's presence heartbeats.
         dead_after: seconds of silence after which an agent is dead.
         drain_timeout: seconds requests in flight get on SIGTERM.
+        task_sweep_interval: seconds between task-timeout sweeps.
     """
 
     settings: Settings = field(default_factory=Settings.from_env)
@@ -77,6 +80,7 @@ class RuntimeConfig:
     heartbeat_interval: float = 0.5
     dead_after: float = 1.5
     drain_timeout: float = 10.0
+    task_sweep_interval: float = 5.0
 
 
 class Runtime:
@@ -176,8 +180,16 @@ class Runtime:
             closers.append(server.close)
             await self._subscribe(bus, subjects.API_WILDCARD, server.handle, work, "swarmbus-api")
             self.health.started("api")
+        timeouts = None
+        if self.runs("timeouts"):
+            timeouts = TaskTimeouts(
+                bus, agent=RUNTIME_AGENT, interval=self.config.task_sweep_interval
+            )
+            closers.append(timeouts.close)
+            background.start_soon(timeouts.run)
+            self.health.started("timeouts")
         if self.runs("events"):
-            events = InboundEvents(bus, intake, agent=RUNTIME_AGENT)
+            events = InboundEvents(bus, intake, agent=RUNTIME_AGENT, timeouts=timeouts)
             closers.append(events.close)
             await self._subscribe(
                 bus, subjects.EVENTS_WILDCARD, events.handle, work, "swarmbus-events"
