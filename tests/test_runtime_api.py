@@ -327,3 +327,10 @@ async def test_a_malformed_request_without_a_reply_subject_gets_an_error_event(
         await client.publish(f"swarmbus.api.task.create.{session_id}.ext/x", b"{not json")
         error = await _error(errors)
         assert error["code"] == "invalid_request"
+
+
+async def test_one_service_runs_alone(nats_url: str, session_id: str) -> None:
+    """Scale-out: ``--only api`` answers requests without the other services."""
+    async with up(nats_url, services=frozenset({"api"})) as client:
+        created = await call(client, "task.create", session_id, "ext/boss", {"type": "solo"})
+        assert created["ok"]
