@@ -1,8 +1,10 @@
 """Issue 21's smaller fixes: a timed-out subtask ends as failed, a session id cannot be
-run twice without a clear error, and ``swarmbus run`` names what each absent agent needs."""
+run twice without a clear error, ``swarmbus run`` names what each absent agent needs, and
+a malformed capability request is answered."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmbus import Bus, ConflictError, TaskQueue, run_swarm
+from swarmbus import Agent, Bus, ConflictError, RequestMessage, TaskQueue, run_swarm
 from swarmbus._coordinator import Coordinator, Subtask
 from swarmbus._spec import parse_spec
 
@@ -74,3 +76,24 @@ def test_run_names_what_an_absent_agent_needs(
     assert needs in done.stderr
     if spec.startswith("progressive"):
         assert "serve_workers" not in done.stderr
+
+
+async def test_a_malformed_capability_request_gets_a_failure_response(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    """It used to get no reply at all: the requester waited for its timeout."""
+    agent = Agent(f"test/responder-{unique}")
+
+    @agent.on_request("analyze_logs")
+    async def analyze(request: RequestMessage) -> dict[str, object]:
+        return {}
+
+    subject = f"swarmbus.request.analyze_logs.{agent.id}.{session_id}.ext/go"
+    async with agent.serve(bus):
+        msg = await bus.nc.request(subject, b'{"id": "R-1", "not": "an envelope"}', timeout=10)
+    reply = json.loads(msg.data)
+    assert reply["type"] == "response"
+    assert reply["response"]["request_id"] == "R-1"
+    assert reply["response"]["status"] == "failure"
+    assert reply["response"]["result"]["error"] == "not_envelope"
+    assert reply["source"]["session"] == session_id
