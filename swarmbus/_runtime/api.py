@@ -11,27 +11,25 @@ new fields that have defaults (the msgspec evolution rule of ``_messages``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 from swarmbus._consensus import ProposalRecord
-from swarmbus._durations import DURATION_PATTERN, wire_seconds
-from swarmbus._messages import AgentId, Confidence, Evidence, MessageId, Proposal, Vote
+from swarmbus._durations import wire_seconds
+from swarmbus._messages import (
+    AgentId,
+    Confidence,
+    Evidence,
+    MessageId,
+    Proposal,
+    Seconds,
+    Vote,
+)
 from swarmbus._tasks import Task
 
 Json = dict[str, Any]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+\Z", max_length=128)]
-if TYPE_CHECKING:
-    Seconds: TypeAlias = float
-else:
-    Seconds = (
-        Annotated[float, msgspec.Meta(gt=0)]
-        | Annotated[
-            str,
-            msgspec.Meta(pattern=DURATION_PATTERN, description="a duration: 30s, 5m, 1h30m, 500ms"),
-        ]
-    )
 
 
 class _Api(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
