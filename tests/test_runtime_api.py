@@ -18,7 +18,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from swarmbus import Settings
+from swarmbus import NatsServer, Settings
 from swarmbus._runtime.supervisor import RuntimeConfig, running
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +62,11 @@ async def call(
 
 
 async def test_a_task_is_created_claimed_heartbeaten_and_completed(
-    nats_url: str, session_id: str
+    fresh_server: NatsServer, session_id: str
 ) -> None:
+    # Claims create durable consumers: on a server of its own, the shared one stays
+    # under its consumer limit.
+    nats_url = fresh_server.url
     async with up(nats_url) as client:
         created = await call(
             client, "task.create", session_id, "ext/boss", {"type": "analyze", "timeout": "5m"}
@@ -230,9 +233,12 @@ def test_the_asyncapi_document_covers_every_api_operation_and_resolves() -> None
 
 
 async def test_a_task_whose_last_claim_expired_is_failed_with_a_dead_letter(
-    nats_url: str, session_id: str
+    fresh_server: NatsServer, session_id: str
 ) -> None:
     """Nobody else claims its type: without the sweeper it would stay running forever."""
+    # Claims create durable consumers: on a server of its own, the shared one stays
+    # under its consumer limit.
+    nats_url = fresh_server.url
     async with up(nats_url, task_sweep_interval=0.2) as client:
         errors = await client.subscribe(f"agent.error.occurred.{session_id}.>")
         body = {"type": "fragile", "timeout": 1, "max_attempts": 1}

@@ -15,7 +15,7 @@ import nats
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from swarmbus import Settings
+from swarmbus import NatsServer, Settings
 from swarmbus._runtime.supervisor import RuntimeConfig, running
 
 HERE = Path(__file__).resolve().parent
@@ -33,8 +33,9 @@ async def _call(nc: nats.NATS, op: str, session: str, agent: str, body: dict[str
 
 @pytest.mark.slow
 async def test_a_killed_workers_task_and_lock_are_released_within_3_seconds(
-    nats_url: str, session_id: str, unique: str
+    fresh_server: NatsServer, session_id: str, unique: str
 ) -> None:
+    nats_url = fresh_server.url  # its claims' consumers stay off the shared server
     resource = f"db:{unique}"
     config = RuntimeConfig(settings=Settings(url=nats_url), http=None)
     async with running(config):

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from swarmbus import Agent, Bus, ConflictError, RequestMessage, TaskQueue, run_swarm
+from swarmbus import (
+    Agent,
+    Bus,
+    ConflictError,
+    NatsServer,
+    RequestMessage,
+    TaskQueue,
+    run_swarm,
+)
 from swarmbus._coordinator import Coordinator, Subtask
 from swarmbus._spec import parse_spec
 
@@ -32,8 +40,12 @@ def _spec(timeout: str) -> object:
     )
 
 
-async def test_a_subtask_not_finished_in_time_ends_as_failed(bus: Bus, session_id: str) -> None:
-    async with TaskQueue(bus, session_id) as queue:
+async def test_a_subtask_not_finished_in_time_ends_as_failed(
+    fresh_server: NatsServer, session_id: str
+) -> None:
+    # The late claim creates durable consumers: a server of its own keeps them off the
+    # shared one.
+    async with Bus.open(url=fresh_server.url) as bus, TaskQueue(bus, session_id) as queue:
         coordinator = Coordinator(queue)
         (task,) = await coordinator.run([Subtask("investigate", agent="ops/absent")], timeout=0.5)
         assert task.status == "failed"
