@@ -105,6 +105,17 @@ _request_subject = functools.lru_cache(maxsize=4096)(subjects.request_subject)
 _NO_SPAN: Final = contextlib.nullcontext()
 
 
+@functools.lru_cache(maxsize=4096)
+def _check_route(capability: str, to: str) -> None:
+    """Validate a request's ``to`` and ``capability`` against the body schema, once each.
+
+    They are the only constrained fields of a ``Request`` (``parameters`` is any JSON
+    object, checked by encoding it), so the body's encode/decode round trip is done once
+    per route; a failure raises and is not cached.
+    """
+    validate_body(Request(to=to, capability=capability))
+
+
 @dataclass(frozen=True)
 class Delivery:
     """A received message with its transport facts."""
@@ -665,8 +676,8 @@ class Bus:
             RequestTimeoutError: a responder exists but did not answer in time.
             InvalidMessageError: the answer is not a valid response.
         """
+        _check_route(capability, to)
         body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
-        validate_body(body)
         message = envelope_for(body, agent=agent, session=session)
         subject = _request_subject(capability, to, session, agent)
         timeout = timeout or self.settings.request_timeout
@@ -676,7 +687,7 @@ class Bus:
             data = encode(message)
             self._check_max_payload(data, headers)
             try:
-                with self._permission_guard(subject, f"request {capability}"):
+                async with self._refusals.interrupting(subject, f"request {capability}"):
                     reply = await self.nc.request(subject, data, timeout=timeout, headers=headers)
             except nats.errors.NoRespondersError as exc:
                 raise NoResponderError(capability, to) from exc

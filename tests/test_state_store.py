@@ -126,3 +126,12 @@ async def test_a_value_over_the_limit_is_refused_with_the_limit(store: StateStor
         await store.put("big.1", b"x" * (store.max_value_bytes + 1))
     assert caught.value.limit == store.max_value_bytes
     assert await store.get("big.1", fresh=True) is None
+
+
+async def test_an_update_over_the_limit_is_refused_and_changes_nothing(store: StateStore) -> None:
+    revision = await store.create("big.2", b"small")
+    with pytest.raises(MessageTooLargeError):
+        await store.update("big.2", b"x" * (store.max_value_bytes + 1), revision=revision)
+    entry = await store.get("big.2", fresh=True)
+    assert entry is not None
+    assert (entry.value, entry.revision) == (b"small", revision)

@@ -73,6 +73,7 @@ class NatsStore:
             raise AssertionError("unreachable") from exc
 
     async def update(self, key: str, value: bytes, *, revision: int, ttl: int | None = None) -> int:
+        self._check_size(value)
         try:
             return await kv_write(
                 self.kv, key, value, last=revision, ttl=ttl, attributes=self._attributes
