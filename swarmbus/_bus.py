@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import uuid
@@ -97,7 +98,8 @@ log = logging.getLogger("swarmbus")
 
 EVENTS_STREAM: Final = "SWARMBUS_EVENTS"
 DEAD_LETTER_STREAM: Final = "SWARMBUS_DEAD"
-DEAD_LETTER_MAX_AGE: Final = 30 * 24 * 3600.0
+HANDLER_ERROR: Final = "handler_error"
+"""The refusal code of a message a receiver's handler failed on (not bad input)."""
 # Hot-path helpers: subjects of a long-lived agent repeat, so validate and build each once;
 # with tracing off, skip building span attributes and entering a generator context.
 _event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
@@ -406,7 +408,11 @@ class Bus:
                 subjects=[subjects.DEAD_LETTER_WILDCARD],
                 storage=self._storage(),
                 num_replicas=self.settings.replicas,
-                max_age=DEAD_LETTER_MAX_AGE,
+                # Bounded whatever arrives: bad input is dead-lettered, and anyone can
+                # send bad input. Each dead letter is at most max_payload bytes.
+                max_age=self.settings.dead_letter_max_age,
+                max_bytes=self.settings.dead_letter_max_bytes,
+                discard=DiscardPolicy.OLD,
                 duplicate_window=120.0,
             )
         )
@@ -547,6 +553,16 @@ class Bus:
     ) -> None:
         """Dead-letter ``data`` and publish ``agent.error.occurred`` saying why.
 
+        Bad input (any ``code`` but ``handler_error``) is the same for every receiver,
+        so it is reported once per message, not once per receiver: its de-duplication
+        key (``dedupe_key``, else a digest of the subject and bytes) leaves the receiver
+        out, and the first receiver's report wins within the duplicate window. A
+        handler's failure is its receiver's own and reported by each.
+
+        Neither write is waited for (the bus's outbox re-sends each until stored): a
+        flood of bad input must not stall the receive loop it arrives on behind one
+        round trip per item, nor the good messages queued behind it.
+
         Never raises: a failure to report is logged, so a worker keeps running.
         """
         session = _session_of(subject)
@@ -556,14 +572,16 @@ class Bus:
             CODE_HEADER: code,
             ORIGINAL_SUBJECT_HEADER: subject,
         }
-        if dedupe_key:
-            headers[MSG_ID_HEADER] = f"dead:{dedupe_key}:{receiver}"
+        if code != HANDLER_ERROR:
+            dedupe_key = dedupe_key or _digest(subject, data)
+        elif dedupe_key:
+            dedupe_key = f"{dedupe_key}:{receiver}"
+        # Always an id: the outbox may send a dead letter twice.
+        headers[MSG_ID_HEADER] = f"dead:{dedupe_key or uuid.uuid4()}"
         stored = False
         try:
             self._check_max_payload(data, headers)  # the server would close the connection
-            await self.js.publish(
-                subjects.dead_letter_subject(session, receiver), data, headers=headers
-            )
+            await self.outbox.send(subjects.dead_letter_subject(session, receiver), data, headers)
             stored = True
         except (TimeoutError, nats.errors.Error, InvalidMessageError) as exc:
             log.error("could not dead-letter a message from %s: %s", subject, exc)
@@ -580,9 +598,10 @@ class Bus:
                 session=session,
                 # Deterministic (a redelivery's report is de-duplicated) and always a
                 # valid envelope id, however long the rejected message's id was.
-                id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"error:{dedupe_key}:{receiver}"))
+                id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"error:{dedupe_key}"))
                 if dedupe_key
                 else None,
+                wait=False,
             )
         except SwarmbusError as exc:
             log.error("could not report a rejected message from %s: %s", subject, exc)
@@ -732,6 +751,11 @@ def _session_of(subject: str) -> str:
         with contextlib.suppress(SwarmbusError):
             return subjects.validate_session_id(session)
     return subjects.UNKNOWN
+
+
+def _digest(subject: str, data: bytes) -> str:
+    """A de-duplication key for bad input that carries none of its own."""
+    return hashlib.sha256(subject.encode() + b"\0" + data).hexdigest()[:32]
 
 
 def _with_overrides(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:

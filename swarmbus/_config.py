@@ -43,6 +43,14 @@ class Settings(BaseModel):
     event_max_age: float = Field(
         7 * 24 * 3600.0, gt=0, description="seconds the event stream keeps events"
     )
+    dead_letter_max_age: float = Field(
+        30 * 24 * 3600.0, gt=0, description="seconds the dead-letter stream keeps a refused message"
+    )
+    dead_letter_max_bytes: int = Field(
+        1024**3,
+        ge=1024 * 1024,
+        description="bytes the dead-letter stream keeps (the oldest dead letters go first)",
+    )
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0, le=8 * 1024 * 1024)
     request_timeout: float = Field(5.0, gt=0)
     connect_timeout: float = Field(5.0, gt=0)

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, Type
 import msgspec
 import msgspec.structs
 
+from swarmbus._decode import decode_json
 from swarmbus._durations import DURATION_PATTERN, wire_seconds
-from swarmbus._errors import InvalidMessageError, MessageTooLargeError
+from swarmbus._errors import InvalidMessageError
 from swarmbus._subjects import (
     AGENT_ID_PATTERN,
     MAX_ID_LENGTH,
@@ -590,16 +591,12 @@ def validate_body(body: Body) -> None:
 
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Decode and validate bytes as a message, or raise InvalidMessageError with a code."""
-    if len(data) > max_bytes:
-        raise MessageTooLargeError(len(data), max_bytes)
     try:
-        return _decoder.decode(data)
-    except msgspec.ValidationError as exc:
+        return decode_json(_decoder, data, max_bytes=max_bytes)
+    except InvalidMessageError as exc:
+        if exc.code != "schema":
+            raise
         raise _classify(data, exc) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidMessageError("not_json", str(exc)) from None
-    except RecursionError:
-        raise _too_deep() from None
 
 
 def _too_deep() -> InvalidMessageError:
@@ -610,11 +607,11 @@ def _too_deep() -> InvalidMessageError:
 _ENVELOPE_KEYS: Final = frozenset({"id", "timestamp", "source", "type"})
 
 
-def _classify(data: bytes, exc: msgspec.ValidationError) -> InvalidMessageError:
+def _classify(data: bytes, exc: InvalidMessageError) -> InvalidMessageError:
     try:
         raw = _json_decoder.decode(data)
     except msgspec.DecodeError:
-        return InvalidMessageError("not_json", str(exc))
+        return InvalidMessageError("not_json", exc.reason)
     except RecursionError:
         return _too_deep()
     if isinstance(raw, dict) and raw.keys() == {"message"} and isinstance(raw["message"], dict):
@@ -630,4 +627,4 @@ def _classify(data: bytes, exc: msgspec.ValidationError) -> InvalidMessageError:
         return InvalidMessageError(
             "not_envelope", f"expected an object with id, timestamp, source and type{detail}"
         )
-    return InvalidMessageError("schema", str(exc))
+    return InvalidMessageError("schema", exc.reason)

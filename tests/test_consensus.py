@@ -380,6 +380,20 @@ async def test_open_proposals_survive_a_service_restart(
     assert second.decided == 1
 
 
+async def test_a_service_scoped_to_one_session_leaves_other_sessions_alone(
+    bus: Bus, bucket: str, session_id: str
+) -> None:
+    consensus = await Consensus.open(bus, bucket=bucket, settle=False)
+    other = f"{session_id}-other"
+    await _propose(consensus, other, "elsewhere", timeout=1)
+    await _propose(consensus, session_id, "here", timeout=1)
+    async with ConsensusService(bus, bucket=bucket, session=session_id) as scoped:
+        decision = await consensus.wait_for_decision("here", timeout=10)
+    assert decision.closed_by == "timeout"
+    assert scoped.decided == 1
+    assert (await consensus.get("elsewhere")).decision is None
+
+
 async def test_two_replicas_decide_each_proposal_once(
     bus: Bus, consensus: Consensus, bucket: str, session_id: str
 ) -> None:

@@ -54,7 +54,9 @@ class ConsensusService:
     Args:
         bus: a connected bus.
         bucket: the consensus bucket (tests use their own).
-        session: ingest events of this session only (``*``: all sessions).
+        session: decide proposals of, and ingest events of, this session only (``*``:
+            all sessions). A service scoped to one session (the demo's) never settles
+            another session's proposals, which belong to their own trace and deciders.
         agent: the agent id decisions are published as.
         ingest: consume proposal/vote events (off: only KV-recorded proposals).
         republish_after: seconds before a replica publishes a decision that another
@@ -169,6 +171,8 @@ class ConsensusService:
             log.warning("consensus: skipping %s", exc)
             self._deadlines.forget(entry.key)
             return
+        if self.session != "*" and record.session != self.session:
+            return  # another session's proposal: its own deciders settle it
         self._remember(entry.key, record)
         if record.decision is None:
             at = now()
