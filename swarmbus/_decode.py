@@ -32,6 +32,7 @@ from swarmbus._subjects import MAX_ID_LENGTH
 
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
+    "MAX_STORED_BYTES",
     "decode_json",
     "header_count",
     "valid_id",
@@ -41,6 +42,8 @@ T = TypeVar("T")
 
 DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
 """The size limit of a decoded value unless the caller gives its own."""
+MAX_STORED_BYTES: Final = 8 * 1024 * 1024
+"""The largest stored value worth parsing (swarmbus's own cap on any message)."""
 _ID: Final = re.compile(r"[A-Za-z0-9_-]+")
 _COUNT: Final = re.compile(r"[0-9]{1,19}")
 

@@ -318,18 +318,13 @@ async def test_a_waiter_takes_over_a_lock_whose_record_turns_to_garbage(
     await waiter.release()
 
 
-# --- other owners' decode paths (strict xfail: reported, not fixed here) ------------------
+# --- the consensus, blackboard and query-ledger decode paths ------------------------------
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
 """JSON nested past msgspec's depth limit: decoding it raises RecursionError, not
 msgspec.DecodeError, wherever the type has a free-form (``Any``) field."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consensus: decode_record (_consensus/record.py) catches msgspec.DecodeError only; a "
-    "RecursionError from a deeply nested record ends the service (owner: consensus)",
-)
 async def test_a_deeply_nested_proposal_record_does_not_stop_the_consensus_service(
     bus: Bus, unique: str, session_id: str
 ) -> None:
@@ -349,11 +344,6 @@ async def test_a_deeply_nested_proposal_record_does_not_stop_the_consensus_servi
     assert decision.outcome == "approved"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="blackboard: DECODERS[kind].decode is guarded against msgspec.DecodeError only; "
-    "a RecursionError from a deeply nested value escapes snapshot() (owner: blackboard)",
-)
 async def test_a_deeply_nested_board_value_is_skipped_by_a_snapshot(
     bus: Bus, unique: str, session_id: str
 ) -> None:
@@ -365,11 +355,6 @@ async def test_a_deeply_nested_board_value_is_skipped_by_a_snapshot(
     assert snapshot.context is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="query ledger: _claim decodes a stored record with msgspec directly; garbage "
-    "on a query's key raises msgspec.DecodeError from run() (owner: query ledger)",
-)
 async def test_a_garbage_query_record_is_taken_over_not_raised(bus: Bus, session_id: str) -> None:
     ledger = await QueryLedger.open(bus, session_id, agent="a/1")
     key = query_key(session_id, "logs", "errors since 10:00")
@@ -379,4 +364,4 @@ async def test_a_garbage_query_record_is_taken_over_not_raised(bus: Bus, session
         return "42 errors"
 
     outcome = await ledger.run("logs", "errors since 10:00", execute)
-    assert outcome.result == "42 errors"
+    assert outcome.evidence.result == "42 errors"

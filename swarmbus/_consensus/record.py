@@ -9,6 +9,7 @@ import msgspec
 
 from swarmbus import _subjects as subjects
 from swarmbus._consensus.tally import Tally, tally_outcome
+from swarmbus._decode import MAX_STORED_BYTES, decode_json
 from swarmbus._errors import InvalidMessageError, SwarmbusError
 from swarmbus._messages import (
     AgentId,
@@ -92,8 +93,8 @@ def encode_record(record: ProposalRecord) -> bytes:
 def decode_record(key: str, data: bytes) -> ProposalRecord:
     """A stored record (``SwarmbusError`` naming ``key`` if it is not one)."""
     try:
-        record = _decoder.decode(data)
-    except msgspec.DecodeError as exc:  # written by something else
+        record = decode_json(_decoder, data, what=f"KV entry {key}", max_bytes=MAX_STORED_BYTES)
+    except InvalidMessageError as exc:  # written by something else
         raise SwarmbusError(f"KV entry {key} is not a proposal record: {exc}") from None
     if record.proposal.quorum == "threshold" and record.proposal.threshold is None:
         raise SwarmbusError(f"KV entry {key} is a threshold proposal without a threshold")
