@@ -17,6 +17,7 @@ from swarmbus._bus import Bus, connect
 from swarmbus._confidence import Opinion, Pooling, aggregate_confidence
 from swarmbus._config import Settings
 from swarmbus._consensus import Consensus, ConsensusService, ProposalRecord, Tally, tally_outcome
+from swarmbus._consensus_spec import ConsensusSpec, load_consensus
 from swarmbus._coordinator import Coordinator, Subtask
 from swarmbus._errors import (
     AlreadyVotedError,
@@ -72,6 +73,8 @@ from swarmbus._messages import (
     HypothesisValidated,
     HypothesisValidatedMessage,
     Message,
+    PresenceLost,
+    PresenceLostMessage,
     Proposal,
     ProposalMessage,
     Request,
@@ -130,6 +133,7 @@ __all__ = [
     "ConnectionError",
     "Consensus",
     "ConsensusService",
+    "ConsensusSpec",
     "ContextRecord",
     "Coordinator",
     "Decision",
@@ -171,6 +175,8 @@ __all__ = [
     "ParallelInvestigation",
     "PermissionDeniedError",
     "Pooling",
+    "PresenceLost",
+    "PresenceLostMessage",
     "ProgressiveRefinement",
     "Proposal",
     "ProposalClosedError",
@@ -230,6 +236,7 @@ __all__ = [
     "encode",
     "find_binary",
     "held_locks",
+    "load_consensus",
     "load_spec",
     "lock_holder",
     "run",

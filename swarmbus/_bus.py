@@ -755,10 +755,7 @@ class Bus:
 
 
 def _session_of(subject: str) -> str:
-    parsed = subjects.parse_event_subject(subject) or subjects.parse_request_subject(subject)
-    session = parsed[2] if parsed else None
-    if subject.startswith(f"{subjects.TASK_ROOT}."):  # a task dispatch
-        session = subject.split(".")[2]
+    session = subjects.session_token(subject)
     if session is not None:
         with contextlib.suppress(SwarmbusError):
             return subjects.validate_session_id(session)

@@ -123,11 +123,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     agents = load_agents(args.agents)
     served = {a.id for a in agents}
+    how = (
+        "serve it (Agent.on_request('refine'), swarmbus.run)"
+        if spec.type == "progressive_refinement"
+        else "claim its subtasks (serve_workers, or the API's task.claim) on this session"
+    )
     for name in spec_agents(spec):
         if name not in served:
             print(
-                f"swarmbus: {name} is not in {args.agents}: another process must serve it "
-                "with serve_workers on this session",
+                f"swarmbus: {name} is not in {args.agents}: another process must {how}",
                 file=sys.stderr,
             )
 
@@ -331,7 +335,7 @@ def _not_found(session: str) -> int:
 
 
 def _duration(value: str) -> float:
-    from swarmbus._spec import parse_duration
+    from swarmbus._durations import parse_duration
 
     try:
         return parse_duration(value)
@@ -421,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_creds_command(sub)
 
     add_observing_commands(sub)  # tail, timeline, dead, metrics, ui
+
+    from swarmbus._runtime.command import add_parser as add_up
+
+    add_up(sub)
     return parser
 
 

@@ -92,7 +92,8 @@ class Coordinator:
     async def gather(self, tasks: Sequence[Task], *, timeout: float) -> list[Task]:
         """Wait until every task completed or failed (or ``timeout``); their records.
 
-        A task still open at the deadline is returned as it is (not terminal).
+        A task still open at the deadline is cancelled: it ends as failed, and a late
+        completion by its worker is refused (the claim is lost).
         """
         changes = _TaskChanges({t.id for t in tasks})
         sub = await self.bus.subscribe(
@@ -110,7 +111,8 @@ class Coordinator:
                         await changes.wait()
         finally:
             await sub.unsubscribe()
-        return [await self.queue.get(t.id) for t in tasks]
+        reason = f"not finished in time ({timeout:g}s)"
+        return [await self.queue.cancel(t.id, by=self.agent, reason=reason) for t in tasks]
 
     async def run(self, subtasks: Sequence[Subtask], *, timeout: float) -> list[Task]:
         """Assign ``subtasks`` and gather their results, in the same order."""

@@ -14,11 +14,13 @@ from __future__ import annotations
 import functools
 import os
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, TypeAlias
 
 import msgspec
+import msgspec.structs
 
 from swarmbus._decode import decode_json
+from swarmbus._durations import DURATION_PATTERN, wire_seconds
 from swarmbus._errors import InvalidMessageError
 from swarmbus._subjects import (
     AGENT_ID_PATTERN,
@@ -52,18 +54,47 @@ Target = Annotated[
 ]
 Name = Annotated[str, msgspec.Meta(pattern=_SESSION_ID, max_length=MAX_ID_LENGTH)]
 Confidence = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+#: RFC 3339 date-time as the decoder reads it: real calendar dates (Feb 29 in leap
+#: years only), hours 00-23, seconds 00-59 (no leap second), any number of fraction
+#: digits, ``T``/``t`` or a space between date and time, and a zone of ``Z``/``z`` or
+#: ``+hh:mm`` (the colon optional). No zone means UTC (see ``Envelope``).
+TIMESTAMP_PATTERN: Final = (
+    r"^(([0-9]{3}[1-9]|[0-9]{2}[1-9][0-9]|[0-9][1-9][0-9]{2}|[1-9][0-9]{3})"
+    r"-((0[13578]|1[02])-(0[1-9]|[12][0-9]|3[01])|(0[469]|11)-(0[1-9]|[12][0-9]|30)"
+    r"|02-(0[1-9]|1[0-9]|2[0-8]))"
+    r"|([0-9]{2}(0[48]|[2468][048]|[13579][26])|([02468][48]|[13579][26]|[2468]0)00)-02-29)"
+    r"[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]+)?"
+    r"([Zz]|[+-]([01][0-9]|2[0-3]):?[0-5][0-9])?$"
+)
 Timestamp = Annotated[
     datetime,
     msgspec.Meta(
-        tz=True,
-        description="RFC 3339 with a zone, UTC (Z) when swarmbus writes it",
-        extra_json_schema={
-            "pattern": r"^\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?(Z|z|[+-]\d\d:\d\d)$"
-        },
+        description=(
+            "RFC 3339, UTC (Z) when swarmbus writes it; a timestamp without a zone is read as UTC"
+        ),
+        extra_json_schema={"pattern": TIMESTAMP_PATTERN},
     ),
 ]
 MessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
 Json = dict[str, Any]
+if TYPE_CHECKING:
+    # After decoding (``Proposal.__post_init__``) a duration is always seconds.
+    Seconds: TypeAlias = float
+else:
+    Seconds = (
+        Annotated[float, msgspec.Meta(gt=0)]
+        | Annotated[
+            str,
+            msgspec.Meta(pattern=DURATION_PATTERN, description="a duration: 30s, 5m, 1h30m, 500ms"),
+        ]
+    )
+
+
+def _utc(struct: msgspec.Struct, name: str) -> None:
+    """The contract's rule for a timestamp without a zone: it is UTC."""
+    value = getattr(struct, name)
+    if value is not None and value.tzinfo is None:
+        msgspec.structs.force_setattr(struct, name, value.replace(tzinfo=UTC))
 
 
 class _Body(msgspec.Struct, kw_only=True, frozen=True):
@@ -187,7 +218,8 @@ class ActionCompleted(_Body, frozen=True):
 class Proposal(_Body, frozen=True):
     """A proposed action put to a vote (the seed's consensus block).
 
-    ``timeout`` is in seconds; an empty ``voters`` means the session's members.
+    ``timeout`` is seconds or a duration (``5m``, ``1h30m``: the seed's form), read as
+    seconds; an empty ``voters`` means the session's members.
     """
 
     proposal_id: MessageId
@@ -196,8 +228,12 @@ class Proposal(_Body, frozen=True):
     parameters: Json = {}
     quorum: Literal["majority", "unanimous", "threshold"] = "majority"
     threshold: Confidence | None = None
-    timeout: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    timeout: Seconds = 300.0
     voters: list[AgentId] = []
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.timeout, float):
+            msgspec.structs.force_setattr(self, "timeout", wire_seconds(self.timeout))
 
 
 class Vote(_Body, frozen=True):
@@ -219,6 +255,9 @@ class Ballot(_Body, frozen=True):
     cast_at: Timestamp | None = None
     message_id: MessageId | None = None
 
+    def __post_init__(self) -> None:
+        _utc(self, "cast_at")
+
 
 class Decision(_Body, frozen=True):
     """The outcome of a proposal (the seed's ``result``).
@@ -239,6 +278,9 @@ class Decision(_Body, frozen=True):
     decided_at: Timestamp | None = None
     votes: list[Ballot] = []
 
+    def __post_init__(self) -> None:
+        _utc(self, "decided_at")
+
 
 class ErrorOccurred(_Body, frozen=True):
     """Something went wrong, e.g. a message was rejected (CONTRACT "Bad input")."""
@@ -248,6 +290,16 @@ class ErrorOccurred(_Body, frozen=True):
     subject: str = ""
     message_id: str | None = None
     dead_letter: bool = False
+
+
+class PresenceLost(_Body, frozen=True):
+    """An agent died (silent past its presence deadline) or left; the runtime released
+    the task claims (offered again) and locks it held through the runtime API."""
+
+    agent_id: AgentId
+    reason: Literal["dead", "left"]
+    released_tasks: list[MessageId] = []
+    released_locks: list[str] = []
 
 
 Body: TypeAlias = (
@@ -269,6 +321,7 @@ Body: TypeAlias = (
     | Vote
     | Decision
     | ErrorOccurred
+    | PresenceLost
 )
 
 
@@ -289,6 +342,9 @@ class Envelope(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
     id: MessageId
     timestamp: Timestamp
     source: Source
+
+    def __post_init__(self) -> None:
+        _utc(self, "timestamp")
 
     @property
     def body(self) -> Body:
@@ -394,6 +450,11 @@ class ErrorOccurredMessage(Envelope, tag="error.occurred", frozen=True):
     error_occurred: ErrorOccurred = msgspec.field(name="error.occurred")
 
 
+class PresenceLostMessage(Envelope, tag="presence.lost", frozen=True):
+    body_field = "presence_lost"
+    presence_lost: PresenceLost = msgspec.field(name="presence.lost")
+
+
 Message: TypeAlias = (
     FindingMessage
     | ActionMessage
@@ -413,6 +474,7 @@ Message: TypeAlias = (
     | VoteMessage
     | DecisionMessage
     | ErrorOccurredMessage
+    | PresenceLostMessage
 )
 
 MESSAGE_TYPES: Final[tuple[type[Envelope], ...]] = Message.__args__
@@ -437,6 +499,7 @@ _ROUTES: Final[dict[type[_Body], tuple[type[Envelope], tuple[str, str] | None]]]
     Vote: (VoteMessage, ("action", "voted")),
     Decision: (DecisionMessage, ("action", "decided")),
     ErrorOccurred: (ErrorOccurredMessage, ("error", "occurred")),
+    PresenceLost: (PresenceLostMessage, ("presence", "lost")),
 }
 
 #: envelope class -> the (domain, event) it travels on
@@ -541,6 +604,9 @@ def _too_deep() -> InvalidMessageError:
     return InvalidMessageError("too_large", "JSON nested too deeply to decode")
 
 
+_ENVELOPE_KEYS: Final = frozenset({"id", "timestamp", "source", "type"})
+
+
 def _classify(data: bytes, exc: InvalidMessageError) -> InvalidMessageError:
     try:
         raw = _json_decoder.decode(data)
@@ -548,8 +614,17 @@ def _classify(data: bytes, exc: InvalidMessageError) -> InvalidMessageError:
         return InvalidMessageError("not_json", exc.reason)
     except RecursionError:
         return _too_deep()
-    if not isinstance(raw, dict) or not {"id", "timestamp", "source", "type"} <= raw.keys():
+    if isinstance(raw, dict) and raw.keys() == {"message"} and isinstance(raw["message"], dict):
         return InvalidMessageError(
-            "not_envelope", "expected an object with id, timestamp, source and type"
+            "not_envelope",
+            "the envelope is wrapped in a 'message' key (the seed's YAML example); send the "
+            'object inside it as the message: {"id": ..., "timestamp": ..., "source": '
+            '..., "type": ..., <type>: {...}}',
+        )
+    if not isinstance(raw, dict) or not raw.keys() >= _ENVELOPE_KEYS:
+        missing = sorted(_ENVELOPE_KEYS - raw.keys()) if isinstance(raw, dict) else []
+        detail = f" (missing: {', '.join(missing)})" if missing else ""
+        return InvalidMessageError(
+            "not_envelope", f"expected an object with id, timestamp, source and type{detail}"
         )
     return InvalidMessageError("schema", exc.reason)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,7 +23,7 @@ import anyio
 import anyio.abc
 
 from swarmbus import _subjects as subjects
-from swarmbus._errors import InvalidMessageError
+from swarmbus._errors import InvalidIdentifierError, InvalidMessageError
 from swarmbus._jetstream.delivery import Connection, Msg, Subscription, TransportError
 from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._messages import (
@@ -121,6 +122,10 @@ class RequestServer:
                 reason=exc.reason,
                 receiver=self._agent,
             )
+            if msg.reply:  # the requester is waiting: tell it now, not by its timeout
+                reply = refusal(msg.subject, msg.data, exc, agent=self._agent)
+                with contextlib.suppress(TransportError):
+                    await self._host.nc.publish(msg.reply, encode(reply))
             return
         pending = self._pending
         pending.append((msg, message))
@@ -186,3 +191,30 @@ class RequestServer:
         )
         reply = envelope_for(response, agent=self._agent, session=request.source.session)
         return reply, encode(reply)
+
+
+def refusal(subject: str, data: bytes, exc: InvalidMessageError, *, agent: str) -> Message:
+    """The failure ``response`` to a request that was refused before any handler ran.
+
+    ``request_id`` is the request's id if it has a usable one, else ``unknown``; the
+    result carries the refusal's ``code`` and ``reason`` (CONTRACT "Bad input").
+    """
+    try:
+        raw = json.loads(data)
+        request_id = raw["id"] if isinstance(raw, dict) else None
+    except (ValueError, UnicodeDecodeError):
+        request_id = None
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= subjects.MAX_ID_LENGTH:
+        request_id = subjects.UNKNOWN
+    parsed = subjects.parse_request_subject(subject)
+    session = parsed[2] if parsed else subjects.UNKNOWN
+    try:
+        subjects.validate_session_id(session)
+    except InvalidIdentifierError:
+        session = subjects.UNKNOWN
+    body = Response(
+        request_id=request_id,
+        status="failure",
+        result={"error": exc.code, "reason": exc.reason},
+    )
+    return envelope_for(body, agent=agent, session=session)

@@ -18,6 +18,8 @@ from swarmbus._messages import CONTRACT_VERSION, MESSAGE_TYPES, Message
 
 SCHEMA_DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID: Final = "https://swarmbus.dev/schemas/v{version}/"
+NEWLINE: Final = "\n"
+ASYNCAPI_FILE: Final = "asyncapi.json"
 
 
 def _portable_value(key: str, value: Any) -> Any:
@@ -28,15 +30,27 @@ def _portable_value(key: str, value: Any) -> Any:
     return _portable(value)
 
 
+def _dropped(key: str, value: Any, node: dict[str, Any]) -> bool:
+    # A timestamp's pattern is its rule: ``format: date-time`` would refuse the zone-less
+    # form the decoder reads as UTC, and date-time checkers differ between languages.
+    return key == "format" and value == "date-time" and "pattern" in node
+
+
 def _portable(node: Any) -> Any:
     """The same schema from every msgspec version we allow, in every regex dialect.
 
-    Python's end anchor ``\\Z`` is ``$`` in JSON Schema (ECMA-262) and Go's RE2.
+    Python's end anchor ``\\Z`` is ``$`` in JSON Schema (ECMA-262) and Go's RE2. Python's
+    ``re.search`` (Python's jsonschema) lets ``$`` match before a final newline, so every
+    pattern also carries ``not: {pattern: "\\n"}``: then every validator refuses what the
+    decoder refuses.
     Descriptions come from docstrings, which msgspec 0.23 dedents and older versions
     do not: ``inspect.cleandoc`` makes them equal.
     """
     if isinstance(node, dict):
-        return {k: _portable_value(k, v) for k, v in node.items()}
+        out = {k: _portable_value(k, v) for k, v in node.items() if not _dropped(k, v, node)}
+        if isinstance(out.get("pattern"), str) and out["pattern"].endswith("$"):
+            out["not"] = {"pattern": NEWLINE}
+        return out
     if isinstance(node, list):
         return [_portable(v) for v in node]
     return node
@@ -51,8 +65,48 @@ def _document(schema: dict[str, Any], name: str, title: str) -> dict[str, Any]:
     }
 
 
+def asyncapi_document() -> dict[str, Any]:
+    """The AsyncAPI 3.0 document (``schemas/asyncapi.json``)."""
+    from swarmbus._runtime.asyncapi import document
+
+    return document()
+
+
+def _api_documents() -> dict[str, dict[str, Any]]:
+    """``api/<op>.request.schema.json`` and ``api/<op>.reply.schema.json`` per operation."""
+    from swarmbus._runtime.api import OPERATIONS, ApiError
+
+    files: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        (request, result, error), defs = msgspec.json.schema_components(
+            [op.request, op.result, ApiError], ref_template="#/$defs/{name}"
+        )
+        name = f"api/{op.name}.request.schema.json"
+        files[name] = _document(
+            {**request, "$defs": defs}, name, f"swarmbus API {op.name} request: {op.summary}"
+        )
+        reply = {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "properties": {"ok": {"const": True}, "result": result},
+                    "required": ["ok", "result"],
+                },
+                {
+                    "type": "object",
+                    "properties": {"ok": {"const": False}, "error": error},
+                    "required": ["ok", "error"],
+                },
+            ],
+            "$defs": defs,
+        }
+        name = f"api/{op.name}.reply.schema.json"
+        files[name] = _document(reply, name, f"swarmbus API {op.name} reply")
+    return files
+
+
 def generate() -> dict[str, str]:
-    """File name -> JSON text of every schema file."""
+    """File name -> JSON text of every schema file (``api/`` names are in a subdirectory)."""
     files = {
         "envelope.schema.json": _document(
             msgspec.json.schema(Message), "envelope.schema.json", "swarmbus message (any type)"
@@ -62,15 +116,18 @@ def generate() -> dict[str, str]:
         tag = cls.__struct_config__.tag
         name = f"{tag}.schema.json"
         files[name] = _document(msgspec.json.schema(cls), name, f"swarmbus {tag} message")
-    return {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in files.items()}
+    files.update(_api_documents())
+    texts = {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in files.items()}
+    texts[ASYNCAPI_FILE] = json.dumps(asyncapi_document(), indent=2) + "\n"
+    return texts
 
 
 def write(directory: Path) -> list[Path]:
     """Write every schema file into ``directory``; returns the paths written."""
-    directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in generate().items():
         path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         written.append(path)
     return written
@@ -84,5 +141,6 @@ def stale(directory: Path) -> list[str]:
         for n, t in expected.items()
         if not (directory / n).is_file() or (directory / n).read_text() != t
     ]
-    extra = [p.name for p in directory.glob("*.schema.json") if p.name not in expected]
+    present = [p.relative_to(directory).as_posix() for p in directory.rglob("*.schema.json")]
+    extra = [name for name in present if name not in expected]
     return sorted(out + extra)

@@ -13,8 +13,6 @@ steps are here too, so agents and behaviours agree on them without importing eac
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from swarmbus import _subjects as subjects
+from swarmbus._durations import parse_duration
 from swarmbus._errors import SpecError
 
 INVESTIGATE: Final = "investigate"
@@ -33,34 +32,6 @@ REFINE: Final = "refine"
 MAX_TASK_TIMEOUT: Final = 7 * 24 * 3600.0
 
 # --- durations ---------------------------------------------------------------------------
-
-_DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from ``10m``, ``30s``, ``1h30m``, ``500ms`` or a plain number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and value.strip():
-        text = value.strip().replace(" ", "")
-        parts = _DURATION.findall(text)
-        if "".join(n + u for n, u in parts) != text:
-            try:
-                seconds = float(text)
-            except ValueError:
-                raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h30m)") from None
-        else:
-            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
-    else:
-        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h30m)")
-    if not math.isfinite(seconds):
-        raise ValueError(f"invalid duration {value!r} (use e.g. 30s, 10m, 1h30m)")
-    if seconds <= 0:
-        raise ValueError(f"duration {value!r} must be positive")
-    return seconds
 
 
 def _task_timeout(seconds: float) -> float:

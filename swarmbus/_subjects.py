@@ -16,6 +16,13 @@ Requests are routed by capability outside ``agent.>`` (the event stream captures
 Dead letters: ``swarmbus.dead.<session>.<receiver>``.
 Lock keys: ``$KV.<bucket>.<base64url(resource)>`` (see ``lock_key``).
 Task dispatch (work-queue stream): ``swarmbus.task.<session>.<type>.<priority>.<task id>``.
+
+Runtime API (contract v1.1; request/reply, served by ``swarmbus up``)::
+
+    swarmbus.api.<domain>.<verb>.<session>.<agent>
+
+where ``<agent>`` is the requester, so ``swarmbus.api.*.*.*.<agent id>`` binds a user
+to one identity as for events.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ DEAD_LETTER_ROOT: Final = "swarmbus.dead"
 DEAD_LETTER_WILDCARD: Final = "swarmbus.dead.>"
 TASK_ROOT: Final = "swarmbus.task"
 TASK_WILDCARD: Final = "swarmbus.task.>"
+API_ROOT: Final = "swarmbus.api"
+API_WILDCARD: Final = "swarmbus.api.>"
 UNKNOWN: Final = "unknown"
 KV_ROOT: Final = "$KV"
 MAX_RESOURCE_BYTES: Final = 512
@@ -120,6 +129,33 @@ def parse_request_subject(subject: str) -> tuple[str, str, str, str] | None:
     if len(parts) != 6 or f"{parts[0]}.{parts[1]}" != REQUEST_ROOT:
         return None
     return parts[2], parts[3], parts[4], parts[5]
+
+
+def api_subject(domain: str, verb: str, session: str, agent: str) -> str:
+    """Subject of a runtime API request (``swarmbus.api.task.claim.INC-1234.ops/x``)."""
+    validate_session_id(session)
+    validate_agent_id(agent)
+    return f"{API_ROOT}.{domain}.{verb}.{session}.{agent}"
+
+
+def parse_api_subject(subject: str) -> tuple[str, str, str, str] | None:
+    """Split an API subject into (domain, verb, session, agent), or None if malformed."""
+    parts = subject.split(".")
+    if len(parts) != 6 or f"{parts[0]}.{parts[1]}" != API_ROOT:
+        return None
+    return parts[2], parts[3], parts[4], parts[5]
+
+
+def session_token(subject: str) -> str | None:
+    """The session token of an event, request, API or task subject (None: not one)."""
+    parsed = parse_event_subject(subject) or parse_request_subject(subject)
+    parsed = parsed or parse_api_subject(subject)
+    if parsed:
+        return parsed[2]
+    parts = subject.split(".")
+    if len(parts) == 6 and f"{parts[0]}.{parts[1]}" == TASK_ROOT:
+        return parts[2]
+    return None
 
 
 def dead_letter_subject(session: str | None, receiver: str) -> str:

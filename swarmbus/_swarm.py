@@ -35,6 +35,7 @@ from swarmbus._coordinator import (
     serve_subtasks,
 )
 from swarmbus._errors import (
+    ConflictError,
     NoResponderError,
     RequestTimeoutError,
     SpecError,
@@ -291,7 +292,13 @@ async def run_parallel(
     the session completed with it.
     """
     board = await Blackboard.open(bus, session)
-    await board.start(agent, {"task": spec.task, "swarm": spec.type})
+    try:
+        await board.start(agent, {"task": spec.task, "swarm": spec.type})
+    except ConflictError:
+        detail = (
+            f"session {session} was already run: use a new session id (or none for a fresh one)"
+        )
+        raise ConflictError(f"{session}.session", 0, detail) from None
     # Every step is reported by the end of the block: a subtask still running past the
     # coordination timeout is not waited for.
     async with (

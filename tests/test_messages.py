@@ -130,7 +130,7 @@ BAD_EXAMPLES = {
     "missing content": _bad(FINDING, ["finding", "content"], _DELETE),
     "agent id with spaces": _bad(FINDING, ["source", "agent"], "ops/deploy validator"),
     "session id with a dot": _bad(FINDING, ["source", "session"], "INC.1234"),
-    "timestamp without zone": _bad(FINDING, ["timestamp"], "2025-01-02T10:30:00"),
+    "timestamp with an hour 25": _bad(FINDING, ["timestamp"], "2025-01-02T25:30:00Z"),
     "unknown type": _bad(FINDING, ["type"], "gossip"),
     "no id": _bad(FINDING, ["id"], _DELETE),
     "vote maybe": _bad(SEED_EXAMPLES[6], ["vote", "vote"], "maybe"),

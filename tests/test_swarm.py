@@ -35,8 +35,9 @@ from swarmbus import (
 )
 from swarmbus._agent import serving
 from swarmbus._coordinator import route_type
+from swarmbus._durations import parse_duration
 from swarmbus._query_ledger import _query_decoder, query_key
-from swarmbus._spec import parse_duration, parse_spec
+from swarmbus._spec import parse_spec
 from swarmbus._swarm import load_agents, run_swarm
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -430,6 +430,29 @@ class TaskQueue:
             )
             return rejected
 
+    async def cancel(self, task_id: str, *, by: str, reason: str) -> Task:
+        """Fail an unfinished task for good, without a claim (e.g. a swarm's deadline).
+
+        A claim still held on it is lost: its next call raises ``TaskClaimLostError``.
+        A finished task is returned as it is.
+
+        Raises:
+            NotFoundError: unknown task.
+        """
+        subjects.validate_agent_id(by)
+        while True:
+            task, revision = await self._read(task_id)
+            if task.status in TERMINAL:
+                return task
+            failed = msgspec.structs.replace(
+                task, status="failed", error=f"cancelled by {by}: {reason}", completed_at=now()
+            )
+            if await self._cas(failed, revision) is None:
+                continue
+            event = TaskFailed(task_id=task.id, error=failed.error or "", attempts=task.attempts)
+            await self._events([(event, by, None)])
+            return failed
+
     async def _redispatch(self, task: Task, revision: int) -> None:
         (result,) = await self._acks.publish([self._offer(task, revision)])
         _stored(result, self.session)
