@@ -48,7 +48,7 @@ from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
 from swarmbus._config import Settings
-from swarmbus._consumer import DurableConsumer, Handler, LiveHandler
+from swarmbus._consumer import DurableConsumer, Handler, LiveHandler, Route, Routes
 from swarmbus._errors import (
     ConnectionError,
     InvalidIdentifierError,
@@ -60,7 +60,7 @@ from swarmbus._errors import (
     RequestTimeoutError,
     SwarmbusError,
 )
-from swarmbus._jetstream.delivery import durable_pull
+from swarmbus._jetstream.delivery import PullConsumer, PullOptions
 from swarmbus._jetstream.errors import translate as _translate
 from swarmbus._jetstream.errors import transport_error as _transport_error
 from swarmbus._jetstream.headers import CODE as CODE_HEADER
@@ -96,7 +96,6 @@ log = logging.getLogger("swarmbus")
 
 EVENTS_STREAM: Final = "SWARMBUS_EVENTS"
 DEAD_LETTER_STREAM: Final = "SWARMBUS_DEAD"
-DEAD_LETTER_MAX_AGE: Final = 30 * 24 * 3600.0
 # Hot-path helpers: subjects of a long-lived agent repeat, so validate and build each once;
 # with tracing off, skip building span attributes and entering a generator context.
 _event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
@@ -191,6 +190,9 @@ class _ConnectionEvents:
     async def on_reconnect(self) -> None:
         if self.bus is not None:
             self.bus.reconnected.set()
+            # Wake every receive loop: its open pull went with the old connection.
+            signal, self.bus._reconnect_signal = self.bus._reconnect_signal, anyio.Event()
+            signal.set()
 
     async def on_error(self, exc: Exception) -> None:
         if not (self.bus is not None and self.bus._refused(str(exc))):
@@ -259,6 +261,7 @@ class Bus:
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
         self.reconnected = asyncio.Event()
+        self._reconnect_signal = anyio.Event()
         self.outbox = Outbox(nc)
         self._buckets: dict[str, KeyValue] = {}
 
@@ -331,6 +334,10 @@ class Bus:
     ) -> None:
         await self.close()
 
+    def reconnect_signal(self) -> anyio.Event:
+        """An event set at the next reconnect (a new one after each)."""
+        return self._reconnect_signal
+
     @property
     def server_version(self) -> str:
         """Version of the server this bus is connected to."""
@@ -384,6 +391,9 @@ class Bus:
                 storage=self._storage(),
                 num_replicas=self.settings.replicas,
                 max_age=self.settings.event_max_age,
+                max_bytes=self.settings.event_max_bytes,
+                # The server's default (1,000 consumers a stream) would cap the agent ids.
+                max_consumers=self.settings.event_max_consumers,
                 duplicate_window=120.0,
                 discard=DiscardPolicy.OLD,
             )
@@ -394,8 +404,10 @@ class Bus:
                 subjects=[subjects.DEAD_LETTER_WILDCARD],
                 storage=self._storage(),
                 num_replicas=self.settings.replicas,
-                max_age=DEAD_LETTER_MAX_AGE,
+                max_age=self.settings.dead_letter_max_age,
+                max_bytes=self.settings.dead_letter_max_bytes,
                 duplicate_window=120.0,
+                discard=DiscardPolicy.OLD,
             )
         )
 
@@ -543,8 +555,8 @@ class Bus:
             CODE_HEADER: code,
             ORIGINAL_SUBJECT_HEADER: subject,
         }
-        if dedupe_key:
-            headers[MSG_ID_HEADER] = f"dead:{dedupe_key}:{receiver}"
+        if dedupe_key:  # the caller says whose: one per message, or per receiver/handler
+            headers[MSG_ID_HEADER] = f"dead:{dedupe_key}"
         stored = False
         try:
             self._check_max_payload(data, headers)  # the server would close the connection
@@ -617,32 +629,79 @@ class Bus:
         Each message is acked after its handler returns (at-least-once): a worker that
         dies mid-handler has the message redelivered after ``ack_wait``; a live one
         slower than that sends progress acks, so its message is not run twice meanwhile.
+        The consumer expires ``consumer_inactive_threshold`` seconds after its last
+        pull (a restart within that time resumes where it stopped).
 
         Raises:
             ConnectionError: the connection closed for good (a reconnect is waited for).
         """
-        psub = await durable_pull(
-            self.js,
-            EVENTS_STREAM,
-            durable,
-            list(filter_subjects),
+        routes = Routes([Route("", tuple(filter_subjects), handler)])
+        consumer, _ = await self._durable_consumer(
+            durable, routes, receiver, limiter, stop, deliver_new, ack_wait, max_deliver
+        )
+        task_status.started()
+        await consumer.run()
+
+    async def consume_routes(
+        self,
+        durable: str,
+        routes: Routes,
+        *,
+        receiver: str,
+        limiter: anyio.Semaphore,
+        stop: anyio.Event,
+        deliver_new: bool = True,
+        ack_wait: float = 30.0,
+        max_deliver: int = 5,
+        delete: bool = False,
+        task_status: anyio.abc.TaskStatus[DurableConsumer] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """``consume`` for several handlers on one durable (an agent's), by subject.
+
+        Starts with the ``DurableConsumer`` (its ``set_routes`` updates the handlers and
+        the consumer's filters in place). With ``delete`` the consumer is deleted when
+        the loop ends (its owner leaves for good).
+        """
+        consumer, pull = await self._durable_consumer(
+            durable, routes, receiver, limiter, stop, deliver_new, ack_wait, max_deliver
+        )
+        task_status.started(consumer)
+        try:
+            await consumer.run()
+        finally:
+            if delete:
+                with anyio.CancelScope(shield=True), contextlib.suppress(SwarmbusError):
+                    # Shielded: the owner is leaving for good; a consumer left behind
+                    # would keep every matching event until its inactive threshold.
+                    await pull.delete()
+
+    async def _durable_consumer(
+        self,
+        durable: str,
+        routes: Routes,
+        receiver: str,
+        limiter: anyio.Semaphore,
+        stop: anyio.Event,
+        deliver_new: bool,
+        ack_wait: float,
+        max_deliver: int,
+    ) -> tuple[DurableConsumer, PullConsumer]:
+        settings = self.settings
+        options = PullOptions(
             ack_wait=ack_wait,
             max_deliver=max_deliver,
             deliver_new=deliver_new,
-            guard=self._permission_guard,
+            inactive_threshold=settings.consumer_inactive_threshold,
+            expires=settings.pull_expires,
         )
-        task_status.started()
-        await DurableConsumer(
-            self,
-            psub,
-            handler,
-            durable=durable,
-            receiver=receiver,
-            limiter=limiter,
-            stop=stop,
-            ack_wait=ack_wait,
-            max_deliver=max_deliver,
-        ).run()
+        pull = PullConsumer(
+            self.js, self.nc, EVENTS_STREAM, durable, options, self._permission_guard
+        )
+        await pull.create(routes.filter_subjects())
+        consumer = DurableConsumer(
+            self, pull, routes, receiver=receiver, limiter=limiter, stop=stop
+        )
+        return consumer, pull
 
     # --- request / response ---------------------------------------------------------
 

@@ -43,6 +43,33 @@ class Settings(BaseModel):
     event_max_age: float = Field(
         7 * 24 * 3600.0, gt=0, description="seconds the event stream keeps events"
     )
+    event_max_bytes: int = Field(
+        8 * 1024**3, ge=-1, description="bytes the event stream keeps (oldest go first; -1: no cap)"
+    )
+    event_max_consumers: int = Field(
+        100_000,
+        ge=1,
+        description="consumers the event stream accepts (one per agent id, blackboard "
+        "ingest and consensus service); the server's default would be 1,000",
+    )
+    dead_letter_max_age: float = Field(
+        30 * 24 * 3600.0, gt=0, description="seconds the dead-letter stream keeps a message"
+    )
+    dead_letter_max_bytes: int = Field(
+        1024**3, ge=-1, description="bytes the dead-letter stream keeps (oldest go first)"
+    )
+    consumer_inactive_threshold: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="seconds an agent's event consumer outlives its last pull: an agent "
+        "restarted within it resumes where it stopped; after it, the consumer is deleted",
+    )
+    pull_expires: float = Field(
+        30.0,
+        ge=3.0,
+        description="seconds an idle consumer's long pull waits on the server (idle "
+        "heartbeats every third of it; a lost pull is noticed after two missed)",
+    )
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0, le=8 * 1024 * 1024)
     request_timeout: float = Field(5.0, gt=0)
     connect_timeout: float = Field(5.0, gt=0)

@@ -3,12 +3,16 @@
 The bus's receive loops (``swarmbus._consumer``, ``swarmbus._request_server``) handle
 nats-py messages on the hot path: an ack, a nak, a reply is one call each, so they get
 the nats-py types and the one exception class those calls raise from here, by name,
-instead of a wrapper that would cost an await per message. Creating and binding a
-durable pull consumer, with its JetStream refusals translated, is here too.
+instead of a wrapper that would cost an await per message. ``PullConsumer`` creates,
+updates in place, long-pulls from and deletes a durable pull consumer, with its
+JetStream refusals translated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+from dataclasses import dataclass
 from typing import Final
 
 import nats.errors
@@ -27,10 +31,11 @@ __all__ = [
     "FETCH_TIMEOUT",
     "Connection",
     "Msg",
+    "PullConsumer",
+    "PullOptions",
     "PullSubscription",
     "Subscription",
     "TransportError",
-    "durable_pull",
 ]
 
 #: What a message operation (ack, nak, in_progress, a reply, a fetch) raises when the
@@ -40,38 +45,128 @@ TransportError: Final = nats.errors.Error
 FETCH_TIMEOUT: Final = (TimeoutError, nats.errors.TimeoutError)
 
 PullSubscription = JetStreamContext.PullSubscription
+HEARTBEAT_STATUS: Final = "100"
+NO_RESPONDERS_STATUS: Final = "503"
 
 
-async def durable_pull(
-    js: JetStreamContext,
-    stream: str,
-    durable: str,
-    filter_subjects: list[str],
-    *,
-    ack_wait: float,
-    max_deliver: int,
-    deliver_new: bool,
-    guard: Guard,
-) -> PullSubscription:
-    """Create (or update) the durable consumer ``durable`` on ``stream`` and bind to it.
+@dataclass(frozen=True)
+class PullOptions:
+    """How a durable pull consumer is configured and pulled from."""
 
-    Raises:
-        PermissionDeniedError, PublishError: the server refused the consumer.
+    ack_wait: float
+    max_deliver: int
+    deliver_new: bool
+    #: Seconds the consumer outlives its last pull (None: forever).
+    inactive_threshold: float | None = None
+    #: Seconds a long pull waits on the server; idle heartbeats come at a third of it.
+    expires: float = 30.0
+
+
+class PullConsumer:
+    """A durable pull consumer: created or updated in place, long-pulled, deleted.
+
+    nats-py's ``fetch`` neither notices a lost pull (its heartbeats are only skipped) nor
+    stops at once; this pulls on its own inbox: a long pull (batch 1, ``expires``, idle
+    heartbeats) when caught up, a ``no_wait`` pull for a known backlog. A pull whose
+    heartbeats stop (a reconnect, a leader change) ends empty and is re-issued; a pull
+    cancelled by its caller leaves only a request the server drops at its expiry or on
+    the next message (no interest once the inbox is gone).
     """
-    config = ConsumerConfig(
-        durable_name=durable,
-        filter_subjects=filter_subjects,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=ack_wait,
-        max_deliver=max_deliver,
-        max_ack_pending=1000,
-        deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
-    )
-    try:
-        with guard(
-            f"{JS_API}.CONSUMER.DURABLE.CREATE.{stream}.{durable}", f"create consumer {durable}"
-        ):
-            await js.add_consumer(stream, config)
-        return await js.pull_subscribe_bind(durable, stream)
-    except nats.js.errors.APIError as exc:
-        raise translate(exc, f"cannot create consumer {durable}") from exc
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        nc: Connection,
+        stream: str,
+        durable: str,
+        options: PullOptions,
+        guard: Guard,
+    ) -> None:
+        self._js, self._nc, self._guard = js, nc, guard
+        self.stream, self.durable, self.options = stream, durable, options
+        self._next = f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._filters: list[str] = []
+        self._sub: Subscription | None = None
+        self._inbox = ""
+
+    async def create(self, filter_subjects: list[str]) -> None:
+        """Create the consumer, or update it in place (same durable) to these filters.
+
+        Raises:
+            PermissionDeniedError, PublishError: the server refused the consumer.
+        """
+        opts = self.options
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            filter_subjects=filter_subjects,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=opts.ack_wait,
+            max_deliver=opts.max_deliver,
+            max_ack_pending=1000,
+            deliver_policy=DeliverPolicy.NEW if opts.deliver_new else DeliverPolicy.ALL,
+            inactive_threshold=opts.inactive_threshold,
+        )
+        action = f"{JS_API}.CONSUMER.DURABLE.CREATE.{self.stream}.{self.durable}"
+        try:
+            with self._guard(action, f"create consumer {self.durable}"):
+                await self._js.add_consumer(self.stream, config)
+        except nats.js.errors.APIError as exc:
+            raise translate(exc, f"cannot create consumer {self.durable}") from exc
+        self._filters = filter_subjects
+        if self._sub is None:
+            self._inbox = self._nc.new_inbox()
+            self._sub = await self._nc.subscribe(self._inbox)
+
+    async def delete(self) -> None:
+        """Delete the consumer (its owner left for good); a missing one is no error."""
+        try:
+            await self._js.delete_consumer(self.stream, self.durable)
+        except nats.js.errors.NotFoundError:
+            pass
+        except nats.js.errors.APIError as exc:
+            raise translate(exc, f"cannot delete consumer {self.durable}") from exc
+
+    async def close(self) -> None:
+        """Stop receiving (the consumer stays until deleted or inactive)."""
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(TransportError):
+                await sub.unsubscribe()
+
+    async def pull(self, batch: int) -> list[Msg]:
+        """Up to ``batch`` messages: a long pull for 1, what is there at once for more.
+
+        Returns [] when a long pull expired or went silent (re-issue it).
+
+        Raises:
+            TransportError: the connection failed the pull.
+        """
+        sub = self._sub
+        assert sub is not None, "create() first"
+        expires = self.options.expires
+        request: dict[str, object] = {"batch": batch}
+        if batch == 1:
+            request["expires"] = int(expires * 1e9)
+            request["idle_heartbeat"] = int(expires / 3 * 1e9)
+            silence = expires / 3 * 2 + 1.0  # two heartbeats missed: the pull is lost
+        else:
+            request["no_wait"] = True
+            silence = max(2.0, expires / 3)
+        await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+        got: list[Msg] = []
+        while len(got) < batch:
+            try:
+                msg = await sub.next_msg(timeout=silence)
+            except FETCH_TIMEOUT:
+                break
+            status = JetStreamContext.is_status_msg(msg)
+            if not status:
+                got.append(msg)
+            elif status == HEARTBEAT_STATUS:
+                continue
+            elif status == NO_RESPONDERS_STATUS:  # the consumer is gone: create it again
+                await self.create(self._filters)
+                break
+            else:  # 404 no messages, 408 expired, 409 (leader change, max waiting)
+                break
+        return got
