@@ -44,19 +44,26 @@ class Settings(BaseModel):
         7 * 24 * 3600.0, gt=0, description="seconds the event stream keeps events"
     )
     event_max_bytes: int = Field(
-        8 * 1024**3, ge=-1, description="bytes the event stream keeps (oldest go first; -1: no cap)"
+        -1,
+        ge=-1,
+        description="bytes the event stream keeps, oldest dropped first (-1: bounded by "
+        "event_max_age and the account's JetStream storage only); reserved x replicas "
+        "against the account's storage",
     )
     event_max_consumers: int = Field(
-        100_000,
+        20_000,
         ge=1,
-        description="consumers the event stream accepts (one per agent id, blackboard "
-        "ingest and consensus service); the server's default would be 1,000",
+        description="consumers the event stream accepts: one per agent id, plus blackboard "
+        "ingest and consensus intake (the server's default is 1,000); at most the "
+        "account's max_consumers (20,000 in deploy/nats and the JWT account)",
     )
     dead_letter_max_age: float = Field(
         30 * 24 * 3600.0, gt=0, description="seconds the dead-letter stream keeps a message"
     )
     dead_letter_max_bytes: int = Field(
-        1024**3, ge=-1, description="bytes the dead-letter stream keeps (oldest go first)"
+        256 * 1024**2,
+        ge=-1,
+        description="bytes the dead-letter stream keeps, oldest dropped first (-1: no cap)",
     )
     consumer_inactive_threshold: float = Field(
         24 * 3600.0,

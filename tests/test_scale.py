@@ -246,7 +246,9 @@ async def test_a_bad_message_is_dead_lettered_once_whatever_the_receivers(
         await bus.js.publish(f"agent.finding.reported.{session_id}.scale_x", b"not json")
         with anyio.fail_after(WAIT):
             await reported.wait()
-    info = await bus.js.stream_info("SWARMBUS_DEAD", subjects_filter=f"swarmbus.dead.{session_id}.>")
+    info = await bus.js.stream_info(
+        "SWARMBUS_DEAD", subjects_filter=f"swarmbus.dead.{session_id}.>"
+    )
     assert sum((info.state.subjects or {}).values()) == 1
 
 
