@@ -176,6 +176,8 @@ class DurableConsumer:
         # Stream sequence -> routes done with a message that is to be redelivered.
         self._partial: OrderedDict[int, set[str]] = OrderedDict()
         self._pulling: anyio.CancelScope | None = None
+        # Set while messages are in flight: the heartbeat sleeps only then.
+        self._busy = anyio.Event()
         self._closed: Exception | None = None
 
     @property
@@ -298,6 +300,7 @@ class DurableConsumer:
         in_flight = self._in_flight
         async for msg in self._receive:
             in_flight[id(msg)] = msg
+            self._busy.set()
             try:
                 await self._handle(msg)
             finally:
@@ -305,7 +308,10 @@ class DurableConsumer:
 
     async def _keep_alive(self) -> None:
         while True:
+            await self._busy.wait()  # idle: no timer at all
             await anyio.sleep(self._ack_wait / 3)
+            if not self._in_flight:
+                self._busy = anyio.Event()
             for msg in list(self._in_flight.values()):
                 with contextlib.suppress(TransportError):
                     await msg.in_progress()

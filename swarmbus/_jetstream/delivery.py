@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from dataclasses import dataclass
 from typing import Final
 
+import anyio
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as Connection
@@ -24,7 +26,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from swarmbus._jetstream.errors import translate
-from swarmbus._jetstream.headers import JS_API
+from swarmbus._jetstream.headers import JS_API, STATUS
 from swarmbus._jetstream.retry import Guard
 
 __all__ = [
@@ -66,11 +68,12 @@ class PullConsumer:
     """A durable pull consumer: created or updated in place, long-pulled, deleted.
 
     nats-py's ``fetch`` neither notices a lost pull (its heartbeats are only skipped) nor
-    stops at once; this pulls on its own inbox: a long pull (batch 1, ``expires``, idle
-    heartbeats) when caught up, a ``no_wait`` pull for a known backlog. A pull whose
-    heartbeats stop (a reconnect, a leader change) ends empty and is re-issued; a pull
-    cancelled by its caller leaves only a request the server drops at its expiry or on
-    the next message (no interest once the inbox is gone).
+    stops at once, and waits message by message (a timer and a loop turn each); this
+    pulls on its own inbox, collecting in a callback: a long pull (batch 1,
+    ``expires``, idle heartbeats) when caught up, a ``no_wait`` pull for a known
+    backlog. A heartbeat only stamps the time; a pull silent for two heartbeats (a
+    reconnect, a leader change) ends empty and is re-issued. Messages that arrive for a
+    pull given up (or cancelled) are handed out by the next one.
     """
 
     def __init__(
@@ -88,6 +91,11 @@ class PullConsumer:
         self._filters: list[str] = []
         self._sub: Subscription | None = None
         self._inbox = ""
+        self._msgs: list[Msg] = []
+        self._want = 0
+        self._ended: anyio.Event | None = None
+        self._heard = 0.0
+        self._gone = False
 
     async def create(self, filter_subjects: list[str]) -> None:
         """Create the consumer, or update it in place (same durable) to these filters.
@@ -115,7 +123,7 @@ class PullConsumer:
         self._filters = filter_subjects
         if self._sub is None:
             self._inbox = self._nc.new_inbox()
-            self._sub = await self._nc.subscribe(self._inbox)
+            self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
 
     async def delete(self) -> None:
         """Delete the consumer (its owner left for good); a missing one is no error."""
@@ -127,11 +135,18 @@ class PullConsumer:
             raise translate(exc, f"cannot delete consumer {self.durable}") from exc
 
     async def close(self) -> None:
-        """Stop receiving (the consumer stays until deleted or inactive)."""
+        """Stop receiving (the consumer stays until deleted or inactive).
+
+        Messages that came for a pull given up are handed back for redelivery now.
+        """
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(TransportError):
                 await sub.unsubscribe()
+        left, self._msgs = self._msgs, []
+        for msg in left:
+            with contextlib.suppress(TransportError):
+                await msg.nak()
 
     async def pull(self, batch: int) -> list[Msg]:
         """Up to ``batch`` messages: a long pull for 1, what is there at once for more.
@@ -141,32 +156,48 @@ class PullConsumer:
         Raises:
             TransportError: the connection failed the pull.
         """
-        sub = self._sub
-        assert sub is not None, "create() first"
-        expires = self.options.expires
-        request: dict[str, object] = {"batch": batch}
-        if batch == 1:
-            request["expires"] = int(expires * 1e9)
-            request["idle_heartbeat"] = int(expires / 3 * 1e9)
-            silence = expires / 3 * 2 + 1.0  # two heartbeats missed: the pull is lost
-        else:
-            request["no_wait"] = True
-            silence = max(2.0, expires / 3)
-        await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
-        got: list[Msg] = []
-        while len(got) < batch:
+        assert self._sub is not None, "create() first"
+        if not self._msgs:
+            expires = self.options.expires
+            request: dict[str, object] = {"batch": batch}
+            if batch == 1:
+                request["expires"] = int(expires * 1e9)
+                request["idle_heartbeat"] = int(expires / 3 * 1e9)
+                silence = expires / 3 * 2 + 1.0  # two heartbeats missed: the pull is lost
+            else:
+                request["no_wait"] = True
+                silence = max(2.0, expires / 3)
+            self._want, self._ended = batch, anyio.Event()
+            self._heard = time.monotonic()
+            await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
             try:
-                msg = await sub.next_msg(timeout=silence)
-            except FETCH_TIMEOUT:
-                break
-            status = JetStreamContext.is_status_msg(msg)
-            if not status:
-                got.append(msg)
-            elif status == HEARTBEAT_STATUS:
-                continue
-            elif status == NO_RESPONDERS_STATUS:  # the consumer is gone: create it again
+                await self._wait(self._ended, silence)
+            finally:
+                self._ended = None
+            if self._gone:  # the consumer was deleted under us: create it again
+                self._gone = False
                 await self.create(self._filters)
-                break
-            else:  # 404 no messages, 408 expired, 409 (leader change, max waiting)
-                break
+        got, self._msgs = self._msgs[:batch], self._msgs[batch:]
         return got
+
+    async def _wait(self, ended: anyio.Event, silence: float) -> None:
+        """Until the pull ended, or nothing (not even a heartbeat) came for ``silence``."""
+        while True:
+            with anyio.move_on_after(self._heard + silence - time.monotonic()):
+                await ended.wait()
+                return
+            if time.monotonic() - self._heard >= silence:
+                return
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._heard = time.monotonic()
+        status = (msg.headers or {}).get(STATUS) if not msg.data else None
+        if status == HEARTBEAT_STATUS:
+            return
+        if not status:
+            self._msgs.append(msg)
+        elif status == NO_RESPONDERS_STATUS:
+            self._gone = True
+        ended = self._ended
+        if ended is not None and (status or len(self._msgs) >= self._want):
+            ended.set()
