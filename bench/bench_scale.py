@@ -9,9 +9,10 @@ two designs side by side in the same run:
   agent id, a long pull with idle heartbeats) vs the raw design (one durable pull
   consumer per process on ``agent.>``, one long ``fetch`` at a time, dispatch in
   process to N handlers). After a warm-up, client CPU (this process) and server CPU
-  over ``--window`` seconds, and the server's RSS (``/proc``, Linux only).
+  over ``--window`` seconds (default: one long pull's expiry + 5 s, so every agent's
+  re-pull and heartbeats fall inside), and the server's RSS (``/proc``, Linux only).
 - events: 1 agent with a ``session="*"`` handler vs the raw consumer; ``--events``
-  events published (64 in flight, acked) round robin over S sessions; events/s from
+  events (at least S) published (64 in flight, acked) round robin over S sessions; events/s from
   the first publish to the last handler call, p99 of publish -> handler latency.
 """
 
@@ -31,7 +32,7 @@ import anyio
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from swarmbus import Agent, Bus, Finding, FindingMessage, NatsServer
+from swarmbus import Agent, Bus, Finding, FindingMessage, NatsServer, Settings
 from swarmbus._agent import serving
 
 WARMUP = 3.0
@@ -246,7 +247,7 @@ async def bench(args: argparse.Namespace) -> None:
             with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
                 async with Bus.open(url=server.url):
                     pass
-                rate, p99 = await events(server.url, s, args.events)
+                rate, p99 = await events(server.url, s, max(args.events, s))
                 row.append(f"{rate:,.0f} events/s, p99 {p99:.1f} ms")
         print(f"| events, {s:,} sessions | {row[0]} | {row[1]} |", flush=True)
 
@@ -267,7 +268,7 @@ def main() -> None:
     args.idle = args.idle or ([1, 100, 1000] if quick else [1, 1000, 10000])
     args.sessions = args.sessions or ([1, 1000, 10000] if quick else [1, 1000, 10000, 100000])
     args.events = args.events or (2000 if quick else 20000)
-    args.window = args.window or (8.0 if quick else 20.0)
+    args.window = args.window or Settings().pull_expires + 5.0
     print(f"# load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}")
     anyio.run(bench, args)
 

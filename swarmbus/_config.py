@@ -72,10 +72,11 @@ class Settings(BaseModel):
         "restarted within it resumes where it stopped; after it, the consumer is deleted",
     )
     pull_expires: float = Field(
-        30.0,
-        ge=3.0,
-        description="seconds an idle consumer's long pull waits on the server (idle "
-        "heartbeats every third of it; a lost pull is noticed after two missed)",
+        120.0,
+        ge=2.0,
+        description="seconds an idle consumer's long pull waits on the server, with an "
+        "idle heartbeat at half of it (a pull lost silently is re-issued after two "
+        "missed; a reconnect or a leader change ends it at once)",
     )
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0, le=8 * 1024 * 1024)
     request_timeout: float = Field(5.0, gt=0)

@@ -60,8 +60,8 @@ class PullOptions:
     deliver_new: bool
     #: Seconds the consumer outlives its last pull (None: forever).
     inactive_threshold: float | None = None
-    #: Seconds a long pull waits on the server; idle heartbeats come at a third of it.
-    expires: float = 30.0
+    #: Seconds a long pull waits on the server; idle heartbeats come at half of it.
+    expires: float = 120.0
 
 
 class PullConsumer:
@@ -162,11 +162,11 @@ class PullConsumer:
             request: dict[str, object] = {"batch": batch}
             if batch == 1:
                 request["expires"] = int(expires * 1e9)
-                request["idle_heartbeat"] = int(expires / 3 * 1e9)
-                silence = expires / 3 * 2 + 1.0  # two heartbeats missed: the pull is lost
+                request["idle_heartbeat"] = int(expires / 2 * 1e9)  # the most it may be
+                silence = expires + 1.0  # two heartbeats missed: the pull is lost
             else:
                 request["no_wait"] = True
-                silence = max(2.0, expires / 3)
+                silence = 5.0
             self._want, self._ended = batch, anyio.Event()
             self._heard = time.monotonic()
             await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
