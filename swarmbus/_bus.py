@@ -191,7 +191,7 @@ class _ConnectionEvents:
         if self.bus is not None:
             self.bus.reconnected.set()
             # Wake every receive loop: its open pull went with the old connection.
-            signal, self.bus._reconnect_signal = self.bus._reconnect_signal, anyio.Event()
+            signal, self.bus.reconnect_signal = self.bus.reconnect_signal, anyio.Event()
             signal.set()
 
     async def on_error(self, exc: Exception) -> None:
@@ -261,7 +261,8 @@ class Bus:
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
         self.reconnected = asyncio.Event()
-        self._reconnect_signal = anyio.Event()
+        # Set at the next reconnect (then replaced): receive loops re-issue their pulls.
+        self.reconnect_signal = anyio.Event()
         self.outbox = Outbox(nc)
         self._buckets: dict[str, KeyValue] = {}
 
@@ -333,10 +334,6 @@ class Bus:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    def reconnect_signal(self) -> anyio.Event:
-        """An event set at the next reconnect (a new one after each)."""
-        return self._reconnect_signal
 
     @property
     def server_version(self) -> str:
@@ -636,8 +633,8 @@ class Bus:
             ConnectionError: the connection closed for good (a reconnect is waited for).
         """
         routes = Routes([Route("", tuple(filter_subjects), handler)])
-        consumer, _ = await self._durable_consumer(
-            durable, routes, receiver, limiter, stop, deliver_new, ack_wait, max_deliver
+        consumer = await _open_consumer(
+            self, durable, routes, receiver, limiter, stop, deliver_new, ack_wait, max_deliver
         )
         task_status.started()
         await consumer.run()
@@ -650,58 +647,19 @@ class Bus:
         receiver: str,
         limiter: anyio.Semaphore,
         stop: anyio.Event,
-        deliver_new: bool = True,
-        ack_wait: float = 30.0,
-        max_deliver: int = 5,
         delete: bool = False,
         task_status: anyio.abc.TaskStatus[DurableConsumer] = anyio.TASK_STATUS_IGNORED,
+        **options: Any,
     ) -> None:
         """``consume`` for several handlers on one durable (an agent's), by subject.
 
         Starts with the ``DurableConsumer`` (its ``set_routes`` updates the handlers and
         the consumer's filters in place). With ``delete`` the consumer is deleted when
-        the loop ends (its owner leaves for good).
+        the loop ends (its owner leaves for good). ``options``: as for ``consume``.
         """
-        consumer, pull = await self._durable_consumer(
-            durable, routes, receiver, limiter, stop, deliver_new, ack_wait, max_deliver
-        )
+        consumer = await _open_consumer(self, durable, routes, receiver, limiter, stop, **options)
         task_status.started(consumer)
-        try:
-            await consumer.run()
-        finally:
-            if delete:
-                with anyio.CancelScope(shield=True), contextlib.suppress(SwarmbusError):
-                    # Shielded: the owner is leaving for good; a consumer left behind
-                    # would keep every matching event until its inactive threshold.
-                    await pull.delete()
-
-    async def _durable_consumer(
-        self,
-        durable: str,
-        routes: Routes,
-        receiver: str,
-        limiter: anyio.Semaphore,
-        stop: anyio.Event,
-        deliver_new: bool,
-        ack_wait: float,
-        max_deliver: int,
-    ) -> tuple[DurableConsumer, PullConsumer]:
-        settings = self.settings
-        options = PullOptions(
-            ack_wait=ack_wait,
-            max_deliver=max_deliver,
-            deliver_new=deliver_new,
-            inactive_threshold=settings.consumer_inactive_threshold,
-            expires=settings.pull_expires,
-        )
-        pull = PullConsumer(
-            self.js, self.nc, EVENTS_STREAM, durable, options, self._permission_guard
-        )
-        await pull.create(routes.filter_subjects())
-        consumer = DurableConsumer(
-            self, pull, routes, receiver=receiver, limiter=limiter, stop=stop
-        )
-        return consumer, pull
+        await consumer.run(delete=delete)
 
     # --- request / response ---------------------------------------------------------
 
@@ -770,6 +728,31 @@ class Bus:
             self, capability, handler, agent=agent, limiter=limiter, task_group=task_group
         )
         return await server.start()
+
+
+async def _open_consumer(
+    bus: Bus,
+    durable: str,
+    routes: Routes,
+    receiver: str,
+    limiter: anyio.Semaphore,
+    stop: anyio.Event,
+    deliver_new: bool = True,
+    ack_wait: float = 30.0,
+    max_deliver: int = 5,
+) -> DurableConsumer:
+    """Create (or update in place) the durable ``durable`` and its receive loop."""
+    options = PullOptions(
+        ack_wait=ack_wait,
+        max_deliver=max_deliver,
+        deliver_new=deliver_new,
+        inactive_threshold=bus.settings.consumer_inactive_threshold,
+        expires=bus.settings.pull_expires,
+    )
+    guard = bus._permission_guard
+    pull = PullConsumer(bus.js, bus.nc, EVENTS_STREAM, durable, options, guard)
+    await pull.create(routes.filter_subjects())
+    return DurableConsumer(bus, pull, routes, receiver=receiver, limiter=limiter, stop=stop)
 
 
 def _session_of(subject: str) -> str:

@@ -66,10 +66,7 @@ class Host(Protocol):
 
     nc: Connection
     reconnected: asyncio.Event
-
-    def reconnect_signal(self) -> anyio.Event:
-        """An event set at the next reconnect."""
-        ...
+    reconnect_signal: anyio.Event  # set at the next reconnect (then replaced)
 
     def accept(self, subject: str, data: bytes) -> Message: ...
 
@@ -196,8 +193,10 @@ class DurableConsumer:
             await self._consumer.create(new)
         self._routes = routes
 
-    async def run(self) -> None:
+    async def run(self, *, delete: bool = False) -> None:
         """Pull until the stop, then let the fetched messages finish.
+
+        With ``delete`` (the owner leaves for good) the consumer is deleted at the end.
 
         Raises:
             ConnectionError: the connection closed for good (a reconnect is waited for).
@@ -215,6 +214,11 @@ class DurableConsumer:
                 raise ConnectionError(f"consumer {self._durable}: {self._closed}") from self._closed
         finally:
             await self._consumer.close()
+            if delete:
+                with anyio.CancelScope(shield=True), contextlib.suppress(SwarmbusError):
+                    # Shielded: the owner is leaving for good; a consumer left behind
+                    # would keep every matching event until its inactive threshold.
+                    await self._consumer.delete()
 
     async def _interrupt_on(self, event: anyio.Event) -> None:
         await event.wait()
@@ -224,7 +228,7 @@ class DurableConsumer:
     async def _interrupt_on_reconnects(self) -> None:
         """A pull open at a reconnect is lost with the old connection: re-issue it."""
         while True:
-            await self._interrupt_on(self._host.reconnect_signal())
+            await self._interrupt_on(self._host.reconnect_signal)
 
     async def _pull(self, tg: anyio.abc.TaskGroup) -> None:
         stop, limiter = self._stop, self._limiter
