@@ -84,6 +84,7 @@ from swarmbus._messages import (
     event_of,
     validate_body,
 )
+from swarmbus._observe._instruments import record_published
 from swarmbus._refusals import Refusals
 from swarmbus._request_server import RequestHandler, RequestServer
 from swarmbus._server import check_version
@@ -505,6 +506,7 @@ class Bus:
                 raise MessageTooLargeError(len(data), self.nc.max_payload) from exc
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _transport_error(exc, f"publish to {subject}") from exc
+        record_published(message)
 
     def _check_max_payload(self, data: bytes, headers: Mapping[str, str]) -> None:
         """Refuse a message whose payload and headers exceed the server's max_payload.

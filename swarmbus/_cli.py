@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final
 import anyio
 
 from swarmbus._errors import SwarmbusError
+from swarmbus._observe._commands import add_commands as add_observing_commands
 from swarmbus._telemetry import configure_tracing
 
 if TYPE_CHECKING:
@@ -417,6 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_tasks)
 
+    _add_creds_command(sub)
+
+    add_observing_commands(sub)  # tail, timeline, dead, metrics, ui
+    return parser
+
+
+def _add_creds_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``swarmbus creds``: NATS JWT credentials (operator, roles, one per agent)."""
     p = sub.add_parser("creds", help="NATS JWT credentials: operator, roles, one per agent")
     p.add_argument(
         "--dir",
@@ -441,7 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--reload-pid", type=int, default=None, help="memory: SIGHUP it")
     creds.add_parser("list", help="issued credentials")
     p.set_defaults(func=_cmd_creds)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

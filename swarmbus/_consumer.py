@@ -53,6 +53,7 @@ from swarmbus._errors import ConnectionError, InvalidMessageError, PublishError,
 from swarmbus._jetstream.delivery import Connection, Msg, PullConsumer, TransportError
 from swarmbus._jetstream.reads import deliveries, num_pending
 from swarmbus._messages import Message
+from swarmbus._observe._instruments import observed
 from swarmbus._telemetry import record_failure
 
 if TYPE_CHECKING:
@@ -412,7 +413,7 @@ async def dispatch(
     # Report inside the span: the error event joins the failed message's trace.
     with span as current:
         try:
-            await route.handler(message)
+            await observed(route.handler, message, receiver)  # metrics: handler latency
         except (ConnectionError, PublishError) as exc:  # swarmbus's: NATS unreachable
             record_failure(current, exc)
             if not retry:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -27,12 +27,7 @@ from typing import Final
 
 import anyio
 import msgspec
-import nats.errors
-import nats.js.errors
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
@@ -47,19 +42,19 @@ from swarmbus._errors import (
 )
 from swarmbus._jetstream.acks import CasConflict as _Conflict
 from swarmbus._jetstream.acks import CasWriter
-from swarmbus._jetstream.errors import nats_errors as _nats_errors
 from swarmbus._jetstream.headers import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
-    KV_DELETE,
     KV_OPERATION,
     KV_PURGE,
-    MARKER_REASON,
     MSG_ID,
     ROLLUP_SUBJECT,
 )
+from swarmbus._jetstream.headers import MARKER_REASON as MARKER_REASON  # the expiry marker
 from swarmbus._jetstream.headers import ROLLUP as ROLLUP_HEADER
 from swarmbus._jetstream.headers import TTL as TTL_HEADER
-from swarmbus._jetstream.reads import kv_latest
+from swarmbus._jetstream.latest import bucket_entries, kv_last
+from swarmbus._jetstream.watch import KvChange, KvWatch
+from swarmbus._observe._instruments import lock_wait
 from swarmbus._telemetry import send_span
 
 log = logging.getLogger("swarmbus.locks")
@@ -177,9 +172,15 @@ class _Bucket:
             timeout=bus.settings.request_timeout,
             retry_for=bus.settings.retry_for,
         )
-        self._prefix = subjects.kv_subject(name, "")
         self._guard = anyio.Lock()
-        self._sub: JetStreamContext.PushSubscription | None = None
+        self._watch = KvWatch(
+            bus.js,
+            name,
+            self._on_change,
+            memory=True,
+            inactive_threshold=WATCH_INACTIVE_THRESHOLD,
+        )
+        self._watching = False
         self._last_seq = 0
         self._queues: dict[str, list[_Waiter]] = {}
         # key -> {owner: revision of its last acquisition}, oldest first
@@ -228,7 +229,7 @@ class _Bucket:
 
     @contextlib.asynccontextmanager
     async def waiting(
-        self, js: JetStreamContext, key: str, owner: str, hint: int | None, ttl: int
+        self, key: str, owner: str, hint: int | None, ttl: int
     ) -> AsyncIterator[MemoryObjectReceiveStream[int | _Handed | None]]:
         """Queue for ``key``; at the head, receive what to try next.
 
@@ -239,17 +240,9 @@ class _Bucket:
         passes a None to the next one.
         """
         async with self._guard:
-            if self._sub is None:
-                with _nats_errors(f"cannot watch bucket {self.name}"):
-                    self._sub = await js.subscribe(
-                        subjects.kv_subject(self.name, ">"),
-                        stream=f"KV_{self.name}",
-                        cb=self._on_msg,
-                        ordered_consumer=True,
-                        deliver_policy=DeliverPolicy.NEW,
-                        inactive_threshold=WATCH_INACTIVE_THRESHOLD,
-                        config=ConsumerConfig(mem_storage=True),
-                    )
+            if not self._watching:
+                await self._watch.start()
+                self._watching = True
         send, receive = anyio.create_memory_object_stream[int | _Handed | None](math.inf)
         self._recent.setdefault(key, {})
         self._idle.pop(key, None)
@@ -306,10 +299,11 @@ class _Bucket:
             self._freed_at.pop(idle, None)
             self._handed_over.pop(idle, None)
 
-    async def _on_msg(self, msg: Msg) -> None:
-        key = msg.subject[len(self._prefix) :]
-        self._last_seq = seq = msg.metadata.sequence.stream
-        if _is_tombstone(msg.headers):
+    def _on_change(self, change: KvChange) -> None:
+        """One write of the bucket, as the watch sees it (on the client's reader task)."""
+        key = change.key
+        self._last_seq = seq = change.revision
+        if change.removed:
             chain = self._handed_over.get(key)
             if chain and seq > chain[1]:  # a marker after the chain began (not a late one)
                 del self._handed_over[key]
@@ -323,7 +317,7 @@ class _Bucket:
         if turn := self._turns.pop(key, None):  # taken before the head's turn came
             turn.cancel()
         try:
-            record = _decoder.decode(msg.data)
+            record = _decoder.decode(change.value)
         except msgspec.DecodeError:
             return
         if record.token:  # a refresh: the holder keeps its place
@@ -374,13 +368,6 @@ def _handed_in(updates: MemoryObjectReceiveStream[int | _Handed | None]) -> _Han
             return update
 
 
-def _is_tombstone(headers: Mapping[str, str] | None) -> bool:
-    """A release/delete marker or a server marker (``MaxAge`` after a TTL expiry)."""
-    if not headers:
-        return False
-    return headers.get(KV_OPERATION) in (KV_PURGE, KV_DELETE) or MARKER_REASON in headers
-
-
 def _holder(key: str, value: bytes | None, revision: int, stored: datetime) -> Holder:
     try:
         record = _decoder.decode(value or b"")
@@ -397,32 +384,21 @@ def _holder(key: str, value: bytes | None, revision: int, stored: datetime) -> H
 async def lock_holder(bus: Bus, resource: str, *, bucket: str = LOCKS_BUCKET) -> Holder | None:
     """Who holds the lock on ``resource`` (read from the stream leader), or None."""
     key = subjects.lock_key(resource)
-    with _nats_errors(f"cannot read lock on {resource!r}"):
-        try:
-            msg = await bus.js.get_msg(
-                f"KV_{bucket}", subject=subjects.kv_subject(bucket, key), direct=False
-            )
-        except nats.js.errors.NotFoundError:
-            return None
-    if _is_tombstone(msg.headers) or msg.seq is None or msg.time is None:
+    last = await kv_last(bus.js, bucket, key, f"cannot read lock on {resource!r}")
+    if last is None or last.removed or not last.revision or last.time is None:
         return None
-    return _holder(key, msg.data, msg.seq, msg.time)
+    return _holder(key, last.value, last.revision, last.time)
 
 
 async def held_locks(bus: Bus, *, bucket: str = LOCKS_BUCKET) -> list[Holder]:
     """Every lock currently held in ``bucket``, sorted by resource."""
-    with _nats_errors(f"cannot list locks in {bucket}"):
+    holders = []
+    for entry in await bucket_entries(bus.js, bucket):
+        assert entry.time is not None  # bucket_entries reads it
         try:
-            kv = await bus.js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
-            return []
-        holders = []
-        for key, msg in await kv_latest(kv):
-            meta = msg.metadata
-            try:
-                holders.append(_holder(key, msg.data, meta.sequence.stream, meta.timestamp))
-            except (InvalidIdentifierError, InvalidMessageError) as exc:
-                log.warning("skipping %s in %s: %s", key, bucket, exc)
+            holders.append(_holder(entry.key, entry.value, entry.revision, entry.time))
+        except (InvalidIdentifierError, InvalidMessageError) as exc:
+            log.warning("skipping %s in %s: %s", entry.key, bucket, exc)
     return sorted(holders, key=lambda h: h.resource)
 
 
@@ -457,6 +433,7 @@ class Lock:
         self._key = subjects.lock_key(resource)
         self._subject = subjects.kv_subject(bucket, self._key)
         self._what = f"lock on {resource!r}"
+        self._read = f"cannot read lock on {resource!r}"
         self._attributes = {"swarmbus.agent": self.owner, "swarmbus.lock": resource}
         self._state: _Bucket | None = None
         self._lease: Lease | None = None
@@ -492,7 +469,7 @@ class Lock:
                     return None
                 return await self._attempt(seconds, self._released_at)
             with anyio.move_on_after(timeout):
-                return await self._wait(bucket, seconds)
+                return await lock_wait(self._wait(bucket, seconds))  # metrics: lock waits
             return self._lease  # None, or a write that landed as the deadline passed
         except BaseException:
             if self._lease is not None:  # acquired as the caller was cancelled: give it back
@@ -651,18 +628,12 @@ class Lock:
 
     async def _last(self) -> tuple[int, bool] | None:
         """(revision, is a tombstone) of the key's last entry, from the stream leader."""
-        with _nats_errors(f"cannot read lock on {self.resource!r}"):
-            try:
-                msg = await self.bus.js.get_msg(
-                    f"KV_{self.bucket}", subject=self._subject, direct=False
-                )
-            except nats.js.errors.NotFoundError:
-                return None
-        return msg.seq or 0, _is_tombstone(msg.headers)
+        last = await kv_last(self.bus.js, self.bucket, self._key, self._read)
+        return None if last is None else (last.revision, last.removed)
 
     async def _wait(self, bucket: _Bucket, ttl: int) -> Lease:
         """Queue behind this connection's waiters for the key; try each time it is freed."""
-        waiting = bucket.waiting(self.bus.js, self._key, self.owner, self._released_at, ttl)
+        waiting = bucket.waiting(self._key, self.owner, self._released_at, ttl)
         handed: _Handed | None = None
         try:
             async with waiting as updates:

@@ -15,6 +15,11 @@ What goes where:
 ``streams``               stream and KV bucket provisioning
 ``delivery``              durable pull consumers: create and bind
 ``outbox``                confirmed background publishes, re-sent until stored
+``watch``                 ``KvWatch`` (one watch of a bucket), ``watch_until``
+``latest``                a key's last entry (markers included), bucket entries, scans
+``purge``                 purging keys
+``follow``                reading a stream in order (tail, timeline), dead letters,
+                          stream and consumer state for metrics
 ========================  ==========================================================
 
 Import the submodules directly; this package module imports nothing, so that the
