@@ -286,7 +286,7 @@ def main() -> None:
     args.idle = args.idle or ([1, 100, 1000] if quick else [1, 1000, 10000])
     args.sessions = args.sessions or ([1, 1000, 10000] if quick else [1, 1000, 10000, 100000])
     args.events = args.events or (2000 if quick else 20000)
-    args.window = args.window or Settings().pull_expires + 5.0
+    args.window = args.window or Settings.from_env().pull_expires + 5.0
     print(f"# load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}")
     anyio.run(bench, args)
 

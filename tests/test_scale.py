@@ -99,7 +99,7 @@ async def test_consumers_expire_after_the_threshold_and_leave_deletes_at_once(
             await bus.js.consumer_info("SWARMBUS_EVENTS", safe_token(leaver.id))
         started = time.monotonic()
         # The rest expire within the documented time (the threshold) plus the server's sweep.
-        gone = set()
+        gone: set[str] = set()
         with anyio.fail_after(threshold + 10):
             while len(gone) < 21:
                 gone.add((await deleted.next_msg(timeout=None)).subject.rsplit(".", 1)[1])
