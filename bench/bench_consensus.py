@@ -44,7 +44,7 @@ def _pct(values: list[float], q: float) -> float:
 
 async def bench(url: str, n_open: int, samples: int, concurrency: int) -> None:
     async with Bus.open(url=url) as bus:
-        consensus = await Consensus.open(bus)
+        consensus = await Consensus.open(bus, settle=False)  # the service decides
         arrived: dict[str, float] = {}
         waiting: dict[str, anyio.Event] = {}
         remaining: set[str] = set()
@@ -83,14 +83,14 @@ async def bench(url: str, n_open: int, samples: int, concurrency: int) -> None:
 
         # Time when the deciding vote is committed: its KV compare-and-set is acked.
         committed: list[float] = []
-        update = consensus.kv.update
+        update = consensus.store.update
 
         async def timed_update(*args: Any, **kwargs: Any) -> int:
             revision: int = await update(*args, **kwargs)
             committed.append(time.perf_counter())
             return revision
 
-        consensus.kv.update = timed_update  # type: ignore[method-assign]
+        consensus.store.update = timed_update  # type: ignore[method-assign]
         latencies = []
         from_commit = []
         vote_calls = []
@@ -104,7 +104,7 @@ async def bench(url: str, n_open: int, samples: int, concurrency: int) -> None:
                 await waiting[pid].wait()
             latencies.append((arrived[pid] - t0) * 1000)
             from_commit.append((arrived[pid] - committed[-1]) * 1000)
-        consensus.kv.update = update  # type: ignore[method-assign]
+        consensus.store.update = update  # type: ignore[method-assign]
         print(f"latency, {samples} samples, {n_open - samples}..{n_open} proposals open:")
         for name, values in [
             ("deciding vote committed (CAS acked) -> decision event", from_commit),

@@ -5,7 +5,8 @@
 Starts its own nats-server (file storage, temp dir, 127.0.0.1) and prints a Markdown
 table. The ``floor`` row is two bare compare-and-set requests, the round trips any
 acquire + release needs, measured in the same run. Uses uvloop when it is installed
-(``pip install -e '.[uvloop]'``).
+(``pip install -e '.[uvloop]'``). Contenders in separate processes, side by side with raw
+JetStream and Redis designs: ``bench/bench_lock_procs.py``.
 """
 
 from __future__ import annotations

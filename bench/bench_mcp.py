@@ -5,8 +5,8 @@ console script over stdio with the SDK's client (as an MCP host would) and times
 
 1. startup: spawn to the first tool result (process start, SDK import, NATS connect,
    MCP handshake);
-2. ``swarm.post_finding`` calls, one at a time (board write + event publish + MCP
-   round trip), and ``swarm.get_blackboard`` on the resulting board.
+2. ``swarm_post_finding`` calls, one at a time (board write + event publish + MCP
+   round trip), and ``swarm_get_blackboard`` on the resulting board.
 
 Usage: python bench/bench_mcp.py [--calls 500]
 """
@@ -49,14 +49,14 @@ async def bench(url: str, calls: int) -> None:
     env = {"SWARM_BACKEND": "nats", "NATS_URL": url, "AGENT_ID": "bench/claude"}
     started = time.perf_counter()
     async with Client(StdioServerParameters(command=str(SCRIPT), env=env)) as client:
-        result = await client.call_tool("swarm.join_session", {"session_id": SESSION})
+        result = await client.call_tool("swarm_join_session", {"session_id": SESSION})
         assert not result.is_error, result.content
         print(f"startup to first tool result: {time.perf_counter() - started:.2f} s")
         posts = []
         for i in range(calls):
             t0 = time.perf_counter()
             result = await client.call_tool(
-                "swarm.post_finding",
+                "swarm_post_finding",
                 {
                     "session_id": SESSION,
                     "category": "observation",
@@ -67,14 +67,14 @@ async def bench(url: str, calls: int) -> None:
             )
             posts.append(time.perf_counter() - t0)
             assert not result.is_error, result.content
-        _report("swarm.post_finding", posts)
+        _report("swarm_post_finding", posts)
         reads = []
         for _ in range(20):
             t0 = time.perf_counter()
-            result = await client.call_tool("swarm.get_blackboard", {"session_id": SESSION})
+            result = await client.call_tool("swarm_get_blackboard", {"session_id": SESSION})
             reads.append(time.perf_counter() - t0)
             assert not result.is_error, result.content
-        _report(f"swarm.get_blackboard ({calls} findings)", reads)
+        _report(f"swarm_get_blackboard ({calls} findings)", reads)
 
 
 def main() -> None:

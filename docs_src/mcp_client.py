@@ -25,11 +25,11 @@ async def main() -> None:
         tools = await client.list_tools()
         print("tools:", len(tools.tools))
         started = await client.call_tool(
-            "swarm.start_session", {"session_id": SESSION, "context": {"task": "investigate"}}
+            "swarm_start_session", {"session_id": SESSION, "context": {"task": "investigate"}}
         )
         assert not started.is_error, started.content
         posted = await client.call_tool(
-            "swarm.post_finding",
+            "swarm_post_finding",
             {
                 "session_id": SESSION,
                 "category": "observation",
@@ -41,11 +41,11 @@ async def main() -> None:
             },
         )
         assert not posted.is_error, posted.content
-        board = await client.call_tool("swarm.get_blackboard", {"session_id": SESSION})
+        board = await client.call_tool("swarm_get_blackboard", {"session_id": SESSION})
         findings = board.structured_content["findings"]
         print("findings:", [(f["agent"], f["content"]) for f in findings])
         bad = await client.call_tool(
-            "swarm.post_finding",
+            "swarm_post_finding",
             {"session_id": SESSION, "category": "observation", "content": "x", "confidence": 1.7},
         )
         print("confidence 1.7 is a tool error:", bad.is_error)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import uuid
@@ -97,11 +98,24 @@ log = logging.getLogger("swarmbus")
 
 EVENTS_STREAM: Final = "SWARMBUS_EVENTS"
 DEAD_LETTER_STREAM: Final = "SWARMBUS_DEAD"
+HANDLER_ERROR: Final = "handler_error"
+"""The refusal code of a message a receiver's handler failed on (not bad input)."""
 # Hot-path helpers: subjects of a long-lived agent repeat, so validate and build each once;
 # with tracing off, skip building span attributes and entering a generator context.
 _event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
 _request_subject = functools.lru_cache(maxsize=4096)(subjects.request_subject)
 _NO_SPAN: Final = contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_route(capability: str, to: str) -> None:
+    """Validate a request's ``to`` and ``capability`` against the body schema, once each.
+
+    They are the only constrained fields of a ``Request`` (``parameters`` is any JSON
+    object, checked by encoding it), so the body's encode/decode round trip is done once
+    per route; a failure raises and is not cached.
+    """
+    validate_body(Request(to=to, capability=capability))
 
 
 @dataclass(frozen=True)
@@ -402,10 +416,12 @@ class Bus:
                 subjects=[subjects.DEAD_LETTER_WILDCARD],
                 storage=self._storage(),
                 num_replicas=self.settings.replicas,
+                # Bounded whatever arrives: bad input is dead-lettered, and anyone can
+                # send bad input. Each dead letter is at most max_payload bytes.
                 max_age=self.settings.dead_letter_max_age,
                 max_bytes=self.settings.dead_letter_max_bytes,
-                duplicate_window=120.0,
                 discard=DiscardPolicy.OLD,
+                duplicate_window=120.0,
             )
         )
 
@@ -545,6 +561,16 @@ class Bus:
     ) -> None:
         """Dead-letter ``data`` and publish ``agent.error.occurred`` saying why.
 
+        Bad input (any ``code`` but ``handler_error``) is the same for every receiver,
+        so it is reported once per message, not once per receiver: its de-duplication
+        key (``dedupe_key``, else a digest of the subject and bytes) leaves the receiver
+        out, and the first receiver's report wins within the duplicate window. A
+        handler's failure is its receiver's own and reported by each.
+
+        Neither write is waited for (the bus's outbox re-sends each until stored): a
+        flood of bad input must not stall the receive loop it arrives on behind one
+        round trip per item, nor the good messages queued behind it.
+
         Never raises: a failure to report is logged, so a worker keeps running.
         """
         session = _session_of(subject)
@@ -554,14 +580,16 @@ class Bus:
             CODE_HEADER: code,
             ORIGINAL_SUBJECT_HEADER: subject,
         }
-        if dedupe_key:  # the caller says whose: one per message, or per receiver/handler
-            headers[MSG_ID_HEADER] = f"dead:{dedupe_key}"
+        if code != HANDLER_ERROR:
+            dedupe_key = dedupe_key or _digest(subject, data)
+        elif dedupe_key:
+            dedupe_key = f"{dedupe_key}:{receiver}"
+        # Always an id: the outbox may send a dead letter twice.
+        headers[MSG_ID_HEADER] = f"dead:{dedupe_key or uuid.uuid4()}"
         stored = False
         try:
             self._check_max_payload(data, headers)  # the server would close the connection
-            await self.js.publish(
-                subjects.dead_letter_subject(session, receiver), data, headers=headers
-            )
+            await self.outbox.send(subjects.dead_letter_subject(session, receiver), data, headers)
             stored = True
         except (TimeoutError, nats.errors.Error, InvalidMessageError) as exc:
             log.error("could not dead-letter a message from %s: %s", subject, exc)
@@ -578,9 +606,10 @@ class Bus:
                 session=session,
                 # Deterministic (a redelivery's report is de-duplicated) and always a
                 # valid envelope id, however long the rejected message's id was.
-                id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"error:{dedupe_key}:{receiver}"))
+                id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"error:{dedupe_key}"))
                 if dedupe_key
                 else None,
+                wait=False,
             )
         except SwarmbusError as exc:
             log.error("could not report a rejected message from %s: %s", subject, exc)
@@ -682,8 +711,8 @@ class Bus:
             RequestTimeoutError: a responder exists but did not answer in time.
             InvalidMessageError: the answer is not a valid response.
         """
+        _check_route(capability, to)
         body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
-        validate_body(body)
         message = envelope_for(body, agent=agent, session=session)
         subject = _request_subject(capability, to, session, agent)
         timeout = timeout or self.settings.request_timeout
@@ -693,7 +722,7 @@ class Bus:
             data = encode(message)
             self._check_max_payload(data, headers)
             try:
-                with self._permission_guard(subject, f"request {capability}"):
+                async with self._refusals.interrupting(subject, f"request {capability}"):
                     reply = await self.nc.request(subject, data, timeout=timeout, headers=headers)
             except nats.errors.NoRespondersError as exc:
                 raise NoResponderError(capability, to) from exc
@@ -759,11 +788,18 @@ async def _open_consumer(
 
 def _session_of(subject: str) -> str:
     parsed = subjects.parse_event_subject(subject) or subjects.parse_request_subject(subject)
-    if parsed:
-        session = parsed[2]
+    session = parsed[2] if parsed else None
+    if subject.startswith(f"{subjects.TASK_ROOT}."):  # a task dispatch
+        session = subject.split(".")[2]
+    if session is not None:
         with contextlib.suppress(SwarmbusError):
             return subjects.validate_session_id(session)
     return subjects.UNKNOWN
+
+
+def _digest(subject: str, data: bytes) -> str:
+    """A de-duplication key for bad input that carries none of its own."""
+    return hashlib.sha256(subject.encode() + b"\0" + data).hexdigest()[:32]
 
 
 def _with_overrides(settings: Settings | None, overrides: Mapping[str, Any]) -> Settings:

@@ -58,12 +58,12 @@ class Settings(BaseModel):
         "account's max_consumers (20,000 in deploy/nats and the JWT account)",
     )
     dead_letter_max_age: float = Field(
-        30 * 24 * 3600.0, gt=0, description="seconds the dead-letter stream keeps a message"
+        30 * 24 * 3600.0, gt=0, description="seconds the dead-letter stream keeps a refused message"
     )
     dead_letter_max_bytes: int = Field(
-        256 * 1024**2,
-        ge=-1,
-        description="bytes the dead-letter stream keeps, oldest dropped first (-1: no cap)",
+        1024**3,
+        ge=1024 * 1024,
+        description="bytes the dead-letter stream keeps (the oldest dead letters go first)",
     )
     consumer_inactive_threshold: float = Field(
         24 * 3600.0,

@@ -432,11 +432,11 @@ async def _handler_failed(
 ) -> None:
     """Dead-letter the message a handler failed on, with an error event saying why.
 
-    One dead letter per failed handler (keyed by message id, receiver and handler):
+    One dead letter per failed handler (keyed by message id, handler and receiver):
     each is that handler's to replay; the other handlers were not affected.
     """
     log.error("handler for %s failed", msg.subject, exc_info=exc)
-    key = f"{message.id}:{receiver}:{route.name}" if route.name else f"{message.id}:{receiver}"
+    key = f"{message.id}:{route.name}" if route.name else message.id  # reject adds receiver
     await host.reject(
         subject=msg.subject,
         data=msg.data,

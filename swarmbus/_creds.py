@@ -24,6 +24,7 @@ Layout of a credentials directory::
     users.json                   agent id -> role, public key, creds file
     users/<file>.creds           one per agent (``creds_file_name``)
     limits.json                  the account's quotas (``DEFAULT_ACCOUNT_LIMITS``)
+    .lock                        held while init, add or revoke rewrites the files
     server.conf                  the fragment to include in the nats-server config:
                                  operator JWT, system account, resolver, and the
                                  account JWTs as ``resolver_preload``
@@ -36,12 +37,15 @@ a scoped signer refuses, so the claims are built here as plain JSON.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -119,6 +123,7 @@ _KV_READ_BUCKETS: Final = (
     "SWARMBUS_CONSENSUS",
     "SWARMBUS_LOCKS",
 )
+_KV_WATCH_BUCKETS: Final = (*_KV_READ_BUCKETS, "SWARMBUS_QUERIES")
 _OWN_CONSUMER: Final = "{{tag(token)}}"
 
 _AGENT_PUB: Final[list[str]] = [
@@ -134,10 +139,11 @@ _AGENT_PUB: Final[list[str]] = [
     f"$JS.API.CONSUMER.MSG.NEXT.SWARMBUS_EVENTS.{_OWN_CONSUMER}",
     f"$JS.API.CONSUMER.DELETE.SWARMBUS_EVENTS.{_OWN_CONSUMER}",
     f"$JS.ACK.SWARMBUS_EVENTS.{_OWN_CONSUMER}.>",
-    # ephemeral consumers (KV watches and reads): no name, so no other's to reconfigure
+    # ephemeral consumers (KV watches and reads); not on the streams that hold named
+    # consumers (_AGENT_PUB_DENY)
     "$JS.API.CONSUMER.CREATE.*",
     *(f"$JS.API.CONSUMER.MSG.NEXT.KV_{b}.*" for b in _KV_READ_BUCKETS),
-    *(f"$JS.API.CONSUMER.DELETE.KV_{b}.*" for b in _KV_READ_BUCKETS),
+    *(f"$JS.API.CONSUMER.DELETE.KV_{b}.*" for b in _KV_WATCH_BUCKETS),
     # task queue: see deploy/README.md for what is still shared (queue consumers)
     "swarmbus.task.>",
     "$JS.API.CONSUMER.DURABLE.CREATE.SWARMBUS_TASKS.*",
@@ -151,6 +157,14 @@ _AGENT_PUB: Final[list[str]] = [
     "$KV.SWARMBUS_BOARD.>",
     "$KV.SWARMBUS_QUERIES.>",
     "$KV.SWARMBUS_CONSENSUS.m.*.{{name()}}",
+]
+_AGENT_PUB_DENY: Final[list[str]] = [
+    # The ephemeral create takes a consumer name in its body and then updates that
+    # consumer (filter, ack_wait): here it would reconfigure another agent's durable,
+    # the consensus service's intake or a task queue's consumer.
+    "$JS.API.CONSUMER.CREATE.SWARMBUS_EVENTS",
+    "$JS.API.CONSUMER.CREATE.SWARMBUS_TASKS",
+    "$JS.API.CONSUMER.CREATE.SWARMBUS_DEAD",
 ]
 _AGENT_SUB: Final[list[str]] = [
     "agent.>",
@@ -196,7 +210,7 @@ DEFAULT_ROLES: Final[dict[str, dict[str, Any]]] = {
         "description": "one agent: publishes as itself, reads events, its own consumers",
         "tags": [TOKEN_TAG, HANDLER_TAG, CAPABILITY_TAG],
         "template": {
-            "pub": {"allow": _AGENT_PUB},
+            "pub": {"allow": _AGENT_PUB, "deny": _AGENT_PUB_DENY},
             "sub": {"allow": _AGENT_SUB},
             "resp": {"max": 1, "ttl": 60 * _SECOND_NS},
             "subs": 1000,
@@ -359,6 +373,19 @@ class CredsStore:
         os.replace(tmp, path)  # readers (the server's resolver) never see half a file
         return path
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer of the directory at a time (processes and threads alike): ``add``,
+        ``revoke`` and ``init`` read, change and rewrite users.json and account.jwt,
+        and two at once lost users (then not revocable) and revocations."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def _key(self, name: str) -> _Key:
         return _Key(self._read(name).encode())
 
@@ -418,49 +445,52 @@ class CredsStore:
         """
         if resolver not in ("full", "memory"):
             raise SwarmbusError(f"resolver {resolver!r}: use full or memory")
-        if (self.root / "operator.nk").exists():
-            raise SwarmbusError(f"{self.root} already holds an operator; use another directory")
-        operator = _Key(_new_seed("operator"))
-        system = _Key(_new_seed("account"))
-        account = _Key(_new_seed("account"))
-        self._write("operator.nk", operator.seed.decode(), secret=True)
-        self._write("system.nk", system.seed.decode(), secret=True)
-        self._write("account.nk", account.seed.decode(), secret=True)
-        self._write("roles.yaml", yaml.safe_dump(roles or DEFAULT_ROLES, sort_keys=False))
-        for role in self.roles():
-            self._write(f"roles/{role}.nk", _new_seed("account").decode(), secret=True)
-        self._write(
-            "limits.json", json.dumps({**DEFAULT_ACCOUNT_LIMITS, **(limits or {})}, indent=2)
-        )
-        operator_jwt = encode_jwt(
-            operator,
-            operator.public,
-            "swarmbus",
-            {"type": "operator", "system_account": system.public},
-        )
-        self._write("operator.jwt", operator_jwt)
-        system_jwt = encode_jwt(
-            operator,
-            system.public,
-            SYSTEM_ACCOUNT_NAME,
-            {"type": "account", "limits": _SYSTEM_LIMITS},
-        )
-        self._write("system.jwt", system_jwt)
-        self._write_account({})
-        sys_seed = _new_seed("user")
-        sys_user = _Key(sys_seed)
-        sys_jwt = encode_jwt(
-            system,
-            sys_user.public,
-            "swarmbus-admin",
-            {"type": "user", "subs": -1, "data": -1, "payload": -1},
-        )
-        self._write(
-            "system.creds", _CREDS_TEMPLATE.format(jwt=sys_jwt, seed=sys_seed.decode()), secret=True
-        )
-        self._write("users.json", "{}\n")
-        self._write("resolver-dir", resolver_dir or "")
-        return self._write_server_config(resolver)
+        with self._locked():
+            if (self.root / "operator.nk").exists():
+                raise SwarmbusError(f"{self.root} already holds an operator; use another directory")
+            operator = _Key(_new_seed("operator"))
+            system = _Key(_new_seed("account"))
+            account = _Key(_new_seed("account"))
+            self._write("operator.nk", operator.seed.decode(), secret=True)
+            self._write("system.nk", system.seed.decode(), secret=True)
+            self._write("account.nk", account.seed.decode(), secret=True)
+            self._write("roles.yaml", yaml.safe_dump(roles or DEFAULT_ROLES, sort_keys=False))
+            for role in self.roles():
+                self._write(f"roles/{role}.nk", _new_seed("account").decode(), secret=True)
+            self._write(
+                "limits.json", json.dumps({**DEFAULT_ACCOUNT_LIMITS, **(limits or {})}, indent=2)
+            )
+            operator_jwt = encode_jwt(
+                operator,
+                operator.public,
+                "swarmbus",
+                {"type": "operator", "system_account": system.public},
+            )
+            self._write("operator.jwt", operator_jwt)
+            system_jwt = encode_jwt(
+                operator,
+                system.public,
+                SYSTEM_ACCOUNT_NAME,
+                {"type": "account", "limits": _SYSTEM_LIMITS},
+            )
+            self._write("system.jwt", system_jwt)
+            self._write_account({})
+            sys_seed = _new_seed("user")
+            sys_user = _Key(sys_seed)
+            sys_jwt = encode_jwt(
+                system,
+                sys_user.public,
+                "swarmbus-admin",
+                {"type": "user", "subs": -1, "data": -1, "payload": -1},
+            )
+            self._write(
+                "system.creds",
+                _CREDS_TEMPLATE.format(jwt=sys_jwt, seed=sys_seed.decode()),
+                secret=True,
+            )
+            self._write("users.json", "{}\n")
+            self._write("resolver-dir", resolver_dir or "")
+            return self._write_server_config(resolver)
 
     def _write_server_config(self, resolver: str) -> Path:
         root = self.root.resolve()
@@ -583,34 +613,35 @@ class CredsStore:
             subjects.validate_name("handler", handler)
         for capability in capabilities:
             subjects.validate_name("capability", capability)
-        users = self.users()
-        if agent in users and not users[agent].revoked:
-            raise SwarmbusError(
-                f"{agent} already has credentials ({users[agent].creds_file}): "
-                "revoke them first (`swarmbus creds revoke`)"
+        with self._locked():
+            users = self.users()
+            if agent in users and not users[agent].revoked:
+                raise SwarmbusError(
+                    f"{agent} already has credentials ({users[agent].creds_file}): "
+                    "revoke them first (`swarmbus creds revoke`)"
+                )
+            seed = _new_seed("user")
+            user = _Key(seed)
+            tags = [f"{TOKEN_TAG}:{subjects.safe_token(agent)}"]
+            tags += [f"{HANDLER_TAG}:{h}" for h in handlers]
+            tags += [f"{CAPABILITY_TAG}:{c}" for c in capabilities]
+            claims = {
+                "type": "user",
+                "issuer_account": self.account_public_key,
+                # scoped users carry no permissions or limits of their own: the role's
+                # template gives them
+                "tags": tags,
+            }
+            token = encode_jwt(self._key(f"roles/{role}.nk"), user.public, agent, claims)
+            path = self._write(
+                f"users/{creds_file_name(agent)}",
+                _CREDS_TEMPLATE.format(jwt=token, seed=seed.decode()),
+                secret=True,
             )
-        seed = _new_seed("user")
-        user = _Key(seed)
-        tags = [f"{TOKEN_TAG}:{subjects.safe_token(agent)}"]
-        tags += [f"{HANDLER_TAG}:{h}" for h in handlers]
-        tags += [f"{CAPABILITY_TAG}:{c}" for c in capabilities]
-        claims = {
-            "type": "user",
-            "issuer_account": self.account_public_key,
-            # scoped users carry no permissions or limits of their own: the role's
-            # template gives them
-            "tags": tags,
-        }
-        token = encode_jwt(self._key(f"roles/{role}.nk"), user.public, agent, claims)
-        path = self._write(
-            f"users/{creds_file_name(agent)}",
-            _CREDS_TEMPLATE.format(jwt=token, seed=seed.decode()),
-            secret=True,
-        )
-        entry = UserEntry(agent, role, user.public, path, decode_jwt(token)["iat"])
-        users[agent] = entry
-        self._save_users(users)
-        return entry
+            entry = UserEntry(agent, role, user.public, path, decode_jwt(token)["iat"])
+            users[agent] = entry
+            self._save_users(users)
+            return entry
 
     def revoke(self, agent: str) -> str:
         """Revoke every user JWT issued to ``agent`` so far; return the new account JWT.
@@ -618,18 +649,19 @@ class CredsStore:
         The server applies it when it receives it (``push_subject``) or on a config
         reload (``nats-server --signal reload``); the agent's connections are closed.
         """
-        users = self.users()
-        entry = users.get(agent)
-        if entry is None:
-            raise NotFoundError("agent", agent)
-        claims = decode_jwt(self.account_jwt)["nats"]
-        revocations: dict[str, int] = copy.deepcopy(claims.get("revocations", {}))
-        revocations[entry.public_key] = int(time.time())
-        token = self._write_account(revocations)
-        self._publish_account()
-        users[agent] = UserEntry(
-            entry.agent, entry.role, entry.public_key, entry.creds_file, entry.issued_at, True
-        )
-        self._save_users(users)
-        entry.creds_file.unlink(missing_ok=True)
-        return token
+        with self._locked():
+            users = self.users()
+            entry = users.get(agent)
+            if entry is None:
+                raise NotFoundError("agent", agent)
+            claims = decode_jwt(self.account_jwt)["nats"]
+            revocations: dict[str, int] = copy.deepcopy(claims.get("revocations", {}))
+            revocations[entry.public_key] = int(time.time())
+            token = self._write_account(revocations)
+            self._publish_account()
+            users[agent] = UserEntry(
+                entry.agent, entry.role, entry.public_key, entry.creds_file, entry.issued_at, True
+            )
+            self._save_users(users)
+            entry.creds_file.unlink(missing_ok=True)
+            return token

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Final
+from typing import Annotated, Final
 
 import anyio
 import msgspec
@@ -31,6 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
+from swarmbus._decode import decode_json as _decode_json
 from swarmbus._errors import (
     InvalidIdentifierError,
     InvalidMessageError,
@@ -80,12 +81,30 @@ class _Record(msgspec.Struct, omit_defaults=True):
     """The value of a lock key. ``token`` is set by refreshes (0: the entry's revision)."""
 
     owner: str
-    ttl: int
-    token: int = 0
+    ttl: Annotated[int, msgspec.Meta(ge=1)]
+    token: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(_Record)
+MAX_RECORD_BYTES: Final = 4096
+"""A lock record is a few dozen bytes; anything much larger is not one."""
+
+
+def _record_of(key: str, value: bytes | None, ttl: str | None) -> _Record:
+    """The lock record stored under ``key``, or InvalidMessageError if it is broken.
+
+    Anyone who may write one key of the bucket can store anything there. A broken
+    value (not a record, or a record written without a TTL, which would never expire)
+    names no holder, so it is treated as a free key that an acquisition takes over
+    with a compare-and-set on its revision: the new revision is still a valid fencing
+    token (higher than any earlier holder's), so a holder the bad write overwrote is
+    refused by the protected resource and loses its next refresh.
+    """
+    record = _decode_json(_decoder, value, what=f"lock key {key!r}", max_bytes=MAX_RECORD_BYTES)
+    if ttl is None:
+        raise InvalidMessageError("bad_header", f"lock key {key!r} was written without a TTL")
+    return record
 
 
 @dataclass(frozen=True)
@@ -271,8 +290,11 @@ class _Bucket:
             elif head and not acquired:
                 queue[0].send.send_nowait(None)
 
-    def _freed(self, key: str, revision: int) -> None:
-        """Tell the head waiter of ``key`` (now, or at its turn) that ``revision`` freed it."""
+    def _freed(self, key: str, revision: int | None) -> None:
+        """Tell the head waiter of ``key`` (now, or at its turn) that ``revision`` freed it.
+
+        None: something freed it that the head must read (a broken record).
+        """
         queue = self._queues.get(key)
         if not queue:
             return
@@ -286,7 +308,7 @@ class _Bucket:
         else:
             head.send.send_nowait(revision)
 
-    def _turn(self, key: str, head: _Waiter, revision: int) -> None:
+    def _turn(self, key: str, head: _Waiter, revision: int | None) -> None:
         del self._turns[key]
         head.send.send_nowait(revision)  # still the head: leaving cancels the turn
 
@@ -317,8 +339,9 @@ class _Bucket:
         if turn := self._turns.pop(key, None):  # taken before the head's turn came
             turn.cancel()
         try:
-            record = _decoder.decode(change.value)
-        except msgspec.DecodeError:
+            record = _record_of(key, change.value, change.ttl)
+        except InvalidMessageError:  # a broken record: free, the head reads and reports it
+            self._freed(key, None)
             return
         if record.token:  # a refresh: the holder keeps its place
             return
@@ -368,11 +391,11 @@ def _handed_in(updates: MemoryObjectReceiveStream[int | _Handed | None]) -> _Han
             return update
 
 
-def _holder(key: str, value: bytes | None, revision: int, stored: datetime) -> Holder:
-    try:
-        record = _decoder.decode(value or b"")
-    except msgspec.DecodeError as exc:
-        raise InvalidMessageError("schema", f"lock key {key!r} holds no lock record") from exc
+def _holder(
+    key: str, value: bytes | None, revision: int, stored: datetime, ttl: str | None
+) -> Holder:
+    """Who holds the lock stored under ``key`` (InvalidMessageError: a broken record)."""
+    record = _record_of(key, value, ttl)
     return Holder(
         resource=subjects.resource_of_lock_key(key),
         owner=record.owner,
@@ -382,12 +405,20 @@ def _holder(key: str, value: bytes | None, revision: int, stored: datetime) -> H
 
 
 async def lock_holder(bus: Bus, resource: str, *, bucket: str = LOCKS_BUCKET) -> Holder | None:
-    """Who holds the lock on ``resource`` (read from the stream leader), or None."""
+    """Who holds the lock on ``resource`` (read from the stream leader), or None.
+
+    None also if its record is broken (not written by a lock): nobody holds it, and the
+    next acquisition takes it over.
+    """
     key = subjects.lock_key(resource)
     last = await kv_last(bus.js, bucket, key, f"cannot read lock on {resource!r}")
     if last is None or last.removed or not last.revision or last.time is None:
         return None
-    return _holder(key, last.value, last.revision, last.time)
+    try:
+        return _holder(key, last.value, last.revision, last.time, last.ttl)
+    except InvalidMessageError as exc:
+        log.warning("lock on %r: %s; it is free to take over", resource, exc.reason)
+        return None
 
 
 async def held_locks(bus: Bus, *, bucket: str = LOCKS_BUCKET) -> list[Holder]:
@@ -396,7 +427,7 @@ async def held_locks(bus: Bus, *, bucket: str = LOCKS_BUCKET) -> list[Holder]:
     for entry in await bucket_entries(bus.js, bucket):
         assert entry.time is not None  # bucket_entries reads it
         try:
-            holders.append(_holder(entry.key, entry.value, entry.revision, entry.time))
+            holders.append(_holder(entry.key, entry.value, entry.revision, entry.time, entry.ttl))
         except (InvalidIdentifierError, InvalidMessageError) as exc:
             log.warning("skipping %s in %s: %s", entry.key, bucket, exc)
     return sorted(holders, key=lambda h: h.resource)
@@ -627,9 +658,30 @@ class Lock:
                     expected, read = None, True
 
     async def _last(self) -> tuple[int, bool] | None:
-        """(revision, is a tombstone) of the key's last entry, from the stream leader."""
+        """(revision, is free) of the key's last entry, from the stream leader.
+
+        Free: a tombstone, or a broken record (reported: dead-lettered once per revision,
+        with an ``agent.error.occurred`` event, then taken over like a free key).
+        """
         last = await kv_last(self.bus.js, self.bucket, self._key, self._read)
-        return None if last is None else (last.revision, last.removed)
+        if last is None:
+            return None
+        if last.removed:
+            return last.revision, True
+        try:
+            _record_of(self._key, last.value, last.ttl)
+        except InvalidMessageError as exc:
+            log.warning("%s: %s; taking it over", self._what, exc.reason)
+            await self.bus.reject(
+                subject=self._subject,
+                data=last.value or b"",
+                code=exc.code,
+                reason=f"{exc.reason} (taken over at revision {last.revision})",
+                receiver=self.owner,
+                dedupe_key=f"{self.bucket}:{last.revision}",
+            )
+            return last.revision, True
+        return last.revision, False
 
     async def _wait(self, bucket: _Bucket, ttl: int) -> Lease:
         """Queue behind this connection's waiters for the key; try each time it is freed."""

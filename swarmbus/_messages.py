@@ -18,7 +18,8 @@ from typing import Annotated, Any, ClassVar, Final, Literal, TypeAlias
 
 import msgspec
 
-from swarmbus._errors import InvalidMessageError, MessageTooLargeError
+from swarmbus._decode import decode_json
+from swarmbus._errors import InvalidMessageError
 from swarmbus._subjects import (
     AGENT_ID_PATTERN,
     MAX_ID_LENGTH,
@@ -527,16 +528,12 @@ def validate_body(body: Body) -> None:
 
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Decode and validate bytes as a message, or raise InvalidMessageError with a code."""
-    if len(data) > max_bytes:
-        raise MessageTooLargeError(len(data), max_bytes)
     try:
-        return _decoder.decode(data)
-    except msgspec.ValidationError as exc:
+        return decode_json(_decoder, data, max_bytes=max_bytes)
+    except InvalidMessageError as exc:
+        if exc.code != "schema":
+            raise
         raise _classify(data, exc) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidMessageError("not_json", str(exc)) from None
-    except RecursionError:
-        raise _too_deep() from None
 
 
 def _too_deep() -> InvalidMessageError:
@@ -544,15 +541,15 @@ def _too_deep() -> InvalidMessageError:
     return InvalidMessageError("too_large", "JSON nested too deeply to decode")
 
 
-def _classify(data: bytes, exc: msgspec.ValidationError) -> InvalidMessageError:
+def _classify(data: bytes, exc: InvalidMessageError) -> InvalidMessageError:
     try:
         raw = _json_decoder.decode(data)
     except msgspec.DecodeError:
-        return InvalidMessageError("not_json", str(exc))
+        return InvalidMessageError("not_json", exc.reason)
     except RecursionError:
         return _too_deep()
     if not isinstance(raw, dict) or not {"id", "timestamp", "source", "type"} <= raw.keys():
         return InvalidMessageError(
             "not_envelope", "expected an object with id, timestamp, source and type"
         )
-    return InvalidMessageError("schema", str(exc))
+    return InvalidMessageError("schema", exc.reason)

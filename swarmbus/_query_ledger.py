@@ -21,7 +21,14 @@ import msgspec
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
-from swarmbus._errors import ConflictError, ConnectionError, QueryTimeoutError, SwarmbusError
+from swarmbus._decode import MAX_STORED_BYTES, decode_json
+from swarmbus._errors import (
+    ConflictError,
+    ConnectionError,
+    InvalidMessageError,
+    QueryTimeoutError,
+    SwarmbusError,
+)
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._messages import Evidence
 from swarmbus._state import StateStore
@@ -149,12 +156,18 @@ class QueryLedger:
             entry = await store.get(key)
             if entry is None or entry.value is None:
                 continue  # aged out between our create and get: create again
-            record = _query_decoder.decode(entry.value)
-            if record.status == "done":
+            try:
+                record = decode_json(_query_decoder, entry.value, max_bytes=MAX_STORED_BYTES)
+            except InvalidMessageError as exc:
+                log.warning("query ledger: %s is not a query record (%s): taking it over", key, exc)
+                record = None
+            if record is not None and record.status == "done":
                 return record
-            # Failed, or running but not renewed for a whole lease: take it over.
-            if record.status == "failed" or not await _changed(
-                store, key, entry.revision, within=self.lease
+            # Broken, failed, or running but not renewed for a whole lease: take it over.
+            if (
+                record is None
+                or record.status == "failed"
+                or not await _changed(store, key, entry.revision, within=self.lease)
             ):
                 try:
                     return await store.update(key, running, revision=entry.revision)

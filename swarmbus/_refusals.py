@@ -9,10 +9,12 @@ duration of a block (``guard``); the connection's error callback hands each erro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Final
 
 import anyio
@@ -30,7 +32,7 @@ class _Refusal:
     """An operation waiting to learn whether the server refuses its subject."""
 
     cancel: bool
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    scope: anyio.CancelScope | Interrupting
     reason: str | None = None
 
 
@@ -65,10 +67,11 @@ class Refusals:
         raised after it.
         """
         key = subject.lower()
-        refusal = _Refusal(cancel=cancel)
+        scope = anyio.CancelScope()
+        refusal = _Refusal(cancel=cancel, scope=scope)
         self._waiting.setdefault(key, []).append(refusal)
         try:
-            with refusal.scope:
+            with scope:
                 yield
         except NatsError as exc:
             if refusal.reason is None:
@@ -81,3 +84,56 @@ class Refusals:
                 del self._waiting[key]
         if refusal.reason is not None:
             raise denied(what, subject)
+
+    def interrupting(self, subject: str, what: str) -> Interrupting:
+        """``guard`` (cancelling) as an async context manager for hot paths."""
+        return Interrupting(self, subject, what)
+
+
+class Interrupting:
+    """Raise PermissionDeniedError, interrupting the block, if ``subject`` is refused.
+
+    The same as ``Refusals.guard`` with ``cancel``, without an anyio CancelScope (~10 us
+    to create, enter and leave on every request): a refusal cancels the task directly,
+    and leaving the block takes that cancellation back (``Task.uncancel``, as
+    ``asyncio.timeout`` does), so an outer cancellation still propagates.
+    """
+
+    __slots__ = ("_cancelled", "_key", "_refusal", "_refusals", "_subject", "_task", "_what")
+
+    def __init__(self, refusals: Refusals, subject: str, what: str) -> None:
+        self._refusals = refusals
+        self._subject = subject
+        self._what = what
+        self._key = subject.lower()
+        self._refusal = _Refusal(cancel=True, scope=self)
+        self._task: asyncio.Task[object] | None = None
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Interrupt the block (once), as a refusal for its subject arrived."""
+        if self._task is not None and not self._cancelled:
+            self._cancelled = True
+            self._task.cancel()
+
+    async def __aenter__(self) -> None:
+        self._task = asyncio.current_task()
+        self._refusals._waiting.setdefault(self._key, []).append(self._refusal)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        refusal, waiting = self._refusal, self._refusals._waiting
+        queue = waiting[self._key]
+        queue.remove(refusal)
+        if not queue:
+            del waiting[self._key]
+        self._task, task = None, self._task
+        if self._cancelled and task is not None and task.uncancel() == 0:
+            # Ours was the only cancellation: the block ended because of the refusal.
+            raise denied(self._what, self._subject) from exc
+        if refusal.reason is not None and (exc is None or isinstance(exc, NatsError)):
+            raise denied(self._what, self._subject) from exc

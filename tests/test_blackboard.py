@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -374,6 +375,41 @@ async def test_watcher_started_mid_session_sees_snapshot_then_every_change(
             if len(resumed) == 3:
                 break
     assert [c.revision for c in resumed] == revisions[4:]
+
+
+async def test_a_watch_deletes_its_consumer_when_it_ends(bus: Bus, board: Blackboard) -> None:
+    """A finished watcher leaves no consumer on the board's stream (a stream takes at
+    most 1,000, and an ordered consumer would otherwise wait out its inactive threshold)."""
+    await board.start("ops/lead", {"task": "t"})
+    stream = f"KV_{board.bucket}"
+    with anyio.fail_after(10):
+        async with contextlib.aclosing(board.watch()) as watch:
+            async for item in watch:
+                assert isinstance(item, Snapshot)
+                await board.append_finding(finding("seen live"), agent="ops/a")
+                break
+            assert isinstance(await anext(watch), BoardChange)
+            assert (await bus.js.stream_info(stream)).state.consumer_count == 1
+    assert (await bus.js.stream_info(stream)).state.consumer_count == 0
+
+
+async def test_a_cancelled_watch_deletes_its_consumer(bus: Bus, board: Blackboard) -> None:
+    await board.start("ops/lead", {"task": "t"})
+    stream = f"KV_{board.bucket}"
+    started, live = anyio.Event(), anyio.Event()
+
+    async def watch() -> None:
+        async for item in board.watch():
+            (live if isinstance(item, BoardChange) else started).set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch)
+            await started.wait()
+            await board.append_finding(finding("seen live"), agent="ops/a")
+            await live.wait()
+            tg.cancel_scope.cancel()
+    assert (await bus.js.stream_info(stream)).state.consumer_count == 0
 
 
 async def test_snapshot_exports_the_seed_shape(board: Blackboard) -> None:

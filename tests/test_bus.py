@@ -309,6 +309,44 @@ async def test_request_no_responder_and_timeout_are_distinct(
         release.set()
 
 
+async def test_request_cancelled_by_its_caller_stays_cancelled(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    """The refusal guard of a request must not swallow or convert the caller's cancel."""
+    slow = Agent(f"test/slow-{unique}")
+    release = anyio.Event()
+
+    @slow.on_request(f"slow_{unique}")
+    async def handle(request: RequestMessage) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    async with slow.serve(bus):
+        with anyio.move_on_after(0.3) as scope:
+            await bus.request(
+                f"slow_{unique}", agent="test/asker", session=session_id, timeout=WAIT
+            )
+        assert scope.cancelled_caught
+        assert bus._refusals._waiting == {}  # the request's registration is gone
+        release.set()
+        # The task is not left with a pending cancellation: the next request completes.
+        with anyio.fail_after(WAIT):
+            response = await bus.request(f"slow_{unique}", agent="test/asker", session=session_id)
+        assert response.response.status == "success"
+
+
+@pytest.mark.parametrize(
+    ("capability", "to"), [("bad capability", "any"), ("ok", "not an agent id!")]
+)
+async def test_request_with_an_invalid_route_is_refused_every_time(
+    bus: Bus, session_id: str, capability: str, to: str
+) -> None:
+    """Route validation is cached per route; a failure must not be."""
+    for _ in range(2):
+        with pytest.raises(swarmbus.SwarmbusError):
+            await bus.request(capability, agent="test/asker", session=session_id, to=to)
+
+
 async def test_failing_request_handler_answers_failure(
     bus: Bus, session_id: str, unique: str
 ) -> None:

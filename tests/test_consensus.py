@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -47,7 +48,6 @@ from swarmbus._consensus import (
     Outcome,
     ProposalRecord,
     Quorum,
-    _read,
     decision_message_id,
     decision_of,
     early_outcome,
@@ -367,8 +367,9 @@ async def test_wire_only_clients_are_ingested(
 
 
 async def test_open_proposals_survive_a_service_restart(
-    bus: Bus, consensus: Consensus, bucket: str, session_id: str
+    bus: Bus, bucket: str, session_id: str
 ) -> None:
+    consensus = await Consensus.open(bus, bucket=bucket, settle=False)  # the service settles
     async with ConsensusService(bus, bucket=bucket, session=session_id):
         await _propose(consensus, session_id, "restart", timeout=1.5)
         await _cast(consensus, "restart", "yes", "yes")
@@ -377,6 +378,20 @@ async def test_open_proposals_survive_a_service_restart(
         decision = await consensus.wait_for_decision("restart", timeout=5)
     assert (decision.outcome, decision.closed_by) == ("no_quorum", "timeout")
     assert second.decided == 1
+
+
+async def test_a_service_scoped_to_one_session_leaves_other_sessions_alone(
+    bus: Bus, bucket: str, session_id: str
+) -> None:
+    consensus = await Consensus.open(bus, bucket=bucket, settle=False)
+    other = f"{session_id}-other"
+    await _propose(consensus, other, "elsewhere", timeout=1)
+    await _propose(consensus, session_id, "here", timeout=1)
+    async with ConsensusService(bus, bucket=bucket, session=session_id) as scoped:
+        decision = await consensus.wait_for_decision("here", timeout=10)
+    assert decision.closed_by == "timeout"
+    assert scoped.decided == 1
+    assert (await consensus.get("elsewhere")).decision is None
 
 
 async def test_two_replicas_decide_each_proposal_once(
@@ -393,7 +408,8 @@ async def test_two_replicas_decide_each_proposal_once(
                 tg.start_soon(_cast_tolerant, consensus, f"r{i}", ["yes"] * 5)
         for i in range(20):
             await consensus.wait_for_decision(f"r{i}", timeout=5)
-    assert one.decided + two.decided == 20
+    # The client decides too (the vote that makes the outcome certain): once in all.
+    assert one.decided + two.decided + consensus.decided == 20
 
 
 async def _cast_tolerant(consensus: Consensus, pid: str, votes: list[str]) -> None:
@@ -543,13 +559,16 @@ async def test_a_decision_recorded_but_never_published_is_published_once(
     bus: Bus, consensus: Consensus, bucket: str, session_id: str
 ) -> None:
     """A replica that died between its CAS and its publish: the others publish for it."""
+    consensus = await Consensus.open(bus, bucket=bucket, settle=False)  # nobody settles it
     await _propose(consensus, session_id, "orphan", timeout=60)
     await _cast(consensus, "orphan", "yes", "yes", "yes")
-    record, revision = await _read(consensus.kv, "orphan")
+    record, revision = await consensus.book.read("orphan")
     decision = decision_of(record, closed=False, at=now())
     assert decision is not None
     orphan = msgspec.structs.replace(record, decision=decision)
-    await consensus.kv.update(proposal_key("orphan"), msgspec.json.encode(orphan), last=revision)
+    await consensus.store.update(
+        proposal_key("orphan"), msgspec.json.encode(orphan), revision=revision
+    )
 
     events: list[DecisionMessage] = []
     got = anyio.Event()
@@ -566,7 +585,7 @@ async def test_a_decision_recorded_but_never_published_is_published_once(
     ):
         with anyio.fail_after(5):
             await got.wait()
-            watcher = await consensus.kv.watch(proposal_key("orphan"))
+            watcher = await (await bus.js.key_value(bucket)).watch(proposal_key("orphan"))
             async for entry in watcher:
                 if entry is not None and msgspec.json.decode(entry.value)["published"]:
                     break
@@ -691,7 +710,7 @@ async def test_a_bucket_without_message_ttls_keeps_its_decisions(
 async def test_a_malformed_record_does_not_stop_the_service(
     consensus: Consensus, bucket: str, session_id: str
 ) -> None:
-    await consensus.kv.put(proposal_key("junk"), b"not a proposal record")
+    await consensus.store.put(proposal_key("junk"), b"not a proposal record")
     async with ConsensusService(bus=consensus.bus, bucket=bucket, session=session_id):
         await _propose(consensus, session_id, "after-junk", voters=VOTERS[:1], timeout=60)
         await _cast(consensus, "after-junk", "yes")
@@ -716,7 +735,7 @@ async def test_a_record_that_cannot_be_tallied_does_not_stop_the_service(
         electorate=VOTERS,
         votes=[Ballot(voter=voter, vote="yes") for voter in VOTERS[:3]],
     )
-    await consensus.kv.put(proposal_key("no-t"), msgspec.json.encode(bad))
+    await consensus.store.put(proposal_key("no-t"), msgspec.json.encode(bad))
     async with ConsensusService(bus=consensus.bus, bucket=bucket, session=session_id):
         await _propose(consensus, session_id, "after-no-t", voters=VOTERS[:1], timeout=60)
         await _cast(consensus, "after-no-t", "yes")
@@ -773,7 +792,150 @@ async def test_via_service_a_record_too_large_for_the_server_is_a_clear_error(
                     await _propose(consensus, session_id, "big", voters=voters)
             else:
                 await _propose(consensus, session_id, "big", timeout=60)
-                vote = Vote(proposal_id="big", vote="yes", reason=half)
+                # A record holds each reason twice once decided: two thirds fit, four don't.
+                third = "x" * (bus.nc.max_payload // 3)
+                vote = Vote(proposal_id="big", vote="yes", reason=third)
                 await consensus.vote(vote, agent=VOTERS[0])
                 with anyio.fail_after(2), pytest.raises(MessageTooLargeError):
                     await consensus.vote(vote, agent=VOTERS[1])
+
+
+# --- deciding without a service, exactly once (issue 20) ----------------------------------------
+
+
+class _Decisions:
+    """Live ``decided`` events of a session, as a subscriber sees them."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.changed = anyio.Event()
+
+    async def on_msg(self, message: Message) -> None:
+        assert isinstance(message, DecisionMessage)
+        self.ids.append(message.decision.proposal_id)
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def until(self, count: int) -> None:
+        with anyio.fail_after(20):
+            while len(self.ids) < count:
+                await self.changed.wait()
+
+
+async def test_clients_decide_without_a_service_once_each(
+    bus: Bus, bucket: str, session_id: str
+) -> None:
+    seen = _Decisions()
+    await bus.subscribe(f"agent.action.decided.{session_id}.>", seen.on_msg, receiver="test/obs")
+    clients = [await Consensus.open(bus, bucket=bucket) for _ in range(3)]
+    for i in range(10):
+        await _propose(clients[0], session_id, f"c{i}", timeout=60)
+
+    async def cast(client: Consensus, voter: str, pid: str) -> None:
+        with contextlib.suppress(ProposalClosedError):
+            await client.vote(Vote(proposal_id=pid, vote="yes"), agent=voter)
+
+    async with anyio.create_task_group() as tg:  # voters race on three clients
+        for i in range(10):
+            for k, voter in enumerate(VOTERS):
+                tg.start_soon(cast, clients[k % 3], voter, f"c{i}")
+    await seen.until(10)
+    for i in range(10):
+        assert (await clients[1].get(f"c{i}")).decision is not None
+    # every vote (and so every winner's publish) has returned: the stream holds them all
+    assert sum(c.decided for c in clients) == 10
+    assert Counter(seen.ids) == {f"c{i}": 1 for i in range(10)}
+    info = await bus.js.stream_info(
+        "SWARMBUS_EVENTS", subjects_filter=f"agent.action.decided.{session_id}.>"
+    )
+    assert sum((info.state.subjects or {}).values()) == 10
+
+
+async def test_two_replicas_and_a_client_publish_each_decision_once(
+    bus: Bus, bucket: str, session_id: str
+) -> None:
+    """Live subscribers see one ``decided`` event per proposal (the CAS winner's)."""
+    seen = _Decisions()
+    await bus.subscribe(f"agent.action.decided.{session_id}.>", seen.on_msg, receiver="test/obs")
+    consensus = await Consensus.open(bus, bucket=bucket)
+    async with (
+        ConsensusService(bus, bucket=bucket, session=session_id) as one,
+        ConsensusService(bus, bucket=bucket, session=session_id) as two,
+    ):
+        for i in range(30):
+            await _propose(consensus, session_id, f"d{i}", timeout=60)
+        async with anyio.create_task_group() as tg:
+            for i in range(30):
+                tg.start_soon(_cast_tolerant, consensus, f"d{i}", ["yes"] * 5)
+        await seen.until(30)
+        for i in range(30):
+            await consensus.wait_for_decision(f"d{i}", timeout=5)
+    assert one.decided + two.decided + consensus.decided == 30
+    assert Counter(seen.ids) == {f"d{i}": 1 for i in range(30)}
+
+
+async def test_a_deadline_is_settled_by_a_waiting_client(
+    bus: Bus, bucket: str, session_id: str
+) -> None:
+    consensus = await Consensus.open(bus, bucket=bucket)
+    await _propose(consensus, session_id, "late", timeout=1)
+    await _cast(consensus, "late", "yes", "yes", "-", "-", "-")
+    decision = await consensus.wait_for_decision("late", timeout=10)
+    assert (decision.outcome, decision.closed_by) == ("no_quorum", "timeout")
+
+
+async def test_an_oversized_proposal_is_refused_whole_before_anything_is_written(
+    bus: Bus, consensus: Consensus, session_id: str
+) -> None:
+    board = await Blackboard.open(bus, session_id)
+    limit = consensus.book.max_proposal_bytes
+    big = Proposal(
+        proposal_id="huge",
+        action="patch",
+        parameters={"diff": "x" * 300_000},  # under 1 MiB, over the proposal limit
+        voters=VOTERS,
+    )
+    with pytest.raises(MessageTooLargeError, match=f"limit is {limit} bytes"):
+        await consensus.propose(big, agent=VOTERS[0], session=session_id)
+    with pytest.raises(NotFoundError):
+        await consensus.get("huge")
+    with pytest.raises(NotFoundError):
+        await board.get_action("huge")
+
+
+async def test_waits_and_votes_leave_no_watch_consumers(
+    bus: Bus, consensus: Consensus, bucket: str, session_id: str
+) -> None:
+    await _propose(consensus, session_id, "w1", timeout=60)
+    with pytest.raises(DecisionTimeoutError):
+        await consensus.wait_for_decision("w1", timeout=0.2)
+    await _cast(consensus, "w1", "yes", "yes", "yes")
+    await consensus.wait_for_decision("w1", timeout=5)
+    info = await bus.js.stream_info(f"KV_{bucket}")
+    assert info.state.consumer_count == 0
+
+
+async def test_two_service_processes_publish_each_decision_once_to_live_subscribers(
+    bus: Bus, bucket: str, session_id: str, replicas: list[subprocess.Popen[str]]
+) -> None:
+    """Two ``swarmbus consensus`` replicas race on every proposal: one event each."""
+    seen = _Decisions()
+    await bus.subscribe(f"agent.action.decided.{session_id}.>", seen.on_msg, receiver="test/obs")
+    consensus = await Consensus.open(bus, bucket=bucket, settle=False)  # the replicas decide
+    for i in range(40):
+        await _propose(consensus, session_id, f"s{i}", timeout=60)
+    async with anyio.create_task_group() as tg:
+        for i in range(40):
+            tg.start_soon(_cast_tolerant, consensus, f"s{i}", ["yes"] * 5)
+    await seen.until(40)
+    finished: set[str] = set()  # records marked published and applied: nobody publishes more
+    with anyio.fail_after(20):
+        async with consensus.store.watch("p.") as entries:
+            async for entry in entries:
+                if entry is not None and entry.value:
+                    record = msgspec.json.decode(entry.value, type=ProposalRecord)
+                    if record.published and not record.effects_pending:
+                        finished.add(record.proposal_id)
+                if len(finished) == 40:
+                    break
+    assert Counter(seen.ids) == {f"s{i}": 1 for i in range(40)}

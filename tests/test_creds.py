@@ -6,7 +6,9 @@ credentials directory); agents are added and revoked while it runs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import json
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -186,6 +188,50 @@ async def test_agent_cannot_pull_or_ack_another_agents_consumer(
     assert not any(safe_token(OTHER) in error for error in errors)
 
 
+async def test_agent_cannot_reconfigure_another_agents_consumer_by_ephemeral_create(
+    full_resolver: tuple[NatsServer, CredsStore], service: Bus, session_id: str
+) -> None:
+    """Attempt 7: the ephemeral create (``CONSUMER.CREATE.<stream>``) takes a consumer
+    name in its body and then updates that consumer; agents get it on KV streams only."""
+    server, store = full_resolver
+    creds(store.root, "add", NEWCOMER, "--handler", "on_finding")
+    creds(store.root, "add", OTHER)
+    victim = f"{safe_token(NEWCOMER)}-on_finding"
+    newcomer = Agent(NEWCOMER)
+
+    @newcomer.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        pass
+
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    async with as_agent(server, store, NEWCOMER) as bus, newcomer.serve(bus):
+        info = await service.js.consumer_info(EVENTS, victim)
+        hijack = {k: v for k, v in info.config.as_dict().items() if k != "durable_name"}
+        hijack |= {"ack_wait": 3600 * 10**9, "filter_subjects": ["agent.nothing.>"]}
+        nc = await nats.connect(
+            server.url,
+            user_credentials=str(store.users()[OTHER].creds_file),
+            inbox_prefix=inbox_prefix(OTHER),
+            error_cb=on_error,
+        )
+        try:
+            subject = f"$JS.API.CONSUMER.CREATE.{EVENTS}"
+            request = {"stream_name": EVENTS, "config": hijack}
+            await nc.publish(subject, json.dumps(request).encode())
+            refusal = f'permissions violation for publish to "{subject.lower()}"'
+            with anyio.fail_after(5):
+                while not any(refusal in error for error in errors):
+                    await nc.flush()
+        finally:
+            await nc.close()
+        after = await service.js.consumer_info(EVENTS, victim)
+        assert after.config == info.config
+
+
 async def test_revoked_agent_is_disconnected_and_refused(
     full_resolver: tuple[NatsServer, CredsStore], service: Bus, tmp_path: Path
 ) -> None:
@@ -252,6 +298,36 @@ async def test_memory_resolver_revokes_on_config_reload(tmp_path: Path) -> None:
             await nc.close()
         with pytest.raises(ConnectionError):
             await Bus.connect(url=server.url, creds_file=str(kept), connect_timeout=2)
+
+
+async def test_concurrent_adds_and_revokes_lose_no_agent_and_no_revocation(
+    tmp_path: Path,
+) -> None:
+    """Provisioning scripts run ``creds add`` and ``revoke`` in parallel: every agent
+    stays listed (so it can be revoked) and every revocation reaches the server."""
+    server, store = jwt_server(tmp_path, "memory")
+    agents = [f"ops/agent-{i}" for i in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda agent: CredsStore(store.root).add(agent), agents))
+    users = store.users()
+    assert set(agents) <= set(users)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for agent in agents:
+        shutil.copy(users[agent].creds_file, kept / users[agent].creds_file.name)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda agent: CredsStore(store.root).revoke(agent), agents))
+    revoked = decode_jwt(store.account_jwt)["nats"]["revocations"]
+    assert {users[agent].public_key for agent in agents} <= set(revoked)
+    with server:  # starts from server.conf, which preloads the last account JWT
+        for agent in agents:
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await nats.connect(
+                    server.url,
+                    user_credentials=str(kept / users[agent].creds_file.name),
+                    allow_reconnect=False,
+                    connect_timeout=2,
+                )
 
 
 def test_user_jwt_names_the_agent_and_carries_no_permissions(tmp_path: Path) -> None:

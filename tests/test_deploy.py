@@ -323,6 +323,9 @@ async def test_agent_cannot_pull_ack_or_reconfigure_the_consensus_intake(
             inbox_prefix=INBOXES[AGENT],
             error_cb=on_error,
         )
+        # the ephemeral create with the intake's name in its body updates the intake
+        hijack = {k: v for k, v in info.config.as_dict().items() if k != "durable_name"}
+        hijack |= {"ack_wait": 3600 * 10**9, "filter_subjects": ["agent.nothing.>"]}
         try:
             for subject in (
                 f"$JS.API.CONSUMER.MSG.NEXT.SWARMBUS_EVENTS.{INTAKE}",
@@ -330,9 +333,12 @@ async def test_agent_cannot_pull_ack_or_reconfigure_the_consensus_intake(
                 f"$JS.ACK.SWARMBUS_EVENTS.{INTAKE}.1.1.1.1.0",
                 f"$JS.API.CONSUMER.CREATE.SWARMBUS_EVENTS.{INTAKE}",
                 "$JS.API.CONSUMER.CREATE.SWARMBUS_TASKS.q.swarmbus.task.>",
+                "$JS.API.CONSUMER.CREATE.SWARMBUS_EVENTS",
+                "$JS.API.CONSUMER.CREATE.SWARMBUS_TASKS",
             ):
                 refusal = f'permissions violation for publish to "{subject.lower()}"'
-                await agent.publish(subject, b'{"config": {"ack_wait": 3600000000000}}')
+                payload = {"stream_name": subject.split(".")[4], "config": hijack}
+                await agent.publish(subject, json.dumps(payload).encode())
                 with anyio.fail_after(5):
                     while not any(refusal in error for error in errors):
                         await agent.flush()

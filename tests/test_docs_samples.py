@@ -71,7 +71,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "tracing.py": ["handler in trace True", "one trace: True"],
     "mcp_client.py": [
-        "tools: 16",
+        "tools: 19",
         "findings: [('ops/claude', 'error rate 5x since 10:15')]",
         "confidence 1.7 is a tool error: True",
     ],

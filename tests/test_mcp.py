@@ -24,13 +24,13 @@ from swarmbus._mcp import TOOL_NAMES, ConfigError, ServerConfig, Swarm, build_se
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "mcp-agent-swarm"
 SEED_TOOLS = {
-    "swarm.join_session",
-    "swarm.post_finding",
-    "swarm.get_findings",
-    "swarm.claim_task",
-    "swarm.complete_task",
-    "swarm.propose_action",
-    "swarm.vote",
+    "swarm_join_session",
+    "swarm_post_finding",
+    "swarm_get_findings",
+    "swarm_claim_task",
+    "swarm_complete_task",
+    "swarm_propose_action",
+    "swarm_vote",
 }
 
 
@@ -103,14 +103,14 @@ async def test_join_post_claim_complete_propose_vote_until_decided(
         listener.serve(bus),
         mcp_agent(nats_url, agent_id) as client,
     ):
-        joined = await call(client, "swarm.join_session", session_id=session_id)
+        joined = await call(client, "swarm_join_session", session_id=session_id)
         assert joined["you"] == agent_id
         assert joined["context"] == {"task": "investigate incident"}
         assert agent_id in joined["members"]
 
         posted = await call(
             client,
-            "swarm.post_finding",
+            "swarm_post_finding",
             session_id=session_id,
             category="observation",
             content="error rate spike at 10:15 correlates with deploy v1.2.3",
@@ -124,18 +124,18 @@ async def test_join_post_claim_complete_propose_vote_until_decided(
         assert message.source.agent == agent_id
         assert message.finding.confidence == 0.9
         assert message.finding.evidence[0].source == "prometheus"
-        findings = await call(client, "swarm.get_findings", session_id=session_id)
+        findings = await call(client, "swarm_get_findings", session_id=session_id)
         assert [f["id"] for f in findings["items"]] == [posted["id"]]
 
         task = await queue.create("investigate", agent=f"ops/lead-{unique}", target="api")
         claimed = await call(
-            client, "swarm.claim_task", session_id=session_id, types=["investigate"]
+            client, "swarm_claim_task", session_id=session_id, types=["investigate"]
         )
         assert claimed["claimed"] is True
         assert claimed["task"]["id"] == task.id
         done = await call(
             client,
-            "swarm.complete_task",
+            "swarm_complete_task",
             session_id=session_id,
             task_id=task.id,
             result={"root_cause": "connection pool exhaustion"},
@@ -147,7 +147,7 @@ async def test_join_post_claim_complete_propose_vote_until_decided(
 
         proposal = await call(
             client,
-            "swarm.propose_action",
+            "swarm_propose_action",
             session_id=session_id,
             action="rollback",
             target="api@v1.2.3",
@@ -155,14 +155,14 @@ async def test_join_post_claim_complete_propose_vote_until_decided(
         )
         assert set(proposal["electorate"]) == {agent_id, listener.id}
         pid = proposal["proposal_id"]
-        board_view = await call(client, "swarm.get_blackboard", session_id=session_id)
+        board_view = await call(client, "swarm_get_blackboard", session_id=session_id)
         assert [a["id"] for a in board_view["actions_taken"]] == [pid]
-        voted = await call(client, "swarm.vote", proposal_id=pid, vote="yes", reason="5x errors")
+        voted = await call(client, "swarm_vote", proposal_id=pid, vote="yes", reason="5x errors")
         assert (voted["status"], voted["your_vote"]) == ("open", "yes")
         await consensus.vote(
             _vote(pid, "yes", "matches previous incident pattern"), agent=listener.id
         )
-        decided = await call(client, "swarm.get_proposal", proposal_id=pid, wait_seconds=10)
+        decided = await call(client, "swarm_get_proposal", proposal_id=pid, wait_seconds=10)
     assert decided["status"] == "decided"
     assert decided["decision"]["outcome"] == "approved"
     assert decided["decision"]["decision"] == "rollback"
@@ -188,16 +188,16 @@ async def test_tools_are_described_and_bad_input_is_a_tool_error_that_keeps_serv
             assert tool.output_schema is not None
             # Identity: the server acts as AGENT_ID; no tool takes an agent to act as.
             assert not [p for p in tool.input_schema.get("properties", {}) if "agent" in p]
-        post = tools["swarm.post_finding"].input_schema
+        post = tools["swarm_post_finding"].input_schema
         assert set(post["required"]) == {"session_id", "category", "content", "confidence"}
         assert post["properties"]["confidence"]["maximum"] == 1.0
 
-        error = await call_error(client, "swarm.join_session", session_id=f"nope-{unique}")
+        error = await call_error(client, "swarm_join_session", session_id=f"nope-{unique}")
         assert "unknown session" in error
-        assert "swarm.start_session" in error
+        assert "swarm_start_session" in error
         error = await call_error(
             client,
-            "swarm.post_finding",
+            "swarm_post_finding",
             session_id=session_id,
             category="observation",
             content="x",
@@ -205,28 +205,29 @@ async def test_tools_are_described_and_bad_input_is_a_tool_error_that_keeps_serv
         )
         assert "confidence" in error
         error = await call_error(
-            client, "swarm.post_finding", session_id=session_id, category="observation"
+            client, "swarm_post_finding", session_id=session_id, category="observation"
         )
         assert "content" in error
         assert "missing" in error.lower()
-        error = await call_error(client, "swarm.join_session", session_id="two words")
+        error = await call_error(client, "swarm_join_session", session_id="two words")
         assert "session_id" in error
-        error = await call_error(client, "swarm.vote", proposal_id=f"p-{unique}", vote="yes")
+        error = await call_error(client, "swarm_vote", proposal_id=f"p-{unique}", vote="yes")
         assert "not found" in error
         error = await call_error(
-            client, "swarm.complete_task", session_id=session_id, task_id="t-1", result={}
+            client, "swarm_complete_task", session_id=session_id, task_id="t-1", result={}
         )
-        assert "swarm.claim_task" in error
+        assert "unknown task" in error
+        assert "swarm_list_tasks" in error
         error = await call_error(
-            client, "swarm.start_session", session_id=session_id, context={"x": 1}
+            client, "swarm_start_session", session_id=session_id, context={"x": 1}
         )
-        assert "swarm.join_session" in error
+        assert "swarm_join_session" in error
         # ...and the same server still serves good calls.
-        joined = await call(client, "swarm.join_session", session_id=session_id)
+        joined = await call(client, "swarm_join_session", session_id=session_id)
         assert joined["session_id"] == session_id
         posted = await call(
             client,
-            "swarm.post_finding",
+            "swarm_post_finding",
             session_id=session_id,
             category="conclusion",
             content="rollback fixed it",
@@ -242,21 +243,21 @@ async def test_blackboard_hypotheses_and_task_lifecycle_tools(
 ) -> None:
     async with mcp_agent(nats_url, agent_id) as client:
         started = await call(
-            client, "swarm.start_session", session_id=session_id, context={"incident": "INC-1"}
+            client, "swarm_start_session", session_id=session_id, context={"incident": "INC-1"}
         )
         assert (started["initiator"], started["members"]) == (agent_id, [agent_id])
-        sessions = await call(client, "swarm.list_sessions")
+        sessions = await call(client, "swarm_list_sessions")
         assert session_id in [s["session_id"] for s in sessions["sessions"]]
         hypothesis = await call(
             client,
-            "swarm.report_hypothesis",
+            "swarm_report_hypothesis",
             session_id=session_id,
             description="database connection pool exhaustion",
             confidence=0.7,
         )
         assessed = await call(
             client,
-            "swarm.assess_hypothesis",
+            "swarm_assess_hypothesis",
             session_id=session_id,
             hypothesis_id=hypothesis["id"],
             confidence=0.9,
@@ -266,15 +267,15 @@ async def test_blackboard_hypotheses_and_task_lifecycle_tools(
         assert assessed["record"]["status"] == "validated"
         created = await call(
             client,
-            "swarm.create_task",
+            "swarm_create_task",
             session_id=session_id,
             type="analyze",
             priority=8,
             timeout_seconds=1,
         )
-        empty = await call(client, "swarm.claim_task", session_id=session_id, types=["report"])
+        empty = await call(client, "swarm_claim_task", session_id=session_id, types=["report"])
         assert empty["claimed"] is False
-        claimed = await call(client, "swarm.claim_task", session_id=session_id, types=["analyze"])
+        claimed = await call(client, "swarm_claim_task", session_id=session_id, types=["analyze"])
         assert claimed["task"]["id"] == created["id"]
         # The server heartbeats the claim: its lease moves on past the task's 1 s timeout.
         first_lease = datetime.fromisoformat(claimed["task"]["lease_until"])
@@ -289,15 +290,15 @@ async def test_blackboard_hypotheses_and_task_lifecycle_tools(
             assert (task.status, task.assigned_to, task.attempts) == ("running", agent_id, 1)
         failed = await call(
             client,
-            "swarm.fail_task",
+            "swarm_fail_task",
             session_id=session_id,
             task_id=created["id"],
             error="no access to the database",
         )
         assert failed["record"]["status"] == "failed"
-        tasks = await call(client, "swarm.list_tasks", session_id=session_id, status="failed")
+        tasks = await call(client, "swarm_list_tasks", session_id=session_id, status="failed")
         assert [t["id"] for t in tasks["items"]] == [created["id"]]
-        snapshot = await call(client, "swarm.get_blackboard", session_id=session_id)
+        snapshot = await call(client, "swarm_get_blackboard", session_id=session_id)
     assert snapshot["context"] == {"incident": "INC-1"}
     assert snapshot["hypotheses"][0]["confidence"] == 0.9
     assert snapshot["hypotheses"][0]["validated_by"] == agent_id
@@ -373,14 +374,17 @@ def test_missing_sdk_gives_an_install_hint() -> None:
     assert "pip install 'swarmbus[mcp]'" in result.stderr
 
 
-async def test_streamable_http_with_its_own_consensus_service_and_approved_tasks(
-    nats_url: str, agent_id: str, session_id: str
+@pytest.mark.parametrize("decide", [False, True])
+async def test_streamable_http_decides_proposals_and_approves_tasks(
+    nats_url: str, agent_id: str, session_id: str, decide: bool
 ) -> None:
+    """Without --decide the server settles proposals itself; with it, a replica runs too."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, **server_env(nats_url, agent_id)}
-    args = [str(SCRIPT), "--transport", "streamable-http", "--port", str(port), "--decide"]
+    args = [str(SCRIPT), "--transport", "streamable-http", "--port", str(port)]
+    args += ["--decide"] if decide else []
     async with await anyio.open_process(args, env=env, stdin=subprocess.DEVNULL) as process:
         try:
             with anyio.fail_after(20):
@@ -392,31 +396,31 @@ async def test_streamable_http_with_its_own_consensus_service_and_approved_tasks
                         assert process.returncode is None, "the server exited"
                         await anyio.sleep(0.05)
             async with Client(f"http://127.0.0.1:{port}/mcp") as client:
-                await call(client, "swarm.start_session", session_id=session_id)
+                await call(client, "swarm_start_session", session_id=session_id)
                 proposal = await call(
-                    client, "swarm.propose_action", session_id=session_id, action="restart"
+                    client, "swarm_propose_action", session_id=session_id, action="restart"
                 )
                 pid = proposal["proposal_id"]
-                await call(client, "swarm.vote", proposal_id=pid, vote="yes")
-                decided = await call(client, "swarm.get_proposal", proposal_id=pid, wait_seconds=15)
+                await call(client, "swarm_vote", proposal_id=pid, vote="yes")
+                decided = await call(client, "swarm_get_proposal", proposal_id=pid, wait_seconds=15)
                 assert decided["decision"]["outcome"] == "approved"
 
                 created = await call(
                     client,
-                    "swarm.create_task",
+                    "swarm_create_task",
                     session_id=session_id,
                     type="remediate",
                     requires_approval=True,
                 )
                 empty = await call(
-                    client, "swarm.claim_task", session_id=session_id, types=["remediate"]
+                    client, "swarm_claim_task", session_id=session_id, types=["remediate"]
                 )
                 assert empty["claimed"] is False  # not approved yet
                 approval = created["approval_proposal_id"]
-                await call(client, "swarm.vote", proposal_id=approval, vote="yes")
+                await call(client, "swarm_vote", proposal_id=approval, vote="yes")
                 claimed = await call(
                     client,
-                    "swarm.claim_task",
+                    "swarm_claim_task",
                     session_id=session_id,
                     types=["remediate"],
                     wait_seconds=15,
@@ -434,13 +438,13 @@ async def test_task_needing_approval_in_a_session_without_voters_is_refused_not_
     async with Swarm.running(bus, agent_id) as swarm, Client(build_server(swarm)) as client:
         error = await call_error(
             client,
-            "swarm.create_task",
+            "swarm_create_task",
             session_id=session_id,
             type="remediate",
             requires_approval=True,
         )
-        assert "swarm.join_session" in error
-        tasks = await call(client, "swarm.list_tasks", session_id=session_id)
+        assert "swarm_join_session" in error
+        tasks = await call(client, "swarm_list_tasks", session_id=session_id)
     assert tasks["items"] == []  # no task left waiting for a vote that never comes
 
 
@@ -448,22 +452,22 @@ async def test_reclaiming_a_task_whose_claim_lapsed_keeps_the_new_claim(
     bus: Bus, board: Blackboard, session_id: str, agent_id: str
 ) -> None:
     async with Swarm.running(bus, agent_id) as swarm, Client(build_server(swarm)) as client:
-        await call(client, "swarm.join_session", session_id=session_id)
+        await call(client, "swarm_join_session", session_id=session_id)
         created = await call(
-            client, "swarm.create_task", session_id=session_id, type="probe", timeout_seconds=1
+            client, "swarm_create_task", session_id=session_id, type="probe", timeout_seconds=1
         )
-        await call(client, "swarm.claim_task", session_id=session_id, types=["probe"])
+        await call(client, "swarm_claim_task", session_id=session_id, types=["probe"])
         stale = swarm._claims[created["id"]]
         async with stale.lock:  # the heartbeat stalls (e.g. a network outage): the claim lapses
             again = await call(
-                client, "swarm.claim_task", session_id=session_id, types=["probe"], wait_seconds=20
+                client, "swarm_claim_task", session_id=session_id, types=["probe"], wait_seconds=20
             )
             assert (again["task"]["id"], again["task"]["attempts"]) == (created["id"], 2)
         async with stale.lock:  # the stalled heartbeat ran (it was queued first) and saw it lost
             pass
         done = await call(
             client,
-            "swarm.complete_task",
+            "swarm_complete_task",
             session_id=session_id,
             task_id=created["id"],
             result={"ok": True},

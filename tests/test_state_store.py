@@ -99,6 +99,23 @@ async def test_a_ttl_expires_the_key(store: StateStore) -> None:
     assert await store.get("t.1") is None
 
 
+async def test_a_key_expired_by_its_ttl_can_be_created_again(store: StateStore) -> None:
+    first = await store.create("t.2", b"a", ttl=1)
+    async with store.watch("t.2") as changes:
+        with anyio.fail_after(10):
+            async for item in changes:
+                if item is not None and item.value is None:
+                    break
+    again = await store.create("t.2", b"b", ttl=60)
+    assert again > first
+    entry = await store.get("t.2")
+    assert entry is not None
+    assert (entry.value, entry.revision) == (b"b", again)
+    # and without a TTL
+    await store.delete("t.2")
+    assert await store.create("t.2", b"c") > again
+
+
 async def test_a_finished_watch_leaves_no_consumer(bus: Bus, unique: str) -> None:
     kv = await bus.key_value(f"watch-{unique}", history=1)
     store = NatsStore(kv)
@@ -126,3 +143,12 @@ async def test_a_value_over_the_limit_is_refused_with_the_limit(store: StateStor
         await store.put("big.1", b"x" * (store.max_value_bytes + 1))
     assert caught.value.limit == store.max_value_bytes
     assert await store.get("big.1", fresh=True) is None
+
+
+async def test_an_update_over_the_limit_is_refused_and_changes_nothing(store: StateStore) -> None:
+    revision = await store.create("big.2", b"small")
+    with pytest.raises(MessageTooLargeError):
+        await store.update("big.2", b"x" * (store.max_value_bytes + 1), revision=revision)
+    entry = await store.get("big.2", fresh=True)
+    assert entry is not None
+    assert (entry.value, entry.revision) == (b"small", revision)

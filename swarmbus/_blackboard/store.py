@@ -26,6 +26,7 @@ from swarmbus._blackboard.records import (
     item_token,
 )
 from swarmbus._bus import Bus
+from swarmbus._decode import MAX_STORED_BYTES, decode_json
 from swarmbus._errors import (
     ConflictError,
     InvalidMessageError,
@@ -85,9 +86,11 @@ class BoardStore:
         if entry is None:
             raise NotFoundError(kind, item_id or self.session)
         try:
-            value: RecordT = DECODERS[kind].decode(entry.value or b"")
-        except msgspec.DecodeError as exc:  # written by something else than a board
-            raise InvalidMessageError("schema", f"{key} is not a board value: {exc}") from exc
+            value: RecordT = decode_json(
+                DECODERS[kind], entry.value or b"", max_bytes=MAX_STORED_BYTES
+            )
+        except InvalidMessageError as exc:  # written by something else than a board
+            raise InvalidMessageError(exc.code, f"{key} is not a board value: {exc}") from exc
         return value, entry.revision
 
     async def _modify(

@@ -22,6 +22,8 @@ from swarmbus._blackboard.records import (
     Snapshot,
     parse_key,
 )
+from swarmbus._decode import MAX_STORED_BYTES, decode_json
+from swarmbus._errors import InvalidMessageError
 from swarmbus._jetstream.latest import scan
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._jetstream.watch import KvChange, KvWatch
@@ -40,7 +42,7 @@ async def read_snapshot(kv: NatsStore, session: str) -> Snapshot:
             continue
         try:
             value = decoder.decode(data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply
             continue  # not a board value (written by something else): skip it
         table = items.get(kind)
         if table is None:
@@ -63,8 +65,8 @@ async def read_sessions(kv: NatsStore) -> list[SessionRecord]:
     found: list[SessionRecord] = []
     entries, _ = await scan(kv, "*.session")
     for _, data in entries:
-        with contextlib.suppress(msgspec.DecodeError):
-            found.append(DECODERS["session"].decode(data))
+        with contextlib.suppress(InvalidMessageError):  # not a session record: skip it
+            found.append(decode_json(DECODERS["session"], data, max_bytes=MAX_STORED_BYTES))
     return sorted(found, key=lambda s: s.started)
 
 
@@ -91,8 +93,8 @@ class Tail:
         value = None
         if change.operation == "put":
             try:
-                value = DECODERS[kind].decode(change.value)
-            except msgspec.DecodeError:
+                value = decode_json(DECODERS[kind], change.value, max_bytes=MAX_STORED_BYTES)
+            except InvalidMessageError:
                 return  # not a board value (written by something else): skip it
         self.send.send_nowait(
             BoardChange(

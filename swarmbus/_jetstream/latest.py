@@ -13,6 +13,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 
 from swarmbus._jetstream.errors import nats_errors
+from swarmbus._jetstream.headers import TTL
 from swarmbus._jetstream.reads import kv_latest, last_per_subject
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._jetstream.watch import KvChange, kv_stream, operation
@@ -38,6 +39,7 @@ async def kv_last(
         operation=operation(msg.headers),
         value=msg.data or b"",
         time=msg.time,
+        ttl=msg.headers.get(TTL) if msg.headers else None,
     )
 
 
@@ -55,6 +57,7 @@ async def bucket_entries(js: JetStreamContext, bucket: str) -> list[KvChange]:
                 operation="put",
                 value=msg.data,
                 time=msg.metadata.timestamp,
+                ttl=msg.headers.get(TTL) if msg.headers else None,
             )
             for key, msg in await kv_latest(kv)
         ]

@@ -1,9 +1,10 @@
 """``StateStore`` on a NATS JetStream KV bucket (the default coordination store).
 
 Every nats-py KV quirk the components used to work around one by one is handled here
-once: a create on a key whose last entry is a delete or TTL marker (nats-py 2.16
-refuses it: "wrong last sequence"), TTLs on compare-and-set writes (``kv.update``
-cannot carry one), both "wrong last sequence" error codes, and watch consumers that
+once: a create on a key whose last entry is a TTL or limit marker (nats-py 2.16
+refuses it: "wrong last sequence"; a compare-and-set on the marker re-creates it),
+TTLs on compare-and-set writes (``kv.update`` cannot carry one), both "wrong last
+sequence" error codes, and watch consumers that
 outlive their watch (nats-py's default inactive threshold is five minutes; a watch
 here deletes its consumer when it ends, and the threshold is a few seconds in case
 the process dies first).
@@ -63,16 +64,39 @@ class NatsStore:
 
     async def create(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
         self._check_size(value)
-        try:
-            return await kv_write(self.kv, key, value, last=0, ttl=ttl, attributes=self._attributes)
-        except NatsError as exc:
-            if is_wrong_last_sequence(exc):
-                raise ConflictError(key, 0, "already exists") from exc
-            with nats_errors(f"create {key} in {self.name}"):
-                raise
-            raise AssertionError("unreachable") from exc
+        last = 0
+        while True:
+            try:
+                return await kv_write(
+                    self.kv, key, value, last=last, ttl=ttl, attributes=self._attributes
+                )
+            except NatsError as exc:
+                if not is_wrong_last_sequence(exc):
+                    with nats_errors(f"create {key} in {self.name}"):
+                        raise
+                    raise AssertionError("unreachable") from exc
+                # nats-py re-creates over a delete or purge, not over the marker a TTL
+                # expiry leaves: a compare-and-set on that marker re-creates the key
+                marker = await self._marker(key)
+                if marker is None or marker == last:
+                    raise ConflictError(key, 0, "already exists") from exc
+                last = marker
+
+    async def _marker(self, key: str) -> int | None:
+        """The revision of ``key``'s last entry if it is a removal marker, else None."""
+        kv = self.kv
+        with nats_errors(f"create {key} in {self.name}"):
+            try:
+                msg = await kv._js.get_msg(kv._stream, subject=kv._pre + key, direct=False)
+            except nats.js.errors.NotFoundError:
+                return None
+        headers = msg.headers or {}
+        if headers.get(KV_OPERATION) in KV_REMOVED or MARKER_REASON in headers:
+            return int(msg.seq or 0) or None
+        return None
 
     async def update(self, key: str, value: bytes, *, revision: int, ttl: int | None = None) -> int:
+        self._check_size(value)
         try:
             return await kv_write(
                 self.kv, key, value, last=revision, ttl=ttl, attributes=self._attributes

@@ -27,7 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from swarmbus._jetstream.errors import NatsError, nats_errors
-from swarmbus._jetstream.headers import KV_DELETE, KV_OPERATION, KV_PURGE, MARKER_REASON
+from swarmbus._jetstream.headers import KV_DELETE, KV_OPERATION, KV_PURGE, MARKER_REASON, TTL
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._state import Entry
 
@@ -37,6 +37,7 @@ Operation = Literal["put", "delete", "purge"]
 
 KV_STREAM_PREFIX: Final = "KV_"
 KV_SUBJECTS: Final = "$KV"
+_STOP_TIMEOUT: Final = 5.0
 
 _T = TypeVar("_T")
 
@@ -55,6 +56,8 @@ class KvChange:
     operation: Operation
     value: bytes
     time: datetime | None = None
+    #: The write's ``Nats-TTL`` header as stored (None: written without a TTL).
+    ttl: str | None = None
 
     @property
     def removed(self) -> bool:
@@ -143,11 +146,22 @@ class KvWatch:
             )
 
     async def stop(self) -> None:
-        """End the watch (its ordered consumer goes at its inactive threshold)."""
+        """End the watch and delete its consumer now (not at its inactive threshold).
+
+        Runs to the end in a cancelled scope too: a watch ended by cancellation would
+        otherwise leave its consumer behind (a stream takes at most 1,000).
+        """
         sub, self._sub = self._sub, None
-        if sub is not None:
+        if sub is None:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_STOP_TIMEOUT):
             with contextlib.suppress(*NatsError):  # the connection is gone: so is the sub
                 await sub.unsubscribe()
+            # the current consumer: an ordered consumer is re-created after a gap
+            consumer: str | None = getattr(sub, "_consumer", None)
+            if consumer and self.js._nc.is_connected:  # no wait on an outage: it expires
+                with contextlib.suppress(*NatsError):  # gone already, or no connection
+                    await self.js.delete_consumer(kv_stream(self.bucket), consumer)
 
     async def _on_msg(self, msg: Msg) -> None:
         # positional: this runs for every stored message the watch sees
@@ -157,6 +171,8 @@ class KvWatch:
                 msg.metadata.sequence.stream,
                 operation(msg.headers) if msg.headers else "put",
                 msg.data,
+                None,
+                msg.headers.get(TTL) if msg.headers else None,
             )
         )
 

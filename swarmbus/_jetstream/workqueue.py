@@ -53,6 +53,7 @@ __all__ = [
     "read_last",
     "settle_unacked",
     "stored_age",
+    "stream_sequence",
     "work_queue_stream",
 ]
 
@@ -153,6 +154,14 @@ class Wakeup:
 
     async def _fire(self, msg: Msg) -> None:
         self.event.set()
+
+
+def stream_sequence(msg: Msg) -> int | None:
+    """The stream sequence of the JetStream message ``msg`` (None if it has none)."""
+    try:
+        return int(msg.metadata.sequence.stream)
+    except (nats.errors.Error, ValueError, IndexError, TypeError):
+        return None
 
 
 def stored_age(msg: Msg) -> float:

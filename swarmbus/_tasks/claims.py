@@ -26,6 +26,7 @@ from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
 from swarmbus._errors import (
     ConnectionError,
+    InvalidMessageError,
     InvalidTaskError,
     InvalidTransitionError,
     NotFoundError,
@@ -34,7 +35,6 @@ from swarmbus._errors import (
 )
 from swarmbus._jetstream.acks import AckPublisher, Refused
 from swarmbus._jetstream.headers import EXPECTED_LAST_SUBJECT_SEQUENCE as EXPECTED_LAST_HEADER
-from swarmbus._jetstream.headers import TASK_REVISION as REVISION_HEADER
 from swarmbus._jetstream.headers import WRONG_LAST_SEQUENCE as _WRONG_LAST
 from swarmbus._jetstream.reads import PullInbox, deliveries, quietly
 from swarmbus._jetstream.workqueue import (
@@ -47,6 +47,7 @@ from swarmbus._jetstream.workqueue import (
     stored_age,
 )
 from swarmbus._messages import TaskAssigned, TaskCompleted, TaskFailed
+from swarmbus._tasks.dead_letters import DeadLetters
 from swarmbus._tasks.model import (
     MAX_PRIORITY,
     MIN_PRIORITY,
@@ -54,16 +55,20 @@ from swarmbus._tasks.model import (
     TASKS_STREAM,
     TERMINAL,
     Claim,
+    Offer,
     Task,
     after,
     claimed,
     encoder,
-    hint_of,
     now,
+    offer_of,
 )
 from swarmbus._telemetry import continued
 
 log = logging.getLogger("swarmbus.tasks")
+
+REPULLS = 8
+"""Pulls from one queue per scan while its batches hold messages that are not claims."""
 
 Event = tuple[Any, str, str | None]
 """A lifecycle event to publish: (body, agent, message id or None)."""
@@ -110,11 +115,6 @@ class QueueView(Protocol):
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task: ...
 
 
-def _hint(msg: Dispatch) -> Task | None:
-    """The task a dispatch message carries (None if it is malformed)."""
-    return hint_of(msg.data)
-
-
 def _released(task: Task) -> Task:
     """``task`` as before a claim that was never handed out."""
     return msgspec.structs.replace(
@@ -146,6 +146,7 @@ class Claimer:
         self._last_aging = 0.0
         # One pull at a time per queue object: the pullers share one reply inbox.
         self._scan_lock = anyio.Lock()
+        self._dead_letters = DeadLetters(bus)
 
     async def close(self) -> None:
         self._pullers.clear()
@@ -201,10 +202,17 @@ class Claimer:
                 claims = await self._claim_starved(agent, types)
             for priority in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1):
                 for type in types:
-                    if len(claims) >= limit:
-                        return claims
-                    msgs = await (await self.puller(type, priority)).pull(limit - len(claims))
-                    claims.extend(await self.settle_all(msgs, agent))
+                    puller = await self.puller(type, priority)
+                    # Pull again while a batch yielded fewer claims than messages (bad
+                    # ones were dead-lettered, others put back): good tasks may follow.
+                    for _ in range(REPULLS):
+                        if len(claims) >= limit:
+                            return claims
+                        msgs = await puller.pull(limit - len(claims))
+                        won = await self.settle_all(msgs, agent)
+                        claims.extend(won)
+                        if len(won) == len(msgs):
+                            break
                 if claims:
                     return claims
         except ConnectionError as exc:
@@ -263,39 +271,46 @@ class Claimer:
         A first delivery carries the task and its revision: if that task is
         claimable its claim CAS is pipelined with the others (one timeout for all).
         Everything else (redeliveries, a lost CAS race, approvals, dead letter) goes
-        through ``_settle`` one message at a time.
+        through ``_settle`` one message at a time. A message that is not a valid
+        dispatch of this queue is dead-lettered with its reason and terminated: it
+        never fails the batch nor comes back.
         """
         queue = self._queue
-        fast: list[tuple[Dispatch, Task, int]] = []
-        slow: list[tuple[Dispatch, bool]] = []
+        fast: list[tuple[Dispatch, Offer, Task]] = []
+        slow: list[tuple[Dispatch, Offer | InvalidMessageError, bool]] = []
         for msg in msgs:
-            hint = _hint(msg)
-            headers = msg.headers or {}
+            try:
+                offer = offer_of(msg.subject, msg.data, msg.headers, queue.session)
+            except InvalidMessageError as exc:
+                slow.append((msg, exc, True))
+                continue
+            hint = offer.task
             if (
-                hint is not None
-                and deliveries(msg) == 1
+                deliveries(msg) == 1
                 and hint.status == "pending"
                 and hint.approval in ("none", "approved")
                 and hint.attempts < hint.max_attempts
             ):
-                fast.append((msg, claimed(hint, agent), int(headers.get(REVISION_HEADER, 0))))
+                fast.append((msg, offer, claimed(hint, agent)))
             else:
-                slow.append((msg, True))
+                slow.append((msg, offer, True))
         claims: list[Claim] = []
         error: ConnectionError | None = None
-        revisions = await queue._cas_many([(task, revision) for _, task, revision in fast])
-        for (msg, task, _), revision in zip(fast, revisions, strict=True):
+        revisions = await queue._cas_many([(task, offer.revision) for _, offer, task in fast])
+        for (msg, offer, task), revision in zip(fast, revisions, strict=True):
             if isinstance(revision, ConnectionError):
                 error = revision  # unacked: the redelivery sees the lease, if it was taken
             elif revision is None:
-                slow.append((msg, False))  # someone else moved the record: read it
+                slow.append((msg, offer, False))  # someone else moved the record: read it
             else:
                 claims.append(Claim(queue, task, revision, msg))
         if slow:
             outcomes = _Outcomes(len(slow))
             async with anyio.create_task_group() as tg:
-                for i, (msg, trust_hint) in enumerate(slow):
-                    tg.start_soon(self._settle_into, outcomes, i, msg, agent, trust_hint)
+                for i, (msg, offer_or_refusal, trust_hint) in enumerate(slow):
+                    tg.start_soon(
+                        self._settle_into, outcomes, i, msg, offer_or_refusal, agent, trust_hint
+                    )
             claims.extend(c for c in outcomes.claims if c is not None)
             error = outcomes.error or error
         if error is not None and not claims:
@@ -308,29 +323,42 @@ class Claimer:
         return claims
 
     async def _settle_into(
-        self, outcomes: _Outcomes, i: int, msg: Dispatch, agent: str, trust_hint: bool
+        self,
+        outcomes: _Outcomes,
+        i: int,
+        msg: Dispatch,
+        offer: Offer | InvalidMessageError,
+        agent: str,
+        trust_hint: bool,
     ) -> None:
         try:
-            outcomes.claims[i] = await self._settle(msg, agent, trust_hint=trust_hint)
+            if isinstance(offer, InvalidMessageError):
+                raise offer
+            outcomes.claims[i] = await self._settle(msg, offer, agent, trust_hint=trust_hint)
         except ConnectionError as exc:  # not the others' claims: keep going
             outcomes.error = exc
             await quietly(msg.nak(delay=0.5))
+        except InvalidMessageError as exc:  # a bad message, or its task's record is broken
+            await self._dead_letters.refuse(msg, agent, exc)
+        except Exception as exc:  # noqa: BLE001 - one message must not end the worker
+            await self._dead_letters.failed(msg, agent, exc)
 
-    async def _settle(self, msg: Dispatch, agent: str, *, trust_hint: bool = True) -> Claim | None:
-        """Decide what one dispatch message means now; claim its task if possible."""
+    async def _settle(
+        self, msg: Dispatch, offer: Offer, agent: str, *, trust_hint: bool = True
+    ) -> Claim | None:
+        """Decide what one dispatch message means now; claim its task if possible.
+
+        Raises:
+            InvalidMessageError: the task's record is broken.
+        """
         queue = self._queue
-        hint = _hint(msg)
-        if hint is None:
-            log.error("dropping a malformed dispatch message on %s", msg.subject)
-            await quietly(msg.term())
-            return None
+        hint = offer.task
         task_id = hint.id
-        headers = msg.headers or {}
         first = trust_hint and deliveries(msg) == 1
         for _ in range(5):
             if first:
                 # First delivery: trust the task it carries; the CAS checks it.
-                task, revision, first = hint, int(headers.get(REVISION_HEADER, 0)), False
+                task, revision, first = hint, offer.revision, False
             else:
                 # No record yet: nobody claimed it, this message is the task.
                 task, revision = await queue._record_of(task_id) or (hint, 0)

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Protocol
 import msgspec
 
 from swarmbus import _subjects as subjects
-from swarmbus._errors import InvalidTaskError, SwarmbusError
+from swarmbus._decode import decode_json, header_count, valid_id
+from swarmbus._errors import InvalidMessageError, InvalidTaskError, SwarmbusError
+from swarmbus._jetstream.headers import TASK_REVISION
 from swarmbus._messages import new_id
 
 if TYPE_CHECKING:
@@ -201,11 +203,71 @@ def build(spec: TaskSpec, *, agent: str, session: str, max_attempts: int) -> Tas
     )
 
 
+def decode_task(data: bytes | None, *, what: str) -> Task:
+    """A task read from NATS (a record or a dispatch message), validated.
+
+    Raises:
+        InvalidMessageError: not a task (``not_json``, ``schema``, ``too_large``), or its
+            id cannot be a key (``bad_id``).
+    """
+    task = decode_json(decoder, data, what=what)
+    valid_id("task id", task.id)
+    return task
+
+
+def record_of(data: bytes | None, session: str, task_id: str) -> Task:
+    """The task record stored under ``<session>.<task_id>``, validated.
+
+    Raises:
+        InvalidMessageError: a broken record (see ``decode_task``), or one that names
+            another task or session (``wrong_subject``).
+    """
+    task = decode_task(data, what=f"task record {session}.{task_id}")
+    if (task.id, task.session) != (task_id, session):
+        raise InvalidMessageError(
+            "wrong_subject",
+            f"task record {session}.{task_id} holds task {task.id} of session {task.session}",
+        )
+    return task
+
+
+def offer_of(subject: str, data: bytes, headers: Mapping[str, str] | None, session: str) -> Offer:
+    """The task a dispatch message offers and the revision its claim compares against.
+
+    Anyone with a publish grant on ``swarmbus.task.>`` can send one, so it is checked
+    against its subject: the task's session, type, priority and id must be the ones the
+    subject names, and the revision header a count (absent: 0, no record yet).
+
+    Raises:
+        InvalidMessageError: why the message is not a dispatch of this queue.
+    """
+    task = decode_task(data, what=f"dispatch {subject}")
+    revision = header_count(headers, TASK_REVISION)
+    try:
+        expected = f"{subjects.task_subject(session, task.type, task.priority)}.{task.id}"
+    except SwarmbusError as exc:
+        raise InvalidMessageError("schema", f"dispatch {subject}: {exc}") from None
+    if subject != expected or task.session != session:
+        raise InvalidMessageError(
+            "wrong_subject",
+            f"task {task.id} of session {task.session} does not belong on {subject}",
+        )
+    return Offer(task, revision)
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """A validated dispatch message: its task, and the revision a claim compares against."""
+
+    task: Task
+    revision: int
+
+
 def hint_of(data: bytes) -> Task | None:
     """The task a dispatch message's data carries (None if it is malformed)."""
     try:
-        return decoder.decode(data)
-    except msgspec.DecodeError:
+        return decode_task(data, what="dispatch")
+    except InvalidMessageError:
         return None
 
 

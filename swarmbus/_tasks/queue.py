@@ -21,6 +21,7 @@ from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
 from swarmbus._errors import (
     ConnectionError,
+    InvalidMessageError,
     InvalidTaskError,
     InvalidTransitionError,
     NotFoundError,
@@ -30,6 +31,7 @@ from swarmbus._errors import (
 from swarmbus._jetstream.acks import AckPublisher, Refused
 from swarmbus._jetstream.headers import EXPECTED_LAST_SUBJECT_SEQUENCE as EXPECTED_LAST_HEADER
 from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
+from swarmbus._jetstream.headers import SUBJECT as STORED_SUBJECT_HEADER
 from swarmbus._jetstream.headers import TASK_REVISION as REVISION_HEADER
 from swarmbus._jetstream.kv import kv_context
 from swarmbus._jetstream.reads import stored_messages
@@ -56,10 +58,11 @@ from swarmbus._tasks.model import (
     TaskSpec,
     build,
     count,
-    decoder,
     encoder,
     hint_of,
     now,
+    offer_of,
+    record_of,
     state,
 )
 from swarmbus._tasks.worker import Worker
@@ -247,6 +250,7 @@ class TaskQueue:
 
         Raises:
             NotFoundError: no such task in this session.
+            InvalidMessageError: its record is broken (written by something else).
         """
         return (await self._read(task_id))[0]
 
@@ -273,13 +277,14 @@ class TaskQueue:
         if entry is None:
             return None
         value, revision = entry
-        return decoder.decode(value), revision
+        return record_of(value, self.session, task_id), revision
 
     async def _dispatched(self, task_id: str) -> Task | None:
         """The task a pending dispatch message carries (None if there is none)."""
         pattern = subjects.task_filter(self.session, task_id)
         data = await read_last(self.bus.js, TASKS_STREAM, pattern, f"cannot read task {task_id}")
-        return None if data is None else hint_of(data)
+        task = None if data is None else hint_of(data)
+        return task if task is not None and task.id == task_id else None
 
     async def tasks(self, status: str | None = None) -> list[Task]:
         """Every task of the session (optionally only one status), oldest first.
@@ -343,13 +348,30 @@ class TaskQueue:
     async def _records(self) -> list[Task]:
         """The session's task records, as stored now."""
         entries = await self.store.list(f"{self.session}.")
-        return [decoder.decode(entry.value) for entry in entries if entry.value]
+        records: list[Task] = []
+        for entry in entries:
+            if not entry.value:
+                continue
+            task_id = entry.key.removeprefix(f"{self.session}.")
+            try:
+                records.append(record_of(entry.value, self.session, task_id))
+            except InvalidMessageError as exc:  # written by something else: skipped
+                log.warning("skipping a broken task record: %s", exc.reason)
+        return records
 
     async def _offered(self) -> list[Task]:
         """The tasks the session's pending dispatch messages carry."""
         filter = subjects.task_filter(self.session)
         msgs = await stored_messages(self.bus.js, TASKS_STREAM, filter)
-        return [t for t in (hint_of(msg.data) for msg in msgs) if t is not None]
+        offered: list[Task] = []
+        for msg in msgs:
+            headers = msg.headers or {}
+            subject = headers.get(STORED_SUBJECT_HEADER, msg.subject)  # a direct get's reply
+            try:
+                offered.append(offer_of(subject, msg.data, headers, self.session).task)
+            except InvalidMessageError:  # a claimer dead-letters it
+                continue
+        return offered
 
     async def approve(self, task_id: str, *, by: str) -> Task:
         """Let a ``requires_approval`` task be claimed (called by a consensus decision).

@@ -1,0 +1,319 @@
+"""Lock hand-offs between contenders in separate processes: swarmbus vs raw designs.
+
+    python bench/bench_lock_procs.py [--processes 8] [--handoffs 2000] [--repeat 3]
+
+Each contender is a process of its own with its own connection, looping acquire ->
+release on one resource until the run's hand-offs are done. Per repetition, in
+alternating order, the same run is made with:
+
+* ``swarmbus``: ``Lock.acquire(timeout=...)`` + ``release()`` (fencing token, TTL,
+  owner-only release, watch-woken waiters);
+* ``raw JetStream``: plain nats-py, the same guarantees: ``kv.create`` with a per-key
+  TTL (its revision is the fencing token), owner-only release as ``kv.delete`` with
+  ``last=`` the lock's revision, waiters woken by a ``kv.watch`` of the key;
+* ``raw Redis`` (if ``redis-server`` and the ``redis`` package are installed): ``SET
+  key token NX PX ttl`` with a fencing token from ``INCR``, release by a Lua script that
+  deletes only the holder's token and pushes one wake-up onto a per-resource list that
+  waiters ``BLPOP`` (a release wakes one waiter, no herd; a 50 ms BLPOP timeout retries).
+
+Prints hand-offs/s, the share of hand-offs that changed owner, and the CPU per hand-off
+of the contenders (sum of their processes) and of the server, with the load average.
+The contenders start together: each prints ``ready``, waits for ``go`` on stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESOURCE = "file:/src/main.py"
+TTL = 30
+KINDS = ("swarmbus", "raw JetStream", "raw Redis")
+
+
+# --- contenders (child processes) -------------------------------------------------------
+
+
+async def _swarmbus(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
+    from swarmbus import Bus, Lock
+
+    async with Bus.open(url=url) as bus:
+        lock = Lock(bus, RESOURCE, f"bench/{name}", ttl=TTL, bucket="PROCS")
+        await lock.acquire(timeout=30)  # provisions the bucket and its watch
+        await lock.release()
+        _ready()
+        tokens: list[int] = []
+        while not stop(len(tokens)):
+            lease = await lock.acquire(timeout=30)
+            assert lease is not None
+            tokens.append(lease.token)
+            await lock.release()
+        return tokens
+
+
+async def _raw_jetstream(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
+    import nats
+    import nats.js.errors
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        kv = await js.create_key_value(bucket="RAWPROCS", history=1, limit_marker_ttl=60)
+        key = "lock"
+        freed = asyncio.Event()
+        watch = await kv.watch(key, include_history=False)
+
+        async def follow() -> None:
+            async for entry in watch:
+                if entry is not None and entry.operation in ("DEL", "PURGE"):
+                    freed.set()
+
+        follower = asyncio.create_task(follow())
+        value = f'{{"owner":"bench/{name}","ttl":{TTL}}}'.encode()
+        _ready()
+        tokens: list[int] = []
+        while not stop(len(tokens)):
+            while True:
+                freed.clear()
+                try:
+                    revision = await kv.create(key, value, msg_ttl=TTL)
+                    break
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    pass
+                entry = await _kv_last(kv, key)
+                if entry is not None:  # held: wait for a release (or retry after 50 ms)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(freed.wait(), 0.05)
+                    continue
+            tokens.append(revision)
+            await kv.delete(key, last=revision)  # owner-only: fails if it is not ours
+        follower.cancel()
+        await watch.stop()
+        return tokens
+    finally:
+        await nc.close()
+
+
+async def _kv_last(kv: object, key: str) -> object | None:
+    """The live entry of ``key``, or None if it is free (deleted, expired, absent)."""
+    import nats.js.errors
+
+    try:
+        return await kv.get(key)  # type: ignore[attr-defined]
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        return None
+
+
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('del', KEYS[1])
+  redis.call('del', KEYS[2])
+  redis.call('rpush', KEYS[2], '1')
+  return 1
+end
+return 0
+"""
+
+
+async def _raw_redis(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
+    import redis.asyncio as redis
+
+    client = redis.from_url(url)
+    try:
+        release = client.register_script(_RELEASE)
+        key, wake, fence = "lock", "lock:wake", "lock:fence"
+        _ready()
+        tokens: list[int] = []
+        while not stop(len(tokens)):
+            while True:
+                token = int(await client.incr(fence))  # fencing token, increasing
+                if await client.set(key, str(token), nx=True, px=TTL * 1000):
+                    break
+                await client.blpop([wake], timeout=0.05)
+            tokens.append(token)
+            assert await release(keys=[key, wake], args=[str(token)]) == 1
+        return tokens
+    finally:
+        await client.aclose()
+
+
+_started: list[float] = []  # CPU time of this process at "go"
+
+
+def _ready() -> None:
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go"
+    _started.append(time.process_time())
+
+
+def child(kind: str, url: str, name: str, total_file: str, quota: int) -> None:
+    """Contend until this process did ``quota`` hand-offs; print the result."""
+
+    def stop(done: int) -> bool:
+        return done >= quota
+
+    run = {"swarmbus": _swarmbus, "raw JetStream": _raw_jetstream, "raw Redis": _raw_redis}
+    try:
+        import uvloop
+
+        tokens = uvloop.run(run[kind](url, name, stop))
+    except ImportError:
+        tokens = asyncio.run(run[kind](url, name, stop))
+    Path(total_file).write_text(" ".join(map(str, [time.process_time() - _started[0], *tokens])))
+
+
+# --- driver -----------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_run(kind: str, url: str, server_pid: int, procs: int, handoffs: int) -> dict[str, float]:
+    """Hand-offs/s, owner changes and CPU per hand-off of one run of ``kind``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [f"{tmp}/{i}" for i in range(procs)]
+        children = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    kind,
+                    url,
+                    f"c{i}",
+                    files[i],
+                    str(handoffs // procs),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(procs)
+        ]
+        try:
+            for c in children:
+                assert c.stdout is not None
+                assert c.stdout.readline().strip() == "ready"
+            server_cpu = _cpu_seconds(server_pid)
+            start = time.perf_counter()
+            for c in children:
+                assert c.stdin is not None
+                c.stdin.write("go\n")
+                c.stdin.flush()
+            for c in children:
+                c.wait(timeout=600)
+            elapsed = time.perf_counter() - start
+            server_cpu = _cpu_seconds(server_pid) - server_cpu
+        finally:
+            for c in children:
+                if c.poll() is None:
+                    c.kill()
+        client_cpu = 0.0
+        owners: list[tuple[int, int]] = []  # (fencing token, contender), all of them
+        for i, f in enumerate(files):
+            cpu, *tokens = Path(f).read_text().split()
+            client_cpu += float(cpu)
+            owners += [(int(t), i) for t in tokens]
+        owners.sort()
+        done = len(owners)
+        assert len({t for t, _ in owners}) == done, "two holders got the same token"
+        changes = sum(a[1] != b[1] for a, b in itertools.pairwise(owners))
+    return {
+        "rate": done / elapsed,
+        "changes": changes / done,
+        "client_us": client_cpu / done * 1e6,  # from "go" to the end
+        "server_us": server_cpu / done * 1e6,
+    }
+
+
+def _start_redis(tmp: str) -> subprocess.Popen[bytes] | None:
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        return None
+    exe = shutil.which("redis-server")
+    if exe is None:
+        return None
+    sock = f"{tmp}/redis.sock"
+    proc = subprocess.Popen(
+        [exe, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        if os.path.exists(sock):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", type=int, default=8)
+    parser.add_argument("--handoffs", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, url, name, total_file, quota = args.child
+        child(kind, url, name, total_file, int(quota))
+        return 0
+    from swarmbus import NatsServer
+
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
+        redis_proc = _start_redis(tmp)
+        urls = {"swarmbus": server.url, "raw JetStream": server.url}
+        pids = {"swarmbus": server.pid, "raw JetStream": server.pid}
+        if redis_proc is not None:
+            urls["raw Redis"] = f"unix://{tmp}/redis.sock"
+            pids["raw Redis"] = redis_proc.pid
+        try:
+            for r in range(args.repeat):
+                kinds = [k for k in KINDS if k in urls]
+                for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                    pid = pids[kind]
+                    assert pid is not None
+                    results[kind].append(
+                        one_run(kind, urls[kind], pid, args.processes, args.handoffs)
+                    )
+        finally:
+            if redis_proc is not None:
+                redis_proc.kill()
+                redis_proc.wait()
+    print(
+        f"# {args.processes} processes, {args.handoffs} hand-offs per run, median of "
+        f"{args.repeat}, load average {os.getloadavg()[0]:.1f}"
+    )
+    print("| design | hand-offs/s (runs) | changed owner | client CPU us | server CPU us |")
+    print("| --- | --- | --- | --- | --- |")
+    for kind, runs in results.items():
+        if not runs:
+            continue
+
+        def med(field: str, runs: list[dict[str, float]] = runs) -> float:
+            return statistics.median(x[field] for x in runs)
+
+        rates = ", ".join(f"{x['rate']:,.0f}" for x in runs)
+        print(
+            f"| {kind} | {med('rate'):,.0f} ({rates}) | {med('changes'):.0%} | "
+            f"{med('client_us'):,.0f} | {med('server_us'):,.0f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
