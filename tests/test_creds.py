@@ -194,9 +194,9 @@ async def test_agent_cannot_reconfigure_another_agents_consumer_by_ephemeral_cre
     """Attempt 7: the ephemeral create (``CONSUMER.CREATE.<stream>``) takes a consumer
     name in its body and then updates that consumer; agents get it on KV streams only."""
     server, store = full_resolver
-    creds(store.root, "add", NEWCOMER, "--handler", "on_finding")
+    creds(store.root, "add", NEWCOMER)
     creds(store.root, "add", OTHER)
-    victim = f"{safe_token(NEWCOMER)}-on_finding"
+    victim = safe_token(NEWCOMER)  # an agent's one event consumer
     newcomer = Agent(NEWCOMER)
 
     @newcomer.on_finding(session=session_id)
