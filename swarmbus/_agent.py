@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import Bus
+from swarmbus._bus import Bus, consume_routes
 from swarmbus._consumer import DurableConsumer, Route, Routes
 from swarmbus._errors import InvalidIdentifierError, SwarmbusError
 from swarmbus._messages import (
@@ -285,7 +285,8 @@ class Agent:
                 if self._events:
                     self._consumer = await tg.start(
                         functools.partial(
-                            bus.consume_routes,
+                            consume_routes,
+                            bus,
                             subjects.safe_token(self.id),
                             self._routes(),
                             receiver=self.id,

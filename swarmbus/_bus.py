@@ -670,28 +670,6 @@ class Bus:
         task_status.started()
         await consumer.run()
 
-    async def consume_routes(
-        self,
-        durable: str,
-        routes: Routes,
-        *,
-        receiver: str,
-        limiter: anyio.Semaphore,
-        stop: anyio.Event,
-        delete: bool = False,
-        task_status: anyio.abc.TaskStatus[DurableConsumer] = anyio.TASK_STATUS_IGNORED,
-        **options: Any,
-    ) -> None:
-        """``consume`` for several handlers on one durable (an agent's), by subject.
-
-        Starts with the ``DurableConsumer`` (its ``set_routes`` updates the handlers and
-        the consumer's filters in place). With ``delete`` the consumer is deleted when
-        the loop ends (its owner leaves for good). ``options``: as for ``consume``.
-        """
-        consumer = await _open_consumer(self, durable, routes, receiver, limiter, stop, **options)
-        task_status.started(consumer)
-        await consumer.run(delete=delete)
-
     # --- request / response ---------------------------------------------------------
 
     async def request(
@@ -759,6 +737,29 @@ class Bus:
             self, capability, handler, agent=agent, limiter=limiter, task_group=task_group
         )
         return await server.start()
+
+
+async def consume_routes(
+    bus: Bus,
+    durable: str,
+    routes: Routes,
+    *,
+    receiver: str,
+    limiter: anyio.Semaphore,
+    stop: anyio.Event,
+    delete: bool = False,
+    task_status: anyio.abc.TaskStatus[DurableConsumer] = anyio.TASK_STATUS_IGNORED,
+    **options: Any,
+) -> None:
+    """``Bus.consume`` for several handlers on one durable (an agent's), by subject.
+
+    Starts with the ``DurableConsumer`` (its ``set_routes`` updates the handlers and
+    the consumer's filters in place). With ``delete`` the consumer is deleted when
+    the loop ends (its owner leaves for good). ``options``: as for ``Bus.consume``.
+    """
+    consumer = await _open_consumer(bus, durable, routes, receiver, limiter, stop, **options)
+    task_status.started(consumer)
+    await consumer.run(delete=delete)
 
 
 async def _open_consumer(
