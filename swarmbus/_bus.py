@@ -48,6 +48,7 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 
 from swarmbus import _subjects as subjects
+from swarmbus._backends import close_stores
 from swarmbus._config import Settings
 from swarmbus._consumer import DurableConsumer, Handler, LiveHandler, Route, Routes
 from swarmbus._errors import (
@@ -99,6 +100,8 @@ log = logging.getLogger("swarmbus")
 EVENTS_STREAM: Final = "SWARMBUS_EVENTS"
 DEAD_LETTER_STREAM: Final = "SWARMBUS_DEAD"
 HANDLER_ERROR: Final = "handler_error"
+_ERROR_EVENTS: Final = f"{subjects.EVENT_ROOT}.error.occurred."
+"""Subject prefix of ``agent.error.occurred`` events (no report is made about them)."""
 """The refusal code of a message a receiver's handler failed on (not bad input)."""
 # Hot-path helpers: subjects of a long-lived agent repeat, so validate and build each once;
 # with tracing off, skip building span attributes and entering a generator context.
@@ -330,6 +333,7 @@ class Bus:
 
     async def close(self) -> None:
         """Flush and close the connection (pending publishes are sent first)."""
+        await close_stores(self)  # a Redis client / PostgreSQL pool of SWARM_BACKEND
         if self.nc.is_closed:  # closed underneath (a fatal server error): no ack can come
             await self.outbox.close(timeout=0)
             return
@@ -593,6 +597,11 @@ class Bus:
             stored = True
         except (TimeoutError, nats.errors.Error, InvalidMessageError) as exc:
             log.error("could not dead-letter a message from %s: %s", subject, exc)
+        if subject.startswith(_ERROR_EVENTS):
+            # A report about a report: an error event that a handler failed on (or that
+            # is malformed) is dead-lettered, but announcing it with another error event
+            # would feed that same handler again, a loop that floods both streams.
+            return
         try:
             await self.publish(
                 ErrorOccurred(

@@ -5,19 +5,31 @@ from __future__ import annotations
 import os
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from swarmbus._messages import DEFAULT_MAX_MESSAGE_BYTES
 
 ENV_PREFIX: Final = "SWARMBUS_"
+#: The seed's MCP block names these without the SWARMBUS_ prefix.
+SEED_ENV: Final = {
+    "SWARM_BACKEND": "backend",
+    "REDIS_URL": "redis_url",
+    "DATABASE_URL": "database_url",
+}
+Backend = Literal["nats", "redis", "postgres"]
 
 
 class Settings(BaseModel):
     """How swarmbus connects to NATS and provisions JetStream.
 
-    Every field can be set from the environment: ``NATS_URL`` for ``url`` and
-    ``SWARMBUS_<FIELD>`` (upper case) for the rest, e.g. ``SWARMBUS_REPLICAS=3``.
+    Every field can be set from the environment: ``NATS_URL`` for ``url``,
+    ``SWARM_BACKEND``, ``REDIS_URL`` and ``DATABASE_URL`` (the seed's names) for
+    ``backend``, ``redis_url`` and ``database_url``, and ``SWARMBUS_<FIELD>`` (upper
+    case) for the rest, e.g. ``SWARMBUS_REPLICAS=3``.
     Durable defaults: file storage; use 3 replicas on a cluster.
+
+    ``backend`` says where coordination state lives (blackboard, task records, locks,
+    proposals): NATS KV by default, or Redis / PostgreSQL; events stay on NATS.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -86,6 +98,27 @@ class Settings(BaseModel):
         ge=0,
         description="seconds a JetStream call is retried through a leader election (0: never)",
     )
+    backend: Backend = Field("nats", description="where coordination state lives (SWARM_BACKEND)")
+    redis_url: str | None = Field(None, description="Redis URL for backend=redis (REDIS_URL)")
+    database_url: str | None = Field(
+        None, description="PostgreSQL URL for backend=postgres (DATABASE_URL)"
+    )
+    key_prefix: str = Field("agent:swarm:", description="prefix of every Redis key (the seed's)")
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend_name(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _backend_needs_url(self) -> Settings:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("backend 'redis' needs redis_url (REDIS_URL=redis://host:6379/0)")
+        if self.backend == "postgres" and not self.database_url:
+            raise ValueError(
+                "backend 'postgres' needs database_url (DATABASE_URL=postgresql://user@host/db)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _key_needs_certificate(self) -> Settings:
@@ -95,10 +128,14 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
-        """Settings from ``NATS_URL`` / ``SWARMBUS_*`` variables, then ``overrides``."""
+        """Settings from ``NATS_URL``, the seed's ``SWARM_BACKEND`` / ``REDIS_URL`` /
+        ``DATABASE_URL``, then ``SWARMBUS_*`` variables, then ``overrides``."""
         values: dict[str, object] = {}
         if os.environ.get("NATS_URL"):
             values["url"] = os.environ["NATS_URL"]
+        for name, field in SEED_ENV.items():
+            if os.environ.get(name):
+                values[field] = os.environ[name]
         for field in cls.model_fields:
             env = os.environ.get(ENV_PREFIX + field.upper())
             if env is not None and field != "url":

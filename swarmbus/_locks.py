@@ -30,6 +30,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from swarmbus import _subjects as subjects
+from swarmbus._backends import open_store
 from swarmbus._bus import Bus
 from swarmbus._decode import decode_json as _decode_json
 from swarmbus._errors import (
@@ -56,6 +57,7 @@ from swarmbus._jetstream.headers import TTL as TTL_HEADER
 from swarmbus._jetstream.latest import bucket_entries, kv_last
 from swarmbus._jetstream.watch import KvChange, KvWatch
 from swarmbus._observe._instruments import lock_wait
+from swarmbus._store_lock import StoreLockKey
 from swarmbus._telemetry import send_span
 
 log = logging.getLogger("swarmbus.locks")
@@ -472,6 +474,7 @@ class Lock:
         # Revision of our own last release marker: a CAS on it succeeds only if the
         # key is still free, which saves a read on the next acquisition.
         self._released_at: int | None = None
+        self._store_key: StoreLockKey | None = None  # SWARM_BACKEND other than nats
 
     @property
     def lease(self) -> Lease | None:
@@ -493,6 +496,8 @@ class Lock:
         if self._lease is not None:
             raise InvalidTransitionError("lock", self.resource, "held", "acquired")
         seconds = self.ttl if ttl is None else whole_seconds(ttl)
+        if self.bus.settings.backend != "nats":
+            return await self._acquire_on_store(timeout, seconds)
         bucket = self._state or await self._provision()
         try:
             if timeout == 0:
@@ -522,6 +527,16 @@ class Lock:
             raise LockLostError(self.resource, self.owner, None)
         seconds = self.ttl if ttl is None else whole_seconds(ttl)
         record = _Record(owner=self.owner, ttl=seconds, token=lease.token)
+        if self._store_key is not None:
+            revision = await self._store_key.refresh(
+                _encoder.encode(record), self._revision, seconds
+            )
+            if revision is None:
+                self._lease = None
+                raise LockLostError(self.resource, self.owner, lease.token)
+            self._revision = revision
+            self._lease = replace(lease, ttl=seconds)
+            return self._lease
         try:
             self._revision = await self._write(
                 _encoder.encode(record), self._revision, {TTL_HEADER: str(seconds)}
@@ -542,6 +557,15 @@ class Lock:
         lease, self._lease = self._lease, None
         if lease is None:
             raise LockLostError(self.resource, self.owner, None)
+        if self._store_key is not None:
+            try:
+                released = await self._store_key.release(self._revision)
+            except ConnectionError:
+                self._lease = lease  # not known to be released: release() may be retried
+                raise
+            if not released:
+                raise LockLostError(self.resource, self.owner, lease.token)
+            return
         try:
             bucket = self._state
             successor = bucket.successor(self._key) if bucket is not None else None
@@ -609,6 +633,24 @@ class Lock:
                     raise
 
     # --- internals ----------------------------------------------------------------
+
+    async def _acquire_on_store(self, timeout: float | None, ttl: int) -> Lease | None:
+        """``acquire`` on the configured state store (``swarmbus._store_lock``)."""
+        if self._store_key is None:
+            store = await open_store(self.bus, self.bucket, history=1, limit_marker_ttl=MARKER_TTL)
+            self._store_key = StoreLockKey(store, self._key)
+        value = _encoder.encode(_Record(owner=self.owner, ttl=ttl))
+        revision = None
+        if timeout == 0:
+            revision = await self._store_key.try_create(value, ttl)
+        else:
+            with anyio.move_on_after(timeout):
+                revision = await self._store_key.wait_create(value, ttl)
+        if revision is None:
+            return None
+        self._revision = revision
+        self._lease = Lease(self.resource, self.owner, revision, ttl)
+        return self._lease
 
     async def _provision(self) -> _Bucket:
         self._state = await _bucket(self.bus, self.bucket)

@@ -20,6 +20,7 @@ import anyio
 import msgspec
 
 from swarmbus import _subjects as subjects
+from swarmbus._backends import open_store
 from swarmbus._bus import Bus
 from swarmbus._decode import MAX_STORED_BYTES, decode_json
 from swarmbus._errors import (
@@ -29,7 +30,6 @@ from swarmbus._errors import (
     QueryTimeoutError,
     SwarmbusError,
 )
-from swarmbus._jetstream.store import NatsStore
 from swarmbus._messages import Evidence
 from swarmbus._state import StateStore
 
@@ -103,10 +103,8 @@ class QueryLedger:
     ) -> QueryLedger:
         """The ledger of ``session`` for ``agent`` (bucket ``SWARMBUS_QUERIES``)."""
         store = (
-            NatsStore(
-                await bus.key_value(
-                    QUERIES_BUCKET, ttl=QUERIES_MAX_AGE, description="swarmbus evidence queries"
-                )
+            await open_store(
+                bus, QUERIES_BUCKET, ttl=QUERIES_MAX_AGE, description="swarmbus evidence queries"
             )
             if enabled
             else None

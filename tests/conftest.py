@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from swarmbus import Bus, NatsCluster, NatsServer
+from tests._stores import PostgresServer, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -52,4 +53,18 @@ def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
 def fresh_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A server of the test's own (for restarts and kills)."""
     with NatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server on a random 127.0.0.1 port (started only if a test asks)."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster on a random 127.0.0.1 port (started only if a test asks)."""
+    with PostgresServer() as server:
         yield server

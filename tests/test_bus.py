@@ -724,3 +724,41 @@ async def test_request_handler_result_over_max_payload_answers_failure(
         assert response.response.status == "failure"
         assert "too_large" in response.response.result["error"]
         assert responder.nc.is_connected
+
+
+async def test_a_handler_failing_on_error_events_makes_no_report_loop(
+    nats_url: str, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    """A failure on an error event is dead-lettered but not announced by another error
+    event: that event would reach the same failing handler again (a broken-pipe printer
+    once filled both streams this way)."""
+    agent = Agent(f"test/loop-{unique}")
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        raise RuntimeError("finding handler broke")
+
+    @agent.on_event("error", session=session_id, ignore_own=False)
+    async def on_error(message: swarmbus.ErrorOccurredMessage) -> None:
+        raise RuntimeError("error printer broke")
+
+    dead, stop_dead = await collect(raw, f"swarmbus.dead.{session_id}.>")
+    js = raw.jetstream()
+    async with Bus.open(url=nats_url) as bus, agent.serve(bus):
+        await bus.publish(
+            Finding(category="observation", content="x", confidence=0.5),
+            agent="ext/writer",
+            session=session_id,
+        )
+        with anyio.fail_after(WAIT):
+            while True:  # the error handler's own failure was dead-lettered
+                msg = await dead.receive()
+                original = (msg.headers or {}).get(ORIGINAL_SUBJECT_HEADER, "")
+                if original.startswith("agent.error.occurred."):
+                    break
+    # Closing the bus drained its outbox: a further report would be stored by now.
+    await stop_dead()
+    info = await js.stream_info(
+        "SWARMBUS_EVENTS", subjects_filter=f"agent.error.occurred.{session_id}.>"
+    )
+    assert sum((info.state.subjects or {}).values()) == 1

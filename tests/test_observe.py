@@ -25,14 +25,16 @@ RECORDING = GOLDEN_DIR / "demo_session.jsonl"
 EVENTS = 35  # events in the recording (34 of the demo, then the rejected one's error)
 
 
-def cli(nats_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(
+    nats_url: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "swarmbus._cli", *args],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
-        env={**os.environ, "NATS_URL": nats_url, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "NATS_URL": nats_url, "PYTHONPATH": str(ROOT), **(env or {})},
         check=False,
     )
 

@@ -44,7 +44,7 @@ from swarmbus._blackboard.store import (
     BoardStore,
     open_store,
 )
-from swarmbus._blackboard.watch import Tail, read_snapshot
+from swarmbus._blackboard.watch import open_tail, read_snapshot
 from swarmbus._bus import Bus
 from swarmbus._confidence import Pooling
 from swarmbus._errors import (
@@ -52,7 +52,6 @@ from swarmbus._errors import (
     InvalidTransitionError,
     NotFoundError,
 )
-from swarmbus._jetstream.store import NatsStore
 from swarmbus._messages import (
     Action,
     ActionCompleted,
@@ -66,6 +65,7 @@ from swarmbus._messages import (
     now,
     validate_body,
 )
+from swarmbus._state import StateStore
 from swarmbus._telemetry import session_span
 
 
@@ -78,7 +78,7 @@ class Blackboard(BoardStore):
     """
 
     def __init__(
-        self, bus: Bus, session: str, kv: NatsStore, bucket: str, max_value_bytes: int
+        self, bus: Bus, session: str, kv: StateStore, bucket: str, max_value_bytes: int
     ) -> None:
         super().__init__(bus, session, kv, bucket, max_value_bytes)
         self.pooling: Pooling = "weighted_average"
@@ -513,7 +513,7 @@ class Blackboard(BoardStore):
             snapshot = await self.snapshot()
             after = snapshot.revision
             yield snapshot
-        tail = Tail(self._kv, self.session, after + 1)
+        tail = open_tail(self._kv, self.session, after + 1)
         try:
             await tail.open()
             async for change in tail.receive:

@@ -33,6 +33,7 @@ from swarmbus._errors import SwarmbusError
 from swarmbus._jetstream.purge import purge_keys
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._messages import FindingMessage, Message, now
+from swarmbus._state import StateStore
 
 log = logging.getLogger("swarmbus.blackboard")
 
@@ -54,7 +55,11 @@ async def purge_completed(
     purged = []
     for record in await read_sessions(kv):
         if record.status == "completed" and record.completed and record.completed < cutoff:
-            await purge_keys(kv, f"{record.session_id}.>")
+            if isinstance(kv, NatsStore):
+                await purge_keys(kv, f"{record.session_id}.>")
+            else:  # another backend: a delete per key
+                for entry in await kv.list(f"{record.session_id}."):
+                    await kv.delete(entry.key)
             purged.append(record.session_id)
     return purged
 
@@ -65,7 +70,7 @@ class Recorder:
     def __init__(
         self,
         bus: Bus,
-        kv: NatsStore,
+        kv: StateStore,
         bucket: str,
         retention: timedelta | None,
         retention_interval: float,
@@ -96,7 +101,9 @@ class Recorder:
         if not isinstance(message, FindingMessage):
             return
         session = message.source.session
-        kv = NatsStore(self.kv.kv, attributes={"swarmbus.session": session})
+        kv = self.kv
+        if isinstance(kv, NatsStore):
+            kv = NatsStore(kv.kv, attributes={"swarmbus.session": session})
         board = BoardStore(self.bus, session, kv, self.bucket, DEFAULT_MAX_VALUE_BYTES)
         f = message.finding
         await board._record_finding(

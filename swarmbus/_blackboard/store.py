@@ -17,6 +17,7 @@ import anyio
 import msgspec
 
 from swarmbus import _subjects as subjects
+from swarmbus._backends import open_store as open_state_store
 from swarmbus._blackboard.records import (
     DECODERS,
     FindingRecord,
@@ -34,6 +35,7 @@ from swarmbus._errors import (
     ValueTooLargeError,
 )
 from swarmbus._jetstream.store import NatsStore
+from swarmbus._state import StateStore
 
 DEFAULT_BUCKET: Final = "SWARMBUS_BOARD"
 DEFAULT_HISTORY: Final = 10
@@ -44,7 +46,7 @@ CAS_ATTEMPTS: Final = 200
 class BoardStore:
     """One session's keys in a board bucket: ``<session>.<kind>[.<item token>]``."""
 
-    def __init__(self, bus: Bus, session: str, kv: NatsStore, bucket: str, max_value_bytes: int):
+    def __init__(self, bus: Bus, session: str, kv: StateStore, bucket: str, max_value_bytes: int):
         self.bus = bus
         self.session = session
         self.bucket = bucket
@@ -130,11 +132,14 @@ class BoardStore:
         return record
 
 
-async def open_store(bus: Bus, bucket: str, history: int, session: str = "") -> NatsStore:
+async def open_store(bus: Bus, bucket: str, history: int, session: str = "") -> StateStore:
     """The board bucket (created with the bus's replicas/storage) as a state store.
 
-    Writes carry ``swarmbus.session`` on their PRODUCER spans.
+    Writes carry ``swarmbus.session`` on their PRODUCER spans. On another backend than
+    NATS (``SWARM_BACKEND``), the store ``swarmbus._backends.open_store`` gives.
     """
+    if bus.settings.backend != "nats":
+        return await open_state_store(bus, bucket)
     kv = await bus.key_value(
         bucket,
         history=history,

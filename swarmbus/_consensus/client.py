@@ -12,6 +12,7 @@ import anyio
 import msgspec
 
 from swarmbus import _subjects as subjects
+from swarmbus._backends import open_store as open_state_store
 from swarmbus._blackboard import DEFAULT_BUCKET, DEFAULT_MAX_VALUE_BYTES, Blackboard
 from swarmbus._bus import Bus
 from swarmbus._consensus.book import ProposalBook, ballot_of_vote, vote_recorded
@@ -30,7 +31,6 @@ from swarmbus._errors import (
     PublishError,
     SwarmbusError,
 )
-from swarmbus._jetstream.store import NatsStore
 from swarmbus._messages import Decision, Proposal, Vote, new_id, now, validate_body
 from swarmbus._state import StateStore
 from swarmbus._telemetry import continued
@@ -44,9 +44,11 @@ DEFAULT_RETENTION: Final = 7 * 24 * 3600.0
 
 
 async def open_store(bus: Bus, bucket: str) -> StateStore:
-    """The consensus bucket ``bucket`` on ``bus`` (created if missing)."""
-    kv = await bus.key_value(bucket, history=1, description="swarmbus proposals and votes")
-    return NatsStore(kv)
+    """The consensus bucket ``bucket`` on ``bus`` (created if missing), on the backend
+    ``SWARM_BACKEND`` configures."""
+    return await open_state_store(
+        bus, bucket, history=1, description="swarmbus proposals and votes"
+    )
 
 
 class Consensus:

@@ -13,7 +13,7 @@ an observer started before anything was provisioned keeps running.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import Self
 
@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, RawStreamMsg, StreamState
 from nats.js.kv import KeyValue
 
+from swarmbus._errors import SwarmbusError
 from swarmbus._jetstream.errors import nats_errors
 
 __all__ = [
@@ -94,7 +95,7 @@ class OrderedReader:
         delivered = info.delivered.consumer_seq if info.delivered else 0
         return int(info.num_pending or 0) + int(delivered or 0)
 
-    async def messages(self) -> AsyncIterator[Msg]:
+    async def messages(self) -> AsyncGenerator[Msg, None]:
         """The messages, as they arrive (stored ones first, by ``start``)."""
         assert self._sub is not None, "use OrderedReader as an async context manager"
         async for msg in self._sub.messages:
@@ -104,16 +105,30 @@ class OrderedReader:
 async def stored(
     js: JetStreamContext, stream: str, filter: str, *, timeout: float = 10.0
 ) -> list[Msg]:
-    """Every message stored on ``filter`` in ``stream`` now, in stream order."""
+    """Every message stored on ``filter`` in ``stream`` now, in stream order.
+
+    ``timeout`` bounds the wait for each next message, not the whole read: a session
+    of a hundred thousand events takes longer than that to read, and that is fine.
+
+    Raises:
+        SwarmbusError: no next message arrived within ``timeout``.
+    """
     out: list[Msg] = []
     async with OrderedReader(js, stream, filter, start="all") as reader:
         wanted = await reader.pending()
-        if wanted == 0:
-            return out
-        with anyio.fail_after(timeout):
-            async for msg in reader.messages():
+        async with contextlib.aclosing(reader.messages()) as messages:
+            while len(out) < wanted:
+                with anyio.move_on_after(timeout) as idle:
+                    msg = await anext(messages, None)
+                if idle.cancelled_caught:
+                    raise SwarmbusError(
+                        f"read {filter} in {stream}: no message for {timeout:g}s "
+                        f"after {len(out)} of {wanted}"
+                    )
+                if msg is None:
+                    break
                 out.append(msg)
-                if len(out) >= wanted or msg.metadata.num_pending == 0:
+                if msg.metadata.num_pending == 0:
                     break
     return out
 

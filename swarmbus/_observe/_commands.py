@@ -3,15 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
+if TYPE_CHECKING:
+    from swarmbus._bus import Bus
+
 UI_TOKEN_ENV = "SWARMBUS_UI_TOKEN"
 TIMELINE_FORMATS = ("text", "markdown", "json")
+
+
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+@contextlib.asynccontextmanager
+async def _observing_bus() -> AsyncIterator[Bus]:
+    """The bus of an observing command (server from ``NATS_URL``).
+
+    It creates the event and dead-letter streams only if they are missing (a fresh
+    server): ``Bus.open()`` would also update existing ones to this process's settings
+    (``event_max_age``, replicas, storage), and looking at a swarm must not change it.
+    """
+    from swarmbus._bus import DEAD_LETTER_STREAM, EVENTS_STREAM, Bus
+    from swarmbus._jetstream.follow import stream_state
+
+    async with Bus.open(provision=False) as bus:
+        for stream in (EVENTS_STREAM, DEAD_LETTER_STREAM):
+            if await stream_state(bus.js, stream) is None:
+                await bus.ensure_streams()
+                break
+        yield bus
 
 
 def _echo(line: str) -> None:
@@ -23,11 +58,10 @@ def _note(line: str) -> None:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from swarmbus._bus import Bus
     from swarmbus._observe._tail import Tail
 
     async def run() -> int:
-        async with Bus.open() as bus:
+        async with _observing_bus() as bus:
             tail = Tail(
                 bus,
                 session=args.session,
@@ -47,12 +81,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
-    from swarmbus._bus import Bus
     from swarmbus._observe._events import session_steps
     from swarmbus._observe._timeline import Timeline
 
     async def run() -> int:
-        async with Bus.open() as bus:
+        async with _observing_bus() as bus:
             steps = await session_steps(bus, args.session)
         if not steps:
             _note(f"no events of session {args.session}")
@@ -64,11 +97,10 @@ def cmd_timeline(args: argparse.Namespace) -> int:
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
-    from swarmbus._bus import Bus
     from swarmbus._observe import _deadletters as dl
 
     async def run() -> int:
-        async with Bus.open() as bus:
+        async with _observing_bus() as bus:
             if args.dead_command == "retry":
                 letter = await dl.retry_dead_letter(bus, args.id, keep=args.keep)
                 kept = "kept" if args.keep else "removed"
@@ -85,7 +117,6 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from swarmbus._bus import Bus
     from swarmbus._observe._metrics import Observer, configure_metrics
 
     setup = configure_metrics(
@@ -96,7 +127,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         return 1
 
     async def run() -> int:
-        async with Bus.open() as bus:
+        async with _observing_bus() as bus:
             observer = Observer(bus, interval=args.interval)
             ready = anyio.Event()
             async with anyio.create_task_group() as tg:
@@ -113,13 +144,12 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from swarmbus._bus import Bus
     from swarmbus._observe._ui import serve_ui
 
     token = os.environ.get(args.token_env) or None
 
     async def run() -> int:
-        async with Bus.open() as bus:
+        async with _observing_bus() as bus:
             await serve_ui(
                 bus,
                 host=args.host,
@@ -143,7 +173,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--agent", action="append", help="only this agent (or prefix: ops)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--from-start", action="store_true", help="replay stored events first")
-    p.add_argument("--limit", type=int, default=None, help="stop after this many events")
+    p.add_argument("--limit", type=_positive, default=None, help="stop after this many events")
     p.set_defaults(func=cmd_tail)
 
     p = sub.add_parser("timeline", help="replay a session's events as a timeline")

@@ -26,6 +26,7 @@ from swarmbus._jetstream.headers import CODE as CODE_HEADER
 from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._jetstream.headers import ORIGINAL_SUBJECT as ORIGINAL_SUBJECT_HEADER
 from swarmbus._jetstream.headers import REASON as REASON_HEADER
+from swarmbus._observe._events import printable
 
 RETRY_OF_HEADER: Final = "Swarmbus-Retry-Of"
 
@@ -95,6 +96,8 @@ async def dead_letters(
 
 async def get_dead_letter(bus: Bus, id: int) -> DeadLetter:
     """The dead letter with sequence ``id`` (``NotFoundError`` if there is none)."""
+    if id < 1:  # stream sequences start at 1; the server would answer "bad request"
+        raise NotFoundError("dead letter", str(id))
     raw = await stored_message(bus.js, DEAD_LETTER_STREAM, id)
     if raw is None or not (raw.subject or "").startswith(f"{subjects.DEAD_LETTER_ROOT}."):
         raise NotFoundError("dead letter", str(id))
@@ -107,7 +110,8 @@ async def retry_dead_letter(bus: Bus, id: int, *, keep: bool = False) -> DeadLet
 
     Raises:
         NotFoundError: no dead letter ``id``.
-        SwarmbusError: it cannot be retried (a request, or no original subject).
+        SwarmbusError: it cannot be retried (a request, or no original subject), or it
+            was kept and retried already within the duplicate window.
     """
     letter = await get_dead_letter(bus, id)
     subject = letter.original_subject
@@ -122,7 +126,14 @@ async def retry_dead_letter(bus: Bus, id: int, *, keep: bool = False) -> DeadLet
     headers = {MSG_ID_HEADER: f"retry:{id}", RETRY_OF_HEADER: str(id)}
     with nats_errors(f"retry dead letter {id} on {subject}"):
         if subject.startswith((f"{subjects.EVENT_ROOT}.", f"{subjects.TASK_ROOT}.")):
-            await bus.js.publish(subject, letter.data, headers=headers)
+            ack = await bus.js.publish(subject, letter.data, headers=headers)
+            if ack.duplicate and keep:
+                # Without --keep a duplicate only means an earlier retry published and
+                # did not get to delete the letter: deleting it now finishes that retry.
+                raise SwarmbusError(
+                    f"dead letter {id} was retried already within the stream's duplicate "
+                    "window: it was not published again"
+                )
         else:
             await bus.nc.publish(subject, letter.data, headers=headers)
             await bus.nc.flush()
@@ -142,4 +153,4 @@ def render_dead_letters(letters: list[DeadLetter]) -> str:
         preview = d.data[:120].decode(errors="replace")
         lines.append(f"{'':8}data:    {preview}{'...' if len(d.data) > 120 else ''}")
     lines.append(f"{len(letters)} dead letter(s)")
-    return "\n".join(lines) + "\n"
+    return "".join(printable(line) + "\n" for line in lines)

@@ -24,6 +24,17 @@ TRACEPARENT: Final = "traceparent"
 _TRACE_ID: Final = re.compile(r"[0-9a-f]{32}")
 
 
+#: Control characters (C0, DEL, C1) as visible escapes: what an agent wrote must not
+#: drive the SRE's terminal (clear the screen, retitle it, hide the lines before it).
+_CONTROLS: Final = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROLS_BUT_NEWLINE: Final = {c: v for c, v in _CONTROLS.items() if c != 0x0A}
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` safe to print on a terminal: control characters become ``\\xNN``."""
+    return text.translate(_CONTROLS_BUT_NEWLINE if keep_newlines else _CONTROLS)
+
+
 @dataclass(frozen=True)
 class Step:
     """One stored event: what an SRE sees as one line of a timeline."""

@@ -44,6 +44,7 @@ from swarmbus._jetstream.reads import kv_latest
 from swarmbus._observe import _instruments as instruments
 from swarmbus._observe._events import Follower, Step
 from swarmbus._observe._instruments import METER_NAME
+from swarmbus._observe._timeline import forget_oldest
 from swarmbus._subjects import DEAD_LETTER_WILDCARD, EVENTS_WILDCARD
 from swarmbus._tasks import TASKS_STREAM
 
@@ -125,9 +126,17 @@ def _prometheus(port: int | None) -> tuple[MetricReader, Any, str]:
         raise MissingDependencyError("the Prometheus endpoint", "ui") from exc
     host = os.environ.get("OTEL_EXPORTER_PROMETHEUS_HOST", DEFAULT_PROMETHEUS_HOST)
     if port is None:
-        port = int(os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", DEFAULT_PROMETHEUS_PORT))
+        value = os.environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", str(DEFAULT_PROMETHEUS_PORT))
+        if not (value.isascii() and value.isdigit()):
+            raise SwarmbusError(f"OTEL_EXPORTER_PROMETHEUS_PORT={value}: not a port number")
+        port = int(value)
     reader = PrometheusMetricReader()
-    server, _ = start_http_server(port, addr=host)
+    try:
+        server, _ = start_http_server(port, addr=host)
+    except OSError as exc:  # the port is taken, or the host is not an address of this machine
+        raise SwarmbusError(
+            f"the Prometheus endpoint cannot listen on {host}:{port}: {exc}"
+        ) from exc
     return reader, server, f"http://{host}:{server.server_port}/metrics"
 
 
@@ -239,6 +248,7 @@ class Observer:
             case "task.created":
                 self._tasks_created.add(1)
                 self._created[body.task_id] = message.timestamp
+                forget_oldest(self._created)
             case "task.assigned" if body.task_id in self._created:
                 wait = message.timestamp - self._created[body.task_id]
                 self._claim.record(max(0.0, wait.total_seconds()))

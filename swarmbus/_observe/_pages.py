@@ -121,11 +121,17 @@ def session_page(session: str, trace_url: str | None) -> str:
     return page(f"Session {session}", body, crumbs=[("/", "Sessions"), (base, session)])
 
 
+def trace_href(trace_url: str, trace_id: str) -> str:
+    """``trace_url`` with its ``{trace_id}`` filled in. Not ``str.format``: a tracing
+    backend's URL may hold other braces (Grafana's ``explore?left={"queries":...}``)."""
+    return trace_url.replace("{trace_id}", quote(trace_id, safe=""))
+
+
 def trace_link(session: str, step: Step, trace_url: str | None) -> str:
     if not step.trace_id:
         return ""
     href = (
-        trace_url.format(trace_id=step.trace_id)
+        trace_href(trace_url, step.trace_id)
         if trace_url
         else f"{session_href(session)}/trace/{step.trace_id}"
     )
@@ -243,7 +249,7 @@ def locks_fragment(holders: Sequence[Holder]) -> str:
 
 def trace_page(session: str, trace_id: str, items: Sequence[str], trace_url: str | None) -> str:
     external = (
-        f'<p><a href="{e(trace_url.format(trace_id=trace_id))}">Open in the tracing backend</a></p>'
+        f'<p><a href="{e(trace_href(trace_url, trace_id))}">Open in the tracing backend</a></p>'
         if trace_url
         else ""
     )

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
-from swarmbus._observe._events import Follower, Step
-from swarmbus._observe._timeline import Timeline
+from swarmbus._observe._events import Follower, Step, printable
+from swarmbus._observe._timeline import Timeline, forget_oldest
+
+#: Sessions a tail follows at once; beyond it the one idle longest is forgotten (a
+#: session never completed must not be kept forever by a tail that runs for weeks).
+LIVE_SESSIONS_LIMIT: Final = 1_000
 
 
 def type_matches(step: Step, types: Iterable[str]) -> bool:
@@ -75,10 +79,13 @@ class Tail:
 
     def line(self, step: Step) -> str | None:
         """Fold ``step`` in; its output line, or None if the filters drop it."""
-        timeline = self._timelines.setdefault(step.session, Timeline(step.session, keep=False))
+        timeline = self._timelines.pop(step.session, None)
+        if timeline is None:
+            timeline = Timeline(step.session, keep=False)
         text = timeline.add(step)
-        if step.type == "session.completed":
-            del self._timelines[step.session]
+        if step.type != "session.completed":
+            self._timelines[step.session] = timeline  # now the most recently active
+            forget_oldest(self._timelines, LIVE_SESSIONS_LIMIT)
         if not (type_matches(step, self.types) and agent_matches(step, self.agents)):
             return None
         if self.as_json:
@@ -86,7 +93,7 @@ class Tail:
         clock = step.time.strftime("%H:%M:%S.%f")[:-3]
         where = "" if self.session else f"{step.session:<20} "
         trace = f"  [trace {step.trace_id}]" if step.trace_id else ""
-        return f"{clock}  {where}{step.agent:<32} {text}{trace}"
+        return printable(f"{clock}  {where}{step.agent:<32} {text}{trace}")
 
     async def run(
         self,

@@ -12,13 +12,23 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from swarmbus import _subjects as subjects
 from swarmbus._messages import Message
-from swarmbus._observe._events import Step
+from swarmbus._observe._events import Step, printable
+
+#: Running tasks a live follower remembers; beyond it the oldest is forgotten (a task
+#: whose end never comes, e.g. its session was abandoned, must not be kept forever).
+RUNNING_TASKS_LIMIT: Final = 10_000
+
+
+def forget_oldest(running: dict[str, Any], limit: int = RUNNING_TASKS_LIMIT) -> None:
+    """Drop the oldest entries of ``running`` (insertion order) beyond ``limit``."""
+    while len(running) > limit:
+        del running[next(iter(running))]
 
 
 @dataclass
@@ -58,9 +68,15 @@ class ProposalRow:
     decision: dict[str, Any] | None = None
 
 
-def task_label(type: str, target: str = "") -> str:
-    """A task type without the ``-<agent token>`` a coordinator appends to route it."""
-    return type.removesuffix(f"-{subjects.safe_token(target)}") if target else type
+def task_label(type: str, target: object = "") -> str:
+    """A task type without the ``-<agent token>`` a coordinator appends to route it.
+
+    ``target`` is whatever the task's parameters say: any JSON value, as the sender wrote
+    it; only a string names an agent.
+    """
+    if not isinstance(target, str) or not target:
+        return type
+    return type.removesuffix(f"-{subjects.safe_token(target)}")
 
 
 def describe(step: Step, tasks: dict[str, TaskRow] | None = None) -> str:
@@ -173,6 +189,7 @@ class Timeline:
             self._fold(step)
         elif step.message is not None:
             self._fold_task(step.message)
+            forget_oldest(self.tasks)
         line = describe(step, self.tasks)
         if self.keep:
             self.lines.append(line)
@@ -273,8 +290,8 @@ class Timeline:
         if format == "json":
             return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
         if format == "markdown":
-            return _Markdown(self).render()
-        return "".join(self.text_line(step, line) + "\n" for step, line in self._pairs())
+            return printable(_Markdown(self).render(), keep_newlines=True)
+        return "".join(printable(self.text_line(s, line)) + "\n" for s, line in self._pairs())
 
     def text_line(self, step: Step, line: str) -> str:
         """``+seconds  agent  what  [trace]``: the terminal form of one step."""

@@ -44,6 +44,20 @@ except ImportError as exc:  # pragma: no cover - the ui extra is missing
 STATIC: Final = Path(__file__).parent / "static"
 
 
+#: The largest stream sequence a consumer accepts (a uint64 on the server).
+MAX_SEQUENCE: Final = 2**64 - 1
+
+
+def resume_after(last_event_id: str) -> str | int:
+    """Where an event stream starts: after the browser's ``Last-Event-ID``, else at the
+    first stored event. The header is the client's to write: anything but a sequence
+    the server can take (ASCII digits, at most a uint64) counts as absent."""
+    if not (last_event_id.isascii() and last_event_id.isdigit()):
+        return "all"
+    seq = int(last_event_id)
+    return seq if seq < MAX_SEQUENCE else "all"
+
+
 class _Views:
     """The request handlers, sharing one bus and the view's settings."""
 
@@ -71,8 +85,7 @@ class _Views:
 
     async def events(self, request: Request) -> Response:
         session = self._session(request)
-        last = request.headers.get("last-event-id", "")
-        start: str | int = int(last) if last.isdigit() else "all"
+        start = resume_after(request.headers.get("last-event-id", ""))
         return StreamingResponse(
             self._stream(session, start),
             media_type="text/event-stream",
@@ -210,10 +223,16 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
     async def run_shielded(self) -> None:
-        """Serve; a cancellation of the caller asks it to stop instead (``should_exit``)."""
+        """Serve; a cancellation of the caller asks it to stop instead (``should_exit``).
+
+        uvicorn raises ``SystemExit`` when it cannot listen (the port is taken): that
+        ends the serving here, and ``serve_ui`` reports it (``started`` stays False).
+        """
         try:
             with anyio.CancelScope(shield=True):
                 await self.serve()
+        except SystemExit:
+            pass
         finally:
             self.stopped.set()
             self.listening.set()  # wake a caller waiting for a startup that failed
@@ -231,6 +250,9 @@ async def serve_ui(
     """Serve the web view until interrupted (SIGINT, SIGTERM) or cancelled.
 
     ``ready(url)`` is called once it listens; ``port`` 0 picks a free port.
+
+    Raises:
+        SwarmbusError: it cannot listen on ``host``:``port``.
     """
     app = create_app(bus, token=token, trace_url=trace_url)
     config = uvicorn.Config(
@@ -241,9 +263,11 @@ async def serve_ui(
         tg.start_soon(server.run_shielded)
         try:
             await server.listening.wait()
-            if ready is not None and not server.stopped.is_set():
+            if ready is not None and server.started:
                 bound = server.servers[0].sockets[0].getsockname()[1]
                 ready(f"http://{host}:{bound}/")
             await server.stopped.wait()
         finally:
             server.should_exit = True
+    if not server.started:
+        raise SwarmbusError(f"the web view cannot listen on {host}:{port} (in use?)")

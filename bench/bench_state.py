@@ -1,0 +1,326 @@
+"""The state stores against their raw clients, side by side in one run.
+
+    python bench/bench_state.py [--ops 2000] [--reps 3] [--writers 16]
+
+Starts its own nats-server, redis-server and PostgreSQL (temp dirs, 127.0.0.1; as root
+PostgreSQL runs as the ``postgres`` user) and alternates store and raw runs, ``--reps``
+times, printing a Markdown table with the store / raw ratio of each pair, by wall
+clock and per CPU second (this process plus the server's process tree: steadier than
+wall-clock rates on a loaded machine):
+
+* **lock cycle** (Redis): ``RedisStore.create(ttl)`` + ``delete(revision)`` against the
+  seed's ``AgentLock``: ``SET NX EX`` + the Lua owner-only release (``EVAL``).
+* **lock hand-off** (Redis): two owners alternate on one lock, each retrying its
+  acquire until the other released; same two implementations.
+* **create -> CAS -> delete** on each backend: the store against the same three writes
+  with the raw client (NATS ``kv.create/update/delete``; Redis ``SET NX``, ``SET XX``,
+  ``DEL``; PostgreSQL ``INSERT``, ``UPDATE ... WHERE revision``, ``DELETE`` on a plain
+  table).
+* **append** (a finding-sized create-once under a new key, ``--writers`` concurrent):
+  the store against NATS ``kv.create``, Redis ``SET NX``, PostgreSQL ``INSERT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack, ExitStack
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import psycopg
+import redis.asyncio as aioredis
+
+from swarmbus import Bus, ConflictError, NatsServer
+from swarmbus._jetstream.store import NatsStore
+from swarmbus._postgres_store import PostgresStore, open_pool
+from swarmbus._redis_store import LOCKS_BUCKET, RedisStore
+from swarmbus._state import StateStore
+from swarmbus._subjects import lock_key
+from tests._stores import PostgresServer, RedisServer
+
+TTL = 30
+VALUE = b'{"id":"F","agent":"ops/deploy-validator","category":"observation",' + b"x" * 240 + b"}"
+RELEASE = """
+if redis.call("get", KEYS[1]) == ARGV[1] then
+    return redis.call("del", KEYS[1])
+else
+    return 0
+end
+"""
+
+Run = Callable[[int], Awaitable[None]]
+
+
+class SeedLock:
+    """The seed's AgentLock, on redis-py asyncio."""
+
+    def __init__(self, client: aioredis.Redis, resource: str, agent: str) -> None:
+        self.redis = client
+        self.lock_key = f"agent:lock:{resource}"
+        self.agent = agent
+
+    async def acquire(self) -> bool:
+        return bool(await self.redis.set(self.lock_key, self.agent, nx=True, ex=TTL))
+
+    async def release(self) -> None:
+        await self.redis.eval(RELEASE, 1, self.lock_key, self.agent)  # type: ignore[misc]
+
+
+class StoreLock:
+    """The same lock on ``RedisStore``: create with a TTL, delete at its revision."""
+
+    def __init__(self, store: RedisStore, resource: str, agent: str) -> None:
+        self.store = store
+        self.key = lock_key(resource)  # the KV key swarmbus's locks use
+        self.agent = agent.encode()
+        self.token = 0
+
+    async def acquire(self) -> bool:
+        try:
+            self.token = await self.store.create(self.key, self.agent, ttl=TTL)
+        except ConflictError:
+            return False
+        return True
+
+    async def release(self) -> None:
+        await self.store.delete(self.key, revision=self.token)
+
+
+def lock_cycles(make: Callable[[str], Any]) -> Run:
+    async def run(n: int) -> None:
+        lock = make("bench/a")
+        for _ in range(n):
+            assert await lock.acquire()
+            await lock.release()
+
+    return run
+
+
+def hand_offs(make: Callable[[str], Any]) -> Run:
+    async def run(n: int) -> None:
+        owners = [make("bench/a"), make("bench/b")]
+        turn = [asyncio.Event(), asyncio.Event()]
+        turn[0].set()
+
+        async def owner(i: int) -> None:
+            for _ in range(n // 2):
+                await turn[i].wait()
+                turn[i].clear()
+                while not await owners[i].acquire():
+                    pass  # the other one has not released yet
+                turn[1 - i].set()  # the other may now try (it spins until we release)
+                await owners[i].release()
+
+        await asyncio.gather(owner(0), owner(1))
+
+    return run
+
+
+def store_cas(store: StateStore) -> Run:
+    async def run(n: int) -> None:
+        for i in range(n):
+            key = f"cas.k{i % 64}"
+            first = await store.create(key, VALUE)
+            await store.update(key, VALUE, revision=first)
+            await store.delete(key)
+
+    return run
+
+
+def appends(create: Callable[[str], Awaitable[object]], writers: int) -> Run:
+    async def run(n: int) -> None:
+        run_id = uuid.uuid4().hex[:8]
+
+        async def writer(w: int) -> None:
+            for i in range(w, n, writers):
+                await create(f"S.finding.{run_id}-{i}")
+
+        await asyncio.gather(*(writer(w) for w in range(writers)))
+
+    return run
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and its children (Linux /proc)."""
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
+
+
+async def timed(run: Run, n: int, server: int) -> tuple[float, float]:
+    """(operations per second, operations per CPU second of this process + the server)."""
+    start, cpu = time.perf_counter(), time.process_time() + tree_cpu(server)
+    await run(n)
+    used = time.process_time() + tree_cpu(server) - cpu
+    return n / (time.perf_counter() - start), n / max(used, 1e-9)
+
+
+class Bench:
+    """Store/raw pairs, alternating; each ratio also per CPU second (steadier under load)."""
+
+    def __init__(self, ops: int, reps: int) -> None:
+        self.ops = ops
+        self.reps = reps
+        self.rows: list[str] = []
+
+    async def pair(self, name: str, store: Run, raw: Run, server: int) -> None:
+        await store(min(200, self.ops))  # warm up both
+        await raw(min(200, self.ops))
+        ratios, cpu_ratios, rates = [], [], []
+        for _ in range(self.reps):
+            s, s_cpu = await timed(store, self.ops, server)
+            r, r_cpu = await timed(raw, self.ops, server)
+            ratios.append(s / r)
+            cpu_ratios.append(s_cpu / r_cpu)
+            rates.append(f"{s:,.0f} / {r:,.0f}")
+        ratio = " ".join(f"{x:.2f}x" for x in ratios)
+        median = sorted(ratios)[len(ratios) // 2]
+        cpu = sorted(cpu_ratios)[len(cpu_ratios) // 2]
+        self.rows.append(
+            f"| {name} | {'; '.join(rates)} | {ratio} | **{median:.2f}x** | {cpu:.2f}x |"
+        )
+        print(self.rows[-1], flush=True)
+
+
+async def main(args: argparse.Namespace) -> None:
+    bench = Bench(args.ops, args.reps)
+    print("| benchmark | store /s vs raw /s per rep | store / raw | median | per CPU s |")
+    print("| --- | --- | --- | --- | --- |", flush=True)
+    with ExitStack() as servers:
+        tmp = Path(servers.enter_context(tempfile.TemporaryDirectory()))
+        nats = servers.enter_context(NatsServer(tmp / "nats"))
+        redis_server = servers.enter_context(RedisServer(tmp / "redis"))
+        pg = servers.enter_context(PostgresServer())
+        async with AsyncExitStack() as stack:
+            client = aioredis.Redis.from_url(redis_server.url)
+            stack.push_async_callback(client.aclose)
+            locks = RedisStore(client, LOCKS_BUCKET)
+            assert redis_server.proc is not None
+            assert pg.proc is not None
+            assert nats.pid is not None
+            redis_pid = redis_server.proc.pid
+            pids = {"NATS": nats.pid, "Redis": redis_pid, "PostgreSQL": pg.proc.pid}
+            await bench.pair(
+                "lock cycle (Redis)",
+                lock_cycles(lambda a: StoreLock(locks, "file:/src/main.py", a)),
+                lock_cycles(lambda a: SeedLock(client, "file:/src/main.py", a)),
+                redis_pid,
+            )
+            await bench.pair(
+                "lock hand-off (Redis)",
+                hand_offs(lambda a: StoreLock(locks, "file:/src/handoff.py", a)),
+                hand_offs(lambda a: SeedLock(client, "file:/src/handoff.py", a)),
+                redis_pid,
+            )
+            bus = await stack.enter_async_context(Bus.open(url=nats.url))
+            kv = await bus.key_value("BENCH_STATE", history=1)
+            pool = await open_pool(pg.url, max_size=args.writers)
+            stack.push_async_callback(pool.close)
+            raw_pg = await psycopg.AsyncConnection.connect(pg.url, autocommit=True)
+            stack.push_async_callback(raw_pg.close)
+            await raw_pg.execute(
+                "CREATE TABLE IF NOT EXISTS bench_raw"
+                " (key TEXT PRIMARY KEY, value BYTEA, revision BIGINT)"
+            )
+            stores: dict[str, StateStore] = {
+                "NATS": NatsStore(kv),
+                "Redis": RedisStore(client, "BENCH_STATE"),
+                "PostgreSQL": PostgresStore(pool, "BENCH_STATE"),
+            }
+            raws: dict[str, Run] = {
+                "NATS": raw_nats_cas(kv),
+                "Redis": raw_redis_cas(client),
+                "PostgreSQL": raw_pg_cas(raw_pg),
+            }
+            raw_creates: dict[str, Callable[[str], Awaitable[object]]] = {
+                "NATS": lambda k: kv.create(k, VALUE),
+                "Redis": lambda k: client.set(f"raw:{k}", VALUE, nx=True),
+                "PostgreSQL": lambda k: pg_insert(pool, k),
+            }
+            for name, store in stores.items():
+                pid = pids[name]
+                await bench.pair(
+                    f"create -> CAS -> delete ({name})", store_cas(store), raws[name], pid
+                )
+                await bench.pair(
+                    f"append, {args.writers} writers ({name})",
+                    appends(lambda k, s=store: s.create(k, VALUE), args.writers),  # type: ignore[misc]
+                    appends(raw_creates[name], args.writers),
+                    pid,
+                )
+
+
+def raw_nats_cas(kv: Any) -> Run:
+    async def run(n: int) -> None:
+        for i in range(n):
+            key = f"raw.k{i % 64}"
+            first = await kv.create(key, VALUE)
+            await kv.update(key, VALUE, last=first)
+            await kv.delete(key)
+
+    return run
+
+
+def raw_redis_cas(client: aioredis.Redis) -> Run:
+    async def run(n: int) -> None:
+        for i in range(n):
+            key = f"raw:k{i % 64}"
+            await client.set(key, VALUE, nx=True)
+            await client.set(key, VALUE, xx=True)
+            await client.delete(key)
+
+    return run
+
+
+def raw_pg_cas(conn: psycopg.AsyncConnection[Any]) -> Run:
+    async def run(n: int) -> None:
+        for i in range(n):
+            key = f"k{i % 64}"
+            await conn.execute(
+                "INSERT INTO bench_raw VALUES (%s, %s, 1)", [key, VALUE], prepare=True
+            )
+            await conn.execute(
+                "UPDATE bench_raw SET value = %s, revision = 2 WHERE key = %s AND revision = 1",
+                [VALUE, key],
+                prepare=True,
+            )
+            await conn.execute("DELETE FROM bench_raw WHERE key = %s", [key], prepare=True)
+
+    return run
+
+
+async def pg_insert(pool: Any, key: str) -> None:
+    async with pool.connection() as conn:
+        await conn.execute("INSERT INTO bench_raw VALUES (%s, %s, 1)", [key, VALUE], prepare=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ops", type=int, default=2000)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--writers", type=int, default=16)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,455 @@
+"""``StateStore`` on Redis (redis-py asyncio): the seed's "Redis-based coordination".
+
+Key layout (``key_prefix`` is the seed's ``agent:swarm:``; see docs/backends.md)::
+
+    agent:swarm:{session}:context            board  <session>.context
+    agent:swarm:{session}:session            board  <session>.session
+    agent:swarm:{session}:findings:{id}      board  <session>.finding.<id>
+    agent:swarm:{session}:hypotheses:{id}    board  <session>.hypothesis.<id>
+    agent:swarm:{session}:actions:{id}       board  <session>.action.<id>
+    agent:swarm:{session}:tasks:{id}         tasks  <session>.<id>
+    agent:swarm:locks:{resource key}         locks  <resource key>
+    agent:swarm:{bucket}:{a}:{b}...          any other bucket: <a>.<b>...
+    agent:swarm:{bucket}/revision            INCR counter: the bucket's revisions
+    agent:swarm:{bucket}/changes             stream: every write, delete and expiry
+    agent:swarm:{bucket}/keys                sorted set (lex): the live keys, for list/watch
+    agent:swarm:{bucket}/expiry              sorted set (ms): keys with a TTL, by deadline
+
+Each key is a hash ``{value, revision}``. Every write is one Lua script: the check
+(create-once: the seed's ``SET NX``; compare-and-set: the revision), ``INCR`` of the
+bucket's counter (so revisions increase across deletes and expiries and serve as
+fencing tokens), the hash, ``PEXPIRE`` for a TTL, and the ``XADD`` to the change
+stream, all atomic: a watcher never misses a change. A delete with a revision is the
+seed's owner-only release (the owner check compares the revision it wrote).
+
+Expiry: Redis drops an expired key by itself; the delete event comes from a sweep
+script that finds due keys in ``/expiry`` and emits their delete once. Watches run
+the sweep (at the next deadline, at least once a second), every list runs it, and a
+write to an expired key emits that key's delete first. Keyspace notifications were not
+used: they are pub/sub (lost while nobody listens) and need ``CONFIG SET``, which
+managed Redis often refuses.
+
+The scripts touch keys they compute, so this needs a standalone Redis (or one shard),
+not Redis Cluster. The change stream is capped (``stream_max_len``, approximate): a
+watcher further behind than that misses changes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final, cast
+
+from swarmbus._errors import (
+    ConflictError,
+    ConnectionError,
+    InvalidIdentifierError,
+    MessageTooLargeError,
+    MissingDependencyError,
+    PermissionDeniedError,
+    PublishError,
+)
+from swarmbus._state import Entry
+
+try:
+    import redis.asyncio as aioredis
+    import redis.exceptions as rexc
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise MissingDependencyError("the Redis state store", "redis") from exc
+
+__all__ = [
+    "BOARD_BUCKET",
+    "DEFAULT_KEY_PREFIX",
+    "LOCKS_BUCKET",
+    "TASKS_BUCKET",
+    "RedisLayout",
+    "RedisStore",
+]
+
+DEFAULT_KEY_PREFIX: Final = "agent:swarm:"
+DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
+DEFAULT_STREAM_MAX_LEN: Final = 10_000
+SWEEP_INTERVAL: Final = 1.0
+"""Longest wait (seconds) between two sweeps of a watch when no key is due sooner."""
+
+BOARD_BUCKET: Final = "SWARMBUS_BOARD"
+TASKS_BUCKET: Final = "swarmbus-tasks"
+LOCKS_BUCKET: Final = "SWARMBUS_LOCKS"
+BOARD_KINDS: Final = {"finding": "findings", "hypothesis": "hypotheses", "action": "actions"}
+
+_KEY_RE: Final = re.compile(r"^[-/_=a-zA-Z0-9]+(\.[-/_=a-zA-Z0-9]+)*$")
+_SEP: Final = b"\0"
+_NAMES_CACHED: Final = 4096
+
+# Shared by the scripts. BASE is the bucket's base (``agent:swarm:<bucket>/``) and MAXLEN
+# the change stream's cap, both written into the script text per store so a call carries
+# few arguments; the bookkeeping keys are built from BASE. Index and expiry members are
+# "<store key>\0<redis key>": a lex range on a store-key prefix finds them, and the
+# scripts know the Redis key.
+_LUA_COMMON = """
+local base = BASE
+local counter, changes = base .. 'revision', base .. 'changes'
+local index, expiry = base .. 'keys', base .. 'expiry'
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function emit(key, rev, op, value)
+  if value then
+    redis.call('XADD', changes, 'MAXLEN', '~', MAXLEN, '*',
+      'key', key, 'revision', rev, 'op', op, 'value', value)
+  else
+    redis.call('XADD', changes, 'MAXLEN', '~', MAXLEN, '*', 'key', key, 'revision', rev, 'op', op)
+  end
+end
+local function reap(member)
+  local sep = string.find(member, '\\0', 1, true)
+  if redis.call('EXISTS', string.sub(member, sep + 1)) == 1 then return 0 end
+  redis.call('ZREM', expiry, member)
+  redis.call('ZREM', index, member)
+  emit(string.sub(member, 1, sep - 1), redis.call('INCR', counter), 'expire', nil)
+  return 1
+end
+local function sweep(limit)
+  local now = now_ms()
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', expiry, '-inf', now, 'LIMIT', 0, limit)) do
+    reap(m)
+  end
+  local nxt = redis.call('ZRANGE', expiry, 0, 0, 'WITHSCORES')
+  if nxt[2] then return math.max(0, tonumber(nxt[2]) - now) end
+  return -1
+end
+"""
+
+# KEYS: the data key. ARGV: store key, value, "<mode> <expected revision> <ttl ms or 0>".
+# Returns the new revision, or 0 minus the current one (0: none) when the check fails.
+_WRITE = (
+    _LUA_COMMON
+    + """
+local key = ARGV[1]
+local member = key .. '\\0' .. KEYS[1]
+local mode, expected, ttl = string.match(ARGV[3], '(%a+) (%d+) (%d+)')
+local current = redis.call('HGET', KEYS[1], 'revision')
+-- a live key is not expired; a missing one may have expired unswept: emit that first
+if not current and redis.call('ZSCORE', expiry, member) then reap(member) end
+if (mode == 'create' and current) or (mode == 'update' and current ~= expected) then
+  return -tonumber(current or '0')
+end
+local rev = redis.call('INCR', counter)
+redis.call('HSET', KEYS[1], 'value', ARGV[2], 'revision', rev)
+ttl = tonumber(ttl)
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('ZADD', expiry, now_ms() + ttl, member)
+elseif current then
+  redis.call('PERSIST', KEYS[1])
+  redis.call('ZREM', expiry, member)
+end
+redis.call('ZADD', index, 0, member)
+emit(key, rev, 'put', ARGV[2])
+return rev
+"""
+)
+
+# KEYS: the data key. ARGV: store key, expected revision ('' = any).
+# Returns the delete's revision (0: there was nothing to delete), -1 if the check fails.
+_DELETE = (
+    _LUA_COMMON
+    + """
+local key = ARGV[1]
+local member = key .. '\\0' .. KEYS[1]
+local current = redis.call('HGET', KEYS[1], 'revision')
+if not current and redis.call('ZSCORE', expiry, member) then reap(member) end
+if ARGV[2] ~= '' and current ~= ARGV[2] then return -1 end
+if not current then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', index, member)
+redis.call('ZREM', expiry, member)
+local rev = redis.call('INCR', counter)
+emit(key, rev, 'del', nil)
+return rev
+"""
+)
+
+# ARGV: lex min, lex max. Returns {stream position, {key, value, revision, ...}}.
+_SNAPSHOT = (
+    _LUA_COMMON
+    + """
+sweep(1000)
+local out = {}
+for _, m in ipairs(redis.call('ZRANGEBYLEX', index, ARGV[1], ARGV[2])) do
+  local sep = string.find(m, '\\0', 1, true)
+  local vr = redis.call('HMGET', string.sub(m, sep + 1), 'value', 'revision')
+  if vr[2] then
+    out[#out + 1] = string.sub(m, 1, sep - 1)
+    out[#out + 1] = vr[1]
+    out[#out + 1] = vr[2]
+  end
+end
+local last = redis.call('XREVRANGE', changes, '+', '-', 'COUNT', 1)
+local pos = '0-0'
+if last[1] then pos = last[1][1] end
+return {pos, out}
+"""
+)
+
+# Returns the milliseconds until the next deadline (-1: none).
+_SWEEP = _LUA_COMMON + "\nreturn sweep(1000)\n"
+
+
+class _Script:
+    """One Lua script, called by SHA (loaded again if the server forgot it)."""
+
+    def __init__(self, client: aioredis.Redis, text: str, base: str, stream_max_len: int) -> None:
+        self.client = client
+        self.text = text.replace("MAXLEN, '*'", f"'{int(stream_max_len)}', '*'").replace(
+            "local base = BASE", f"local base = '{base}'"
+        )
+        self.sha = hashlib.sha1(self.text.encode()).hexdigest()
+
+    async def __call__(self, *keys_and_args: bytes | str | int, keys: int = 0) -> Any:
+        try:
+            return await self.client.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", self.sha, keys, *keys_and_args
+            )
+        except rexc.NoScriptError:
+            await self.client.script_load(self.text)
+            return await self.client.execute_command(  # type: ignore[no-untyped-call]
+                "EVALSHA", self.sha, keys, *keys_and_args
+            )
+
+
+class RedisLayout:
+    """Where a store key of a bucket lives in Redis (the seed's layout; module docstring)."""
+
+    def __init__(self, bucket: str, key_prefix: str = DEFAULT_KEY_PREFIX) -> None:
+        self.bucket = bucket
+        self.prefix = key_prefix
+        self.base = base = f"{key_prefix}{bucket}/"
+        if any(c in base for c in "'\\\n\r") or not bucket:
+            raise InvalidIdentifierError("bucket", base, "no quote, backslash or line break")
+        self.counter = base + "revision"
+        self.changes = base + "changes"
+        self.keys = base + "keys"
+        self.expiry = base + "expiry"
+        self._names: dict[str, str] = {}
+
+    def redis_key(self, key: str) -> str:
+        """The Redis key of store key ``key`` (injective: tokens never contain ``:``)."""
+        if not _KEY_RE.match(key):
+            raise InvalidIdentifierError("state key", key, "use tokens of [-/_=A-Za-z0-9] and '.'")
+        tokens = key.split(".")
+        if self.bucket == BOARD_BUCKET and len(tokens) >= 2:
+            if tokens[1] in BOARD_KINDS.values():
+                raise InvalidIdentifierError("board key", key, "kind tokens are singular")
+            tokens[1] = BOARD_KINDS.get(tokens[1], tokens[1])
+        elif self.bucket == TASKS_BUCKET and len(tokens) >= 2:
+            tokens.insert(1, "tasks")
+        elif self.bucket == LOCKS_BUCKET:
+            tokens.insert(0, "locks")
+        else:
+            tokens.insert(0, self.bucket)
+        return self.prefix + ":".join(tokens)
+
+    def cached(self, key: str) -> str:
+        """``redis_key(key)``, remembered for the hot keys (locks, compare-and-set)."""
+        redis_key = self._names.get(key)
+        if redis_key is None:
+            if len(self._names) >= _NAMES_CACHED:
+                self._names.clear()
+            redis_key = self._names[key] = self.redis_key(key)
+        return redis_key
+
+
+def _lex_range(prefix: str) -> tuple[bytes, bytes]:
+    """ZRANGEBYLEX bounds of the members whose store key has ``prefix`` (or is it)."""
+    if not prefix:
+        return b"-", b"+"
+    if prefix.endswith("."):
+        return b"[" + prefix.encode(), b"(" + prefix[:-1].encode() + b"/"  # '/' follows '.'
+    return b"[" + prefix.encode() + _SEP, b"(" + prefix.encode() + b"\x01"
+
+
+def _matches(prefix: str, key: str) -> bool:
+    return not prefix or key == prefix or (prefix.endswith(".") and key.startswith(prefix))
+
+
+@contextlib.contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Re-raise redis-py's errors as swarmbus errors (``raise ... from``)."""
+    try:
+        yield
+    except (rexc.NoPermissionError, rexc.AuthenticationError) as exc:
+        raise PermissionDeniedError(f"{what}: {exc}") from exc
+    except rexc.AuthorizationError as exc:
+        raise PermissionDeniedError(f"{what}: {exc}") from exc
+    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
+        raise ConnectionError(f"{what}: {exc}") from exc
+    except rexc.ResponseError as exc:
+        if str(exc).startswith("NOPERM"):
+            raise PermissionDeniedError(f"{what}: {exc}") from exc
+        raise PublishError(f"{what}: {exc}") from exc
+    except rexc.RedisError as exc:
+        raise PublishError(f"{what}: {exc}") from exc
+
+
+class RedisStore:
+    """A ``StateStore`` for one bucket, on a ``redis.asyncio.Redis`` client.
+
+    The client is the caller's (``RedisStore.from_url`` makes one and ``aclose``
+    closes it). ``key_prefix``: the seed's ``agent:swarm:``.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        bucket: str,
+        *,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        stream_max_len: int = DEFAULT_STREAM_MAX_LEN,
+    ) -> None:
+        self.client = client
+        self.name: str = bucket
+        self.max_value_bytes: int = max_value_bytes
+        self.layout = RedisLayout(bucket, key_prefix)
+        base = self.layout.base
+        self._write = _Script(client, _WRITE, base, stream_max_len)
+        self._delete = _Script(client, _DELETE, base, stream_max_len)
+        self._snapshot = _Script(client, _SNAPSHOT, base, stream_max_len)
+        self._sweep = _Script(client, _SWEEP, base, stream_max_len)
+
+    @classmethod
+    def from_url(cls, url: str, bucket: str, **options: Any) -> RedisStore:
+        """A store on a new client for ``url`` (``redis://host:port/db``)."""
+        return cls(aioredis.Redis.from_url(url), bucket, **options)
+
+    async def aclose(self) -> None:
+        """Close the client (and its connections)."""
+        await self.client.aclose()
+
+    async def get(self, key: str, *, fresh: bool = False) -> Entry | None:
+        # one primary: every read is fresh
+        with redis_errors(f"get {key} from {self.name}"):
+            value, revision = cast(
+                builtins.list[bytes | None],
+                await self.client.hmget(self.layout.cached(key), ["value", "revision"]),
+            )
+        if revision is None:
+            return None
+        return Entry(key=key, value=value or b"", revision=int(revision))
+
+    async def create(self, key: str, value: bytes, *, ttl: int | None = None) -> int:
+        return await self._put(key, value, ttl, "create", 0)
+
+    async def update(self, key: str, value: bytes, *, revision: int, ttl: int | None = None) -> int:
+        return await self._put(key, value, ttl, "update", revision)
+
+    async def put(self, key: str, value: bytes) -> int:
+        return await self._put(key, value, None, "put", 0)
+
+    async def _put(self, key: str, value: bytes, ttl: int | None, mode: str, expected: int) -> int:
+        if len(value) > self.max_value_bytes:
+            raise MessageTooLargeError(len(value), self.max_value_bytes)
+        ttl_ms = 0 if ttl is None else max(1, int(ttl * 1000))
+        check = f"{mode} {expected} {ttl_ms}"
+        with redis_errors(f"{mode} {key} in {self.name}"):
+            revision = int(await self._write(self.layout.cached(key), key, value, check, keys=1))
+        if revision <= 0:
+            detail = "already exists" if mode == "create" else "changed since it was read"
+            raise ConflictError(key, expected, detail)
+        return revision
+
+    async def delete(self, key: str, *, revision: int | None = None) -> None:
+        expected = "" if revision is None else revision
+        with redis_errors(f"delete {key} from {self.name}"):
+            done = int(await self._delete(self.layout.cached(key), key, expected, keys=1))
+        if done < 0:
+            raise ConflictError(key, revision, "changed since it was read")
+
+    async def list(self, prefix: str = "") -> list[Entry]:
+        entries, _ = await self._snapshot_of(prefix)
+        return entries
+
+    async def sweep(self) -> float | None:
+        """Emit the delete of every key whose TTL ran out; seconds until the next one."""
+        with redis_errors(f"sweep {self.name}"):
+            wait = int(await self._sweep())
+        return None if wait < 0 else wait / 1000
+
+    async def _snapshot_of(self, prefix: str) -> tuple[builtins.list[Entry], bytes]:
+        low, high = _lex_range(prefix)
+        with redis_errors(f"list {self.name}"):
+            position, flat = await self._snapshot(low, high)
+        entries = [
+            Entry(key=flat[i].decode(), value=flat[i + 1] or b"", revision=int(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
+        entries.sort(key=lambda e: e.revision)
+        return entries, position
+
+    @contextlib.asynccontextmanager
+    async def watch(
+        self, prefix: str = "", *, initial: bool = True
+    ) -> AsyncIterator[AsyncIterator[Entry | None]]:
+        entries, position = await self._snapshot_of(prefix)
+        yield _Changes(self, prefix, position, entries if initial else None).entries()
+
+
+class _Changes:
+    """A watch's entries: the snapshot, ``None``, then the change stream after it.
+
+    Between reads it runs the bucket's sweep when one is due (at the next deadline, at
+    least every ``SWEEP_INTERVAL``), so expiries reach the stream while anyone watches.
+    No background task: a watch is one coroutine, closed in whatever task ends it.
+    """
+
+    def __init__(
+        self,
+        store: RedisStore,
+        prefix: str,
+        position: bytes,
+        initial: builtins.list[Entry] | None,
+    ) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.position = position
+        self.initial = initial
+        self.next_sweep = 0.0
+
+    async def entries(self) -> AsyncIterator[Entry | None]:
+        if self.initial is not None:
+            for entry in self.initial:
+                yield entry
+            yield None
+        while True:
+            for entry in await self._read():
+                yield entry
+
+    async def _read(self) -> builtins.list[Entry]:
+        """The next changes under the prefix (empty when the wait ran out)."""
+        if time.monotonic() >= self.next_sweep:
+            wait = await self.store.sweep()
+            pause = SWEEP_INTERVAL if wait is None else min(wait, SWEEP_INTERVAL)
+            self.next_sweep = time.monotonic() + pause
+        block = max(1, int((self.next_sweep - time.monotonic()) * 1000))
+        with redis_errors(f"watch {self.store.name}"):
+            batches = cast(
+                builtins.list[tuple[bytes, builtins.list[tuple[bytes, dict[bytes, bytes]]]]],
+                await self.store.client.xread(
+                    {self.store.layout.changes: self.position}, block=block, count=512
+                ),
+            )
+        found = []
+        for _, items in batches:
+            for item_id, fields in items:
+                self.position = item_id
+                key = fields[b"key"].decode()
+                if _matches(self.prefix, key):
+                    value = fields.get(b"value") if fields[b"op"] == b"put" else None
+                    found.append(Entry(key=key, value=value, revision=int(fields[b"revision"])))
+        return found

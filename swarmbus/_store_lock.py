@@ -1,0 +1,72 @@
+"""A lock key on any ``StateStore``: the seed's lock shape on the seam.
+
+Used by ``Lock`` when ``SWARM_BACKEND`` is not NATS. Acquire is a create-once write
+with a TTL (the seed's ``SET NX EX``), refresh a compare-and-set that re-arms the TTL,
+release a delete at the holder's revision (the seed's owner-only release). The fencing
+token is the revision of the acquiring create; it increases across releases and
+expiries because the store's revisions do. A waiter watches the key and tries again
+each time it is deleted or expires. No local hand-over queue: waiters race on each
+release, and the store decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import anyio
+
+from swarmbus._errors import ConflictError
+from swarmbus._state import StateStore
+
+__all__ = ["StoreLockKey"]
+
+
+class StoreLockKey:
+    """One lock key on a state store."""
+
+    def __init__(self, store: StateStore, key: str) -> None:
+        self.store = store
+        self.key = key
+
+    async def try_create(self, value: bytes, ttl: int) -> int | None:
+        """The new lock's revision, or None if the key is held."""
+        revision = None
+        # Shielded: a caller's timeout must not abandon a write that may be stored,
+        # which would leave a lock nobody holds until its TTL.
+        with anyio.CancelScope(shield=True), contextlib.suppress(ConflictError):
+            revision = await self.store.create(self.key, value, ttl=ttl)
+        return revision
+
+    async def wait_create(self, value: bytes, ttl: int) -> int:
+        """Acquire, waiting for releases and expiries (bound it with a timeout)."""
+        revision = await self.try_create(value, ttl)
+        if revision is not None:
+            return revision
+        async with self.store.watch(self.key) as changes:
+            held = False
+            async for entry in changes:
+                if entry is not None and entry.value is not None:
+                    held = True  # a holder (the current or a new one)
+                    continue
+                if entry is None and held:
+                    continue  # the end of the initial values: the key is held
+                revision = await self.try_create(value, ttl)  # freed (or free at the start)
+                if revision is not None:
+                    return revision
+                held = True
+        raise AssertionError("a watch does not end")  # pragma: no cover
+
+    async def refresh(self, value: bytes, revision: int, ttl: int) -> int | None:
+        """Re-arm the TTL; the new revision, or None if the lock was lost."""
+        try:
+            return await self.store.update(self.key, value, revision=revision, ttl=ttl)
+        except ConflictError:
+            return None
+
+    async def release(self, revision: int) -> bool:
+        """Delete the lock if still at ``revision``; False if it was lost."""
+        try:
+            await self.store.delete(self.key, revision=revision)
+        except ConflictError:
+            return False
+        return True

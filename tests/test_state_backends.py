@@ -1,0 +1,129 @@
+"""What the seed's shapes promise on the Redis and PostgreSQL stores.
+
+The seed's Redis keys (``agent:swarm:{session}:context|findings|tasks|locks``) hold what
+the stores write, a lock is a create-once key with a TTL released only by its owner,
+and a session's findings and tasks are plain-SQL rows of the seed's tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import msgspec
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+
+from swarmbus import ConflictError, FindingRecord, Task
+from swarmbus._postgres_store import PostgresStore, open_pool
+from swarmbus._redis_store import BOARD_BUCKET, LOCKS_BUCKET, TASKS_BUCKET, RedisStore
+from tests._stores import PostgresServer, RedisServer
+
+NOW = datetime(2026, 12, 7, 4, 30, tzinfo=UTC)
+
+
+def finding(agent: str, text: str, confidence: float) -> bytes:
+    record = FindingRecord(
+        id=f"F-{agent}", agent=agent, timestamp=NOW, category="observation",
+        content=text, confidence=confidence,
+    )  # fmt: skip
+    return msgspec.json.encode(record)
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_redis_keys_follow_the_seed_layout(
+    redis_client: aioredis.Redis, session_id: str
+) -> None:
+    board = RedisStore(redis_client, BOARD_BUCKET)
+    tasks = RedisStore(redis_client, TASKS_BUCKET)
+    await board.put(f"{session_id}.context", b'{"data": {"task": "INC-1234"}}')
+    await board.create(f"{session_id}.finding.F1", finding("ops/deploy-validator", "v1.2.3", 0.9))
+    revision = await tasks.create(f"{session_id}.T1", msgspec.json.encode(Task(id="T1", type="x")))
+
+    prefix = f"agent:swarm:{session_id}:"
+    assert await redis_client.hget(prefix + "context", "value") == b'{"data": {"task": "INC-1234"}}'
+    stored = await redis_client.hget(prefix + "findings:F1", "value")
+    assert msgspec.json.decode(stored, type=FindingRecord).content == "v1.2.3"
+    assert await redis_client.hget(prefix + "tasks:T1", "revision") == str(revision).encode()
+    keys = sorted([k.decode() async for k in redis_client.scan_iter(match=prefix + "*")])
+    assert keys == [prefix + "context", prefix + "findings:F1", prefix + "tasks:T1"]
+
+
+async def test_a_redis_lock_is_a_ttl_key_only_its_owner_releases(
+    redis_client: aioredis.Redis, unique: str
+) -> None:
+    locks = RedisStore(redis_client, LOCKS_BUCKET)
+    key = f"res-{unique}"
+    token = await locks.create(key, b"ops/release-manager", ttl=30)
+    with pytest.raises(ConflictError):
+        await locks.create(key, b"ops/other", ttl=30)  # SET NX: taken
+    assert 0 < await redis_client.pttl(f"agent:swarm:locks:{key}") <= 30_000
+    with pytest.raises(ConflictError):
+        await locks.delete(key, revision=token - 1)  # not the owner's revision
+    await locks.delete(key, revision=token)  # the owner's release
+    assert await redis_client.exists(f"agent:swarm:locks:{key}") == 0
+    assert await locks.create(key, b"ops/other", ttl=30) > token  # a higher fencing token
+
+
+async def test_a_sessions_findings_and_tasks_are_rows_of_the_seed_tables(
+    postgres_server: PostgresServer, session_id: str
+) -> None:
+    pool = await open_pool(postgres_server.url)
+    try:
+        board, tasks = PostgresStore(pool, BOARD_BUCKET), PostgresStore(pool, TASKS_BUCKET)
+        await board.put(f"{session_id}.context", b'{"data": {"task": "INC-1234"}}')
+        await board.create(f"{session_id}.finding.A", finding("ops/deploy-validator", "v1", 0.9))
+        await board.create(f"{session_id}.finding.B", finding("security/lead", "spike", 0.7))
+        first = await tasks.create(
+            f"{session_id}.T1", msgspec.json.encode(Task(id="T1", type="investigate"))
+        )
+        done = Task(
+            id="T1", type="investigate", status="completed", assigned_to="ops/a",
+            result={"ok": True}, completed_at=NOW,
+        )  # fmt: skip
+        await tasks.update(f"{session_id}.T1", msgspec.json.encode(done), revision=first)
+    finally:
+        await pool.close()
+
+    async with await psycopg.AsyncConnection.connect(postgres_server.url) as conn:
+        cursor = await conn.execute(
+            "SELECT f.agent_id, f.finding_type, f.content->>'content', f.confidence"
+            " FROM agent_findings f JOIN agent_sessions s ON s.id = f.session_id"
+            " WHERE s.name = %s ORDER BY f.agent_id",
+            [session_id],
+        )
+        assert await cursor.fetchall() == [
+            ("ops/deploy-validator", "observation", "v1", 0.9),
+            ("security/lead", "observation", "spike", 0.7),
+        ]
+        cursor = await conn.execute(
+            "SELECT t.task_type, t.status, t.assigned_to, t.result, t.completed_at"
+            " FROM agent_tasks t JOIN agent_sessions s ON s.id = t.session_id WHERE s.name = %s",
+            [session_id],
+        )
+        assert await cursor.fetchall() == [
+            ("investigate", "completed", "ops/a", {"ok": True}, NOW.replace(tzinfo=None))
+        ]
+        cursor = await conn.execute(
+            "SELECT context->>'task' FROM agent_sessions WHERE name = %s", [session_id]
+        )
+        assert await cursor.fetchone() == ("INC-1234",)
+
+
+async def test_migrations_apply_once(postgres_server: PostgresServer) -> None:
+    from swarmbus._postgres_store import migrate
+
+    async with await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True) as conn:
+        await migrate(conn)  # whatever is pending
+        assert await migrate(conn) == []
+        cursor = await conn.execute("SELECT name FROM swarm_migrations ORDER BY name")
+        assert [row[0] for row in await cursor.fetchall()] == ["001_coordination.sql"]
