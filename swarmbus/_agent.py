@@ -1,9 +1,15 @@
 """The agent runtime: an ``Agent`` with decorated handlers, served on a bus.
 
-Event handlers run on durable JetStream consumers (one per handler), so events that
-arrive while an agent is down or reconnecting are handled when it is back, and
-several processes running the same agent id share the work. Request handlers answer
-capability requests on core NATS queue groups.
+Event handlers run on one durable JetStream consumer per agent id, named exactly
+``safe_token(agent id)`` (so NATS permissions can bind it to the agent), whose
+``filter_subjects`` cover every handler; each message is dispatched in process to the
+handlers whose filters match its subject. Events that arrive while an agent is down or
+reconnecting are handled when it is back (within ``consumer_inactive_threshold``), and
+several processes running the same agent id share the work (they should run the same
+handlers: the filters are the last starter's). Handlers added or removed while the
+agent is served (``update_handlers``: a session joined or left) update the consumer's
+filters in place; no new durable. ``serve(bus, leave=True)`` deletes the consumer at
+exit. Request handlers answer capability requests on core NATS queue groups.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import anyio
 import anyio.abc
 
 from swarmbus import _subjects as subjects
-from swarmbus._bus import Bus
+from swarmbus._bus import Bus, consume_routes
+from swarmbus._consumer import DurableConsumer, Route, Routes
 from swarmbus._errors import InvalidIdentifierError, SwarmbusError
 from swarmbus._messages import (
     ActionCompletedMessage,
@@ -83,6 +90,7 @@ class Agent:
     _events: list[_EventRoute] = field(default_factory=list, init=False, repr=False)
     _requests: dict[str, RequestHandler] = field(default_factory=dict, init=False, repr=False)
     _bus: Bus | None = field(default=None, init=False, repr=False)
+    _consumer: DurableConsumer | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         subjects.validate_agent_id(self.id)
@@ -113,8 +121,9 @@ class Agent:
             types: only these message types reach the handler (others are acked).
             session: one session id, or ``*`` for all.
             ignore_own: skip events this agent published itself.
-            name: the durable consumer's name suffix (default: the function name);
-                keep it stable across restarts to resume where the agent stopped.
+            name: the handler's name (default: the function name), unique in the
+                agent; it keys the handler's dead letters. While the agent is served,
+                call ``update_handlers`` after registering.
         """
         if session != "*":
             subjects.validate_session_id(session)
@@ -193,6 +202,31 @@ class Agent:
 
         return register
 
+    def remove_handler(self, name: str) -> None:
+        """Remove the event handler ``name`` (call ``update_handlers`` if served).
+
+        Raises:
+            KeyError: no handler has that name.
+        """
+        kept = [r for r in self._events if r.name != name]
+        if len(kept) == len(self._events):
+            raise KeyError(name)
+        self._events[:] = kept
+
+    async def update_handlers(self) -> None:
+        """Apply handlers registered or removed while served (a session joined or left).
+
+        The agent's one consumer gets the new filters in place (no new durable): a
+        handler added receives the events not yet delivered to the agent; a handler
+        removed receives none once this returns. An agent served without event handlers
+        has no consumer: restart it to add some.
+        """
+        if self._consumer is not None:
+            await self._consumer.set_routes(self._routes())
+
+    def _routes(self) -> Routes:
+        return Routes(Route(r.name, r.filters, r.handler) for r in self._events)
+
     def request_handler(self, capability: str) -> RequestHandler | None:
         """The handler that answers ``capability`` (``on_request``), or None."""
         return self._requests.get(capability)
@@ -229,12 +263,16 @@ class Agent:
     # --- serving -------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def serve(self, bus: Bus, *, drain_timeout: float = 30.0) -> AsyncIterator[Agent]:
+    async def serve(
+        self, bus: Bus, *, drain_timeout: float = 30.0, leave: bool = False
+    ) -> AsyncIterator[Agent]:
         """Run this agent's handlers on ``bus`` until the block exits, then drain.
 
         Handlers are subscribed before the block starts. On exit no new message is
         taken, in-flight handlers finish (up to ``drain_timeout``) and are acked;
-        anything not acked is redelivered to the next instance.
+        anything not acked is redelivered to the next instance. The agent's consumer
+        stays for ``Settings.consumer_inactive_threshold`` (a restart resumes there);
+        with ``leave`` (the agent leaves for good) it is deleted at exit.
         """
         if self._bus is not None:
             raise SwarmbusError(f"agent {self.id} is already running")
@@ -242,12 +280,20 @@ class Agent:
         # fast_acquire: taking a free slot does not yield to the event loop (hot path).
         limiter = anyio.Semaphore(self.max_concurrency, fast_acquire=True)
         stop = anyio.Event()
-        prefix = subjects.safe_token(self.id)
         try:
             async with anyio.create_task_group() as tg:
-                for route in self._events:
-                    await tg.start(
-                        _consume, bus, f"{prefix}-{route.name}", route, self.id, limiter, stop
+                if self._events:
+                    self._consumer = await tg.start(
+                        functools.partial(
+                            consume_routes,
+                            bus,
+                            subjects.safe_token(self.id),
+                            self._routes(),
+                            receiver=self.id,
+                            limiter=limiter,
+                            stop=stop,
+                            delete=leave,
+                        )
                     )
                 subs = []
                 for capability, handler in self._requests.items():
@@ -264,27 +310,7 @@ class Agent:
                     tg.cancel_scope.deadline = anyio.current_time() + drain_timeout
         finally:
             self._bus = None
-
-
-async def _consume(
-    bus: Bus,
-    durable: str,
-    route: _EventRoute,
-    agent: str,
-    limiter: anyio.Semaphore,
-    stop: anyio.Event,
-    *,
-    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    await bus.consume(
-        durable,
-        route.filters,
-        route.handler,
-        receiver=agent,
-        limiter=limiter,
-        stop=stop,
-        task_status=task_status,
-    )
+            self._consumer = None
 
 
 @contextlib.asynccontextmanager

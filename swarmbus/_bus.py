@@ -50,7 +50,7 @@ from nats.js.kv import KeyValue
 from swarmbus import _subjects as subjects
 from swarmbus._backends import close_stores
 from swarmbus._config import Settings
-from swarmbus._consumer import DurableConsumer, Handler, LiveHandler
+from swarmbus._consumer import DurableConsumer, Handler, LiveHandler, Route, Routes
 from swarmbus._errors import (
     ConnectionError,
     InvalidIdentifierError,
@@ -62,7 +62,7 @@ from swarmbus._errors import (
     RequestTimeoutError,
     SwarmbusError,
 )
-from swarmbus._jetstream.delivery import durable_pull
+from swarmbus._jetstream.delivery import PullConsumer, PullOptions
 from swarmbus._jetstream.errors import translate as _translate
 from swarmbus._jetstream.errors import transport_error as _transport_error
 from swarmbus._jetstream.headers import CODE as CODE_HEADER
@@ -208,6 +208,9 @@ class _ConnectionEvents:
     async def on_reconnect(self) -> None:
         if self.bus is not None:
             self.bus.reconnected.set()
+            # Wake every receive loop: its open pull went with the old connection.
+            signal, self.bus.reconnect_signal = self.bus.reconnect_signal, anyio.Event()
+            signal.set()
 
     async def on_error(self, exc: Exception) -> None:
         if not (self.bus is not None and self.bus._refused(str(exc))):
@@ -276,6 +279,8 @@ class Bus:
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
         self.reconnected = asyncio.Event()
+        # Set at the next reconnect (then replaced): receive loops re-issue their pulls.
+        self.reconnect_signal = anyio.Event()
         self.outbox = Outbox(nc)
         self._buckets: dict[str, KeyValue] = {}
 
@@ -402,6 +407,9 @@ class Bus:
                 storage=self._storage(),
                 num_replicas=self.settings.replicas,
                 max_age=self.settings.event_max_age,
+                max_bytes=self.settings.event_max_bytes,
+                # The server's default (1,000 consumers a stream) would cap the agent ids.
+                max_consumers=self.settings.event_max_consumers,
                 duplicate_window=120.0,
                 discard=DiscardPolicy.OLD,
             )
@@ -658,32 +666,18 @@ class Bus:
         Each message is acked after its handler returns (at-least-once): a worker that
         dies mid-handler has the message redelivered after ``ack_wait``; a live one
         slower than that sends progress acks, so its message is not run twice meanwhile.
+        The consumer expires ``consumer_inactive_threshold`` seconds after its last
+        pull (a restart within that time resumes where it stopped).
 
         Raises:
             ConnectionError: the connection closed for good (a reconnect is waited for).
         """
-        psub = await durable_pull(
-            self.js,
-            EVENTS_STREAM,
-            durable,
-            list(filter_subjects),
-            ack_wait=ack_wait,
-            max_deliver=max_deliver,
-            deliver_new=deliver_new,
-            guard=self._permission_guard,
+        routes = Routes([Route("", tuple(filter_subjects), handler)])
+        consumer = await _open_consumer(
+            self, durable, routes, receiver, limiter, stop, deliver_new, ack_wait, max_deliver
         )
         task_status.started()
-        await DurableConsumer(
-            self,
-            psub,
-            handler,
-            durable=durable,
-            receiver=receiver,
-            limiter=limiter,
-            stop=stop,
-            ack_wait=ack_wait,
-            max_deliver=max_deliver,
-        ).run()
+        await consumer.run()
 
     # --- request / response ---------------------------------------------------------
 
@@ -752,6 +746,54 @@ class Bus:
             self, capability, handler, agent=agent, limiter=limiter, task_group=task_group
         )
         return await server.start()
+
+
+async def consume_routes(
+    bus: Bus,
+    durable: str,
+    routes: Routes,
+    *,
+    receiver: str,
+    limiter: anyio.Semaphore,
+    stop: anyio.Event,
+    delete: bool = False,
+    task_status: anyio.abc.TaskStatus[DurableConsumer] = anyio.TASK_STATUS_IGNORED,
+    **options: Any,
+) -> None:
+    """``Bus.consume`` for several handlers on one durable (an agent's), by subject.
+
+    Starts with the ``DurableConsumer`` (its ``set_routes`` updates the handlers and
+    the consumer's filters in place). With ``delete`` the consumer is deleted when
+    the loop ends (its owner leaves for good). ``options``: as for ``Bus.consume``.
+    """
+    consumer = await _open_consumer(bus, durable, routes, receiver, limiter, stop, **options)
+    task_status.started(consumer)
+    await consumer.run(delete=delete)
+
+
+async def _open_consumer(
+    bus: Bus,
+    durable: str,
+    routes: Routes,
+    receiver: str,
+    limiter: anyio.Semaphore,
+    stop: anyio.Event,
+    deliver_new: bool = True,
+    ack_wait: float = 30.0,
+    max_deliver: int = 5,
+) -> DurableConsumer:
+    """Create (or update in place) the durable ``durable`` and its receive loop."""
+    options = PullOptions(
+        ack_wait=ack_wait,
+        max_deliver=max_deliver,
+        deliver_new=deliver_new,
+        inactive_threshold=bus.settings.consumer_inactive_threshold,
+        expires=bus.settings.pull_expires,
+    )
+    guard = bus._permission_guard
+    pull = PullConsumer(bus.js, bus.nc, EVENTS_STREAM, durable, options, guard)
+    await pull.create(routes.filter_subjects())
+    return DurableConsumer(bus, pull, routes, receiver=receiver, limiter=limiter, stop=stop)
 
 
 def _session_of(subject: str) -> str:

@@ -55,6 +55,20 @@ class Settings(BaseModel):
     event_max_age: float = Field(
         7 * 24 * 3600.0, gt=0, description="seconds the event stream keeps events"
     )
+    event_max_bytes: int = Field(
+        -1,
+        ge=-1,
+        description="bytes the event stream keeps, oldest dropped first (-1: bounded by "
+        "event_max_age and the account's JetStream storage only); reserved x replicas "
+        "against the account's storage",
+    )
+    event_max_consumers: int = Field(
+        20_000,
+        ge=1,
+        description="consumers the event stream accepts: one per agent id, plus blackboard "
+        "ingest and consensus intake (the server's default is 1,000); at most the "
+        "account's max_consumers (20,000 in deploy/nats and the JWT account)",
+    )
     dead_letter_max_age: float = Field(
         30 * 24 * 3600.0, gt=0, description="seconds the dead-letter stream keeps a refused message"
     )
@@ -62,6 +76,19 @@ class Settings(BaseModel):
         1024**3,
         ge=1024 * 1024,
         description="bytes the dead-letter stream keeps (the oldest dead letters go first)",
+    )
+    consumer_inactive_threshold: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="seconds an agent's event consumer outlives its last pull: an agent "
+        "restarted within it resumes where it stopped; after it, the consumer is deleted",
+    )
+    pull_expires: float = Field(
+        120.0,
+        ge=2.0,
+        description="seconds an idle consumer's long pull waits on the server, with an "
+        "idle heartbeat at half of it (a pull lost silently is re-issued after two "
+        "missed; a reconnect or a leader change ends it at once)",
     )
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, gt=0, le=8 * 1024 * 1024)
     request_timeout: float = Field(5.0, gt=0)

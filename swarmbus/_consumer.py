@@ -1,7 +1,21 @@
 """The receive side of the bus: the durable consumer behind ``Bus.consume``.
 
 One pull loop fetches from a durable JetStream consumer and hands messages to a few
-worker tasks; each message is acked after its handler returns (at-least-once).
+worker tasks; each message is acked after its handlers return (at-least-once).
+
+- One consumer serves many handlers (``Routes``): an agent has one durable whose
+  ``filter_subjects`` cover all its handlers, updated in place when handlers are added
+  or removed at run time, and each message goes in process to the handlers whose
+  filters match its subject. The consumer count follows agent ids, not handlers x
+  sessions.
+- Per-handler failure isolation: a message is acked once every matching handler is
+  done with it (succeeded, or failed and dead-lettered: a dead letter per handler). A
+  handler that failed because NATS was unreachable has the message nak'ed for a
+  redelivery; the handlers that already succeeded are recorded (in process, per stream
+  sequence, bounded) and not run again on it. A redelivery to another process of the
+  same agent id runs them again (at-least-once, as before).
+- No polling: when caught up the loop waits on a long pull with idle heartbeats; the
+  stop (and a reconnect) interrupts it at once.
 
 - A fetch of n > 1 waits until n messages arrive (or it expires), so the loop asks only
   for what the server said is waiting: 1 when caught up (lowest latency), up to the
@@ -23,23 +37,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from swarmbus._errors import ConnectionError, InvalidMessageError, PublishError
-from swarmbus._jetstream.delivery import (
-    FETCH_TIMEOUT,
-    Connection,
-    Msg,
-    PullSubscription,
-    TransportError,
-)
+from swarmbus._errors import ConnectionError, InvalidMessageError, PublishError, SwarmbusError
+from swarmbus._jetstream.delivery import Connection, Msg, PullConsumer, TransportError
 from swarmbus._jetstream.reads import deliveries, num_pending
 from swarmbus._messages import Message
 from swarmbus._observe._instruments import observed
@@ -50,14 +61,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swarmbus")
 
-Handler = Callable[[Message], Awaitable[None]]
-
 
 class Host(Protocol):
     """What a durable consumer uses of its bus (``swarmbus.Bus``)."""
 
     nc: Connection
     reconnected: asyncio.Event
+    reconnect_signal: anyio.Event  # set at the next reconnect (then replaced)
 
     def accept(self, subject: str, data: bytes) -> Message: ...
 
@@ -78,40 +88,116 @@ class Host(Protocol):
     ) -> contextlib.AbstractContextManager[Span | None]: ...
 
 
+Handler = Callable[[Message], Awaitable[None]]
+#: The filter of a consumer left with no handler: no contract event has this subject.
+NO_EVENTS: Final = "agent._none_._none_._none_._none_"
+#: Redelivered messages whose succeeded handlers are remembered (oldest forgotten).
+MAX_PARTIAL: Final = 10_000
+
+
+@dataclass(frozen=True)
+class Route:
+    """A handler and the subject filters it receives (``name`` keys its dead letters)."""
+
+    name: str
+    filters: tuple[str, ...]
+    handler: Handler
+
+
+def _covers(pattern: tuple[str, ...], other: tuple[str, ...]) -> bool:
+    """Every subject ``other`` matches, ``pattern`` matches too (NATS wildcards)."""
+    for i, token in enumerate(pattern):
+        if token == ">":
+            return len(other) > i
+        if i >= len(other) or other[i] == ">":
+            return False
+        if token != "*" and token != other[i]:
+            return False
+    return len(other) == len(pattern)
+
+
+class Routes:
+    """The handlers of one consumer: the union of their filters, dispatch by subject."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes: tuple[Route, ...] = tuple(routes)
+        self._patterns = [
+            (route, [tuple(f.split(".")) for f in route.filters]) for route in self.routes
+        ]
+        self.match = functools.lru_cache(maxsize=4096)(self._match)
+
+    def filter_subjects(self) -> list[str]:
+        """The consumer's filters: distinct, none covered by another (sorted)."""
+        unique = sorted({f for route in self.routes for f in route.filters})
+        split = [tuple(f.split(".")) for f in unique]
+        kept = [
+            f
+            for f, p in zip(unique, split, strict=True)
+            if not any(q != p and _covers(q, p) for q in split)
+        ]
+        return kept or [NO_EVENTS]
+
+    def _match(self, subject: str) -> tuple[Route, ...]:
+        tokens = tuple(subject.split("."))
+        return tuple(
+            route for route, patterns in self._patterns if any(_covers(p, tokens) for p in patterns)
+        )
+
+
 class DurableConsumer:
-    """Runs ``handler`` on the messages of one bound durable pull consumer until a stop."""
+    """Runs its routes' handlers on the messages of one durable pull consumer until a stop."""
 
     def __init__(
         self,
         host: Host,
-        psub: PullSubscription,
-        handler: Handler,
+        consumer: PullConsumer,
+        routes: Routes,
         *,
-        durable: str,
         receiver: str,
         limiter: anyio.Semaphore,
         stop: anyio.Event,
-        ack_wait: float,
-        max_deliver: int,
     ) -> None:
         self._host = host
-        self._psub = psub
-        self._handler = handler
-        self._durable = durable
+        self._consumer = consumer
+        self._routes = routes
+        self._durable = consumer.durable
         self._receiver = receiver
         self._limiter = limiter
         self._stop = stop
-        self._ack_wait = ack_wait
-        self._max_deliver = max_deliver
+        self._ack_wait = consumer.options.ack_wait
+        self._max_deliver = consumer.options.max_deliver
         # Messages the server said are waiting (1 when caught up): the next fetch's size.
         self._waiting = 1
         self._send, self._receive = anyio.create_memory_object_stream[Msg](math.inf)
         # Messages being handled, for the heartbeat.
         self._in_flight: dict[int, Msg] = {}
+        # Stream sequence -> routes done with a message that is to be redelivered.
+        self._partial: OrderedDict[int, set[str]] = OrderedDict()
+        self._pulling: anyio.CancelScope | None = None
+        # Set while messages are in flight: the heartbeat sleeps only then.
+        self._busy = anyio.Event()
         self._closed: Exception | None = None
 
-    async def run(self) -> None:
+    @property
+    def routes(self) -> Routes:
+        """The handlers served."""
+        return self._routes
+
+    async def set_routes(self, routes: Routes) -> None:
+        """Serve ``routes`` from now on; the consumer's filters are updated in place.
+
+        A handler added gets the messages the consumer has not delivered yet; a handler
+        removed gets none once this returns.
+        """
+        new, old = routes.filter_subjects(), self._routes.filter_subjects()
+        if new != old:
+            await self._consumer.create(new)
+        self._routes = routes
+
+    async def run(self, *, delete: bool = False) -> None:
         """Pull until the stop, then let the fetched messages finish.
+
+        With ``delete`` (the owner leaves for good) the consumer is deleted at the end.
 
         Raises:
             ConnectionError: the connection closed for good (a reconnect is waited for).
@@ -120,14 +206,30 @@ class DurableConsumer:
             with self._receive:
                 async with anyio.create_task_group() as beats:
                     beats.start_soon(self._keep_alive)
+                    beats.start_soon(self._interrupt_on, self._stop)
+                    beats.start_soon(self._interrupt_on_reconnects)
                     async with anyio.create_task_group() as tg, self._send:
                         await self._pull(tg)
                     beats.cancel_scope.cancel()
             if self._closed is not None:
                 raise ConnectionError(f"consumer {self._durable}: {self._closed}") from self._closed
         finally:
-            with contextlib.suppress(TransportError):
-                await self._psub.unsubscribe()
+            await self._consumer.close()
+            if delete:
+                with anyio.CancelScope(shield=True), contextlib.suppress(SwarmbusError):
+                    # Shielded: the owner is leaving for good; a consumer left behind
+                    # would keep every matching event until its inactive threshold.
+                    await self._consumer.delete()
+
+    async def _interrupt_on(self, event: anyio.Event) -> None:
+        await event.wait()
+        if self._pulling is not None:
+            self._pulling.cancel()
+
+    async def _interrupt_on_reconnects(self) -> None:
+        """A pull open at a reconnect is lost with the old connection: re-issue it."""
+        while True:
+            await self._interrupt_on(self._host.reconnect_signal)
 
     async def _pull(self, tg: anyio.abc.TaskGroup) -> None:
         stop, limiter = self._stop, self._limiter
@@ -145,7 +247,7 @@ class DurableConsumer:
                 break
             if not batch:
                 continue
-            if stop.is_set():  # the pull was open at the stop: give it back
+            if stop.is_set():  # a message came with the stop: give it back
                 limiter.release()
                 for msg in batch:
                     with contextlib.suppress(TransportError):
@@ -162,11 +264,11 @@ class DurableConsumer:
     async def _fetch(self) -> list[Msg] | None:
         """The next batch for the slot held: [] (slot released) if none, None to end."""
         limiter = self._limiter
+        batch: list[Msg] = []
         try:
-            batch = await self._psub.fetch(min(1 + limiter.value, self._waiting, 256), timeout=0.5)
-        except FETCH_TIMEOUT:
-            limiter.release()
-            return []
+            with anyio.CancelScope() as self._pulling:
+                if not self._stop.is_set():
+                    batch = await self._consumer.pull(min(1 + limiter.value, self._waiting, 256))
         except TransportError as exc:
             limiter.release()
             if self._stop.is_set():
@@ -177,7 +279,15 @@ class DurableConsumer:
             log.warning("consumer %s: %s; retrying", self._durable, exc)
             await self._wait_reconnect()
             return []
+        except SwarmbusError as exc:  # re-creating a deleted consumer failed
+            limiter.release()
+            log.warning("consumer %s: %s; retrying", self._durable, exc)
+            await self._wait_reconnect()
+            return []
+        finally:
+            self._pulling = None
         if not batch:
+            self._waiting = 1
             limiter.release()
         return batch
 
@@ -188,11 +298,14 @@ class DurableConsumer:
         with anyio.move_on_after(2.0):
             while not self._stop.is_set() and not host.nc.is_connected:
                 await host.reconnected.wait()
+            if not self._stop.is_set():
+                await anyio.sleep(0.25)
 
     async def _work(self) -> None:
         in_flight = self._in_flight
         async for msg in self._receive:
             in_flight[id(msg)] = msg
+            self._busy.set()
             try:
                 await self._handle(msg)
             finally:
@@ -200,7 +313,10 @@ class DurableConsumer:
 
     async def _keep_alive(self) -> None:
         while True:
+            await self._busy.wait()  # idle: no timer at all
             await anyio.sleep(self._ack_wait / 3)
+            if not self._in_flight:
+                self._busy = anyio.Event()
             for msg in list(self._in_flight.values()):
                 with contextlib.suppress(TransportError):
                     await msg.in_progress()
@@ -212,6 +328,8 @@ class DurableConsumer:
                 message = host.accept(msg.subject, msg.data)
             except InvalidMessageError as exc:
                 seq = msg.metadata.sequence.stream if msg.reply else None
+                # One dead letter per bad message, whatever the number of receivers:
+                # keyed by stream sequence, the dead-letter stream de-duplicates them.
                 await host.reject(
                     subject=msg.subject,
                     data=msg.data,
@@ -221,15 +339,40 @@ class DurableConsumer:
                     dedupe_key=f"seq{seq}" if seq else None,
                 )
             else:
-                handler = self._handler
-                if _wants(handler, message, receiver):
-                    retry = deliveries(msg) < self._max_deliver
-                    if not await dispatch(host, handler, message, msg, receiver, retry=retry):
-                        return  # nak'ed: redelivered later
+                if not await self._run_routes(message, msg):
+                    return  # nak'ed: redelivered later
             with contextlib.suppress(TransportError):
                 await msg.ack()
         finally:
             self._limiter.release()
+
+    async def _run_routes(self, message: Message, msg: Msg) -> bool:
+        """Run every matching handler not yet done with ``msg``; False if nak'ed."""
+        host, receiver = self._host, self._receiver
+        routes = self._routes.match(msg.subject)
+        attempts = deliveries(msg)
+        seq = msg.metadata.sequence.stream if attempts > 1 or len(routes) > 1 else 0
+        done = self._partial.pop(seq, None) if attempts > 1 else None
+        retry = attempts < self._max_deliver
+        failed = False
+        for route in routes:
+            if (done and route.name in done) or not _wants(route.handler, message, receiver):
+                continue
+            if await dispatch(host, route, message, msg, receiver, retry=retry):
+                if len(routes) > 1:
+                    done = done or set()
+                    done.add(route.name)
+            else:
+                failed = True
+        if not failed:
+            return True
+        if done:
+            self._partial[seq] = done
+            while len(self._partial) > MAX_PARTIAL:
+                self._partial.popitem(last=False)
+        with contextlib.suppress(TransportError):
+            await msg.nak(delay=min(0.25 * 2**attempts, 10.0))
+        return False
 
 
 class LiveHandler:
@@ -253,51 +396,54 @@ class LiveHandler:
                 receiver=self._receiver,
             )
             return
-        await dispatch(host, self._handler, message, msg, self._receiver)
+        await dispatch(host, Route("", (), self._handler), message, msg, self._receiver)
 
 
 async def dispatch(
-    host: Host, handler: Handler, message: Message, msg: Msg, receiver: str, *, retry: bool = False
+    host: Host, route: Route, message: Message, msg: Msg, receiver: str, *, retry: bool = False
 ) -> bool:
     """Run a handler inside a CONSUMER span; a raising handler is reported, not fatal.
 
     With ``retry`` (a durable delivery that has attempts left), a handler that failed
     because NATS was unreachable (``ConnectionError``, ``PublishError``: a failover, a
-    short outage) is retried: the message is redelivered after a delay instead of
-    dead-lettered. Returns False if the message must not be acked.
+    short outage) is to be retried: it returns False (the caller naks the message for
+    a redelivery after a delay) instead of dead-lettering it.
     """
     span = host._consumer_span(msg, message.id, message.source.session, receiver)
     # Report inside the span: the error event joins the failed message's trace.
     with span as current:
         try:
-            await observed(handler, message, receiver)  # metrics: handler latency
+            await observed(route.handler, message, receiver)  # metrics: handler latency
         except (ConnectionError, PublishError) as exc:  # swarmbus's: NATS unreachable
             record_failure(current, exc)
             if not retry:
-                await _handler_failed(host, exc, message, msg, receiver)
+                await _handler_failed(host, exc, route, message, msg, receiver)
                 return True
             log.warning("handler for %s failed (%s): retrying", msg.subject, exc)
-            with contextlib.suppress(TransportError):
-                await msg.nak(delay=min(0.25 * 2 ** deliveries(msg), 10.0))
             return False
         except Exception as exc:  # noqa: BLE001 - reported: dead letter + error event
             record_failure(current, exc)
-            await _handler_failed(host, exc, message, msg, receiver)
+            await _handler_failed(host, exc, route, message, msg, receiver)
     return True
 
 
 async def _handler_failed(
-    host: Host, exc: Exception, message: Message, msg: Msg, receiver: str
+    host: Host, exc: Exception, route: Route, message: Message, msg: Msg, receiver: str
 ) -> None:
-    """Dead-letter the message a handler failed on, with an error event saying why."""
+    """Dead-letter the message a handler failed on, with an error event saying why.
+
+    One dead letter per failed handler (keyed by message id, handler and receiver):
+    each is that handler's to replay; the other handlers were not affected.
+    """
     log.error("handler for %s failed", msg.subject, exc_info=exc)
+    key = f"{message.id}:{route.name}" if route.name else message.id  # reject adds receiver
     await host.reject(
         subject=msg.subject,
         data=msg.data,
         code="handler_error",
         reason=f"{type(exc).__name__}: {exc}",
         receiver=receiver,
-        dedupe_key=message.id,
+        dedupe_key=key,
         message_id=message.id,
     )
 

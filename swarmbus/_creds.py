@@ -114,9 +114,9 @@ _SYSTEM_LIMITS: Final[dict[str, Any]] = {
 
 # Role templates: the permissions (and per-connection limits) of the users each role's
 # scoped signing key signs. ``{{name()}}`` is the agent id; ``{{tag(token)}}`` its
-# ``safe_token`` (consumer names cannot hold '/'); ``{{tag(handler)}}`` the names of
-# its event handlers (one durable consumer ``<token>-<handler>`` each, as Agent.serve
-# names them); ``{{tag(capability)}}`` the capabilities it serves.
+# ``safe_token``, which is also the name of its one durable consumer on the event stream
+# (Agent.serve; consumer names cannot hold '/'); ``{{tag(handler)}}`` is no longer used
+# (accepted for creds issued before); ``{{tag(capability)}}`` the capabilities it serves.
 _KV_READ_BUCKETS: Final = (
     "SWARMBUS_BOARD",
     "swarmbus-tasks",
@@ -124,7 +124,7 @@ _KV_READ_BUCKETS: Final = (
     "SWARMBUS_LOCKS",
 )
 _KV_WATCH_BUCKETS: Final = (*_KV_READ_BUCKETS, "SWARMBUS_QUERIES")
-_OWN_CONSUMER: Final = "{{tag(token)}}-{{tag(handler)}}"
+_OWN_CONSUMER: Final = "{{tag(token)}}"
 
 _AGENT_PUB: Final[list[str]] = [
     "agent.*.*.*.{{name()}}",
@@ -133,9 +133,11 @@ _AGENT_PUB: Final[list[str]] = [
     "$JS.API.INFO",
     "$JS.API.STREAM.INFO.*",
     "$JS.API.CONSUMER.INFO.*.*",  # read-only (KV watches look their consumers up)
-    # its own durable consumers on the event stream, and only those (attempt 7)
+    # its own durable consumer on the event stream, and only that one (attempt 7);
+    # deleted when the agent leaves for good (serve(leave=True))
     f"$JS.API.CONSUMER.DURABLE.CREATE.SWARMBUS_EVENTS.{_OWN_CONSUMER}",
     f"$JS.API.CONSUMER.MSG.NEXT.SWARMBUS_EVENTS.{_OWN_CONSUMER}",
+    f"$JS.API.CONSUMER.DELETE.SWARMBUS_EVENTS.{_OWN_CONSUMER}",
     f"$JS.ACK.SWARMBUS_EVENTS.{_OWN_CONSUMER}.>",
     # ephemeral consumers (KV watches and reads); not on the streams that hold named
     # consumers (_AGENT_PUB_DENY)

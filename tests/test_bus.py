@@ -480,7 +480,7 @@ async def test_drain_lets_in_flight_handler_finish_and_acks(
         stopped.set()  # begin draining while the handler is in flight
         release.set()
     assert finished == [sent.id]
-    durable = f"{swarmbus._subjects.safe_token(agent.id)}-on_finding"
+    durable = swarmbus._subjects.safe_token(agent.id)
     info = await bus.js.consumer_info("SWARMBUS_EVENTS", durable)
     assert info.num_ack_pending == 0
     assert info.num_redelivered == 0
@@ -523,7 +523,7 @@ async def test_draining_agent_takes_no_new_message_once_a_slot_frees(
         await anyio.wait_all_tasks_blocked()
         release.set()  # ...then free the slot: the consumer must not take the second
     assert handled == [first.id]
-    durable = f"{swarmbus._subjects.safe_token(agent.id)}-on_finding"
+    durable = swarmbus._subjects.safe_token(agent.id)
     info = await bus.js.consumer_info("SWARMBUS_EVENTS", durable)
     # The second is left for the next instance (the first's ack may still be in flight:
     # acks are not confirmed, so num_ack_pending can still count it).

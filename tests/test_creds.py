@@ -123,8 +123,8 @@ async def test_agent_added_to_a_running_server_publishes_only_as_itself(
 ) -> None:
     server, store = full_resolver
     log_start = len(server.log)
-    creds(store.root, "add", NEWCOMER, "--handler", "on_finding")
-    creds(store.root, "add", OTHER, "--handler", "on_finding")
+    creds(store.root, "add", NEWCOMER)  # no --handler: one consumer per agent
+    creds(store.root, "add", OTHER)
     newcomer = Agent(NEWCOMER)
     seen = anyio.Event()
 
@@ -137,7 +137,7 @@ async def test_agent_added_to_a_running_server_publishes_only_as_itself(
         own = await bus.publish(finding(), agent=NEWCOMER, session=session_id)
         assert own.source.agent == NEWCOMER
         assert await stored(service, f"agent.finding.reported.{session_id}.{NEWCOMER}")
-        # its own durable consumer (<safe_token(id)>-on_finding) works under the template
+        # its own durable consumer (named safe_token(id)) works under the template
         await service.publish(finding("from the service"), agent=SERVICE, session=session_id)
         with anyio.fail_after(10):
             await seen.wait()
@@ -154,7 +154,7 @@ async def test_agent_cannot_pull_or_ack_another_agents_consumer(
     server, store = full_resolver
     creds(store.root, "add", NEWCOMER, "--handler", "on_finding")
     creds(store.root, "add", OTHER, "--handler", "on_finding")
-    victim = f"{safe_token(NEWCOMER)}-on_finding"
+    victim = safe_token(NEWCOMER)  # an agent's one event consumer
     errors: list[str] = []
 
     async def on_error(exc: Exception) -> None:
@@ -181,7 +181,7 @@ async def test_agent_cannot_pull_or_ack_another_agents_consumer(
                 while not any(refusal in error for error in errors):
                     await nc.flush()
         # its own consumer name is allowed
-        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{safe_token(OTHER)}-on_finding")
+        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.{safe_token(OTHER)}")
         await nc.flush()
     finally:
         await nc.close()
@@ -194,9 +194,9 @@ async def test_agent_cannot_reconfigure_another_agents_consumer_by_ephemeral_cre
     """Attempt 7: the ephemeral create (``CONSUMER.CREATE.<stream>``) takes a consumer
     name in its body and then updates that consumer; agents get it on KV streams only."""
     server, store = full_resolver
-    creds(store.root, "add", NEWCOMER, "--handler", "on_finding")
+    creds(store.root, "add", NEWCOMER)
     creds(store.root, "add", OTHER)
-    victim = f"{safe_token(NEWCOMER)}-on_finding"
+    victim = safe_token(NEWCOMER)  # an agent's one event consumer
     newcomer = Agent(NEWCOMER)
 
     @newcomer.on_finding(session=session_id)

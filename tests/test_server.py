@@ -185,7 +185,7 @@ async def test_sigterm_drains_in_flight_handlers(
     bus: Bus, nats_url: str, session_id: str, unique: str
 ) -> None:
     agent_id = f"test/sigterm-{unique}"
-    durable = f"{swarmbus._subjects.safe_token(agent_id)}-on_finding"
+    durable = swarmbus._subjects.safe_token(agent_id)  # the agent's one event consumer
     created = anyio.Event()
 
     async def on_created(msg: object) -> None:

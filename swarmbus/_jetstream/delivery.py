@@ -3,14 +3,20 @@
 The bus's receive loops (``swarmbus._consumer``, ``swarmbus._request_server``) handle
 nats-py messages on the hot path: an ack, a nak, a reply is one call each, so they get
 the nats-py types and the one exception class those calls raise from here, by name,
-instead of a wrapper that would cost an await per message. Creating and binding a
-durable pull consumer, with its JetStream refusals translated, is here too.
+instead of a wrapper that would cost an await per message. ``PullConsumer`` creates,
+updates in place, long-pulls from and deletes a durable pull consumer, with its
+JetStream refusals translated.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
+from dataclasses import dataclass
 from typing import Final
 
+import anyio
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as Connection
@@ -20,17 +26,18 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from swarmbus._jetstream.errors import translate
-from swarmbus._jetstream.headers import JS_API
+from swarmbus._jetstream.headers import JS_API, STATUS
 from swarmbus._jetstream.retry import Guard
 
 __all__ = [
     "FETCH_TIMEOUT",
     "Connection",
     "Msg",
+    "PullConsumer",
+    "PullOptions",
     "PullSubscription",
     "Subscription",
     "TransportError",
-    "durable_pull",
 ]
 
 #: What a message operation (ack, nak, in_progress, a reply, a fetch) raises when the
@@ -40,38 +47,157 @@ TransportError: Final = nats.errors.Error
 FETCH_TIMEOUT: Final = (TimeoutError, nats.errors.TimeoutError)
 
 PullSubscription = JetStreamContext.PullSubscription
+HEARTBEAT_STATUS: Final = "100"
+NO_RESPONDERS_STATUS: Final = "503"
 
 
-async def durable_pull(
-    js: JetStreamContext,
-    stream: str,
-    durable: str,
-    filter_subjects: list[str],
-    *,
-    ack_wait: float,
-    max_deliver: int,
-    deliver_new: bool,
-    guard: Guard,
-) -> PullSubscription:
-    """Create (or update) the durable consumer ``durable`` on ``stream`` and bind to it.
+@dataclass(frozen=True)
+class PullOptions:
+    """How a durable pull consumer is configured and pulled from."""
 
-    Raises:
-        PermissionDeniedError, PublishError: the server refused the consumer.
+    ack_wait: float
+    max_deliver: int
+    deliver_new: bool
+    #: Seconds the consumer outlives its last pull (None: forever).
+    inactive_threshold: float | None = None
+    #: Seconds a long pull waits on the server; idle heartbeats come at half of it.
+    expires: float = 120.0
+
+
+class PullConsumer:
+    """A durable pull consumer: created or updated in place, long-pulled, deleted.
+
+    nats-py's ``fetch`` neither notices a lost pull (its heartbeats are only skipped) nor
+    stops at once, and waits message by message (a timer and a loop turn each); this
+    pulls on its own inbox, collecting in a callback: a long pull (batch 1,
+    ``expires``, idle heartbeats) when caught up, a ``no_wait`` pull for a known
+    backlog. A heartbeat only stamps the time; a pull silent for two heartbeats (a
+    reconnect, a leader change) ends empty and is re-issued. Messages that arrive for a
+    pull given up (or cancelled) are handed out by the next one.
     """
-    config = ConsumerConfig(
-        durable_name=durable,
-        filter_subjects=filter_subjects,
-        ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=ack_wait,
-        max_deliver=max_deliver,
-        max_ack_pending=1000,
-        deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
-    )
-    try:
-        with guard(
-            f"{JS_API}.CONSUMER.DURABLE.CREATE.{stream}.{durable}", f"create consumer {durable}"
-        ):
-            await js.add_consumer(stream, config)
-        return await js.pull_subscribe_bind(durable, stream)
-    except nats.js.errors.APIError as exc:
-        raise translate(exc, f"cannot create consumer {durable}") from exc
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        nc: Connection,
+        stream: str,
+        durable: str,
+        options: PullOptions,
+        guard: Guard,
+    ) -> None:
+        self._js, self._nc, self._guard = js, nc, guard
+        self.stream, self.durable, self.options = stream, durable, options
+        self._next = f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._filters: list[str] = []
+        self._sub: Subscription | None = None
+        self._inbox = ""
+        self._msgs: list[Msg] = []
+        self._want = 0
+        self._ended: anyio.Event | None = None
+        self._heard = 0.0
+        self._gone = False
+
+    async def create(self, filter_subjects: list[str]) -> None:
+        """Create the consumer, or update it in place (same durable) to these filters.
+
+        Raises:
+            PermissionDeniedError, PublishError: the server refused the consumer.
+        """
+        opts = self.options
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            filter_subjects=filter_subjects,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=opts.ack_wait,
+            max_deliver=opts.max_deliver,
+            max_ack_pending=1000,
+            deliver_policy=DeliverPolicy.NEW if opts.deliver_new else DeliverPolicy.ALL,
+            inactive_threshold=opts.inactive_threshold,
+        )
+        action = f"{JS_API}.CONSUMER.DURABLE.CREATE.{self.stream}.{self.durable}"
+        try:
+            with self._guard(action, f"create consumer {self.durable}"):
+                await self._js.add_consumer(self.stream, config)
+        except nats.js.errors.APIError as exc:
+            raise translate(exc, f"cannot create consumer {self.durable}") from exc
+        self._filters = filter_subjects
+        if self._sub is None:
+            self._inbox = self._nc.new_inbox()
+            self._sub = await self._nc.subscribe(self._inbox, cb=self._on_msg)
+
+    async def delete(self) -> None:
+        """Delete the consumer (its owner left for good); a missing one is no error."""
+        try:
+            await self._js.delete_consumer(self.stream, self.durable)
+        except nats.js.errors.NotFoundError:
+            pass
+        except nats.js.errors.APIError as exc:
+            raise translate(exc, f"cannot delete consumer {self.durable}") from exc
+
+    async def close(self) -> None:
+        """Stop receiving (the consumer stays until deleted or inactive).
+
+        Messages that came for a pull given up are handed back for redelivery now.
+        """
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(TransportError):
+                await sub.unsubscribe()
+        left, self._msgs = self._msgs, []
+        for msg in left:
+            with contextlib.suppress(TransportError):
+                await msg.nak()
+
+    async def pull(self, batch: int) -> list[Msg]:
+        """Up to ``batch`` messages: a long pull for 1, what is there at once for more.
+
+        Returns [] when a long pull expired or went silent (re-issue it).
+
+        Raises:
+            TransportError: the connection failed the pull.
+        """
+        assert self._sub is not None, "create() first"
+        if not self._msgs:
+            expires = self.options.expires
+            request: dict[str, object] = {"batch": batch}
+            if batch == 1:
+                request["expires"] = int(expires * 1e9)
+                request["idle_heartbeat"] = int(expires / 2 * 1e9)  # the most it may be
+                silence = expires + 1.0  # two heartbeats missed: the pull is lost
+            else:
+                request["no_wait"] = True
+                silence = 5.0
+            self._want, self._ended = batch, anyio.Event()
+            self._heard = time.monotonic()
+            await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+            try:
+                await self._wait(self._ended, silence)
+            finally:
+                self._ended = None
+            if self._gone:  # the consumer was deleted under us: create it again
+                self._gone = False
+                await self.create(self._filters)
+        got, self._msgs = self._msgs[:batch], self._msgs[batch:]
+        return got
+
+    async def _wait(self, ended: anyio.Event, silence: float) -> None:
+        """Until the pull ended, or nothing (not even a heartbeat) came for ``silence``."""
+        while True:
+            with anyio.move_on_after(self._heard + silence - time.monotonic()):
+                await ended.wait()
+                return
+            if time.monotonic() - self._heard >= silence:
+                return
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._heard = time.monotonic()
+        status = (msg.headers or {}).get(STATUS) if not msg.data else None
+        if status == HEARTBEAT_STATUS:
+            return
+        if not status:
+            self._msgs.append(msg)
+        elif status == NO_RESPONDERS_STATUS:
+            self._gone = True
+        ended = self._ended
+        if ended is not None and (status or len(self._msgs) >= self._want):
+            ended.set()

@@ -1,0 +1,282 @@
+"""Many agents, many sessions, long uptime: nothing grows without bound (issue 17).
+
+Each test that counts consumers runs on a server of its own (``fresh_server``), so the
+stream's consumer count is exactly what the test created.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import nats
+import pytest
+
+import swarmbus
+from swarmbus import (
+    Agent,
+    Bus,
+    Consensus,
+    ConsensusService,
+    Finding,
+    FindingMessage,
+    NatsServer,
+    Proposal,
+    Vote,
+)
+from swarmbus._agent import serving
+from swarmbus._subjects import safe_token
+
+WAIT = 30
+
+
+def finding(content: str = "x") -> Finding:
+    return Finding(category="observation", content=content, confidence=0.5)
+
+
+async def consumer_count(bus: Bus, stream: str = "SWARMBUS_EVENTS") -> int:
+    return (await bus.js.stream_info(stream)).state.consumer_count
+
+
+async def test_5000_agents_with_2_handlers_each_start_receive_and_use_one_consumer_each(
+    fresh_server: NatsServer, unique: str
+) -> None:
+    n = 5000
+    session = f"S-{unique}"
+    got: set[str] = set()
+    tasks: set[str] = set()
+    all_got = anyio.Event()
+    agents = []
+    for i in range(n):
+        agent = Agent(f"scale/a{i}-{unique}", max_concurrency=2)
+
+        @agent.on_finding(session=session)
+        async def on_finding(message: FindingMessage, agent: Agent = agent) -> None:
+            got.add(agent.id)
+            if len(got) == n:
+                all_got.set()
+
+        @agent.on_task(session=session)
+        async def on_task(message: Any, agent: Agent = agent) -> None:
+            tasks.add(agent.id)
+
+        agents.append(agent)
+    async with Bus.open(url=fresh_server.url) as bus:
+        async with serving(bus, agents):
+            # Consumers follow agent ids, not handlers: 5,000, not 10,000 (and past the
+            # server's default of 1,000 a stream).
+            assert await consumer_count(bus) == n
+            await bus.publish(finding(), agent="scale/publisher", session=session)
+            with anyio.fail_after(120):
+                await all_got.wait()
+        assert not tasks
+        info = await bus.js.consumer_info("SWARMBUS_EVENTS", safe_token(agents[0].id))
+        assert sorted(info.config.filter_subjects or []) == [
+            f"agent.finding.reported.{session}.*",
+            f"agent.task.*.{session}.*",
+        ]
+
+
+async def test_consumers_expire_after_the_threshold_and_leave_deletes_at_once(
+    fresh_server: NatsServer, unique: str
+) -> None:
+    threshold = 2.0
+    agents = []
+    for i in range(20):
+        agent = Agent(f"scale/gone{i}-{unique}")
+        agent.on_finding()(_ignore)
+        agents.append(agent)
+    leaver = Agent(f"scale/leaver-{unique}")
+    leaver.on_finding()(_ignore)
+    async with Bus.open(url=fresh_server.url, consumer_inactive_threshold=threshold) as bus:
+        # The server announces each deletion (an expiry too) with an advisory.
+        deleted = await bus.nc.subscribe("$JS.EVENT.ADVISORY.CONSUMER.DELETED.SWARMBUS_EVENTS.*")
+        async with leaver.serve(bus, leave=True), serving(bus, agents):
+            assert await consumer_count(bus) == 21
+        # Left for good: deleted at exit.
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.js.consumer_info("SWARMBUS_EVENTS", safe_token(leaver.id))
+        started = time.monotonic()
+        # The rest expire within the documented time (the threshold) plus the server's sweep.
+        gone: set[str] = set()
+        with anyio.fail_after(threshold + 10):
+            while len(gone) < 21:
+                gone.add((await deleted.next_msg(timeout=None)).subject.rsplit(".", 1)[1])
+        assert time.monotonic() - started >= threshold * 0.5  # expired, not deleted at exit
+        assert gone == {safe_token(a.id) for a in [*agents, leaver]}
+
+
+async def _ignore(message: Any) -> None:
+    pass
+
+
+async def test_agent_restarted_within_the_threshold_resumes_where_it_stopped(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    agent = Agent(f"scale/restart-{unique}")
+    got: list[str] = []
+    arrived = anyio.Event()
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        got.append(message.finding.content)
+        arrived.set()
+
+    async with agent.serve(bus):
+        pass
+    await bus.publish(finding("while away"), agent="scale/pub", session=session_id)
+    async with agent.serve(bus):
+        with anyio.fail_after(WAIT):
+            await arrived.wait()
+    assert got == ["while away"]
+
+
+async def test_leaving_serve_with_nothing_in_flight_is_prompt(bus: Bus, unique: str) -> None:
+    """Leaving interrupts the open long pull: no wait for it to expire.
+
+    A bound, not a speed target: the best of 5 exits (scheduler noise on a loaded machine
+    only adds time) must be under 50 ms; waiting for a pull would take seconds.
+    """
+    agent = Agent(f"scale/quick-{unique}")
+    agent.on_finding()(_ignore)
+    agent.on_event("task", name="tasks")(_ignore)
+    exits = []
+    for _ in range(5):
+        async with agent.serve(bus):
+            await anyio.wait_all_tasks_blocked()  # the pull request is sent...
+            await bus.nc.flush()  # ...and the server has it
+            info = await bus.js.consumer_info("SWARMBUS_EVENTS", safe_token(agent.id))
+            assert info.num_waiting == 1  # the long pull is open on the server
+            started = time.monotonic()
+        exits.append(time.monotonic() - started)
+    assert min(exits) < 0.05, exits
+
+
+async def test_handlers_are_isolated_a_retry_does_not_rerun_the_succeeded_one(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    agent = Agent(f"scale/iso-{unique}")
+    calls: list[str] = []
+    done = anyio.Event()
+
+    @agent.on_finding(session=session_id)
+    async def steady(message: FindingMessage) -> None:
+        calls.append("steady")
+
+    @agent.on_finding(session=session_id)
+    async def flaky(message: FindingMessage) -> None:
+        calls.append("flaky")
+        if calls.count("flaky") < 3:
+            raise swarmbus.ConnectionError("KV unreachable")
+        done.set()
+
+    async with agent.serve(bus):
+        await bus.publish(finding(), agent="scale/pub", session=session_id)
+        with anyio.fail_after(WAIT):
+            await done.wait()
+    await bus.nc.flush()  # the ack sent at the drain has reached the server
+    info = await bus.js.consumer_info("SWARMBUS_EVENTS", safe_token(agent.id))
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+    assert calls.count("steady") == 1
+    assert calls.count("flaky") == 3
+
+
+async def test_handlers_added_and_removed_while_served_update_the_one_consumer(
+    bus: Bus, unique: str
+) -> None:
+    agent = Agent(f"scale/joiner-{unique}")
+    seen: list[str] = []
+    arrived = anyio.Event()
+
+    @agent.on_finding(session=f"S1-{unique}")
+    async def first(message: FindingMessage) -> None:
+        seen.append(message.source.session)
+
+    durable = safe_token(agent.id)
+    async with agent.serve(bus):
+        created = (await bus.js.consumer_info("SWARMBUS_EVENTS", durable)).created
+
+        @agent.on_event("finding", "reported", session=f"S2-{unique}", name="second")
+        async def second(message: FindingMessage) -> None:
+            seen.append(message.source.session)
+            arrived.set()
+
+        await agent.update_handlers()  # joined S2
+        info = await bus.js.consumer_info("SWARMBUS_EVENTS", durable)
+        assert info.created == created  # the same durable, updated in place
+        assert f"agent.finding.reported.S2-{unique}.*" in (info.config.filter_subjects or [])
+        await bus.publish(finding(), agent="scale/pub", session=f"S2-{unique}")
+        with anyio.fail_after(WAIT):
+            await arrived.wait()
+        agent.remove_handler("second")
+        await agent.update_handlers()  # left S2
+        info = await bus.js.consumer_info("SWARMBUS_EVENTS", durable)
+        assert info.config.filter_subjects == [f"agent.finding.reported.S1-{unique}.*"]
+    assert seen == [f"S2-{unique}"]
+
+
+async def test_a_bad_message_is_dead_lettered_once_whatever_the_receivers(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    # One at a time: a receiver that got the good message after the bad one has
+    # handed the bad one's dead letter to the connection already.
+    agents = [Agent(f"scale/r{i}-{unique}", max_concurrency=1) for i in range(3)]
+    after: set[str] = set()
+    all_after = anyio.Event()
+    for agent in agents:
+
+        @agent.on_finding(session=session_id)
+        async def on_finding(message: FindingMessage, agent: Agent = agent) -> None:
+            after.add(agent.id)
+            if len(after) == len(agents):
+                all_after.set()
+
+    async with serving(bus, agents):
+        await bus.js.publish(f"agent.finding.reported.{session_id}.scale_x", b"not json")
+        await bus.publish(finding("after"), agent="scale/pub", session=session_id)
+        with anyio.fail_after(WAIT):
+            await all_after.wait()
+    await bus.nc.flush()
+    info = await bus.js.stream_info(
+        "SWARMBUS_DEAD", subjects_filter=f"swarmbus.dead.{session_id}.>"
+    )
+    assert sum((info.state.subjects or {}).values()) == 1
+
+
+async def test_streams_have_the_configured_limits(fresh_server: NatsServer) -> None:
+    async with Bus.open(
+        url=fresh_server.url,
+        event_max_bytes=64 * 1024**2,
+        dead_letter_max_bytes=8 * 1024**2,
+        dead_letter_max_age=3600.0,
+    ) as bus:
+        events = (await bus.js.stream_info("SWARMBUS_EVENTS")).config
+        dead = (await bus.js.stream_info("SWARMBUS_DEAD")).config
+    assert events.max_bytes == 64 * 1024**2
+    assert events.max_consumers == bus.settings.event_max_consumers > 1000
+    assert (dead.max_bytes, dead.max_age) == (8 * 1024**2, 3600.0)
+
+
+async def test_2000_consensus_calls_in_a_minute_leave_no_watch_consumer(
+    fresh_server: NatsServer, unique: str
+) -> None:
+    """500 proposals x (propose, 2 votes, wait_for_decision), through the service."""
+    voters = [f"scale/v{i}" for i in range(3)]
+    async with Bus.open(url=fresh_server.url) as bus, ConsensusService(bus):
+        consensus = await Consensus.open(bus, via_service=True)
+
+        async def one(i: int) -> None:
+            pid = f"p{i}-{unique}"
+            proposal = Proposal(proposal_id=pid, action="noop", quorum="majority", voters=voters)
+            await consensus.propose(proposal, agent=voters[0], session=f"S-{unique}")
+            for voter in voters[:2]:
+                await consensus.vote(Vote(proposal_id=pid, vote="yes"), agent=voter)
+            await consensus.wait_for_decision(pid, timeout=30)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(500):
+                    tg.start_soon(one, i)
+        # The service's own watch may remain while it runs; no call left one behind.
+        assert await consumer_count(bus, "KV_SWARMBUS_CONSENSUS") <= 1
