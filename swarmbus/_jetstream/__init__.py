@@ -20,6 +20,7 @@ What goes where:
 ``purge``                 purging keys
 ``follow``                reading a stream in order (tail, timeline), dead letters,
                           stream and consumer state for metrics
+``replies``               core request/reply on raw bytes (the runtime's API)
 ========================  ==========================================================
 
 Import the submodules directly; this package module imports nothing, so that the
