@@ -69,6 +69,13 @@ class Settings(BaseModel):
         "ingest and consensus intake (the server's default is 1,000); at most the "
         "account's max_consumers (20,000 in deploy/nats and the JWT account)",
     )
+    task_max_consumers: int = Field(
+        20_000,
+        ge=1,
+        description="consumers the task dispatch stream accepts: ten per session and task "
+        "type (one per priority), each expiring a day after its last pull (the server's "
+        "default is 1,000); at most the account's max_consumers",
+    )
     dead_letter_max_age: float = Field(
         30 * 24 * 3600.0, gt=0, description="seconds the dead-letter stream keeps a refused message"
     )

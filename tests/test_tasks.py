@@ -65,6 +65,16 @@ async def queue(bus: Bus, session_id: str) -> AsyncIterator[TaskQueue]:
         yield queue
 
 
+async def test_the_dispatch_stream_is_not_capped_at_the_servers_1000_consumers(
+    queue: TaskQueue, bus: Bus
+) -> None:
+    # One durable per session, type and priority: 1,000 (the server's default) would
+    # stop the 101st session with ten priorities of one task type.
+    info = await bus.js.stream_info("SWARMBUS_TASKS")
+    assert info.config.max_consumers == bus.settings.task_max_consumers
+    assert bus.settings.task_max_consumers > 1_000
+
+
 async def test_lifecycle_create_claim_heartbeat_complete(
     queue: TaskQueue, events: Events, unique: str
 ) -> None:

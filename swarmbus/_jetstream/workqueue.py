@@ -62,7 +62,7 @@ Dispatch = Msg
 
 
 def work_queue_stream(
-    name: str, subject: str, *, storage: StorageType, replicas: int
+    name: str, subject: str, *, storage: StorageType, replicas: int, max_consumers: int = -1
 ) -> StreamConfig:
     """A work-queue stream on ``subject`` whose pending messages can be listed."""
     return StreamConfig(
@@ -73,6 +73,8 @@ def work_queue_stream(
         storage=storage,
         num_replicas=replicas,
         duplicate_window=120.0,
+        # One durable per queue: the server's default (1,000 a stream) would cap sessions.
+        max_consumers=max_consumers,
     )
 
 

@@ -127,6 +127,7 @@ class TaskQueue:
                 subjects.TASK_WILDCARD,
                 storage=self.bus._storage(),
                 replicas=self.bus.settings.replicas,
+                max_consumers=self.bus.settings.task_max_consumers,
             )
         )
         kv = await self.bus.key_value(TASKS_BUCKET, history=1)
