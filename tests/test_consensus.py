@@ -54,7 +54,7 @@ from swarmbus._consensus import (
     final_outcome,
     proposal_key,
 )
-from swarmbus._messages import now
+from swarmbus._messages import new_id, now
 
 ROOT = Path(__file__).resolve().parents[1]
 VOTERS = [f"ops/voter-{i}" for i in range(5)]
@@ -627,8 +627,12 @@ async def test_task_approval_waits_on_the_consensus_decision(
     bus: Bus, consensus: Consensus, service: ConsensusService, session_id: str
 ) -> None:
     async with TaskQueue(bus, session_id) as queue:
-        gated = await queue.create("remediate", agent=VOTERS[0], requires_approval=True)
-        refused = await queue.create("remediate", agent=VOTERS[0], requires_approval=True)
+        gated, refused = [
+            await queue.create(
+                "remediate", agent=VOTERS[0], requires_approval=True, approvers=VOTERS
+            )
+            for _ in range(2)
+        ]
         assert await queue.claim(agent="ops/worker", types=["remediate"]) is None
         for task in (gated, refused):
             await consensus.propose_task_approval(
@@ -647,6 +651,93 @@ async def test_task_approval_waits_on_the_consensus_decision(
                 await anyio.wait_all_tasks_blocked()
         assert (await queue.get(refused.id)).approval == "rejected"
         assert await queue.claim(agent="ops/worker", types=["remediate"]) is None
+
+
+MALLORY = "ops/mallory"
+
+
+async def _applied(consensus: Consensus, pid: str) -> ProposalRecord:
+    """The record of ``pid`` once its decision is published and applied."""
+
+    def done(record: ProposalRecord) -> bool:
+        return record.published and not record.effects_pending
+
+    with anyio.fail_after(10):
+        return await consensus._watch_until(pid, done)
+
+
+async def test_an_agent_cannot_approve_another_agents_gated_task(
+    bus: Bus, consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    for agent in [*VOTERS, MALLORY]:
+        await consensus.join(session_id, agent)
+    async with TaskQueue(bus, session_id) as queue:
+        task = await queue.create("remediate", agent=VOTERS[0], requires_approval=True)
+        forged = Proposal(
+            proposal_id="grab", action="approve_task", target=task.id, voters=[MALLORY]
+        )
+        with pytest.raises(InvalidMessageError) as refused:
+            await consensus.propose(forged, agent=MALLORY, session=session_id)
+        assert refused.value.code == "not_approver"
+        # What the service records from MALLORY's own proposal event (no client check):
+        await consensus.book.record_proposal(
+            forged, agent=MALLORY, session=session_id, message_id=new_id(), at=now()
+        )
+        await consensus.vote(Vote(proposal_id="grab", vote="yes"), agent=MALLORY)
+        record = await _applied(consensus, "grab")
+        assert record.decision is not None
+        assert record.decision.outcome == "approved"
+        assert (await queue.get(task.id)).approval == "required"
+        assert await queue.claim(agent=MALLORY, types=["remediate"]) is None
+
+
+async def test_the_approvers_a_task_names_approve_it(
+    bus: Bus, consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:
+        task = await queue.create(
+            "remediate", agent=VOTERS[0], requires_approval=True, approvers=VOTERS
+        )
+        with pytest.raises(InvalidMessageError, match="approvers"):
+            await consensus.propose_task_approval(
+                task.id, agent=VOTERS[0], session=session_id, voters=[VOTERS[0]]
+            )
+        record = await consensus.propose_task_approval(
+            task.id, agent=VOTERS[0], session=session_id, timeout=60
+        )
+        assert record.electorate == sorted(VOTERS)
+        await _cast(consensus, record.proposal_id, "yes", "yes", "yes")
+        await _applied(consensus, record.proposal_id)
+        assert (await queue.get(task.id)).approval == "approved"
+
+
+async def test_a_squatted_approval_id_does_not_stop_the_owners_approval(
+    bus: Bus, consensus: Consensus, service: ConsensusService, session_id: str
+) -> None:
+    for agent in VOTERS:
+        await consensus.join(session_id, agent)
+    async with TaskQueue(bus, session_id) as queue:
+        task = await queue.create("remediate", agent=VOTERS[0], requires_approval=True)
+        squat = Proposal(
+            proposal_id=f"approve-{task.id}",
+            action="approve_task",
+            target=task.id,
+            voters=[MALLORY],
+        )
+        await consensus.book.record_proposal(
+            squat, agent=MALLORY, session=session_id, message_id=new_id(), at=now()
+        )
+        record = await consensus.propose_task_approval(
+            task.id, agent=VOTERS[0], session=session_id, timeout=60
+        )
+        assert record.proposal_id.startswith(f"approve-{task.id}-")
+        assert record.electorate == sorted(VOTERS)
+        await _cast(consensus, record.proposal_id, "yes", "yes", "yes")
+        await _applied(consensus, record.proposal_id)
+        assert (await queue.get(task.id)).approval == "approved"
+        claim = await queue.claim(agent=VOTERS[1], types=["remediate"], timeout=5)
+        assert claim is not None
+        assert claim.task.id == task.id
 
 
 async def test_a_published_decision_expires_after_the_retention(

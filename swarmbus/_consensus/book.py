@@ -138,6 +138,7 @@ class ProposalBook:
             deadline=deadline_of(proposal, at),
             electorate=electorate,
             trace=trace_headers(),
+            electorate_from_members=not proposal.voters,
         )
         self.check_fits(record)
         return record

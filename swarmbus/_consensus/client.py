@@ -16,7 +16,13 @@ from swarmbus._backends import open_store as open_state_store
 from swarmbus._blackboard import DEFAULT_BUCKET, DEFAULT_MAX_VALUE_BYTES, Blackboard
 from swarmbus._bus import Bus
 from swarmbus._consensus.book import ProposalBook, ballot_of_vote, vote_recorded
-from swarmbus._consensus.decider import APPROVE_TASK, Deadlines, Decider, record_on_board
+from swarmbus._consensus.decider import (
+    APPROVE_TASK,
+    Deadlines,
+    Decider,
+    approval_refusal,
+    record_on_board,
+)
 from swarmbus._consensus.record import (
     CONSENSUS_BUCKET,
     ProposalRecord,
@@ -27,12 +33,14 @@ from swarmbus._consensus.tally import Quorum
 from swarmbus._errors import (
     ConflictError,
     DecisionTimeoutError,
+    InvalidMessageError,
     NotFoundError,
     PublishError,
     SwarmbusError,
 )
 from swarmbus._messages import Decision, Proposal, Vote, new_id, now, validate_body
 from swarmbus._state import StateStore
+from swarmbus._tasks import Task, TaskQueue
 from swarmbus._telemetry import continued
 
 __all__ = ["DEFAULT_RETENTION", "SERVICE_AGENT", "Consensus", "open_store"]
@@ -155,11 +163,21 @@ class Consensus:
 
         Raises:
             ConflictError: a different proposal with this id exists.
-            InvalidMessageError: invalid fields, or no voters (``code == "no_voters"``).
+            InvalidMessageError: invalid fields, no voters (``code == "no_voters"``), or
+                an ``approve_task`` proposal its task's rule refuses (``code ==
+                "not_approver"``: see ``approval_refusal``).
             MessageTooLargeError: the proposal is over ``book.max_proposal_bytes``.
+            NotFoundError: an ``approve_task`` proposal about an unknown task.
         """
         subjects.validate_agent_id(agent)
         subjects.validate_session_id(session)
+        if proposal.action == APPROVE_TASK:
+            task = await self._task(session, proposal.target)
+            refusal = approval_refusal(
+                task, proposer=agent, voters=proposal.voters, from_members=not proposal.voters
+            )
+            if refusal is not None:
+                raise InvalidMessageError("not_approver", refusal)
         message_id = new_id()
         board = None
         if self.board_bucket is not None:  # opened first: a failure records nothing
@@ -191,8 +209,14 @@ class Consensus:
 
         The proposal's id is ``approve-<task id>``, its action ``approve_task`` and its
         target the task id; the decider calls ``TaskQueue.approve`` or
-        ``TaskQueue.reject`` (no quorum rejects).
+        ``TaskQueue.reject`` (no quorum rejects). Its voters are the task's
+        ``approvers`` (or, if it names none, the session's members); ``voters`` other
+        than those raise ``InvalidMessageError``. Only the task's creator may propose
+        it. If that id is taken by a proposal that does not count for the task (see
+        ``approval_refusal``), a fresh id ``approve-<task id>-<random>`` is used; an
+        existing one that counts is returned as it is.
         """
+        task = await self._task(session, task_id)
         proposal = Proposal(
             proposal_id=f"approve-{task_id}",
             action=APPROVE_TASK,
@@ -200,9 +224,36 @@ class Consensus:
             quorum=quorum,
             threshold=threshold,
             timeout=timeout,
-            voters=list(voters),
+            voters=list(voters) or list(task.approvers),
         )
-        return await self.propose(proposal, agent=agent, session=session)
+        try:
+            return await self.propose(proposal, agent=agent, session=session)
+        except ConflictError:
+            existing = await self.get(proposal.proposal_id)
+            if self._approves(existing, task):
+                return existing
+        fresh = msgspec.structs.replace(proposal, proposal_id=f"approve-{task_id}-{new_id()}")
+        return await self.propose(fresh, agent=agent, session=session)
+
+    async def _task(self, session: str, task_id: str) -> Task:
+        async with TaskQueue(self.bus, session) as queue:
+            return await queue.get(task_id)
+
+    @staticmethod
+    def _approves(record: ProposalRecord, task: Task) -> bool:
+        """Whether ``record`` is a proposal that counts for approving ``task``."""
+        refusal = approval_refusal(
+            task,
+            proposer=record.proposer,
+            voters=record.electorate,
+            from_members=record.electorate_from_members,
+        )
+        proposal = record.proposal
+        return (
+            refusal is None
+            and (proposal.action, proposal.target) == (APPROVE_TASK, task.id)
+            and record.session == task.session
+        )
 
     async def vote(self, vote: Vote, *, agent: str) -> ProposalRecord:
         """Cast ``agent``'s vote (in the proposal's session) and publish it.

@@ -45,7 +45,7 @@ from swarmbus._errors import (
     SwarmbusError,
 )
 from swarmbus._messages import now
-from swarmbus._tasks import TaskQueue
+from swarmbus._tasks import Task, TaskQueue
 from swarmbus._telemetry import process_span
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "REPUBLISH_AFTER",
     "Deadlines",
     "Decider",
+    "approval_refusal",
     "apply_to_task",
     "record_on_board",
 ]
@@ -278,15 +279,48 @@ async def record_on_board(board: Blackboard, record: ProposalRecord, *, agent: s
         await board.set_action_status(proposal.proposal_id, status, agent=agent, reason=reason)
 
 
+def approval_refusal(
+    task: Task, *, proposer: str, voters: list[str], from_members: bool
+) -> str | None:
+    """Why a proposal to approve ``task`` does not count (None: it does).
+
+    Only the task's creator may put it to a vote, and the electorate is the rule's, not
+    the proposer's pick: the task's ``approvers`` if it names them, else the session's
+    members (a proposal that names no voters).
+    """
+    if proposer != task.created_by:
+        return f"only its creator {task.created_by!r} may propose approving task {task.id}"
+    if task.approvers:
+        if sorted(set(voters)) != task.approvers:
+            return f"task {task.id} is approved by its approvers {task.approvers}, not {voters}"
+    elif not from_members:
+        return (
+            f"task {task.id} is approved by the members of {task.session}: "
+            "its approval proposal must name no voters"
+        )
+    return None
+
+
 async def apply_to_task(bus: Bus, record: ProposalRecord, *, agent: str) -> None:
-    """Approve or reject the task an ``approve_task`` proposal is about. Idempotent."""
+    """Approve or reject the task an ``approve_task`` proposal is about. Idempotent.
+
+    A proposal the task's rule refuses (``approval_refusal``) changes nothing.
+    """
     decision = record.decision
     if decision is None:
         return
     task_id = record.proposal.target
     async with TaskQueue(bus, record.session) as queue:
         try:
-            if decision.outcome == "approved":
+            refusal = approval_refusal(
+                await queue.get(task_id),
+                proposer=record.proposer,
+                voters=record.electorate,
+                from_members=record.electorate_from_members,
+            )
+            if refusal is not None:
+                log.warning("consensus: %s ignored: %s", record.proposal_id, refusal)
+            elif decision.outcome == "approved":
                 await queue.approve(task_id, by=agent)
             else:
                 await queue.reject(task_id, by=agent, reason=f"consensus: {decision.outcome}")

@@ -47,7 +47,8 @@ class ProposalRecord(msgspec.Struct, kw_only=True, frozen=True):
     publishing over by another compare-and-set at ``publish_claimed_at``): only it
     publishes the ``decided`` event. ``effects_pending``: the decision is not yet
     applied to the blackboard and the task it approves (idempotent steps, done before
-    the event; cleared with ``published``).
+    the event; cleared with ``published``). ``electorate_from_members``: the proposal
+    named no voters, so its electorate is the session's members when it was recorded.
     """
 
     proposal: Proposal
@@ -67,6 +68,8 @@ class ProposalRecord(msgspec.Struct, kw_only=True, frozen=True):
     publisher: str = ""
     publish_claimed_at: Timestamp | None = None
     effects_pending: bool = False
+    #: The electorate is the session's members (the proposal named no voters).
+    electorate_from_members: bool = False
 
     @property
     def proposal_id(self) -> str:

@@ -81,6 +81,8 @@ class Task(msgspec.Struct, kw_only=True, frozen=True):
     completed_at: datetime | None = None
     #: Wall-clock time after which the current claim may be taken over.
     lease_until: datetime | None = None
+    #: Who may vote to approve it (set by its creator); empty: the session's members.
+    approvers: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class TaskSpec:
     timeout: float = 60.0
     requires_approval: bool = False
     max_attempts: int | None = None
+    approvers: tuple[str, ...] = ()
 
 
 Handler = Callable[[Task], Awaitable[Mapping[str, Any] | None]]
@@ -189,6 +192,10 @@ def build(spec: TaskSpec, *, agent: str, session: str, max_attempts: int) -> Tas
         encoder.encode(parameters)
     except (msgspec.ValidationError, TypeError) as exc:
         raise InvalidTaskError("parameters", str(exc)) from None
+    try:
+        approvers = sorted({subjects.validate_agent_id(a) for a in spec.approvers})
+    except SwarmbusError as exc:
+        raise InvalidTaskError("approvers", str(exc)) from None
     return Task(
         id=new_id(),
         type=spec.type,
@@ -200,6 +207,7 @@ def build(spec: TaskSpec, *, agent: str, session: str, max_attempts: int) -> Tas
         max_attempts=attempts,
         approval="required" if spec.requires_approval else "none",
         created_at=now(),
+        approvers=approvers,
     )
 
 

@@ -165,8 +165,11 @@ class TaskQueue:
         timeout: float = 60.0,
         requires_approval: bool = False,
         max_attempts: int | None = None,
+        approvers: Iterable[str] = (),
     ) -> Task:
         """Create a pending task and offer it to claimers (after approval, if required).
+
+        ``approvers``: the agents whose vote approves it (none: the session's members).
 
         Raises:
             InvalidTaskError: bad priority, type, parameters or constraints; nothing stored.
@@ -179,6 +182,7 @@ class TaskQueue:
             timeout=timeout,
             requires_approval=requires_approval,
             max_attempts=max_attempts,
+            approvers=tuple(approvers),
         )
         (task,) = await self.create_many([spec], agent=agent)
         return task
