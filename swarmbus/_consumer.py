@@ -93,6 +93,8 @@ Handler = Callable[[Message], Awaitable[None]]
 NO_EVENTS: Final = "agent._none_._none_._none_._none_"
 #: Redelivered messages whose succeeded handlers are remembered (oldest forgotten).
 MAX_PARTIAL: Final = 10_000
+#: Seconds a draining consumer waits for the server to confirm one ack.
+DRAIN_ACK_TIMEOUT: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -341,8 +343,13 @@ class DurableConsumer:
             else:
                 if not await self._run_routes(message, msg):
                     return  # nak'ed: redelivered later
-            with contextlib.suppress(TransportError):
-                await msg.ack()
+            with contextlib.suppress(TransportError, TimeoutError):
+                if self._stop.is_set():
+                    # Draining: leaving serve() promises the in-flight work is acked, so
+                    # wait for the server to confirm it (a plain ack is fire-and-forget).
+                    await msg.ack_sync(timeout=DRAIN_ACK_TIMEOUT)
+                else:
+                    await msg.ack()
         finally:
             self._limiter.release()
 
