@@ -27,7 +27,15 @@ def _portable_value(key: str, value: Any) -> Any:
         return value[:-2] + "$"
     if key == "description" and isinstance(value, str):
         return inspect.cleandoc(value)
+    if key in ("anyOf", "oneOf") and isinstance(value, list):
+        # msgspec versions order the members of a union differently (``T | None``);
+        # the order means nothing to a validator, so fix one.
+        return sorted((_portable(v) for v in value), key=_canonical)
     return _portable(value)
+
+
+def _canonical(node: Any) -> str:
+    return json.dumps(node, sort_keys=True)
 
 
 def _dropped(key: str, value: Any, node: dict[str, Any]) -> bool:
