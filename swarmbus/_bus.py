@@ -80,6 +80,7 @@ from swarmbus._messages import (
     Request,
     RequestMessage,
     ResponseMessage,
+    Source,
     decode,
     encode,
     envelope_for,
@@ -150,11 +151,7 @@ def _on_its_subject(subject: str, message: Message) -> Message:
     event = subjects.parse_event_subject(subject)
     if event is not None:
         domain, name, session, agent = event
-        if (session, agent) != (source.session, source.agent):
-            raise InvalidMessageError(
-                "source_mismatch",
-                f"source {source.agent}@{source.session} does not match subject {subject}",
-            )
+        _check_source(source, session, agent, subject)
         if event_of(message) != (domain, name):
             raise InvalidMessageError(
                 "wrong_subject", f"a {message.type} message does not belong on {subject}"
@@ -163,11 +160,7 @@ def _on_its_subject(subject: str, message: Message) -> Message:
     request = subjects.parse_request_subject(subject)
     if request is not None:
         capability, target, session, agent = request
-        if (session, agent) != (source.session, source.agent):
-            raise InvalidMessageError(
-                "source_mismatch",
-                f"source {source.agent}@{source.session} does not match subject {subject}",
-            )
+        _check_source(source, session, agent, subject)
         if not isinstance(message, RequestMessage):
             raise InvalidMessageError("wrong_subject", f"expected a request on {subject}")
         body = message.request
@@ -180,6 +173,15 @@ def _on_its_subject(subject: str, message: Message) -> Message:
     if subject.startswith((f"{subjects.EVENT_ROOT}.", f"{subjects.REQUEST_ROOT}.")):
         raise InvalidMessageError("wrong_subject", f"{subject} is not a contract subject")
     return message
+
+
+def _check_source(source: Source, session: str, agent: str, subject: str) -> None:
+    """Refuse a message whose source is not the session and agent its subject names."""
+    if (session, agent) != (source.session, source.agent):
+        raise InvalidMessageError(
+            "source_mismatch",
+            f"source {source.agent}@{source.session} does not match subject {subject}",
+        )
 
 
 def _producer_span(
