@@ -25,7 +25,7 @@ import hashlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
@@ -56,10 +56,8 @@ from swarmbus._errors import (
     InvalidIdentifierError,
     InvalidMessageError,
     MessageTooLargeError,
-    NoResponderError,
     PermissionDeniedError,
     PublishError,
-    RequestTimeoutError,
     SwarmbusError,
 )
 from swarmbus._jetstream.delivery import PullConsumer, PullOptions
@@ -90,6 +88,7 @@ from swarmbus._messages import (
 from swarmbus._observe._instruments import record_published
 from swarmbus._refusals import Refusals
 from swarmbus._request_server import RequestHandler, RequestServer
+from swarmbus._requester import Requester
 from swarmbus._server import check_version
 from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
 
@@ -148,15 +147,7 @@ def _on_its_subject(subject: str, message: Message) -> Message:
         InvalidMessageError: with ``code`` saying why.
     """
     source = message.source
-    event = subjects.parse_event_subject(subject)
-    if event is not None:
-        domain, name, session, agent = event
-        _check_source(source, session, agent, subject)
-        if event_of(message) != (domain, name):
-            raise InvalidMessageError(
-                "wrong_subject", f"a {message.type} message does not belong on {subject}"
-            )
-        return message
+    # Requests first: they are the hot path of a request server (a few us a request).
     request = subjects.parse_request_subject(subject)
     if request is not None:
         capability, target, session, agent = request
@@ -168,6 +159,15 @@ def _on_its_subject(subject: str, message: Message) -> Message:
             raise InvalidMessageError(
                 "wrong_subject",
                 f"a request for {body.capability} to {body.to} does not belong on {subject}",
+            )
+        return message
+    event = subjects.parse_event_subject(subject)
+    if event is not None:
+        domain, name, session, agent = event
+        _check_source(source, session, agent, subject)
+        if event_of(message) != (domain, name):
+            raise InvalidMessageError(
+                "wrong_subject", f"a {message.type} message does not belong on {subject}"
             )
         return message
     if subject.startswith((f"{subjects.EVENT_ROOT}.", f"{subjects.REQUEST_ROOT}.")):
@@ -285,6 +285,7 @@ class Bus:
         self.reconnect_signal = anyio.Event()
         self.outbox = Outbox(nc)
         self._buckets: dict[str, KeyValue] = {}
+        self._requester = Requester(self)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -564,6 +565,7 @@ class Bus:
         receiver: str,
         dedupe_key: str | None = None,
         message_id: str | None = None,
+        session: str | None = None,
     ) -> None:
         """Dead-letter ``data`` and publish ``agent.error.occurred`` saying why.
 
@@ -577,9 +579,12 @@ class Bus:
         flood of bad input must not stall the receive loop it arrives on behind one
         round trip per item, nor the good messages queued behind it.
 
+        ``session``: where to report (default: the session token of ``subject``, or
+        ``unknown``), for a subject that names none (a reply subject).
+
         Never raises: a failure to report is logged, so a worker keeps running.
         """
-        session = _session_of(subject)
+        session = session or _session_of(subject)
         reason = " ".join(reason.split())[:1000]
         headers = {
             REASON_HEADER: reason,
@@ -637,10 +642,21 @@ class Bus:
 
         Nothing published while not subscribed is seen; use ``consume`` for that.
         """
-        on_msg = LiveHandler(self, handler, receiver).on_msg
+        return await self._live_subscribe(
+            subject, LiveHandler(self, handler, receiver).on_msg, queue
+        )
+
+    async def _live_subscribe(
+        self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str | None = None
+    ) -> NatsSubscription:
+        """Subscribe ``cb``; returns once the server accepted (or refused) the subscription.
+
+        Raises:
+            PermissionDeniedError: the server refused it.
+        """
         try:
             with self._permission_guard(subject, f"subscribe to {subject}", cancel=False):
-                sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_msg)
+                sub = await self.nc.subscribe(subject, queue=queue or "", cb=cb)
                 # nats-py writes a flush's PING straight to the socket, ahead of the
                 # queued SUB: only the second round trip follows the server's refusal.
                 for _ in range(2):
@@ -695,34 +711,38 @@ class Bus:
     ) -> ResponseMessage:
         """Ask one agent (``to``) or any agent with ``capability``; returns its response.
 
+        The answer is verified (``swarmbus._requester``): its responder, bound by the
+        server's permissions, is its ``source.agent`` and ``to`` (when not ``any``), and
+        it answers this request. Anything else is dropped and reported
+        (``agent.error.occurred``), and the request keeps waiting.
+
         Raises:
             NoResponderError: nobody listens for that capability/target.
-            RequestTimeoutError: a responder exists but did not answer in time.
-            InvalidMessageError: the answer is not a valid response.
+            RequestTimeoutError: no valid answer in time (``refused`` lists the answers
+                that came and were dropped).
         """
         _check_route(capability, to)
         body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
         message = envelope_for(body, agent=agent, session=session)
         subject = _request_subject(capability, to, session, agent)
         timeout = timeout or self.settings.request_timeout
-        headers = {MSG_ID_HEADER: message.id}
-        span = _producer_span(subject, message.id, session, agent, headers, capability)
-        with span:
+        # No Nats-Msg-Id: nothing de-duplicates a core request (CONTRACT "Verified
+        # replies"); headers only carry a trace context, when tracing is on.
+        headers: dict[str, str] = {}
+        with _producer_span(subject, message.id, session, agent, headers, capability):
             data = encode(message)
             self._check_max_payload(data, headers)
-            try:
-                async with self._refusals.interrupting(subject, f"request {capability}"):
-                    reply = await self.nc.request(subject, data, timeout=timeout, headers=headers)
-            except nats.errors.NoRespondersError as exc:
-                raise NoResponderError(capability, to) from exc
-            except (TimeoutError, nats.errors.TimeoutError) as exc:
-                raise RequestTimeoutError(capability, to, timeout) from exc
-            except nats.errors.Error as exc:
-                raise _transport_error(exc, f"request {capability}") from exc
-        response = decode(reply.data, max_bytes=self.max_message_bytes)
-        if not isinstance(response, ResponseMessage):
-            raise InvalidMessageError("wrong_subject", f"expected a response, got {response.type}")
-        return response
+            return await self._requester.request(
+                subject,
+                data,
+                message.id,
+                agent=agent,
+                session=session,
+                capability=capability,
+                to=to,
+                timeout=timeout,
+                headers=headers,
+            )
 
     async def serve_requests(
         self,

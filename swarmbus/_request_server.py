@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 import anyio.abc
@@ -25,7 +25,6 @@ import anyio.abc
 from swarmbus import _subjects as subjects
 from swarmbus._errors import InvalidIdentifierError, InvalidMessageError
 from swarmbus._jetstream.delivery import Connection, Msg, Subscription, TransportError
-from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._messages import (
     Message,
     RequestMessage,
@@ -33,12 +32,14 @@ from swarmbus._messages import (
     encode,
     envelope_for,
 )
+from swarmbus._requester import reply_subject_of, requester_of
 from swarmbus._telemetry import record_failure
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
 log = logging.getLogger("swarmbus")
+_NO_HEADERS: Final[Mapping[str, str]] = {}
 
 RequestHandler = Callable[[RequestMessage], Awaitable[Mapping[str, Any]]]
 
@@ -111,9 +112,18 @@ class RequestServer:
         return subs
 
     async def _on_msg(self, msg: Msg) -> None:
+        reply = msg.reply
         try:
             message = self._host.accept(msg.subject, msg.data)
             assert isinstance(message, RequestMessage)
+            if reply and reply_subject_of(reply, self._agent) is None:
+                raise InvalidMessageError("wrong_subject", f"malformed reply subject {reply}")
+            requester = requester_of(reply) if reply else None
+            if requester is not None and requester != message.source.agent:
+                raise InvalidMessageError(
+                    "wrong_subject",
+                    f"a request from {message.source.agent} asks for replies to {requester}",
+                )
         except InvalidMessageError as exc:
             await self._host.reject(
                 subject=msg.subject,
@@ -122,31 +132,44 @@ class RequestServer:
                 reason=exc.reason,
                 receiver=self._agent,
             )
-            if msg.reply:  # the requester is waiting: tell it now, not by its timeout
-                reply = refusal(msg.subject, msg.data, exc, agent=self._agent)
+            to = reply_subject_of(reply, self._agent) if reply else None
+            if to:  # the requester is waiting: tell it now, not by its timeout
+                answer = refusal(msg.subject, msg.data, exc, agent=self._agent)
                 with contextlib.suppress(TransportError):
-                    await self._host.nc.publish(msg.reply, encode(reply))
+                    await self._host.nc.publish(to, encode(answer))
             return
-        pending = self._pending
-        pending.append((msg, message))
-        if not self._alive or self._starting < min(len(pending), self._limiter.value):
-            self._alive += 1
-            self._starting += 1
-            self._task_group.start_soon(self._drain)
+        self._pending.append((msg, message))
+        # One drain task waiting to start at a time: it starts the next one when it
+        # takes a request and more are waiting (so a blocked handler never holds up
+        # the others), while a burst of quick handlers is served by one task.
+        if not self._starting and (not self._alive or self._limiter.value):
+            self._start_drain()
+
+    def _start_drain(self) -> None:
+        self._alive += 1
+        self._starting += 1
+        self._task_group.start_soon(self._drain)
 
     async def _drain(self) -> None:
         self._starting -= 1
         try:
             pending = self._pending
             while pending:
-                await self._respond(*pending.popleft())
+                item = pending.popleft()
+                if pending and not self._starting and self._limiter.value > 1:
+                    self._start_drain()
+                await self._respond(*item)
         finally:
             self._alive -= 1
 
     async def _respond(self, msg: Msg, request: RequestMessage) -> None:
         host, agent = self._host, self._agent
         session = request.source.session
-        await self._limiter.acquire()
+        limiter = self._limiter
+        try:
+            limiter.acquire_nowait()  # no checkpoint when a slot is free (the hot path)
+        except anyio.WouldBlock:
+            await limiter.acquire()
         try:
             span = host._consumer_span(msg, request.id, session, agent)
             # Report inside the span: the error event joins the request's trace.
@@ -158,21 +181,19 @@ class RequestServer:
                     )
                     # Encode here: a result that is not JSON, or too large to send, is
                     # the handler's error.
-                    reply = envelope_for(response, agent=agent, session=session)
-                    data = encode(reply)
-                    host._check_max_payload(data, {MSG_ID_HEADER: reply.id})
+                    data = encode(envelope_for(response, agent=agent, session=session))
+                    host._check_max_payload(data, _NO_HEADERS)
                 except Exception as exc:  # noqa: BLE001 - answered, dead-lettered, logged
                     record_failure(current, exc)
-                    reply, data = await self._failed(msg, request, exc)
-            if msg.reply:
+                    data = await self._failed(msg, request, exc)
+            to = reply_subject_of(msg.reply, agent) if msg.reply else None
+            if to:
                 with contextlib.suppress(TransportError):
-                    await host.nc.publish(msg.reply, data, headers={MSG_ID_HEADER: reply.id})
+                    await host.nc.publish(to, data)
         finally:
-            self._limiter.release()
+            limiter.release()
 
-    async def _failed(
-        self, msg: Msg, request: RequestMessage, exc: Exception
-    ) -> tuple[Message, bytes]:
+    async def _failed(self, msg: Msg, request: RequestMessage, exc: Exception) -> bytes:
         """Dead-letter a request whose handler failed; returns the failure response."""
         log.exception("request handler %s failed", self._capability)
         response = Response(
@@ -190,7 +211,7 @@ class RequestServer:
             message_id=request.id,
         )
         reply = envelope_for(response, agent=self._agent, session=request.source.session)
-        return reply, encode(reply)
+        return encode(reply)
 
 
 def refusal(subject: str, data: bytes, exc: InvalidMessageError, *, agent: str) -> Message:

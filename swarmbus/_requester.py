@@ -1,0 +1,254 @@
+"""The requester: ``Bus.request``'s replies, each checked for who sent it.
+
+NATS stamps no verified sender on a message, and any agent that may read a capability's
+requests may also answer one (``allow_responses``): a plain reply inbox cannot tell the
+real responder from an agent that answered first in its name. So a swarmbus request
+names a reply subject only its requester may subscribe to, and the responder publishes
+its answer to that subject with its own agent id appended, a token the deploy
+permissions bind to the responder (CONTRACT.md, "Verified replies")::
+
+    request reply subject   swarmbus.reply.<requester>.<inbox>.<request id>
+    the answer goes to      swarmbus.reply.<requester>.<inbox>.<request id>.<responder>
+
+``<inbox>`` is random per bus (one subscription per requester agent and bus,
+``swarmbus.reply.<requester>.<inbox>.>``). An answer is accepted only if its responder
+token is its envelope's ``source.agent``, is the request's ``to`` when the request
+targeted one agent, and its ``request_id`` and session are the request's; anything
+else is dropped and reported (``Bus.reject``: dead letter and ``agent.error.occurred``),
+and the request keeps waiting for a valid answer. On the reply subject itself (no
+responder token) only the server's "no responders" status is read.
+
+One bus-wide map of pending requests, a timer each (cheaper than ``asyncio.wait_for``):
+no task, header or copy per request beyond what the answer needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Final, Protocol
+
+import anyio
+
+from swarmbus import _subjects as subjects
+from swarmbus._errors import (
+    InvalidMessageError,
+    NoResponderError,
+    RequestTimeoutError,
+)
+from swarmbus._jetstream.delivery import (
+    NO_RESPONDERS_STATUS,
+    Connection,
+    Msg,
+    Subscription,
+    TransportError,
+)
+from swarmbus._jetstream.errors import transport_error
+from swarmbus._jetstream.headers import STATUS
+from swarmbus._messages import ResponseMessage, decode
+from swarmbus._refusals import Refusals
+
+REPLY_ROOT: Final = "swarmbus.reply"
+"""First tokens of every verified reply subject."""
+_REPLY_PREFIX: Final = f"{REPLY_ROOT}."
+_REPLY_TOKENS: Final = 5
+"""Tokens of a request's reply subject (the answer has one more: the responder)."""
+MAX_REPORTS: Final = 8
+"""Refused answers reported per request (the rest are only counted)."""
+
+WRONG_RESPONDER: Final = "wrong_responder"
+WRONG_REQUEST: Final = "wrong_request"
+
+
+class Host(Protocol):
+    """What a requester uses of its bus (``swarmbus.Bus``)."""
+
+    nc: Connection
+    max_message_bytes: int
+    _refusals: Refusals
+
+    async def _live_subscribe(
+        self, subject: str, cb: Callable[[Msg], Awaitable[None]]
+    ) -> Subscription: ...
+
+    async def reject(
+        self,
+        *,
+        subject: str,
+        data: bytes,
+        code: str,
+        reason: str,
+        receiver: str,
+        dedupe_key: str | None = None,
+        message_id: str | None = None,
+        session: str | None = None,
+    ) -> None: ...
+
+
+class _Pending:
+    """One request waiting for its answer."""
+
+    __slots__ = ("agent", "future", "refused", "session", "to")
+
+    def __init__(
+        self, future: asyncio.Future[ResponseMessage], agent: str, to: str, session: str
+    ) -> None:
+        self.future = future
+        self.agent = agent
+        self.to = to
+        self.session = session
+        self.refused: list[str] = []
+
+
+def _expire(future: asyncio.Future[ResponseMessage]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
+def reply_subject_of(reply: str, agent: str) -> str | None:
+    """Where a responder ``agent`` publishes its answer to a request with ``reply``.
+
+    ``reply`` with ``.<agent>`` appended for a verified reply subject, ``reply`` itself
+    for any other (a plain inbox: a client that does not verify), None for a
+    ``swarmbus.reply.`` subject of the wrong shape (nobody can read an answer there).
+    """
+    if not reply.startswith(_REPLY_PREFIX):
+        return reply
+    if reply.count(".") != _REPLY_TOKENS - 1 or "*" in reply or ">" in reply:
+        return None
+    return f"{reply}.{agent}"
+
+
+def requester_of(reply: str) -> str | None:
+    """The requester token of a verified reply subject (None: not one)."""
+    if not reply.startswith(_REPLY_PREFIX):
+        return None
+    return reply.split(".", 3)[2]
+
+
+class Requester:
+    """The pending requests of one bus and their reply subscriptions."""
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self._inbox = secrets.token_hex(8)
+        # requester agent id -> its reply subject prefix (subscribed)
+        self._prefixes: dict[str, str] = {}
+        self._subscribing = anyio.Lock()
+        # request id -> the request waiting for its answer
+        self._pending: dict[str, _Pending] = {}
+
+    async def request(
+        self,
+        subject: str,
+        data: bytes,
+        message_id: str,
+        *,
+        agent: str,
+        session: str,
+        capability: str,
+        to: str,
+        timeout: float,
+        headers: dict[str, str] | None,
+    ) -> ResponseMessage:
+        """Send one encoded request and wait for its verified answer.
+
+        Raises:
+            NoResponderError, RequestTimeoutError, PermissionDeniedError, ConnectionError.
+        """
+        prefix = self._prefixes.get(agent) or await self._subscribe(agent)
+        host = self._host
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ResponseMessage] = loop.create_future()
+        pending = self._pending[message_id] = _Pending(future, agent, to, session)
+        timer = loop.call_later(timeout, _expire, future)
+        try:
+            async with host._refusals.interrupting(subject, f"request {capability}"):
+                await host.nc.publish(
+                    subject, data, reply=prefix + message_id, headers=headers or None
+                )
+                return await future
+        except NoResponderError:
+            raise NoResponderError(capability, to) from None
+        except TimeoutError:
+            raise RequestTimeoutError(capability, to, timeout, pending.refused) from None
+        except TransportError as exc:
+            raise transport_error(exc, f"request {capability}") from exc
+        finally:
+            timer.cancel()
+            del self._pending[message_id]
+
+    async def _subscribe(self, agent: str) -> str:
+        """Subscribe to ``agent``'s replies on this bus; returns its reply prefix."""
+        async with self._subscribing:
+            prefix = self._prefixes.get(agent)
+            if prefix is not None:
+                return prefix
+            prefix = f"{REPLY_ROOT}.{agent}.{self._inbox}."
+            await self._host._live_subscribe(f"{prefix}>", self._on_reply)
+            self._prefixes[agent] = prefix
+            return prefix
+
+    async def _on_reply(self, msg: Msg) -> None:
+        tokens = msg.subject.split(".")
+        pending = self._pending.get(tokens[4]) if len(tokens) > _REPLY_TOKENS - 1 else None
+        if pending is None or pending.future.done():
+            return  # late (the request timed out) or for no request of ours: nobody waits
+        if len(tokens) == _REPLY_TOKENS:
+            if msg.headers and msg.headers.get(STATUS) == NO_RESPONDERS_STATUS and not msg.data:
+                pending.future.set_exception(NoResponderError("", ""))
+                return
+            await self._refuse(
+                pending, msg, WRONG_RESPONDER, "no responder id after the reply subject"
+            )
+            return
+        try:
+            response = decode(msg.data, max_bytes=self._host.max_message_bytes)
+        except InvalidMessageError as exc:
+            await self._refuse(pending, msg, exc.code, exc.reason)
+            return
+        problem = _problem(response, tokens, pending)
+        if problem is not None:
+            await self._refuse(pending, msg, *problem)
+            return
+        assert isinstance(response, ResponseMessage)
+        pending.future.set_result(response)
+
+    async def _refuse(self, pending: _Pending, msg: Msg, code: str, reason: str) -> None:
+        """Drop an answer that is not the request's; report the first few."""
+        pending.refused.append(f"{code}: {reason}")
+        if len(pending.refused) > MAX_REPORTS:
+            return
+        await self._host.reject(
+            subject=msg.subject,
+            data=msg.data,
+            code=code,
+            reason=reason,
+            receiver=pending.agent,
+            session=pending.session,
+        )
+
+
+def _problem(response: object, tokens: list[str], pending: _Pending) -> tuple[str, str] | None:
+    """Why ``response`` on a subject of ``tokens`` is not the answer ``pending`` waits
+    for (a refusal code and reason), or None if it is."""
+    if not isinstance(response, ResponseMessage):
+        return "wrong_subject", f"expected a response, got {type(response).__name__}"
+    responder = ".".join(tokens[_REPLY_TOKENS:])
+    source = response.source
+    if source.agent != responder:
+        return (
+            "source_mismatch",
+            f"a response from {source.agent} published by {responder}",
+        )
+    if pending.to != subjects.ANY and responder != pending.to:
+        return WRONG_RESPONDER, f"answered by {responder}, the request was to {pending.to}"
+    if response.response.request_id != tokens[4]:
+        return (
+            WRONG_REQUEST,
+            f"answers request {response.response.request_id}, not {tokens[4]}",
+        )
+    if source.session != pending.session:
+        return "source_mismatch", f"a response in session {source.session}, not {pending.session}"
+    return None
