@@ -83,6 +83,9 @@ from swarmbus._messages import (
     encode,
     envelope_for,
     event_of,
+    new_id,
+    now,
+    source_of,
     validate_body,
 )
 from swarmbus._observe._instruments import record_published
@@ -537,11 +540,11 @@ class Bus:
         The server counts the headers too, and answers a message over it by closing the
         connection (every subscription of this bus with it).
         """
-        size = (
-            len(data)
-            + len(_EMPTY_HEADERS)
-            + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
-        )
+        size = len(data)
+        if headers:  # a message without headers is sent as PUB, with none at all
+            size += len(_EMPTY_HEADERS) + sum(
+                len(f"{k}: {v}\r\n".encode()) for k, v in headers.items()
+            )
         if size > self.nc.max_payload:
             raise MessageTooLargeError(size, self.nc.max_payload)
 
@@ -723,7 +726,10 @@ class Bus:
         """
         _check_route(capability, to)
         body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
-        message = envelope_for(body, agent=agent, session=session)
+        # The envelope built directly (envelope_for's lookups cost a few us a request).
+        message = RequestMessage(
+            id=new_id(), timestamp=now(), source=source_of(agent, session), request=body
+        )
         subject = _request_subject(capability, to, session, agent)
         timeout = timeout or self.settings.request_timeout
         # No Nats-Msg-Id: nothing de-duplicates a core request (CONTRACT "Verified
@@ -752,8 +758,10 @@ class Bus:
         agent: str,
         limiter: anyio.Semaphore,
         task_group: anyio.abc.TaskGroup,
-    ) -> list[NatsSubscription]:
+    ) -> list[RequestServer]:
         """Answer ``capability`` requests addressed to ``agent`` or to ``any``.
+
+        Returns the server (in a list, as subscriptions are): its ``unsubscribe`` stops it.
 
         Raises:
             InvalidIdentifierError: ``agent`` is ``any``, which cannot be addressed (it
@@ -767,7 +775,7 @@ class Bus:
         server = RequestServer(
             self, capability, handler, agent=agent, limiter=limiter, task_group=task_group
         )
-        return await server.start()
+        return [await server.start()]
 
 
 async def consume_routes(

@@ -541,19 +541,25 @@ def envelope_for(
         raise TypeError(f"{type(body).__name__} is not a swarmbus message body") from None
     if id is not None and len(id) > MAX_ID_LENGTH:
         raise InvalidMessageError("schema", f"message id longer than {MAX_ID_LENGTH} characters")
-    source = (
-        _source(agent, session)
-        if type(agent) is str and type(session) is str
-        else Source(agent=validate_agent_id(agent), session=validate_session_id(session))
-    )
     fields = {
         "id": id or new_id(),
         "timestamp": timestamp or now(),
-        "source": source,
+        "source": source_of(agent, session),
         cls.body_field: body,
     }
     envelope: Message = cls(**fields)  # type: ignore[arg-type,assignment]
     return envelope
+
+
+def source_of(agent: str, session: str) -> Source:
+    """The validated ``Source`` of ``agent`` in ``session``.
+
+    Raises:
+        InvalidIdentifierError: either id breaks the contract's rules.
+    """
+    if type(agent) is str and type(session) is str:
+        return _source(agent, session)
+    return Source(agent=validate_agent_id(agent), session=validate_session_id(session))
 
 
 @functools.lru_cache(maxsize=4096)

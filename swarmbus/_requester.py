@@ -35,6 +35,7 @@ from swarmbus import _subjects as subjects
 from swarmbus._errors import (
     InvalidMessageError,
     NoResponderError,
+    PermissionDeniedError,
     RequestTimeoutError,
 )
 from swarmbus._jetstream.delivery import (
@@ -157,7 +158,7 @@ class Requester:
         Raises:
             NoResponderError, RequestTimeoutError, PermissionDeniedError, ConnectionError.
         """
-        prefix = self._prefixes.get(agent) or await self._subscribe(agent)
+        prefix = self._prefixes.get(agent) or await self._subscribe(agent, capability)
         host = self._host
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ResponseMessage] = loop.create_future()
@@ -179,14 +180,24 @@ class Requester:
             timer.cancel()
             del self._pending[message_id]
 
-    async def _subscribe(self, agent: str) -> str:
-        """Subscribe to ``agent``'s replies on this bus; returns its reply prefix."""
+    async def _subscribe(self, agent: str, capability: str) -> str:
+        """Subscribe to ``agent``'s replies on this bus; returns its reply prefix.
+
+        Raises:
+            PermissionDeniedError: this user may not read ``agent``'s replies (it is
+                another agent, or the deploy config predates verified replies).
+        """
         async with self._subscribing:
             prefix = self._prefixes.get(agent)
             if prefix is not None:
                 return prefix
             prefix = f"{REPLY_ROOT}.{agent}.{self._inbox}."
-            await self._host._live_subscribe(f"{prefix}>", self._on_reply)
+            try:
+                await self._host._live_subscribe(f"{prefix}>", self._on_reply)
+            except PermissionDeniedError as exc:
+                raise PermissionDeniedError(
+                    f"request {capability} as {agent}: cannot read its replies ({exc})"
+                ) from exc
             self._prefixes[agent] = prefix
             return prefix
 
