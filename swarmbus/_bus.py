@@ -75,7 +75,6 @@ from swarmbus._messages import (
     Body,
     ErrorOccurred,
     Message,
-    Request,
     RequestMessage,
     ResponseMessage,
     Source,
@@ -83,9 +82,6 @@ from swarmbus._messages import (
     encode,
     envelope_for,
     event_of,
-    new_id,
-    now,
-    source_of,
     validate_body,
 )
 from swarmbus._observe._instruments import record_published
@@ -108,20 +104,9 @@ _ERROR_EVENTS: Final = f"{subjects.EVENT_ROOT}.error.occurred."
 """The refusal code of a message a receiver's handler failed on (not bad input)."""
 # Hot-path helpers: subjects of a long-lived agent repeat, so validate and build each once;
 # with tracing off, skip building span attributes and entering a generator context.
+# (Requests: swarmbus._requester.)
 _event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
-_request_subject = functools.lru_cache(maxsize=4096)(subjects.request_subject)
 _NO_SPAN: Final = contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=4096)
-def _check_route(capability: str, to: str) -> None:
-    """Validate a request's ``to`` and ``capability`` against the body schema, once each.
-
-    They are the only constrained fields of a ``Request`` (``parameters`` is any JSON
-    object, checked by encoding it), so the body's encode/decode round trip is done once
-    per route; a failure raises and is not cached.
-    """
-    validate_body(Request(to=to, capability=capability))
 
 
 @dataclass(frozen=True)
@@ -188,19 +173,12 @@ def _check_source(source: Source, session: str, agent: str, subject: str) -> Non
 
 
 def _producer_span(
-    subject: str,
-    message_id: str,
-    session: str,
-    agent: str,
-    headers: dict[str, str],
-    capability: str | None = None,
+    subject: str, message_id: str, session: str, agent: str, headers: dict[str, str]
 ) -> contextlib.AbstractContextManager[Span | None]:
-    """The PRODUCER span of a publish or request (a no-op when tracing is off)."""
+    """The PRODUCER span of a publish (a no-op when tracing is off)."""
     if not tracing_enabled():
         return _NO_SPAN
     attributes = {"swarmbus.session": session, "swarmbus.agent": agent}
-    if capability is not None:
-        attributes["swarmbus.capability"] = capability
     return producer_span(subject, message_id, attributes, headers)
 
 
@@ -724,31 +702,10 @@ class Bus:
             RequestTimeoutError: no valid answer in time (``refused`` lists the answers
                 that came and were dropped).
         """
-        _check_route(capability, to)
-        body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
-        # The envelope built directly (envelope_for's lookups cost a few us a request).
-        message = RequestMessage(
-            id=new_id(), timestamp=now(), source=source_of(agent, session), request=body
-        )
-        subject = _request_subject(capability, to, session, agent)
         timeout = timeout or self.settings.request_timeout
-        # No Nats-Msg-Id: nothing de-duplicates a core request (CONTRACT "Verified
-        # replies"); headers only carry a trace context, when tracing is on.
-        headers: dict[str, str] = {}
-        with _producer_span(subject, message.id, session, agent, headers, capability):
-            data = encode(message)
-            self._check_max_payload(data, headers)
-            return await self._requester.request(
-                subject,
-                data,
-                message.id,
-                agent=agent,
-                session=session,
-                capability=capability,
-                to=to,
-                timeout=timeout,
-                headers=headers,
-            )
+        return await self._requester.request(
+            capability, parameters, agent=agent, session=session, to=to, timeout=timeout
+        )
 
     async def serve_requests(
         self,

@@ -25,9 +25,11 @@ no task, header or copy per request beyond what the answer needs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import Final, Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 
@@ -47,14 +49,29 @@ from swarmbus._jetstream.delivery import (
 )
 from swarmbus._jetstream.errors import transport_error
 from swarmbus._jetstream.headers import STATUS
-from swarmbus._messages import ResponseMessage, decode
+from swarmbus._messages import (
+    Request,
+    RequestMessage,
+    ResponseMessage,
+    decode,
+    encode,
+    new_id,
+    now,
+    source_of,
+    validate_body,
+)
 from swarmbus._refusals import Refusals
+from swarmbus._telemetry import producer_span, tracing_enabled
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 REPLY_ROOT: Final = "swarmbus.reply"
 """First tokens of every verified reply subject."""
 _REPLY_PREFIX: Final = f"{REPLY_ROOT}."
 _REPLY_TOKENS: Final = 5
 """Tokens of a request's reply subject (the answer has one more: the responder)."""
+_NO_SPAN: Final = contextlib.nullcontext()
 MAX_REPORTS: Final = 8
 """Refused answers reported per request (the rest are only counted)."""
 
@@ -68,6 +85,8 @@ class Host(Protocol):
     nc: Connection
     max_message_bytes: int
     _refusals: Refusals
+
+    def _check_max_payload(self, data: bytes, headers: Mapping[str, str]) -> None: ...
 
     async def _live_subscribe(
         self, subject: str, cb: Callable[[Msg], Awaitable[None]]
@@ -100,6 +119,40 @@ class _Pending:
         self.to = to
         self.session = session
         self.refused: list[str] = []
+
+
+# Subjects of a long-lived agent repeat: validate and build each once.
+_request_subject = functools.lru_cache(maxsize=4096)(subjects.request_subject)
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_route(capability: str, to: str) -> None:
+    """Validate a request's ``to`` and ``capability`` against the body schema, once each.
+
+    They are the only constrained fields of a ``Request`` (``parameters`` is any JSON
+    object, checked by encoding it), so the body's encode/decode round trip is done once
+    per route; a failure raises and is not cached.
+    """
+    validate_body(Request(to=to, capability=capability))
+
+
+def _producer_span(
+    subject: str,
+    message_id: str,
+    session: str,
+    agent: str,
+    headers: dict[str, str],
+    capability: str,
+) -> contextlib.AbstractContextManager[Span | None]:
+    """The PRODUCER span of a request (a no-op when tracing is off)."""
+    if not tracing_enabled():
+        return _NO_SPAN
+    attributes = {
+        "swarmbus.session": session,
+        "swarmbus.agent": agent,
+        "swarmbus.capability": capability,
+    }
+    return producer_span(subject, message_id, attributes, headers)
 
 
 def _expire(future: asyncio.Future[ResponseMessage]) -> None:
@@ -142,43 +195,53 @@ class Requester:
 
     async def request(
         self,
-        subject: str,
-        data: bytes,
-        message_id: str,
+        capability: str,
+        parameters: Mapping[str, Any] | None,
         *,
         agent: str,
         session: str,
-        capability: str,
         to: str,
         timeout: float,
-        headers: dict[str, str] | None,
     ) -> ResponseMessage:
-        """Send one encoded request and wait for its verified answer.
+        """Send one request and wait for its verified answer (``Bus.request``).
 
         Raises:
+            InvalidIdentifierError, InvalidMessageError: before anything is sent.
             NoResponderError, RequestTimeoutError, PermissionDeniedError, ConnectionError.
         """
-        prefix = self._prefixes.get(agent) or await self._subscribe(agent, capability)
-        host = self._host
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[ResponseMessage] = loop.create_future()
-        pending = self._pending[message_id] = _Pending(future, agent, to, session)
-        timer = loop.call_later(timeout, _expire, future)
-        try:
-            async with host._refusals.interrupting(subject, f"request {capability}"):
-                await host.nc.publish(
-                    subject, data, reply=prefix + message_id, headers=headers or None
-                )
-                return await future
-        except NoResponderError:
-            raise NoResponderError(capability, to) from None
-        except TimeoutError:
-            raise RequestTimeoutError(capability, to, timeout, pending.refused) from None
-        except TransportError as exc:
-            raise transport_error(exc, f"request {capability}") from exc
-        finally:
-            timer.cancel()
-            del self._pending[message_id]
+        _check_route(capability, to)
+        body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
+        # The envelope built directly (envelope_for's lookups cost a few us a request).
+        message = RequestMessage(
+            id=new_id(), timestamp=now(), source=source_of(agent, session), request=body
+        )
+        subject = _request_subject(capability, to, session, agent)
+        # No Nats-Msg-Id: nothing de-duplicates a core request (CONTRACT "Verified
+        # replies"); headers only carry a trace context, when tracing is on.
+        headers: dict[str, str] = {}
+        with _producer_span(subject, message.id, session, agent, headers, capability):
+            data = encode(message)
+            self._host._check_max_payload(data, headers)
+            prefix = self._prefixes.get(agent) or await self._subscribe(agent, capability)
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[ResponseMessage] = loop.create_future()
+            pending = self._pending[message.id] = _Pending(future, agent, to, session)
+            timer = loop.call_later(timeout, _expire, future)
+            try:
+                async with self._host._refusals.interrupting(subject, f"request {capability}"):
+                    await self._host.nc.publish(
+                        subject, data, reply=prefix + message.id, headers=headers or None
+                    )
+                    return await future
+            except NoResponderError:
+                raise NoResponderError(capability, to) from None
+            except TimeoutError:
+                raise RequestTimeoutError(capability, to, timeout, pending.refused) from None
+            except TransportError as exc:
+                raise transport_error(exc, f"request {capability}") from exc
+            finally:
+                timer.cancel()
+                del self._pending[message.id]
 
     async def _subscribe(self, agent: str, capability: str) -> str:
         """Subscribe to ``agent``'s replies on this bus; returns its reply prefix.
