@@ -18,8 +18,9 @@ else is dropped and reported (``Bus.reject``: dead letter and ``agent.error.occu
 and the request keeps waiting for a valid answer. On the reply subject itself (no
 responder token) only the server's "no responders" status is read.
 
-One bus-wide map of pending requests, a timer each (cheaper than ``asyncio.wait_for``):
-no task, header or copy per request beyond what the answer needs.
+One bus-wide map of pending requests and their deadlines (a loop timer per 10 ms of
+deadlines, cheaper than ``asyncio.wait_for``): no task, header or copy per request
+beyond what the answer needs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -72,6 +74,8 @@ _REPLY_PREFIX: Final = f"{REPLY_ROOT}."
 _REPLY_TOKENS: Final = 5
 """Tokens of a request's reply subject (the answer has one more: the responder)."""
 _NO_SPAN: Final = contextlib.nullcontext()
+_GRAIN: Final = 0.01
+"""Seconds of request deadlines that share one loop timer."""
 MAX_REPORTS: Final = 8
 """Refused answers reported per request (the rest are only counted)."""
 
@@ -155,9 +159,35 @@ def _producer_span(
     return producer_span(subject, message_id, attributes, headers)
 
 
-def _expire(future: asyncio.Future[ResponseMessage]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
+class _Deadlines:
+    """The timeouts of pending requests: one loop timer per ``_GRAIN`` seconds of
+    deadlines, not one per request (a timer is a heap push, and a cancelled one a
+    heap entry until it would have fired). A deadline is rounded up to the grain."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, set[asyncio.Future[ResponseMessage]]] = {}
+
+    def add(
+        self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[ResponseMessage], after: float
+    ) -> int:
+        """Fail ``future`` with ``TimeoutError`` ``after`` seconds from now; returns its slot."""
+        slot = math.ceil((loop.time() + after) / _GRAIN)
+        futures = self._slots.get(slot)
+        if futures is None:
+            futures = self._slots[slot] = set()
+            loop.call_at(slot * _GRAIN, self._expire, slot)
+        futures.add(future)
+        return slot
+
+    def remove(self, slot: int, future: asyncio.Future[ResponseMessage]) -> None:
+        futures = self._slots.get(slot)
+        if futures is not None:
+            futures.discard(future)
+
+    def _expire(self, slot: int) -> None:
+        for future in self._slots.pop(slot, ()):
+            if not future.done():
+                future.set_exception(TimeoutError())
 
 
 def reply_subject_of(reply: str, agent: str) -> str | None:
@@ -192,6 +222,7 @@ class Requester:
         self._subscribing = anyio.Lock()
         # request id -> the request waiting for its answer
         self._pending: dict[str, _Pending] = {}
+        self._deadlines = _Deadlines()
 
     async def request(
         self,
@@ -226,7 +257,7 @@ class Requester:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[ResponseMessage] = loop.create_future()
             pending = self._pending[message.id] = _Pending(future, agent, to, session)
-            timer = loop.call_later(timeout, _expire, future)
+            slot = self._deadlines.add(loop, future, timeout)
             try:
                 async with self._host._refusals.interrupting(subject, f"request {capability}"):
                     await self._host.nc.publish(
@@ -240,7 +271,7 @@ class Requester:
             except TransportError as exc:
                 raise transport_error(exc, f"request {capability}") from exc
             finally:
-                timer.cancel()
+                self._deadlines.remove(slot, future)
                 del self._pending[message.id]
 
     async def _subscribe(self, agent: str, capability: str) -> str:
