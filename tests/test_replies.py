@@ -112,7 +112,9 @@ def password_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[De
     requests, so the attacker is just another agent."""
     passwords = {user: secrets.token_hex(12) for user in PASSWORD_ENV}
     server = NatsServer(
-        tmp_path_factory.mktemp("replies-password"), config_file=DEPLOY / "single.conf"
+        tmp_path_factory.mktemp("replies-password"),
+        config_file=DEPLOY / "single.conf",
+        extra_args=["--http_port", "-1"],
     )
     with pytest.MonkeyPatch.context() as mp:
         for user, env in PASSWORD_ENV.items():
