@@ -125,7 +125,11 @@ class RequestServer:
                 )
             )
         # The server must know the subscriptions before callers are told we are serving.
-        await nc.flush()
+        # nats-py writes a flush's PING straight to the socket, ahead of the queued SUBs:
+        # only the second round trip follows them (else an early request now and then
+        # found "no responders").
+        for _ in range(2):
+            await nc.flush()
         return self
 
     async def unsubscribe(self) -> None:
