@@ -239,7 +239,8 @@ class RequestServer:
                         response=response,
                     )
                     data = encode(reply)
-                    host._check_max_payload(data, _NO_HEADERS)
+                    if len(data) > host.nc.max_payload:
+                        host._check_max_payload(data, _NO_HEADERS)
                 except Exception as exc:  # noqa: BLE001 - answered, dead-lettered, logged
                     record_failure(current, exc)
                     data = await self._failed(msg, request, exc)

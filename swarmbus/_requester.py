@@ -49,7 +49,7 @@ from swarmbus._jetstream.delivery import (
     Subscription,
     TransportError,
 )
-from swarmbus._jetstream.errors import transport_error
+from swarmbus._jetstream.errors import denied, transport_error
 from swarmbus._jetstream.headers import STATUS
 from swarmbus._messages import (
     Request,
@@ -110,6 +110,10 @@ class Host(Protocol):
     ) -> None: ...
 
 
+class _Refused(Exception):
+    """The server refused a pending request's subject."""
+
+
 class _Pending:
     """One request waiting for its answer."""
 
@@ -124,9 +128,15 @@ class _Pending:
         self.session = session
         self.refused: list[str] = []
 
+    def cancel(self) -> None:
+        """The server refused the request's subject (``Refusals.watch``)."""
+        if not self.future.done():
+            self.future.set_exception(_Refused())
+
 
 # Subjects of a long-lived agent repeat: validate and build each once.
 _request_subject = functools.lru_cache(maxsize=4096)(subjects.request_subject)
+_lower = functools.lru_cache(maxsize=4096)(str.lower)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -252,18 +262,24 @@ class Requester:
         headers: dict[str, str] = {}
         with _producer_span(subject, message.id, session, agent, headers, capability):
             data = encode(message)
-            self._host._check_max_payload(data, headers)
+            host = self._host
+            if headers or len(data) > host.nc.max_payload:
+                host._check_max_payload(data, headers)
             prefix = self._prefixes.get(agent) or await self._subscribe(agent, capability)
             loop = asyncio.get_running_loop()
             future: asyncio.Future[ResponseMessage] = loop.create_future()
             pending = self._pending[message.id] = _Pending(future, agent, to, session)
             slot = self._deadlines.add(loop, future, timeout)
+            # A refusal of the subject (an asynchronous -ERR) fails the future.
+            key = _lower(subject)
+            refusal = host._refusals.watch(key, pending)
             try:
-                async with self._host._refusals.interrupting(subject, f"request {capability}"):
-                    await self._host.nc.publish(
-                        subject, data, reply=prefix + message.id, headers=headers or None
-                    )
-                    return await future
+                await host.nc.publish(
+                    subject, data, reply=prefix + message.id, headers=headers or None
+                )
+                return await future
+            except _Refused:
+                raise denied(f"request {capability}", subject) from None
             except NoResponderError:
                 raise NoResponderError(capability, to) from None
             except TimeoutError:
@@ -271,6 +287,7 @@ class Requester:
             except TransportError as exc:
                 raise transport_error(exc, f"request {capability}") from exc
             finally:
+                host._refusals.unwatch(key, refusal)
                 self._deadlines.remove(slot, future)
                 del self._pending[message.id]
 

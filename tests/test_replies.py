@@ -460,3 +460,23 @@ async def test_a_request_naming_another_requesters_replies_is_refused(
     await sub.unsubscribe()
     assert victim_replies.pending_msgs == 0
     assert handled == [f"req2-{unique}"]
+
+
+async def test_a_refused_request_fails_at_once(tmp_path: Path, session_id: str) -> None:
+    """A user that may read its replies but not publish the request is told so by the
+    server's asynchronous refusal, well before the request's timeout."""
+    conf = tmp_path / "auth.conf"
+    conf.write_text(
+        'authorization { users = [{ user: "ops/x", password: "p", permissions: {\n'
+        '  publish: { allow: ["_INBOX.>", "$JS.API.>"] },\n'
+        '  subscribe: { allow: ["swarmbus.reply.ops/x.>", "_INBOX.>"] } } }] }\n'
+    )
+    with NatsServer(tmp_path / "data", config_file=conf) as server:
+        settings = swarmbus.Settings(url=server.url, user="ops/x", password="p")
+        bus = await Bus.connect(settings, provision=False)
+        try:
+            with anyio.fail_after(3), pytest.raises(PermissionDeniedError, match="request c"):
+                await bus.request("c", agent="ops/x", session=session_id, timeout=30)
+            assert bus._refusals._waiting == {}
+        finally:
+            await bus.close()
