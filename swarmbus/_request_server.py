@@ -9,7 +9,7 @@ One drain at a time is "ready" (started or woken, not yet running): when it take
 request and more are waiting, with a limiter slot free, it readies the next one, so a
 blocked handler never holds up the others while a burst of quick handlers is served by
 one task. A drain that finds the FIFO empty parks (one at most) until the next request
-or ``close``: a request that arrives alone wakes it instead of spawning a task.
+or ``unsubscribe``: a request that arrives alone wakes it instead of spawning a task.
 
 A handler's failure (or a result that cannot be sent) becomes a ``failure`` response, a
 dead letter and an error event; the caller is always answered. The answer goes to the
@@ -44,7 +44,7 @@ from swarmbus._messages import (
     now,
     source_of,
 )
-from swarmbus._requester import reply_subject_of, requester_of
+from swarmbus._requester import answer_subject
 from swarmbus._telemetry import record_failure
 
 if TYPE_CHECKING:
@@ -144,36 +144,35 @@ class RequestServer:
 
     async def _on_msg(self, msg: Msg) -> None:
         reply = msg.reply
-        to = reply_subject_of(reply, self._agent) if reply else None
         try:
-            if reply and to is None:
-                raise InvalidMessageError("wrong_subject", f"malformed reply subject {reply!r}")
-            # A verified reply subject names the requester, which the request subject's
-            # last token (bound by permissions) must be: answers go to who asked only.
-            requester = requester_of(reply) if reply else None
-            if requester is not None and msg.subject.rpartition(".")[2] != requester:
-                to = None
-                raise InvalidMessageError(
-                    "wrong_subject", f"a request on {msg.subject} asks for replies to {requester}"
-                )
+            to = answer_subject(reply, self._agent, msg.subject) if reply else None
+        except InvalidMessageError as exc:
+            await self._refuse(msg, exc, None)  # nobody who asked can read an answer
+            return
+        try:
             message = self._host.accept(msg.subject, msg.data)
             assert isinstance(message, RequestMessage)
         except InvalidMessageError as exc:
-            await self._host.reject(
-                subject=msg.subject,
-                data=msg.data,
-                code=exc.code,
-                reason=exc.reason,
-                receiver=self._agent,
-            )
-            if to:  # the requester is waiting: tell it now, not by its timeout
-                answer = refusal(msg.subject, msg.data, exc, agent=self._agent)
-                with contextlib.suppress(TransportError):
-                    await self._host.nc.publish(to, encode(answer))
+            await self._refuse(msg, exc, to)
             return
         self._pending.append((msg, message, to))
         if not self._ready and (self._parked or not self._alive or self._limiter.value):
             self._more()
+
+    async def _refuse(self, msg: Msg, exc: InvalidMessageError, to: str | None) -> None:
+        """Report bad input; answer it on ``to``: the requester is waiting, tell it now,
+        not by its timeout."""
+        await self._host.reject(
+            subject=msg.subject,
+            data=msg.data,
+            code=exc.code,
+            reason=exc.reason,
+            receiver=self._agent,
+        )
+        if to:
+            answer = refusal(msg.subject, msg.data, exc, agent=self._agent)
+            with contextlib.suppress(TransportError):
+                await self._host.nc.publish(to, encode(answer))
 
     def _more(self) -> None:
         """Ready one more drain: wake the parked one, else start one."""

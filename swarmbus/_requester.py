@@ -200,25 +200,27 @@ class _Deadlines:
                 future.set_exception(TimeoutError())
 
 
-def reply_subject_of(reply: str, agent: str) -> str | None:
-    """Where a responder ``agent`` publishes its answer to a request with ``reply``.
+def answer_subject(reply: str, agent: str, subject: str) -> str:
+    """Where responder ``agent`` publishes its answer to the request on ``subject``.
 
     ``reply`` with ``.<agent>`` appended for a verified reply subject, ``reply`` itself
-    for any other (a plain inbox: a client that does not verify), None for a
-    ``swarmbus.reply.`` subject of the wrong shape (nobody can read an answer there).
+    for any other (a plain inbox: a client that does not verify).
+
+    Raises:
+        InvalidMessageError: ``wrong_subject``, a ``swarmbus.reply.`` subject of the
+            wrong shape, or naming another requester than the request subject's last
+            token (bound by permissions): answers go only to who asked.
     """
     if not reply.startswith(_REPLY_PREFIX):
         return reply
-    if reply.count(".") != _REPLY_TOKENS - 1 or "*" in reply or ">" in reply:
-        return None
+    tokens = reply.split(".")
+    if len(tokens) != _REPLY_TOKENS or "*" in reply or ">" in reply:
+        raise InvalidMessageError("wrong_subject", f"malformed reply subject {reply!r}")
+    if subject.rpartition(".")[2] != tokens[2]:
+        raise InvalidMessageError(
+            "wrong_subject", f"a request on {subject} asks for replies to {tokens[2]}"
+        )
     return f"{reply}.{agent}"
-
-
-def requester_of(reply: str) -> str | None:
-    """The requester token of a verified reply subject (None: not one)."""
-    if not reply.startswith(_REPLY_PREFIX):
-        return None
-    return reply.split(".", 3)[2]
 
 
 class Requester:
@@ -260,7 +262,12 @@ class Requester:
         # No Nats-Msg-Id: nothing de-duplicates a core request (CONTRACT "Verified
         # replies"); headers only carry a trace context, when tracing is on.
         headers: dict[str, str] = {}
-        with _producer_span(subject, message.id, session, agent, headers, capability):
+        span = (
+            _producer_span(subject, message.id, session, agent, headers, capability)
+            if tracing_enabled()
+            else _NO_SPAN
+        )
+        with span:
             data = encode(message)
             host = self._host
             if headers or len(data) > host.nc.max_payload:
