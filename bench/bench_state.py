@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg
 import redis.asyncio as aioredis
 
-from swarmbus import Bus, ConflictError, NatsServer
+from swarmbus import Bus, ConflictError, Lock, NatsServer
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._postgres_store import PostgresStore, open_pool
 from swarmbus._redis_store import LOCKS_BUCKET, RedisStore
@@ -73,6 +73,19 @@ class SeedLock:
 
     async def release(self) -> None:
         await self.redis.eval(RELEASE, 1, self.lock_key, self.agent)  # type: ignore[misc]
+
+
+class SwarmLock:
+    """swarmbus's ``Lock`` on the Redis backend, trying once (``acquire(timeout=0)``)."""
+
+    def __init__(self, bus: Bus, resource: str, agent: str) -> None:
+        self.lock = Lock(bus, resource, agent, ttl=TTL)
+
+    async def acquire(self) -> bool:
+        return await self.lock.acquire(timeout=0) is not None
+
+    async def release(self) -> None:
+        await self.lock.release()
 
 
 class StoreLock:
@@ -176,12 +189,15 @@ async def timed(run: Run, n: int, server: int) -> tuple[float, float]:
 class Bench:
     """Store/raw pairs, alternating; each ratio also per CPU second (steadier under load)."""
 
-    def __init__(self, ops: int, reps: int) -> None:
+    def __init__(self, ops: int, reps: int, only: str | None = None) -> None:
         self.ops = ops
         self.reps = reps
+        self.only = only
         self.rows: list[str] = []
 
     async def pair(self, name: str, store: Run, raw: Run, server: int) -> None:
+        if self.only and self.only not in name:
+            return
         await store(min(200, self.ops))  # warm up both
         await raw(min(200, self.ops))
         ratios, cpu_ratios, rates = [], [], []
@@ -201,7 +217,7 @@ class Bench:
 
 
 async def main(args: argparse.Namespace) -> None:
-    bench = Bench(args.ops, args.reps)
+    bench = Bench(args.ops, args.reps, args.only)
     print("| benchmark | store /s vs raw /s per rep | store / raw | median | per CPU s |")
     print("| --- | --- | --- | --- | --- |", flush=True)
     with ExitStack() as servers:
@@ -218,14 +234,29 @@ async def main(args: argparse.Namespace) -> None:
             assert nats.pid is not None
             redis_pid = redis_server.proc.pid
             pids = {"NATS": nats.pid, "Redis": redis_pid, "PostgreSQL": pg.proc.pid}
+            on_redis = await stack.enter_async_context(
+                Bus.open(url=nats.url, backend="redis", redis_url=redis_server.url)
+            )
             await bench.pair(
-                "lock cycle (Redis)",
+                "lock cycle, `Lock` (Redis)",
+                lock_cycles(lambda a: SwarmLock(on_redis, "file:/src/lock.py", a)),
+                lock_cycles(lambda a: SeedLock(client, "file:/src/lock.py", a)),
+                redis_pid,
+            )
+            await bench.pair(
+                "lock hand-off, `Lock` (Redis)",
+                hand_offs(lambda a: SwarmLock(on_redis, "file:/src/lock-handoff.py", a)),
+                hand_offs(lambda a: SeedLock(client, "file:/src/lock-handoff.py", a)),
+                redis_pid,
+            )
+            await bench.pair(
+                "lock cycle, store (Redis)",
                 lock_cycles(lambda a: StoreLock(locks, "file:/src/main.py", a)),
                 lock_cycles(lambda a: SeedLock(client, "file:/src/main.py", a)),
                 redis_pid,
             )
             await bench.pair(
-                "lock hand-off (Redis)",
+                "lock hand-off, store (Redis)",
                 hand_offs(lambda a: StoreLock(locks, "file:/src/handoff.py", a)),
                 hand_offs(lambda a: SeedLock(client, "file:/src/handoff.py", a)),
                 redis_pid,
@@ -317,6 +348,7 @@ if __name__ == "__main__":
     parser.add_argument("--ops", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--writers", type=int, default=16)
+    parser.add_argument("--only", help="run only the pairs whose name contains this")
     try:
         import uvloop
 

@@ -57,7 +57,7 @@ from swarmbus._jetstream.headers import TTL as TTL_HEADER
 from swarmbus._jetstream.latest import bucket_entries, kv_last
 from swarmbus._jetstream.watch import KvChange, KvWatch
 from swarmbus._observe._instruments import lock_wait
-from swarmbus._store_lock import StoreLockKey
+from swarmbus._store_lock import LockKey, lock_key_on
 from swarmbus._telemetry import send_span
 
 log = logging.getLogger("swarmbus.locks")
@@ -474,7 +474,8 @@ class Lock:
         # Revision of our own last release marker: a CAS on it succeeds only if the
         # key is still free, which saves a read on the next acquisition.
         self._released_at: int | None = None
-        self._store_key: StoreLockKey | None = None  # SWARM_BACKEND other than nats
+        self._store_key: LockKey | None = None  # SWARM_BACKEND other than nats
+        self._values: dict[int, bytes] = {}  # ttl -> this owner's encoded record
 
     @property
     def lease(self) -> Lease | None:
@@ -638,8 +639,10 @@ class Lock:
         """``acquire`` on the configured state store (``swarmbus._store_lock``)."""
         if self._store_key is None:
             store = await open_store(self.bus, self.bucket, history=1, limit_marker_ttl=MARKER_TTL)
-            self._store_key = StoreLockKey(store, self._key)
-        value = _encoder.encode(_Record(owner=self.owner, ttl=ttl))
+            self._store_key = lock_key_on(store, self._key)
+        value = self._values.get(ttl)
+        if value is None:
+            value = self._values[ttl] = _encoder.encode(_Record(owner=self.owner, ttl=ttl))
         revision = None
         if timeout == 0:
             revision = await self._store_key.try_create(value, ttl)
