@@ -10,14 +10,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+import anyio
 import msgspec
 import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from swarmbus import ConflictError, FindingRecord, Task
+from swarmbus import Bus, ConflictError, FindingRecord, Lease, Lock, LockLostError, Task
 from swarmbus._postgres_store import PostgresStore, open_pool
 from swarmbus._redis_store import BOARD_BUCKET, LOCKS_BUCKET, TASKS_BUCKET, RedisStore
+from swarmbus._subjects import lock_key
 from tests._stores import PostgresServer, RedisServer
 
 NOW = datetime(2026, 12, 7, 4, 30, tzinfo=UTC)
@@ -127,3 +129,101 @@ async def test_migrations_apply_once(postgres_server: PostgresServer) -> None:
         assert await migrate(conn) == []
         cursor = await conn.execute("SELECT name FROM swarm_migrations ORDER BY name")
         assert [row[0] for row in await cursor.fetchall()] == ["001_coordination.sql"]
+
+
+# --- Lock on Redis: one script per acquire and release, a waiter queue ------------------
+
+
+async def _queued(client: aioredis.Redis, key: str, n: int) -> None:
+    """Wait until ``n`` waiters are in the lock's queue (they block right after)."""
+    with anyio.fail_after(10):
+        while await client.llen(f"agent:swarm:{LOCKS_BUCKET}/queue:{key}") < n:
+            await anyio.sleep(0.01)  # polling Redis state, not a sleep as synchronisation
+
+
+@pytest.fixture
+async def redis_bus(nats_url: str, redis_server: RedisServer) -> AsyncIterator[Bus]:
+    async with Bus.open(url=nats_url, backend="redis", redis_url=redis_server.url) as bus:
+        yield bus
+
+
+async def test_a_redis_release_hands_the_lock_to_the_first_waiter_alone(
+    redis_bus: Bus, redis_client: aioredis.Redis, unique: str
+) -> None:
+    resource = f"file:/{unique}"
+    holder = Lock(redis_bus, resource, "ops/holder")
+    first = await holder.acquire()
+    assert first is not None
+    got: list[tuple[str, int]] = []
+    released = anyio.Event()
+
+    async def wait(name: str) -> None:
+        lock = Lock(redis_bus, resource, f"ops/{name}", ttl=9)
+        lease = await lock.acquire(timeout=20)
+        assert lease is not None
+        got.append((name, lease.token))
+        await released.wait()  # hold it until the test looked
+        await lock.release()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for n, name in enumerate(["w1", "w2", "w3"]):
+                tg.start_soon(wait, name)
+                await _queued(redis_client, lock_key(resource), n + 1)
+            await holder.release()
+            with anyio.fail_after(10):
+                while not got:
+                    await anyio.sleep(0.01)
+            assert got == [("w1", first.token + 1)]  # handed over: the next revision
+            stored = await RedisStore(redis_client, LOCKS_BUCKET).get(lock_key(resource))
+            assert stored is not None
+            assert msgspec.json.decode(stored.value or b"")["owner"] == "ops/w1"
+            assert 0 < await redis_client.pttl(f"agent:swarm:locks:{lock_key(resource)}") <= 9000
+            released.set()
+    assert [name for name, _ in got] == ["w1", "w2", "w3"]  # FIFO
+    assert [token for _, token in got] == sorted({t for _, t in got})
+    with pytest.raises(LockLostError):
+        await holder.release()
+
+
+async def test_a_redis_waiter_that_left_or_died_is_skipped(
+    redis_bus: Bus, redis_client: aioredis.Redis, unique: str
+) -> None:
+    resource = f"file:/{unique}"
+    key = lock_key(resource)
+    holder = Lock(redis_bus, resource, "ops/holder")
+    assert await holder.acquire() is not None
+    # a waiter of a process that died: its entry is queued, its record expired
+    await redis_client.rpush(f"agent:swarm:{LOCKS_BUCKET}/queue:{key}", "dead")
+    gave_up = await Lock(redis_bus, resource, "ops/impatient").acquire(timeout=0.3)
+    assert gave_up is None
+    late: list[Lease | None] = []
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+
+            async def wait() -> None:
+                late.append(await Lock(redis_bus, resource, "ops/late").acquire(timeout=15))
+
+            tg.start_soon(wait)
+            await _queued(redis_client, key, 2)  # "dead", then "late" ("impatient" left)
+            await holder.release()
+    (lease,) = late
+    assert lease is not None and lease.owner == "ops/late"
+    assert await redis_client.llen(f"agent:swarm:{LOCKS_BUCKET}/queue:{key}") == 0
+
+
+async def test_a_redis_acquire_given_up_in_flight_gives_the_lock_back(
+    redis_bus: Bus, redis_client: aioredis.Redis, unique: str
+) -> None:
+    """What a cancelled acquire does when its script already wrote the lock."""
+    resource = f"file:/{unique}"
+    key = lock_key(resource)
+    store = RedisStore(redis_client, LOCKS_BUCKET)
+    mine, other = store.lock_key(key), store.lock_key(key)
+    assert await mine.try_create(b"{}", 30) is not None  # written, but the caller left
+    await mine._give_back()
+    assert await store.get(key) is None
+    revision = await other.try_create(b"{}", 30)
+    assert revision is not None
+    await mine._give_back()  # not written for it: nothing happens
+    assert await other.release(revision)
