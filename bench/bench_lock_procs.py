@@ -39,7 +39,7 @@ from pathlib import Path
 
 RESOURCE = "file:/src/main.py"
 TTL = 30
-KINDS = ("swarmbus", "raw JetStream", "raw Redis")
+KINDS = ("swarmbus", "raw JetStream", "swarmbus on Redis", "raw Redis")
 
 
 # --- contenders (child processes) -------------------------------------------------------
@@ -51,6 +51,24 @@ async def _swarmbus(url: str, name: str, stop: Callable[[int], bool]) -> list[in
     async with Bus.open(url=url) as bus:
         lock = Lock(bus, RESOURCE, f"bench/{name}", ttl=TTL, bucket="PROCS")
         await lock.acquire(timeout=30)  # provisions the bucket and its watch
+        await lock.release()
+        _ready()
+        tokens: list[int] = []
+        while not stop(len(tokens)):
+            lease = await lock.acquire(timeout=30)
+            assert lease is not None
+            tokens.append(lease.token)
+            await lock.release()
+        return tokens
+
+
+async def _swarmbus_on_redis(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
+    from swarmbus import Bus, Lock
+
+    nats_url, redis_url = url.split(" ")
+    async with Bus.open(url=nats_url, backend="redis", redis_url=redis_url) as bus:
+        lock = Lock(bus, RESOURCE, f"bench/{name}", ttl=TTL, bucket="PROCS")
+        await lock.acquire(timeout=30)
         await lock.release()
         _ready()
         tokens: list[int] = []
@@ -163,7 +181,12 @@ def child(kind: str, url: str, name: str, total_file: str, quota: int) -> None:
     def stop(done: int) -> bool:
         return done >= quota
 
-    run = {"swarmbus": _swarmbus, "raw JetStream": _raw_jetstream, "raw Redis": _raw_redis}
+    run = {
+        "swarmbus": _swarmbus,
+        "raw JetStream": _raw_jetstream,
+        "swarmbus on Redis": _swarmbus_on_redis,
+        "raw Redis": _raw_redis,
+    }
     try:
         import uvloop
 
@@ -265,6 +288,7 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--handoffs", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated designs to run (default: all)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -281,9 +305,12 @@ def main() -> int:
         if redis_proc is not None:
             urls["raw Redis"] = f"unix://{tmp}/redis.sock"
             pids["raw Redis"] = redis_proc.pid
+            urls["swarmbus on Redis"] = f"{server.url} unix://{tmp}/redis.sock"
+            pids["swarmbus on Redis"] = redis_proc.pid
         try:
             for r in range(args.repeat):
-                kinds = [k for k in KINDS if k in urls]
+                only = args.only.split(",") if args.only else KINDS
+                kinds = [k for k in KINDS if k in urls and k in only]
                 for kind in kinds if r % 2 == 0 else kinds[::-1]:
                     pid = pids[kind]
                     assert pid is not None

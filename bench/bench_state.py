@@ -108,6 +108,42 @@ class StoreLock:
         await self.store.delete(self.key, revision=self.token)
 
 
+class PgLock:
+    """A plain PostgreSQL lock: a row per resource, taken over once expired, with a
+    fencing token from a sequence; owner-only release by that token (pool connection)."""
+
+    def __init__(self, pool: Any, resource: str, agent: str) -> None:
+        self.pool = pool
+        self.resource = resource
+        self.agent = agent
+        self.token = 0
+
+    async def acquire(self) -> bool:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO bench_locks VALUES (%s, %s, nextval('bench_fence'),"
+                " now() + make_interval(secs => %s)) ON CONFLICT (resource) DO UPDATE"
+                " SET owner = excluded.owner, token = excluded.token,"
+                " expires_at = excluded.expires_at WHERE bench_locks.expires_at < now()"
+                " RETURNING token",
+                [self.resource, self.agent, TTL],
+                prepare=True,
+            )
+            row = await cursor.fetchone()
+        if row is None:
+            return False
+        self.token = row[0]
+        return True
+
+    async def release(self) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "DELETE FROM bench_locks WHERE resource = %s AND token = %s",
+                [self.resource, self.token],
+                prepare=True,
+            )
+
+
 def lock_cycles(make: Callable[[str], Any]) -> Run:
     async def run(n: int) -> None:
         lock = make("bench/a")
@@ -270,6 +306,26 @@ async def main(args: argparse.Namespace) -> None:
             await raw_pg.execute(
                 "CREATE TABLE IF NOT EXISTS bench_raw"
                 " (key TEXT PRIMARY KEY, value BYTEA, revision BIGINT)"
+            )
+            await raw_pg.execute(
+                "CREATE TABLE IF NOT EXISTS bench_locks (resource TEXT PRIMARY KEY,"
+                " owner TEXT, token BIGINT, expires_at TIMESTAMPTZ)"
+            )
+            await raw_pg.execute("CREATE SEQUENCE IF NOT EXISTS bench_fence")
+            on_pg = await stack.enter_async_context(
+                Bus.open(url=nats.url, backend="postgres", database_url=pg.url)
+            )
+            await bench.pair(
+                "lock cycle, `Lock` (PostgreSQL)",
+                lock_cycles(lambda a: SwarmLock(on_pg, "file:/src/lock.py", a)),
+                lock_cycles(lambda a: PgLock(pool, "file:/src/lock.py", a)),
+                pg.proc.pid,
+            )
+            await bench.pair(
+                "lock hand-off, `Lock` (PostgreSQL)",
+                hand_offs(lambda a: SwarmLock(on_pg, "file:/src/lock-handoff.py", a)),
+                hand_offs(lambda a: PgLock(pool, "file:/src/lock-handoff.py", a)),
+                pg.proc.pid,
             )
             stores: dict[str, StateStore] = {
                 "NATS": NatsStore(kv),
