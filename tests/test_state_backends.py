@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import msgspec
@@ -134,11 +135,26 @@ async def test_migrations_apply_once(postgres_server: PostgresServer) -> None:
 # --- Lock on Redis: one script per acquire and release, a waiter queue ------------------
 
 
-async def _queued(client: aioredis.Redis, key: str, n: int) -> None:
-    """Wait until ``n`` waiters are in the lock's queue (they block right after)."""
-    with anyio.fail_after(10):
-        while await client.llen(f"agent:swarm:{LOCKS_BUCKET}/queue:{key}") < n:
-            await anyio.sleep(0.01)  # polling Redis state, not a sleep as synchronisation
+class Blocked:
+    """Counts waiters that queued and blocked on their wake list (patches ``blpop``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self.changed = anyio.Event()
+        original = aioredis.Redis.blpop
+
+        async def blpop(client: aioredis.Redis, keys: Any, timeout: Any = 0) -> Any:
+            self.count += 1
+            self.changed.set()
+            return await original(client, keys, timeout)  # type: ignore[misc]
+
+        monkeypatch.setattr(aioredis.Redis, "blpop", blpop)
+
+    async def reach(self, n: int) -> None:
+        with anyio.fail_after(10):
+            while self.count < n:
+                self.changed = anyio.Event()
+                await self.changed.wait()
 
 
 @pytest.fixture
@@ -148,20 +164,22 @@ async def redis_bus(nats_url: str, redis_server: RedisServer) -> AsyncIterator[B
 
 
 async def test_a_redis_release_hands_the_lock_to_the_first_waiter_alone(
-    redis_bus: Bus, redis_client: aioredis.Redis, unique: str
+    redis_bus: Bus, redis_client: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    blocked = Blocked(monkeypatch)
     resource = f"file:/{unique}"
     holder = Lock(redis_bus, resource, "ops/holder")
     first = await holder.acquire()
     assert first is not None
     got: list[tuple[str, int]] = []
-    released = anyio.Event()
+    released, first_got = anyio.Event(), anyio.Event()
 
     async def wait(name: str) -> None:
         lock = Lock(redis_bus, resource, f"ops/{name}", ttl=9)
         lease = await lock.acquire(timeout=20)
         assert lease is not None
         got.append((name, lease.token))
+        first_got.set()
         await released.wait()  # hold it until the test looked
         await lock.release()
 
@@ -169,11 +187,9 @@ async def test_a_redis_release_hands_the_lock_to_the_first_waiter_alone(
         async with anyio.create_task_group() as tg:
             for n, name in enumerate(["w1", "w2", "w3"]):
                 tg.start_soon(wait, name)
-                await _queued(redis_client, lock_key(resource), n + 1)
+                await blocked.reach(n + 1)  # queued in this order
             await holder.release()
-            with anyio.fail_after(10):
-                while not got:
-                    await anyio.sleep(0.01)
+            await first_got.wait()
             assert got == [("w1", first.token + 1)]  # handed over: the next revision
             stored = await RedisStore(redis_client, LOCKS_BUCKET).get(lock_key(resource))
             assert stored is not None
@@ -187,14 +203,16 @@ async def test_a_redis_release_hands_the_lock_to_the_first_waiter_alone(
 
 
 async def test_a_redis_waiter_that_left_or_died_is_skipped(
-    redis_bus: Bus, redis_client: aioredis.Redis, unique: str
+    redis_bus: Bus, redis_client: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    blocked = Blocked(monkeypatch)
     resource = f"file:/{unique}"
     key = lock_key(resource)
     holder = Lock(redis_bus, resource, "ops/holder")
     assert await holder.acquire() is not None
     # a waiter of a process that died: its entry is queued, its record expired
-    await redis_client.rpush(f"agent:swarm:{LOCKS_BUCKET}/queue:{key}", "dead")
+    queue = f"agent:swarm:{LOCKS_BUCKET}/queue:{key}"
+    await redis_client.rpush(queue, "dead")
     gave_up = await Lock(redis_bus, resource, "ops/impatient").acquire(timeout=0.3)
     assert gave_up is None
     late: list[Lease | None] = []
@@ -205,11 +223,15 @@ async def test_a_redis_waiter_that_left_or_died_is_skipped(
                 late.append(await Lock(redis_bus, resource, "ops/late").acquire(timeout=15))
 
             tg.start_soon(wait)
-            await _queued(redis_client, key, 2)  # "dead", then "late" ("impatient" left)
+            await blocked.reach(blocked.count + 1)  # queued behind "dead" ("impatient" left)
+            entries = await redis_client.lrange(queue, 0, -1)
+            assert len(entries) == 2
+            assert entries[0] == b"dead"
             await holder.release()
     (lease,) = late
-    assert lease is not None and lease.owner == "ops/late"
-    assert await redis_client.llen(f"agent:swarm:{LOCKS_BUCKET}/queue:{key}") == 0
+    assert lease is not None
+    assert lease.owner == "ops/late"
+    assert await redis_client.llen(queue) == 0
 
 
 async def test_a_redis_acquire_given_up_in_flight_gives_the_lock_back(
