@@ -249,3 +249,20 @@ async def test_a_redis_acquire_given_up_in_flight_gives_the_lock_back(
     assert revision is not None
     await mine._give_back()  # not written for it: nothing happens
     assert await other.release(revision)
+
+
+async def test_a_redis_lock_refresh_rearms_the_ttl_and_keeps_the_token(
+    redis_bus: Bus, redis_client: aioredis.Redis, unique: str
+) -> None:
+    resource = f"file:/{unique}"
+    lock = Lock(redis_bus, resource, "ops/holder", ttl=2)
+    lease = await lock.acquire()
+    assert lease is not None
+    redis_key = f"agent:swarm:locks:{lock_key(resource)}"
+    assert 0 < await redis_client.pttl(redis_key) <= 2000
+    refreshed = await lock.refresh(ttl=20)
+    assert refreshed.token == lease.token
+    assert 2000 < await redis_client.pttl(redis_key) <= 20000
+    assert await Lock(redis_bus, resource, "ops/other").acquire(timeout=0) is None
+    await lock.release()
+    assert await redis_client.exists(redis_key) == 0
