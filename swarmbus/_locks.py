@@ -475,7 +475,7 @@ class Lock:
         # key is still free, which saves a read on the next acquisition.
         self._released_at: int | None = None
         self._store_key: LockKey | None = None  # SWARM_BACKEND other than nats
-        self._values: dict[int, bytes] = {}  # ttl -> this owner's encoded record
+        self._value: tuple[int, bytes] = (0, b"")  # (ttl, this owner's record for it)
 
     @property
     def lease(self) -> Lease | None:
@@ -640,9 +640,9 @@ class Lock:
         if self._store_key is None:
             store = await open_store(self.bus, self.bucket, history=1, limit_marker_ttl=MARKER_TTL)
             self._store_key = lock_key_on(store, self._key)
-        value = self._values.get(ttl)
-        if value is None:
-            value = self._values[ttl] = _encoder.encode(_Record(owner=self.owner, ttl=ttl))
+        if self._value[0] != ttl:
+            self._value = (ttl, _encoder.encode(_Record(owner=self.owner, ttl=ttl)))
+        value = self._value[1]
         revision = None
         if timeout == 0:
             revision = await self._store_key.try_create(value, ttl)
