@@ -39,7 +39,7 @@ from nats.js.kv import KeyValue
 
 from swarmbus._errors import ConnectionError, PublishError
 from swarmbus._jetstream.errors import translate
-from swarmbus._jetstream.headers import WRONG_LAST_SEQUENCE
+from swarmbus._jetstream.headers import KV_OPERATION, KV_PURGE, WRONG_LAST_SEQUENCE
 from swarmbus._jetstream.reads import PullInbox, unsubscribe_all
 
 __all__ = [
@@ -201,12 +201,15 @@ async def purge_key(
 ) -> None:
     """Purge ``key``, leaving a purge marker (no value) as its last entry.
 
-    ``guard`` wraps the purge itself (e.g. the bus's permission guard, which must see
-    nats-py's own errors); its errors pass through.
+    Not nats-py's ``kv.purge``, a rollup that swarmbus's buckets refuse
+    (``streams``): a marker without one, which on a bucket with one revision per key
+    (the task bucket) replaces the value all the same. ``guard`` wraps the write
+    itself (e.g. the bus's permission guard, which must see nats-py's own errors); its
+    errors pass through.
     """
     try:
         with guard or contextlib.nullcontext():
-            await kv.purge(key)
+            await kv._js.publish(f"{kv._pre}{key}", b"", headers={KV_OPERATION: KV_PURGE})
     except nats.js.errors.APIError as exc:
         raise translate(exc, what) from exc
     except (TimeoutError, nats.errors.Error) as exc:
