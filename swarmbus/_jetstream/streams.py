@@ -11,6 +11,11 @@ keys of the task, lock, board and consensus buckets). swarmbus needs no rollup: 
 buckets keep one revision per key (a delete or purge marker replaces the value) or
 are purged by subject by the service account (blackboard retention). So nats-py's
 ``kv.purge`` (a rollup) fails on them: delete instead.
+
+Except on a bucket with limit markers (``limit_marker_ttl``, the lock bucket: waiters
+see a lock's TTL expiry by its marker): nats-server 2.15 turns rollups on for any stream
+with subject delete markers and refuses ``deny_purge`` with rollups ("roll-ups require
+the purge permission"). There the fencing token is what protects a resource.
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ async def open_key_value(js: JetStreamContext, config: KeyValueConfig, guard: Gu
         info = await _create_bucket(js, config, guard)
     except nats.js.errors.APIError as exc:
         raise translate(exc, f"cannot open bucket {bucket}") from exc
-    if info.config.allow_rollup_hdrs:
+    if info.config.allow_rollup_hdrs and not info.config.subject_delete_marker_ttl:
         info = await _forbid_rollups(js, info, guard)
     return KeyValue(
         name=bucket,
@@ -93,7 +98,7 @@ async def open_key_value(js: JetStreamContext, config: KeyValueConfig, guard: Gu
 
 def bucket_stream_config(config: KeyValueConfig) -> StreamConfig:
     """The stream of a KV bucket as nats-py's ``create_key_value`` makes it, but
-    refusing rollup headers (``allow_rollup_hdrs=False``)."""
+    refusing rollup headers unless it has limit markers (see the module docstring)."""
     duplicate_window = 120.0
     if config.ttl and config.ttl < duplicate_window:
         duplicate_window = config.ttl
@@ -102,7 +107,7 @@ def bucket_stream_config(config: KeyValueConfig) -> StreamConfig:
         description=config.description,
         subjects=[f"{KV_PREFIX.format(bucket=config.bucket)}>"],
         allow_direct=config.direct,
-        allow_rollup_hdrs=False,
+        allow_rollup_hdrs=bool(config.limit_marker_ttl),
         allow_msg_ttl=True,
         deny_delete=True,
         discard=DiscardPolicy.NEW,
