@@ -33,6 +33,7 @@ from swarmbus import (
     Finding,
     FindingMessage,
     Lock,
+    LockLostError,
     NatsServer,
     NotFoundError,
     TaskQueue,
@@ -215,6 +216,29 @@ async def test_agent_cannot_roll_up_the_lock_bucket(
             with pytest.raises(nats.js.errors.APIError):
                 await attacker.js.publish(subject, b"", headers={"Nats-Rollup": "all"})
         assert set(before) <= set(await kv.keys())
+
+
+async def test_a_lock_bucket_rollup_is_caught_by_the_fencing_token(
+    deploy: Deploy, service: Bus, unique: str
+) -> None:
+    """What protects a lock when its bucket is rolled up anyway: the next holder's
+    token is higher (the resource refuses the old one) and the victim's lease is lost
+    at its next refresh, as after an expiry."""
+    resource = f"deploy-{unique}"
+    async with (
+        provisioning(service),
+        deploy.bus(VICTIM) as vbus,
+        deploy.bus(ATTACKER) as abus,
+    ):
+        victim = Lock(vbus, resource, VICTIM, ttl=30)
+        held = await victim.acquire(timeout=0)
+        assert held is not None
+        await abus.js.publish(f"$KV.{LOCKS_BUCKET}.x-{unique}", b"", headers={"Nats-Rollup": "all"})
+        stolen = await Lock(abus, resource, ATTACKER, ttl=30).acquire(timeout=0)
+        assert stolen is not None
+        assert stolen.token > held.token
+        with pytest.raises(LockLostError):
+            await victim.refresh()
 
 
 async def test_locks_prune_and_retention_work_without_rollups(
