@@ -305,16 +305,11 @@ async def test_agent_cannot_create_reconfigure_or_delete_a_task_queue_consumer(
         deploy.bus(VICTIM) as vbus,
         TaskQueue(vbus, session_id) as queue,
     ):
+        await offered_once(queue)  # the service has made the queue's consumer
         created = await queue.create("investigate", agent=VICTIM)
         config = queue_consumer(session_id, "investigate", 5, DEFAULT_ACK_WAIT)
         durable = str(config.durable_name)
-        with anyio.fail_after(5):  # the service makes it when the dispatch is published
-            while True:
-                try:
-                    info = await service.js.consumer_info(TASKS_STREAM, durable)
-                    break
-                except nats.js.errors.NotFoundError:
-                    await anyio.sleep(0.05)
+        info = await service.js.consumer_info(TASKS_STREAM, durable)
         hijack = {k: v for k, v in info.config.as_dict().items()}
         hijack |= {"ack_wait": 3600 * 10**9, "filter_subject": f"swarmbus.task.{session_id}.x.5.*"}
         body = json.dumps({"stream_name": TASKS_STREAM, "config": hijack}).encode()
@@ -356,28 +351,68 @@ async def test_agent_cannot_erase_another_agents_task_with_term(
         deploy.bus(VICTIM) as vbus,
         TaskQueue(vbus, session_id) as queue,
     ):
+        await offered_once(queue)  # the service has made the queue's consumer
         created = await queue.create("investigate", agent=VICTIM)
         config = queue_consumer(session_id, "investigate", 5, DEFAULT_ACK_WAIT)
         async with deploy.bus(ATTACKER) as attacker:
-            with anyio.fail_after(10):
-                while True:  # the service creates the queue's consumer
-                    try:
-                        sub = await attacker.js.pull_subscribe_bind(
-                            str(config.durable_name), TASKS_STREAM
-                        )
-                        (msg,) = await sub.fetch(1, timeout=1)
-                        break
-                    except (
-                        nats.js.errors.NotFoundError,
-                        nats.js.errors.ServiceUnavailableError,  # no such consumer yet
-                        nats.errors.TimeoutError,
-                    ):
-                        await anyio.sleep(0.05)
+            sub = await attacker.js.pull_subscribe_bind(str(config.durable_name), TASKS_STREAM)
+            (msg,) = await sub.fetch(1, timeout=5)
             await msg.term()
             await attacker.nc.flush()
         claim = await queue.claim(agent=VICTIM, types=["investigate"], timeout=3)
         assert claim is not None
         assert claim.task.id == created.id
+
+
+async def test_the_service_makes_consumers_for_pending_and_new_queues_only(
+    bus: Bus, session_id: str
+) -> None:
+    """Queues with dispatches stored before the service started get their consumer at
+    once; a dispatch that names no valid queue gets none and stops nothing."""
+    async with TaskQueue(bus, session_id) as queue:
+        await queue.create("early", agent="ops/a", priority=3)
+        early = str(queue_consumer(session_id, "early", 3, DEFAULT_ACK_WAIT).durable_name)
+        assert not await consumer_exists(bus, early)  # nobody claimed: nobody made it
+        async with provisioning(bus):
+            assert await consumer_exists(bus, early)
+            for junk in ("99", "0", "x"):  # priorities 1-10 only
+                await bus.nc.publish(f"swarmbus.task.{session_id}.junk.{junk}.t1", b"{}")
+            late = str(queue_consumer(session_id, "late", 7, DEFAULT_ACK_WAIT).durable_name)
+            created = anyio.Event()
+
+            async def on_created(msg: Any) -> None:
+                created.set()
+
+            advisory = f"$JS.EVENT.ADVISORY.CONSUMER.CREATED.{TASKS_STREAM}.{late}"
+            await bus.nc.subscribe(advisory, cb=on_created)
+            await queue.create("late", agent="ops/a", priority=7)
+            with anyio.fail_after(5):
+                await created.wait()
+            assert await consumer_exists(bus, late)
+        names = [c.name async for c in consumers_of(bus)]
+        assert not [n for n in names if "junk" in n]
+
+
+async def offered_once(queue: TaskQueue) -> None:
+    """Create, claim and complete a task of the victim's queue (type investigate,
+    priority 5): the claim waits until the service made the queue's consumer."""
+    await queue.create("investigate", agent=VICTIM)
+    claim = await queue.claim(agent=VICTIM, types=["investigate"], timeout=10)
+    assert claim is not None
+    await claim.complete({"ok": True})
+
+
+async def consumer_exists(bus: Bus, durable: str) -> bool:
+    try:
+        await bus.js.consumer_info(TASKS_STREAM, durable)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
+
+
+async def consumers_of(bus: Bus) -> AsyncIterator[Any]:
+    for info in await bus.js.consumers_info(TASKS_STREAM):
+        yield info
 
 
 # --- event consumers and the consensus service's intake (attempt 7) ---------------------

@@ -149,7 +149,12 @@ class QueueConsumers:
             with self._guard(subject, f"create consumer {durable}"):
                 await self.js.add_consumer(self.stream, config)
         except PermissionDeniedError:
-            self._may_create = False  # the service account creates them
+            self._may_create = False
+            log.info(
+                "%s: the service account creates task-queue consumers (swarmbus consensus "
+                "or swarmbus up); tasks of a queue wait until it has",
+                durable,
+            )
             return False
         except nats.js.errors.APIError as exc:
             # Another claimer created it meanwhile (with other options): share it.
@@ -217,7 +222,8 @@ class QueueProvisioner:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Subscribe, provision the queues pending now, then each new one until cancelled."""
+        """Subscribe and make the consumers of the queues with dispatches stored now
+        (then it has started), then of each new queue until cancelled."""
         try:
             sub = await self._nc.subscribe(self._wildcard, cb=self._on_dispatch)
             info = await self._js.stream_info(self._stream, subjects_filter=self._wildcard)
@@ -225,7 +231,9 @@ class QueueProvisioner:
             raise ConnectionError(f"cannot watch the task queues: {exc}") from exc
         try:
             for subject in info.state.subjects or {}:
-                self._offer(subject)
+                queue = self._queue_of(subject)
+                if queue is not None:
+                    await self._create(queue)
             task_status.started()
             async for queue in self._receive:
                 await self._create(queue)
@@ -234,30 +242,37 @@ class QueueProvisioner:
                 await unsubscribe_all([sub])
 
     async def _on_dispatch(self, msg: Msg) -> None:
-        self._offer(msg.subject)
+        queue = self._queue_of(msg.subject)
+        if queue is None:
+            return
+        try:
+            self._send.send_nowait(queue)
+        except anyio.WouldBlock:
+            self._checked.pop(queue, None)  # busy: the queue's next dispatch asks again
 
-    def _offer(self, subject: str) -> None:
+    def _queue_of(self, subject: str) -> Queue | None:
+        """The queue of a dispatch subject, unless invalid or checked recently."""
         parts = subject.split(".")
         if len(parts) != 6 or not parts[4].isdigit() or int(parts[4]) not in self._priorities:
-            return
+            return None
         queue = (parts[2], parts[3], int(parts[4]))
         now = time.monotonic()
         checked = self._checked.get(queue)
         if checked is not None and now - checked < RECHECK_AFTER:
-            return
+            return None
+        try:
+            subjects.task_subject(*queue)
+        except SwarmbusError:
+            return None  # not a queue (an invalid session id or task type)
         if len(self._checked) >= MAX_CHECKED:  # forget the queues checked long ago
             self._checked = {q: t for q, t in self._checked.items() if now - t < RECHECK_AFTER}
-        try:
-            self._send.send_nowait(queue)
-        except anyio.WouldBlock:
-            return  # busy: the queue's next dispatch asks again
-        self._checked[queue] = time.monotonic()
+            if len(self._checked) >= MAX_CHECKED:  # a flood of queues: check again
+                self._checked.clear()
+        self._checked[queue] = now
+        return queue
 
     async def _create(self, queue: Queue) -> None:
-        try:
-            config = queue_consumer(*queue, DEFAULT_ACK_WAIT)
-        except SwarmbusError:
-            return  # not a queue's subject (an invalid session id or type)
+        config = queue_consumer(*queue, DEFAULT_ACK_WAIT)
         durable = str(config.durable_name)
         try:
             if not await consumer_exists(self._js, self._stream, durable):
