@@ -570,8 +570,8 @@ class Lock:
             if bucket is not None and successor is not None:
                 await self._hand_over(bucket, successor, lease)
                 return
-            # a purge marker without a rollup (the bucket refuses rollups): with one
-            # revision per key it replaces the lock all the same
+            # a purge marker without a rollup (swarmbus's buckets refuse rollups,
+            # _jetstream/streams): with one revision per key it replaces the lock
             headers = {KV_OPERATION: KV_PURGE, TTL_HEADER: str(MARKER_TTL)}
             try:
                 self._released_at = await self._write(b"", self._revision, headers)
