@@ -27,6 +27,7 @@ import nats.errors
 import nats.js.errors
 import nkeys
 import pytest
+import yaml
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from swarmbus import (
@@ -53,6 +54,7 @@ from swarmbus import (
     TaskQueue,
     Vote,
 )
+from swarmbus._cli import build_parser
 from swarmbus._consensus import CONSENSUS_BUCKET, proposal_key
 from swarmbus._demo import incident
 from swarmbus._runtime.provision import provisioning
@@ -711,6 +713,10 @@ async def test_demo_runs_under_the_demo_user(
 ) -> None:
     """`swarmbus demo --via-service` in docker-compose.yml: the demo user, next to the
     consensus service."""
+    compose = yaml.safe_load((DEPLOY.parents[1] / "docker-compose.yml").read_text())
+    assert compose["services"]["demo"]["command"] == ["demo", "--via-service"]
+    assert compose["services"]["demo"]["environment"]["SWARMBUS_USER"] == "demo"
+    assert build_parser().parse_args(["demo", "--via-service"]).via_service
     log_start = len(deploy_server.log)
     async with (
         provisioning(service),
