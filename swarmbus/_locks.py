@@ -49,10 +49,8 @@ from swarmbus._jetstream.headers import (
     KV_OPERATION,
     KV_PURGE,
     MSG_ID,
-    ROLLUP_SUBJECT,
 )
 from swarmbus._jetstream.headers import MARKER_REASON as MARKER_REASON  # the expiry marker
-from swarmbus._jetstream.headers import ROLLUP as ROLLUP_HEADER
 from swarmbus._jetstream.headers import TTL as TTL_HEADER
 from swarmbus._jetstream.latest import bucket_entries, kv_last
 from swarmbus._jetstream.watch import KvChange, KvWatch
@@ -573,11 +571,9 @@ class Lock:
             if bucket is not None and successor is not None:
                 await self._hand_over(bucket, successor, lease)
                 return
-            headers = {
-                KV_OPERATION: KV_PURGE,
-                ROLLUP_HEADER: ROLLUP_SUBJECT,
-                TTL_HEADER: str(MARKER_TTL),
-            }
+            # a purge marker without a rollup (swarmbus's buckets refuse rollups,
+            # _jetstream/streams): with one revision per key it replaces the lock
+            headers = {KV_OPERATION: KV_PURGE, TTL_HEADER: str(MARKER_TTL)}
             try:
                 self._released_at = await self._write(b"", self._revision, headers)
             except _Conflict:
