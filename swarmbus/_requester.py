@@ -322,7 +322,7 @@ class Requester:
     async def _on_reply(self, msg: Msg) -> None:
         tokens = msg.subject.split(".")
         pending = self._pending.get(tokens[4]) if len(tokens) > _REPLY_TOKENS - 1 else None
-        if pending is None or pending.future.done():
+        if pending is None or pending.future.done() or tokens[2] != pending.agent:
             return  # late (the request timed out) or for no request of ours: nobody waits
         if len(tokens) == _REPLY_TOKENS:
             if msg.headers and msg.headers.get(STATUS) == NO_RESPONDERS_STATUS and not msg.data:
