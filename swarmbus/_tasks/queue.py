@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import msgspec
@@ -88,6 +88,16 @@ class TaskQueue:
         starvation_after: a task waiting this long is claimed before higher
             priorities (0 disables aging).
     """
+
+    #: The queue class for ``SWARM_BACKEND`` redis or postgres, registered by
+    #: ``swarmbus._tasks`` (``store_queue.StoreTaskQueue``: records on the ``StateStore``,
+    #: no dispatch stream); ``TaskQueue(bus, ...)`` makes one when ``bus`` uses that backend.
+    on_store: ClassVar[type[TaskQueue] | None] = None
+
+    def __new__(cls, bus: Bus, *args: Any, **kwargs: Any) -> TaskQueue:
+        if cls is TaskQueue and cls.on_store is not None and bus.settings.backend != "nats":
+            return object.__new__(cls.on_store)
+        return object.__new__(cls)
 
     def __init__(
         self,

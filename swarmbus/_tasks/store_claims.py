@@ -1,0 +1,385 @@
+"""Claims on a ``StateStore`` (``SWARM_BACKEND=redis|postgres``): found by listing, taken by CAS.
+
+Without a dispatch stream the record is the whole task: it is created with the task
+(create-once) and is what claimers look for. A claimer lists the session's records
+(prefix ``<session>.``), keeps the claimable ones of its types and takes the best
+first: a task that waited ``starvation_after`` (aging), else the highest priority,
+FIFO within. Claimable means pending (approved if gated, past its retry delay) or
+claimed with a lease that ran out. Each claim is a compare-and-set from the revision
+the listing returned, so two claimers never both win; the loser moves on to the next
+candidate. A task out of attempts is failed for good (dead letter) by the claimer that
+finds it. Every later transition (heartbeat, complete, fail) is a compare-and-set at
+the claim's revision: the attempt number is the claim's fencing token, exactly as on
+NATS (``claims``), so a late completion after a reclaim is refused.
+
+When nothing is claimable a claimer waits on the store's watch of the session's wake
+key (bucket ``swarmbus-task-wake``, key ``<session>``), which is written whenever a
+task becomes claimable (created, approved, retried, given back), and at most until
+the next lease or retry delay runs out (expired leases write nothing).
+
+A retry's delay (``min(0.1 * 2**attempts, 30)`` seconds, as on NATS) is the pending
+record's ``lease_until``: claimers skip it until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+import anyio
+import anyio.abc
+import msgspec
+
+from swarmbus import _subjects as subjects
+from swarmbus._bus import Bus
+from swarmbus._errors import (
+    ConnectionError,
+    InvalidMessageError,
+    InvalidTaskError,
+    InvalidTransitionError,
+    SwarmbusError,
+    TaskClaimLostError,
+)
+from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
+from swarmbus._messages import TaskAssigned, TaskCompleted, TaskFailed
+from swarmbus._state import StateStore
+from swarmbus._tasks.claims import Event, _Completed, _Failed, _released, _running
+from swarmbus._tasks.model import TERMINAL, Claim, Task, after, claimed, encoder, now, record_of
+
+if TYPE_CHECKING:
+    from swarmbus._jetstream.workqueue import Dispatch
+
+__all__ = ["WAKE_BUCKET", "StoreClaimer", "StoreTransitions"]
+
+log = logging.getLogger("swarmbus.tasks")
+
+WAKE_BUCKET: Final = "swarmbus-task-wake"
+"""One key per session, written when a task becomes claimable (waiting claimers watch it)."""
+MAX_WAIT: Final = 0.5
+"""Longest wait (seconds) between two listings of an idle claimer."""
+
+
+class StoreQueueView(Protocol):
+    """What store claims need of their ``StoreTaskQueue``."""
+
+    bus: Bus
+    session: str
+    starvation_after: float
+
+    @property
+    def records(self) -> StateStore: ...
+
+    @property
+    def wakes(self) -> StateStore: ...
+
+    def _key(self, task_id: str) -> str: ...
+
+    async def _wake(self) -> None: ...
+
+    async def _events(self, items: Iterable[Event]) -> None: ...
+
+    async def _cas(self, task: Task, revision: int) -> int | None: ...
+
+    async def _transition(
+        self, claim: Claim, change: Callable[[Task], Task], requested: str
+    ) -> Task: ...
+
+    async def _heartbeat(self, claim: Claim) -> None: ...
+
+    async def _complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task: ...
+
+    async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOffer:
+    """What a store claim has instead of a dispatch message: its queue's subject and the
+    message id (the worker names spans after them); settling it is a no-op."""
+
+    subject: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def offer(task: Task) -> Dispatch:
+    subject = f"{subjects.task_subject(task.session, task.type, task.priority)}.{task.id}"
+    return cast("Dispatch", StoreOffer(subject, {MSG_ID_HEADER: f"task:{task.id}:dispatch"}))
+
+
+@dataclass(slots=True)
+class _Listing:
+    """One listing's claimable tasks of some types, and when the next may become so."""
+
+    candidates: list[tuple[Task, int]] = field(default_factory=list)
+    exhausted: list[tuple[Task, int]] = field(default_factory=list)
+    due: float = math.inf
+
+
+class _Wake:
+    """Sets ``event`` on every write of the session's wake key (a task group's task)."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+
+    async def run(
+        self, store: StateStore, key: str, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        async with store.watch(key, initial=False) as changes:
+            task_status.started()
+            async for _ in changes:
+                self.event.set()
+
+
+class StoreClaimer:
+    """Claims tasks for one ``StoreTaskQueue``: listing, choosing, compare-and-set."""
+
+    def __init__(self, queue: StoreQueueView) -> None:
+        self._queue = queue
+
+    async def claim_many(
+        self, *, agent: str, types: Sequence[str], limit: int, timeout: float | None
+    ) -> list[Claim]:
+        """See ``TaskQueue.claim_many``."""
+        queue = self._queue
+        queue.bus.act_as(agent)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidTaskError("limit", f"must be an integer >= 1, got {limit!r}")
+        if isinstance(types, str | bytes) or not types:
+            raise InvalidTaskError("types", f"must be a non-empty list of types, got {types!r}")
+        for type in types:
+            subjects.validate_name("task type", type)
+        deadline = time.monotonic() + (timeout or 0.0)
+        wake: _Wake | None = None
+        async with anyio.create_task_group() as tg:
+            try:
+                while True:
+                    claims, due = await self._scan(agent, frozenset(types), limit)
+                    remaining = deadline - time.monotonic()
+                    if claims or remaining <= 0:
+                        return claims
+                    if wake is None:
+                        # Idle: watch the wake key, then list again (a task may have
+                        # become claimable in between).
+                        wake = _Wake()
+                        await tg.start(wake.run, queue.wakes, queue.session)
+                        continue
+                    with anyio.move_on_after(min(remaining, due, MAX_WAIT)):
+                        await wake.event.wait()
+                    wake.event = anyio.Event()
+            finally:
+                tg.cancel_scope.cancel()
+        raise AssertionError("unreachable")
+
+    async def _scan(
+        self, agent: str, types: frozenset[str], limit: int
+    ) -> tuple[list[Claim], float]:
+        """Claims won from one listing, and the seconds until more may be claimable."""
+        listing = await self._list(types)
+        for task, revision in listing.exhausted:
+            await self._give_up(task, revision, agent)
+        chosen = self._choose(listing.candidates, limit)
+        claims: list[Claim] = []
+        try:
+            while chosen and len(claims) < limit:
+                batch, chosen = chosen[: limit - len(claims)], chosen[limit - len(claims) :]
+                with anyio.CancelScope(shield=True):  # a won claim must reach the caller
+                    claims.extend(await self._take(batch, agent))
+        except ConnectionError as exc:
+            if not claims:
+                raise
+            log.warning("claiming stopped early, %d claimed: %s", len(claims), exc)
+        except BaseException:
+            # Cancelled: nobody will run them. Give them back now (see claims._scan).
+            with anyio.CancelScope(shield=True):
+                for claim in claims:
+                    await self._release(claim)
+            raise
+        for claim in claims:
+            await self._queue._events(
+                [(TaskAssigned(task_id=claim.task.id, agent_id=agent), agent, None)]
+            )
+        return claims, listing.due
+
+    async def _list(self, types: frozenset[str]) -> _Listing:
+        queue = self._queue
+        prefix = f"{queue.session}."
+        listing = _Listing()
+        at = time.time()
+        for entry in await queue.records.list(prefix):
+            task_id = entry.key[len(prefix) :]
+            if not entry.value or "." in task_id:
+                continue
+            try:
+                task = record_of(entry.value, queue.session, task_id)
+            except InvalidMessageError as exc:  # written by something else: skipped
+                log.warning("skipping a broken task record: %s", exc.reason)
+                continue
+            if task.type not in types or task.status in TERMINAL:
+                continue
+            if task.approval in ("required", "rejected"):
+                continue  # approve() wakes claimers
+            if task.lease_until is not None:
+                wait = task.lease_until.timestamp() - at
+                if wait > 0:  # claimed, or a retry's delay
+                    listing.due = min(listing.due, wait)
+                    continue
+            elif task.status != "pending":
+                continue
+            if task.attempts >= task.max_attempts:
+                listing.exhausted.append((task, entry.revision))
+            else:
+                listing.candidates.append((task, entry.revision))
+        return listing
+
+    def _choose(self, candidates: list[tuple[Task, int]], limit: int) -> list[tuple[Task, int]]:
+        """The candidates in claim order: the oldest starved one alone, else the highest
+        priority's, oldest first (FIFO within a priority, as on NATS)."""
+        if not candidates:
+            return []
+
+        def age(item: tuple[Task, int]) -> tuple[float, int]:
+            created = item[0].created_at
+            return (created.timestamp() if created else 0.0, item[1])
+
+        starvation_after = self._queue.starvation_after
+        if starvation_after:
+            cutoff = time.time() - starvation_after
+            top = max(task.priority for task, _ in candidates)
+            starved = [c for c in candidates if c[0].priority < top and age(c)[0] <= cutoff]
+            if starved:
+                return [min(starved, key=age)]
+        top = max(task.priority for task, _ in candidates)
+        return sorted((c for c in candidates if c[0].priority == top), key=age)
+
+    async def _take(self, batch: list[tuple[Task, int]], agent: str) -> list[Claim]:
+        """Claim every task of ``batch`` at its listed revision, concurrently; the won ones."""
+        won: list[Claim | None] = [None] * len(batch)
+        errors: list[ConnectionError] = []
+
+        async def take(i: int, task: Task, revision: int) -> None:
+            mine = claimed(task, agent)
+            try:
+                new_revision = await self._queue._cas(mine, revision)
+            except ConnectionError as exc:
+                errors.append(exc)
+                return
+            if new_revision is not None:
+                won[i] = Claim(self._queue, mine, new_revision, offer(mine))
+
+        async with anyio.create_task_group() as tg:
+            for i, (task, revision) in enumerate(batch):
+                tg.start_soon(take, i, task, revision)
+        claims = [c for c in won if c is not None]
+        if errors and not claims:
+            raise errors[0]
+        return claims
+
+    async def _release(self, claim: Claim) -> None:
+        try:
+            await self._queue._transition(claim, _released, "pending")
+        except SwarmbusError as exc:  # its lease runs out instead
+            log.warning("could not give back task %s: %s", claim.task.id, exc)
+            return
+        await self._queue._wake()
+
+    async def _give_up(self, task: Task, revision: int, agent: str) -> None:
+        """Fail ``task`` for good (dead letter), unless someone moved it on meanwhile."""
+        reason = "claim timed out" if task.status != "pending" else (task.error or "")
+        dead = msgspec.structs.replace(
+            task,
+            status="failed",
+            dead=True,
+            error=f"gave up after {task.attempts} attempts: {reason}",
+            completed_at=now(),
+            lease_until=None,
+        )
+        try:
+            if await self._queue._cas(dead, revision) is None:
+                return
+        except ConnectionError as exc:  # the next listing tries again
+            log.warning("could not fail task %s: %s", task.id, exc)
+            return
+        failed = TaskFailed(
+            task_id=task.id, error=dead.error or "", attempts=dead.attempts, dead=True
+        )
+        await self._queue._events([(failed, agent, f"task:{task.id}:dead")])
+
+
+class StoreTransitions:
+    """Compare-and-set transitions of claimed tasks on a ``StateStore``."""
+
+    def __init__(self, queue: StoreQueueView) -> None:
+        self._queue = queue
+
+    async def transition(
+        self, claim: Claim, change: Callable[[Task], Task], requested: str
+    ) -> Task:
+        """CAS ``change(task)`` at the claim's revision; one transition at a time."""
+        queue = self._queue
+        async with claim._lock:
+            queue.bus.act_as(claim.task.assigned_to or subjects.UNKNOWN)
+            if claim.finished:
+                raise InvalidTransitionError("task", claim.task.id, claim.task.status, requested)
+            new = change(claim.task)
+            revision = await queue._cas(new, claim.revision)
+            if revision is None:
+                entry = await queue.records.get(queue._key(claim.task.id), fresh=True)
+                if entry is None or not entry.value:  # finished by another claim, then pruned
+                    raise TaskClaimLostError(claim.task.id, claim.attempt, 0, "pruned")
+                current = record_of(entry.value, queue.session, claim.task.id)
+                raise TaskClaimLostError(
+                    claim.task.id, claim.attempt, current.attempts, current.status
+                )
+            claim.task, claim.revision = new, revision
+            claim.finished = new.status != "running"
+            return new
+
+    async def heartbeat(self, claim: Claim) -> None:
+        with anyio.CancelScope(shield=True):  # see complete
+            await self.transition(claim, _running, "running")
+
+    async def complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task:
+        try:
+            result_dict = msgspec.convert(dict(result or {}), dict[str, Any])
+            encoder.encode(result_dict)
+        except (msgspec.ValidationError, TypeError, ValueError) as exc:
+            raise InvalidTaskError("result", str(exc)) from None
+        # Shielded: a write cancelled in flight may still land; the claim must then
+        # follow it (or its next call is refused as lost) and its event go out.
+        with anyio.CancelScope(shield=True):
+            new = await self.transition(claim, _Completed(result_dict), "completed")
+            agent = new.assigned_to or subjects.UNKNOWN
+            event = TaskCompleted(task_id=new.id, result=result_dict)
+            await self._queue._events([(event, agent, f"task:{new.id}:completed")])
+        return new
+
+    async def fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
+        with anyio.CancelScope(shield=True):  # see complete
+            new = await self.transition(claim, _Delayed(_Failed(error, retry)), "failed")
+            if new.status == "pending":
+                await self._queue._wake()
+            agent = new.assigned_to or subjects.UNKNOWN
+            event = TaskFailed(task_id=new.id, error=error, attempts=new.attempts, dead=new.dead)
+            await self._queue._events([(event, agent, f"task:{new.id}:failed:{new.attempts}")])
+        return new
+
+
+class _Delayed:
+    """A failure's change, with a retry delay as the pending record's ``lease_until``."""
+
+    def __init__(self, change: Callable[[Task], Task]) -> None:
+        self._change = change
+
+    def __call__(self, task: Task) -> Task:
+        new = self._change(task)
+        if new.status != "pending":
+            return new
+        return msgspec.structs.replace(new, lease_until=after(min(2.0**new.attempts * 0.1, 30.0)))
+
+
+def stamped() -> bytes:
+    """A wake key's value: when it was written (only its change matters)."""
+    return str(now().timestamp()).encode()
