@@ -127,3 +127,40 @@ async def test_migrations_apply_once(postgres_server: PostgresServer) -> None:
         assert await migrate(conn) == []
         cursor = await conn.execute("SELECT name FROM swarm_migrations ORDER BY name")
         assert [row[0] for row in await cursor.fetchall()] == ["001_coordination.sql"]
+
+
+async def test_the_task_queues_tasks_are_rows_of_agent_tasks(
+    postgres_server: PostgresServer, nats_url: str, session_id: str
+) -> None:
+    from swarmbus import Bus, TaskQueue
+
+    async with (
+        Bus.open(url=nats_url, backend="postgres", database_url=postgres_server.url) as bus,
+        TaskQueue(bus, session_id) as queue,
+    ):
+        done = await queue.create("investigate", agent="ops/lead", target="api", priority=8)
+        waiting = await queue.create("report", agent="ops/lead")
+        claim = await queue.claim(agent="ops/deploy-validator", types=["investigate"])
+        assert claim is not None
+        await claim.complete({"cause": "deploy v1.2.3"})
+
+    async with await psycopg.AsyncConnection.connect(postgres_server.url) as conn:
+        cursor = await conn.execute(
+            "SELECT t.task_type, t.status, t.assigned_to, t.parameters->>'target', t.result,"
+            " t.completed_at IS NOT NULL"
+            " FROM agent_tasks t JOIN agent_sessions s ON s.id = t.session_id"
+            " WHERE s.name = %s ORDER BY t.created_at",
+            [session_id],
+        )
+        assert await cursor.fetchall() == [
+            ("investigate", "completed", "ops/deploy-validator", "api",
+             {"cause": "deploy v1.2.3"}, True),
+            ("report", "pending", None, "", None, False),
+        ]  # fmt: skip
+        cursor = await conn.execute(
+            "SELECT count(*) FROM agent_tasks t JOIN agent_sessions s ON s.id = t.session_id"
+            " WHERE s.name = %s AND t.status = 'pending' AND t.key = %s",
+            [session_id, f"{session_id}.{waiting.id}"],
+        )
+        assert await cursor.fetchone() == (1,)
+    assert done.id != waiting.id

@@ -1,0 +1,97 @@
+"""The seed's MCP block verbatim: two ``mcp-agent-swarm`` processes that share only a store.
+
+Each server gets ``SWARM_BACKEND=redis``, ``REDIS_URL`` and its own ``AGENT_ID`` (or
+``postgres`` and ``DATABASE_URL``) and no ``NATS_URL``: each embeds its own nats-server,
+so everything the two agents share (sessions, findings, tasks and claims, proposals and
+votes, the events ``swarm_wait`` wakes on) goes through the store. Driven by the
+official MCP Python SDK client over stdio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+
+from tests._stores import store_env
+from tests.test_mcp_agents import ROOT, SCRIPT, PythonAgent, _incident
+
+pytestmark = pytest.mark.parametrize("backend", ["redis", "postgres"])
+
+
+def seed_env(store: dict[str, str], agent_id: str) -> dict[str, str]:
+    """The seed's block (backend, its URL, AGENT_ID) and nothing else of swarmbus's."""
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SWARMBUS_", "NATS_", "SWARM_", "REDIS_", "DATABASE_", "AGENT_"))
+    }
+    return {**keep, **store, "AGENT_ID": agent_id, "PYTHONPATH": str(ROOT)}
+
+
+@contextlib.asynccontextmanager
+async def seed_agent(store: dict[str, str], agent_id: str) -> AsyncIterator[PythonAgent]:
+    params = StdioServerParameters(command=str(SCRIPT), env=seed_env(store, agent_id))
+    async with Client(params, read_timeout_seconds=60) as client:
+        yield PythonAgent(client)
+
+
+async def test_two_agents_sharing_only_the_store_work_an_incident(
+    request: pytest.FixtureRequest, backend: str, session_id: str, unique: str
+) -> None:
+    store = store_env(request, backend)
+    assert set(store) == {"SWARM_BACKEND", "REDIS_URL" if backend == "redis" else "DATABASE_URL"}
+    lead, helper = f"ops/lead-{unique}", f"ops/helper-{unique}"
+    async with seed_agent(store, lead) as first, seed_agent(store, helper) as second:
+        # sessions, findings (and the wait they wake), a claim, votes and the decision
+        decision = await _incident(first, second, lead=lead, helper=helper, session_id=session_id)
+        assert (decision["outcome"], decision["votes_for"], decision["closed_by"]) == (
+            "approved",
+            2,
+            "early",
+        )
+        found = await second.call("swarm_get_findings", session_id=session_id)
+        assert [f["agent"] for f in found["items"]] == [lead]
+
+        # Both claim at once from the same backlog: every task once, never both.
+        for _ in range(6):
+            await first.call("swarm_create_task", session_id=session_id, type="analyze")
+        claimed: dict[str, list[str]] = {lead: [], helper: []}
+
+        async def claim_all(agent: PythonAgent, agent_id: str) -> None:
+            while True:
+                got = await agent.call("swarm_claim_task", session_id=session_id, types=["analyze"])
+                if not got["claimed"]:
+                    return
+                claimed[agent_id].append(got["task"]["id"])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim_all, first, lead)
+            tg.start_soon(claim_all, second, helper)
+        assert not set(claimed[lead]) & set(claimed[helper])
+        assert len(claimed[lead]) + len(claimed[helper]) == 6
+        listed = await first.call("swarm_list_tasks", session_id=session_id, status="assigned")
+        holders = {t["id"]: t["assigned_to"] for t in listed["items"]}
+        assert holders == {t: a for a, ids in claimed.items() for t in ids}
+
+        # A claim with a wait is woken by the other's new task.
+        async with anyio.create_task_group() as tg:
+            got: dict[str, object] = {}
+
+            async def wait_for_work() -> None:
+                got.update(
+                    await second.call(
+                        "swarm_claim_task", session_id=session_id, types=["fix"], wait_seconds=20
+                    )
+                )
+
+            tg.start_soon(wait_for_work)
+            await anyio.wait_all_tasks_blocked()
+            task = await first.call("swarm_create_task", session_id=session_id, type="fix")
+        assert got["claimed"] is True
+        assert got["task"]["id"] == task["id"]  # type: ignore[index]
