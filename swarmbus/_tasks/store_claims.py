@@ -53,14 +53,16 @@ from swarmbus._tasks.model import TERMINAL, Claim, Task, after, claimed, encoder
 if TYPE_CHECKING:
     from swarmbus._jetstream.workqueue import Dispatch
 
-__all__ = ["WAKE_BUCKET", "StoreClaimer", "StoreTransitions"]
+__all__ = ["WAKE_BUCKET", "StoreClaimer", "StoreTransitions", "Wake"]
 
 log = logging.getLogger("swarmbus.tasks")
 
 WAKE_BUCKET: Final = "swarmbus-task-wake"
 """One key per session, written when a task becomes claimable (waiting claimers watch it)."""
 MAX_WAIT: Final = 0.5
-"""Longest wait (seconds) between two listings of an idle claimer."""
+"""Longest wait (seconds) between two listings of an idle claimer without a live watch."""
+IDLE_RELIST: Final = 2.0
+"""Longest time (seconds) a ``work()`` loop's claims trust its live watch and do not list."""
 
 
 class StoreQueueView(Protocol):
@@ -109,6 +111,25 @@ def offer(task: Task) -> Dispatch:
     return cast("Dispatch", StoreOffer(subject, {MSG_ID_HEADER: f"task:{task.id}:dispatch"}))
 
 
+@dataclass(frozen=True, slots=True)
+class _Idle:
+    """An empty listing of a ``work()`` loop: nothing to claim of ``types`` until ``until``
+    (monotonic) unless ``woken`` (its wake watch's event when it listed) is set."""
+
+    wake: Wake
+    woken: anyio.Event
+    types: frozenset[str]
+    until: float
+
+    def holds(self, wakes: list[Wake], types: frozenset[str]) -> bool:
+        return (
+            self.wake in wakes
+            and self.types == types
+            and not self.woken.is_set()
+            and time.monotonic() < self.until
+        )
+
+
 @dataclass(slots=True)
 class _Listing:
     """One listing's claimable tasks of some types, and when the next may become so."""
@@ -118,8 +139,13 @@ class _Listing:
     due: float = math.inf
 
 
-class _Wake:
-    """Sets ``event`` on every write of the session's wake key (a task group's task)."""
+class Wake:
+    """A live watch of a session's wake key: ``event`` is set (and replaced) on each write.
+
+    A waiter takes ``event`` before it lists the records, so a write in between is not
+    missed. Runs in a task group until cancelled; a broken watch is made again (the
+    waiters still list at least every ``MAX_WAIT`` meanwhile).
+    """
 
     def __init__(self) -> None:
         self.event = anyio.Event()
@@ -127,10 +153,21 @@ class _Wake:
     async def run(
         self, store: StateStore, key: str, *, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
-        async with store.watch(key, initial=False) as changes:
-            task_status.started()
-            async for _ in changes:
-                self.event.set()
+        started = False
+        while True:
+            try:
+                async with store.watch(key, initial=False) as changes:
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for _ in changes:
+                        self.event.set()
+                        self.event = anyio.Event()
+            except SwarmbusError as exc:
+                if not started:
+                    raise
+                log.warning("watching the wake key of %s: %s; again", key, exc)
+                await anyio.sleep(MAX_WAIT)
 
 
 class StoreClaimer:
@@ -138,6 +175,11 @@ class StoreClaimer:
 
     def __init__(self, queue: StoreQueueView) -> None:
         self._queue = queue
+        #: Live wake watches kept by running ``work()`` loops (shared by their claims).
+        self.wakes: list[Wake] = []
+        #: Decoded records by key, with the revision they were decoded at (None: broken).
+        self._decoded: dict[str, tuple[int, Task | None]] = {}
+        self._idle: _Idle | None = None
 
     async def claim_many(
         self, *, agent: str, types: Sequence[str], limit: int, timeout: float | None
@@ -152,31 +194,42 @@ class StoreClaimer:
         for type in types:
             subjects.validate_name("task type", type)
         deadline = time.monotonic() + (timeout or 0.0)
-        wake: _Wake | None = None
+        wake = self.wakes[-1] if self.wakes else None
         async with anyio.create_task_group() as tg:
             try:
+                wanted = frozenset(types)
                 while True:
-                    claims, due = await self._scan(agent, frozenset(types), limit)
+                    woken = None if wake is None else wake.event  # before the listing
+                    idle = self._idle
+                    claims: list[Claim] = []
+                    if idle is not None and idle.holds(self.wakes, wanted):
+                        due = idle.until - time.monotonic()  # nothing new to list
+                    else:
+                        claims, due, none = await self._scan(agent, wanted, limit)
+                        self._idle = None
+                        if none and wake is not None and woken is not None:
+                            until = time.monotonic() + min(due, IDLE_RELIST)
+                            self._idle = _Idle(wake, woken, wanted, until)
                     remaining = deadline - time.monotonic()
                     if claims or remaining <= 0:
                         return claims
-                    if wake is None:
+                    if woken is None:
                         # Idle: watch the wake key, then list again (a task may have
                         # become claimable in between).
-                        wake = _Wake()
+                        wake = Wake()
                         await tg.start(wake.run, queue.wakes, queue.session)
                         continue
                     with anyio.move_on_after(min(remaining, due, MAX_WAIT)):
-                        await wake.event.wait()
-                    wake.event = anyio.Event()
+                        await woken.wait()
             finally:
                 tg.cancel_scope.cancel()
         raise AssertionError("unreachable")
 
     async def _scan(
         self, agent: str, types: frozenset[str], limit: int
-    ) -> tuple[list[Claim], float]:
-        """Claims won from one listing, and the seconds until more may be claimable."""
+    ) -> tuple[list[Claim], float, bool]:
+        """Claims won from one listing, the seconds until more may be claimable, and
+        whether the listing had nothing claimable at all (not merely races lost)."""
         listing = await self._list(types)
         for task, revision in listing.exhausted:
             await self._give_up(task, revision, agent)
@@ -201,21 +254,29 @@ class StoreClaimer:
             await self._queue._events(
                 [(TaskAssigned(task_id=claim.task.id, agent_id=agent), agent, None)]
             )
-        return claims, listing.due
+        return claims, listing.due, not (listing.candidates or listing.exhausted)
 
     async def _list(self, types: frozenset[str]) -> _Listing:
         queue = self._queue
         prefix = f"{queue.session}."
         listing = _Listing()
         at = time.time()
+        decoded, self._decoded = self._decoded, {}
         for entry in await queue.records.list(prefix):
             task_id = entry.key[len(prefix) :]
             if not entry.value or "." in task_id:
                 continue
-            try:
-                task = record_of(entry.value, queue.session, task_id)
-            except InvalidMessageError as exc:  # written by something else: skipped
-                log.warning("skipping a broken task record: %s", exc.reason)
+            known = decoded.get(entry.key)
+            if known is not None and known[0] == entry.revision:
+                task = known[1]
+            else:
+                try:
+                    task = record_of(entry.value, queue.session, task_id)
+                except InvalidMessageError as exc:  # written by something else: skipped
+                    log.warning("skipping a broken task record: %s", exc.reason)
+                    task = None
+            self._decoded[entry.key] = (entry.revision, task)
+            if task is None:
                 continue
             if task.type not in types or task.status in TERMINAL:
                 continue

@@ -40,6 +40,7 @@ from swarmbus._tasks.model import (
     TASKS_BUCKET,
     TERMINAL,
     Claim,
+    Handler,
     Task,
     TaskSpec,
     build,
@@ -49,7 +50,13 @@ from swarmbus._tasks.model import (
     state,
 )
 from swarmbus._tasks.queue import TaskQueue
-from swarmbus._tasks.store_claims import WAKE_BUCKET, StoreClaimer, StoreTransitions, stamped
+from swarmbus._tasks.store_claims import (
+    WAKE_BUCKET,
+    StoreClaimer,
+    StoreTransitions,
+    Wake,
+    stamped,
+)
 
 __all__ = ["StoreTaskQueue"]
 
@@ -260,6 +267,28 @@ class StoreTaskQueue(TaskQueue):
         return await self._store_claimer.claim_many(
             agent=agent, types=types, limit=limit, timeout=timeout
         )
+
+    async def work(
+        self,
+        handler: Handler,
+        *,
+        agent: str,
+        types: Sequence[str],
+        stop: anyio.Event,
+        concurrency: int = 64,
+    ) -> None:
+        """See ``TaskQueue.work``; its claims share one live watch of the wake key."""
+        async with anyio.create_task_group() as tg:
+            wake = Wake()
+            await tg.start(wake.run, self.wakes, self.session)
+            self._store_claimer.wakes.append(wake)
+            try:
+                await super().work(
+                    handler, agent=agent, types=types, stop=stop, concurrency=concurrency
+                )
+            finally:
+                self._store_claimer.wakes.remove(wake)
+                tg.cancel_scope.cancel()
 
     async def _cas(self, task: Task, revision: int) -> int | None:
         """Write ``task`` if its record is still at ``revision``; None if it moved on."""
