@@ -4,6 +4,10 @@ The design note of the whole task queue is in ``swarmbus._tasks``. This module h
 the queue object and what does not involve a claim; claiming and the transitions of
 claimed tasks are in ``claims``, the worker loop in ``worker``, and NATS in
 ``swarmbus._jetstream.workqueue``.
+
+``TaskQueue(bus, session)`` is a ``store_queue.StoreTaskQueue`` (registered as
+``TaskQueue.on_store`` by ``swarmbus._tasks``) when ``bus.settings.backend`` is redis or
+postgres: its records on the ``StateStore`` are the whole queue, no dispatch stream.
 """
 
 from __future__ import annotations
@@ -89,15 +93,12 @@ class TaskQueue:
             priorities (0 disables aging).
     """
 
-    #: The queue class for ``SWARM_BACKEND`` redis or postgres, registered by
-    #: ``swarmbus._tasks`` (``store_queue.StoreTaskQueue``: records on the ``StateStore``,
-    #: no dispatch stream); ``TaskQueue(bus, ...)`` makes one when ``bus`` uses that backend.
+    #: What ``TaskQueue(bus, ...)`` makes on a Redis/PostgreSQL ``bus`` (module docstring).
     on_store: ClassVar[type[TaskQueue] | None] = None
 
     def __new__(cls, bus: Bus, *args: Any, **kwargs: Any) -> TaskQueue:
-        if cls is TaskQueue and cls.on_store is not None and bus.settings.backend != "nats":
-            return object.__new__(cls.on_store)
-        return object.__new__(cls)
+        store = cls.on_store if cls is TaskQueue and bus.settings.backend != "nats" else None
+        return object.__new__(store or cls)
 
     def __init__(
         self,
