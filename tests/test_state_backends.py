@@ -164,3 +164,27 @@ async def test_the_task_queues_tasks_are_rows_of_agent_tasks(
         )
         assert await cursor.fetchone() == (1,)
     assert done.id != waiting.id
+
+
+async def test_the_task_queues_records_are_the_seeds_redis_task_keys(
+    redis_server: RedisServer, redis_client: aioredis.Redis, nats_url: str, session_id: str
+) -> None:
+    from swarmbus import Bus, TaskQueue
+    from swarmbus._tasks.store_queue import StoreTaskQueue
+
+    async with (
+        Bus.open(url=nats_url, backend="redis", redis_url=redis_server.url) as bus,
+        TaskQueue(bus, session_id) as queue,
+    ):
+        assert isinstance(queue, StoreTaskQueue)  # no dispatch stream on Redis
+        task = await queue.create("investigate", agent="ops/lead")
+        claim = await queue.claim(agent="ops/a", types=["investigate"])
+        assert claim is not None
+        await claim.complete({"ok": True})
+    stored = await redis_client.hget(f"agent:swarm:{session_id}:tasks:{task.id}", "value")
+    record = msgspec.json.decode(stored, type=Task)
+    assert (record.status, record.assigned_to, record.result) == (
+        "completed",
+        "ops/a",
+        {"ok": True},
+    )

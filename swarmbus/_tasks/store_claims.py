@@ -37,6 +37,7 @@ import msgspec
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
 from swarmbus._errors import (
+    ConflictError,
     ConnectionError,
     InvalidMessageError,
     InvalidTaskError,
@@ -47,7 +48,7 @@ from swarmbus._errors import (
 from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._messages import TaskAssigned, TaskCompleted, TaskFailed
 from swarmbus._state import StateStore
-from swarmbus._tasks.claims import Event, _Completed, _Failed, _released, _running
+from swarmbus._tasks.claims import Event, _Completed, _Failed, _Outcomes, _released, _running
 from swarmbus._tasks.model import TERMINAL, Claim, Task, after, claimed, encoder, now, record_of
 
 if TYPE_CHECKING:
@@ -164,9 +165,10 @@ class Wake:
                         self.event.set()
                         self.event = anyio.Event()
             except SwarmbusError as exc:
-                if not started:
-                    raise
                 log.warning("watching the wake key of %s: %s; again", key, exc)
+                if not started:  # claims list without it meanwhile (IDLE_RELIST)
+                    started = True
+                    task_status.started()
                 await anyio.sleep(MAX_WAIT)
 
 
@@ -317,26 +319,26 @@ class StoreClaimer:
 
     async def _take(self, batch: list[tuple[Task, int]], agent: str) -> list[Claim]:
         """Claim every task of ``batch`` at its listed revision, concurrently; the won ones."""
-        won: list[Claim | None] = [None] * len(batch)
-        errors: list[ConnectionError] = []
-
-        async def take(i: int, task: Task, revision: int) -> None:
-            mine = claimed(task, agent)
-            try:
-                new_revision = await self._queue._cas(mine, revision)
-            except ConnectionError as exc:
-                errors.append(exc)
-                return
-            if new_revision is not None:
-                won[i] = Claim(self._queue, mine, new_revision, offer(mine))
-
+        outcomes = _Outcomes(len(batch))
         async with anyio.create_task_group() as tg:
             for i, (task, revision) in enumerate(batch):
-                tg.start_soon(take, i, task, revision)
-        claims = [c for c in won if c is not None]
-        if errors and not claims:
-            raise errors[0]
+                tg.start_soon(self._take_one, outcomes, i, task, revision, agent)
+        claims = [c for c in outcomes.claims if c is not None]
+        if outcomes.error is not None and not claims:
+            raise outcomes.error
         return claims
+
+    async def _take_one(
+        self, outcomes: _Outcomes, i: int, task: Task, revision: int, agent: str
+    ) -> None:
+        mine = claimed(task, agent)
+        try:
+            new_revision = await self._queue._cas(mine, revision)
+        except ConnectionError as exc:  # unknown outcome: if it landed, the lease runs out
+            outcomes.error = exc
+            return
+        if new_revision is not None:
+            outcomes.claims[i] = Claim(self._queue, mine, new_revision, offer(mine))
 
     async def _release(self, claim: Claim) -> None:
         try:
@@ -385,7 +387,7 @@ class StoreTransitions:
             if claim.finished:
                 raise InvalidTransitionError("task", claim.task.id, claim.task.status, requested)
             new = change(claim.task)
-            revision = await queue._cas(new, claim.revision)
+            revision = await self._write(new, claim.revision)
             if revision is None:
                 entry = await queue.records.get(queue._key(claim.task.id), fresh=True)
                 if entry is None or not entry.value:  # finished by another claim, then pruned
@@ -397,6 +399,24 @@ class StoreTransitions:
             claim.task, claim.revision = new, revision
             claim.finished = new.status != "running"
             return new
+
+    async def _write(self, new: Task, revision: int) -> int | None:
+        """CAS ``new`` at ``revision``; None if the record moved on. A write whose answer
+        was lost is settled by reading the record: our bytes there mean it landed."""
+        queue = self._queue
+        key = queue._key(new.id)
+        data = encoder.encode(new)
+        try:
+            return await queue.records.update(key, data, revision=revision)
+        except ConflictError:
+            return None
+        except ConnectionError:
+            entry = await queue.records.get(key, fresh=True)
+            if entry is not None and entry.value == data:
+                return entry.revision
+            if entry is not None and entry.revision == revision:
+                raise  # it did not happen: the caller may try again
+            return None
 
     async def heartbeat(self, claim: Claim) -> None:
         with anyio.CancelScope(shield=True):  # see complete

@@ -129,10 +129,10 @@ class StoreTaskQueue(TaskQueue):
         async with anyio.create_task_group() as tg:
             for task in tasks:
                 tg.start_soon(create, task)
+        if len(failures) < len(tasks):
+            await self._wake()  # those stored are claimable even if others failed
         if failures:
             raise PublishError(f"cannot store tasks of session {self.session}: {failures[0]}")
-        if tasks:
-            await self._wake()
         await self._events(
             (
                 TaskCreated(
