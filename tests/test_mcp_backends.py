@@ -57,6 +57,34 @@ async def test_two_agents_sharing_only_the_store_work_an_incident(
         )
         found = await second.call("swarm_get_findings", session_id=session_id)
         assert [f["agent"] for f in found["items"]] == [lead]
+        cursor = (await second.call("swarm_wait", timeout_seconds=0))["cursor"]
+        await first.call(
+            "swarm_report_hypothesis", session_id=session_id, description="pool", confidence=0.7
+        )
+        gated = await first.call(
+            "swarm_create_task", session_id=session_id, type="rollback", requires_approval=True
+        )
+        kinds: list[str] = []
+        with anyio.fail_after(30):
+            while not {"hypothesis.proposed", "task.created"} <= set(kinds):
+                news = await second.call("swarm_wait", cursor=cursor, timeout_seconds=10)
+                cursor, kinds = news["cursor"], kinds + [e["kind"] for e in news["events"]]
+        # The approval vote of the gated task, decided by both: then it is claimable.
+        approval = gated["approval_proposal_id"]
+        await first.call("swarm_vote", proposal_id=approval, vote="yes")
+        await second.call("swarm_vote", proposal_id=approval, vote="yes")
+        got = await second.call("swarm_claim_task", session_id=session_id, types=["rollback"])
+        assert got["claimed"] is True
+        assert got["task"]["approval"] == "approved"
+
+        # A lock taken by one is refused to the other until released.
+        held = await first.call("swarm_acquire_lock", resource="host:db-1")
+        assert held["acquired"] is True
+        assert (await second.call("swarm_acquire_lock", resource="host:db-1"))["acquired"] is False
+        await first.call("swarm_release_lock", resource="host:db-1")
+        taken = await second.call("swarm_acquire_lock", resource="host:db-1", wait_seconds=5)
+        assert taken["acquired"] is True
+        assert taken["token"] > held["token"]
 
         # Both claim at once from the same backlog: every task once, never both.
         for _ in range(6):
@@ -76,7 +104,7 @@ async def test_two_agents_sharing_only_the_store_work_an_incident(
         assert not set(claimed[lead]) & set(claimed[helper])
         assert len(claimed[lead]) + len(claimed[helper]) == 6
         listed = await first.call("swarm_list_tasks", session_id=session_id, status="assigned")
-        holders = {t["id"]: t["assigned_to"] for t in listed["items"]}
+        holders = {t["id"]: t["assigned_to"] for t in listed["items"] if t["type"] == "analyze"}
         assert holders == {t: a for a, ids in claimed.items() for t in ids}
 
         # A claim with a wait is woken by the other's new task.
