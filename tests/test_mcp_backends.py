@@ -10,6 +10,7 @@ official MCP Python SDK client over stdio.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator
 
@@ -19,24 +20,43 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 from tests._stores import store_env
-from tests.test_mcp_agents import ROOT, SCRIPT, PythonAgent, _incident
+from tests.test_mcp_agents import BIN, ROOT, PythonAgent, _incident
 
 pytestmark = pytest.mark.parametrize("backend", ["redis", "postgres"])
 
 
+#: The seed's MCP block (tests/fixtures/seed/mcp_servers.json), as an MCP client reads it.
+SEED_BLOCK = json.loads((ROOT / "tests" / "fixtures" / "seed" / "mcp_servers.json").read_text())[
+    "mcpServers"
+]["agent-swarm"]
+
+
 def seed_env(store: dict[str, str], agent_id: str) -> dict[str, str]:
-    """The seed's block (backend, its URL, AGENT_ID) and nothing else of swarmbus's."""
+    """The seed's block with its ``${...}`` expanded, as an MCP client does (for postgres:
+    the same block with ``SWARM_BACKEND=postgres`` and ``DATABASE_URL``), and nothing
+    else of swarmbus's."""
+    env = dict(SEED_BLOCK["env"])
+    if store["SWARM_BACKEND"] == "postgres":
+        del env["REDIS_URL"]
+        env |= {"SWARM_BACKEND": "postgres", "DATABASE_URL": "${DATABASE_URL}"}
+    values = {f"${{{name}}}": value for name, value in {**store, "AGENT_ID": agent_id}.items()}
     keep = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("SWARMBUS_", "NATS_", "SWARM_", "REDIS_", "DATABASE_", "AGENT_"))
     }
-    return {**keep, **store, "AGENT_ID": agent_id, "PYTHONPATH": str(ROOT)}
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    expanded = {k: values.get(v, v) for k, v in env.items()}
+    return {**keep, **expanded, "PATH": path, "PYTHONPATH": str(ROOT)}
 
 
 @contextlib.asynccontextmanager
 async def seed_agent(store: dict[str, str], agent_id: str) -> AsyncIterator[PythonAgent]:
-    params = StdioServerParameters(command=str(SCRIPT), env=seed_env(store, agent_id))
+    env = seed_env(store, agent_id)
+    assert {k for k in env if k.startswith(("SWARM", "REDIS", "DATABASE", "NATS"))} == (
+        {"SWARM_BACKEND", "REDIS_URL" if store["SWARM_BACKEND"] == "redis" else "DATABASE_URL"}
+    )
+    params = StdioServerParameters(command=SEED_BLOCK["command"], env=env)
     async with Client(params, read_timeout_seconds=60) as client:
         yield PythonAgent(client)
 
@@ -45,7 +65,6 @@ async def test_two_agents_sharing_only_the_store_work_an_incident(
     request: pytest.FixtureRequest, backend: str, session_id: str, unique: str
 ) -> None:
     store = store_env(request, backend)
-    assert set(store) == {"SWARM_BACKEND", "REDIS_URL" if backend == "redis" else "DATABASE_URL"}
     lead, helper = f"ops/lead-{unique}", f"ops/helper-{unique}"
     async with seed_agent(store, lead) as first, seed_agent(store, helper) as second:
         # sessions, findings (and the wait they wake), a claim, votes and the decision
