@@ -618,3 +618,36 @@ async def test_an_approval_cancelled_while_it_writes_still_offers_the_task(
     claim = await queue.claim(agent="w/a", types=["deploy"], timeout=5)
     assert claim is not None
     assert claim.task.id == gated.id
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_a_store_claim_cancelled_while_its_writes_are_in_flight_is_given_back(
+    queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = await queue.create_many(
+        [TaskSpec(type="probe"), TaskSpec(type="probe")], agent=CREATOR
+    )
+    cas = queue._cas
+    scope = anyio.CancelScope()
+
+    async def cas_then_cancel(task: Task, revision: int) -> int | None:
+        written = await cas(task, revision)
+        scope.cancel()  # the caller gives up while the claims' writes are in flight
+        return written
+
+    events = queue._events
+
+    async def checkpoint_then_publish(items: Any) -> None:
+        await anyio.lowlevel.checkpoint()  # where the cancellation lands: claims won
+        await events(items)
+
+    monkeypatch.setattr(queue, "_cas", cas_then_cancel)
+    monkeypatch.setattr(queue, "_events", checkpoint_then_publish)
+    with scope:
+        await queue.claim_many(agent="w/a", types=["probe"], limit=5, timeout=5)
+    assert scope.cancelled_caught
+    monkeypatch.undo()
+    # Claimable again at once (not after the 60 s lease), the attempt not used up.
+    claims = await queue.claim_many(agent="w/b", types=["probe"], limit=2, timeout=5)
+    assert sorted(c.task.id for c in claims) == sorted(t.id for t in created)
+    assert [c.attempt for c in claims] == [1, 1]

@@ -196,36 +196,55 @@ class StoreClaimer:
         for type in types:
             subjects.validate_name("task type", type)
         deadline = time.monotonic() + (timeout or 0.0)
+        wanted = frozenset(types)
         wake = self.wakes[-1] if self.wakes else None
-        async with anyio.create_task_group() as tg:
-            try:
-                wanted = frozenset(types)
-                while True:
-                    woken = None if wake is None else wake.event  # before the listing
-                    idle = self._idle
-                    claims: list[Claim] = []
-                    if idle is not None and idle.holds(self.wakes, wanted):
-                        due = idle.until - time.monotonic()  # nothing new to list
-                    else:
-                        claims, due, none = await self._scan(agent, wanted, limit)
-                        self._idle = None
-                        if none and wake is not None and woken is not None:
-                            until = time.monotonic() + min(due, IDLE_RELIST)
-                            self._idle = _Idle(wake, woken, wanted, until)
-                    remaining = deadline - time.monotonic()
-                    if claims or remaining <= 0:
-                        return claims
-                    if woken is None:
-                        # Idle: watch the wake key, then list again (a task may have
-                        # become claimable in between).
-                        wake = Wake()
-                        await tg.start(wake.run, queue.wakes, queue.session)
-                        continue
-                    with anyio.move_on_after(min(remaining, due, MAX_WAIT)):
-                        await woken.wait()
-            finally:
+        if wake is not None:
+            return await self._claim_until(agent, wanted, limit, deadline, wake)
+        claims, _, _ = await self._scan(agent, wanted, limit)
+        if claims or time.monotonic() >= deadline:
+            return claims
+        # Idle outside a work() loop: a watch of the wake key of its own while it waits.
+        claims = []
+        try:
+            async with anyio.create_task_group() as tg:
+                wake = Wake()
+                await tg.start(wake.run, queue.wakes, queue.session)
+                claims = await self._claim_until(agent, wanted, limit, deadline, wake)
                 tg.cancel_scope.cancel()
-        raise AssertionError("unreachable")
+        except BaseException:
+            # Cancelled on the way out of the task group: nobody will run them.
+            with anyio.CancelScope(shield=True):
+                for claim in claims:
+                    await self._release(claim)
+            raise
+        return claims
+
+    async def _claim_until(
+        self, agent: str, wanted: frozenset[str], limit: int, deadline: float, wake: Wake
+    ) -> list[Claim]:
+        """List and claim until something is won or ``deadline``, woken by ``wake``.
+
+        An empty listing of a ``work()`` loop's watch is trusted until the next lease
+        runs out (at most ``IDLE_RELIST``) unless the watch wakes it: no listing then.
+        """
+        shared = wake in self.wakes
+        while True:
+            woken = wake.event  # taken before the listing: a write during it wakes us
+            idle = self._idle
+            claims: list[Claim] = []
+            if idle is not None and idle.holds(self.wakes, wanted):
+                due = idle.until - time.monotonic()  # nothing new to list
+            else:
+                claims, due, none = await self._scan(agent, wanted, limit)
+                self._idle = None
+                if none and shared:
+                    until = time.monotonic() + min(due, IDLE_RELIST)
+                    self._idle = _Idle(wake, woken, wanted, until)
+            remaining = deadline - time.monotonic()
+            if claims or remaining <= 0:
+                return claims
+            with anyio.move_on_after(min(remaining, due, MAX_WAIT)):
+                await woken.wait()
 
     async def _scan(
         self, agent: str, types: frozenset[str], limit: int
@@ -238,24 +257,25 @@ class StoreClaimer:
         chosen = self._choose(listing.candidates, limit)
         claims: list[Claim] = []
         try:
-            while chosen and len(claims) < limit:
-                batch, chosen = chosen[: limit - len(claims)], chosen[limit - len(claims) :]
-                with anyio.CancelScope(shield=True):  # a won claim must reach the caller
-                    claims.extend(await self._take(batch, agent))
-        except ConnectionError as exc:
-            if not claims:
-                raise
-            log.warning("claiming stopped early, %d claimed: %s", len(claims), exc)
+            try:
+                while chosen and len(claims) < limit:
+                    batch, chosen = chosen[: limit - len(claims)], chosen[limit - len(claims) :]
+                    with anyio.CancelScope(shield=True):  # a won claim must reach the caller
+                        claims.extend(await self._take(batch, agent))
+            except ConnectionError as exc:
+                if not claims:
+                    raise
+                # Claims already won are returned (see claims._scan).
+                log.warning("claiming stopped early, %d claimed: %s", len(claims), exc)
+            for claim in claims:
+                event = TaskAssigned(task_id=claim.task.id, agent_id=agent)
+                await self._queue._events([(event, agent, None)])
         except BaseException:
             # Cancelled: nobody will run them. Give them back now (see claims._scan).
             with anyio.CancelScope(shield=True):
                 for claim in claims:
                     await self._release(claim)
             raise
-        for claim in claims:
-            await self._queue._events(
-                [(TaskAssigned(task_id=claim.task.id, agent_id=agent), agent, None)]
-            )
         return claims, listing.due, not (listing.candidates or listing.exhausted)
 
     async def _list(self, types: frozenset[str]) -> _Listing:
