@@ -63,7 +63,8 @@ WAKE_BUCKET: Final = "swarmbus-task-wake"
 MAX_WAIT: Final = 0.5
 """Longest wait (seconds) between two listings of an idle claimer without a live watch."""
 IDLE_RELIST: Final = 2.0
-"""Longest time (seconds) a ``work()`` loop's claims trust its live watch and do not list."""
+"""Longest time (seconds) a ``work()`` loop's claims trust their last listing while their
+live watch is quiet (they list again at once when it wakes them)."""
 
 
 class StoreQueueView(Protocol):
@@ -112,15 +113,19 @@ def offer(task: Task) -> Dispatch:
     return cast("Dispatch", StoreOffer(subject, {MSG_ID_HEADER: f"task:{task.id}:dispatch"}))
 
 
-@dataclass(frozen=True, slots=True)
-class _Idle:
-    """An empty listing of a ``work()`` loop: nothing to claim of ``types`` until ``until``
-    (monotonic) unless ``woken`` (its wake watch's event when it listed) is set."""
+@dataclass(slots=True)
+class _Recent:
+    """The last listing of a ``work()`` loop's claims, trusted instead of listing again
+    until ``until`` (monotonic) unless ``woken`` (its wake watch's event when it listed)
+    is set: ``rest`` holds its candidates not tried yet, in claim order; ``idle``, that
+    it had none at all."""
 
     wake: Wake
     woken: anyio.Event
     types: frozenset[str]
     until: float
+    rest: list[tuple[Task, int]]
+    idle: bool
 
     def holds(self, wakes: list[Wake], types: frozenset[str]) -> bool:
         return (
@@ -181,7 +186,7 @@ class StoreClaimer:
         self.wakes: list[Wake] = []
         #: Decoded records by key, with the revision they were decoded at (None: broken).
         self._decoded: dict[str, tuple[int, Task | None]] = {}
-        self._idle: _Idle | None = None
+        self._recent: _Recent | None = None
 
     async def claim_many(
         self, *, agent: str, types: Sequence[str], limit: int, timeout: float | None
@@ -200,7 +205,7 @@ class StoreClaimer:
         wake = self.wakes[-1] if self.wakes else None
         if wake is not None:
             return await self._claim_until(agent, wanted, limit, deadline, wake)
-        claims, _, _ = await self._scan(agent, wanted, limit)
+        claims, _ = await self._scan(agent, wanted, limit)
         if claims or time.monotonic() >= deadline:
             return claims
         # Idle outside a work() loop: a watch of the wake key of its own while it waits.
@@ -222,24 +227,14 @@ class StoreClaimer:
     async def _claim_until(
         self, agent: str, wanted: frozenset[str], limit: int, deadline: float, wake: Wake
     ) -> list[Claim]:
-        """List and claim until something is won or ``deadline``, woken by ``wake``.
-
-        An empty listing of a ``work()`` loop's watch is trusted until the next lease
-        runs out (at most ``IDLE_RELIST``) unless the watch wakes it: no listing then.
-        """
+        """List and claim until something is won or ``deadline``, woken by ``wake``."""
         shared = wake in self.wakes
         while True:
             woken = wake.event  # taken before the listing: a write during it wakes us
-            idle = self._idle
-            claims: list[Claim] = []
-            if idle is not None and idle.holds(self.wakes, wanted):
-                due = idle.until - time.monotonic()  # nothing new to list
+            if shared:
+                claims, due = await self._scan(agent, wanted, limit, wake, woken)
             else:
-                claims, due, none = await self._scan(agent, wanted, limit)
-                self._idle = None
-                if none and shared:
-                    until = time.monotonic() + min(due, IDLE_RELIST)
-                    self._idle = _Idle(wake, woken, wanted, until)
+                claims, due = await self._scan(agent, wanted, limit)
             remaining = deadline - time.monotonic()
             if claims or remaining <= 0:
                 return claims
@@ -247,21 +242,54 @@ class StoreClaimer:
                 await woken.wait()
 
     async def _scan(
-        self, agent: str, types: frozenset[str], limit: int
-    ) -> tuple[list[Claim], float, bool]:
-        """Claims won from one listing, the seconds until more may be claimable, and
-        whether the listing had nothing claimable at all (not merely races lost)."""
+        self,
+        agent: str,
+        types: frozenset[str],
+        limit: int,
+        wake: Wake | None = None,
+        woken: anyio.Event | None = None,
+    ) -> tuple[list[Claim], float]:
+        """Claims won, and the seconds until more may be claimable.
+
+        With a ``work()`` loop's ``wake`` (and its event ``woken`` as it was before this
+        call), the last listing is trusted while its watch is quiet (``_Recent``): its
+        untried candidates are claimed first, and an empty one is not listed again.
+        """
+        recent, self._recent = self._recent, None
+        if recent is not None and recent.holds(self.wakes, types):
+            if recent.idle:
+                self._recent = recent
+                return [], recent.until - time.monotonic()
+            claims, recent.rest = await self._claim_from(recent.rest, agent, limit, stale=True)
+            if claims:
+                self._recent = recent
+                return claims, recent.until - time.monotonic()
         listing = await self._list(types)
         for task, revision in listing.exhausted:
             await self._give_up(task, revision, agent)
-        chosen = self._choose(listing.candidates, limit)
+        claims, rest = await self._claim_from(self._choose(listing.candidates), agent, limit)
+        if wake is not None and woken is not None:
+            until = time.monotonic() + min(listing.due, IDLE_RELIST)
+            idle = not (listing.candidates or listing.exhausted)
+            self._recent = _Recent(wake, woken, types, until, rest, idle)
+        return claims, listing.due
+
+    async def _claim_from(
+        self, chosen: list[tuple[Task, int]], agent: str, limit: int, *, stale: bool = False
+    ) -> tuple[list[Claim], list[tuple[Task, int]]]:
+        """Claim up to ``limit`` of ``chosen`` in order (a lost race moves on to the
+        next); the claims and the candidates not tried. ``stale`` candidates (an earlier
+        listing's) are given up at the first batch that wins nothing: others took them."""
         claims: list[Claim] = []
         try:
             try:
                 while chosen and len(claims) < limit:
                     batch, chosen = chosen[: limit - len(claims)], chosen[limit - len(claims) :]
                     with anyio.CancelScope(shield=True):  # a won claim must reach the caller
-                        claims.extend(await self._take(batch, agent))
+                        won = await self._take(batch, agent)
+                    claims.extend(won)
+                    if stale and not won:
+                        break
             except ConnectionError as exc:
                 if not claims:
                     raise
@@ -276,7 +304,7 @@ class StoreClaimer:
                 for claim in claims:
                     await self._release(claim)
             raise
-        return claims, listing.due, not (listing.candidates or listing.exhausted)
+        return claims, chosen
 
     async def _list(self, types: frozenset[str]) -> _Listing:
         queue = self._queue
@@ -317,7 +345,7 @@ class StoreClaimer:
                 listing.candidates.append((task, entry.revision))
         return listing
 
-    def _choose(self, candidates: list[tuple[Task, int]], limit: int) -> list[tuple[Task, int]]:
+    def _choose(self, candidates: list[tuple[Task, int]]) -> list[tuple[Task, int]]:
         """The candidates in claim order: the oldest starved one alone, else the highest
         priority's, oldest first (FIFO within a priority, as on NATS)."""
         if not candidates:
