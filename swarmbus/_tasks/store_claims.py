@@ -15,7 +15,10 @@ NATS (``claims``), so a late completion after a reclaim is refused.
 When nothing is claimable a claimer waits on the store's watch of the session's wake
 key (bucket ``swarmbus-task-wake``, key ``<session>``), which is written whenever a
 task becomes claimable (created, approved, retried, given back), and at most until
-the next lease or retry delay runs out (expired leases write nothing).
+the next lease or retry delay runs out (expired leases write nothing). A ``work()``
+loop keeps one such watch for all its claims and, while it is quiet, trusts its last
+listing (``_Recent``): it claims that listing's untried candidates before listing
+again, and does not list again after an empty one (for up to ``IDLE_RELIST``).
 
 A retry's delay (``min(0.1 * 2**attempts, 30)`` seconds, as on NATS) is the pending
 record's ``lease_until``: claimers skip it until then.
@@ -102,7 +105,8 @@ class StoreQueueView(Protocol):
 @dataclass(frozen=True, slots=True)
 class StoreOffer:
     """What a store claim has instead of a dispatch message: its queue's subject and the
-    message id (the worker names spans after them); settling it is a no-op."""
+    message id, which the worker names its spans after. There is nothing to ack: store
+    transitions never touch it (only ``claims.Claimer`` and ``Transitions`` do)."""
 
     subject: str
     headers: dict[str, str] = field(default_factory=dict)
