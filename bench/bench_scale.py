@@ -5,8 +5,10 @@
 Each case runs against its own nats-server (file storage, temp dir, 127.0.0.1), the
 two designs side by side in the same run:
 
-- idle: N agents, each with an event handler (``Agent.serve``: one durable consumer per
-  agent id, a long pull with idle heartbeats) vs the raw design (one durable pull
+- idle: N agents, each with an event handler, served in one process: swarmbus with
+  one durable consumer per agent id (the default; a long pull with idle heartbeats
+  each), swarmbus with one consumer per process (``consumer_group`` set: the N agents
+  share one durable, dispatch in process) and the raw design (one durable pull
   consumer per process on ``agent.>``, one long ``fetch`` at a time, dispatch in
   process to N handlers). After a warm-up, client CPU (this process) and server CPU
   over ``--window`` seconds (default: one long pull's expiry + 5 s, so every agent's
@@ -66,13 +68,24 @@ async def _ignore(message: Any) -> None:
     pass
 
 
-async def idle_swarmbus(url: str, pid: int, n: int, window: float) -> tuple[float, float, float]:
+def idle_agents(n: int) -> list[Agent]:
     agents = []
     for i in range(n):
         agent = Agent(f"bench/idle{i}")
-        agent.on_finding()(_ignore)
+        agent.on_finding(session=f"S{i}")(_ignore)  # a session each: n distinct filters
         agents.append(agent)
-    async with Bus.open(url=url) as bus, serving(bus, agents):
+    return agents
+
+
+async def idle_swarmbus(url: str, pid: int, n: int, window: float) -> tuple[float, float, float]:
+    async with Bus.open(url=url) as bus, serving(bus, idle_agents(n)):
+        return await idle_cost(pid, window)
+
+
+async def idle_group(url: str, pid: int, n: int, window: float) -> tuple[float, float, float]:
+    """One consumer per process: the n agents share the durable ``bench-process``."""
+    agents = idle_agents(n)
+    async with Bus.open(url=url, consumer_group="bench-process") as bus, serving(bus, agents):
         return await idle_cost(pid, window)
 
 
@@ -247,19 +260,23 @@ async def events_raw(url: str, sessions: int, total: int) -> tuple[float, float]
 
 
 async def bench(args: argparse.Namespace) -> None:
-    print("| case | swarmbus | raw nats-py (one consumer per process) |")
-    print("| --- | --- | --- |")
+    print(
+        "| case | swarmbus, a consumer per agent id | swarmbus, a consumer per process "
+        "(consumer_group) | raw nats-py (one consumer per process) |"
+    )
+    print("| --- | --- | --- | --- |")
     for n in (n for n in args.idle if n > 0):
         row = []
-        for design in (idle_swarmbus, idle_raw):
+        for design in (idle_swarmbus, idle_group, idle_raw):
             with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
                 async with Bus.open(url=server.url):  # provision the streams
                     pass
                 assert server.pid is not None
                 client, srv, rss = await design(server.url, server.pid, n, args.window)
                 row.append(f"client {client:.1f} %, server {srv:.1f} %, RSS {rss:.0f} MB")
-        print(f"| idle, {n:,} agents | {row[0]} | {row[1]} |", flush=True)
-    for s in args.sessions:
+        ratio = f" ({float(row[1].rsplit(' ', 2)[1]) / float(row[2].rsplit(' ', 2)[1]):.2f}x raw)"
+        print(f"| idle, {n:,} agents | {row[0]} | {row[1]}{ratio} | {row[2]} |", flush=True)
+    for s in (s for s in args.sessions if s > 0):
         row = []
         for events in (events_swarmbus, events_raw):
             with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
@@ -267,7 +284,7 @@ async def bench(args: argparse.Namespace) -> None:
                     pass
                 rate, p99 = await events(server.url, s, max(args.events, s))
                 row.append(f"{rate:,.0f} events/s, p99 {p99:.1f} ms")
-        print(f"| events, {s:,} sessions | {row[0]} | {row[1]} |", flush=True)
+        print(f"| events, {s:,} sessions | {row[0]} | (as per agent id: one agent) | {row[1]} |")
 
 
 def counts(text: str) -> list[int]:
@@ -278,7 +295,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts, shorter windows")
     parser.add_argument("--idle", type=counts, default=None, help="0: skip")
-    parser.add_argument("--sessions", type=counts, default=None)
+    parser.add_argument("--sessions", type=counts, default=None, help="0: skip")
     parser.add_argument("--events", type=int, default=None)
     parser.add_argument("--window", type=float, default=None, help="idle window, seconds")
     args = parser.parse_args()

@@ -217,7 +217,7 @@ class ConsumerGroup:
             if not self._members:  # a member joining later starts a new loop
                 consumer.delete_at_end = for_good and not self._kept
                 self._consumer = self._host = None
-                self._applied = 0
+                self._applied, self._kept = 0, False
             return self._ended
         self.table.remove(member.routes)
         if self._host is member:  # the loop moves to another member's task group

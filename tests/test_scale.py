@@ -447,6 +447,11 @@ async def test_agents_join_and_leave_a_group_at_run_time_on_the_same_durable(
             await arrived.wait()
         await served[1].exit()
         assert (await bus.js.consumer_info("SWARMBUS_EVENTS", group)).created == created
+        # The last member leaves for good: the group's consumer goes with it.
+        async with agents[1].serve(bus, leave=True):
+            pass
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.js.consumer_info("SWARMBUS_EVENTS", group)
     assert seen == [(agents[1].id, "after")]
 
 
