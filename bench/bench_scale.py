@@ -17,6 +17,11 @@ two designs side by side in the same run:
   callback, for the lowest latency: its long ``fetch(64)`` waits for 64); ``--events``
   events (at least S) published (64 in flight, acked) round robin over S sessions; events/s from
   the first publish to the last handler call, p99 of publish -> handler latency.
+- agent events (``--agent-events``): N agents in one process, each following a session
+  of its own, ``--events`` events round robin over the N sessions (each reaches one
+  agent): one consumer per agent id (only up to 1,000 agents: starting 10,000
+  consumers takes minutes), one per process (``consumer_group``), and the raw push
+  consumer dispatching by session.
 """
 
 from __future__ import annotations
@@ -227,6 +232,37 @@ async def events_swarmbus(url: str, sessions: int, total: int) -> tuple[float, f
         return sink.result(started)
 
 
+async def agent_events(url: str, n: int, total: int, group: str | None) -> tuple[float, float]:
+    """n agents, a session each, in one process; events round robin over the sessions."""
+    sink = Sink(total)
+    agents = []
+    for i in range(n):
+        agent = Agent(f"bench/ae{i}", max_concurrency=64)
+
+        @agent.on_finding(session=f"S{i}")
+        async def on_finding(message: FindingMessage) -> None:
+            sink.got(message.id)
+
+        agents.append(agent)
+    async with Bus.open(url=url, consumer_group=group) as bus, serving(bus, agents):
+        started = time.monotonic()
+
+        async def send(i: int) -> None:
+            key = f"a{n}-{i}"
+            sink.sent[key] = time.monotonic()
+            await bus.publish(
+                Finding(category="observation", content="x", confidence=0.5),
+                agent="bench/pub",
+                session=f"S{i % n}",
+                id=key,
+            )
+
+        await publish_all(send, total)
+        with anyio.fail_after(300):
+            await sink.done.wait()
+        return sink.result(started)
+
+
 async def events_raw(url: str, sessions: int, total: int) -> tuple[float, float]:
     sink = Sink(total)
     nc = await nats.connect(url)
@@ -285,6 +321,22 @@ async def bench(args: argparse.Namespace) -> None:
                 rate, p99 = await events(server.url, s, max(args.events, s))
                 row.append(f"{rate:,.0f} events/s, p99 {p99:.1f} ms")
         print(f"| events, {s:,} sessions | {row[0]} | (as per agent id: one agent) | {row[1]} |")
+    for n in (n for n in args.agent_events if n > 0):
+        row = []
+        for group in (None, "bench-process", "raw"):
+            if group is None and n > 1000:
+                row.append("(not run)")
+                continue
+            with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
+                async with Bus.open(url=server.url):
+                    pass
+                total = max(args.events, n)
+                if group == "raw":
+                    rate, p99 = await events_raw(server.url, n, total)
+                else:
+                    rate, p99 = await agent_events(server.url, n, total, group)
+                row.append(f"{rate:,.0f} events/s, p99 {p99:.1f} ms")
+        print(f"| events, {n:,} agents, a session each | {' | '.join(row)} |", flush=True)
 
 
 def counts(text: str) -> list[int]:
@@ -297,6 +349,7 @@ def main() -> None:
     parser.add_argument("--idle", type=counts, default=None, help="0: skip")
     parser.add_argument("--sessions", type=counts, default=None, help="0: skip")
     parser.add_argument("--events", type=int, default=None)
+    parser.add_argument("--agent-events", type=counts, default=[0], help="e.g. 1000,10000")
     parser.add_argument("--window", type=float, default=None, help="idle window, seconds")
     args = parser.parse_args()
     quick = args.quick
