@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import itertools
 import os
@@ -36,10 +37,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 RESOURCE = "file:/src/main.py"
 TTL = 30
-KINDS = ("swarmbus", "raw JetStream", "raw Redis")
+KINDS = ("swarmbus", "raw JetStream", "raw JetStream + manager", "swarmbus on Redis", "raw Redis")
+MANAGED = "raw JetStream + manager"
 
 
 # --- contenders (child processes) -------------------------------------------------------
@@ -51,6 +54,24 @@ async def _swarmbus(url: str, name: str, stop: Callable[[int], bool]) -> list[in
     async with Bus.open(url=url) as bus:
         lock = Lock(bus, RESOURCE, f"bench/{name}", ttl=TTL, bucket="PROCS")
         await lock.acquire(timeout=30)  # provisions the bucket and its watch
+        await lock.release()
+        _ready()
+        tokens: list[int] = []
+        while not stop(len(tokens)):
+            lease = await lock.acquire(timeout=30)
+            assert lease is not None
+            tokens.append(lease.token)
+            await lock.release()
+        return tokens
+
+
+async def _swarmbus_on_redis(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
+    from swarmbus import Bus, Lock
+
+    nats_url, redis_url = url.split(" ")
+    async with Bus.open(url=nats_url, backend="redis", redis_url=redis_url) as bus:
+        lock = Lock(bus, RESOURCE, f"bench/{name}", ttl=TTL, bucket="PROCS")
+        await lock.acquire(timeout=30)
         await lock.release()
         _ready()
         tokens: list[int] = []
@@ -103,6 +124,93 @@ async def _raw_jetstream(url: str, name: str, stop: Callable[[int], bool]) -> li
         return tokens
     finally:
         await nc.close()
+
+
+async def _managed(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
+    """A contender of the lock-manager design: core requests to ``_manager``."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        _ready()
+        tokens: list[int] = []
+        while not stop(len(tokens)):
+            reply = await nc.request("mgr.acquire", f"bench/{name}".encode(), timeout=60)
+            tokens.append(int(reply.data))
+            reply = await nc.request("mgr.release", reply.data, timeout=60)
+            assert reply.data == b"ok", reply.data
+        return tokens
+    finally:
+        await nc.close()
+
+
+class _Manager:
+    """The lock-manager design (a sketch of what would reach 1,600 hand-offs/s on NATS).
+
+    One process owns the waiter queue of the lock in memory and serialises every
+    operation; a grant is one compare-and-set publish to the KV key (its revision is
+    the fencing token, with a per-key TTL), a release to a queued waiter hands the
+    lock over in that one write, then both requests are answered. Per hand-off: one
+    KV write, two requests and two replies, no watch deliveries. Not in it (a real one
+    needs them): fail-over of the manager, expiry of a crashed holder (a watch of the
+    key by the manager alone), waiters that give up.
+    """
+
+    def __init__(self, nc: Any) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.subject = "$KV.MGRPROCS.lock"
+        self.last = 0  # the key's last revision (the holder's, or a release marker's)
+        self.holder: int | None = None
+        self.queue: collections.deque[tuple[bytes, str]] = collections.deque()
+
+    async def write(self, value: bytes, headers: dict[str, str]) -> int:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(self.last)
+        ack = await self.js.publish(self.subject, value, headers=headers)
+        self.last = int(ack.seq)
+        return self.last
+
+    async def grant(self, owner: bytes, reply: str) -> None:
+        value = b'{"owner":"%s","ttl":%d}' % (owner, TTL)
+        self.holder = await self.write(value, {"Nats-TTL": str(TTL)})
+        await self.nc.publish(reply, str(self.holder).encode())
+
+    async def run(self, requests: asyncio.Queue[Any]) -> None:
+        while True:
+            msg = await requests.get()
+            if msg.subject == "mgr.acquire":
+                if self.holder is None:
+                    await self.grant(msg.data, msg.reply)
+                else:
+                    self.queue.append((msg.data, msg.reply))
+            elif int(msg.data) != self.holder:  # owner-only release
+                await msg.respond(b"lost")
+            else:
+                self.holder = None
+                if self.queue:
+                    await self.grant(*self.queue.popleft())  # the hand-over: one write
+                else:
+                    marker = {"KV-Operation": "PURGE", "Nats-Rollup": "sub", "Nats-TTL": "60"}
+                    await self.write(b"", marker)
+                await msg.respond(b"ok")
+
+
+async def _manager(url: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.create_key_value(bucket="MGRPROCS", history=1, limit_marker_ttl=60)
+    manager = _Manager(nc)
+    with contextlib.suppress(Exception):  # a previous run's last revision
+        manager.last = (await js.get_last_msg("KV_MGRPROCS", manager.subject)).seq
+    requests: asyncio.Queue[Any] = asyncio.Queue()
+    await nc.subscribe("mgr.*", cb=requests.put)
+    task = asyncio.create_task(manager.run(requests))
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "stop"
+    task.cancel()
+    await nc.close()
 
 
 async def _kv_last(kv: object, key: str) -> object | None:
@@ -163,7 +271,13 @@ def child(kind: str, url: str, name: str, total_file: str, quota: int) -> None:
     def stop(done: int) -> bool:
         return done >= quota
 
-    run = {"swarmbus": _swarmbus, "raw JetStream": _raw_jetstream, "raw Redis": _raw_redis}
+    run = {
+        "swarmbus": _swarmbus,
+        "raw JetStream": _raw_jetstream,
+        "swarmbus on Redis": _swarmbus_on_redis,
+        "raw Redis": _raw_redis,
+        MANAGED: _managed,
+    }
     try:
         import uvloop
 
@@ -183,7 +297,20 @@ def _cpu_seconds(pid: int) -> float:
 
 def one_run(kind: str, url: str, server_pid: int, procs: int, handoffs: int) -> dict[str, float]:
     """Hand-offs/s, owner changes and CPU per hand-off of one run of ``kind``."""
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        manager = None
+        if kind == MANAGED:
+            manager = stack.enter_context(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--manager", url],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            stack.callback(manager.kill)
+            assert manager.stdout is not None
+            assert manager.stdout.readline().strip() == "ready"
         files = [f"{tmp}/{i}" for i in range(procs)]
         children = [
             subprocess.Popen(
@@ -208,6 +335,7 @@ def one_run(kind: str, url: str, server_pid: int, procs: int, handoffs: int) -> 
                 assert c.stdout is not None
                 assert c.stdout.readline().strip() == "ready"
             server_cpu = _cpu_seconds(server_pid)
+            manager_cpu = _cpu_seconds(manager.pid) if manager else 0.0
             start = time.perf_counter()
             for c in children:
                 assert c.stdin is not None
@@ -217,11 +345,12 @@ def one_run(kind: str, url: str, server_pid: int, procs: int, handoffs: int) -> 
                 c.wait(timeout=600)
             elapsed = time.perf_counter() - start
             server_cpu = _cpu_seconds(server_pid) - server_cpu
+            manager_cpu = _cpu_seconds(manager.pid) - manager_cpu if manager else 0.0
         finally:
             for c in children:
                 if c.poll() is None:
                     c.kill()
-        client_cpu = 0.0
+        client_cpu = manager_cpu  # the manager is a client process too
         owners: list[tuple[int, int]] = []  # (fencing token, contender), all of them
         for i, f in enumerate(files):
             cpu, *tokens = Path(f).read_text().split()
@@ -265,8 +394,13 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--handoffs", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated designs to run (default: all)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--manager", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.manager:
+        asyncio.run(_manager(args.manager))
+        return 0
     if args.child:
         kind, url, name, total_file, quota = args.child
         child(kind, url, name, total_file, int(quota))
@@ -276,14 +410,17 @@ def main() -> int:
     results: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
     with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
         redis_proc = _start_redis(tmp)
-        urls = {"swarmbus": server.url, "raw JetStream": server.url}
-        pids = {"swarmbus": server.pid, "raw JetStream": server.pid}
+        urls = {"swarmbus": server.url, "raw JetStream": server.url, MANAGED: server.url}
+        pids = {"swarmbus": server.pid, "raw JetStream": server.pid, MANAGED: server.pid}
         if redis_proc is not None:
             urls["raw Redis"] = f"unix://{tmp}/redis.sock"
             pids["raw Redis"] = redis_proc.pid
+            urls["swarmbus on Redis"] = f"{server.url} unix://{tmp}/redis.sock"
+            pids["swarmbus on Redis"] = redis_proc.pid
         try:
             for r in range(args.repeat):
-                kinds = [k for k in KINDS if k in urls]
+                only = args.only.split(",") if args.only else KINDS
+                kinds = [k for k in KINDS if k in urls and k in only]
                 for kind in kinds if r % 2 == 0 else kinds[::-1]:
                     pid = pids[kind]
                     assert pid is not None

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psycopg
 import redis.asyncio as aioredis
 
-from swarmbus import Bus, ConflictError, NatsServer
+from swarmbus import Bus, ConflictError, Lock, NatsServer
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._postgres_store import PostgresStore, open_pool
 from swarmbus._redis_store import LOCKS_BUCKET, RedisStore
@@ -75,6 +75,19 @@ class SeedLock:
         await self.redis.eval(RELEASE, 1, self.lock_key, self.agent)  # type: ignore[misc]
 
 
+class SwarmLock:
+    """swarmbus's ``Lock`` on the Redis backend, trying once (``acquire(timeout=0)``)."""
+
+    def __init__(self, bus: Bus, resource: str, agent: str) -> None:
+        self.lock = Lock(bus, resource, agent, ttl=TTL)
+
+    async def acquire(self) -> bool:
+        return await self.lock.acquire(timeout=0) is not None
+
+    async def release(self) -> None:
+        await self.lock.release()
+
+
 class StoreLock:
     """The same lock on ``RedisStore``: create with a TTL, delete at its revision."""
 
@@ -93,6 +106,42 @@ class StoreLock:
 
     async def release(self) -> None:
         await self.store.delete(self.key, revision=self.token)
+
+
+class PgLock:
+    """A plain PostgreSQL lock: a row per resource, taken over once expired, with a
+    fencing token from a sequence; owner-only release by that token (pool connection)."""
+
+    def __init__(self, pool: Any, resource: str, agent: str) -> None:
+        self.pool = pool
+        self.resource = resource
+        self.agent = agent
+        self.token = 0
+
+    async def acquire(self) -> bool:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO bench_locks VALUES (%s, %s, nextval('bench_fence'),"
+                " now() + make_interval(secs => %s)) ON CONFLICT (resource) DO UPDATE"
+                " SET owner = excluded.owner, token = excluded.token,"
+                " expires_at = excluded.expires_at WHERE bench_locks.expires_at < now()"
+                " RETURNING token",
+                [self.resource, self.agent, TTL],
+                prepare=True,
+            )
+            row = await cursor.fetchone()
+        if row is None:
+            return False
+        self.token = row[0]
+        return True
+
+    async def release(self) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "DELETE FROM bench_locks WHERE resource = %s AND token = %s",
+                [self.resource, self.token],
+                prepare=True,
+            )
 
 
 def lock_cycles(make: Callable[[str], Any]) -> Run:
@@ -176,12 +225,15 @@ async def timed(run: Run, n: int, server: int) -> tuple[float, float]:
 class Bench:
     """Store/raw pairs, alternating; each ratio also per CPU second (steadier under load)."""
 
-    def __init__(self, ops: int, reps: int) -> None:
+    def __init__(self, ops: int, reps: int, only: str | None = None) -> None:
         self.ops = ops
         self.reps = reps
+        self.only = only
         self.rows: list[str] = []
 
     async def pair(self, name: str, store: Run, raw: Run, server: int) -> None:
+        if self.only and self.only not in name:
+            return
         await store(min(200, self.ops))  # warm up both
         await raw(min(200, self.ops))
         ratios, cpu_ratios, rates = [], [], []
@@ -201,7 +253,7 @@ class Bench:
 
 
 async def main(args: argparse.Namespace) -> None:
-    bench = Bench(args.ops, args.reps)
+    bench = Bench(args.ops, args.reps, args.only)
     print("| benchmark | store /s vs raw /s per rep | store / raw | median | per CPU s |")
     print("| --- | --- | --- | --- | --- |", flush=True)
     with ExitStack() as servers:
@@ -218,14 +270,29 @@ async def main(args: argparse.Namespace) -> None:
             assert nats.pid is not None
             redis_pid = redis_server.proc.pid
             pids = {"NATS": nats.pid, "Redis": redis_pid, "PostgreSQL": pg.proc.pid}
+            on_redis = await stack.enter_async_context(
+                Bus.open(url=nats.url, backend="redis", redis_url=redis_server.url)
+            )
             await bench.pair(
-                "lock cycle (Redis)",
+                "lock cycle, `Lock` (Redis)",
+                lock_cycles(lambda a: SwarmLock(on_redis, "file:/src/lock.py", a)),
+                lock_cycles(lambda a: SeedLock(client, "file:/src/lock.py", a)),
+                redis_pid,
+            )
+            await bench.pair(
+                "lock hand-off, `Lock` (Redis)",
+                hand_offs(lambda a: SwarmLock(on_redis, "file:/src/lock-handoff.py", a)),
+                hand_offs(lambda a: SeedLock(client, "file:/src/lock-handoff.py", a)),
+                redis_pid,
+            )
+            await bench.pair(
+                "lock cycle, store (Redis)",
                 lock_cycles(lambda a: StoreLock(locks, "file:/src/main.py", a)),
                 lock_cycles(lambda a: SeedLock(client, "file:/src/main.py", a)),
                 redis_pid,
             )
             await bench.pair(
-                "lock hand-off (Redis)",
+                "lock hand-off, store (Redis)",
                 hand_offs(lambda a: StoreLock(locks, "file:/src/handoff.py", a)),
                 hand_offs(lambda a: SeedLock(client, "file:/src/handoff.py", a)),
                 redis_pid,
@@ -239,6 +306,26 @@ async def main(args: argparse.Namespace) -> None:
             await raw_pg.execute(
                 "CREATE TABLE IF NOT EXISTS bench_raw"
                 " (key TEXT PRIMARY KEY, value BYTEA, revision BIGINT)"
+            )
+            await raw_pg.execute(
+                "CREATE TABLE IF NOT EXISTS bench_locks (resource TEXT PRIMARY KEY,"
+                " owner TEXT, token BIGINT, expires_at TIMESTAMPTZ)"
+            )
+            await raw_pg.execute("CREATE SEQUENCE IF NOT EXISTS bench_fence")
+            on_pg = await stack.enter_async_context(
+                Bus.open(url=nats.url, backend="postgres", database_url=pg.url)
+            )
+            await bench.pair(
+                "lock cycle, `Lock` (PostgreSQL)",
+                lock_cycles(lambda a: SwarmLock(on_pg, "file:/src/lock.py", a)),
+                lock_cycles(lambda a: PgLock(pool, "file:/src/lock.py", a)),
+                pg.proc.pid,
+            )
+            await bench.pair(
+                "lock hand-off, `Lock` (PostgreSQL)",
+                hand_offs(lambda a: SwarmLock(on_pg, "file:/src/lock-handoff.py", a)),
+                hand_offs(lambda a: PgLock(pool, "file:/src/lock-handoff.py", a)),
+                pg.proc.pid,
             )
             stores: dict[str, StateStore] = {
                 "NATS": NatsStore(kv),
@@ -317,6 +404,7 @@ if __name__ == "__main__":
     parser.add_argument("--ops", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--writers", type=int, default=16)
+    parser.add_argument("--only", help="run only the pairs whose name contains this")
     try:
         import uvloop
 

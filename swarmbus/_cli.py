@@ -112,7 +112,7 @@ def _cmd_schemas(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from swarmbus._demo import run_demo
 
-    return _run(run_demo, args.data_dir)
+    return _run(run_demo, args.data_dir, args.via_service)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -177,10 +177,12 @@ def _cmd_board(args: argparse.Namespace) -> int:
 def _cmd_consensus(args: argparse.Namespace) -> int:
     from swarmbus._bus import Bus
     from swarmbus._consensus import ConsensusService
+    from swarmbus._runtime.provision import provisioning
 
     async def serve() -> int:
         async with (
             Bus.open() as bus,
+            provisioning(bus),  # what agents need and may not create under deploy auth
             ConsensusService(bus, bucket=args.bucket, session=args.session, agent=args.agent),
         ):
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -367,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the incident demo on an embedded server")
     p.add_argument("--data-dir", default=None, help="JetStream store (default: a temp dir)")
+    p.add_argument(
+        "--via-service",
+        action="store_true",
+        help="votes go through a running `swarmbus consensus` (as under deploy auth)",
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("run", help="run a swarm spec (YAML) on the configured server")

@@ -144,9 +144,10 @@ _AGENT_PUB: Final[list[str]] = [
     "$JS.API.CONSUMER.CREATE.*",
     *(f"$JS.API.CONSUMER.MSG.NEXT.KV_{b}.*" for b in _KV_READ_BUCKETS),
     *(f"$JS.API.CONSUMER.DELETE.KV_{b}.*" for b in _KV_WATCH_BUCKETS),
-    # task queue: see deploy/README.md for what is still shared (queue consumers)
+    # task queue: the service creates the queue consumers (a create is also an update
+    # of another queue's ack_wait or filter); agents pull and ack. See deploy/README.md
+    # for what is still shared (an ack or +TERM of a dispatch it fetched).
     "swarmbus.task.>",
-    "$JS.API.CONSUMER.DURABLE.CREATE.SWARMBUS_TASKS.*",
     "$JS.API.CONSUMER.MSG.NEXT.SWARMBUS_TASKS.*",
     "$JS.ACK.SWARMBUS_TASKS.>",
     "$JS.API.DIRECT.GET.>",

@@ -137,8 +137,9 @@ def _finding(
     )
 
 
-def agents(*, consensus: bool = False) -> list[Agent]:
-    """The incident's agents; with ``consensus`` they also propose and vote on a rollback."""
+def agents(*, consensus: bool = False, via_service: bool = False) -> list[Agent]:
+    """The incident's agents; with ``consensus`` they also propose and vote on a rollback
+    (``via_service``: as events that the consensus service records)."""
     validator = Agent(VALIDATOR, expertise={"observation": 0.9, "hypothesis": 0.8})
     responder = Agent(RESPONDER, expertise={"observation": 0.8, "hypothesis": 0.6})
     advisor = Agent(ADVISOR, expertise={"observation": 0.7, "hypothesis": 0.7})
@@ -224,16 +225,18 @@ def agents(*, consensus: bool = False) -> list[Agent]:
         return {"recommendation": {"action": action, "from": report["suspect"], "to": "v1.2.2"}}
 
     if consensus:
-        _consensus_behaviour(validator, responder, advisor)
+        _consensus_behaviour(validator, responder, advisor, via_service=via_service)
     return [validator, responder, advisor, architect]
 
 
-def _consensus_behaviour(validator: Agent, responder: Agent, advisor: Agent) -> None:
+def _consensus_behaviour(
+    validator: Agent, responder: Agent, advisor: Agent, *, via_service: bool
+) -> None:
     """The advisor proposes a rollback on a strong deployment hypothesis; everyone votes."""
 
     async def vote(agent: Agent, proposal_id: str) -> None:
         choice, confidence, reason = VOTES[agent.id]
-        client = await swarmbus.Consensus.open(agent.bus)
+        client = await swarmbus.Consensus.open(agent.bus, via_service=via_service)
         with contextlib.suppress(swarmbus.AlreadyVotedError):
             await client.vote(
                 swarmbus.Vote(
@@ -252,7 +255,7 @@ def _consensus_behaviour(validator: Agent, responder: Agent, advisor: Agent) -> 
         session = message.source.session
         proposal_id = rollback_proposal_id(session)
         board = await swarmbus.Blackboard.open(advisor.bus, session)
-        client = await swarmbus.Consensus.open(advisor.bus)
+        client = await swarmbus.Consensus.open(advisor.bus, via_service=via_service)
         with contextlib.suppress(swarmbus.ConflictError):  # a redelivered event
             await board.record_action(
                 "recommended rollback",
@@ -420,18 +423,28 @@ async def incident(
     session: str | None = None,
     echo: Callable[[str], None] = print,
     timeout: float = 30.0,
+    via_service: bool = False,
 ) -> IncidentResult:
-    """Run incident INC-1234 on ``bus`` in a fresh session; returns the outcome."""
+    """Run incident INC-1234 on ``bus`` in a fresh session; returns the outcome.
+
+    ``via_service``: a consensus service runs elsewhere (``swarmbus consensus``, as in
+    docker-compose.yml) and records the proposal and votes, which the agents only
+    publish: what agents may do under the deploy auth configs. Otherwise the demo
+    decides in-process, writing the consensus bucket itself.
+    """
     session = session or new_session(INCIDENT)
     spec = parse_spec(yaml.safe_load(SPEC_YAML), source="the demo")
     assert spec.type == "parallel_investigation"
-    team = agents(consensus=True)
+    team = agents(consensus=True, via_service=via_service)
     first_decision = _FirstDecision()
     with _root_span(f"incident {INCIDENT}"):
         trace_id = current_trace_id()
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(timeline(bus, session, echo))
-            await stack.enter_async_context(ConsensusService(bus, session=session, ingest=False))
+            if not via_service:
+                await stack.enter_async_context(
+                    ConsensusService(bus, session=session, ingest=False)
+                )
             await stack.enter_async_context(serving(bus, team))
             decisions = await bus.subscribe(
                 subjects.event_filter("action", "decided", session),
@@ -496,13 +509,18 @@ async def incident(
     return IncidentResult(session, decision, synthesis, snapshot, trace_id)
 
 
-async def run_demo(data_dir: str | None = None) -> int:
-    """``swarmbus demo``: the incident on ``NATS_URL`` or an embedded server; exit code."""
+async def run_demo(data_dir: str | None = None, via_service: bool = False) -> int:
+    """``swarmbus demo``: the incident on ``NATS_URL`` or an embedded server; exit code.
+
+    ``via_service`` (``swarmbus demo --via-service``): see ``incident``.
+    """
     print(f"swarmbus demo: incident {INCIDENT}", flush=True)
     with tempfile.TemporaryDirectory(prefix="swarmbus-demo-") as tmp:
         async with connect(data_dir=data_dir or tmp) as bus:
             print(f"NATS {bus.server_version} at {bus.settings.url}\n", flush=True)
-            result = await incident(bus, echo=lambda line: print(line, flush=True))
+            result = await incident(
+                bus, echo=lambda line: print(line, flush=True), via_service=via_service
+            )
     print(f"\nsession {result.session}: decision {result.synthesis['decision']!r}")
     print("\nblackboard:")
     print(yaml.safe_dump(board_view(result.snapshot), sort_keys=False, allow_unicode=True))

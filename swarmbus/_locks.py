@@ -49,15 +49,13 @@ from swarmbus._jetstream.headers import (
     KV_OPERATION,
     KV_PURGE,
     MSG_ID,
-    ROLLUP_SUBJECT,
 )
 from swarmbus._jetstream.headers import MARKER_REASON as MARKER_REASON  # the expiry marker
-from swarmbus._jetstream.headers import ROLLUP as ROLLUP_HEADER
 from swarmbus._jetstream.headers import TTL as TTL_HEADER
 from swarmbus._jetstream.latest import bucket_entries, kv_last
 from swarmbus._jetstream.watch import KvChange, KvWatch
 from swarmbus._observe._instruments import lock_wait
-from swarmbus._store_lock import StoreLockKey
+from swarmbus._store_lock import LockKey, lock_key_on
 from swarmbus._telemetry import send_span
 
 log = logging.getLogger("swarmbus.locks")
@@ -474,7 +472,8 @@ class Lock:
         # Revision of our own last release marker: a CAS on it succeeds only if the
         # key is still free, which saves a read on the next acquisition.
         self._released_at: int | None = None
-        self._store_key: StoreLockKey | None = None  # SWARM_BACKEND other than nats
+        self._store_key: LockKey | None = None  # SWARM_BACKEND other than nats
+        self._value: tuple[int, bytes] = (0, b"")  # (ttl, this owner's record for it)
 
     @property
     def lease(self) -> Lease | None:
@@ -572,11 +571,9 @@ class Lock:
             if bucket is not None and successor is not None:
                 await self._hand_over(bucket, successor, lease)
                 return
-            headers = {
-                KV_OPERATION: KV_PURGE,
-                ROLLUP_HEADER: ROLLUP_SUBJECT,
-                TTL_HEADER: str(MARKER_TTL),
-            }
+            # a purge marker without a rollup (swarmbus's buckets refuse rollups,
+            # _jetstream/streams): with one revision per key it replaces the lock
+            headers = {KV_OPERATION: KV_PURGE, TTL_HEADER: str(MARKER_TTL)}
             try:
                 self._released_at = await self._write(b"", self._revision, headers)
             except _Conflict:
@@ -638,8 +635,10 @@ class Lock:
         """``acquire`` on the configured state store (``swarmbus._store_lock``)."""
         if self._store_key is None:
             store = await open_store(self.bus, self.bucket, history=1, limit_marker_ttl=MARKER_TTL)
-            self._store_key = StoreLockKey(store, self._key)
-        value = _encoder.encode(_Record(owner=self.owner, ttl=ttl))
+            self._store_key = lock_key_on(store, self._key)
+        if self._value[0] != ttl:
+            self._value = (ttl, _encoder.encode(_Record(owner=self.owner, ttl=ttl)))
+        value = self._value[1]
         revision = None
         if timeout == 0:
             revision = await self._store_key.try_create(value, ttl)

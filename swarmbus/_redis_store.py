@@ -38,11 +38,15 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import hashlib
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final, cast
+
+import anyio
 
 from swarmbus._errors import (
     ConflictError,
@@ -52,6 +56,7 @@ from swarmbus._errors import (
     MissingDependencyError,
     PermissionDeniedError,
     PublishError,
+    SwarmbusError,
 )
 from swarmbus._state import Entry
 
@@ -67,6 +72,7 @@ __all__ = [
     "LOCKS_BUCKET",
     "TASKS_BUCKET",
     "RedisLayout",
+    "RedisLockKey",
     "RedisStore",
 ]
 
@@ -283,18 +289,23 @@ def redis_errors(what: str) -> Iterator[None]:
     """Re-raise redis-py's errors as swarmbus errors (``raise ... from``)."""
     try:
         yield
-    except (rexc.NoPermissionError, rexc.AuthenticationError) as exc:
-        raise PermissionDeniedError(f"{what}: {exc}") from exc
-    except rexc.AuthorizationError as exc:
-        raise PermissionDeniedError(f"{what}: {exc}") from exc
-    except (rexc.ConnectionError, rexc.TimeoutError) as exc:
-        raise ConnectionError(f"{what}: {exc}") from exc
-    except rexc.ResponseError as exc:
-        if str(exc).startswith("NOPERM"):
-            raise PermissionDeniedError(f"{what}: {exc}") from exc
-        raise PublishError(f"{what}: {exc}") from exc
     except rexc.RedisError as exc:
-        raise PublishError(f"{what}: {exc}") from exc
+        raise _translated(what, exc) from exc
+
+
+def _translated(what: str, exc: rexc.RedisError) -> SwarmbusError:
+    """The swarmbus error for a redis-py error."""
+    if isinstance(exc, (rexc.NoPermissionError, rexc.AuthenticationError)):
+        return PermissionDeniedError(f"{what}: {exc}")
+    if isinstance(exc, rexc.AuthorizationError):
+        return PermissionDeniedError(f"{what}: {exc}")
+    if isinstance(exc, (rexc.ConnectionError, rexc.TimeoutError)):
+        return ConnectionError(f"{what}: {exc}")
+    if isinstance(exc, rexc.ResponseError):
+        if str(exc).startswith("NOPERM"):
+            return PermissionDeniedError(f"{what}: {exc}")
+        return PublishError(f"{what}: {exc}")
+    return PublishError(f"{what}: {exc}")
 
 
 class RedisStore:
@@ -322,6 +333,7 @@ class RedisStore:
         self._delete = _Script(client, _DELETE, base, stream_max_len)
         self._snapshot = _Script(client, _SNAPSHOT, base, stream_max_len)
         self._sweep = _Script(client, _SWEEP, base, stream_max_len)
+        self._locks: RedisLocks | None = None
 
     @classmethod
     def from_url(cls, url: str, bucket: str, **options: Any) -> RedisStore:
@@ -331,6 +343,12 @@ class RedisStore:
     async def aclose(self) -> None:
         """Close the client (and its connections)."""
         await self.client.aclose()
+
+    def lock_key(self, key: str) -> RedisLockKey:
+        """The lock ``key`` of this bucket, on the lock scripts (what ``Lock`` uses)."""
+        if self._locks is None:
+            self._locks = RedisLocks(self.client, self.layout)
+        return RedisLockKey(self._locks, key)
 
     async def get(self, key: str, *, fresh: bool = False) -> Entry | None:
         # one primary: every read is fresh
@@ -453,3 +471,222 @@ class _Changes:
                     value = fields.get(b"value") if fields[b"op"] == b"put" else None
                     found.append(Entry(key=key, value=value, revision=int(fields[b"revision"])))
         return found
+
+
+# --- locks ------------------------------------------------------------------------------
+#
+# ``Lock`` on Redis does not go through ``_WRITE``/``_DELETE``: a lock is the seed's
+# create-once key with a TTL plus a fencing token, and its waiters queue instead of
+# watching. These scripts keep the hash layout (``get`` still reads a lock) and the
+# bucket's revision counter (the fencing token), but skip the index, the expiry set and
+# the change stream: nothing lists or watches lock keys, waiters are woken by the
+# queue. The hash's ``waiter`` field is the id of the ``RedisLockKey`` it was written
+# for; the queue (KEYS[2]) lists waiting ids in arrival order; WAITERS.<id> is a
+# waiter's record ("<ttl ms>\n<value>", on a short TTL while it waits); WAKES.<id> the
+# list it blocks on (BLPOP) for the revision handed to it.
+
+# KEYS: lock, queue. ARGV: value, ttl ms, the acquirer's id[, "queue"]. With "queue" a
+# waiter that finds the lock held joins the queue (or refreshes its entry). Returns the
+# new revision (also when the lock was handed to this id already), or minus the
+# holder's remaining ms (at least 1).
+_LOCK_ACQUIRE = """
+local held = redis.call('HGET', KEYS[1], 'revision')
+if not held then
+  local rev = redis.call('INCR', COUNTER)
+  redis.call('HSET', KEYS[1], 'value', ARGV[1], 'revision', rev, 'waiter', ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  if ARGV[4] then
+    redis.call('LREM', KEYS[2], 0, ARGV[3])
+    redis.call('DEL', WAITERS .. ARGV[3], WAKES .. ARGV[3])
+  end
+  return rev
+end
+if redis.call('HGET', KEYS[1], 'waiter') == ARGV[3] then return tonumber(held) end
+if ARGV[4] then
+  local record = ARGV[2] .. '\\n' .. ARGV[1]
+  if not redis.call('SET', WAITERS .. ARGV[3], record, 'PX', LIVENESS, 'XX') then
+    redis.call('SET', WAITERS .. ARGV[3], record, 'PX', LIVENESS)
+    redis.call('RPUSH', KEYS[2], ARGV[3])
+  end
+end
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl < 0 then pttl = LIVENESS end  -- no TTL (not written by a lock): poll
+return -math.max(1, pttl)
+"""
+
+# KEYS: lock, queue. ARGV: revision. 0: not held at that revision; 1: freed; 2: handed
+# to the first live waiter (written for it, its wake list told the revision).
+_LOCK_RELEASE = """
+if redis.call('HGET', KEYS[1], 'revision') ~= ARGV[1] then return 0 end
+while true do
+  local id = redis.call('LPOP', KEYS[2])
+  if not id then break end
+  local record = redis.call('GET', WAITERS .. id)
+  if record then
+    local nl = string.find(record, '\\n', 1, true)
+    local rev = redis.call('INCR', COUNTER)
+    redis.call('HSET', KEYS[1], 'value', string.sub(record, nl + 1), 'revision', rev, 'waiter', id)
+    redis.call('PEXPIRE', KEYS[1], string.sub(record, 1, nl - 1))
+    redis.call('DEL', WAITERS .. id)
+    redis.call('RPUSH', WAKES .. id, rev)
+    redis.call('PEXPIRE', WAKES .. id, LIVENESS)
+    return 2
+  end
+end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS: lock. ARGV: value, ttl ms, revision. The new revision, 0 if not held at it.
+_LOCK_REFRESH = """
+if redis.call('HGET', KEYS[1], 'revision') ~= ARGV[3] then return 0 end
+local rev = redis.call('INCR', COUNTER)
+redis.call('HSET', KEYS[1], 'value', ARGV[1], 'revision', rev)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return rev
+"""
+
+# KEYS: lock, queue. ARGV: the acquirer's id. Leaves the queue; the revision of a lock
+# written for this id (handed over, or acquired as its caller gave up), else 0.
+_LOCK_LEAVE = """
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+redis.call('DEL', WAITERS .. ARGV[1], WAKES .. ARGV[1])
+if redis.call('HGET', KEYS[1], 'waiter') == ARGV[1] then
+  return tonumber(redis.call('HGET', KEYS[1], 'revision'))
+end
+return 0
+"""
+
+LOCK_LIVENESS_MS: Final = 5000
+"""How long a waiter's queue entry outlives its last try (a dead waiter is skipped)."""
+LOCK_POLL: Final = 2.0
+"""Longest wait (seconds) between two tries of a queued waiter: refreshes its entry."""
+
+
+class RedisLocks:
+    """The lock scripts of one bucket (``RedisStore.lock_key``)."""
+
+    def __init__(self, client: aioredis.Redis, layout: RedisLayout) -> None:
+        base = layout.base
+        self.client = client
+        self.layout = layout
+        self.wake_prefix = f"{base}wake:"
+        self.queue_prefix = f"{base}queue:"
+        acquire, release, refresh, leave = _lock_scripts(base)
+        self.acquire = _Script(client, acquire, base, 0)
+        self.release = _Script(client, release, base, 0)
+        self.refresh = _Script(client, refresh, base, 0)
+        self.leave = _Script(client, leave, base, 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _lock_scripts(base: str) -> tuple[str, str, str, str]:
+    """The lock scripts' texts for bucket base ``base`` (names written in as literals)."""
+    names = {
+        "COUNTER": f"'{base}revision'",
+        "WAITERS": f"'{base}waiter:'",
+        "WAKES": f"'{base}wake:'",
+        "LIVENESS": str(LOCK_LIVENESS_MS),
+    }
+    texts = []
+    for text in (_LOCK_ACQUIRE, _LOCK_RELEASE, _LOCK_REFRESH, _LOCK_LEAVE):
+        for name, literal in names.items():
+            text = re.sub(rf"\b{name}\b", literal, text)
+        texts.append(text)
+    return texts[0], texts[1], texts[2], texts[3]
+
+
+class RedisLockKey:
+    """One lock key on Redis for one ``Lock``: ``StoreLockKey``'s methods, one script each.
+
+    Acquire is one ``EVALSHA`` (the seed's ``SET NX PX`` with a fencing token from the
+    bucket's counter), release one (owner-only: the holder's revision). A waiter queues
+    (FIFO) and blocks on its own wake list; a release hands the lock to the first live
+    waiter in the same script (the waiter's token is the hand-over's revision) and wakes
+    that waiter alone: no herd, and no barging past the queue. A waiter tries again at
+    the holder's expiry and at least every ``LOCK_POLL`` seconds, which keeps its queue
+    entry alive: a dead waiter drops out within ``LOCK_LIVENESS_MS`` (a lock handed to a
+    waiter that died just then is held until its TTL).
+
+    Every lock written for this object carries its id, so a caller that gives up (or is
+    cancelled) while its acquire is in flight gives back whatever was written for it
+    (``_leave``) instead of shielding the call.
+    """
+
+    def __init__(self, locks: RedisLocks, key: str) -> None:
+        self.locks = locks
+        self.key = key
+        self.id = os.urandom(12).hex()
+        self.name = f"lock {key} in {locks.layout.bucket}"
+        self.keys = (locks.layout.cached(key), locks.queue_prefix + key)
+        self._wake = locks.wake_prefix + self.id
+
+    async def try_create(self, value: bytes, ttl: int) -> int | None:
+        """The new lock's revision, or None if the key is held."""
+        lock, queue = self.keys
+        script = self.locks.acquire
+        try:
+            try:  # the script by SHA, without a wrapper's call: this is the hot path
+                revision = int(
+                    await script.client.execute_command(  # type: ignore[no-untyped-call]
+                        "EVALSHA", script.sha, 2, lock, queue, value, ttl * 1000, self.id
+                    )
+                )
+            except rexc.NoScriptError:
+                revision = int(await script(lock, queue, value, ttl * 1000, self.id, keys=2))
+        except rexc.RedisError as exc:
+            await self._give_back()
+            raise _translated(f"acquire {self.name}", exc) from exc
+        except BaseException:
+            await self._give_back()
+            raise
+        return revision if revision > 0 else None
+
+    async def wait_create(self, value: bytes, ttl: int) -> int:
+        """Acquire, queueing behind earlier waiters (bound it with a timeout)."""
+        acquire, client = self.locks.acquire, self.locks.client
+        try:
+            while True:
+                revision = int(await acquire(*self.keys, value, ttl * 1000, self.id, "q", keys=2))
+                if revision > 0:
+                    return revision
+                woken = await client.blpop([self._wake], timeout=min(LOCK_POLL, -revision / 1000))
+                if woken is not None:
+                    return int(woken[1])
+        except rexc.RedisError as exc:
+            await self._give_back()
+            raise _translated(f"wait for {self.name}", exc) from exc
+        except BaseException:
+            await self._give_back()
+            raise
+
+    async def refresh(self, value: bytes, revision: int, ttl: int) -> int | None:
+        """Re-arm the TTL; the new revision, or None if the lock was lost."""
+        with redis_errors(f"refresh {self.name}"):
+            new = int(await self.locks.refresh(self.keys[0], value, ttl * 1000, revision, keys=1))
+        return new or None
+
+    async def release(self, revision: int) -> bool:
+        """Release (or hand to the next waiter) if still at ``revision``; False if lost."""
+        lock, queue = self.keys
+        script = self.locks.release
+        try:
+            try:
+                done = int(
+                    await script.client.execute_command(  # type: ignore[no-untyped-call]
+                        "EVALSHA", script.sha, 2, lock, queue, revision
+                    )
+                )
+            except rexc.NoScriptError:
+                done = int(await script(lock, queue, revision, keys=2))
+        except rexc.RedisError as exc:
+            raise _translated(f"release {self.name}", exc) from exc
+        return done > 0
+
+    async def _give_back(self) -> None:
+        """Leave the queue and release a lock written for this id (the caller gave up)."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(rexc.RedisError):
+            handed = int(await self.locks.leave(*self.keys, self.id, keys=2))
+            if handed:
+                await self.locks.release(*self.keys, handed, keys=2)
+        # on a Redis error the queue entry drops out by itself, a written lock by its TTL

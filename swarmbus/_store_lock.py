@@ -7,18 +7,44 @@ token is the revision of the acquiring create; it increases across releases and
 expiries because the store's revisions do. A waiter watches the key and tries again
 each time it is deleted or expires. No local hand-over queue: waiters race on each
 release, and the store decides.
+
+A store may bring lock operations of its own (``lock_key(key)``, same methods): the
+Redis store does (one script call per acquire and release, a waiter queue with
+hand-over instead of a watch; ``swarmbus._redis_store.RedisLockKey``).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Protocol
 
 import anyio
 
 from swarmbus._errors import ConflictError
 from swarmbus._state import StateStore
 
-__all__ = ["StoreLockKey"]
+__all__ = ["LockKey", "StoreLockKey", "lock_key_on"]
+
+
+class LockKey(Protocol):
+    """One lock key: what ``Lock`` needs of a store (``StoreLockKey`` or the store's own)."""
+
+    async def try_create(self, value: bytes, ttl: int) -> int | None: ...
+
+    async def wait_create(self, value: bytes, ttl: int) -> int: ...
+
+    async def refresh(self, value: bytes, revision: int, ttl: int) -> int | None: ...
+
+    async def release(self, revision: int) -> bool: ...
+
+
+def lock_key_on(store: StateStore, key: str) -> LockKey:
+    """The store's own lock operations on ``key`` if it has them, else ``StoreLockKey``."""
+    own = getattr(store, "lock_key", None)
+    if own is not None:
+        made: LockKey = own(key)
+        return made
+    return StoreLockKey(store, key)
 
 
 class StoreLockKey:

@@ -42,6 +42,7 @@ from swarmbus._creds import (
     decode_jwt,
     inbox_prefix,
 )
+from swarmbus._runtime.provision import provisioning
 from swarmbus._server import free_port
 from swarmbus._subjects import safe_token
 
@@ -112,9 +113,14 @@ async def stored(bus: Bus, subject: str) -> bool:
 
 def violations(server: NatsServer, after: int) -> list[str]:
     """What the server refused from ``after`` on, apart from the stream creation every
-    connect tries (agents may not create streams)."""
+    connect tries (agents may not create streams) and the queue-consumer creation every
+    claimer tries once (the service creates them)."""
     return [
-        line for line in server.log[after:] if "Violation" in line and "STREAM.CREATE" not in line
+        line
+        for line in server.log[after:]
+        if "Violation" in line
+        and "STREAM.CREATE" not in line
+        and "CONSUMER.DURABLE.CREATE.SWARMBUS_TASKS" not in line
     ]
 
 
@@ -498,39 +504,40 @@ async def test_coordination_works_under_the_agent_role(
     server, store = full_resolver
     creds(store.root, "add", NEWCOMER)
     log_start = len(server.log)
-    async with ConsensusService(service, session=session_id), TaskQueue(service, session_id):
-        # what the service provisions for the agents (agents may not create streams)
-        await Blackboard.open(service, session_id)
-        await QueryLedger.open(service, session_id, agent=SERVICE)
-        await Lock(service, f"warmup-{unique}", SERVICE).acquire(timeout=0)
-        async with as_agent(server, store, NEWCOMER) as agent:
-            async with TaskQueue(agent, session_id) as queue:
-                created = await queue.create("investigate", agent=NEWCOMER)
-                claim = await queue.claim(agent=NEWCOMER, types=["investigate"], timeout=5)
-                assert claim is not None
-                assert claim.task.id == created.id
-                assert (await claim.complete({"ok": True})).status == "completed"
-            async with Lock(agent, f"deploy-{unique}", NEWCOMER, ttl=5) as lease:
-                assert lease.owner == NEWCOMER
-            board = await Blackboard.open(agent, session_id)
-            await board.append_finding(finding(), agent=NEWCOMER)
-            assert len(await board.findings()) == 1
-            ledger = await QueryLedger.open(agent, session_id, agent=NEWCOMER)
+    # what the service provisions for the agents (agents may not create streams, buckets
+    # or task-queue consumers)
+    async with (
+        provisioning(service),
+        ConsensusService(service, session=session_id),
+        as_agent(server, store, NEWCOMER) as agent,
+    ):
+        async with TaskQueue(agent, session_id) as queue:
+            created = await queue.create("investigate", agent=NEWCOMER)
+            claim = await queue.claim(agent=NEWCOMER, types=["investigate"], timeout=5)
+            assert claim is not None
+            assert claim.task.id == created.id
+            assert (await claim.complete({"ok": True})).status == "completed"
+        async with Lock(agent, f"deploy-{unique}", NEWCOMER, ttl=5) as lease:
+            assert lease.owner == NEWCOMER
+        board = await Blackboard.open(agent, session_id)
+        await board.append_finding(finding(), agent=NEWCOMER)
+        assert len(await board.findings()) == 1
+        ledger = await QueryLedger.open(agent, session_id, agent=NEWCOMER)
 
-            async def execute() -> str:
-                return "0.05"
+        async def execute() -> str:
+            return "0.05"
 
-            ran = await ledger.run("prometheus", f"rate(errors_{unique}[5m])", execute)
-            assert not ran.reused
-            consensus = await Consensus.open(agent, via_service=True)
-            pid = f"p-{unique}"
-            await consensus.propose(
-                Proposal(proposal_id=pid, action="rollback", voters=[NEWCOMER]),
-                agent=NEWCOMER,
-                session=session_id,
-            )
-            await consensus.vote(Vote(proposal_id=pid, vote="yes", reason="5xx"), agent=NEWCOMER)
-            decision = await consensus.wait_for_decision(pid, timeout=10)
+        ran = await ledger.run("prometheus", f"rate(errors_{unique}[5m])", execute)
+        assert not ran.reused
+        consensus = await Consensus.open(agent, via_service=True)
+        pid = f"p-{unique}"
+        await consensus.propose(
+            Proposal(proposal_id=pid, action="rollback", voters=[NEWCOMER]),
+            agent=NEWCOMER,
+            session=session_id,
+        )
+        await consensus.vote(Vote(proposal_id=pid, vote="yes", reason="5xx"), agent=NEWCOMER)
+        decision = await consensus.wait_for_decision(pid, timeout=10)
     assert decision.outcome == "approved"
     assert violations(server, log_start) == []
 

@@ -33,6 +33,7 @@ from swarmbus import (
     TaskSpec,
     Vote,
 )
+from swarmbus._runtime.provision import provisioning
 from tests._cluster import deploy_cluster, deploy_passwords
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
@@ -136,6 +137,7 @@ async def test_kill_a_node_during_tasks_and_votes(
         return {"ok": task.id}
 
     async with (
+        provisioning(service),  # the task-queue consumers agents may not create
         TaskQueue(service, session_id) as provisioned,
         # two replicas: each proposal must still be decided once
         ConsensusService(service, session=session_id, board_bucket=None) as replica1,

@@ -428,6 +428,74 @@ async def test_safety_16_contenders_and_a_stalled_holder(nats_url: str, bucket: 
         assert await lock_holder(buses[0], RESOURCE, bucket=bucket) is None
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_safety_with_a_stalled_holder_on_each_store(
+    request: pytest.FixtureRequest, nats_url: str, unique: str, backend: str
+) -> None:
+    """8 contenders on 4 connections and a holder that stalls past its TTL: one holder
+    at a time, tokens strictly increase, the stalled holder is fenced out and its
+    release changes nothing (Redis: the waiter queue; PostgreSQL: the store's watch)."""
+    if backend == "redis":
+        options = {"redis_url": request.getfixturevalue("redis_server").url}
+    else:
+        options = {"database_url": request.getfixturevalue("postgres_server").url}
+    target, resource = 300, f"file:/{unique}"
+    fenced, tokens, active = FencedResource(), [], [0]
+    half_way, stalled, took_over, done = (anyio.Event() for _ in range(4))
+
+    async with AsyncExitStack() as stack:
+        buses = [
+            await stack.enter_async_context(Bus.open(url=nats_url, backend=backend, **options))
+            for _ in range(4)
+        ]
+
+        async def contender(i: int) -> None:
+            lock = Lock(buses[i % 4], resource, f"swarm/c{i}", ttl=10)
+            while len(tokens) < target:
+                lease = await lock.acquire(timeout=30)
+                assert lease is not None
+                assert not tokens or lease.token > tokens[-1], "tokens must increase"
+                tokens.append(lease.token)
+                active[0] += 1
+                assert active[0] == 1, "two holders at once"
+                fenced.write(lease.token)
+                await anyio.lowlevel.checkpoint()
+                fenced.write(lease.token)
+                if len(tokens) >= target // 2:
+                    half_way.set()
+                if stalled.is_set() and not took_over.is_set():
+                    took_over.set()
+                    await done.wait()  # hold it while the stalled one wakes up
+                active[0] -= 1
+                await lock.release()
+
+        async def stalled_holder() -> None:
+            lock = Lock(buses[0], resource, "swarm/stalled")
+            await half_way.wait()
+            lease = await lock.acquire(timeout=30, ttl=1)
+            assert lease is not None
+            tokens.append(lease.token)
+            fenced.write(lease.token)
+            stalled.set()  # never released: the TTL hands it on
+            await took_over.wait()
+            with pytest.raises(StaleTokenError):
+                fenced.write(lease.token)
+            with pytest.raises(LockLostError):
+                await lock.release()
+            with pytest.raises(LockLostError):
+                await lock.refresh()
+            done.set()
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stalled_holder)
+                for i in range(8):
+                    tg.start_soon(contender, i)
+    assert len(tokens) >= target
+    assert tokens == sorted(set(tokens))
+
+
 # --- CLI ------------------------------------------------------------------------------
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
+import anyio
 import msgspec
 import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from swarmbus import ConflictError, FindingRecord, Task
+from swarmbus import Bus, ConflictError, FindingRecord, Lease, Lock, LockLostError, Task
 from swarmbus._postgres_store import PostgresStore, open_pool
 from swarmbus._redis_store import BOARD_BUCKET, LOCKS_BUCKET, TASKS_BUCKET, RedisStore
+from swarmbus._subjects import lock_key
 from tests._stores import PostgresServer, RedisServer
 
 NOW = datetime(2026, 12, 7, 4, 30, tzinfo=UTC)
@@ -127,3 +130,139 @@ async def test_migrations_apply_once(postgres_server: PostgresServer) -> None:
         assert await migrate(conn) == []
         cursor = await conn.execute("SELECT name FROM swarm_migrations ORDER BY name")
         assert [row[0] for row in await cursor.fetchall()] == ["001_coordination.sql"]
+
+
+# --- Lock on Redis: one script per acquire and release, a waiter queue ------------------
+
+
+class Blocked:
+    """Counts waiters that queued and blocked on their wake list (patches ``blpop``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self.changed = anyio.Event()
+        original = aioredis.Redis.blpop
+
+        async def blpop(client: aioredis.Redis, keys: Any, timeout: Any = 0) -> Any:
+            self.count += 1
+            self.changed.set()
+            return await original(client, keys, timeout)  # type: ignore[misc]
+
+        monkeypatch.setattr(aioredis.Redis, "blpop", blpop)
+
+    async def reach(self, n: int) -> None:
+        with anyio.fail_after(10):
+            while self.count < n:
+                self.changed = anyio.Event()
+                await self.changed.wait()
+
+
+@pytest.fixture
+async def redis_bus(nats_url: str, redis_server: RedisServer) -> AsyncIterator[Bus]:
+    async with Bus.open(url=nats_url, backend="redis", redis_url=redis_server.url) as bus:
+        yield bus
+
+
+async def test_a_redis_release_hands_the_lock_to_the_first_waiter_alone(
+    redis_bus: Bus, redis_client: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocked = Blocked(monkeypatch)
+    resource = f"file:/{unique}"
+    holder = Lock(redis_bus, resource, "ops/holder")
+    first = await holder.acquire()
+    assert first is not None
+    got: list[tuple[str, int]] = []
+    released, first_got = anyio.Event(), anyio.Event()
+
+    async def wait(name: str) -> None:
+        lock = Lock(redis_bus, resource, f"ops/{name}", ttl=9)
+        lease = await lock.acquire(timeout=20)
+        assert lease is not None
+        got.append((name, lease.token))
+        first_got.set()
+        await released.wait()  # hold it until the test looked
+        await lock.release()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for n, name in enumerate(["w1", "w2", "w3"]):
+                tg.start_soon(wait, name)
+                await blocked.reach(n + 1)  # queued in this order
+            await holder.release()
+            await first_got.wait()
+            assert got == [("w1", first.token + 1)]  # handed over: the next revision
+            stored = await RedisStore(redis_client, LOCKS_BUCKET).get(lock_key(resource))
+            assert stored is not None
+            assert msgspec.json.decode(stored.value or b"")["owner"] == "ops/w1"
+            assert 0 < await redis_client.pttl(f"agent:swarm:locks:{lock_key(resource)}") <= 9000
+            released.set()
+    assert [name for name, _ in got] == ["w1", "w2", "w3"]  # FIFO
+    assert [token for _, token in got] == sorted({t for _, t in got})
+    with pytest.raises(LockLostError):
+        await holder.release()
+
+
+async def test_a_redis_waiter_that_left_or_died_is_skipped(
+    redis_bus: Bus, redis_client: aioredis.Redis, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocked = Blocked(monkeypatch)
+    resource = f"file:/{unique}"
+    key = lock_key(resource)
+    holder = Lock(redis_bus, resource, "ops/holder")
+    assert await holder.acquire() is not None
+    # a waiter of a process that died: its entry is queued, its record expired
+    queue = f"agent:swarm:{LOCKS_BUCKET}/queue:{key}"
+    await redis_client.rpush(queue, "dead")
+    gave_up = await Lock(redis_bus, resource, "ops/impatient").acquire(timeout=0.3)
+    assert gave_up is None
+    late: list[Lease | None] = []
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+
+            async def wait() -> None:
+                late.append(await Lock(redis_bus, resource, "ops/late").acquire(timeout=15))
+
+            tg.start_soon(wait)
+            await blocked.reach(blocked.count + 1)  # queued behind "dead" ("impatient" left)
+            entries = await redis_client.lrange(queue, 0, -1)
+            assert len(entries) == 2
+            assert entries[0] == b"dead"
+            await holder.release()
+    (lease,) = late
+    assert lease is not None
+    assert lease.owner == "ops/late"
+    assert await redis_client.llen(queue) == 0
+
+
+async def test_a_redis_acquire_given_up_in_flight_gives_the_lock_back(
+    redis_bus: Bus, redis_client: aioredis.Redis, unique: str
+) -> None:
+    """What a cancelled acquire does when its script already wrote the lock."""
+    resource = f"file:/{unique}"
+    key = lock_key(resource)
+    store = RedisStore(redis_client, LOCKS_BUCKET)
+    mine, other = store.lock_key(key), store.lock_key(key)
+    assert await mine.try_create(b"{}", 30) is not None  # written, but the caller left
+    await mine._give_back()
+    assert await store.get(key) is None
+    revision = await other.try_create(b"{}", 30)
+    assert revision is not None
+    await mine._give_back()  # not written for it: nothing happens
+    assert await other.release(revision)
+
+
+async def test_a_redis_lock_refresh_rearms_the_ttl_and_keeps_the_token(
+    redis_bus: Bus, redis_client: aioredis.Redis, unique: str
+) -> None:
+    resource = f"file:/{unique}"
+    lock = Lock(redis_bus, resource, "ops/holder", ttl=2)
+    lease = await lock.acquire()
+    assert lease is not None
+    redis_key = f"agent:swarm:locks:{lock_key(resource)}"
+    assert 0 < await redis_client.pttl(redis_key) <= 2000
+    refreshed = await lock.refresh(ttl=20)
+    assert refreshed.token == lease.token
+    assert 2000 < await redis_client.pttl(redis_key) <= 20000
+    assert await Lock(redis_bus, resource, "ops/other").acquire(timeout=0) is None
+    await lock.release()
+    assert await redis_client.exists(redis_key) == 0

@@ -11,8 +11,9 @@ What goes where:
 ``kv``                    KV put / create-once / compare-and-set, trace context
 ``reads``                 stored messages, last per subject, KV state, pulls
 ``store``                 ``NatsStore``: the ``StateStore`` seam on a KV bucket
-``workqueue``             the task queue's work-queue stream, consumers and puller
-``streams``               stream and KV bucket provisioning
+``workqueue``             the task queue's work-queue stream, consumers and puller;
+                          the service's queue-consumer provisioner
+``streams``               stream and KV bucket provisioning (buckets refuse rollups)
 ``delivery``              durable pull consumers: create and bind
 ``outbox``                confirmed background publishes, re-sent until stored
 ``watch``                 ``KvWatch`` (one watch of a bucket), ``watch_until``

@@ -6,7 +6,8 @@ shared by every claimer, pulls that return at once when a queue is empty (nats-p
 ``fetch`` waits out its whole timeout instead), one-shot core subscriptions that wake
 an idle claimer, and the reads and writes of the record bucket that must map nats-py's
 errors the task queue's way (every failure a ``ConnectionError``: the claimer treats it
-as "try again later", never as a bug).
+as "try again later", never as a bug). Under the deploy auth configs the service
+account creates the queue consumers (``QueueProvisioner``), not the claimers.
 
 A dispatch message is handed to callers as the ``Msg`` nats-py delivered (``Dispatch``):
 wrapping each one would cost the hot path an object per task.
@@ -16,11 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
+from typing import Final
 
+import anyio
+import anyio.abc
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
@@ -37,17 +42,22 @@ from nats.js.api import (
 )
 from nats.js.kv import KeyValue
 
-from swarmbus._errors import ConnectionError, PublishError
+from swarmbus import _subjects as subjects
+from swarmbus._errors import ConnectionError, PermissionDeniedError, PublishError, SwarmbusError
 from swarmbus._jetstream.errors import translate
-from swarmbus._jetstream.headers import WRONG_LAST_SEQUENCE
+from swarmbus._jetstream.headers import JS_API, KV_OPERATION, KV_PURGE, WRONG_LAST_SEQUENCE
 from swarmbus._jetstream.reads import PullInbox, unsubscribe_all
+from swarmbus._jetstream.retry import Guard
 
 __all__ = [
+    "DEFAULT_ACK_WAIT",
     "Dispatch",
     "KeyValue",
     "Puller",
+    "QueueConsumers",
+    "QueueProvisioner",
     "Wakeup",
-    "durable_puller",
+    "queue_consumer",
     "purge_key",
     "read_entry",
     "read_last",
@@ -56,6 +66,11 @@ __all__ = [
     "stream_sequence",
     "work_queue_stream",
 ]
+
+log = logging.getLogger("swarmbus.tasks")
+
+Queue = tuple[str, str, int]
+"""A task queue: session, task type, priority."""
 
 Dispatch = Msg
 """A message as a durable pull consumer delivered it (ack, nak, term, in_progress)."""
@@ -78,34 +93,20 @@ def work_queue_stream(
     )
 
 
-class Puller:
-    """Non-blocking pulls from one durable consumer (``no_wait``, no lingering request).
-
-    nats-py's ``fetch`` turns an empty consumer into a wait of its full timeout; the
-    claimer instead checks ten priorities in turn and must not block on each.
-    """
-
-    def __init__(self, stream: str, durable: str, inbox: PullInbox) -> None:
-        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
-        self._inbox = inbox
-
-    async def pull(self, batch: int) -> list[Msg]:
-        return await self._inbox.pull(self._next, batch)
+DEFAULT_ACK_WAIT: Final = 5.0
+"""The ack wait of a queue consumer the service creates (``TaskQueue``'s default)."""
+RECHECK_AFTER: Final = 600.0
+"""Seconds after which the service checks again that a queue's consumer exists (an idle
+one is deleted by its inactive threshold)."""
+MAX_CHECKED: Final = 10_000
+"""Queues the service remembers before it forgets those checked over RECHECK_AFTER ago."""
 
 
-async def durable_puller(
-    js: JetStreamContext,
-    inbox: PullInbox,
-    stream: str,
-    *,
-    durable: str,
-    subject: str,
-    ack_wait: float,
-) -> Puller:
-    """Create (or join) the durable pull consumer ``durable`` and pull from it."""
-    config = ConsumerConfig(
-        durable_name=durable,
-        filter_subject=subject,
+def queue_consumer(session: str, type: str, priority: int, ack_wait: float) -> ConsumerConfig:
+    """The durable pull consumer of the queue of ``type`` tasks at ``priority``."""
+    return ConsumerConfig(
+        durable_name=f"{subjects.safe_token(f'{session}.{type}')}-q{priority}",
+        filter_subject=f"{subjects.task_subject(session, type, priority)}.*",
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait,
         max_deliver=-1,
@@ -113,15 +114,172 @@ async def durable_puller(
         deliver_policy=DeliverPolicy.ALL,
         inactive_threshold=24 * 3600.0,
     )
-    try:
-        await js.add_consumer(stream, config)
-    except nats.js.errors.APIError as exc:
-        # A claimer with other options (ack_wait) created it first: share it.
+
+
+class QueueConsumers:
+    """The queue consumers of one work-queue stream, found or created, for one claimer.
+
+    One durable per queue, shared by every claimer; whoever comes first creates it.
+    Under the deploy auth configs agents may not create consumers on the task stream:
+    the create is also an update, with which one agent could change another queue's
+    ``ack_wait`` or filter. There the service account creates each queue's consumer
+    when the queue's first dispatch is published (``QueueProvisioner``) and claimers
+    only find it; a claimer asks to create once, and after a refusal only looks.
+    """
+
+    def __init__(self, js: JetStreamContext, inbox: PullInbox, stream: str, guard: Guard) -> None:
+        self.js = js
+        self.inbox = inbox
+        self.stream = stream
+        self._guard = guard
+        self._may_create = True
+
+    def puller(self, config: ConsumerConfig) -> Puller:
+        return Puller(self, config)
+
+    async def find_or_create(self, config: ConsumerConfig) -> bool:
+        """Whether the consumer ``config`` names exists now (created if this user may)."""
+        durable = str(config.durable_name)
+        if await consumer_exists(self.js, self.stream, durable):
+            return True
+        if not self._may_create:
+            return False
         try:
-            await js.consumer_info(stream, durable)
-        except nats.js.errors.APIError:
-            raise PublishError(f"cannot create consumer {durable}: {exc}") from exc
-    return Puller(stream, durable, inbox)
+            subject = f"{JS_API}.CONSUMER.DURABLE.CREATE.{self.stream}.{durable}"
+            with self._guard(subject, f"create consumer {durable}"):
+                await self.js.add_consumer(self.stream, config)
+        except PermissionDeniedError:
+            self._may_create = False
+            log.info(
+                "%s: the service account creates task-queue consumers (swarmbus consensus "
+                "or swarmbus up); tasks of a queue wait until it has",
+                durable,
+            )
+            return False
+        except nats.js.errors.APIError as exc:
+            # Another claimer created it meanwhile (with other options): share it.
+            if not await consumer_exists(self.js, self.stream, durable):
+                raise PublishError(f"cannot create consumer {durable}: {exc}") from exc
+        return True
+
+
+async def consumer_exists(js: JetStreamContext, stream: str, durable: str) -> bool:
+    try:
+        await js.consumer_info(stream, durable)
+    except nats.js.errors.NotFoundError:
+        return False
+    except nats.js.errors.APIError as exc:
+        raise translate(exc, f"cannot read consumer {durable}") from exc
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise ConnectionError(f"cannot read consumer {durable}: {exc}") from exc
+    return True
+
+
+class Puller:
+    """Non-blocking pulls from one durable consumer (``no_wait``, no lingering request).
+
+    nats-py's ``fetch`` turns an empty consumer into a wait of its full timeout; the
+    claimer instead checks ten priorities in turn and must not block on each. Until
+    the consumer exists (the service creates it, see ``QueueConsumers``) a pull
+    returns nothing.
+    """
+
+    def __init__(self, consumers: QueueConsumers, config: ConsumerConfig) -> None:
+        self._consumers = consumers
+        self._config = config
+        self._next = f"{JS_API}.CONSUMER.MSG.NEXT.{consumers.stream}.{config.durable_name}"
+        self._ready = False
+
+    async def pull(self, batch: int) -> list[Msg]:
+        if not self._ready:
+            self._ready = await self._consumers.find_or_create(self._config)
+            if not self._ready:
+                return []
+        return await self._consumers.inbox.pull(self._next, batch)
+
+
+class QueueProvisioner:
+    """Creates each queue's consumer when a dispatch of the queue is published.
+
+    Run by the service account (``swarmbus consensus``, ``swarmbus up``): agents under
+    the deploy auth configs may only pull from and ack queue consumers. The consumers
+    get the default ack wait, whatever a claimer's ``TaskQueue(ack_wait=...)`` says.
+    Queues with dispatches pending when it starts get theirs at once. ``priorities``
+    bounds the priority token (anyone may publish a dispatch, well-formed or not).
+    """
+
+    def __init__(
+        self, nc: NatsClient, js: JetStreamContext, stream: str, wildcard: str, priorities: range
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._stream = stream
+        self._wildcard = wildcard
+        self._priorities = priorities
+        self._checked: dict[Queue, float] = {}
+        self._send, self._receive = anyio.create_memory_object_stream[Queue](1000)
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Subscribe and make the consumers of the queues with dispatches stored now
+        (then it has started), then of each new queue until cancelled."""
+        try:
+            sub = await self._nc.subscribe(self._wildcard, cb=self._on_dispatch)
+            info = await self._js.stream_info(self._stream, subjects_filter=self._wildcard)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise ConnectionError(f"cannot watch the task queues: {exc}") from exc
+        try:
+            for subject in info.state.subjects or {}:
+                queue = self._queue_of(subject)
+                if queue is not None:
+                    await self._create(queue)
+            task_status.started()
+            async for queue in self._receive:
+                await self._create(queue)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await unsubscribe_all([sub])
+
+    async def _on_dispatch(self, msg: Msg) -> None:
+        queue = self._queue_of(msg.subject)
+        if queue is None:
+            return
+        try:
+            self._send.send_nowait(queue)
+        except anyio.WouldBlock:
+            self._checked.pop(queue, None)  # busy: the queue's next dispatch asks again
+
+    def _queue_of(self, subject: str) -> Queue | None:
+        """The queue of a dispatch subject, unless invalid or checked recently."""
+        parts = subject.split(".")
+        if len(parts) != 6 or not parts[4].isdigit() or int(parts[4]) not in self._priorities:
+            return None
+        queue = (parts[2], parts[3], int(parts[4]))
+        now = time.monotonic()
+        checked = self._checked.get(queue)
+        if checked is not None and now - checked < RECHECK_AFTER:
+            return None
+        try:
+            subjects.task_subject(*queue)
+        except SwarmbusError:
+            return None  # not a queue (an invalid session id or task type)
+        if len(self._checked) >= MAX_CHECKED:  # forget the queues checked long ago
+            self._checked = {q: t for q, t in self._checked.items() if now - t < RECHECK_AFTER}
+            if len(self._checked) >= MAX_CHECKED:  # a flood of queues: check again
+                self._checked.clear()
+        self._checked[queue] = now
+        return queue
+
+    async def _create(self, queue: Queue) -> None:
+        config = queue_consumer(*queue, DEFAULT_ACK_WAIT)
+        durable = str(config.durable_name)
+        try:
+            if not await consumer_exists(self._js, self._stream, durable):
+                await self._js.add_consumer(self._stream, config)
+        except (SwarmbusError, TimeoutError, nats.errors.Error) as exc:
+            log.warning("cannot create the task consumer %s: %s", durable, exc)
+            self._checked.pop(queue, None)  # the queue's next dispatch tries again
 
 
 class Wakeup:
@@ -201,12 +359,15 @@ async def purge_key(
 ) -> None:
     """Purge ``key``, leaving a purge marker (no value) as its last entry.
 
-    ``guard`` wraps the purge itself (e.g. the bus's permission guard, which must see
-    nats-py's own errors); its errors pass through.
+    Not nats-py's ``kv.purge``, a rollup that swarmbus's buckets refuse
+    (``streams``): a marker without one, which on a bucket with one revision per key
+    (the task bucket) replaces the value all the same. ``guard`` wraps the write
+    itself (e.g. the bus's permission guard, which must see nats-py's own errors); its
+    errors pass through.
     """
     try:
         with guard or contextlib.nullcontext():
-            await kv.purge(key)
+            await kv._js.publish(f"{kv._pre}{key}", b"", headers={KV_OPERATION: KV_PURGE})
     except nats.js.errors.APIError as exc:
         raise translate(exc, what) from exc
     except (TimeoutError, nats.errors.Error) as exc:

@@ -12,6 +12,7 @@ What goes where:
 ``presence``      heartbeats; who is alive
 ``holdings``      claims and locks held for agents; released on death
 ``health``        ``/healthz`` and ``/readyz``
+``provision``     streams, buckets and task-queue consumers agents may not create
 ``asyncapi``      the AsyncAPI 3.0 document of the wire, generated from the code
 ================  ==============================================================
 

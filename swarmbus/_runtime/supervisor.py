@@ -3,7 +3,8 @@
 ==============  ==========================================================  =========
 service         what it does                                                module
 ==============  ==========================================================  =========
-``consensus``   decides proposals (``ConsensusService``)                    _consensus
+``consensus``   decides proposals (``ConsensusService``); provisions        _consensus,
+                streams, buckets and task consumers for agents              provision
 ``board``       records wire findings on the board (``Blackboard.recording``) _blackboard
 ``intake``      starts the swarm configured for each incident               intake
 ``api``         ``swarmbus.api.>`` request/reply for every operation        api_server
@@ -46,6 +47,7 @@ from swarmbus._runtime.health import Health
 from swarmbus._runtime.holdings import Departures, Holdings
 from swarmbus._runtime.intake import Intake, Routes
 from swarmbus._runtime.presence import Presence
+from swarmbus._runtime.provision import provisioning
 from swarmbus._runtime.timeouts import TaskTimeouts
 from swarmbus._server import NatsServer
 
@@ -115,6 +117,8 @@ class Runtime:
             # Services with task groups of their own are entered here, outside the
             # runtime's task groups, so their scopes nest inside-out on exit.
             if self.runs("consensus"):
+                # what agents need and may not create under the deploy auth configs
+                await stack.enter_async_context(provisioning(bus))
                 await stack.enter_async_context(ConsensusService(bus))
                 self.health.started("consensus")
             if self.runs("board"):

@@ -41,8 +41,9 @@ from swarmbus._jetstream.workqueue import (
     Dispatch,
     KeyValue,
     Puller,
+    QueueConsumers,
     Wakeup,
-    durable_puller,
+    queue_consumer,
     settle_unacked,
     stored_age,
 )
@@ -143,6 +144,7 @@ class Claimer:
         bus = queue.bus
         self._pullers: dict[tuple[str, int], Puller] = {}
         self._inbox = PullInbox(bus.nc, bus.settings.request_timeout)
+        self._consumers = QueueConsumers(bus.js, self._inbox, TASKS_STREAM, bus._permission_guard)
         self._last_aging = 0.0
         # One pull at a time per queue object: the pullers share one reply inbox.
         self._scan_lock = anyio.Lock()
@@ -412,14 +414,8 @@ class Claimer:
         puller = self._pullers.get(key)
         if puller is None:
             session = self._queue.session
-            puller = self._pullers[key] = await durable_puller(
-                self._queue.bus.js,
-                self._inbox,
-                TASKS_STREAM,
-                durable=f"{subjects.safe_token(f'{session}.{type}')}-q{priority}",
-                subject=f"{subjects.task_subject(session, type, priority)}.*",
-                ack_wait=self._queue.ack_wait,
-            )
+            config = queue_consumer(session, type, priority, self._queue.ack_wait)
+            puller = self._pullers[key] = self._consumers.puller(config)
         return puller
 
 
