@@ -286,7 +286,9 @@ class Agent:
         taken, in-flight handlers finish (up to ``drain_timeout``) and are acked;
         anything not acked is redelivered to the next instance. The agent's consumer
         stays for ``Settings.consumer_inactive_threshold`` (a restart resumes there);
-        with ``leave`` (the agent leaves for good) it is deleted at exit.
+        with ``leave`` (the agent leaves for good) it is deleted at exit. With
+        ``Settings.consumer_group`` the agent joins its bus's shared consumer instead;
+        ``leave`` drops its interest from it (and deletes it if it was the last agent).
         """
         if self._bus is not None:
             raise SwarmbusError(f"agent {self.id} is already running")

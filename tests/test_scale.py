@@ -497,3 +497,16 @@ def test_a_route_table_matches_by_subject_whatever_the_number_of_routes() -> Non
     assert not table.serves(routes[42])
     assert table.serves(routes[41])
     assert table.filter_subjects() == ["agent.>"]
+
+
+def test_the_consumer_group_is_a_setting_and_a_consumer_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("SWARMBUS_CONSUMER_GROUP", "billing-workers")
+    assert swarmbus.Settings.from_env().consumer_group == "billing-workers"
+    assert swarmbus.Settings().consumer_group is None  # one consumer per agent id
+    for bad in ("a.b", "a*", "a >", ""):
+        with pytest.raises(ValidationError):
+            swarmbus.Settings(consumer_group=bad)
