@@ -50,7 +50,7 @@ from nats.js.kv import KeyValue
 from swarmbus import _subjects as subjects
 from swarmbus._backends import close_stores
 from swarmbus._config import Settings
-from swarmbus._consumer import DurableConsumer, Handler, LiveHandler, Route, Routes
+from swarmbus._consumer import DurableConsumer, Handler, LiveHandler, Route, Routes, RouteSet
 from swarmbus._errors import (
     ConnectionError,
     InvalidIdentifierError,
@@ -738,7 +738,7 @@ class Bus:
 async def consume_routes(
     bus: Bus,
     durable: str,
-    routes: Routes,
+    routes: RouteSet,
     *,
     receiver: str,
     limiter: anyio.Semaphore,
@@ -761,7 +761,7 @@ async def consume_routes(
 async def _open_consumer(
     bus: Bus,
     durable: str,
-    routes: Routes,
+    routes: RouteSet,
     receiver: str,
     limiter: anyio.Semaphore,
     stop: anyio.Event,
