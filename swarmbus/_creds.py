@@ -129,6 +129,8 @@ _OWN_CONSUMER: Final = "{{tag(token)}}"
 _AGENT_PUB: Final[list[str]] = [
     "agent.*.*.*.{{name()}}",
     "swarmbus.request.*.*.*.{{name()}}",
+    # the runtime API (`swarmbus up`) as itself; its answers come to its own inbox
+    "swarmbus.api.*.*.*.{{name()}}",
     # answers: the requester's reply subject plus the responder's own id (CONTRACT.md
     # "Verified replies"), so no agent can answer in another's name
     "swarmbus.reply.*.*.*.{{name()}}",
@@ -235,6 +237,7 @@ DEFAULT_ROLES: Final[dict[str, dict[str, Any]]] = {
                     "swarmbus.request.*.any.*.*",
                     "swarmbus.request.*.{{name()}}.*.*",
                     "swarmbus.reply.{{name()}}.>",
+                    "swarmbus.api.>",  # the runtime API (`swarmbus up`, a queue group)
                     "swarmbus.task.>",
                     "_INBOX_{{name()}}.>",
                 ]

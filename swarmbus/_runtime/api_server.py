@@ -44,6 +44,7 @@ from swarmbus._errors import (
 from swarmbus._jetstream.replies import RawMessage
 from swarmbus._locks import Lock, lock_holder
 from swarmbus._messages import Finding
+from swarmbus._requester import check_inbox
 from swarmbus._runtime import api
 from swarmbus._runtime.holdings import Departures, Holdings
 from swarmbus._runtime.intake import Intake
@@ -132,7 +133,23 @@ class ApiServer:
         self._queues.clear()
 
     async def handle(self, raw: RawMessage) -> bytes | None:
-        """One request -> its reply bytes (None: no reply subject, reported as an event)."""
+        """One request -> its reply bytes (None: no reply subject, reported as an event).
+
+        A reply subject that is no inbox is not answered (nor the request run): this
+        service may write where agents may not, and NATS lets it publish to any reply
+        subject it is sent (``allow_responses``)."""
+        if raw.reply:
+            try:
+                check_inbox(raw.reply)
+            except InvalidMessageError as exc:
+                await self.bus.reject(
+                    subject=raw.subject,
+                    data=raw.data,
+                    code=exc.code,
+                    reason=exc.reason,
+                    receiver=RUNTIME_AGENT,
+                )
+                return None
         try:
             op, session, agent, request = self._parse(raw)
             self.presence.seen(agent)
