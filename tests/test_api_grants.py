@@ -23,10 +23,21 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from swarmbus import Agent, Bus, FindingMessage, RequestMessage, Settings
+from swarmbus import (
+    Agent,
+    Bus,
+    Consensus,
+    FindingMessage,
+    PermissionDeniedError,
+    Proposal,
+    RequestMessage,
+    Settings,
+    Vote,
+)
 from swarmbus._consensus import CONSENSUS_BUCKET
 from swarmbus._messages import Request, encode, envelope_for
 from swarmbus._runtime.supervisor import RuntimeConfig, running
+from swarmbus._subjects import safe_token
 from tests.test_grants import (
     ATTACKER,
     EVENTS,
@@ -221,3 +232,35 @@ async def test_a_capability_responder_does_not_answer_onto_a_subject_the_request
             assert await kv_value(bus, CONSENSUS_BUCKET, key) is None
         finally:
             await raw.close()
+
+
+async def test_an_agent_cannot_propose_or_vote_via_the_service_as_another(
+    deploy: Deploy, session_id: str
+) -> None:
+    """The consensus service's request paths (via_service) are events on the agent's own
+    subjects: a proposal or vote in another's name, and any write of a record or another
+    agent's membership, are refused by the server; the victim's own vote counts."""
+    pid = f"p-{session_id}"
+    async with runtime(deploy), deploy.bus(VICTIM) as victim, deploy.bus(ATTACKER) as attacker:
+        ours = await Consensus.open(victim, via_service=True)
+        await ours.join(session_id, VICTIM)
+        await ours.propose(
+            Proposal(proposal_id=pid, action="rollback", voters=[VICTIM]),
+            agent=VICTIM,
+            session=session_id,
+        )
+        for body in (
+            Vote(proposal_id=pid, vote="no"),
+            Proposal(proposal_id=f"{pid}-2", action="rollback", voters=[VICTIM]),
+        ):
+            with anyio.fail_after(5), pytest.raises(PermissionDeniedError):
+                await attacker.publish(body, agent=VICTIM, session=session_id)
+        errors: list[str] = []
+        raw = await deploy.raw(ATTACKER, errors)
+        try:
+            for key in (f"p.{safe_token(pid)}", f"m.{session_id}.{VICTIM}"):
+                await refused(raw, errors, f"$KV.{CONSENSUS_BUCKET}.{key}", b"{}")
+        finally:
+            await raw.close()
+        record = await ours.vote(Vote(proposal_id=pid, vote="yes"), agent=VICTIM)
+        assert [(b.voter, b.vote) for b in record.votes] == [(VICTIM, "yes")]
