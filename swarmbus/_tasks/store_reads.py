@@ -1,0 +1,86 @@
+"""Reading many task records of a ``StateStore`` at once (store claims' listings).
+
+A claimer lists the session's open-task index (``store_queue.OPEN_BUCKET``: one small
+key per pending or claimed task), then needs those tasks' records with their
+revisions. ``get_many`` reads them in one round trip where the store allows it
+(Redis: one pipeline of ``HMGET``; PostgreSQL: one ``SELECT ... WHERE key = ANY``)
+and with concurrent ``get`` calls on any other store. A store (or a wrapper of one)
+may bring its own ``get_many(keys)``; it is used first.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, Final, cast
+
+import anyio
+
+from swarmbus._state import Entry, StateStore
+
+__all__ = ["get_many"]
+
+CONCURRENCY: Final = 64
+"""Concurrent ``get`` calls on a store without a batched read."""
+
+_PG_GET_MANY: Final = (
+    "SELECT key, value, revision FROM swarm_state WHERE bucket = %s AND key = ANY(%s)"
+    " AND (expires_at IS NULL OR expires_at > clock_timestamp())"
+)
+
+
+async def get_many(store: StateStore, keys: Sequence[str]) -> list[Entry | None]:
+    """The current entry of each of ``keys`` (None: it has none), in the same order."""
+    if not keys:
+        return []
+    own = getattr(store, "get_many", None)
+    if own is not None:
+        found: list[Entry | None] = await own(keys)
+        return found
+    redis_store = sys.modules.get("swarmbus._redis_store")
+    if redis_store is not None and isinstance(store, redis_store.RedisStore):
+        return await _redis_get_many(store, keys)
+    pg_store = sys.modules.get("swarmbus._postgres_store")
+    if pg_store is not None and isinstance(store, pg_store.PostgresStore):
+        return await _postgres_get_many(store, keys)
+    return await _concurrent_gets(store, keys)
+
+
+async def _redis_get_many(store: Any, keys: Sequence[str]) -> list[Entry | None]:
+    from swarmbus._redis_store import redis_errors
+
+    layout = store.layout
+    with redis_errors(f"get {len(keys)} keys from {store.name}"):
+        async with store.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(layout.cached(key), ["value", "revision"])
+            rows = cast(list[list[bytes | None]], await pipe.execute())
+    return [
+        None if revision is None else Entry(key=key, value=value or b"", revision=int(revision))
+        for key, (value, revision) in zip(keys, rows, strict=True)
+    ]
+
+
+async def _postgres_get_many(store: Any, keys: Sequence[str]) -> list[Entry | None]:
+    from swarmbus._postgres_store import postgres_errors
+
+    with postgres_errors(f"get {len(keys)} keys from {store.name}"):
+        async with store.pool.connection() as conn:
+            cursor = await conn.execute(_PG_GET_MANY, [store.name, list(keys)])
+            rows = await cursor.fetchall()
+    found = {k: Entry(key=k, value=bytes(v), revision=int(r)) for k, v, r in rows}
+    return [found.get(key) for key in keys]
+
+
+async def _concurrent_gets(store: StateStore, keys: Sequence[str]) -> list[Entry | None]:
+    entries: list[Entry | None] = [None] * len(keys)
+    limiter = anyio.CapacityLimiter(CONCURRENCY)
+
+    async def get(i: int, key: str) -> None:
+        async with limiter:
+            entries[i] = await store.get(key, fresh=True)
+
+    async with anyio.create_task_group() as tg:
+        for i, key in enumerate(keys):
+            tg.start_soon(get, i, key)
+    return entries
