@@ -140,7 +140,10 @@ async def test_migrations_apply_once(postgres_server: PostgresServer) -> None:
         await migrate(conn)  # whatever is pending
         assert await migrate(conn) == []
         cursor = await conn.execute("SELECT name FROM swarm_migrations ORDER BY name")
-        assert [row[0] for row in await cursor.fetchall()] == ["001_coordination.sql"]
+        assert [row[0] for row in await cursor.fetchall()] == [
+            "001_coordination.sql",
+            "002_open_tasks.sql",
+        ]
 
 
 async def test_the_task_queues_tasks_are_rows_of_agent_tasks(

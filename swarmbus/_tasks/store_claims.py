@@ -1,12 +1,13 @@
 """Claims on a ``StateStore`` (``SWARM_BACKEND=redis|postgres``): found by listing, taken by CAS.
 
 Without a dispatch stream the record is the whole task: it is created with the task
-(create-once) and is what claimers look for. A claimer reads the records of the session's
-open tasks of its types (the open-task index of ``store_queue``, then the records in
-one batched read: ``store_reads``), keeps the claimable ones and takes the best
-first: a task that waited ``starvation_after`` (aging), else the highest priority,
-FIFO within. Claimable means pending (approved if gated, past its retry delay) or
-claimed with a lease that ran out. Each claim is a compare-and-set from the revision
+(create-once) and is what claimers look for. A claimer reads the records of the
+session's open tasks of its types (the open-task index of ``store_queue``, then the
+records in one batched read; on PostgreSQL one query of the ``agent_tasks`` mirror:
+``store_reads``), keeps the claimable ones and takes the best first: a task that
+waited ``starvation_after`` (aging), else the highest priority, FIFO within.
+Claimable means pending (approved if gated, past its retry delay) or claimed with a
+lease that ran out. Each claim is a compare-and-set from the revision
 the listing returned, so two claimers never both win; the loser moves on to the next
 candidate. A task out of attempts is failed for good (dead letter) by the claimer that
 finds it. Every later transition (heartbeat, complete, fail) is a compare-and-set at
@@ -54,7 +55,7 @@ from swarmbus._messages import TaskAssigned, TaskCompleted, TaskFailed
 from swarmbus._state import Entry, StateStore
 from swarmbus._tasks.claims import Event, _Completed, _Failed, _Outcomes, _released, _running
 from swarmbus._tasks.model import TERMINAL, Claim, Task, after, claimed, encoder, now, record_of
-from swarmbus._tasks.store_reads import get_many
+from swarmbus._tasks.store_reads import get_many, open_records
 
 if TYPE_CHECKING:
     from swarmbus._jetstream.workqueue import Dispatch
@@ -86,7 +87,7 @@ class StoreQueueView(Protocol):
     def wakes(self) -> StateStore: ...
 
     @property
-    def open_tasks(self) -> StateStore: ...
+    def open_tasks(self) -> StateStore | None: ...
 
     def _key(self, task_id: str) -> str: ...
 
@@ -321,8 +322,11 @@ class StoreClaimer:
         """The records of the session's open tasks of ``types`` (the open-task index
         read first: finished tasks cost nothing), in the order they were listed."""
         queue = self._queue
+        index = queue.open_tasks
+        if index is None:
+            return await open_records(queue.records, queue.session, sorted(types))
         keys = []
-        for entry in await queue.open_tasks.list(f"{queue.session}."):
+        for entry in await index.list(f"{queue.session}."):
             if entry.value is not None and entry.value.decode(errors="replace") in types:
                 keys.append(entry.key)
         return [e for e in await get_many(queue.records, keys) if e is not None]

@@ -9,7 +9,9 @@ the ``swarmbus-tasks`` bucket of the configured ``StateStore`` under
 ``store_claims`` (listing, priority, leases, retries, dead letter, the wake key).
 
 Claimers do not list the records: a session's finished tasks would make every claim
-read more. They list the open-task index, bucket ``swarmbus-task-open``, one key
+read more. On PostgreSQL they read the open rows of the store's ``agent_tasks``
+mirror (``store_reads.open_records``). Elsewhere they list the open-task index, bucket
+``swarmbus-task-open``, one key
 ``<session>.<task id>`` (value: the task's type) per task not yet finished: written
 before the record is created, deleted once a write made the task completed or failed
 (completion, final failure, dead letter, rejection, cancellation). A key left behind by
@@ -65,6 +67,7 @@ from swarmbus._tasks.store_claims import (
     Wake,
     stamped,
 )
+from swarmbus._tasks.store_reads import lists_open
 
 __all__ = ["StoreTaskQueue"]
 
@@ -94,7 +97,8 @@ class StoreTaskQueue(TaskQueue):
     async def open(self) -> None:
         """Open the record, open-task index and wake buckets of the configured store."""
         self._record_store = await open_store(self.bus, TASKS_BUCKET, history=1)
-        self._open_store = await open_store(self.bus, OPEN_BUCKET, history=1)
+        if not lists_open(self._record_store):
+            self._open_store = await open_store(self.bus, OPEN_BUCKET, history=1)
         self._wake_store = await open_store(self.bus, WAKE_BUCKET, history=1)
 
     @property
@@ -105,16 +109,18 @@ class StoreTaskQueue(TaskQueue):
         return self._record_store
 
     @property
-    def open_tasks(self) -> StateStore:
-        """The open-task index (module docstring)."""
-        if self._open_store is None:
-            raise SwarmbusError("TaskQueue is not open: use `async with TaskQueue(...)`")
+    def open_tasks(self) -> StateStore | None:
+        """The open-task index (module docstring); None where the store lists open
+        tasks itself (``store_reads.lists_open``)."""
+        self.records  # noqa: B018 - raises if not open
         return self._open_store
 
     async def _closed(self, task_id: str) -> None:
         """Take a finished task out of the open-task index (claimers stop reading it)."""
+        if self._open_store is None:
+            return
         try:
-            await self.open_tasks.delete(self._key(task_id))
+            await self._open_store.delete(self._key(task_id))
         except SwarmbusError as exc:  # the next claimer that reads it deletes it
             log.warning("could not unlist finished task %s: %s", task_id, exc)
 
@@ -149,8 +155,9 @@ class StoreTaskQueue(TaskQueue):
             key = self._key(task.id)
             async with limiter:
                 try:
-                    # Listed first: a record nobody lists could never be claimed.
-                    await self.open_tasks.put(key, task.type.encode())
+                    if self._open_store is not None:
+                        # Listed first: a record nobody lists could never be claimed.
+                        await self._open_store.put(key, task.type.encode())
                     await self.records.create(key, encoder.encode(task))
                 except SwarmbusError as exc:
                     failures.append(exc)

@@ -1,11 +1,19 @@
-"""Reading many task records of a ``StateStore`` at once (store claims' listings).
+"""Reading a session's open task records from a ``StateStore`` (store claims' listings).
 
-A claimer lists the session's open-task index (``store_queue.OPEN_BUCKET``: one small
-key per pending or claimed task), then needs those tasks' records with their
-revisions. ``get_many`` reads them in one round trip where the store allows it
-(Redis: one pipeline of ``HMGET``; PostgreSQL: one ``SELECT ... WHERE key = ANY``)
-and with concurrent ``get`` calls on any other store. A store (or a wrapper of one)
-may bring its own ``get_many(keys)``; it is used first.
+On most stores a claimer lists the session's open-task index
+(``store_queue.OPEN_BUCKET``: one small key per pending or claimed task), then needs
+those tasks' records with their revisions. ``get_many`` reads them in one round trip
+where the store allows it (Redis: one pipeline of ``HMGET``; PostgreSQL: one
+``SELECT ... WHERE key = ANY``) and with concurrent ``get`` calls on any other store.
+
+PostgreSQL needs no index of its own: the store already mirrors every task record
+into the seed's ``agent_tasks`` (same transaction, with its ``status``), and a partial
+index on its open rows (migration ``002_open_tasks.sql``) finds them. There
+``lists_open`` is true and ``open_records`` is one ``SELECT``; the queue then writes
+no index keys (three store writes per task instead of five).
+
+A store (or a wrapper of one) may bring its own ``get_many(keys)``, ``lists_open``
+and ``open_records(session, types)``; they are used first.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import anyio
 
 from swarmbus._state import Entry, StateStore
 
-__all__ = ["get_many"]
+__all__ = ["get_many", "lists_open", "open_records"]
 
 CONCURRENCY: Final = 64
 """Concurrent ``get`` calls on a store without a batched read."""
@@ -27,6 +35,45 @@ _PG_GET_MANY: Final = (
     "SELECT key, value, revision FROM swarm_state WHERE bucket = %s AND key = ANY(%s)"
     " AND (expires_at IS NULL OR expires_at > clock_timestamp())"
 )
+
+_PG_OPEN_RECORDS: Final = (
+    "SELECT s.key, s.value, s.revision FROM agent_tasks t"
+    " JOIN swarm_state s ON s.bucket = t.bucket AND s.key = t.key"
+    " WHERE t.session_id = (SELECT id FROM agent_sessions WHERE name = %s)"
+    " AND t.status IN ('pending', 'assigned', 'running') AND t.task_type = ANY(%s)"
+    " AND t.bucket = %s"
+    " AND (s.expires_at IS NULL OR s.expires_at > clock_timestamp()) ORDER BY s.revision"
+)
+PG_TYPE_CHARS: Final = 50
+"""``agent_tasks.task_type`` is the seed's ``VARCHAR(50)``: longer types are cut there."""
+
+
+def lists_open(store: StateStore) -> bool:
+    """Whether ``store`` finds a session's open task records itself (no index needed)."""
+    own = getattr(store, "lists_open", None)
+    if isinstance(own, bool):
+        return own
+    pg_store = sys.modules.get("swarmbus._postgres_store")
+    return pg_store is not None and isinstance(store, pg_store.PostgresStore)
+
+
+async def open_records(store: StateStore, session: str, types: Sequence[str]) -> list[Entry]:
+    """The records of ``session``'s unfinished tasks whose type may be one of ``types``
+    (a type longer than ``PG_TYPE_CHARS`` may match others: check it), in write order.
+    Only on a store where ``lists_open`` is true."""
+    own = getattr(store, "open_records", None)
+    if own is not None:
+        found: list[Entry] = await own(session, types)
+        return found
+    from swarmbus._postgres_store import postgres_errors
+
+    pg: Any = store
+    cut = sorted({t[:PG_TYPE_CHARS] for t in types})
+    with postgres_errors(f"list the open tasks of {session} in {pg.name}"):
+        async with pg.pool.connection() as conn:
+            cursor = await conn.execute(_PG_OPEN_RECORDS, [session, cut, pg.name])
+            rows = await cursor.fetchall()
+    return [Entry(key=k, value=bytes(v), revision=int(r)) for k, v, r in rows]
 
 
 async def get_many(store: StateStore, keys: Sequence[str]) -> list[Entry | None]:
