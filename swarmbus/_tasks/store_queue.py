@@ -112,7 +112,8 @@ class StoreTaskQueue(TaskQueue):
     def open_tasks(self) -> StateStore | None:
         """The open-task index (module docstring); None where the store lists open
         tasks itself (``store_reads.lists_open``)."""
-        self.records  # noqa: B018 - raises if not open
+        if self._record_store is None:
+            raise SwarmbusError("TaskQueue is not open: use `async with TaskQueue(...)`")
         return self._open_store
 
     async def _closed(self, task_id: str) -> None:

@@ -4,7 +4,7 @@ On most stores a claimer lists the session's open-task index
 (``store_queue.OPEN_BUCKET``: one small key per pending or claimed task), then needs
 those tasks' records with their revisions. ``get_many`` reads them in one round trip
 where the store allows it (Redis: one pipeline of ``HMGET``; PostgreSQL: one
-``SELECT ... WHERE key = ANY``) and with concurrent ``get`` calls on any other store.
+``SELECT ... WHERE key = ANY``) and with one ``get`` after another on any other store.
 
 PostgreSQL needs no index of its own: the store already mirrors every task record
 into the seed's ``agent_tasks`` (same transaction, with its ``status``), and a partial
@@ -22,14 +22,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final, cast
 
-import anyio
-
 from swarmbus._state import Entry, StateStore
 
 __all__ = ["get_many", "lists_open", "open_records"]
-
-CONCURRENCY: Final = 64
-"""Concurrent ``get`` calls on a store without a batched read."""
 
 _PG_GET_MANY: Final = (
     "SELECT key, value, revision FROM swarm_state WHERE bucket = %s AND key = ANY(%s)"
@@ -90,7 +85,7 @@ async def get_many(store: StateStore, keys: Sequence[str]) -> list[Entry | None]
     pg_store = sys.modules.get("swarmbus._postgres_store")
     if pg_store is not None and isinstance(store, pg_store.PostgresStore):
         return await _postgres_get_many(store, keys)
-    return await _concurrent_gets(store, keys)
+    return await _gets(store, keys)
 
 
 async def _redis_get_many(store: Any, keys: Sequence[str]) -> list[Entry | None]:
@@ -119,15 +114,5 @@ async def _postgres_get_many(store: Any, keys: Sequence[str]) -> list[Entry | No
     return [found.get(key) for key in keys]
 
 
-async def _concurrent_gets(store: StateStore, keys: Sequence[str]) -> list[Entry | None]:
-    entries: list[Entry | None] = [None] * len(keys)
-    limiter = anyio.CapacityLimiter(CONCURRENCY)
-
-    async def get(i: int, key: str) -> None:
-        async with limiter:
-            entries[i] = await store.get(key, fresh=True)
-
-    async with anyio.create_task_group() as tg:
-        for i, key in enumerate(keys):
-            tg.start_soon(get, i, key)
-    return entries
+async def _gets(store: StateStore, keys: Sequence[str]) -> list[Entry | None]:
+    return [await store.get(key, fresh=True) for key in keys]
