@@ -264,3 +264,26 @@ async def test_an_agent_cannot_propose_or_vote_via_the_service_as_another(
             await raw.close()
         record = await ours.vote(Vote(proposal_id=pid, vote="yes"), agent=VICTIM)
         assert [(b.voter, b.vote) for b in record.votes] == [(VICTIM, "yes")]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="under the deploy configs `swarmbus up` runs as the service account, bound to "
+    "its own agent id: operations that publish events as the requester (task.create and "
+    ".claim, hypothesis.post, proposal.create, vote.cast, incident.open) are refused "
+    "(Bus.act_as, `agent.*.*.*.<service id>`); locks, board, findings and sessions work",
+)
+async def test_the_runtime_api_creates_tasks_and_proposals_under_the_deploy_configs(
+    deploy: Deploy, session_id: str
+) -> None:
+    errors: list[str] = []
+    async with runtime(deploy):
+        nc = await deploy.raw(VICTIM, errors)
+        try:
+            task = await call(nc, "task.create", session_id, VICTIM, {"type": "triage"})
+            assert task["ok"], task
+            proposal = {"proposal": {"proposal_id": f"p-{session_id}", "action": "rollback"}}
+            created = await call(nc, "proposal.create", session_id, VICTIM, proposal)
+            assert created["ok"], created
+        finally:
+            await nc.drain()
