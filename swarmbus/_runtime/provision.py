@@ -38,7 +38,7 @@ from swarmbus._blackboard import Blackboard
 from swarmbus._bus import Bus
 from swarmbus._consensus import Consensus
 from swarmbus._jetstream.workqueue import QueueProvisioner
-from swarmbus._locks import LOCKS_BUCKET, MARKER_TTL
+from swarmbus._locks import LOCKS_BUCKET
 from swarmbus._query_ledger import QueryLedger
 from swarmbus._runtime.api_server import RUNTIME_AGENT
 from swarmbus._tasks import MAX_PRIORITY, MIN_PRIORITY, TASKS_STREAM, TaskQueue
@@ -58,9 +58,7 @@ async def provision(bus: Bus) -> None:
     await Consensus.open(bus)
     await Blackboard.open(bus, SESSION)
     await QueryLedger.open(bus, SESSION, agent=RUNTIME_AGENT)
-    await open_store(
-        bus, LOCKS_BUCKET, history=1, limit_marker_ttl=MARKER_TTL, description="swarmbus locks"
-    )
+    await open_store(bus, LOCKS_BUCKET, history=1, description="swarmbus locks")
 
 
 @contextlib.asynccontextmanager
