@@ -16,7 +16,10 @@ what                       made
 ``SWARMBUS_BOARD``,        made by an older swarmbus is updated to refuse rollup
 ``SWARMBUS_QUERIES``,      headers
 ``SWARMBUS_LOCKS``
-task-queue consumers       when a queue's first dispatch is published
+task-queue consumers       when a queue's first dispatch is published, again
+                           after the consumer expired (idle for
+                           ``task_consumer_inactive_threshold``), and for
+                           queues with dispatches pending, every minute
                            (``QueueProvisioner``)
 =========================  ====================================================
 
@@ -71,6 +74,7 @@ async def provisioning(bus: Bus) -> AsyncIterator[None]:
         TASKS_STREAM,
         subjects.TASK_WILDCARD,
         range(MIN_PRIORITY, MAX_PRIORITY + 1),
+        inactive_threshold=bus.settings.task_consumer_inactive_threshold,
     )
     async with anyio.create_task_group() as tg:
         await tg.start(queues.run)
