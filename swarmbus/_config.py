@@ -77,7 +77,7 @@ class Settings(BaseModel):
         "last pull (the server's default is 1,000); at most the account's max_consumers",
     )
     task_consumer_inactive_threshold: float = Field(
-        3600.0,
+        900.0,
         ge=1.0,
         description="seconds a task queue's consumer (one per session, task type and "
         "priority) outlives its last pull; a queue that gets a dispatch later has it "

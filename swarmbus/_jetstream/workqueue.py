@@ -95,7 +95,7 @@ def work_queue_stream(
 
 DEFAULT_ACK_WAIT: Final = 5.0
 """The ack wait of a queue consumer the service creates (``TaskQueue``'s default)."""
-DEFAULT_INACTIVE_THRESHOLD: Final = 3600.0
+DEFAULT_INACTIVE_THRESHOLD: Final = 900.0
 """Seconds a queue consumer outlives its last pull (``task_consumer_inactive_threshold``)."""
 RECHECK_AFTER: Final = 600.0
 """Seconds after which the service checks again that a queue's consumer exists (an idle
