@@ -172,15 +172,18 @@ class _Waiter:
 
 @dataclass
 class _Expiry:
-    """The armed expiry of a key's holder record: the head reads the key when it fires.
+    """The armed expiry of a key's holder record: the head reads the key ``at`` then.
 
-    ``timer`` is None once fired (the head is reading the key); ``retries`` counts the
-    reads that found the record still there; ``provisional``: armed after a lost race,
-    before the winner's record (and its TTL) was seen.
+    ``at`` is event-loop time. ``timer`` fires at or before ``at`` (one timer per key,
+    re-armed when it fires early: every acquisition moves ``at``, and a timer per write
+    would cost more than the write's own handling); None once fired (the head is reading
+    the key). ``retries`` counts the reads that found the record still there;
+    ``provisional``: armed after a lost race, before the winner's record was seen.
     """
 
     revision: int
-    timer: asyncio.TimerHandle | None
+    at: float
+    timer: asyncio.TimerHandle | None = None
     retries: int = 0
     provisional: bool = False
 
@@ -278,9 +281,9 @@ class _Bucket:
     def holding(self, key: str, revision: int, seconds: float) -> None:
         """The record stored at ``revision`` holds ``key`` for ``seconds`` more.
 
-        Arms (for local waiters only) a timer that makes the head read the key then: the
+        Arms (for local waiters only) the head's read of the key at its expiry: the
         server removes an expired lock without a marker. A later revision replaces an
-        earlier one; a timer already armed for ``revision`` is kept, and one that fired
+        earlier one; an expiry already armed for ``revision`` is kept, and one that fired
         and found the record still there re-arms with a growing delay.
         """
         if key not in self._queues:
@@ -296,11 +299,8 @@ class _Bucket:
                 if armed.timer is None:  # fired: still there
                     retries = armed.retries + 1
                     seconds = max(seconds, min(MAX_RECHECK, RECHECK * 2**armed.retries))
-            if armed.timer is not None:
-                armed.timer.cancel()
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(max(0.0, seconds) + EXPIRY_MARGIN, self._expired, key, revision)
-        self._expiries[key] = _Expiry(revision, timer, retries)
+        at = asyncio.get_running_loop().time() + max(0.0, seconds) + EXPIRY_MARGIN
+        self._arm(key, _Expiry(revision, at, retries=retries))
 
     def lost_to(self, key: str, revision: int) -> None:
         """A compare-and-set of a local waiter lost to the write at ``revision``.
@@ -311,21 +311,39 @@ class _Bucket:
         armed = self._expiries.get(key)
         if key not in self._queues or (armed is not None and armed.revision >= revision):
             return
-        if armed is not None and armed.timer is not None:
-            armed.timer.cancel()
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(PROVISIONAL, self._expired, key, revision)
-        self._expiries[key] = _Expiry(revision, timer, provisional=True)
+        at = asyncio.get_running_loop().time() + PROVISIONAL
+        self._arm(key, _Expiry(revision, at, provisional=True))
 
-    def _expired(self, key: str, revision: int) -> None:
-        """The armed expiry of ``key`` at ``revision`` passed: the head reads the key."""
+    def _arm(self, key: str, expiry: _Expiry) -> None:
+        """Make ``expiry`` the key's, keeping its running timer if it fires in time."""
+        previous = self._expiries.get(key)
+        timer = previous.timer if previous is not None else None
+        if timer is not None and timer.when() > expiry.at:
+            timer.cancel()
+            timer = None
+        if timer is None:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_at(expiry.at, self._expired, key)
+        expiry.timer = timer
+        self._expiries[key] = expiry
+
+    def _disarm(self, key: str) -> None:
+        if (armed := self._expiries.pop(key, None)) and armed.timer is not None:
+            armed.timer.cancel()
+
+    def _expired(self, key: str) -> None:
+        """The key's timer fired: at its holder's expiry, the head reads the key."""
         armed = self._expiries.get(key)
-        if armed is None or armed.revision != revision:
+        if armed is None:
+            return
+        loop = asyncio.get_running_loop()
+        if armed.at > loop.time():  # a later write moved the expiry: wait for it
+            armed.timer = loop.call_at(armed.at, self._expired, key)
             return
         armed.timer = None
         if not armed.provisional:
             chain = self._handed_over.get(key)
-            if chain and revision >= chain[1]:
+            if chain and armed.revision >= chain[1]:
                 del self._handed_over[key]
             if key in self._recent:
                 self._freed_at[key] = time.monotonic()
@@ -371,8 +389,7 @@ class _Bucket:
                 turn.cancel()
             if not queue:
                 del self._queues[key]
-                if (armed := self._expiries.pop(key, None)) and armed.timer is not None:
-                    armed.timer.cancel()
+                self._disarm(key)
                 self._forget_idle(key)
             elif head and not acquired:
                 queue[0].send.send_nowait(None)
@@ -413,8 +430,7 @@ class _Bucket:
         key = change.key
         self._last_seq = seq = change.revision
         if change.removed:
-            if (armed := self._expiries.pop(key, None)) and armed.timer is not None:
-                armed.timer.cancel()
+            self._disarm(key)
             chain = self._handed_over.get(key)
             if chain and seq > chain[1]:  # a marker after the chain began (not a late one)
                 del self._handed_over[key]

@@ -916,3 +916,54 @@ async def test_a_lock_bucket_with_limit_markers_is_updated_in_place(
         assert holder.token == held.token
         with pytest.raises(nats.js.errors.APIError, match="rollup"):
             await new.js.publish(kv_subject(bucket, "x"), b"", headers={"Nats-Rollup": "all"})
+
+
+async def test_a_waiter_that_lost_to_a_write_it_never_saw_times_its_expiry(
+    nats_url: str, bucket: str
+) -> None:
+    """The waiter's hint (its own release marker) loses to a lock written before its
+    connection watched the bucket: it reads that lock to time its expiry."""
+    async with Bus.open(url=nats_url) as first, Bus.open(url=nats_url) as second:
+        waiter = Lock(second, RESOURCE, "ops/next", bucket=bucket)
+        assert await waiter.acquire(timeout=0) is not None
+        await waiter.release()  # a hint for later, and no watch yet
+        crashed = await Lock(first, RESOURCE, "ops/crashed", bucket=bucket).acquire(ttl=1)
+        holder = await lock_holder(first, RESOURCE, bucket=bucket)
+        assert crashed is not None
+        assert holder is not None
+        with anyio.fail_after(5):
+            lease = await waiter.acquire(timeout=5)
+        assert lease is not None
+        assert holder.expires_at <= datetime.now(UTC) < holder.expires_at + timedelta(seconds=0.5)
+
+
+async def test_a_waiter_whose_clock_is_ahead_rereads_with_backoff(
+    bus: Bus, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter's clock 0.8 s ahead of the server's reads the key too early: it finds
+    the holder still there and reads again after 20 ms, 40 ms, ... (not in a loop)."""
+
+    class Ahead(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> Ahead:  # type: ignore[override]
+            return super().now(UTC) + timedelta(seconds=0.8)  # type: ignore[return-value]
+
+    reads = 0
+    kv_last = locks.kv_last
+
+    async def counted(*args: object) -> object:
+        nonlocal reads
+        reads += 1
+        return await kv_last(*args)  # type: ignore[arg-type]
+
+    crashed = await Lock(bus, RESOURCE, "ops/crashed", bucket=bucket).acquire(ttl=2)
+    holder = await lock_holder(bus, RESOURCE, bucket=bucket)
+    assert crashed is not None
+    assert holder is not None
+    monkeypatch.setattr(locks, "datetime", Ahead)
+    monkeypatch.setattr(locks, "kv_last", counted)
+    with anyio.fail_after(10):
+        lease = await Lock(bus, RESOURCE, "ops/next", bucket=bucket).acquire(timeout=10)
+    assert lease is not None
+    assert datetime.now(UTC) < holder.expires_at + timedelta(seconds=0.8)
+    assert 2 < reads < 12
