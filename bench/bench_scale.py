@@ -5,8 +5,10 @@
 Each case runs against its own nats-server (file storage, temp dir, 127.0.0.1), the
 two designs side by side in the same run:
 
-- idle: N agents, each with an event handler (``Agent.serve``: one durable consumer per
-  agent id, a long pull with idle heartbeats) vs the raw design (one durable pull
+- idle: N agents, each with an event handler, served in one process: swarmbus with
+  one durable consumer per agent id (the default; a long pull with idle heartbeats
+  each), swarmbus with one consumer per process (``consumer_group`` set: the N agents
+  share one durable, dispatch in process) and the raw design (one durable pull
   consumer per process on ``agent.>``, one long ``fetch`` at a time, dispatch in
   process to N handlers). After a warm-up, client CPU (this process) and server CPU
   over ``--window`` seconds (default: one long pull's expiry + 5 s, so every agent's
@@ -15,6 +17,11 @@ two designs side by side in the same run:
   callback, for the lowest latency: its long ``fetch(64)`` waits for 64); ``--events``
   events (at least S) published (64 in flight, acked) round robin over S sessions; events/s from
   the first publish to the last handler call, p99 of publish -> handler latency.
+- agent events (``--agent-events``): N agents in one process, each following a session
+  of its own, ``--events`` events round robin over the N sessions (each reaches one
+  agent): one consumer per agent id (only up to 1,000 agents: starting 10,000
+  consumers takes minutes), one per process (``consumer_group``), and the raw push
+  consumer dispatching by session.
 """
 
 from __future__ import annotations
@@ -66,13 +73,24 @@ async def _ignore(message: Any) -> None:
     pass
 
 
-async def idle_swarmbus(url: str, pid: int, n: int, window: float) -> tuple[float, float, float]:
+def idle_agents(n: int) -> list[Agent]:
     agents = []
     for i in range(n):
         agent = Agent(f"bench/idle{i}")
-        agent.on_finding()(_ignore)
+        agent.on_finding(session=f"S{i}")(_ignore)  # a session each: n distinct filters
         agents.append(agent)
-    async with Bus.open(url=url) as bus, serving(bus, agents):
+    return agents
+
+
+async def idle_swarmbus(url: str, pid: int, n: int, window: float) -> tuple[float, float, float]:
+    async with Bus.open(url=url) as bus, serving(bus, idle_agents(n)):
+        return await idle_cost(pid, window)
+
+
+async def idle_group(url: str, pid: int, n: int, window: float) -> tuple[float, float, float]:
+    """One consumer per process: the n agents share the durable ``bench-process``."""
+    agents = idle_agents(n)
+    async with Bus.open(url=url, consumer_group="bench-process") as bus, serving(bus, agents):
         return await idle_cost(pid, window)
 
 
@@ -214,6 +232,37 @@ async def events_swarmbus(url: str, sessions: int, total: int) -> tuple[float, f
         return sink.result(started)
 
 
+async def agent_events(url: str, n: int, total: int, group: str | None) -> tuple[float, float]:
+    """n agents, a session each, in one process; events round robin over the sessions."""
+    sink = Sink(total)
+    agents = []
+    for i in range(n):
+        agent = Agent(f"bench/ae{i}", max_concurrency=64)
+
+        @agent.on_finding(session=f"S{i}")
+        async def on_finding(message: FindingMessage) -> None:
+            sink.got(message.id)
+
+        agents.append(agent)
+    async with Bus.open(url=url, consumer_group=group) as bus, serving(bus, agents):
+        started = time.monotonic()
+
+        async def send(i: int) -> None:
+            key = f"a{n}-{i}"
+            sink.sent[key] = time.monotonic()
+            await bus.publish(
+                Finding(category="observation", content="x", confidence=0.5),
+                agent="bench/pub",
+                session=f"S{i % n}",
+                id=key,
+            )
+
+        await publish_all(send, total)
+        with anyio.fail_after(300):
+            await sink.done.wait()
+        return sink.result(started)
+
+
 async def events_raw(url: str, sessions: int, total: int) -> tuple[float, float]:
     sink = Sink(total)
     nc = await nats.connect(url)
@@ -247,19 +296,23 @@ async def events_raw(url: str, sessions: int, total: int) -> tuple[float, float]
 
 
 async def bench(args: argparse.Namespace) -> None:
-    print("| case | swarmbus | raw nats-py (one consumer per process) |")
-    print("| --- | --- | --- |")
+    print(
+        "| case | swarmbus, a consumer per agent id | swarmbus, a consumer per process "
+        "(consumer_group) | raw nats-py (one consumer per process) |"
+    )
+    print("| --- | --- | --- | --- |")
     for n in (n for n in args.idle if n > 0):
         row = []
-        for design in (idle_swarmbus, idle_raw):
+        for design in (idle_swarmbus, idle_group, idle_raw):
             with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
                 async with Bus.open(url=server.url):  # provision the streams
                     pass
                 assert server.pid is not None
                 client, srv, rss = await design(server.url, server.pid, n, args.window)
                 row.append(f"client {client:.1f} %, server {srv:.1f} %, RSS {rss:.0f} MB")
-        print(f"| idle, {n:,} agents | {row[0]} | {row[1]} |", flush=True)
-    for s in args.sessions:
+        ratio = f" ({float(row[1].rsplit(' ', 2)[1]) / float(row[2].rsplit(' ', 2)[1]):.2f}x raw)"
+        print(f"| idle, {n:,} agents | {row[0]} | {row[1]}{ratio} | {row[2]} |", flush=True)
+    for s in (s for s in args.sessions if s > 0):
         row = []
         for events in (events_swarmbus, events_raw):
             with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
@@ -267,7 +320,23 @@ async def bench(args: argparse.Namespace) -> None:
                     pass
                 rate, p99 = await events(server.url, s, max(args.events, s))
                 row.append(f"{rate:,.0f} events/s, p99 {p99:.1f} ms")
-        print(f"| events, {s:,} sessions | {row[0]} | {row[1]} |", flush=True)
+        print(f"| events, {s:,} sessions | {row[0]} | (as per agent id: one agent) | {row[1]} |")
+    for n in (n for n in args.agent_events if n > 0):
+        row = []
+        for group in (None, "bench-process", "raw"):
+            if group is None and n > 1000:
+                row.append("(not run)")
+                continue
+            with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
+                async with Bus.open(url=server.url):
+                    pass
+                total = max(args.events, n)
+                if group == "raw":
+                    rate, p99 = await events_raw(server.url, n, total)
+                else:
+                    rate, p99 = await agent_events(server.url, n, total, group)
+                row.append(f"{rate:,.0f} events/s, p99 {p99:.1f} ms")
+        print(f"| events, {n:,} agents, a session each | {' | '.join(row)} |", flush=True)
 
 
 def counts(text: str) -> list[int]:
@@ -278,8 +347,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts, shorter windows")
     parser.add_argument("--idle", type=counts, default=None, help="0: skip")
-    parser.add_argument("--sessions", type=counts, default=None)
+    parser.add_argument("--sessions", type=counts, default=None, help="0: skip")
     parser.add_argument("--events", type=int, default=None)
+    parser.add_argument("--agent-events", type=counts, default=[0], help="e.g. 1000,10000")
     parser.add_argument("--window", type=float, default=None, help="idle window, seconds")
     args = parser.parse_args()
     quick = args.quick

@@ -1,12 +1,16 @@
 """Soak: agents join and leave, sessions open and close, bad input mixed in.
 
-    python bench/soak.py [--minutes 20] [--out bench/log/soak] [--agents 200]
+    python bench/soak.py [--minutes 20] [--out bench/log/soak] [--agents 200] [--mode both]
 
 One nats-server (file storage, temp dir, 127.0.0.1), one process running the swarm:
 
-- ``--agents`` agents are served at any time; every second a few leave (most for good,
-  ``serve(leave=True)``; the rest just stop, so their consumer expires after the
-  consumer_inactive_threshold set here, 30 s) and new agent ids take their place;
+- ``--agents`` agents are served at any time, on two buses with ``--mode both`` (the
+  default): every other agent on a bus whose agents share one consumer
+  (``consumer_group``, agents joining and leaving it), the rest on a bus with one
+  consumer per agent id (``--mode group`` / ``--mode agent``: all on one of them);
+  every second a few leave (most for good, ``serve(leave=True)``; the rest just stop,
+  so their consumer expires after the consumer_inactive_threshold set here, 30 s)
+  and new agent ids take their place;
 - each agent has a ``session="*"`` handler, and joins and leaves sessions while served
   (a per-session handler added or removed, ``update_handlers``);
 - a publisher sends findings over a rolling window of sessions (opened and closed),
@@ -22,6 +26,7 @@ warm-up each should stay flat.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import random
@@ -37,6 +42,7 @@ from swarmbus import Agent, Bus, Finding, NatsServer, SwarmbusError
 
 THRESHOLD = 30.0
 COLUMNS = ("seconds", "consumers", "server_rss_mb", "event_bytes", "dead_letter_bytes")
+GROUP = "soak-process"
 
 
 def server_rss_mb(pid: int) -> float:
@@ -53,8 +59,8 @@ async def _ignore(message: Any) -> None:
 class Swarm:
     """The churning agents: each runs in its own task until told to leave."""
 
-    def __init__(self, bus: Bus, tg: anyio.abc.TaskGroup) -> None:
-        self.bus, self.tg = bus, tg
+    def __init__(self, buses: list[Bus], tg: anyio.abc.TaskGroup) -> None:
+        self.buses, self.tg = buses, tg
         self.leaving: dict[str, anyio.Event] = {}
         self.agents: dict[str, Agent] = {}
         self.next_id = 0
@@ -70,11 +76,12 @@ class Swarm:
 
         leave = anyio.Event()
         self.leaving[agent.id] = leave
-        await self.tg.start(self._serve, agent, leave)
+        bus = self.buses[self.next_id % len(self.buses)]
+        await self.tg.start(self._serve, agent, bus, leave)
 
-    async def _serve(self, agent: Agent, leave: anyio.Event, *, task_status: Any) -> None:
+    async def _serve(self, agent: Agent, bus: Bus, leave: anyio.Event, *, task_status: Any) -> None:
         for_good = random.random() < 0.8
-        async with agent.serve(self.bus, leave=for_good):
+        async with agent.serve(bus, leave=for_good):
             self.agents[agent.id] = agent
             task_status.started()
             await leave.wait()
@@ -138,40 +145,51 @@ async def sample(bus: Bus, pid: int, started: float) -> list[float]:
 
 async def soak(args: argparse.Namespace) -> list[list[float]]:
     rows: list[list[float]] = []
+    limits: dict[str, Any] = {
+        "consumer_inactive_threshold": THRESHOLD,
+        "event_max_age": 120.0,
+        "dead_letter_max_age": 120.0,
+        "event_max_bytes": 256 * 1024**2,
+        "dead_letter_max_bytes": 64 * 1024**2,
+    }
     with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
         assert server.pid is not None
-        async with Bus.open(
-            url=server.url,
-            consumer_inactive_threshold=THRESHOLD,
-            event_max_age=120.0,
-            dead_letter_max_age=120.0,
-            event_max_bytes=256 * 1024**2,
-            dead_letter_max_bytes=64 * 1024**2,
-        ) as bus:
-            stop = anyio.Event()
-            started = time.monotonic()
-            async with anyio.create_task_group() as tg:
-                swarm = Swarm(bus, tg)
-                for _ in range(args.agents):
-                    await swarm.start_agent()
-                tg.start_soon(publish, bus, stop, args.rate)
-                next_sample = 0.0
-                while time.monotonic() - started < args.minutes * 60:
-                    swarm.stop_some(args.churn)
-                    for _ in range(args.churn):
-                        await swarm.start_agent()
-                    sessions = [f"S{int(time.monotonic() - started) // 30}-{i}" for i in range(20)]
-                    for _ in range(args.churn):
-                        await swarm.join_or_leave(sessions)
-                    if time.monotonic() - started >= next_sample:
-                        rows.append(await sample(bus, server.pid, started))
-                        print(*rows[-1], swarm.handled, sep="\t", flush=True)
-                        write_csv(rows, args.out)
-                        next_sample += 10.0
-                    await anyio.sleep(1.0)
-                stop.set()
-                swarm.stop_some(len(swarm.leaving))
+        async with contextlib.AsyncExitStack() as stack:
+            buses = []
+            if args.mode in ("group", "both"):
+                opened = Bus.open(url=server.url, consumer_group=GROUP, **limits)
+                buses.append(await stack.enter_async_context(opened))
+            if args.mode in ("agent", "both"):
+                buses.append(await stack.enter_async_context(Bus.open(url=server.url, **limits)))
+            await run_swarm(args, buses, server.pid, rows)
     return rows
+
+
+async def run_swarm(args: argparse.Namespace, buses: list[Bus], pid: int, rows: list[Any]) -> None:
+    bus = buses[0]
+    stop = anyio.Event()
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        swarm = Swarm(buses, tg)
+        for _ in range(args.agents):
+            await swarm.start_agent()
+        tg.start_soon(publish, bus, stop, args.rate)
+        next_sample = 0.0
+        while time.monotonic() - started < args.minutes * 60:
+            swarm.stop_some(args.churn)
+            for _ in range(args.churn):
+                await swarm.start_agent()
+            sessions = [f"S{int(time.monotonic() - started) // 30}-{i}" for i in range(20)]
+            for _ in range(args.churn):
+                await swarm.join_or_leave(sessions)
+            if time.monotonic() - started >= next_sample:
+                rows.append(await sample(bus, pid, started))
+                print(*rows[-1], swarm.handled, sep="\t", flush=True)
+                write_csv(rows, args.out)
+                next_sample += 10.0
+            await anyio.sleep(1.0)
+        stop.set()
+        swarm.stop_some(len(swarm.leaving))
 
 
 def write_csv(rows: list[list[float]], out: Path) -> None:
@@ -213,6 +231,7 @@ def main() -> None:
     parser.add_argument("--churn", type=int, default=5, help="agents replaced per second")
     parser.add_argument("--rate", type=float, default=200.0, help="events per second")
     parser.add_argument("--out", type=Path, default=Path("bench/log/soak"))
+    parser.add_argument("--mode", choices=("both", "group", "agent"), default="both")
     args = parser.parse_args()
     print(f"# load {os.getloadavg()[0]:.1f}; columns: {', '.join(COLUMNS)}, handled")
     write(anyio.run(soak, args), args.out)

@@ -9,7 +9,9 @@ several processes running the same agent id share the work (they should run the 
 handlers: the filters are the last starter's). Handlers added or removed while the
 agent is served (``update_handlers``: a session joined or left) update the consumer's
 filters in place; no new durable. ``serve(bus, leave=True)`` deletes the consumer at
-exit. Request handlers answer capability requests on core NATS queue groups.
+exit. With ``Settings.consumer_group`` set, every agent served on a bus shares one
+durable of that name instead (one per process: ``swarmbus._consumer_group``).
+Request handlers answer capability requests on core NATS queue groups.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus, consume_routes
-from swarmbus._consumer import DurableConsumer, Route, Routes
+from swarmbus._consumer import Route, Routes
+from swarmbus._consumer_group import ConsumerGroup, Member
 from swarmbus._errors import InvalidIdentifierError, SwarmbusError
 from swarmbus._messages import (
     ActionCompletedMessage,
@@ -64,6 +67,17 @@ ACTION_EVENTS = (
 )
 
 
+#: Agents of one ``serving`` block started at once (with a consumer group: their joins
+#: are applied to the consumer's filters together).
+CONCURRENT_STARTS = 64
+
+
+class _Consumer(Protocol):
+    """The consumer an agent is served on: its own, or its group's membership."""
+
+    async def set_routes(self, routes: Routes) -> None: ...
+
+
 @dataclass(frozen=True)
 class _EventRoute:
     name: str
@@ -90,7 +104,7 @@ class Agent:
     _events: list[_EventRoute] = field(default_factory=list, init=False, repr=False)
     _requests: dict[str, RequestHandler] = field(default_factory=dict, init=False, repr=False)
     _bus: Bus | None = field(default=None, init=False, repr=False)
-    _consumer: DurableConsumer | None = field(default=None, init=False, repr=False)
+    _consumer: _Consumer | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         subjects.validate_agent_id(self.id)
@@ -272,7 +286,9 @@ class Agent:
         taken, in-flight handlers finish (up to ``drain_timeout``) and are acked;
         anything not acked is redelivered to the next instance. The agent's consumer
         stays for ``Settings.consumer_inactive_threshold`` (a restart resumes there);
-        with ``leave`` (the agent leaves for good) it is deleted at exit.
+        with ``leave`` (the agent leaves for good) it is deleted at exit. With
+        ``Settings.consumer_group`` the agent joins its bus's shared consumer instead;
+        ``leave`` drops its interest from it (and deletes it if it was the last agent).
         """
         if self._bus is not None:
             raise SwarmbusError(f"agent {self.id} is already running")
@@ -282,7 +298,13 @@ class Agent:
         stop = anyio.Event()
         try:
             async with anyio.create_task_group() as tg:
-                if self._events:
+                if self._events and bus.settings.consumer_group:
+                    group = ConsumerGroup.of(bus, bus.settings.consumer_group)
+                    member = Member(self.id, limiter, self.max_concurrency, tg)
+                    self._consumer = await tg.start(
+                        functools.partial(group.serve, member, self._routes(), stop, leave=leave)
+                    )
+                elif self._events:
                     self._consumer = await tg.start(
                         functools.partial(
                             consume_routes,
@@ -321,21 +343,45 @@ async def serving(bus: Bus, agents: Iterable[Agent]) -> AsyncIterator[None]:
     not one after the other (the others would keep taking messages meanwhile). An
     error of the block (or of one agent) is raised as it is, not in an exception
     group, so callers (and ``swarmbus run``) can catch a ``SwarmbusError``.
+
+    With a consumer group (``Settings.consumer_group``) the agents start concurrently
+    (their joins update the shared consumer together), and at exit the group stops
+    pulling first if all its agents are leaving.
     """
     stop = anyio.Event()
+    agents = list(agents)
     try:
         async with anyio.create_task_group() as tg:
-            for agent in agents:
-                await tg.start(_serve_until, agent, bus, stop)
+            if bus.settings.consumer_group:
+                async with anyio.create_task_group() as starting:
+                    starts = anyio.CapacityLimiter(CONCURRENT_STARTS)
+                    for agent in agents:
+                        starting.start_soon(_start, tg, starts, agent, bus, stop)
+            else:
+                for agent in agents:
+                    await tg.start(_serve_until, agent, bus, stop)
             try:
                 yield
             finally:
+                if bus.settings.consumer_group:
+                    ConsumerGroup.close_for(bus, {agent.id for agent in agents})
                 stop.set()
     except BaseExceptionGroup as group:
         error: BaseException = group
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
         raise error from None
+
+
+async def _start(
+    tg: anyio.abc.TaskGroup,
+    starts: anyio.CapacityLimiter,
+    agent: Agent,
+    bus: Bus,
+    stop: anyio.Event,
+) -> None:
+    async with starts:
+        await tg.start(_serve_until, agent, bus, stop)
 
 
 async def _serve_until(

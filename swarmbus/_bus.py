@@ -25,7 +25,7 @@ import hashlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
@@ -50,16 +50,14 @@ from nats.js.kv import KeyValue
 from swarmbus import _subjects as subjects
 from swarmbus._backends import close_stores
 from swarmbus._config import Settings
-from swarmbus._consumer import DurableConsumer, Handler, LiveHandler, Route, Routes
+from swarmbus._consumer import DurableConsumer, Handler, LiveHandler, Route, Routes, RouteSet
 from swarmbus._errors import (
     ConnectionError,
     InvalidIdentifierError,
     InvalidMessageError,
     MessageTooLargeError,
-    NoResponderError,
     PermissionDeniedError,
     PublishError,
-    RequestTimeoutError,
     SwarmbusError,
 )
 from swarmbus._jetstream.delivery import PullConsumer, PullOptions
@@ -77,7 +75,6 @@ from swarmbus._messages import (
     Body,
     ErrorOccurred,
     Message,
-    Request,
     RequestMessage,
     ResponseMessage,
     Source,
@@ -90,6 +87,7 @@ from swarmbus._messages import (
 from swarmbus._observe._instruments import record_published
 from swarmbus._refusals import Refusals
 from swarmbus._request_server import RequestHandler, RequestServer
+from swarmbus._requester import Requester
 from swarmbus._server import check_version
 from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
 
@@ -106,20 +104,9 @@ _ERROR_EVENTS: Final = f"{subjects.EVENT_ROOT}.error.occurred."
 """The refusal code of a message a receiver's handler failed on (not bad input)."""
 # Hot-path helpers: subjects of a long-lived agent repeat, so validate and build each once;
 # with tracing off, skip building span attributes and entering a generator context.
+# (Requests: swarmbus._requester.)
 _event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
-_request_subject = functools.lru_cache(maxsize=4096)(subjects.request_subject)
 _NO_SPAN: Final = contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=4096)
-def _check_route(capability: str, to: str) -> None:
-    """Validate a request's ``to`` and ``capability`` against the body schema, once each.
-
-    They are the only constrained fields of a ``Request`` (``parameters`` is any JSON
-    object, checked by encoding it), so the body's encode/decode round trip is done once
-    per route; a failure raises and is not cached.
-    """
-    validate_body(Request(to=to, capability=capability))
 
 
 @dataclass(frozen=True)
@@ -148,15 +135,7 @@ def _on_its_subject(subject: str, message: Message) -> Message:
         InvalidMessageError: with ``code`` saying why.
     """
     source = message.source
-    event = subjects.parse_event_subject(subject)
-    if event is not None:
-        domain, name, session, agent = event
-        _check_source(source, session, agent, subject)
-        if event_of(message) != (domain, name):
-            raise InvalidMessageError(
-                "wrong_subject", f"a {message.type} message does not belong on {subject}"
-            )
-        return message
+    # Requests first: they are the hot path of a request server (a few us a request).
     request = subjects.parse_request_subject(subject)
     if request is not None:
         capability, target, session, agent = request
@@ -168,6 +147,15 @@ def _on_its_subject(subject: str, message: Message) -> Message:
             raise InvalidMessageError(
                 "wrong_subject",
                 f"a request for {body.capability} to {body.to} does not belong on {subject}",
+            )
+        return message
+    event = subjects.parse_event_subject(subject)
+    if event is not None:
+        domain, name, session, agent = event
+        _check_source(source, session, agent, subject)
+        if event_of(message) != (domain, name):
+            raise InvalidMessageError(
+                "wrong_subject", f"a {message.type} message does not belong on {subject}"
             )
         return message
     if subject.startswith((f"{subjects.EVENT_ROOT}.", f"{subjects.REQUEST_ROOT}.")):
@@ -185,19 +173,12 @@ def _check_source(source: Source, session: str, agent: str, subject: str) -> Non
 
 
 def _producer_span(
-    subject: str,
-    message_id: str,
-    session: str,
-    agent: str,
-    headers: dict[str, str],
-    capability: str | None = None,
+    subject: str, message_id: str, session: str, agent: str, headers: dict[str, str]
 ) -> contextlib.AbstractContextManager[Span | None]:
-    """The PRODUCER span of a publish or request (a no-op when tracing is off)."""
+    """The PRODUCER span of a publish (a no-op when tracing is off)."""
     if not tracing_enabled():
         return _NO_SPAN
     attributes = {"swarmbus.session": session, "swarmbus.agent": agent}
-    if capability is not None:
-        attributes["swarmbus.capability"] = capability
     return producer_span(subject, message_id, attributes, headers)
 
 
@@ -285,6 +266,7 @@ class Bus:
         self.reconnect_signal = anyio.Event()
         self.outbox = Outbox(nc)
         self._buckets: dict[str, KeyValue] = {}
+        self._requester = Requester(self)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -536,11 +518,11 @@ class Bus:
         The server counts the headers too, and answers a message over it by closing the
         connection (every subscription of this bus with it).
         """
-        size = (
-            len(data)
-            + len(_EMPTY_HEADERS)
-            + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
-        )
+        size = len(data)
+        if headers:  # a message without headers is sent as PUB, with none at all
+            size += len(_EMPTY_HEADERS) + sum(
+                len(f"{k}: {v}\r\n".encode()) for k, v in headers.items()
+            )
         if size > self.nc.max_payload:
             raise MessageTooLargeError(size, self.nc.max_payload)
 
@@ -564,6 +546,7 @@ class Bus:
         receiver: str,
         dedupe_key: str | None = None,
         message_id: str | None = None,
+        session: str | None = None,
     ) -> None:
         """Dead-letter ``data`` and publish ``agent.error.occurred`` saying why.
 
@@ -577,9 +560,12 @@ class Bus:
         flood of bad input must not stall the receive loop it arrives on behind one
         round trip per item, nor the good messages queued behind it.
 
+        ``session``: where to report (default: the session token of ``subject``, or
+        ``unknown``), for a subject that names none (a reply subject).
+
         Never raises: a failure to report is logged, so a worker keeps running.
         """
-        session = _session_of(subject)
+        session = session or _session_of(subject)
         reason = " ".join(reason.split())[:1000]
         headers = {
             REASON_HEADER: reason,
@@ -637,10 +623,21 @@ class Bus:
 
         Nothing published while not subscribed is seen; use ``consume`` for that.
         """
-        on_msg = LiveHandler(self, handler, receiver).on_msg
+        return await self._live_subscribe(
+            subject, LiveHandler(self, handler, receiver).on_msg, queue
+        )
+
+    async def _live_subscribe(
+        self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str | None = None
+    ) -> NatsSubscription:
+        """Subscribe ``cb``; returns once the server accepted (or refused) the subscription.
+
+        Raises:
+            PermissionDeniedError: the server refused it.
+        """
         try:
             with self._permission_guard(subject, f"subscribe to {subject}", cancel=False):
-                sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_msg)
+                sub = await self.nc.subscribe(subject, queue=queue or "", cb=cb)
                 # nats-py writes a flush's PING straight to the socket, ahead of the
                 # queued SUB: only the second round trip follows the server's refusal.
                 for _ in range(2):
@@ -695,34 +692,20 @@ class Bus:
     ) -> ResponseMessage:
         """Ask one agent (``to``) or any agent with ``capability``; returns its response.
 
+        The answer is verified (``swarmbus._requester``): its responder, bound by the
+        server's permissions, is its ``source.agent`` and ``to`` (when not ``any``), and
+        it answers this request. Anything else is dropped and reported
+        (``agent.error.occurred``), and the request keeps waiting.
+
         Raises:
             NoResponderError: nobody listens for that capability/target.
-            RequestTimeoutError: a responder exists but did not answer in time.
-            InvalidMessageError: the answer is not a valid response.
+            RequestTimeoutError: no valid answer in time (``refused`` lists the answers
+                that came and were dropped).
         """
-        _check_route(capability, to)
-        body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
-        message = envelope_for(body, agent=agent, session=session)
-        subject = _request_subject(capability, to, session, agent)
         timeout = timeout or self.settings.request_timeout
-        headers = {MSG_ID_HEADER: message.id}
-        span = _producer_span(subject, message.id, session, agent, headers, capability)
-        with span:
-            data = encode(message)
-            self._check_max_payload(data, headers)
-            try:
-                async with self._refusals.interrupting(subject, f"request {capability}"):
-                    reply = await self.nc.request(subject, data, timeout=timeout, headers=headers)
-            except nats.errors.NoRespondersError as exc:
-                raise NoResponderError(capability, to) from exc
-            except (TimeoutError, nats.errors.TimeoutError) as exc:
-                raise RequestTimeoutError(capability, to, timeout) from exc
-            except nats.errors.Error as exc:
-                raise _transport_error(exc, f"request {capability}") from exc
-        response = decode(reply.data, max_bytes=self.max_message_bytes)
-        if not isinstance(response, ResponseMessage):
-            raise InvalidMessageError("wrong_subject", f"expected a response, got {response.type}")
-        return response
+        return await self._requester.request(
+            capability, parameters, agent=agent, session=session, to=to, timeout=timeout
+        )
 
     async def serve_requests(
         self,
@@ -732,8 +715,10 @@ class Bus:
         agent: str,
         limiter: anyio.Semaphore,
         task_group: anyio.abc.TaskGroup,
-    ) -> list[NatsSubscription]:
+    ) -> list[RequestServer]:
         """Answer ``capability`` requests addressed to ``agent`` or to ``any``.
+
+        Returns the server (in a list, as subscriptions are): its ``unsubscribe`` stops it.
 
         Raises:
             InvalidIdentifierError: ``agent`` is ``any``, which cannot be addressed (it
@@ -747,13 +732,13 @@ class Bus:
         server = RequestServer(
             self, capability, handler, agent=agent, limiter=limiter, task_group=task_group
         )
-        return await server.start()
+        return [await server.start()]
 
 
 async def consume_routes(
     bus: Bus,
     durable: str,
-    routes: Routes,
+    routes: RouteSet,
     *,
     receiver: str,
     limiter: anyio.Semaphore,
@@ -776,7 +761,7 @@ async def consume_routes(
 async def _open_consumer(
     bus: Bus,
     durable: str,
-    routes: Routes,
+    routes: RouteSet,
     receiver: str,
     limiter: anyio.Semaphore,
     stop: anyio.Event,

@@ -97,6 +97,14 @@ class Settings(BaseModel):
         description="seconds an agent's event consumer outlives its last pull: an agent "
         "restarted within it resumes where it stopped; after it, the consumer is deleted",
     )
+    consumer_group: str | None = Field(
+        None,
+        description="the durable event consumer shared by every agent served on a bus "
+        "(one per process, not one per agent id; a restart resumes it): processes with "
+        "the same name share the work, so they must serve the same agents. None: one "
+        "consumer per agent id, named after it",
+        pattern=r"^[A-Za-z0-9_-]{1,200}$",
+    )
     pull_expires: float = Field(
         120.0,
         ge=2.0,

@@ -7,7 +7,13 @@ worker tasks; each message is acked after its handlers return (at-least-once).
   ``filter_subjects`` cover all its handlers, updated in place when handlers are added
   or removed at run time, and each message goes in process to the handlers whose
   filters match its subject. The consumer count follows agent ids, not handlers x
-  sessions.
+  sessions. A ``RouteTable`` does the same for the handlers of many agents (a consumer
+  group: one durable per process), with an index so that a message costs the same
+  whatever the number of agents' filters.
+- The filters sent to the server are deduplicated (none covered by another) and kept
+  under ``MAX_FILTER_BYTES``: past it they are widened (``consumer_filters``); the
+  in-process dispatch still matches each handler's own filters, so a wider filter
+  only costs deliveries that no handler takes (acked at once).
 - Per-handler failure isolation: a message is acked once every matching handler is
   done with it (succeeded, or failed and dead-lettered: a dead letter per handler). A
   handler that failed because NATS was unreachable has the message nak'ed for a
@@ -40,8 +46,8 @@ import contextlib
 import functools
 import logging
 import math
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -95,15 +101,36 @@ NO_EVENTS: Final = "agent._none_._none_._none_._none_"
 MAX_PARTIAL: Final = 10_000
 #: Seconds a draining consumer waits for the server to confirm one ack.
 DRAIN_ACK_TIMEOUT: Final = 5.0
+#: Bytes of ``filter_subjects`` a consumer config carries at most: far under any
+#: max_payload (1 MB by default; the config, JSON, goes in one request). Past it the
+#: filters are widened (``consumer_filters``).
+MAX_FILTER_BYTES: Final = 64 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Route:
-    """A handler and the subject filters it receives (``name`` keys its dead letters)."""
+    """A handler and the subject filters it receives (``name`` keys its dead letters).
+
+    ``receiver`` (default: the consumer's) is the agent the handler runs as; a
+    ``limiter`` (that agent's ``max_concurrency``) is held while the handler runs, when
+    several agents share one consumer.
+    """
 
     name: str
     filters: tuple[str, ...]
     handler: Handler
+    receiver: str = ""
+    limiter: anyio.Semaphore | None = None
+
+
+class RouteSet(Protocol):
+    """What a durable consumer asks of the handlers it serves (``Routes``, ``RouteTable``)."""
+
+    def filter_subjects(self) -> list[str]: ...
+
+    def match(self, subject: str) -> Sequence[Route]: ...
+
+    def serves(self, route: Route) -> bool: ...
 
 
 def _covers(pattern: tuple[str, ...], other: tuple[str, ...]) -> bool:
@@ -118,6 +145,56 @@ def _covers(pattern: tuple[str, ...], other: tuple[str, ...]) -> bool:
     return len(other) == len(pattern)
 
 
+def _generalisations(tokens: tuple[str, ...]) -> Iterable[tuple[str, ...]]:
+    """Every pattern that covers the pattern ``tokens`` (``tokens`` itself included)."""
+    full = tokens[-1] == ">"
+    for cut in range(len(tokens)):  # a prefix followed by ``>``
+        yield from _wild_prefixes(tokens[:cut], (">",))
+    if not full:  # the same length
+        yield from _wild_prefixes(tokens, ())
+
+
+def _wild_prefixes(prefix: tuple[str, ...], tail: tuple[str, ...]) -> Iterable[tuple[str, ...]]:
+    """``prefix + tail`` with any of the prefix's literal tokens turned into ``*``."""
+    if not prefix:
+        yield tail
+        return
+    for rest in _wild_prefixes(prefix[1:], tail):
+        yield (prefix[0], *rest)
+        if prefix[0] != "*":
+            yield ("*", *rest)
+
+
+def _pruned(filters: Iterable[str]) -> list[str]:
+    """Distinct filters, none covered by another (sorted)."""
+    unique = set(filters)
+    split = {tuple(f.split(".")) for f in unique}
+    if len(split) < 64 or max(len(t) for t in split) > 6:  # small: compare pairs
+        return sorted(
+            ".".join(p) for p in split if not any(q != p and _covers(q, p) for q in split)
+        )
+    return sorted(
+        ".".join(p) for p in split if not any(g != p and g in split for g in _generalisations(p))
+    )
+
+
+def consumer_filters(filters: Iterable[str], max_bytes: int = MAX_FILTER_BYTES) -> list[str]:
+    """The ``filter_subjects`` of a consumer serving ``filters``: deduplicated, bounded.
+
+    Past ``max_bytes`` the filters are widened to their first 3 tokens (then 2, then 1)
+    followed by ``>``: ``agent.finding.reported.S1.*`` becomes ``agent.finding.reported.>``
+    (any session). Handlers still get only what their own filters match.
+    """
+    kept = _pruned(filters)
+    for depth in (3, 2, 1):
+        if sum(len(f) + 3 for f in kept) <= max_bytes:
+            break
+        kept = _pruned(
+            ".".join([*f.split(".")[:depth], ">"]) if f.count(".") >= depth else f for f in kept
+        )
+    return kept or [NO_EVENTS]
+
+
 class Routes:
     """The handlers of one consumer: the union of their filters, dispatch by subject."""
 
@@ -129,21 +206,109 @@ class Routes:
         self.match = functools.lru_cache(maxsize=4096)(self._match)
 
     def filter_subjects(self) -> list[str]:
-        """The consumer's filters: distinct, none covered by another (sorted)."""
-        unique = sorted({f for route in self.routes for f in route.filters})
-        split = [tuple(f.split(".")) for f in unique]
-        kept = [
-            f
-            for f, p in zip(unique, split, strict=True)
-            if not any(q != p and _covers(q, p) for q in split)
-        ]
-        return kept or [NO_EVENTS]
+        """The consumer's filters: distinct, none covered by another (sorted), bounded."""
+        return consumer_filters(f for route in self.routes for f in route.filters)
+
+    def serves(self, route: Route) -> bool:
+        """Whether ``route`` is one of these (it was not removed meanwhile)."""
+        return route.limiter is None or route in self.routes
 
     def _match(self, subject: str) -> tuple[Route, ...]:
         tokens = tuple(subject.split("."))
         return tuple(
             route for route, patterns in self._patterns if any(_covers(p, tokens) for p in patterns)
         )
+
+
+class _Node:
+    """A level of the subject index: children by token, routes ending here or at ``>``."""
+
+    __slots__ = ("children", "here", "rest")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.here: dict[Route, int] = {}  # route -> its order of registration
+        self.rest: dict[Route, int] = {}  # routes whose filter ends here with ``>``
+
+
+class RouteTable:
+    """The handlers of many agents on one consumer, added and removed at run time.
+
+    An index by subject token (``*`` and ``>`` included) makes a match cost the same
+    whatever the number of filters; the filters are counted, so that the consumer's
+    ``filter_subjects`` are recomputed only when a distinct one comes or goes.
+    """
+
+    def __init__(self) -> None:
+        self._root = _Node()
+        self._routes: dict[Route, int] = {}
+        self._counts: Counter[str] = Counter()
+        self._order = 0
+        self._filters: list[str] | None = None
+        self.match = functools.lru_cache(maxsize=4096)(self._match)
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def add(self, routes: Iterable[Route]) -> None:
+        """Serve ``routes`` too."""
+        for route in routes:
+            self._order += 1
+            self._routes[route] = self._order
+            for f in route.filters:
+                self._node(f)[route] = self._order
+                self._counts[f] += 1
+                if self._counts[f] == 1:
+                    self._filters = None
+        self.match.cache_clear()
+
+    def remove(self, routes: Iterable[Route]) -> None:
+        """Serve ``routes`` no more (those not served are ignored)."""
+        for route in routes:
+            if self._routes.pop(route, None) is None:
+                continue
+            for f in route.filters:
+                self._node(f).pop(route, None)
+                self._counts[f] -= 1
+                if not self._counts[f]:
+                    del self._counts[f]
+                    self._filters = None
+        self.match.cache_clear()
+
+    def serves(self, route: Route) -> bool:
+        """Whether ``route`` is served (it was not removed meanwhile)."""
+        return route in self._routes
+
+    def filter_subjects(self) -> list[str]:
+        """The consumer's filters: distinct, none covered by another (sorted), bounded."""
+        if self._filters is None:
+            self._filters = consumer_filters(self._counts)
+        return self._filters
+
+    def _node(self, pattern: str) -> dict[Route, int]:
+        node = self._root
+        tokens = pattern.split(".")
+        for token in tokens[:-1]:
+            node = node.children.setdefault(token, _Node())
+        if tokens[-1] == ">":
+            return node.rest
+        return node.children.setdefault(tokens[-1], _Node()).here
+
+    def _match(self, subject: str) -> tuple[Route, ...]:
+        found: dict[Route, int] = {}
+        nodes = [self._root]
+        for token in subject.split("."):
+            step = []
+            for node in nodes:
+                found.update(node.rest)
+                for key in (token, "*"):
+                    child = node.children.get(key)
+                    if child is not None:
+                        step.append(child)
+            nodes = step
+        for node in nodes:
+            found.update(node.here)
+        return tuple(sorted(found, key=found.__getitem__))
 
 
 class DurableConsumer:
@@ -153,7 +318,7 @@ class DurableConsumer:
         self,
         host: Host,
         consumer: PullConsumer,
-        routes: Routes,
+        routes: RouteSet,
         *,
         receiver: str,
         limiter: anyio.Semaphore,
@@ -162,6 +327,7 @@ class DurableConsumer:
         self._host = host
         self._consumer = consumer
         self._routes = routes
+        self._filters = routes.filter_subjects()  # what the server has (create() sent it)
         self._durable = consumer.durable
         self._receiver = receiver
         self._limiter = limiter
@@ -173,27 +339,36 @@ class DurableConsumer:
         self._send, self._receive = anyio.create_memory_object_stream[Msg](math.inf)
         # Messages being handled, for the heartbeat.
         self._in_flight: dict[int, Msg] = {}
-        # Stream sequence -> routes done with a message that is to be redelivered.
-        self._partial: OrderedDict[int, set[str]] = OrderedDict()
+        # Stream sequence -> (receiver, route) done with a message to be redelivered.
+        self._partial: OrderedDict[int, set[tuple[str, str]]] = OrderedDict()
         self._pulling: anyio.CancelScope | None = None
         # Set while messages are in flight: the heartbeat sleeps only then.
         self._busy = anyio.Event()
         self._closed: Exception | None = None
+        #: Delete the consumer when the loop ends (set by a group's last member leaving).
+        self.delete_at_end = False
 
     @property
-    def routes(self) -> Routes:
+    def routes(self) -> RouteSet:
         """The handlers served."""
         return self._routes
 
-    async def set_routes(self, routes: Routes) -> None:
+    @property
+    def stop(self) -> anyio.Event:
+        """Set to stop pulling (then the fetched messages finish)."""
+        return self._stop
+
+    async def set_routes(self, routes: RouteSet) -> None:
         """Serve ``routes`` from now on; the consumer's filters are updated in place.
 
         A handler added gets the messages the consumer has not delivered yet; a handler
-        removed gets none once this returns.
+        removed gets none once this returns. ``routes`` may be the same (changed)
+        ``RouteTable``: the filters are compared with those last sent.
         """
-        new, old = routes.filter_subjects(), self._routes.filter_subjects()
-        if new != old:
+        new = routes.filter_subjects()
+        if new != self._filters:
             await self._consumer.create(new)
+            self._filters = new
         self._routes = routes
 
     async def run(self, *, delete: bool = False) -> None:
@@ -217,7 +392,7 @@ class DurableConsumer:
                 raise ConnectionError(f"consumer {self._durable}: {self._closed}") from self._closed
         finally:
             await self._consumer.close()
-            if delete:
+            if delete or self.delete_at_end:
                 with anyio.CancelScope(shield=True), contextlib.suppress(SwarmbusError):
                     # Shielded: the owner is leaving for good; a consumer left behind
                     # would keep every matching event until its inactive threshold.
@@ -355,7 +530,6 @@ class DurableConsumer:
 
     async def _run_routes(self, message: Message, msg: Msg) -> bool:
         """Run every matching handler not yet done with ``msg``; False if nak'ed."""
-        host, receiver = self._host, self._receiver
         routes = self._routes.match(msg.subject)
         attempts = deliveries(msg)
         seq = msg.metadata.sequence.stream if attempts > 1 or len(routes) > 1 else 0
@@ -363,14 +537,15 @@ class DurableConsumer:
         retry = attempts < self._max_deliver
         failed = False
         for route in routes:
-            if (done and route.name in done) or not _wants(route.handler, message, receiver):
+            receiver = route.receiver or self._receiver
+            key = (receiver, route.name)
+            if (done and key in done) or not _wants(route.handler, message, receiver):
                 continue
-            if await dispatch(host, route, message, msg, receiver, retry=retry):
-                if len(routes) > 1:
-                    done = done or set()
-                    done.add(route.name)
-            else:
+            if not await self._dispatch(route, message, msg, receiver, retry):
                 failed = True
+            elif len(routes) > 1:
+                done = done or set()
+                done.add(key)
         if not failed:
             return True
         if done:
@@ -380,6 +555,17 @@ class DurableConsumer:
         with contextlib.suppress(TransportError):
             await msg.nak(delay=min(0.25 * 2**attempts, 10.0))
         return False
+
+    async def _dispatch(
+        self, route: Route, message: Message, msg: Msg, receiver: str, retry: bool
+    ) -> bool:
+        """``dispatch``, holding the route's agent's limiter if it has one."""
+        if route.limiter is None:
+            return await dispatch(self._host, route, message, msg, receiver, retry=retry)
+        async with route.limiter:
+            if not self._routes.serves(route):  # its agent left meanwhile
+                return True
+            return await dispatch(self._host, route, message, msg, receiver, retry=retry)
 
 
 class LiveHandler:

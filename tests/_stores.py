@@ -18,7 +18,7 @@ import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -161,3 +161,19 @@ class PostgresServer:
         if self.proc is not None:
             _stop(self.proc, signal.SIGINT)  # "fast" shutdown
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def store_options(request: Any, backend: str) -> dict[str, str]:
+    """``Bus.open`` options for ``backend``, starting its server fixture if it needs one."""
+    if backend == "redis":
+        return {"redis_url": request.getfixturevalue("redis_server").url}
+    if backend == "postgres":
+        return {"database_url": request.getfixturevalue("postgres_server").url}
+    return {}
+
+
+def store_env(request: Any, backend: str) -> dict[str, str]:
+    """The seed's environment variables for ``backend`` (``SWARM_BACKEND``, ``REDIS_URL`` ...)."""
+    names = {"redis_url": "REDIS_URL", "database_url": "DATABASE_URL"}
+    options = store_options(request, backend)
+    return {"SWARM_BACKEND": backend, **{names[k]: v for k, v in options.items()}}

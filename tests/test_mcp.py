@@ -319,7 +319,8 @@ def run_script(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"SWARM_BACKEND": "redis"}, "supports only SWARM_BACKEND=nats"),
+        ({"SWARM_BACKEND": "etcd"}, "SWARM_BACKEND='etcd' is not supported"),
+        ({"SWARM_BACKEND": "redis"}, "REDIS_URL is not set"),
         ({"AGENT_ID": ""}, "AGENT_ID is not set"),
         ({"AGENT_ID": "ops/bad id"}, "invalid agent id"),
         ({"NATS_URL": ""}, "NATS_URL is not set"),
@@ -345,9 +346,9 @@ def test_configuration_from_the_seed_block(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_bad_configuration_is_a_startup_error_of_the_script(nats_url: str) -> None:
-    result = run_script({**server_env(nats_url, "ops/claude"), "SWARM_BACKEND": "redis"})
+    result = run_script({**server_env(nats_url, "ops/claude"), "SWARM_BACKEND": "etcd"})
     assert result.returncode == 2
-    assert "supports only SWARM_BACKEND=nats" in result.stderr
+    assert "use nats (with NATS_URL), redis (with REDIS_URL)" in result.stderr
     assert result.stdout == ""
 
 

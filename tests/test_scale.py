@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.abc
 import nats
 import pytest
 
@@ -280,3 +281,232 @@ async def test_2000_consensus_calls_in_a_minute_leave_no_watch_consumer(
                     tg.start_soon(one, i)
         # The service's own watch may remain while it runs; no call left one behind.
         assert await consumer_count(bus, "KV_SWARMBUS_CONSENSUS") <= 1
+
+
+# --- one consumer per process (Settings.consumer_group) ---------------------------------
+
+
+async def test_5000_agents_with_2_handlers_in_one_process_share_one_consumer(
+    fresh_server: NatsServer, unique: str
+) -> None:
+    """Each agent follows a session of its own and a shared one; each gets its own events."""
+    n = 5000
+    shared = f"S-{unique}"
+    got: dict[str, list[str]] = {}
+    tasks: set[str] = set()
+    all_got = anyio.Event()
+    agents = []
+    for i in range(n):
+        agent = Agent(f"scale/g{i}-{unique}", max_concurrency=2)
+
+        @agent.on_finding(session=f"S{i}-{unique}")
+        async def on_finding(message: FindingMessage, agent: Agent = agent) -> None:
+            got.setdefault(agent.id, []).append(message.source.session)
+            if len(got) == n:
+                all_got.set()
+
+        @agent.on_task(session=shared)
+        async def on_task(message: Any, agent: Agent = agent) -> None:
+            tasks.add(agent.id)
+
+        agents.append(agent)
+    group = f"proc-{unique}"
+    async with Bus.open(url=fresh_server.url, consumer_group=group) as bus, serving(bus, agents):
+        assert await consumer_count(bus) == 1  # not 5,000, not 10,000
+        info = await bus.js.consumer_info("SWARMBUS_EVENTS", group)
+        # 5,000 session filters are past the byte budget: widened (all of them to three
+        # tokens), still one consumer; handlers get only what their own filters match.
+        assert sorted(info.config.filter_subjects or []) == [
+            "agent.finding.reported.>",
+            "agent.task.*.>",
+        ]
+        limiter = anyio.Semaphore(64)
+
+        async def send(i: int) -> None:
+            async with limiter:
+                await bus.publish(finding(), agent="scale/publisher", session=f"S{i}-{unique}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(send, i)
+        with anyio.fail_after(120):
+            await all_got.wait()
+    assert all(got[a.id] == [f"S{i}-{unique}"] for i, a in enumerate(agents))
+    assert not tasks
+
+
+def _group_agent(name: str, session: str, seen: list[tuple[str, str]], event: anyio.Event) -> Agent:
+    agent = Agent(name)
+
+    @agent.on_finding(session=session)
+    async def on_finding(message: FindingMessage) -> None:
+        seen.append((agent.id, message.finding.content))
+        event.set()
+
+    return agent
+
+
+async def test_a_consumer_group_restarted_resumes_where_it_stopped(
+    nats_url: str, session_id: str, unique: str
+) -> None:
+    seen: list[tuple[str, str]] = []
+    arrived = anyio.Event()
+    a = _group_agent(f"scale/ra-{unique}", session_id, seen, arrived)
+    b = _group_agent(f"scale/rb-{unique}", f"other-{unique}", seen, arrived)
+    async with Bus.open(url=nats_url, consumer_group=f"restart-{unique}") as bus:
+        async with serving(bus, [a, b]):
+            pass
+        # The process is down: what is published now waits in the group's consumer.
+        await bus.publish(finding("while away"), agent="scale/pub", session=session_id)
+        async with serving(bus, [a, b]):
+            with anyio.fail_after(WAIT):
+                await arrived.wait()
+    assert seen == [(a.id, "while away")]
+
+
+async def test_two_processes_of_one_group_share_the_work(nats_url: str, unique: str) -> None:
+    session = f"S-{unique}"
+    handled: dict[str, list[str]] = {"p1": [], "p2": []}
+    one = anyio.Event()
+    group = f"shared-{unique}"
+
+    def agent_of(process: str) -> Agent:
+        agent = Agent(f"scale/same-{unique}")  # the same agent id in both processes
+
+        @agent.on_finding(session=session)
+        async def on_finding(message: FindingMessage) -> None:
+            handled[process].append(message.finding.content)
+            one.set()
+
+        return agent
+
+    async with (
+        Bus.open(url=nats_url, consumer_group=group) as bus1,
+        Bus.open(url=nats_url, consumer_group=group) as bus2,
+        serving(bus1, [agent_of("p1")]),
+        serving(bus2, [agent_of("p2")]),
+    ):
+        assert await consumer_count(bus1) >= 1
+        for i in range(20):  # one at a time: the server serves the waiting pulls in turn
+            one = anyio.Event()
+            await bus1.publish(finding(f"e{i}"), agent="scale/pub", session=session)
+            with anyio.fail_after(WAIT):
+                await one.wait()
+    everything = handled["p1"] + handled["p2"]
+    assert sorted(everything) == sorted(f"e{i}" for i in range(20))  # each once
+    assert handled["p1"]
+    assert handled["p2"]
+
+
+class _Served:
+    """An agent served in a task of its own, until told to leave."""
+
+    def __init__(self, agent: Agent, bus: Bus, *, leave: bool = False) -> None:
+        self.agent, self.bus, self.leave = agent, bus, leave
+        self.stop, self.gone = anyio.Event(), anyio.Event()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with self.agent.serve(self.bus, leave=self.leave):
+            task_status.started()
+            await self.stop.wait()
+        self.gone.set()
+
+    async def exit(self) -> None:
+        self.stop.set()
+        with anyio.fail_after(WAIT):
+            await self.gone.wait()
+
+
+async def test_agents_join_and_leave_a_group_at_run_time_on_the_same_durable(
+    nats_url: str, unique: str
+) -> None:
+    seen: list[tuple[str, str]] = []
+    arrived = anyio.Event()
+    group = f"churn-{unique}"
+    agents = [
+        _group_agent(f"scale/m{i}-{unique}", f"S{i}-{unique}", seen, arrived) for i in range(3)
+    ]
+    wanted = [f"agent.finding.reported.S{i}-{unique}.*" for i in range(4)]
+    async with (
+        Bus.open(url=nats_url, consumer_group=group) as bus,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def filters() -> list[str]:
+            info = await bus.js.consumer_info("SWARMBUS_EVENTS", group)
+            return sorted(info.config.filter_subjects or [])
+
+        served = [
+            _Served(agents[0], bus),
+            _Served(agents[1], bus),
+            _Served(agents[2], bus, leave=True),
+        ]
+        await tg.start(served[0].run)  # the first member runs the pull loop
+        created = (await bus.js.consumer_info("SWARMBUS_EVENTS", group)).created
+        for s in served[1:]:
+            await tg.start(s.run)
+        assert await filters() == wanted[:3]
+        await served[2].exit()  # left for good: its interest goes
+        assert await filters() == wanted[:2]
+        # A session joined at run time: the same durable, updated in place.
+        agents[1].on_event("finding", "reported", session=f"S3-{unique}", name="s3")(_ignore)
+        await agents[1].update_handlers()
+        assert await filters() == [wanted[0], wanted[1], wanted[3]]
+        # The loop's host leaves: the loop moves to the member left, which still receives.
+        await served[0].exit()
+        await bus.publish(finding("after"), agent="scale/pub", session=f"S1-{unique}")
+        with anyio.fail_after(WAIT):
+            await arrived.wait()
+        await served[1].exit()
+        assert (await bus.js.consumer_info("SWARMBUS_EVENTS", group)).created == created
+        # The last member leaves for good: the group's consumer goes with it.
+        async with agents[1].serve(bus, leave=True):
+            pass
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await bus.js.consumer_info("SWARMBUS_EVENTS", group)
+    assert seen == [(agents[1].id, "after")]
+
+
+def test_filters_are_deduplicated_and_widened_past_the_byte_budget() -> None:
+    from swarmbus._consumer import MAX_FILTER_BYTES, consumer_filters
+
+    assert consumer_filters(["agent.a.b.S1.*", "agent.a.*.S1.*", "agent.a.b.S1.*"]) == [
+        "agent.a.*.S1.*"
+    ]
+    many = [f"agent.finding.reported.S{i}-{'x' * 30}.*" for i in range(5000)]
+    assert sum(len(f) for f in many) > MAX_FILTER_BYTES
+    assert consumer_filters([*many, "agent.task.created.S1.*"]) == [
+        "agent.finding.reported.>",
+        "agent.task.created.>",
+    ]
+    fewer = many[:100]
+    assert consumer_filters(fewer) == sorted(fewer)
+
+
+def test_a_route_table_matches_by_subject_whatever_the_number_of_routes() -> None:
+    from swarmbus._consumer import Route, RouteTable
+
+    table = RouteTable()
+    routes = [Route(f"r{i}", (f"agent.finding.reported.S{i}.*",), _ignore) for i in range(10_000)]
+    every = Route("all", ("agent.>",), _ignore)
+    table.add([*routes, every])
+    assert table.match("agent.finding.reported.S42.pub") == (routes[42], every)
+    assert table.match("agent.task.created.S42.pub") == (every,)
+    table.remove([routes[42]])
+    assert table.match("agent.finding.reported.S42.pub") == (every,)
+    assert not table.serves(routes[42])
+    assert table.serves(routes[41])
+    assert table.filter_subjects() == ["agent.>"]
+
+
+def test_the_consumer_group_is_a_setting_and_a_consumer_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("SWARMBUS_CONSUMER_GROUP", "billing-workers")
+    assert swarmbus.Settings.from_env().consumer_group == "billing-workers"
+    assert swarmbus.Settings().consumer_group is None  # one consumer per agent id
+    for bad in ("a.b", "a*", "a >", ""):
+        with pytest.raises(ValidationError):
+            swarmbus.Settings(consumer_group=bad)

@@ -11,7 +11,7 @@ import yaml
 
 import swarmbus
 from swarmbus._consensus_spec import parse_consensus
-from swarmbus._mcp import ConfigError, ServerConfig
+from swarmbus._mcp import ServerConfig
 from swarmbus._yaml import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,12 +128,14 @@ def test_the_seed_coordination_block_is_yaml_but_not_a_swarmbus_setting() -> Non
         swarmbus._spec.parse_spec(data)
 
 
-def test_the_seed_mcp_config_names_the_setting_to_change(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_seed_mcp_config_is_a_valid_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     server = json.loads((SEED / "mcp_servers.json").read_text())["mcpServers"]["agent-swarm"]
     assert server["command"] == "mcp-agent-swarm"
+    values = {"${REDIS_URL}": "redis://127.0.0.1:6379/0", "${AGENT_ID}": "ops/claude"}
+    monkeypatch.delenv("NATS_URL", raising=False)
     for key, value in server["env"].items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(ConfigError, match="SWARM_BACKEND=nats"):
-        ServerConfig.from_env()
+        monkeypatch.setenv(key, values.get(value, value))  # what the MCP client expands
+    config = ServerConfig.from_env()
+    assert (config.agent_id, config.settings.backend) == ("ops/claude", "redis")
+    assert config.settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert config.settings.servers == []  # no NATS_URL: the server embeds its own

@@ -132,6 +132,67 @@ async def test_migrations_apply_once(postgres_server: PostgresServer) -> None:
         assert [row[0] for row in await cursor.fetchall()] == ["001_coordination.sql"]
 
 
+async def test_the_task_queues_tasks_are_rows_of_agent_tasks(
+    postgres_server: PostgresServer, nats_url: str, session_id: str
+) -> None:
+    from swarmbus import Bus, TaskQueue
+
+    async with (
+        Bus.open(url=nats_url, backend="postgres", database_url=postgres_server.url) as bus,
+        TaskQueue(bus, session_id) as queue,
+    ):
+        done = await queue.create("investigate", agent="ops/lead", target="api", priority=8)
+        waiting = await queue.create("report", agent="ops/lead")
+        claim = await queue.claim(agent="ops/deploy-validator", types=["investigate"])
+        assert claim is not None
+        await claim.complete({"cause": "deploy v1.2.3"})
+
+    async with await psycopg.AsyncConnection.connect(postgres_server.url) as conn:
+        cursor = await conn.execute(
+            "SELECT t.task_type, t.status, t.assigned_to, t.parameters->>'target', t.result,"
+            " t.completed_at IS NOT NULL"
+            " FROM agent_tasks t JOIN agent_sessions s ON s.id = t.session_id"
+            " WHERE s.name = %s ORDER BY t.created_at",
+            [session_id],
+        )
+        assert await cursor.fetchall() == [
+            ("investigate", "completed", "ops/deploy-validator", "api",
+             {"cause": "deploy v1.2.3"}, True),
+            ("report", "pending", None, "", None, False),
+        ]  # fmt: skip
+        cursor = await conn.execute(
+            "SELECT count(*) FROM agent_tasks t JOIN agent_sessions s ON s.id = t.session_id"
+            " WHERE s.name = %s AND t.status = 'pending' AND t.key = %s",
+            [session_id, f"{session_id}.{waiting.id}"],
+        )
+        assert await cursor.fetchone() == (1,)
+    assert done.id != waiting.id
+
+
+async def test_the_task_queues_records_are_the_seeds_redis_task_keys(
+    redis_server: RedisServer, redis_client: aioredis.Redis, nats_url: str, session_id: str
+) -> None:
+    from swarmbus import Bus, TaskQueue
+    from swarmbus._tasks.store_queue import StoreTaskQueue
+
+    async with (
+        Bus.open(url=nats_url, backend="redis", redis_url=redis_server.url) as bus,
+        TaskQueue(bus, session_id) as queue,
+    ):
+        assert isinstance(queue, StoreTaskQueue)  # no dispatch stream on Redis
+        task = await queue.create("investigate", agent="ops/lead")
+        claim = await queue.claim(agent="ops/a", types=["investigate"])
+        assert claim is not None
+        await claim.complete({"ok": True})
+    stored = await redis_client.hget(f"agent:swarm:{session_id}:tasks:{task.id}", "value")
+    record = msgspec.json.decode(stored, type=Task)
+    assert (record.status, record.assigned_to, record.result) == (
+        "completed",
+        "ops/a",
+        {"ok": True},
+    )
+
+
 # --- Lock on Redis: one script per acquire and release, a waiter queue ------------------
 
 

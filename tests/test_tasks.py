@@ -33,6 +33,7 @@ from swarmbus._cli import main as cli_main
 from swarmbus._jetstream.workqueue import DEFAULT_ACK_WAIT, queue_consumer
 from swarmbus._runtime.provision import provisioning
 from swarmbus._tasks import MAX_PRIORITY, MIN_PRIORITY, TASKS_STREAM
+from tests._stores import store_options
 from tests.test_auth import DEPLOY, INBOX, LEAD, PASSWORDS, SERVICE, start_with_passwords
 
 CREATOR = "ops/coordinator"
@@ -53,8 +54,32 @@ class Events:
         return found
 
 
+#: The conformance tests run on every state backend (``backend``: nats by default).
+ON_EVERY_BACKEND = pytest.mark.parametrize("backend", ["nats", "redis", "postgres"])
+
+
 @pytest.fixture
-async def events(bus: Bus, session_id: str) -> AsyncIterator[Events]:
+def backend() -> str:
+    return "nats"
+
+
+@pytest.fixture
+def backend_options(request: pytest.FixtureRequest, backend: str) -> dict[str, str]:
+    return store_options(request, backend)
+
+
+@pytest.fixture
+async def backend_bus(
+    backend: str, backend_options: dict[str, str], nats_url: str
+) -> AsyncIterator[Bus]:
+    """A bus whose coordination state is on ``backend``."""
+    async with Bus.open(url=nats_url, backend=backend, **backend_options) as bus:
+        yield bus
+
+
+@pytest.fixture
+async def events(queue: TaskQueue, session_id: str) -> AsyncIterator[Events]:
+    bus = queue.bus
     seen = Events()
 
     async def on_msg(msg: object) -> None:
@@ -67,8 +92,8 @@ async def events(bus: Bus, session_id: str) -> AsyncIterator[Events]:
 
 
 @pytest.fixture
-async def queue(bus: Bus, session_id: str) -> AsyncIterator[TaskQueue]:
-    async with TaskQueue(bus, session_id, ack_wait=0.5) as queue:
+async def queue(backend_bus: Bus, session_id: str) -> AsyncIterator[TaskQueue]:
+    async with TaskQueue(backend_bus, session_id, ack_wait=0.5) as queue:
         yield queue
 
 
@@ -82,6 +107,7 @@ async def test_the_dispatch_stream_is_not_capped_at_the_servers_1000_consumers(
     assert bus.settings.task_max_consumers > 1_000
 
 
+@ON_EVERY_BACKEND
 async def test_lifecycle_create_claim_heartbeat_complete(
     queue: TaskQueue, events: Events, unique: str
 ) -> None:
@@ -116,6 +142,7 @@ async def test_lifecycle_create_claim_heartbeat_complete(
     assert kinds == {"task.created", "task.assigned", "task.completed"}
 
 
+@ON_EVERY_BACKEND
 async def test_priority_mixed_backlog_highest_first_fifo_within(queue: TaskQueue) -> None:
     rng = random.Random(4)
     priorities = [p for p in range(1, 11) for _ in range(3)]
@@ -135,6 +162,7 @@ async def test_priority_mixed_backlog_highest_first_fifo_within(queue: TaskQueue
         assert same == sorted(same), f"priority {p} not FIFO"
 
 
+@ON_EVERY_BACKEND
 async def test_claim_by_type_only(queue: TaskQueue) -> None:
     await queue.create("remediate", agent=CREATOR, priority=10)
     analyze = await queue.create("analyze", agent=CREATOR, priority=1)
@@ -143,8 +171,11 @@ async def test_claim_by_type_only(queue: TaskQueue) -> None:
     assert claim.task.id == analyze.id
 
 
-async def test_starved_low_priority_task_is_claimed_first(bus: Bus, session_id: str) -> None:
-    async with TaskQueue(bus, session_id, ack_wait=0.5, starvation_after=0.3) as queue:
+@ON_EVERY_BACKEND
+async def test_starved_low_priority_task_is_claimed_first(
+    backend_bus: Bus, session_id: str
+) -> None:
+    async with TaskQueue(backend_bus, session_id, ack_wait=0.5, starvation_after=0.3) as queue:
         old = await queue.create("report", agent=CREATOR, priority=1)
         await anyio.sleep(0.4)  # let it age past starvation_after (time is the subject here)
         await queue.create_many([TaskSpec(type="report", priority=10)] * 3, agent=CREATOR)
@@ -156,6 +187,7 @@ async def test_starved_low_priority_task_is_claimed_first(bus: Bus, session_id: 
         assert second.task.priority == 10
 
 
+@ON_EVERY_BACKEND
 async def test_approval_gate(queue: TaskQueue, events: Events) -> None:
     gated = await queue.create("remediate", agent=CREATOR, requires_approval=True, priority=9)
     refused = await queue.create("remediate", agent=CREATOR, requires_approval=True)
@@ -182,6 +214,7 @@ async def test_approval_gate(queue: TaskQueue, events: Events) -> None:
     assert failed.task_failed.task_id == refused.id  # type: ignore[attr-defined]
 
 
+@ON_EVERY_BACKEND
 async def test_late_completion_after_reclaim_is_refused(queue: TaskQueue) -> None:
     task = await queue.create("analyze", agent=CREATOR, timeout=0.5)
     slow = await queue.claim(agent="w/slow", types=["analyze"])
@@ -207,6 +240,7 @@ async def test_late_completion_after_reclaim_is_refused(queue: TaskQueue) -> Non
     assert (await queue.get(task.id)).result == {"by": "fast"}
 
 
+@ON_EVERY_BACKEND
 async def test_heartbeat_keeps_the_claim(queue: TaskQueue) -> None:
     await queue.create("analyze", agent=CREATOR, timeout=0.6)
     claim = await queue.claim(agent="w/busy", types=["analyze"])
@@ -218,6 +252,7 @@ async def test_heartbeat_keeps_the_claim(queue: TaskQueue) -> None:
     assert (await claim.complete()).attempts == 1
 
 
+@ON_EVERY_BACKEND
 async def test_timeouts_then_dead_letter(queue: TaskQueue, events: Events) -> None:
     task = await queue.create("analyze", agent=CREATOR, timeout=0.3, max_attempts=2)
     for attempt in (1, 2):
@@ -231,6 +266,7 @@ async def test_timeouts_then_dead_letter(queue: TaskQueue, events: Events) -> No
     assert failed.task_failed.dead  # type: ignore[attr-defined]
 
 
+@ON_EVERY_BACKEND
 async def test_fail_with_retry_then_final_failure(queue: TaskQueue) -> None:
     task = await queue.create("analyze", agent=CREATOR)
     first = await queue.claim(agent="w/a", types=["analyze"])
@@ -245,6 +281,7 @@ async def test_fail_with_retry_then_final_failure(queue: TaskQueue) -> None:
     assert (await queue.get(task.id)).status == "failed"
 
 
+@ON_EVERY_BACKEND
 async def test_bad_input_is_refused_and_changes_nothing(queue: TaskQueue) -> None:
     with pytest.raises(NotFoundError):
         await queue.get("no-such-task")
@@ -501,6 +538,7 @@ async def test_a_stale_dispatch_copy_settled_after_prune_does_not_run_the_task_a
         await queue.get(task.id)
 
 
+@ON_EVERY_BACKEND
 async def test_work_fails_a_task_whose_handler_returns_a_bad_result_and_goes_on(
     queue: TaskQueue,
 ) -> None:
@@ -523,6 +561,7 @@ async def test_work_fails_a_task_whose_handler_returns_a_bad_result_and_goes_on(
     assert (await queue.get(good.id)).result == {"ok": True}
 
 
+@ON_EVERY_BACKEND
 async def test_late_completion_after_the_record_was_pruned_is_a_lost_claim(
     queue: TaskQueue,
 ) -> None:
@@ -586,6 +625,39 @@ async def test_an_approval_cancelled_while_it_writes_still_offers_the_task(
     claim = await queue.claim(agent="w/a", types=["deploy"], timeout=5)
     assert claim is not None
     assert claim.task.id == gated.id
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_a_store_claim_cancelled_while_its_writes_are_in_flight_is_given_back(
+    queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = await queue.create_many(
+        [TaskSpec(type="probe"), TaskSpec(type="probe")], agent=CREATOR
+    )
+    cas = queue._cas
+    scope = anyio.CancelScope()
+
+    async def cas_then_cancel(task: Task, revision: int) -> int | None:
+        written = await cas(task, revision)
+        scope.cancel()  # the caller gives up while the claims' writes are in flight
+        return written
+
+    events = queue._events
+
+    async def checkpoint_then_publish(items: Any) -> None:
+        await anyio.lowlevel.checkpoint()  # where the cancellation lands: claims won
+        await events(items)
+
+    monkeypatch.setattr(queue, "_cas", cas_then_cancel)
+    monkeypatch.setattr(queue, "_events", checkpoint_then_publish)
+    with scope:
+        await queue.claim_many(agent="w/a", types=["probe"], limit=5, timeout=5)
+    assert scope.cancelled_caught
+    monkeypatch.undo()
+    # Claimable again at once (not after the 60 s lease), the attempt not used up.
+    claims = await queue.claim_many(agent="w/b", types=["probe"], limit=2, timeout=5)
+    assert sorted(c.task.id for c in claims) == sorted(t.id for t in created)
+    assert [c.attempt for c in claims] == [1, 1]
 
 
 # --- queue consumers expire when idle (issue 17) -------------------------------------

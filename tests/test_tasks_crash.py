@@ -1,4 +1,9 @@
-"""2,000 tasks, 4 worker processes, one SIGKILLed mid-run: each task completes exactly once."""
+"""2,000 tasks, 4 worker processes, one SIGKILLed mid-run: each task completes exactly once.
+
+On every state backend: on NATS the dispatch stream and KV; on Redis and PostgreSQL the
+records on the store (the workers get the seed's ``SWARM_BACKEND`` / ``REDIS_URL`` /
+``DATABASE_URL`` in their environment).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import pytest
 from anyio.abc import Process
 
 from swarmbus import Bus, TaskQueue, TaskSpec
+from tests._stores import store_env, store_options
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = 2000
@@ -66,10 +72,18 @@ async def _read_lines(proc: Process, sink: list[str], changed: list[anyio.Event]
 
 @pytest.mark.slow
 @pytest.mark.fault
+@pytest.mark.parametrize("backend", ["nats", "redis", "postgres"])
 async def test_sigkill_one_of_four_workers_every_task_completed_once(
-    bus: Bus, nats_url: str, session_id: str, tmp_path: Path
+    request: pytest.FixtureRequest, backend: str, nats_url: str, session_id: str, tmp_path: Path
 ) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **store_env(request, backend)}
+    async with Bus.open(url=nats_url, backend=backend, **store_options(request, backend)) as bus:
+        await _run(bus, env, nats_url, session_id, tmp_path)
+
+
+async def _run(
+    bus: Bus, env: dict[str, str], nats_url: str, session_id: str, tmp_path: Path
+) -> None:
     outputs: list[list[str]] = [[] for _ in range(WORKERS)]
     changed = [anyio.Event()]
 

@@ -35,7 +35,7 @@ class SwarmBase:
         self.agent_id = agent_id
         self.consensus = consensus
         self.dotted = dotted
-        self.feed = EventFeed(bus, agent_id)
+        self.feed = EventFeed(bus, agent_id, task_group=task_group)
         self._tg = task_group
         self._boards: dict[str, Blackboard] = {}
         self._queues: dict[str, TaskQueue] = {}

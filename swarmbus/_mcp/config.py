@@ -14,7 +14,14 @@ from swarmbus._errors import SwarmbusError
 
 __all__ = ["SUPPORTED_BACKENDS", "ConfigError", "ServerConfig"]
 
-SUPPORTED_BACKENDS: Final = ("nats",)
+SUPPORTED_BACKENDS: Final = ("nats", "redis", "postgres")
+#: What each backend needs besides ``AGENT_ID`` (NATS_URL is optional on the stores).
+_NEEDS: Final = {"nats": "NATS_URL", "redis": "REDIS_URL", "postgres": "DATABASE_URL"}
+_EXAMPLES: Final = {
+    "NATS_URL": "nats://127.0.0.1:4222",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "DATABASE_URL": "postgresql://user@127.0.0.1:5432/swarm",
+}
 
 
 class ConfigError(Exception):
@@ -24,6 +31,11 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class ServerConfig:
     """What ``mcp-agent-swarm`` reads from its environment.
+
+    The seed's block: ``SWARM_BACKEND=redis`` with ``REDIS_URL`` (or ``postgres`` with
+    ``DATABASE_URL``) and ``AGENT_ID``; then ``NATS_URL`` is optional and, without it,
+    the server embeds its own nats-server for its events (everything agents share is
+    in the store). ``SWARM_BACKEND=nats`` (the default) needs ``NATS_URL``.
 
     ``dotted_names``: serve the seed's tool names (``swarm.vote``) instead of
     ``swarm_vote``, for clients that accept dots (``SWARM_TOOL_NAMES=dotted``).
@@ -35,17 +47,17 @@ class ServerConfig:
 
     @classmethod
     def from_env(cls) -> ServerConfig:
-        """Read ``SWARM_BACKEND``, ``AGENT_ID``, ``NATS_URL``, ``SWARM_TOOL_NAMES`` (and
-        ``SWARMBUS_*``).
+        """Read ``SWARM_BACKEND``, ``AGENT_ID``, ``NATS_URL``, ``REDIS_URL``,
+        ``DATABASE_URL``, ``SWARM_TOOL_NAMES`` (and ``SWARMBUS_*``).
 
         Raises:
             ConfigError: with a message that says what to set.
         """
-        backend = os.environ.get("SWARM_BACKEND") or "nats"
-        if backend.strip().lower() not in SUPPORTED_BACKENDS:
+        backend = (os.environ.get("SWARM_BACKEND") or "nats").strip().lower()
+        if backend not in SUPPORTED_BACKENDS:
             raise ConfigError(
-                f"SWARM_BACKEND={backend!r} is not supported: mcp-agent-swarm supports only "
-                "SWARM_BACKEND=nats (set NATS_URL to your server)"
+                f"SWARM_BACKEND={backend!r} is not supported: use nats (with NATS_URL), "
+                "redis (with REDIS_URL) or postgres (with DATABASE_URL)"
             )
         agent_id = os.environ.get("AGENT_ID", "")
         if not agent_id:
@@ -56,8 +68,12 @@ class ServerConfig:
             subjects.validate_agent_id(agent_id)
         except SwarmbusError as exc:
             raise ConfigError(f"AGENT_ID: {exc}") from None
-        if not os.environ.get("NATS_URL", "").strip():
-            raise ConfigError("NATS_URL is not set: e.g. NATS_URL=nats://127.0.0.1:4222")
+        needs = _NEEDS[backend]
+        if not os.environ.get(needs, "").strip():
+            raise ConfigError(
+                f"{needs} is not set: SWARM_BACKEND={backend} needs it, "
+                f"e.g. {needs}={_EXAMPLES[needs]}"
+            )
         names = (os.environ.get("SWARM_TOOL_NAMES") or "underscore").strip().lower()
         if names not in ("underscore", "dotted"):
             raise ConfigError(

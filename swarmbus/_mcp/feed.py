@@ -8,6 +8,10 @@ bounded in-memory feed, numbered. ``swarm_wait`` returns the events after a curs
 that passes back the cursor it was given misses nothing and sees nothing twice for
 as long as this server runs. The agent's own events are left out (it knows them),
 except decisions, which it may have settled itself.
+
+With ``SWARM_BACKEND=redis|postgres`` the events come from the state store instead
+(``store_feed.StoreEvents``): servers that share the store but not a NATS server
+(each embeds its own) still wake each other.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import anyio
+import anyio.abc
 
 from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
 from swarmbus._errors import SwarmbusError
 from swarmbus._mcp.models import SwarmEvent
+from swarmbus._mcp.store_feed import StoreEvents
 from swarmbus._mcp.tooling import plain
 from swarmbus._messages import Message, event_of
 
@@ -53,9 +59,17 @@ class EventFeed:
 
     ``on_session_event`` callbacks run for each event (the server sends
     ``notifications/resources/updated`` for the session's board from one).
+    ``task_group`` runs the store watches of a Redis or PostgreSQL backend.
     """
 
-    def __init__(self, bus: Bus, agent_id: str, *, capacity: int = 1000) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        agent_id: str,
+        *,
+        capacity: int = 1000,
+        task_group: anyio.abc.TaskGroup | None = None,
+    ) -> None:
         self.bus = bus
         self.agent_id = agent_id
         self.capacity = capacity
@@ -64,6 +78,7 @@ class EventFeed:
         self._last = 0  # number of the newest event
         self._changed = anyio.Event()
         self._sessions: dict[str, Any] = {}
+        self._tg = task_group
 
     @property
     def sessions(self) -> list[str]:
@@ -81,6 +96,11 @@ class EventFeed:
             return
         self._sessions[session] = None  # claimed before the await: no second subscription
         try:
+            if self.bus.settings.backend != "nats" and self._tg is not None:
+                watch = StoreEvents(self.bus, session, self._add)
+                await self._tg.start(watch.run)
+                self._sessions[session] = watch
+                return
             self._sessions[session] = await self.bus.subscribe(
                 subjects.session_filter(session), self._on_message, receiver=self.agent_id
             )
@@ -91,7 +111,9 @@ class EventFeed:
     async def close(self) -> None:
         """Stop every subscription."""
         for sub in self._sessions.values():
-            if sub is not None:
+            if isinstance(sub, StoreEvents):
+                sub.scope.cancel()
+            elif sub is not None:
                 try:
                     await sub.unsubscribe()
                 except Exception as exc:  # noqa: BLE001 - closing: the connection may be gone
@@ -112,24 +134,27 @@ class EventFeed:
         body = data.get(message.type)
         if not isinstance(body, dict):
             body = {k: v for k, v in data.items() if k not in _ENVELOPE_FIELDS}
+        await self._add(source.session, kind, source.agent, message.id, body)
+
+    async def _add(
+        self, session: str, kind: str, agent: str, event_id: str, body: dict[str, Any]
+    ) -> None:
+        """Number and keep one event (unless it is the agent's own), then tell the callbacks."""
+        if agent == self.agent_id and kind != "action.decided":
+            return
         self._last += 1
         self._events.append(
             SwarmEvent(
-                seq=self._last,
-                session_id=source.session,
-                kind=kind,
-                agent=source.agent,
-                id=message.id,
-                body=body,
+                seq=self._last, session_id=session, kind=kind, agent=agent, id=event_id, body=body
             )
         )
         self._changed.set()
         self._changed = anyio.Event()
         for callback in self.on_session_event:
             try:
-                await callback(source.session)
+                await callback(session)
             except SwarmbusError as exc:
-                log.warning("notifying about %s: %s", source.session, exc)
+                log.warning("notifying about %s: %s", session, exc)
 
     def after(self, cursor: int, session: str | None = None) -> tuple[list[SwarmEvent], int]:
         """Events numbered after ``cursor`` (of ``session`` if given), and how many of

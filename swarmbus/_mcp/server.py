@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import json
 import logging
+import tempfile
 from typing import Any, Final, Literal
 
 import pydantic
@@ -16,7 +17,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
 from mcp.types import EmptyResult, SubscribeRequestParams, ToolAnnotations, UnsubscribeRequestParams
 
 from swarmbus import __version__
-from swarmbus._bus import Bus
+from swarmbus._bus import connect
 from swarmbus._consensus import ConsensusService
 from swarmbus._mcp.config import ServerConfig
 from swarmbus._mcp.swarm import Swarm
@@ -160,12 +161,19 @@ async def serve(
 ) -> None:
     """Connect to NATS as ``config.agent_id`` and serve MCP until the client leaves.
 
+    Without a NATS URL (``SWARM_BACKEND=redis|postgres`` and no ``NATS_URL``) the
+    server starts its own nats-server in a temp dir for its events, and stops it on
+    exit: what agents share is then all in the store.
+
     Proposals are decided without any other process (the server settles those it
     touches); ``decide`` also runs a ConsensusService replica, which settles every
     proposal (replicas and servers still decide each proposal once).
     """
     async with contextlib.AsyncExitStack() as stack:
-        bus = await stack.enter_async_context(Bus.open(config.settings))
+        data_dir = None
+        if not config.settings.servers:
+            data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="mcp-agent-swarm-"))
+        bus = await stack.enter_async_context(connect(config.settings, data_dir=data_dir))
         if decide:
             await stack.enter_async_context(ConsensusService(bus))
         swarm = await stack.enter_async_context(
@@ -184,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mcp-agent-swarm",
         description=(
             "MCP server that lets an LLM agent join a swarmbus swarm. Configure with "
-            "SWARM_BACKEND=nats, NATS_URL and AGENT_ID."
+            "SWARM_BACKEND=nats, NATS_URL and AGENT_ID, or the seed's SWARM_BACKEND=redis, "
+            "REDIS_URL and AGENT_ID (postgres: DATABASE_URL)."
         ),
     )
     parser.add_argument(

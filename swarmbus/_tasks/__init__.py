@@ -20,9 +20,15 @@ Lifecycle events are notifications published after the record changed, without
 waiting for their acks. Writes are pipelined in batches (``AckPublisher``) for throughput;
 each keeps its own compare-and-set outcome.
 
+With ``SWARM_BACKEND=redis|postgres`` there is no dispatch stream: ``TaskQueue(...)``
+is then a ``StoreTaskQueue`` whose records on the ``StateStore`` are the whole queue
+(claims by listing and compare-and-set; see ``store_claims``), with the same API and
+guarantees and the same lifecycle events on NATS.
+
 What goes where: ``model`` (Task, TaskSpec, Claim, the wire structs, pure helpers),
 ``queue`` (TaskQueue: creation, reads, listing, prune, approval), ``claims`` (claiming,
-transitions and fencing, the batched CAS writes), ``worker`` (the ``work()`` loop).
+transitions and fencing, the batched CAS writes), ``worker`` (the ``work()`` loop),
+``store_queue`` / ``store_claims`` (the same on Redis or PostgreSQL).
 NATS itself is spoken in ``swarmbus._jetstream.workqueue`` and the rest of that layer.
 """
 
@@ -41,5 +47,8 @@ from swarmbus._tasks.model import TaskConstraints as TaskConstraints
 from swarmbus._tasks.model import TaskParameters as TaskParameters
 from swarmbus._tasks.model import claimed as _claimed  # noqa: F401 - tests use it
 from swarmbus._tasks.queue import TaskQueue
+from swarmbus._tasks.store_queue import StoreTaskQueue
+
+TaskQueue.on_store = StoreTaskQueue
 
 __all__ = ["Claim", "Task", "TaskQueue", "TaskSpec"]

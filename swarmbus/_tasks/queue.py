@@ -4,6 +4,10 @@ The design note of the whole task queue is in ``swarmbus._tasks``. This module h
 the queue object and what does not involve a claim; claiming and the transitions of
 claimed tasks are in ``claims``, the worker loop in ``worker``, and NATS in
 ``swarmbus._jetstream.workqueue``.
+
+``TaskQueue(bus, session)`` is a ``store_queue.StoreTaskQueue`` (registered as
+``TaskQueue.on_store`` by ``swarmbus._tasks``) when ``bus.settings.backend`` is redis or
+postgres: its records on the ``StateStore`` are the whole queue, no dispatch stream.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import msgspec
@@ -88,6 +92,13 @@ class TaskQueue:
         starvation_after: a task waiting this long is claimed before higher
             priorities (0 disables aging).
     """
+
+    #: What ``TaskQueue(bus, ...)`` makes on a Redis/PostgreSQL ``bus`` (module docstring).
+    on_store: ClassVar[type[TaskQueue] | None] = None
+
+    def __new__(cls, bus: Bus, *args: Any, **kwargs: Any) -> TaskQueue:
+        store = cls.on_store if cls is TaskQueue and bus.settings.backend != "nats" else None
+        return object.__new__(store or cls)
 
     def __init__(
         self,
