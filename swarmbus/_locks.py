@@ -59,7 +59,7 @@ from swarmbus._jetstream.headers import TTL as TTL_HEADER
 from swarmbus._jetstream.latest import bucket_entries, kv_last
 from swarmbus._jetstream.watch import KvChange, KvWatch
 from swarmbus._observe._instruments import lock_wait
-from swarmbus._store_lock import LockKey, lock_key_on
+from swarmbus._store_lock import LockKey, lock_key_on, stored_locks
 from swarmbus._telemetry import send_span
 
 log = logging.getLogger("swarmbus.locks")
@@ -524,6 +524,9 @@ async def lock_holder(bus: Bus, resource: str, *, bucket: str = LOCKS_BUCKET) ->
     next acquisition takes it over.
     """
     key = subjects.lock_key(resource)
+    if bus.settings.backend != "nats":
+        found = await _store_holders(bus, bucket, key)
+        return found[0] if found else None
     last = await kv_last(bus.js, bucket, key, f"cannot read lock on {resource!r}")
     if last is None or last.removed or not last.revision or last.time is None:
         return None
@@ -536,6 +539,8 @@ async def lock_holder(bus: Bus, resource: str, *, bucket: str = LOCKS_BUCKET) ->
 
 async def held_locks(bus: Bus, *, bucket: str = LOCKS_BUCKET) -> list[Holder]:
     """Every lock currently held in ``bucket``, sorted by resource."""
+    if bus.settings.backend != "nats":
+        return await _store_holders(bus, bucket)
     holders = []
     for entry in await bucket_entries(bus.js, bucket):
         assert entry.time is not None  # bucket_entries reads it
@@ -543,6 +548,28 @@ async def held_locks(bus: Bus, *, bucket: str = LOCKS_BUCKET) -> list[Holder]:
             holders.append(_holder(entry.key, entry.value, entry.revision, entry.time, entry.ttl))
         except (InvalidIdentifierError, InvalidMessageError) as exc:
             log.warning("skipping %s in %s: %s", entry.key, bucket, exc)
+    return sorted(holders, key=lambda h: h.resource)
+
+
+async def _store_holders(bus: Bus, bucket: str, key: str | None = None) -> list[Holder]:
+    """``held_locks`` (or ``lock_holder`` of ``key``) on the configured state store.
+
+    ``expires_at`` is the store's (Redis ``PTTL``, PostgreSQL ``expires_at``); on a
+    store that cannot tell, it is now plus the record's TTL (at most that).
+    """
+    store = await open_store(bus, bucket, history=1, limit_marker_ttl=MARKER_TTL)
+    holders = []
+    for lock in await stored_locks(store, key):
+        try:
+            record = _decode_json(
+                _decoder, lock.value, what=f"lock key {lock.key!r}", max_bytes=MAX_RECORD_BYTES
+            )
+            resource = subjects.resource_of_lock_key(lock.key)
+        except (InvalidIdentifierError, InvalidMessageError) as exc:
+            log.warning("skipping %s in %s: %s", lock.key, bucket, exc)
+            continue
+        expires_at = lock.expires_at or datetime.now(UTC) + timedelta(seconds=record.ttl)
+        holders.append(Holder(resource, record.owner, record.token or lock.revision, expires_at))
     return sorted(holders, key=lambda h: h.resource)
 
 

@@ -33,6 +33,7 @@ from swarmbus._cli import main as cli_main
 from swarmbus._jetstream.workqueue import DEFAULT_ACK_WAIT, queue_consumer
 from swarmbus._runtime.provision import provisioning
 from swarmbus._tasks import MAX_PRIORITY, MIN_PRIORITY, TASKS_STREAM
+from swarmbus._tasks.store_reads import get_many, lists_open, open_records
 from tests._stores import store_options
 from tests.test_auth import DEPLOY, INBOX, LEAD, PASSWORDS, SERVICE, start_with_passwords
 
@@ -658,6 +659,79 @@ async def test_a_store_claim_cancelled_while_its_writes_are_in_flight_is_given_b
     claims = await queue.claim_many(agent="w/b", types=["probe"], limit=2, timeout=5)
     assert sorted(c.task.id for c in claims) == sorted(t.id for t in created)
     assert [c.attempt for c in claims] == [1, 1]
+
+
+class CountingStore:
+    """A ``StateStore`` that counts the entries read through it (lists and gets)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.read = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def list(self, prefix: str = "") -> Any:
+        entries = await self.store.list(prefix)
+        self.read += len(entries)
+        return entries
+
+    async def get(self, key: str, *, fresh: bool = False) -> Any:
+        self.read += 1
+        return await self.store.get(key, fresh=fresh)
+
+    async def get_many(self, keys: list[str]) -> Any:
+        self.read += len(keys)
+        return await get_many(self.store, keys)
+
+    @property
+    def lists_open(self) -> bool:
+        return lists_open(self.store)
+
+    async def open_records(self, session: str, types: list[str]) -> Any:
+        entries = await open_records(self.store, session, types)
+        self.read += len(entries)
+        return entries
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_a_store_claim_does_not_read_the_sessions_finished_tasks(
+    queue: TaskQueue, session_id: str
+) -> None:
+    async def complete(claim: Any) -> None:
+        await claim.complete({})
+
+    finished = await queue.create_many([TaskSpec(type="probe") for _ in range(1000)], agent=CREATOR)
+    for _ in range(10):
+        claims = await queue.claim_many(agent="w/a", types=["probe"], limit=100, timeout=5)
+        assert len(claims) == 100
+        async with anyio.create_task_group() as tg:
+            for claim in claims:
+                tg.start_soon(complete, claim)
+    assert len(await queue.tasks("completed")) == len(finished)
+
+    store: Any = queue
+    records = store._record_store = CountingStore(store._record_store)
+    index = None if store._open_store is None else CountingStore(store._open_store)
+    store._open_store = index
+    late = await queue.create("probe", agent=CREATOR)
+    other = await queue.create("other", agent=CREATOR)
+    claim = await queue.claim(agent="w/a", types=["probe"])
+    assert claim is not None
+    assert claim.task.id == late.id
+    # Nothing of the 1,000 finished tasks is read: on Redis the open-task index (2 keys),
+    # then the one record of type "probe"; on PostgreSQL that record from agent_tasks.
+    if index is not None:
+        assert (index.read, records.read) == (2, 1)
+    else:
+        assert records.read == 1
+    await claim.complete({})
+    still_open = (
+        [e.key for e in await index.list(f"{session_id}.")]
+        if index is not None
+        else [e.key for e in await open_records(records.store, session_id, ["other", "probe"])]
+    )
+    assert still_open == [f"{session_id}.{other.id}"]
 
 
 # --- queue consumers expire when idle (issue 17) -------------------------------------
