@@ -261,6 +261,9 @@ class Bus:
         )
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
+        # A broker (`swarmbus up`'s runtime API) acts for the agent each request's
+        # subject names, a subject that agent's own NATS permission binds to it.
+        self.acts_for_agents = False
         self.reconnected = asyncio.Event()
         # Set at the next reconnect (then replaced): receive loops re-issue their pulls.
         self.reconnect_signal = anyio.Event()
@@ -354,12 +357,15 @@ class Bus:
         the content of KV records (a task's ``assigned_to``): swarmbus checks it here
         before writing one.
 
+        A broker connection (``acts_for_agents``, set by the runtime API server) may act
+        for any agent: the API subject it answers on proves the requester's identity.
+
         Raises:
             PermissionDeniedError: the user is another agent; nothing was written.
         """
         subjects.validate_agent_id(agent)
         user = self.settings.user
-        if user and "/" in user and user != agent:
+        if user and "/" in user and user != agent and not self.acts_for_agents:
             raise PermissionDeniedError(f"connected as agent {user}, cannot act as {agent}")
         return agent
 

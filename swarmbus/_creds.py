@@ -181,10 +181,13 @@ _AGENT_SUB: Final[list[str]] = [
     "_INBOX_{{name()}}.>",
 ]
 _SERVICE_PUB: Final[list[str]] = [
-    "agent.*.*.*.{{name()}}",
+    # `swarmbus up` acts for the agent its runtime API subject names (a subject the
+    # agent's own permission binds to it: swarmbus.api.*.*.*.<agent>), so it publishes
+    # events and dead letters in that agent's name.
+    "agent.>",
     "swarmbus.request.*.*.*.{{name()}}",
     "swarmbus.reply.*.*.*.{{name()}}",
-    "swarmbus.dead.*.{{name()}}",
+    "swarmbus.dead.>",
     "swarmbus.task.>",
     "$JS.API.>",
     "$JS.ACK.>",

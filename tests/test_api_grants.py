@@ -266,13 +266,6 @@ async def test_an_agent_cannot_propose_or_vote_via_the_service_as_another(
         assert [(b.voter, b.vote) for b in record.votes] == [(VICTIM, "yes")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="under the deploy configs `swarmbus up` runs as the service account, bound to "
-    "its own agent id: operations that publish events as the requester (task.create and "
-    ".claim, hypothesis.post, proposal.create, vote.cast, incident.open) are refused "
-    "(Bus.act_as, `agent.*.*.*.<service id>`); locks, board, findings and sessions work",
-)
 async def test_the_runtime_api_creates_tasks_and_proposals_under_the_deploy_configs(
     deploy: Deploy, session_id: str
 ) -> None:
@@ -282,8 +275,31 @@ async def test_the_runtime_api_creates_tasks_and_proposals_under_the_deploy_conf
         try:
             task = await call(nc, "task.create", session_id, VICTIM, {"type": "triage"})
             assert task["ok"], task
-            proposal = {"proposal": {"proposal_id": f"p-{session_id}", "action": "rollback"}}
+            proposal = {
+                "proposal": {
+                    "proposal_id": f"p-{session_id}",
+                    "action": "rollback",
+                    "voters": [VICTIM],
+                }
+            }
             created = await call(nc, "proposal.create", session_id, VICTIM, proposal)
             assert created["ok"], created
+            claimed = await call(nc, "task.claim", session_id, VICTIM, {"types": ["triage"]})
+            assert claimed["ok"], claimed
+            assert claimed["result"]["task"]["assigned_to"] == VICTIM
+            done = await call(
+                nc,
+                "task.complete",
+                session_id,
+                VICTIM,
+                {"task_id": claimed["result"]["task"]["id"], "result": {}},
+            )
+            assert done["ok"], done
+            hypothesis = {"description": "a bad deploy", "confidence": 0.6}
+            posted = await call(nc, "hypothesis.post", session_id, VICTIM, hypothesis)
+            assert posted["ok"], posted
+            vote = {"vote": {"proposal_id": f"p-{session_id}", "vote": "yes"}}
+            voted = await call(nc, "vote.cast", session_id, VICTIM, vote)
+            assert voted["ok"], voted
         finally:
             await nc.drain()

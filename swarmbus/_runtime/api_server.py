@@ -119,6 +119,9 @@ class ApiServer:
         departures: Departures,
     ) -> None:
         self.bus = bus
+        # Each request's subject ends in the requester's id, which only that agent may
+        # publish (deploy permissions): the runtime acts in its name.
+        bus.acts_for_agents = True
         self.consensus = consensus
         self.presence = presence
         self.holdings = holdings
