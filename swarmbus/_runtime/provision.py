@@ -23,8 +23,8 @@ task-queue consumers       when a queue's first dispatch is published, again
                            (``QueueProvisioner``)
 =========================  ====================================================
 
-Buckets follow ``SWARM_BACKEND`` as their components do: on Redis or PostgreSQL only
-the task stream and bucket are NATS ones.
+Buckets follow ``SWARM_BACKEND`` as their components do: on Redis or PostgreSQL every
+bucket, the task records included, is on that store, and there is no task stream.
 """
 
 from __future__ import annotations
