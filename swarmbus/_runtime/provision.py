@@ -66,8 +66,15 @@ async def provision(bus: Bus) -> None:
 
 @contextlib.asynccontextmanager
 async def provisioning(bus: Bus) -> AsyncIterator[None]:
-    """``provision``, then create each task queue's consumer while the block runs."""
+    """``provision``, then create each task queue's consumer while the block runs.
+
+    On Redis or PostgreSQL (``SWARM_BACKEND``) tasks have no stream and no consumers:
+    only ``provision`` runs.
+    """
     await provision(bus)
+    if bus.settings.backend != "nats":
+        yield
+        return
     queues = QueueProvisioner(
         bus.nc,
         bus.js,
