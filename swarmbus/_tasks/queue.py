@@ -222,8 +222,8 @@ class TaskQueue:
         ]
         if offered:
             # A dispatch that is not stored leaves a pending record: the sweep offers it.
-            for _, (subject, data, headers) in offered:
-                await self.bus.nc.publish(subject, data, headers=headers)
+            for result in await self._acks.publish([write for _, write in offered]):
+                _stored(result, self.session)
         dispatches = {task.id: write[2] for task, write in offered}
         for t, (_, _, headers) in zip(tasks, records, strict=True):
             with continued(dispatches.get(t.id, headers)):  # outside a trace: the task's
