@@ -261,9 +261,7 @@ class Bus:
         )
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
-        # A broker (`swarmbus up`'s runtime API) acts for the agent each request's
-        # subject names, a subject that agent's own NATS permission binds to it.
-        self.acts_for_agents = False
+        self.acts_for_agents = False  # set by a broker: the runtime API (see act_as)
         self.reconnected = asyncio.Event()
         # Set at the next reconnect (then replaced): receive loops re-issue their pulls.
         self.reconnect_signal = anyio.Event()
@@ -357,8 +355,8 @@ class Bus:
         the content of KV records (a task's ``assigned_to``): swarmbus checks it here
         before writing one.
 
-        A broker connection (``acts_for_agents``, set by the runtime API server) may act
-        for any agent: the API subject it answers on proves the requester's identity.
+        A broker (``acts_for_agents``, set by the runtime API server) acts for any agent:
+        the API subject, which only that agent may publish on, names the requester.
 
         Raises:
             PermissionDeniedError: the user is another agent; nothing was written.
