@@ -340,8 +340,9 @@ async def test_agent_cannot_create_reconfigure_or_delete_a_task_queue_consumer(
     strict=True,
     reason="swarmbus code: an unclaimed task is only its dispatch message, and "
     "`$JS.ACK.SWARMBUS_TASKS.>` (which every claimer needs) includes +TERM and +ACK of "
-    "any dispatch it fetched: one removes the task. Needs a record per task from its "
-    "creation and a sweep that offers records without a dispatch again.",
+    "any dispatch it fetched: one removes the task. A record per task from its "
+    "creation plus a sweep that offers it again fixes it (branch grants-task-records) "
+    "but costs +15-18% CPU per task (bench/log/2026-12.md, 2026-12-07).",
 )
 async def test_agent_cannot_erase_another_agents_task_with_term(
     deploy: Deploy, service: Bus, session_id: str
