@@ -43,6 +43,7 @@ from swarmbus._jetstream.workqueue import DEFAULT_ACK_WAIT, queue_consumer
 from swarmbus._locks import LOCKS_BUCKET
 from swarmbus._query_ledger import QUERIES_BUCKET
 from swarmbus._runtime.provision import provisioning
+from swarmbus._runtime.timeouts import TaskTimeouts
 from swarmbus._subjects import safe_token
 from swarmbus._tasks import TASKS_BUCKET, TASKS_STREAM
 from tests.test_auth import DEPLOY, INBOX, PASSWORDS, propose, raw_record, start_with_passwords
@@ -336,21 +337,19 @@ async def test_agent_cannot_create_reconfigure_or_delete_a_task_queue_consumer(
         assert claim.task.id == created.id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="swarmbus code: an unclaimed task is only its dispatch message, and "
-    "`$JS.ACK.SWARMBUS_TASKS.>` (which every claimer needs) includes +TERM and +ACK of "
-    "any dispatch it fetched: one removes the task. A record per task from its "
-    "creation plus a sweep that offers it again fixes it (branch grants-task-records) "
-    "but costs +15-18% CPU per task (bench/log/2026-12.md, 2026-12-07).",
-)
+@pytest.mark.parametrize("settle", ["term", "ack"])
 async def test_agent_cannot_erase_another_agents_task_with_term(
-    deploy: Deploy, service: Bus, session_id: str
+    deploy: Deploy, service: Bus, session_id: str, settle: str
 ) -> None:
+    """A claimer may TERM or ACK any dispatch it fetched (its ack grant cannot tell
+    them apart), which removes the message; the task's record stays, and the service's
+    sweep offers it again: the victim still claims and completes it."""
+    sweep = TaskTimeouts(service, agent="swarmbus/runtime", interval=0.2, grace=0.5)
     async with (
         provisioning(service),
         deploy.bus(VICTIM) as vbus,
         TaskQueue(vbus, session_id) as queue,
+        anyio.create_task_group() as tg,
     ):
         await offered_once(queue)  # the service has made the queue's consumer
         created = await queue.create("investigate", agent=VICTIM)
@@ -358,11 +357,22 @@ async def test_agent_cannot_erase_another_agents_task_with_term(
         async with deploy.bus(ATTACKER) as attacker:
             sub = await attacker.js.pull_subscribe_bind(str(config.durable_name), TASKS_STREAM)
             (msg,) = await sub.fetch(1, timeout=5)
-            await msg.term()
+            await (msg.term() if settle == "term" else msg.ack())
             await attacker.nc.flush()
-        claim = await queue.claim(agent=VICTIM, types=["investigate"], timeout=3)
+        with anyio.fail_after(5):  # the dispatch message is gone
+            while await queue._dispatched(created.id) is not None:
+                await service.nc.flush()
+        assert await queue.claim(agent=VICTIM, types=["investigate"]) is None
+        assert (await queue.get(created.id)).status == "pending"
+        sweep.note(session_id)
+        tg.start_soon(sweep.run)
+        claim = await queue.claim(agent=VICTIM, types=["investigate"], timeout=10)
         assert claim is not None
         assert claim.task.id == created.id
+        done = await claim.complete({"ok": True})
+        assert done.status == "completed"
+        tg.cancel_scope.cancel()
+    await sweep.close()
 
 
 async def test_the_service_makes_consumers_for_pending_and_new_queues_only(

@@ -392,31 +392,37 @@ async def test_unclaimed_tasks_are_listed_and_read_from_their_dispatch_messages(
 
 
 async def test_a_first_claim_whose_ack_was_lost_is_settled(queue: TaskQueue) -> None:
-    """A create-once claim with no ack: written now, found written, or lost to another."""
+    """A first claim (a CAS on the record written at creation) with no ack: written
+    now, found written, or lost to another."""
     from swarmbus import _subjects
     from swarmbus._tasks import EXPECTED_LAST_HEADER, TASKS_BUCKET, _claimed
 
-    async def settle(task: Task, agent: str) -> int | Exception | None:
+    async def settle(task: Task, agent: str, revision: int) -> int | Exception | None:
         mine = _claimed(task, agent)
         subject = _subjects.kv_subject(TASKS_BUCKET, f"{queue.session}.{task.id}")
         data = msgspec.json.encode(mine)
-        return await queue._settle_unknown(mine, 0, subject, data, {EXPECTED_LAST_HEADER: "0"})
+        headers = {EXPECTED_LAST_HEADER: str(revision)}
+        return await queue._settle_unknown(mine, revision, subject, data, headers)
 
     never_sent = await queue.create("probe", agent=CREATOR)
-    revision = await settle(never_sent, "w/a")
+    _, created = await queue._read(never_sent.id)
+    assert created > 0  # the record is written with the task
+    revision = await settle(never_sent, "w/a", created)
     assert isinstance(revision, int)
     assert (await queue.get(never_sent.id)).assigned_to == "w/a"
-    assert await settle(never_sent, "w/b") is None  # someone else's claim is there
+    assert await settle(never_sent, "w/b", created) is None  # someone else's claim is there
 
     landed = await queue.create("probe", agent=CREATOR)
+    _, landed_at = await queue._read(landed.id)
     # (the first task's dispatch message is delayed: its lease, written above, holds)
     claim = await queue.claim(agent="w/a", types=["probe"], timeout=5)
     assert claim is not None
     assert claim.task.id == landed.id
     stored = await queue.get(landed.id)
     subject = f"$KV.swarmbus-tasks.{queue.session}.{landed.id}"
+    headers = {EXPECTED_LAST_HEADER: str(landed_at)}
     again = await queue._settle_unknown(
-        stored, 0, subject, msgspec.json.encode(stored), {EXPECTED_LAST_HEADER: "0"}
+        stored, landed_at, subject, msgspec.json.encode(stored), headers
     )
     assert again == claim.revision  # our bytes are there: the write had landed
 

@@ -9,6 +9,10 @@ and fails each task whose claim expired after its last attempt, with a dead lett
 (``swarmbus.dead.<session>.swarmbus/runtime``, code ``task_timeout``) and the
 ``agent.error.occurred`` event that goes with it. Earlier attempts are left to the
 queue: the next claimer takes them over.
+
+The same pass offers again the tasks whose dispatch message is gone (a claimer may TERM
+or ACK any dispatch it fetched, another agent's too): ``offer_lost``, after ``grace``
+seconds without activity, at most ``per_pass`` tasks per session and pass.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from swarmbus import _subjects as subjects
 from swarmbus._bus import Bus
 from swarmbus._errors import SwarmbusError
 from swarmbus._tasks import TERMINAL, Task, TaskQueue
+from swarmbus._tasks.queue import offer_lost
 
 log = logging.getLogger("swarmbus.runtime")
 
@@ -42,10 +47,20 @@ def _expired_for_good(task: Task, at: datetime) -> bool:
 class TaskTimeouts:
     """Fails tasks whose last claim expired (see the module docstring)."""
 
-    def __init__(self, bus: Bus, *, agent: str, interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        agent: str,
+        interval: float = 5.0,
+        grace: float = 10.0,
+        per_pass: int = 100,
+    ) -> None:
         self.bus = bus
         self.agent = agent
         self.interval = interval
+        self.grace = grace
+        self.per_pass = per_pass
         self._sessions: set[str] = set()
         self._queues: dict[str, TaskQueue] = {}
 
@@ -78,6 +93,8 @@ class TaskTimeouts:
         if all(t.status in TERMINAL for t in tasks):
             self._sessions.discard(session)
             return []
+        if self.bus.settings.backend == "nats":  # a store-backed queue has no dispatches
+            await offer_lost(queue, grace=self.grace, limit=self.per_pass)
         at = datetime.now(UTC)
         failed = []
         for task in (t for t in tasks if _expired_for_good(t, at)):

@@ -72,7 +72,7 @@ from swarmbus._tasks.model import (
 from swarmbus._tasks.worker import Worker
 from swarmbus._telemetry import continued, traced
 
-__all__ = ["TaskQueue"]
+__all__ = ["TaskQueue", "offer_lost"]
 
 log = logging.getLogger("swarmbus.tasks")
 
@@ -201,52 +201,46 @@ class TaskQueue:
     async def create_many(self, specs: Iterable[TaskSpec], *, agent: str) -> list[Task]:
         """Create several tasks with pipelined writes (every spec is validated first).
 
-        One acknowledged write per task, all in one round trip: the dispatch message,
-        which is the task until its first claim creates the record (create-once, so
-        two claimers cannot both win). A task that needs approval is stored as a record
-        instead, and offered once approved.
+        Two pipelined round trips: first every task's record (create-once, pending),
+        then the dispatch messages, each carrying its record's revision, which the
+        first claim compare-and-sets against. The record is the task: a dispatch message
+        removed by someone else (a TERM or ACK of a message it fetched) is offered again
+        by the service's sweep (``offer_lost``). A task that needs approval gets its
+        record only, and is offered once approved.
         """
         self.bus.act_as(agent)
         tasks = [
             build(spec, agent=agent, session=self.session, max_attempts=self.max_attempts)
             for spec in specs
         ]
-        writes = [
-            self._offer(task, 0) if task.approval == "none" else self._record(task)
-            for task in tasks
+        records = [self._record(task) for task in tasks]
+        revisions = [_stored(result, self.session) for result in await self._acks.publish(records)]
+        offered = [
+            (task, self._offer(task, revision))
+            for task, revision in zip(tasks, revisions, strict=True)
+            if task.approval == "none"
         ]
-        for result in await self._acks.publish(writes):
-            _stored(result, self.session)
-        for t, (_, _, headers) in zip(tasks, writes, strict=True):
-            with continued(headers):  # outside a trace: the one its dispatch started
-                await self._events(
-                    [
-                        (
-                            TaskCreated(
-                                task_id=t.id,
-                                type=t.type,
-                                parameters=msgspec.to_builtins(t.parameters),
-                                priority=t.priority,
-                                requires_approval=t.constraints.requires_approval,
-                            ),
-                            agent,
-                            f"task:{t.id}:created",
-                        )
-                    ]
-                )
+        if offered:
+            # A dispatch that is not stored leaves a pending record: the sweep offers it.
+            for result in await self._acks.publish([write for _, write in offered]):
+                _stored(result, self.session)
+        dispatches = {task.id: write[2] for task, write in offered}
+        for t, (_, _, headers) in zip(tasks, records, strict=True):
+            with continued(dispatches.get(t.id, headers)):  # outside a trace: the task's
+                await self._events([(_created(t), agent, f"task:{t.id}:created")])
         return tasks
 
     def _trace(self, task: Task) -> dict[str, str]:
         return {"swarmbus.session": self.session, "swarmbus.task_id": task.id}
 
-    def _offer(self, task: Task, revision: int) -> tuple[str, bytes, dict[str, str]]:
-        """The dispatch message of ``task`` (subject, data, headers).
-
-        It carries the task and the revision its claim must compare against: 0 while
-        the task has no record (its first claim creates it).
-        """
+    def _offer(
+        self, task: Task, revision: int, again: str = ""
+    ) -> tuple[str, bytes, dict[str, str]]:
+        """The dispatch message of ``task``: the task and the revision its claim
+        compares against (0: no record). ``again`` sets a sweep's re-offer apart from
+        the dispatch it replaces (the stream de-duplicates by id)."""
         destination = subjects.task_subject(self.session, task.type, task.priority)
-        headers = {MSG_ID_HEADER: f"task:{task.id}:dispatch"}
+        headers = {MSG_ID_HEADER: f"task:{task.id}:dispatch{again}"}
         if revision:  # absent: 0 (nats-py parses headers character by character)
             headers[REVISION_HEADER] = str(revision)
         return (
@@ -577,6 +571,61 @@ class TaskQueue:
                 await self.bus.publish_message(message, wait=False)
             except SwarmbusError as exc:
                 log.error("could not publish %s: %s", type(body).__name__, exc)
+
+
+async def offer_lost(queue: TaskQueue, *, grace: float, limit: int = 100) -> list[str]:
+    """Offer again the claimable tasks of ``queue`` whose dispatch message is gone.
+
+    A task's record is written before its dispatch message, and any claimer can TERM or
+    ACK a dispatch it fetched, which removes it from the work-queue stream: the record
+    then waits, pending (or with an expired lease), with nothing left to claim it by.
+    Run by the service's task sweep (``swarmbus._runtime.timeouts``). A task is a
+    candidate if nothing happened to it for ``grace`` seconds (its dispatch may still
+    be on its way) and the session's stream holds no message of it; each candidate is
+    checked once more by a direct get of the last message on its subject and a read of
+    its record, and offered again at the record's revision. At most ``limit`` per call.
+    """
+    records = await queue._records()  # records first: see ``TaskQueue.tasks``
+    offered = {t.id for t in await queue._offered()}
+    cutoff = now().timestamp() - grace
+    lost = [t for t in records if t.id not in offered and _stranded(t, cutoff)]
+    again: list[str] = []
+    for candidate in lost[:limit]:
+        pattern = subjects.task_filter(queue.session, candidate.id)
+        what = f"cannot re-offer task {candidate.id}"
+        if await read_last(queue.bus.js, TASKS_STREAM, pattern, what) is not None:
+            continue
+        found = await queue._record_of(candidate.id)
+        if found is None or not _stranded(found[0], cutoff):
+            continue
+        task, revision = found
+        tag = f":{revision}:{time.time_ns()}"
+        (result,) = await queue._acks.publish([queue._offer(task, revision, tag)])
+        _stored(result, queue.session)
+        log.warning("task %s had lost its dispatch message: offered again", task.id)
+        again.append(task.id)
+    return again
+
+
+def _stranded(task: Task, cutoff: float) -> bool:
+    """``task`` can be claimed, and nothing happened to it since ``cutoff``."""
+    if task.approval in ("required", "rejected") or task.attempts >= task.max_attempts:
+        return False
+    if task.status in TERMINAL:
+        return False
+    times = (task.created_at, task.claimed_at, task.lease_until)
+    last = max((t.timestamp() for t in times if t is not None), default=0.0)
+    return last <= cutoff
+
+
+def _created(task: Task) -> TaskCreated:
+    return TaskCreated(
+        task_id=task.id,
+        type=task.type,
+        parameters=msgspec.to_builtins(task.parameters),
+        priority=task.priority,
+        requires_approval=task.constraints.requires_approval,
+    )
 
 
 def _stored(ack: int | Refused | ConnectionError, session: str) -> int:
