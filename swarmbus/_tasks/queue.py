@@ -216,8 +216,8 @@ class TaskQueue:
         records = [self._record(task) for task in tasks]
         revisions = [_stored(result, self.session) for result in await self._acks.publish(records)]
         offered = [
-            (task, self._offer(task, revision))
-            for task, revision in zip(tasks, revisions, strict=True)
+            (task, self._offer(task, revision, data=data))
+            for task, revision, (_, data, _) in zip(tasks, revisions, records, strict=True)
             if task.approval == "none"
         ]
         if offered:
@@ -234,7 +234,7 @@ class TaskQueue:
         return {"swarmbus.session": self.session, "swarmbus.task_id": task.id}
 
     def _offer(
-        self, task: Task, revision: int, again: str = ""
+        self, task: Task, revision: int, again: str = "", *, data: bytes | None = None
     ) -> tuple[str, bytes, dict[str, str]]:
         """The dispatch message of ``task``: the task and the revision its claim
         compares against (0: no record). ``again`` sets a sweep's re-offer apart from
@@ -245,7 +245,7 @@ class TaskQueue:
             headers[REVISION_HEADER] = str(revision)
         return (
             f"{destination}.{task.id}",
-            encoder.encode(task),
+            encoder.encode(task) if data is None else data,
             traced(headers, destination, self._trace(task)),
         )
 
