@@ -62,6 +62,7 @@ from swarmbus._errors import (
     RequestTimeoutError,
     SwarmbusError,
 )
+from swarmbus._jetstream.acks import StoredPublisher
 from swarmbus._jetstream.delivery import PullConsumer, PullOptions
 from swarmbus._jetstream.errors import translate as _translate
 from swarmbus._jetstream.errors import transport_error as _transport_error
@@ -284,6 +285,13 @@ class Bus:
         # Set at the next reconnect (then replaced): receive loops re-issue their pulls.
         self.reconnect_signal = anyio.Event()
         self.outbox = Outbox(nc)
+        # Waited-for event publishes: the retry layer's guarantees, at a lower cost.
+        self._stored = StoredPublisher(
+            nc,
+            interrupting=self._refusals.interrupting,
+            timeout=settings.request_timeout,
+            retry_for=settings.retry_for,
+        )
         self._buckets: dict[str, KeyValue] = {}
 
     # --- lifecycle --------------------------------------------------------------
@@ -518,8 +526,7 @@ class Bus:
                 if not wait:
                     await self.outbox.send(subject, data, hdrs)
                 else:
-                    with self._permission_guard(subject, f"publish to {subject}"):
-                        await self.js.publish(subject, data, headers=hdrs)
+                    await self._stored.publish(subject, data, hdrs)
             except nats.js.errors.APIError as exc:
                 raise _translate(exc, f"publish to {subject} failed") from exc
             except nats.errors.NoRespondersError as exc:

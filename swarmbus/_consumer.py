@@ -445,7 +445,13 @@ class DurableConsumer:
         try:
             with anyio.CancelScope() as self._pulling:
                 if not self._stop.is_set():
-                    batch = await self._consumer.pull(min(1 + limiter.value, self._waiting, 256))
+                    # Room: the slot held and the free ones (a long pull returns at its
+                    # first message and keeps the rest of its room open on the server).
+                    room = min(1 + limiter.value, 256)
+                    backlog = self._waiting > 1
+                    batch = await self._consumer.pull(
+                        min(room, self._waiting) if backlog else room, backlog=backlog
+                    )
         except TransportError as exc:
             limiter.release()
             if self._stop.is_set():
