@@ -110,6 +110,9 @@ _ERROR_EVENTS: Final = f"{subjects.EVENT_ROOT}.error.occurred."
 _event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
 _request_subject = functools.lru_cache(maxsize=4096)(subjects.request_subject)
 _NO_SPAN: Final = contextlib.nullcontext()
+#: The header block of a publish carrying only its Nats-Msg-Id, but the id (at most 4
+#: bytes a character in UTF-8).
+_ID_HEADER_ROOM: Final = len(_EMPTY_HEADERS) + len(f"{MSG_ID_HEADER}: \r\n")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -521,7 +524,8 @@ class Bus:
             subject, message.id, message.source.session, message.source.agent, hdrs
         )
         with span:
-            self._check_max_payload(data, hdrs)
+            if headers or len(data) + _ID_HEADER_ROOM + 4 * len(message.id) > self.nc.max_payload:
+                self._check_max_payload(data, hdrs)  # else: the id header fits for sure
             try:
                 if not wait:
                     await self.outbox.send(subject, data, hdrs)

@@ -45,8 +45,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
@@ -311,6 +310,60 @@ class RouteTable:
         return tuple(sorted(found, key=found.__getitem__))
 
 
+class _Handoff:
+    """Fetched messages on their way to the worker tasks: a queue, the idle workers.
+
+    An anyio memory stream costs a loop turn (a checkpoint) and an Event per receive,
+    as much as a small handler; here a message goes to an idle worker's future, or
+    waits in the queue for the next worker free. ``close`` ends the idle workers.
+    """
+
+    __slots__ = ("_closed", "_idle", "_queue")
+
+    def __init__(self) -> None:
+        self._queue: deque[Msg] = deque()
+        self._idle: deque[asyncio.Future[Msg | None]] = deque()
+        self._closed = False
+
+    @property
+    def idle(self) -> bool:
+        """Whether a worker is waiting for a message."""
+        return bool(self._idle)
+
+    def put(self, msg: Msg) -> None:
+        idle = self._idle
+        while idle:
+            waiter = idle.popleft()
+            if not waiter.done():  # not cancelled meanwhile
+                waiter.set_result(msg)
+                return
+        self._queue.append(msg)
+
+    async def get(self) -> Msg | None:
+        """The next message; None once closed and empty."""
+        if self._queue:
+            return self._queue.popleft()
+        if self._closed:
+            return None
+        waiter: asyncio.Future[Msg | None] = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        try:
+            return await waiter
+        except BaseException:  # cancelled: no longer idle; a message handed over stays
+            if waiter in self._idle:
+                self._idle.remove(waiter)
+            elif waiter.done() and not waiter.cancelled() and (msg := waiter.result()):
+                self._queue.appendleft(msg)
+            raise
+
+    def close(self) -> None:
+        self._closed = True
+        for waiter in self._idle:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._idle.clear()
+
+
 class DurableConsumer:
     """Runs its routes' handlers on the messages of one durable pull consumer until a stop."""
 
@@ -336,7 +389,7 @@ class DurableConsumer:
         self._max_deliver = consumer.options.max_deliver
         # Messages the server said are waiting (1 when caught up): the next fetch's size.
         self._waiting = 1
-        self._send, self._receive = anyio.create_memory_object_stream[Msg](math.inf)
+        self._handoff = _Handoff()
         # Messages being handled, for the heartbeat.
         self._in_flight: dict[int, Msg] = {}
         # Stream sequence -> (receiver, route) done with a message to be redelivered.
@@ -380,14 +433,16 @@ class DurableConsumer:
             ConnectionError: the connection closed for good (a reconnect is waited for).
         """
         try:
-            with self._receive:
-                async with anyio.create_task_group() as beats:
-                    beats.start_soon(self._keep_alive)
-                    beats.start_soon(self._interrupt_on, self._stop)
-                    beats.start_soon(self._interrupt_on_reconnects)
-                    async with anyio.create_task_group() as tg, self._send:
+            async with anyio.create_task_group() as beats:
+                beats.start_soon(self._keep_alive)
+                beats.start_soon(self._interrupt_on, self._stop)
+                beats.start_soon(self._interrupt_on_reconnects)
+                async with anyio.create_task_group() as tg:
+                    try:
                         await self._pull(tg)
-                    beats.cancel_scope.cancel()
+                    finally:
+                        self._handoff.close()  # the workers finish what is queued
+                beats.cancel_scope.cancel()
             if self._closed is not None:
                 raise ConnectionError(f"consumer {self._durable}: {self._closed}") from self._closed
         finally:
@@ -409,8 +464,7 @@ class DurableConsumer:
             await self._interrupt_on(self._host.reconnect_signal)
 
     async def _pull(self, tg: anyio.abc.TaskGroup) -> None:
-        stop, limiter = self._stop, self._limiter
-        send, receive = self._send, self._receive
+        stop, limiter, handoff = self._stop, self._limiter, self._handoff
         while not stop.is_set():
             # Let the handlers just given out run first: they may free slots.
             await anyio.lowlevel.checkpoint()
@@ -434,9 +488,9 @@ class DurableConsumer:
             for i, msg in enumerate(batch):
                 if i:
                     await limiter.acquire()
-                if not receive.statistics().tasks_waiting_receive:
+                if not handoff.idle:
                     tg.start_soon(self._work)
-                send.send_nowait(msg)
+                handoff.put(msg)
 
     async def _fetch(self) -> list[Msg] | None:
         """The next batch for the slot held: [] (slot released) if none, None to end."""
@@ -485,8 +539,8 @@ class DurableConsumer:
                 await anyio.sleep(0.25)
 
     async def _work(self) -> None:
-        in_flight = self._in_flight
-        async for msg in self._receive:
+        in_flight, handoff = self._in_flight, self._handoff
+        while (msg := await handoff.get()) is not None:
             in_flight[id(msg)] = msg
             self._busy.set()
             try:

@@ -10,13 +10,13 @@ JetStream refusals translated.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 from dataclasses import dataclass
 from typing import Final
 
-import anyio
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as Connection
@@ -99,7 +99,9 @@ class PullConsumer:
         self._want = 0
         #: Messages the open long pull may still deliver (0: no pull open).
         self._open = 0
-        self._ended: anyio.Event | None = None
+        self._ended: asyncio.Future[None] | None = None
+        self._silence = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._heard = 0.0
         self._gone = False
 
@@ -172,7 +174,7 @@ class PullConsumer:
             expires = self.options.expires
             no_wait = backlog and batch > 1 and not self._open
             silence = 5.0 if no_wait else expires + 1.0  # two heartbeats missed: lost
-            self._want, self._ended = (batch if no_wait else 1), anyio.Event()
+            self._want = batch if no_wait else 1
             if not self._open:
                 request: dict[str, object] = {"batch": batch}
                 if no_wait:
@@ -183,28 +185,43 @@ class PullConsumer:
                     self._open = batch
                 self._heard = time.monotonic()
                 await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
-            try:
-                await self._wait(self._ended, silence)
-            except BaseException:  # cancelled (a stop, a reconnect): open a new one
-                self._open = 0
-                raise
-            finally:
-                self._ended = None
+            await self._wait(silence)
             if self._gone:  # the consumer was deleted under us: create it again
                 self._gone = False
                 await self.create(self._filters)
         got, self._msgs = self._msgs[:batch], self._msgs[batch:]
         return got
 
-    async def _wait(self, ended: anyio.Event, silence: float) -> None:
-        """Until the pull ended, or nothing (not even a heartbeat) came for ``silence``."""
-        while True:
-            with anyio.move_on_after(self._heard + silence - time.monotonic()):
-                await ended.wait()
-                return
-            if time.monotonic() - self._heard >= silence:
-                self._open = 0  # lost: the next call opens a new pull
-                return
+    async def _wait(self, silence: float) -> None:
+        """Until the pull ended, or nothing (not even a heartbeat) came for ``silence``.
+
+        A future and a timer (re-armed while heartbeats come): an anyio Event and a
+        cancel scope per wait cost more than the rest of a message's receipt.
+        """
+        loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
+        self._silence = silence
+        self._timer = loop.call_later(silence, self._check_silence)
+        try:
+            await self._ended
+        except BaseException:  # cancelled (a stop, a reconnect): the next call opens one
+            self._open = 0
+            raise
+        finally:
+            self._ended = None
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def _check_silence(self) -> None:
+        ended = self._ended
+        if ended is None or ended.done():
+            return
+        left = self._heard + self._silence - time.monotonic()
+        if left > 0:
+            self._timer = asyncio.get_running_loop().call_later(left, self._check_silence)
+            return
+        self._open = 0  # lost: the next call opens a new pull
+        ended.set_result(None)
 
     async def _on_msg(self, msg: Msg) -> None:
         self._heard = time.monotonic()
@@ -220,5 +237,5 @@ class PullConsumer:
             if status == NO_RESPONDERS_STATUS:
                 self._gone = True
         ended = self._ended
-        if ended is not None and (status or len(self._msgs) >= self._want):
-            ended.set()
+        if ended is not None and not ended.done() and (status or len(self._msgs) >= self._want):
+            ended.set_result(None)
