@@ -394,7 +394,6 @@ class DurableConsumer:
         self._in_flight: dict[int, Msg] = {}
         # Stream sequence -> (receiver, route) done with a message to be redelivered.
         self._partial: OrderedDict[int, set[tuple[str, str]]] = OrderedDict()
-        self._pulling: anyio.CancelScope | None = None
         # Set while messages are in flight: the heartbeat sleeps only then.
         self._busy = anyio.Event()
         self._closed: Exception | None = None
@@ -455,8 +454,7 @@ class DurableConsumer:
 
     async def _interrupt_on(self, event: anyio.Event) -> None:
         await event.wait()
-        if self._pulling is not None:
-            self._pulling.cancel()
+        self._consumer.interrupt()
 
     async def _interrupt_on_reconnects(self) -> None:
         """A pull open at a reconnect is lost with the old connection: re-issue it."""
@@ -497,15 +495,14 @@ class DurableConsumer:
         limiter = self._limiter
         batch: list[Msg] = []
         try:
-            with anyio.CancelScope() as self._pulling:
-                if not self._stop.is_set():
-                    # Room: the slot held and the free ones (a long pull returns at its
-                    # first message and keeps the rest of its room open on the server).
-                    room = min(1 + limiter.value, 256)
-                    backlog = self._waiting > 1
-                    batch = await self._consumer.pull(
-                        min(room, self._waiting) if backlog else room, backlog=backlog
-                    )
+            if not self._stop.is_set():  # a stop or a reconnect interrupts the pull
+                # Room: the slot held and the free ones (a long pull returns at its
+                # first message and keeps the rest of its room open on the server).
+                room = min(1 + limiter.value, 256)
+                backlog = self._waiting > 1
+                batch = await self._consumer.pull(
+                    min(room, self._waiting) if backlog else room, backlog=backlog
+                )
         except TransportError as exc:
             limiter.release()
             if self._stop.is_set():
@@ -521,8 +518,6 @@ class DurableConsumer:
             log.warning("consumer %s: %s; retrying", self._durable, exc)
             await self._wait_reconnect()
             return []
-        finally:
-            self._pulling = None
         if not batch:
             self._waiting = 1
             limiter.release()

@@ -101,6 +101,7 @@ class PullConsumer:
         self._open = 0
         self._ended: asyncio.Future[None] | None = None
         self._silence = 0.0
+        self._interrupted = False
         self._timer: asyncio.TimerHandle | None = None
         self._heard = 0.0
         self._gone = False
@@ -198,6 +199,9 @@ class PullConsumer:
         A future and a timer (re-armed while heartbeats come): an anyio Event and a
         cancel scope per wait cost more than the rest of a message's receipt.
         """
+        if self._interrupted:
+            self._interrupted = False
+            return
         loop = asyncio.get_running_loop()
         self._ended = loop.create_future()
         self._silence = silence
@@ -211,6 +215,18 @@ class PullConsumer:
             self._ended = None
             if self._timer is not None:
                 self._timer.cancel()
+
+    def interrupt(self) -> None:
+        """End the wait of the pull under way now (it returns what came, perhaps
+        nothing), or else of the next one; the next pull is a new request (a stop, or
+        a reconnect: the open pull was lost with the old connection).
+        """
+        self._open = 0
+        ended = self._ended
+        if ended is not None and not ended.done():
+            ended.set_result(None)
+        else:
+            self._interrupted = True
 
     def _check_silence(self) -> None:
         ended = self._ended
