@@ -100,6 +100,10 @@ NO_EVENTS: Final = "agent._none_._none_._none_._none_"
 MAX_PARTIAL: Final = 10_000
 #: Seconds a draining consumer waits for the server to confirm one ack.
 DRAIN_ACK_TIMEOUT: Final = 5.0
+#: Seconds a handled message's ack may wait to go out with others (one write for many).
+ACK_DELAY: Final = 0.002
+#: Acks waiting that are sent at once, without waiting for ``ACK_DELAY``.
+MAX_ACK_BATCH: Final = 128
 #: Bytes of ``filter_subjects`` a consumer config carries at most: far under any
 #: max_payload (1 MB by default; the config, JSON, goes in one request). Past it the
 #: filters are widened (``consumer_filters``).
@@ -397,6 +401,9 @@ class DurableConsumer:
         # Set while messages are in flight: the heartbeat sleeps only then.
         self._busy = anyio.Event()
         self._closed: Exception | None = None
+        # Handled messages whose ack goes out with the next batch (``_send_acks``).
+        self._acks: list[Msg] = []
+        self._acks_waiting = asyncio.Event()
         #: Delete the consumer when the loop ends (set by a group's last member leaving).
         self.delete_at_end = False
 
@@ -436,6 +443,7 @@ class DurableConsumer:
                 beats.start_soon(self._keep_alive)
                 beats.start_soon(self._interrupt_on, self._stop)
                 beats.start_soon(self._interrupt_on_reconnects)
+                beats.start_soon(self._send_acks)
                 async with anyio.create_task_group() as tg:
                     try:
                         await self._pull(tg)
@@ -445,6 +453,8 @@ class DurableConsumer:
             if self._closed is not None:
                 raise ConnectionError(f"consumer {self._durable}: {self._closed}") from self._closed
         finally:
+            with anyio.CancelScope(shield=True):
+                await self._flush_acks()
             await self._consumer.close()
             if delete or self.delete_at_end:
                 with anyio.CancelScope(shield=True), contextlib.suppress(SwarmbusError):
@@ -543,6 +553,32 @@ class DurableConsumer:
             finally:
                 del in_flight[id(msg)]
 
+    async def _send_acks(self) -> None:
+        """Send the acks of handled messages in batches: many acks, one write.
+
+        An ack sent alone costs a socket write (and a wake of the connection's flusher)
+        per message; held for at most ``ACK_DELAY`` they go out together. A message
+        whose ack is lost (a crash meanwhile) is redelivered, as with any lost ack.
+        """
+        while True:
+            await self._acks_waiting.wait()
+            if len(self._acks) < MAX_ACK_BATCH and not self._stop.is_set():
+                await anyio.sleep(ACK_DELAY)
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        self._acks_waiting.clear()
+        sent = 0
+        try:
+            for msg in acks:
+                with contextlib.suppress(TransportError):
+                    await msg.ack()
+                sent += 1
+        finally:
+            if sent < len(acks):  # cancelled meanwhile: the rest go with the final flush
+                self._acks[:0] = acks[sent:]
+
     async def _keep_alive(self) -> None:
         while True:
             await self._busy.wait()  # idle: no timer at all
@@ -573,13 +609,14 @@ class DurableConsumer:
             else:
                 if not await self._run_routes(message, msg):
                     return  # nak'ed: redelivered later
-            with contextlib.suppress(TransportError, TimeoutError):
-                if self._stop.is_set():
-                    # Draining: leaving serve() promises the in-flight work is acked, so
-                    # wait for the server to confirm it (a plain ack is fire-and-forget).
+            if self._stop.is_set():
+                # Draining: leaving serve() promises the in-flight work is acked, so
+                # wait for the server to confirm it (a plain ack is fire-and-forget).
+                with contextlib.suppress(TransportError, TimeoutError):
                     await msg.ack_sync(timeout=DRAIN_ACK_TIMEOUT)
-                else:
-                    await msg.ack()
+            else:
+                self._acks.append(msg)  # sent with the next batch (``_send_acks``)
+                self._acks_waiting.set()
         finally:
             self._limiter.release()
 

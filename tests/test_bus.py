@@ -853,3 +853,36 @@ async def test_a_long_pull_keeps_its_room_open_and_never_takes_more(
     finally:
         await pull.close()
         await pull.delete()
+
+
+async def test_handled_events_are_acked_in_batches_while_serving(
+    bus: Bus, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    """Acks of handled messages go out together, soon, and not only when serving ends."""
+    agent = Agent(f"test/acks-{unique}")
+    total = 20
+    handled: list[str] = []
+    acks: list[Msg] = []
+    all_acked = anyio.Event()
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        handled.append(message.id)
+
+    async def count(msg: Msg) -> None:
+        acks.append(msg)
+        if len(acks) == total:
+            all_acked.set()
+
+    durable = swarmbus._subjects.safe_token(agent.id)
+    await raw.subscribe(f"$JS.ACK.{EVENTS_STREAM}.{durable}.>", cb=count)
+    await raw.flush()
+    async with agent.serve(bus):
+        for _ in range(total):
+            await bus.publish(FINDING, agent="test/pub", session=session_id)
+        with anyio.fail_after(WAIT):
+            await all_acked.wait()  # while still serving
+        info = await bus.js.consumer_info(EVENTS_STREAM, durable)
+        assert info.num_ack_pending == 0
+    assert len(handled) == total
+    assert all(not msg.data for msg in acks)  # plain acks (+ACK has an empty payload)
