@@ -23,13 +23,18 @@ worker tasks; each message is acked after its handlers return (at-least-once).
 - No polling: when caught up the loop waits on a long pull with idle heartbeats; the
   stop (and a reconnect) interrupts it at once.
 
-- A fetch of n > 1 waits until n messages arrive (or it expires), so the loop asks only
-  for what the server said is waiting: 1 when caught up (lowest latency), up to the
-  free slots when behind (fewest round trips).
-- A slot of the limiter is held before fetching: never take messages we cannot start.
-- Workers take fetched messages from a memory stream: starting a task per message costs
-  more than a small handler. A worker is added only when none is idle, so there are
-  never more than the slots held.
+- When caught up, the loop opens a long pull for as many messages as it has slots for;
+  the pull returns at its first message (lowest latency) and stays open on the server,
+  so the next messages need no request of their own (a request per message cost as
+  much as the message's handling). When behind, it takes what the server said is
+  waiting, up to the free slots, at once (``no_wait``).
+- A slot of the limiter is held before fetching, and an open pull never asks for more
+  than the slots free: never take messages we cannot start.
+- Workers take fetched messages from a hand-off queue (``_Handoff``): starting a task
+  per message costs more than a small handler. A worker is added only when none is
+  idle, so there are never more than the slots held.
+- Acks of handled messages go out in batches, at most ``ACK_DELAY`` later (one write
+  for many); a draining consumer confirms each ack instead.
 - A handler slower than ``ack_wait`` must not have its message redelivered (and run
   again) while it runs: a heartbeat sends progress acks for the messages in flight.
 - Bad input is rejected (dead letter + error event) and acked; a handler that failed
