@@ -9,7 +9,10 @@ default asyncio loop and on uvloop:
   acks, on the same stream. "seq" waits for each publish ack; "pipelined" keeps 64
   publishes in flight.
 * request/reply: ``bus.request`` to an ``@on_request`` handler vs ``nc.request`` to
-  a raw queue subscription that replies; sequential and 64 in flight.
+  a raw queue subscription that replies; sequential and 64 in flight. swarmbus does
+  more than raw here: both envelopes are built and validated, and the answer is
+  verified (its responder id, bound by permissions, its request id and session;
+  CONTRACT.md "Verified replies"); raw takes whatever arrives first on its inbox.
 
 Publisher/requester and consumer/responder use separate connections in both cases.
 Each cell is the median of ``--repeat`` runs; raw and swarmbus runs alternate.

@@ -25,7 +25,7 @@ import hashlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
@@ -56,10 +56,8 @@ from swarmbus._errors import (
     InvalidIdentifierError,
     InvalidMessageError,
     MessageTooLargeError,
-    NoResponderError,
     PermissionDeniedError,
     PublishError,
-    RequestTimeoutError,
     SwarmbusError,
 )
 from swarmbus._jetstream.acks import StoredPublisher
@@ -78,7 +76,6 @@ from swarmbus._messages import (
     Body,
     ErrorOccurred,
     Message,
-    Request,
     RequestMessage,
     ResponseMessage,
     Source,
@@ -91,6 +88,7 @@ from swarmbus._messages import (
 from swarmbus._observe._instruments import record_published
 from swarmbus._refusals import Refusals
 from swarmbus._request_server import RequestHandler, RequestServer
+from swarmbus._requester import Requester
 from swarmbus._server import check_version
 from swarmbus._telemetry import consumer_span, producer_span, tracing_enabled
 
@@ -107,23 +105,12 @@ _ERROR_EVENTS: Final = f"{subjects.EVENT_ROOT}.error.occurred."
 """The refusal code of a message a receiver's handler failed on (not bad input)."""
 # Hot-path helpers: subjects of a long-lived agent repeat, so validate and build each once;
 # with tracing off, skip building span attributes and entering a generator context.
+# (Requests: swarmbus._requester.)
 _event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
-_request_subject = functools.lru_cache(maxsize=4096)(subjects.request_subject)
 _NO_SPAN: Final = contextlib.nullcontext()
 #: The header block of a publish carrying only its Nats-Msg-Id, but the id (at most 4
 #: bytes a character in UTF-8).
 _ID_HEADER_ROOM: Final = len(_EMPTY_HEADERS) + len(f"{MSG_ID_HEADER}: \r\n")
-
-
-@functools.lru_cache(maxsize=4096)
-def _check_route(capability: str, to: str) -> None:
-    """Validate a request's ``to`` and ``capability`` against the body schema, once each.
-
-    They are the only constrained fields of a ``Request`` (``parameters`` is any JSON
-    object, checked by encoding it), so the body's encode/decode round trip is done once
-    per route; a failure raises and is not cached.
-    """
-    validate_body(Request(to=to, capability=capability))
 
 
 @dataclass(frozen=True)
@@ -152,15 +139,7 @@ def _on_its_subject(subject: str, message: Message) -> Message:
         InvalidMessageError: with ``code`` saying why.
     """
     source = message.source
-    event = subjects.parse_event_subject(subject)
-    if event is not None:
-        domain, name, session, agent = event
-        _check_source(source, session, agent, subject)
-        if event_of(message) != (domain, name):
-            raise InvalidMessageError(
-                "wrong_subject", f"a {message.type} message does not belong on {subject}"
-            )
-        return message
+    # Requests first: they are the hot path of a request server (a few us a request).
     request = subjects.parse_request_subject(subject)
     if request is not None:
         capability, target, session, agent = request
@@ -172,6 +151,15 @@ def _on_its_subject(subject: str, message: Message) -> Message:
             raise InvalidMessageError(
                 "wrong_subject",
                 f"a request for {body.capability} to {body.to} does not belong on {subject}",
+            )
+        return message
+    event = subjects.parse_event_subject(subject)
+    if event is not None:
+        domain, name, session, agent = event
+        _check_source(source, session, agent, subject)
+        if event_of(message) != (domain, name):
+            raise InvalidMessageError(
+                "wrong_subject", f"a {message.type} message does not belong on {subject}"
             )
         return message
     if subject.startswith((f"{subjects.EVENT_ROOT}.", f"{subjects.REQUEST_ROOT}.")):
@@ -189,19 +177,12 @@ def _check_source(source: Source, session: str, agent: str, subject: str) -> Non
 
 
 def _producer_span(
-    subject: str,
-    message_id: str,
-    session: str,
-    agent: str,
-    headers: dict[str, str],
-    capability: str | None = None,
+    subject: str, message_id: str, session: str, agent: str, headers: dict[str, str]
 ) -> contextlib.AbstractContextManager[Span | None]:
-    """The PRODUCER span of a publish or request (a no-op when tracing is off)."""
+    """The PRODUCER span of a publish (a no-op when tracing is off)."""
     if not tracing_enabled():
         return _NO_SPAN
     attributes = {"swarmbus.session": session, "swarmbus.agent": agent}
-    if capability is not None:
-        attributes["swarmbus.capability"] = capability
     return producer_span(subject, message_id, attributes, headers)
 
 
@@ -296,6 +277,7 @@ class Bus:
             retry_for=settings.retry_for,
         )
         self._buckets: dict[str, KeyValue] = {}
+        self._requester = Requester(self)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -547,11 +529,11 @@ class Bus:
         The server counts the headers too, and answers a message over it by closing the
         connection (every subscription of this bus with it).
         """
-        size = (
-            len(data)
-            + len(_EMPTY_HEADERS)
-            + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
-        )
+        size = len(data)
+        if headers:  # a message without headers is sent as PUB, with none at all
+            size += len(_EMPTY_HEADERS) + sum(
+                len(f"{k}: {v}\r\n".encode()) for k, v in headers.items()
+            )
         if size > self.nc.max_payload:
             raise MessageTooLargeError(size, self.nc.max_payload)
 
@@ -575,6 +557,7 @@ class Bus:
         receiver: str,
         dedupe_key: str | None = None,
         message_id: str | None = None,
+        session: str | None = None,
     ) -> None:
         """Dead-letter ``data`` and publish ``agent.error.occurred`` saying why.
 
@@ -588,9 +571,12 @@ class Bus:
         flood of bad input must not stall the receive loop it arrives on behind one
         round trip per item, nor the good messages queued behind it.
 
+        ``session``: where to report (default: the session token of ``subject``, or
+        ``unknown``), for a subject that names none (a reply subject).
+
         Never raises: a failure to report is logged, so a worker keeps running.
         """
-        session = _session_of(subject)
+        session = session or _session_of(subject)
         reason = " ".join(reason.split())[:1000]
         headers = {
             REASON_HEADER: reason,
@@ -648,10 +634,21 @@ class Bus:
 
         Nothing published while not subscribed is seen; use ``consume`` for that.
         """
-        on_msg = LiveHandler(self, handler, receiver).on_msg
+        return await self._live_subscribe(
+            subject, LiveHandler(self, handler, receiver).on_msg, queue
+        )
+
+    async def _live_subscribe(
+        self, subject: str, cb: Callable[[Msg], Awaitable[None]], queue: str | None = None
+    ) -> NatsSubscription:
+        """Subscribe ``cb``; returns once the server accepted (or refused) the subscription.
+
+        Raises:
+            PermissionDeniedError: the server refused it.
+        """
         try:
             with self._permission_guard(subject, f"subscribe to {subject}", cancel=False):
-                sub = await self.nc.subscribe(subject, queue=queue or "", cb=on_msg)
+                sub = await self.nc.subscribe(subject, queue=queue or "", cb=cb)
                 # nats-py writes a flush's PING straight to the socket, ahead of the
                 # queued SUB: only the second round trip follows the server's refusal.
                 for _ in range(2):
@@ -706,34 +703,20 @@ class Bus:
     ) -> ResponseMessage:
         """Ask one agent (``to``) or any agent with ``capability``; returns its response.
 
+        The answer is verified (``swarmbus._requester``): its responder, bound by the
+        server's permissions, is its ``source.agent`` and ``to`` (when not ``any``), and
+        it answers this request. Anything else is dropped and reported
+        (``agent.error.occurred``), and the request keeps waiting.
+
         Raises:
             NoResponderError: nobody listens for that capability/target.
-            RequestTimeoutError: a responder exists but did not answer in time.
-            InvalidMessageError: the answer is not a valid response.
+            RequestTimeoutError: no valid answer in time (``refused`` lists the answers
+                that came and were dropped).
         """
-        _check_route(capability, to)
-        body = Request(to=to, capability=capability, parameters=dict(parameters or {}))
-        message = envelope_for(body, agent=agent, session=session)
-        subject = _request_subject(capability, to, session, agent)
         timeout = timeout or self.settings.request_timeout
-        headers = {MSG_ID_HEADER: message.id}
-        span = _producer_span(subject, message.id, session, agent, headers, capability)
-        with span:
-            data = encode(message)
-            self._check_max_payload(data, headers)
-            try:
-                async with self._refusals.interrupting(subject, f"request {capability}"):
-                    reply = await self.nc.request(subject, data, timeout=timeout, headers=headers)
-            except nats.errors.NoRespondersError as exc:
-                raise NoResponderError(capability, to) from exc
-            except (TimeoutError, nats.errors.TimeoutError) as exc:
-                raise RequestTimeoutError(capability, to, timeout) from exc
-            except nats.errors.Error as exc:
-                raise _transport_error(exc, f"request {capability}") from exc
-        response = decode(reply.data, max_bytes=self.max_message_bytes)
-        if not isinstance(response, ResponseMessage):
-            raise InvalidMessageError("wrong_subject", f"expected a response, got {response.type}")
-        return response
+        return await self._requester.request(
+            capability, parameters, agent=agent, session=session, to=to, timeout=timeout
+        )
 
     async def serve_requests(
         self,
@@ -743,8 +726,10 @@ class Bus:
         agent: str,
         limiter: anyio.Semaphore,
         task_group: anyio.abc.TaskGroup,
-    ) -> list[NatsSubscription]:
+    ) -> list[RequestServer]:
         """Answer ``capability`` requests addressed to ``agent`` or to ``any``.
+
+        Returns the server (in a list, as subscriptions are): its ``unsubscribe`` stops it.
 
         Raises:
             InvalidIdentifierError: ``agent`` is ``any``, which cannot be addressed (it
@@ -758,7 +743,7 @@ class Bus:
         server = RequestServer(
             self, capability, handler, agent=agent, limiter=limiter, task_group=task_group
         )
-        return await server.start()
+        return [await server.start()]
 
 
 async def consume_routes(

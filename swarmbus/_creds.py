@@ -129,6 +129,9 @@ _OWN_CONSUMER: Final = "{{tag(token)}}"
 _AGENT_PUB: Final[list[str]] = [
     "agent.*.*.*.{{name()}}",
     "swarmbus.request.*.*.*.{{name()}}",
+    # answers: the requester's reply subject plus the responder's own id (CONTRACT.md
+    # "Verified replies"), so no agent can answer in another's name
+    "swarmbus.reply.*.*.*.{{name()}}",
     "swarmbus.dead.*.{{name()}}",
     "$JS.API.INFO",
     "$JS.API.STREAM.INFO.*",
@@ -172,11 +175,13 @@ _AGENT_SUB: Final[list[str]] = [
     "swarmbus.task.>",
     "swarmbus.request.{{tag(capability)}}.any.*.*",
     "swarmbus.request.*.{{name()}}.*.*",
+    "swarmbus.reply.{{name()}}.>",  # the answers to its own requests, read by it alone
     "_INBOX_{{name()}}.>",
 ]
 _SERVICE_PUB: Final[list[str]] = [
     "agent.*.*.*.{{name()}}",
     "swarmbus.request.*.*.*.{{name()}}",
+    "swarmbus.reply.*.*.*.{{name()}}",
     "swarmbus.dead.*.{{name()}}",
     "swarmbus.task.>",
     "$JS.API.>",
@@ -229,6 +234,7 @@ DEFAULT_ROLES: Final[dict[str, dict[str, Any]]] = {
                     "agent.>",
                     "swarmbus.request.*.any.*.*",
                     "swarmbus.request.*.{{name()}}.*.*",
+                    "swarmbus.reply.{{name()}}.>",
                     "swarmbus.task.>",
                     "_INBOX_{{name()}}.>",
                 ]

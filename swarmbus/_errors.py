@@ -71,6 +71,7 @@ __all__ = [
 ]
 
 import builtins
+from collections.abc import Sequence
 
 
 class SwarmbusError(Exception):
@@ -160,11 +161,19 @@ class NoResponderError(SwarmbusError):
 class RequestTimeoutError(SwarmbusError, TimeoutError):
     """A responder exists but did not answer in time."""
 
-    def __init__(self, capability: str, to: str, timeout: float) -> None:
+    def __init__(
+        self, capability: str, to: str, timeout: float, refused: Sequence[str] = ()
+    ) -> None:
         self.capability = capability
         self.to = to
         self.timeout = timeout
-        super().__init__(f"request for {capability!r} (to={to!r}) timed out after {timeout:g}s")
+        #: Answers that came but were not the request's (forged, wrong request id):
+        #: "<code>: <reason>" each.
+        self.refused = tuple(refused)
+        message = f"request for {capability!r} (to={to!r}) timed out after {timeout:g}s"
+        if refused:
+            message += f"; {len(refused)} answer(s) refused, first: {refused[0]}"
+        super().__init__(message)
 
 
 class RemoteError(SwarmbusError):

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, Protocol
 
 import anyio
 
@@ -27,12 +27,18 @@ _PERMISSION_VIOLATION: Final = re.compile(
 )
 
 
+class Cancellable(Protocol):
+    """What a refusal interrupts: a cancel scope, a block, a pending request."""
+
+    def cancel(self) -> None: ...
+
+
 @dataclass
 class _Refusal:
     """An operation waiting to learn whether the server refuses its subject."""
 
     cancel: bool
-    scope: anyio.CancelScope | Interrupting
+    scope: Cancellable
     reason: str | None = None
 
 
@@ -84,6 +90,20 @@ class Refusals:
                 del self._waiting[key]
         if refusal.reason is not None:
             raise denied(what, subject)
+
+    def watch(self, key: str, target: Cancellable) -> _Refusal:
+        """Cancel ``target`` if the subject ``key`` (lower-cased) is refused, until
+        ``unwatch``: the cheapest registration, for a request that fails a future."""
+        refusal = _Refusal(cancel=True, scope=target)
+        self._waiting.setdefault(key, []).append(refusal)
+        return refusal
+
+    def unwatch(self, key: str, refusal: _Refusal) -> None:
+        """Undo ``watch``."""
+        waiting = self._waiting[key]
+        waiting.remove(refusal)
+        if not waiting:
+            del self._waiting[key]
 
     def interrupting(self, subject: str, what: str) -> Interrupting:
         """``guard`` (cancelling) as an async context manager for hot paths."""

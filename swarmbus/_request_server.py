@@ -4,20 +4,28 @@ One agent answers one capability on two queue subscriptions: requests to ``any``
 (queue group per capability, so one agent of the capability answers) and requests
 addressed to the agent itself (queue group per agent, so one instance answers).
 
-A task per request costs more than a small handler; instead a few tasks drain a FIFO,
-and one more starts whenever a slot of the limiter is free to run it. A handler's
-failure (or a result that cannot be sent) becomes a ``failure`` response, a dead
-letter and an error event; the caller is always answered.
+A task per request costs more than a small handler; instead a few tasks drain a FIFO.
+One drain at a time is "ready" (started or woken, not yet running): when it takes a
+request and more are waiting, with a limiter slot free, it readies the next one, so a
+blocked handler never holds up the others while a burst of quick handlers is served by
+one task. A drain that finds the FIFO empty parks (one at most) until the next request
+or ``unsubscribe``: a request that arrives alone wakes it instead of spawning a task.
+
+A handler's failure (or a result that cannot be sent) becomes a ``failure`` response, a
+dead letter and an error event; the caller is always answered. The answer goes to the
+request's reply subject with the responder's id appended when that subject is a
+verified one (``swarmbus._requester``), else to the reply subject itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 import anyio.abc
@@ -25,20 +33,25 @@ import anyio.abc
 from swarmbus import _subjects as subjects
 from swarmbus._errors import InvalidIdentifierError, InvalidMessageError
 from swarmbus._jetstream.delivery import Connection, Msg, Subscription, TransportError
-from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._messages import (
     Message,
     RequestMessage,
     Response,
+    ResponseMessage,
     encode,
     envelope_for,
+    new_id,
+    now,
+    source_of,
 )
+from swarmbus._requester import answer_subject
 from swarmbus._telemetry import record_failure
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
 log = logging.getLogger("swarmbus")
+_NO_HEADERS: Final[Mapping[str, str]] = {}
 
 RequestHandler = Callable[[RequestMessage], Awaitable[Mapping[str, Any]]]
 
@@ -88,65 +101,125 @@ class RequestServer:
         self._agent = agent
         self._limiter = limiter
         self._task_group = task_group
-        self._pending: collections.deque[tuple[Msg, RequestMessage]] = collections.deque()
-        # Draining tasks alive, and those of them not started yet.
+        self._pending: collections.deque[tuple[Msg, RequestMessage, str | None]] = (
+            collections.deque()
+        )
+        # Drain tasks alive; those readied but not yet running; those parked (each
+        # waits on its future: True = work, False = leave).
         self._alive = 0
-        self._starting = 0
+        self._ready = 0
+        self._parked: list[asyncio.Future[bool]] = []
+        self._closed = False
+        self._subs: list[Subscription] = []
 
-    async def start(self) -> list[Subscription]:
+    async def start(self) -> RequestServer:
         """Subscribe; returns once the server knows the subscriptions."""
         nc, capability = self._host.nc, self._capability
-        subs = []
         for target, queue in (
             (subjects.ANY, f"swarmbus.cap.{capability}"),
             (self._agent, f"swarmbus.agent.{subjects.safe_token(self._agent)}"),
         ):
-            subs.append(
+            self._subs.append(
                 await nc.subscribe(
                     subjects.request_filter(capability, target), queue=queue, cb=self._on_msg
                 )
             )
         # The server must know the subscriptions before callers are told we are serving.
-        await nc.flush()
-        return subs
+        # nats-py writes a flush's PING straight to the socket, ahead of the queued SUBs:
+        # only the second round trip follows them (else an early request now and then
+        # found "no responders").
+        for _ in range(2):
+            await nc.flush()
+        return self
+
+    async def unsubscribe(self) -> None:
+        """Stop taking requests; the parked drain leaves (those taken are answered)."""
+        self._closed = True
+        for waiter in self._parked:
+            waiter.set_result(False)
+        self._parked.clear()
+        for sub in self._subs:
+            with contextlib.suppress(TransportError):
+                await sub.unsubscribe()
 
     async def _on_msg(self, msg: Msg) -> None:
+        reply = msg.reply
+        try:
+            to = answer_subject(reply, self._agent, msg.subject) if reply else None
+        except InvalidMessageError as exc:
+            await self._refuse(msg, exc, None)  # nobody who asked can read an answer
+            return
         try:
             message = self._host.accept(msg.subject, msg.data)
             assert isinstance(message, RequestMessage)
         except InvalidMessageError as exc:
-            await self._host.reject(
-                subject=msg.subject,
-                data=msg.data,
-                code=exc.code,
-                reason=exc.reason,
-                receiver=self._agent,
-            )
-            if msg.reply:  # the requester is waiting: tell it now, not by its timeout
-                reply = refusal(msg.subject, msg.data, exc, agent=self._agent)
-                with contextlib.suppress(TransportError):
-                    await self._host.nc.publish(msg.reply, encode(reply))
+            await self._refuse(msg, exc, to)
             return
-        pending = self._pending
-        pending.append((msg, message))
-        if not self._alive or self._starting < min(len(pending), self._limiter.value):
-            self._alive += 1
-            self._starting += 1
-            self._task_group.start_soon(self._drain)
+        self._pending.append((msg, message, to))
+        if not self._ready and (self._parked or not self._alive or self._limiter.value):
+            self._more()
+
+    async def _refuse(self, msg: Msg, exc: InvalidMessageError, to: str | None) -> None:
+        """Report bad input; answer it on ``to``: the requester is waiting, tell it now,
+        not by its timeout."""
+        await self._host.reject(
+            subject=msg.subject,
+            data=msg.data,
+            code=exc.code,
+            reason=exc.reason,
+            receiver=self._agent,
+        )
+        if to:
+            answer = refusal(msg.subject, msg.data, exc, agent=self._agent)
+            with contextlib.suppress(TransportError):
+                await self._host.nc.publish(to, encode(answer))
+
+    def _more(self) -> None:
+        """Ready one more drain: wake the parked one, else start one."""
+        self._ready += 1
+        if self._parked:
+            self._parked.pop().set_result(True)
+            return
+        self._alive += 1
+        self._task_group.start_soon(self._drain)
 
     async def _drain(self) -> None:
-        self._starting -= 1
+        pending = self._pending
         try:
-            pending = self._pending
-            while pending:
-                await self._respond(*pending.popleft())
+            while True:
+                self._ready -= 1
+                while pending:
+                    item = pending.popleft()
+                    if pending and not self._ready and self._limiter.value > 1:
+                        self._more()
+                    await self._respond(*item)
+                if self._closed or self._parked or not await self._park():
+                    return
         finally:
             self._alive -= 1
 
-    async def _respond(self, msg: Msg, request: RequestMessage) -> None:
+    async def _park(self) -> bool:
+        """Wait for the next request (True) or ``unsubscribe`` (False)."""
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._parked.append(waiter)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter in self._parked:
+                self._parked.remove(waiter)
+            elif waiter.done() and not waiter.cancelled() and waiter.result():
+                self._ready -= 1  # woken for work it will not do
+            raise
+
+    async def _respond(self, msg: Msg, request: RequestMessage, to: str | None) -> None:
+        """Run the handler on ``request``; publish its answer to ``to`` (if any)."""
         host, agent = self._host, self._agent
         session = request.source.session
-        await self._limiter.acquire()
+        limiter = self._limiter
+        try:
+            limiter.acquire_nowait()  # no checkpoint when a slot is free (the hot path)
+        except anyio.WouldBlock:
+            await limiter.acquire()
         try:
             span = host._consumer_span(msg, request.id, session, agent)
             # Report inside the span: the error event joins the request's trace.
@@ -158,21 +231,25 @@ class RequestServer:
                     )
                     # Encode here: a result that is not JSON, or too large to send, is
                     # the handler's error.
-                    reply = envelope_for(response, agent=agent, session=session)
+                    reply = ResponseMessage(
+                        id=new_id(),
+                        timestamp=now(),
+                        source=source_of(agent, session),
+                        response=response,
+                    )
                     data = encode(reply)
-                    host._check_max_payload(data, {MSG_ID_HEADER: reply.id})
+                    if len(data) > host.nc.max_payload:
+                        host._check_max_payload(data, _NO_HEADERS)
                 except Exception as exc:  # noqa: BLE001 - answered, dead-lettered, logged
                     record_failure(current, exc)
-                    reply, data = await self._failed(msg, request, exc)
-            if msg.reply:
+                    data = await self._failed(msg, request, exc)
+            if to:
                 with contextlib.suppress(TransportError):
-                    await host.nc.publish(msg.reply, data, headers={MSG_ID_HEADER: reply.id})
+                    await host.nc.publish(to, data)
         finally:
-            self._limiter.release()
+            limiter.release()
 
-    async def _failed(
-        self, msg: Msg, request: RequestMessage, exc: Exception
-    ) -> tuple[Message, bytes]:
+    async def _failed(self, msg: Msg, request: RequestMessage, exc: Exception) -> bytes:
         """Dead-letter a request whose handler failed; returns the failure response."""
         log.exception("request handler %s failed", self._capability)
         response = Response(
@@ -190,7 +267,7 @@ class RequestServer:
             message_id=request.id,
         )
         reply = envelope_for(response, agent=self._agent, session=request.source.session)
-        return reply, encode(reply)
+        return encode(reply)
 
 
 def refusal(subject: str, data: bytes, exc: InvalidMessageError, *, agent: str) -> Message:

@@ -540,6 +540,47 @@ async def test_draining_agent_takes_no_new_message_once_a_slot_frees(
     assert info.num_pending == 1
 
 
+async def test_blocked_request_handlers_do_not_hold_up_the_others(
+    bus: Bus, session_id: str, unique: str
+) -> None:
+    """One drain task serves a burst of requests (swarmbus._request_server), but a
+    handler that blocks never holds up the next request while a slot is free; and the
+    parked drain leaves with ``serve``, without waiting for ``drain_timeout``."""
+    agent = Agent(f"test/blocking-{unique}", max_concurrency=3)
+    release = anyio.Event()
+    blocked = 0
+    two_blocked = anyio.Event()
+
+    @agent.on_request(f"work_{unique}")
+    async def handle(request: RequestMessage) -> dict[str, Any]:
+        nonlocal blocked
+        if request.request.parameters.get("block"):
+            blocked += 1
+            if blocked == 2:
+                two_blocked.set()
+            await release.wait()
+        return {"n": request.request.parameters["n"]}
+
+    async def ask(n: int, block: bool, answers: list[int]) -> None:
+        params = {"n": n, "block": block}
+        answer = await bus.request(f"work_{unique}", params, agent="test/asker", session=session_id)
+        answers.append(answer.response.result["n"])
+
+    answers: list[int] = []
+    with anyio.fail_after(WAIT):
+        async with agent.serve(bus, drain_timeout=60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask, 1, True, answers)
+                tg.start_soon(ask, 2, True, answers)
+                await two_blocked.wait()
+                await ask(3, False, answers)  # answered while 1 and 2 still block
+                assert answers == [3]
+                release.set()
+            for n in range(4, 10):  # the parked drain takes them, one at a time
+                await ask(n, False, answers)
+    assert sorted(answers) == list(range(1, 10))
+
+
 async def test_request_handler_returning_non_json_answers_failure_and_keeps_serving(
     bus: Bus, session_id: str, unique: str
 ) -> None:

@@ -23,6 +23,12 @@ _PARAMETERS: Final = {
     "capability": {"description": "capability name: one token of [A-Za-z0-9_-]"},
     "target": {"description": "an agent id, or 'any'"},
     "receiver": {"description": "the agent id that rejected the message"},
+    "requester": {"description": "the requester's agent id (only it may read these)"},
+    "inbox": {"description": "a random token of the requester's connection"},
+    "request_id": {"description": "the request's envelope id"},
+    "responder": {
+        "description": "the responder's agent id, bound to it by the server's permissions"
+    },
 }
 
 
@@ -76,13 +82,31 @@ def _requests(channels: dict[str, Any], operations: dict[str, Any]) -> None:
     }
     channels["swarmbus.request.reply"] = {
         "address": None,
-        "description": "the requester's reply inbox",
+        "description": (
+            "the request's reply subject: a plain inbox, answered on itself, or a verified "
+            "reply subject (swarmbus.reply.{requester}.{inbox}.{request_id}), answered on "
+            "the swarmbus.reply channel"
+        ),
+        "messages": {"response": _ref("#/components/messages/response")},
+    }
+    channels["swarmbus.reply"] = {
+        "address": "swarmbus.reply.{requester}.{inbox}.{request_id}.{responder}",
+        "description": (
+            "the answer to a request with a verified reply subject: that subject plus the "
+            "responder's agent id (CONTRACT.md, Verified replies)"
+        ),
+        "parameters": _params("requester", "inbox", "request_id", "responder"),
         "messages": {"response": _ref("#/components/messages/response")},
     }
     operations["request"] = {
         "action": "send",
         "channel": _ref("#/channels/swarmbus.request"),
         "reply": {"channel": _ref("#/channels/swarmbus.request.reply")},
+    }
+    operations["reply"] = {
+        "action": "send",
+        "channel": _ref("#/channels/swarmbus.reply"),
+        "messages": [_ref("#/channels/swarmbus.reply/messages/response")],
     }
     channels["swarmbus.dead"] = {
         "address": "swarmbus.dead.{session}.{receiver}",
