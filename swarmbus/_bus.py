@@ -270,12 +270,8 @@ class Bus:
         self.reconnect_signal = anyio.Event()
         self.outbox = Outbox(nc)
         # Waited-for event publishes: the retry layer's guarantees, at a lower cost.
-        self._stored = StoredPublisher(
-            nc,
-            interrupting=self._refusals.interrupting,
-            timeout=settings.request_timeout,
-            retry_for=settings.retry_for,
-        )
+        timeout, retry_for = settings.request_timeout, settings.retry_for
+        self._stored = StoredPublisher(nc, self._refusals.interrupting, timeout, retry_for)
         self._buckets: dict[str, KeyValue] = {}
         self._requester = Requester(self)
 

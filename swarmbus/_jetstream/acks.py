@@ -221,7 +221,7 @@ class StoredPublisher(_Replies):
     """
 
     def __init__(
-        self, nc: NatsClient, *, interrupting: Interrupting, timeout: float, retry_for: float
+        self, nc: NatsClient, interrupting: Interrupting, timeout: float, retry_for: float
     ) -> None:
         super().__init__(nc, timeout)
         self._interrupting = interrupting
