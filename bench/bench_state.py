@@ -18,12 +18,24 @@ wall-clock rates on a loaded machine):
   table).
 * **append** (a finding-sized create-once under a new key, ``--writers`` concurrent):
   the store against NATS ``kv.create``, Redis ``SET NX``, PostgreSQL ``INSERT``.
+* **task create -> claim -> complete** on each backend (``--ops`` tasks per run): create
+  them all (``create_many``), then one ``TaskQueue.work()`` loop (concurrency
+  ``--writers``) claims and completes them, with its lifecycle events on NATS. Raw,
+  with the same guarantees as near as a raw design gets (atomic claim with a lease and
+  an attempt count, completion by compare-and-set on a revision, creates ``--writers``
+  at a time, ``--writers`` workers each claiming one task and completing it): Redis, a
+  hash per task + a sorted set by priority (FIFO within) + a sorted set of leases,
+  claim and complete one Lua script each; PostgreSQL, a plain table, claim
+  ``UPDATE ... WHERE id = (SELECT ... FOR UPDATE SKIP LOCKED)``, complete
+  ``UPDATE ... WHERE revision = $n``; NATS, bench_tasks.py's raw JetStream loop
+  (publish to a work-queue stream, fetch ``--writers`` at a time, ack).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sys
 import tempfile
@@ -36,10 +48,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import anyio
 import psycopg
 import redis.asyncio as aioredis
+from nats.js.api import RetentionPolicy, StreamConfig
 
-from swarmbus import Bus, ConflictError, Lock, NatsServer
+from swarmbus import Bus, ConflictError, Lock, NatsServer, Task, TaskQueue, TaskSpec
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._postgres_store import PostgresStore, open_pool
 from swarmbus._redis_store import LOCKS_BUCKET, RedisStore
@@ -246,16 +260,17 @@ class Bench:
         ratio = " ".join(f"{x:.2f}x" for x in ratios)
         median = sorted(ratios)[len(ratios) // 2]
         cpu = sorted(cpu_ratios)[len(cpu_ratios) // 2]
+        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
         self.rows.append(
-            f"| {name} | {'; '.join(rates)} | {ratio} | **{median:.2f}x** | {cpu:.2f}x |"
+            f"| {name} | {'; '.join(rates)} | {ratio} | **{median:.2f}x** | {cpu:.2f}x | {load} |"
         )
         print(self.rows[-1], flush=True)
 
 
 async def main(args: argparse.Namespace) -> None:
     bench = Bench(args.ops, args.reps, args.only)
-    print("| benchmark | store /s vs raw /s per rep | store / raw | median | per CPU s |")
-    print("| --- | --- | --- | --- | --- |", flush=True)
+    print("| benchmark | store /s vs raw /s per rep | store / raw | median | per CPU s | load |")
+    print("| --- | --- | --- | --- | --- | --- |", flush=True)
     with ExitStack() as servers:
         tmp = Path(servers.enter_context(tempfile.TemporaryDirectory()))
         nats = servers.enter_context(NatsServer(tmp / "nats"))
@@ -342,6 +357,25 @@ async def main(args: argparse.Namespace) -> None:
                 "Redis": lambda k: client.set(f"raw:{k}", VALUE, nx=True),
                 "PostgreSQL": lambda k: pg_insert(pool, k),
             }
+            await raw_pg_task_table(raw_pg)
+            task_pairs: dict[str, tuple[Run, Run]] = {
+                "NATS": (swarm_tasks(bus, args.writers), raw_nats_tasks(bus, args.writers)),
+                "Redis": (
+                    swarm_tasks(on_redis, args.writers),
+                    raw_redis_tasks(client, args.writers),
+                ),
+                "PostgreSQL": (
+                    swarm_tasks(on_pg, args.writers),
+                    raw_pg_tasks(pool, args.writers),
+                ),
+            }
+            for name, (swarm, raw) in task_pairs.items():
+                await bench.pair(
+                    f"task create -> claim -> complete, `TaskQueue` ({name})",
+                    swarm,
+                    raw,
+                    pids[name],
+                )
             for name, store in stores.items():
                 pid = pids[name]
                 await bench.pair(
@@ -353,6 +387,223 @@ async def main(args: argparse.Namespace) -> None:
                     appends(raw_creates[name], args.writers),
                     pid,
                 )
+
+
+# --- task create -> claim -> complete ------------------------------------------------
+
+TASK_DATA = b'{"type":"noop","parameters":{"target":"api","context":{}},"priority":5}'
+
+
+def swarm_tasks(bus: Bus, writers: int) -> Run:
+    """``create_many`` n tasks, then one ``work()`` loop claims and completes them; the
+    run ends at the n-th ``task.completed`` event (a stopped loop waits up to 0.5 s
+    for its last claim call, which is not the queue's throughput)."""
+
+    async def run(n: int) -> None:
+        session = f"bench-{uuid.uuid4().hex[:10]}"
+        completed = 0
+        all_done = anyio.Event()
+
+        async def on_completed(msg: Any) -> None:
+            nonlocal completed
+            completed += 1
+            if completed >= n:
+                all_done.set()
+
+        async def noop(task: Task) -> dict[str, object]:
+            return {}
+
+        sub = await bus.nc.subscribe(f"agent.task.completed.{session}.>", cb=on_completed)
+        try:
+            async with TaskQueue(bus, session) as queue, anyio.create_task_group() as tg:
+                for i in range(0, n, 1000):
+                    specs = [TaskSpec(type="noop", priority=5) for _ in range(min(1000, n - i))]
+                    await queue.create_many(specs, agent="bench/creator")
+                tg.start_soon(
+                    functools.partial(
+                        queue.work,
+                        noop,
+                        agent="bench/worker",
+                        types=["noop"],
+                        stop=anyio.Event(),
+                        concurrency=writers,
+                    )
+                )
+                with anyio.fail_after(600):
+                    await all_done.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            await sub.unsubscribe()
+
+    return run
+
+
+async def in_parallel(count: int, work: Callable[[int], Awaitable[None]]) -> None:
+    await asyncio.gather(*(work(w) for w in range(count)))
+
+
+# KEYS: the session's pending zset, lease zset. ARGV: hash prefix, lease ms. Pops the
+# best pending task (or one whose lease ran out) and claims it: {id, revision} or nil.
+RAW_REDIS_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1)
+if expired[1] then id = expired[1] else
+  local best = redis.call('ZPOPMIN', KEYS[1])
+  if not best[1] then return nil end
+  id = best[1]
+end
+local h = ARGV[1] .. id
+local rev = redis.call('HINCRBY', h, 'revision', 1)
+redis.call('HINCRBY', h, 'attempts', 1)
+redis.call('HSET', h, 'status', 'claimed', 'lease_until', now + tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), id)
+return {id, rev}
+"""
+# KEYS: the task hash, lease zset. ARGV: id, revision, result. 1 done, 0 lost.
+RAW_REDIS_COMPLETE = """
+if redis.call('HGET', KEYS[1], 'revision') ~= ARGV[2] then return 0 end
+redis.call('HINCRBY', KEYS[1], 'revision', 1)
+redis.call('HSET', KEYS[1], 'status', 'completed', 'result', ARGV[3])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+def raw_redis_tasks(client: aioredis.Redis, writers: int) -> Run:
+    claim = client.register_script(RAW_REDIS_CLAIM)
+    complete = client.register_script(RAW_REDIS_COMPLETE)
+
+    async def run(n: int) -> None:
+        session = uuid.uuid4().hex[:10]
+        hashes, pending, leases = (
+            f"raw:{session}:task:",
+            f"raw:{session}:pending",
+            f"raw:{session}:leases",
+        )
+        base = time.time()
+
+        async def create(w: int) -> None:
+            for i in range(w, n, writers):
+                task_id = f"t{i}"
+                async with client.pipeline(transaction=True) as pipe:  # MULTI/EXEC
+                    pipe.hset(
+                        hashes + task_id,
+                        mapping={
+                            "data": TASK_DATA,
+                            "status": "pending",
+                            "revision": 1,
+                            "attempts": 0,
+                        },
+                    )
+                    # priority first (higher first), FIFO within: the score orders both
+                    pipe.zadd(pending, {task_id: -5 * 1e10 + (time.time() - base) * 1e3})
+                    await pipe.execute()
+
+        async def work(w: int) -> None:
+            while True:
+                won = await claim(keys=[pending, leases], args=[hashes, 30_000])
+                if won is None:
+                    return
+                task_id, revision = won[0].decode(), int(won[1])
+                done = await complete(
+                    keys=[hashes + task_id, leases], args=[task_id, revision, b"{}"]
+                )
+                assert done == 1
+
+        await in_parallel(writers, create)
+        await in_parallel(writers, work)
+
+    return run
+
+
+RAW_PG_CLAIM = (
+    "UPDATE bench_tasks SET status = 'claimed', revision = revision + 1,"
+    " attempts = attempts + 1, lease_until = now() + interval '30 seconds'"
+    " WHERE id = (SELECT id FROM bench_tasks WHERE session = %s AND type = %s"
+    " AND (status = 'pending' OR (status = 'claimed' AND lease_until < now()))"
+    " ORDER BY priority DESC, created_at LIMIT 1 FOR UPDATE SKIP LOCKED)"
+    " RETURNING id, revision"
+)
+RAW_PG_COMPLETE = (
+    "UPDATE bench_tasks SET status = 'completed', result = %s, revision = revision + 1"
+    " WHERE id = %s AND revision = %s"
+)
+
+
+def raw_pg_tasks(pool: Any, writers: int) -> Run:
+    async def run(n: int) -> None:
+        session = uuid.uuid4().hex[:10]
+
+        async def create(w: int) -> None:
+            async with pool.connection() as conn:
+                for i in range(w, n, writers):
+                    await conn.execute(
+                        "INSERT INTO bench_tasks (id, session, type, priority, data)"
+                        " VALUES (%s, %s, 'noop', 5, %s)",
+                        [f"{session}-{i}", session, TASK_DATA],
+                        prepare=True,
+                    )
+
+        async def work(w: int) -> None:
+            async with pool.connection() as conn:
+                while True:
+                    cursor = await conn.execute(RAW_PG_CLAIM, [session, "noop"], prepare=True)
+                    row = await cursor.fetchone()
+                    if row is None:
+                        return
+                    cursor = await conn.execute(
+                        RAW_PG_COMPLETE, [b"{}", row[0], row[1]], prepare=True
+                    )
+                    assert cursor.rowcount == 1
+
+        await in_parallel(writers, create)
+        await in_parallel(writers, work)
+
+    return run
+
+
+async def raw_pg_task_table(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS bench_tasks (id TEXT PRIMARY KEY, session TEXT NOT NULL,"
+        " type TEXT NOT NULL, priority INT NOT NULL, status TEXT NOT NULL DEFAULT 'pending',"
+        " revision BIGINT NOT NULL DEFAULT 1, attempts INT NOT NULL DEFAULT 0,"
+        " lease_until TIMESTAMPTZ, data BYTEA, result BYTEA,"
+        " created_at TIMESTAMPTZ NOT NULL DEFAULT clock_timestamp())"
+    )
+    await conn.execute(
+        "CREATE INDEX IF NOT EXISTS bench_tasks_open ON bench_tasks"
+        " (session, type, priority DESC, created_at) WHERE status <> 'completed'"
+    )
+
+
+def raw_nats_tasks(bus: Bus, writers: int) -> Run:
+    """bench_tasks.py's raw loop: publish to a work-queue stream, fetch, ack."""
+
+    async def run(n: int) -> None:
+        name = f"BENCH_RAW_{uuid.uuid4().hex[:8]}"
+        subject = f"bench.raw.{name}"
+        await bus.ensure_stream(
+            StreamConfig(name=name, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE)
+        )
+        try:
+            for i in range(0, n, 1000):
+                acks = [
+                    await bus.js.publish_async(subject, TASK_DATA) for _ in range(min(1000, n - i))
+                ]
+                for ack in acks:
+                    await ack
+            psub = await bus.js.pull_subscribe(subject, durable="raw", stream=name)
+            acked = 0
+            while acked < n:
+                for msg in await psub.fetch(writers, timeout=5.0):
+                    await msg.ack()
+                    acked += 1
+        finally:
+            await bus.js.delete_stream(name)
+
+    return run
 
 
 def raw_nats_cas(kv: Any) -> Run:

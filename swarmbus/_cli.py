@@ -407,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uvloop", action="store_true", help="run on uvloop (swarmbus[uvloop])")
     p.set_defaults(func=_cmd_consensus)
 
-    p = sub.add_parser("locks", help="list held locks (server from NATS_URL)")
+    p = sub.add_parser(
+        "locks", help="list held locks (NATS_URL; SWARM_BACKEND with REDIS_URL or DATABASE_URL)"
+    )
     p.add_argument("--bucket", default="SWARMBUS_LOCKS", help="locks bucket (default: %(default)s)")
     p.set_defaults(func=_cmd_locks)
 

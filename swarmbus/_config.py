@@ -73,8 +73,15 @@ class Settings(BaseModel):
         20_000,
         ge=1,
         description="consumers the task dispatch stream accepts: ten per session and task "
-        "type (one per priority), each expiring a day after its last pull (the server's "
-        "default is 1,000); at most the account's max_consumers",
+        "type (one per priority), each expiring task_consumer_inactive_threshold after its "
+        "last pull (the server's default is 1,000); at most the account's max_consumers",
+    )
+    task_consumer_inactive_threshold: float = Field(
+        900.0,
+        ge=1.0,
+        description="seconds a task queue's consumer (one per session, task type and "
+        "priority) outlives its last pull; a queue that gets a dispatch later has it "
+        "made again (by the claimer, or under the deploy auth configs by the service)",
     )
     dead_letter_max_age: float = Field(
         30 * 24 * 3600.0, gt=0, description="seconds the dead-letter stream keeps a refused message"

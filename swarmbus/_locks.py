@@ -3,8 +3,12 @@
 A lock on a resource is one key of the ``SWARMBUS_LOCKS`` bucket (``lock_key``). Every
 write is a compare-and-set on the key's last revision, so only one acquisition can win
 and a holder can only release or refresh the revision it wrote itself. The key carries a
-server-side TTL (nats-server >= 2.11): a crashed holder's lock expires on its own, and
-the server then writes a ``MaxAge`` marker that waiting contenders see through a watch.
+server-side TTL (nats-server >= 2.11): a crashed holder's lock expires on its own. The
+server removes it without a marker (the bucket has no limit markers: a stream with them
+must allow rollup headers, and a rollup through any lock key would empty the bucket), so
+a waiter that sees a holder's record arms a timer for its expiry (the write's server
+time plus its TTL) and reads the key when it fires; a key whose TTL passed reads as
+missing. Releases stay purge markers that waiters see through their watch.
 
 The fencing token of an acquisition is the revision of the write that created the lock.
 It increases across releases and expiries (it is the bucket stream's sequence, never
@@ -21,7 +25,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Annotated, Final
 
@@ -55,7 +59,7 @@ from swarmbus._jetstream.headers import TTL as TTL_HEADER
 from swarmbus._jetstream.latest import bucket_entries, kv_last
 from swarmbus._jetstream.watch import KvChange, KvWatch
 from swarmbus._observe._instruments import lock_wait
-from swarmbus._store_lock import LockKey, lock_key_on
+from swarmbus._store_lock import LockKey, lock_key_on, stored_locks
 from swarmbus._telemetry import send_span
 
 log = logging.getLogger("swarmbus.locks")
@@ -64,7 +68,16 @@ LOCKS_BUCKET: Final = "SWARMBUS_LOCKS"
 DEFAULT_TTL: Final = 30
 DEFAULT_TIMEOUT: Final = 30.0
 MARKER_TTL: Final = 60
-"""Seconds that release and expiry markers stay in the bucket (then the key is empty)."""
+"""Seconds that release markers stay in the bucket (then the key is empty)."""
+EXPIRY_MARGIN: Final = 0.005
+"""Seconds after a holder's expiry that a waiter reads the key (the server's timer)."""
+RECHECK: Final = 0.02
+MAX_RECHECK: Final = 1.0
+"""First and longest delay between reads of a key whose holder outlived its expiry
+(client and server clocks differ, or the server removes the key late)."""
+PROVISIONAL: Final = 0.05
+"""Seconds after a lost compare-and-set that a waiter reads the key if its watch has not
+shown the winner's record (written before the watch saw this key): to time its expiry."""
 WATCH_INACTIVE_THRESHOLD: Final = 5.0
 RECENT_HOLDERS: Final = 32
 """Holders per key that waiters rank themselves against (the oldest are forgotten)."""
@@ -157,6 +170,24 @@ class _Waiter:
     ttl: int
 
 
+@dataclass
+class _Expiry:
+    """The armed expiry of a key's holder record: the head reads the key ``at`` then.
+
+    ``at`` is event-loop time. ``timer`` fires at or before ``at`` (one timer per key,
+    re-armed when it fires early: every acquisition moves ``at``, and a timer per write
+    would cost more than the write's own handling); None once fired (the head is reading
+    the key). ``retries`` counts the reads that found the record still there;
+    ``provisional``: armed after a lost race, before the winner's record was seen.
+    """
+
+    revision: int
+    at: float
+    timer: asyncio.TimerHandle | None = None
+    retries: int = 0
+    provisional: bool = False
+
+
 class _Bucket:
     """A locks bucket as one bus sees it: opened once, one watch for all local waiters.
 
@@ -207,6 +238,7 @@ class _Bucket:
         self._idle: dict[str, float] = {}  # key -> when its last local waiter left
         self._freed_at: dict[str, float] = {}  # key -> when the watch saw it freed
         self._turns: dict[str, asyncio.TimerHandle] = {}  # key -> its head's deferred try
+        self._expiries: dict[str, _Expiry] = {}  # key -> its holder's expiry (local waiters)
         self._gap = MIN_STEP  # smoothed time from "freed" to "acquired" on the watch
         # Hand-overs of a key since its last release marker. After HAND_OVERS in a row
         # a release writes a marker, so waiters on other connections (invisible here
@@ -245,6 +277,77 @@ class _Bucket:
             return False
         waiter.send.send_nowait(_Handed(revision))
         return True
+
+    def holding(self, key: str, revision: int, seconds: float) -> None:
+        """The record stored at ``revision`` holds ``key`` for ``seconds`` more.
+
+        Arms (for local waiters only) the head's read of the key at its expiry: the
+        server removes an expired lock without a marker. A later revision replaces an
+        earlier one; an expiry already armed for ``revision`` is kept, and one that fired
+        and found the record still there re-arms with a growing delay.
+        """
+        if key not in self._queues:
+            return
+        armed = self._expiries.get(key)
+        retries = 0
+        if armed is not None:
+            if armed.revision > revision:
+                return
+            if armed.revision == revision:
+                if armed.timer is not None and not armed.provisional:
+                    return
+                if armed.timer is None:  # fired: still there
+                    retries = armed.retries + 1
+                    seconds = max(seconds, min(MAX_RECHECK, RECHECK * 2**armed.retries))
+        at = asyncio.get_running_loop().time() + max(0.0, seconds) + EXPIRY_MARGIN
+        self._arm(key, _Expiry(revision, at, retries=retries))
+
+    def lost_to(self, key: str, revision: int) -> None:
+        """A compare-and-set of a local waiter lost to the write at ``revision``.
+
+        Its record normally reaches the watch (which arms its expiry); if it was written
+        before this connection watched the key, the head reads it soon to arm it.
+        """
+        armed = self._expiries.get(key)
+        if key not in self._queues or (armed is not None and armed.revision >= revision):
+            return
+        at = asyncio.get_running_loop().time() + PROVISIONAL
+        self._arm(key, _Expiry(revision, at, provisional=True))
+
+    def _arm(self, key: str, expiry: _Expiry) -> None:
+        """Make ``expiry`` the key's, keeping its running timer if it fires in time."""
+        previous = self._expiries.get(key)
+        timer = previous.timer if previous is not None else None
+        if timer is not None and timer.when() > expiry.at:
+            timer.cancel()
+            timer = None
+        if timer is None:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_at(expiry.at, self._expired, key)
+        expiry.timer = timer
+        self._expiries[key] = expiry
+
+    def _disarm(self, key: str) -> None:
+        if (armed := self._expiries.pop(key, None)) and armed.timer is not None:
+            armed.timer.cancel()
+
+    def _expired(self, key: str) -> None:
+        """The key's timer fired: at its holder's expiry, the head reads the key."""
+        armed = self._expiries.get(key)
+        if armed is None:
+            return
+        loop = asyncio.get_running_loop()
+        if armed.at > loop.time():  # a later write moved the expiry: wait for it
+            armed.timer = loop.call_at(armed.at, self._expired, key)
+            return
+        armed.timer = None
+        if not armed.provisional:
+            chain = self._handed_over.get(key)
+            if chain and armed.revision >= chain[1]:
+                del self._handed_over[key]
+            if key in self._recent:
+                self._freed_at[key] = time.monotonic()
+        self._freed(key, None)
 
     @contextlib.asynccontextmanager
     async def waiting(
@@ -286,6 +389,7 @@ class _Bucket:
                 turn.cancel()
             if not queue:
                 del self._queues[key]
+                self._disarm(key)
                 self._forget_idle(key)
             elif head and not acquired:
                 queue[0].send.send_nowait(None)
@@ -326,6 +430,7 @@ class _Bucket:
         key = change.key
         self._last_seq = seq = change.revision
         if change.removed:
+            self._disarm(key)
             chain = self._handed_over.get(key)
             if chain and seq > chain[1]:  # a marker after the chain began (not a late one)
                 del self._handed_over[key]
@@ -343,6 +448,8 @@ class _Bucket:
         except InvalidMessageError:  # a broken record: free, the head reads and reports it
             self._freed(key, None)
             return
+        # written just now (the watch delivers as the server stores): expires in its TTL
+        self.holding(key, seq, _seconds(change.ttl, record.ttl))
         if record.token:  # a refresh: the holder keeps its place
             return
         previous = recent.pop(record.owner, None)
@@ -363,7 +470,7 @@ _buckets: dict[Bus, dict[str, _Bucket]] = {}
 
 
 async def _bucket(bus: Bus, name: str) -> _Bucket:
-    """The locks bucket, created once per bus with expiry markers enabled."""
+    """The locks bucket, opened once per bus (no limit markers: see the module docstring)."""
     buckets = _buckets.get(bus)
     if buckets is None:
         for closed in [b for b in _buckets if b.nc.is_closed]:
@@ -373,11 +480,17 @@ async def _bucket(bus: Bus, name: str) -> _Bucket:
     if bucket is None:
         bucket = buckets[name] = _Bucket(bus, name)
     if not bucket.provisioned:
-        await bus.key_value(
-            name, history=1, limit_marker_ttl=MARKER_TTL, description="swarmbus locks"
-        )
+        await bus.key_value(name, history=1, description="swarmbus locks")
         bucket.provisioned = True
     return bucket
+
+
+def _seconds(ttl: str | None, fallback: int) -> int:
+    """A stored ``Nats-TTL`` header in seconds (``fallback``: the record's, if unreadable;
+    a waiter that reads the key too early re-reads it later)."""
+    if ttl is not None and ttl.isdigit():
+        return int(ttl)
+    return fallback
 
 
 def _handed_in(updates: MemoryObjectReceiveStream[int | _Handed | None]) -> _Handed | None:
@@ -411,6 +524,9 @@ async def lock_holder(bus: Bus, resource: str, *, bucket: str = LOCKS_BUCKET) ->
     next acquisition takes it over.
     """
     key = subjects.lock_key(resource)
+    if bus.settings.backend != "nats":
+        found = await _store_holders(bus, bucket, key)
+        return found[0] if found else None
     last = await kv_last(bus.js, bucket, key, f"cannot read lock on {resource!r}")
     if last is None or last.removed or not last.revision or last.time is None:
         return None
@@ -423,6 +539,8 @@ async def lock_holder(bus: Bus, resource: str, *, bucket: str = LOCKS_BUCKET) ->
 
 async def held_locks(bus: Bus, *, bucket: str = LOCKS_BUCKET) -> list[Holder]:
     """Every lock currently held in ``bucket``, sorted by resource."""
+    if bus.settings.backend != "nats":
+        return await _store_holders(bus, bucket)
     holders = []
     for entry in await bucket_entries(bus.js, bucket):
         assert entry.time is not None  # bucket_entries reads it
@@ -430,6 +548,28 @@ async def held_locks(bus: Bus, *, bucket: str = LOCKS_BUCKET) -> list[Holder]:
             holders.append(_holder(entry.key, entry.value, entry.revision, entry.time, entry.ttl))
         except (InvalidIdentifierError, InvalidMessageError) as exc:
             log.warning("skipping %s in %s: %s", entry.key, bucket, exc)
+    return sorted(holders, key=lambda h: h.resource)
+
+
+async def _store_holders(bus: Bus, bucket: str, key: str | None = None) -> list[Holder]:
+    """``held_locks`` (or ``lock_holder`` of ``key``) on the configured state store.
+
+    ``expires_at`` is the store's (Redis ``PTTL``, PostgreSQL ``expires_at``); on a
+    store that cannot tell, it is now plus the record's TTL (at most that).
+    """
+    store = await open_store(bus, bucket, history=1, limit_marker_ttl=MARKER_TTL)
+    holders = []
+    for lock in await stored_locks(store, key):
+        try:
+            record = _decode_json(
+                _decoder, lock.value, what=f"lock key {lock.key!r}", max_bytes=MAX_RECORD_BYTES
+            )
+            resource = subjects.resource_of_lock_key(lock.key)
+        except (InvalidIdentifierError, InvalidMessageError) as exc:
+            log.warning("skipping %s in %s: %s", lock.key, bucket, exc)
+            continue
+        expires_at = lock.expires_at or datetime.now(UTC) + timedelta(seconds=record.ttl)
+        holders.append(Holder(resource, record.owner, record.token or lock.revision, expires_at))
     return sorted(holders, key=lambda h: h.resource)
 
 
@@ -634,7 +774,7 @@ class Lock:
     async def _acquire_on_store(self, timeout: float | None, ttl: int) -> Lease | None:
         """``acquire`` on the configured state store (``swarmbus._store_lock``)."""
         if self._store_key is None:
-            store = await open_store(self.bus, self.bucket, history=1, limit_marker_ttl=MARKER_TTL)
+            store = await open_store(self.bus, self.bucket, history=1)
             self._store_key = lock_key_on(store, self._key)
         if self._value[0] != ttl:
             self._value = (ttl, _encoder.encode(_Record(owner=self.owner, ttl=ttl)))
@@ -694,7 +834,9 @@ class Lock:
                 if conflict.actual == 0:  # the key emptied: no watch event says so
                     expected = 0
                 elif read and conflict.actual is not None:
-                    return None  # written after our read: someone else was faster
+                    if self._state is not None:  # someone else was faster: time its expiry
+                        self._state.lost_to(self._key, conflict.actual)
+                    return None
                 else:
                     expected, read = None, True
 
@@ -722,6 +864,9 @@ class Lock:
                 dedupe_key=f"{self.bucket}:{last.revision}",
             )
             return last.revision, True
+        if self._state is not None and last.time is not None:
+            left = last.time - datetime.now(UTC) + timedelta(seconds=_seconds(last.ttl, 1))
+            self._state.holding(self._key, last.revision, left.total_seconds())
         return last.revision, False
 
     async def _wait(self, bucket: _Bucket, ttl: int) -> Lease:
@@ -762,6 +907,8 @@ class Lock:
         try:
             return await self._create(ttl, revision)
         except _Conflict as conflict:
-            if conflict.actual:  # someone else won: wait for their release
+            if conflict.actual:  # someone else won: wait for their release or expiry
+                if self._state is not None:
+                    self._state.lost_to(self._key, conflict.actual)
                 return None
             return await self._attempt(ttl, conflict.actual)

@@ -11,19 +11,104 @@ release, and the store decides.
 A store may bring lock operations of its own (``lock_key(key)``, same methods): the
 Redis store does (one script call per acquire and release, a waiter queue with
 hand-over instead of a watch; ``swarmbus._redis_store.RedisLockKey``).
+
+``stored_locks`` reads lock keys back with their expiry on the store's clock, for
+``lock_holder`` / ``held_locks`` (``swarmbus locks``, the MCP lock tools): on Redis by
+``SCAN`` of the bucket's lock hashes and ``PTTL`` (the lock scripts keep them out of the
+bucket's index), on PostgreSQL from ``swarm_state.expires_at``; on any other store from
+``get``/``list`` without an expiry.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Protocol
 
 import anyio
 
 from swarmbus._errors import ConflictError
 from swarmbus._state import StateStore
 
-__all__ = ["LockKey", "StoreLockKey", "lock_key_on"]
+__all__ = ["LockKey", "StoreLockKey", "StoredLock", "lock_key_on", "stored_locks"]
+
+SCAN_COUNT: Final = 500
+"""Keys per ``SCAN`` call when Redis lock keys are listed."""
+
+_PG_LOCKS: Final = (
+    "SELECT key, value, revision, expires_at FROM swarm_state WHERE bucket = %s"
+    " AND (%s::text IS NULL OR key = %s)"
+    " AND (expires_at IS NULL OR expires_at > clock_timestamp()) ORDER BY key"
+)
+
+
+@dataclass(frozen=True)
+class StoredLock:
+    """A lock key as stored: ``expires_at`` is None where the store cannot tell."""
+
+    key: str
+    value: bytes
+    revision: int
+    expires_at: datetime | None
+
+
+async def stored_locks(store: StateStore, key: str | None = None) -> list[StoredLock]:
+    """The lock keys of ``store``'s bucket that hold a value (only ``key`` if given)."""
+    redis_store = sys.modules.get("swarmbus._redis_store")
+    if redis_store is not None and isinstance(store, redis_store.RedisStore):
+        return await _redis_locks(store, key)
+    pg_store = sys.modules.get("swarmbus._postgres_store")
+    if pg_store is not None and isinstance(store, pg_store.PostgresStore):
+        return await _postgres_locks(store, key)
+    if key is not None:
+        entry = await store.get(key, fresh=True)
+        entries = [] if entry is None else [entry]
+    else:
+        entries = await store.list()
+    return [StoredLock(e.key, e.value, e.revision, None) for e in entries if e.value]
+
+
+async def _redis_locks(store: Any, key: str | None) -> list[StoredLock]:
+    from swarmbus._redis_store import redis_errors
+
+    layout = store.layout
+    sample = layout.redis_key("x")
+    base = sample[:-1]  # the Redis key of store key "a.b" is base + "a:b"
+    with redis_errors(f"list the locks of {store.name}"):
+        if key is not None:
+            names = [layout.redis_key(key)]
+        else:
+            names = [
+                name.decode() if isinstance(name, bytes) else name
+                async for name in store.client.scan_iter(match=f"{base}*", count=SCAN_COUNT)
+            ]
+        async with store.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hmget(name, ["value", "revision"])
+                pipe.pttl(name)
+            replies = await pipe.execute()
+    now = datetime.now(UTC)
+    found = []
+    for i, name in enumerate(names):
+        (value, revision), pttl = replies[2 * i], replies[2 * i + 1]
+        if revision is None or not value:
+            continue
+        expires = now + timedelta(milliseconds=pttl) if pttl >= 0 else None
+        store_key = name[len(base) :].replace(":", ".")
+        found.append(StoredLock(store_key, value, int(revision), expires))
+    return sorted(found, key=lambda s: s.key)
+
+
+async def _postgres_locks(store: Any, key: str | None) -> list[StoredLock]:
+    from swarmbus._postgres_store import postgres_errors
+
+    with postgres_errors(f"list the locks of {store.name}"):
+        async with store.pool.connection() as conn:
+            cursor = await conn.execute(_PG_LOCKS, [store.name, key, key])
+            rows = await cursor.fetchall()
+    return [StoredLock(k, bytes(v), int(r), e) for k, v, r, e in rows if v]
 
 
 class LockKey(Protocol):

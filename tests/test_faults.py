@@ -134,6 +134,8 @@ async def test_kill_a_node_during_tasks_and_votes(
         executed[task.id] += 1
         if len(executed) >= TASKS // 4:
             halfway.set()
+        if len(executed) >= TASKS * 3 // 4:  # the node dies with tasks still running
+            await killed.wait()
         return {"ok": task.id}
 
     async with (

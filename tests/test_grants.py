@@ -33,7 +33,6 @@ from swarmbus import (
     Finding,
     FindingMessage,
     Lock,
-    LockLostError,
     NatsServer,
     NotFoundError,
     TaskQueue,
@@ -152,7 +151,7 @@ async def test_agent_cannot_roll_up_the_swarmbus_buckets_and_streams(
     deploy: Deploy, service: Bus, session_id: str, unique: str
 ) -> None:
     """``Nats-Rollup: all`` through a key the attacker may write would empty the whole
-    bucket; every swarmbus bucket but the lock bucket (see below) refuses it."""
+    bucket; every swarmbus bucket refuses it (the lock bucket: see below)."""
     pid = f"p-{unique}"
     await propose(service, session_id, pid)
     async with (
@@ -175,6 +174,7 @@ async def test_agent_cannot_roll_up_the_swarmbus_buckets_and_streams(
             f"KV_{TASKS_BUCKET}": f"$KV.{TASKS_BUCKET}.{session_id}.x-{unique}",
             f"KV_{BOARD}": f"$KV.{BOARD}.{session_id}.x-{unique}",
             f"KV_{QUERIES_BUCKET}": f"$KV.{QUERIES_BUCKET}.x-{unique}",
+            f"KV_{LOCKS_BUCKET}": f"$KV.{LOCKS_BUCKET}.x-{unique}",
             EVENTS: f"agent.finding.reported.{session_id}.{ATTACKER}",
             TASKS_STREAM: f"swarmbus.task.{session_id}.investigate.5.x-{unique}",
         }
@@ -194,13 +194,6 @@ async def test_agent_cannot_roll_up_the_swarmbus_buckets_and_streams(
         assert (await claim.complete({"ok": True})).status == "completed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nats-server 2.15: a stream with subject delete markers (limit_marker_ttl, "
-    "which lock waiters watch for a TTL expiry) always allows rollups, and deny_purge "
-    "with rollups is refused ('roll-ups require the purge permission'). Any agent may "
-    "already overwrite any single lock key; the fencing token protects the resource.",
-)
 async def test_agent_cannot_roll_up_the_lock_bucket(
     deploy: Deploy, service: Bus, unique: str
 ) -> None:
@@ -218,27 +211,34 @@ async def test_agent_cannot_roll_up_the_lock_bucket(
         assert set(before) <= set(await kv.keys())
 
 
-async def test_a_lock_bucket_rollup_is_caught_by_the_fencing_token(
+async def test_a_refused_lock_bucket_rollup_leaves_the_victims_lease(
     deploy: Deploy, service: Bus, unique: str
 ) -> None:
-    """What protects a lock when its bucket is rolled up anyway: the next holder's
-    token is higher (the resource refuses the old one) and the victim's lease is lost
-    at its next refresh, as after an expiry."""
+    """The lock bucket refuses rollups (no limit markers: waiters time expiries): the
+    attacker cannot take the victim's lock, which the victim still refreshes; the
+    fencing token stays the second line (a takeover after expiry has a higher one)."""
     resource = f"deploy-{unique}"
     async with (
         provisioning(service),
         deploy.bus(VICTIM) as vbus,
         deploy.bus(ATTACKER) as abus,
     ):
+        info = await service.js.stream_info(f"KV_{LOCKS_BUCKET}")
+        assert not info.config.allow_rollup_hdrs
+        assert not info.config.subject_delete_marker_ttl
         victim = Lock(vbus, resource, VICTIM, ttl=30)
         held = await victim.acquire(timeout=0)
         assert held is not None
-        await abus.js.publish(f"$KV.{LOCKS_BUCKET}.x-{unique}", b"", headers={"Nats-Rollup": "all"})
-        stolen = await Lock(abus, resource, ATTACKER, ttl=30).acquire(timeout=0)
-        assert stolen is not None
-        assert stolen.token > held.token
-        with pytest.raises(LockLostError):
-            await victim.refresh()
+        with pytest.raises(nats.js.errors.APIError, match="rollup"):
+            await abus.js.publish(
+                f"$KV.{LOCKS_BUCKET}.x-{unique}", b"", headers={"Nats-Rollup": "all"}
+            )
+        assert await Lock(abus, resource, ATTACKER, ttl=30).acquire(timeout=0) is None
+        assert (await victim.refresh()).token == held.token
+        await victim.release()
+        after = await Lock(abus, resource, ATTACKER, ttl=30).acquire(timeout=0)
+        assert after is not None
+        assert after.token > held.token
 
 
 async def test_locks_prune_and_retention_work_without_rollups(

@@ -38,7 +38,7 @@ from swarmbus import (
 from swarmbus import _locks as locks
 from swarmbus._cli import main
 from swarmbus._jetstream.acks import CasWriter as _Writer
-from swarmbus._locks import MARKER_REASON, TTL_HEADER, _bucket, whole_seconds
+from swarmbus._locks import TTL_HEADER, _bucket, whole_seconds
 from swarmbus._subjects import MAX_RESOURCE_BYTES, kv_subject, lock_key, resource_of_lock_key
 
 RESOURCE = "file:/src/main.py"
@@ -60,17 +60,23 @@ async def _stored_headers(bus: Bus, bucket: str, key: str) -> dict[str, str]:
     return dict(msg.headers or {})
 
 
-async def _wait_for_expiry(kv: KeyValue, key: str, after: int) -> int:
-    """Wait (on a KV watch, i.e. on the server's clock) for the TTL marker after ``after``."""
-    watcher = await kv.watch(key)
-    try:
-        with anyio.fail_after(15):
-            async for entry in watcher:
-                if entry is not None and entry.revision > after and entry.operation == "PURGE":
-                    return int(entry.revision)
-    finally:
-        await watcher.stop()
-    raise AssertionError("watch ended")
+async def _wait_for_expiry(kv: KeyValue, key: str, after: int) -> None:
+    """Wait until the server removed the entry of ``key`` stored now (the lock whose
+    token is ``after``, maybe refreshed since): its TTL passed on the server's clock. No
+    marker is written: the bucket has no limit markers."""
+    current: int | None = None
+    with anyio.fail_after(15):
+        while True:
+            try:
+                msg = await kv._js.get_msg(kv._stream, subject=kv._pre + key, direct=False)
+            except nats.js.errors.NotFoundError:
+                return
+            seq = msg.seq or 0
+            assert seq >= after
+            if current is not None and seq != current:
+                return
+            current = seq
+            await anyio.sleep(0.02)  # polls the server's state: nothing to wait on
 
 
 # --- pure logic -------------------------------------------------------------------
@@ -222,18 +228,17 @@ async def test_fractional_ttl_is_rounded_up_not_rejected(bus: Bus, bucket: str) 
 
 
 async def test_acquire_after_ttl_expiry(bus: Bus, bucket: str) -> None:
-    """Pitfall: nats-py's kv.create fails on a key whose lock expired; Lock does not."""
+    """A lock the server removed at its TTL (no marker) is taken with a higher token."""
     kv = await _kv(bus, bucket)
     key = lock_key(RESOURCE)
     crashed = await Lock(bus, RESOURCE, "ops/crashed", bucket=bucket).acquire(ttl=1)
     assert crashed is not None
-    marker = await _wait_for_expiry(kv, key, crashed.token)
-    assert MARKER_REASON in await _stored_headers(bus, bucket, key)
-    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
-        await kv.create(key, b"{}", msg_ttl=5)
+    await _wait_for_expiry(kv, key, crashed.token)
+    with pytest.raises(nats.js.errors.NotFoundError):  # removed, no marker left
+        await bus.js.get_msg(f"KV_{bucket}", subject=kv_subject(bucket, key))
     lease = await Lock(bus, RESOURCE, "ops/next", bucket=bucket).acquire()
     assert lease is not None
-    assert lease.token > marker > crashed.token
+    assert lease.token > crashed.token
 
 
 async def test_blocking_acquire_wakes_on_expiry(bus: Bus, bucket: str) -> None:
@@ -854,3 +859,111 @@ async def test_a_release_that_could_not_reach_nats_can_be_retried(
     assert lock.lease == lease  # still ours: the release did not happen
     await lock.release()  # so it can be retried, instead of waiting out the 30 s TTL
     assert await lock_holder(bus, RESOURCE, bucket=bucket) is None
+
+
+# --- expiry without markers -----------------------------------------------------------
+
+
+async def test_waiters_take_expired_locks_within_their_ttl(nats_url: str, bucket: str) -> None:
+    """No marker says a lock expired: waiters time it, both for a record they read (held
+    before they came) and for one their watch saw written (taken while they waited)."""
+    bound = timedelta(milliseconds=500)
+    async with Bus.open(url=nats_url) as first, Bus.open(url=nats_url) as second:
+        crashed = await Lock(first, RESOURCE, "ops/crashed", bucket=bucket).acquire(ttl=1)
+        holder = await lock_holder(first, RESOURCE, bucket=bucket)
+        assert crashed is not None
+        assert holder is not None
+        expiries = [holder.expires_at]
+        taken: list[tuple[datetime, Lease]] = []
+
+        async def wait(bus: Bus, owner: str) -> None:
+            lease = await Lock(bus, RESOURCE, owner, bucket=bucket).acquire(timeout=10, ttl=1)
+            now = datetime.now(UTC)
+            assert lease is not None  # and never released: it expires too
+            held = await lock_holder(bus, RESOURCE, bucket=bucket)
+            assert held is not None
+            taken.append((now, lease))
+            expiries.append(held.expires_at)
+
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait, first, "ops/a")
+                tg.start_soon(wait, second, "ops/b")
+        assert crashed.token < taken[0][1].token < taken[1][1].token
+        for (at, _), expired in zip(taken, expiries, strict=False):
+            assert expired <= at < expired + bound  # never early, late by a small bound
+
+
+async def test_a_lock_bucket_with_limit_markers_is_updated_in_place(
+    nats_url: str, bucket: str
+) -> None:
+    """A lock bucket made by an older swarmbus (limit markers, hence rollups allowed)
+    loses both when a lock opens it; its locks and revisions stay."""
+    async with Bus.open(url=nats_url) as old:
+        await old.key_value(bucket, history=1, limit_marker_ttl=60)
+        config = (await old.js.stream_info(f"KV_{bucket}")).config
+        assert config.subject_delete_marker_ttl
+        assert config.allow_rollup_hdrs
+        held = await Lock(old, RESOURCE, "ops/old", bucket=bucket, ttl=30).acquire()
+    assert held is not None
+    async with Bus.open(url=nats_url) as new:
+        assert await Lock(new, RESOURCE, "ops/new", bucket=bucket).acquire() is None
+        config = (await new.js.stream_info(f"KV_{bucket}")).config
+        assert not config.subject_delete_marker_ttl
+        assert not config.allow_rollup_hdrs
+        holder = await lock_holder(new, RESOURCE, bucket=bucket)
+        assert holder is not None
+        assert holder.token == held.token
+        with pytest.raises(nats.js.errors.APIError, match="rollup"):
+            await new.js.publish(kv_subject(bucket, "x"), b"", headers={"Nats-Rollup": "all"})
+
+
+async def test_a_waiter_that_lost_to_a_write_it_never_saw_times_its_expiry(
+    nats_url: str, bucket: str
+) -> None:
+    """The waiter's hint (its own release marker) loses to a lock written before its
+    connection watched the bucket: it reads that lock to time its expiry."""
+    async with Bus.open(url=nats_url) as first, Bus.open(url=nats_url) as second:
+        waiter = Lock(second, RESOURCE, "ops/next", bucket=bucket)
+        assert await waiter.acquire(timeout=0) is not None
+        await waiter.release()  # a hint for later, and no watch yet
+        crashed = await Lock(first, RESOURCE, "ops/crashed", bucket=bucket).acquire(ttl=1)
+        holder = await lock_holder(first, RESOURCE, bucket=bucket)
+        assert crashed is not None
+        assert holder is not None
+        with anyio.fail_after(5):
+            lease = await waiter.acquire(timeout=5)
+        assert lease is not None
+        assert holder.expires_at <= datetime.now(UTC) < holder.expires_at + timedelta(seconds=0.5)
+
+
+async def test_a_waiter_whose_clock_is_ahead_rereads_with_backoff(
+    bus: Bus, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waiter's clock 0.8 s ahead of the server's reads the key too early: it finds
+    the holder still there and reads again after 20 ms, 40 ms, ... (not in a loop)."""
+
+    class Ahead(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> Ahead:  # type: ignore[override]
+            return super().now(UTC) + timedelta(seconds=0.8)  # type: ignore[return-value]
+
+    reads = 0
+    kv_last = locks.kv_last
+
+    async def counted(*args: object) -> object:
+        nonlocal reads
+        reads += 1
+        return await kv_last(*args)  # type: ignore[arg-type]
+
+    crashed = await Lock(bus, RESOURCE, "ops/crashed", bucket=bucket).acquire(ttl=2)
+    holder = await lock_holder(bus, RESOURCE, bucket=bucket)
+    assert crashed is not None
+    assert holder is not None
+    monkeypatch.setattr(locks, "datetime", Ahead)
+    monkeypatch.setattr(locks, "kv_last", counted)
+    with anyio.fail_after(10):
+        lease = await Lock(bus, RESOURCE, "ops/next", bucket=bucket).acquire(timeout=10)
+    assert lease is not None
+    assert datetime.now(UTC) < holder.expires_at + timedelta(seconds=0.8)
+    assert 2 < reads < 12

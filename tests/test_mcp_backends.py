@@ -99,7 +99,8 @@ async def test_two_agents_sharing_only_the_store_work_an_incident(
         # A lock taken by one is refused to the other until released.
         held = await first.call("swarm_acquire_lock", resource="host:db-1")
         assert held["acquired"] is True
-        assert (await second.call("swarm_acquire_lock", resource="host:db-1"))["acquired"] is False
+        refused = await second.call("swarm_acquire_lock", resource="host:db-1")
+        assert (refused["acquired"], refused["holder"]) == (False, lead)  # read from the store
         await first.call("swarm_release_lock", resource="host:db-1")
         taken = await second.call("swarm_acquire_lock", resource="host:db-1", wait_seconds=5)
         assert taken["acquired"] is True

@@ -17,11 +17,22 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
-from swarmbus import Bus, ConflictError, FindingRecord, Lease, Lock, LockLostError, Task
+from swarmbus import (
+    Bus,
+    ConflictError,
+    FindingRecord,
+    Lease,
+    Lock,
+    LockLostError,
+    Task,
+    held_locks,
+    lock_holder,
+)
+from swarmbus._cli import main as cli_main
 from swarmbus._postgres_store import PostgresStore, open_pool
 from swarmbus._redis_store import BOARD_BUCKET, LOCKS_BUCKET, TASKS_BUCKET, RedisStore
 from swarmbus._subjects import lock_key
-from tests._stores import PostgresServer, RedisServer
+from tests._stores import PostgresServer, RedisServer, store_env, store_options
 
 NOW = datetime(2026, 12, 7, 4, 30, tzinfo=UTC)
 
@@ -129,7 +140,10 @@ async def test_migrations_apply_once(postgres_server: PostgresServer) -> None:
         await migrate(conn)  # whatever is pending
         assert await migrate(conn) == []
         cursor = await conn.execute("SELECT name FROM swarm_migrations ORDER BY name")
-        assert [row[0] for row in await cursor.fetchall()] == ["001_coordination.sql"]
+        assert [row[0] for row in await cursor.fetchall()] == [
+            "001_coordination.sql",
+            "002_open_tasks.sql",
+        ]
 
 
 async def test_the_task_queues_tasks_are_rows_of_agent_tasks(
@@ -327,3 +341,43 @@ async def test_a_redis_lock_refresh_rearms_the_ttl_and_keeps_the_token(
     assert await Lock(redis_bus, resource, "ops/other").acquire(timeout=0) is None
     await lock.release()
     assert await redis_client.exists(redis_key) == 0
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_lock_holder_held_locks_and_the_cli_read_the_configured_store(
+    backend: str,
+    request: pytest.FixtureRequest,
+    nats_url: str,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    resource = f"file:/src/{unique}.py"
+    async with Bus.open(url=nats_url, backend=backend, **store_options(request, backend)) as bus:
+        assert await lock_holder(bus, resource) is None
+        lock = Lock(bus, resource, "ops/release-manager", ttl=30)
+        lease = await lock.acquire()
+        assert lease is not None
+        before = datetime.now(UTC)
+        holder = await lock_holder(bus, resource)
+        assert holder is not None
+        assert (holder.resource, holder.owner, holder.token) == (
+            resource,
+            "ops/release-manager",
+            lease.token,
+        )
+        assert 25 < (holder.expires_at - before).total_seconds() <= 30.5
+        [listed] = [h for h in await held_locks(bus) if h.resource == resource]
+        assert (listed.owner, listed.token) == ("ops/release-manager", lease.token)
+
+        for name, value in {"NATS_URL": nats_url, **store_env(request, backend)}.items():
+            monkeypatch.setenv(name, value)
+        assert await anyio.to_thread.run_sync(cli_main, ["locks"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert [line.split()[1:3] for line in out if line.startswith(resource + " ")] == [
+            ["ops/release-manager", str(lease.token)]
+        ]
+
+        await lock.release()
+        assert await lock_holder(bus, resource) is None
+        assert resource not in [h.resource for h in await held_locks(bus)]

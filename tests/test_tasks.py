@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import msgspec
+import nats.js.errors
 import pytest
 
 from swarmbus import (
@@ -17,6 +19,7 @@ from swarmbus import (
     InvalidTaskError,
     InvalidTransitionError,
     Message,
+    NatsServer,
     NotFoundError,
     Task,
     TaskClaimLostError,
@@ -27,7 +30,12 @@ from swarmbus import (
     decode,
 )
 from swarmbus._cli import main as cli_main
+from swarmbus._jetstream.workqueue import DEFAULT_ACK_WAIT, queue_consumer
+from swarmbus._runtime.provision import provisioning
+from swarmbus._tasks import MAX_PRIORITY, MIN_PRIORITY, TASKS_STREAM
+from swarmbus._tasks.store_reads import get_many, lists_open, open_records
 from tests._stores import store_options
+from tests.test_auth import DEPLOY, INBOX, LEAD, PASSWORDS, SERVICE, start_with_passwords
 
 CREATOR = "ops/coordinator"
 
@@ -651,3 +659,199 @@ async def test_a_store_claim_cancelled_while_its_writes_are_in_flight_is_given_b
     claims = await queue.claim_many(agent="w/b", types=["probe"], limit=2, timeout=5)
     assert sorted(c.task.id for c in claims) == sorted(t.id for t in created)
     assert [c.attempt for c in claims] == [1, 1]
+
+
+class CountingStore:
+    """A ``StateStore`` that counts the entries read through it (lists and gets)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.read = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def list(self, prefix: str = "") -> Any:
+        entries = await self.store.list(prefix)
+        self.read += len(entries)
+        return entries
+
+    async def get(self, key: str, *, fresh: bool = False) -> Any:
+        self.read += 1
+        return await self.store.get(key, fresh=fresh)
+
+    async def get_many(self, keys: list[str]) -> Any:
+        self.read += len(keys)
+        return await get_many(self.store, keys)
+
+    @property
+    def lists_open(self) -> bool:
+        return lists_open(self.store)
+
+    async def open_records(self, session: str, types: list[str]) -> Any:
+        entries = await open_records(self.store, session, types)
+        self.read += len(entries)
+        return entries
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_a_store_claim_does_not_read_the_sessions_finished_tasks(
+    queue: TaskQueue, session_id: str
+) -> None:
+    async def complete(claim: Any) -> None:
+        await claim.complete({})
+
+    finished = await queue.create_many([TaskSpec(type="probe") for _ in range(1000)], agent=CREATOR)
+    for _ in range(10):
+        claims = await queue.claim_many(agent="w/a", types=["probe"], limit=100, timeout=5)
+        assert len(claims) == 100
+        async with anyio.create_task_group() as tg:
+            for claim in claims:
+                tg.start_soon(complete, claim)
+    assert len(await queue.tasks("completed")) == len(finished)
+
+    store: Any = queue
+    records = store._record_store = CountingStore(store._record_store)
+    index = None if store._open_store is None else CountingStore(store._open_store)
+    store._open_store = index
+    late = await queue.create("probe", agent=CREATOR)
+    other = await queue.create("other", agent=CREATOR)
+    claim = await queue.claim(agent="w/a", types=["probe"])
+    assert claim is not None
+    assert claim.task.id == late.id
+    # Nothing of the 1,000 finished tasks is read: on Redis the open-task index (2 keys),
+    # then the one record of type "probe"; on PostgreSQL that record from agent_tasks.
+    if index is not None:
+        assert (index.read, records.read) == (2, 1)
+    else:
+        assert records.read == 1
+    await claim.complete({})
+    still_open = (
+        [e.key for e in await index.list(f"{session_id}.")]
+        if index is not None
+        else [e.key for e in await open_records(records.store, session_id, ["other", "probe"])]
+    )
+    assert still_open == [f"{session_id}.{other.id}"]
+
+
+# --- queue consumers expire when idle (issue 17) -------------------------------------
+
+IDLE = 1.0
+"""task_consumer_inactive_threshold in these tests (seconds)."""
+
+
+def _durables(session: str, type: str) -> set[str]:
+    return {
+        str(queue_consumer(session, type, p, DEFAULT_ACK_WAIT).durable_name)
+        for p in range(MIN_PRIORITY, MAX_PRIORITY + 1)
+    }
+
+
+async def _existing(bus: Bus, durables: set[str]) -> set[str]:
+    found = set()
+    for durable in durables:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await bus.js.consumer_info(TASKS_STREAM, durable)
+            found.add(durable)
+    return found
+
+
+async def _until_existing(bus: Bus, durables: set[str], existing: set[str]) -> None:
+    """Wait until exactly ``existing`` of ``durables`` exist (polled: under the deploy
+    config no user may subscribe to JetStream advisories, so there is no event)."""
+    with anyio.fail_after(IDLE + 10):
+        while await _existing(bus, durables) != existing:  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+
+
+async def _claim_and_complete(queue: TaskQueue, agent: str, within: float) -> str:
+    created = await queue.create("investigate", agent=agent)
+    with anyio.fail_after(within):  # not a pull timeout (5 s) per expired consumer
+        claim = await queue.claim(agent=agent, types=["investigate"], timeout=within)
+    assert claim is not None
+    assert claim.task.id == created.id
+    assert (await claim.complete({"ok": True})).status == "completed"
+    return created.id
+
+
+@pytest.mark.parametrize("provisioner", [False, True], ids=["claimer-creates", "service"])
+async def test_idle_queue_consumers_expire_and_later_tasks_are_still_claimed(
+    nats_url: str, session_id: str, provisioner: bool
+) -> None:
+    durables = _durables(session_id, "investigate")
+    async with (
+        Bus.open(url=nats_url, task_consumer_inactive_threshold=IDLE) as bus,
+        provisioning(bus) if provisioner else contextlib.nullcontext(),
+        TaskQueue(bus, session_id) as queue,
+    ):
+        deleted: set[str] = set()
+        all_gone = anyio.Event()
+
+        async def on_deleted(msg: Any) -> None:
+            deleted.add(msg.subject.rsplit(".", 1)[-1])
+            if durables <= deleted:
+                all_gone.set()
+
+        advisories = f"$JS.EVENT.ADVISORY.CONSUMER.DELETED.{TASKS_STREAM}.*"
+        sub = await bus.nc.subscribe(advisories, cb=on_deleted)
+        try:
+            await _claim_and_complete(queue, CREATOR, 5)
+            assert await _existing(bus, durables) == durables  # one per priority
+            info = await bus.js.consumer_info(TASKS_STREAM, next(iter(durables)))
+            assert info.config.inactive_threshold == IDLE
+            # idle: each consumer is deleted by the server, with or without the service
+            with anyio.fail_after(IDLE + 10):
+                await all_gone.wait()
+            assert not await _existing(bus, durables)
+            # the claimer's pull sees "no responders" and makes or finds it again at once
+            await _claim_and_complete(queue, CREATOR, 2)
+            await _claim_and_complete(queue, CREATOR, 2)  # and keeps it while in use
+        finally:
+            await sub.unsubscribe()
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(
+        tmp_path_factory.mktemp("tasks-auth"),
+        config_file=DEPLOY / "single.conf",
+        extra_args=["--http_port", "-1"],
+    )
+    start_with_passwords(server)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _as(server: NatsServer, user: str, **settings: Any) -> Any:
+    return Bus.open(
+        url=server.url, user=user, password=PASSWORDS[user], inbox_prefix=INBOX[user], **settings
+    )
+
+
+async def test_under_auth_the_service_remakes_expired_queue_consumers(
+    auth_server: NatsServer, session_id: str
+) -> None:
+    """Agents may not create queue consumers: the service makes one again on the next
+    dispatch after it expired, and its sweep makes one that was deleted after the
+    service saw it exist (a pending task never waits for its queue's next dispatch)."""
+    durable = str(queue_consumer(session_id, "investigate", 5, DEFAULT_ACK_WAIT).durable_name)
+    async with (
+        _as(auth_server, SERVICE, task_consumer_inactive_threshold=IDLE) as service,
+        provisioning(service),
+        _as(auth_server, LEAD) as agent,
+        TaskQueue(agent, session_id) as queue,
+    ):
+        await _claim_and_complete(queue, LEAD, 5)
+        await _until_existing(service, {durable}, set())
+        await _claim_and_complete(queue, LEAD, 3)
+        # deleted right after the service checked it: the sweep makes it again
+        created = await queue.create("investigate", agent=LEAD)
+        await _until_existing(service, {durable}, {durable})
+        await service.js.delete_consumer(TASKS_STREAM, durable)
+        with anyio.fail_after(5):
+            claim = await queue.claim(agent=LEAD, types=["investigate"], timeout=5)
+        assert claim is not None
+        assert claim.task.id == created.id
+        await claim.complete({"ok": True})

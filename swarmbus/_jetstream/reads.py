@@ -36,6 +36,8 @@ from swarmbus._jetstream.headers import (
 
 _NO_MESSAGES: Final = frozenset({"404", "408", "409"})
 """Pull statuses that end a pull: no messages, request timeout, consumer changed."""
+NO_RESPONDERS: Final = "503"
+"""The status of a pull from a consumer that does not exist (deleted as inactive)."""
 
 __all__ = [
     "PullInbox",
@@ -258,9 +260,16 @@ class PullInbox:
         self._msgs: list[Msg] = []
         self._want = 0
         self._done: asyncio.Future[None] | None = None
+        self._missing = False
 
-    async def pull(self, next_subject: str, batch: int) -> list[Msg]:
+    async def pull(self, next_subject: str, batch: int) -> list[Msg] | None:
+        """Up to ``batch`` messages (none waiting: at once); None if the consumer is gone.
+
+        A pull from a consumer that does not exist gets "no responders" (503) at once;
+        it is reported, not waited out until the request timeout.
+        """
         nc = self._nc
+        self._missing = False
         try:
             if self._sub is None:
                 self._sub = await nc.subscribe(nc.new_inbox(), cb=self._on_msg)
@@ -276,6 +285,8 @@ class PullInbox:
             raise ConnectionError(f"cannot pull tasks: {exc}") from exc
         finally:
             self._done = None
+        if self._missing and not self._msgs:
+            return None
         msgs, self._msgs = self._msgs[:batch], self._msgs[batch:]
         return msgs
 
@@ -283,8 +294,10 @@ class PullInbox:
         status = (msg.headers or {}).get(STATUS)
         if not status:
             self._msgs.append(msg)
+        elif status == NO_RESPONDERS:
+            self._missing = True
         done = self._done
-        finished = status in _NO_MESSAGES or len(self._msgs) >= self._want
+        finished = status in _NO_MESSAGES or self._missing or len(self._msgs) >= self._want
         if done is not None and not done.done() and finished:
             done.set_result(None)
 

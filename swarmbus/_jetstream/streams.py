@@ -12,10 +12,12 @@ buckets keep one revision per key (a delete or purge marker replaces the value) 
 are purged by subject by the service account (blackboard retention). So nats-py's
 ``kv.purge`` (a rollup) fails on them: delete instead.
 
-Except on a bucket with limit markers (``limit_marker_ttl``, the lock bucket: waiters
-see a lock's TTL expiry by its marker): nats-server 2.15 turns rollups on for any stream
-with subject delete markers and refuses ``deny_purge`` with rollups ("roll-ups require
-the purge permission"). There the fencing token is what protects a resource.
+Except on a bucket with limit markers (``limit_marker_ttl``): nats-server 2.15 turns
+rollups on for any stream with subject delete markers and refuses ``deny_purge`` with
+rollups ("roll-ups require the purge permission"). No swarmbus bucket has them: the lock
+bucket had them (waiters saw a lock's TTL expiry by its marker) until waiters timed
+expiries themselves; a bucket opened without ``limit_marker_ttl`` that has them (made by
+an older swarmbus) is updated in place to have neither markers nor rollups.
 """
 
 from __future__ import annotations
@@ -85,7 +87,10 @@ async def open_key_value(js: JetStreamContext, config: KeyValueConfig, guard: Gu
         info = await _create_bucket(js, config, guard)
     except nats.js.errors.APIError as exc:
         raise translate(exc, f"cannot open bucket {bucket}") from exc
-    if info.config.allow_rollup_hdrs and not info.config.subject_delete_marker_ttl:
+    markers = bool(info.config.subject_delete_marker_ttl)
+    if markers and not config.limit_marker_ttl:
+        info = await _forbid_rollups(js, info, guard)  # and the markers that force them
+    elif info.config.allow_rollup_hdrs and not markers:
         info = await _forbid_rollups(js, info, guard)
     return KeyValue(
         name=bucket,
@@ -143,8 +148,9 @@ async def _create_bucket(js: JetStreamContext, config: KeyValueConfig, guard: Gu
 
 
 async def _forbid_rollups(js: JetStreamContext, info: StreamInfo, guard: Guard) -> StreamInfo:
-    """Update a bucket made with rollups allowed; as it is if this user may not."""
-    config = replace(info.config, allow_rollup_hdrs=False)
+    """Update a bucket made with rollups allowed (and limit markers, which need them);
+    as it is if this user may not."""
+    config = replace(info.config, allow_rollup_hdrs=False, subject_delete_marker_ttl=None)
     try:
         with guard(f"{JS_API}.STREAM.UPDATE.{config.name}", f"update bucket {config.name}"):
             return await js.update_stream(config)

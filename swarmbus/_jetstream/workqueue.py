@@ -95,15 +95,33 @@ def work_queue_stream(
 
 DEFAULT_ACK_WAIT: Final = 5.0
 """The ack wait of a queue consumer the service creates (``TaskQueue``'s default)."""
+DEFAULT_INACTIVE_THRESHOLD: Final = 900.0
+"""Seconds a queue consumer outlives its last pull (``task_consumer_inactive_threshold``)."""
 RECHECK_AFTER: Final = 600.0
 """Seconds after which the service checks again that a queue's consumer exists (an idle
-one is deleted by its inactive threshold)."""
+one is deleted by its inactive threshold): at most half that threshold."""
+SWEEP_EVERY: Final = 60.0
+"""Seconds between the service's sweeps of the queues with pending dispatches (at most
+half the inactive threshold): a consumer that expired just after the service saw it
+exist is made again, so no pending task waits for its queue's next dispatch."""
 MAX_CHECKED: Final = 10_000
 """Queues the service remembers before it forgets those checked over RECHECK_AFTER ago."""
 
 
-def queue_consumer(session: str, type: str, priority: int, ack_wait: float) -> ConsumerConfig:
-    """The durable pull consumer of the queue of ``type`` tasks at ``priority``."""
+def queue_consumer(
+    session: str,
+    type: str,
+    priority: int,
+    ack_wait: float,
+    inactive_threshold: float = DEFAULT_INACTIVE_THRESHOLD,
+) -> ConsumerConfig:
+    """The durable pull consumer of the queue of ``type`` tasks at ``priority``.
+
+    It is deleted by the server ``inactive_threshold`` seconds after its last pull, so
+    the consumers of a stream follow the queues claimed from recently (and those with
+    pending dispatches, which the claimer or the service makes again), not every queue
+    that ever had a task.
+    """
     return ConsumerConfig(
         durable_name=f"{subjects.safe_token(f'{session}.{type}')}-q{priority}",
         filter_subject=f"{subjects.task_subject(session, type, priority)}.*",
@@ -112,7 +130,7 @@ def queue_consumer(session: str, type: str, priority: int, ack_wait: float) -> C
         max_deliver=-1,
         max_ack_pending=-1,
         deliver_policy=DeliverPolicy.ALL,
-        inactive_threshold=24 * 3600.0,
+        inactive_threshold=inactive_threshold,
     )
 
 
@@ -191,11 +209,24 @@ class Puller:
         self._ready = False
 
     async def pull(self, batch: int) -> list[Msg]:
-        if not self._ready:
-            self._ready = await self._consumers.find_or_create(self._config)
+        """Up to ``batch`` dispatches, [] if none (or no consumer yet).
+
+        A consumer the server deleted (idle over its inactive threshold) is found or
+        made again at once: the pull that saw it gone is answered "no responders".
+        """
+        for _ in range(2):
             if not self._ready:
-                return []
-        return await self._consumers.inbox.pull(self._next, batch)
+                self._ready = await self._consumers.find_or_create(self._config)
+                if not self._ready:
+                    return []
+            msgs = await self._consumers.inbox.pull(self._next, batch)
+            if msgs is not None:
+                return msgs
+            self._ready = False
+            log.info(
+                "task consumer %s expired: finding or making it again", self._config.durable_name
+            )
+        return []
 
 
 class QueueProvisioner:
@@ -209,13 +240,23 @@ class QueueProvisioner:
     """
 
     def __init__(
-        self, nc: NatsClient, js: JetStreamContext, stream: str, wildcard: str, priorities: range
+        self,
+        nc: NatsClient,
+        js: JetStreamContext,
+        stream: str,
+        wildcard: str,
+        priorities: range,
+        *,
+        inactive_threshold: float = DEFAULT_INACTIVE_THRESHOLD,
     ) -> None:
         self._nc = nc
         self._js = js
         self._stream = stream
         self._wildcard = wildcard
         self._priorities = priorities
+        self._inactive_threshold = inactive_threshold
+        self._recheck_after = min(RECHECK_AFTER, inactive_threshold / 2)
+        self._sweep_every = min(SWEEP_EVERY, inactive_threshold / 2)
         self._checked: dict[Queue, float] = {}
         self._send, self._receive = anyio.create_memory_object_stream[Queue](1000)
 
@@ -223,23 +264,43 @@ class QueueProvisioner:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Subscribe and make the consumers of the queues with dispatches stored now
-        (then it has started), then of each new queue until cancelled."""
+        (then it has started), then of each new queue, and every ``SWEEP_EVERY`` of the
+        queues with dispatches pending, until cancelled."""
         try:
             sub = await self._nc.subscribe(self._wildcard, cb=self._on_dispatch)
-            info = await self._js.stream_info(self._stream, subjects_filter=self._wildcard)
         except (TimeoutError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot watch the task queues: {exc}") from exc
         try:
-            for subject in info.state.subjects or {}:
-                queue = self._queue_of(subject)
-                if queue is not None:
-                    await self._create(queue)
+            await self._sweep(strict=True)
             task_status.started()
-            async for queue in self._receive:
-                await self._create(queue)
+            while True:
+                with anyio.move_on_after(self._sweep_every):
+                    while True:
+                        await self._create(await self._receive.receive())
+                await self._sweep()
         finally:
             with anyio.CancelScope(shield=True):
                 await unsubscribe_all([sub])
+
+    async def _sweep(self, *, strict: bool = False) -> None:
+        """Make the consumers of the queues with pending dispatches that have none.
+
+        ``strict``: a failed read raises (at start); later sweeps log it and go on.
+        """
+        try:
+            info = await self._js.stream_info(self._stream, subjects_filter=self._wildcard)
+        except (TimeoutError, nats.errors.Error) as exc:
+            if strict:
+                raise ConnectionError(f"cannot watch the task queues: {exc}") from exc
+            log.warning("cannot list the task queues with pending tasks: %s", exc)
+            return
+        now = time.monotonic()
+        queues = {q for s in info.state.subjects or {} if (q := _queue(s, self._priorities))}
+        for queue in queues:
+            checked = self._checked.get(queue)
+            if checked is None or now - checked >= self._sweep_every:
+                self._checked[queue] = now
+                await self._create(queue)
 
     async def _on_dispatch(self, msg: Msg) -> None:
         queue = self._queue_of(msg.subject)
@@ -252,27 +313,23 @@ class QueueProvisioner:
 
     def _queue_of(self, subject: str) -> Queue | None:
         """The queue of a dispatch subject, unless invalid or checked recently."""
-        parts = subject.split(".")
-        if len(parts) != 6 or not parts[4].isdigit() or int(parts[4]) not in self._priorities:
+        queue = _queue(subject, self._priorities)
+        if queue is None:
             return None
-        queue = (parts[2], parts[3], int(parts[4]))
         now = time.monotonic()
         checked = self._checked.get(queue)
-        if checked is not None and now - checked < RECHECK_AFTER:
+        recheck = self._recheck_after
+        if checked is not None and now - checked < recheck:
             return None
-        try:
-            subjects.task_subject(*queue)
-        except SwarmbusError:
-            return None  # not a queue (an invalid session id or task type)
         if len(self._checked) >= MAX_CHECKED:  # forget the queues checked long ago
-            self._checked = {q: t for q, t in self._checked.items() if now - t < RECHECK_AFTER}
+            self._checked = {q: t for q, t in self._checked.items() if now - t < recheck}
             if len(self._checked) >= MAX_CHECKED:  # a flood of queues: check again
                 self._checked.clear()
         self._checked[queue] = now
         return queue
 
     async def _create(self, queue: Queue) -> None:
-        config = queue_consumer(*queue, DEFAULT_ACK_WAIT)
+        config = queue_consumer(*queue, DEFAULT_ACK_WAIT, self._inactive_threshold)
         durable = str(config.durable_name)
         try:
             if not await consumer_exists(self._js, self._stream, durable):
@@ -280,6 +337,19 @@ class QueueProvisioner:
         except (SwarmbusError, TimeoutError, nats.errors.Error) as exc:
             log.warning("cannot create the task consumer %s: %s", durable, exc)
             self._checked.pop(queue, None)  # the queue's next dispatch tries again
+
+
+def _queue(subject: str, priorities: range) -> Queue | None:
+    """The queue of a dispatch subject; None if it is not a valid one."""
+    parts = subject.split(".")
+    if len(parts) != 6 or not parts[4].isdigit() or int(parts[4]) not in priorities:
+        return None
+    queue = (parts[2], parts[3], int(parts[4]))
+    try:
+        subjects.task_subject(*queue)
+    except SwarmbusError:
+        return None  # not a queue (an invalid session id or task type)
+    return queue
 
 
 class Wakeup:

@@ -16,7 +16,10 @@ what                       made
 ``SWARMBUS_BOARD``,        made by an older swarmbus is updated to refuse rollup
 ``SWARMBUS_QUERIES``,      headers
 ``SWARMBUS_LOCKS``
-task-queue consumers       when a queue's first dispatch is published
+task-queue consumers       when a queue's first dispatch is published, again
+                           after the consumer expired (idle for
+                           ``task_consumer_inactive_threshold``), and for
+                           queues with dispatches pending, every minute
                            (``QueueProvisioner``)
 =========================  ====================================================
 
@@ -38,7 +41,7 @@ from swarmbus._blackboard import Blackboard
 from swarmbus._bus import Bus
 from swarmbus._consensus import Consensus
 from swarmbus._jetstream.workqueue import QueueProvisioner
-from swarmbus._locks import LOCKS_BUCKET, MARKER_TTL
+from swarmbus._locks import LOCKS_BUCKET
 from swarmbus._query_ledger import QueryLedger
 from swarmbus._runtime.api_server import RUNTIME_AGENT
 from swarmbus._tasks import MAX_PRIORITY, MIN_PRIORITY, TASKS_STREAM, TaskQueue
@@ -58,9 +61,7 @@ async def provision(bus: Bus) -> None:
     await Consensus.open(bus)
     await Blackboard.open(bus, SESSION)
     await QueryLedger.open(bus, SESSION, agent=RUNTIME_AGENT)
-    await open_store(
-        bus, LOCKS_BUCKET, history=1, limit_marker_ttl=MARKER_TTL, description="swarmbus locks"
-    )
+    await open_store(bus, LOCKS_BUCKET, history=1, description="swarmbus locks")
 
 
 @contextlib.asynccontextmanager
@@ -73,6 +74,7 @@ async def provisioning(bus: Bus) -> AsyncIterator[None]:
         TASKS_STREAM,
         subjects.TASK_WILDCARD,
         range(MIN_PRIORITY, MAX_PRIORITY + 1),
+        inactive_threshold=bus.settings.task_consumer_inactive_threshold,
     )
     async with anyio.create_task_group() as tg:
         await tg.start(queues.run)

@@ -414,7 +414,14 @@ class Claimer:
         puller = self._pullers.get(key)
         if puller is None:
             session = self._queue.session
-            config = queue_consumer(session, type, priority, self._queue.ack_wait)
+            settings = self._queue.bus.settings
+            config = queue_consumer(
+                session,
+                type,
+                priority,
+                self._queue.ack_wait,
+                settings.task_consumer_inactive_threshold,
+            )
             puller = self._pullers[key] = self._consumers.puller(config)
         return puller
 

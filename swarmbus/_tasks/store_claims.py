@@ -1,11 +1,13 @@
 """Claims on a ``StateStore`` (``SWARM_BACKEND=redis|postgres``): found by listing, taken by CAS.
 
 Without a dispatch stream the record is the whole task: it is created with the task
-(create-once) and is what claimers look for. A claimer lists the session's records
-(prefix ``<session>.``), keeps the claimable ones of its types and takes the best
-first: a task that waited ``starvation_after`` (aging), else the highest priority,
-FIFO within. Claimable means pending (approved if gated, past its retry delay) or
-claimed with a lease that ran out. Each claim is a compare-and-set from the revision
+(create-once) and is what claimers look for. A claimer reads the records of the
+session's open tasks of its types (the open-task index of ``store_queue``, then the
+records in one batched read; on PostgreSQL one query of the ``agent_tasks`` mirror:
+``store_reads``), keeps the claimable ones and takes the best first: a task that
+waited ``starvation_after`` (aging), else the highest priority, FIFO within.
+Claimable means pending (approved if gated, past its retry delay) or claimed with a
+lease that ran out. Each claim is a compare-and-set from the revision
 the listing returned, so two claimers never both win; the loser moves on to the next
 candidate. A task out of attempts is failed for good (dead letter) by the claimer that
 finds it. Every later transition (heartbeat, complete, fail) is a compare-and-set at
@@ -50,9 +52,10 @@ from swarmbus._errors import (
 )
 from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._messages import TaskAssigned, TaskCompleted, TaskFailed
-from swarmbus._state import StateStore
+from swarmbus._state import Entry, StateStore
 from swarmbus._tasks.claims import Event, _Completed, _Failed, _Outcomes, _released, _running
 from swarmbus._tasks.model import TERMINAL, Claim, Task, after, claimed, encoder, now, record_of
+from swarmbus._tasks.store_reads import get_many, open_records
 
 if TYPE_CHECKING:
     from swarmbus._jetstream.workqueue import Dispatch
@@ -83,7 +86,12 @@ class StoreQueueView(Protocol):
     @property
     def wakes(self) -> StateStore: ...
 
+    @property
+    def open_tasks(self) -> StateStore | None: ...
+
     def _key(self, task_id: str) -> str: ...
+
+    async def _closed(self, task_id: str) -> None: ...
 
     async def _wake(self) -> None: ...
 
@@ -310,13 +318,26 @@ class StoreClaimer:
             raise
         return claims, chosen
 
+    async def _records(self, types: frozenset[str]) -> list[Entry]:
+        """The records of the session's open tasks of ``types`` (the open-task index
+        read first: finished tasks cost nothing), in the order they were listed."""
+        queue = self._queue
+        index = queue.open_tasks
+        if index is None:
+            return await open_records(queue.records, queue.session, sorted(types))
+        keys = []
+        for entry in await index.list(f"{queue.session}."):
+            if entry.value is not None and entry.value.decode(errors="replace") in types:
+                keys.append(entry.key)
+        return [e for e in await get_many(queue.records, keys) if e is not None]
+
     async def _list(self, types: frozenset[str]) -> _Listing:
         queue = self._queue
         prefix = f"{queue.session}."
         listing = _Listing()
         at = time.time()
         decoded, self._decoded = self._decoded, {}
-        for entry in await queue.records.list(prefix):
+        for entry in await self._records(types):
             task_id = entry.key[len(prefix) :]
             if not entry.value or "." in task_id:
                 continue
@@ -332,7 +353,10 @@ class StoreClaimer:
             self._decoded[entry.key] = (entry.revision, task)
             if task is None:
                 continue
-            if task.type not in types or task.status in TERMINAL:
+            if task.status in TERMINAL:  # left in the index by a crash: taken out
+                await queue._closed(task.id)
+                continue
+            if task.type not in types:
                 continue
             if task.approval in ("required", "rejected"):
                 continue  # approve() wakes claimers
@@ -450,6 +474,8 @@ class StoreTransitions:
                 )
             claim.task, claim.revision = new, revision
             claim.finished = new.status != "running"
+            if new.status in TERMINAL:
+                await queue._closed(new.id)
             return new
 
     async def _write(self, new: Task, revision: int) -> int | None:

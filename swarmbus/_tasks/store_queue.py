@@ -7,6 +7,16 @@ the ``swarmbus-tasks`` bucket of the configured ``StateStore`` under
 ``swarm_state``, mirrored into the seed's ``agent_tasks``), created with the task
 (create-once) and changed only by compare-and-set on its revision. Claiming is in
 ``store_claims`` (listing, priority, leases, retries, dead letter, the wake key).
+
+Claimers do not list the records: a session's finished tasks would make every claim
+read more. On PostgreSQL they read the open rows of the store's ``agent_tasks``
+mirror (``store_reads.open_records``). Elsewhere they list the open-task index, bucket
+``swarmbus-task-open``, one key
+``<session>.<task id>`` (value: the task's type) per task not yet finished: written
+before the record is created, deleted once a write made the task completed or failed
+(completion, final failure, dead letter, rejection, cancellation). A key left behind by
+a crash in between is deleted by the next claimer that reads a finished record through
+it; one whose record was never created (a create that failed) is skipped.
 Lifecycle events are still published on NATS after each transition is stored.
 """
 
@@ -57,6 +67,7 @@ from swarmbus._tasks.store_claims import (
     Wake,
     stamped,
 )
+from swarmbus._tasks.store_reads import lists_open
 
 __all__ = ["StoreTaskQueue"]
 
@@ -64,6 +75,8 @@ log = logging.getLogger("swarmbus.tasks")
 
 CREATE_CONCURRENCY: Final = 64
 """Record creations of one ``create_many`` in flight at once."""
+OPEN_BUCKET: Final = "swarmbus-task-open"
+"""The open-task index: ``<session>.<task id>`` -> the task's type, while unfinished."""
 
 
 class StoreTaskQueue(TaskQueue):
@@ -77,12 +90,15 @@ class StoreTaskQueue(TaskQueue):
         super().__init__(bus, session, **options)
         self._record_store: StateStore | None = None
         self._wake_store: StateStore | None = None
+        self._open_store: StateStore | None = None
         self._store_claimer = StoreClaimer(self)
         self._store_transitions = StoreTransitions(self)
 
     async def open(self) -> None:
-        """Open the record bucket and the wake bucket of the configured store."""
+        """Open the record, open-task index and wake buckets of the configured store."""
         self._record_store = await open_store(self.bus, TASKS_BUCKET, history=1)
+        if not lists_open(self._record_store):
+            self._open_store = await open_store(self.bus, OPEN_BUCKET, history=1)
         self._wake_store = await open_store(self.bus, WAKE_BUCKET, history=1)
 
     @property
@@ -91,6 +107,23 @@ class StoreTaskQueue(TaskQueue):
         if self._record_store is None:
             raise SwarmbusError("TaskQueue is not open: use `async with TaskQueue(...)`")
         return self._record_store
+
+    @property
+    def open_tasks(self) -> StateStore | None:
+        """The open-task index (module docstring); None where the store lists open
+        tasks itself (``store_reads.lists_open``)."""
+        if self._record_store is None:
+            raise SwarmbusError("TaskQueue is not open: use `async with TaskQueue(...)`")
+        return self._open_store
+
+    async def _closed(self, task_id: str) -> None:
+        """Take a finished task out of the open-task index (claimers stop reading it)."""
+        if self._open_store is None:
+            return
+        try:
+            await self._open_store.delete(self._key(task_id))
+        except SwarmbusError as exc:  # the next claimer that reads it deletes it
+            log.warning("could not unlist finished task %s: %s", task_id, exc)
 
     @property
     def wakes(self) -> StateStore:
@@ -120,9 +153,13 @@ class StoreTaskQueue(TaskQueue):
         limiter = anyio.CapacityLimiter(CREATE_CONCURRENCY)
 
         async def create(task: Task) -> None:
+            key = self._key(task.id)
             async with limiter:
                 try:
-                    await self.records.create(self._key(task.id), encoder.encode(task))
+                    if self._open_store is not None:
+                        # Listed first: a record nobody lists could never be claimed.
+                        await self._open_store.put(key, task.type.encode())
+                    await self.records.create(key, encoder.encode(task))
                 except SwarmbusError as exc:
                     failures.append(exc)
 
@@ -291,13 +328,17 @@ class StoreTaskQueue(TaskQueue):
                 tg.cancel_scope.cancel()
 
     async def _cas(self, task: Task, revision: int) -> int | None:
-        """Write ``task`` if its record is still at ``revision``; None if it moved on."""
+        """Write ``task`` if its record is still at ``revision``; None if it moved on.
+        A write that finishes the task also takes it out of the open-task index."""
         try:
-            return await self.records.update(
+            written = await self.records.update(
                 self._key(task.id), encoder.encode(task), revision=revision
             )
         except ConflictError:
             return None
+        if task.status in TERMINAL:
+            await self._closed(task.id)
+        return written
 
     async def _transition(
         self, claim: Claim, change: Callable[[Task], Task], requested: str

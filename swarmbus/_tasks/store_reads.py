@@ -1,0 +1,118 @@
+"""Reading a session's open task records from a ``StateStore`` (store claims' listings).
+
+On most stores a claimer lists the session's open-task index
+(``store_queue.OPEN_BUCKET``: one small key per pending or claimed task), then needs
+those tasks' records with their revisions. ``get_many`` reads them in one round trip
+where the store allows it (Redis: one pipeline of ``HMGET``; PostgreSQL: one
+``SELECT ... WHERE key = ANY``) and with one ``get`` after another on any other store.
+
+PostgreSQL needs no index of its own: the store already mirrors every task record
+into the seed's ``agent_tasks`` (same transaction, with its ``status``), and a partial
+index on its open rows (migration ``002_open_tasks.sql``) finds them. There
+``lists_open`` is true and ``open_records`` is one ``SELECT``; the queue then writes
+no index keys (three store writes per task instead of five).
+
+A store (or a wrapper of one) may bring its own ``get_many(keys)``, ``lists_open``
+and ``open_records(session, types)``; they are used first.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, Final, cast
+
+from swarmbus._state import Entry, StateStore
+
+__all__ = ["get_many", "lists_open", "open_records"]
+
+_PG_GET_MANY: Final = (
+    "SELECT key, value, revision FROM swarm_state WHERE bucket = %s AND key = ANY(%s)"
+    " AND (expires_at IS NULL OR expires_at > clock_timestamp())"
+)
+
+_PG_OPEN_RECORDS: Final = (
+    "SELECT s.key, s.value, s.revision FROM agent_tasks t"
+    " JOIN swarm_state s ON s.bucket = t.bucket AND s.key = t.key"
+    " WHERE t.session_id = (SELECT id FROM agent_sessions WHERE name = %s)"
+    " AND t.status IN ('pending', 'assigned', 'running') AND t.task_type = ANY(%s)"
+    " AND t.bucket = %s"
+    " AND (s.expires_at IS NULL OR s.expires_at > clock_timestamp()) ORDER BY s.revision"
+)
+PG_TYPE_CHARS: Final = 50
+"""``agent_tasks.task_type`` is the seed's ``VARCHAR(50)``: longer types are cut there."""
+
+
+def lists_open(store: StateStore) -> bool:
+    """Whether ``store`` finds a session's open task records itself (no index needed)."""
+    own = getattr(store, "lists_open", None)
+    if isinstance(own, bool):
+        return own
+    pg_store = sys.modules.get("swarmbus._postgres_store")
+    return pg_store is not None and isinstance(store, pg_store.PostgresStore)
+
+
+async def open_records(store: StateStore, session: str, types: Sequence[str]) -> list[Entry]:
+    """The records of ``session``'s unfinished tasks whose type may be one of ``types``
+    (a type longer than ``PG_TYPE_CHARS`` may match others: check it), in write order.
+    Only on a store where ``lists_open`` is true."""
+    own = getattr(store, "open_records", None)
+    if own is not None:
+        found: list[Entry] = await own(session, types)
+        return found
+    from swarmbus._postgres_store import postgres_errors
+
+    pg: Any = store
+    cut = sorted({t[:PG_TYPE_CHARS] for t in types})
+    with postgres_errors(f"list the open tasks of {session} in {pg.name}"):
+        async with pg.pool.connection() as conn:
+            cursor = await conn.execute(_PG_OPEN_RECORDS, [session, cut, pg.name])
+            rows = await cursor.fetchall()
+    return [Entry(key=k, value=bytes(v), revision=int(r)) for k, v, r in rows]
+
+
+async def get_many(store: StateStore, keys: Sequence[str]) -> list[Entry | None]:
+    """The current entry of each of ``keys`` (None: it has none), in the same order."""
+    if not keys:
+        return []
+    own = getattr(store, "get_many", None)
+    if own is not None:
+        found: list[Entry | None] = await own(keys)
+        return found
+    redis_store = sys.modules.get("swarmbus._redis_store")
+    if redis_store is not None and isinstance(store, redis_store.RedisStore):
+        return await _redis_get_many(store, keys)
+    pg_store = sys.modules.get("swarmbus._postgres_store")
+    if pg_store is not None and isinstance(store, pg_store.PostgresStore):
+        return await _postgres_get_many(store, keys)
+    return await _gets(store, keys)
+
+
+async def _redis_get_many(store: Any, keys: Sequence[str]) -> list[Entry | None]:
+    from swarmbus._redis_store import redis_errors
+
+    layout = store.layout
+    with redis_errors(f"get {len(keys)} keys from {store.name}"):
+        async with store.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hmget(layout.cached(key), ["value", "revision"])
+            rows = cast(list[list[bytes | None]], await pipe.execute())
+    return [
+        None if revision is None else Entry(key=key, value=value or b"", revision=int(revision))
+        for key, (value, revision) in zip(keys, rows, strict=True)
+    ]
+
+
+async def _postgres_get_many(store: Any, keys: Sequence[str]) -> list[Entry | None]:
+    from swarmbus._postgres_store import postgres_errors
+
+    with postgres_errors(f"get {len(keys)} keys from {store.name}"):
+        async with store.pool.connection() as conn:
+            cursor = await conn.execute(_PG_GET_MANY, [store.name, list(keys)])
+            rows = await cursor.fetchall()
+    found = {k: Entry(key=k, value=bytes(v), revision=int(r)) for k, v, r in rows}
+    return [found.get(key) for key in keys]
+
+
+async def _gets(store: StateStore, keys: Sequence[str]) -> list[Entry | None]:
+    return [await store.get(key, fresh=True) for key in keys]
