@@ -10,7 +10,9 @@ redis      keys under ``key_prefix`` (``RedisStore``)  redis-py, ``REDIS_URL``
 postgres   rows of ``swarm_state`` (``PostgresStore``)  psycopg pool, ``DATABASE_URL``
 =========  ====================================  ==========================
 
-Events, requests and task dispatch stay on NATS whatever the backend. A component asks
+Events and requests stay on NATS whatever the backend; task dispatch is a JetStream
+work queue on ``nats`` only (on Redis / PostgreSQL the task records on the store are
+the whole queue: ``swarmbus._tasks.store_queue``). A component asks
 ``await open_store(bus, bucket, ...)``; the Redis client or PostgreSQL pool is opened on
 the first such call for that bus and closed with the bus (``close_stores``). The bus
 is only duck-typed here (``settings`` and ``key_value``), so this module does not

@@ -265,6 +265,7 @@ class Bus:
         )
         self.settings = settings
         self.max_message_bytes = settings.max_message_bytes
+        self.acts_for_agents = False  # set by a broker: the runtime API (see act_as)
         self.reconnected = asyncio.Event()
         # Set at the next reconnect (then replaced): receive loops re-issue their pulls.
         self.reconnect_signal = anyio.Event()
@@ -361,12 +362,15 @@ class Bus:
         the content of KV records (a task's ``assigned_to``): swarmbus checks it here
         before writing one.
 
+        A broker (``acts_for_agents``, set by the runtime API server) acts for any agent:
+        the API subject, which only that agent may publish on, names the requester.
+
         Raises:
             PermissionDeniedError: the user is another agent; nothing was written.
         """
         subjects.validate_agent_id(agent)
         user = self.settings.user
-        if user and "/" in user and user != agent:
+        if user and "/" in user and user != agent and not self.acts_for_agents:
             raise PermissionDeniedError(f"connected as agent {user}, cannot act as {agent}")
         return agent
 

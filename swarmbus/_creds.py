@@ -129,6 +129,8 @@ _OWN_CONSUMER: Final = "{{tag(token)}}"
 _AGENT_PUB: Final[list[str]] = [
     "agent.*.*.*.{{name()}}",
     "swarmbus.request.*.*.*.{{name()}}",
+    # the runtime API (`swarmbus up`) as itself; its answers come to its own inbox
+    "swarmbus.api.*.*.*.{{name()}}",
     # answers: the requester's reply subject plus the responder's own id (CONTRACT.md
     # "Verified replies"), so no agent can answer in another's name
     "swarmbus.reply.*.*.*.{{name()}}",
@@ -179,10 +181,13 @@ _AGENT_SUB: Final[list[str]] = [
     "_INBOX_{{name()}}.>",
 ]
 _SERVICE_PUB: Final[list[str]] = [
-    "agent.*.*.*.{{name()}}",
+    # `swarmbus up` acts for the agent its runtime API subject names (a subject the
+    # agent's own permission binds to it: swarmbus.api.*.*.*.<agent>), so it publishes
+    # events and dead letters in that agent's name.
+    "agent.>",
     "swarmbus.request.*.*.*.{{name()}}",
     "swarmbus.reply.*.*.*.{{name()}}",
-    "swarmbus.dead.*.{{name()}}",
+    "swarmbus.dead.>",
     "swarmbus.task.>",
     "$JS.API.>",
     "$JS.ACK.>",
@@ -235,6 +240,7 @@ DEFAULT_ROLES: Final[dict[str, dict[str, Any]]] = {
                     "swarmbus.request.*.any.*.*",
                     "swarmbus.request.*.{{name()}}.*.*",
                     "swarmbus.reply.{{name()}}.>",
+                    "swarmbus.api.>",  # the runtime API (`swarmbus up`, a queue group)
                     "swarmbus.task.>",
                     "_INBOX_{{name()}}.>",
                 ]

@@ -14,6 +14,9 @@ The fencing token of an acquisition is the revision of the write that created th
 It increases across releases and expiries (it is the bucket stream's sequence, never
 reset because the bucket is never deleted), so a protected resource can refuse writes
 from a holder whose lease has already passed to someone else.
+
+With ``SWARM_BACKEND=redis|postgres`` a ``Lock`` keeps its key on that store instead
+(``swarmbus._store_lock``; on Redis the store's own lock scripts and waiter queue).
 """
 
 from __future__ import annotations

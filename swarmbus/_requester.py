@@ -72,6 +72,12 @@ REPLY_ROOT: Final = "swarmbus.reply"
 """First tokens of every verified reply subject."""
 _REPLY_PREFIX: Final = f"{REPLY_ROOT}."
 _REPLY_TOKENS: Final = 5
+#: A plain reply subject is an inbox: every NATS client's default ``_INBOX.``, the deploy
+#: configs' ``_INBOX_<agent>.``. NATS lets a responder publish once to the reply subject
+#: of any message it received (``allow_responses``), whatever its own grants: answering
+#: anywhere else would let a requester write through the responder (a KV key, a
+#: JetStream API call) where the requester may not.
+INBOX_PREFIXES: Final = ("_INBOX.", "_INBOX_")
 """Tokens of a request's reply subject (the answer has one more: the responder)."""
 _NO_SPAN: Final = contextlib.nullcontext()
 _GRAIN: Final = 0.01
@@ -200,6 +206,20 @@ class _Deadlines:
                 future.set_exception(TimeoutError())
 
 
+def check_inbox(reply: str) -> None:
+    """Refuse a plain reply subject that is no inbox (``INBOX_PREFIXES``).
+
+    Raises:
+        InvalidMessageError: ``wrong_subject``.
+    """
+    if not reply.startswith(INBOX_PREFIXES) or "*" in reply or ">" in reply:
+        raise InvalidMessageError(
+            "wrong_subject",
+            f"reply subject {reply!r} is no inbox (_INBOX.<...> or _INBOX_<agent>.<...>) "
+            f"and no verified reply subject ({REPLY_ROOT}.<requester>...): not answered",
+        )
+
+
 def answer_subject(reply: str, agent: str, subject: str) -> str:
     """Where responder ``agent`` publishes its answer to the request on ``subject``.
 
@@ -209,9 +229,11 @@ def answer_subject(reply: str, agent: str, subject: str) -> str:
     Raises:
         InvalidMessageError: ``wrong_subject``, a ``swarmbus.reply.`` subject of the
             wrong shape, or naming another requester than the request subject's last
-            token (bound by permissions): answers go only to who asked.
+            token (bound by permissions): answers go only to who asked; or a reply
+            subject that is no inbox (``INBOX_PREFIXES``).
     """
     if not reply.startswith(_REPLY_PREFIX):
+        check_inbox(reply)
         return reply
     tokens = reply.split(".")
     if len(tokens) != _REPLY_TOKENS or "*" in reply or ">" in reply:

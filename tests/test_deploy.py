@@ -133,8 +133,13 @@ def test_only_the_service_account_has_the_jetstream_admin_api() -> None:
     assert set(by_user) == {AGENT, "security/incident-response-lead", "demo", SERVICE, "observer"}
     for user, block in by_user.items():
         assert ('"$JS.API.>"' in block) == (user == SERVICE), user
-        if "/" in user:
+        publish = block.split("subscribe")[0]
+        if user == SERVICE:  # `swarmbus up` acts for the agent each API subject names
+            assert '"agent.>"' in publish
+        elif "/" in user:
+            assert '"agent.>"' not in publish
             assert f'"agent.*.*.*.{user}"' in block
+        if "/" in user:
             assert f'"swarmbus.request.*.*.*.{user}"' in block
             assert f'"_INBOX_{user.replace("/", "_")}.>"' in block
     assert '"agent.' not in by_user["observer"].split("subscribe")[0]

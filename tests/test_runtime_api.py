@@ -20,6 +20,7 @@ from nats.aio.client import Client as NatsClient
 
 from swarmbus import NatsServer, Settings
 from swarmbus._runtime.supervisor import RuntimeConfig, running
+from tests._stores import store_options
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 10.0
@@ -342,3 +343,28 @@ async def test_one_service_runs_alone(nats_url: str, session_id: str) -> None:
     async with up(nats_url, services=frozenset({"api"})) as client:
         created = await call(client, "task.create", session_id, "ext/boss", {"type": "solo"})
         assert created["ok"]
+
+
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_the_runtime_runs_on_a_state_store_backend(
+    backend: str, request: pytest.FixtureRequest, nats_url: str, session_id: str
+) -> None:
+    """``swarmbus up`` with ``SWARM_BACKEND=redis|postgres``: provisioning has no task
+    stream to watch there (it used to fail at start), and the API serves tasks."""
+    settings = Settings(url=nats_url, backend=backend, **store_options(request, backend))
+    async with running(RuntimeConfig(settings=settings, http=None)):
+        nc = await nats.connect(nats_url)
+        try:
+            created = await call(nc, "task.create", session_id, "ext/boss", {"type": "triage"})
+            assert created["ok"], created
+            claimed = await call(nc, "task.claim", session_id, "ops/worker", {"types": ["triage"]})
+            assert claimed["ok"], claimed
+            assert claimed["result"]["task"]["id"] == created["result"]["task"]["id"]
+            task_id = claimed["result"]["task"]["id"]
+            done = await call(
+                nc, "task.complete", session_id, "ops/worker", {"task_id": task_id, "result": {}}
+            )
+            assert done["ok"], done
+            assert done["result"]["task"]["status"] == "completed"
+        finally:
+            await nc.drain()

@@ -1,4 +1,5 @@
-"""The blackboard: one session's shared workspace on a JetStream KV bucket.
+"""The blackboard: one session's shared workspace on the state store (a JetStream KV
+bucket by default; Redis or PostgreSQL with ``SWARM_BACKEND``).
 
 Key layout (one bucket, ``SWARMBUS_BOARD`` by default; every key starts with the
 session id, so ``$KV.<bucket>.<session>.>`` is one session)::

@@ -44,6 +44,7 @@ from swarmbus._errors import (
 from swarmbus._jetstream.replies import RawMessage
 from swarmbus._locks import Lock, lock_holder
 from swarmbus._messages import Finding
+from swarmbus._requester import check_inbox
 from swarmbus._runtime import api
 from swarmbus._runtime.holdings import Departures, Holdings
 from swarmbus._runtime.intake import Intake
@@ -118,6 +119,9 @@ class ApiServer:
         departures: Departures,
     ) -> None:
         self.bus = bus
+        # Each request's subject ends in the requester's id, which only that agent may
+        # publish (deploy permissions): the runtime acts in its name.
+        bus.acts_for_agents = True
         self.consensus = consensus
         self.presence = presence
         self.holdings = holdings
@@ -132,7 +136,23 @@ class ApiServer:
         self._queues.clear()
 
     async def handle(self, raw: RawMessage) -> bytes | None:
-        """One request -> its reply bytes (None: no reply subject, reported as an event)."""
+        """One request -> its reply bytes (None: no reply subject, reported as an event).
+
+        A reply subject that is no inbox is not answered (nor the request run): this
+        service may write where agents may not, and NATS lets it publish to any reply
+        subject it is sent (``allow_responses``)."""
+        if raw.reply:
+            try:
+                check_inbox(raw.reply)
+            except InvalidMessageError as exc:
+                await self.bus.reject(
+                    subject=raw.subject,
+                    data=raw.data,
+                    code=exc.code,
+                    reason=exc.reason,
+                    receiver=RUNTIME_AGENT,
+                )
+                return None
         try:
             op, session, agent, request = self._parse(raw)
             self.presence.seen(agent)

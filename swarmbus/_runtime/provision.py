@@ -23,8 +23,8 @@ task-queue consumers       when a queue's first dispatch is published, again
                            (``QueueProvisioner``)
 =========================  ====================================================
 
-Buckets follow ``SWARM_BACKEND`` as their components do: on Redis or PostgreSQL only
-the task stream and bucket are NATS ones.
+Buckets follow ``SWARM_BACKEND`` as their components do: on Redis or PostgreSQL every
+bucket, the task records included, is on that store, and there is no task stream.
 """
 
 from __future__ import annotations
@@ -66,8 +66,15 @@ async def provision(bus: Bus) -> None:
 
 @contextlib.asynccontextmanager
 async def provisioning(bus: Bus) -> AsyncIterator[None]:
-    """``provision``, then create each task queue's consumer while the block runs."""
+    """``provision``, then create each task queue's consumer while the block runs.
+
+    On Redis or PostgreSQL (``SWARM_BACKEND``) tasks have no stream and no consumers:
+    only ``provision`` runs.
+    """
     await provision(bus)
+    if bus.settings.backend != "nats":
+        yield
+        return
     queues = QueueProvisioner(
         bus.nc,
         bus.js,
