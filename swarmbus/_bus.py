@@ -270,9 +270,7 @@ class Bus:
         # Set at the next reconnect (then replaced): receive loops re-issue their pulls.
         self.reconnect_signal = anyio.Event()
         self.outbox = Outbox(nc)
-        # Waited-for event publishes: the retry layer's guarantees, at a lower cost.
-        timeout, retry_for = settings.request_timeout, settings.retry_for
-        self._stored = StoredPublisher(nc, self._refusals.interrupting, timeout, retry_for)
+        self._stored = StoredPublisher(nc, self._refusals.interrupting, settings)
         self._buckets: dict[str, KeyValue] = {}
         self._requester = Requester(self)
 

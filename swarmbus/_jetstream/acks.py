@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Final
+from typing import Final, Protocol
 
 import anyio
 import msgspec
@@ -207,6 +207,16 @@ class _Replies:
 Interrupting = Callable[[str, str], AbstractAsyncContextManager[None]]
 
 
+class Timing(Protocol):
+    """How long a publish waits for its ack, and retries (the bus's ``Settings``)."""
+
+    @property
+    def request_timeout(self) -> float: ...
+
+    @property
+    def retry_for(self) -> float: ...
+
+
 class StoredPublisher(_Replies):
     """Acknowledged JetStream publishes (events): ``bus.js.publish`` at a lower cost.
 
@@ -220,12 +230,10 @@ class StoredPublisher(_Replies):
     (inbox token, ``wait_for``) and the dict-built ack: ~40 us less per event here.
     """
 
-    def __init__(
-        self, nc: NatsClient, interrupting: Interrupting, timeout: float, retry_for: float
-    ) -> None:
-        super().__init__(nc, timeout)
+    def __init__(self, nc: NatsClient, interrupting: Interrupting, timing: Timing) -> None:
+        super().__init__(nc, timing.request_timeout)
         self._interrupting = interrupting
-        self._retry_for = retry_for
+        self._retry_for = timing.retry_for
 
     async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> int:
         """Publish ``payload`` carrying ``headers[MSG_ID]``; its stream sequence.
