@@ -4,8 +4,10 @@ Like Celery Flower, most numbers come from outside the agents: ``Observer`` cons
 the event and dead-letter streams (events by type, tasks created / completed / failed,
 claim latency and task duration, decisions by outcome, dead letters by code) and
 polls stream, consumer and bucket state (task queue depth and oldest age, open
-proposals, consumer lag). What only a process knows (its handlers' latency, its lock
-waits, the events it published) is recorded in-process by ``_instruments``.
+proposals, consumer lag; with ``SWARM_BACKEND=redis|postgres`` the task and proposal
+gauges read that store instead: ``StoreGauges``). What only a process knows (its
+handlers' latency, its lock waits, the events it published) is recorded in-process by
+``_instruments``.
 
 ``configure_metrics`` installs a meter provider from the standard variables:
 ``OTEL_METRICS_EXPORTER`` = ``prometheus`` (an HTTP endpoint on
@@ -30,6 +32,7 @@ import msgspec
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from swarmbus._backends import open_store
 from swarmbus._bus import DEAD_LETTER_STREAM, EVENTS_STREAM, Bus
 from swarmbus._consensus import CONSENSUS_BUCKET, PROPOSAL_PREFIX, ProposalRecord
 from swarmbus._errors import MissingDependencyError, SwarmbusError
@@ -45,8 +48,12 @@ from swarmbus._observe import _instruments as instruments
 from swarmbus._observe._events import Follower, Step
 from swarmbus._observe._instruments import METER_NAME
 from swarmbus._observe._timeline import forget_oldest
+from swarmbus._state import StateStore
 from swarmbus._subjects import DEAD_LETTER_WILDCARD, EVENTS_WILDCARD
 from swarmbus._tasks import TASKS_STREAM
+from swarmbus._tasks.model import TASKS_BUCKET
+from swarmbus._tasks.store_queue import OPEN_BUCKET
+from swarmbus._tasks.store_reads import backlog, lists_open
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -193,6 +200,7 @@ class Observer:
         self.bus = bus
         self.interval = interval
         self.gauges = _Gauges()
+        self.stores = None if bus.settings.backend == "nats" else StoreGauges(bus)
         self.seen = 0
         self._created: dict[str, datetime] = {}
         m = metrics.get_meter(METER_NAME)
@@ -301,11 +309,15 @@ class Observer:
     async def poll(self) -> None:
         """Refresh the gauges from stream, consumer and bucket state."""
         js, g = self.bus.js, self.gauges
-        tasks = await stream_state(js, TASKS_STREAM)
-        g.queue_depth = int(tasks.messages) if tasks else 0
-        g.queue_age = (
-            await self._oldest_age(int(tasks.first_seq)) if tasks and tasks.messages else 0.0
-        )
+        if self.stores is not None:
+            await self.stores.poll(g)
+        else:
+            tasks = await stream_state(js, TASKS_STREAM)
+            g.queue_depth = int(tasks.messages) if tasks else 0
+            g.queue_age = (
+                await self._oldest_age(int(tasks.first_seq)) if tasks and tasks.messages else 0.0
+            )
+            g.open_proposals = await self._open_proposals()
         dead = await stream_state(js, DEAD_LETTER_STREAM)
         g.dead_letters = int(dead.messages) if dead else 0
         g.lag = {
@@ -313,7 +325,6 @@ class Observer:
             for stream in (EVENTS_STREAM, TASKS_STREAM)
             for consumer, lag in (await consumer_lags(js, stream)).items()
         }
-        g.open_proposals = await self._open_proposals()
 
     async def _oldest_age(self, first_seq: int) -> float:
         first = await stored_message(self.bus.js, TASKS_STREAM, first_seq)
@@ -331,3 +342,42 @@ class Observer:
                 if msgspec.json.decode(msg.data, type=ProposalRecord).decision is None:
                     open_ += 1
         return open_
+
+
+class StoreGauges:
+    """The task and proposal gauges on a Redis / PostgreSQL backend (``SWARM_BACKEND``).
+
+    Tasks: the claimable unfinished ones of every session and the oldest's age, read
+    like a claimer reads them (``store_reads.backlog``: the open rows on PostgreSQL,
+    the open-task index on Redis), so finished tasks are never read. Proposals: the
+    undecided records of the consensus bucket (decided ones expire after the
+    consensus retention, as on NATS).
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._stores: tuple[StateStore, StateStore | None, StateStore] | None = None
+
+    async def _open(self) -> tuple[StateStore, StateStore | None, StateStore]:
+        if self._stores is None:
+            records = await open_store(self.bus, TASKS_BUCKET)
+            index = None if lists_open(records) else await open_store(self.bus, OPEN_BUCKET)
+            self._stores = (records, index, await open_store(self.bus, CONSENSUS_BUCKET))
+        return self._stores
+
+    async def poll(self, g: _Gauges) -> None:
+        """Refresh the task and proposal gauges of ``g``."""
+        records, index, consensus = await self._open()
+        found = await backlog(records, index)
+        g.queue_depth = found.tasks
+        g.queue_age = (
+            0.0
+            if found.oldest is None
+            else max(0.0, (datetime.now(UTC) - found.oldest).total_seconds())
+        )
+        open_ = 0
+        for entry in await consensus.list(PROPOSAL_PREFIX):
+            with contextlib.suppress(msgspec.DecodeError):
+                record = msgspec.json.decode(entry.value or b"", type=ProposalRecord)
+                open_ += record.decision is None
+        g.open_proposals = open_

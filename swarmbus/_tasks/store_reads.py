@@ -12,19 +12,27 @@ index on its open rows (migration ``002_open_tasks.sql``) finds them. There
 ``lists_open`` is true and ``open_records`` is one ``SELECT``; the queue then writes
 no index keys (three store writes per task instead of five).
 
-A store (or a wrapper of one) may bring its own ``get_many(keys)``, ``lists_open``
-and ``open_records(session, types)``; they are used first.
+``backlog`` counts every session's claimable unfinished tasks (and finds the oldest)
+for the metrics gauges, through the same reads: the open rows on PostgreSQL (one
+aggregate ``SELECT``), the open-task index elsewhere; finished tasks are never read.
+
+A store (or a wrapper of one) may bring its own ``get_many(keys)``, ``lists_open``,
+``open_records(session, types)`` and ``backlog()``; they are used first.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final, cast
 
+from swarmbus._errors import InvalidMessageError
 from swarmbus._state import Entry, StateStore
+from swarmbus._tasks.model import TERMINAL, decode_task
 
-__all__ = ["get_many", "lists_open", "open_records"]
+__all__ = ["Backlog", "backlog", "get_many", "lists_open", "open_records"]
 
 _PG_GET_MANY: Final = (
     "SELECT key, value, revision FROM swarm_state WHERE bucket = %s AND key = ANY(%s)"
@@ -39,6 +47,18 @@ _PG_OPEN_RECORDS: Final = (
     " AND t.bucket = %s"
     " AND (s.expires_at IS NULL OR s.expires_at > clock_timestamp()) ORDER BY s.revision"
 )
+# The open rows drive the join (partial index agent_tasks_open); the record is parsed
+# only for a row whose mirror is current (inside the CASE: never for another row).
+_PG_BACKLOG: Final = (
+    "SELECT count(*), min(t.created_at) FROM agent_tasks t"
+    " JOIN swarm_state s ON s.bucket = t.bucket AND s.key = t.key"
+    " WHERE t.status IN ('pending', 'assigned', 'running') AND t.bucket = %s"
+    " AND (t.expires_at IS NULL OR t.expires_at > clock_timestamp())"
+    " AND CASE WHEN s.revision = t.revision THEN"
+    " convert_from(s.value, 'UTF8')::jsonb ->> 'approval' IS DISTINCT FROM 'required' END"
+)
+BACKLOG_BATCH: Final = 1000
+"""Records read per ``get_many`` while counting the backlog through the index."""
 PG_TYPE_CHARS: Final = 50
 """``agent_tasks.task_type`` is the seed's ``VARCHAR(50)``: longer types are cut there."""
 
@@ -116,3 +136,54 @@ async def _postgres_get_many(store: Any, keys: Sequence[str]) -> list[Entry | No
 
 async def _gets(store: StateStore, keys: Sequence[str]) -> list[Entry | None]:
     return [await store.get(key, fresh=True) for key in keys]
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The claimable unfinished tasks of every session (pending or claimed; not those
+    waiting for approval): how many, and when the oldest of them was created."""
+
+    tasks: int = 0
+    oldest: datetime | None = None
+
+
+async def backlog(records: StateStore, index: StateStore | None) -> Backlog:
+    """The ``Backlog`` of the task records ``records``: read from the open rows where
+    ``lists_open``, else through the open-task index ``index`` (``store_queue``)."""
+    own = getattr(records, "backlog", None)
+    if own is not None:
+        found: Backlog = await own()
+        return found
+    if lists_open(records):
+        return await _postgres_backlog(records)
+    if index is None:
+        return Backlog()
+    keys = [entry.key for entry in await index.list()]
+    tasks, oldest = 0, None
+    for start in range(0, len(keys), BACKLOG_BATCH):
+        for entry in await get_many(records, keys[start : start + BACKLOG_BATCH]):
+            if entry is None or not entry.value:
+                continue  # never created, or deleted since
+            try:
+                task = decode_task(entry.value, what=f"task record {entry.key}")
+            except InvalidMessageError:
+                continue  # claimers dead-letter it
+            if task.status in TERMINAL or task.approval == "required":
+                continue  # an index key left by a crash, or not yet claimable
+            tasks += 1
+            if task.created_at is not None and (oldest is None or task.created_at < oldest):
+                oldest = task.created_at
+    return Backlog(tasks, oldest)
+
+
+async def _postgres_backlog(store: Any) -> Backlog:
+    from swarmbus._postgres_store import postgres_errors
+
+    with postgres_errors(f"count the open tasks in {store.name}"):
+        async with store.pool.connection() as conn:
+            cursor = await conn.execute(_PG_BACKLOG, [store.name])
+            row = await cursor.fetchone()
+    assert row is not None
+    count, oldest = row
+    # agent_tasks.created_at is a UTC TIMESTAMP (swarm_utc).
+    return Backlog(int(count), None if oldest is None else oldest.replace(tzinfo=UTC))
