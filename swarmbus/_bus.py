@@ -60,6 +60,7 @@ from swarmbus._errors import (
     PublishError,
     SwarmbusError,
 )
+from swarmbus._jetstream.acks import StoredPublisher
 from swarmbus._jetstream.delivery import PullConsumer, PullOptions
 from swarmbus._jetstream.errors import translate as _translate
 from swarmbus._jetstream.errors import transport_error as _transport_error
@@ -107,6 +108,9 @@ _ERROR_EVENTS: Final = f"{subjects.EVENT_ROOT}.error.occurred."
 # (Requests: swarmbus._requester.)
 _event_subject = functools.lru_cache(maxsize=4096)(subjects.event_subject)
 _NO_SPAN: Final = contextlib.nullcontext()
+#: The header block of a publish carrying only its Nats-Msg-Id, but the id (at most 4
+#: bytes a character in UTF-8).
+_ID_HEADER_ROOM: Final = len(_EMPTY_HEADERS) + len(f"{MSG_ID_HEADER}: \r\n")
 
 
 @dataclass(frozen=True)
@@ -266,6 +270,7 @@ class Bus:
         # Set at the next reconnect (then replaced): receive loops re-issue their pulls.
         self.reconnect_signal = anyio.Event()
         self.outbox = Outbox(nc)
+        self._stored = StoredPublisher(nc, self._refusals.interrupting, settings)
         self._buckets: dict[str, KeyValue] = {}
         self._requester = Requester(self)
 
@@ -499,13 +504,13 @@ class Bus:
             subject, message.id, message.source.session, message.source.agent, hdrs
         )
         with span:
-            self._check_max_payload(data, hdrs)
+            if headers or len(data) + _ID_HEADER_ROOM + 4 * len(message.id) > self.nc.max_payload:
+                self._check_max_payload(data, hdrs)  # else: the id header fits for sure
             try:
                 if not wait:
                     await self.outbox.send(subject, data, hdrs)
                 else:
-                    with self._permission_guard(subject, f"publish to {subject}"):
-                        await self.js.publish(subject, data, headers=hdrs)
+                    await self._stored.publish(subject, data, hdrs)
             except nats.js.errors.APIError as exc:
                 raise _translate(exc, f"publish to {subject} failed") from exc
             except nats.errors.NoRespondersError as exc:

@@ -23,13 +23,18 @@ worker tasks; each message is acked after its handlers return (at-least-once).
 - No polling: when caught up the loop waits on a long pull with idle heartbeats; the
   stop (and a reconnect) interrupts it at once.
 
-- A fetch of n > 1 waits until n messages arrive (or it expires), so the loop asks only
-  for what the server said is waiting: 1 when caught up (lowest latency), up to the
-  free slots when behind (fewest round trips).
-- A slot of the limiter is held before fetching: never take messages we cannot start.
-- Workers take fetched messages from a memory stream: starting a task per message costs
-  more than a small handler. A worker is added only when none is idle, so there are
-  never more than the slots held.
+- When caught up, the loop opens a long pull for as many messages as it has slots for;
+  the pull returns at its first message (lowest latency) and stays open on the server,
+  so the next messages need no request of their own (a request per message cost as
+  much as the message's handling). When behind, it takes what the server said is
+  waiting, up to the free slots, at once (``no_wait``).
+- A slot of the limiter is held before fetching, and an open pull never asks for more
+  than the slots free: never take messages we cannot start.
+- Workers take fetched messages from a hand-off queue (``_Handoff``): starting a task
+  per message costs more than a small handler. A worker is added only when none is
+  idle, so there are never more than the slots held.
+- Acks of handled messages go out in batches, at most ``ACK_DELAY`` later (one write
+  for many); a draining consumer confirms each ack instead.
 - A handler slower than ``ack_wait`` must not have its message redelivered (and run
   again) while it runs: a heartbeat sends progress acks for the messages in flight.
 - Bad input is rejected (dead letter + error event) and acked; a handler that failed
@@ -45,8 +50,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
@@ -101,6 +105,10 @@ NO_EVENTS: Final = "agent._none_._none_._none_._none_"
 MAX_PARTIAL: Final = 10_000
 #: Seconds a draining consumer waits for the server to confirm one ack.
 DRAIN_ACK_TIMEOUT: Final = 5.0
+#: Seconds a handled message's ack may wait to go out with others (one write for many).
+ACK_DELAY: Final = 0.002
+#: Acks waiting that are sent at once, without waiting for ``ACK_DELAY``.
+MAX_ACK_BATCH: Final = 128
 #: Bytes of ``filter_subjects`` a consumer config carries at most: far under any
 #: max_payload (1 MB by default; the config, JSON, goes in one request). Past it the
 #: filters are widened (``consumer_filters``).
@@ -311,6 +319,60 @@ class RouteTable:
         return tuple(sorted(found, key=found.__getitem__))
 
 
+class _Handoff:
+    """Fetched messages on their way to the worker tasks: a queue, the idle workers.
+
+    An anyio memory stream costs a loop turn (a checkpoint) and an Event per receive,
+    as much as a small handler; here a message goes to an idle worker's future, or
+    waits in the queue for the next worker free. ``close`` ends the idle workers.
+    """
+
+    __slots__ = ("_closed", "_idle", "_queue")
+
+    def __init__(self) -> None:
+        self._queue: deque[Msg] = deque()
+        self._idle: deque[asyncio.Future[Msg | None]] = deque()
+        self._closed = False
+
+    @property
+    def idle(self) -> bool:
+        """Whether a worker is waiting for a message."""
+        return bool(self._idle)
+
+    def put(self, msg: Msg) -> None:
+        idle = self._idle
+        while idle:
+            waiter = idle.popleft()
+            if not waiter.done():  # not cancelled meanwhile
+                waiter.set_result(msg)
+                return
+        self._queue.append(msg)
+
+    async def get(self) -> Msg | None:
+        """The next message; None once closed and empty."""
+        if self._queue:
+            return self._queue.popleft()
+        if self._closed:
+            return None
+        waiter: asyncio.Future[Msg | None] = asyncio.get_running_loop().create_future()
+        self._idle.append(waiter)
+        try:
+            return await waiter
+        except BaseException:  # cancelled: no longer idle; a message handed over stays
+            if waiter in self._idle:
+                self._idle.remove(waiter)
+            elif waiter.done() and not waiter.cancelled() and (msg := waiter.result()):
+                self._queue.appendleft(msg)
+            raise
+
+    def close(self) -> None:
+        self._closed = True
+        for waiter in self._idle:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._idle.clear()
+
+
 class DurableConsumer:
     """Runs its routes' handlers on the messages of one durable pull consumer until a stop."""
 
@@ -336,15 +398,17 @@ class DurableConsumer:
         self._max_deliver = consumer.options.max_deliver
         # Messages the server said are waiting (1 when caught up): the next fetch's size.
         self._waiting = 1
-        self._send, self._receive = anyio.create_memory_object_stream[Msg](math.inf)
+        self._handoff = _Handoff()
         # Messages being handled, for the heartbeat.
         self._in_flight: dict[int, Msg] = {}
         # Stream sequence -> (receiver, route) done with a message to be redelivered.
         self._partial: OrderedDict[int, set[tuple[str, str]]] = OrderedDict()
-        self._pulling: anyio.CancelScope | None = None
         # Set while messages are in flight: the heartbeat sleeps only then.
         self._busy = anyio.Event()
         self._closed: Exception | None = None
+        # Handled messages whose ack goes out with the next batch (``_send_acks``).
+        self._acks: list[Msg] = []
+        self._acks_waiting = asyncio.Event()
         #: Delete the consumer when the loop ends (set by a group's last member leaving).
         self.delete_at_end = False
 
@@ -380,17 +444,22 @@ class DurableConsumer:
             ConnectionError: the connection closed for good (a reconnect is waited for).
         """
         try:
-            with self._receive:
-                async with anyio.create_task_group() as beats:
-                    beats.start_soon(self._keep_alive)
-                    beats.start_soon(self._interrupt_on, self._stop)
-                    beats.start_soon(self._interrupt_on_reconnects)
-                    async with anyio.create_task_group() as tg, self._send:
+            async with anyio.create_task_group() as beats:
+                beats.start_soon(self._keep_alive)
+                beats.start_soon(self._interrupt_on, self._stop)
+                beats.start_soon(self._interrupt_on_reconnects)
+                beats.start_soon(self._send_acks)
+                async with anyio.create_task_group() as tg:
+                    try:
                         await self._pull(tg)
-                    beats.cancel_scope.cancel()
+                    finally:
+                        self._handoff.close()  # the workers finish what is queued
+                beats.cancel_scope.cancel()
             if self._closed is not None:
                 raise ConnectionError(f"consumer {self._durable}: {self._closed}") from self._closed
         finally:
+            with anyio.CancelScope(shield=True):
+                await self._flush_acks()
             await self._consumer.close()
             if delete or self.delete_at_end:
                 with anyio.CancelScope(shield=True), contextlib.suppress(SwarmbusError):
@@ -400,8 +469,7 @@ class DurableConsumer:
 
     async def _interrupt_on(self, event: anyio.Event) -> None:
         await event.wait()
-        if self._pulling is not None:
-            self._pulling.cancel()
+        self._consumer.interrupt()
 
     async def _interrupt_on_reconnects(self) -> None:
         """A pull open at a reconnect is lost with the old connection: re-issue it."""
@@ -409,8 +477,7 @@ class DurableConsumer:
             await self._interrupt_on(self._host.reconnect_signal)
 
     async def _pull(self, tg: anyio.abc.TaskGroup) -> None:
-        stop, limiter = self._stop, self._limiter
-        send, receive = self._send, self._receive
+        stop, limiter, handoff = self._stop, self._limiter, self._handoff
         while not stop.is_set():
             # Let the handlers just given out run first: they may free slots.
             await anyio.lowlevel.checkpoint()
@@ -434,18 +501,23 @@ class DurableConsumer:
             for i, msg in enumerate(batch):
                 if i:
                     await limiter.acquire()
-                if not receive.statistics().tasks_waiting_receive:
+                if not handoff.idle:
                     tg.start_soon(self._work)
-                send.send_nowait(msg)
+                handoff.put(msg)
 
     async def _fetch(self) -> list[Msg] | None:
         """The next batch for the slot held: [] (slot released) if none, None to end."""
         limiter = self._limiter
         batch: list[Msg] = []
         try:
-            with anyio.CancelScope() as self._pulling:
-                if not self._stop.is_set():
-                    batch = await self._consumer.pull(min(1 + limiter.value, self._waiting, 256))
+            if not self._stop.is_set():  # a stop or a reconnect interrupts the pull
+                # Room: the slot held and the free ones (a long pull returns at its
+                # first message and keeps the rest of its room open on the server).
+                room = min(1 + limiter.value, 256)
+                backlog = self._waiting > 1
+                batch = await self._consumer.pull(
+                    min(room, self._waiting) if backlog else room, backlog=backlog
+                )
         except TransportError as exc:
             limiter.release()
             if self._stop.is_set():
@@ -461,8 +533,6 @@ class DurableConsumer:
             log.warning("consumer %s: %s; retrying", self._durable, exc)
             await self._wait_reconnect()
             return []
-        finally:
-            self._pulling = None
         if not batch:
             self._waiting = 1
             limiter.release()
@@ -479,14 +549,40 @@ class DurableConsumer:
                 await anyio.sleep(0.25)
 
     async def _work(self) -> None:
-        in_flight = self._in_flight
-        async for msg in self._receive:
+        in_flight, handoff = self._in_flight, self._handoff
+        while (msg := await handoff.get()) is not None:
             in_flight[id(msg)] = msg
             self._busy.set()
             try:
                 await self._handle(msg)
             finally:
                 del in_flight[id(msg)]
+
+    async def _send_acks(self) -> None:
+        """Send the acks of handled messages in batches: many acks, one write.
+
+        An ack sent alone costs a socket write (and a wake of the connection's flusher)
+        per message; held for at most ``ACK_DELAY`` they go out together. A message
+        whose ack is lost (a crash meanwhile) is redelivered, as with any lost ack.
+        """
+        while True:
+            await self._acks_waiting.wait()
+            if len(self._acks) < MAX_ACK_BATCH and not self._stop.is_set():
+                await anyio.sleep(ACK_DELAY)
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        self._acks_waiting.clear()
+        sent = 0
+        try:
+            for msg in acks:
+                with contextlib.suppress(TransportError):
+                    await msg.ack()
+                sent += 1
+        finally:
+            if sent < len(acks):  # cancelled meanwhile: the rest go with the final flush
+                self._acks[:0] = acks[sent:]
 
     async def _keep_alive(self) -> None:
         while True:
@@ -518,13 +614,14 @@ class DurableConsumer:
             else:
                 if not await self._run_routes(message, msg):
                     return  # nak'ed: redelivered later
-            with contextlib.suppress(TransportError, TimeoutError):
-                if self._stop.is_set():
-                    # Draining: leaving serve() promises the in-flight work is acked, so
-                    # wait for the server to confirm it (a plain ack is fire-and-forget).
+            if self._stop.is_set():
+                # Draining: leaving serve() promises the in-flight work is acked, so
+                # wait for the server to confirm it (a plain ack is fire-and-forget).
+                with contextlib.suppress(TransportError, TimeoutError):
                     await msg.ack_sync(timeout=DRAIN_ACK_TIMEOUT)
-                else:
-                    await msg.ack()
+            else:
+                self._acks.append(msg)  # sent with the next batch (``_send_acks``)
+                self._acks_waiting.set()
         finally:
             self._limiter.release()
 

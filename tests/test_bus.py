@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import nats
+import nats.js.errors
 import pydantic
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -17,10 +18,19 @@ from nats.aio.msg import Msg
 
 import swarmbus
 from swarmbus import Agent, Bus, Finding, FindingMessage, RequestMessage
-from swarmbus._bus import CODE_HEADER, DEAD_LETTER_STREAM, ORIGINAL_SUBJECT_HEADER
+from swarmbus._bus import (
+    CODE_HEADER,
+    DEAD_LETTER_STREAM,
+    EVENTS_STREAM,
+    MSG_ID_HEADER,
+    ORIGINAL_SUBJECT_HEADER,
+)
+from swarmbus._jetstream.acks import StoredPublisher
+from swarmbus._jetstream.delivery import PullConsumer, PullOptions
 from swarmbus._messages import envelope_for
 
 WAIT = 10
+FINDING = Finding(category="observation", content="disk 91% full", confidence=0.9)
 
 
 @pytest.fixture
@@ -803,3 +813,117 @@ async def test_a_handler_failing_on_error_events_makes_no_report_loop(
         "SWARMBUS_EVENTS", subjects_filter=f"agent.error.occurred.{session_id}.>"
     )
     assert sum((info.state.subjects or {}).values()) == 1
+
+
+# --- the event path's own publisher and pulls (issue 18) ---------------------------------
+
+
+async def test_an_event_whose_ack_is_lost_is_retried_and_stored_once(
+    nats_url: str, session_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first attempt is stored but its ack lost (a failover): the retry carries the
+    same Nats-Msg-Id, so the stream answers it from its duplicate window."""
+    request = StoredPublisher._request
+    lost: list[str] = []
+
+    async def ack_lost(self: StoredPublisher, *args: Any) -> Msg:
+        reply = await request(self, *args)
+        if not lost:
+            lost.append(reply.subject)
+            raise TimeoutError
+        return reply
+
+    monkeypatch.setattr(StoredPublisher, "_request", ack_lost)
+    async with Bus.open(url=nats_url, retry_for=5) as bus:
+        sent = await bus.publish(FINDING, agent="test/pub", session=session_id)
+        assert lost  # the first ack was lost
+        subject = f"agent.finding.reported.{session_id}.test/pub"
+        info = await bus.js.stream_info(EVENTS_STREAM, subjects_filter=subject)
+        assert info.state.subjects == {subject: 1}
+        stored = await bus.js.get_last_msg(EVENTS_STREAM, subject)
+        assert stored.headers
+        assert stored.headers[MSG_ID_HEADER] == sent.id
+
+
+async def test_an_event_no_stream_stores_is_retried_then_refused(
+    nats_url: str, unique: str
+) -> None:
+    async with Bus.open(url=nats_url, retry_for=1.0) as bus:
+        started = anyio.current_time()
+        with pytest.raises(nats.js.errors.NoStreamResponseError):  # as bus.js.publish
+            await bus._stored.publish(f"nowhere.{unique}", b"x", {MSG_ID_HEADER: unique})
+        assert 0.5 <= anyio.current_time() - started < 5
+
+
+async def test_a_long_pull_keeps_its_room_open_and_never_takes_more(
+    bus: Bus, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    """A long pull for 3 returns at its first message; the next two come on the same
+    request (no pull per message), and no more than the 3 asked for are delivered."""
+    durable = f"room-{unique}"
+    options = PullOptions(ack_wait=30, max_deliver=5, deliver_new=True, expires=30)
+    pull = PullConsumer(bus.js, bus.nc, EVENTS_STREAM, durable, options, bus._permission_guard)
+    await pull.create([f"agent.finding.reported.{session_id}.>"])
+    requests: list[Msg] = []
+
+    async def count(msg: Msg) -> None:
+        requests.append(msg)
+
+    await raw.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.{durable}", cb=count)
+    await raw.flush()
+    try:
+        with anyio.fail_after(WAIT):
+            await bus.publish(FINDING, agent="test/pub", session=session_id)
+            got = await pull.pull(3)
+            assert len(got) == 1  # at once: the rest of its room stays open
+            for _ in range(4):
+                await bus.publish(FINDING, agent="test/pub", session=session_id)
+            while len(got) < 3:
+                got += await pull.pull(3 - len(got))
+            await bus.nc.flush()
+            await raw.flush()
+            assert len(requests) == 1
+            info = await bus.js.consumer_info(EVENTS_STREAM, durable)
+            assert (info.num_ack_pending, info.num_pending) == (3, 2)
+            got += await pull.pull(2)  # used up: a new pull
+            await bus.nc.flush()
+            await raw.flush()
+            assert len(requests) == 2
+            for msg in got:
+                await msg.ack()
+    finally:
+        await pull.close()
+        await pull.delete()
+
+
+async def test_handled_events_are_acked_in_batches_while_serving(
+    bus: Bus, raw: NatsClient, session_id: str, unique: str
+) -> None:
+    """Acks of handled messages go out together, soon, and not only when serving ends."""
+    agent = Agent(f"test/acks-{unique}")
+    total = 20
+    handled: list[str] = []
+    acks: list[Msg] = []
+    all_acked = anyio.Event()
+
+    @agent.on_finding(session=session_id)
+    async def on_finding(message: FindingMessage) -> None:
+        handled.append(message.id)
+
+    async def count(msg: Msg) -> None:
+        acks.append(msg)
+        if len(acks) == total:
+            all_acked.set()
+
+    durable = swarmbus._subjects.safe_token(agent.id)
+    await raw.subscribe(f"$JS.ACK.{EVENTS_STREAM}.{durable}.>", cb=count)
+    await raw.flush()
+    async with agent.serve(bus):
+        for _ in range(total):
+            await bus.publish(FINDING, agent="test/pub", session=session_id)
+        with anyio.fail_after(WAIT):
+            await all_acked.wait()  # while still serving
+        info = await bus.js.consumer_info(EVENTS_STREAM, durable)
+        assert info.num_ack_pending == 0
+    assert len(handled) == total
+    assert all(not msg.data for msg in acks)  # plain acks (+ACK has an empty payload)

@@ -15,8 +15,9 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Final, Protocol
 
 import anyio
 import msgspec
@@ -34,7 +35,7 @@ from swarmbus._jetstream.errors import is_transient, translate, transport_error
 from swarmbus._jetstream.headers import MSG_ID, STATUS, WRONG_LAST_SEQUENCE
 from swarmbus._jetstream.retry import FIRST_BACKOFF, MAX_BACKOFF, Guard, stored_already
 
-__all__ = ["AckPublisher", "CasConflict", "CasWriter", "Refused"]
+__all__ = ["AckPublisher", "CasConflict", "CasWriter", "Refused", "StoredPublisher"]
 
 log = logging.getLogger("swarmbus.jetstream")
 
@@ -163,7 +164,114 @@ def _time_out(future: asyncio.Future[Msg]) -> None:
         future.set_exception(TimeoutError())
 
 
-class CasWriter:
+class _Replies:
+    """Requests answered on one reply inbox per connection: one publish and one timer each.
+
+    nats-py's request costs a new inbox token, a future with a done callback and a
+    ``wait_for`` per call; here a request is a publish, a future and a timer.
+    """
+
+    def __init__(self, nc: NatsClient, timeout: float) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._pending: dict[str, asyncio.Future[Msg]] = {}
+        self._ids = itertools.count(1)
+
+    async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> Msg:
+        nc = self._nc
+        if not self._prefix:  # set before the await: concurrent writers subscribe once
+            self._prefix = f"{nc.new_inbox()}."
+            self._sub = await nc.subscribe(f"{self._prefix}*", cb=self._on_reply)
+        token = str(next(self._ids))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._pending[token] = future
+        timer = loop.call_later(self._timeout, _time_out, future)
+        try:
+            await nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            return await future
+        finally:
+            timer.cancel()
+            del self._pending[token]
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._pending.get(msg.subject[len(self._prefix) :])
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+
+#: ``interrupting(subject, what)``: an async block the bus's permission refusals
+#: interrupt (``Refusals.interrupting``).
+Interrupting = Callable[[str, str], AbstractAsyncContextManager[None]]
+
+
+class Timing(Protocol):
+    """How long a publish waits for its ack, and retries (the bus's ``Settings``)."""
+
+    @property
+    def request_timeout(self) -> float: ...
+
+    @property
+    def retry_for(self) -> float: ...
+
+
+class StoredPublisher(_Replies):
+    """Acknowledged JetStream publishes (events): ``bus.js.publish`` at a lower cost.
+
+    The same guarantees as the retry layer's ``publish`` (``RetryingJetStream``): a
+    refused subject raises at once (the bus's permission refusals interrupt the wait),
+    transient failures (timeouts, no responders, no leader) are retried with the same
+    ``Nats-Msg-Id`` (the caller's, so a stored retry is answered from the duplicate
+    window) until ``retry_for`` passes, and the last failure is raised as nats-py
+    raises it (``APIError``, ``NoRespondersError``, ``TimeoutError``), so callers
+    translate it as before. Without the per-attempt header copies, the nats-py request
+    (inbox token, ``wait_for``) and the dict-built ack: ~40 us less per event here.
+    """
+
+    def __init__(self, nc: NatsClient, interrupting: Interrupting, timing: Timing) -> None:
+        super().__init__(nc, timing.request_timeout)
+        self._interrupting = interrupting
+        self._retry_for = timing.retry_for
+
+    async def publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> int:
+        """Publish ``payload`` carrying ``headers[MSG_ID]``; its stream sequence.
+
+        Raises:
+            nats.js.errors.APIError: the stream refused it (after retries if transient).
+            nats.errors.Error, TimeoutError: no ack (after retries), or no connection.
+            PermissionDeniedError: the server refused the subject.
+        """
+        deadline = 0.0
+        backoff = FIRST_BACKOFF
+        while True:
+            try:
+                async with self._interrupting(subject, f"publish to {subject}"):
+                    reply = await self._request(subject, payload, headers)
+                if reply.headers and reply.headers.get(STATUS) == "503":
+                    raise nats.js.errors.NoStreamResponseError  # as nats-py's js.publish
+                try:
+                    ack = _ack_decoder.decode(reply.data)
+                except msgspec.DecodeError:
+                    raise PublishError(f"bad acknowledgement {reply.data!r}") from None
+                if ack.error is None:
+                    return ack.seq
+                error = ack.error
+                raise nats.js.errors.APIError(
+                    code=error.code, err_code=error.err_code, description=error.description
+                )
+            except (TimeoutError, nats.errors.Error) as exc:
+                now = time.monotonic()
+                deadline = deadline or now + self._retry_for
+                if not is_transient(exc) or now + backoff >= deadline:
+                    raise
+                log.info("publish to %s: %s; retrying", subject, type(exc).__name__)
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+class CasWriter(_Replies):
     """Compare-and-set publishes on one connection's lock keys, answered on one inbox.
 
     Why not ``bus.js.publish``: an uncontended lock cycle is two writes that each wait
@@ -188,15 +296,10 @@ class CasWriter:
         timeout: float,
         retry_for: float,
     ) -> None:
-        self._nc = nc
+        super().__init__(nc, timeout)
         self._js = js
         self._guard = guard
-        self._timeout = timeout
         self._retry_for = retry_for
-        self._prefix = ""
-        self._sub: Subscription | None = None
-        self._pending: dict[str, asyncio.Future[Msg]] = {}
-        self._ids = itertools.count(1)
         self._nonce = NUID().next().decode()
 
     def new_id(self) -> str:
@@ -243,25 +346,3 @@ class CasWriter:
             retry = True
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
-
-    async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> Msg:
-        nc = self._nc
-        if not self._prefix:  # set before the await: concurrent writers subscribe once
-            self._prefix = f"{nc.new_inbox()}."
-            self._sub = await nc.subscribe(f"{self._prefix}*", cb=self._on_reply)
-        token = str(next(self._ids))
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg] = loop.create_future()
-        self._pending[token] = future
-        timer = loop.call_later(self._timeout, _time_out, future)
-        try:
-            await nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
-            return await future
-        finally:
-            timer.cancel()
-            del self._pending[token]
-
-    async def _on_reply(self, msg: Msg) -> None:
-        future = self._pending.get(msg.subject[len(self._prefix) :])
-        if future is not None and not future.done():
-            future.set_result(msg)

@@ -10,13 +10,13 @@ JetStream refusals translated.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 from dataclasses import dataclass
 from typing import Final
 
-import anyio
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as Connection
@@ -69,11 +69,15 @@ class PullConsumer:
 
     nats-py's ``fetch`` neither notices a lost pull (its heartbeats are only skipped) nor
     stops at once, and waits message by message (a timer and a loop turn each); this
-    pulls on its own inbox, collecting in a callback: a long pull (batch 1,
-    ``expires``, idle heartbeats) when caught up, a ``no_wait`` pull for a known
-    backlog. A heartbeat only stamps the time; a pull silent for two heartbeats (a
-    reconnect, a leader change) ends empty and is re-issued. Messages that arrive for a
-    pull given up (or cancelled) are handed out by the next one.
+    pulls on its own inbox, collecting in a callback: a long pull (``expires``, idle
+    heartbeats) when caught up, a ``no_wait`` pull for a known backlog. A long pull
+    asks for as many messages as the caller has room for but returns at the first one
+    (no added latency); it stays open on the server, and the next calls take its
+    further messages without a new request until it is used up or ends (a request
+    per message would cost the client as much as the message's own handling). A
+    heartbeat only stamps the time; a pull silent for two heartbeats (a reconnect, a
+    leader change) ends empty and is re-issued. Messages that arrive for a pull given
+    up (or cancelled) are handed out by the next one.
     """
 
     def __init__(
@@ -93,7 +97,12 @@ class PullConsumer:
         self._inbox = ""
         self._msgs: list[Msg] = []
         self._want = 0
-        self._ended: anyio.Event | None = None
+        #: Messages the open long pull may still deliver (0: no pull open).
+        self._open = 0
+        self._ended: asyncio.Future[None] | None = None
+        self._silence = 0.0
+        self._interrupted = False
+        self._timer: asyncio.TimerHandle | None = None
         self._heard = 0.0
         self._gone = False
 
@@ -148,8 +157,13 @@ class PullConsumer:
             with contextlib.suppress(TransportError):
                 await msg.nak()
 
-    async def pull(self, batch: int) -> list[Msg]:
-        """Up to ``batch`` messages: a long pull for 1, what is there at once for more.
+    async def pull(self, batch: int, *, backlog: bool = False) -> list[Msg]:
+        """Up to ``batch`` messages: at least one unless the pull ended empty.
+
+        ``batch`` is the room the caller has: the messages the open long pull may still
+        deliver count against it, so never ask for more than the caller can start.
+        ``backlog``: the server said messages are waiting: take what is there at once
+        (``no_wait``) instead of opening a long pull (unless one is still open).
 
         Returns [] when a long pull expired or went silent (re-issue it).
 
@@ -159,35 +173,71 @@ class PullConsumer:
         assert self._sub is not None, "create() first"
         if not self._msgs:
             expires = self.options.expires
-            request: dict[str, object] = {"batch": batch}
-            if batch == 1:
-                request["expires"] = int(expires * 1e9)
-                request["idle_heartbeat"] = int(expires / 2 * 1e9)  # the most it may be
-                silence = expires + 1.0  # two heartbeats missed: the pull is lost
-            else:
-                request["no_wait"] = True
-                silence = 5.0
-            self._want, self._ended = batch, anyio.Event()
-            self._heard = time.monotonic()
-            await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
-            try:
-                await self._wait(self._ended, silence)
-            finally:
-                self._ended = None
+            no_wait = backlog and batch > 1 and not self._open
+            silence = 5.0 if no_wait else expires + 1.0  # two heartbeats missed: lost
+            self._want = batch if no_wait else 1
+            if not self._open:
+                request: dict[str, object] = {"batch": batch}
+                if no_wait:
+                    request["no_wait"] = True
+                else:
+                    request["expires"] = int(expires * 1e9)
+                    request["idle_heartbeat"] = int(expires / 2 * 1e9)  # the most it may be
+                    self._open = batch
+                self._heard = time.monotonic()
+                await self._nc.publish(self._next, json.dumps(request).encode(), reply=self._inbox)
+            await self._wait(silence)
             if self._gone:  # the consumer was deleted under us: create it again
                 self._gone = False
                 await self.create(self._filters)
         got, self._msgs = self._msgs[:batch], self._msgs[batch:]
         return got
 
-    async def _wait(self, ended: anyio.Event, silence: float) -> None:
-        """Until the pull ended, or nothing (not even a heartbeat) came for ``silence``."""
-        while True:
-            with anyio.move_on_after(self._heard + silence - time.monotonic()):
-                await ended.wait()
-                return
-            if time.monotonic() - self._heard >= silence:
-                return
+    async def _wait(self, silence: float) -> None:
+        """Until the pull ended, or nothing (not even a heartbeat) came for ``silence``.
+
+        A future and a timer (re-armed while heartbeats come): an anyio Event and a
+        cancel scope per wait cost more than the rest of a message's receipt.
+        """
+        if self._interrupted:
+            self._interrupted = False
+            return
+        loop = asyncio.get_running_loop()
+        self._ended = loop.create_future()
+        self._silence = silence
+        self._timer = loop.call_later(silence, self._check_silence)
+        try:
+            await self._ended
+        except BaseException:  # cancelled (a stop, a reconnect): the next call opens one
+            self._open = 0
+            raise
+        finally:
+            self._ended = None
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def interrupt(self) -> None:
+        """End the wait of the pull under way now (it returns what came, perhaps
+        nothing), or else of the next one; the next pull is a new request (a stop, or
+        a reconnect: the open pull was lost with the old connection).
+        """
+        self._open = 0
+        ended = self._ended
+        if ended is not None and not ended.done():
+            ended.set_result(None)
+        else:
+            self._interrupted = True
+
+    def _check_silence(self) -> None:
+        ended = self._ended
+        if ended is None or ended.done():
+            return
+        left = self._heard + self._silence - time.monotonic()
+        if left > 0:
+            self._timer = asyncio.get_running_loop().call_later(left, self._check_silence)
+            return
+        self._open = 0  # lost: the next call opens a new pull
+        ended.set_result(None)
 
     async def _on_msg(self, msg: Msg) -> None:
         self._heard = time.monotonic()
@@ -196,8 +246,12 @@ class PullConsumer:
             return
         if not status:
             self._msgs.append(msg)
-        elif status == NO_RESPONDERS_STATUS:
-            self._gone = True
+            if self._open:
+                self._open -= 1
+        else:  # the pull ended (expired, or refused): the next call opens a new one
+            self._open = 0
+            if status == NO_RESPONDERS_STATUS:
+                self._gone = True
         ended = self._ended
-        if ended is not None and (status or len(self._msgs) >= self._want):
-            ended.set()
+        if ended is not None and not ended.done() and (status or len(self._msgs) >= self._want):
+            ended.set_result(None)
