@@ -151,7 +151,8 @@ _AGENT_PUB: Final[list[str]] = [
     *(f"$JS.API.CONSUMER.DELETE.KV_{b}.*" for b in _KV_WATCH_BUCKETS),
     # task queue: the service creates the queue consumers (a create is also an update
     # of another queue's ack_wait or filter); agents pull and ack. See deploy/README.md
-    # for what is still shared (an ack or +TERM of a dispatch it fetched).
+    # for what is still shared (an ack or +TERM of a dispatch it fetched: the task's
+    # record survives it, and the service's sweep offers it again).
     "swarmbus.task.>",
     "$JS.API.CONSUMER.MSG.NEXT.SWARMBUS_TASKS.*",
     "$JS.ACK.SWARMBUS_TASKS.>",
