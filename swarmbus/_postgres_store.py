@@ -34,7 +34,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from importlib import resources
 from typing import Any, Final, Self
 
@@ -48,6 +48,7 @@ from swarmbus._errors import (
     PublishError,
 )
 from swarmbus._state import Entry
+from swarmbus._store_lock import StoredLock
 
 try:
     import psycopg
@@ -64,6 +65,15 @@ DEFAULT_CHANGE_RETENTION: Final = 3600.0
 SWEEP_INTERVAL: Final = 1.0
 """Longest wait (seconds) between two sweeps, or two catch-up reads, of a watch."""
 MIGRATIONS: Final = "swarmbus.migrations.postgres"
+_GET_MANY: Final = (
+    "SELECT key, value, revision FROM swarm_state WHERE bucket = %s AND key = ANY(%s)"
+    " AND (expires_at IS NULL OR expires_at > clock_timestamp())"
+)
+_LOCKS: Final = (
+    "SELECT key, value, revision, expires_at FROM swarm_state WHERE bucket = %s"
+    " AND (%s::text IS NULL OR key = %s)"
+    " AND (expires_at IS NULL OR expires_at > clock_timestamp()) ORDER BY key"
+)
 _MIGRATION_LOCK: Final = 0x5357_4152_4D42  # "SWARMB": one migrator at a time
 
 _GET = (
@@ -156,6 +166,9 @@ class PostgresStore:
         self.name: str = bucket
         self.max_value_bytes: int = max_value_bytes
         self.change_retention = change_retention
+        # Task records are mirrored into the seed's agent_tasks (migrations), whose
+        # partial index finds a session's open tasks (``_tasks.store_reads``).
+        self.lists_open = True
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -276,6 +289,23 @@ class PostgresStore:
             yield changes.entries()
         finally:
             await listener.close()
+
+    async def get_many(self, keys: Sequence[str]) -> builtins.list[Entry | None]:
+        """The current entry of each of ``keys`` (None: none), in one ``SELECT``."""
+        with postgres_errors(f"get {len(keys)} keys from {self.name}"):
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(_GET_MANY, [self.name, builtins.list(keys)])
+                rows = await cursor.fetchall()
+        found = {k: Entry(key=k, value=bytes(v), revision=int(r)) for k, v, r in rows}
+        return [found.get(key) for key in keys]
+
+    async def stored_locks(self, key: str | None = None) -> builtins.list[StoredLock]:
+        """The lock keys holding a value (only ``key`` if given), with their expiry."""
+        with postgres_errors(f"list the locks of {self.name}"):
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(_LOCKS, [self.name, key, key])
+                rows = await cursor.fetchall()
+        return [StoredLock(k, bytes(v), int(r), e) for k, v, r, e in rows if v]
 
 
 async def open_pool(url: str, *, max_size: int = 8) -> AsyncConnectionPool[Any]:

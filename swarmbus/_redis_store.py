@@ -43,7 +43,8 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
 
 import anyio
@@ -59,6 +60,7 @@ from swarmbus._errors import (
     SwarmbusError,
 )
 from swarmbus._state import Entry
+from swarmbus._store_lock import StoredLock
 
 try:
     import redis.asyncio as aioredis
@@ -76,6 +78,8 @@ __all__ = [
     "RedisStore",
 ]
 
+SCAN_COUNT: Final = 500
+"""Keys per ``SCAN`` call when lock keys are listed."""
 DEFAULT_KEY_PREFIX: Final = "agent:swarm:"
 DEFAULT_MAX_VALUE_BYTES: Final = 1024 * 1024
 DEFAULT_STREAM_MAX_LEN: Final = 10_000
@@ -416,6 +420,47 @@ class RedisStore:
     ) -> AsyncIterator[AsyncIterator[Entry | None]]:
         entries, position = await self._snapshot_of(prefix)
         yield _Changes(self, prefix, position, entries if initial else None).entries()
+
+    async def get_many(self, keys: Sequence[str]) -> builtins.list[Entry | None]:
+        """The current entry of each of ``keys`` (None: none), in one pipeline."""
+        layout = self.layout
+        with redis_errors(f"get {len(keys)} keys from {self.name}"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(layout.cached(key), ["value", "revision"])
+                rows = cast(builtins.list[builtins.list[bytes | None]], await pipe.execute())
+        return [
+            None if revision is None else Entry(key=key, value=value or b"", revision=int(revision))
+            for key, (value, revision) in zip(keys, rows, strict=True)
+        ]
+
+    async def stored_locks(self, key: str | None = None) -> builtins.list[StoredLock]:
+        """The lock keys holding a value (only ``key`` if given), with their expiry."""
+        layout = self.layout
+        base = layout.redis_key("x")[:-1]  # the Redis key of store key "a.b" is base + "a:b"
+        with redis_errors(f"list the locks of {self.name}"):
+            if key is not None:
+                names = [layout.redis_key(key)]
+            else:
+                names = [
+                    name.decode() if isinstance(name, bytes) else name
+                    async for name in self.client.scan_iter(match=f"{base}*", count=SCAN_COUNT)
+                ]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hmget(name, ["value", "revision"])
+                    pipe.pttl(name)
+                replies = await pipe.execute()
+        now = datetime.now(UTC)
+        found = []
+        for i, name in enumerate(names):
+            (value, revision), pttl = replies[2 * i], replies[2 * i + 1]
+            if revision is None or not value:
+                continue
+            expires = now + timedelta(milliseconds=pttl) if pttl >= 0 else None
+            store_key = name[len(base) :].replace(":", ".")
+            found.append(StoredLock(store_key, value, int(revision), expires))
+        return sorted(found, key=lambda s: s.key)
 
 
 class _Changes:

@@ -22,10 +22,9 @@ bucket's index), on PostgreSQL from ``swarm_state.expires_at``; on any other sto
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Protocol
+from datetime import datetime
+from typing import Protocol
 
 import anyio
 
@@ -33,15 +32,6 @@ from swarmbus._errors import ConflictError
 from swarmbus._state import StateStore
 
 __all__ = ["LockKey", "StoreLockKey", "StoredLock", "lock_key_on", "stored_locks"]
-
-SCAN_COUNT: Final = 500
-"""Keys per ``SCAN`` call when Redis lock keys are listed."""
-
-_PG_LOCKS: Final = (
-    "SELECT key, value, revision, expires_at FROM swarm_state WHERE bucket = %s"
-    " AND (%s::text IS NULL OR key = %s)"
-    " AND (expires_at IS NULL OR expires_at > clock_timestamp()) ORDER BY key"
-)
 
 
 @dataclass(frozen=True)
@@ -56,59 +46,16 @@ class StoredLock:
 
 async def stored_locks(store: StateStore, key: str | None = None) -> list[StoredLock]:
     """The lock keys of ``store``'s bucket that hold a value (only ``key`` if given)."""
-    redis_store = sys.modules.get("swarmbus._redis_store")
-    if redis_store is not None and isinstance(store, redis_store.RedisStore):
-        return await _redis_locks(store, key)
-    pg_store = sys.modules.get("swarmbus._postgres_store")
-    if pg_store is not None and isinstance(store, pg_store.PostgresStore):
-        return await _postgres_locks(store, key)
+    own = getattr(store, "stored_locks", None)
+    if own is not None:  # RedisStore, PostgresStore: with each key's expiry
+        found: list[StoredLock] = await own(key)
+        return found
     if key is not None:
         entry = await store.get(key, fresh=True)
         entries = [] if entry is None else [entry]
     else:
         entries = await store.list()
     return [StoredLock(e.key, e.value, e.revision, None) for e in entries if e.value]
-
-
-async def _redis_locks(store: Any, key: str | None) -> list[StoredLock]:
-    from swarmbus._redis_store import redis_errors
-
-    layout = store.layout
-    sample = layout.redis_key("x")
-    base = sample[:-1]  # the Redis key of store key "a.b" is base + "a:b"
-    with redis_errors(f"list the locks of {store.name}"):
-        if key is not None:
-            names = [layout.redis_key(key)]
-        else:
-            names = [
-                name.decode() if isinstance(name, bytes) else name
-                async for name in store.client.scan_iter(match=f"{base}*", count=SCAN_COUNT)
-            ]
-        async with store.client.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hmget(name, ["value", "revision"])
-                pipe.pttl(name)
-            replies = await pipe.execute()
-    now = datetime.now(UTC)
-    found = []
-    for i, name in enumerate(names):
-        (value, revision), pttl = replies[2 * i], replies[2 * i + 1]
-        if revision is None or not value:
-            continue
-        expires = now + timedelta(milliseconds=pttl) if pttl >= 0 else None
-        store_key = name[len(base) :].replace(":", ".")
-        found.append(StoredLock(store_key, value, int(revision), expires))
-    return sorted(found, key=lambda s: s.key)
-
-
-async def _postgres_locks(store: Any, key: str | None) -> list[StoredLock]:
-    from swarmbus._postgres_store import postgres_errors
-
-    with postgres_errors(f"list the locks of {store.name}"):
-        async with store.pool.connection() as conn:
-            cursor = await conn.execute(_PG_LOCKS, [store.name, key, key])
-            rows = await cursor.fetchall()
-    return [StoredLock(k, bytes(v), int(r), e) for k, v, r, e in rows if v]
 
 
 class LockKey(Protocol):

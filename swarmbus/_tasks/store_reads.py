@@ -3,8 +3,9 @@
 On most stores a claimer lists the session's open-task index
 (``store_queue.OPEN_BUCKET``: one small key per pending or claimed task), then needs
 those tasks' records with their revisions. ``get_many`` reads them in one round trip
-where the store allows it (Redis: one pipeline of ``HMGET``; PostgreSQL: one
-``SELECT ... WHERE key = ANY``) and with one ``get`` after another on any other store.
+where the store has ``get_many`` (``RedisStore``: one pipeline of ``HMGET``;
+``PostgresStore``: one ``SELECT ... WHERE key = ANY``) and with one ``get`` after
+another on any other store.
 
 PostgreSQL needs no index of its own: the store already mirrors every task record
 into the seed's ``agent_tasks`` (same transaction, with its ``status``), and a partial
@@ -22,22 +23,16 @@ A store (or a wrapper of one) may bring its own ``get_many(keys)``, ``lists_open
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from swarmbus._errors import InvalidMessageError
 from swarmbus._state import Entry, StateStore
 from swarmbus._tasks.model import TERMINAL, decode_task
 
 __all__ = ["Backlog", "backlog", "get_many", "lists_open", "open_records"]
-
-_PG_GET_MANY: Final = (
-    "SELECT key, value, revision FROM swarm_state WHERE bucket = %s AND key = ANY(%s)"
-    " AND (expires_at IS NULL OR expires_at > clock_timestamp())"
-)
 
 _PG_OPEN_RECORDS: Final = (
     "SELECT s.key, s.value, s.revision FROM agent_tasks t"
@@ -66,10 +61,7 @@ PG_TYPE_CHARS: Final = 50
 def lists_open(store: StateStore) -> bool:
     """Whether ``store`` finds a session's open task records itself (no index needed)."""
     own = getattr(store, "lists_open", None)
-    if isinstance(own, bool):
-        return own
-    pg_store = sys.modules.get("swarmbus._postgres_store")
-    return pg_store is not None and isinstance(store, pg_store.PostgresStore)
+    return own if isinstance(own, bool) else False
 
 
 async def open_records(store: StateStore, session: str, types: Sequence[str]) -> list[Entry]:
@@ -96,42 +88,10 @@ async def get_many(store: StateStore, keys: Sequence[str]) -> list[Entry | None]
     if not keys:
         return []
     own = getattr(store, "get_many", None)
-    if own is not None:
+    if own is not None:  # RedisStore, PostgresStore: one round trip
         found: list[Entry | None] = await own(keys)
         return found
-    redis_store = sys.modules.get("swarmbus._redis_store")
-    if redis_store is not None and isinstance(store, redis_store.RedisStore):
-        return await _redis_get_many(store, keys)
-    pg_store = sys.modules.get("swarmbus._postgres_store")
-    if pg_store is not None and isinstance(store, pg_store.PostgresStore):
-        return await _postgres_get_many(store, keys)
     return await _gets(store, keys)
-
-
-async def _redis_get_many(store: Any, keys: Sequence[str]) -> list[Entry | None]:
-    from swarmbus._redis_store import redis_errors
-
-    layout = store.layout
-    with redis_errors(f"get {len(keys)} keys from {store.name}"):
-        async with store.client.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hmget(layout.cached(key), ["value", "revision"])
-            rows = cast(list[list[bytes | None]], await pipe.execute())
-    return [
-        None if revision is None else Entry(key=key, value=value or b"", revision=int(revision))
-        for key, (value, revision) in zip(keys, rows, strict=True)
-    ]
-
-
-async def _postgres_get_many(store: Any, keys: Sequence[str]) -> list[Entry | None]:
-    from swarmbus._postgres_store import postgres_errors
-
-    with postgres_errors(f"get {len(keys)} keys from {store.name}"):
-        async with store.pool.connection() as conn:
-            cursor = await conn.execute(_PG_GET_MANY, [store.name, list(keys)])
-            rows = await cursor.fetchall()
-    found = {k: Entry(key=k, value=bytes(v), revision=int(r)) for k, v, r in rows}
-    return [found.get(key) for key in keys]
 
 
 async def _gets(store: StateStore, keys: Sequence[str]) -> list[Entry | None]:
