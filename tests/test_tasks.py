@@ -462,6 +462,26 @@ async def test_prune_removes_finished_records_once_no_dispatch_is_left(
             await queue.prune(older_than=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("backend", ["redis", "postgres"])
+async def test_a_store_session_pruned_empty_leaves_no_wake_key(
+    queue: TaskQueue, session_id: str
+) -> None:
+    """On Redis/PostgreSQL each session has a wake key: pruning its last task removes it."""
+    store: Any = queue
+    task = await queue.create("report", agent=CREATOR)
+    assert await store.wakes.get(session_id) is not None
+    claim = await queue.claim(agent="w/a", types=["report"], timeout=5)
+    assert claim is not None
+    assert claim.task.id == task.id
+    await claim.complete()
+    assert await queue.prune(older_than=0) == [task.id]
+    assert await store.wakes.get(session_id) is None
+    again = await queue.create("report", agent=CREATOR)  # the session goes on
+    claim = await queue.claim(agent="w/a", types=["report"], timeout=5)
+    assert claim is not None
+    assert claim.task.id == again.id
+
+
 async def test_cli_prunes_finished_tasks(
     queue: TaskQueue,
     nats_url: str,

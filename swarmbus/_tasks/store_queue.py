@@ -237,7 +237,8 @@ class StoreTaskQueue(TaskQueue):
 
         A claim still held on a pruned task is lost (its next call raises
         ``TaskClaimLostError``): the delete compares the finished record's revision, and
-        no dispatch message can bring the task back.
+        no dispatch message can bring the task back. When no task of the session is
+        left, its wake key is deleted too (one key per session is all that stays).
 
         Raises:
             InvalidTaskError: ``older_than`` is not a number of seconds >= 0.
@@ -248,7 +249,8 @@ class StoreTaskQueue(TaskQueue):
             raise InvalidTaskError("older_than", f"must be >= 0 seconds, got {older_than!r}")
         cutoff = time.time() - older_than
         pruned = []
-        for task, revision in await self._listed():
+        listed = await self._listed()
+        for task, revision in listed:
             if (
                 task.status in TERMINAL
                 and task.completed_at is not None
@@ -259,6 +261,10 @@ class StoreTaskQueue(TaskQueue):
                 except ConflictError:
                     continue
                 pruned.append(task.id)
+        if listed and len(pruned) == len(listed):
+            # Nothing left in the session: its wake key goes too (a later create
+            # writes it again; a live watch sees the delete as one more wake).
+            await self.wakes.delete(self.session)
         return pruned
 
     async def approve(self, task_id: str, *, by: str) -> Task:
