@@ -51,6 +51,7 @@ from swarmbus._jetstream.workqueue import (
 )
 from swarmbus._messages import TaskCreated, TaskFailed, envelope_for
 from swarmbus._tasks.claims import Claimer, Event, Transitions
+from swarmbus._tasks.finishes import Finishes
 from swarmbus._tasks.model import (
     STATUSES,
     TASKS_BUCKET,
@@ -120,6 +121,7 @@ class TaskQueue:
         self._acks = AckPublisher(bus.nc, bus.settings.request_timeout)
         self._claimer = Claimer(self)
         self._transitions = Transitions(self)
+        self._finishes = Finishes(self)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -147,6 +149,7 @@ class TaskQueue:
     async def close(self) -> None:
         """Stop this claimer's subscriptions (stream, bucket and tasks stay)."""
         await self._claimer.close()
+        await self._finishes.close()
         await self._acks.close()
 
     @property
@@ -295,6 +298,14 @@ class TaskQueue:
         data = await read_last(self.bus.js, TASKS_STREAM, pattern, f"cannot read task {task_id}")
         task = None if data is None else hint_of(data)
         return task if task is not None and task.id == task_id else None
+
+    async def wait(self, task_id: str) -> Task:
+        """Wait until the task is completed or failed for good; its final record.
+
+        Learns it from the record's write (one watch of the session's records per
+        queue object). Bound it with ``anyio.fail_after``. Raises ``NotFoundError``.
+        """
+        return await self._finishes.wait(task_id)
 
     async def tasks(self, status: str | None = None) -> list[Task]:
         """Every task of the session (optionally only one status), oldest first.
