@@ -148,7 +148,9 @@ class Creators:
         if design == "swarmbus":
             assert self.queue is not None
             start = time.perf_counter()
-            task = await self.queue.create("lat", agent="bench/creator")
+            task = await self.queue.create(
+                "lat", agent="bench/creator", priority=int(os.environ.get("PRIO", "5"))
+            )
             done = await self.queue.wait(task.id)
             elapsed = time.perf_counter() - start
             assert done.status == "completed"
@@ -198,21 +200,27 @@ async def bench(n: int, reps: int, warmup: int, designs: list[str]) -> None:
                                 times.append(await creators.once(design))
                         p50, p99 = pct(times, 0.5) * 1e3, pct(times, 0.99) * 1e3
                         results[design].append((p50, p99))
-                        print(f"rep {rep + 1} {design:9s} p50 {p50:6.3f} ms  p99 {p99:6.3f} ms  "
-                              f"(load {load})", flush=True)
+                        print(
+                            f"rep {rep + 1} {design:9s} p50 {p50:6.3f} ms  p99 {p99:6.3f} ms  "
+                            f"(load {load})",
+                            flush=True,
+                        )
             finally:
                 for proc in workers.values():
                     proc.kill()
                     proc.wait()
     print("medians over repetitions:")
-    med = {d: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
-           for d, rs in results.items()}
+    med = {
+        d: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+        for d, rs in results.items()
+    }
     for design, (p50, p99) in med.items():
         ratios = ""
         if design == "swarmbus":
             ratios = "  ".join(
                 f"{p50 / med[d][0]:.2f}x / {p99 / med[d][1]:.2f}x of {d}"
-                for d in designs if d != "swarmbus"
+                for d in designs
+                if d != "swarmbus"
             )
         print(f"  {design:9s} p50 {p50:6.3f} ms  p99 {p99:6.3f} ms  {ratios}")
     print(f"load after: {'/'.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -237,8 +245,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ[LOOP_ENV] = args.loop
     designs = [d for d in DESIGNS if d in args.only.split(",")]
-    print(f"{args.tasks} tasks x {args.reps} reps, one at a time, {args.loop}, "
-          f"{os.cpu_count()} CPUs, designs {designs}")
+    print(
+        f"{args.tasks} tasks x {args.reps} reps, one at a time, {args.loop}, "
+        f"{os.cpu_count()} CPUs, designs {designs}"
+    )
     run(bench, args.tasks, args.reps, args.warmup, designs)
 
 

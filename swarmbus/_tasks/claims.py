@@ -14,9 +14,10 @@ the reason is written beside each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -42,7 +43,7 @@ from swarmbus._jetstream.workqueue import (
     KeyValue,
     Puller,
     QueueConsumers,
-    Wakeup,
+    Signals,
     queue_consumer,
     settle_unacked,
     stored_age,
@@ -149,8 +150,12 @@ class Claimer:
         # One pull at a time per queue object: the pullers share one reply inbox.
         self._scan_lock = anyio.Lock()
         self._dead_letters = DeadLetters(bus)
+        refresh = min(queue.ack_wait / 2, 0.5)  # redeliveries and delayed naks
+        self._signals = Signals(bus.nc, queue.session, refresh)
+        self._lingering = 0
 
     async def close(self) -> None:
+        await self._signals.disarm()
         self._pullers.clear()
         await self._inbox.close()
 
@@ -166,34 +171,46 @@ class Claimer:
         for type in types:
             subjects.validate_name("task type", type)
         deadline = time.monotonic() + (timeout or 0.0)
-        wakeup = Wakeup(self._queue.bus.nc)
+        signals = self._signals
         try:
             while True:
+                if time.monotonic() - signals.refreshed_at >= signals.refresh_every:
+                    signals.refresh()
+                changed = signals.changed
                 async with self._scan_lock:
                     claims = await self._scan(agent, types, limit)
                 if claims:
+                    if len(claims) >= limit:
+                        # Busy: its pulls find the work; it need not hear every dispatch.
+                        await signals.disarm()
                     return claims
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
-                if not wakeup.armed:
-                    # Idle: arm one-shot wake-ups, then scan again (a dispatch may have
-                    # come in between). A busy claimer never subscribes, so it does not
-                    # receive every dispatch twice.
-                    await wakeup.arm(self._dispatch_subjects(types))
+                if not signals.armed(types):
+                    # Idle: subscribe, then scan again (a dispatch may have come in
+                    # between): from then on only the queues that get one are pulled.
+                    await signals.arm(types)
                     continue
-                # Redeliveries and delayed naks do not wake us, hence the bounded wait.
-                with anyio.move_on_after(min(remaining, self._queue.ack_wait / 2, 0.5)):
-                    await wakeup.event.wait()
-                if wakeup.event.is_set():
-                    await wakeup.disarm()
+                wait = min(remaining, signals.refresh_every)
+                with anyio.move_on_after(wait):
+                    await changed.wait()
         finally:
-            with anyio.CancelScope(shield=True):
-                await wakeup.disarm()
+            if not self._lingering:  # a work() loop keeps them between its claims
+                with anyio.CancelScope(shield=True):
+                    await signals.disarm()
 
-    def _dispatch_subjects(self, types: Sequence[str]) -> list[str]:
-        session = self._queue.session
-        return [f"{subjects.task_subject(session, type, '*')}.*" for type in types]
+    @contextlib.asynccontextmanager
+    async def lingering(self) -> AsyncIterator[None]:
+        """Keep the dispatch subscriptions between ``claim_many`` calls (``work()``)."""
+        self._lingering += 1
+        try:
+            yield
+        finally:
+            self._lingering -= 1
+            if not self._lingering:
+                with anyio.CancelScope(shield=True):
+                    await self._signals.disarm()
 
     async def _scan(self, agent: str, types: Sequence[str], limit: int) -> list[Claim]:
         claims: list[Claim] = []
@@ -210,7 +227,9 @@ class Claimer:
                     for _ in range(REPULLS):
                         if len(claims) >= limit:
                             return claims
-                        msgs = await puller.pull(limit - len(claims))
+                        if not self._signals.owed(type, priority):
+                            break  # empty since it was last pulled (``Signals``)
+                        msgs = await self._pull(puller, type, priority, limit - len(claims))
                         won = await self.settle_all(msgs, agent)
                         claims.extend(won)
                         if len(won) == len(msgs):
@@ -231,6 +250,16 @@ class Claimer:
             raise
         return claims
 
+    async def _pull(self, puller: Puller, type: str, priority: int, batch: int) -> list[Dispatch]:
+        signals = self._signals
+        mark = signals.mark(type, priority)
+        msgs = await puller.pull(batch)
+        if signals.pulled(type, priority, mark, len(msgs), batch) and not msgs:
+            mark = signals.mark(type, priority)
+            msgs = await puller.pull(1, wait=signals.LAG_WAIT)
+            signals.pulled(type, priority, mark, len(msgs), 1)
+        return msgs
+
     async def _release(self, claims: Sequence[Claim]) -> None:
         """Undo claims that were never handed out: pending again, at the attempt count
         they had, and their dispatch messages offered again at once."""
@@ -248,7 +277,9 @@ class Claimer:
         """Peek at each lower priority's head; claim it if it waited too long."""
         for priority in range(MIN_PRIORITY, MAX_PRIORITY):
             for type in types:
-                msgs = await (await self.puller(type, priority)).pull(1)
+                if not self._signals.owed(type, priority):
+                    continue  # empty: no head to age
+                msgs = await self._pull(await self.puller(type, priority), type, priority, 1)
                 for msg in msgs:
                     if stored_age(msg) >= self._queue.starvation_after:
                         claims = await self.settle_all([msg], agent)

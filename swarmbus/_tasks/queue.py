@@ -561,7 +561,8 @@ class TaskQueue:
         slots at once) so a busy worker does not fall back to one round trip per task.
         """
         worker = Worker(self, handler, agent=agent, types=types, stop=stop, concurrency=concurrency)
-        await worker.run()
+        async with self._claimer.lingering():
+            await worker.run()
 
     # --- events ------------------------------------------------------------------------
 
