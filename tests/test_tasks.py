@@ -553,14 +553,14 @@ async def test_a_stale_dispatch_copy_settled_after_prune_does_not_run_the_task_a
 ) -> None:
     task = await queue.create("probe", agent=CREATOR)
     # This claimer pulls the dispatch message, then stalls before settling it.
-    (held,) = await (await queue._puller("probe", 5)).pull(1)
+    (held,) = await (await queue._claimer.puller("probe", 5)).pull(1)
     async with TaskQueue(bus, session_id, ack_wait=0.5) as other:
         claim = await other.claim(agent="w/b", types=["probe"], timeout=5)  # the redelivery
         assert claim is not None
         assert claim.task.id == task.id
         await claim.complete()
         assert await other.prune(older_than=0) == [task.id]
-    assert await queue._settle_all([held], "w/a") == []
+    assert await queue._claimer.settle_all([held], "w/a") == []
     with pytest.raises(NotFoundError):
         await queue.get(task.id)
 

@@ -41,9 +41,7 @@ from swarmbus._jetstream.kv import kv_context
 from swarmbus._jetstream.reads import stored_messages
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._jetstream.workqueue import (
-    Dispatch,
     KeyValue,
-    Puller,
     purge_key,
     read_entry,
     read_last,
@@ -508,12 +506,6 @@ class TaskQueue:
         return await self._claimer.claim_many(
             agent=agent, types=types, limit=limit, timeout=timeout
         )
-
-    async def _puller(self, type: str, priority: int) -> Puller:
-        return await self._claimer.puller(type, priority)
-
-    async def _settle_all(self, msgs: list[Dispatch], agent: str) -> list[Claim]:
-        return await self._claimer.settle_all(msgs, agent)
 
     async def _cas(self, task: Task, revision: int) -> int | None:
         return await self._transitions.cas(task, revision)
