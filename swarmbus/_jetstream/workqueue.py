@@ -419,19 +419,36 @@ class Signals:
         """Whether the queue must be pulled (it may hold dispatches)."""
         return type not in self._subs or (type, priority) not in self._clean
 
-    def mark(self, type: str, priority: int) -> tuple[int, int]:
+    def mark(self, type: str, priority: int) -> tuple[int, int, bool]:
         """Before a pull of the queue: what ``pulled`` compares against."""
         queue = (type, priority)
-        return self._signals.get(queue, 0), self._unseen.pop(queue, 0)
+        clean = type in self._subs and queue in self._clean
+        return self._signals.get(queue, 0), self._unseen.pop(queue, 0), clean
 
-    def pulled(self, type: str, priority: int, mark: tuple[int, int], got: int, asked: int) -> bool:
-        """After a pull that returned ``got`` of ``asked``: one that drained the queue
-        makes it clean, unless a dispatch was announced during the pull (it may have
-        missed it). True if dispatches announced a moment before it were not all
-        there: not stored yet, or taken by another claimer (pull once more, waiting)."""
+    def pulled(
+        self, type: str, priority: int, mark: tuple[int, int, bool], got: int, asked: int
+    ) -> bool:
+        """After a pull that returned ``got`` of ``asked`` dispatches.
+
+        A queue clean before the pull is clean after it if it got as many dispatches as
+        were announced meanwhile. Otherwise a pull that drained the queue makes it
+        clean, unless a dispatch was announced during the pull (it may have missed
+        it). True if dispatches announced a moment before it were not all there: not
+        stored yet, or taken by another claimer (pull once more, waiting).
+        """
         queue = (type, priority)
-        signals, announced = mark
-        if got >= asked or type not in self._subs or self._signals.get(queue, 0) != signals:
+        signals, announced, clean = mark
+        if type not in self._subs:
+            return False
+        during = self._signals.get(queue, 0) - signals
+        if clean:
+            self._unseen.pop(queue, None)
+            if during > got:
+                self._unseen[queue] = during - got
+            else:
+                self._clean.add(queue)
+            return False
+        if got >= asked or during:
             return False
         signalled = self._signalled_at.get(queue, 0.0)
         if got < announced and time.monotonic() - signalled < self.LAG:

@@ -153,6 +153,9 @@ class Claimer:
         refresh = min(queue.ack_wait / 2, 0.5)  # redeliveries and delayed naks
         self._signals = Signals(bus.nc, queue.session, refresh)
         self._lingering = 0
+        #: The queue claimed from last: an idle ``work()`` loop waits in a pull there.
+        self._likely: tuple[str, int] | None = None
+        self._parked: anyio.CancelScope | None = None
 
     async def close(self) -> None:
         await self._signals.disarm()
@@ -177,6 +180,8 @@ class Claimer:
                 if time.monotonic() - signals.refreshed_at >= signals.refresh_every:
                     signals.refresh()
                 changed = signals.changed
+                if self._parked is not None:
+                    self._parked.cancel()  # another caller's idle pull: end it, scan now
                 async with self._scan_lock:
                     claims = await self._scan(agent, types, limit)
                 if claims:
@@ -193,12 +198,56 @@ class Claimer:
                     await signals.arm(types)
                     continue
                 wait = min(remaining, signals.refresh_every)
+                likely = self._likely
+                if self._lingering and likely in self._queues(types) and not signals.owed(*likely):
+                    claims = await self._wait_on(likely, agent, types, wait)
+                    if claims:
+                        return claims
+                    continue
                 with anyio.move_on_after(wait):
                     await changed.wait()
         finally:
             if not self._lingering:  # a work() loop keeps them between its claims
                 with anyio.CancelScope(shield=True):
                     await signals.disarm()
+
+    async def _wait_on(
+        self, queue: tuple[str, int], agent: str, types: Sequence[str], wait: float
+    ) -> list[Claim]:
+        """Idle in a ``work()`` loop: wait in a pull of one message from ``queue`` (the
+        one claimed from last), which hands a dispatch over as soon as it is stored,
+        until ``wait`` passes or another queue gets a dispatch. A pull given up on
+        stays open on the server until ``wait``: a dispatch it gets is kept by the
+        inbox for the next pull."""
+        msgs: list[Dispatch] = []
+        async with self._scan_lock:
+            puller = await self.puller(*queue)
+            async with anyio.create_task_group() as tg:
+                self._parked = tg.cancel_scope
+                try:
+                    tg.start_soon(self._until_elsewhere, queue, types, tg.cancel_scope)
+                    msgs = await self._pull(puller, *queue, 1, wait=wait)
+                    tg.cancel_scope.cancel()
+                finally:
+                    self._parked = None
+            return await self.settle_all(msgs, agent) if msgs else []
+
+    async def _until_elsewhere(
+        self, queue: tuple[str, int], types: Sequence[str], scope: anyio.CancelScope
+    ) -> None:
+        """Cancel ``scope`` once a queue of ``types`` other than ``queue`` is owed a pull."""
+        signals = self._signals
+        while True:
+            changed = signals.changed
+            if any(signals.owed(*q) for q in self._queues(types) if q != queue):
+                scope.cancel()
+                return
+            await changed.wait()
+
+    @staticmethod
+    def _queues(types: Sequence[str]) -> list[tuple[str, int]]:
+        priorities = range(MAX_PRIORITY, MIN_PRIORITY - 1, -1)
+        return [(type, priority) for priority in priorities for type in types]
 
     @contextlib.asynccontextmanager
     async def lingering(self) -> AsyncIterator[None]:
@@ -232,6 +281,8 @@ class Claimer:
                         msgs = await self._pull(puller, type, priority, limit - len(claims))
                         won = await self.settle_all(msgs, agent)
                         claims.extend(won)
+                        if won:
+                            self._likely = (type, priority)
                         if len(won) == len(msgs):
                             break
                 if claims:
@@ -250,11 +301,13 @@ class Claimer:
             raise
         return claims
 
-    async def _pull(self, puller: Puller, type: str, priority: int, batch: int) -> list[Dispatch]:
+    async def _pull(
+        self, puller: Puller, type: str, priority: int, batch: int, *, wait: float = 0.0
+    ) -> list[Dispatch]:
         signals = self._signals
         mark = signals.mark(type, priority)
-        msgs = await puller.pull(batch)
-        if signals.pulled(type, priority, mark, len(msgs), batch) and not msgs:
+        msgs = await puller.pull(batch, wait=wait)
+        if signals.pulled(type, priority, mark, len(msgs), batch) and not msgs and not wait:
             mark = signals.mark(type, priority)
             msgs = await puller.pull(1, wait=signals.LAG_WAIT)
             signals.pulled(type, priority, mark, len(msgs), 1)
