@@ -178,6 +178,12 @@ class Creators:
         return time.perf_counter() - start
 
 
+def cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def spawn(*args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, __file__, *args], env=env)
@@ -210,14 +216,20 @@ async def bench(n: int, reps: int, warmup: int, designs: list[str]) -> None:
                     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
                     for design in designs:
                         times = []
+                        pids = (server.pid or 0, os.getpid(), workers[design].pid)
+                        before = [cpu(pid) for pid in pids]
                         for _ in range(n):
                             with anyio.fail_after(10):
                                 times.append(await creators.once(design))
+                        used = [
+                            (cpu(pid) - b) / n * 1e6 for pid, b in zip(pids, before, strict=True)
+                        ]
                         p50, p99 = pct(times, 0.5) * 1e3, pct(times, 0.99) * 1e3
                         results[design].append((p50, p99))
                         print(
                             f"rep {rep + 1} {design:9s} p50 {p50:6.3f} ms  p99 {p99:6.3f} ms  "
-                            f"(load {load})",
+                            f"(load {load}; CPU us/task server {used[0]:.0f}, creator "
+                            f"{used[1]:.0f}, worker {used[2]:.0f})",
                             flush=True,
                         )
             finally:

@@ -881,3 +881,82 @@ async def test_under_auth_the_service_remakes_expired_queue_consumers(
         assert claim is not None
         assert claim.task.id == created.id
         await claim.complete({"ok": True})
+
+
+class ReadsOf:
+    """Wraps ``queue._read``: ``done`` is set once a read of ``task_id`` returned."""
+
+    def __init__(self, queue: TaskQueue, task_id: str) -> None:
+        self.done = anyio.Event()
+        self._read = queue._read
+        self._task_id = task_id
+
+    async def __call__(self, task_id: str) -> tuple[Task, int]:
+        found = await self._read(task_id)
+        if task_id == self._task_id:
+            self.done.set()
+        return found
+
+
+@ON_EVERY_BACKEND
+async def test_wait_returns_the_final_record_a_retry_is_not_final(
+    queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = await queue.create("analyze", agent=CREATOR)
+    reads = ReadsOf(queue, task.id)
+    monkeypatch.setattr(queue, "_read", reads)
+    finals: list[Task] = []
+
+    async def waiter() -> None:
+        finals.append(await queue.wait(task.id))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await reads.done.wait()  # the waiter read the record: the rest is the watch's
+            first = await queue.claim(agent="w/a", types=["analyze"])
+            assert first is not None
+            assert (await first.fail("flaky", retry=True)).status == "pending"
+            second = await queue.claim(agent="w/b", types=["analyze"], timeout=5)
+            assert second is not None
+            done = await second.complete({"ok": True})
+    assert finals == [done]
+    assert (done.status, done.attempts) == ("completed", 2)
+    with anyio.fail_after(5):  # finished already: the read answers
+        assert await queue.wait(task.id) == done
+
+
+@ON_EVERY_BACKEND
+async def test_wait_returns_a_failed_record_and_refuses_unknown_tasks(queue: TaskQueue) -> None:
+    task = await queue.create("analyze", agent=CREATOR, max_attempts=1)
+    claim = await queue.claim(agent="w/a", types=["analyze"])
+    assert claim is not None
+    failed = await claim.fail("broken")
+    with anyio.fail_after(5):
+        assert await queue.wait(task.id) == failed
+        with pytest.raises(NotFoundError):
+            await queue.wait("no-such-task")
+
+
+async def test_wait_watches_with_one_consumer_per_queue_deleted_at_close(
+    bus: Bus, session_id: str
+) -> None:
+    async def watch_consumers() -> int:
+        return (await bus.js.stream_info("KV_swarmbus-tasks")).state.consumer_count
+
+    async with TaskQueue(bus, session_id) as creator:
+        before = await watch_consumers()
+        tasks = await creator.create_many([TaskSpec(type="probe")] * 3, agent=CREATOR)
+        stop = anyio.Event()
+
+        async def handler(task: Task) -> dict[str, Any]:
+            return {"id": task.id}
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg, TaskQueue(bus, session_id) as worker:
+                tg.start_soon(lambda: worker.work(handler, agent="w/a", types=["probe"], stop=stop))
+                finals = [await creator.wait(t.id) for t in tasks]
+                stop.set()
+        assert [f.result for f in finals] == [{"id": t.id} for t in tasks]
+        assert await watch_consumers() == before + 1
+    assert await watch_consumers() == before

@@ -221,14 +221,16 @@ class TaskQueue:
             for task, revision, (_, data, _) in zip(tasks, revisions, records, strict=True)
             if task.approval == "none"
         ]
-        if offered:
-            # A dispatch that is not stored leaves a pending record: the sweep offers it.
-            for result in await self._acks.publish([write for _, write in offered]):
-                _stored(result, self.session)
+        # The records are stored: the tasks exist. Their events go out in the same
+        # flush as the dispatches (a dispatch not stored leaves a pending record, which
+        # the service's sweep offers).
+        sent = await self._acks.send([write for _, write in offered])
         dispatches = {task.id: write[2] for task, write in offered}
         for t, (_, _, headers) in zip(tasks, records, strict=True):
             with continued(dispatches.get(t.id, headers)):  # outside a trace: the task's
                 await self._events([(_created(t), agent, f"task:{t.id}:created")])
+        for result in await self._acks.collect(sent):
+            _stored(result, self.session)
         return tasks
 
     def _trace(self, task: Task) -> dict[str, str]:
