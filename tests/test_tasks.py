@@ -960,3 +960,35 @@ async def test_wait_watches_with_one_consumer_per_queue_deleted_at_close(
         assert [f.result for f in finals] == [{"id": t.id} for t in tasks]
         assert await watch_consumers() == before + 1
     assert await watch_consumers() == before
+
+
+async def test_wait_for_tasks_created_while_the_watch_runs_needs_no_read(
+    bus: Bus, session_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with TaskQueue(bus, session_id) as creator, TaskQueue(bus, session_id) as worker:
+        first = await creator.create("probe", agent=CREATOR)
+        stop = anyio.Event()
+        handled = anyio.Event()
+
+        async def handler(task: Task) -> dict[str, Any]:
+            if task.id != first.id:
+                handled.set()
+            return {"id": task.id}
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: worker.work(handler, agent="w/a", types=["probe"], stop=stop))
+                await creator.wait(first.id)  # starts the watch (and reads)
+                later = await creator.create_many([TaskSpec(type="probe")] * 2, agent=CREATOR)
+                read = creator._read
+
+                async def no_read(task_id: str) -> tuple[Task, int]:
+                    assert task_id not in {t.id for t in later}, "the watch saw it all"
+                    return await read(task_id)
+
+                monkeypatch.setattr(creator, "_read", no_read)
+                await handled.wait()
+                last = await creator.wait(later[1].id)
+                assert (await creator.wait(later[0].id)).result == {"id": later[0].id}
+                stop.set()
+        assert last.result == {"id": later[1].id}

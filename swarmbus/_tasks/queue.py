@@ -216,6 +216,7 @@ class TaskQueue:
         ]
         records = [self._record(task) for task in tasks]
         revisions = [_stored(result, self.session) for result in await self._acks.publish(records)]
+        self._finishes.note_created(task.id for task in tasks)
         offered = [
             (task, self._offer(task, revision, data=data))
             for task, revision, (_, data, _) in zip(tasks, revisions, records, strict=True)
