@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -116,6 +117,13 @@ class QueueView(Protocol):
 
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task: ...
 
+    async def _announce(self, claim: Claim, agent: str) -> None: ...
+
+
+def announce(claim: Claim, agent: str) -> Event:
+    """The task.assigned event of ``claim``."""
+    return TaskAssigned(task_id=claim.task.id, agent_id=agent), agent, None
+
 
 def _released(task: Task) -> Task:
     """``task`` as before a claim that was never handed out."""
@@ -156,6 +164,8 @@ class Claimer:
         #: The queue claimed from last: an idle ``work()`` loop waits in a pull there.
         self._likely: tuple[str, int] | None = None
         self._parked: anyio.CancelScope | None = None
+        #: The claims handed out and still referenced (``Transitions.cas``).
+        self.open_claims: weakref.WeakSet[Claim] = weakref.WeakSet()
 
     async def close(self) -> None:
         await self._signals.disarm()
@@ -349,6 +359,7 @@ class Claimer:
         claims: list[Claim] = []
         with anyio.CancelScope(shield=True):
             claims = await self._settle_batch(msgs, agent)
+        self.open_claims.update(claims)
         return claims
 
     async def _settle_batch(self, msgs: list[Dispatch], agent: str) -> list[Claim]:
@@ -401,11 +412,12 @@ class Claimer:
             error = outcomes.error or error
         if error is not None and not claims:
             raise error
-        for c in claims:  # each in its task's trace
-            with continued(c._msg.headers):
-                await queue._events(
-                    [(TaskAssigned(task_id=c.task.id, agent_id=agent), agent, None)]
-                )
+        for c in claims:
+            c._announce_as = agent
+            if not self._lingering:
+                await c._announced()
+            # else work() announces it as it starts the handler: in one flush with what
+            # its loop publishes meanwhile, and with a quick handler's completion
         return claims
 
     async def _settle_into(
@@ -513,22 +525,27 @@ class Claimer:
 class Transitions:
     """Compare-and-set writes of task records, batched per event-loop turn."""
 
-    def __init__(self, queue: QueueView) -> None:
+    def __init__(self, queue: QueueView, open_claims: Collection[Claim] = ()) -> None:
         self._queue = queue
         self._writes: list[tuple[Task, int, asyncio.Future[int | None]]] = []
+        self._open_claims = open_claims
 
     async def cas(self, task: Task, revision: int) -> int | None:
         """Write ``task`` if the record is still at ``revision``; None if it moved on.
 
         The writes of one event-loop turn (e.g. the completions of a worker's batch)
-        go out together through ``_cas_many``: one pipelined batch, one timeout. The
-        first writer of the turn sends the batch for everyone (no background task).
+        go out together (when more than one claim is held) through ``_cas_many``: one
+        pipelined batch, one timeout. The first writer of the turn sends the batch for
+        everyone (no background task).
         """
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._writes.append((task, revision, future))
         if len(self._writes) == 1:
             try:
-                await asyncio.sleep(0)  # let the other writers of this turn join
+                # Let the other writers of this turn join, if another claim is held (a
+                # lone claim's write goes out with what this turn already published).
+                if len(self._open_claims) > 1:
+                    await asyncio.sleep(0)
             finally:
                 # Even if cancelled: the batch holds other writers' writes too.
                 with anyio.CancelScope(shield=True):
@@ -614,6 +631,7 @@ class Transitions:
     ) -> Task:
         """CAS ``change(task)`` at the claim's revision; one transition at a time."""
         queue = self._queue
+        await claim._announced()  # its task.assigned event goes first
         async with claim._lock:
             queue.bus.act_as(claim.task.assigned_to or subjects.UNKNOWN)
             if claim.finished:

@@ -48,7 +48,7 @@ from swarmbus._jetstream.workqueue import (
     work_queue_stream,
 )
 from swarmbus._messages import TaskCreated, TaskFailed, envelope_for
-from swarmbus._tasks.claims import Claimer, Event, Transitions
+from swarmbus._tasks.claims import Claimer, Event, Transitions, announce
 from swarmbus._tasks.finishes import Finishes
 from swarmbus._tasks.model import (
     STATUSES,
@@ -118,7 +118,7 @@ class TaskQueue:
         self._store: NatsStore | None = None
         self._acks = AckPublisher(bus.nc, bus.settings.request_timeout)
         self._claimer = Claimer(self)
-        self._transitions = Transitions(self)
+        self._transitions = Transitions(self, self._claimer.open_claims)
         self._finishes = Finishes(self)
 
     # --- lifecycle --------------------------------------------------------------
@@ -536,6 +536,10 @@ class TaskQueue:
 
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
         return await self._transitions.fail(claim, error, retry=retry)
+
+    async def _announce(self, claim: Claim, agent: str) -> None:
+        with continued(claim._msg.headers):  # in its task's trace
+            await self._events([announce(claim, agent)])
 
     # --- worker loop (``worker.Worker``) ---------------------------------------------
 
