@@ -198,6 +198,9 @@ class Claimer:
                     if len(claims) >= limit:
                         # Busy: its pulls find the work; it need not hear every dispatch.
                         await signals.disarm()
+                    elif self._lingering and not signals.armed(types):
+                        # Keeping up: from the next call on, pull only where dispatches go.
+                        await signals.arm(types)
                     return claims
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
