@@ -222,9 +222,8 @@ class TaskQueue:
             for task, revision, (_, data, _) in zip(tasks, revisions, records, strict=True)
             if task.approval == "none"
         ]
-        # The records are stored: the tasks exist. Their events go out in the same
-        # flush as the dispatches (a dispatch not stored leaves a pending record, which
-        # the service's sweep offers).
+        # The records are stored (the tasks exist): the events go with the dispatches (one
+        # that is not stored leaves a pending record, which the service's sweep offers).
         sent = await self._acks.send([write for _, write in offered])
         dispatches = {task.id: write[2] for task, write in offered}
         for t, (_, _, headers) in zip(tasks, records, strict=True):
@@ -301,11 +300,8 @@ class TaskQueue:
         return task if task is not None and task.id == task_id else None
 
     async def wait(self, task_id: str) -> Task:
-        """Wait until the task is completed or failed for good; its final record.
-
-        Learns it from the record's write (one watch of the session's records per
-        queue object). Bound it with ``anyio.fail_after``. Raises ``NotFoundError``.
-        """
+        """The task's final record (completed, or failed for good), once written: see
+        ``swarmbus._tasks.finishes``. Bound it with ``anyio.fail_after``; NotFoundError."""
         return await self._finishes.wait(task_id)
 
     async def tasks(self, status: str | None = None) -> list[Task]:
@@ -555,9 +551,8 @@ class TaskQueue:
         """Claim and run tasks until ``stop`` is set, then finish the claimed ones.
 
         ``handler(task)`` returns the result; if it raises (or its result is not a JSON
-        object), the task is failed with ``retry=True``. Every claim is heartbeated each
-        third of min(timeout, ack_wait). Claims are made in batches (up to half the free
-        slots at once) so a busy worker does not fall back to one round trip per task.
+        object), the task is failed with ``retry=True``. See ``swarmbus._tasks.worker``;
+        between claims the claimer keeps its dispatch subscriptions (``claims.Claimer``).
         """
         worker = Worker(self, handler, agent=agent, types=types, stop=stop, concurrency=concurrency)
         async with self._claimer.lingering():
@@ -568,11 +563,9 @@ class TaskQueue:
     async def _events(self, items: Iterable[Event]) -> None:
         """Publish lifecycle events without waiting for their acks; failures are logged.
 
-        The events are notifications, the record is the source of truth: each is
-        published after its transition was stored, and handed to the connection in
-        order (the event stream stores and de-duplicates them by id, but a store the
-        server refuses goes unnoticed). Readers that must not miss a transition
-        watch the ``swarmbus-tasks`` bucket or list ``tasks()``.
+        Notifications, the record is the source of truth: each is published after its
+        transition was stored, in order (the event stream de-duplicates them by id; a
+        store it refuses goes unnoticed): who must not miss one reads the records.
         """
         for body, agent, id in items:
             try:
