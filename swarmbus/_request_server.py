@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +34,7 @@ import anyio.abc
 from swarmbus import _subjects as subjects
 from swarmbus._errors import InvalidIdentifierError, InvalidMessageError
 from swarmbus._jetstream.delivery import Connection, Msg, Subscription, TransportError
+from swarmbus._jetstream.inline import InlineDelivery, Later
 from swarmbus._messages import (
     Message,
     RequestMessage,
@@ -119,10 +121,9 @@ class RequestServer:
             (subjects.ANY, f"swarmbus.cap.{capability}"),
             (self._agent, f"swarmbus.agent.{subjects.safe_token(self._agent)}"),
         ):
+            delivery = InlineDelivery(self._take)
             self._subs.append(
-                await nc.subscribe(
-                    subjects.request_filter(capability, target), queue=queue, cb=self._on_msg
-                )
+                await delivery.subscribe(nc, subjects.request_filter(capability, target), queue)
             )
         # The server must know the subscriptions before callers are told we are serving.
         # nats-py writes a flush's PING straight to the socket, ahead of the queued SUBs:
@@ -142,22 +143,24 @@ class RequestServer:
             with contextlib.suppress(TransportError):
                 await sub.unsubscribe()
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _take(self, msg: Msg) -> Later | None:
+        """Queue a request for the drains, in the connection's read loop
+        (``InlineDelivery``); returns the refusal of bad input, to await."""
         reply = msg.reply
         try:
             to = answer_subject(reply, self._agent, msg.subject) if reply else None
         except InvalidMessageError as exc:
-            await self._refuse(msg, exc, None)  # nobody who asked can read an answer
-            return
+            # Nobody who asked can read an answer.
+            return functools.partial(self._refuse, msg, exc, None)
         try:
             message = self._host.accept(msg.subject, msg.data)
             assert isinstance(message, RequestMessage)
         except InvalidMessageError as exc:
-            await self._refuse(msg, exc, to)
-            return
+            return functools.partial(self._refuse, msg, exc, to)
         self._pending.append((msg, message, to))
         if not self._ready and (self._parked or not self._alive or self._limiter.value):
             self._more()
+        return None
 
     async def _refuse(self, msg: Msg, exc: InvalidMessageError, to: str | None) -> None:
         """Report bad input; answer it on ``to``: the requester is waiting, tell it now,

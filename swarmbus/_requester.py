@@ -51,6 +51,7 @@ from swarmbus._jetstream.delivery import (
 )
 from swarmbus._jetstream.errors import denied, transport_error
 from swarmbus._jetstream.headers import STATUS
+from swarmbus._jetstream.inline import InlineDelivery, Later
 from swarmbus._messages import (
     Request,
     RequestMessage,
@@ -332,8 +333,10 @@ class Requester:
             if prefix is not None:
                 return prefix
             prefix = f"{REPLY_ROOT}.{agent}.{self._inbox}."
+            delivery = InlineDelivery(self._take_reply)
             try:
-                await self._host._live_subscribe(f"{prefix}>", self._on_reply)
+                sub = await self._host._live_subscribe(f"{prefix}>", delivery.run_later)
+                delivery.attach(sub)
             except PermissionDeniedError as exc:
                 raise PermissionDeniedError(
                     f"request {capability} as {agent}: cannot read its replies ({exc})"
@@ -341,37 +344,42 @@ class Requester:
             self._prefixes[agent] = prefix
             return prefix
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _take_reply(self, msg: Msg) -> Later | None:
+        """Settle the request ``msg`` answers, in the connection's read loop
+        (``InlineDelivery``); returns the report of an answer refused, to await."""
         tokens = msg.subject.split(".")
         pending = self._pending.get(tokens[4]) if len(tokens) > _REPLY_TOKENS - 1 else None
         if pending is None or pending.future.done() or tokens[2] != pending.agent:
-            return  # late (the request timed out) or for no request of ours: nobody waits
+            return None  # late (the request timed out) or for no request of ours
         if len(tokens) == _REPLY_TOKENS:
             if msg.headers and msg.headers.get(STATUS) == NO_RESPONDERS_STATUS and not msg.data:
                 pending.future.set_exception(NoResponderError("", ""))
-                return
-            await self._refuse(
+                return None
+            return self._refuse(
                 pending, msg, WRONG_RESPONDER, "no responder id after the reply subject"
             )
-            return
         try:
             response = decode(msg.data, max_bytes=self._host.max_message_bytes)
         except InvalidMessageError as exc:
-            await self._refuse(pending, msg, exc.code, exc.reason)
-            return
+            return self._refuse(pending, msg, exc.code, exc.reason)
         problem = _problem(response, tokens, pending)
         if problem is not None:
-            await self._refuse(pending, msg, *problem)
-            return
+            return self._refuse(pending, msg, *problem)
         assert isinstance(response, ResponseMessage)
         pending.future.set_result(response)
+        return None
 
-    async def _refuse(self, pending: _Pending, msg: Msg, code: str, reason: str) -> None:
-        """Drop an answer that is not the request's; report the first few."""
+    def _refuse(self, pending: _Pending, msg: Msg, code: str, reason: str) -> Later | None:
+        """Drop an answer that is not the request's; the report of one of the first few.
+
+        The refusal is counted at once (the request may time out listing it); the
+        report is awaited after, in the reply subscription's task.
+        """
         pending.refused.append(f"{code}: {reason}")
         if len(pending.refused) > MAX_REPORTS:
-            return
-        await self._host.reject(
+            return None
+        return functools.partial(
+            self._host.reject,
             subject=msg.subject,
             data=msg.data,
             code=code,
