@@ -344,7 +344,9 @@ class Envelope(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
     source: Source
 
     def __post_init__(self) -> None:
-        _utc(self, "timestamp")
+        # _utc inlined: every envelope built or decoded passes here.
+        if self.timestamp.tzinfo is None:
+            msgspec.structs.force_setattr(self, "timestamp", self.timestamp.replace(tzinfo=UTC))
 
     @property
     def body(self) -> Body:

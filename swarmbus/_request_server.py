@@ -8,8 +8,12 @@ A task per request costs more than a small handler; instead a few tasks drain a 
 One drain at a time is "ready" (started or woken, not yet running): when it takes a
 request and more are waiting, with a limiter slot free, it readies the next one, so a
 blocked handler never holds up the others while a burst of quick handlers is served by
-one task. A drain that finds the FIFO empty parks (one at most) until the next request
-or ``unsubscribe``: a request that arrives alone wakes it instead of spawning a task.
+one task. A drain that finds the FIFO empty parks (``MAX_PARKED`` at most) until the
+next request or ``unsubscribe``: a request wakes one instead of spawning a task.
+
+Requests are taken in the connection's read loop (``InlineDelivery``: decoded, checked
+against their subject, queued, a drain woken), not handed to the subscription's task
+first; bad input is refused from that task.
 
 A handler's failure (or a result that cannot be sent) becomes a ``failure`` response, a
 dead letter and an error event; the caller is always answered. The answer goes to the
@@ -54,6 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swarmbus")
 _NO_HEADERS: Final[Mapping[str, str]] = {}
+
+#: Drains kept parked between requests: the one a request wakes, and the one that drain
+#: readies while it serves a burst (else a task would be started for every burst).
+MAX_PARKED: Final = 2
 
 RequestHandler = Callable[[RequestMessage], Awaitable[Mapping[str, Any]]]
 
@@ -113,6 +121,7 @@ class RequestServer:
         self._parked: list[asyncio.Future[bool]] = []
         self._closed = False
         self._subs: list[Subscription] = []
+        self._loop = asyncio.get_running_loop()
 
     async def start(self) -> RequestServer:
         """Subscribe; returns once the server knows the subscriptions."""
@@ -196,14 +205,14 @@ class RequestServer:
                     if pending and not self._ready and self._limiter.value > 1:
                         self._more()
                     await self._respond(*item)
-                if self._closed or self._parked or not await self._park():
+                if self._closed or len(self._parked) >= MAX_PARKED or not await self._park():
                     return
         finally:
             self._alive -= 1
 
     async def _park(self) -> bool:
         """Wait for the next request (True) or ``unsubscribe`` (False)."""
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[bool] = self._loop.create_future()
         self._parked.append(waiter)
         try:
             return await waiter

@@ -258,6 +258,11 @@ class Requester:
         # request id -> the request waiting for its answer
         self._pending: dict[str, _Pending] = {}
         self._deadlines = _Deadlines()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def request(
         self,
@@ -296,7 +301,9 @@ class Requester:
             if headers or len(data) > host.nc.max_payload:
                 host._check_max_payload(data, headers)
             prefix = self._prefixes.get(agent) or await self._subscribe(agent, capability)
-            loop = asyncio.get_running_loop()
+            # The bus's loop, once: asyncio.get_running_loop() checks the process id
+            # (a system call) on every call in Python 3.11.
+            loop = self._loop or self._bind_loop()
             future: asyncio.Future[ResponseMessage] = loop.create_future()
             pending = self._pending[message.id] = _Pending(future, agent, to, session)
             slot = self._deadlines.add(loop, future, timeout)
