@@ -38,7 +38,7 @@ import anyio.abc
 from swarmbus import _subjects as subjects
 from swarmbus._errors import InvalidIdentifierError, InvalidMessageError
 from swarmbus._jetstream.delivery import Connection, Msg, Subscription, TransportError
-from swarmbus._jetstream.inline import InlineDelivery, Later
+from swarmbus._jetstream.hotpath import InlineDelivery, Later, publish_nowait
 from swarmbus._messages import (
     Message,
     RequestMessage,
@@ -255,7 +255,7 @@ class RequestServer:
                 except Exception as exc:  # noqa: BLE001 - answered, dead-lettered, logged
                     record_failure(current, exc)
                     data = await self._failed(msg, request, exc)
-            if to:
+            if to and not publish_nowait(host.nc, to, data):
                 with contextlib.suppress(TransportError):
                     await host.nc.publish(to, data)
         finally:

@@ -51,7 +51,7 @@ from swarmbus._jetstream.delivery import (
 )
 from swarmbus._jetstream.errors import denied, transport_error
 from swarmbus._jetstream.headers import STATUS
-from swarmbus._jetstream.inline import InlineDelivery, Later
+from swarmbus._jetstream.hotpath import InlineDelivery, Later, publish_nowait
 from swarmbus._messages import (
     Request,
     RequestMessage,
@@ -311,9 +311,9 @@ class Requester:
             key = _lower(subject)
             refusal = host._refusals.watch(key, pending)
             try:
-                await host.nc.publish(
-                    subject, data, reply=prefix + message.id, headers=headers or None
-                )
+                reply = prefix + message.id
+                if headers or not publish_nowait(host.nc, subject, data, reply):
+                    await host.nc.publish(subject, data, reply=reply, headers=headers or None)
                 return await future
             except _Refused:
                 raise denied(f"request {capability}", subject) from None

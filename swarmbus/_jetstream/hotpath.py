@@ -1,4 +1,5 @@
-"""Subscriptions whose messages are taken where nats-py reads them.
+"""Core NATS on the request hot path: messages taken where nats-py reads them, and
+publishes queued without nats-py's per-call overhead.
 
 nats-py hands every message of a callback subscription to that subscription's own task
 through an ``asyncio.Queue``: a put, a get, a task switch and a loop turn per message.
@@ -14,18 +15,27 @@ subscription's queue and task, which awaits that work, in arrival order and boun
 by the subscription's pending limits as before. ``take`` runs inside the read loop:
 it must not block, and whatever it raises is logged and the message dropped (an
 exception there would end nats-py's read loop, the connection's only reader).
+
+``publish_nowait`` appends a PUB to the connection's pending buffer as
+``Client.publish`` does, and wakes the flusher the same way (only when no flush is
+queued), without the four coroutine frames, the subject checks and a future per call.
+It applies only while the connection is up with room in its buffer; otherwise it
+returns False and the caller uses ``Client.publish`` (which buffers during a
+reconnect, forces a flush or raises). Its subjects must already be valid: built from
+checked tokens, or a reply subject as the server delivered it (no whitespace).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from nats.aio.client import Client as Connection
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["InlineDelivery", "Later", "Take"]
+__all__ = ["InlineDelivery", "Later", "Take", "publish_nowait"]
 
 log = logging.getLogger("swarmbus")
 
@@ -81,3 +91,33 @@ class InlineDelivery:
             later = self._take(msg)
         if later is not None:
             await later()
+
+
+_CONNECTED: Final = Connection.CONNECTED
+_CRLF: Final = b"\r\n"
+
+
+def publish_nowait(nc: Connection, subject: str, data: bytes, reply: str = "") -> bool:
+    """Queue a PUB of ``data`` on ``nc`` as ``Client.publish`` would; False if it cannot
+    be done here (not connected, buffer full, too large): then use ``Client.publish``.
+
+    ``subject`` and ``reply`` must be valid subjects (see the module docstring).
+    """
+    flusher = nc._flusher_task
+    if nc._status != _CONNECTED or flusher is None or flusher.done():
+        return False
+    size = len(data)
+    cmd = b"".join((f"PUB {subject} {reply} {size}\r\n".encode(), data, _CRLF))
+    pending_size = nc._pending_data_size + len(cmd)
+    if size > nc._max_payload or 0 < nc._max_pending_size < pending_size:
+        return False
+    nc._pending.append(cmd)
+    nc._pending_data_size = pending_size
+    stats = nc.stats
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += size
+    queue = nc._flush_queue
+    if queue is not None and queue.empty():
+        # Wake the flusher with the future it resolves once written (nobody waits on it).
+        queue.put_nowait(flusher.get_loop().create_future())
+    return True
