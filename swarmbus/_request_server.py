@@ -105,6 +105,8 @@ class RequestServer:
         limiter: anyio.Semaphore,
         task_group: anyio.abc.TaskGroup,
     ) -> None:
+        # Its answers go to <reply subject>.<agent> unchecked (publish_nowait).
+        subjects.validate_agent_id(agent)
         self._host = host
         self._capability = capability
         self._handler = handler
