@@ -20,7 +20,10 @@ responder token) only the server's "no responders" status is read.
 
 One bus-wide map of pending requests and their deadlines (a loop timer per 10 ms of
 deadlines, cheaper than ``asyncio.wait_for``): no task, header or copy per request
-beyond what the answer needs.
+beyond what the answer needs. The request is queued on the connection with
+``publish_nowait`` and answers are checked where nats-py reads them
+(``swarmbus._jetstream.hotpath``): a valid one settles its request from the read loop,
+a refused one is counted there and reported from the reply subscription's task.
 """
 
 from __future__ import annotations
