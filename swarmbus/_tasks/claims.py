@@ -213,6 +213,8 @@ class Claimer:
                 wait = min(remaining, signals.refresh_every)
                 likely = self._likely
                 if self._lingering and likely in self._queues(types) and not signals.owed(*likely):
+                    # A waiting pull is answered at its expiry: within the request timeout.
+                    wait = min(wait, self._queue.bus.settings.request_timeout / 2)
                     claims = await self._wait_on(likely, agent, types, wait)
                     if claims:
                         return claims
