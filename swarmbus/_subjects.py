@@ -224,3 +224,17 @@ def resource_of_lock_key(key: str) -> str:
 def kv_subject(bucket: str, key: str) -> str:
     """The subject a KV bucket stores ``key`` under (for compare-and-set publishes)."""
     return f"{KV_ROOT}.{bucket}.{key}"
+
+
+LOCK_WAKE_ROOT: Final = "swarmbus.lock"
+LOCK_WAKE_WILDCARD: Final = "swarmbus.lock.>"
+
+
+def lock_wake_subject(bucket: str, key: str) -> str:
+    """Where a release of lock ``key`` (a ``lock_key``) in ``bucket`` wakes one waiter.
+
+    ``swarmbus.lock.<bucket>.<key>``: waiting connections queue-subscribe to it (queue
+    group: the key), so NATS delivers each wake to one of them. ``key`` "" gives the
+    prefix.
+    """
+    return f"{LOCK_WAKE_ROOT}.{bucket}.{key}"
