@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import os
 import re
@@ -672,7 +673,7 @@ async def test_waiters_on_different_connections_take_turns(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cycle, a, bucket, "a", 40, order)
                 tg.start_soon(_cycle, b, bucket, "b", 40, order)
-    assert all(x != y for x, y in zip(order, order[1:], strict=False)), order
+    assert all(x != y for x, y in itertools.pairwise(order)), order
 
 
 async def test_waiters_on_many_connections_all_get_the_lock(nats_url: str, bucket: str) -> None:
@@ -793,9 +794,7 @@ async def test_a_cancelled_woken_waiter_passes_the_wake_on(
         async def wait(bus: Bus, owner: str) -> None:
             results[owner] = None
             with scopes[owner]:
-                results[owner] = await Lock(bus, RESOURCE, owner, bucket=bucket).acquire(
-                    timeout=30
-                )
+                results[owner] = await Lock(bus, RESOURCE, owner, bucket=bucket).acquire(timeout=30)
 
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
