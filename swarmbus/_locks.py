@@ -36,7 +36,6 @@ from typing import Annotated, Final, Protocol
 
 import anyio
 import msgspec
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from swarmbus import _subjects as subjects
 from swarmbus._backends import open_store
@@ -168,11 +167,12 @@ it), None (read the key first), or the lock its holder handed over."""
 
 @dataclass
 class _Waiter:
-    """A local waiter: where to tell it, who it is, the lease length it asked for (used
-    when the holder hands the lock over), and the wake it was given and has not acted on
-    (passed on if it leaves without the lock)."""
+    """A local waiter: what to try next (an asyncio queue: a get that finds an update
+    does not yield to the event loop, as an anyio stream's receive does), who it is,
+    the lease length it asked for (used when the holder hands the lock over), and the
+    wake it was given and has not acted on (passed on if it leaves without the lock)."""
 
-    send: MemoryObjectSendStream[_Update]
+    updates: asyncio.Queue[_Update]
     owner: str
     ttl: int
     woken: bytes | None = None
@@ -278,7 +278,7 @@ class _Bucket:
         queue = self._queues.get(key)
         if queue is None or waiter not in queue.waiters:
             return False
-        waiter.send.send_nowait(_Handed(revision))
+        waiter.updates.put_nowait(_Handed(revision))
         return True
 
     def holding(self, key: str, revision: int, seconds: float | None) -> None:
@@ -320,12 +320,12 @@ class _Bucket:
         if queue is not None:
             queue.timer = None
             queue.polite = False
-            queue.waiters[0].send.send_nowait(None)
+            queue.waiters[0].updates.put_nowait(None)
 
     @contextlib.asynccontextmanager
     async def waiting(
         self, key: str, owner: str, hint: int | None, ttl: int
-    ) -> AsyncIterator[tuple[_Waiter, MemoryObjectReceiveStream[_Update]]]:
+    ) -> AsyncIterator[_Waiter]:
         """Queue for ``key``; at the head, receive what to try next.
 
         A waiter that finds the queue empty subscribes the connection to the key's wakes
@@ -334,8 +334,7 @@ class _Bucket:
         connection just woke another waiter for the key (then it waits its turn).
         Leaving without the lock tells the next one to try (or passes its wake on).
         """
-        send, receive = anyio.create_memory_object_stream[_Update](math.inf)
-        waiter = _Waiter(send, owner, ttl)
+        waiter = _Waiter(asyncio.Queue(), owner, ttl)
         queue = self._queues.get(key)
         first = queue is None
         if queue is None:
@@ -347,17 +346,15 @@ class _Bucket:
                 with anyio.CancelScope(shield=True):  # a SUB sent must be kept to be undone
                     queue.sub = await self._subscribe(key)
                 self._start(key, queue, hint)
-            with receive:
-                yield waiter, receive
+            yield waiter
             acquired = True
         finally:
             head = queue.waiters[0] is waiter
             queue.waiters.remove(waiter)
-            send.close()
             if not queue.waiters:
                 await self._leave(key, queue, None if acquired else waiter.woken)
             elif head and not acquired:
-                queue.waiters[0].send.send_nowait(_revision_in(waiter.woken))
+                queue.waiters[0].updates.put_nowait(_revision_in(waiter.woken))
             elif head:  # the new head waits for the hand-over, a wake or its re-check
                 queue.retries = 0
                 self._arm(key, queue, RECHECK)
@@ -368,7 +365,7 @@ class _Bucket:
             queue.polite, queue.withheld = True, hint
             self._arm(key, queue, RECHECK)
         else:
-            queue.waiters[0].send.send_nowait(hint)
+            queue.waiters[0].updates.put_nowait(hint)
 
     async def _leave(self, key: str, queue: _Queue, wake: bytes | None) -> None:
         """The last local waiter left: unsubscribe, then pass on a wake it did not use."""
@@ -407,7 +404,7 @@ class _Bucket:
         queue.polite = False
         head = queue.waiters[0]
         head.woken = msg.data
-        head.send.send_nowait(_revision_in(msg.data))
+        head.updates.put_nowait(_revision_in(msg.data))
 
     async def wake(self, key: str, revision: int) -> None:
         """``key`` was freed at ``revision``: wake one waiting connection.
@@ -451,7 +448,7 @@ class _Bucket:
             if queue.timer is not None:
                 queue.timer.cancel()
                 queue.timer = None
-            queue.waiters[0].send.send_nowait(queue.withheld)
+            queue.waiters[0].updates.put_nowait(queue.withheld)
 
 
 def _revision_in(wake: bytes | None) -> int | None:
@@ -488,12 +485,12 @@ def _seconds(ttl: str | None, fallback: int) -> int:
     return fallback
 
 
-def _handed_in(updates: MemoryObjectReceiveStream[_Update]) -> _Handed | None:
-    """A hand-over still buffered in a waiter's stream (its receive was cancelled)."""
+def _handed_in(updates: asyncio.Queue[_Update]) -> _Handed | None:
+    """A hand-over still queued for a waiter (its get was cancelled)."""
     while True:
         try:
-            update = updates.receive_nowait()
-        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            update = updates.get_nowait()
+        except asyncio.QueueEmpty:
             return None
         if isinstance(update, _Handed):
             return update
@@ -871,10 +868,10 @@ class Lock:
         waiting = bucket.waiting(self._key, self.owner, self._released_at, ttl)
         handed: _Handed | None = None
         try:
-            async with waiting as (waiter, updates):
+            async with waiting as waiter:
                 try:
                     while True:
-                        update = await updates.receive()
+                        update = await waiter.updates.get()
                         if isinstance(update, _Handed):  # the holder wrote our lock
                             self._revision = update.revision
                             self._lease = Lease(self.resource, self.owner, update.revision, ttl)
@@ -884,7 +881,7 @@ class Lock:
                             return lease
                         bucket.retry_later(self._key, waiter)
                 except BaseException:
-                    handed = _handed_in(updates)
+                    handed = _handed_in(waiter.updates)
                     raise
         finally:
             if handed is not None and self._lease is None:
