@@ -373,14 +373,15 @@ class _Bucket:
         self._handed_over.pop(key, None)
         if queue.timer is not None:
             queue.timer.cancel()
-        with anyio.CancelScope(shield=True):
-            if queue.sub is not None:
-                try:
-                    await queue.sub.unsubscribe()
-                except NatsError as exc:
-                    log.debug("cannot unsubscribe from the wakes of %s: %s", key, exc)
-            if wake is not None:
-                await self._publish(key, wake)
+        # Neither call waits for the server (nats-py queues the UNSUB and the PUB, in
+        # this order), so a caller's cancellation cannot come between them.
+        if queue.sub is not None:
+            try:
+                await queue.sub.unsubscribe()
+            except NatsError as exc:
+                log.debug("cannot unsubscribe from the wakes of %s: %s", key, exc)
+        if wake is not None:
+            await self._publish(key, wake)
 
     async def _subscribe(self, key: str) -> _Subscription | None:
         """Join the queue group of ``key``'s wakes (None: refused or unreachable; the
