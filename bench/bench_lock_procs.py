@@ -182,9 +182,11 @@ async def _raw_wakes(url: str, name: str, stop: Callable[[int], bool]) -> list[i
             while (revision := await cas(value, last, {"Nats-TTL": str(TTL)})) is None:
                 try:
                     last = int(await asyncio.wait_for(woken.get(), 0.05) or b"x")
-                except (TimeoutError, ValueError):
+                except (TimeoutError, ValueError):  # read the key: free if a marker
                     with contextlib.suppress(Exception):
-                        last = (await js.get_last_msg("KV_WAKEPROCS", subject)).seq
+                        entry = await js.get_last_msg("KV_WAKEPROCS", subject)
+                        if entry.headers and entry.headers.get("KV-Operation"):
+                            last = entry.seq
             await sub.unsubscribe()
             while not woken.empty():
                 woken.get_nowait()
