@@ -197,9 +197,10 @@ class _Queue:
 
     ``sub``: the connection's queue-group subscription to the key's wake subject, held
     while the queue is not empty. ``timer``: the head's next read of the key (the
-    holder's expiry, or the re-check of a lost wake). ``holder``/``retries``: the record
-    last seen holding the key and how often it was found still there (the re-check
-    backs off while it stays). ``polite``: the head waits for the wake this connection
+    holder's expiry, or the re-check of a lost wake). ``retries``: the head's failed
+    tries (its re-check backs off); ``expires``: the holder's expiry (loop time), read
+    from its record; ``unseen``: the head lost a race to a record it has not read.
+    ``polite``: the head waits for the wake this connection
     published as it released the key (``withheld``: its own release marker, tried once
     the server says nobody got that wake).
     """
@@ -207,9 +208,9 @@ class _Queue:
     waiters: list[_Waiter] = field(default_factory=list)
     sub: _Subscription | None = None
     timer: asyncio.TimerHandle | None = None
-    holder: int = 0
     retries: int = 0
     expires: float | None = None
+    unseen: bool = False
     polite: bool = False
     withheld: int | None = None
 
@@ -286,8 +287,7 @@ class _Bucket:
         queue = self._queues.get(key)
         if queue is None:
             return
-        if revision != queue.holder:
-            queue.holder, queue.retries = revision, 0
+        queue.unseen = seconds is None
         if seconds is not None:
             queue.expires = asyncio.get_running_loop().time() + max(0.0, seconds)
 
@@ -295,15 +295,18 @@ class _Bucket:
         """The head tried and did not get the lock: arm its next read of the key.
 
         At the holder's expiry if known, else (and at the latest) after the re-check
-        delay, which doubles while the same record is found holding the key.
+        delay, which doubles with every try of this head (not reset when the holder
+        changes: in a busy queue every read finds another holder, and reads every
+        RECHECK would cost more than the wakes save); soon after a lost race, to read
+        the winner's expiry.
         """
         waiter.woken = None
         queue = self._queues.get(key)
         if queue is None:
             return
         loop = asyncio.get_running_loop()
-        delay = min(MAX_RECHECK, RECHECK * 2**queue.retries)
-        queue.retries += 1
+        delay = RECHECK if queue.unseen else min(MAX_RECHECK, RECHECK * 2**queue.retries)
+        queue.retries = min(queue.retries + 1, 16)
         if queue.expires is not None and queue.expires > loop.time():
             delay = min(delay, queue.expires - loop.time() + EXPIRY_MARGIN)
         queue.expires = None
