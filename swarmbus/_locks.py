@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Annotated, Final, Protocol
+from typing import Annotated, Final, NamedTuple, Protocol
 
 import anyio
 import msgspec
@@ -83,8 +83,9 @@ MAX_RECHECK: Final = 1.0
 be lost (see ``_Bucket``), and the holder can outlive its expiry as the waiter's clock
 computes it (client and server clocks differ, or the server removes the key late)."""
 POLITE_WINDOW: Final = 1.0
-"""Seconds after publishing a wake for a key that this connection's next waiter for it
-waits for its turn instead of taking the key back at once."""
+"""Seconds after publishing a wake for a key, while the one before reached a waiter,
+that this connection's next waiter for it waits for its turn instead of taking the key
+back at once."""
 MAX_SENT: Final = 1024
 """Wakes remembered per connection before those older than POLITE_WINDOW are dropped."""
 HAND_OVERS: Final = 7
@@ -175,7 +176,7 @@ class _Waiter:
     updates: asyncio.Queue[_Update]
     owner: str
     ttl: int
-    woken: bytes | None = None
+    woken: bool = False
 
 
 class _Subscription(Protocol):
@@ -215,6 +216,15 @@ class _Queue:
     withheld: int | None = None
 
 
+class _Sent(NamedTuple):
+    """A wake this connection published for a key, awaiting "no responders"."""
+
+    number: int
+    at: float
+    contended: bool
+    """The wake before it got no "no responders": another connection was waiting."""
+
+
 class _Bucket:
     """A locks bucket as one connection sees it: opened once, the wakes of its waiters.
 
@@ -223,8 +233,9 @@ class _Bucket:
     release wakes ONE connection: every connection with local waiters for a key holds a
     queue-group subscription to the key's wake subject (``lock_wake_subject``), and a
     release that frees the key publishes one message there, which NATS delivers to one
-    member of the group. Its payload is the release marker's revision (a hint: the
-    head's compare-and-set on it is the attempt; empty or wrong, the head reads the key).
+    member of the group. It is empty: the woken head reads the key and compare-and-sets
+    on the release marker it finds. It must not trust a revision in a wake: a
+    compare-and-set on the revision of a live holder's record would replace that lock.
 
     Wakes are hints: a forged or duplicate one costs a failed compare-and-set, and a lost
     one (the releaser died before publishing, the woken connection died, a subscriber
@@ -235,10 +246,13 @@ class _Bucket:
     connection unsubscribed (so the server cannot hand it back to this connection); a
     wake in flight as the subscription ends is lost (the re-check covers it).
 
-    A connection that just released a key does not take it straight back while a waiter
-    elsewhere was woken for it: its next waiter for the key waits for a wake, a re-check,
-    or the server's "no responders" answer to its own wake (sent with a reply subject),
-    which says nobody was waiting.
+    A connection that just released a key does not take it straight back while waiters
+    elsewhere are being woken for it: each wake carries a reply subject, on which the
+    server answers "no responders" if nobody was waiting (it arrives before the ack of
+    the connection's next write). When the previous wake got no such answer (another
+    connection took it), the next waiter of this connection for the key waits for a
+    wake, a re-check, or that answer to its own last wake. A lone contender never
+    waits: each of its wakes is answered before it releases again.
     """
 
     def __init__(self, bus: Bus, name: str) -> None:
@@ -255,7 +269,7 @@ class _Bucket:
         self._wakes = subjects.lock_wake_subject(name, "")
         self._replies = ""  # inbox prefix of the answers to this connection's wakes
         self._queues: dict[str, _Queue] = {}
-        self._sent: dict[str, tuple[int, float]] = {}  # key -> (our last wake, when)
+        self._sent: dict[str, _Sent] = {}  # key -> our last wake, until "no responders"
         self._count = 0
         # Hand-overs of a key since its last release marker. After HAND_OVERS in a row
         # a release writes a marker (and a wake), so waiters on other connections get
@@ -300,7 +314,7 @@ class _Bucket:
         RECHECK would cost more than the wakes save); soon after a lost race, to read
         the winner's expiry.
         """
-        waiter.woken = None
+        waiter.woken = False
         queue = self._queues.get(key)
         if queue is None:
             return
@@ -355,22 +369,28 @@ class _Bucket:
             head = queue.waiters[0] is waiter
             queue.waiters.remove(waiter)
             if not queue.waiters:
-                await self._leave(key, queue, None if acquired else waiter.woken)
+                await self._leave(key, queue, waiter.woken and not acquired)
             elif head and not acquired:
-                queue.waiters[0].updates.put_nowait(_revision_in(waiter.woken))
+                queue.waiters[0].updates.put_nowait(None)
             elif head:  # the new head waits for the hand-over, a wake or its re-check
                 queue.retries = 0
                 self._arm(key, queue, RECHECK)
 
-    def _start(self, key: str, queue: _Queue, hint: int | None) -> None:
+    def _contended(self, key: str) -> bool:
+        """Whether another connection waited for ``key`` as this one last released it."""
         sent = self._sent.get(key)
-        if sent is not None and asyncio.get_running_loop().time() - sent[1] < POLITE_WINDOW:
+        if sent is None:  # none sent, or the server said nobody was waiting
+            return False
+        return sent.contended and asyncio.get_running_loop().time() - sent.at < POLITE_WINDOW
+
+    def _start(self, key: str, queue: _Queue, hint: int | None) -> None:
+        if self._contended(key):
             queue.polite, queue.withheld = True, hint
             self._arm(key, queue, RECHECK)
         else:
             queue.waiters[0].updates.put_nowait(hint)
 
-    async def _leave(self, key: str, queue: _Queue, wake: bytes | None) -> None:
+    async def _leave(self, key: str, queue: _Queue, wake: bool) -> None:
         """The last local waiter left: unsubscribe, then pass on a wake it did not use."""
         del self._queues[key]
         self._handed_over.pop(key, None)
@@ -383,8 +403,8 @@ class _Bucket:
                 await queue.sub.unsubscribe()
             except NatsError as exc:
                 log.debug("cannot unsubscribe from the wakes of %s: %s", key, exc)
-        if wake is not None:
-            await self._publish(key, wake)
+        if wake:
+            await self._publish(key)
 
     async def _subscribe(self, key: str) -> _Subscription | None:
         """Join the queue group of ``key``'s wakes (None: refused or unreachable; the
@@ -400,18 +420,18 @@ class _Bucket:
         key = msg.subject[len(self._wakes) :]
         queue = self._queues.get(key)
         if queue is None:  # every waiter left (the subscription is ending): pass it on
-            await self._publish(key, msg.data)
+            await self._publish(key)
             return
         if queue.timer is not None:
             queue.timer.cancel()
             queue.timer = None
         queue.polite = False
         head = queue.waiters[0]
-        head.woken = msg.data
-        head.updates.put_nowait(_revision_in(msg.data))
+        head.woken = True
+        head.updates.put_nowait(None)
 
-    async def wake(self, key: str, revision: int) -> None:
-        """``key`` was freed at ``revision``: wake one waiting connection.
+    async def wake(self, key: str) -> None:
+        """``key`` was freed: wake one waiting connection.
 
         The reply subject gets the server's "no responders" answer if none is waiting.
         """
@@ -425,15 +445,18 @@ class _Bucket:
                 log.warning("cannot subscribe to lock wake answers: %s", exc)
         if len(self._sent) > MAX_SENT:
             now = loop.time()
-            for old in [k for k, (_, at) in self._sent.items() if now - at > POLITE_WINDOW]:
+            for old in [k for k, sent in self._sent.items() if now - sent.at > POLITE_WINDOW]:
                 del self._sent[old]
         self._count += 1
-        self._sent[key] = (self._count, loop.time())
-        await self._publish(key, b"%d" % revision, f"{self._replies}.{self._count}.{key}")
+        # our last wake got no "no responders" (a waiter got it): contended
+        last = self._sent.get(key)
+        contended = last is not None and loop.time() - last.at < POLITE_WINDOW
+        self._sent[key] = _Sent(self._count, loop.time(), contended)
+        await self._publish(key, f"{self._replies}.{self._count}.{key}")
 
-    async def _publish(self, key: str, data: bytes, reply: str = "") -> None:
+    async def _publish(self, key: str, reply: str = "") -> None:
         try:
-            await self._nc.publish(self._wakes + key, data, reply=reply)
+            await self._nc.publish(self._wakes + key, b"", reply=reply)
         except NatsError as exc:  # the waiters' re-checks find the key free
             log.warning("cannot wake the waiters for lock key %s: %s", key, exc)
 
@@ -443,7 +466,7 @@ class _Bucket:
             return
         _, count, key = msg.subject[len(self._replies) :].split(".", 2)
         sent = self._sent.get(key)
-        if sent is None or str(sent[0]) != count:
+        if sent is None or str(sent.number) != count:
             return
         del self._sent[key]
         queue = self._queues.get(key)
@@ -453,13 +476,6 @@ class _Bucket:
                 queue.timer.cancel()
                 queue.timer = None
             queue.waiters[0].updates.put_nowait(queue.withheld)
-
-
-def _revision_in(wake: bytes | None) -> int | None:
-    """The revision a wake names (None: none or not a number; the head reads the key)."""
-    if wake is None or not wake.isdigit() or len(wake) > 19:
-        return None
-    return int(wake)
 
 
 _buckets: dict[Bus, dict[str, _Bucket]] = {}
@@ -715,7 +731,7 @@ class Lock:
                 self._released_at = await self._write(b"", self._revision, headers)
             except _Conflict:
                 raise LockLostError(self.resource, self.owner, lease.token) from None
-            await (bucket or await self._provision()).wake(self._key, self._released_at)
+            await (bucket or await self._provision()).wake(self._key)
         except ConnectionError:
             # Not known to be released (NATS unreachable through retry_for): keep the
             # lease so release() can be called again (it fails with LockLostError if
@@ -816,8 +832,8 @@ class Lock:
     async def _attempt(self, ttl: int, expected: int | None = None) -> Lease | None:
         """One try without waiting; None if the key is held or another writer won.
 
-        ``expected`` is a revision believed to free the key (else the key is read; also
-        after a failed compare-and-set on it, as it may come from a wake, a hint).
+        ``expected`` is a revision believed to free the key: our own release marker
+        (else the key is read; also after a failed compare-and-set on it).
         """
         read = expected is None
         while True:

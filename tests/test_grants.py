@@ -489,19 +489,22 @@ def test_grants_files_name_no_task_consumer_create_for_agents() -> None:
 
 
 class _LockAttempts:
-    """Counts a waiter's attempts on the lock and tells when it has tried ``n`` times."""
+    """Counts the finished attempts of one ``Lock``; tells when there were ``n``."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.lock: Lock | None = None
         self.count = 0
         self._waiting: list[tuple[int, anyio.Event]] = []
         attempt = locks.Lock._attempt
 
         async def counted(lock: Lock, ttl: int, expected: int | None = None) -> Any:
-            self.count += 1
-            for n, event in self._waiting:
-                if self.count >= n:
-                    event.set()
-            return await attempt(lock, ttl, expected)
+            try:
+                return await attempt(lock, ttl, expected)
+            finally:  # done (the waiter subscribed to its wakes before its first)
+                self.count += lock is self.lock
+                for n, event in self._waiting:
+                    if self.count >= n:
+                        event.set()
 
         monkeypatch.setattr(locks.Lock, "_attempt", counted)
 
@@ -517,7 +520,8 @@ async def test_forged_lock_wakes_cannot_take_or_free_a_lock(
     deploy: Deploy, service: Bus, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The attacker may publish wakes (agents need to): each one costs the waiter a
-    failed attempt, none lets it take a held lock; the victim keeps and refreshes it."""
+    read, none lets it take a held lock, not even one that names the holder's revision
+    (a compare-and-set on it would succeed); the victim keeps and refreshes it."""
     resource = f"deploy-{unique}"
     subject = lock_wake_subject(LOCKS_BUCKET, lock_key(resource))
     attempts = _LockAttempts(monkeypatch)
@@ -530,7 +534,7 @@ async def test_forged_lock_wakes_cannot_take_or_free_a_lock(
         holder = Lock(holder_bus, resource, VICTIM, ttl=30)
         held = await holder.acquire()
         assert held is not None
-        waiter = Lock(waiter_bus, resource, VICTIM, ttl=30)
+        attempts.lock = waiter = Lock(waiter_bus, resource, VICTIM, ttl=30)
         attacker = await deploy.raw(ATTACKER, errors)
         try:
             with anyio.fail_after(20):

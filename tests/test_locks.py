@@ -665,7 +665,8 @@ async def test_waiters_on_different_connections_take_turns(
     nats_url: str, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A releaser that re-queues at once does not barge past the waiter its release
-    woke: two connections that cycle alternate strictly (only wakes wake them)."""
+    woke: two connections that cycle alternate strictly (only wakes wake them), once
+    each has seen the other take one of its wakes."""
     _no_recheck(monkeypatch)
     order: list[str] = []
     async with Bus.open(url=nats_url) as a, Bus.open(url=nats_url) as b:
@@ -673,7 +674,31 @@ async def test_waiters_on_different_connections_take_turns(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cycle, a, bucket, "a", 40, order)
                 tg.start_soon(_cycle, b, bucket, "b", 40, order)
-    assert all(x != y for x, y in itertools.pairwise(order)), order
+    assert all(x != y for x, y in itertools.pairwise(order[4:])), order
+
+
+async def test_a_lone_contender_takes_its_lock_back_at_once(
+    bus: Bus, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody else waits: each wake is answered "no responders" before the next
+    release, so the contender never waits for a turn (here: no re-check would come,
+    and the answers after the first two are dropped)."""
+    _no_recheck(monkeypatch)
+    answers: list[object] = []
+    on_reply = locks._Bucket._on_reply
+
+    async def first_two(bucket: locks._Bucket, msg: Msg) -> None:
+        answers.append(msg)
+        if len(answers) <= 2:
+            await on_reply(bucket, msg)
+
+    monkeypatch.setattr(locks._Bucket, "_on_reply", first_two)
+    lock = Lock(bus, RESOURCE, "ops/a", bucket=bucket, timeout=30)
+    with anyio.fail_after(10):
+        for _ in range(4):
+            async with lock:
+                pass
+    assert len(answers) >= 3
 
 
 async def test_waiters_on_many_connections_all_get_the_lock(nats_url: str, bucket: str) -> None:
@@ -743,7 +768,7 @@ async def test_a_lost_wake_is_recovered_by_the_recheck(
     """The releaser's wake never leaves (as if it died first): the waiter re-reads."""
     waits = _Waits(monkeypatch)
 
-    async def lost(bucket: locks._Bucket, key: str, data: bytes, reply: str = "") -> None:
+    async def lost(bucket: locks._Bucket, key: str, reply: str = "") -> None:
         pass
 
     monkeypatch.setattr(locks._Bucket, "_publish", lost)
