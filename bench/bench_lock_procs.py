@@ -7,7 +7,8 @@ release on one resource until the run's hand-offs are done. Per repetition, in
 alternating order, the same run is made with:
 
 * ``swarmbus``: ``Lock.acquire(timeout=...)`` + ``release()`` (fencing token, TTL,
-  owner-only release, watch-woken waiters);
+  owner-only release, one core wake per release to a queue group of the waiters);
+* ``raw JetStream + wakes``: the same design in plain nats-py (``_raw_wakes``);
 * ``raw JetStream``: plain nats-py, the same guarantees: ``kv.create`` with a per-key
   TTL (its revision is the fencing token), owner-only release as ``kv.delete`` with
   ``last=`` the lock's revision, waiters woken by a ``kv.watch`` of the key;
@@ -138,8 +139,9 @@ async def _raw_jetstream(url: str, name: str, stop: Callable[[int], bool]) -> li
 async def _raw_wakes(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
     """swarmbus's design in plain nats-py: compare-and-set create with a per-key TTL,
     owner-only release as a purge marker on the lock's revision, then one core wake (a
-    queue group of the waiting connections, subscribed before the first attempt) naming
-    the marker's revision; a 50 ms timeout re-reads the key (as the Redis row). The
+    queue group of the waiting connections, subscribed before the first attempt); a woken
+    or timed-out (50 ms, as the Redis row) waiter reads the key and compare-and-sets on
+    the release marker it finds (a revision in a wake could be forged). The
     same rule against barging as swarmbus: the wake carries a reply subject, and a
     releaser that re-acquires waits for a wake, the server's "no responders" (nobody was
     waiting) or the timeout before it tries."""
@@ -154,11 +156,19 @@ async def _raw_wakes(url: str, name: str, stop: Callable[[int], bool]) -> list[i
         woken: asyncio.Queue[bytes] = asyncio.Queue()
 
         async def on_wake(msg: Any) -> None:
-            woken.put_nowait(msg.data)
+            woken.put_nowait(b"w")
 
         async def on_reply(msg: Any) -> None:  # "no responders": our release is free
             if msg.headers and msg.headers.get("Status") == "503":
                 woken.put_nowait(b"")
+
+        async def read(last: int) -> int:
+            """The key's last revision if it is free (a marker), else ``last``."""
+            with contextlib.suppress(Exception):
+                entry = await js.get_last_msg("KV_WAKEPROCS", subject)
+                if entry.headers and entry.headers.get("KV-Operation"):
+                    return int(entry.seq)
+            return last
 
         replies = nc.new_inbox()
         await nc.subscribe(replies, cb=on_reply)
@@ -178,15 +188,12 @@ async def _raw_wakes(url: str, name: str, stop: Callable[[int], bool]) -> list[i
             sub = await nc.subscribe(wake, queue="lock", cb=on_wake)
             if tokens:  # we released and woke someone, maybe: wait for our turn
                 with contextlib.suppress(TimeoutError):
-                    last = int(await asyncio.wait_for(woken.get(), 0.05) or last)
+                    if await asyncio.wait_for(woken.get(), 0.05):
+                        last = await read(last)  # a wake: read; "no responders": ours
             while (revision := await cas(value, last, {"Nats-TTL": str(TTL)})) is None:
-                try:
-                    last = int(await asyncio.wait_for(woken.get(), 0.05) or b"x")
-                except (TimeoutError, ValueError):  # read the key: free if a marker
-                    with contextlib.suppress(Exception):
-                        entry = await js.get_last_msg("KV_WAKEPROCS", subject)
-                        if entry.headers and entry.headers.get("KV-Operation"):
-                            last = entry.seq
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.get(), 0.05)
+                last = await read(last)
             await sub.unsubscribe()
             while not woken.empty():
                 woken.get_nowait()
@@ -194,7 +201,7 @@ async def _raw_wakes(url: str, name: str, stop: Callable[[int], bool]) -> list[i
             released = await cas(b"", revision, {"KV-Operation": "PURGE", "Nats-TTL": "60"})
             assert released is not None  # owner-only: fails if it is not ours
             last = released
-            await nc.publish(wake, str(released).encode(), reply=replies)
+            await nc.publish(wake, b"", reply=replies)
         return tokens
     finally:
         await nc.close()
