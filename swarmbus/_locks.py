@@ -162,8 +162,8 @@ class _Handed:
 
 
 _Update = int | _Handed | None
-"""What a head waiter is told: a revision believed to free the key (compare-and-set on
-it), None (read the key first), or the lock its holder handed over."""
+"""What a head waiter is told: the revision of its own release marker (compare-and-set
+on it), None (read the key first), or the lock its holder handed over."""
 
 
 @dataclass
@@ -187,8 +187,6 @@ class _Message(Protocol):
     @property
     def subject(self) -> str: ...
     @property
-    def data(self) -> bytes: ...
-    @property
     def headers(self) -> dict[str, str] | None: ...
 
 
@@ -201,9 +199,9 @@ class _Queue:
     holder's expiry, or the re-check of a lost wake). ``retries``: the head's failed
     tries (its re-check backs off); ``expires``: the holder's expiry (loop time), read
     from its record; ``unseen``: the head lost a race to a record it has not read.
-    ``polite``: the head waits for the wake this connection
-    published as it released the key (``withheld``: its own release marker, tried once
-    the server says nobody got that wake).
+    ``polite``: the head waits for its turn (this connection's wakes for the key reached
+    waiters); ``withheld``: its own release marker, tried if the server says nobody got
+    the last wake.
     """
 
     waiters: list[_Waiter] = field(default_factory=list)
