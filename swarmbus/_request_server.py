@@ -8,8 +8,12 @@ A task per request costs more than a small handler; instead a few tasks drain a 
 One drain at a time is "ready" (started or woken, not yet running): when it takes a
 request and more are waiting, with a limiter slot free, it readies the next one, so a
 blocked handler never holds up the others while a burst of quick handlers is served by
-one task. A drain that finds the FIFO empty parks (one at most) until the next request
-or ``unsubscribe``: a request that arrives alone wakes it instead of spawning a task.
+one task. A drain that finds the FIFO empty parks (``MAX_PARKED`` at most) until the
+next request or ``unsubscribe``: a request wakes one instead of spawning a task.
+
+Requests are taken in the connection's read loop (``InlineDelivery``: decoded, checked
+against their subject, queued, a drain woken), not handed to the subscription's task
+first; bad input is refused from that task.
 
 A handler's failure (or a result that cannot be sent) becomes a ``failure`` response, a
 dead letter and an error event; the caller is always answered. The answer goes to the
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -33,6 +38,7 @@ import anyio.abc
 from swarmbus import _subjects as subjects
 from swarmbus._errors import InvalidIdentifierError, InvalidMessageError
 from swarmbus._jetstream.delivery import Connection, Msg, Subscription, TransportError
+from swarmbus._jetstream.hotpath import InlineDelivery, Later, publish_nowait
 from swarmbus._messages import (
     Message,
     RequestMessage,
@@ -52,6 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swarmbus")
 _NO_HEADERS: Final[Mapping[str, str]] = {}
+
+#: Drains kept parked between requests: the one a request wakes, and the one that drain
+#: readies while it serves a burst (else a task would be started for every burst).
+MAX_PARKED: Final = 2
 
 RequestHandler = Callable[[RequestMessage], Awaitable[Mapping[str, Any]]]
 
@@ -95,6 +105,8 @@ class RequestServer:
         limiter: anyio.Semaphore,
         task_group: anyio.abc.TaskGroup,
     ) -> None:
+        # Its answers go to <reply subject>.<agent> unchecked (publish_nowait).
+        subjects.validate_agent_id(agent)
         self._host = host
         self._capability = capability
         self._handler = handler
@@ -111,6 +123,7 @@ class RequestServer:
         self._parked: list[asyncio.Future[bool]] = []
         self._closed = False
         self._subs: list[Subscription] = []
+        self._loop = asyncio.get_running_loop()
 
     async def start(self) -> RequestServer:
         """Subscribe; returns once the server knows the subscriptions."""
@@ -119,10 +132,9 @@ class RequestServer:
             (subjects.ANY, f"swarmbus.cap.{capability}"),
             (self._agent, f"swarmbus.agent.{subjects.safe_token(self._agent)}"),
         ):
+            delivery = InlineDelivery(self._take)
             self._subs.append(
-                await nc.subscribe(
-                    subjects.request_filter(capability, target), queue=queue, cb=self._on_msg
-                )
+                await delivery.subscribe(nc, subjects.request_filter(capability, target), queue)
             )
         # The server must know the subscriptions before callers are told we are serving.
         # nats-py writes a flush's PING straight to the socket, ahead of the queued SUBs:
@@ -142,22 +154,24 @@ class RequestServer:
             with contextlib.suppress(TransportError):
                 await sub.unsubscribe()
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _take(self, msg: Msg) -> Later | None:
+        """Queue a request for the drains, in the connection's read loop
+        (``InlineDelivery``); returns the refusal of bad input, to await."""
         reply = msg.reply
         try:
             to = answer_subject(reply, self._agent, msg.subject) if reply else None
         except InvalidMessageError as exc:
-            await self._refuse(msg, exc, None)  # nobody who asked can read an answer
-            return
+            # Nobody who asked can read an answer.
+            return functools.partial(self._refuse, msg, exc, None)
         try:
             message = self._host.accept(msg.subject, msg.data)
             assert isinstance(message, RequestMessage)
         except InvalidMessageError as exc:
-            await self._refuse(msg, exc, to)
-            return
+            return functools.partial(self._refuse, msg, exc, to)
         self._pending.append((msg, message, to))
         if not self._ready and (self._parked or not self._alive or self._limiter.value):
             self._more()
+        return None
 
     async def _refuse(self, msg: Msg, exc: InvalidMessageError, to: str | None) -> None:
         """Report bad input; answer it on ``to``: the requester is waiting, tell it now,
@@ -193,14 +207,14 @@ class RequestServer:
                     if pending and not self._ready and self._limiter.value > 1:
                         self._more()
                     await self._respond(*item)
-                if self._closed or self._parked or not await self._park():
+                if self._closed or len(self._parked) >= MAX_PARKED or not await self._park():
                     return
         finally:
             self._alive -= 1
 
     async def _park(self) -> bool:
         """Wait for the next request (True) or ``unsubscribe`` (False)."""
-        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[bool] = self._loop.create_future()
         self._parked.append(waiter)
         try:
             return await waiter
@@ -243,7 +257,7 @@ class RequestServer:
                 except Exception as exc:  # noqa: BLE001 - answered, dead-lettered, logged
                     record_failure(current, exc)
                     data = await self._failed(msg, request, exc)
-            if to:
+            if to and not publish_nowait(host.nc, to, data):
                 with contextlib.suppress(TransportError):
                     await host.nc.publish(to, data)
         finally:

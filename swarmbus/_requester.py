@@ -20,7 +20,10 @@ responder token) only the server's "no responders" status is read.
 
 One bus-wide map of pending requests and their deadlines (a loop timer per 10 ms of
 deadlines, cheaper than ``asyncio.wait_for``): no task, header or copy per request
-beyond what the answer needs.
+beyond what the answer needs. The request is queued on the connection with
+``publish_nowait`` and answers are checked where nats-py reads them
+(``swarmbus._jetstream.hotpath``): a valid one settles its request from the read loop,
+a refused one is counted there and reported from the reply subscription's task.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from swarmbus._jetstream.delivery import (
 )
 from swarmbus._jetstream.errors import denied, transport_error
 from swarmbus._jetstream.headers import STATUS
+from swarmbus._jetstream.hotpath import InlineDelivery, Later, publish_nowait
 from swarmbus._messages import (
     Request,
     RequestMessage,
@@ -257,6 +261,11 @@ class Requester:
         # request id -> the request waiting for its answer
         self._pending: dict[str, _Pending] = {}
         self._deadlines = _Deadlines()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()
+        return self._loop
 
     async def request(
         self,
@@ -295,7 +304,9 @@ class Requester:
             if headers or len(data) > host.nc.max_payload:
                 host._check_max_payload(data, headers)
             prefix = self._prefixes.get(agent) or await self._subscribe(agent, capability)
-            loop = asyncio.get_running_loop()
+            # The bus's loop, once: asyncio.get_running_loop() checks the process id
+            # (a system call) on every call in Python 3.11.
+            loop = self._loop or self._bind_loop()
             future: asyncio.Future[ResponseMessage] = loop.create_future()
             pending = self._pending[message.id] = _Pending(future, agent, to, session)
             slot = self._deadlines.add(loop, future, timeout)
@@ -303,9 +314,9 @@ class Requester:
             key = _lower(subject)
             refusal = host._refusals.watch(key, pending)
             try:
-                await host.nc.publish(
-                    subject, data, reply=prefix + message.id, headers=headers or None
-                )
+                reply = prefix + message.id
+                if headers or not publish_nowait(host.nc, subject, data, reply):
+                    await host.nc.publish(subject, data, reply=reply, headers=headers or None)
                 return await future
             except _Refused:
                 raise denied(f"request {capability}", subject) from None
@@ -332,8 +343,10 @@ class Requester:
             if prefix is not None:
                 return prefix
             prefix = f"{REPLY_ROOT}.{agent}.{self._inbox}."
+            delivery = InlineDelivery(self._take_reply)
             try:
-                await self._host._live_subscribe(f"{prefix}>", self._on_reply)
+                sub = await self._host._live_subscribe(f"{prefix}>", delivery.run_later)
+                delivery.attach(sub)
             except PermissionDeniedError as exc:
                 raise PermissionDeniedError(
                     f"request {capability} as {agent}: cannot read its replies ({exc})"
@@ -341,37 +354,42 @@ class Requester:
             self._prefixes[agent] = prefix
             return prefix
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _take_reply(self, msg: Msg) -> Later | None:
+        """Settle the request ``msg`` answers, in the connection's read loop
+        (``InlineDelivery``); returns the report of an answer refused, to await."""
         tokens = msg.subject.split(".")
         pending = self._pending.get(tokens[4]) if len(tokens) > _REPLY_TOKENS - 1 else None
         if pending is None or pending.future.done() or tokens[2] != pending.agent:
-            return  # late (the request timed out) or for no request of ours: nobody waits
+            return None  # late (the request timed out) or for no request of ours
         if len(tokens) == _REPLY_TOKENS:
             if msg.headers and msg.headers.get(STATUS) == NO_RESPONDERS_STATUS and not msg.data:
                 pending.future.set_exception(NoResponderError("", ""))
-                return
-            await self._refuse(
+                return None
+            return self._refuse(
                 pending, msg, WRONG_RESPONDER, "no responder id after the reply subject"
             )
-            return
         try:
             response = decode(msg.data, max_bytes=self._host.max_message_bytes)
         except InvalidMessageError as exc:
-            await self._refuse(pending, msg, exc.code, exc.reason)
-            return
+            return self._refuse(pending, msg, exc.code, exc.reason)
         problem = _problem(response, tokens, pending)
         if problem is not None:
-            await self._refuse(pending, msg, *problem)
-            return
+            return self._refuse(pending, msg, *problem)
         assert isinstance(response, ResponseMessage)
         pending.future.set_result(response)
+        return None
 
-    async def _refuse(self, pending: _Pending, msg: Msg, code: str, reason: str) -> None:
-        """Drop an answer that is not the request's; report the first few."""
+    def _refuse(self, pending: _Pending, msg: Msg, code: str, reason: str) -> Later | None:
+        """Drop an answer that is not the request's; the report of one of the first few.
+
+        The refusal is counted at once (the request may time out listing it); the
+        report is awaited after, in the reply subscription's task.
+        """
         pending.refused.append(f"{code}: {reason}")
         if len(pending.refused) > MAX_REPORTS:
-            return
-        await self._host.reject(
+            return None
+        return functools.partial(
+            self._host.reject,
             subject=msg.subject,
             data=msg.data,
             code=code,

@@ -1,0 +1,123 @@
+"""Core NATS on the request hot path: messages taken where nats-py reads them, and
+publishes queued without nats-py's per-call overhead.
+
+nats-py hands every message of a callback subscription to that subscription's own task
+through an ``asyncio.Queue``: a put, a get, a task switch and a loop turn per message.
+A request crosses two subscriptions (the responder's, then the requester's reply
+subscription), so on the request hot path that hop is a large share of what the bus
+adds to a round trip. ``InlineDelivery`` gives each message to a synchronous ``take``
+in the connection's read loop instead (nats-py 2.16, pinned: the subscription's queue
+is the seam, its ``put_nowait`` is what the read loop calls).
+
+``take`` returns None when it is done with the message, or the work that must be
+awaited (a report of bad input): the message then goes the usual way, through the
+subscription's queue and task, which awaits that work, in arrival order and bounded
+by the subscription's pending limits as before. ``take`` runs inside the read loop:
+it must not block, and whatever it raises is logged and the message dropped (an
+exception there would end nats-py's read loop, the connection's only reader).
+
+``publish_nowait`` appends a PUB to the connection's pending buffer as
+``Client.publish`` does, and wakes the flusher the same way (only when no flush is
+queued), without the four coroutine frames, the subject checks and a future per call.
+It applies only while the connection is up with room in its buffer; otherwise it
+returns False and the caller uses ``Client.publish`` (which buffers during a
+reconnect, forces a flush or raises). Its subjects must already be valid: built from
+checked tokens, or a reply subject as the server delivered it (no whitespace).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from nats.aio.client import Client as Connection
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+__all__ = ["InlineDelivery", "Later", "Take", "publish_nowait"]
+
+log = logging.getLogger("swarmbus")
+
+#: Work left to await for a message (run in the subscription's task).
+Later = Callable[[], Awaitable[object]]
+#: Handles a message in the read loop; returns the work left, if any.
+Take = Callable[[Msg], Later | None]
+
+
+class InlineDelivery:
+    """Deliver a subscription's messages to ``take`` in the connection's read loop."""
+
+    __slots__ = ("_later", "_put", "_sub", "_take")
+
+    def __init__(self, take: Take) -> None:
+        self._take = take
+        self._sub: Subscription | None = None
+        self._put: Callable[[Msg], None] | None = None
+        # id(msg) -> the work ``take`` left for it (the message is queued until it ran)
+        self._later: dict[int, Later] = {}
+
+    async def subscribe(self, nc: Connection, subject: str, queue: str = "") -> Subscription:
+        """``nc.subscribe`` with this delivery (the caller flushes and handles errors)."""
+        sub = await nc.subscribe(subject, queue=queue, cb=self.run_later)
+        self.attach(sub)
+        return sub
+
+    def attach(self, sub: Subscription) -> None:
+        """Take ``sub``'s messages from now on (``sub``'s callback must be ``run_later``)."""
+        pending = sub._pending_queue
+        self._sub, self._put = sub, pending.put_nowait
+        pending.put_nowait = self._deliver  # type: ignore[method-assign,assignment]
+
+    def _deliver(self, msg: Msg) -> None:
+        """What nats-py's read loop calls for each message (the queue's ``put_nowait``)."""
+        try:
+            later = self._take(msg)
+        except Exception:  # never end the read loop: log and drop, as its error_cb does
+            log.exception("dropped a message on %s", msg.subject)
+            later = None
+        if later is None:
+            assert self._sub is not None
+            self._sub._pending_size -= len(msg.data)  # nats-py counted it as queued
+            return
+        assert self._put is not None
+        self._put(msg)  # QueueFull: nats-py reports a slow consumer and drops it
+        self._later[id(msg)] = later
+
+    async def run_later(self, msg: Msg) -> None:
+        """The subscription's callback: await what ``take`` left for ``msg``."""
+        later = self._later.pop(id(msg), None)
+        if later is None:  # queued before ``attach``
+            later = self._take(msg)
+        if later is not None:
+            await later()
+
+
+_CONNECTED: Final = Connection.CONNECTED
+_CRLF: Final = b"\r\n"
+
+
+def publish_nowait(nc: Connection, subject: str, data: bytes, reply: str = "") -> bool:
+    """Queue a PUB of ``data`` on ``nc`` as ``Client.publish`` would; False if it cannot
+    be done here (not connected, buffer full, too large): then use ``Client.publish``.
+
+    ``subject`` and ``reply`` must be valid subjects (see the module docstring).
+    """
+    flusher = nc._flusher_task
+    if nc._status != _CONNECTED or flusher is None or flusher.done():
+        return False
+    size = len(data)
+    cmd = b"".join((f"PUB {subject} {reply} {size}\r\n".encode(), data, _CRLF))
+    pending_size = nc._pending_data_size + len(cmd)
+    if size > nc._max_payload or 0 < nc._max_pending_size < pending_size:
+        return False
+    nc._pending.append(cmd)
+    nc._pending_data_size = pending_size
+    stats = nc.stats
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += size
+    queue = nc._flush_queue
+    if queue is not None and queue.empty():
+        # Wake the flusher with the future it resolves once written (nobody waits on it).
+        queue.put_nowait(flusher.get_loop().create_future())
+    return True
