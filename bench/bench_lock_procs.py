@@ -7,7 +7,8 @@ release on one resource until the run's hand-offs are done. Per repetition, in
 alternating order, the same run is made with:
 
 * ``swarmbus``: ``Lock.acquire(timeout=...)`` + ``release()`` (fencing token, TTL,
-  owner-only release, watch-woken waiters);
+  owner-only release, one core wake per release to a queue group of the waiters);
+* ``raw JetStream + wakes``: the same design in plain nats-py (``_raw_wakes``);
 * ``raw JetStream``: plain nats-py, the same guarantees: ``kv.create`` with a per-key
   TTL (its revision is the fencing token), owner-only release as ``kv.delete`` with
   ``last=`` the lock's revision, waiters woken by a ``kv.watch`` of the key;
@@ -28,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import statistics
@@ -41,7 +43,15 @@ from typing import Any
 
 RESOURCE = "file:/src/main.py"
 TTL = 30
-KINDS = ("swarmbus", "raw JetStream", "raw JetStream + manager", "swarmbus on Redis", "raw Redis")
+RAW_WAKES = "raw JetStream + wakes"
+KINDS = (
+    "swarmbus",
+    RAW_WAKES,
+    "raw JetStream",
+    "raw JetStream + manager",
+    "swarmbus on Redis",
+    "raw Redis",
+)
 MANAGED = "raw JetStream + manager"
 
 
@@ -121,6 +131,77 @@ async def _raw_jetstream(url: str, name: str, stop: Callable[[int], bool]) -> li
             await kv.delete(key, last=revision)  # owner-only: fails if it is not ours
         follower.cancel()
         await watch.stop()
+        return tokens
+    finally:
+        await nc.close()
+
+
+async def _raw_wakes(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
+    """swarmbus's design in plain nats-py: compare-and-set create with a per-key TTL,
+    owner-only release as a purge marker on the lock's revision, then one core wake (a
+    queue group of the waiting connections, subscribed before the first attempt); a woken
+    or timed-out (50 ms, as the Redis row) waiter reads the key and compare-and-sets on
+    the release marker it finds (a revision in a wake could be forged). The
+    same rule against barging as swarmbus: the wake carries a reply subject, and a
+    releaser that re-acquires waits for a wake, the server's "no responders" (nobody was
+    waiting) or the timeout before it tries."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await js.create_key_value(bucket="WAKEPROCS", history=1)
+        subject, wake = "$KV.WAKEPROCS.lock", "wake.WAKEPROCS.lock"
+        value = f'{{"owner":"bench/{name}","ttl":{TTL}}}'.encode()
+        woken: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_wake(msg: Any) -> None:
+            woken.put_nowait(b"w")
+
+        async def on_reply(msg: Any) -> None:  # "no responders": our release is free
+            if msg.headers and msg.headers.get("Status") == "503":
+                woken.put_nowait(b"")
+
+        async def read(last: int) -> int:
+            """The key's last revision if it is free (a marker), else ``last``."""
+            with contextlib.suppress(Exception):
+                entry = await js.get_last_msg("KV_WAKEPROCS", subject)
+                if entry.headers and entry.headers.get("KV-Operation"):
+                    return int(entry.seq)
+            return last
+
+        replies = nc.new_inbox()
+        await nc.subscribe(replies, cb=on_reply)
+
+        async def cas(data: bytes, last: int, headers: dict[str, str]) -> int | None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+            reply = await nc.request(subject, data, timeout=10, headers=headers)
+            ack = json.loads(reply.data)
+            return None if "error" in ack else int(ack["seq"])
+
+        last = 0
+        with contextlib.suppress(Exception):
+            last = (await js.get_last_msg("KV_WAKEPROCS", subject)).seq
+        _ready()
+        tokens: list[int] = []
+        while not stop(len(tokens)):
+            sub = await nc.subscribe(wake, queue="lock", cb=on_wake)
+            if tokens:  # we released and woke someone, maybe: wait for our turn
+                with contextlib.suppress(TimeoutError):
+                    if await asyncio.wait_for(woken.get(), 0.05):
+                        last = await read(last)  # a wake: read; "no responders": ours
+            while (revision := await cas(value, last, {"Nats-TTL": str(TTL)})) is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.get(), 0.05)
+                last = await read(last)
+            await sub.unsubscribe()
+            while not woken.empty():
+                woken.get_nowait()
+            tokens.append(revision)
+            released = await cas(b"", revision, {"KV-Operation": "PURGE", "Nats-TTL": "60"})
+            assert released is not None  # owner-only: fails if it is not ours
+            last = released
+            await nc.publish(wake, b"", reply=replies)
         return tokens
     finally:
         await nc.close()
@@ -274,6 +355,7 @@ def child(kind: str, url: str, name: str, total_file: str, quota: int) -> None:
     run = {
         "swarmbus": _swarmbus,
         "raw JetStream": _raw_jetstream,
+        RAW_WAKES: _raw_wakes,
         "swarmbus on Redis": _swarmbus_on_redis,
         "raw Redis": _raw_redis,
         MANAGED: _managed,
@@ -361,6 +443,7 @@ def one_run(kind: str, url: str, server_pid: int, procs: int, handoffs: int) -> 
         assert len({t for t, _ in owners}) == done, "two holders got the same token"
         changes = sum(a[1] != b[1] for a, b in itertools.pairwise(owners))
     return {
+        "load": os.getloadavg()[0],
         "rate": done / elapsed,
         "changes": changes / done,
         "client_us": client_cpu / done * 1e6,  # from "go" to the end
@@ -410,8 +493,8 @@ def main() -> int:
     results: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
     with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
         redis_proc = _start_redis(tmp)
-        urls = {"swarmbus": server.url, "raw JetStream": server.url, MANAGED: server.url}
-        pids = {"swarmbus": server.pid, "raw JetStream": server.pid, MANAGED: server.pid}
+        urls = {k: server.url for k in ("swarmbus", RAW_WAKES, "raw JetStream", MANAGED)}
+        pids: dict[str, int | None] = {k: server.pid for k in urls}
         if redis_proc is not None:
             urls["raw Redis"] = f"unix://{tmp}/redis.sock"
             pids["raw Redis"] = redis_proc.pid
@@ -431,12 +514,17 @@ def main() -> int:
             if redis_proc is not None:
                 redis_proc.kill()
                 redis_proc.wait()
+    loads = [x["load"] for runs in results.values() for x in runs]
     print(
         f"# {args.processes} processes, {args.handoffs} hand-offs per run, median of "
-        f"{args.repeat}, load average {os.getloadavg()[0]:.1f}"
+        f"{args.repeat}, load average {min(loads):.1f}-{max(loads):.1f} during the runs"
     )
-    print("| design | hand-offs/s (runs) | changed owner | client CPU us | server CPU us |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| design | hand-offs/s (runs) | vs raw Redis (per repetition) | changed owner "
+        "| client CPU us | server CPU us |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    redis_runs = results.get("raw Redis") or []
     for kind, runs in results.items():
         if not runs:
             continue
@@ -445,8 +533,12 @@ def main() -> int:
             return statistics.median(x[field] for x in runs)
 
         rates = ", ".join(f"{x['rate']:,.0f}" for x in runs)
+        ratio = "-"
+        if redis_runs and len(redis_runs) == len(runs):
+            each = [x["rate"] / r["rate"] for x, r in zip(runs, redis_runs, strict=True)]
+            ratio = f"{statistics.median(each):.2f}x ({', '.join(f'{e:.2f}' for e in each)})"
         print(
-            f"| {kind} | {med('rate'):,.0f} ({rates}) | {med('changes'):.0%} | "
+            f"| {kind} | {med('rate'):,.0f} ({rates}) | {ratio} | {med('changes'):.0%} | "
             f"{med('client_us'):,.0f} | {med('server_us'):,.0f} |"
         )
     return 0

@@ -161,6 +161,8 @@ _AGENT_PUB: Final[list[str]] = [
     "$JS.FC.>",
     "$KV.swarmbus-tasks.>",
     "$KV.SWARMBUS_LOCKS.>",
+    # lock wakes (CONTRACT.md "Lock wakes"): a hint to try a compare-and-set, no authority
+    "swarmbus.lock.>",
     "$KV.SWARMBUS_BOARD.>",
     "$KV.SWARMBUS_QUERIES.>",
     "$KV.SWARMBUS_CONSENSUS.m.*.{{name()}}",
@@ -176,6 +178,7 @@ _AGENT_PUB_DENY: Final[list[str]] = [
 _AGENT_SUB: Final[list[str]] = [
     "agent.>",
     "swarmbus.task.>",
+    "swarmbus.lock.>",  # lock wakes, a queue group per key
     "swarmbus.request.{{tag(capability)}}.any.*.*",
     "swarmbus.request.*.{{name()}}.*.*",
     "swarmbus.reply.{{name()}}.>",  # the answers to its own requests, read by it alone
@@ -190,6 +193,7 @@ _SERVICE_PUB: Final[list[str]] = [
     "swarmbus.reply.*.*.*.{{name()}}",
     "swarmbus.dead.>",
     "swarmbus.task.>",
+    "swarmbus.lock.>",
     "$JS.API.>",
     "$JS.ACK.>",
     "$JS.FC.>",
@@ -243,6 +247,7 @@ DEFAULT_ROLES: Final[dict[str, dict[str, Any]]] = {
                     "swarmbus.reply.{{name()}}.>",
                     "swarmbus.api.>",  # the runtime API (`swarmbus up`, a queue group)
                     "swarmbus.task.>",
+                    "swarmbus.lock.>",
                     "_INBOX_{{name()}}.>",
                 ]
             },

@@ -6,9 +6,12 @@ and a holder can only release or refresh the revision it wrote itself. The key c
 server-side TTL (nats-server >= 2.11): a crashed holder's lock expires on its own. The
 server removes it without a marker (the bucket has no limit markers: a stream with them
 must allow rollup headers, and a rollup through any lock key would empty the bucket), so
-a waiter that sees a holder's record arms a timer for its expiry (the write's server
-time plus its TTL) and reads the key when it fires; a key whose TTL passed reads as
-missing. Releases stay purge markers that waiters see through their watch.
+a waiter that finds a holder's record reads the key again at its expiry (the write's
+server time plus its TTL); a key whose TTL passed reads as missing. A release is a purge
+marker, followed by one core NATS message on the key's wake subject
+(``swarmbus.lock.<bucket>.<key>``, CONTRACT.md "Lock wakes") that NATS delivers to one
+connection with waiters for the key (a queue group): one wake per release, no herd.
+Wakes carry no authority; waiters also re-read the key now and then (``_Bucket``).
 
 The fencing token of an acquisition is the revision of the write that created the lock.
 It increases across releases and expiries (it is the bucket stream's sequence, never
@@ -25,16 +28,14 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Annotated, Final
+from typing import Annotated, Final, NamedTuple, Protocol
 
 import anyio
 import msgspec
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from swarmbus import _subjects as subjects
 from swarmbus._backends import open_store
@@ -51,16 +52,18 @@ from swarmbus._errors import (
 )
 from swarmbus._jetstream.acks import CasConflict as _Conflict
 from swarmbus._jetstream.acks import CasWriter
+from swarmbus._jetstream.errors import NatsError
 from swarmbus._jetstream.headers import (
     EXPECTED_LAST_SUBJECT_SEQUENCE,
     KV_OPERATION,
     KV_PURGE,
     MSG_ID,
+    STATUS,
 )
 from swarmbus._jetstream.headers import MARKER_REASON as MARKER_REASON  # the expiry marker
 from swarmbus._jetstream.headers import TTL as TTL_HEADER
 from swarmbus._jetstream.latest import bucket_entries, kv_last
-from swarmbus._jetstream.watch import KvChange, KvWatch
+from swarmbus._jetstream.reads import NO_RESPONDERS
 from swarmbus._observe._instruments import lock_wait
 from swarmbus._store_lock import LockKey, lock_key_on, stored_locks
 from swarmbus._telemetry import send_span
@@ -76,21 +79,17 @@ EXPIRY_MARGIN: Final = 0.005
 """Seconds after a holder's expiry that a waiter reads the key (the server's timer)."""
 RECHECK: Final = 0.02
 MAX_RECHECK: Final = 1.0
-"""First and longest delay between reads of a key whose holder outlived its expiry
-(client and server clocks differ, or the server removes the key late)."""
-PROVISIONAL: Final = 0.05
-"""Seconds after a lost compare-and-set that a waiter reads the key if its watch has not
-shown the winner's record (written before the watch saw this key): to time its expiry."""
-WATCH_INACTIVE_THRESHOLD: Final = 5.0
-RECENT_HOLDERS: Final = 32
-"""Holders per key that waiters rank themselves against (the oldest are forgotten)."""
-RECENT_WINDOW: Final = 30.0
-"""Seconds a key's holder history is kept after its last local waiter left."""
+"""First and longest delay between a waiter's reads of a key it found held: a wake can
+be lost (see ``_Bucket``), and the holder can outlive its expiry as the waiter's clock
+computes it (client and server clocks differ, or the server removes the key late)."""
+POLITE_WINDOW: Final = 1.0
+"""Seconds after publishing a wake for a key, while the one before reached a waiter,
+that this connection's next waiter for it waits for its turn instead of taking the key
+back at once."""
+MAX_SENT: Final = 1024
+"""Wakes remembered per connection before those older than POLITE_WINDOW are dropped."""
 HAND_OVERS: Final = 7
 """Hand-overs to a waiter on the same connection in a row before a release marker."""
-MIN_STEP: Final = 0.0005
-MAX_STEP: Final = 0.02
-"""Bounds of the delay between one rank of waiters and the next (seconds)."""
 
 
 class _Record(msgspec.Struct, omit_defaults=True):
@@ -162,57 +161,96 @@ class _Handed:
     revision: int
 
 
+_Update = int | _Handed | None
+"""What a head waiter is told: the revision of its own release marker (compare-and-set
+on it), None (read the key first), or the lock its holder handed over."""
+
+
 @dataclass
 class _Waiter:
-    """A local waiter: where to tell it, who it is, the revision it started after, and
-    the lease length it asked for (used when the holder hands the lock over)."""
+    """A local waiter: what to try next (an asyncio queue: a get that finds an update
+    does not yield to the event loop, as an anyio stream's receive does), who it is,
+    the lease length it asked for (used when the holder hands the lock over), and the
+    wake it was given and has not acted on (passed on if it leaves without the lock)."""
 
-    send: MemoryObjectSendStream[int | _Handed | None]
+    updates: asyncio.Queue[_Update]
     owner: str
-    since: int
     ttl: int
+    woken: bool = False
+
+
+class _Subscription(Protocol):
+    async def unsubscribe(self, limit: int = 0) -> None: ...
+
+
+class _Message(Protocol):
+    @property
+    def subject(self) -> str: ...
+    @property
+    def headers(self) -> dict[str, str] | None: ...
 
 
 @dataclass
-class _Expiry:
-    """The armed expiry of a key's holder record: the head reads the key ``at`` then.
+class _Queue:
+    """The local waiters of one key (FIFO) and what makes its head try again.
 
-    ``at`` is event-loop time. ``timer`` fires at or before ``at`` (one timer per key,
-    re-armed when it fires early: every acquisition moves ``at``, and a timer per write
-    would cost more than the write's own handling); None once fired (the head is reading
-    the key). ``retries`` counts the reads that found the record still there;
-    ``provisional``: armed after a lost race, before the winner's record was seen.
+    ``sub``: the connection's queue-group subscription to the key's wake subject, held
+    while the queue is not empty. ``timer``: the head's next read of the key (the
+    holder's expiry, or the re-check of a lost wake). ``retries``: the head's failed
+    tries (its re-check backs off); ``expires``: the holder's expiry (loop time), read
+    from its record; ``unseen``: the head lost a race to a record it has not read.
+    ``polite``: the head waits for its turn (this connection's wakes for the key reached
+    waiters); ``withheld``: its own release marker, tried if the server says nobody got
+    the last wake.
     """
 
-    revision: int
-    at: float
+    waiters: list[_Waiter] = field(default_factory=list)
+    sub: _Subscription | None = None
     timer: asyncio.TimerHandle | None = None
     retries: int = 0
-    provisional: bool = False
+    expires: float | None = None
+    unseen: bool = False
+    polite: bool = False
+    withheld: int | None = None
+
+
+class _Sent(NamedTuple):
+    """A wake this connection published for a key, awaiting "no responders"."""
+
+    number: int
+    at: float
+    contended: bool
+    """The wake before it got no "no responders": another connection was waiting."""
 
 
 class _Bucket:
-    """A locks bucket as one bus sees it: opened once, one watch for all local waiters.
+    """A locks bucket as one connection sees it: opened once, the wakes of its waiters.
 
-    The watch is an ordered consumer on the whole bucket with in-memory state that
-    delivers only new writes. It is created on the first wait and kept for the life of
-    the connection (a consumer per wait would cost a round trip, ~10 ms when
-    file-backed). Local waiters for a key queue in FIFO order and only the head is told
-    when the key is freed, so a release costs one compare-and-set per process instead
-    of one per waiter, and waiters in one process are served in arrival order.
+    Local waiters for a key queue in FIFO order and only the head tries, so a release
+    costs one compare-and-set per connection, not one per waiter. Across connections a
+    release wakes ONE connection: every connection with local waiters for a key holds a
+    queue-group subscription to the key's wake subject (``lock_wake_subject``), and a
+    release that frees the key publishes one message there, which NATS delivers to one
+    member of the group. It is empty: the woken head reads the key and compare-and-sets
+    on the release marker it finds. It must not trust a revision in a wake: a
+    compare-and-set on the revision of a live holder's record would replace that lock.
 
-    Across connections, every connection's head would race for each release (all but
-    one compare-and-set lose). So heads take turns, least recently served first: every
-    watch sees the same acquisitions, so every connection keeps the same list of a
-    key's recent holders, oldest acquisition first. A head ranks itself by the holders
-    whose last acquisition is older than its own (or, if it never held the key, than
-    the moment it started waiting) and defers its attempt by ``rank`` steps of about
-    two observed hand-off times; it cancels the attempt when the watch shows the key
-    taken. Holders that let their turn pass (gone, or slow) are dropped from the list
-    when a later-ranked one acquires. Only the attempts' timing depends on this: every
-    acquisition is still a compare-and-set, and a head that is not told in time (or
-    whose list differs) merely races as before; a dead waiter delays the others by at
-    most one step per rank, once.
+    Wakes are hints: a forged or duplicate one costs a failed compare-and-set, and a lost
+    one (the releaser died before publishing, the woken connection died, a subscriber
+    swallowed it) only delays: every head that tried and failed reads the key again at
+    the holder's expiry (its server time plus its TTL) and, meanwhile, re-checks after
+    RECHECK, doubling up to MAX_RECHECK. A head that leaves with a wake it did not act on
+    passes it to the next local waiter or, if none, publishes it again after the
+    connection unsubscribed (so the server cannot hand it back to this connection); a
+    wake in flight as the subscription ends is lost (the re-check covers it).
+
+    A connection that just released a key does not take it straight back while waiters
+    elsewhere are being woken for it: each wake carries a reply subject, on which the
+    server answers "no responders" if nobody was waiting (it arrives before the ack of
+    the connection's next write). When the previous wake got no such answer (another
+    connection took it), the next waiter of this connection for the key waits for a
+    wake, a re-check, or that answer to its own last wake. A lone contender never
+    waits: each of its wakes is answered before it releases again.
     """
 
     def __init__(self, bus: Bus, name: str) -> None:
@@ -225,250 +263,219 @@ class _Bucket:
             timeout=bus.settings.request_timeout,
             retry_for=bus.settings.retry_for,
         )
-        self._guard = anyio.Lock()
-        self._watch = KvWatch(
-            bus.js,
-            name,
-            self._on_change,
-            memory=True,
-            inactive_threshold=WATCH_INACTIVE_THRESHOLD,
-        )
-        self._watching = False
-        self._last_seq = 0
-        self._queues: dict[str, list[_Waiter]] = {}
-        # key -> {owner: revision of its last acquisition}, oldest first
-        self._recent: dict[str, dict[str, int]] = {}
-        self._idle: dict[str, float] = {}  # key -> when its last local waiter left
-        self._freed_at: dict[str, float] = {}  # key -> when the watch saw it freed
-        self._turns: dict[str, asyncio.TimerHandle] = {}  # key -> its head's deferred try
-        self._expiries: dict[str, _Expiry] = {}  # key -> its holder's expiry (local waiters)
-        self._gap = MIN_STEP  # smoothed time from "freed" to "acquired" on the watch
+        self._nc = bus.nc
+        self._wakes = subjects.lock_wake_subject(name, "")
+        self._replies = ""  # inbox prefix of the answers to this connection's wakes
+        self._queues: dict[str, _Queue] = {}
+        self._sent: dict[str, _Sent] = {}  # key -> our last wake, until "no responders"
+        self._count = 0
         # Hand-overs of a key since its last release marker. After HAND_OVERS in a row
-        # a release writes a marker, so waiters on other connections (invisible here
-        # until they have held the key) get their chance.
-        # key -> (hand-overs since the last marker, revision of the first of them)
-        self._handed_over: dict[str, tuple[int, int]] = {}
+        # a release writes a marker (and a wake), so waiters on other connections get
+        # their chance.
+        self._handed_over: dict[str, int] = {}
 
     def queued(self, key: str) -> bool:
         """Whether local waiters are queued for ``key`` (a newcomer goes behind them)."""
-        return bool(self._queues.get(key))
-
-    def delay(self, key: str, waiter: _Waiter) -> float:
-        """Seconds the head ``waiter`` defers its try on a freed key (its rank in steps)."""
-        recent = self._recent.get(key)
-        if not recent:
-            return 0.0
-        mine = recent.get(waiter.owner, waiter.since)
-        rank = sum(1 for seq in recent.values() if seq < mine)
-        return rank * min(MAX_STEP, max(MIN_STEP, 2 * self._gap))
+        return key in self._queues
 
     def successor(self, key: str) -> _Waiter | None:
-        """The local head waiter of ``key`` if it is its turn (a holder may hand over)."""
+        """The local head waiter of ``key`` if a holder may hand the lock to it."""
         queue = self._queues.get(key)
-        chain = self._handed_over.get(key)
-        if not queue or key in self._turns or (chain and chain[0] >= HAND_OVERS):
+        if queue is None or self._handed_over.get(key, 0) >= HAND_OVERS:
             return None
-        head = queue[0]
-        return head if self.delay(key, head) == 0 else None
+        return queue.waiters[0]
 
     def handed(self, key: str, waiter: _Waiter, revision: int) -> bool:
         """Give ``waiter`` the lock stored for it at ``revision``; False if it left."""
-        count, first = self._handed_over.get(key, (0, revision))
-        self._handed_over[key] = (count + 1, first)
+        self._handed_over[key] = self._handed_over.get(key, 0) + 1
         queue = self._queues.get(key)
-        if not queue or waiter not in queue:
+        if queue is None or waiter not in queue.waiters:
             return False
-        waiter.send.send_nowait(_Handed(revision))
+        waiter.updates.put_nowait(_Handed(revision))
         return True
 
-    def holding(self, key: str, revision: int, seconds: float) -> None:
-        """The record stored at ``revision`` holds ``key`` for ``seconds`` more.
-
-        Arms (for local waiters only) the head's read of the key at its expiry: the
-        server removes an expired lock without a marker. A later revision replaces an
-        earlier one; an expiry already armed for ``revision`` is kept, and one that fired
-        and found the record still there re-arms with a growing delay.
-        """
-        if key not in self._queues:
+    def holding(self, key: str, revision: int, seconds: float | None) -> None:
+        """The record stored at ``revision`` holds ``key`` (for ``seconds`` more, if known)."""
+        queue = self._queues.get(key)
+        if queue is None:
             return
-        armed = self._expiries.get(key)
-        retries = 0
-        if armed is not None:
-            if armed.revision > revision:
-                return
-            if armed.revision == revision:
-                if armed.timer is not None and not armed.provisional:
-                    return
-                if armed.timer is None:  # fired: still there
-                    retries = armed.retries + 1
-                    seconds = max(seconds, min(MAX_RECHECK, RECHECK * 2**armed.retries))
-        at = asyncio.get_running_loop().time() + max(0.0, seconds) + EXPIRY_MARGIN
-        self._arm(key, _Expiry(revision, at, retries=retries))
+        queue.unseen = seconds is None
+        if seconds is not None:
+            queue.expires = asyncio.get_running_loop().time() + max(0.0, seconds)
 
-    def lost_to(self, key: str, revision: int) -> None:
-        """A compare-and-set of a local waiter lost to the write at ``revision``.
+    def retry_later(self, key: str, waiter: _Waiter) -> None:
+        """The head tried and did not get the lock: arm its next read of the key.
 
-        Its record normally reaches the watch (which arms its expiry); if it was written
-        before this connection watched the key, the head reads it soon to arm it.
+        At the holder's expiry if known, else (and at the latest) after the re-check
+        delay, which doubles with every try of this head (not reset when the holder
+        changes: in a busy queue every read finds another holder, and reads every
+        RECHECK would cost more than the wakes save); soon after a lost race, to read
+        the winner's expiry.
         """
-        armed = self._expiries.get(key)
-        if key not in self._queues or (armed is not None and armed.revision >= revision):
-            return
-        at = asyncio.get_running_loop().time() + PROVISIONAL
-        self._arm(key, _Expiry(revision, at, provisional=True))
-
-    def _arm(self, key: str, expiry: _Expiry) -> None:
-        """Make ``expiry`` the key's, keeping its running timer if it fires in time."""
-        previous = self._expiries.get(key)
-        timer = previous.timer if previous is not None else None
-        if timer is not None and timer.when() > expiry.at:
-            timer.cancel()
-            timer = None
-        if timer is None:
-            loop = asyncio.get_running_loop()
-            timer = loop.call_at(expiry.at, self._expired, key)
-        expiry.timer = timer
-        self._expiries[key] = expiry
-
-    def _disarm(self, key: str) -> None:
-        if (armed := self._expiries.pop(key, None)) and armed.timer is not None:
-            armed.timer.cancel()
-
-    def _expired(self, key: str) -> None:
-        """The key's timer fired: at its holder's expiry, the head reads the key."""
-        armed = self._expiries.get(key)
-        if armed is None:
+        waiter.woken = False
+        queue = self._queues.get(key)
+        if queue is None:
             return
         loop = asyncio.get_running_loop()
-        if armed.at > loop.time():  # a later write moved the expiry: wait for it
-            armed.timer = loop.call_at(armed.at, self._expired, key)
-            return
-        armed.timer = None
-        if not armed.provisional:
-            chain = self._handed_over.get(key)
-            if chain and armed.revision >= chain[1]:
-                del self._handed_over[key]
-            if key in self._recent:
-                self._freed_at[key] = time.monotonic()
-        self._freed(key, None)
+        delay = RECHECK if queue.unseen else min(MAX_RECHECK, RECHECK * 2**queue.retries)
+        queue.retries = min(queue.retries + 1, 16)
+        if queue.expires is not None and queue.expires > loop.time():
+            delay = min(delay, queue.expires - loop.time() + EXPIRY_MARGIN)
+        queue.expires = None
+        self._arm(key, queue, delay)
+
+    def _arm(self, key: str, queue: _Queue, delay: float) -> None:
+        if queue.timer is not None:
+            queue.timer.cancel()
+        queue.timer = asyncio.get_running_loop().call_later(delay, self._recheck, key)
+
+    def _recheck(self, key: str) -> None:
+        """The head's timer fired: it reads the key (and takes it if it is free)."""
+        queue = self._queues.get(key)
+        if queue is not None:
+            queue.timer = None
+            queue.polite = False
+            queue.waiters[0].updates.put_nowait(None)
 
     @contextlib.asynccontextmanager
     async def waiting(
         self, key: str, owner: str, hint: int | None, ttl: int
-    ) -> AsyncIterator[MemoryObjectReceiveStream[int | _Handed | None]]:
+    ) -> AsyncIterator[_Waiter]:
         """Queue for ``key``; at the head, receive what to try next.
 
-        An int is the revision of a write that freed the key (compare-and-set on it),
-        given at this waiter's turn; None means "read the key": the state before this
-        waiter became head is unknown. A waiter that finds the queue empty starts with
-        ``hint`` (a revision it knows freed the key, or None). Leaving without the lock
-        passes a None to the next one.
+        A waiter that finds the queue empty subscribes the connection to the key's wakes
+        (before its first attempt, so no release can slip between), then starts with
+        ``hint`` (a revision it knows freed the key, or None: read it), unless this
+        connection just woke another waiter for the key (then it waits its turn).
+        Leaving without the lock tells the next one to try (or passes its wake on).
         """
-        async with self._guard:
-            if not self._watching:
-                await self._watch.start()
-                self._watching = True
-        send, receive = anyio.create_memory_object_stream[int | _Handed | None](math.inf)
-        self._recent.setdefault(key, {})
-        self._idle.pop(key, None)
-        waiter = _Waiter(send, owner, self._last_seq, ttl)
-        queue = self._queues.setdefault(key, [])
-        queue.append(waiter)
-        if len(queue) == 1:
-            if hint is None:
-                send.send_nowait(None)
-            else:
-                self._freed(key, hint)
+        waiter = _Waiter(asyncio.Queue(), owner, ttl)
+        queue = self._queues.get(key)
+        first = queue is None
+        if queue is None:
+            queue = self._queues[key] = _Queue()
+        queue.waiters.append(waiter)
         acquired = False
         try:
-            with receive:
-                yield receive
+            if first:
+                with anyio.CancelScope(shield=True):  # a SUB sent must be kept to be undone
+                    queue.sub = await self._subscribe(key)
+                self._start(key, queue, hint)
+            yield waiter
             acquired = True
         finally:
-            head = queue[0] is waiter
-            queue.remove(waiter)
-            send.close()
-            if head and (turn := self._turns.pop(key, None)):
-                turn.cancel()
-            if not queue:
-                del self._queues[key]
-                self._disarm(key)
-                self._forget_idle(key)
+            head = queue.waiters[0] is waiter
+            queue.waiters.remove(waiter)
+            if not queue.waiters:
+                await self._leave(key, queue, waiter.woken and not acquired)
             elif head and not acquired:
-                queue[0].send.send_nowait(None)
+                queue.waiters[0].updates.put_nowait(None)
+            elif head:  # the new head waits for the hand-over, a wake or its re-check
+                queue.retries = 0
+                self._arm(key, queue, RECHECK)
 
-    def _freed(self, key: str, revision: int | None) -> None:
-        """Tell the head waiter of ``key`` (now, or at its turn) that ``revision`` freed it.
+    def _contended(self, key: str) -> bool:
+        """Whether another connection waited for ``key`` as this one last released it."""
+        sent = self._sent.get(key)
+        if sent is None:  # none sent, or the server said nobody was waiting
+            return False
+        return sent.contended and asyncio.get_running_loop().time() - sent.at < POLITE_WINDOW
 
-        None: something freed it that the head must read (a broken record).
-        """
-        queue = self._queues.get(key)
-        if not queue:
-            return
-        if turn := self._turns.pop(key, None):
-            turn.cancel()
-        head = queue[0]
-        delay = self.delay(key, head)
-        if delay:
-            loop = asyncio.get_running_loop()
-            self._turns[key] = loop.call_later(delay, self._turn, key, head, revision)
+    def _start(self, key: str, queue: _Queue, hint: int | None) -> None:
+        if self._contended(key):
+            queue.polite, queue.withheld = True, hint
+            self._arm(key, queue, RECHECK)
         else:
-            head.send.send_nowait(revision)
+            queue.waiters[0].updates.put_nowait(hint)
 
-    def _turn(self, key: str, head: _Waiter, revision: int | None) -> None:
-        del self._turns[key]
-        head.send.send_nowait(revision)  # still the head: leaving cancels the turn
+    async def _leave(self, key: str, queue: _Queue, wake: bool) -> None:
+        """The last local waiter left: unsubscribe, then pass on a wake it did not use."""
+        del self._queues[key]
+        self._handed_over.pop(key, None)
+        if queue.timer is not None:
+            queue.timer.cancel()
+        # Neither call waits for the server (nats-py queues the UNSUB and the PUB, in
+        # this order), so a caller's cancellation cannot come between them.
+        if queue.sub is not None:
+            try:
+                await queue.sub.unsubscribe()
+            except NatsError as exc:
+                log.debug("cannot unsubscribe from the wakes of %s: %s", key, exc)
+        if wake:
+            await self._publish(key)
 
-    def _forget_idle(self, key: str) -> None:
-        now = time.monotonic()
-        self._idle[key] = now
-        for idle in [k for k, t in self._idle.items() if now - t > RECENT_WINDOW]:
-            del self._idle[idle]
-            self._recent.pop(idle, None)
-            self._freed_at.pop(idle, None)
-            self._handed_over.pop(idle, None)
-
-    def _on_change(self, change: KvChange) -> None:
-        """One write of the bucket, as the watch sees it (on the client's reader task)."""
-        key = change.key
-        self._last_seq = seq = change.revision
-        if change.removed:
-            self._disarm(key)
-            chain = self._handed_over.get(key)
-            if chain and seq > chain[1]:  # a marker after the chain began (not a late one)
-                del self._handed_over[key]
-            if key in self._recent:
-                self._freed_at[key] = time.monotonic()
-            self._freed(key, seq)
-            return
-        recent = self._recent.get(key)
-        if recent is None:
-            return
-        if turn := self._turns.pop(key, None):  # taken before the head's turn came
-            turn.cancel()
+    async def _subscribe(self, key: str) -> _Subscription | None:
+        """Join the queue group of ``key``'s wakes (None: refused or unreachable; the
+        waiters then rely on their re-checks)."""
         try:
-            record = _record_of(key, change.value, change.ttl)
-        except InvalidMessageError:  # a broken record: free, the head reads and reports it
-            self._freed(key, None)
+            return await self._nc.subscribe(self._wakes + key, queue=key, cb=self._on_wake)
+        except NatsError as exc:
+            log.warning("cannot subscribe to lock wakes (waiters poll): %s", exc)
+            return None
+
+    async def _on_wake(self, msg: _Message) -> None:
+        """A release woke this connection for a key: its head tries."""
+        key = msg.subject[len(self._wakes) :]
+        queue = self._queues.get(key)
+        if queue is None:  # every waiter left (the subscription is ending): pass it on
+            await self._publish(key)
             return
-        # written just now (the watch delivers as the server stores): expires in its TTL
-        self.holding(key, seq, _seconds(change.ttl, record.ttl))
-        if record.token:  # a refresh: the holder keeps its place
+        if queue.timer is not None:
+            queue.timer.cancel()
+            queue.timer = None
+        queue.polite = False
+        head = queue.waiters[0]
+        head.woken = True
+        head.updates.put_nowait(None)
+
+    async def wake(self, key: str) -> None:
+        """``key`` was freed: wake one waiting connection.
+
+        The reply subject gets the server's "no responders" answer if none is waiting.
+        """
+        self._handed_over.pop(key, None)
+        loop = asyncio.get_running_loop()
+        if not self._replies:
+            self._replies = self._nc.new_inbox()
+            try:
+                await self._nc.subscribe(self._replies + ".>", cb=self._on_reply)
+            except NatsError as exc:
+                log.warning("cannot subscribe to lock wake answers: %s", exc)
+        if len(self._sent) > MAX_SENT:
+            now = loop.time()
+            for old in [k for k, sent in self._sent.items() if now - sent.at > POLITE_WINDOW]:
+                del self._sent[old]
+        self._count += 1
+        # our last wake got no "no responders" (a waiter got it): contended
+        last = self._sent.get(key)
+        contended = last is not None and loop.time() - last.at < POLITE_WINDOW
+        self._sent[key] = _Sent(self._count, loop.time(), contended)
+        await self._publish(key, f"{self._replies}.{self._count}.{key}")
+
+    async def _publish(self, key: str, reply: str = "") -> None:
+        try:
+            await self._nc.publish(self._wakes + key, b"", reply=reply)
+        except NatsError as exc:  # the waiters' re-checks find the key free
+            log.warning("cannot wake the waiters for lock key %s: %s", key, exc)
+
+    async def _on_reply(self, msg: _Message) -> None:
+        """The server's "no responders" to a wake: nobody was waiting for the key then."""
+        if (msg.headers or {}).get(STATUS) != NO_RESPONDERS:
             return
-        previous = recent.pop(record.owner, None)
-        if previous is not None:
-            older = [owner for owner, last in recent.items() if last < previous]
-            freed = self._freed_at.pop(key, None)
-            if freed is not None and not older:  # a turn taken without deferral
-                self._gap = 0.8 * self._gap + 0.2 * (time.monotonic() - freed)
-            for owner in older:  # they let their turn pass
-                del recent[owner]
-        recent[record.owner] = seq
-        if len(recent) > RECENT_HOLDERS:
-            del recent[next(iter(recent))]
+        _, count, key = msg.subject[len(self._replies) :].split(".", 2)
+        sent = self._sent.get(key)
+        if sent is None or str(sent.number) != count:
+            return
+        del self._sent[key]
+        queue = self._queues.get(key)
+        if queue is not None and queue.polite:  # our release was not taken: try it
+            queue.polite = False
+            if queue.timer is not None:
+                queue.timer.cancel()
+                queue.timer = None
+            queue.waiters[0].updates.put_nowait(queue.withheld)
 
 
-# Per connection; entries of closed connections are dropped when a new one comes.
 _buckets: dict[Bus, dict[str, _Bucket]] = {}
 
 
@@ -496,12 +503,12 @@ def _seconds(ttl: str | None, fallback: int) -> int:
     return fallback
 
 
-def _handed_in(updates: MemoryObjectReceiveStream[int | _Handed | None]) -> _Handed | None:
-    """A hand-over still buffered in a waiter's stream (its receive was cancelled)."""
+def _handed_in(updates: asyncio.Queue[_Update]) -> _Handed | None:
+    """A hand-over still queued for a waiter (its get was cancelled)."""
     while True:
         try:
-            update = updates.receive_nowait()
-        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            update = updates.get_nowait()
+        except asyncio.QueueEmpty:
             return None
         if isinstance(update, _Handed):
             return update
@@ -632,7 +639,8 @@ class Lock:
             timeout: 0 tries once: None if the lock is held, another writer just won
                 it, or waiters on this connection are queued for it. Otherwise waits
                 up to ``timeout`` seconds (None: forever) for a release or expiry,
-                woken by a KV watch; waiters on one connection are served in order.
+                woken by a release's wake (or a re-check); waiters on one connection
+                are served in order, connections in the order NATS picks them.
             ttl: lease length in seconds (rounded up to whole seconds); default ``self.ttl``.
         """
         if self._lease is not None:
@@ -721,6 +729,7 @@ class Lock:
                 self._released_at = await self._write(b"", self._revision, headers)
             except _Conflict:
                 raise LockLostError(self.resource, self.owner, lease.token) from None
+            await (bucket or await self._provision()).wake(self._key)
         except ConnectionError:
             # Not known to be released (NATS unreachable through retry_for): keep the
             # lease so release() can be called again (it fails with LockLostError if
@@ -821,8 +830,8 @@ class Lock:
     async def _attempt(self, ttl: int, expected: int | None = None) -> Lease | None:
         """One try without waiting; None if the key is held or another writer won.
 
-        ``expected`` is a revision believed to free the key (else the key is read). A
-        waiter does not need more: every later write reaches it through the watch.
+        ``expected`` is a revision believed to free the key: our own release marker
+        (else the key is read; also after a failed compare-and-set on it).
         """
         read = expected is None
         while True:
@@ -837,8 +846,8 @@ class Lock:
                 if conflict.actual == 0:  # the key emptied: no watch event says so
                     expected = 0
                 elif read and conflict.actual is not None:
-                    if self._state is not None:  # someone else was faster: time its expiry
-                        self._state.lost_to(self._key, conflict.actual)
+                    if self._state is not None:  # someone else was faster: re-check it
+                        self._state.holding(self._key, conflict.actual, None)
                     return None
                 else:
                     expected, read = None, True
@@ -873,23 +882,24 @@ class Lock:
         return last.revision, False
 
     async def _wait(self, bucket: _Bucket, ttl: int) -> Lease:
-        """Queue behind this connection's waiters for the key; try each time it is freed."""
+        """Queue behind this connection's waiters for the key; try when woken."""
         waiting = bucket.waiting(self._key, self.owner, self._released_at, ttl)
         handed: _Handed | None = None
         try:
-            async with waiting as updates:
+            async with waiting as waiter:
                 try:
                     while True:
-                        update = await updates.receive()
+                        update = await waiter.updates.get()
                         if isinstance(update, _Handed):  # the holder wrote our lock
                             self._revision = update.revision
                             self._lease = Lease(self.resource, self.owner, update.revision, ttl)
                             return self._lease
-                        lease = await self._try(ttl, update)
+                        lease = await self._attempt(ttl, update)
                         if lease is not None:
                             return lease
+                        bucket.retry_later(self._key, waiter)
                 except BaseException:
-                    handed = _handed_in(updates)
+                    handed = _handed_in(waiter.updates)
                     raise
         finally:
             if handed is not None and self._lease is None:
@@ -902,16 +912,3 @@ class Lock:
                         await self.release()
                     except SwarmbusError as exc:  # it expires by its TTL
                         log.warning("cannot release a lock handed over too late: %s", exc)
-
-    async def _try(self, ttl: int, revision: int | None) -> Lease | None:
-        """One attempt of a waiter: on a freed revision, or after reading the key."""
-        if revision is None:
-            return await self._attempt(ttl)
-        try:
-            return await self._create(ttl, revision)
-        except _Conflict as conflict:
-            if conflict.actual:  # someone else won: wait for their release or expiry
-                if self._state is not None:
-                    self._state.lost_to(self._key, conflict.actual)
-                return None
-            return await self._attempt(ttl, conflict.actual)

@@ -14,7 +14,8 @@ Requests are routed by capability outside ``agent.>`` (the event stream captures
 
 ``<target>`` is an agent id or ``any`` (one agent of a queue group answers).
 Dead letters: ``swarmbus.dead.<session>.<receiver>``.
-Lock keys: ``$KV.<bucket>.<base64url(resource)>`` (see ``lock_key``).
+Lock keys: ``$KV.<bucket>.<base64url(resource)>`` (see ``lock_key``); a release wakes
+one waiting connection on ``swarmbus.lock.<bucket>.<key>`` (``lock_wake_subject``).
 Task dispatch (work-queue stream): ``swarmbus.task.<session>.<type>.<priority>.<task id>``.
 
 Runtime API (contract v1.1; request/reply, served by ``swarmbus up``)::
@@ -52,6 +53,8 @@ API_ROOT: Final = "swarmbus.api"
 API_WILDCARD: Final = "swarmbus.api.>"
 UNKNOWN: Final = "unknown"
 KV_ROOT: Final = "$KV"
+LOCK_WAKE_ROOT: Final = "swarmbus.lock"
+LOCK_WAKE_WILDCARD: Final = "swarmbus.lock.>"
 MAX_RESOURCE_BYTES: Final = 512
 
 _session_re = re.compile(SESSION_ID_PATTERN)
@@ -224,3 +227,13 @@ def resource_of_lock_key(key: str) -> str:
 def kv_subject(bucket: str, key: str) -> str:
     """The subject a KV bucket stores ``key`` under (for compare-and-set publishes)."""
     return f"{KV_ROOT}.{bucket}.{key}"
+
+
+def lock_wake_subject(bucket: str, key: str) -> str:
+    """Where a release of lock ``key`` (a ``lock_key``) in ``bucket`` wakes one waiter.
+
+    ``swarmbus.lock.<bucket>.<key>``: waiting connections queue-subscribe to it (queue
+    group: the key), so NATS delivers each wake to one of them. ``key`` "" gives the
+    prefix.
+    """
+    return f"{LOCK_WAKE_ROOT}.{bucket}.{key}"

@@ -10,6 +10,7 @@ refusal and that the victim's data and consumers are as they were.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,14 +38,15 @@ from swarmbus import (
     NotFoundError,
     TaskQueue,
 )
+from swarmbus import _locks as locks
 from swarmbus._consensus import CONSENSUS_BUCKET
 from swarmbus._creds import CredsStore, inbox_prefix
 from swarmbus._jetstream.workqueue import DEFAULT_ACK_WAIT, queue_consumer
-from swarmbus._locks import LOCKS_BUCKET
+from swarmbus._locks import LOCKS_BUCKET, MAX_RECHECK, lock_holder
 from swarmbus._query_ledger import QUERIES_BUCKET
 from swarmbus._runtime.provision import provisioning
 from swarmbus._runtime.timeouts import TaskTimeouts
-from swarmbus._subjects import safe_token
+from swarmbus._subjects import lock_key, lock_wake_subject, safe_token
 from swarmbus._tasks import TASKS_BUCKET, TASKS_STREAM
 from tests.test_auth import DEPLOY, INBOX, PASSWORDS, propose, raw_record, start_with_passwords
 from tests.test_creds import creds, jwt_server
@@ -481,3 +483,120 @@ def test_grants_files_name_no_task_consumer_create_for_agents() -> None:
     for text in (agent_role, agents):
         assert "DURABLE.CREATE.SWARMBUS_TASKS" not in text
         assert "$JS.API.CONSUMER.MSG.NEXT.SWARMBUS_TASKS.*" in text
+
+
+# --- lock wakes (issue 18): hints with no authority ---------------------------------------
+
+
+class _LockAttempts:
+    """Counts the finished attempts of one ``Lock``; tells when there were ``n``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.lock: Lock | None = None
+        self.count = 0
+        self._waiting: list[tuple[int, anyio.Event]] = []
+        attempt = locks.Lock._attempt
+
+        async def counted(lock: Lock, ttl: int, expected: int | None = None) -> Any:
+            try:
+                return await attempt(lock, ttl, expected)
+            finally:  # done (the waiter subscribed to its wakes before its first)
+                self.count += lock is self.lock
+                for n, event in self._waiting:
+                    if self.count >= n:
+                        event.set()
+
+        monkeypatch.setattr(locks.Lock, "_attempt", counted)
+
+    async def reach(self, n: int) -> None:
+        event = anyio.Event()
+        self._waiting.append((n, event))
+        if self.count >= n:
+            event.set()
+        await event.wait()
+
+
+async def test_forged_lock_wakes_cannot_take_or_free_a_lock(
+    deploy: Deploy, service: Bus, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attacker may publish wakes (agents need to): each one costs the waiter a
+    read, none lets it take a held lock, not even one that names the holder's revision
+    (a compare-and-set on it would succeed); the victim keeps and refreshes it."""
+    resource = f"deploy-{unique}"
+    subject = lock_wake_subject(LOCKS_BUCKET, lock_key(resource))
+    attempts = _LockAttempts(monkeypatch)
+    errors: list[str] = []
+    async with (
+        provisioning(service),
+        deploy.bus(VICTIM) as holder_bus,
+        deploy.bus(VICTIM) as waiter_bus,
+    ):
+        holder = Lock(holder_bus, resource, VICTIM, ttl=30)
+        held = await holder.acquire()
+        assert held is not None
+        attempts.lock = waiter = Lock(waiter_bus, resource, VICTIM, ttl=30)
+        attacker = await deploy.raw(ATTACKER, errors)
+        try:
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(functools.partial(waiter.acquire, timeout=20))
+                    await attempts.reach(1)  # subscribed, found it held
+                    forged = [b"", b"0", b"1", str(held.token).encode(), b"99999999", b"x" * 64]
+                    for data in forged * 3:
+                        await attacker.publish(subject, data)
+                    await attacker.flush()
+                    await attempts.reach(1 + len(forged))  # the forged wakes arrived
+                    assert waiter.lease is None
+                    stored = await lock_holder(holder_bus, resource)
+                    assert stored is not None
+                    assert stored.token == held.token
+                    assert (await holder.refresh()).token == held.token
+                    await holder.release()
+        finally:
+            await attacker.close()
+        assert not errors  # granted: publishing wakes is allowed
+        assert waiter.lease is not None
+        assert waiter.lease.token > held.token
+        await waiter.release()
+
+
+async def test_swallowed_lock_wakes_only_delay_waiters(
+    deploy: Deploy, service: Bus, unique: str
+) -> None:
+    """The attacker joins the wake queue group ten times over and drops what it gets:
+    the waiter still takes each released lock, by its re-check (at most ~1 s)."""
+    resource = f"deploy-{unique}"
+    key = lock_key(resource)
+    swallowed: list[bytes] = []
+    errors: list[str] = []
+
+    async def swallow(msg: Any) -> None:
+        swallowed.append(msg.data)
+
+    async with (
+        provisioning(service),
+        deploy.bus(VICTIM) as holder_bus,
+        deploy.bus(VICTIM) as waiter_bus,
+    ):
+        attacker = await deploy.raw(ATTACKER, errors)
+        try:
+            for _ in range(10):
+                await attacker.subscribe(lock_wake_subject(LOCKS_BUCKET, key), key, cb=swallow)
+            await attacker.flush()
+            holder = Lock(holder_bus, resource, VICTIM, ttl=30)
+            waiter = Lock(waiter_bus, resource, VICTIM, ttl=30)
+            for _ in range(4):
+                held = await holder.acquire()
+                assert held is not None
+                with anyio.fail_after(MAX_RECHECK + 4):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(functools.partial(waiter.acquire, timeout=20))
+                        await anyio.wait_all_tasks_blocked()
+                        await holder.release()
+                assert waiter.lease is not None
+                assert waiter.lease.token > held.token
+                await waiter.release()
+        finally:
+            await attacker.close()
+    assert not errors
+    assert swallowed  # (all but certain: 10 of the group's 11 members are the attacker's)

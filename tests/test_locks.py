@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import math
 import os
 import re
@@ -615,59 +617,220 @@ async def _cycle(bus: Bus, bucket: str, name: str, total: int, order: list[str])
         await lock.release()
 
 
+def _no_recheck(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only wakes wake waiters (far above any test's run): no timing luck."""
+    monkeypatch.setattr(locks, "RECHECK", 60.0)
+    monkeypatch.setattr(locks, "MAX_RECHECK", 60.0)
+
+
+class _Waits:
+    """Counts wake deliveries and create attempts; tells when an owner's attempt failed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.wakes: list[str] = []  # the owner of the head each wake reached ("": none)
+        self.creates: list[str] = []
+        self.failed: dict[str, anyio.Event] = {}
+        on_wake, retry_later, create = (
+            locks._Bucket._on_wake,
+            locks._Bucket.retry_later,
+            locks.Lock._create,
+        )
+
+        async def counted_wake(bucket: locks._Bucket, msg: Msg) -> None:
+            queue = bucket._queues.get(msg.subject.rsplit(".", 1)[1])
+            self.wakes.append(queue.waiters[0].owner if queue else "")
+            await self.on_wake(bucket, msg, on_wake)
+
+        def failed(bucket: locks._Bucket, key: str, waiter: locks._Waiter) -> None:
+            self.failed.setdefault(waiter.owner, anyio.Event()).set()
+            retry_later(bucket, key, waiter)
+
+        async def counted_create(lock: Lock, ttl: int, expected: int) -> Lease:
+            self.creates.append(lock.owner)
+            return await create(lock, ttl, expected)
+
+        monkeypatch.setattr(locks._Bucket, "_on_wake", counted_wake)
+        monkeypatch.setattr(locks._Bucket, "retry_later", failed)
+        monkeypatch.setattr(locks.Lock, "_create", counted_create)
+
+    async def on_wake(self, bucket: locks._Bucket, msg: Msg, original: object) -> None:
+        await original(bucket, msg)  # type: ignore[operator]
+
+    async def have_failed(self, *owners: str) -> None:
+        for owner in owners:
+            await self.failed.setdefault(owner, anyio.Event()).wait()
+
+
 async def test_waiters_on_different_connections_take_turns(
     nats_url: str, bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Least recently served first: once every connection has seen the others hold the
-    lock, contenders that re-queue right after their release rotate strictly."""
-    monkeypatch.setattr(locks, "MIN_STEP", 0.25)  # far above a hand-off: no timing luck
-    monkeypatch.setattr(locks, "MAX_STEP", 0.25)
-    names = ["a", "b", "c"]
+    """A releaser that re-queues at once does not barge past the waiter its release
+    woke: two connections that cycle alternate strictly (only wakes wake them), once
+    each has seen the other take one of its wakes."""
+    _no_recheck(monkeypatch)
     order: list[str] = []
-    async with AsyncExitStack() as stack:
-        buses = [await stack.enter_async_context(Bus.open(url=nats_url)) for _ in names]
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                for bus, name in zip(buses, names, strict=True):
-                    tg.start_soon(_cycle, bus, bucket, name, 30, order)
-    assert sorted(order[-3:]) == names
-    assert order[-9:-6] == order[-6:-3] == order[-3:]
-
-
-async def test_a_waiter_whose_turn_it_was_and_left_does_not_block_the_next(
-    nats_url: str, bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(locks, "MIN_STEP", 0.25)
-    monkeypatch.setattr(locks, "MAX_STEP", 0.25)
-    order: list[str] = []
-    async with AsyncExitStack() as stack:
-        bus_a, bus_b, bus_h = [
-            await stack.enter_async_context(Bus.open(url=nats_url)) for _ in "abh"
-        ]
-        buses = {"a": bus_a, "b": bus_b}
+    async with Bus.open(url=nats_url) as a, Bus.open(url=nats_url) as b:
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
-                for name, bus in buses.items():
-                    tg.start_soon(_cycle, bus, bucket, name, 6, order)
-            older, newer = order[-2], order[-1]  # older is first in line next time
-            holder = Lock(bus_h, RESOURCE, "ops/h", bucket=bucket)
-            assert await holder.acquire() is not None
-            results: dict[str, Lease | None] = {}
-            gave_up = anyio.Event()
+                tg.start_soon(_cycle, a, bucket, "a", 40, order)
+                tg.start_soon(_cycle, b, bucket, "b", 40, order)
+    assert all(x != y for x, y in itertools.pairwise(order[4:])), order
 
-            async def wait(name: str, timeout: float) -> None:
-                lock = Lock(buses[name], RESOURCE, f"ops/{name}", bucket=bucket)
-                results[name] = await lock.acquire(timeout=timeout)
-                if name == older:
-                    gave_up.set()
 
+async def test_a_lone_contender_takes_its_lock_back_at_once(
+    bus: Bus, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody else waits: each wake is answered "no responders" before the next
+    release, so the contender never waits for a turn (here: no re-check would come,
+    and the answers after the first two are dropped)."""
+    _no_recheck(monkeypatch)
+    answers: list[object] = []
+    on_reply = locks._Bucket._on_reply
+
+    async def first_two(bucket: locks._Bucket, msg: Msg) -> None:
+        answers.append(msg)
+        if len(answers) <= 2:
+            await on_reply(bucket, msg)
+
+    monkeypatch.setattr(locks._Bucket, "_on_reply", first_two)
+    lock = Lock(bus, RESOURCE, "ops/a", bucket=bucket, timeout=30)
+    with anyio.fail_after(10):
+        for _ in range(4):
+            async with lock:
+                pass
+    assert len(answers) >= 3
+
+
+async def test_waiters_on_many_connections_all_get_the_lock(nats_url: str, bucket: str) -> None:
+    """Five connections, 12 rounds each: every one is served, tokens strictly increase."""
+    tokens: dict[str, list[int]] = {}
+
+    async def rounds(bus: Bus, name: str) -> None:
+        lock = Lock(bus, RESOURCE, f"ops/{name}", bucket=bucket)
+        for _ in range(12):
+            lease = await lock.acquire(timeout=20)
+            assert lease is not None
+            tokens.setdefault(name, []).append(lease.token)
+            await lock.release()
+
+    async with AsyncExitStack() as stack:
+        buses = [await stack.enter_async_context(Bus.open(url=nats_url)) for _ in range(5)]
+        with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(wait, older, 0.3)
-                tg.start_soon(wait, newer, 20)
-                await gave_up.wait()
+                for i, bus in enumerate(buses):
+                    tg.start_soon(rounds, bus, f"c{i}")
+    assert sorted(len(t) for t in tokens.values()) == [12] * 5
+    every = sorted(t for ts in tokens.values() for t in ts)
+    assert len(set(every)) == len(every)
+
+
+async def test_a_release_wakes_exactly_one_of_the_waiting_connections(
+    nats_url: str, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No herd: four connections wait; one release is one wake and one create."""
+    _no_recheck(monkeypatch)
+    waits = _Waits(monkeypatch)
+    names = [f"ops/w{i}" for i in range(4)]
+    got: list[str] = []
+    acquired = anyio.Event()
+    async with AsyncExitStack() as stack:
+        holder_bus, *buses = [
+            await stack.enter_async_context(Bus.open(url=nats_url)) for _ in range(5)
+        ]
+        holder = Lock(holder_bus, RESOURCE, "ops/h", bucket=bucket)
+        assert await holder.acquire() is not None
+
+        async def wait(bus: Bus, owner: str) -> None:
+            if await Lock(bus, RESOURCE, owner, bucket=bucket).acquire(timeout=30):
+                got.append(owner)
+                acquired.set()
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for bus, owner in zip(buses, names, strict=True):
+                    tg.start_soon(wait, bus, owner)
+                await waits.have_failed(*names)  # all subscribed, all waiting
+                waits.wakes.clear()
+                waits.creates.clear()
                 await holder.release()
-    assert results[older] is None
-    assert results[newer] is not None
+                await acquired.wait()
+                for bus in buses:  # anything the server sent them has arrived
+                    await bus.nc.flush()
+                tg.cancel_scope.cancel()
+    assert len(got) == 1
+    assert waits.wakes == got
+    assert waits.creates == got
+
+
+async def test_a_lost_wake_is_recovered_by_the_recheck(
+    nats_url: str, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The releaser's wake never leaves (as if it died first): the waiter re-reads."""
+    waits = _Waits(monkeypatch)
+
+    async def lost(bucket: locks._Bucket, key: str, reply: str = "") -> None:
+        pass
+
+    monkeypatch.setattr(locks._Bucket, "_publish", lost)
+    reads = 0
+    kv_last = locks.kv_last
+
+    async def counted(*args: object) -> object:
+        nonlocal reads
+        reads += 1
+        return await kv_last(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(locks, "kv_last", counted)
+    async with Bus.open(url=nats_url) as a, Bus.open(url=nats_url) as b:
+        holder = Lock(a, RESOURCE, "ops/h", bucket=bucket)
+        assert await holder.acquire() is not None
+        waiter = Lock(b, RESOURCE, "ops/w", bucket=bucket)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(functools.partial(waiter.acquire, timeout=10))
+                await waits.have_failed("ops/w")
+                await holder.release()
+        assert waiter.lease is not None
+    assert waits.wakes == []
+    assert reads >= 2  # the first attempt, then the re-check that found it free
+
+
+async def test_a_cancelled_woken_waiter_passes_the_wake_on(
+    nats_url: str, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The woken connection's only waiter is cancelled as the wake arrives: it passes
+    the wake on, and the waiter on the other connection takes the lock."""
+    _no_recheck(monkeypatch)
+    waits = _Waits(monkeypatch)
+    scopes = {"ops/a": anyio.CancelScope(), "ops/b": anyio.CancelScope()}
+    results: dict[str, Lease | None] = {}
+
+    async def cancel_first(bucket: locks._Bucket, msg: Msg, original: object) -> None:
+        if len(waits.wakes) == 1:
+            scopes[waits.wakes[0]].cancel()  # as a deadline firing before it runs again
+        await original(bucket, msg)  # type: ignore[operator]
+
+    monkeypatch.setattr(waits, "on_wake", cancel_first)
+    async with AsyncExitStack() as stack:
+        h, a, b = [await stack.enter_async_context(Bus.open(url=nats_url)) for _ in "hab"]
+        holder = Lock(h, RESOURCE, "ops/h", bucket=bucket)
+        assert await holder.acquire() is not None
+
+        async def wait(bus: Bus, owner: str) -> None:
+            results[owner] = None
+            with scopes[owner]:
+                results[owner] = await Lock(bus, RESOURCE, owner, bucket=bucket).acquire(timeout=30)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait, a, "ops/a")
+                tg.start_soon(wait, b, "ops/b")
+                await waits.have_failed("ops/a", "ops/b")
+                await holder.release()
+    first, second = waits.wakes
+    assert {first, second} == {"ops/a", "ops/b"}
+    assert results[first] is None
+    assert results[second] is not None
 
 
 # --- hand-over to the next local waiter ------------------------------------------------
