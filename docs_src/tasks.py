@@ -11,18 +11,9 @@ from swarmbus import Task, TaskQueue, TaskSpec
 SESSION = f"INC-1234-{secrets.token_hex(3)}"  # a fresh session each run
 
 
-class Analyst:
+async def analyze(task: Task) -> dict[str, Any]:
     """A worker's handler: returns the result (a JSON object); raising fails the task."""
-
-    def __init__(self, expected: int) -> None:
-        self.left = expected
-        self.all_handled = anyio.Event()
-
-    async def __call__(self, task: Task) -> dict[str, Any]:
-        self.left -= 1
-        if self.left == 0:
-            self.all_handled.set()
-        return {"analyzed": task.id}
+    return {"analyzed": task.id}
 
 
 async def main() -> None:
@@ -35,7 +26,8 @@ async def main() -> None:
             context={"since": "10:15Z"},
             timeout=120,
         )
-        await queue.create_many([TaskSpec(type="analyze", priority=3)] * 10, agent="ops/lead")
+        specs = [TaskSpec(type="analyze", priority=3)] * 10
+        analyses = await queue.create_many(specs, agent="ops/lead")
 
         claim = await queue.claim(agent="ops/deploy-validator", types=["investigate"], timeout=5)
         assert claim is not None
@@ -45,15 +37,15 @@ async def main() -> None:
         print(done.type, done.status, done.result)
 
         # Or let the queue run the loop: batched claims, heartbeats, fail + retry on errors.
-        analyst, stop = Analyst(expected=10), anyio.Event()
+        stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(
-                lambda: queue.work(analyst, agent="ops/analyst", types=["analyze"], stop=stop)
+                lambda: queue.work(analyze, agent="ops/analyst", types=["analyze"], stop=stop)
             )
-            with anyio.fail_after(30):
-                await analyst.all_handled.wait()
+            with anyio.fail_after(30):  # wait(): a task's final record, once written
+                results = [(await queue.wait(t.id)).result for t in analyses]
             stop.set()  # work() stops claiming, then finishes (completes) what it holds
-        print("completed:", len(await queue.tasks("completed")))
+        print("completed:", len(await queue.tasks("completed")), results[0] is not None)
 
         # A gated task is stored but offered to nobody until approved.
         gated = await queue.create("rollback", agent="ops/lead", requires_approval=True)

@@ -553,14 +553,14 @@ async def test_a_stale_dispatch_copy_settled_after_prune_does_not_run_the_task_a
 ) -> None:
     task = await queue.create("probe", agent=CREATOR)
     # This claimer pulls the dispatch message, then stalls before settling it.
-    (held,) = await (await queue._puller("probe", 5)).pull(1)
+    (held,) = await (await queue._claimer.puller("probe", 5)).pull(1)
     async with TaskQueue(bus, session_id, ack_wait=0.5) as other:
         claim = await other.claim(agent="w/b", types=["probe"], timeout=5)  # the redelivery
         assert claim is not None
         assert claim.task.id == task.id
         await claim.complete()
         assert await other.prune(older_than=0) == [task.id]
-    assert await queue._settle_all([held], "w/a") == []
+    assert await queue._claimer.settle_all([held], "w/a") == []
     with pytest.raises(NotFoundError):
         await queue.get(task.id)
 
@@ -881,3 +881,114 @@ async def test_under_auth_the_service_remakes_expired_queue_consumers(
         assert claim is not None
         assert claim.task.id == created.id
         await claim.complete({"ok": True})
+
+
+class ReadsOf:
+    """Wraps ``queue._read``: ``done`` is set once a read of ``task_id`` returned."""
+
+    def __init__(self, queue: TaskQueue, task_id: str) -> None:
+        self.done = anyio.Event()
+        self._read = queue._read
+        self._task_id = task_id
+
+    async def __call__(self, task_id: str) -> tuple[Task, int]:
+        found = await self._read(task_id)
+        if task_id == self._task_id:
+            self.done.set()
+        return found
+
+
+@ON_EVERY_BACKEND
+async def test_wait_returns_the_final_record_a_retry_is_not_final(
+    queue: TaskQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = await queue.create("analyze", agent=CREATOR)
+    reads = ReadsOf(queue, task.id)
+    monkeypatch.setattr(queue, "_read", reads)
+    finals: list[Task] = []
+
+    async def waiter() -> None:
+        finals.append(await queue.wait(task.id))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await reads.done.wait()  # the waiter read the record: the rest is the watch's
+            first = await queue.claim(agent="w/a", types=["analyze"])
+            assert first is not None
+            assert (await first.fail("flaky", retry=True)).status == "pending"
+            second = await queue.claim(agent="w/b", types=["analyze"], timeout=5)
+            assert second is not None
+            done = await second.complete({"ok": True})
+    assert finals == [done]
+    assert (done.status, done.attempts) == ("completed", 2)
+    with anyio.fail_after(5):  # finished already: the read answers
+        assert await queue.wait(task.id) == done
+
+
+@ON_EVERY_BACKEND
+async def test_wait_returns_a_failed_record_and_refuses_unknown_tasks(queue: TaskQueue) -> None:
+    task = await queue.create("analyze", agent=CREATOR, max_attempts=1)
+    claim = await queue.claim(agent="w/a", types=["analyze"])
+    assert claim is not None
+    failed = await claim.fail("broken")
+    with anyio.fail_after(5):
+        assert await queue.wait(task.id) == failed
+        with pytest.raises(NotFoundError):
+            await queue.wait("no-such-task")
+
+
+async def test_wait_watches_with_one_consumer_per_queue_deleted_at_close(
+    bus: Bus, session_id: str
+) -> None:
+    async def watch_consumers() -> int:
+        return (await bus.js.stream_info("KV_swarmbus-tasks")).state.consumer_count
+
+    async with TaskQueue(bus, session_id) as creator:
+        before = await watch_consumers()
+        tasks = await creator.create_many([TaskSpec(type="probe")] * 3, agent=CREATOR)
+        stop = anyio.Event()
+
+        async def handler(task: Task) -> dict[str, Any]:
+            return {"id": task.id}
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg, TaskQueue(bus, session_id) as worker:
+                tg.start_soon(lambda: worker.work(handler, agent="w/a", types=["probe"], stop=stop))
+                finals = [await creator.wait(t.id) for t in tasks]
+                stop.set()
+        assert [f.result for f in finals] == [{"id": t.id} for t in tasks]
+        assert await watch_consumers() == before + 1
+    assert await watch_consumers() == before
+
+
+async def test_wait_for_tasks_created_while_the_watch_runs_needs_no_read(
+    bus: Bus, session_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with TaskQueue(bus, session_id) as creator, TaskQueue(bus, session_id) as worker:
+        first = await creator.create("probe", agent=CREATOR)
+        stop = anyio.Event()
+        handled = anyio.Event()
+
+        async def handler(task: Task) -> dict[str, Any]:
+            if task.id != first.id:
+                handled.set()
+            return {"id": task.id}
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: worker.work(handler, agent="w/a", types=["probe"], stop=stop))
+                await creator.wait(first.id)  # starts the watch (and reads)
+                later = await creator.create_many([TaskSpec(type="probe")] * 2, agent=CREATOR)
+                read = creator._read
+
+                async def no_read(task_id: str) -> tuple[Task, int]:
+                    assert task_id not in {t.id for t in later}, "the watch saw it all"
+                    return await read(task_id)
+
+                monkeypatch.setattr(creator, "_read", no_read)
+                await handled.wait()
+                last = await creator.wait(later[1].id)
+                assert (await creator.wait(later[0].id)).result == {"id": later[0].id}
+                stop.set()
+        assert last.result == {"id": later[1].id}

@@ -114,10 +114,12 @@ async def test_a_claim_batch_that_fails_half_way_keeps_what_it_won(
         task = await queue.create("alpha", agent="ops/lead", max_attempts=1)
         original = _PullInbox.pull
 
-        async def beta_unreachable(self: _PullInbox, next_subject: str, batch: int) -> list[Msg]:
+        async def beta_unreachable(
+            self: _PullInbox, next_subject: str, batch: int, wait: float = 0.0
+        ) -> list[Msg] | None:
             if "beta" in next_subject and next_subject.endswith("-q5"):  # after alpha's p5
                 raise swarmbus.ConnectionError("cannot pull tasks: timeout")
-            return await original(self, next_subject, batch)
+            return await original(self, next_subject, batch, wait)
 
         monkeypatch.setattr(_PullInbox, "pull", beta_unreachable)
         claims = await queue.claim_many(agent="w/a", types=["alpha", "beta"], limit=2)

@@ -262,8 +262,9 @@ class PullInbox:
         self._done: asyncio.Future[None] | None = None
         self._missing = False
 
-    async def pull(self, next_subject: str, batch: int) -> list[Msg] | None:
-        """Up to ``batch`` messages (none waiting: at once); None if the consumer is gone.
+    async def pull(self, next_subject: str, batch: int, wait: float = 0.0) -> list[Msg] | None:
+        """Up to ``batch`` messages (none waiting: at once, or after ``wait`` seconds
+        if ``wait``); None if the consumer is gone.
 
         A pull from a consumer that does not exist gets "no responders" (503) at once;
         it is reported, not waited out until the request timeout.
@@ -278,7 +279,12 @@ class PullInbox:
             if strays < batch:
                 self._want = batch
                 self._done = asyncio.get_running_loop().create_future()
-                request = json.dumps({"batch": batch - strays, "no_wait": True}).encode()
+                ask: dict[str, int | bool] = {"batch": batch - strays}
+                if wait:
+                    ask["expires"] = int(wait * 1e9)
+                else:
+                    ask["no_wait"] = True
+                request = json.dumps(ask).encode()
                 await nc.publish(next_subject, request, reply=self._sub.subject)
                 await asyncio.wait_for(self._done, self._timeout)
         except (TimeoutError, nats.errors.Error) as exc:

@@ -56,7 +56,7 @@ __all__ = [
     "Puller",
     "QueueConsumers",
     "QueueProvisioner",
-    "Wakeup",
+    "Signals",
     "queue_consumer",
     "purge_key",
     "read_entry",
@@ -208,8 +208,9 @@ class Puller:
         self._next = f"{JS_API}.CONSUMER.MSG.NEXT.{consumers.stream}.{config.durable_name}"
         self._ready = False
 
-    async def pull(self, batch: int) -> list[Msg]:
-        """Up to ``batch`` dispatches, [] if none (or no consumer yet).
+    async def pull(self, batch: int, wait: float = 0.0) -> list[Msg]:
+        """Up to ``batch`` dispatches, [] if none (or no consumer yet); with ``wait``,
+        waits up to that many seconds for the first.
 
         A consumer the server deleted (idle over its inactive threshold) is found or
         made again at once: the pull that saw it gone is answered "no responders".
@@ -219,7 +220,7 @@ class Puller:
                 self._ready = await self._consumers.find_or_create(self._config)
                 if not self._ready:
                     return []
-            msgs = await self._consumers.inbox.pull(self._next, batch)
+            msgs = await self._consumers.inbox.pull(self._next, batch, wait)
             if msgs is not None:
                 return msgs
             self._ready = False
@@ -352,38 +353,120 @@ def _queue(subject: str, priorities: range) -> Queue | None:
     return queue
 
 
-class Wakeup:
-    """One-shot core subscriptions that set ``event`` when a message is published.
+class Signals:
+    """Which queues of a claimer's task types may hold dispatches: core subscriptions
+    on their dispatch subjects, kept while the claimer is not busy.
 
-    A claimer arms them only when idle, so a busy one does not receive every dispatch
-    twice (once from its pull, once here).
+    A queue is *clean* once a pull found it empty after its type was subscribed; every
+    dispatch published on it since makes it *owed* a pull again (and sets ``changed``).
+    So an idle or lightly loaded claimer pulls only the queues that got a dispatch,
+    instead of every priority of every type (a round trip each). What no publish
+    announces (a redelivery after ``ack_wait``, a delayed nak, a consumer made again) is
+    found by ``refresh``, which makes every queue owed; the claimer calls it every
+    ``refresh_every`` seconds. A type not subscribed has every queue owed. A busy
+    claimer unsubscribes (``disarm``), so it does not receive every dispatch twice.
+
+    A dispatch's publish reaches subscribers a moment before the stream has stored it,
+    so a pull that finds a just-signalled queue empty is followed by one that waits for
+    it up to ``LAG_WAIT`` (another claimer may have taken it instead).
     """
 
-    def __init__(self, nc: NatsClient) -> None:
+    LAG: Final = 0.05
+    """A signal younger than this may announce a dispatch not stored yet."""
+    LAG_WAIT: Final = 0.005
+    """Seconds a pull waits for such a dispatch (``pulled`` said the queue may lag)."""
+
+    def __init__(self, nc: NatsClient, session: str, refresh_every: float) -> None:
         self._nc = nc
-        self.event = asyncio.Event()
-        self._subs: list[NatsSubscription] = []
+        self._session = session
+        self.refresh_every = refresh_every
+        #: Set (and replaced) when a subscribed queue gets a dispatch.
+        self.changed = asyncio.Event()
+        self._subs: dict[str, NatsSubscription] = {}
+        self._clean: set[tuple[str, int]] = set()
+        self._signals: dict[tuple[str, int], int] = {}
+        self._unseen: dict[tuple[str, int], int] = {}
+        self._signalled_at: dict[tuple[str, int], float] = {}
+        self.refreshed_at = time.monotonic()
 
-    @property
-    def armed(self) -> bool:
-        return bool(self._subs)
+    def armed(self, types: Sequence[str]) -> bool:
+        return all(type in self._subs for type in types)
 
-    async def arm(self, subjects: Sequence[str]) -> None:
-        """Clear the event and subscribe once to each of ``subjects``."""
-        self.event.clear()
+    async def arm(self, types: Sequence[str]) -> None:
+        """Subscribe to the dispatches of ``types`` (their queues stay owed until pulled)."""
         try:
-            for subject in subjects:
-                self._subs.append(await self._nc.subscribe(subject, cb=self._fire, max_msgs=1))
+            for type in types:
+                if type not in self._subs:
+                    subject = f"{subjects.task_subject(self._session, type, '*')}.*"
+                    self._subs[type] = await self._nc.subscribe(subject, cb=self._on_dispatch)
         except nats.errors.Error as exc:
             await self.disarm()
             raise ConnectionError(f"cannot wait for tasks: {exc}") from exc
 
     async def disarm(self) -> None:
-        subs, self._subs = self._subs, []
+        """Unsubscribe: every queue is owed again."""
+        subs, self._subs = list(self._subs.values()), {}
+        self._clean.clear()
+        self._unseen.clear()
         await unsubscribe_all(subs)
 
-    async def _fire(self, msg: Msg) -> None:
-        self.event.set()
+    def refresh(self) -> None:
+        """Make every queue owed (what no publish announces is found by its pull)."""
+        self._clean.clear()
+        self.refreshed_at = time.monotonic()
+
+    def owed(self, type: str, priority: int) -> bool:
+        """Whether the queue must be pulled (it may hold dispatches)."""
+        return type not in self._subs or (type, priority) not in self._clean
+
+    def mark(self, type: str, priority: int) -> tuple[int, int, bool]:
+        """Before a pull of the queue: what ``pulled`` compares against."""
+        queue = (type, priority)
+        clean = type in self._subs and queue in self._clean
+        return self._signals.get(queue, 0), self._unseen.pop(queue, 0), clean
+
+    def pulled(
+        self, type: str, priority: int, mark: tuple[int, int, bool], got: int, asked: int
+    ) -> bool:
+        """After a pull that returned ``got`` of ``asked`` dispatches.
+
+        A queue clean before the pull is clean after it if it got as many dispatches as
+        were announced meanwhile. Otherwise a pull that drained the queue makes it
+        clean, unless a dispatch was announced during the pull (it may have missed
+        it). True if dispatches announced a moment before it were not all there: not
+        stored yet, or taken by another claimer (pull once more, waiting).
+        """
+        queue = (type, priority)
+        signals, announced, clean = mark
+        if type not in self._subs:
+            return False
+        during = self._signals.get(queue, 0) - signals
+        if clean:
+            self._unseen.pop(queue, None)
+            if during > got:
+                self._unseen[queue] = during - got
+            else:
+                self._clean.add(queue)
+            return False
+        if got >= asked or during:
+            return False
+        signalled = self._signalled_at.get(queue, 0.0)
+        if got < announced and time.monotonic() - signalled < self.LAG:
+            return True
+        self._clean.add(queue)
+        return False
+
+    async def _on_dispatch(self, msg: Msg) -> None:
+        parts = msg.subject.split(".")
+        if len(parts) != 6 or not parts[4].isdigit():
+            return
+        queue = (parts[3], int(parts[4]))
+        self._clean.discard(queue)
+        self._signals[queue] = self._signals.get(queue, 0) + 1
+        self._unseen[queue] = self._unseen.get(queue, 0) + 1
+        self._signalled_at[queue] = time.monotonic()
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
 
 
 def stream_sequence(msg: Msg) -> int | None:

@@ -14,9 +14,11 @@ the reason is written beside each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -42,7 +44,7 @@ from swarmbus._jetstream.workqueue import (
     KeyValue,
     Puller,
     QueueConsumers,
-    Wakeup,
+    Signals,
     queue_consumer,
     settle_unacked,
     stored_age,
@@ -115,6 +117,13 @@ class QueueView(Protocol):
 
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task: ...
 
+    async def _announce(self, claim: Claim, agent: str) -> None: ...
+
+
+def announce(claim: Claim, agent: str) -> Event:
+    """The task.assigned event of ``claim``."""
+    return TaskAssigned(task_id=claim.task.id, agent_id=agent), agent, None
+
 
 def _released(task: Task) -> Task:
     """``task`` as before a claim that was never handed out."""
@@ -149,8 +158,17 @@ class Claimer:
         # One pull at a time per queue object: the pullers share one reply inbox.
         self._scan_lock = anyio.Lock()
         self._dead_letters = DeadLetters(bus)
+        refresh = min(queue.ack_wait / 2, 0.5)  # redeliveries and delayed naks
+        self._signals = Signals(bus.nc, queue.session, refresh)
+        self._lingering = 0
+        #: The queue claimed from last: an idle ``work()`` loop waits in a pull there.
+        self._likely: tuple[str, int] | None = None
+        self._parked: anyio.CancelScope | None = None
+        #: The claims handed out and still referenced (``Transitions.cas``).
+        self.open_claims: weakref.WeakSet[Claim] = weakref.WeakSet()
 
     async def close(self) -> None:
+        await self._signals.disarm()
         self._pullers.clear()
         await self._inbox.close()
 
@@ -166,34 +184,97 @@ class Claimer:
         for type in types:
             subjects.validate_name("task type", type)
         deadline = time.monotonic() + (timeout or 0.0)
-        wakeup = Wakeup(self._queue.bus.nc)
+        signals = self._signals
         try:
             while True:
+                if time.monotonic() - signals.refreshed_at >= signals.refresh_every:
+                    signals.refresh()
+                changed = signals.changed
+                if self._parked is not None:
+                    self._parked.cancel()  # another caller's idle pull: end it, scan now
                 async with self._scan_lock:
                     claims = await self._scan(agent, types, limit)
                 if claims:
+                    if len(claims) >= limit:
+                        # Busy: its pulls find the work; it need not hear every dispatch.
+                        await signals.disarm()
+                    elif self._lingering and not signals.armed(types):
+                        # Keeping up: from the next call on, pull only where dispatches go.
+                        await signals.arm(types)
                     return claims
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
-                if not wakeup.armed:
-                    # Idle: arm one-shot wake-ups, then scan again (a dispatch may have
-                    # come in between). A busy claimer never subscribes, so it does not
-                    # receive every dispatch twice.
-                    await wakeup.arm(self._dispatch_subjects(types))
+                if not signals.armed(types):
+                    # Idle: subscribe, then scan again (a dispatch may have come in
+                    # between): from then on only the queues that get one are pulled.
+                    await signals.arm(types)
                     continue
-                # Redeliveries and delayed naks do not wake us, hence the bounded wait.
-                with anyio.move_on_after(min(remaining, self._queue.ack_wait / 2, 0.5)):
-                    await wakeup.event.wait()
-                if wakeup.event.is_set():
-                    await wakeup.disarm()
+                wait = min(remaining, signals.refresh_every)
+                likely = self._likely
+                if self._lingering and likely in self._queues(types) and not signals.owed(*likely):
+                    # A waiting pull is answered at its expiry: within the request timeout.
+                    wait = min(wait, self._queue.bus.settings.request_timeout / 2)
+                    claims = await self._wait_on(likely, agent, types, wait)
+                    if claims:
+                        return claims
+                    continue
+                with anyio.move_on_after(wait):
+                    await changed.wait()
         finally:
-            with anyio.CancelScope(shield=True):
-                await wakeup.disarm()
+            if not self._lingering:  # a work() loop keeps them between its claims
+                with anyio.CancelScope(shield=True):
+                    await signals.disarm()
 
-    def _dispatch_subjects(self, types: Sequence[str]) -> list[str]:
-        session = self._queue.session
-        return [f"{subjects.task_subject(session, type, '*')}.*" for type in types]
+    async def _wait_on(
+        self, queue: tuple[str, int], agent: str, types: Sequence[str], wait: float
+    ) -> list[Claim]:
+        """Idle in a ``work()`` loop: wait in a pull of one message from ``queue`` (the
+        one claimed from last), which hands a dispatch over as soon as it is stored,
+        until ``wait`` passes or another queue gets a dispatch. A pull given up on
+        stays open on the server until ``wait``: a dispatch it gets is kept by the
+        inbox for the next pull."""
+        msgs: list[Dispatch] = []
+        async with self._scan_lock:
+            puller = await self.puller(*queue)
+            async with anyio.create_task_group() as tg:
+                self._parked = tg.cancel_scope
+                try:
+                    tg.start_soon(self._until_elsewhere, queue, types, tg.cancel_scope)
+                    msgs = await self._pull(puller, *queue, 1, wait=wait)
+                    tg.cancel_scope.cancel()
+                finally:
+                    self._parked = None
+            return await self.settle_all(msgs, agent) if msgs else []
+
+    async def _until_elsewhere(
+        self, queue: tuple[str, int], types: Sequence[str], scope: anyio.CancelScope
+    ) -> None:
+        """Cancel ``scope`` once a queue of ``types`` other than ``queue`` is owed a pull."""
+        signals = self._signals
+        while True:
+            changed = signals.changed
+            if any(signals.owed(*q) for q in self._queues(types) if q != queue):
+                scope.cancel()
+                return
+            await changed.wait()
+
+    @staticmethod
+    def _queues(types: Sequence[str]) -> list[tuple[str, int]]:
+        priorities = range(MAX_PRIORITY, MIN_PRIORITY - 1, -1)
+        return [(type, priority) for priority in priorities for type in types]
+
+    @contextlib.asynccontextmanager
+    async def lingering(self) -> AsyncIterator[None]:
+        """Keep the dispatch subscriptions between ``claim_many`` calls (``work()``)."""
+        self._lingering += 1
+        try:
+            yield
+        finally:
+            self._lingering -= 1
+            if not self._lingering:
+                with anyio.CancelScope(shield=True):
+                    await self._signals.disarm()
 
     async def _scan(self, agent: str, types: Sequence[str], limit: int) -> list[Claim]:
         claims: list[Claim] = []
@@ -210,9 +291,13 @@ class Claimer:
                     for _ in range(REPULLS):
                         if len(claims) >= limit:
                             return claims
-                        msgs = await puller.pull(limit - len(claims))
+                        if not self._signals.owed(type, priority):
+                            break  # empty since it was last pulled (``Signals``)
+                        msgs = await self._pull(puller, type, priority, limit - len(claims))
                         won = await self.settle_all(msgs, agent)
                         claims.extend(won)
+                        if won:
+                            self._likely = (type, priority)
                         if len(won) == len(msgs):
                             break
                 if claims:
@@ -231,6 +316,18 @@ class Claimer:
             raise
         return claims
 
+    async def _pull(
+        self, puller: Puller, type: str, priority: int, batch: int, *, wait: float = 0.0
+    ) -> list[Dispatch]:
+        signals = self._signals
+        mark = signals.mark(type, priority)
+        msgs = await puller.pull(batch, wait=wait)
+        if signals.pulled(type, priority, mark, len(msgs), batch) and not msgs and not wait:
+            mark = signals.mark(type, priority)
+            msgs = await puller.pull(1, wait=signals.LAG_WAIT)
+            signals.pulled(type, priority, mark, len(msgs), 1)
+        return msgs
+
     async def _release(self, claims: Sequence[Claim]) -> None:
         """Undo claims that were never handed out: pending again, at the attempt count
         they had, and their dispatch messages offered again at once."""
@@ -248,7 +345,9 @@ class Claimer:
         """Peek at each lower priority's head; claim it if it waited too long."""
         for priority in range(MIN_PRIORITY, MAX_PRIORITY):
             for type in types:
-                msgs = await (await self.puller(type, priority)).pull(1)
+                if not self._signals.owed(type, priority):
+                    continue  # empty: no head to age
+                msgs = await self._pull(await self.puller(type, priority), type, priority, 1)
                 for msg in msgs:
                     if stored_age(msg) >= self._queue.starvation_after:
                         claims = await self.settle_all([msg], agent)
@@ -265,6 +364,7 @@ class Claimer:
         claims: list[Claim] = []
         with anyio.CancelScope(shield=True):
             claims = await self._settle_batch(msgs, agent)
+        self.open_claims.update(claims)
         return claims
 
     async def _settle_batch(self, msgs: list[Dispatch], agent: str) -> list[Claim]:
@@ -317,11 +417,12 @@ class Claimer:
             error = outcomes.error or error
         if error is not None and not claims:
             raise error
-        for c in claims:  # each in its task's trace
-            with continued(c._msg.headers):
-                await queue._events(
-                    [(TaskAssigned(task_id=c.task.id, agent_id=agent), agent, None)]
-                )
+        for c in claims:
+            c._announce_as = agent
+            if not self._lingering:
+                await c._announced()
+            # else work() announces it as it starts the handler: in one flush with what
+            # its loop publishes meanwhile, and with a quick handler's completion
         return claims
 
     async def _settle_into(
@@ -429,22 +530,27 @@ class Claimer:
 class Transitions:
     """Compare-and-set writes of task records, batched per event-loop turn."""
 
-    def __init__(self, queue: QueueView) -> None:
+    def __init__(self, queue: QueueView, open_claims: Collection[Claim] = ()) -> None:
         self._queue = queue
         self._writes: list[tuple[Task, int, asyncio.Future[int | None]]] = []
+        self._open_claims = open_claims
 
     async def cas(self, task: Task, revision: int) -> int | None:
         """Write ``task`` if the record is still at ``revision``; None if it moved on.
 
         The writes of one event-loop turn (e.g. the completions of a worker's batch)
-        go out together through ``_cas_many``: one pipelined batch, one timeout. The
-        first writer of the turn sends the batch for everyone (no background task).
+        go out together (when more than one claim is held) through ``_cas_many``: one
+        pipelined batch, one timeout. The first writer of the turn sends the batch for
+        everyone (no background task).
         """
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._writes.append((task, revision, future))
         if len(self._writes) == 1:
             try:
-                await asyncio.sleep(0)  # let the other writers of this turn join
+                # Let the other writers of this turn join, if another claim is held (a
+                # lone claim's write goes out with what this turn already published).
+                if len(self._open_claims) > 1:
+                    await asyncio.sleep(0)
             finally:
                 # Even if cancelled: the batch holds other writers' writes too.
                 with anyio.CancelScope(shield=True):
@@ -530,6 +636,7 @@ class Transitions:
     ) -> Task:
         """CAS ``change(task)`` at the claim's revision; one transition at a time."""
         queue = self._queue
+        await claim._announced()  # its task.assigned event goes first
         async with claim._lock:
             queue.bus.act_as(claim.task.assigned_to or subjects.UNKNOWN)
             if claim.finished:

@@ -114,6 +114,8 @@ class ClaimOwner(Protocol):
 
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task: ...
 
+    async def _announce(self, claim: Claim, agent: str) -> None: ...
+
 
 class Claim:
     """One agent's hold on a task, fenced by its attempt number.
@@ -130,11 +132,19 @@ class Claim:
         self._msg = msg
         self._lock = asyncio.Lock()  # no checkpoint when free, unlike anyio.Lock
         self.finished = False
+        #: The agent whose task.assigned event for this claim is still to be published.
+        self._announce_as: str | None = None
 
     @property
     def attempt(self) -> int:
         """The fencing token of this claim (the task's attempt number)."""
         return self.task.attempts
+
+    async def _announced(self) -> None:
+        """Publish this claim's task.assigned event unless it was."""
+        agent, self._announce_as = self._announce_as, None
+        if agent is not None:
+            await self._queue._announce(self, agent)
 
     async def heartbeat(self) -> None:
         """Mark the task running and extend the claim by its timeout."""

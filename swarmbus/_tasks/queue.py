@@ -41,16 +41,15 @@ from swarmbus._jetstream.kv import kv_context
 from swarmbus._jetstream.reads import stored_messages
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._jetstream.workqueue import (
-    Dispatch,
     KeyValue,
-    Puller,
     purge_key,
     read_entry,
     read_last,
     work_queue_stream,
 )
 from swarmbus._messages import TaskCreated, TaskFailed, envelope_for
-from swarmbus._tasks.claims import Claimer, Event, Transitions
+from swarmbus._tasks.claims import Claimer, Event, Transitions, announce
+from swarmbus._tasks.finishes import Finishes
 from swarmbus._tasks.model import (
     STATUSES,
     TASKS_BUCKET,
@@ -119,7 +118,8 @@ class TaskQueue:
         self._store: NatsStore | None = None
         self._acks = AckPublisher(bus.nc, bus.settings.request_timeout)
         self._claimer = Claimer(self)
-        self._transitions = Transitions(self)
+        self._transitions = Transitions(self, self._claimer.open_claims)
+        self._finishes = Finishes(self)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -147,6 +147,7 @@ class TaskQueue:
     async def close(self) -> None:
         """Stop this claimer's subscriptions (stream, bucket and tasks stay)."""
         await self._claimer.close()
+        await self._finishes.close()
         await self._acks.close()
 
     @property
@@ -215,19 +216,21 @@ class TaskQueue:
         ]
         records = [self._record(task) for task in tasks]
         revisions = [_stored(result, self.session) for result in await self._acks.publish(records)]
+        self._finishes.note_created(task.id for task in tasks)
         offered = [
             (task, self._offer(task, revision, data=data))
             for task, revision, (_, data, _) in zip(tasks, revisions, records, strict=True)
             if task.approval == "none"
         ]
-        if offered:
-            # A dispatch that is not stored leaves a pending record: the sweep offers it.
-            for result in await self._acks.publish([write for _, write in offered]):
-                _stored(result, self.session)
+        # The records are stored (the tasks exist): the events go with the dispatches (one
+        # that is not stored leaves a pending record, which the service's sweep offers).
+        sent = await self._acks.send([write for _, write in offered])
         dispatches = {task.id: write[2] for task, write in offered}
         for t, (_, _, headers) in zip(tasks, records, strict=True):
             with continued(dispatches.get(t.id, headers)):  # outside a trace: the task's
                 await self._events([(_created(t), agent, f"task:{t.id}:created")])
+        for result in await self._acks.collect(sent):
+            _stored(result, self.session)
         return tasks
 
     def _trace(self, task: Task) -> dict[str, str]:
@@ -295,6 +298,11 @@ class TaskQueue:
         data = await read_last(self.bus.js, TASKS_STREAM, pattern, f"cannot read task {task_id}")
         task = None if data is None else hint_of(data)
         return task if task is not None and task.id == task_id else None
+
+    async def wait(self, task_id: str) -> Task:
+        """The task's final record (completed, or failed for good), once written: see
+        ``swarmbus._tasks.finishes``. Bound it with ``anyio.fail_after``; NotFoundError."""
+        return await self._finishes.wait(task_id)
 
     async def tasks(self, status: str | None = None) -> list[Task]:
         """Every task of the session (optionally only one status), oldest first.
@@ -498,12 +506,6 @@ class TaskQueue:
             agent=agent, types=types, limit=limit, timeout=timeout
         )
 
-    async def _puller(self, type: str, priority: int) -> Puller:
-        return await self._claimer.puller(type, priority)
-
-    async def _settle_all(self, msgs: list[Dispatch], agent: str) -> list[Claim]:
-        return await self._claimer.settle_all(msgs, agent)
-
     async def _cas(self, task: Task, revision: int) -> int | None:
         return await self._transitions.cas(task, revision)
 
@@ -531,6 +533,10 @@ class TaskQueue:
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
         return await self._transitions.fail(claim, error, retry=retry)
 
+    async def _announce(self, claim: Claim, agent: str) -> None:
+        with continued(claim._msg.headers):  # in its task's trace
+            await self._events([announce(claim, agent)])
+
     # --- worker loop (``worker.Worker``) ---------------------------------------------
 
     async def work(
@@ -545,23 +551,21 @@ class TaskQueue:
         """Claim and run tasks until ``stop`` is set, then finish the claimed ones.
 
         ``handler(task)`` returns the result; if it raises (or its result is not a JSON
-        object), the task is failed with ``retry=True``. Every claim is heartbeated each
-        third of min(timeout, ack_wait). Claims are made in batches (up to half the free
-        slots at once) so a busy worker does not fall back to one round trip per task.
+        object), the task is failed with ``retry=True``. See ``swarmbus._tasks.worker``;
+        between claims the claimer keeps its dispatch subscriptions (``claims.Claimer``).
         """
         worker = Worker(self, handler, agent=agent, types=types, stop=stop, concurrency=concurrency)
-        await worker.run()
+        async with self._claimer.lingering():
+            await worker.run()
 
     # --- events ------------------------------------------------------------------------
 
     async def _events(self, items: Iterable[Event]) -> None:
         """Publish lifecycle events without waiting for their acks; failures are logged.
 
-        The events are notifications, the record is the source of truth: each is
-        published after its transition was stored, and handed to the connection in
-        order (the event stream stores and de-duplicates them by id, but a store the
-        server refuses goes unnoticed). Readers that must not miss a transition
-        watch the ``swarmbus-tasks`` bucket or list ``tasks()``.
+        Notifications, the record is the source of truth: each is published after its
+        transition was stored, in order (the event stream de-duplicates them by id; a
+        store it refuses goes unnoticed): who must not miss one reads the records.
         """
         for body, agent, id in items:
             try:

@@ -109,6 +109,8 @@ class StoreQueueView(Protocol):
 
     async def _fail(self, claim: Claim, error: str, *, retry: bool) -> Task: ...
 
+    async def _announce(self, claim: Claim, agent: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class StoreOffer:

@@ -205,6 +205,17 @@ class StoreTaskQueue(TaskQueue):
             return None
         return record_of(entry.value, self.session, task_id), entry.revision
 
+    async def wait(self, task_id: str) -> Task:
+        """See ``TaskQueue.wait``: here a watch of the task's record per call."""
+        await self._read(task_id)  # NotFoundError
+        async with self.records.watch(self._key(task_id)) as entries:
+            async for entry in entries:  # the current entry first, then every write
+                if entry is not None and entry.value:
+                    task = record_of(entry.value, self.session, task_id)
+                    if task.status in TERMINAL:
+                        return task
+        raise NotFoundError("task", task_id)  # the watch ended (the store closed)
+
     async def tasks(self, status: str | None = None) -> list[Task]:
         """Every task of the session (optionally only one status), oldest first.
 

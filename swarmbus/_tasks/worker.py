@@ -115,6 +115,9 @@ class Worker:
             return []
 
     async def _run_batch(self, claims: list[Claim]) -> None:
+        if len(claims) == 1:  # no task to start
+            await self._run(claims[0])
+            return
         # One task-group task per batch; gather's tasks are much cheaper to start.
         results = await asyncio.gather(*(self._run(c) for c in claims), return_exceptions=True)
         for error in results:
@@ -131,6 +134,7 @@ class Worker:
             queue = claim._msg.subject.rsplit(".", 1)[0]  # span names without the id
             headers = claim._msg.headers or {}
             with process_span(queue, headers.get(MSG_ID_HEADER, ""), attrs, headers):
+                await claim._announced()  # a claim's task.assigned, held back for this
                 try:
                     result = await self._handler(claim.task)
                 except Exception as exc:  # noqa: BLE001 - any handler error fails the task

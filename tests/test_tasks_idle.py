@@ -1,0 +1,117 @@
+"""An idle claimer pulls only the queues a dispatch was published on (``Signals``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from nats.aio.msg import Msg
+
+from swarmbus import Bus, Task, TaskQueue
+from swarmbus._jetstream.workqueue import Signals
+
+CREATOR = "ops/coordinator"
+
+
+class Handled:
+    """A work() handler that sets ``all_done`` once ``expected`` tasks were handled."""
+
+    def __init__(self, expected: int) -> None:
+        self.ids: list[str] = []
+        self.expected = expected
+        self.all_done = anyio.Event()
+
+    async def __call__(self, task: Task) -> dict[str, Any]:
+        self.ids.append(task.id)
+        if len(self.ids) == self.expected:
+            self.all_done.set()
+        return {}
+
+
+class FakeSubscription:
+    async def unsubscribe(self) -> None:
+        return None
+
+
+class FakeNats:
+    """Enough of a nats-py client for ``Signals.arm`` and ``disarm``."""
+
+    async def subscribe(self, subject: str, cb: object) -> FakeSubscription:
+        return FakeSubscription()
+
+
+def dispatch(session: str, type: str, priority: int) -> Msg:
+    return Msg(_client=None, subject=f"swarmbus.task.{session}.{type}.{priority}.t1")  # type: ignore[arg-type]
+
+
+async def test_signals_a_queue_is_clean_after_a_pull_that_drained_it_until_its_next_dispatch() -> (
+    None
+):
+    signals = Signals(FakeNats(), "s1", refresh_every=0.5)  # type: ignore[arg-type]
+    assert signals.owed("probe", 5)  # not subscribed: every queue is owed
+    await signals.arm(["probe"])
+    assert signals.owed("probe", 5)  # subscribed, never pulled
+    mark = signals.mark("probe", 5)
+    assert not signals.pulled("probe", 5, mark, got=0, asked=10)
+    assert not signals.owed("probe", 5)
+    assert signals.owed("probe", 4)
+
+    changed = signals.changed
+    await signals._on_dispatch(dispatch("s1", "probe", 5))
+    assert changed.is_set()
+    assert signals.owed("probe", 5)
+    # A pull that found nothing a moment after the dispatch was announced: not stored
+    # yet (or another claimer took it): pull once more, waiting.
+    mark = signals.mark("probe", 5)
+    assert signals.pulled("probe", 5, mark, got=0, asked=10)
+    assert signals.owed("probe", 5)
+    mark = signals.mark("probe", 5)
+    assert not signals.pulled("probe", 5, mark, got=0, asked=1)
+    assert not signals.owed("probe", 5)
+
+    # A dispatch announced during a pull that drained the queue: still owed.
+    mark = signals.mark("probe", 5)
+    await signals._on_dispatch(dispatch("s1", "probe", 5))
+    assert not signals.pulled("probe", 5, mark, got=0, asked=10)
+    assert signals.owed("probe", 5)
+    # A pull from a clean queue that got every dispatch announced meanwhile: clean.
+    signals._clean.add(("probe", 5))
+    mark = signals.mark("probe", 5)
+    await signals._on_dispatch(dispatch("s1", "probe", 5))
+    assert not signals.pulled("probe", 5, mark, got=1, asked=1)
+    assert not signals.owed("probe", 5)
+
+    signals.refresh()  # what no publish announces: every queue owed again
+    assert signals.owed("probe", 5)
+    await signals.disarm()
+    assert signals.owed("probe", 5)
+
+
+async def test_an_idle_work_loop_takes_dispatches_on_other_queues_and_redeliveries(
+    bus: Bus, session_id: str
+) -> None:
+    handled = Handled(expected=4)
+    stop = anyio.Event()
+    async with TaskQueue(bus, session_id) as worker, TaskQueue(bus, session_id) as other:
+        first = await other.create("probe", agent=CREATOR)
+        with anyio.fail_after(15):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(
+                    lambda: worker.work(handled, agent="w/a", types=["probe", "scan"], stop=stop)
+                )
+                assert (await other.wait(first.id)).status == "completed"
+                # Idle now, waiting in a pull on probe/5: a dispatch on another
+                # priority and on another type ends that wait.
+                high = await other.create("probe", agent=CREATOR, priority=9)
+                scan = await other.create("scan", agent=CREATOR, priority=2)
+                assert (await other.wait(high.id)).status == "completed"
+                assert (await other.wait(scan.id)).status == "completed"
+                # A dispatch put back with a delay is announced by no publish.
+                late = await other.create("late", agent=CREATOR)
+                claim = await other.claim(agent="w/b", types=["late"])
+                assert claim is not None
+                assert (await claim.fail("again", retry=True)).status == "pending"
+                tg.start_soon(lambda: worker.work(handled, agent="w/c", types=["late"], stop=stop))
+                assert (await other.wait(late.id)).status == "completed"
+                stop.set()
+    assert sorted(handled.ids) == sorted([first.id, high.id, scan.id, late.id])
