@@ -47,7 +47,7 @@ def dispatch(session: str, type: str, priority: int) -> Msg:
 async def test_signals_a_queue_is_clean_after_a_pull_that_drained_it_until_its_next_dispatch() -> (
     None
 ):
-    signals = Signals(FakeNats(), "s1", refresh_every=0.5)  # type: ignore[arg-type]
+    signals = Signals(FakeNats(), "s1", 0.5, range(1, 11))  # type: ignore[arg-type]
     assert signals.owed("probe", 5)  # not subscribed: every queue is owed
     await signals.arm(["probe"])
     assert signals.owed("probe", 5)  # subscribed, never pulled
@@ -80,6 +80,13 @@ async def test_signals_a_queue_is_clean_after_a_pull_that_drained_it_until_its_n
     await signals._on_dispatch(dispatch("s1", "probe", 5))
     assert not signals.pulled("probe", 5, mark, got=1, asked=1)
     assert not signals.owed("probe", 5)
+
+    # Made-up priority tokens (anyone may publish) leave no state behind.
+    changed = signals.changed
+    for bogus in (0, 11, 10**12):
+        await signals._on_dispatch(dispatch("s1", "probe", bogus))
+    assert not changed.is_set()
+    assert set(signals._signals) == {("probe", 5)}
 
     signals.refresh()  # what no publish announces: every queue owed again
     assert signals.owed("probe", 5)

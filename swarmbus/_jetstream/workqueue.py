@@ -376,9 +376,12 @@ class Signals:
     LAG_WAIT: Final = 0.005
     """Seconds a pull waits for such a dispatch (``pulled`` said the queue may lag)."""
 
-    def __init__(self, nc: NatsClient, session: str, refresh_every: float) -> None:
+    def __init__(
+        self, nc: NatsClient, session: str, refresh_every: float, priorities: range
+    ) -> None:
         self._nc = nc
         self._session = session
+        self._priorities = priorities  # anyone may publish: other tokens are ignored
         self.refresh_every = refresh_every
         #: Set (and replaced) when a subscribed queue gets a dispatch.
         self.changed = asyncio.Event()
@@ -458,8 +461,8 @@ class Signals:
 
     async def _on_dispatch(self, msg: Msg) -> None:
         parts = msg.subject.split(".")
-        if len(parts) != 6 or not parts[4].isdigit():
-            return
+        if len(parts) != 6 or not parts[4].isdigit() or int(parts[4]) not in self._priorities:
+            return  # not a queue: its state would grow with every token a sender makes up
         queue = (parts[3], int(parts[4]))
         self._clean.discard(queue)
         self._signals[queue] = self._signals.get(queue, 0) + 1

@@ -159,7 +159,9 @@ class Claimer:
         self._scan_lock = anyio.Lock()
         self._dead_letters = DeadLetters(bus)
         refresh = min(queue.ack_wait / 2, 0.5)  # redeliveries and delayed naks
-        self._signals = Signals(bus.nc, queue.session, refresh)
+        self._signals = Signals(
+            bus.nc, queue.session, refresh, range(MIN_PRIORITY, MAX_PRIORITY + 1)
+        )
         self._lingering = 0
         #: The queue claimed from last: an idle ``work()`` loop waits in a pull there.
         self._likely: tuple[str, int] | None = None
