@@ -24,20 +24,27 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = 2000
 WORKERS = 4
 KILL_AFTER = 400
+HANG_AFTER = 10
+"""Tasks the worker to be killed runs before it holds the rest of its claims (within its
+first batch: under load the other workers may take all the others before it claims
+again)."""
 
 # Each worker prints "done <task id> <attempt>" after a completion was accepted.
 WORKER = """
+HANG_AFTER = %d
 import os, sys, anyio
 from swarmbus import Bus, TaskQueue
 
 async def main(url, session, agent, hang):
     hang = hang == "hang"
-    completed = 0
+    completed = started = 0
     async with Bus.open(url=url) as bus, TaskQueue(bus, session, ack_wait=1.0) as queue:
         stop = anyio.Event()
 
         async def handler(task):
-            if hang and completed >= 50:
+            nonlocal started
+            started += 1
+            if hang and started > HANG_AFTER:
                 print("stuck", flush=True)  # hold claims (heartbeated) until SIGKILL
                 await anyio.sleep_forever()
             await anyio.sleep(0.002)
@@ -58,6 +65,16 @@ async def main(url, session, agent, hang):
 
 anyio.run(main, *sys.argv[1:])
 """
+
+
+def _state(outputs: list[list[str]], tasks: list[object], tmp_path: Path) -> str:
+    """What the workers printed and logged, and the tasks' statuses (on a timeout)."""
+    lines = [f"tasks: {Counter(getattr(t, 'status', '?') for t in tasks)}"]
+    for i, out in enumerate(outputs):
+        done = sum(1 for line in out if line.startswith("done"))
+        log = (tmp_path / f"worker{i}.log").read_text(errors="replace")[-1500:]
+        lines.append(f"w/{i}: {done} done, stuck={'stuck' in out}, last log: {log!r}")
+    return "\n".join(lines)
 
 
 async def _read_lines(proc: Process, sink: list[str], changed: list[anyio.Event]) -> None:
@@ -91,10 +108,13 @@ async def _run(
         return sum(1 for out in outputs for line in out if line.startswith(word))
 
     async def wait_until(predicate: object, timeout: float) -> None:
-        with anyio.fail_after(timeout):
-            while not predicate():  # type: ignore[operator]
-                changed[0] = anyio.Event()
-                await changed[0].wait()
+        try:
+            with anyio.fail_after(timeout):
+                while not predicate():  # type: ignore[operator]
+                    changed[0] = anyio.Event()
+                    await changed[0].wait()
+        except TimeoutError:
+            raise AssertionError(_state(outputs, await queue.tasks(), tmp_path)) from None
 
     async with TaskQueue(bus, session_id, ack_wait=1.0) as queue:
         procs = [
@@ -102,7 +122,7 @@ async def _run(
                 [
                     sys.executable,
                     "-c",
-                    WORKER,
+                    WORKER % HANG_AFTER,
                     nats_url,
                     session_id,
                     f"w/{i}",
@@ -121,7 +141,7 @@ async def _run(
                 await queue.create_many(
                     [TaskSpec(type="analyze", timeout=2.0) for _ in range(TASKS)], agent="ops/lead"
                 )
-                # w/0 stops finishing its tasks after 50 and holds its claims: kill it then.
+                # w/0 holds its claims after HANG_AFTER tasks: kill it then.
                 await wait_until(lambda: count("done") >= KILL_AFTER and count("stuck"), 60)
                 os.kill(procs[0].pid, signal.SIGKILL)
                 tasks = await queue.tasks()

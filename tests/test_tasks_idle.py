@@ -9,6 +9,7 @@ from nats.aio.msg import Msg
 
 from swarmbus import Bus, Task, TaskQueue
 from swarmbus._jetstream.workqueue import Signals
+from swarmbus._tasks.model import TASKS_STREAM
 
 CREATOR = "ops/coordinator"
 
@@ -122,3 +123,47 @@ async def test_an_idle_work_loop_takes_dispatches_on_other_queues_and_redeliveri
                 assert (await other.wait(late.id)).status == "completed"
                 stop.set()
     assert sorted(handled.ids) == sorted([first.id, high.id, scan.id, late.id])
+
+
+async def _abandon_a_waiting_pull(queue: TaskQueue, type: str, wait: float) -> None:
+    """Send a pull of ``wait`` seconds on ``type``/5, then give up on it (it stays open
+    on the server until it expires)."""
+    claimer = queue._claimer
+    puller = await claimer.puller(type, 5)
+    await puller.pull(1)  # the consumer exists
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: claimer._pull(puller, type, 5, 1, wait=wait))
+        await anyio.wait_all_tasks_blocked()  # sent: waiting for its answer
+        tg.cancel_scope.cancel()
+
+
+async def test_a_pull_given_up_on_hands_its_dispatch_back_not_to_another_queues_pull(
+    bus: Bus, session_id: str
+) -> None:
+    async with (
+        TaskQueue(bus, session_id, starvation_after=0) as queue,
+        TaskQueue(bus, session_id) as other,
+    ):
+        await _abandon_a_waiting_pull(queue, "a", wait=5.0)
+        task = await other.create("a", agent=CREATOR)
+        durable = str(queue._claimer._pullers[("a", 5)]._config.durable_name)
+        with anyio.fail_after(10):  # the server delivered it to the abandoned pull
+            while (await bus.js.consumer_info(TASKS_STREAM, durable)).delivered.consumer_seq < 1:
+                await bus.nc.flush()
+        await bus.nc.flush()  # and it reached this connection
+        assert await queue.claim_many(agent="w/b", types=["b"], limit=1, timeout=0) == []
+        # It went back to its queue (nak): the next pull of "a" gets it.
+        (claim,) = await queue.claim_many(agent="w/a", types=["a"], limit=1, timeout=10)
+        assert claim.task.id == task.id
+
+
+async def test_the_end_of_a_pull_given_up_on_does_not_end_the_next_pull(
+    bus: Bus, session_id: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:
+        await _abandon_a_waiting_pull(queue, "a", wait=0.2)
+        puller = await queue._claimer.puller("b", 5)
+        started = anyio.current_time()
+        assert await puller.pull(1, wait=1.5) == []
+        # The abandoned pull's "408 request timeout" came at 0.2 s: ignored.
+        assert anyio.current_time() - started >= 1.4

@@ -250,13 +250,23 @@ class PullInbox:
     """The reply inbox of one claimer's pulls (one pull at a time: ``_scan_lock``).
 
     A callback collects a pull's messages: waiting on the subscription message by
-    message (``next_msg``) would cost an event-loop turn and a timer per message.
+    message (``next_msg``) would cost an event-loop turn and a timer per message. A pull
+    given up on (its caller cancelled, or timed out) stays open on the server until it
+    expires, and what it gets then must not end or fill a later pull, maybe of another
+    queue. So each pull has its own reply subject (``<inbox>.<n>``, which status
+    answers arrive on: those of another pull are ignored), and a message is taken only
+    by a pull of its own consumer (named in its ack subject); any other is put back at
+    once (``nak``).
     """
 
     def __init__(self, nc: NatsClient, timeout: float) -> None:
         self._nc = nc
         self._timeout = timeout
         self._sub: NatsSubscription | None = None
+        self._prefix = ""
+        self._current = ""  # the reply subject of the pull in flight ("": none)
+        self._acks = ""  # the ack subjects' prefix of its consumer's messages
+        self._count = 0
         self._msgs: list[Msg] = []
         self._want = 0
         self._done: asyncio.Future[None] | None = None
@@ -271,40 +281,59 @@ class PullInbox:
         """
         nc = self._nc
         self._missing = False
+        self._msgs = []
         try:
             if self._sub is None:
-                self._sub = await nc.subscribe(nc.new_inbox(), cb=self._on_msg)
-            # Messages that arrived after an earlier pull gave up are ours too.
-            strays = len(self._msgs)
-            if strays < batch:
-                self._want = batch
-                self._done = asyncio.get_running_loop().create_future()
-                ask: dict[str, int | bool] = {"batch": batch - strays}
-                if wait:
-                    ask["expires"] = int(wait * 1e9)
-                else:
-                    ask["no_wait"] = True
-                request = json.dumps(ask).encode()
-                await nc.publish(next_subject, request, reply=self._sub.subject)
-                await asyncio.wait_for(self._done, self._timeout)
+                self._prefix = nc.new_inbox()
+                self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._on_msg)
+            self._count += 1
+            self._current = f"{self._prefix}.{self._count}"
+            stream, consumer = next_subject.rsplit(".", 2)[1:]
+            self._acks = f"$JS.ACK.{stream}.{consumer}."
+            self._want = batch
+            self._done = asyncio.get_running_loop().create_future()
+            ask: dict[str, int | bool] = {"batch": batch}
+            if wait:
+                ask["expires"] = int(wait * 1e9)
+            else:
+                ask["no_wait"] = True
+            request = json.dumps(ask).encode()
+            await nc.publish(next_subject, request, reply=self._current)
+            await asyncio.wait_for(self._done, self._timeout)
         except (TimeoutError, nats.errors.Error) as exc:
+            await self._give_back()
             raise ConnectionError(f"cannot pull tasks: {exc}") from exc
+        except BaseException:  # cancelled: what it got so far goes back
+            await self._give_back()
+            raise
         finally:
             self._done = None
+            self._current = ""
         if self._missing and not self._msgs:
             return None
-        msgs, self._msgs = self._msgs[:batch], self._msgs[batch:]
+        msgs, self._msgs = self._msgs, []
         return msgs
+
+    async def _give_back(self) -> None:
+        msgs, self._msgs = self._msgs, []
+        for msg in msgs:
+            await quietly(msg.nak())
 
     async def _on_msg(self, msg: Msg) -> None:
         status = (msg.headers or {}).get(STATUS)
+        done = self._done
+        if status:
+            if msg.subject != self._current or done is None or done.done():
+                return  # the end of a pull given up on
+        elif done is None or done.done() or not msg.reply.startswith(self._acks):
+            await quietly(msg.nak())  # got by a pull given up on: back to its queue
+            return
         if not status:
             self._msgs.append(msg)
         elif status == NO_RESPONDERS:
             self._missing = True
-        done = self._done
         finished = status in _NO_MESSAGES or self._missing or len(self._msgs) >= self._want
-        if done is not None and not done.done() and finished:
+        if finished:
             done.set_result(None)
 
     async def close(self) -> None:
