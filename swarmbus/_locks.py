@@ -426,7 +426,8 @@ class _Bucket:
         queue.polite = False
         head = queue.waiters[0]
         head.woken = True
-        head.updates.put_nowait(None)
+        if head.updates.empty():  # wakes merge: a flood of them costs one read
+            head.updates.put_nowait(None)
 
     async def wake(self, key: str) -> None:
         """``key`` was freed: wake one waiting connection.
@@ -720,7 +721,10 @@ class Lock:
             bucket = self._state
             successor = bucket.successor(self._key) if bucket is not None else None
             if bucket is not None and successor is not None:
-                await self._hand_over(bucket, successor, lease)
+                # Shielded: a hand-over written but not told to the successor would
+                # leave it waiting for the lock it holds until its TTL.
+                with anyio.CancelScope(shield=True):
+                    await self._hand_over(bucket, successor, lease)
                 return
             # a purge marker without a rollup (swarmbus's buckets refuse rollups,
             # _jetstream/streams): with one revision per key it replaces the lock

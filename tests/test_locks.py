@@ -14,6 +14,7 @@ import textwrap
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -1130,3 +1131,72 @@ async def test_a_waiter_whose_clock_is_ahead_rereads_with_backoff(
     assert lease is not None
     assert datetime.now(UTC) < holder.expires_at + timedelta(seconds=0.8)
     assert 2 < reads < 12
+
+
+async def test_a_release_cancelled_during_its_hand_over_still_tells_the_successor(
+    bus: Bus, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``release()`` called under a deadline that fires once the hand-over write is
+    stored: the successor still gets the lock at once, not at the end of its TTL."""
+    holder = Lock(bus, RESOURCE, "ops/a", bucket=bucket)
+    assert await holder.acquire() is not None
+    release_scope = anyio.CancelScope()
+    original = _Writer._request
+
+    async def cancel_after_store(self: _Writer, subject: str, payload: bytes, headers: Any) -> Msg:
+        reply = await original(self, subject, payload, headers)
+        if b"ops/b" in payload:  # the hand-over to the waiter is stored
+            release_scope.cancel()
+            await anyio.lowlevel.checkpoint()
+        return reply
+
+    monkeypatch.setattr(_Writer, "_request", cancel_after_store)
+    waiter = Lock(bus, RESOURCE, "ops/b", bucket=bucket, ttl=10)
+    got = anyio.Event()
+
+    async def take() -> None:
+        assert await waiter.acquire(timeout=20) is not None
+        got.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(take)
+        await anyio.wait_all_tasks_blocked()
+        with release_scope:
+            await holder.release()
+        with anyio.fail_after(5):  # far less than the waiter's TTL
+            await got.wait()
+    assert waiter.lease is not None
+    assert waiter.lease.owner == "ops/b"
+
+
+async def test_a_flood_of_forged_wakes_merges_into_one_pending_attempt(
+    nats_url: str, bucket: str
+) -> None:
+    async with (
+        Bus.open(url=nats_url) as a,
+        Bus.open(url=nats_url) as b,
+        Bus.open(url=nats_url) as evil,
+    ):
+        holder = Lock(a, RESOURCE, "ops/a", bucket=bucket, ttl=30)
+        assert await holder.acquire() is not None
+        async with anyio.create_task_group() as tg:
+            waiter = Lock(b, RESOURCE, "ops/b", bucket=bucket)
+            tg.start_soon(lambda: waiter.acquire(timeout=30))
+            state = await _bucket(b, bucket)
+            with anyio.fail_after(10):  # the waiter has subscribed and found it held
+                while not (q := state._queues.get(lock_key(RESOURCE))) or q.sub is None:
+                    await anyio.wait_all_tasks_blocked()
+                    await anyio.lowlevel.checkpoint()
+                await b.nc.flush()
+            subject = locks.subjects.lock_wake_subject(bucket, lock_key(RESOURCE))
+            for _ in range(5000):
+                await evil.nc.publish(subject, b"x", reply="bogus.reply")
+            await evil.nc.flush()
+            await b.nc.flush()  # every wake reached b's connection
+            sub = q.sub
+            with anyio.fail_after(10):
+                while sub.pending_msgs:  # type: ignore[union-attr]
+                    await anyio.lowlevel.checkpoint()
+            assert q.waiters[0].updates.qsize() <= 1
+            assert waiter.lease is None  # the holder still holds it
+            tg.cancel_scope.cancel()
