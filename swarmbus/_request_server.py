@@ -62,6 +62,9 @@ _NO_HEADERS: Final[Mapping[str, str]] = {}
 #: Drains kept parked between requests: the one a request wakes, and the one that drain
 #: readies while it serves a burst (else a task would be started for every burst).
 MAX_PARKED: Final = 2
+MAX_QUEUED: Final = 10_000
+"""Requests a capability's server holds waiting for a handler slot; past it a request
+is answered at once with status ``failure`` and ``{"error": "overloaded"}``."""
 
 RequestHandler = Callable[[RequestMessage], Awaitable[Mapping[str, Any]]]
 
@@ -116,6 +119,8 @@ class RequestServer:
         self._pending: collections.deque[tuple[Msg, RequestMessage, str | None]] = (
             collections.deque()
         )
+        self.max_queued = MAX_QUEUED
+        self._overloads = 0
         # Drain tasks alive; those readied but not yet running; those parked (each
         # waits on its future: True = work, False = leave).
         self._alive = 0
@@ -168,10 +173,35 @@ class RequestServer:
             assert isinstance(message, RequestMessage)
         except InvalidMessageError as exc:
             return functools.partial(self._refuse, msg, exc, to)
+        if len(self._pending) >= self.max_queued:
+            return functools.partial(self._overloaded, message, to)
         self._pending.append((msg, message, to))
         if not self._ready and (self._parked or not self._alive or self._limiter.value):
             self._more()
         return None
+
+    async def _overloaded(self, message: RequestMessage, to: str | None) -> None:
+        """Answer a request that found the queue full: the requester hears it now."""
+        self._overloads += 1
+        if self._overloads % 1000 == 1:  # the first, then one line per 1,000
+            log.warning(
+                "%s: %d requests waiting, %d refused as overloaded",
+                self._agent,
+                self.max_queued,
+                self._overloads,
+            )
+        if to:
+            body = Response(
+                request_id=message.id,
+                status="failure",
+                result={
+                    "error": "overloaded",
+                    "reason": f"{self.max_queued} requests already waiting for {self._agent}",
+                },
+            )
+            answer = envelope_for(body, agent=self._agent, session=message.source.session)
+            with contextlib.suppress(TransportError):
+                await self._host.nc.publish(to, encode(answer))
 
     async def _refuse(self, msg: Msg, exc: InvalidMessageError, to: str | None) -> None:
         """Report bad input; answer it on ``to``: the requester is waiting, tell it now,

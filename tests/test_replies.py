@@ -34,6 +34,7 @@ from swarmbus import (
     RequestMessage,
     RequestTimeoutError,
 )
+from swarmbus import _request_server as request_server
 from swarmbus._cli import main
 from swarmbus._creds import CredsStore, inbox_prefix
 from swarmbus._messages import Response, encode, envelope_for
@@ -480,3 +481,41 @@ async def test_a_refused_request_fails_at_once(tmp_path: Path, session_id: str) 
             assert bus._refusals._waiting == {}
         finally:
             await bus.close()
+
+
+async def test_a_full_request_queue_answers_overloaded_at_once(
+    bus: Bus, session_id: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A responder holds at most ``MAX_QUEUED`` requests waiting for a handler slot;
+    one more is answered at once with ``overloaded``, nothing is dropped silently."""
+    monkeypatch.setattr(request_server, "MAX_QUEUED", 2)
+    agent = Agent(f"test/responder-{unique}", max_concurrency=1)
+    started, release, answered = anyio.Event(), anyio.Event(), [anyio.Event()]
+    statuses: list[str] = []
+
+    @agent.on_request(f"c_{unique}")
+    async def handle(request: RequestMessage) -> dict[str, Any]:
+        started.set()
+        await release.wait()
+        return REAL
+
+    async def ask() -> None:
+        answer = await bus.request(
+            f"c_{unique}", {}, agent="test/asker", session=session_id, timeout=WAIT
+        )
+        result = answer.response.result or {}
+        statuses.append(result.get("error", answer.response.status))
+        answered[0].set()
+
+    async with agent.serve(bus), anyio.create_task_group() as tg:
+        tg.start_soon(ask)
+        with anyio.fail_after(WAIT):
+            await started.wait()  # one runs; two may wait, two are refused
+            for _ in range(4):
+                tg.start_soon(ask)
+            while statuses.count("overloaded") < 2:
+                answered[0] = anyio.Event()
+                await answered[0].wait()
+            assert len(statuses) == 2  # the others still wait for the handler
+            release.set()
+    assert sorted(statuses) == ["overloaded", "overloaded", "success", "success", "success"]
