@@ -62,7 +62,7 @@ import anyio.lowlevel
 from swarmbus._errors import ConnectionError, InvalidMessageError, PublishError, SwarmbusError
 from swarmbus._jetstream.delivery import Connection, Msg, PullConsumer, TransportError
 from swarmbus._jetstream.reads import deliveries, num_pending
-from swarmbus._messages import Message
+from swarmbus._messages import Gate, Message
 from swarmbus._observe._instruments import observed
 from swarmbus._telemetry import record_failure
 
@@ -72,26 +72,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("swarmbus")
 
 
-class Host(Protocol):
+class Host(Gate, Protocol):
     """What a durable consumer uses of its bus (``swarmbus.Bus``)."""
 
     nc: Connection
     reconnected: asyncio.Event
     reconnect_signal: anyio.Event  # set at the next reconnect (then replaced)
-
-    def accept(self, subject: str, data: bytes) -> Message: ...
-
-    async def reject(
-        self,
-        *,
-        subject: str,
-        data: bytes,
-        code: str,
-        reason: str,
-        receiver: str,
-        dedupe_key: str | None = None,
-        message_id: str | None = None,
-    ) -> None: ...
 
     def _consumer_span(
         self, msg: Msg, message_id: str, session: str, agent: str

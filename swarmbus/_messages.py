@@ -15,7 +15,7 @@ import functools
 import os
 import re
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal, Protocol, TypeAlias
 
 import msgspec
 import msgspec.structs
@@ -686,3 +686,26 @@ def _classify(data: bytes, exc: InvalidMessageError) -> InvalidMessageError:
             "not_envelope", f"expected an object with id, timestamp, source and type{detail}"
         )
     return InvalidMessageError("schema", exc.reason)
+
+
+class Gate(Protocol):
+    """How readers of the bus check what they receive (``swarmbus.Bus``)."""
+
+    def accept(self, subject: str, data: bytes) -> Message:
+        """Decode ``data`` and check it against ``subject`` (InvalidMessageError)."""
+        ...
+
+    async def reject(
+        self,
+        *,
+        subject: str,
+        data: bytes,
+        code: str,
+        reason: str,
+        receiver: str,
+        dedupe_key: str | None = None,
+        message_id: str | None = None,
+        session: str | None = None,
+    ) -> None:
+        """Dead-letter ``data`` and publish ``agent.error.occurred`` saying why."""
+        ...

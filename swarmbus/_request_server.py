@@ -40,6 +40,7 @@ from swarmbus._errors import InvalidIdentifierError, InvalidMessageError
 from swarmbus._jetstream.delivery import Connection, Msg, Subscription, TransportError
 from swarmbus._jetstream.hotpath import InlineDelivery, Later, publish_nowait
 from swarmbus._messages import (
+    Gate,
     Message,
     RequestMessage,
     Response,
@@ -69,24 +70,10 @@ is answered at once with status ``failure`` and ``{"error": "overloaded"}``."""
 RequestHandler = Callable[[RequestMessage], Awaitable[Mapping[str, Any]]]
 
 
-class Host(Protocol):
+class Host(Gate, Protocol):
     """What a request server uses of its bus (``swarmbus.Bus``)."""
 
     nc: Connection
-
-    def accept(self, subject: str, data: bytes) -> Message: ...
-
-    async def reject(
-        self,
-        *,
-        subject: str,
-        data: bytes,
-        code: str,
-        reason: str,
-        receiver: str,
-        dedupe_key: str | None = None,
-        message_id: str | None = None,
-    ) -> None: ...
 
     def _check_max_payload(self, data: bytes, headers: Mapping[str, str]) -> None: ...
 
@@ -191,17 +178,16 @@ class RequestServer:
                 self._overloads,
             )
         if to:
-            body = Response(
-                request_id=message.id,
-                status="failure",
-                result={
-                    "error": "overloaded",
-                    "reason": f"{self.max_queued} requests already waiting for {self._agent}",
-                },
+            reason = f"{self.max_queued} requests already waiting for {self._agent}"
+            answer = failure(
+                message.id, message.source.session, "overloaded", reason, agent=self._agent
             )
-            answer = envelope_for(body, agent=self._agent, session=message.source.session)
-            with contextlib.suppress(TransportError):
-                await self._host.nc.publish(to, encode(answer))
+            await self._answer(to, answer)
+
+    async def _answer(self, to: str, answer: Message) -> None:
+        """Publish an answer made without a handler (a lost one: the requester times out)."""
+        with contextlib.suppress(TransportError):
+            await self._host.nc.publish(to, encode(answer))
 
     async def _refuse(self, msg: Msg, exc: InvalidMessageError, to: str | None) -> None:
         """Report bad input; answer it on ``to``: the requester is waiting, tell it now,
@@ -214,9 +200,7 @@ class RequestServer:
             receiver=self._agent,
         )
         if to:
-            answer = refusal(msg.subject, msg.data, exc, agent=self._agent)
-            with contextlib.suppress(TransportError):
-                await self._host.nc.publish(to, encode(answer))
+            await self._answer(to, refusal(msg.subject, msg.data, exc, agent=self._agent))
 
     def _more(self) -> None:
         """Ready one more drain: wake the parked one, else start one."""
@@ -333,9 +317,12 @@ def refusal(subject: str, data: bytes, exc: InvalidMessageError, *, agent: str) 
         subjects.validate_session_id(session)
     except InvalidIdentifierError:
         session = subjects.UNKNOWN
+    return failure(request_id, session, exc.code, exc.reason, agent=agent)
+
+
+def failure(request_id: str, session: str, code: str, reason: str, *, agent: str) -> Message:
+    """A ``response`` of status ``failure``: ``{"error": code, "reason": reason}``."""
     body = Response(
-        request_id=request_id,
-        status="failure",
-        result={"error": exc.code, "reason": exc.reason},
+        request_id=request_id, status="failure", result={"error": code, "reason": reason}
     )
     return envelope_for(body, agent=agent, session=session)

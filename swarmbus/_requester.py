@@ -56,6 +56,7 @@ from swarmbus._jetstream.errors import denied, transport_error
 from swarmbus._jetstream.headers import STATUS
 from swarmbus._jetstream.hotpath import InlineDelivery, Later, publish_nowait
 from swarmbus._messages import (
+    Gate,
     Request,
     RequestMessage,
     ResponseMessage,
@@ -93,7 +94,7 @@ WRONG_RESPONDER: Final = "wrong_responder"
 WRONG_REQUEST: Final = "wrong_request"
 
 
-class Host(Protocol):
+class Host(Gate, Protocol):
     """What a requester uses of its bus (``swarmbus.Bus``)."""
 
     nc: Connection
@@ -105,19 +106,6 @@ class Host(Protocol):
     async def _live_subscribe(
         self, subject: str, cb: Callable[[Msg], Awaitable[None]]
     ) -> Subscription: ...
-
-    async def reject(
-        self,
-        *,
-        subject: str,
-        data: bytes,
-        code: str,
-        reason: str,
-        receiver: str,
-        dedupe_key: str | None = None,
-        message_id: str | None = None,
-        session: str | None = None,
-    ) -> None: ...
 
 
 class _Refused(Exception):
