@@ -21,6 +21,7 @@ from swarmbus import (
     Message,
     NatsServer,
     NotFoundError,
+    SwarmbusError,
     Task,
     TaskClaimLostError,
     TaskCompletedMessage,
@@ -992,3 +993,19 @@ async def test_wait_for_tasks_created_while_the_watch_runs_needs_no_read(
                 assert (await creator.wait(later[0].id)).result == {"id": later[0].id}
                 stop.set()
         assert last.result == {"id": later[1].id}
+
+
+async def test_wait_pending_when_its_queue_closes_raises(bus: Bus, session_id: str) -> None:
+    queue = TaskQueue(bus, session_id)
+    await queue.open()
+    task = await queue.create("probe", agent="ops/coordinator")
+
+    async def waits() -> None:
+        with pytest.raises(SwarmbusError, match="closed"):
+            await queue.wait(task.id)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waits)
+            await anyio.wait_all_tasks_blocked()
+            await queue.close()

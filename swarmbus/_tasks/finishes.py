@@ -24,7 +24,7 @@ from typing import Final, Protocol
 
 import anyio
 
-from swarmbus._errors import InvalidMessageError
+from swarmbus._errors import InvalidMessageError, SwarmbusError
 from swarmbus._jetstream.watch import KvChange, KvWatch
 from swarmbus._jetstream.workqueue import KeyValue
 from swarmbus._tasks.model import TASKS_BUCKET, TERMINAL, Task, record_of
@@ -134,8 +134,13 @@ class Finishes:
                 self._finals.popitem(last=False)
 
     async def close(self) -> None:
+        """Stop the watch; a ``wait`` still pending raises (nothing would end it)."""
         watch, self._watch = self._watch, None
         self._noted.clear()
         self._finals.clear()
+        for waiters in self._waiters.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_exception(SwarmbusError("the TaskQueue was closed"))
         if watch is not None:
             await watch.stop()
