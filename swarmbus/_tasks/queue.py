@@ -301,7 +301,8 @@ class TaskQueue:
 
     async def wait(self, task_id: str) -> Task:
         """The task's final record (completed, or failed for good), once written: see
-        ``swarmbus._tasks.finishes``. Bound it with ``anyio.fail_after``; NotFoundError."""
+        ``swarmbus._tasks.finishes``. Bound it with ``anyio.fail_after``; NotFoundError;
+        SwarmbusError if the queue is closed meanwhile."""
         return await self._finishes.wait(task_id)
 
     async def tasks(self, status: str | None = None) -> list[Task]:
