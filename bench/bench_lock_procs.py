@@ -11,7 +11,8 @@ alternating order, the same run is made with:
 * ``raw JetStream + wakes``: the same design in plain nats-py (``_raw_wakes``);
 * ``raw JetStream + hand-over``: one compare-and-set per hand-off to a waiter that
   registered with the holder, checked by the waiter with one direct get
-  (``_HandOver``; a sketch, measured for issue 18);
+  (``_HandOver``; a sketch, measured for issue 18); with ``--only`` also the same
+  design whose waiters believe grants unchecked (unsafe: what the check costs);
 * ``raw JetStream``: plain nats-py, the same guarantees: ``kv.create`` with a per-key
   TTL (its revision is the fencing token), owner-only release as ``kv.delete`` with
   ``last=`` the lock's revision, waiters woken by a ``kv.watch`` of the key;
@@ -48,6 +49,7 @@ RESOURCE = "file:/src/main.py"
 TTL = 30
 RAW_WAKES = "raw JetStream + wakes"
 RAW_HANDOVER = "raw JetStream + hand-over"
+UNCHECKED = "raw hand-over without grant check (unsafe)"
 KINDS = (
     "swarmbus",
     RAW_WAKES,
@@ -58,6 +60,9 @@ KINDS = (
     "raw Redis",
 )
 MANAGED = "raw JetStream + manager"
+EXTRA_KINDS = (UNCHECKED,)
+"""Run only when named in ``--only``: what the hand-over's check of a grant costs (a
+waiter that believes any grant can be made to believe it holds a lock it does not)."""
 
 
 # --- contenders (child processes) -------------------------------------------------------
@@ -234,8 +239,8 @@ class _HandOver:
     Not in it: waiters that give up, holders that die (the record's TTL).
     """
 
-    def __init__(self, nc: Any, name: str) -> None:
-        self.nc, self.name = nc, name
+    def __init__(self, nc: Any, name: str, check: bool = True) -> None:
+        self.nc, self.name, self.checks = nc, name, check
         self.js = nc.jetstream()
         self.subject, self.stream = "$KV.HANDPROCS.lock", "KV_HANDPROCS"
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -373,7 +378,7 @@ class _HandOver:
                 if not data["nonce"].startswith(f"{self.name}."):
                     continue
                 self.taking = True
-                if not await self.check(data["rev"], data["nonce"]):
+                if self.checks and not await self.check(data["rev"], data["nonce"]):
                     await self.settle("")
                     continue
                 self.holding = data["rev"]
@@ -407,7 +412,9 @@ class _HandOver:
         await self.nc.publish(f"hg.{head['via']}", grant, reply=f"hx.{self.name}.{new}")
 
 
-async def _raw_handover(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
+async def _raw_handover(
+    url: str, name: str, stop: Callable[[int], bool], check: bool = True
+) -> list[int]:
     """The hand-over design in plain nats-py (``_HandOver``): one compare-and-set per
     hand-off to a registered waiter, which checks its grant with one direct get."""
     import nats
@@ -415,7 +422,7 @@ async def _raw_handover(url: str, name: str, stop: Callable[[int], bool]) -> lis
     nc = await nats.connect(url)
     try:
         await nc.jetstream().create_key_value(bucket="HANDPROCS", history=1, direct=True)
-        me = _HandOver(nc, name)
+        me = _HandOver(nc, name, check)
         await nc.subscribe(f"hq.{name}", cb=me.on_register)
         await nc.subscribe(f"hg.{name}", cb=me.on_grant)
         await nc.subscribe(f"hr.{name}", cb=me.on_hint)
@@ -430,6 +437,10 @@ async def _raw_handover(url: str, name: str, stop: Callable[[int], bool]) -> lis
         return tokens
     finally:
         await nc.close()
+
+
+async def _raw_unchecked(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
+    return await _raw_handover(url, name, stop, check=False)
 
 
 async def _managed(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
@@ -582,6 +593,7 @@ def child(kind: str, url: str, name: str, total_file: str, quota: int) -> None:
         "raw JetStream": _raw_jetstream,
         RAW_WAKES: _raw_wakes,
         RAW_HANDOVER: _raw_handover,
+        UNCHECKED: _raw_unchecked,
         "swarmbus on Redis": _swarmbus_on_redis,
         "raw Redis": _raw_redis,
         MANAGED: _managed,
@@ -703,7 +715,9 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--handoffs", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", help="comma-separated designs to run (default: all)")
+    parser.add_argument(
+        "--only", help=f"comma-separated designs to run (default: all but {EXTRA_KINDS})"
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--manager", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -716,12 +730,11 @@ def main() -> int:
         return 0
     from swarmbus import NatsServer
 
-    results: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS + EXTRA_KINDS}
     with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
         redis_proc = _start_redis(tmp)
-        urls = {
-            k: server.url for k in ("swarmbus", RAW_WAKES, RAW_HANDOVER, "raw JetStream", MANAGED)
-        }
+        nats_kinds = ("swarmbus", RAW_WAKES, RAW_HANDOVER, UNCHECKED, "raw JetStream", MANAGED)
+        urls = {k: server.url for k in nats_kinds}
         pids: dict[str, int | None] = {k: server.pid for k in urls}
         if redis_proc is not None:
             urls["raw Redis"] = f"unix://{tmp}/redis.sock"
@@ -731,7 +744,7 @@ def main() -> int:
         try:
             for r in range(args.repeat):
                 only = args.only.split(",") if args.only else KINDS
-                kinds = [k for k in KINDS if k in urls and k in only]
+                kinds = [k for k in KINDS + EXTRA_KINDS if k in urls and k in only]
                 for kind in kinds if r % 2 == 0 else kinds[::-1]:
                     pid = pids[kind]
                     assert pid is not None
