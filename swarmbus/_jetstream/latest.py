@@ -28,7 +28,7 @@ __all__ = ["bucket_entries", "kv_last", "scan"]
 
 class _Stored(msgspec.Struct):
     seq: int = 0
-    time: datetime | None = None
+    time: str | None = None  # RFC 3339 in ns: fromisoformat truncates to us, as nats-py
     hdrs: str | None = None
     data: str | None = None
 
@@ -82,7 +82,7 @@ async def kv_last(
         revision=msg.seq,
         operation=operation(headers),
         value=base64.b64decode(msg.data) if msg.data else b"",
-        time=msg.time,
+        time=datetime.fromisoformat(msg.time) if msg.time else None,
         ttl=headers.get(TTL) if headers else None,
     )
 
