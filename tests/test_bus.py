@@ -175,7 +175,15 @@ async def test_bad_input_is_reported_dead_lettered_and_worker_keeps_running(
         assert error.error_occurred.dead_letter
         assert error.error_occurred.reason
 
-        dead = await js.get_last_msg(DEAD_LETTER_STREAM, f"swarmbus.dead.{session_id}.{agent.id}")
+        # The dead letter once stored (the error event may arrive before the stream
+        # has stored it: neither write is waited for).
+        stored = await js.subscribe(
+            f"swarmbus.dead.{session_id}.{agent.id}",
+            stream=DEAD_LETTER_STREAM,
+            ordered_consumer=True,
+        )
+        dead = await stored.next_msg(timeout=WAIT)
+        await stored.unsubscribe()
         assert dead.data == data
         assert dead.headers is not None
         assert dead.headers[CODE_HEADER] == code

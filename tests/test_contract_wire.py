@@ -91,7 +91,14 @@ async def test_deeply_nested_json_is_rejected_and_the_worker_keeps_running(
         assert isinstance(error, swarmbus.ErrorOccurredMessage)
         assert error.error_occurred.code == "too_large"
         assert "nested" in error.error_occurred.reason
-        dead = await js.get_last_msg(DEAD_LETTER_STREAM, f"swarmbus.dead.{session_id}.{agent.id}")
+        # Once stored (the error event can arrive first: neither write is waited for).
+        stored = await js.subscribe(
+            f"swarmbus.dead.{session_id}.{agent.id}",
+            stream=DEAD_LETTER_STREAM,
+            ordered_consumer=True,
+        )
+        dead = await stored.next_msg(timeout=WAIT)
+        await stored.unsubscribe()
         assert dead.data == data
         assert dead.headers is not None
         assert dead.headers[CODE_HEADER] == "too_large"
