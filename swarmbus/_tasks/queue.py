@@ -223,12 +223,13 @@ class TaskQueue:
         contexts: list[dict[str, str]] = []  # the trace each task's event continues
         for task in tasks:
             if task.approval != "none":
-                writes.append(self._record(task))
-            else:
+                write = self._record(task)
+                writes.append(write)
+            else:  # the dispatch first: the server hands it to a waiting claimer sooner
                 data = encoder.encode(task)
-                writes.append(self._copy(task, data))
-                writes.append(self._offer(task, 0, data=data))
-            contexts.append(writes[-1][2])
+                write = self._offer(task, 0, data=data)
+                writes += [write, self._copy(task, data)]
+            contexts.append(write[2])
         self._finishes.note_created(task.id for task in tasks)  # before a claim can write
         sent = await self._acks.send(writes)
         # The events go in the same flush (after the writes), without acks.
