@@ -206,7 +206,7 @@ class TaskQueue:
         """Create several tasks with pipelined writes (every spec is validated first).
 
         One pipelined round trip: per task its dispatch message and its creation copy
-        (``_copy``: the task as created, under a key of its own) and the stored
+        (the task as created, under a key of its own) and the stored
         ``task.created`` event. The record itself is created by the first claim
         (create-once at revision 0, the exactly-once commit point). A dispatch message
         removed by someone else (a TERM or ACK of a message it fetched) is offered again
@@ -228,7 +228,7 @@ class TaskQueue:
             else:  # the dispatch first: the server hands it to a waiting claimer sooner
                 data = encoder.encode(task)
                 write = self._offer(task, 0, data=data)
-                writes += [write, self._copy(task, data)]
+                writes += [write, _copy(self.session, task, data)]
             contexts.append(write[2])
         self._finishes.note_created(task.id for task in tasks)  # before a claim can write
         sent = await self._acks.send(writes)
@@ -239,13 +239,6 @@ class TaskQueue:
         for result in await self._acks.collect(sent):
             _stored(result, self.session)
         return tasks
-
-    def _copy(self, task: Task, data: bytes) -> tuple[str, bytes, dict[str, str]]:
-        """The creation copy of ``task`` (subject, data, headers): what the sweep offers
-        again if its dispatch message is removed before any claim wrote the record.
-        Its key's first token is no session id: no listing of a session's records sees
-        it."""
-        return subjects.kv_subject(TASKS_BUCKET, created_key(self.session, task.id)), data, {}
 
     def _trace(self, task: Task) -> dict[str, str]:
         return {"swarmbus.session": self.session, "swarmbus.task_id": task.id}
@@ -298,17 +291,11 @@ class TaskQueue:
         if found is None:
             # Its dispatch message was removed before any claim (the sweep offers it
             # again), or it is unknown. A pruned task's copy went before its record.
-            copy = await self._copy_of(task_id)
+            copy = await _copy_of(self, task_id)
             found = (copy, 0) if copy is not None else None
         if found is None:
             raise NotFoundError("task", task_id)
         return found
-
-    async def _copy_of(self, task_id: str) -> Task | None:
-        """The creation copy of ``task_id`` (None if there is none)."""
-        key = created_key(self.session, task_id)
-        entry = await read_entry(self.kv, key, f"cannot read task {task_id}")
-        return None if entry is None else record_of(entry[0], self.session, task_id)
 
     async def _record_of(self, task_id: str) -> tuple[Task, int] | None:
         entry = await read_entry(self.kv, self._key(task_id), f"cannot read task {task_id}")
@@ -341,9 +328,9 @@ class TaskQueue:
         # Creation copies, then dispatch messages, then records: a task claimed
         # meanwhile is in the bucket by the time the records are read (the other order
         # could miss it).
-        copies = {t.id: t for t in await self._records(self._copies_prefix())}
-        offered = {t.id: t for t in await self._offered()}
-        records = {t.id: t for t in await self._records()}
+        copies = {t.id: t for t in await records_of(self, copies=True)}
+        offered = {t.id: t for t in await offered_of(self)}
+        records = {t.id: t for t in await records_of(self)}
         tasks = list({**copies, **offered, **records}.values())
         tasks.sort(key=lambda t: t.created_at or now())
         return [t for t in tasks if status is None or t.status == status]
@@ -374,13 +361,13 @@ class TaskQueue:
         # dispatch message of a listed one cannot be created after it is read.
         finished = [
             task.id
-            for task in await self._records()
+            for task in await records_of(self)
             if task.status in TERMINAL
             and task.completed_at is not None
             and task.completed_at.timestamp() <= cutoff
         ]
-        offered = {t.id for t in await self._offered()}
-        copies = {t.id for t in await self._records(self._copies_prefix())}
+        offered = {t.id for t in await offered_of(self)}
+        copies = {t.id for t in await records_of(self, copies=True)}
         pruned = [task_id for task_id in finished if task_id not in offered]
         for task_id in pruned:
             # The copy first: a copy without a record would be offered again (a record
@@ -395,38 +382,6 @@ class TaskQueue:
                     self.bus._permission_guard(subject, "prune tasks"),
                 )
         return pruned
-
-    def _copies_prefix(self) -> str:
-        return created_key(self.session, "")
-
-    async def _records(self, prefix: str = "") -> list[Task]:
-        """The session's task records (or, with ``_copies_prefix()``, creation copies)."""
-        prefix = prefix or f"{self.session}."
-        entries = await self.store.list(prefix)
-        records: list[Task] = []
-        for entry in entries:
-            if not entry.value:
-                continue
-            task_id = entry.key.removeprefix(prefix)
-            try:
-                records.append(record_of(entry.value, self.session, task_id))
-            except InvalidMessageError as exc:  # written by something else: skipped
-                log.warning("skipping a broken task record: %s", exc.reason)
-        return records
-
-    async def _offered(self) -> list[Task]:
-        """The tasks the session's pending dispatch messages carry."""
-        filter = subjects.task_filter(self.session)
-        msgs = await stored_messages(self.bus.js, TASKS_STREAM, filter)
-        offered: list[Task] = []
-        for msg in msgs:
-            headers = msg.headers or {}
-            subject = headers.get(STORED_SUBJECT_HEADER, msg.subject)  # a direct get's reply
-            try:
-                offered.append(offer_of(subject, msg.data, headers, self.session).task)
-            except InvalidMessageError:  # a claimer dead-letters it
-                continue
-        return offered
 
     async def approve(self, task_id: str, *, by: str) -> Task:
         """Let a ``requires_approval`` task be claimed (called by a consensus decision).
@@ -614,6 +569,48 @@ class TaskQueue:
                 log.error("could not publish %s: %s", type(body).__name__, exc)
 
 
+async def records_of(queue: TaskQueue, *, copies: bool = False) -> list[Task]:
+    """The session's task records (``copies``: its creation copies), as stored now."""
+    prefix = created_key(queue.session, "") if copies else f"{queue.session}."
+    records: list[Task] = []
+    for entry in await queue.store.list(prefix):
+        if not entry.value:
+            continue
+        try:
+            records.append(record_of(entry.value, queue.session, entry.key.removeprefix(prefix)))
+        except InvalidMessageError as exc:  # written by something else: skipped
+            log.warning("skipping a broken task record: %s", exc.reason)
+    return records
+
+
+async def offered_of(queue: TaskQueue) -> list[Task]:
+    """The tasks the session's pending dispatch messages carry."""
+    msgs = await stored_messages(queue.bus.js, TASKS_STREAM, subjects.task_filter(queue.session))
+    offered: list[Task] = []
+    for msg in msgs:
+        headers = msg.headers or {}
+        subject = headers.get(STORED_SUBJECT_HEADER, msg.subject)  # a direct get's reply
+        try:
+            offered.append(offer_of(subject, msg.data, headers, queue.session).task)
+        except InvalidMessageError:  # a claimer dead-letters it
+            continue
+    return offered
+
+
+def _copy(session: str, task: Task, data: bytes) -> tuple[str, bytes, dict[str, str]]:
+    """The creation copy of ``task`` (subject, data, headers): what the sweep offers again
+    if its dispatch message is removed before any claim wrote the record. Its key's
+    first token is no session id: no listing or watch of a session's records sees it."""
+    return subjects.kv_subject(TASKS_BUCKET, created_key(session, task.id)), data, {}
+
+
+async def _copy_of(queue: TaskQueue, task_id: str) -> Task | None:
+    """The creation copy of ``task_id`` (None if there is none)."""
+    key = created_key(queue.session, task_id)
+    entry = await read_entry(queue.kv, key, f"cannot read task {task_id}")
+    return None if entry is None else record_of(entry[0], queue.session, task_id)
+
+
 async def offer_lost(queue: TaskQueue, *, grace: float, limit: int = 100) -> list[str]:
     """Offer again the claimable tasks of ``queue`` whose dispatch message is gone.
 
@@ -629,9 +626,9 @@ async def offer_lost(queue: TaskQueue, *, grace: float, limit: int = 100) -> lis
     again at the revision read (0 for a copy: the claim creates the record). At most
     ``limit`` per call.
     """
-    copies = await queue._records(queue._copies_prefix())  # a copy precedes its record
-    records = await queue._records()  # records first: see ``TaskQueue.tasks``
-    offered = {t.id for t in await queue._offered()}
+    copies = await records_of(queue, copies=True)  # a copy precedes its record
+    records = await records_of(queue)  # records first: see ``TaskQueue.tasks``
+    offered = {t.id for t in await offered_of(queue)}
     cutoff = now().timestamp() - grace
     recorded = {t.id for t in records}
     lost = [t for t in records if t.id not in offered and _stranded(t, cutoff)]
