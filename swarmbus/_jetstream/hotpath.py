@@ -1,5 +1,5 @@
-"""Core NATS on the request hot path: messages taken where nats-py reads them, and
-publishes queued without nats-py's per-call overhead.
+"""Core NATS on the request and task hot paths: messages taken where nats-py reads
+them, publishes queued without nats-py's per-call overhead, and written at once.
 
 nats-py hands every message of a callback subscription to that subscription's own task
 through an ``asyncio.Queue``: a put, a get, a task switch and a loop turn per message.
