@@ -9,6 +9,10 @@ alternating order, the same run is made with:
 * ``swarmbus``: ``Lock.acquire(timeout=...)`` + ``release()`` (fencing token, TTL,
   owner-only release, one core wake per release to a queue group of the waiters);
 * ``raw JetStream + wakes``: the same design in plain nats-py (``_raw_wakes``);
+* ``raw JetStream + hand-over``: one compare-and-set per hand-off to a waiter that
+  registered with the holder, checked by the waiter with one direct get
+  (``_HandOver``; a sketch, measured for issue 18); with ``--only`` also the same
+  design whose waiters believe grants unchecked (unsafe: what the check costs);
 * ``raw JetStream``: plain nats-py, the same guarantees: ``kv.create`` with a per-key
   TTL (its revision is the fencing token), owner-only release as ``kv.delete`` with
   ``last=`` the lock's revision, waiters woken by a ``kv.watch`` of the key;
@@ -44,15 +48,21 @@ from typing import Any
 RESOURCE = "file:/src/main.py"
 TTL = 30
 RAW_WAKES = "raw JetStream + wakes"
+RAW_HANDOVER = "raw JetStream + hand-over"
+UNCHECKED = "raw hand-over without grant check (unsafe)"
 KINDS = (
     "swarmbus",
     RAW_WAKES,
+    RAW_HANDOVER,
     "raw JetStream",
     "raw JetStream + manager",
     "swarmbus on Redis",
     "raw Redis",
 )
 MANAGED = "raw JetStream + manager"
+EXTRA_KINDS = (UNCHECKED,)
+"""Run only when named in ``--only``: what the hand-over's check of a grant costs (a
+waiter that believes any grant can be made to believe it holds a lock it does not)."""
 
 
 # --- contenders (child processes) -------------------------------------------------------
@@ -207,6 +217,232 @@ async def _raw_wakes(url: str, name: str, stop: Callable[[int], bool]) -> list[i
         await nc.close()
 
 
+class _HandOver:
+    """One contender of the hand-over design (``_raw_handover``), in plain nats-py.
+
+    A lock record names its holder's connection (``via``) and, if it was handed over,
+    the waiter it was written for (``nonce``, new for every turn). A waiter that finds
+    the lock held registers with the holder's connection (``hq.<via>``, the waiter's
+    nonce, connection and TTL). The holder's release, if waiters registered, is ONE
+    compare-and-set writing the first one's record over its own revision, then a grant
+    (``hg.<via>``: the new revision, the nonce and the rest of the queue). The granted
+    waiter believes it only after one direct get of the key's last message shows that
+    revision with its own nonce (a grant is a hint anyone could forge); it then holds
+    the queue. A connection that may hold the lock soon (a try in flight, checking a
+    grant, waiting for one) keeps registrations that reach it for its turn; one that
+    handed the lock on answers with a hint (``hr.<via>``: whom it handed it to). No
+    waiter registered: a purge marker and a queue-group wake, as ``_raw_wakes``.
+
+    Fallbacks in this sketch: a waiter re-reads the key after 50 ms without news (and
+    hands back what it kept), a grant whose connection closed ("no responders") is
+    handed on by its granter, a grant for an earlier turn of this contender is taken.
+    Not in it: waiters that give up, holders that die (the record's TTL).
+    """
+
+    def __init__(self, nc: Any, name: str, check: bool = True) -> None:
+        self.nc, self.name, self.checks = nc, name, check
+        self.js = nc.jetstream()
+        self.subject, self.stream = "$KV.HANDPROCS.lock", "KV_HANDPROCS"
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.holding: int | None = None
+        self.queue: list[dict[str, Any]] = []  # registered waiters, while we hold it
+        self.parked: list[Any] = []  # registrations kept while we may hold it soon
+        self.taking = False  # a try or a grant's check is in flight
+        self.waiting = False  # waiting for a grant, a hint or a wake
+        self.handed_to = ""  # whom we last handed the lock to (a hint)
+        self.granted: dict[int, list[dict[str, Any]]] = {}  # revision -> queue behind it
+        self.released_at: int | None = None
+        self.nonce = ""
+        self.turns = 0
+
+    def enqueue(self, msg: Any) -> None:
+        entry = json.loads(msg.data)
+        if all(e["nonce"] != entry["nonce"] for e in self.queue):
+            self.queue.append(entry)
+
+    async def on_register(self, msg: Any) -> None:
+        if self.holding is not None:
+            self.enqueue(msg)
+        elif self.taking or self.waiting:
+            self.parked.append(msg)
+        elif msg.reply:
+            await self.nc.publish(msg.reply, self.handed_to.encode())
+
+    async def settle(self, hint: str) -> None:
+        """A try or a wait ended: queue the kept registrations, or answer them."""
+        parked, self.parked, self.taking = self.parked, [], False
+        for msg in parked:
+            if self.holding is not None:
+                self.enqueue(msg)
+            elif msg.reply:
+                await self.nc.publish(msg.reply, hint.encode())
+
+    async def on_grant(self, msg: Any) -> None:
+        self.events.put_nowait(("grant", json.loads(msg.data)))
+
+    async def on_hint(self, msg: Any) -> None:
+        self.events.put_nowait(("hint", "" if msg.headers else msg.data.decode()))
+
+    async def on_wake(self, msg: Any) -> None:
+        self.events.put_nowait(("wake", None))
+
+    async def on_refused(self, msg: Any) -> None:
+        """No connection took a grant of ours (it closed): hand on what we wrote for it."""
+        revision = int(msg.subject.rsplit(".", 1)[1])
+        queue = self.granted.pop(revision, None)
+        if queue is not None and msg.headers:
+            self.queue = queue
+            await self.hand_over(revision)
+
+    async def cas(self, data: bytes, last: int, headers: dict[str, str]) -> int | None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+        reply = await self.nc.request(self.subject, data, timeout=10, headers=headers)
+        ack = json.loads(reply.data)
+        return None if "error" in ack else int(ack["seq"])
+
+    async def read(self) -> tuple[int, dict[str, Any] | None]:
+        """(last revision, record or None if free), from the stream leader."""
+        import nats.js.errors
+
+        try:
+            entry = await self.js.get_msg(self.stream, subject=self.subject, direct=False)
+        except nats.js.errors.NotFoundError:
+            return 0, None
+        if entry.headers and entry.headers.get("KV-Operation"):
+            return int(entry.seq), None
+        return int(entry.seq), json.loads(entry.data)
+
+    async def check(self, revision: int, nonce: str) -> bool:
+        """Whether the key's last message is ``revision`` and names ``nonce`` (a direct
+        get: a stale replica can only show a record that was written for us)."""
+        msg = await self.nc.request(f"$JS.API.DIRECT.GET.{self.stream}.{self.subject}", b"")
+        headers = msg.headers or {}
+        if headers.get("Nats-Sequence") != str(revision) or headers.get("KV-Operation"):
+            return False
+        return bool(json.loads(msg.data).get("nonce") == nonce)
+
+    async def register(self, via: str) -> None:
+        entry = {"nonce": self.nonce, "via": self.name, "owner": f"bench/{self.name}", "ttl": TTL}
+        await self.nc.publish(f"hq.{via}", json.dumps(entry).encode(), reply=f"hr.{self.name}")
+
+    async def attempt(self) -> str | None:
+        """One try: None if we hold the lock now, else the holder's connection (or "")."""
+        value = json.dumps({"owner": f"bench/{self.name}", "ttl": TTL, "via": self.name})
+        self.taking, via = True, ""
+        try:
+            last, record = (self.released_at, None) if self.released_at else await self.read()
+            self.released_at = None
+            if record is not None:
+                via = record["via"]
+                return str(via)
+            revision = await self.cas(value.encode(), last, {"Nats-TTL": str(TTL)})
+            if revision is None:
+                return ""
+            self.holding = revision
+            return None
+        finally:
+            await self.settle(via)
+
+    async def next_event(self) -> tuple[str, Any]:
+        self.waiting = True
+        try:
+            return await asyncio.wait_for(self.events.get(), 0.05)
+        except TimeoutError:
+            await self.settle("")
+            return "timeout", None
+        finally:
+            self.waiting = False
+
+    async def acquire(self) -> int:
+        self.turns += 1
+        self.nonce = f"{self.name}.{self.turns}"
+        hint: str | None = self.handed_to
+        events = [self.events.get_nowait() for _ in range(self.events.qsize())]
+        for event in events:
+            if event[0] == "grant":  # for an earlier turn of ours: still ours
+                self.events.put_nowait(event)
+        while True:
+            if not hint:
+                hint = await self.attempt()
+                if hint is None:
+                    assert self.holding is not None
+                    return self.holding
+            if hint:
+                await self.register(hint)
+            hint = ""
+            while True:
+                kind, data = await self.next_event()
+                if kind != "grant":
+                    hint = data or ""
+                    break
+                if not data["nonce"].startswith(f"{self.name}."):
+                    continue
+                self.taking = True
+                if self.checks and not await self.check(data["rev"], data["nonce"]):
+                    await self.settle("")
+                    continue
+                self.holding = data["rev"]
+                seen = {e["nonce"] for e in data["queue"]}
+                self.queue = data["queue"] + [e for e in self.queue if e["nonce"] not in seen]
+                await self.settle("")
+                return int(data["rev"])
+
+    async def release(self) -> None:
+        revision, self.holding = self.holding, None
+        assert revision is not None
+        await self.hand_over(revision)
+
+    async def hand_over(self, revision: int) -> None:
+        queue, self.queue = self.queue, []
+        if not queue:
+            self.handed_to = ""
+            released = await self.cas(b"", revision, {"KV-Operation": "PURGE", "Nats-TTL": "60"})
+            assert released is not None
+            self.released_at = released
+            await self.nc.publish("hw.lock", b"")
+            return
+        head = queue[0]
+        self.handed_to = head["via"]
+        new = await self.cas(json.dumps(head).encode(), revision, {"Nats-TTL": str(head["ttl"])})
+        assert new is not None  # owner-only: fails if it is not ours
+        self.granted[new] = queue[1:]
+        if len(self.granted) > 64:
+            del self.granted[next(iter(self.granted))]
+        grant = json.dumps({"rev": new, "nonce": head["nonce"], "queue": queue[1:]}).encode()
+        await self.nc.publish(f"hg.{head['via']}", grant, reply=f"hx.{self.name}.{new}")
+
+
+async def _raw_handover(
+    url: str, name: str, stop: Callable[[int], bool], check: bool = True
+) -> list[int]:
+    """The hand-over design in plain nats-py (``_HandOver``): one compare-and-set per
+    hand-off to a registered waiter, which checks its grant with one direct get."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().create_key_value(bucket="HANDPROCS", history=1, direct=True)
+        me = _HandOver(nc, name, check)
+        await nc.subscribe(f"hq.{name}", cb=me.on_register)
+        await nc.subscribe(f"hg.{name}", cb=me.on_grant)
+        await nc.subscribe(f"hr.{name}", cb=me.on_hint)
+        await nc.subscribe(f"hx.{name}.*", cb=me.on_refused)
+        _ready()
+        tokens: list[int] = []
+        while not stop(len(tokens)):
+            sub = await nc.subscribe("hw.lock", queue="lock", cb=me.on_wake)
+            tokens.append(await me.acquire())
+            await sub.unsubscribe()
+            await me.release()
+        return tokens
+    finally:
+        await nc.close()
+
+
+async def _raw_unchecked(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
+    return await _raw_handover(url, name, stop, check=False)
+
+
 async def _managed(url: str, name: str, stop: Callable[[int], bool]) -> list[int]:
     """A contender of the lock-manager design: core requests to ``_manager``."""
     import nats
@@ -356,6 +592,8 @@ def child(kind: str, url: str, name: str, total_file: str, quota: int) -> None:
         "swarmbus": _swarmbus,
         "raw JetStream": _raw_jetstream,
         RAW_WAKES: _raw_wakes,
+        RAW_HANDOVER: _raw_handover,
+        UNCHECKED: _raw_unchecked,
         "swarmbus on Redis": _swarmbus_on_redis,
         "raw Redis": _raw_redis,
         MANAGED: _managed,
@@ -477,7 +715,9 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--handoffs", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--only", help="comma-separated designs to run (default: all)")
+    parser.add_argument(
+        "--only", help=f"comma-separated designs to run (default: all but {EXTRA_KINDS})"
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--manager", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -490,10 +730,11 @@ def main() -> int:
         return 0
     from swarmbus import NatsServer
 
-    results: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+    results: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS + EXTRA_KINDS}
     with tempfile.TemporaryDirectory() as tmp, NatsServer(tmp) as server:
         redis_proc = _start_redis(tmp)
-        urls = {k: server.url for k in ("swarmbus", RAW_WAKES, "raw JetStream", MANAGED)}
+        nats_kinds = ("swarmbus", RAW_WAKES, RAW_HANDOVER, UNCHECKED, "raw JetStream", MANAGED)
+        urls = {k: server.url for k in nats_kinds}
         pids: dict[str, int | None] = {k: server.pid for k in urls}
         if redis_proc is not None:
             urls["raw Redis"] = f"unix://{tmp}/redis.sock"
@@ -503,7 +744,7 @@ def main() -> int:
         try:
             for r in range(args.repeat):
                 only = args.only.split(",") if args.only else KINDS
-                kinds = [k for k in KINDS if k in urls and k in only]
+                kinds = [k for k in KINDS + EXTRA_KINDS if k in urls and k in only]
                 for kind in kinds if r % 2 == 0 else kinds[::-1]:
                     pid = pids[kind]
                     assert pid is not None

@@ -127,6 +127,45 @@ async def test_owner_must_be_an_agent_id(bus: Bus, bucket: str) -> None:
         Lock(bus, RESOURCE, "not an agent!", bucket=bucket)
 
 
+# --- the lock's read of a key (kv_last) ------------------------------------------------
+
+
+async def test_kv_last_reads_what_nats_py_reads(bus: Bus, bucket: str) -> None:
+    """``kv_last`` decodes STREAM.MSG.GET itself: the same revision, value, headers and
+    server time as nats-py's ``get_msg``, for a held lock, a release marker; None for
+    a key never written and for a bucket that does not exist (as nats-py's 404)."""
+    from swarmbus._jetstream.latest import kv_last
+
+    key = lock_key(RESOURCE)
+    assert await kv_last(bus.js, bucket, key) is None  # no such bucket yet
+    await _bucket(bus, bucket)
+    assert await kv_last(bus.js, bucket, key) is None  # never written
+    lock = Lock(bus, RESOURCE, "ops/release-manager", ttl=7, bucket=bucket)
+    lease = await lock.acquire()
+    assert lease is not None
+
+    async def both() -> tuple[Any, Any]:
+        ours = await kv_last(bus.js, bucket, key)
+        theirs = await bus.js.get_msg(f"KV_{bucket}", subject=kv_subject(bucket, key))
+        return ours, theirs
+
+    held, msg = await both()
+    assert held is not None
+    assert (held.revision, held.operation, held.value, held.ttl) == (
+        lease.token,
+        "put",
+        msg.data,
+        "7",
+    )
+    assert held.time == msg.time
+    await lock.release()
+    marker, msg = await both()
+    assert marker is not None
+    assert (marker.revision, marker.operation, marker.value) == (msg.seq, "purge", b"")
+    assert marker.ttl == (msg.headers or {}).get(TTL_HEADER) == str(locks.MARKER_TTL)
+    assert await kv_last(bus.js, bucket, lock_key("never-locked")) is None
+
+
 # --- basic behaviour ----------------------------------------------------------------
 
 
