@@ -393,8 +393,8 @@ async def test_unclaimed_tasks_are_listed_and_read_from_their_dispatch_messages(
 
 
 async def test_a_first_claim_whose_ack_was_lost_is_settled(queue: TaskQueue) -> None:
-    """A first claim (a CAS on the record written at creation) with no ack: written
-    now, found written, or lost to another."""
+    """A first claim (a create-once write of the record: none before it) with no ack:
+    written now, found written, or lost to another."""
     from swarmbus import _subjects
     from swarmbus._tasks import EXPECTED_LAST_HEADER, TASKS_BUCKET, _claimed
 
@@ -407,7 +407,8 @@ async def test_a_first_claim_whose_ack_was_lost_is_settled(queue: TaskQueue) -> 
 
     never_sent = await queue.create("probe", agent=CREATOR)
     _, created = await queue._read(never_sent.id)
-    assert created > 0  # the record is written with the task
+    assert created == 0  # the first claim creates the record
+    assert await queue._record_of(never_sent.id) is None
     revision = await settle(never_sent, "w/a", created)
     assert isinstance(revision, int)
     assert (await queue.get(never_sent.id)).assigned_to == "w/a"
@@ -461,6 +462,45 @@ async def test_prune_removes_finished_records_once_no_dispatch_is_left(
     for bad in (-1, True, "1h", float("nan")):
         with pytest.raises(InvalidTaskError):
             await queue.prune(older_than=bad)  # type: ignore[arg-type]
+
+
+async def test_a_dispatch_removed_before_any_claim_is_offered_again_from_its_copy(
+    queue: TaskQueue, bus: Bus
+) -> None:
+    """No record before the first claim: the creation copy is what ``get`` and the
+    sweep (``offer_lost``) find once the dispatch message is gone (as after another
+    agent's TERM or ACK); never while its record key has an entry, a pruned one too."""
+    from swarmbus._jetstream.workqueue import purge_key
+    from swarmbus._tasks.queue import offer_lost
+
+    async def erase(task_id: str) -> None:
+        subject = f"swarmbus.task.{queue.session}.*.*.{task_id}"
+        await bus.js.purge_stream(TASKS_STREAM, subject=subject)
+        assert await queue._dispatched(task_id) is None
+
+    lost = await queue.create("report", agent=CREATOR)
+    await erase(lost.id)
+    assert await queue._record_of(lost.id) is None
+    assert await queue.get(lost.id) == lost  # the copy
+    assert [t.id for t in await queue.tasks(status="pending")] == [lost.id]
+    assert await offer_lost(queue, grace=3600) == []  # too recent: may be on its way
+    assert await offer_lost(queue, grace=0) == [lost.id]
+    assert await offer_lost(queue, grace=0) == []  # offered: its dispatch is there
+    claim = await queue.claim(agent="w/a", types=["report"], timeout=5)
+    assert claim is not None
+    assert claim.task.id == lost.id
+    assert claim.attempt == 1
+    await claim.complete({"ok": True})
+    assert await offer_lost(queue, grace=0) == []  # the record decides: completed
+
+    marked = await queue.create("report", agent=CREATOR)
+    await erase(marked.id)
+    await purge_key(queue.kv, f"{queue.session}.{marked.id}", "test")  # a marker only
+    assert await offer_lost(queue, grace=0) == []
+    assert await queue.prune(older_than=0) == [lost.id]
+    with pytest.raises(NotFoundError):
+        await queue.get(lost.id)
+    assert lost.id not in {t.id for t in await queue.tasks()}  # its copy went too
 
 
 @pytest.mark.parametrize("backend", ["redis", "postgres"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import anyio
@@ -30,6 +31,9 @@ class Handled:
 
 
 class FakeSubscription:
+    def __init__(self) -> None:
+        self._pending_queue: asyncio.Queue[Msg] = asyncio.Queue()  # InlineDelivery's seam
+
     async def unsubscribe(self) -> None:
         return None
 
@@ -37,7 +41,7 @@ class FakeSubscription:
 class FakeNats:
     """Enough of a nats-py client for ``Signals.arm`` and ``disarm``."""
 
-    async def subscribe(self, subject: str, cb: object) -> FakeSubscription:
+    async def subscribe(self, subject: str, queue: str = "", cb: object = None) -> FakeSubscription:
         return FakeSubscription()
 
 
@@ -58,7 +62,7 @@ async def test_signals_a_queue_is_clean_after_a_pull_that_drained_it_until_its_n
     assert signals.owed("probe", 4)
 
     changed = signals.changed
-    await signals._on_dispatch(dispatch("s1", "probe", 5))
+    signals._take(dispatch("s1", "probe", 5))
     assert changed.is_set()
     assert signals.owed("probe", 5)
     # A pull that found nothing a moment after the dispatch was announced: not stored
@@ -72,20 +76,20 @@ async def test_signals_a_queue_is_clean_after_a_pull_that_drained_it_until_its_n
 
     # A dispatch announced during a pull that drained the queue: still owed.
     mark = signals.mark("probe", 5)
-    await signals._on_dispatch(dispatch("s1", "probe", 5))
+    signals._take(dispatch("s1", "probe", 5))
     assert not signals.pulled("probe", 5, mark, got=0, asked=10)
     assert signals.owed("probe", 5)
     # A pull from a clean queue that got every dispatch announced meanwhile: clean.
     signals._clean.add(("probe", 5))
     mark = signals.mark("probe", 5)
-    await signals._on_dispatch(dispatch("s1", "probe", 5))
+    signals._take(dispatch("s1", "probe", 5))
     assert not signals.pulled("probe", 5, mark, got=1, asked=1)
     assert not signals.owed("probe", 5)
 
     # Made-up priority tokens (anyone may publish) leave no state behind.
     changed = signals.changed
     for bogus in (0, 11, 10**12):
-        await signals._on_dispatch(dispatch("s1", "probe", bogus))
+        signals._take(dispatch("s1", "probe", bogus))
     assert not changed.is_set()
     assert set(signals._signals) == {("probe", 5)}
 

@@ -22,8 +22,8 @@ What goes where:
 ``follow``                reading a stream in order (tail, timeline), dead letters,
                           stream and consumer state for metrics
 ``replies``               core request/reply on raw bytes (the runtime's API)
-``hotpath``               the request hot path: messages taken in the read loop
-                          (``InlineDelivery``), ``publish_nowait``
+``hotpath``               the request and task hot paths: messages taken in the read
+                          loop (``InlineDelivery``), ``publish_nowait``, ``flush_now``
 ========================  ==========================================================
 
 Import the submodules directly; this package module imports nothing, so that the

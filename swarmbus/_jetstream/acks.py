@@ -33,6 +33,7 @@ from nats.nuid import NUID
 from swarmbus._errors import ConnectionError, PublishError
 from swarmbus._jetstream.errors import is_transient, translate, transport_error
 from swarmbus._jetstream.headers import MSG_ID, STATUS, WRONG_LAST_SEQUENCE
+from swarmbus._jetstream.hotpath import InlineDelivery, flush_now
 from swarmbus._jetstream.retry import FIRST_BACKOFF, MAX_BACKOFF, Guard, stored_already
 
 __all__ = ["AckPublisher", "CasConflict", "CasWriter", "Refused", "StoredPublisher"]
@@ -94,7 +95,8 @@ class AckPublisher:
         try:
             if self._sub is None:
                 self._prefix = nc.new_inbox()
-                self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
+                # Acks settled in the read loop: no task hop between an ack and its waiter.
+                self._sub = await InlineDelivery(self._take).subscribe(nc, f"{self._prefix}.*")
             for subject, data, headers in items:
                 self._count += 1
                 token = str(self._count)
@@ -105,6 +107,7 @@ class AckPublisher:
         except nats.errors.Error as exc:
             self.forget(futures)
             raise ConnectionError(f"cannot publish: {exc}") from exc
+        flush_now(nc)  # someone waits for these acks: not behind the other ready tasks
         return futures
 
     def forget(self, futures: Sequence[asyncio.Future[int | Refused]]) -> None:
@@ -131,7 +134,8 @@ class AckPublisher:
             for f in futures
         ]
 
-    async def _on_ack(self, msg: Msg) -> None:
+    def _take(self, msg: Msg) -> None:
+        """Settle the future of the ack ``msg`` (in the read loop: ``InlineDelivery``)."""
         future = self._pending.pop(msg.subject[len(self._prefix) + 1 :], None)
         if future is None or future.done():
             return

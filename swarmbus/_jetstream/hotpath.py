@@ -1,5 +1,5 @@
-"""Core NATS on the request hot path: messages taken where nats-py reads them, and
-publishes queued without nats-py's per-call overhead.
+"""Core NATS on the request and task hot paths: messages taken where nats-py reads
+them, publishes queued without nats-py's per-call overhead, and written at once.
 
 nats-py hands every message of a callback subscription to that subscription's own task
 through an ``asyncio.Queue``: a put, a get, a task switch and a loop turn per message.
@@ -35,7 +35,7 @@ from nats.aio.client import Client as Connection
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["InlineDelivery", "Later", "Take", "publish_nowait"]
+__all__ = ["InlineDelivery", "Later", "Take", "flush_now", "publish_nowait"]
 
 log = logging.getLogger("swarmbus")
 
@@ -121,3 +121,18 @@ def publish_nowait(nc: Connection, subject: str, data: bytes, reply: str = "") -
         # Wake the flusher with the future it resolves once written (nobody waits on it).
         queue.put_nowait(flusher.get_loop().create_future())
     return True
+
+
+def flush_now(nc: Connection) -> None:
+    """Write ``nc``'s pending buffer to the socket now, as nats-py's flusher task does on
+    its next turn, which comes only after every task ready before it ran: for writes
+    whose round trip a caller waits on (``AckPublisher``). A no-op unless connected
+    with a live flusher (that then writes, or buffers through a reconnect)."""
+    flusher, transport = nc._flusher_task, nc._transport
+    if nc._status != _CONNECTED or flusher is None or flusher.done() or transport is None:
+        return
+    if not nc._pending:
+        return
+    transport.writelines(nc._pending)
+    nc._pending = []
+    nc._pending_data_size = 0

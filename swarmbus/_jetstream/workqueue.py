@@ -46,6 +46,7 @@ from swarmbus import _subjects as subjects
 from swarmbus._errors import ConnectionError, PermissionDeniedError, PublishError, SwarmbusError
 from swarmbus._jetstream.errors import translate
 from swarmbus._jetstream.headers import JS_API, KV_OPERATION, KV_PURGE, WRONG_LAST_SEQUENCE
+from swarmbus._jetstream.hotpath import InlineDelivery
 from swarmbus._jetstream.reads import PullInbox, unsubscribe_all
 from swarmbus._jetstream.retry import Guard
 
@@ -391,6 +392,12 @@ class Signals:
         self._unseen: dict[tuple[str, int], int] = {}
         self._signalled_at: dict[tuple[str, int], float] = {}
         self.refreshed_at = time.monotonic()
+        self._parked: tuple[anyio.CancelScope, frozenset[tuple[str, int]]] | None = None
+
+    def park(self, scope: anyio.CancelScope | None, queues: Sequence[tuple[str, int]]) -> None:
+        """Cancel ``scope`` (an idle wait on another queue) as soon as one of ``queues``
+        gets a dispatch; None: no longer."""
+        self._parked = None if scope is None else (scope, frozenset(queues))
 
     def armed(self, types: Sequence[str]) -> bool:
         return all(type in self._subs for type in types)
@@ -401,7 +408,9 @@ class Signals:
             for type in types:
                 if type not in self._subs:
                     subject = f"{subjects.task_subject(self._session, type, '*')}.*"
-                    self._subs[type] = await self._nc.subscribe(subject, cb=self._on_dispatch)
+                    # Taken in the read loop: no task hop per dispatch announced.
+                    delivery = InlineDelivery(self._take)
+                    self._subs[type] = await delivery.subscribe(self._nc, subject)
         except nats.errors.Error as exc:
             await self.disarm()
             raise ConnectionError(f"cannot wait for tasks: {exc}") from exc
@@ -459,11 +468,15 @@ class Signals:
         self._clean.add(queue)
         return False
 
-    async def _on_dispatch(self, msg: Msg) -> None:
+    def _take(self, msg: Msg) -> None:
+        """A dispatch announced (``InlineDelivery``: in the read loop, must not block)."""
         parts = msg.subject.split(".")
         if len(parts) != 6 or not parts[4].isdigit() or int(parts[4]) not in self._priorities:
             return  # not a queue: its state would grow with every token a sender makes up
         queue = (parts[3], int(parts[4]))
+        parked = self._parked
+        if parked is not None and queue in parked[1]:
+            parked[0].cancel()
         self._clean.discard(queue)
         self._signals[queue] = self._signals.get(queue, 0) + 1
         self._unseen[queue] = self._unseen.get(queue, 0) + 1

@@ -11,7 +11,10 @@ Two JetStream pieces (see docs/use/tasks.md):
   is acked once the task is final.
 * **State**: the KV bucket ``swarmbus-tasks`` holds one record per claimed (or
   approval-gated) task under ``<session>.<task id>``, created by the first claim
-  (create-once). Every transition is a compare-and-set on the record's revision, and
+  (create-once), and each task's creation copy under ``=created.<session>.<task id>``,
+  written with its dispatch (the sweep re-offers a task whose dispatch was removed
+  before any claim from it: ``queue.offer_lost``). Every transition is a
+  compare-and-set on the record's revision, and
   each claim increments ``attempts``, which is the claim's fencing token: the CAS on
   the record, not the JetStream ack, is the commit point, so a redelivered dispatch
   message can never make a task complete twice.

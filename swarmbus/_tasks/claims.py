@@ -237,29 +237,23 @@ class Claimer:
         stays open on the server until ``wait``: a dispatch it gets is kept by the
         inbox for the next pull."""
         msgs: list[Dispatch] = []
+        signals = self._signals
+        others = [q for q in self._queues(types) if q != queue]
         async with self._scan_lock:
             puller = await self.puller(*queue)
-            async with anyio.create_task_group() as tg:
-                self._parked = tg.cancel_scope
+            if any(signals.owed(*q) for q in others):
+                return []  # another queue got a dispatch meanwhile: scan
+            with anyio.CancelScope() as scope:
+                # Ended by a dispatch on one of ``others`` (``Signals.park``) or by
+                # another caller of this claimer (``claim_many``).
+                self._parked = scope
+                signals.park(scope, others)
                 try:
-                    tg.start_soon(self._until_elsewhere, queue, types, tg.cancel_scope)
                     msgs = await self._pull(puller, *queue, 1, wait=wait)
-                    tg.cancel_scope.cancel()
                 finally:
                     self._parked = None
+                    signals.park(None, ())
             return await self.settle_all(msgs, agent) if msgs else []
-
-    async def _until_elsewhere(
-        self, queue: tuple[str, int], types: Sequence[str], scope: anyio.CancelScope
-    ) -> None:
-        """Cancel ``scope`` once a queue of ``types`` other than ``queue`` is owed a pull."""
-        signals = self._signals
-        while True:
-            changed = signals.changed
-            if any(signals.owed(*q) for q in self._queues(types) if q != queue):
-                scope.cancel()
-                return
-            await changed.wait()
 
     @staticmethod
     def _queues(types: Sequence[str]) -> list[tuple[str, int]]:

@@ -61,7 +61,8 @@ class Finishes:
         self._finals: OrderedDict[str, Task] = OrderedDict()
 
     def note_created(self, task_ids: Iterable[str]) -> None:
-        """Tasks whose records were created just now (after this watch started, if any)."""
+        """Tasks created just now, their records not yet written (after this watch
+        started, if any: it will see every write of their records)."""
         if self._watch is None:
             return
         noted = self._noted

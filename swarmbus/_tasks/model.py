@@ -33,6 +33,9 @@ MAX_PRIORITY: Final = 10
 STATUSES: Final = ("pending", "assigned", "running", "completed", "failed")
 TERMINAL: Final = frozenset({"completed", "failed"})
 
+CREATED_TOKEN: Final = "=created"
+"""First token of the creation copies' keys (``created_key``): no session id has ``=``."""
+
 Status = Literal["pending", "assigned", "running", "completed", "failed"]
 Approval = Literal["none", "required", "approved", "rejected"]
 Priority = Annotated[int, msgspec.Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
@@ -170,6 +173,11 @@ def now() -> datetime:
 
 def after(seconds: float) -> datetime:
     return datetime.fromtimestamp(time.time() + seconds, UTC)
+
+
+def created_key(session: str, task_id: str) -> str:
+    """The key of a task's creation copy in the record bucket (``TaskQueue.create_many``)."""
+    return f"{CREATED_TOKEN}.{session}.{task_id}"
 
 
 def build(spec: TaskSpec, *, agent: str, session: str, max_attempts: int) -> Task:

@@ -61,6 +61,7 @@ from swarmbus._tasks.model import (
     TaskSpec,
     build,
     count,
+    created_key,
     encoder,
     hint_of,
     now,
@@ -74,6 +75,8 @@ from swarmbus._telemetry import continued, traced
 __all__ = ["TaskQueue", "offer_lost"]
 
 log = logging.getLogger("swarmbus.tasks")
+
+KV_STREAM = f"KV_{TASKS_BUCKET}"
 
 
 class TaskQueue:
@@ -202,32 +205,36 @@ class TaskQueue:
     async def create_many(self, specs: Iterable[TaskSpec], *, agent: str) -> list[Task]:
         """Create several tasks with pipelined writes (every spec is validated first).
 
-        Two pipelined round trips: first every task's record (create-once, pending),
-        then the dispatch messages, each carrying its record's revision, which the
-        first claim compare-and-sets against. The record is the task: a dispatch message
+        One pipelined round trip: per task its dispatch message and its creation copy
+        (the task as created, under a key of its own) and the stored
+        ``task.created`` event. The record itself is created by the first claim
+        (create-once at revision 0, the exactly-once commit point). A dispatch message
         removed by someone else (a TERM or ACK of a message it fetched) is offered again
-        by the service's sweep (``offer_lost``). A task that needs approval gets its
-        record only, and is offered once approved.
+        from the copy or the record by the service's sweep (``offer_lost``). A task that
+        needs approval gets its record only (votes compare-and-set it), and is offered
+        once approved.
         """
         self.bus.act_as(agent)
         tasks = [
             build(spec, agent=agent, session=self.session, max_attempts=self.max_attempts)
             for spec in specs
         ]
-        records = [self._record(task) for task in tasks]
-        revisions = [_stored(result, self.session) for result in await self._acks.publish(records)]
-        self._finishes.note_created(task.id for task in tasks)
-        offered = [
-            (task, self._offer(task, revision, data=data))
-            for task, revision, (_, data, _) in zip(tasks, revisions, records, strict=True)
-            if task.approval == "none"
-        ]
-        # The records are stored (the tasks exist): the events go with the dispatches (one
-        # that is not stored leaves a pending record, which the service's sweep offers).
-        sent = await self._acks.send([write for _, write in offered])
-        dispatches = {task.id: write[2] for task, write in offered}
-        for t, (_, _, headers) in zip(tasks, records, strict=True):
-            with continued(dispatches.get(t.id, headers)):  # outside a trace: the task's
+        writes: list[tuple[str, bytes, dict[str, str]]] = []
+        contexts: list[dict[str, str]] = []  # the trace each task's event continues
+        for task in tasks:
+            if task.approval != "none":
+                write = self._record(task)
+                writes.append(write)
+            else:  # the dispatch first: the server hands it to a waiting claimer sooner
+                data = encoder.encode(task)
+                write = self._offer(task, 0, data=data)
+                writes += [write, _copy(self.session, task, data)]
+            contexts.append(write[2])
+        self._finishes.note_created(task.id for task in tasks)  # before a claim can write
+        sent = await self._acks.send(writes)
+        # The events go in the same flush (after the writes), without acks.
+        for t, headers in zip(tasks, contexts, strict=True):
+            with continued(headers):  # outside a trace: the task's
                 await self._events([(_created(t), agent, f"task:{t.id}:created")])
         for result in await self._acks.collect(sent):
             _stored(result, self.session)
@@ -282,6 +289,11 @@ class TaskQueue:
             offered = await self._dispatched(task_id)
             found = (offered, 0) if offered is not None else await self._record_of(task_id)
         if found is None:
+            # Its dispatch message was removed before any claim (the sweep offers it
+            # again), or it is unknown. A pruned task's copy went before its record.
+            copy = await _copy_of(self, task_id)
+            found = (copy, 0) if copy is not None else None
+        if found is None:
             raise NotFoundError("task", task_id)
         return found
 
@@ -313,11 +325,13 @@ class TaskQueue:
         """
         if status is not None and status not in STATUSES:
             raise InvalidTaskError("status", f"{status!r} is not one of {', '.join(STATUSES)}")
-        # Dispatch messages first: a task claimed meanwhile is in the bucket by the
-        # time the bucket is read (the other order could miss it).
-        offered = {t.id: t for t in await self._offered()}
-        records = {t.id: t for t in await self._records()}
-        tasks = list({**offered, **records}.values())
+        # Creation copies, then dispatch messages, then records: a task claimed
+        # meanwhile is in the bucket by the time the records are read (the other order
+        # could miss it).
+        copies = {t.id: t for t in await records_of(self, copies=True)}
+        offered = {t.id: t for t in await offered_of(self)}
+        records = {t.id: t for t in await records_of(self)}
+        tasks = list({**copies, **offered, **records}.values())
         tasks.sort(key=lambda t: t.created_at or now())
         return [t for t in tasks if status is None or t.status == status]
 
@@ -347,50 +361,27 @@ class TaskQueue:
         # dispatch message of a listed one cannot be created after it is read.
         finished = [
             task.id
-            for task in await self._records()
+            for task in await records_of(self)
             if task.status in TERMINAL
             and task.completed_at is not None
             and task.completed_at.timestamp() <= cutoff
         ]
-        offered = {t.id for t in await self._offered()}
+        offered = {t.id for t in await offered_of(self)}
+        copies = {t.id for t in await records_of(self, copies=True)}
         pruned = [task_id for task_id in finished if task_id not in offered]
         for task_id in pruned:
-            subject = subjects.kv_subject(TASKS_BUCKET, self._key(task_id))
-            await purge_key(
-                self.kv,
-                self._key(task_id),
-                f"cannot prune the tasks of {self.session}",
-                self.bus._permission_guard(subject, "prune tasks"),
-            )
+            # The copy first: a copy without a record would be offered again (a record
+            # left without its copy is harmless).
+            keys = [created_key(self.session, task_id)] if task_id in copies else []
+            for key in [*keys, self._key(task_id)]:
+                subject = subjects.kv_subject(TASKS_BUCKET, key)
+                await purge_key(
+                    self.kv,
+                    key,
+                    f"cannot prune the tasks of {self.session}",
+                    self.bus._permission_guard(subject, "prune tasks"),
+                )
         return pruned
-
-    async def _records(self) -> list[Task]:
-        """The session's task records, as stored now."""
-        entries = await self.store.list(f"{self.session}.")
-        records: list[Task] = []
-        for entry in entries:
-            if not entry.value:
-                continue
-            task_id = entry.key.removeprefix(f"{self.session}.")
-            try:
-                records.append(record_of(entry.value, self.session, task_id))
-            except InvalidMessageError as exc:  # written by something else: skipped
-                log.warning("skipping a broken task record: %s", exc.reason)
-        return records
-
-    async def _offered(self) -> list[Task]:
-        """The tasks the session's pending dispatch messages carry."""
-        filter = subjects.task_filter(self.session)
-        msgs = await stored_messages(self.bus.js, TASKS_STREAM, filter)
-        offered: list[Task] = []
-        for msg in msgs:
-            headers = msg.headers or {}
-            subject = headers.get(STORED_SUBJECT_HEADER, msg.subject)  # a direct get's reply
-            try:
-                offered.append(offer_of(subject, msg.data, headers, self.session).task)
-            except InvalidMessageError:  # a claimer dead-letters it
-                continue
-        return offered
 
     async def approve(self, task_id: str, *, by: str) -> Task:
         """Let a ``requires_approval`` task be claimed (called by a consensus decision).
@@ -578,29 +569,84 @@ class TaskQueue:
                 log.error("could not publish %s: %s", type(body).__name__, exc)
 
 
+async def records_of(queue: TaskQueue, *, copies: bool = False) -> list[Task]:
+    """The session's task records (``copies``: its creation copies), as stored now."""
+    prefix = created_key(queue.session, "") if copies else f"{queue.session}."
+    records: list[Task] = []
+    for entry in await queue.store.list(prefix):
+        if not entry.value:
+            continue
+        try:
+            records.append(record_of(entry.value, queue.session, entry.key.removeprefix(prefix)))
+        except InvalidMessageError as exc:  # written by something else: skipped
+            log.warning("skipping a broken task record: %s", exc.reason)
+    return records
+
+
+async def offered_of(queue: TaskQueue) -> list[Task]:
+    """The tasks the session's pending dispatch messages carry."""
+    msgs = await stored_messages(queue.bus.js, TASKS_STREAM, subjects.task_filter(queue.session))
+    offered: list[Task] = []
+    for msg in msgs:
+        headers = msg.headers or {}
+        subject = headers.get(STORED_SUBJECT_HEADER, msg.subject)  # a direct get's reply
+        try:
+            offered.append(offer_of(subject, msg.data, headers, queue.session).task)
+        except InvalidMessageError:  # a claimer dead-letters it
+            continue
+    return offered
+
+
+def _copy(session: str, task: Task, data: bytes) -> tuple[str, bytes, dict[str, str]]:
+    """The creation copy of ``task`` (subject, data, headers): what the sweep offers again
+    if its dispatch message is removed before any claim wrote the record. Its key's
+    first token is no session id: no listing or watch of a session's records sees it."""
+    return subjects.kv_subject(TASKS_BUCKET, created_key(session, task.id)), data, {}
+
+
+async def _copy_of(queue: TaskQueue, task_id: str) -> Task | None:
+    """The creation copy of ``task_id`` (None if there is none)."""
+    key = created_key(queue.session, task_id)
+    entry = await read_entry(queue.kv, key, f"cannot read task {task_id}")
+    return None if entry is None else record_of(entry[0], queue.session, task_id)
+
+
 async def offer_lost(queue: TaskQueue, *, grace: float, limit: int = 100) -> list[str]:
     """Offer again the claimable tasks of ``queue`` whose dispatch message is gone.
 
-    A task's record is written before its dispatch message, and any claimer can TERM or
-    ACK a dispatch it fetched, which removes it from the work-queue stream: the record
-    then waits, pending (or with an expired lease), with nothing left to claim it by.
-    Run by the service's task sweep (``swarmbus._runtime.timeouts``). A task is a
-    candidate if nothing happened to it for ``grace`` seconds (its dispatch may still
-    be on its way) and the session's stream holds no message of it; each candidate is
-    checked once more by a direct get of the last message on its subject and a read of
-    its record, and offered again at the record's revision. At most ``limit`` per call.
+    Any claimer can TERM or ACK a dispatch it fetched, another agent's too, which
+    removes it from the work-queue stream. Before the first claim the task's creation
+    copy is then all that is left of it; after a claim, its record (pending again, or
+    with an expired lease): either would wait with nothing left to claim it by. Run by
+    the service's task sweep (``swarmbus._runtime.timeouts``). A task is a candidate if
+    nothing happened to it for ``grace`` seconds (its dispatch may still be on its way)
+    and the session's stream holds no message of it; each candidate is checked once
+    more by direct gets (the last message on its dispatch subject; a copy's record key,
+    which must have no entry at all, not even a pruned record's marker) and offered
+    again at the revision read (0 for a copy: the claim creates the record). At most
+    ``limit`` per call.
     """
-    records = await queue._records()  # records first: see ``TaskQueue.tasks``
-    offered = {t.id for t in await queue._offered()}
+    copies = await records_of(queue, copies=True)  # a copy precedes its record
+    records = await records_of(queue)  # records first: see ``TaskQueue.tasks``
+    offered = {t.id for t in await offered_of(queue)}
     cutoff = now().timestamp() - grace
+    recorded = {t.id for t in records}
     lost = [t for t in records if t.id not in offered and _stranded(t, cutoff)]
+    lost += [
+        t for t in copies if t.id not in recorded and t.id not in offered and _stranded(t, cutoff)
+    ]
     again: list[str] = []
     for candidate in lost[:limit]:
-        pattern = subjects.task_filter(queue.session, candidate.id)
         what = f"cannot re-offer task {candidate.id}"
+        pattern = subjects.task_filter(queue.session, candidate.id)
         if await read_last(queue.bus.js, TASKS_STREAM, pattern, what) is not None:
             continue
-        found = await queue._record_of(candidate.id)
+        if candidate.id in recorded:
+            found = await queue._record_of(candidate.id)
+        else:  # a copy: offered only while its record key has no entry at all
+            key = subjects.kv_subject(TASKS_BUCKET, queue._key(candidate.id))
+            none = await read_last(queue.bus.js, KV_STREAM, key, what) is None
+            found = (candidate, 0) if none else None
         if found is None or not _stranded(found[0], cutoff):
             continue
         task, revision = found

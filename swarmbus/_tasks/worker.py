@@ -83,6 +83,9 @@ class Worker:
                     self._active[claim] = time.monotonic()
                 if claims:
                     tg.start_soon(self._run_batch, claims)
+                    # The batch first, then this loop's next claim (a quick handler's
+                    # completion is written before the loop's next pull is prepared).
+                    await asyncio.sleep(0)
             while self._active:
                 self._freed = anyio.Event()
                 await self._freed.wait()
