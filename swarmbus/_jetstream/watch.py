@@ -6,7 +6,9 @@ N" and the locks' one watch per bucket wants only new writes, on a memory-backed
 consumer (a file-backed one costs ~10 ms to create). Both are an ordered consumer on
 the bucket's stream with a callback; this is that, written once. The callback runs
 on the client's reader task: it must not block (hand the change to a memory stream
-or update in-process state).
+or update in-process state). With ``inline`` it runs in the connection's read loop
+itself (``hotpath.InlineDelivery``: one loop turn less per change, for a waiter on the
+hot path); whatever it raises there is logged and that change dropped.
 
 ``watch_until`` is the common "wait until this key says so" on top of a
 ``NatsStore`` watch.
@@ -27,6 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from swarmbus._jetstream.errors import NatsError, nats_errors
+from swarmbus._jetstream.hotpath import InlineDelivery, Later
 from swarmbus._jetstream.headers import KV_DELETE, KV_OPERATION, KV_PURGE, MARKER_REASON, TTL
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._state import Entry
@@ -87,7 +90,8 @@ class KvWatch:
 
     ``start`` is the first revision (stream sequence) to deliver; None delivers only
     writes made after the watch starts. ``memory`` puts the consumer's state in
-    memory. ``on_change`` gets every entry in revision order.
+    memory. ``on_change`` gets every entry in revision order; ``inline`` calls it in
+    the connection's read loop (see the module docstring).
     """
 
     def __init__(
@@ -100,6 +104,7 @@ class KvWatch:
         start: int | None = None,
         memory: bool = False,
         inactive_threshold: float = 300.0,
+        inline: bool = False,
     ) -> None:
         self.js = js
         self.bucket = bucket
@@ -109,6 +114,7 @@ class KvWatch:
         self._start = start
         self._memory = memory
         self._inactive_threshold = inactive_threshold
+        self._delivery = InlineDelivery(self._take) if inline else None
         self._sub: Subscription | None = None
 
     @classmethod
@@ -133,17 +139,22 @@ class KvWatch:
                 opt_start_seq=self._start,
                 mem_storage=self._memory,
             )
+        delivery = self._delivery
         with nats_errors(f"cannot watch {self.subject}"):
             self._sub = await self.js.subscribe(
                 self.subject,
                 stream=kv_stream(self.bucket),
-                cb=self._on_msg,
+                cb=self._on_msg if delivery is None else delivery.run_later,
                 ordered_consumer=True,
                 config=config,
                 pending_msgs_limit=-1,
                 pending_bytes_limit=-1,
                 inactive_threshold=self._inactive_threshold,
             )
+            if delivery is not None:
+                # nats-py's ordered consumer checks each message's sequence before it
+                # queues it: that check and its resets stay as they are.
+                delivery.attach(self._sub)
 
     async def stop(self) -> None:
         """End the watch and delete its consumer now (not at its inactive threshold).
@@ -164,6 +175,9 @@ class KvWatch:
                     await self.js.delete_consumer(kv_stream(self.bucket), consumer)
 
     async def _on_msg(self, msg: Msg) -> None:
+        self._take(msg)
+
+    def _take(self, msg: Msg) -> Later | None:
         # positional: this runs for every stored message the watch sees
         self._on_change(
             KvChange(
@@ -175,6 +189,7 @@ class KvWatch:
                 msg.headers.get(TTL) if msg.headers else None,
             )
         )
+        return None
 
 
 async def watch_until(

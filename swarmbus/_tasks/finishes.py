@@ -12,7 +12,10 @@ finishes later by the watch.
 The read is skipped for a task this queue object created while its watch ran (``noted``):
 the watch sees every write of that record, so its final one either comes after the
 registration, or came before it and was kept (``_finals``, bounded; a task forgotten
-there is read as above). Nothing runs in the background but the watch's callback.
+there is read as above). Nothing runs in the background but the watch's callback,
+which runs in the connection's read loop (``KvWatch(inline=True)``: a waiter wakes one
+loop turn sooner); it only decodes a record and settles futures, and a record it
+cannot decode is left to the waiter's own read.
 """
 
 from __future__ import annotations
@@ -108,6 +111,7 @@ class Finishes:
                     self._on_change,
                     keys=f"{self._queue.session}.*",
                     memory=True,  # a file-backed consumer costs ~10 ms to create
+                    inline=True,
                 )
                 await watch.start()
                 self._watch = watch
