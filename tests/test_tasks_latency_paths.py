@@ -1,5 +1,6 @@
 """The one-task latency path's shortcuts (issue 18): what runs in nats-py's read loop.
 
+Acks are awaited with ``hotpath.settled`` (``asyncio.wait`` a loop turn sooner).
 ``TaskQueue.wait`` learns a completion from a KV watch whose changes are taken in the
 connection's read loop (``KvWatch(inline=True)``). Nothing a message there carries may
 end that loop (the connection's only reader): a message that is no stored entry, a
@@ -8,6 +9,7 @@ callback that raises, a record that is not a task; the watch and the connection 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -16,6 +18,7 @@ import msgspec
 import pytest
 
 from swarmbus import Bus, Task, TaskQueue
+from swarmbus._jetstream.hotpath import settled
 from swarmbus._jetstream.watch import KvChange, KvWatch
 from swarmbus._tasks.model import TASKS_BUCKET, encoder, now
 
@@ -42,7 +45,7 @@ async def test_an_inline_watch_reads_on_past_a_stray_message_and_a_callback_that
     await watch.start()
     try:
         assert watch._sub is not None
-        deliver = watch._sub._sub.subject  # the push consumer's deliver subject
+        deliver = watch._sub.subject  # the push consumer's deliver subject
         with caplog.at_level(logging.ERROR, logger="swarmbus"):
             await kv.put("k", b"first")
             # Anyone allowed to publish there: no JetStream metadata, not a stored entry.
@@ -99,3 +102,40 @@ async def test_wait_sees_the_completion_after_a_record_that_is_no_task(
                 finished = await queue.wait(again.id)
                 stop.set()
         assert finished.result == {"id": again.id}
+
+
+async def test_settled_wakes_its_caller_on_the_turn_after_the_last_result() -> None:
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[int]] = [loop.create_future() for _ in range(3)]
+    returned = anyio.Event()
+
+    async def waits() -> None:
+        await settled(futures, WAIT)
+        returned.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waits)
+        await anyio.wait_all_tasks_blocked()
+        for i, future in enumerate(futures):
+            future.set_result(i)  # as the read loop does, in one go
+        await asyncio.sleep(0)  # one turn: asyncio.wait would need two
+        assert returned.is_set()
+    assert [f.result() for f in futures] == [0, 1, 2]
+
+
+async def test_settled_cancels_what_is_pending_at_its_timeout_or_when_cancelled() -> None:
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[int] = loop.create_future()
+    answered.set_result(7)
+    silent: asyncio.Future[int] = loop.create_future()
+    with anyio.fail_after(WAIT):
+        await settled([answered, silent], 0.01)
+    assert answered.result() == 7
+    assert silent.cancelled()
+
+    await settled([answered], 0)  # all done: returns at once, even with no time left
+    forgotten: asyncio.Future[int] = loop.create_future()
+    with anyio.move_on_after(0.01) as scope:  # the caller's own deadline
+        await settled([forgotten], WAIT)
+    assert scope.cancelled_caught
+    assert forgotten.cancelled()

@@ -33,7 +33,7 @@ from nats.nuid import NUID
 from swarmbus._errors import ConnectionError, PublishError
 from swarmbus._jetstream.errors import is_transient, translate, transport_error
 from swarmbus._jetstream.headers import MSG_ID, STATUS, WRONG_LAST_SEQUENCE
-from swarmbus._jetstream.hotpath import InlineDelivery, flush_now
+from swarmbus._jetstream.hotpath import InlineDelivery, flush_now, settled
 from swarmbus._jetstream.retry import FIRST_BACKOFF, MAX_BACKOFF, Guard, stored_already
 
 __all__ = ["AckPublisher", "CasConflict", "CasWriter", "Refused", "StoredPublisher"]
@@ -126,7 +126,7 @@ class AckPublisher:
         """
         try:
             if futures:
-                await asyncio.wait(futures, timeout=self._timeout)
+                await settled(futures, self._timeout)  # asyncio.wait, a loop turn sooner
         finally:
             self.forget(futures)
         return [

@@ -23,19 +23,26 @@ It applies only while the connection is up with room in its buffer; otherwise it
 returns False and the caller uses ``Client.publish`` (which buffers during a
 reconnect, forces a flush or raises). Its subjects must already be valid: built from
 checked tokens, or a reply subject as the server delivered it (no whitespace).
+
+``settled`` waits for futures settled in the read loop (acks) as ``asyncio.wait`` with
+a timeout does, one loop turn sooner: ``asyncio.wait`` wakes its caller through a done
+callback and a waiter future (two turns after the last result is set), ``settled``
+awaits each future itself (the next turn).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
 
+import anyio
 from nats.aio.client import Client as Connection
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["InlineDelivery", "Later", "Take", "flush_now", "publish_nowait"]
+__all__ = ["InlineDelivery", "Later", "Take", "flush_now", "publish_nowait", "settled"]
 
 log = logging.getLogger("swarmbus")
 
@@ -136,3 +143,21 @@ def flush_now(nc: Connection) -> None:
     transport.writelines(nc._pending)
     nc._pending = []
     nc._pending_data_size = 0
+
+
+async def settled(futures: Sequence[asyncio.Future[Any]], timeout: float) -> None:
+    """Wait until every future of ``futures`` is done, for at most ``timeout`` seconds.
+
+    A future still pending at the timeout is cancelled (the caller counts it as not
+    answered); so is one pending when the caller is cancelled. The futures must be the
+    caller's own: one cancelled by anybody else ends the wait with CancelledError.
+    """
+    for future in futures:
+        if not future.done():
+            break
+    else:
+        return  # all answered already (no timer, no cancel scope)
+    with anyio.move_on_after(timeout):
+        for future in futures:
+            if not future.done():
+                await future

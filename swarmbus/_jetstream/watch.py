@@ -29,8 +29,8 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from swarmbus._jetstream.errors import NatsError, nats_errors
-from swarmbus._jetstream.hotpath import InlineDelivery, Later
 from swarmbus._jetstream.headers import KV_DELETE, KV_OPERATION, KV_PURGE, MARKER_REASON, TTL
+from swarmbus._jetstream.hotpath import InlineDelivery, Later
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._state import Entry
 
