@@ -139,3 +139,30 @@ async def test_settled_cancels_what_is_pending_at_its_timeout_or_when_cancelled(
         await settled([forgotten], WAIT)
     assert scope.cancelled_caught
     assert forgotten.cancelled()
+
+
+async def test_a_claimers_pull_inbox_reads_on_past_stray_messages(
+    bus: Bus, session_id: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:
+        first = await queue.create("probe", agent=CREATOR)
+        claim = await queue.claim(agent="w/a", types=["probe"], timeout=WAIT)
+        assert claim is not None
+        assert claim.task.id == first.id
+        inbox = queue._claimer._inbox._prefix  # its pulls' replies arrive in the read loop
+        assert inbox
+        # Anyone allowed to publish there: a status for no pull, a message with no ack
+        # subject, one that claims to be a dispatch of some consumer, garbage headers.
+        await bus.nc.publish(f"{inbox}.999", b"", headers={"Status": "408"})
+        await bus.nc.publish(f"{inbox}.1", b"\xff")
+        await bus.nc.publish(f"{inbox}.1", b"{}", reply="$JS.ACK.X.Y.1.1.1.1.1")
+        await bus.nc.publish(f"{inbox}.x", b"{}", headers={"Status": ""})
+        await claim.complete({})
+        second = await queue.create("probe", agent=CREATOR)
+        again = await queue.claim(agent="w/a", types=["probe"], timeout=WAIT)
+        assert again is not None
+        assert again.task.id == second.id
+        await again.complete({"n": 2})
+        with anyio.fail_after(WAIT):
+            assert (await queue.wait(second.id)).result == {"n": 2}
+        assert bus.nc.is_connected

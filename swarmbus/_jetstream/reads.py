@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Awaitable, Iterable
+from functools import partial
 from typing import Final
 
 import anyio
@@ -33,6 +34,7 @@ from swarmbus._jetstream.headers import (
     SEQUENCE,
     STATUS,
 )
+from swarmbus._jetstream.hotpath import InlineDelivery, Later, settled
 
 _NO_MESSAGES: Final = frozenset({"404", "408", "409"})
 """Pull statuses that end a pull: no messages, request timeout, consumer changed."""
@@ -240,6 +242,10 @@ async def quietly(op: Awaitable[None]) -> None:
         await op
 
 
+async def _put_back(msg: Msg) -> None:
+    await quietly(msg.nak())
+
+
 async def unsubscribe_all(subs: Iterable[NatsSubscription]) -> None:
     for sub in subs:
         with contextlib.suppress(nats.errors.Error):  # fired already, or connection gone
@@ -285,7 +291,8 @@ class PullInbox:
         try:
             if self._sub is None:
                 self._prefix = nc.new_inbox()
-                self._sub = await nc.subscribe(f"{self._prefix}.*", cb=self._on_msg)
+                # Taken in the read loop: no task hop between a dispatch and its pull.
+                self._sub = await InlineDelivery(self._take).subscribe(nc, f"{self._prefix}.*")
             self._count += 1
             self._current = f"{self._prefix}.{self._count}"
             stream, consumer = next_subject.rsplit(".", 2)[1:]
@@ -299,7 +306,9 @@ class PullInbox:
                 ask["no_wait"] = True
             request = json.dumps(ask).encode()
             await nc.publish(next_subject, request, reply=self._current)
-            await asyncio.wait_for(self._done, self._timeout)
+            await settled([self._done], self._timeout)  # asyncio.wait_for, a turn sooner
+            if self._done.cancelled():
+                raise TimeoutError
         except (TimeoutError, nats.errors.Error) as exc:
             await self._give_back()
             raise ConnectionError(f"cannot pull tasks: {exc}") from exc
@@ -319,15 +328,16 @@ class PullInbox:
         for msg in msgs:
             await quietly(msg.nak())
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _take(self, msg: Msg) -> Later | None:
+        """Collect a message of the pull in flight (in the read loop: ``InlineDelivery``);
+        one it cannot take is put back, in the subscription's task."""
         status = (msg.headers or {}).get(STATUS)
         done = self._done
         if status:
             if msg.subject != self._current or done is None or done.done():
-                return  # the end of a pull given up on
+                return None  # the end of a pull given up on
         elif done is None or done.done() or not msg.reply.startswith(self._acks):
-            await quietly(msg.nak())  # got by a pull given up on: back to its queue
-            return
+            return partial(_put_back, msg)  # got by a pull given up on: back to its queue
         if not status:
             self._msgs.append(msg)
         elif status == NO_RESPONDERS:
@@ -335,6 +345,7 @@ class PullInbox:
         finished = status in _NO_MESSAGES or self._missing or len(self._msgs) >= self._want
         if finished:
             done.set_result(None)
+        return None
 
     async def close(self) -> None:
         if self._sub is not None:
