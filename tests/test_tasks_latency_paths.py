@@ -1,6 +1,7 @@
 """The one-task latency path's shortcuts (issue 18): what runs in nats-py's read loop.
 
 Acks are awaited with ``hotpath.settled`` (``asyncio.wait`` a loop turn sooner).
+A worker hands each next batch to a runner task left idle by the last one.
 ``TaskQueue.wait`` learns a completion from a KV watch whose changes are taken in the
 connection's read loop (``KvWatch(inline=True)``). Nothing a message there carries may
 end that loop (the connection's only reader): a message that is no stored entry, a
@@ -20,7 +21,8 @@ import pytest
 from swarmbus import Bus, Task, TaskQueue
 from swarmbus._jetstream.hotpath import settled
 from swarmbus._jetstream.watch import KvChange, KvWatch
-from swarmbus._tasks.model import TASKS_BUCKET, encoder, now
+from swarmbus._tasks.model import TASKS_BUCKET, Claim, encoder, now
+from swarmbus._tasks.worker import Worker
 
 WAIT = 10
 CREATOR = "ops/coordinator"
@@ -166,3 +168,69 @@ async def test_a_claimers_pull_inbox_reads_on_past_stray_messages(
         with anyio.fail_after(WAIT):
             assert (await queue.wait(second.id)).result == {"n": 2}
         assert bus.nc.is_connected
+
+
+class CountedWorker(Worker):
+    """A ``Worker`` that counts the runner tasks it starts."""
+
+    started = 0
+
+    async def _runner(self, claims: list[Claim]) -> None:
+        CountedWorker.started += 1
+        await super()._runner(claims)
+
+
+async def test_a_worker_runs_each_next_batch_in_its_idle_runner(bus: Bus, session_id: str) -> None:
+    CountedWorker.started = 0
+    async with TaskQueue(bus, session_id) as queue:
+        stop = anyio.Event()
+
+        async def handler(t: Task) -> dict[str, Any]:
+            return {"id": t.id}
+
+        worker = CountedWorker(
+            queue, handler, agent="w/a", types=["probe"], stop=stop, concurrency=8
+        )
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+
+                async def works() -> None:
+                    async with queue._claimer.lingering():
+                        await worker.run()
+
+                tg.start_soon(works)
+                for _ in range(5):
+                    task = await queue.create("probe", agent=CREATOR)
+                    assert (await queue.wait(task.id)).result == {"id": task.id}
+                    await anyio.wait_all_tasks_blocked()  # its runner went idle
+                stop.set()
+                await queue.create("probe", agent=CREATOR)  # wakes the loop to see stop
+        assert CountedWorker.started == 1
+        assert not worker._idle
+
+
+async def test_a_batch_handed_over_while_every_runner_is_busy_gets_a_runner_of_its_own(
+    bus: Bus, session_id: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:
+        stop = anyio.Event()
+        second_ran = anyio.Event()
+        first_started = anyio.Event()
+        first = await queue.create("probe", agent=CREATOR)
+
+        async def handler(t: Task) -> dict[str, Any]:
+            if t.id == first.id:
+                first_started.set()
+                await second_ran.wait()  # holds its runner until the second ran
+            else:
+                second_ran.set()
+            return {}
+
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: queue.work(handler, agent="w/a", types=["probe"], stop=stop))
+                await first_started.wait()
+                second = await queue.create("probe", agent=CREATOR)
+                await queue.wait(second.id)
+                await queue.wait(first.id)
+                stop.set()
