@@ -1,6 +1,8 @@
 """The one-task latency path's shortcuts (issue 18): what runs in nats-py's read loop.
 
-Acks are awaited with ``hotpath.settled`` (``asyncio.wait`` a loop turn sooner).
+CAS writes and events are queued with ``publish_nowait`` (HPUB, headers checked as
+nats-py checks them). Acks are awaited with ``hotpath.settled`` (``asyncio.wait``, a
+loop turn sooner).
 A worker hands each next batch to a runner task left idle by the last one.
 ``TaskQueue.wait`` learns a completion from a KV watch whose changes are taken in the
 connection's read loop (``KvWatch(inline=True)``). Nothing a message there carries may
@@ -17,9 +19,10 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 
 from swarmbus import Bus, Task, TaskQueue
-from swarmbus._jetstream.hotpath import settled
+from swarmbus._jetstream.hotpath import publish_nowait, settled
 from swarmbus._jetstream.watch import KvChange, KvWatch
 from swarmbus._tasks.model import TASKS_BUCKET, Claim, encoder, now
 from swarmbus._tasks.worker import Worker
@@ -234,3 +237,57 @@ async def test_a_batch_handed_over_while_every_runner_is_busy_gets_a_runner_of_i
                 await queue.wait(second.id)
                 await queue.wait(first.id)
                 stop.set()
+
+
+async def test_publish_nowait_with_headers_sends_what_client_publish_sends(
+    bus: Bus, unique: str
+) -> None:
+    nc = bus.nc
+    got: list[Msg] = []
+    both = anyio.Event()
+
+    async def collect(msg: Msg) -> None:
+        got.append(msg)
+        if len(got) == 2:
+            both.set()
+
+    subject = f"hot.{unique}"
+    await nc.subscribe(subject, cb=collect)
+    await nc.flush()
+    headers = {"Nats-Msg-Id": "task:1:completed", "Nats-Expected-Last-Subject-Sequence": " 7 "}
+    assert publish_nowait(nc, subject, b"body", f"reply.{unique}", headers)
+    await nc.publish(subject, b"body", reply=f"reply.{unique}", headers=headers)
+    with anyio.fail_after(WAIT):
+        await both.wait()
+    ours, theirs = got
+    assert (ours.subject, ours.reply, ours.data) == (theirs.subject, theirs.reply, theirs.data)
+    assert (
+        ours.headers
+        == theirs.headers
+        == {
+            "Nats-Msg-Id": "task:1:completed",
+            "Nats-Expected-Last-Subject-Sequence": "7",
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("subject", "reply", "headers"),
+    [
+        ("a.b", "", {"X-Reason": "two\r\nlines"}),  # nats-py rewrites it: declined
+        ("a.b", "", {"Bad Name": "v"}),
+        ("a.b", "", {"Bad:Name": "v"}),
+        ("a b", "", None),
+        ("a.b\r\nPUB x 0", "", None),  # would inject a protocol command
+        ("a.b", "r r", {"X": "v"}),
+        ("", "", None),
+    ],
+)
+async def test_publish_nowait_declines_what_client_publish_would_rewrite_or_refuse(
+    bus: Bus, subject: str, reply: str, headers: dict[str, str] | None
+) -> None:
+    before = len(bus.nc._pending)
+    assert not publish_nowait(bus.nc, subject, b"x", reply, headers)
+    assert len(bus.nc._pending) == before
+    await bus.nc.flush()
+    assert bus.nc.is_connected

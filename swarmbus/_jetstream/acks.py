@@ -33,7 +33,7 @@ from nats.nuid import NUID
 from swarmbus._errors import ConnectionError, PublishError
 from swarmbus._jetstream.errors import is_transient, translate, transport_error
 from swarmbus._jetstream.headers import MSG_ID, STATUS, WRONG_LAST_SEQUENCE
-from swarmbus._jetstream.hotpath import InlineDelivery, flush_now, settled
+from swarmbus._jetstream.hotpath import InlineDelivery, flush_now, publish_nowait, settled
 from swarmbus._jetstream.retry import FIRST_BACKOFF, MAX_BACKOFF, Guard, stored_already
 
 __all__ = ["AckPublisher", "CasConflict", "CasWriter", "Refused", "StoredPublisher"]
@@ -103,7 +103,9 @@ class AckPublisher:
                 future: asyncio.Future[int | Refused] = loop.create_future()
                 self._pending[token] = future
                 futures.append(future)
-                await nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+                reply = f"{self._prefix}.{token}"
+                if not publish_nowait(nc, subject, data, reply, headers):
+                    await nc.publish(subject, data, reply=reply, headers=headers)
         except nats.errors.Error as exc:
             self.forget(futures)
             raise ConnectionError(f"cannot publish: {exc}") from exc

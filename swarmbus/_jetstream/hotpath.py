@@ -16,13 +16,16 @@ by the subscription's pending limits as before. ``take`` runs inside the read lo
 it must not block, and whatever it raises is logged and the message dropped (an
 exception there would end nats-py's read loop, the connection's only reader).
 
-``publish_nowait`` appends a PUB to the connection's pending buffer as
-``Client.publish`` does, and wakes the flusher the same way (only when no flush is
+``publish_nowait`` appends a PUB (HPUB with headers) to the connection's pending buffer
+as ``Client.publish`` does, and wakes the flusher the same way (only when no flush is
 queued), without the four coroutine frames, the subject checks and a future per call.
+Header names are checked as nats-py checks them; a header that nats-py would have to
+rewrite (a value with a line break, a name that is no token) is declined (False).
 It applies only while the connection is up with room in its buffer; otherwise it
 returns False and the caller uses ``Client.publish`` (which buffers during a
-reconnect, forces a flush or raises). Its subjects must already be valid: built from
-checked tokens, or a reply subject as the server delivered it (no whitespace).
+reconnect, forces a flush or raises). Its subjects are checked as nats-py checks a
+publish's (not empty, no whitespace: a line break would inject protocol commands); a
+subject that fails is declined too, and ``Client.publish`` then raises.
 
 ``settled`` waits for futures settled in the read loop (acks) as ``asyncio.wait`` with
 a timeout does, one loop turn sooner: ``asyncio.wait`` wakes its caller through a done
@@ -34,7 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import anyio
@@ -104,17 +108,42 @@ _CONNECTED: Final = Connection.CONNECTED
 _CRLF: Final = b"\r\n"
 
 
-def publish_nowait(nc: Connection, subject: str, data: bytes, reply: str = "") -> bool:
-    """Queue a PUB of ``data`` on ``nc`` as ``Client.publish`` would; False if it cannot
-    be done here (not connected, buffer full, too large): then use ``Client.publish``.
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # nats-py's check
+_BAD_SUBJECT: Final = re.compile(r"\s")  # nats-py's check of a publish's subjects
 
-    ``subject`` and ``reply`` must be valid subjects (see the module docstring).
+
+def publish_nowait(
+    nc: Connection,
+    subject: str,
+    data: bytes,
+    reply: str = "",
+    headers: Mapping[str, str] | None = None,
+) -> bool:
+    """Queue a PUB of ``data`` on ``nc`` as ``Client.publish`` would; False if it cannot
+    be done here (not connected, buffer full, too large, a header nats-py would
+    rewrite): then use ``Client.publish``.
+
+    ``subject`` and ``reply`` are checked as nats-py checks them (module docstring).
     """
     flusher = nc._flusher_task
     if nc._status != _CONNECTED or flusher is None or flusher.done():
         return False
+    if not subject or _BAD_SUBJECT.search(subject) or (reply and _BAD_SUBJECT.search(reply)):
+        return False
     size = len(data)
-    cmd = b"".join((f"PUB {subject} {reply} {size}\r\n".encode(), data, _CRLF))
+    if headers:
+        lines = ["NATS/1.0\r\n"]
+        for name, value in headers.items():
+            value = value.strip()
+            if not _HEADER_NAME.fullmatch(name) or "\r" in value or "\n" in value:
+                return False
+            lines.append(f"{name}: {value}\r\n")
+        lines.append("\r\n")
+        head = "".join(lines).encode()
+        start = f"HPUB {subject} {reply} {len(head)} {len(head) + size}\r\n".encode()
+        cmd = b"".join((start, head, data, _CRLF))
+    else:
+        cmd = b"".join((f"PUB {subject} {reply} {size}\r\n".encode(), data, _CRLF))
     pending_size = nc._pending_data_size + len(cmd)
     if size > nc._max_payload or 0 < nc._max_pending_size < pending_size:
         return False

@@ -25,6 +25,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from swarmbus._jetstream.hotpath import publish_nowait
+
 log = logging.getLogger("swarmbus.outbox")
 
 RESEND_AFTER: Final = 2.0
@@ -103,7 +105,9 @@ class Outbox:
         self._pending[token] = _Pending(subject, data, headers, now, now)
         self._empty.clear()
         try:
-            await self._nc.publish(subject, data, reply=f"{self._prefix}.{token}", headers=headers)
+            reply = f"{self._prefix}.{token}"
+            if not publish_nowait(self._nc, subject, data, reply, headers):
+                await self._nc.publish(subject, data, reply=reply, headers=headers)
         except BaseException:
             self._done(token)  # the caller is told; re-sending it later would be a ghost
             raise
