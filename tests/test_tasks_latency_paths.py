@@ -22,7 +22,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from swarmbus import Bus, Task, TaskQueue
-from swarmbus._jetstream.hotpath import publish_nowait, settled
+from swarmbus._jetstream.hotpath import flush_now, publish_nowait, settled
 from swarmbus._jetstream.watch import KvChange, KvWatch
 from swarmbus._tasks.model import TASKS_BUCKET, Claim, encoder, now
 from swarmbus._tasks.worker import Worker
@@ -291,3 +291,24 @@ async def test_publish_nowait_declines_what_client_publish_would_rewrite_or_refu
     assert len(bus.nc._pending) == before
     await bus.nc.flush()
     assert bus.nc.is_connected
+
+
+async def test_a_publish_queued_without_waking_the_flusher_goes_out_with_flush_now(
+    bus: Bus, unique: str
+) -> None:
+    nc = bus.nc
+    got = anyio.Event()
+
+    async def collect(msg: Msg) -> None:
+        got.set()
+
+    subject = f"hot.{unique}"
+    await nc.subscribe(subject, cb=collect)
+    await nc.flush()
+    assert publish_nowait(nc, subject, b"x", "", {"Nats-Msg-Id": "1"}, wake=False)
+    assert nc._flush_queue is not None
+    assert nc._flush_queue.empty()  # the flusher was not woken for it
+    flush_now(nc)
+    assert not nc._pending
+    with anyio.fail_after(WAIT):
+        await got.wait()

@@ -104,12 +104,15 @@ class AckPublisher:
                 self._pending[token] = future
                 futures.append(future)
                 reply = f"{self._prefix}.{token}"
-                if not publish_nowait(nc, subject, data, reply, headers):
+                if not publish_nowait(nc, subject, data, reply, headers, wake=False):
                     await nc.publish(subject, data, reply=reply, headers=headers)
         except nats.errors.Error as exc:
             self.forget(futures)
             raise ConnectionError(f"cannot publish: {exc}") from exc
-        flush_now(nc)  # someone waits for these acks: not behind the other ready tasks
+        finally:
+            # Someone waits for these acks: not behind the other ready tasks (and what
+            # was queued without waking the flusher goes out even if a publish failed).
+            flush_now(nc)
         return futures
 
     def forget(self, futures: Sequence[asyncio.Future[int | Refused]]) -> None:

@@ -118,10 +118,13 @@ def publish_nowait(
     data: bytes,
     reply: str = "",
     headers: Mapping[str, str] | None = None,
+    *,
+    wake: bool = True,
 ) -> bool:
     """Queue a PUB of ``data`` on ``nc`` as ``Client.publish`` would; False if it cannot
     be done here (not connected, buffer full, too large, a header nats-py would
-    rewrite): then use ``Client.publish``.
+    rewrite): then use ``Client.publish``. ``wake=False``: the caller calls
+    ``flush_now`` next (nats-py's flusher is not woken for a write done already).
 
     ``subject`` and ``reply`` are checked as nats-py checks them (module docstring).
     """
@@ -152,20 +155,28 @@ def publish_nowait(
     stats = nc.stats
     stats["out_msgs"] += 1
     stats["out_bytes"] += size
-    queue = nc._flush_queue
-    if queue is not None and queue.empty():
-        # Wake the flusher with the future it resolves once written (nobody waits on it).
-        queue.put_nowait(flusher.get_loop().create_future())
+    if wake:
+        _wake_flusher(nc)
     return True
+
+
+def _wake_flusher(nc: Connection) -> None:
+    """Wake nats-py's flusher as ``Client.publish`` does (only when no flush is queued)."""
+    flusher, queue = nc._flusher_task, nc._flush_queue
+    if queue is not None and queue.empty() and flusher is not None and not flusher.done():
+        # With the future it resolves once written (nobody waits on it).
+        queue.put_nowait(flusher.get_loop().create_future())
 
 
 def flush_now(nc: Connection) -> None:
     """Write ``nc``'s pending buffer to the socket now, as nats-py's flusher task does on
     its next turn, which comes only after every task ready before it ran: for writes
-    whose round trip a caller waits on (``AckPublisher``). A no-op unless connected
-    with a live flusher (that then writes, or buffers through a reconnect)."""
+    whose round trip a caller waits on (``AckPublisher``). Unless connected with a live
+    flusher, it wakes the flusher instead (that then writes, or nats-py's reconnect
+    does)."""
     flusher, transport = nc._flusher_task, nc._transport
     if nc._status != _CONNECTED or flusher is None or flusher.done() or transport is None:
+        _wake_flusher(nc)
         return
     if not nc._pending:
         return
