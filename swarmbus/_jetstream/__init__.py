@@ -23,7 +23,8 @@ What goes where:
                           stream and consumer state for metrics
 ``replies``               core request/reply on raw bytes (the runtime's API)
 ``hotpath``               the request and task hot paths: messages taken in the read
-                          loop (``InlineDelivery``), ``publish_nowait``, ``flush_now``
+                          loop (``InlineDelivery``), ``publish_nowait``, ``flush_now``,
+                          ``settled`` (acks awaited)
 ========================  ==========================================================
 
 Import the submodules directly; this package module imports nothing, so that the
