@@ -134,7 +134,7 @@ def publish_nowait(
     if not subject or _BAD_SUBJECT.search(subject) or (reply and _BAD_SUBJECT.search(reply)):
         return False
     size = len(data)
-    if headers:
+    if headers is not None:  # as nats-py: an empty dict is an HPUB too
         lines = ["NATS/1.0\r\n"]
         for name, value in headers.items():
             value = value.strip()
