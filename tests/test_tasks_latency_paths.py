@@ -312,3 +312,26 @@ async def test_a_publish_queued_without_waking_the_flusher_goes_out_with_flush_n
     assert not nc._pending
     with anyio.fail_after(WAIT):
         await got.wait()
+
+
+async def test_the_outbox_reads_on_past_stray_acks_taken_in_the_read_loop(
+    bus: Bus, session_id: str
+) -> None:
+    async with TaskQueue(bus, session_id) as queue:
+        await queue.create("probe", agent=CREATOR)  # its task.created starts the outbox
+        assert await bus.outbox.flush(WAIT)
+        inbox = bus.outbox._prefix
+        assert inbox
+        await bus.outbox.send(f"nowhere.{session_id}", b"x", {"Nats-Msg-Id": "stray-1"})
+        token = next(iter(bus.outbox._pending))  # never stored: waits for its ack
+        # Anyone allowed to publish there: unknown tokens, garbage, a 503, no token.
+        await bus.nc.publish(f"{inbox}.999999", b"\xff")
+        await bus.nc.publish(f"{inbox}.{token}", b"", headers={"Status": "503"})
+        await bus.nc.publish(inbox, b"{}")
+        await bus.nc.publish(f"{inbox}.{token}", b"not json")  # taken as an ack
+        with anyio.fail_after(WAIT):
+            assert await bus.outbox.flush(WAIT)
+        second = await queue.create("probe", agent=CREATOR)  # events still acked
+        assert await bus.outbox.flush(WAIT)
+        assert bus.nc.is_connected
+        assert (await queue.get(second.id)).status == "pending"

@@ -25,7 +25,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from swarmbus._jetstream.hotpath import publish_nowait
+from swarmbus._jetstream.hotpath import InlineDelivery, Later, publish_nowait
 
 log = logging.getLogger("swarmbus.outbox")
 
@@ -88,7 +88,8 @@ class Outbox:
     async def start(self) -> None:
         """Subscribe to the ack inbox and start the re-send loop (owned by the bus)."""
         self._prefix = self._nc.new_inbox()
-        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_ack)
+        # Acks taken in the read loop (``InlineDelivery``): no task hop per event.
+        self._sub = await InlineDelivery(self._take).subscribe(self._nc, f"{self._prefix}.*")
         self._task = asyncio.get_running_loop().create_task(self._resend_loop())
 
     async def send(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
@@ -112,22 +113,24 @@ class Outbox:
             self._done(token)  # the caller is told; re-sending it later would be a ghost
             raise
 
-    async def _on_ack(self, msg: Msg) -> None:
+    def _take(self, msg: Msg) -> Later | None:
+        """Settle the publish ``msg`` acknowledges (in the read loop: never blocks)."""
         token = msg.subject[len(self._prefix) + 1 :]
         entry = self._pending.get(token)
         if entry is None:
-            return
+            return None
         if msg.headers and msg.headers.get("Status") == "503":
-            return  # no stream responder yet (election): the re-send loop retries
+            return None  # no stream responder yet (election): the re-send loop retries
         try:
             error = _ack_decoder.decode(msg.data).error
         except msgspec.DecodeError:
             error = None
         if error is not None and error.code == 503:
-            return  # "temporarily unavailable" (an election): the re-send loop retries
+            return None  # "temporarily unavailable" (an election): the re-send loop retries
         if error is not None:
             log.error("the stream refused %s: %s", entry.subject, error.description)
         self._done(token)
+        return None
 
     def refused(self, subject: str, reason: str) -> bool:
         """Drop the publishes to ``subject`` that the server refused (permissions).

@@ -156,7 +156,7 @@ class Claimer:
         self._consumers = QueueConsumers(bus.js, self._inbox, TASKS_STREAM, bus._permission_guard)
         self._last_aging = 0.0
         # One pull at a time per queue object: the pullers share one reply inbox.
-        self._scan_lock = anyio.Lock()
+        self._scan_lock = anyio.Lock(fast_acquire=True)  # no loop turn when free
         self._dead_letters = DeadLetters(bus)
         refresh = min(queue.ack_wait / 2, 0.5)  # redeliveries and delayed naks
         self._signals = Signals(
