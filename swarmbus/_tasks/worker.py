@@ -31,9 +31,11 @@ from swarmbus._errors import (
 )
 from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._tasks.model import Claim, Handler
-from swarmbus._telemetry import process_span
+from swarmbus._telemetry import process_span, tracing_enabled
 
 log = logging.getLogger("swarmbus.tasks")
+
+_NO_SPAN: Final = contextlib.nullcontext()
 
 IDLE_RUNNERS: Final = 2
 """Tasks kept waiting for the next batch once theirs ran."""
@@ -164,16 +166,22 @@ class Worker:
             if isinstance(error, BaseException):
                 raise error
 
-    async def _run(self, claim: Claim) -> None:
+    def _span(self, claim: Claim) -> contextlib.AbstractContextManager[object]:
+        """The CONSUMER span of running ``claim`` (nothing to build when tracing is off)."""
+        if not tracing_enabled():
+            return _NO_SPAN
         attrs = {
             "swarmbus.session": self._queue.session,
             "swarmbus.task_id": claim.task.id,
             "swarmbus.agent": self._agent,
         }
+        queue = claim._msg.subject.rsplit(".", 1)[0]  # span names without the id
+        headers = claim._msg.headers or {}
+        return process_span(queue, headers.get(MSG_ID_HEADER, ""), attrs, headers)
+
+    async def _run(self, claim: Claim) -> None:
         try:
-            queue = claim._msg.subject.rsplit(".", 1)[0]  # span names without the id
-            headers = claim._msg.headers or {}
-            with process_span(queue, headers.get(MSG_ID_HEADER, ""), attrs, headers):
+            with self._span(claim):
                 await claim._announced()  # a claim's task.assigned, held back for this
                 try:
                     result = await self._handler(claim.task)
