@@ -499,7 +499,7 @@ async def _bucket(bus: Bus, name: str) -> _Bucket:
 def _seconds(ttl: str | None, fallback: int) -> int:
     """A stored ``Nats-TTL`` header in seconds (``fallback``: the record's, if unreadable;
     a waiter that reads the key too early re-reads it later)."""
-    if ttl is not None and ttl.isdigit():
+    if ttl is not None and ttl.isascii() and ttl.isdigit():
         return int(ttl)
     return fallback
 

@@ -23,7 +23,7 @@ from swarmbus._jetstream.reads import kv_latest, last_per_subject
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._jetstream.watch import KvChange, kv_stream, operation
 
-__all__ = ["bucket_entries", "kv_last", "scan"]
+__all__ = ["bucket_entries", "entry_keys", "kv_last", "scan"]
 
 
 class _Stored(msgspec.Struct):
@@ -134,3 +134,12 @@ async def scan(store: NatsStore, keys: str) -> tuple[list[tuple[str, bytes]], in
         if not msg.headers or operation(msg.headers) == "put"
     ]
     return live, msgs[-1].metadata.sequence.stream if msgs else 0
+
+
+async def entry_keys(store: NatsStore, keys: str) -> set[str]:
+    """Every key matching ``keys`` that has a last entry: a value (readable or not), a
+    delete or a purge marker. One read of the last entry per key (``last_per_subject``)."""
+    kv = store.kv
+    prefix: str = kv._pre
+    msgs = await last_per_subject(kv._js, kv._stream, prefix + keys)
+    return {msg.subject[len(prefix) :] for msg in msgs}

@@ -341,10 +341,16 @@ class QueueProvisioner:
             self._checked.pop(queue, None)  # the queue's next dispatch tries again
 
 
+def _digits(token: str) -> bool:
+    """Whether ``token`` is a priority ``int`` reads: ASCII digits only (``str.isdigit``
+    is true of ``²`` too, which ``int`` refuses)."""
+    return token.isascii() and token.isdigit()
+
+
 def _queue(subject: str, priorities: range) -> Queue | None:
     """The queue of a dispatch subject; None if it is not a valid one."""
     parts = subject.split(".")
-    if len(parts) != 6 or not parts[4].isdigit() or int(parts[4]) not in priorities:
+    if len(parts) != 6 or not _digits(parts[4]) or int(parts[4]) not in priorities:
         return None
     queue = (parts[2], parts[3], int(parts[4]))
     try:
@@ -471,7 +477,7 @@ class Signals:
     def _take(self, msg: Msg) -> None:
         """A dispatch announced (``InlineDelivery``: in the read loop, must not block)."""
         parts = msg.subject.split(".")
-        if len(parts) != 6 or not parts[4].isdigit() or int(parts[4]) not in self._priorities:
+        if len(parts) != 6 or not _digits(parts[4]) or int(parts[4]) not in self._priorities:
             return  # not a queue: its state would grow with every token a sender makes up
         queue = (parts[3], int(parts[4]))
         parked = self._parked

@@ -38,6 +38,7 @@ from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._jetstream.headers import SUBJECT as STORED_SUBJECT_HEADER
 from swarmbus._jetstream.headers import TASK_REVISION as REVISION_HEADER
 from swarmbus._jetstream.kv import kv_context
+from swarmbus._jetstream.latest import entry_keys
 from swarmbus._jetstream.reads import stored_messages
 from swarmbus._jetstream.store import NatsStore
 from swarmbus._jetstream.workqueue import (
@@ -231,13 +232,18 @@ class TaskQueue:
                 writes += [write, _copy(self.session, task, data)]
             contexts.append(write[2])
         self._finishes.note_created(task.id for task in tasks)  # before a claim can write
-        sent = await self._acks.send(writes)
-        # The events go in the same flush (after the writes), without acks.
+        results = iter(await self._acks.collect(await self._acks.send(writes)))
+        refused: int | Refused | ConnectionError | None = None
         for t, headers in zip(tasks, contexts, strict=True):
+            acks = [next(results) for _ in range(1 if t.approval != "none" else 2)]
+            failed = [ack for ack in acks if not isinstance(ack, int)]
+            if failed:  # not announced: it may not exist (the caller gets PublishError)
+                refused = refused or failed[0]
+                continue
             with continued(headers):  # outside a trace: the task's
                 await self._events([(_created(t), agent, f"task:{t.id}:created")])
-        for result in await self._acks.collect(sent):
-            _stored(result, self.session)
+        if refused is not None:
+            _stored(refused, self.session)
         return tasks
 
     def _trace(self, task: Task) -> dict[str, str]:
@@ -331,6 +337,9 @@ class TaskQueue:
         copies = {t.id: t for t in await records_of(self, copies=True)}
         offered = {t.id: t for t in await offered_of(self)}
         records = {t.id: t for t in await records_of(self)}
+        for task_id in copies.keys() - offered.keys() - records.keys():
+            if await _has_entry(self, task_id):  # pruned meanwhile (or a broken record)
+                del copies[task_id]
         tasks = list({**copies, **offered, **records}.values())
         tasks.sort(key=lambda t: t.created_at or now())
         return [t for t in tasks if status is None or t.status == status]
@@ -605,10 +614,24 @@ def _copy(session: str, task: Task, data: bytes) -> tuple[str, bytes, dict[str, 
 
 
 async def _copy_of(queue: TaskQueue, task_id: str) -> Task | None:
-    """The creation copy of ``task_id`` (None if there is none)."""
+    """The creation copy of ``task_id`` (None if there is none, or if it is broken:
+    written by something else, it is no task)."""
     key = created_key(queue.session, task_id)
     entry = await read_entry(queue.kv, key, f"cannot read task {task_id}")
-    return None if entry is None else record_of(entry[0], queue.session, task_id)
+    if entry is None:
+        return None
+    try:
+        return record_of(entry[0], queue.session, task_id)
+    except InvalidMessageError as exc:
+        log.warning("ignoring a broken creation copy of task %s: %s", task_id, exc.reason)
+        return None
+
+
+async def _has_entry(queue: TaskQueue, task_id: str) -> bool:
+    """Whether ``task_id``'s record key has a last entry (a record, readable or not, or
+    a pruned record's marker): a direct get of the key's last message."""
+    key = subjects.kv_subject(TASKS_BUCKET, queue._key(task_id))
+    return await read_last(queue.bus.js, KV_STREAM, key, f"cannot read task {task_id}") is not None
 
 
 async def offer_lost(queue: TaskQueue, *, grace: float, limit: int = 100) -> list[str]:
@@ -624,19 +647,26 @@ async def offer_lost(queue: TaskQueue, *, grace: float, limit: int = 100) -> lis
     more by direct gets (the last message on its dispatch subject; a copy's record key,
     which must have no entry at all, not even a pruned record's marker) and offered
     again at the revision read (0 for a copy: the claim creates the record). At most
-    ``limit`` per call.
+    ``limit`` offers per call (candidates that turn out not to be lost do not count:
+    they cannot starve the ones that are).
     """
     copies = await records_of(queue, copies=True)  # a copy precedes its record
     records = await records_of(queue)  # records first: see ``TaskQueue.tasks``
     offered = {t.id for t in await offered_of(queue)}
     cutoff = now().timestamp() - grace
     recorded = {t.id for t in records}
+    # Record keys with any entry (markers and broken records too): their copies are done.
+    keys = await entry_keys(queue.store, f"{queue.session}.>")
     lost = [t for t in records if t.id not in offered and _stranded(t, cutoff)]
     lost += [
-        t for t in copies if t.id not in recorded and t.id not in offered and _stranded(t, cutoff)
+        t
+        for t in copies
+        if queue._key(t.id) not in keys and t.id not in offered and _stranded(t, cutoff)
     ]
     again: list[str] = []
-    for candidate in lost[:limit]:
+    for candidate in lost:
+        if len(again) >= limit:
+            break
         what = f"cannot re-offer task {candidate.id}"
         pattern = subjects.task_filter(queue.session, candidate.id)
         if await read_last(queue.bus.js, TASKS_STREAM, pattern, what) is not None:
