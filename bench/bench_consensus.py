@@ -30,9 +30,12 @@ from typing import Any
 
 import anyio
 
+import swarmbus
 from swarmbus import Bus, Consensus, DecisionMessage, Message, NatsServer, Proposal, Vote
 
-ROOT = Path(__file__).resolve().parents[1]
+# Worker processes import the swarmbus this process imported (bench/compare.py puts
+# another revision first on PYTHONPATH).
+SWARMBUS_HOME = str(Path(swarmbus.__file__).resolve().parents[1])
 SESSION = "BENCH"
 VOTERS = [f"bench/voter-{i}" for i in range(5)]
 
@@ -146,7 +149,7 @@ def main() -> None:
     parser.add_argument("--uvloop", action="store_true", help="service and client on uvloop")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-consensus-") as tmp, NatsServer(tmp) as server:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "NATS_URL": server.url}
+        env = {**os.environ, "PYTHONPATH": SWARMBUS_HOME, "NATS_URL": server.url}
         service = subprocess.Popen(
             [sys.executable, "-m", "swarmbus._cli", "consensus", "--session", SESSION]
             + (["--uvloop"] if args.uvloop else []),

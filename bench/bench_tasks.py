@@ -28,9 +28,12 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import RetentionPolicy, StreamConfig
 
+import swarmbus
 from swarmbus import Bus, NatsServer, TaskQueue, TaskSpec
 
-ROOT = Path(__file__).resolve().parents[1]
+# Worker processes import the swarmbus this process imported (bench/compare.py puts
+# another revision first on PYTHONPATH).
+SWARMBUS_HOME = str(Path(swarmbus.__file__).resolve().parents[1])
 RAW_STREAM = "BENCH_RAW"
 LOOP_ENV = "SWARMBUS_BENCH_LOOP"
 
@@ -76,7 +79,7 @@ def snapshot(pids: dict[str, list[int]]) -> dict[str, float]:
 
 
 def spawn(*args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": SWARMBUS_HOME}
     return subprocess.Popen([sys.executable, __file__, *args], env=env)
 
 
