@@ -40,9 +40,12 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
 
+import swarmbus
 from swarmbus import Bus, NatsServer, TaskQueue
 
-ROOT = Path(__file__).resolve().parents[1]
+# Worker processes import the swarmbus this process imported (bench/compare.py puts
+# another revision first on PYTHONPATH; the script's own tree may be the other one).
+SWARMBUS_HOME = str(Path(swarmbus.__file__).resolve().parents[1])
 LOOP_ENV = "SWARMBUS_BENCH_LOOP"
 RAW_STREAM = "LAT_RAW"
 SAFE_STREAM = "LAT_SAFE"
@@ -185,7 +188,7 @@ def cpu(pid: int) -> float:
 
 
 def spawn(*args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": SWARMBUS_HOME}
     return subprocess.Popen([sys.executable, __file__, *args], env=env)
 
 
