@@ -3,7 +3,7 @@
 CAS writes and events are queued with ``publish_nowait`` (HPUB, headers checked as
 nats-py checks them). Acks are awaited with ``hotpath.settled`` (``asyncio.wait``, a
 loop turn sooner).
-A worker hands each next batch to a runner task left idle by the last one.
+A worker runs each batch in a task of its own (a handler's context stays its own).
 ``TaskQueue.wait`` learns a completion from a KV watch whose changes are taken in the
 connection's read loop (``KvWatch(inline=True)``). Nothing a message there carries may
 end that loop (the connection's only reader): a message that is no stored entry, a
@@ -13,6 +13,7 @@ callback that raises, a record that is not a task; the watch and the connection 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from typing import Any
 
@@ -24,8 +25,7 @@ from nats.aio.msg import Msg
 from swarmbus import Bus, Task, TaskQueue
 from swarmbus._jetstream.hotpath import flush_now, publish_nowait, settled
 from swarmbus._jetstream.watch import KvChange, KvWatch
-from swarmbus._tasks.model import TASKS_BUCKET, Claim, encoder, now
-from swarmbus._tasks.worker import Worker
+from swarmbus._tasks.model import TASKS_BUCKET, encoder, now
 
 WAIT = 10
 CREATOR = "ops/coordinator"
@@ -173,43 +173,33 @@ async def test_a_claimers_pull_inbox_reads_on_past_stray_messages(
         assert bus.nc.is_connected
 
 
-class CountedWorker(Worker):
-    """A ``Worker`` that counts the runner tasks it starts."""
-
-    started = 0
-
-    async def _runner(self, claims: list[Claim]) -> None:
-        CountedWorker.started += 1
-        await super()._runner(claims)
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
-async def test_a_worker_runs_each_next_batch_in_its_idle_runner(bus: Bus, session_id: str) -> None:
-    CountedWorker.started = 0
+async def test_a_handlers_context_does_not_reach_the_next_tasks_handler(
+    bus: Bus, session_id: str
+) -> None:
+    """What a handler binds in its context (a logging or request id, an attached trace
+    context) is gone when the next task's handler runs (a task per batch)."""
+    seen: list[str] = []
     async with TaskQueue(bus, session_id) as queue:
         stop = anyio.Event()
 
         async def handler(t: Task) -> dict[str, Any]:
-            return {"id": t.id}
+            seen.append(_request_id.get())
+            _request_id.set(t.id)
+            return {}
 
-        worker = CountedWorker(
-            queue, handler, agent="w/a", types=["probe"], stop=stop, concurrency=8
-        )
         with anyio.fail_after(WAIT):
             async with anyio.create_task_group() as tg:
-
-                async def works() -> None:
-                    async with queue._claimer.lingering():
-                        await worker.run()
-
-                tg.start_soon(works)
-                for _ in range(5):
+                tg.start_soon(lambda: queue.work(handler, agent="w/a", types=["probe"], stop=stop))
+                for _ in range(3):
                     task = await queue.create("probe", agent=CREATOR)
-                    assert (await queue.wait(task.id)).result == {"id": task.id}
-                    await anyio.wait_all_tasks_blocked()  # its runner went idle
+                    await queue.wait(task.id)
+                    await anyio.wait_all_tasks_blocked()
                 stop.set()
                 await queue.create("probe", agent=CREATOR)  # wakes the loop to see stop
-        assert CountedWorker.started == 1
-        assert not worker._idle
+    assert seen[:3] == ["", "", ""]
 
 
 async def test_a_batch_handed_over_while_every_runner_is_busy_gets_a_runner_of_its_own(

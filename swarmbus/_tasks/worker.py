@@ -3,10 +3,9 @@
 A ``Worker`` keeps up to ``concurrency`` claims running. It claims when at least half
 of its slots are free (or after a short wait with any free), so a busy worker claims
 in batches instead of one round trip per task; each batch runs in one task-group task
-(gather's tasks are much cheaper to start), and a task that ran a batch waits (a few
-at most) for the next one: waking it costs less than starting a task-group task, on
-the path from a claim to its handler. Every claim is heartbeated each third of
-min(its timeout, ack_wait) until it is settled.
+(gather's tasks are much cheaper to start; a task of its own per batch, so what a
+handler sets in its context never reaches another batch's handler). Every claim is
+heartbeated each third of min(its timeout, ack_wait) until it is settled.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Final, Protocol
 
@@ -36,9 +34,6 @@ from swarmbus._telemetry import process_span, tracing_enabled
 log = logging.getLogger("swarmbus.tasks")
 
 _NO_SPAN: Final = contextlib.nullcontext()
-
-IDLE_RUNNERS: Final = 2
-"""Tasks kept waiting for the next batch once theirs ran."""
 
 
 class ClaimSource(Protocol):
@@ -79,8 +74,6 @@ class Worker:
         self._active: dict[Claim, float] = {}
         #: Set when a claim is settled; replaced by whoever waits for the next one.
         self._freed = anyio.Event()
-        #: Runner tasks waiting for their next batch (``_runner``), latest last.
-        self._idle: deque[asyncio.Future[list[Claim]]] = deque()
 
     async def run(self) -> None:
         """Claim and run tasks until stopped, then finish the claimed ones."""
@@ -92,43 +85,14 @@ class Worker:
                 for claim in claims:
                     self._active[claim] = time.monotonic()
                 if claims:
-                    self._hand_over(tg, claims)
+                    tg.start_soon(self._run_batch, claims)
                     # The batch first, then this loop's next claim (a quick handler's
                     # completion is written before the loop's next pull is prepared).
                     await asyncio.sleep(0)
             while self._active:
                 self._freed = anyio.Event()
                 await self._freed.wait()
-            tg.cancel_scope.cancel()  # the idle runners (no claim is left to any)
-
-    def _hand_over(self, tg: anyio.abc.TaskGroup, claims: list[Claim]) -> None:
-        """Run ``claims`` in an idle runner, or in a new one."""
-        while self._idle:
-            waiting = self._idle.pop()
-            if not waiting.done():  # else cancelled with its runner
-                waiting.set_result(claims)
-                return
-        tg.start_soon(self._runner, claims)
-
-    async def _runner(self, claims: list[Claim]) -> None:
-        """Run ``claims``, then each batch handed over while idle (a few runners idle).
-
-        Stopped by the task group's cancellation only once no claim is active, so a
-        batch handed over is never dropped by it (its claims are active until run).
-        """
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._run_batch(claims)
-            if len(self._idle) >= IDLE_RUNNERS or self._stop.is_set():
-                return
-            waiting: asyncio.Future[list[Claim]] = loop.create_future()
-            self._idle.append(waiting)
-            try:
-                claims = await waiting
-            finally:
-                if not waiting.done() or waiting.cancelled():
-                    with contextlib.suppress(ValueError):
-                        self._idle.remove(waiting)
+            tg.cancel_scope.cancel()
 
     async def _wait_for_slots(self) -> None:
         """Until half the slots are free, or any after a short wait (20 ms)."""
