@@ -69,6 +69,7 @@ from swarmbus._jetstream.headers import EMPTY_HEADERS as _EMPTY_HEADERS
 from swarmbus._jetstream.headers import MSG_ID as MSG_ID_HEADER
 from swarmbus._jetstream.headers import ORIGINAL_SUBJECT as ORIGINAL_SUBJECT_HEADER
 from swarmbus._jetstream.headers import REASON as REASON_HEADER
+from swarmbus._jetstream.hotpath import SafeHeaders
 from swarmbus._jetstream.outbox import Outbox
 from swarmbus._jetstream.retry import RetryingJetStream
 from swarmbus._jetstream.streams import ensure_stream, open_key_value
@@ -299,6 +300,7 @@ class Bus:
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot connect to {settings.url}: {exc}") from exc
         nc.options["max_reconnect_attempts"] = -1
+        SafeHeaders.install(nc)  # before any message arrives on a subscription
         bus = events.bus = cls(nc, settings)
         try:
             check_version(nc._server_info.get("version", "0.0.0"))

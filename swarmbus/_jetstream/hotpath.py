@@ -31,6 +31,12 @@ subject that fails is declined too, and ``Client.publish`` then raises.
 a timeout does, one loop turn sooner: ``asyncio.wait`` wakes its caller through a done
 callback and a waiter future (two turns after the last result is set), ``settled``
 awaits each future itself (the next turn).
+
+``SafeHeaders`` guards the read loop against headers nats-py cannot parse: nats-py
+2.16 decodes an inline status line (``NATS/1.0 <status> <description>``) outside its
+``try``, so bytes there that are no UTF-8 raise out of its read loop, which then stops
+reading while the connection still says it is connected. Anyone who may publish to one
+subject an agent subscribes to could send them. Such headers are dropped (logged).
 """
 
 from __future__ import annotations
@@ -46,7 +52,15 @@ from nats.aio.client import Client as Connection
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["InlineDelivery", "Later", "Take", "flush_now", "publish_nowait", "settled"]
+__all__ = [
+    "InlineDelivery",
+    "Later",
+    "SafeHeaders",
+    "Take",
+    "flush_now",
+    "publish_nowait",
+    "settled",
+]
 
 log = logging.getLogger("swarmbus")
 
@@ -201,3 +215,24 @@ async def settled(futures: Sequence[asyncio.Future[Any]], timeout: float) -> Non
         for future in futures:
             if not future.done():
                 await future
+
+
+class SafeHeaders:
+    """The connection's header parser (``Client._process_headers``, nats-py 2.16, pinned),
+    with what it cannot parse dropped instead of raised into its read loop."""
+
+    __slots__ = ("_parse",)
+
+    def __init__(self, parse: Callable[[bytes], Awaitable[dict[str, str] | None]]) -> None:
+        self._parse = parse
+
+    @classmethod
+    def install(cls, nc: Connection) -> None:
+        nc._process_headers = cls(nc._process_headers)  # type: ignore[method-assign]
+
+    async def __call__(self, headers: bytes) -> dict[str, str] | None:
+        try:
+            return await self._parse(headers)
+        except Exception as exc:  # noqa: BLE001 - it would end the read loop
+            log.warning("dropped message headers nats-py cannot parse: %r", exc)
+            return None
