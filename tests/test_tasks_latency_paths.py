@@ -22,7 +22,8 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 
-from swarmbus import Bus, Task, TaskQueue
+from swarmbus import Bus, InvalidTaskError, MessageTooLargeError, Task, TaskQueue
+from swarmbus._jetstream.acks import AckPublisher
 from swarmbus._jetstream.hotpath import flush_now, publish_nowait, settled
 from swarmbus._jetstream.watch import KvChange, KvWatch
 from swarmbus._tasks.model import TASKS_BUCKET, encoder, now
@@ -325,3 +326,61 @@ async def test_the_outbox_reads_on_past_stray_acks_taken_in_the_read_loop(
         assert await bus.outbox.flush(WAIT)
         assert bus.nc.is_connected
         assert (await queue.get(second.id)).status == "pending"
+
+
+async def test_a_write_too_large_with_its_headers_is_refused_and_the_connection_lives(
+    bus: Bus, unique: str
+) -> None:
+    """The server counts an HPUB's headers with its payload and closes the connection of
+    a client that sends more than max_payload: a write that fits only without its
+    headers is refused before anything is sent, and the connection lives."""
+    limit = bus.nc.max_payload
+    acks = AckPublisher(bus.nc, timeout=WAIT)
+    stream = f"BIG_{unique}"
+    await bus.js.add_stream(name=stream, subjects=[f"big.{unique}"])
+    headers = {"Nats-Msg-Id": "x" * 64}
+    with pytest.raises(MessageTooLargeError):
+        await acks.send([(f"big.{unique}", b"x" * (limit - 8), headers)])
+    assert bus.nc.is_connected
+    with anyio.fail_after(WAIT):
+        (ack,) = await acks.publish([(f"big.{unique}", b"ok", headers)])
+    assert isinstance(ack, int)
+    assert bus.nc.is_connected
+
+
+async def test_a_task_or_result_too_large_for_its_record_is_a_typed_error(
+    bus: Bus, session_id: str
+) -> None:
+    """A task too large for its record is refused at creation (InvalidTaskError, nothing
+    stored); a handler's result too large fails that task with the reason (and its
+    worker goes on); a handler's unbounded exception text is cut in the record."""
+    limit = bus.nc.max_payload
+    async with TaskQueue(bus, session_id) as queue:
+        with pytest.raises(InvalidTaskError, match="bytes"):
+            await queue.create("probe", agent=CREATOR, context={"pad": "x" * (limit - 100)})
+        assert await queue.tasks() == []
+        stop = anyio.Event()
+
+        async def handler(t: Task) -> dict[str, Any]:
+            if t.parameters.target == "big":
+                return {"pad": "x" * (limit - 100)}
+            if t.parameters.target == "loud":
+                raise RuntimeError("y" * limit)
+            return {"ok": True}
+
+        with anyio.fail_after(WAIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: queue.work(handler, agent="w/a", types=["probe"], stop=stop))
+                big = await queue.create("probe", agent=CREATOR, target="big", max_attempts=1)
+                loud = await queue.create("probe", agent=CREATOR, target="loud", max_attempts=1)
+                fine = await queue.create("probe", agent=CREATOR)
+                assert (await queue.wait(fine.id)).result == {"ok": True}
+                failed = await queue.wait(big.id)
+                assert failed.status == "failed"
+                assert "bytes" in (failed.error or "")
+                cut = await queue.wait(loud.id)
+                assert cut.status == "failed"
+                assert 0 < len(cut.error or "") <= 4000
+                stop.set()
+                await queue.create("probe", agent=CREATOR)  # wakes the loop to see stop
+        assert bus.nc.is_connected

@@ -30,7 +30,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.nuid import NUID
 
-from swarmbus._errors import ConnectionError, PublishError
+from swarmbus._errors import ConnectionError, MessageTooLargeError, PublishError
 from swarmbus._jetstream.errors import is_transient, translate, transport_error
 from swarmbus._jetstream.headers import MSG_ID, STATUS, WRONG_LAST_SEQUENCE
 from swarmbus._jetstream.hotpath import InlineDelivery, flush_now, publish_nowait, settled
@@ -88,8 +88,15 @@ class AckPublisher:
     async def send(
         self, items: Sequence[tuple[str, bytes, dict[str, str]]]
     ) -> list[asyncio.Future[int | Refused]]:
-        """Publish every item; each future resolves to its ack (cancel the unwanted)."""
+        """Publish every item; each future resolves to its ack (cancel the unwanted).
+
+        Raises:
+            MessageTooLargeError: an item with its headers exceeds the server's
+                max_payload (which would close the connection); nothing is published.
+        """
         nc = self._nc
+        for _, data, headers in items:
+            _check_size(nc, data, headers)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[int | Refused]] = []
         try:
@@ -109,6 +116,9 @@ class AckPublisher:
         except nats.errors.Error as exc:
             self.forget(futures)
             raise ConnectionError(f"cannot publish: {exc}") from exc
+        except BaseException:  # cancelled: nobody waits for these
+            self.forget(futures)
+            raise
         finally:
             # Someone waits for these acks: not behind the other ready tasks (and what
             # was queued without waking the flusher goes out even if a publish failed).
@@ -355,3 +365,19 @@ class CasWriter(_Replies):
             retry = True
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
+
+
+_HEADER_FRAME: Final = len(b"NATS/1.0\r\n\r\n")
+
+
+def _check_size(nc: NatsClient, data: bytes, headers: dict[str, str] | None) -> None:
+    """MessageTooLargeError if ``data`` with ``headers`` exceeds the server's max_payload
+    (the server counts both, and closes the connection of a client that sends more)."""
+    size, limit = len(data), nc.max_payload
+    if headers:
+        chars = sum(len(k) + len(v) for k, v in headers.items())
+        framing = _HEADER_FRAME + 4 * len(headers)  # ": " and CRLF per header
+        if size + framing + 4 * chars > limit:  # UTF-8: at most 4 bytes per character
+            size += framing + sum(len(k.encode()) + len(v.encode()) for k, v in headers.items())
+    if size > limit:
+        raise MessageTooLargeError(size, limit)

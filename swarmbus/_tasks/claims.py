@@ -54,6 +54,7 @@ from swarmbus._tasks.dead_letters import DeadLetters
 from swarmbus._tasks.model import (
     MAX_PRIORITY,
     MIN_PRIORITY,
+    RECORD_SLACK,
     TASKS_BUCKET,
     TASKS_STREAM,
     TERMINAL,
@@ -72,6 +73,9 @@ log = logging.getLogger("swarmbus.tasks")
 
 REPULLS = 8
 """Pulls from one queue per scan while its batches hold messages that are not claims."""
+
+MAX_ERROR = 4000
+"""Characters of a failure's reason kept in the record and its event."""
 
 Event = tuple[Any, str, str | None]
 """A lifecycle event to publish: (body, agent, message id or None)."""
@@ -659,9 +663,12 @@ class Transitions:
     async def complete(self, claim: Claim, result: Mapping[str, Any] | None) -> Task:
         try:
             result_dict = msgspec.convert(dict(result or {}), dict[str, Any])
-            encoder.encode(result_dict)
+            size = len(encoder.encode(result_dict)) + len(claim._msg.data)  # ~ the record
         except (msgspec.ValidationError, TypeError, ValueError) as exc:
             raise InvalidTaskError("result", str(exc)) from None
+        room = self._queue.bus.nc.max_payload - RECORD_SLACK
+        if size > room:  # the server would refuse the record (and close the connection)
+            raise InvalidTaskError("result", f"the record would be {size} bytes, at most {room}")
         completed = _Completed(result_dict)
         # Shielded: a write cancelled in flight may still land; the claim must then
         # follow it (or its next call is refused as lost) and its event go out.
@@ -675,6 +682,7 @@ class Transitions:
         return new
 
     async def fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
+        error = error[:MAX_ERROR]
         with anyio.CancelScope(shield=True):  # see complete
             new = await self.transition(claim, _Failed(error, retry), "failed")
             if new.status == "pending":
@@ -716,7 +724,7 @@ class _Failed:
     """The change a failure makes: pending again if retried and attempts are left."""
 
     def __init__(self, error: str, retry: bool) -> None:
-        self._error = error
+        self._error = error[:MAX_ERROR]  # a handler's exception text is unbounded
         self._retry = retry
 
     def __call__(self, task: Task) -> Task:

@@ -37,6 +37,11 @@ CREATED_TOKEN: Final = "=created"
 """First token of the creation copies' keys (``created_key``): no session id has ``=``."""
 
 Status = Literal["pending", "assigned", "running", "completed", "failed"]
+RECORD_SLACK = 4096
+"""Bytes of max_payload a task leaves for what its record adds (claim, lease, error,
+headers): a task is at most max_payload - RECORD_SLACK encoded, and so is its record
+with a result."""
+
 Approval = Literal["none", "required", "approved", "rejected"]
 Priority = Annotated[int, msgspec.Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
 Timeout = Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)]

@@ -52,6 +52,7 @@ from swarmbus._messages import TaskCreated, TaskFailed, envelope_for
 from swarmbus._tasks.claims import Claimer, Event, Transitions, announce
 from swarmbus._tasks.finishes import Finishes
 from swarmbus._tasks.model import (
+    RECORD_SLACK,
     STATUSES,
     TASKS_BUCKET,
     TASKS_STREAM,
@@ -220,14 +221,14 @@ class TaskQueue:
             build(spec, agent=agent, session=self.session, max_attempts=self.max_attempts)
             for spec in specs
         ]
+        encoded = _encoded(tasks, self.bus.nc.max_payload - RECORD_SLACK)
         writes: list[tuple[str, bytes, dict[str, str]]] = []
         contexts: list[dict[str, str]] = []  # the trace each task's event continues
-        for task in tasks:
+        for task, data in zip(tasks, encoded, strict=True):
             if task.approval != "none":
                 write = self._record(task)
                 writes.append(write)
             else:  # the dispatch first: the server hands it to a waiting claimer sooner
-                data = encoder.encode(task)
                 write = self._offer(task, 0, data=data)
                 writes += [write, _copy(self.session, task, data)]
             contexts.append(write[2])
@@ -576,6 +577,16 @@ class TaskQueue:
                 await self.bus.publish_message(message, wait=False)
             except SwarmbusError as exc:
                 log.error("could not publish %s: %s", type(body).__name__, exc)
+
+
+def _encoded(tasks: Sequence[Task], room: int) -> list[bytes]:
+    """Each task encoded; InvalidTaskError if one is larger than ``room`` bytes (the
+    server would refuse its writes, and close the connection that sent them)."""
+    encoded = [encoder.encode(task) for task in tasks]
+    for task, data in zip(tasks, encoded, strict=True):
+        if len(data) > room:
+            raise InvalidTaskError("parameters", f"task {task.id} is {len(data)} bytes > {room}")
+    return encoded
 
 
 async def records_of(queue: TaskQueue, *, copies: bool = False) -> list[Task]:
