@@ -299,8 +299,7 @@ class Bus:
             nc = await nats.connect(**options)
         except (TimeoutError, OSError, nats.errors.Error) as exc:
             raise ConnectionError(f"cannot connect to {settings.url}: {exc}") from exc
-        nc.options["max_reconnect_attempts"] = -1
-        SafeHeaders.install(nc)  # before any message arrives on a subscription
+        _prepare(nc)
         bus = events.bus = cls(nc, settings)
         try:
             check_version(nc._server_info.get("version", "0.0.0"))
@@ -816,6 +815,13 @@ def _with_overrides(settings: Settings | None, overrides: Mapping[str, Any]) -> 
         return Settings.from_env(**overrides)
     given = {k: v for k, v in overrides.items() if v is not None}
     return Settings.model_validate(settings.model_dump() | given) if given else settings
+
+
+def _prepare(nc: NatsClient) -> None:
+    """A new connection, before its first subscription: reconnect without end, and
+    drop headers nats-py cannot parse instead of ending its read loop."""
+    nc.options["max_reconnect_attempts"] = -1
+    SafeHeaders.install(nc)
 
 
 @contextlib.asynccontextmanager
