@@ -4,6 +4,7 @@ service, and a listing must not resurrect a pruned task."""
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from swarmbus import Bus, NatsServer, NotFoundError, TaskQueue
@@ -97,3 +98,36 @@ async def test_a_dispatch_with_a_unicode_digit_priority_does_not_stop_the_servic
             assert claim is not None
             assert claim.task.id == task.id
             await claim.complete(None)
+
+
+async def test_claims_won_by_a_call_cancelled_before_it_returns_are_given_back(
+    bus: Bus, session_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``claim_many`` cancelled after it won claims but before it returned them
+    (while it subscribes to dispatches) gives them back: pending again at once, with
+    the attempt count they had, not after their leases run out."""
+    async with TaskQueue(bus, session_id, ack_wait=30) as queue:
+        task = await queue.create("report", agent=CREATOR)
+        claimer = queue._claimer
+        entered = anyio.Event()
+
+        async def stuck(types: object) -> None:
+            entered.set()
+            await anyio.Event().wait()  # until cancelled
+
+        monkeypatch.setattr(claimer._signals, "arm", stuck)
+        with anyio.fail_after(10):
+            async with claimer.lingering(), anyio.create_task_group() as tg:
+
+                async def claim() -> None:
+                    await queue.claim_many(agent="w/a", types=["report"], limit=5, timeout=5)
+
+                tg.start_soon(claim)
+                await entered.wait()
+                tg.cancel_scope.cancel()
+            assert (await queue.get(task.id)).status == "pending"
+            monkeypatch.undo()
+            again = await queue.claim(agent="w/b", types=["report"], timeout=5)
+        assert again is not None
+        assert again.task.id == task.id
+        assert again.task.attempts == 1

@@ -201,12 +201,7 @@ class Claimer:
                 async with self._scan_lock:
                     claims = await self._scan(agent, types, limit)
                 if claims:
-                    if len(claims) >= limit:
-                        # Busy: its pulls find the work; it need not hear every dispatch.
-                        await signals.disarm()
-                    elif self._lingering and not signals.armed(types):
-                        # Keeping up: from the next call on, pull only where dispatches go.
-                        await signals.arm(types)
+                    await self._adjust(claims, types, limit)
                     return claims
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -231,6 +226,25 @@ class Claimer:
             if not self._lingering:  # a work() loop keeps them between its claims
                 with anyio.CancelScope(shield=True):
                     await signals.disarm()
+
+    async def _adjust(self, claims: list[Claim], types: Sequence[str], limit: int) -> None:
+        """Subscribe to dispatches or not, by how busy the claimer is (a failure to is
+        logged: the claims are won). Cancelled meanwhile, give ``claims`` back first:
+        nobody would run them."""
+        signals = self._signals
+        try:
+            if len(claims) >= limit:
+                # Busy: its pulls find the work; it need not hear every dispatch.
+                await signals.disarm()
+            elif self._lingering and not signals.armed(types):
+                # Keeping up: from the next call on, pull only where dispatches go.
+                await signals.arm(types)
+        except ConnectionError as exc:  # the next call tries again
+            log.warning("cannot subscribe to dispatches: %s", exc)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._release(claims)
+            raise
 
     async def _wait_on(
         self, queue: tuple[str, int], agent: str, types: Sequence[str], wait: float
