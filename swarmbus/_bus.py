@@ -62,6 +62,7 @@ from swarmbus._errors import (
 )
 from swarmbus._jetstream.acks import StoredPublisher
 from swarmbus._jetstream.delivery import PullConsumer, PullOptions
+from swarmbus._jetstream.errors import check_payload
 from swarmbus._jetstream.errors import translate as _translate
 from swarmbus._jetstream.errors import transport_error as _transport_error
 from swarmbus._jetstream.headers import CODE as CODE_HEADER
@@ -528,13 +529,7 @@ class Bus:
         The server counts the headers too, and answers a message over it by closing the
         connection (every subscription of this bus with it).
         """
-        size = len(data)
-        if headers:  # a message without headers is sent as PUB, with none at all
-            size += len(_EMPTY_HEADERS) + sum(
-                len(f"{k}: {v}\r\n".encode()) for k, v in headers.items()
-            )
-        if size > self.nc.max_payload:
-            raise MessageTooLargeError(size, self.nc.max_payload)
+        check_payload(data, headers, self.nc.max_payload)
 
     # --- receive ------------------------------------------------------------------
 

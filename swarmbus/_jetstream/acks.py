@@ -30,8 +30,8 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js import JetStreamContext
 from nats.nuid import NUID
 
-from swarmbus._errors import ConnectionError, MessageTooLargeError, PublishError
-from swarmbus._jetstream.errors import is_transient, translate, transport_error
+from swarmbus._errors import ConnectionError, PublishError
+from swarmbus._jetstream.errors import check_payload, is_transient, translate, transport_error
 from swarmbus._jetstream.headers import MSG_ID, STATUS, WRONG_LAST_SEQUENCE
 from swarmbus._jetstream.hotpath import InlineDelivery, flush_now, publish_nowait, settled
 from swarmbus._jetstream.retry import FIRST_BACKOFF, MAX_BACKOFF, Guard, stored_already
@@ -96,7 +96,7 @@ class AckPublisher:
         """
         nc = self._nc
         for _, data, headers in items:
-            _check_size(nc, data, headers)
+            check_payload(data, headers, nc.max_payload)
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[int | Refused]] = []
         try:
@@ -365,19 +365,3 @@ class CasWriter(_Replies):
             retry = True
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
-
-
-_HEADER_FRAME: Final = len(b"NATS/1.0\r\n\r\n")
-
-
-def _check_size(nc: NatsClient, data: bytes, headers: dict[str, str] | None) -> None:
-    """MessageTooLargeError if ``data`` with ``headers`` exceeds the server's max_payload
-    (the server counts both, and closes the connection of a client that sends more)."""
-    size, limit = len(data), nc.max_payload
-    if headers:
-        chars = sum(len(k) + len(v) for k, v in headers.items())
-        framing = _HEADER_FRAME + 4 * len(headers)  # ": " and CRLF per header
-        if size + framing + 4 * chars > limit:  # UTF-8: at most 4 bytes per character
-            size += framing + sum(len(k.encode()) + len(v.encode()) for k, v in headers.items())
-    if size > limit:
-        raise MessageTooLargeError(size, limit)

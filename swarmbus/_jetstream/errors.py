@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import nats.errors
 import nats.js.errors
 
-from swarmbus._errors import ConnectionError, PermissionDeniedError, PublishError, SwarmbusError
-from swarmbus._jetstream.headers import WRONG_LAST_SEQUENCE, ErrorCode
+from swarmbus._errors import (
+    ConnectionError,
+    MessageTooLargeError,
+    PermissionDeniedError,
+    PublishError,
+    SwarmbusError,
+)
+from swarmbus._jetstream.headers import EMPTY_HEADERS, WRONG_LAST_SEQUENCE, ErrorCode
 
 __all__ = [
     "NatsError",
+    "check_payload",
     "denied",
     "is_transient",
     "is_wrong_last_sequence",
@@ -88,3 +95,18 @@ def is_transient(exc: BaseException) -> bool:
             asyncio.TimeoutError,
         ),
     )
+
+
+def check_payload(data: bytes, headers: Mapping[str, str] | None, limit: int) -> None:
+    """MessageTooLargeError if ``data`` with ``headers`` exceeds ``limit`` (the server's
+    max_payload). The server counts the header block too, and answers a message over it
+    by closing the connection; nats-py checks only the payload."""
+    size = len(data)
+    if headers:  # a message without headers is sent as PUB, with none at all
+        framing = len(EMPTY_HEADERS) + 4 * len(headers)  # ": " and CRLF per header
+        chars = sum(len(k) + len(v) for k, v in headers.items())
+        if size + framing + 4 * chars <= limit:  # UTF-8: at most 4 bytes per character
+            return
+        size += framing + sum(len(k.encode()) + len(v.encode()) for k, v in headers.items())
+    if size > limit:
+        raise MessageTooLargeError(size, limit)

@@ -74,9 +74,6 @@ log = logging.getLogger("swarmbus.tasks")
 REPULLS = 8
 """Pulls from one queue per scan while its batches hold messages that are not claims."""
 
-MAX_ERROR = 4000
-"""Characters of a failure's reason kept in the record and its event."""
-
 Event = tuple[Any, str, str | None]
 """A lifecycle event to publish: (body, agent, message id or None)."""
 
@@ -696,7 +693,6 @@ class Transitions:
         return new
 
     async def fail(self, claim: Claim, error: str, *, retry: bool) -> Task:
-        error = error[:MAX_ERROR]
         with anyio.CancelScope(shield=True):  # see complete
             new = await self.transition(claim, _Failed(error, retry), "failed")
             if new.status == "pending":
@@ -738,7 +734,7 @@ class _Failed:
     """The change a failure makes: pending again if retried and attempts are left."""
 
     def __init__(self, error: str, retry: bool) -> None:
-        self._error = error[:MAX_ERROR]  # a handler's exception text is unbounded
+        self._error = error
         self._retry = retry
 
     def __call__(self, task: Task) -> Task:

@@ -37,6 +37,9 @@ CREATED_TOKEN: Final = "=created"
 """First token of the creation copies' keys (``created_key``): no session id has ``=``."""
 
 Status = Literal["pending", "assigned", "running", "completed", "failed"]
+MAX_ERROR = 4000
+"""Characters of a failure's reason kept (a handler's exception text is unbounded)."""
+
 RECORD_SLACK = 4096
 """Bytes of max_payload a task leaves for what its record adds (claim, lease, error,
 headers): a task is at most max_payload - RECORD_SLACK encoded, and so is its record
@@ -163,8 +166,9 @@ class Claim:
         return await self._queue._complete(self, result)
 
     async def fail(self, error: str, *, retry: bool = False) -> Task:
-        """Record a failure; with ``retry`` the task is offered again (until max attempts)."""
-        return await self._queue._fail(self, error, retry=retry)
+        """Record a failure; with ``retry`` the task is offered again (until max attempts).
+        The reason is kept to its first ``MAX_ERROR`` characters, in the record and event."""
+        return await self._queue._fail(self, error[:MAX_ERROR], retry=retry)
 
 
 def count(value: object) -> bool:

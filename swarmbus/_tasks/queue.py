@@ -592,15 +592,22 @@ def _encoded(tasks: Sequence[Task], room: int) -> list[bytes]:
 async def records_of(queue: TaskQueue, *, copies: bool = False) -> list[Task]:
     """The session's task records (``copies``: its creation copies), as stored now."""
     prefix = created_key(queue.session, "") if copies else f"{queue.session}."
-    records: list[Task] = []
-    for entry in await queue.store.list(prefix):
-        if not entry.value:
-            continue
-        try:
-            records.append(record_of(entry.value, queue.session, entry.key.removeprefix(prefix)))
-        except InvalidMessageError as exc:  # written by something else: skipped
-            log.warning("skipping a broken task record: %s", exc.reason)
-    return records
+    records = [
+        _task_of(entry.value, queue.session, entry.key.removeprefix(prefix))
+        for entry in await queue.store.list(prefix)
+        if entry.value
+    ]
+    return [task for task in records if task is not None]
+
+
+def _task_of(value: bytes, session: str, task_id: str) -> Task | None:
+    """The task a record or copy holds; None if it is broken (written by something
+    else: skipped, logged)."""
+    try:
+        return record_of(value, session, task_id)
+    except InvalidMessageError as exc:
+        log.warning("skipping a broken task record: %s", exc.reason)
+        return None
 
 
 async def offered_of(queue: TaskQueue) -> list[Task]:
@@ -629,13 +636,7 @@ async def _copy_of(queue: TaskQueue, task_id: str) -> Task | None:
     written by something else, it is no task)."""
     key = created_key(queue.session, task_id)
     entry = await read_entry(queue.kv, key, f"cannot read task {task_id}")
-    if entry is None:
-        return None
-    try:
-        return record_of(entry[0], queue.session, task_id)
-    except InvalidMessageError as exc:
-        log.warning("ignoring a broken creation copy of task %s: %s", task_id, exc.reason)
-        return None
+    return None if entry is None else _task_of(entry[0], queue.session, task_id)
 
 
 async def _has_entry(queue: TaskQueue, task_id: str) -> bool:
@@ -685,9 +686,7 @@ async def offer_lost(queue: TaskQueue, *, grace: float, limit: int = 100) -> lis
         if candidate.id in recorded:
             found = await queue._record_of(candidate.id)
         else:  # a copy: offered only while its record key has no entry at all
-            key = subjects.kv_subject(TASKS_BUCKET, queue._key(candidate.id))
-            none = await read_last(queue.bus.js, KV_STREAM, key, what) is None
-            found = (candidate, 0) if none else None
+            found = None if await _has_entry(queue, candidate.id) else (candidate, 0)
         if found is None or not _stranded(found[0], cutoff):
             continue
         task, revision = found
